@@ -1,0 +1,203 @@
+"""Message framing for both directions: startup packets, buffered typed messages, and the pass-through scanner."""
+
+from struct import Struct
+
+from pgtwist.wire.errors import MessageTooLarge, ProtocolViolation
+
+_HEADER = Struct("!cI")
+_INT32 = Struct("!I")
+
+
+def frame(msg_type: int, body: bytes = b"") -> bytes:
+    """Encode a typed message: 1 type byte, int32 length (itself included), body."""
+    return bytes((msg_type,)) + _INT32.pack(len(body) + 4) + body
+
+
+def pop_startup_packet(buf: bytearray, max_length: int) -> bytes | None:
+    """Remove one untyped startup-phase packet from *buf*; return its body (code included), or None if incomplete.
+
+    Startup packets have no type byte: int32 length, then an int32 code, then the payload.
+    """
+    if len(buf) < 4:
+        return None
+    (length,) = _INT32.unpack_from(buf, 0)
+    if length < 8:
+        raise ProtocolViolation(f"invalid length of startup packet: {length}")
+    if length > max_length:
+        raise MessageTooLarge(f"invalid length of startup packet: {length}")
+    if len(buf) < length:
+        return None
+    body = bytes(buf[4:length])
+    del buf[:length]
+    return body
+
+
+def pop_message(buf: bytearray, max_length: int) -> tuple[int, bytes] | None:
+    """Remove one complete typed message from *buf*, or return None if it has not all arrived."""
+    if len(buf) < 5:
+        return None
+    msg_type = buf[0]
+    (length,) = _INT32.unpack_from(buf, 1)
+    if length < 4:
+        raise ProtocolViolation(f"invalid message length {length} for message type {chr(msg_type)!r}")
+    if length > max_length:
+        raise MessageTooLarge(f"invalid message length {length} (limit {max_length})")
+    if len(buf) < length + 1:
+        return None
+    body = bytes(buf[5 : length + 1])
+    del buf[: length + 1]
+    return msg_type, body
+
+
+def pop_messages(buf: bytearray, max_length: int) -> list[tuple[int, bytes]]:
+    """Remove every complete typed message from *buf*; incomplete bytes stay for the next read."""
+    out = []
+    pos = 0
+    n = len(buf)
+    while n - pos >= 5:
+        msg_type = buf[pos]
+        (length,) = _INT32.unpack_from(buf, pos + 1)
+        if length < 4:
+            raise ProtocolViolation(f"invalid message length {length} for message type {chr(msg_type)!r}")
+        if length > max_length:
+            raise MessageTooLarge(f"invalid message length {length} (limit {max_length})")
+        end = pos + 1 + length
+        if end > n:
+            break
+        out.append((msg_type, bytes(buf[pos + 5 : end])))
+        pos = end
+    if pos:
+        del buf[:pos]
+    return out
+
+
+class MessageScanner:
+    """Walks typed messages across reads, passing untouched bytes through as slices of the read.
+
+    Only message types in *capture* are buffered whole and handed out as ``(type, body)``
+    tuples; everything else comes out as ``bytes`` runs to forward verbatim, possibly
+    ending inside a message (the rest follows in a later read). This is the hot path: a
+    read with nothing captured comes back as ``[data]`` without a copy, even when it ends
+    inside a header (a passed-through header is forwarded at once and only remembered).
+
+    A bad length raises ProtocolViolation (MessageTooLarge above *max_length*); the scanner
+    is then broken: ``at_boundary`` stays False and every later ``feed`` raises again.
+    """
+
+    __slots__ = (
+        "capture",
+        "max_length",
+        "_skip",
+        "_head",
+        "_head_held",
+        "_cap_type",
+        "_cap_body",
+        "_cap_need",
+        "_broken",
+    )
+
+    def __init__(self, capture: frozenset[int] | set[int], max_length: int):
+        self.capture = frozenset(capture)
+        self.max_length = max_length
+        self._skip = 0  # bytes of a passed-through message still to come
+        self._head = b""  # the start of a header split across reads
+        self._head_held = False  # True: _head is a captured message's, held back; False: already forwarded
+        self._cap_type = 0
+        self._cap_body: bytearray | None = None
+        self._cap_need = 0
+        self._broken = False
+
+    @property
+    def at_boundary(self) -> bool:
+        """True when everything fed so far ended exactly at a message boundary."""
+        return not self._skip and not self._head and self._cap_body is None and not self._broken
+
+    def _bad_length(self, msg_type: int, length: int):
+        self._broken = True
+        if length < 4:
+            raise ProtocolViolation(f"invalid message length {length} for message type {chr(msg_type)!r}")
+        raise MessageTooLarge(f"invalid message length {length} (limit {self.max_length})")
+
+    def feed(self, data: bytes) -> list:
+        if self._broken:
+            raise ProtocolViolation("invalid message stream: an earlier message had a bad length")
+        out = []
+        n = len(data)
+        pos = start = 0
+        max_length = self.max_length
+        unpack_from = _INT32.unpack_from
+        if self._skip:
+            if self._skip >= n:
+                self._skip -= n
+                return [data]
+            pos = self._skip
+            self._skip = 0
+        elif self._cap_body is not None:
+            need = self._cap_need - len(self._cap_body)
+            if need > n:
+                self._cap_body += data
+                return out
+            self._cap_body += data[:need]
+            out.append((self._cap_type, bytes(self._cap_body)))
+            self._cap_body = None
+            if need == n:
+                return out
+            pos = start = need
+        elif self._head:
+            head = self._head
+            if self._head_held:
+                # A captured message's header: nothing of it went out yet, rescan it with this read.
+                data = head + data
+                n = len(data)
+                self._head = b""
+            else:
+                # A passed-through header: its first bytes were forwarded already.
+                need = 5 - len(head)
+                if n < need:
+                    self._head = head + data
+                    return [data]
+                header = head + data[:need]
+                (length,) = unpack_from(header, 1)
+                if length < 4 or length > max_length:
+                    self._bad_length(header[0], length)
+                self._head = b""
+                pos = need + length - 4
+                if pos > n:
+                    self._skip = pos - n
+                    return [data]
+        capture = self.capture
+        while pos < n:
+            if n - pos < 5:
+                self._head = data[pos:]
+                if data[pos] in capture:
+                    self._head_held = True
+                    if start < pos:
+                        out.append(data[start:pos])
+                    return out
+                self._head_held = False
+                break
+            msg_type = data[pos]
+            (length,) = unpack_from(data, pos + 1)
+            if length < 4 or length > max_length:
+                self._bad_length(msg_type, length)
+            end = pos + 1 + length
+            if msg_type in capture:
+                if start < pos:
+                    out.append(data[start:pos])
+                if end <= n:
+                    out.append((msg_type, bytes(data[pos + 5 : end])))
+                    pos = start = end
+                    continue
+                self._cap_type = msg_type
+                self._cap_need = length - 4
+                self._cap_body = bytearray(data[pos + 5 :])
+                return out
+            if end > n:
+                self._skip = end - n
+                break
+            pos = end
+        if start == 0:
+            out.append(data)
+        elif start < n:
+            out.append(data[start:])
+        return out
