@@ -1,0 +1,62 @@
+"""BackendProtocol/Factory: connections to nodes, translated into ServerConnection events; cancel delivery."""
+
+from twisted.internet.protocol import ClientFactory, Protocol
+
+from pgtwist.server_login import ServerLoginError
+from pgtwist.wire import messages as m
+from pgtwist.wire import sqlstate
+
+
+class BackendProtocol(Protocol):
+    """Turns a node's bytes into calls on its ServerConnection; decides nothing itself."""
+
+    def __init__(self, conn):
+        self.conn = conn
+
+    def connectionMade(self):
+        self.transport.setTcpNoDelay(True)
+        self.conn.connection_made(self.transport)
+
+    def dataReceived(self, data):
+        self.conn.got_data(data)
+
+    def connectionLost(self, reason):
+        self.conn.connection_lost(reason)
+
+
+class BackendFactory(ClientFactory):
+    noisy = False
+
+    def __init__(self, conn):
+        self.conn = conn
+
+    def buildProtocol(self, addr):
+        return BackendProtocol(self.conn)
+
+    def clientConnectionFailed(self, connector, reason):
+        why = reason.getErrorMessage()
+        self.conn.connect_failed(
+            ServerLoginError.make(sqlstate.CONNECTION_FAILURE, f"could not connect to node {self.conn.node}: {why}")
+        )
+
+
+class CancelProtocol(Protocol):
+    """Delivers one CancelRequest to a node on a fresh connection, as libpq does, then hangs up."""
+
+    def __init__(self, process_id: int, secret_key: bytes):
+        self.packet = m.cancel_request(process_id, secret_key)
+
+    def connectionMade(self):
+        self.transport.write(self.packet)
+        self.transport.loseConnection()
+
+
+class CancelFactory(ClientFactory):
+    noisy = False
+
+    def __init__(self, process_id: int, secret_key: bytes):
+        self.process_id = process_id
+        self.secret_key = secret_key
+
+    def buildProtocol(self, addr):
+        return CancelProtocol(self.process_id, self.secret_key)

@@ -1,0 +1,28 @@
+"""FrontendProtocol/Factory: client connections, translated into ClientSession events."""
+
+from twisted.internet.protocol import Factory, Protocol
+
+
+class FrontendProtocol(Protocol):
+    """Turns a client's bytes into calls on its ClientSession; decides nothing itself."""
+
+    session = None
+
+    def connectionMade(self):
+        self.transport.setTcpNoDelay(True)
+        self.session = self.factory.proxy.new_client(self.transport)
+
+    def dataReceived(self, data):
+        self.session.got_data(data)
+
+    def connectionLost(self, reason):
+        if self.session is not None:
+            self.session.connection_lost(reason)
+
+
+class FrontendFactory(Factory):
+    protocol = FrontendProtocol
+    noisy = False
+
+    def __init__(self, proxy):
+        self.proxy = proxy

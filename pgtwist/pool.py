@@ -1,0 +1,178 @@
+"""Server connections for one (database, user, node): idle and busy sets, FIFO waiters, reset on return."""
+
+from __future__ import annotations
+
+from collections import deque
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from pgtwist.wire import protocol as p
+from pgtwist.wire import sqlstate
+
+log = Logger()
+
+
+class PoolError(Exception):
+    """A client could not get a server connection; carries the SQLSTATE and message for it."""
+
+    def __init__(self, code: str, message: str, detail: str | None = None):
+        super().__init__(message)
+        self.sqlstate = code
+        self.message = message
+        self.detail = detail
+
+
+class Pool:
+    """At most ``size`` connections to one node for one (database, user).
+
+    A connection is in exactly one place: ``idle`` (ready to hand out), ``busy`` (a client or
+    a reset has it) or ``connecting`` (login under way). Waiters are served first come, first served.
+    """
+
+    def __init__(self, key, node, database, user: str, size: int, *, connect, clock, reset_query: str, wait_timeout: float):
+        self.key = key
+        self.node = node
+        self.database = database
+        self.user = user
+        self.size = size
+        self.connect = connect  # (pool) -> Deferred[ServerConnection], fires after login
+        self.clock = clock
+        self.reset_query = reset_query
+        self.wait_timeout = wait_timeout
+        self.idle: deque = deque()
+        self.busy: set = set()
+        self.connecting = 0
+        self.waiters: deque[defer.Deferred] = deque()
+        self.paused = False
+
+    def __repr__(self):
+        return f"<Pool {self.key} idle={len(self.idle)} busy={len(self.busy)} connecting={self.connecting} waiting={len(self.waiters)}>"
+
+    @property
+    def total(self) -> int:
+        return len(self.idle) + len(self.busy) + self.connecting
+
+    # -- handing out ------------------------------------------------------------------------
+
+    def acquire(self) -> defer.Deferred:
+        """A Deferred firing with a logged-in, idle ServerConnection (now busy), or failing with PoolError."""
+        d = defer.Deferred(self._cancel_wait)
+        timer = self.clock.callLater(self.wait_timeout, self._wait_timed_out, d) if self.wait_timeout else None
+        d._pgtwist_timer = timer
+        self.waiters.append(d)
+        self._serve()
+        return d
+
+    def _cancel_wait(self, d: defer.Deferred) -> None:
+        self._drop_waiter(d)
+
+    def _drop_waiter(self, d: defer.Deferred) -> None:
+        try:
+            self.waiters.remove(d)
+        except ValueError:
+            pass
+        timer = getattr(d, "_pgtwist_timer", None)
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _wait_timed_out(self, d: defer.Deferred) -> None:
+        self._drop_waiter(d)
+        d.errback(
+            PoolError(
+                sqlstate.TOO_MANY_CONNECTIONS,
+                f'no server connection for database "{self.database}" became free within {self.wait_timeout:g} s',
+                f"all {self.size} connections to node {self.node} for user \"{self.user}\" are in use (pool_size)",
+            )
+        )
+
+    def _give(self, d: defer.Deferred, conn) -> None:
+        self._drop_waiter(d)
+        self.busy.add(conn)
+        d.callback(conn)
+
+    def _serve(self) -> None:
+        while self.waiters and self.idle and not self.paused:
+            self._give(self.waiters[0], self.idle.popleft())
+        while not self.paused and len(self.waiters) > self.connecting and self.total < self.size:
+            self._open()
+
+    def _open(self) -> None:
+        self.connecting += 1
+        d = self.connect(self)
+        d.addCallbacks(self._opened, self._open_failed)
+
+    def _opened(self, conn) -> None:
+        self.connecting -= 1
+        self.idle.append(conn)
+        self._serve()
+
+    def _open_failed(self, failure) -> None:
+        self.connecting -= 1
+        # The oldest waiter hears why; the others keep their place and get a fresh attempt.
+        if self.waiters:
+            d = self.waiters[0]
+            self._drop_waiter(d)
+            d.errback(failure)
+        else:
+            log.failure("server connection to {node} failed with nobody waiting", failure, node=self.node)
+        self._serve()
+
+    # -- taking back --------------------------------------------------------------------------
+
+    def release(self, conn, reusable: bool) -> None:
+        """A client is done with *conn*: reset it and make it idle again, or close it if unusable."""
+        if conn not in self.busy:
+            return
+        if not reusable or conn.state != "idle":
+            self.busy.discard(conn)
+            conn.close()
+            self._serve()
+            return
+        queries = []
+        if conn.tx_status != p.TX_IDLE:
+            queries.append("ROLLBACK")
+        if self.reset_query:
+            queries.append(self.reset_query)
+        if not queries:
+            self._back_to_idle(conn)
+            return
+        conn.run_internal(queries).addCallbacks(
+            lambda errors: self._reset_done(conn, errors), lambda failure: self._reset_failed(conn, failure)
+        )
+
+    def _reset_done(self, conn, errors) -> None:
+        if errors or conn.tx_status != p.TX_IDLE:
+            log.warn("reset of server {server} failed, closing it: {why}", server=conn.id, why=errors[0].get("M") if errors else "still in a transaction")
+            self.busy.discard(conn)
+            conn.close()
+            self._serve()
+            return
+        self._back_to_idle(conn)
+
+    def _reset_failed(self, conn, failure) -> None:
+        self.busy.discard(conn)
+        self._serve()
+
+    def _back_to_idle(self, conn) -> None:
+        self.busy.discard(conn)
+        conn.last_used = self.clock.seconds()
+        self.idle.append(conn)
+        self._serve()
+
+    def server_closed(self, conn) -> None:
+        """The connection is gone (node closed it, or we did); free its slot."""
+        self.busy.discard(conn)
+        try:
+            self.idle.remove(conn)
+        except ValueError:
+            pass
+        self._serve()
+
+    def close_all(self) -> None:
+        for conn in list(self.idle) + list(self.busy):
+            conn.close()
+        while self.waiters:
+            d = self.waiters[0]
+            self._drop_waiter(d)
+            d.errback(PoolError(sqlstate.ADMIN_SHUTDOWN, "terminating connection due to administrator command"))

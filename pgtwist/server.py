@@ -1,0 +1,257 @@
+"""One server connection to a node: login, idle in its pool, linked to a client, internal queries, reset."""
+
+from __future__ import annotations
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from pgtwist.server_login import ServerLogin, ServerLoginError
+from pgtwist.wire import messages as m
+from pgtwist.wire import protocol as p
+from pgtwist.wire import sqlstate
+from pgtwist.wire.errors import WireError
+from pgtwist.wire.framing import MessageScanner, frame, pop_messages
+
+log = Logger()
+
+CONNECTING, LOGIN, IDLE, INTERNAL, LINKED, CLOSED = "connecting", "login", "idle", "internal", "linked", "closed"
+
+_Z = p.READY_FOR_QUERY
+_PARAMETER_STATUS = p.PARAMETER_STATUS
+# What a linked server connection looks inside: ReadyForQuery (transaction status) and
+# ParameterStatus (the session's reported settings). Everything else is forwarded untouched.
+_LINKED_CAPTURE = frozenset((_Z, _PARAMETER_STATUS))
+
+
+class ServerConnection:
+    """State machine of one pooled connection; BackendProtocol feeds it, the pool and sessions drive it."""
+
+    def __init__(self, server_id: str, pool, login: ServerLogin):
+        self.id = server_id
+        self.pool = pool
+        self.node = pool.node
+        self.login = login
+        self.state = CONNECTING
+        self.transport = None
+        self.parameters: dict[str, str] = {}
+        self.backend_key: tuple[int, bytes] | None = None
+        self.tx_status = p.TX_IDLE
+        self.session = None  # the ClientSession while linked
+        self.client_transport = None
+        self.scanner: MessageScanner | None = None
+        self.buffer = bytearray()
+        self.ready: defer.Deferred = defer.Deferred()  # fires self after login
+        self._internal: defer.Deferred | None = None
+        self._internal_owed = 0
+        self._internal_errors: list[dict] = []
+        self.created = pool.clock.seconds()
+        self.last_used = self.created
+
+    def __repr__(self):
+        return f"<ServerConnection {self.id} {self.node} {self.state}>"
+
+    # -- events from BackendProtocol ------------------------------------------------------
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.state = LOGIN
+        transport.write(self.login.start())
+
+    def got_data(self, data: bytes) -> None:
+        if self.state is LINKED:
+            self._forward(data)
+            return
+        try:
+            self.buffer += data
+            for msg_type, body in pop_messages(self.buffer, p.MAX_PROTOCOL_MESSAGE):
+                if self.state is LOGIN:
+                    self._login_message(msg_type, body)
+                elif self.state is INTERNAL:
+                    self._internal_message(msg_type, body)
+                elif self.state is IDLE:
+                    self._idle_message(msg_type, body)
+                if self.state is LINKED or self.state is CLOSED:
+                    break
+        except ServerLoginError as e:
+            self._fail_login(e)
+        except WireError as e:
+            log.warn("server {server} {node} sent bad bytes: {why}", server=self.id, node=self.node, why=str(e))
+            self._fail_login(ServerLoginError.make(sqlstate.PROTOCOL_VIOLATION, f"node {self.node} sent an invalid message: {e}"))
+            self.close()
+        if self.state is LINKED and self.buffer:
+            # Bytes that arrived behind the last internal ReadyForQuery belong to the client.
+            rest = bytes(self.buffer)
+            self.buffer.clear()
+            self._forward(rest)
+
+    def connect_failed(self, error: ServerLoginError) -> None:
+        self.state = CLOSED
+        self._fail_login(error)
+
+    def login_timed_out(self) -> None:
+        if self.ready is not None:
+            self._fail_login(
+                ServerLoginError.make(sqlstate.CONNECTION_FAILURE, f"timed out connecting to node {self.node}")
+            )
+            if self.transport is not None:
+                self.transport.abortConnection()
+
+    def connection_lost(self, reason) -> None:
+        previous = self.state
+        self.state = CLOSED
+        if previous is LOGIN or previous is CONNECTING:
+            self._fail_login(
+                ServerLoginError.make(sqlstate.CONNECTION_FAILURE, f"node {self.node} closed the connection during login")
+            )
+        if self._internal is not None:
+            d, self._internal = self._internal, None
+            d.errback(ConnectionError(f"node {self.node} closed the connection"))
+        session = self.session
+        if session is not None:
+            self._unlink_transports()
+            self.session = None
+            session.server_lost(self, reason)
+        self.pool.server_closed(self)
+
+    # -- login --------------------------------------------------------------------------
+
+    def _login_message(self, msg_type: int, body: bytes) -> None:
+        reply = self.login.feed(msg_type, body)
+        if reply:
+            self.transport.write(reply)
+        if self.login.done:
+            self.parameters = dict(self.login.parameters)
+            self.backend_key = self.login.backend_key
+            self.state = IDLE
+            d, self.ready = self.ready, None
+            d.callback(self)
+
+    def _fail_login(self, error: ServerLoginError) -> None:
+        if self.ready is not None:
+            d, self.ready = self.ready, None
+            d.errback(error)
+            if self.transport is not None:
+                self.transport.loseConnection()
+
+    # -- idle in the pool ---------------------------------------------------------------
+
+    def _idle_message(self, msg_type: int, body: bytes) -> None:
+        if msg_type == _PARAMETER_STATUS:
+            name, value = m.decode_parameter_status(body)
+            self.parameters[name] = value
+        elif msg_type in (p.NOTICE_RESPONSE, p.NOTIFICATION_RESPONSE):
+            pass
+        else:
+            # An idle connection has nothing to say; an ErrorResponse here is the node
+            # terminating it (e.g. pg_terminate_backend, shutdown). Drop it.
+            fields = m.decode_fields(body) if msg_type == p.ERROR_RESPONSE else {}
+            log.info(
+                "server {server} {node} closed while idle: {why}",
+                server=self.id,
+                node=self.node,
+                why=fields.get("M", f"unexpected message {chr(msg_type)!r}"),
+            )
+            self.close()
+
+    # -- internal queries (parameters before linking, reset after) ------------------------
+
+    def run_internal(self, queries: list[str]) -> defer.Deferred:
+        """Run simple queries whose results nobody sees; fires with the ErrorResponse fields of failures."""
+        assert self.state is IDLE, self.state
+        self.state = INTERNAL
+        self._internal = defer.Deferred()
+        self._internal_owed = len(queries)
+        self._internal_errors = []
+        self.transport.write(b"".join(m.query(q) for q in queries))
+        return self._internal
+
+    def _internal_message(self, msg_type: int, body: bytes) -> None:
+        if msg_type == _PARAMETER_STATUS:
+            name, value = m.decode_parameter_status(body)
+            self.parameters[name] = value
+        elif msg_type == p.ERROR_RESPONSE:
+            self._internal_errors.append(m.decode_fields(body))
+        elif msg_type == _Z:
+            self.tx_status = body[0] if body else p.TX_IDLE
+            self._internal_owed -= 1
+            if self._internal_owed == 0:
+                self.state = IDLE
+                d, self._internal = self._internal, None
+                d.callback(self._internal_errors)
+
+    # -- linked to a client: the hot path ---------------------------------------------------
+
+    def link(self, session, client_transport) -> None:
+        """Forward this connection's output to *client_transport*, with backpressure both ways."""
+        assert self.state is IDLE, self.state
+        self.state = LINKED
+        self.session = session
+        self.client_transport = client_transport
+        self.scanner = MessageScanner(_LINKED_CAPTURE, p.MAX_PROTOCOL_MESSAGE)
+        # Each side's transport produces for the other's: a client that stops reading
+        # pauses reads from the node instead of letting the proxy buffer a result set.
+        client_transport.registerProducer(self.transport, True)
+        self.transport.registerProducer(client_transport, True)
+
+    def unlink(self) -> None:
+        assert self.state is LINKED, self.state
+        self._unlink_transports()
+        self.session = None
+        self.scanner = None
+        self.state = IDLE
+        self.last_used = self.pool.clock.seconds()
+
+    def _unlink_transports(self) -> None:
+        client = self.client_transport
+        self.client_transport = None
+        if client is not None:
+            client.unregisterProducer()
+            if self.transport is not None:
+                self.transport.unregisterProducer()
+                self.transport.resumeProducing()
+            client.resumeProducing()
+
+    @property
+    def at_message_boundary(self) -> bool:
+        return self.scanner is None or self.scanner.at_boundary
+
+    def _forward(self, data: bytes) -> None:
+        try:
+            items = self.scanner.feed(data)
+        except WireError as e:
+            log.warn("server {server} {node} sent bad bytes: {why}", server=self.id, node=self.node, why=str(e))
+            self.close()
+            return
+        if len(items) == 1 and type(items[0]) is bytes:
+            self.client_transport.write(items[0])
+            return
+        out = []
+        ready = 0
+        status = 0
+        for item in items:
+            if type(item) is bytes:
+                out.append(item)
+                continue
+            msg_type, body = item
+            out.append(frame(msg_type, body))
+            if msg_type == _Z:
+                ready += 1
+                status = body[0] if body else p.TX_IDLE
+            else:
+                try:
+                    name, value = m.decode_parameter_status(body)
+                except WireError:
+                    continue
+                self.parameters[name] = value
+        self.client_transport.write(b"".join(out))
+        if ready:
+            self.tx_status = status
+            self.session.server_ready(status, ready)
+
+    # -- closing ------------------------------------------------------------------------
+
+    def close(self) -> None:
+        if self.transport is not None and self.state is not CLOSED:
+            if self.state is IDLE:
+                self.transport.write(m.terminate())
+            self.transport.loseConnection()

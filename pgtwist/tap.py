@@ -1,0 +1,52 @@
+"""twistd integration: `twistd pgbalance` options and makeService()."""
+
+from __future__ import annotations
+
+import sys
+
+from twisted.python import usage
+
+from pgtwist import config as configmod
+
+
+class Options(usage.Options):
+    synopsis = "[--config PATH | --demo]"
+    longdesc = (
+        "pgtwist: a PostgreSQL-protocol-aware connection pooler and load balancer. "
+        "--config runs it from a TOML file (see etc/pgbalance.toml for every key); "
+        "--demo starts a throwaway local primary + streaming replica, fronts them and prints the DSN."
+    )
+    optParameters = [
+        ["config", "c", None, "Path of the TOML configuration file."],
+        ["demo-replicas", None, "1", "Number of streaming replicas the demo starts.", int],
+        ["demo-listen", None, "127.0.0.1:6432", "Where the demo's pgtwist listens."],
+    ]
+    optFlags = [
+        ["demo", None, "Start a throwaway local PostgreSQL primary + replica and front them (needs PostgreSQL binaries)."],
+        ["check", None, "Validate the configuration, print the result and exit."],
+    ]
+
+    def postOptions(self):
+        if not self["demo"] and not self["config"]:
+            raise usage.UsageError("give --config PATH (or --demo)")
+        if self["demo"] and self["config"]:
+            raise usage.UsageError("--demo and --config exclude each other")
+
+
+def makeService(options, reactor=None):
+    from pgtwist.service import PgBalanceService
+
+    if options["demo"]:
+        from pgtwist.demo import make_demo_service
+
+        return make_demo_service(options, reactor)
+    try:
+        config = configmod.load(options["config"])
+    except configmod.ConfigError as e:
+        # twistd shows a traceback for exceptions; a config mistake deserves a plain list.
+        sys.stderr.write(str(e) + "\n")
+        raise SystemExit(78)  # EX_CONFIG
+    if options["check"]:
+        sys.stdout.write(f"{options['config']}: OK\n")
+        raise SystemExit(0)
+    return PgBalanceService(config, reactor)
