@@ -54,7 +54,6 @@ class Config:
     auth_type: str
     server_reset_query: str
     server_connect_timeout: float
-    server_login_retry: float
     client_login_timeout: float
     query_wait_timeout: float
     max_message_size: int
@@ -71,7 +70,6 @@ _DEFAULTS: dict[str, Any] = {
     "auth_type": "scram-sha-256",
     "server_reset_query": "DISCARD ALL",
     "server_connect_timeout": 5.0,
-    "server_login_retry": 0.0,
     "client_login_timeout": 60.0,
     "query_wait_timeout": 120.0,
     "max_message_size": 256 * 1024 * 1024,
@@ -152,7 +150,7 @@ def from_dict(raw: Mapping[str, Any], source: str = "<memory>") -> Config:
     max_client_conn = c.number(raw, "max_client_conn", "max_client_conn", int, _DEFAULTS["max_client_conn"], 1)
     timeouts = {
         key: c.number(raw, key, key, float, _DEFAULTS[key], 0.0)
-        for key in ("server_connect_timeout", "server_login_retry", "client_login_timeout", "query_wait_timeout")
+        for key in ("server_connect_timeout", "client_login_timeout", "query_wait_timeout")
     }
     max_message_size = c.number(
         raw, "max_message_size", "max_message_size", int, _DEFAULTS["max_message_size"], 1024, 0x3FFFFFFF
