@@ -57,6 +57,12 @@ class Config:
     client_login_timeout: float
     query_wait_timeout: float
     max_message_size: int
+    max_prepared_statements: int
+    idle_transaction_timeout: float
+    server_idle_timeout: float
+    server_lifetime: float
+    min_pool_size: int
+    unpoolable: str
     databases: Mapping[str, DatabaseConfig]
     users: Mapping[str, UserConfig] = field(repr=False)
     source: str = "<memory>"
@@ -73,7 +79,14 @@ _DEFAULTS: dict[str, Any] = {
     "client_login_timeout": 60.0,
     "query_wait_timeout": 120.0,
     "max_message_size": 256 * 1024 * 1024,
+    "max_prepared_statements": 100,
+    "idle_transaction_timeout": 0.0,
+    "server_idle_timeout": 600.0,
+    "server_lifetime": 3600.0,
+    "min_pool_size": 0,
+    "unpoolable": "pin",
 }
+UNPOOLABLE = ("pin", "error")
 
 _TOP_KEYS = set(_DEFAULTS) | {"databases", "users"}
 _DATABASE_KEYS = {"dbname", "nodes", "pool_size"}
@@ -150,8 +163,20 @@ def from_dict(raw: Mapping[str, Any], source: str = "<memory>") -> Config:
     max_client_conn = c.number(raw, "max_client_conn", "max_client_conn", int, _DEFAULTS["max_client_conn"], 1)
     timeouts = {
         key: c.number(raw, key, key, float, _DEFAULTS[key], 0.0)
-        for key in ("server_connect_timeout", "client_login_timeout", "query_wait_timeout")
+        for key in (
+            "server_connect_timeout",
+            "client_login_timeout",
+            "query_wait_timeout",
+            "idle_transaction_timeout",
+            "server_idle_timeout",
+            "server_lifetime",
+        )
     }
+    max_prepared_statements = c.number(
+        raw, "max_prepared_statements", "max_prepared_statements", int, _DEFAULTS["max_prepared_statements"], 1, 100_000
+    )
+    min_pool_size = c.number(raw, "min_pool_size", "min_pool_size", int, _DEFAULTS["min_pool_size"], 0, 100_000)
+    unpoolable = c.choice(raw, "unpoolable", UNPOOLABLE, "pin")
     max_message_size = c.number(
         raw, "max_message_size", "max_message_size", int, _DEFAULTS["max_message_size"], 1024, 0x3FFFFFFF
     )
@@ -220,6 +245,9 @@ def from_dict(raw: Mapping[str, Any], source: str = "<memory>") -> Config:
         auth_type=auth_type,
         server_reset_query=reset,
         max_message_size=max_message_size,
+        max_prepared_statements=max_prepared_statements,
+        min_pool_size=min_pool_size,
+        unpoolable=unpoolable,
         databases=MappingProxyType(databases),
         users=MappingProxyType(users),
         source=source,

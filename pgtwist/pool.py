@@ -30,7 +30,23 @@ class Pool:
     a reset has it) or ``connecting`` (login under way). Waiters are served first come, first served.
     """
 
-    def __init__(self, key, node, database, user: str, size: int, *, connect, clock, reset_query: str, wait_timeout: float):
+    def __init__(
+        self,
+        key,
+        node,
+        database,
+        user: str,
+        size: int,
+        *,
+        connect,
+        clock,
+        reset_query: str,
+        wait_timeout: float,
+        max_prepared_statements: int = 100,
+        min_size: int = 0,
+        idle_timeout: float = 0.0,
+        lifetime: float = 0.0,
+    ):
         self.key = key
         self.node = node
         self.database = database
@@ -45,6 +61,13 @@ class Pool:
         self.connecting = 0
         self.waiters: deque[defer.Deferred] = deque()
         self.paused = False
+        self.max_prepared_statements = max_prepared_statements
+        self.min_size = min_size
+        self.idle_timeout = idle_timeout
+        self.lifetime = lifetime
+        # ParameterStatus sets seen by clients logging in with given startup settings, so that
+        # a transaction-mode login needs no server connection once the pool has seen its like.
+        self.login_parameters: dict[tuple, dict[str, str]] = {}
 
     def __repr__(self):
         return f"<Pool {self.key} idle={len(self.idle)} busy={len(self.busy)} connecting={self.connecting} waiting={len(self.waiters)}>"
@@ -120,11 +143,16 @@ class Pool:
 
     # -- taking back --------------------------------------------------------------------------
 
-    def release(self, conn, reusable: bool) -> None:
-        """A client is done with *conn*: reset it and make it idle again, or close it if unusable."""
+    def release(self, conn, reusable: bool, reset: bool = True) -> None:
+        """A client is done with *conn*: (reset it and) make it idle again, or close it if unusable.
+
+        Session pooling resets with ``reset_query``; transaction pooling keeps the session as
+        is (the next client's settings are synced on link) and only rolls back a transaction
+        left open.
+        """
         if conn not in self.busy:
             return
-        if not reusable or conn.state != "idle":
+        if not reusable or conn.state != "idle" or conn.tainted or self._expired(conn):
             self.busy.discard(conn)
             conn.close()
             self._serve()
@@ -132,22 +160,27 @@ class Pool:
         queries = []
         if conn.tx_status != p.TX_IDLE:
             queries.append("ROLLBACK")
-        if self.reset_query:
+        if reset and self.reset_query:
             queries.append(self.reset_query)
         if not queries:
             self._back_to_idle(conn)
             return
         conn.run_internal(queries).addCallbacks(
-            lambda errors: self._reset_done(conn, errors), lambda failure: self._reset_failed(conn, failure)
+            lambda errors: self._reset_done(conn, reset and bool(self.reset_query), errors),
+            lambda failure: self._reset_failed(conn, failure),
         )
 
-    def _reset_done(self, conn, errors) -> None:
+    def _reset_done(self, conn, reset: bool, errors) -> None:
         if errors or conn.tx_status != p.TX_IDLE:
             log.warn("reset of server {server} failed, closing it: {why}", server=conn.id, why=errors[0].get("M") if errors else "still in a transaction")
             self.busy.discard(conn)
             conn.close()
             self._serve()
             return
+        if reset:
+            conn.settings = {}
+            if "all" in self.reset_query.lower():  # DISCARD ALL / DEALLOCATE ALL drop prepared statements
+                conn.statements.clear()
         self._back_to_idle(conn)
 
     def _reset_failed(self, conn, failure) -> None:
@@ -159,6 +192,25 @@ class Pool:
         conn.last_used = self.clock.seconds()
         self.idle.append(conn)
         self._serve()
+
+    def _expired(self, conn) -> bool:
+        return bool(self.lifetime) and self.clock.seconds() - conn.created >= self.lifetime
+
+    def maintain(self) -> None:
+        """Periodic care: close connections idle too long or past their lifetime, keep min_size warm."""
+        now = self.clock.seconds()
+        for conn in list(self.idle):
+            idle_too_long = self.idle_timeout and now - conn.last_used >= self.idle_timeout and self.total > self.min_size
+            if idle_too_long or self._expired(conn):
+                self.idle.remove(conn)
+                conn.close()
+        while not self.paused and self.total < min(self.min_size, self.size):
+            self.connecting += 1
+            self.connect(self).addCallbacks(self._opened, self._warm_failed)
+
+    def _warm_failed(self, failure) -> None:
+        self.connecting -= 1
+        log.warn("could not open a warm server connection to {node}: {why}", node=self.node, why=failure.getErrorMessage())
 
     def server_closed(self, conn) -> None:
         """The connection is gone (node closed it, or we did); free its slot."""

@@ -31,6 +31,7 @@ class Proxy:
         self.pools: dict[tuple, Pool] = {}
         self.cancel_keys: dict[int, ClientSession] = {}
         self.client_keys: dict[str, bytes] = {}
+        self.pinned_sessions = 0
         self._client_ids = itertools.count(1)
         self._server_ids = itertools.count(1)
 
@@ -48,6 +49,16 @@ class Proxy:
         self.clients.pop(session.id, None)
         if self.cancel_keys.get(session.process_id) is session:
             del self.cancel_keys[session.process_id]
+
+    def note_pinned(self, session: ClientSession, reason: str) -> None:
+        """Transaction pooling gave up sharing a client's server connection: say so once, count it."""
+        self.pinned_sessions += 1
+        log.info("client {client} pinned to its server connection: {reason}", client=session.id, reason=reason)
+
+    def maintain(self) -> None:
+        """Janitor tick: pools close stale connections and keep warm ones."""
+        for pool in self.pools.values():
+            pool.maintain()
 
     def lookup_user(self, name: str):
         user = self.config.users.get(name)
@@ -99,6 +110,10 @@ class Proxy:
                 clock=self.clock,
                 reset_query=self.config.server_reset_query,
                 wait_timeout=self.config.query_wait_timeout,
+                max_prepared_statements=self.config.max_prepared_statements,
+                min_size=self.config.min_pool_size,
+                idle_timeout=self.config.server_idle_timeout,
+                lifetime=self.config.server_lifetime,
             )
         return pool
 

@@ -6,11 +6,12 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from pgtwist.server_login import ServerLogin, ServerLoginError
+from pgtwist.statements import ServerStatements
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 from pgtwist.wire import sqlstate
 from pgtwist.wire.errors import WireError
-from pgtwist.wire.framing import MessageScanner, frame, pop_messages
+from pgtwist.wire.framing import MessageScanner, frame, pop_message
 
 log = Logger()
 
@@ -40,6 +41,10 @@ class ServerConnection:
         self.client_transport = None
         self.scanner: MessageScanner | None = None
         self.buffer = bytearray()
+        self.statements = ServerStatements(pool.max_prepared_statements)  # shared prepared statements held
+        self.settings: dict[str, str] = {}  # settings applied beyond the session defaults (by us, for clients)
+        self.tainted = False  # a client did something (e.g. DISCARD ALL) that leaves our records unsure
+        self.internal_rows: list[list[bytes | None]] = []
         self.ready: defer.Deferred = defer.Deferred()  # fires self after login
         self._internal: defer.Deferred | None = None
         self._internal_owed = 0
@@ -63,7 +68,9 @@ class ServerConnection:
             return
         try:
             self.buffer += data
-            for msg_type, body in pop_messages(self.buffer, p.MAX_PROTOCOL_MESSAGE):
+            # One message at a time: once linked, what is still in the buffer is the client's.
+            while (msg := pop_message(self.buffer, p.MAX_PROTOCOL_MESSAGE)) is not None:
+                msg_type, body = msg
                 if self.state is LOGIN:
                     self._login_message(msg_type, body)
                 elif self.state is INTERNAL:
@@ -162,6 +169,7 @@ class ServerConnection:
         self._internal = defer.Deferred()
         self._internal_owed = len(queries)
         self._internal_errors = []
+        self.internal_rows = []
         self.transport.write(b"".join(m.query(q) for q in queries))
         return self._internal
 
@@ -171,6 +179,8 @@ class ServerConnection:
             self.parameters[name] = value
         elif msg_type == p.ERROR_RESPONSE:
             self._internal_errors.append(m.decode_fields(body))
+        elif msg_type == p.DATA_ROW:
+            self.internal_rows.append(m.decode_data_row(body))
         elif msg_type == _Z:
             self.tx_status = body[0] if body else p.TX_IDLE
             self._internal_owed -= 1
@@ -181,13 +191,13 @@ class ServerConnection:
 
     # -- linked to a client: the hot path ---------------------------------------------------
 
-    def link(self, session, client_transport) -> None:
+    def link(self, session, client_transport, capture: frozenset[int] | None = None) -> None:
         """Forward this connection's output to *client_transport*, with backpressure both ways."""
         assert self.state is IDLE, self.state
         self.state = LINKED
         self.session = session
         self.client_transport = client_transport
-        self.scanner = MessageScanner(_LINKED_CAPTURE, p.MAX_PROTOCOL_MESSAGE)
+        self.scanner = MessageScanner(capture or _LINKED_CAPTURE, p.MAX_PROTOCOL_MESSAGE)
         # Each side's transport produces for the other's: a client that stops reading
         # pauses reads from the node instead of letting the proxy buffer a result set.
         client_transport.registerProducer(self.transport, True)
@@ -225,28 +235,9 @@ class ServerConnection:
         if len(items) == 1 and type(items[0]) is bytes:
             self.client_transport.write(items[0])
             return
-        out = []
-        ready = 0
-        status = 0
-        for item in items:
-            if type(item) is bytes:
-                out.append(item)
-                continue
-            msg_type, body = item
-            out.append(frame(msg_type, body))
-            if msg_type == _Z:
-                ready += 1
-                status = body[0] if body else p.TX_IDLE
-            else:
-                try:
-                    name, value = m.decode_parameter_status(body)
-                except WireError:
-                    continue
-                self.parameters[name] = value
-        self.client_transport.write(b"".join(out))
-        if ready:
-            self.tx_status = status
-            self.session.server_ready(status, ready)
+        # ReadyForQuery, ParameterStatus (and, for a shared connection, the replies it
+        # tracks): the session decides what the client sees.
+        self.session.server_items(self, items)
 
     # -- closing ------------------------------------------------------------------------
 

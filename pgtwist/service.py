@@ -5,7 +5,7 @@ from __future__ import annotations
 import resource
 
 from twisted.application import service
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from pgtwist.frontend import FrontendFactory
@@ -56,6 +56,9 @@ class PgBalanceService(service.MultiService):
             n=len(self.config.databases),
             limit=limit,
         )
+        self._janitor = task.LoopingCall(self.proxy.maintain)
+        self._janitor.clock = self.reactor
+        self._janitor.start(1.0, now=False)
         listen = self.config.listen
         self.port = self.reactor.listenTCP(listen.port, self.factory, backlog=4096, interface=listen.host)
         super().startService()
@@ -65,4 +68,6 @@ class PgBalanceService(service.MultiService):
         d = defer.maybeDeferred(self.port.stopListening) if self.port is not None else defer.succeed(None)
         d.addCallback(lambda _: super(PgBalanceService, self).stopService())
         d.addCallback(lambda _: self.proxy.close())
+        if self._janitor.running:
+            self._janitor.stop()
         return d

@@ -1,98 +1,48 @@
-"""One client's state machine: login, waiting for a server, linked (forwarding), closed."""
+"""One client's state machine: login, idle, waiting for a server, linked (forwarding), closed."""
 
 from __future__ import annotations
 
 from twisted.logger import Logger
 
+from pgtwist import sqlinspect
 from pgtwist.login import Authenticated, CancelReceived, ClientLogin, LoginError, Reply
 from pgtwist.pool import PoolError
+from pgtwist.relay import CLIENT_CAPTURE, Relay
 from pgtwist.server_login import ServerLoginError
+from pgtwist.settings import SERVER_OWNED, client_settings, parse_options, quote_literal, readback_sql, sync_sql
+from pgtwist.statements import split_parse
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 from pgtwist.wire import sqlstate
 from pgtwist.wire.errors import WireError
-from pgtwist.wire.framing import MessageScanner
+from pgtwist.wire.framing import MessageScanner, frame
+
+__all__ = ["ClientSession", "client_settings", "parse_options", "quote_literal"]
 
 log = Logger()
 
-LOGIN, WAITING, PREPARING, LINKED, CLOSED = "login", "waiting", "preparing", "linked", "closed"
+# States. IDLE exists in transaction mode only: logged in, holding no server connection.
+LOGIN, IDLE, WAITING, PREPARING, LINKED, CLOSED = "login", "idle", "waiting", "preparing", "linked", "closed"
 
+_Z = p.READY_FOR_QUERY
 _TERMINATE = p.TERMINATE
-_CLIENT_CAPTURE = frozenset((_TERMINATE,))
+_SESSION_CAPTURE = frozenset((_TERMINATE,))
 # Each Query, Sync and FunctionCall earns exactly one ReadyForQuery: counting them tells
 # whether the server still owes the client an answer when the client goes away.
-_CLIENT_WATCH = frozenset((p.QUERY, p.SYNC, p.FUNCTION_CALL))
+_SESSION_WATCH = frozenset((p.QUERY, p.SYNC, p.FUNCTION_CALL))
 # An extended-protocol batch not yet closed by Sync leaves the server mid-conversation.
 _UNSYNCED = frozenset((p.PARSE, p.BIND, p.EXECUTE, p.DESCRIBE, p.CLOSE, p.FLUSH))
-# Startup parameters that are not session settings.
-_NOT_SETTINGS = frozenset(("user", "database", "replication", "options"))
-
-
-def quote_literal(value: str) -> str:
-    """An E'' literal safe whatever standard_conforming_strings says (startup values never reach SQL raw)."""
-    return "E'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
-
-
-def parse_options(options: str) -> dict[str, str]:
-    """The 'options' startup parameter: '-c name=value' and '--name=value', backslash-escaped spaces."""
-    words, word, escaped = [], [], False
-    for ch in options:
-        if escaped:
-            word.append(ch)
-            escaped = False
-        elif ch == "\\":
-            escaped = True
-        elif ch.isspace():
-            if word:
-                words.append("".join(word))
-                word = []
-        else:
-            word.append(ch)
-    if word:
-        words.append("".join(word))
-    out: dict[str, str] = {}
-    i = 0
-    while i < len(words):
-        w = words[i]
-        if w == "-c" and i + 1 < len(words):
-            setting, i = words[i + 1], i + 2
-        elif w.startswith("--"):
-            setting, i = w[2:], i + 1
-        elif w.startswith("-c"):
-            setting, i = w[2:], i + 1
-        else:
-            raise LoginError(sqlstate.FEATURE_NOT_SUPPORTED, f'unsupported startup option "{w}"', "pgtwist accepts only -c name=value")
-        name, eq, value = setting.partition("=")
-        if not eq or not name:
-            raise LoginError(sqlstate.PROTOCOL_VIOLATION, f'invalid option "{setting}": expected name=value')
-        out[name.replace("-", "_")] = value
-    return out
-
-
-def client_settings(parameters: dict[str, str]) -> dict[str, str]:
-    """Session settings a client asked for at startup, as name -> value."""
-    settings = {k: v for k, v in parameters.items() if k not in _NOT_SETTINGS}
-    if parameters.get("options"):
-        settings.update(parse_options(parameters["options"]))
-    return settings
-
-
-def settings_query(wanted: dict[str, str], current: dict[str, str]) -> str | None:
-    """One statement applying the client's settings that differ from what the server reports.
-
-    set_config() takes the value as a startup packet would (a list for search_path,
-    not one quoted name), and quoting keeps the names and values data, never SQL.
-    """
-    calls = [
-        f"pg_catalog.set_config({quote_literal(name)}, {quote_literal(value)}, false)"
-        for name, value in wanted.items()
-        if current.get(name) != value
-    ]
-    return "SELECT " + ", ".join(calls) if calls else None
+_LOGIN_CACHE_LIMIT = 1000
 
 
 class ClientSession:
-    """Everything one client connection does; FrontendProtocol feeds it bytes."""
+    """Everything one client connection does; FrontendProtocol feeds it bytes.
+
+    Session pooling links one server connection from login to logout. Transaction pooling
+    links one per transaction (``IDLE`` in between) and translates named prepared statements
+    and session settings so the client cannot tell (see Relay); work that cannot be shared
+    (LISTEN, temporary tables, ...) pins the session to its server connection.
+    """
 
     def __init__(self, proxy, transport, client_id: str):
         self.proxy = proxy
@@ -100,6 +50,8 @@ class ClientSession:
         self.id = client_id
         self.state = LOGIN
         config = proxy.config
+        self.config = config
+        self.transaction_mode = config.pool_mode == "transaction"
         self.login = ClientLogin(config.auth_type, proxy.lookup_user, proxy.mock_secret)
         self.startup: m.StartupMessage | None = None
         self.database = None
@@ -107,34 +59,38 @@ class ClientSession:
         self.pool = None
         self.server = None
         self.scanner: MessageScanner | None = None
+        self.relay: Relay | None = None
+        self.settings: dict[str, str] = {}
+        self.dirty: set[str] = set()  # settings the client changed; read back before the server goes
+        self.dirty_all = False
+        self.pinned: str | None = None
         self.ready_count = 0
         self.tx_status = p.TX_IDLE
         self.process_id = 0
         self.secret_key = b""
-        self.pending = bytearray()
+        self.backlog: list = []  # client messages that arrived while no server was linked
+        self.logged_in = False
         self.connected_at = proxy.clock.seconds()
         self._waiting = None
+        self._idle_tx_timer = None
         self._login_timer = (
             proxy.clock.callLater(config.client_login_timeout, self._login_timed_out) if config.client_login_timeout else None
         )
 
     def __repr__(self):
-        return f"<ClientSession {self.id} {self.user}@{self.database} {self.state}>"
+        return f"<ClientSession {self.id} {self.user}@{self.database and self.database.name} {self.state}>"
 
     # -- events from FrontendProtocol ---------------------------------------------------------
 
     def got_data(self, data: bytes) -> None:
-        if self.state is LINKED:
-            self._forward(data)
+        if self.state is LINKED and not self.transaction_mode:
+            self._forward_session(data)
             return
         try:
             if self.state is LOGIN:
                 self._login_data(data)
-            elif self.state is WAITING or self.state is PREPARING:
-                # Clients wait for ReadyForQuery; whatever comes early waits with them, and
-                # we stop reading so that it cannot grow.
-                self.pending += data
-                self.transport.pauseProducing()
+            elif self.state is not CLOSED:
+                self._client_data(data)
         except (WireError, LoginError) as e:
             self.fatal(e.sqlstate, e.message if isinstance(e, LoginError) else str(e), getattr(e, "detail", None))
         except Exception:
@@ -145,6 +101,7 @@ class ClientSession:
         previous = self.state
         self.state = CLOSED
         self._cancel_login_timer()
+        self._cancel_idle_tx_timer()
         if self._waiting is not None:
             d, self._waiting = self._waiting, None
             d.cancel()
@@ -180,11 +137,33 @@ class ClientSession:
         if event.client_key is not None:
             self.proxy.remember_client_key(self.user, event.client_key)
         self.process_id, self.secret_key = self.proxy.register_cancel_key(self)
-        self.pending += self.login.leftover()
-        self.state = WAITING
+        if self.transaction_mode:
+            self.scanner = MessageScanner(CLIENT_CAPTURE, self.config.max_message_size)
+            self.relay = Relay()
+        else:
+            self.scanner = MessageScanner(_SESSION_CAPTURE, self.config.max_message_size, _SESSION_WATCH)
         self.pool = self.proxy.pool_for(database, self.user)
-        self._waiting = self.pool.acquire()
-        self._waiting.addCallbacks(self._got_server, self._no_server).addErrback(self._crashed)
+        leftover = self.login.leftover()
+        if leftover:
+            self.backlog.extend(self.scanner.feed(leftover))
+        known = self.pool.login_parameters.get(self._login_key()) if self.transaction_mode else None
+        if known is not None:
+            self._logged_in(known)
+            self.state = IDLE
+            if self.backlog:
+                self._acquire()
+        else:
+            # A server connection tells us what to report (and proves the node is there).
+            self._acquire()
+
+    def _login_key(self) -> tuple:
+        return tuple(sorted(self.settings.items()))
+
+    def _logged_in(self, parameters: dict[str, str]) -> None:
+        self._cancel_login_timer()
+        self.logged_in = True
+        params = b"".join(m.parameter_status(k, v) for k, v in parameters.items())
+        self.transport.write(params + m.backend_key_data(self.process_id, self.secret_key) + m.ready_for_query())
 
     def _cancel_login_timer(self) -> None:
         if self._login_timer is not None and self._login_timer.active():
@@ -195,15 +174,20 @@ class ClientSession:
         self._login_timer = None
         if self.state is LOGIN:
             # PostgreSQL closes silently when the startup packet never comes; after it, say why.
-            if self.startup is None and self.login.startup is None:
+            if self.login.startup is None:
                 self.state = CLOSED
                 self.transport.loseConnection()
             else:
                 self.fatal(sqlstate.QUERY_CANCELED, "canceling authentication due to timeout")
-        elif self.state is WAITING or self.state is PREPARING:
-            pass  # the pool's wait timeout speaks for this phase
+        # Waiting for a server connection at login: the pool's wait timeout speaks for that.
 
     # -- getting a server ----------------------------------------------------------------------
+
+    def _acquire(self) -> None:
+        self.state = WAITING
+        self.transport.pauseProducing()  # what the client sends meanwhile waits in its socket
+        self._waiting = self.pool.acquire()
+        self._waiting.addCallbacks(self._got_server, self._no_server).addErrback(self._crashed)
 
     def _no_server(self, failure) -> None:
         self._waiting = None
@@ -214,19 +198,18 @@ class ClientSession:
             self.fatal(e.sqlstate, e.message, e.detail)
         elif isinstance(e, ServerLoginError):
             self.fatal_fields(e.fields)
-        elif failure.check(Exception):
-            if not isinstance(e, ServerLoginError):
-                log.failure("client {client}: no server", failure, client=self.id)
+        else:
+            log.failure("client {client}: no server", failure, client=self.id)
             self.fatal(sqlstate.CONNECTION_FAILURE, f"could not get a server connection: {e}")
 
     def _got_server(self, server) -> None:
         self._waiting = None
         if self.state is CLOSED:
-            self.pool.release(server, reusable=True)
+            self.pool.release(server, reusable=True, reset=not self.transaction_mode)
             return
         self.server = server
         self.state = PREPARING
-        query = settings_query(self.settings, server.parameters)
+        query = sync_sql(self.settings, server.settings, server.parameters)
         if query is None:
             self._prepared([])
         else:
@@ -241,62 +224,276 @@ class ClientSession:
         server = self.server
         if self.state is CLOSED:
             self.server = None
-            self.pool.release(server, reusable=True)
+            self.pool.release(server, reusable=True, reset=not self.transaction_mode)
             return
         if errors:
-            # As PostgreSQL does for a bad startup parameter: the login fails with the server's reason.
             self.server = None
-            self.pool.release(server, reusable=True)
-            self.fatal_fields(dict(errors[0], S="FATAL", V="FATAL"))
+            server.settings = {}  # the failed statement rolled back; what it held is unknown
+            server.tainted = True
+            self.pool.release(server, reusable=False)
+            if not self.logged_in:
+                # As PostgreSQL does for a bad startup parameter: the login fails with the server's reason.
+                self.fatal_fields(dict(errors[0], S="FATAL", V="FATAL"))
+            else:
+                self.fatal(sqlstate.INTERNAL_ERROR, "could not restore this session's settings on a server connection", errors[0].get("M"))
             return
-        self._cancel_login_timer()
-        params = b"".join(m.parameter_status(k, v) for k, v in server.parameters.items())
-        self.transport.write(params + m.backend_key_data(self.process_id, self.secret_key) + m.ready_for_query())
-        self.scanner = MessageScanner(_CLIENT_CAPTURE, self.proxy.config.max_message_size, _CLIENT_WATCH)
-        self.ready_count = 0
+        server.settings = dict(self.settings)
+        if not self.logged_in:
+            parameters = dict(server.parameters)
+            if self.transaction_mode and len(self.pool.login_parameters) < _LOGIN_CACHE_LIMIT:
+                self.pool.login_parameters[self._login_key()] = parameters
+            self._logged_in(parameters)
         self.state = LINKED
-        server.link(self, self.transport)
+        self.ready_count = 0
+        server.link(self, self.transport, self.relay.capture() if self.relay else None)
         self.transport.resumeProducing()
-        if self.pending:
-            data = bytes(self.pending)
-            self.pending.clear()
-            self._forward(data)
+        backlog, self.backlog = self.backlog, []
+        if backlog:
+            self._client_items(backlog)
+        elif self.transaction_mode:
+            self._maybe_release()
 
-    # -- linked: the hot path -----------------------------------------------------------------
+    # -- client bytes (all but session mode's linked fast path) ---------------------------------
 
-    def _forward(self, data: bytes) -> None:
+    def _client_data(self, data: bytes) -> None:
+        self._cancel_idle_tx_timer()
+        items = self.scanner.feed(data)
+        if self.state is LINKED:
+            self._client_items(items)
+        elif self.state is IDLE:
+            if len(items) == 1 and type(items[0]) is tuple and items[0][0] == _TERMINATE:
+                self.state = CLOSED
+                self.transport.loseConnection()
+                return
+            self.backlog.extend(items)
+            self._acquire()
+        else:  # WAITING, PREPARING: keep it for the server connection on its way
+            self.backlog.extend(items)
+            self.transport.pauseProducing()
+
+    def _client_items(self, items: list) -> None:
+        if not self.transaction_mode:
+            self._session_items(items)
+            return
+        relay = self.relay
+        server = self.server
+        to_server: list = []
+        to_client: list = []
+        for item in items:
+            if type(item) is bytes:  # COPY data and the like
+                to_server.append(item)
+                continue
+            msg_type, body = item
+            if msg_type == _TERMINATE:
+                self._flush(to_server, to_client)
+                self._terminate()
+                return
+            if msg_type == p.QUERY:
+                if self._query(body, to_server, to_client):
+                    continue
+            elif msg_type == p.PARSE and not self.pinned:
+                self._note_effects(sqlinspect.inspect(split_parse(body)[1].split(b"\x00", 1)[0].decode("utf-8", "replace")))
+            relay.client_message(msg_type, body, server, to_server, to_client)
+        self._flush(to_server, to_client)
+        self._maybe_release()
+
+    def _flush(self, to_server: list, to_client: list) -> None:
+        if to_server:
+            self.server.transport.write(b"".join(to_server))
+        if to_client:
+            self.transport.write(b"".join(to_client))
+        if self.server is not None and self.server.scanner is not None:
+            self.server.scanner.capture = self.relay.capture()
+
+    def _query(self, body: bytes, to_server: list, to_client: list) -> bool:
+        """Look at a simple Query; True when the proxy answered it itself."""
+        effects = sqlinspect.inspect(m.decode_query(body))
+        if not effects.changes_state:
+            return False
+        relay = self.relay
+        if effects.statements == 1 and not self.pinned and (effects.deallocate or effects.deallocate_all):
+            names = effects.deallocate
+            if effects.deallocate_all or all(n in relay.statements for n in names):
+                # The client's own statements live in the proxy; the server holds shared ones.
+                if effects.deallocate_all:
+                    relay.statements.clear()
+                    tag = "DEALLOCATE ALL"
+                else:
+                    for n in names:
+                        relay.statements.pop(n, None)
+                    tag = "DEALLOCATE"
+                relay.synth_reply(lambda: m.command_complete(tag) + m.ready_for_query(relay.tx_status), to_client)
+                return True
+        if effects.pin and not self.pinned and self.config.unpoolable == "error":
+            message = f"{effects.pin} is not supported in transaction pooling mode"
+            relay.synth_reply(
+                lambda: m.error_response("ERROR", sqlstate.FEATURE_NOT_SUPPORTED, message) + m.ready_for_query(relay.tx_status),
+                to_client,
+            )
+            return True
+        self._note_effects(effects)
+        if effects.discard_all or effects.deallocate_all:
+            # Runs on the server: its shared statements and settings are gone or unsure now.
+            self.server.tainted = True
+            relay.statements.clear()
+        return False
+
+    def _note_effects(self, effects) -> None:
+        if effects.pin and not self.pinned:
+            self.pinned = effects.pin
+            self.proxy.note_pinned(self, effects.pin)
+        self.dirty.update(effects.settings)
+        if effects.all_settings:
+            self.dirty_all = True
+
+    def _terminate(self) -> None:
+        """Terminate: the client is leaving; its server connection is not."""
+        self.state = CLOSED
+        if self.server is not None:
+            self._release_server()
+        self.transport.loseConnection()
+
+    # -- session mode, linked: the hot path ------------------------------------------------
+
+    def _forward_session(self, data: bytes) -> None:
         try:
             items = self.scanner.feed(data)
         except WireError as e:
             self.fatal(e.sqlstate, str(e))
             return
+        if self._idle_tx_timer is not None:
+            self._cancel_idle_tx_timer()
         if len(items) == 1 and type(items[0]) is bytes:
             self.server.transport.write(items[0])
             return
+        self._session_items(items)
+
+    def _session_items(self, items: list) -> None:
         out = []
         for item in items:
             if type(item) is bytes:
                 out.append(item)
-            else:  # Terminate: the client is leaving; its server connection is not.
+            elif item[0] == _TERMINATE:
                 if out:
                     self.server.transport.write(b"".join(out))
-                self.state = CLOSED
-                self._release_server()
-                self.transport.loseConnection()
+                self._terminate()
                 return
         if out:
             self.server.transport.write(b"".join(out))
 
-    def server_ready(self, status: int, count: int) -> None:
-        """The server sent *count* ReadyForQuery messages, the last with *status*."""
-        self.ready_count += count
+    # -- server events --------------------------------------------------------------------------
+
+    def server_items(self, server, items: list) -> None:
+        """Messages from the linked server: bytes runs to forward, and the captured (type, body) ones."""
+        out: list = []
+        status = None
+        if self.transaction_mode:
+            relay = self.relay
+            for item in items:
+                if type(item) is bytes:
+                    out.append(item)
+                    continue
+                msg_type, body = item
+                if msg_type == p.PARAMETER_STATUS:
+                    self._parameter_status(server, body)
+                got = relay.server_message(msg_type, body, out)
+                if got is not None:
+                    status = got
+            server.scanner.capture = relay.capture()
+        else:
+            ready = 0
+            for item in items:
+                if type(item) is bytes:
+                    out.append(item)
+                    continue
+                msg_type, body = item
+                out.append(frame(msg_type, body))
+                if msg_type == _Z:
+                    ready += 1
+                    status = body[0] if body else p.TX_IDLE
+                else:
+                    self._parameter_status(server, body)
+            self.ready_count += ready
+        self.transport.write(b"".join(out))
+        if status is not None:
+            self._ready(server, status)
+
+    def _parameter_status(self, server, body: bytes) -> None:
+        try:
+            name, value = m.decode_parameter_status(body)
+        except WireError:
+            return
+        server.parameters[name] = value
+        key = name.lower()
+        if key not in SERVER_OWNED:
+            # The client changed a reported setting itself (SET application_name, ...).
+            self.settings[key] = value
+            server.settings[key] = value
+
+    def _ready(self, server, status: int) -> None:
         self.tx_status = status
+        server.tx_status = status
+        if status != p.TX_IDLE and self.config.idle_transaction_timeout:
+            self._idle_tx_timer = self.proxy.clock.callLater(self.config.idle_transaction_timeout, self._idle_tx_timed_out)
+        if self.transaction_mode:
+            self._maybe_release()
+
+    def _maybe_release(self) -> None:
+        """Transaction pooling: give the server connection back once the client is between transactions."""
+        if self.state is not LINKED or self.pinned:
+            return
+        scanner = self.scanner
+        if not (self.relay.idle and self.relay.tx_status == p.TX_IDLE and scanner.at_boundary and scanner.last_type not in _UNSYNCED):
+            return
+        server = self.server
+        if self.dirty or self.dirty_all:
+            names = sorted(set(self.settings) | set(server.settings) | self.dirty) if self.dirty_all else sorted(self.dirty)
+            self.dirty = set()
+            self.dirty_all = False
+            names = [n for n in names if n not in SERVER_OWNED]
+            if names:
+                self.state = PREPARING
+                server.unlink()
+                server.run_internal([readback_sql(names)]).addCallbacks(
+                    lambda _: self._read_back(server, names), self._prepare_failed
+                ).addErrback(self._crashed)
+                return
+        self._give_back(server)
+
+    def _read_back(self, server, names: list[str]) -> None:
+        rows = server.internal_rows
+        if rows and len(rows[0]) == len(names):
+            for name, value in zip(names, rows[0]):
+                if value is None:
+                    self.settings.pop(name, None)
+                else:
+                    self.settings[name] = value.decode("utf-8", "replace")
+            server.settings = dict(self.settings)
+        else:
+            server.tainted = True
+        if self.state is CLOSED:
+            self.server = None
+            self.pool.release(server, reusable=True, reset=False)
+            return
+        self._give_back(server, linked=False)
+
+    def _give_back(self, server, linked: bool = True) -> None:
+        if linked:
+            server.unlink()
+        self.server = None
+        self.state = IDLE
+        self.pool.release(server, reusable=True, reset=False)
+        self.transport.resumeProducing()
+        if self.backlog:  # the client moved on while its settings were read back
+            self._acquire()
 
     def server_lost(self, server, reason) -> None:
         """The node closed our server connection while this client was linked to it."""
         if self.server is not server or self.state is CLOSED:
             return
         self.server = None
+        if self.relay is not None:
+            self.relay.forget_server()
         if server.at_message_boundary:
             self.fatal(
                 sqlstate.CONNECTION_FAILURE,
@@ -308,26 +505,42 @@ class ClientSession:
             self.transport.loseConnection()
 
     def _release_server(self) -> None:
+        """The client is gone (or failed): return its server connection, or close it if the node is still busy for it."""
         server, self.server = self.server, None
         if server is None:
             return
         scanner = self.scanner
-        owed = scanner.watched - self.ready_count
-        reusable = owed == 0 and scanner.at_boundary and scanner.last_type not in _UNSYNCED
+        if self.relay is not None:
+            in_flight = not self.relay.idle
+        else:
+            in_flight = scanner.watched != self.ready_count
+        reusable = not in_flight and scanner.at_boundary and scanner.last_type not in _UNSYNCED
         if server.state == "linked":
             server.unlink()
         if not reusable:
             # The node is still working for a client who left: stop that work, then drop the connection.
             self.proxy.cancel_server(server)
-        self.pool.release(server, reusable=reusable)
+        self.pool.release(server, reusable=reusable, reset=not self.transaction_mode or bool(self.pinned))
+
+    # -- timers -------------------------------------------------------------------------------
+
+    def _cancel_idle_tx_timer(self) -> None:
+        timer, self._idle_tx_timer = self._idle_tx_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _idle_tx_timed_out(self) -> None:
+        self._idle_tx_timer = None
+        if self.state is LINKED and self.tx_status != p.TX_IDLE:
+            self.fatal("25P03", "terminating connection due to idle-in-transaction timeout")
+
+    # -- ending --------------------------------------------------------------------------
 
     def _crashed(self, failure) -> None:
         """A bug of ours in a callback: log it, tell the client plainly, keep serving everyone else."""
         log.failure("client {client}: internal error", failure, client=self.id)
         if self.state is not CLOSED:
             self.fatal(sqlstate.INTERNAL_ERROR, "internal error in pgtwist; the proxy log has the details")
-
-    # -- ending --------------------------------------------------------------------------
 
     def fatal(self, code: str, message: str, detail: str | None = None) -> None:
         self.fatal_fields(m.error_fields("FATAL", code, message, detail))
@@ -342,5 +555,7 @@ class ClientSession:
             self._release_server()
         # (While PREPARING, _prepared() returns the server once its internal query ends.)
         self.state = CLOSED
+        self._cancel_idle_tx_timer()
         self.transport.write(m.error_response_from_fields(fields))
         self.transport.loseConnection()
+

@@ -432,3 +432,13 @@ def copy_fail(message: str) -> bytes:
 
 def command_complete(tag: str) -> bytes:
     return frame(p.COMMAND_COMPLETE, cstring(tag))
+
+
+def decode_data_row(body: bytes) -> list[bytes | None]:
+    r = Reader(body, "DataRow")
+    count = r.int16()
+    out = []
+    for _ in range(count):
+        n = r.int32()
+        out.append(None if n == -1 else r.bytes(n))
+    return out

@@ -1,0 +1,260 @@
+"""Extended-protocol relay over shared server connections: renamed statements, injected Parse/Close, replies in order."""
+
+from __future__ import annotations
+
+from collections import deque
+
+from pgtwist.statements import (
+    Statement,
+    bind_body,
+    parse_body,
+    split_bind,
+    split_parse,
+    split_target,
+    target_body,
+)
+from pgtwist.wire import messages as m
+from pgtwist.wire import protocol as p
+from pgtwist.wire import sqlstate
+from pgtwist.wire.framing import frame
+
+# What a request waits for. SYNC covers Query, Sync and FunctionCall: each ends at ReadyForQuery.
+SYNC, PARSE, BIND, DESCRIBE, EXECUTE, CLOSE, SYNTH = range(7)
+_COMPLETION = {
+    PARSE: frozenset((p.PARSE_COMPLETE,)),
+    BIND: frozenset((p.BIND_COMPLETE,)),
+    DESCRIBE: frozenset((p.ROW_DESCRIPTION, p.NO_DATA)),
+    EXECUTE: frozenset((p.COMMAND_COMPLETE, p.EMPTY_QUERY_RESPONSE, p.PORTAL_SUSPENDED)),
+    CLOSE: frozenset((p.CLOSE_COMPLETE,)),
+}
+# Server messages looked into while extended-protocol requests are in flight; with only
+# simple queries in flight, ReadyForQuery (and ParameterStatus) is all that matters.
+SIMPLE_CAPTURE = frozenset((p.READY_FOR_QUERY, p.PARAMETER_STATUS))
+FULL_CAPTURE = SIMPLE_CAPTURE | frozenset(
+    (
+        p.PARSE_COMPLETE,
+        p.BIND_COMPLETE,
+        p.CLOSE_COMPLETE,
+        p.ROW_DESCRIPTION,
+        p.NO_DATA,
+        p.COMMAND_COMPLETE,
+        p.EMPTY_QUERY_RESPONSE,
+        p.PORTAL_SUSPENDED,
+        p.ERROR_RESPONSE,
+    )
+)
+# Client messages a shared server connection needs to see.
+CLIENT_CAPTURE = frozenset(
+    (p.PARSE, p.BIND, p.DESCRIBE, p.CLOSE, p.EXECUTE, p.SYNC, p.QUERY, p.FLUSH, p.FUNCTION_CALL, p.TERMINATE)
+)
+_PARSE_COMPLETE = frame(p.PARSE_COMPLETE)
+_CLOSE_COMPLETE = frame(p.CLOSE_COMPLETE)
+
+
+class Entry:
+    """One request in flight, and what to do with its reply."""
+
+    __slots__ = ("kind", "swallow", "synth", "undo", "done")
+
+    def __init__(self, kind, *, swallow=False, synth=None, undo=None, done=None):
+        self.kind = kind
+        self.swallow = swallow  # the proxy injected the request: its reply is not the client's
+        self.synth = synth  # SYNTH: bytes (or a callable making them) the proxy answers itself
+        self.undo = undo  # called when the request fails or is skipped after an error
+        self.done = done  # called with the completion message body on success
+
+
+class Relay:
+    """Translate one client's extended protocol for whichever shared server connection it holds.
+
+    The client's named statements live here (name -> Statement); each server connection
+    holds shared statements under proxy-chosen names (``server.statements``). Requests in
+    flight are queued so that replies the proxy makes itself come out exactly where
+    PostgreSQL would have sent them.
+    """
+
+    def __init__(self):
+        self.statements: dict[str, Statement] = {}
+        self.queue: deque[Entry] = deque()
+        self.extended = 0  # non-SYNC entries in the queue
+        self.skipping = False  # a proxy-made error: drop client messages until Sync, as PostgreSQL does
+        self.tx_status = p.TX_IDLE
+
+    @property
+    def idle(self) -> bool:
+        return not self.queue and not self.skipping
+
+    def capture(self) -> frozenset[int]:
+        return FULL_CAPTURE if self.extended else SIMPLE_CAPTURE
+
+    def _push(self, entry: Entry) -> None:
+        self.queue.append(entry)
+        if entry.kind is not SYNC:
+            self.extended += 1
+
+    def _pop(self) -> Entry:
+        entry = self.queue.popleft()
+        if entry.kind is not SYNC:
+            self.extended -= 1
+        return entry
+
+    # -- client -> server ---------------------------------------------------------------------
+
+    def client_message(self, msg_type: int, body: bytes, server, to_server: list, to_client: list) -> None:
+        """Handle one captured client message bound for *server*."""
+        if self.skipping:
+            if msg_type != p.SYNC:
+                return
+            self.skipping = False
+        if msg_type == p.PARSE:
+            self._parse(body, server, to_server, to_client)
+        elif msg_type == p.BIND:
+            portal, name, rest = split_bind(body)
+            if name:
+                statement = self._server_statement(name, server, to_server, to_client)
+                if statement is None:
+                    return
+                body = bind_body(portal, statement.server_name, rest)
+            self._forward(BIND, msg_type, body, to_server)
+        elif msg_type == p.DESCRIBE:
+            kind, name = split_target(body, "Describe")
+            if kind == ord("S") and name:
+                statement = self._server_statement(name, server, to_server, to_client)
+                if statement is None:
+                    return
+                body = target_body(kind, statement.server_name)
+            self._forward(DESCRIBE, msg_type, body, to_server)
+        elif msg_type == p.CLOSE:
+            kind, name = split_target(body, "Close")
+            if kind == ord("S") and name:
+                # The client's name goes; the server keeps the shared statement for others.
+                self.statements.pop(name, None)
+                self._synth(_CLOSE_COMPLETE, to_client)
+            else:
+                self._forward(CLOSE, msg_type, body, to_server)
+        elif msg_type == p.EXECUTE:
+            self._forward(EXECUTE, msg_type, body, to_server)
+        elif msg_type == p.FLUSH:
+            to_server.append(frame(msg_type, body))
+        else:  # Sync, Query, FunctionCall: one ReadyForQuery each
+            self._forward(SYNC, msg_type, body, to_server)
+
+    def _forward(self, kind: int, msg_type: int, body: bytes, to_server: list, **entry) -> None:
+        self._push(Entry(kind, **entry))
+        to_server.append(frame(msg_type, body))
+
+    def _synth(self, data, to_client: list) -> None:
+        """A reply the proxy makes; it goes out once every earlier request has been answered."""
+        if not self.queue:
+            to_client.append(data() if callable(data) else data)
+        else:
+            self._push(Entry(SYNTH, synth=data))
+
+    def synth_reply(self, make, to_client: list) -> None:
+        """Answer a whole simple Query ourselves (e.g. DEALLOCATE of a client statement), in order."""
+        self._synth(make, to_client)
+
+    def _error(self, code: str, message: str, to_client: list) -> None:
+        self._synth(m.error_response("ERROR", code, message), to_client)
+        self.skipping = True
+
+    def _parse(self, body: bytes, server, to_server: list, to_client: list) -> None:
+        name, definition = split_parse(body)
+        if not name:
+            self._forward(PARSE, p.PARSE, body, to_server)
+            return
+        if name in self.statements:
+            self._error(sqlstate.DUPLICATE_PREPARED_STATEMENT, f'prepared statement "{name}" already exists', to_client)
+            return
+        statement = Statement.from_definition(definition)
+        self.statements[name] = statement
+
+        def undo():
+            if self.statements.get(name) is statement:
+                del self.statements[name]
+
+        if statement.server_name in server.statements:
+            server.statements.touch(statement.server_name)
+            self._synth(_PARSE_COMPLETE, to_client)
+        else:
+            self._prepare_on(server, statement, to_server, swallow=False, client_undo=undo)
+
+    def _server_statement(self, name: str, server, to_server: list, to_client: list) -> Statement | None:
+        """The client's statement, prepared on *server* first if that server lacks it."""
+        statement = self.statements.get(name)
+        if statement is None:
+            self._error(sqlstate.INVALID_SQL_STATEMENT_NAME, f'prepared statement "{name}" does not exist', to_client)
+            return None
+        if statement.server_name in server.statements:
+            server.statements.touch(statement.server_name)
+        else:
+            self._prepare_on(server, statement, to_server, swallow=True)
+        return statement
+
+    def _prepare_on(self, server, statement: Statement, to_server: list, *, swallow: bool, client_undo=None) -> None:
+        server_name = statement.server_name
+        for old in server.statements.add(server_name):
+            self._forward(CLOSE, p.CLOSE, target_body(ord("S"), old), to_server, swallow=True)
+
+        def undo():
+            server.statements.discard(server_name)
+            if client_undo is not None:
+                client_undo()
+
+        self._forward(PARSE, p.PARSE, parse_body(server_name, statement.definition), to_server, swallow=swallow, undo=undo)
+
+    # -- server -> client ---------------------------------------------------------------------
+
+    def server_message(self, msg_type: int, body: bytes, to_client: list) -> int | None:
+        """Handle one captured server message; returns the ReadyForQuery status when one went out."""
+        queue = self.queue
+        if msg_type == p.READY_FOR_QUERY:
+            status = body[0] if body else p.TX_IDLE
+            self.tx_status = status
+            while queue:
+                entry = self._pop()
+                if entry.kind is SYNC:
+                    break
+                if entry.undo is not None:  # never answered: skipped by the server
+                    entry.undo()
+            to_client.append(frame(msg_type, body))
+            self._flush_synth(to_client)
+            return status
+        if msg_type == p.PARAMETER_STATUS or not queue:
+            to_client.append(frame(msg_type, body))
+            return None
+        head = queue[0]
+        if msg_type == p.ERROR_RESPONSE:
+            to_client.append(frame(msg_type, body))
+            if head.kind is SYNC:
+                return None  # a simple query's error; its ReadyForQuery follows
+            # The server now skips everything up to Sync: so do our own replies and records.
+            while queue and queue[0].kind is not SYNC:
+                entry = self._pop()
+                if entry.undo is not None:
+                    entry.undo()
+            return None
+        if head.kind is not SYNC and msg_type in _COMPLETION[head.kind]:
+            entry = self._pop()
+            if not entry.swallow:
+                to_client.append(frame(msg_type, body))
+            if entry.done is not None:
+                entry.done(body)
+            self._flush_synth(to_client)
+            return None
+        to_client.append(frame(msg_type, body))
+        return None
+
+    def _flush_synth(self, to_client: list) -> None:
+        queue = self.queue
+        while queue and queue[0].kind is SYNTH:
+            data = self._pop().synth
+            to_client.append(data() if callable(data) else data)
+
+    def forget_server(self) -> None:
+        """The server connection went away mid-flight: nothing more will be answered."""
+        while self.queue:
+            entry = self._pop()
+            if entry.undo is not None:
+                entry.undo()
+        self.skipping = False

@@ -1,0 +1,150 @@
+"""What a SQL string does to session state, read with PostgreSQL's own parser (pglast): settings, pins, deallocations."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+
+from pglast import ast, parse_sql
+from pglast.enums import DiscardMode, VariableSetKind
+from pglast.parser import ParseError
+from pglast.visitors import Visitor
+
+# Cursor option bit of DECLARE ... WITH HOLD (CURSOR_OPT_HOLD in parsenodes.h).
+_CURSOR_OPT_HOLD = 0x0020
+_SESSION_LOCKS = frozenset(
+    ("pg_advisory_lock", "pg_advisory_lock_shared", "pg_try_advisory_lock", "pg_try_advisory_lock_shared")
+)
+# Only text containing one of these words can change session state; the rest skips the parser.
+_MAYBE = re.compile(
+    r"set|reset|discard|deallocate|listen|temp|hold|prepare|advisory|role|authorization|load", re.IGNORECASE
+)
+
+
+@dataclass(frozen=True)
+class SessionEffects:
+    settings: frozenset[str] = frozenset()  # names a SET/RESET (not LOCAL) or set_config(..., false) changes
+    all_settings: bool = False  # RESET ALL, DISCARD ALL, or set_config() with a computed name
+    pin: str | None = None  # why the session cannot share its server connection any more
+    deallocate: tuple[str, ...] = ()  # DEALLOCATE name
+    deallocate_all: bool = False
+    discard_all: bool = False
+    statements: int = 1
+
+    @property
+    def changes_state(self) -> bool:
+        return bool(self.settings or self.all_settings or self.pin or self.deallocate or self.deallocate_all or self.discard_all)
+
+
+NO_EFFECTS = SessionEffects()
+
+
+def _persistence_temp(rel) -> bool:
+    return rel is not None and getattr(rel, "relpersistence", "p") == "t"
+
+
+class _Collector(Visitor):
+    def __init__(self):
+        self.settings: set[str] = set()
+        self.all_settings = False
+        self.pin: str | None = None
+        self.deallocate: list[str] = []
+        self.deallocate_all = False
+        self.discard_all = False
+
+    def _pin(self, why: str) -> None:
+        if self.pin is None:
+            self.pin = why
+
+    def visit_VariableSetStmt(self, ancestors, node):
+        if node.kind == VariableSetKind.VAR_RESET_ALL:
+            self.all_settings = True
+            return
+        name = (node.name or "").lower()
+        if name in ("role", "session_authorization"):
+            if not node.is_local:
+                self._pin(f"SET {name.upper()}")
+            return
+        if name.startswith("transaction") or name == "session_characteristics":
+            return
+        if not node.is_local and name:
+            self.settings.add(name)
+
+    def visit_FuncCall(self, ancestors, node):
+        fname = node.funcname[-1].sval.lower() if node.funcname else ""
+        if fname in _SESSION_LOCKS:
+            self._pin(f"session advisory lock ({fname})")
+        elif fname == "set_config":
+            args = node.args or ()
+            local = args[2] if len(args) > 2 else None
+            is_local = isinstance(local, ast.A_Const) and getattr(local.val, "boolval", None) is True
+            if is_local:
+                return
+            first = args[0] if args else None
+            if isinstance(first, ast.A_Const) and isinstance(first.val, ast.String):
+                self.settings.add(first.val.sval.lower())
+            else:
+                self.all_settings = True
+
+    def visit_ListenStmt(self, ancestors, node):
+        self._pin("LISTEN")
+
+    def visit_CreateStmt(self, ancestors, node):
+        if _persistence_temp(node.relation):
+            self._pin("temporary table")
+
+    def visit_CreateSeqStmt(self, ancestors, node):
+        if _persistence_temp(node.sequence):
+            self._pin("temporary sequence")
+
+    def visit_ViewStmt(self, ancestors, node):
+        if _persistence_temp(node.view):
+            self._pin("temporary view")
+
+    def visit_IntoClause(self, ancestors, node):
+        if _persistence_temp(node.rel):
+            self._pin("temporary table")
+
+    def visit_DeclareCursorStmt(self, ancestors, node):
+        if (node.options or 0) & _CURSOR_OPT_HOLD:
+            self._pin("cursor WITH HOLD")
+
+    def visit_PrepareStmt(self, ancestors, node):
+        self._pin("SQL PREPARE")
+
+    def visit_LoadStmt(self, ancestors, node):
+        self._pin("LOAD")
+
+    def visit_DeallocateStmt(self, ancestors, node):
+        if node.name is None or getattr(node, "isall", False):
+            self.deallocate_all = True
+        else:
+            self.deallocate.append(node.name)
+
+    def visit_DiscardStmt(self, ancestors, node):
+        if node.target == DiscardMode.DISCARD_ALL:
+            self.discard_all = True
+            self.all_settings = True
+
+
+@lru_cache(maxsize=8192)
+def inspect(sql: str) -> SessionEffects:
+    """Session-state effects of *sql* (one or more statements); unparsable text has none (the server will refuse it)."""
+    if not _MAYBE.search(sql):
+        return NO_EFFECTS
+    try:
+        tree = parse_sql(sql)
+    except ParseError:
+        return NO_EFFECTS
+    c = _Collector()
+    c(tree)
+    return SessionEffects(
+        settings=frozenset(c.settings),
+        all_settings=c.all_settings,
+        pin=c.pin,
+        deallocate=tuple(c.deallocate),
+        deallocate_all=c.deallocate_all,
+        discard_all=c.discard_all,
+        statements=len(tree),
+    )
