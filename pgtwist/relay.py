@@ -154,6 +154,10 @@ class Relay:
         """Answer a whole simple Query ourselves (e.g. DEALLOCATE of a client statement), in order."""
         self._synth(make, to_client)
 
+    def fail(self, code: str, message: str, to_client: list) -> None:
+        """A proxy-made ERROR in place of the current extended-protocol message; the rest waits for Sync."""
+        self._error(code, message, to_client)
+
     def _error(self, code: str, message: str, to_client: list) -> None:
         self._synth(m.error_response("ERROR", code, message), to_client)
         self.skipping = True

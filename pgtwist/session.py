@@ -10,7 +10,7 @@ from pgtwist.pool import PoolError
 from pgtwist.relay import CLIENT_CAPTURE, Relay
 from pgtwist.server_login import ServerLoginError
 from pgtwist.settings import SERVER_OWNED, client_settings, parse_options, quote_literal, readback_sql, sync_sql
-from pgtwist.statements import split_parse
+from pgtwist.statements import split_bind, split_parse
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 from pgtwist.wire import sqlstate
@@ -64,6 +64,7 @@ class ClientSession:
         self.dirty: set[str] = set()  # settings the client changed; read back before the server goes
         self.dirty_all = False
         self.pinned: str | None = None
+        self._effects_of: dict = {}  # statement name -> SessionEffects, for statements that change session state
         self.ready_count = 0
         self.tx_status = p.TX_IDLE
         self.process_id = 0
@@ -291,8 +292,23 @@ class ClientSession:
             if msg_type == p.QUERY:
                 if self._query(body, to_server, to_client):
                     continue
-            elif msg_type == p.PARSE and not self.pinned:
-                self._note_effects(sqlinspect.inspect(split_parse(body)[1].split(b"\x00", 1)[0].decode("utf-8", "replace")))
+            elif msg_type == p.PARSE:
+                name, definition = split_parse(body)
+                effects = sqlinspect.inspect(definition.split(b"\x00", 1)[0].decode("utf-8", "replace"))
+                if effects.changes_state:
+                    self._effects_of[name] = effects
+                else:
+                    self._effects_of.pop(name, None)
+            elif msg_type == p.BIND and self._effects_of:
+                # A statement acts where and when it runs: on this server, now.
+                effects = self._effects_of.get(split_bind(body)[1])
+                if effects is not None:
+                    if effects.pin and not self.pinned and self.config.unpoolable == "error":
+                        relay.fail(sqlstate.FEATURE_NOT_SUPPORTED, f"{effects.pin} is not supported in transaction pooling mode", to_client)
+                        continue
+                    relay.client_message(msg_type, body, server, to_server, to_client)
+                    self._note_effects(effects)
+                    continue
             relay.client_message(msg_type, body, server, to_server, to_client)
         self._flush(to_server, to_client)
         self._maybe_release()
@@ -332,10 +348,6 @@ class ClientSession:
             )
             return True
         self._note_effects(effects)
-        if effects.discard_all or effects.deallocate_all:
-            # Runs on the server: its shared statements and settings are gone or unsure now.
-            self.server.tainted = True
-            relay.statements.clear()
         return False
 
     def _note_effects(self, effects) -> None:
@@ -345,6 +357,12 @@ class ClientSession:
         self.dirty.update(effects.settings)
         if effects.all_settings:
             self.dirty_all = True
+        if effects.discard_all or effects.deallocate_all:
+            # It runs on the server: every prepared statement there goes, the client's own with
+            # them (as PostgreSQL does), and the connection leaves the pool at release.
+            self.server.tainted = True
+            self.server.statements.clear()
+            self.relay.statements.clear()
 
     def _terminate(self) -> None:
         """Terminate: the client is leaving; its server connection is not."""
