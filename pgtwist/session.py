@@ -44,6 +44,39 @@ class ClientSession:
     (LISTEN, temporary tables, ...) pins the session to its server connection.
     """
 
+    # Thousands of idle clients: no per-instance __dict__.
+    __slots__ = (
+        "proxy",
+        "transport",
+        "id",
+        "state",
+        "config",
+        "transaction_mode",
+        "login",
+        "startup",
+        "database",
+        "user",
+        "pool",
+        "server",
+        "scanner",
+        "relay",
+        "settings",
+        "dirty",
+        "dirty_all",
+        "pinned",
+        "_effects_of",
+        "ready_count",
+        "tx_status",
+        "process_id",
+        "secret_key",
+        "backlog",
+        "logged_in",
+        "connected_at",
+        "_waiting",
+        "_idle_tx_timer",
+        "_login_timer",
+    )
+
     def __init__(self, proxy, transport, client_id: str):
         self.proxy = proxy
         self.transport = transport
@@ -163,6 +196,7 @@ class ClientSession:
     def _logged_in(self, parameters: dict[str, str]) -> None:
         self._cancel_login_timer()
         self.logged_in = True
+        self.login = None  # its buffers and exchange state are done with
         params = b"".join(m.parameter_status(k, v) for k, v in parameters.items())
         self.transport.write(params + m.backend_key_data(self.process_id, self.secret_key) + m.ready_for_query())
 
