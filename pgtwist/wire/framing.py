@@ -94,11 +94,19 @@ class MessageScanner:
         "_cap_body",
         "_cap_need",
         "_broken",
+        "watch",
+        "watched",
+        "last_type",
     )
 
-    def __init__(self, capture: frozenset[int] | set[int], max_length: int):
+    def __init__(self, capture: frozenset[int] | set[int], max_length: int, watch: frozenset[int] | set[int] = ()):
         self.capture = frozenset(capture)
         self.max_length = max_length
+        # Types merely counted as their headers go by (e.g. Query and Sync, to know how many
+        # ReadyForQuery a server still owes), and the type of the last header seen.
+        self.watch = frozenset(watch)
+        self.watched = 0
+        self.last_type = 0
         self._skip = 0  # bytes of a passed-through message still to come
         self._head = b""  # the start of a header split across reads
         self._head_held = False  # True: _head is a captured message's, held back; False: already forwarded
@@ -160,12 +168,16 @@ class MessageScanner:
                 (length,) = unpack_from(header, 1)
                 if length < 4 or length > max_length:
                     self._bad_length(header[0], length)
+                self.last_type = header[0]
+                if header[0] in self.watch:
+                    self.watched += 1
                 self._head = b""
                 pos = need + length - 4
                 if pos > n:
                     self._skip = pos - n
                     return [data]
         capture = self.capture
+        watch = self.watch
         while pos < n:
             if n - pos < 5:
                 self._head = data[pos:]
@@ -180,6 +192,9 @@ class MessageScanner:
             (length,) = unpack_from(data, pos + 1)
             if length < 4 or length > max_length:
                 self._bad_length(msg_type, length)
+            self.last_type = msg_type
+            if msg_type in watch:
+                self.watched += 1
             end = pos + 1 + length
             if msg_type in capture:
                 if start < pos:
