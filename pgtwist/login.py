@@ -116,8 +116,8 @@ class ClientLogin:
     def _startup_packet(self, body: bytes) -> list:
         packet = m.decode_startup_packet(body)
         if isinstance(packet, m.CancelRequest):
-            if self.negotiations:
-                raise WireError("CancelRequest after encryption negotiation")
+            # Accepted after a refused SSLRequest/GSSENCRequest too, as PostgreSQL does: libpq >= 17
+            # (PQcancelCreate) negotiates encryption first under the default sslmode=prefer.
             return [CancelReceived(packet.process_id, packet.secret_key)]
         if isinstance(packet, (m.SSLRequest, m.GSSENCRequest)):
             self.negotiations += 1

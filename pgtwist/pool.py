@@ -204,13 +204,15 @@ class Pool:
             if idle_too_long or self._expired(conn):
                 self.idle.remove(conn)
                 conn.close()
-        while not self.paused and self.total < min(self.min_size, self.size):
+        # Counted up front: a connect() that fails at once must not make this loop forever.
+        for _ in range(0 if self.paused else min(self.min_size, self.size) - self.total):
             self.connecting += 1
             self.connect(self).addCallbacks(self._opened, self._warm_failed)
 
     def _warm_failed(self, failure) -> None:
         self.connecting -= 1
         log.warn("could not open a warm server connection to {node}: {why}", node=self.node, why=failure.getErrorMessage())
+        self._serve()  # a client may have arrived counting on this connection: give it a fresh attempt
 
     def server_closed(self, conn) -> None:
         """The connection is gone (node closed it, or we did); free its slot."""
