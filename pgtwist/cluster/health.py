@@ -1,0 +1,585 @@
+"""ClusterMonitor: each node's role, WAL position, lag and health, probed over one kept connection per node."""
+
+from __future__ import annotations
+
+from decimal import Decimal, InvalidOperation
+from typing import Callable
+
+from twisted.internet import defer
+from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from pgtwist.routing.policy import PRIMARY, REPLICA, NodeState, format_lsn, parse_lsn, resolve_primary
+from pgtwist.server_login import ServerLogin, ServerLoginError
+from pgtwist.wire import messages as m
+from pgtwist.wire import protocol as p
+from pgtwist.wire.errors import WireError
+from pgtwist.wire.framing import pop_messages
+
+log = Logger()
+
+# One round trip tells role, position, timeline and replay delay. pg_is_in_recovery() is read
+# once so a promotion mid-query cannot mix a replica's answers with a primary's.
+# - timeline: a primary's is the first 8 hex digits of its current WAL file name; a replica's is
+#   what its WAL receiver streams (NULL without one, hence 0 = unknown; needs pg_read_all_stats).
+# - delay: now() - last replayed commit grows forever on an idle primary although the replica is
+#   caught up, so a replica that has replayed all it received reports 0.
+PROBE_SQL = (
+    "SELECT s.r,"
+    " (CASE WHEN s.r THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END)::text,"
+    " CASE WHEN s.r THEN coalesce((SELECT received_tli FROM pg_stat_wal_receiver), 0)"
+    " ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END,"
+    " CASE WHEN s.r THEN CASE WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0"
+    " ELSE extract(epoch FROM now() - pg_last_xact_replay_timestamp()) END END,"
+    " (CASE WHEN s.r THEN pg_last_wal_receive_lsn() END)::text"
+    " FROM (SELECT pg_is_in_recovery() AS r) AS s"
+)
+
+# Probe answers are a few dozen bytes; a node sending more is broken, not worth buffering.
+_MAX_MESSAGE = 1 << 20
+
+
+class ProbeError(Exception):
+    """A probe or promotion query failed: refused, answered nonsense, or the connection went away."""
+
+
+class _ConnectionGone(ProbeError):
+    """The connection closed under a query (a kept one may have died of old age, not of the node)."""
+
+
+class PromoteError(Exception):
+    """pg_promote() did not promote the node."""
+
+
+class _NodeConnection(Protocol):
+    """One monitoring connection: logs in with a ServerLogin, then runs one simple query at a time."""
+
+    def __init__(self, login: ServerLogin, name: str):
+        self.login = login
+        self.name = name
+        self.buf = bytearray()
+        self.ready: defer.Deferred = defer.Deferred()  # fires (None) once logged in
+        self.lost: defer.Deferred = defer.Deferred()  # fires (None) once the connection is gone, however
+        self.connector = None
+        self.connected = False
+        self.closed = False
+        self._query: defer.Deferred | None = None
+        self._rows: list[list[bytes | None]] = []
+        self._error: str | None = None
+
+    # -- Twisted callbacks ---------------------------------------------------------------------
+
+    def connectionMade(self):
+        self.connected = True
+        if self.closed:  # closed while connecting: the real reactor may still complete it
+            self.transport.abortConnection()
+            return
+        self.transport.write(self.login.start())
+
+    def dataReceived(self, data):
+        self.buf += data
+        try:
+            messages = pop_messages(self.buf, _MAX_MESSAGE)
+        except WireError as e:
+            self._fail(ProbeError(f"node {self.name} broke the protocol: {e}"))
+            return
+        for msg_type, body in messages:
+            if self.closed:
+                return
+            if not self.login.done:
+                try:
+                    reply = self.login.feed(msg_type, body)
+                except ServerLoginError as e:
+                    self._fail(e)
+                    return
+                if reply:
+                    self.transport.write(reply)
+                if self.login.done and not self.ready.called:
+                    self.ready.callback(None)
+            else:
+                self._answer(msg_type, body)
+
+    def connectionLost(self, reason=None):
+        self._gone(_ConnectionGone(f"connection to node {self.name} lost"))
+
+    def connect_failed(self, reason: Failure) -> None:
+        self._gone(ProbeError(f"could not connect to node {self.name}: {reason.getErrorMessage()}"))
+
+    # -- use -----------------------------------------------------------------------------------
+
+    def query(self, sql: str) -> defer.Deferred:
+        """Run *sql*; fires with its DataRows (lists of bytes/None), or fails with ProbeError."""
+        if self.closed or self._query is not None:
+            return defer.fail(ProbeError(f"connection to node {self.name} not usable"))
+        self._query = defer.Deferred()
+        self._rows = []
+        self._error = None
+        self.transport.write(m.query(sql))
+        return self._query
+
+    def close(self) -> None:
+        """Say goodbye politely (Terminate) and hang up."""
+        if self.closed:
+            return
+        if self.connected and self.transport is not None:
+            self.transport.write(m.terminate())
+            self.transport.loseConnection()
+            self._fail_pending(ProbeError(f"connection to node {self.name} closed"))
+            self.closed = True
+        else:
+            self._stop_connecting()
+
+    def abort(self) -> None:
+        """Hang up now (a node that stopped answering would never read a Terminate)."""
+        if self.closed:
+            return
+        if self.connected and self.transport is not None:
+            self.transport.abortConnection()
+            self._fail_pending(ProbeError(f"connection to node {self.name} aborted"))
+            self.closed = True
+        else:
+            self._stop_connecting()
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _stop_connecting(self) -> None:
+        if self.connector is not None:
+            try:
+                self.connector.stopConnecting()
+            except Exception:  # already connected or failed: nothing left to stop
+                pass
+        self._gone(ProbeError(f"connection to node {self.name} abandoned"))
+
+    def _answer(self, msg_type: int, body: bytes) -> None:
+        if msg_type == p.DATA_ROW:
+            self._rows.append(m.decode_data_row(body))
+        elif msg_type == p.ERROR_RESPONSE:
+            fields = m.decode_fields(body)
+            self._error = fields.get("M", "error")
+            if fields.get("V", fields.get("S")) in ("FATAL", "PANIC"):
+                # The server is closing this connection (shutdown, idle timeout, terminated).
+                self._fail(_ConnectionGone(f"node {self.name}: {self._error}"))
+        elif msg_type == p.READY_FOR_QUERY:
+            d, self._query = self._query, None
+            if d is not None:
+                if self._error is not None:
+                    d.errback(ProbeError(f"node {self.name}: {self._error}"))
+                else:
+                    d.callback(self._rows)
+        elif msg_type in (p.ROW_DESCRIPTION, p.COMMAND_COMPLETE, p.NOTICE_RESPONSE, p.PARAMETER_STATUS,
+                          p.NOTIFICATION_RESPONSE, p.EMPTY_QUERY_RESPONSE):
+            pass
+        else:
+            self._fail(ProbeError(f"node {self.name} sent unexpected message {chr(msg_type)!r}"))
+
+    def _fail(self, error: Exception) -> None:
+        # The waiters hear the real reason before abort() would tell them "aborted".
+        self._fail_pending(error)
+        self.abort()
+
+    def _fail_pending(self, error: Exception) -> None:
+        if not self.ready.called:
+            self.ready.errback(error)
+        d, self._query = self._query, None
+        if d is not None:
+            d.errback(error)
+
+    def _gone(self, error: Exception) -> None:
+        self.closed = True
+        self._fail_pending(error)
+        if not self.lost.called:
+            self.lost.callback(None)
+
+
+class _NodeConnectionFactory(ClientFactory):
+    noisy = False
+
+    def __init__(self, conn: _NodeConnection):
+        self.conn = conn
+
+    def buildProtocol(self, addr):
+        return self.conn
+
+    def clientConnectionFailed(self, connector, reason):
+        self.conn.connect_failed(reason)
+
+
+def _consume(failure: Failure) -> None:
+    """End of a chain whose outcome was already acted on (a late answer to a timed-out probe)."""
+    return None
+
+
+class _Slot:
+    """What the monitor keeps per node."""
+
+    def __init__(self, node, state: NodeState):
+        self.node = node
+        self.state = state
+        self.conn: _NodeConnection | None = None
+        self.failures = 0  # consecutive failed probes
+        self.timer = None  # the next scheduled probe
+        self.deadline = None  # the running probe's timeout
+        self.probing: object | None = None  # token of the running probe; late answers to others are ignored
+        self.waiters: list[defer.Deferred] = []
+        self.delay: float | None = None  # the replica's replay delay as probed, before the caught-up rule
+
+
+class ClusterMonitor:
+    """Probes every node of one database every *interval* seconds; keeps ``states`` current.
+
+    A failed probe marks the node down and retries after interval * 2^(n-1) (n failures in a
+    row), at most *backoff_max*. After every probe the split brain rule runs (resolve_primary)
+    and lags are recomputed; *on_change(state, what)* hears "up", "down", "promoted",
+    "demoted", "fenced" and "unfenced".
+
+    The login needs no privilege for roles and positions; replica timelines need pg_monitor
+    (pg_stat_wal_receiver hides received_tli otherwise), and promote() needs a superuser or
+    ``GRANT EXECUTE ON FUNCTION pg_promote(boolean, integer) TO <user>``.
+    """
+
+    def __init__(
+        self,
+        reactor,
+        nodes: list,
+        login_factory: Callable[[object], ServerLogin],
+        *,
+        interval: float = 1.0,
+        timeout: float = 2.0,
+        backoff_max: float = 10.0,
+        on_change: Callable[[NodeState, str], None] | None = None,
+    ):
+        self.reactor = reactor
+        self.login_factory = login_factory
+        self.interval = interval
+        self.timeout = timeout
+        self.backoff_max = max(backoff_max, interval)
+        self.on_change = on_change
+        self.running = False
+        self._slots: dict[str, _Slot] = {}
+        self.states: dict[str, NodeState] = {}
+        for node in nodes:
+            name = str(node)
+            state = NodeState(name=name)
+            self.states[name] = state
+            self._slots[name] = _Slot(node, state)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Probe every node now, then keep probing."""
+        if self.running:
+            return
+        self.running = True
+        for slot in self._slots.values():
+            self._probe(slot)
+
+    def stop(self) -> defer.Deferred:
+        """Stop probing and close the connections; fires once they are closed (or after *timeout*)."""
+        self.running = False
+        conns = []
+        for slot in self._slots.values():
+            self._cancel(slot)
+            slot.probing = None
+            if slot.conn is not None:
+                slot.conn.close()
+                conns.append(slot.conn)
+                slot.conn = None
+            self._release_waiters(slot)
+        pending = [c.lost for c in conns if not c.lost.called]
+        if not pending:
+            return defer.succeed(None)
+        done = defer.Deferred()
+        left = [len(pending)]
+
+        def finish(_=None):
+            if timer.active():
+                timer.cancel()
+            for c in conns:  # a node that never acknowledged the goodbye
+                if not c.lost.called and c.transport is not None:
+                    c.transport.abortConnection()
+            if not done.called:
+                done.callback(None)
+
+        def one_lost(_):
+            left[0] -= 1
+            if left[0] == 0:
+                finish()
+
+        timer = self.reactor.callLater(self.timeout, finish)
+        for d in pending:
+            d.addBoth(one_lost)
+        return done
+
+    # -- what the proxy calls ------------------------------------------------------------------
+
+    def mark_down(self, name: str, reason: str) -> None:
+        """Live traffic to *name* failed: down now, and a probe right away decides when it is back."""
+        slot = self._slots.get(name)
+        if slot is None or not slot.state.up:
+            return  # already down: its backoff schedule stands (many connections fail at once)
+        before = self._snapshot()
+        slot.state.up = False
+        slot.state.last_error = reason
+        log.warn("node {node} marked down by live traffic: {reason}", node=name, reason=reason)
+        self._settle(before)
+        if self.running and slot.probing is None:
+            # The kept connection probably died with the node; a fresh connect fails fast.
+            self._drop_conn(slot)
+            self._probe(slot)
+
+    def probe_now(self, name: str | None = None) -> defer.Deferred:
+        """Probe *name* (or every node) now; fires with its NodeState (or the whole ``states`` dict)."""
+        if name is not None:
+            slot = self._slots.get(name)
+            if slot is None:
+                return defer.fail(KeyError(name))
+            return self._wait_probe(slot)
+        ds = [self._wait_probe(slot) for slot in self._slots.values()]
+        d = defer.gatherResults(ds)
+        d.addCallback(lambda _: self.states)
+        return d
+
+    def promote(self, name: str, wait_seconds: int = 60) -> defer.Deferred:
+        """Run ``SELECT pg_promote(true, wait_seconds)`` on *name*; fires with its NodeState re-probed.
+
+        Fails with PromoteError when the node refuses (not a replica, no privilege) or the
+        promotion does not finish in time.
+        """
+        slot = self._slots.get(name)
+        if slot is None:
+            return defer.fail(KeyError(name))
+        try:
+            conn = self._connect(slot)
+        except Exception as e:
+            return defer.fail(PromoteError(f"cannot promote node {name}: {e}"))
+        timed_out = []
+
+        def expire():
+            timed_out.append(True)
+            conn.abort()
+
+        timer = self.reactor.callLater(wait_seconds + self.timeout, expire)
+        d = conn.ready
+        d.addCallback(lambda _: conn.query(f"SELECT pg_promote(true, {int(wait_seconds)})"))
+
+        def finished(result):
+            if timer.active():
+                timer.cancel()
+            conn.close()
+            return result
+
+        def promoted(rows):
+            if not rows or not rows[0] or rows[0][0] != b"t":
+                raise PromoteError(f"node {name} did not finish promoting within {wait_seconds}s")
+            log.info("node {node} promoted", node=name)
+            return self.probe_now(name) if self.running else slot.state
+
+        def failed(failure):
+            if failure.check(PromoteError):
+                return failure
+            if timed_out:
+                raise PromoteError(f"promoting node {name}: no answer within {wait_seconds + self.timeout:g}s")
+            why = failure.value.fields.get("M") if failure.check(ServerLoginError) else failure.getErrorMessage()
+            raise PromoteError(f"promoting node {name} failed: {why}")
+
+        d.addBoth(finished)
+        d.addCallback(promoted)
+        d.addErrback(failed)
+        return d
+
+    def most_caught_up_replica(self) -> NodeState | None:
+        """The up, unfenced replica that will have the most WAL once promoted (what it received, then replayed)."""
+        replicas = sorted(
+            (s for s in self.states.values() if s.usable and s.role == REPLICA), key=lambda s: s.name
+        )
+        if not replicas:
+            return None
+        return max(replicas, key=lambda s: (s.timeline, max(s.receive_lsn, s.lsn), s.lsn))
+
+    # -- probing -------------------------------------------------------------------------------
+
+    def _wait_probe(self, slot: _Slot) -> defer.Deferred:
+        if not self.running:
+            return defer.succeed(slot.state)
+        d = defer.Deferred()
+        slot.waiters.append(d)
+        if slot.probing is None:
+            self._probe(slot)
+        return d
+
+    def _connect(self, slot: _Slot) -> _NodeConnection:
+        conn = _NodeConnection(self.login_factory(slot.node), slot.state.name)
+        node = slot.node
+        conn.connector = self.reactor.connectTCP(node.host, node.port, _NodeConnectionFactory(conn), timeout=self.timeout)
+        return conn
+
+    def _probe(self, slot: _Slot) -> None:
+        if not self.running or slot.probing is not None:
+            return
+        self._cancel(slot)
+        token = slot.probing = object()
+        slot.deadline = self.reactor.callLater(
+            self.timeout, self._probe_failed, slot, token, f"no answer within {self.timeout:g}s"
+        )
+        self._attempt(slot, token, fresh=False)
+
+    def _attempt(self, slot: _Slot, token, fresh: bool) -> None:
+        try:
+            conn = slot.conn
+            reused = conn is not None and not conn.closed and not fresh
+            if not reused:
+                self._drop_conn(slot)
+                conn = slot.conn = self._connect(slot)
+                d = conn.ready
+                d.addCallback(lambda _: conn.query(PROBE_SQL))
+            else:
+                d = conn.query(PROBE_SQL)
+        except Exception as e:  # a broken login_factory must not stop the monitor
+            self._probe_failed(slot, token, f"cannot probe: {e}")
+            return
+        d.addCallbacks(
+            self._probe_answered, self._probe_errback, callbackArgs=(slot, token), errbackArgs=(slot, token, reused)
+        )
+        d.addErrback(lambda f: log.failure("probe of node {node} crashed", f, node=slot.state.name))
+
+    def _probe_errback(self, failure: Failure, slot: _Slot, token, reused: bool) -> None:
+        if reused and failure.check(_ConnectionGone) and slot.probing is token and self.running:
+            # The kept connection was closed under us (idle timeout, a restart between probes):
+            # that says nothing about the node yet; a fresh connection, same deadline, does.
+            self._attempt(slot, token, fresh=True)
+            return
+        if failure.check(ServerLoginError):
+            why = failure.value.fields.get("M", "login failed")
+        else:
+            why = failure.getErrorMessage()
+        self._probe_failed(slot, token, why)
+
+    def _probe_answered(self, rows, slot: _Slot, token) -> None:
+        if slot.probing is not token:
+            return
+        try:
+            recovery, lsn, timeline, delay, receive = rows[0]
+            role = REPLICA if recovery == b"t" else PRIMARY
+            lsn_value = parse_lsn(lsn.decode()) if lsn else 0
+            timeline_value = int(timeline) if timeline else 0
+            delay_value = float(Decimal(delay.decode())) if delay is not None else None
+            receive_value = parse_lsn(receive.decode()) if receive else 0
+        except (IndexError, ValueError, TypeError, InvalidOperation, UnicodeDecodeError):
+            self._probe_failed(slot, token, "unexpected answer to the health probe")
+            return
+        self._end_probe(slot)
+        before = self._snapshot()
+        state = slot.state
+        state.up = True
+        state.role = role
+        state.lsn = lsn_value
+        state.timeline = timeline_value
+        state.receive_lsn = max(receive_value, lsn_value) if role == REPLICA else lsn_value
+        state.last_error = None
+        state.checked_at = self.reactor.seconds()
+        slot.delay = delay_value
+        slot.failures = 0
+        self._settle(before)
+        self._schedule(slot, self.interval)
+        self._release_waiters(slot)
+
+    def _probe_failed(self, slot: _Slot, token, why: str) -> None:
+        if slot.probing is not token:
+            return
+        self._end_probe(slot)
+        self._drop_conn(slot)
+        slot.failures += 1
+        before = self._snapshot()
+        state = slot.state
+        if state.up or state.last_error != why:
+            log.warn("node {node} is down: {reason}", node=state.name, reason=why)
+        state.up = False
+        state.last_error = why
+        slot.delay = None
+        self._settle(before)
+        self._schedule(slot, self._backoff(slot.failures))
+        self._release_waiters(slot)
+
+    def _backoff(self, failures: int) -> float:
+        return min(self.interval * 2 ** max(failures - 1, 0), self.backoff_max)
+
+    def _end_probe(self, slot: _Slot) -> None:
+        slot.probing = None
+        if slot.deadline is not None and slot.deadline.active():
+            slot.deadline.cancel()
+        slot.deadline = None
+
+    def _drop_conn(self, slot: _Slot) -> None:
+        conn, slot.conn = slot.conn, None
+        if conn is not None:
+            conn.abort()
+            # Its pending Deferreds may still fail after we stopped caring.
+            conn.ready.addErrback(_consume)
+
+    def _schedule(self, slot: _Slot, delay: float) -> None:
+        self._cancel_timer(slot)
+        if self.running:
+            slot.timer = self.reactor.callLater(delay, self._probe, slot)
+
+    def _cancel_timer(self, slot: _Slot) -> None:
+        if slot.timer is not None and slot.timer.active():
+            slot.timer.cancel()
+        slot.timer = None
+
+    def _cancel(self, slot: _Slot) -> None:
+        self._cancel_timer(slot)
+        if slot.deadline is not None and slot.deadline.active():
+            slot.deadline.cancel()
+        slot.deadline = None
+
+    def _release_waiters(self, slot: _Slot) -> None:
+        waiters, slot.waiters = slot.waiters, []
+        for d in waiters:
+            d.callback(slot.state)
+
+    # -- after every probe ---------------------------------------------------------------------
+
+    def _snapshot(self) -> dict[str, tuple]:
+        return {name: (s.up, s.role, s.fenced) for name, s in self.states.items()}
+
+    def _settle(self, before: dict[str, tuple]) -> None:
+        """Split brain rule, lags, then tell on_change what changed."""
+        states = list(self.states.values())
+        primary = resolve_primary(states)
+        for name, s in self.states.items():
+            if not s.up:
+                s.lag_bytes = s.lag_seconds = None
+            elif s.role == PRIMARY:
+                s.lag_bytes, s.lag_seconds = 0, 0.0
+            else:
+                s.lag_bytes = max(0, primary.lsn - s.lsn) if primary is not None else None
+                s.lag_seconds = self._slots[name].delay
+                if s.lag_bytes == 0:
+                    s.lag_seconds = 0.0  # replayed all the primary had: any delay is an idle primary
+        for name, s in self.states.items():
+            was_up, was_role, was_fenced = before[name]
+            events = []
+            if s.up != was_up:
+                events.append("up" if s.up else "down")
+            if s.up and was_role != s.role and was_role != "unknown":
+                events.append("promoted" if s.role == PRIMARY else "demoted")
+            if s.fenced != was_fenced:
+                events.append("fenced" if s.fenced else "unfenced")
+            for what in events:
+                self._tell(s, what)
+
+    def _tell(self, state: NodeState, what: str) -> None:
+        if what == "up":
+            log.info("node {node} is up: {role} at {lsn} on timeline {tl}", node=state.name, role=state.role,
+                     lsn=format_lsn(state.lsn), tl=state.timeline)
+        elif what == "fenced":
+            log.warn("node {node} fenced: it claims to be primary but another primary has a newer history",
+                     node=state.name)
+        elif what != "down":
+            log.info("node {node} {what}", node=state.name, what=what)
+        if self.on_change is not None:
+            try:
+                self.on_change(state, what)
+            except Exception:
+                log.failure("on_change failed for node {node} ({what})", node=state.name, what=what)

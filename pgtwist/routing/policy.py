@@ -1,0 +1,168 @@
+"""Pure routing policy: which role a statement wants, which node serves it, and who is primary after a split brain."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+PRIMARY = "primary"
+REPLICA = "replica"
+ANY_READ = "any-read"
+
+# in_transaction values (the tx of the statement that opened it) meaning "began read only".
+_READ_ONLY_TX = frozenset(("begin_read_only", "set_transaction_read_only", "read_only"))
+
+
+@dataclass
+class NodeState:
+    name: str  # "127.0.0.1:5432" as written in config
+    role: str = "unknown"  # "primary" | "replica" | "unknown"
+    up: bool = False
+    lsn: int = 0  # primary: current WAL LSN; replica: replay LSN (as integer)
+    timeline: int = 0
+    lag_bytes: int | None = None
+    lag_seconds: float | None = None
+    outstanding: int = 0  # work in flight (busy server connections), for least-outstanding choice
+    weight: float = 1.0
+    fenced: bool = False  # a primary that lost a split brain: never routed to
+    receive_lsn: int = 0  # replica: WAL received (>= lsn); what it will have replayed once promoted
+    last_error: str | None = None  # why the last probe failed (None after a success)
+    checked_at: float | None = None  # reactor time of the last successful probe
+
+    @property
+    def usable(self) -> bool:
+        return self.up and not self.fenced
+
+
+def parse_lsn(text: str) -> int:
+    """'16/B374D848' -> 0x16B374D848 (PostgreSQL's pg_lsn text form: two hex halves)."""
+    hi, sep, lo = text.strip().partition("/")
+    if not sep or not hi or not lo or len(hi) > 8 or len(lo) > 8:
+        raise ValueError(f"invalid LSN {text!r}")
+    return (int(hi, 16) << 32) | int(lo, 16)
+
+
+def format_lsn(value: int) -> str:
+    return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
+
+
+def _primary_key(n: NodeState):
+    return (n.timeline, n.lsn)
+
+
+def _primary(nodes: list[NodeState]) -> NodeState | None:
+    claimants = [n for n in nodes if n.usable and n.role == PRIMARY]
+    if not claimants:
+        return None
+    # Normally one; with an unresolved split brain the newest history is the safest bet.
+    return max(claimants, key=_primary_key)
+
+
+def _score(n: NodeState) -> float:
+    # +1 so weights matter on an idle cluster too; weight <= 0 drains a node (used only in a tie of drained nodes).
+    return (n.outstanding + 1) / n.weight if n.weight > 0 else math.inf
+
+
+def _least_outstanding(candidates: list[NodeState], rr: int) -> NodeState:
+    best = min(_score(n) for n in candidates)
+    tied = sorted((n for n in candidates if _score(n) == best), key=lambda n: n.name)
+    return tied[rr % len(tied)]
+
+
+def _within_lag(n: NodeState, max_lag_bytes: int | None, max_lag_seconds: float | None) -> bool:
+    # Unknown lag (no primary to compare with, nothing replayed yet) is not held against a replica:
+    # during a failover the replicas are all there is to read from.
+    if max_lag_bytes is not None and n.lag_bytes is not None and n.lag_bytes > max_lag_bytes:
+        return False
+    if max_lag_seconds is not None and n.lag_seconds is not None and n.lag_seconds > max_lag_seconds:
+        return False
+    return True
+
+
+def _on_old_timeline(n: NodeState, primary: NodeState | None) -> bool:
+    # A replica still streaming an older timeline follows a history the primary left behind
+    # (typically the fenced old primary's): it will never see new writes. 0 means unknown.
+    return primary is not None and 0 < n.timeline < primary.timeline
+
+
+def choose(
+    nodes: list[NodeState],
+    *,
+    want: str,
+    min_lsn: int = 0,
+    max_lag_bytes: int | None = None,
+    max_lag_seconds: float | None = None,
+    rr: int = 0,
+) -> tuple[NodeState | None, str]:
+    """The node for work wanting *want* ("primary" | "replica" | "any-read"), and why; (None, why) if none can."""
+    primary = _primary(nodes)
+    if want == PRIMARY:
+        return (primary, "primary") if primary is not None else (None, "no primary")
+    replicas = [n for n in nodes if n.usable and n.role == REPLICA]
+    fresh = [n for n in replicas if _within_lag(n, max_lag_bytes, max_lag_seconds) and not _on_old_timeline(n, primary)]
+    caught_up = [n for n in fresh if n.lsn >= min_lsn]
+    if want == ANY_READ:
+        pool = caught_up + ([primary] if primary is not None else [])
+        if not pool:
+            return None, "no node up"
+        return _least_outstanding(pool, rr), "any-read"
+    if caught_up:
+        return _least_outstanding(caught_up, rr), "replica"
+    if not replicas:
+        why = "no replica up"
+    elif not fresh:
+        why = "replicas lagging"
+    else:
+        why = "no replica caught up to the client's last write"
+    if primary is None:
+        return None, f"{why} and no primary"
+    return primary, why
+
+
+def resolve_primary(nodes: list[NodeState]) -> NodeState | None:
+    """Settle a split brain in place: among up nodes claiming primary the highest (timeline, lsn) wins, the others are fenced.
+
+    Fencing sticks: a fenced node never wins again while it still claims to be primary, even
+    when the winner goes down (an old primary that comes back must not take writes on a dead
+    history). It is lifted only when the node is seen as a replica again (rebuilt and
+    re-attached), or by an operator clearing ``fenced``.
+    """
+    for n in nodes:
+        if n.up and n.role == REPLICA:
+            n.fenced = False
+    claimants = sorted((n for n in nodes if n.up and n.role == PRIMARY and not n.fenced), key=lambda n: n.name)
+    if not claimants:
+        return None
+    # max() keeps the first of equals: on a (timeline, lsn) tie the smallest name wins, stable from round to round.
+    winner = max(claimants, key=_primary_key)
+    for n in nodes:
+        if n.up and n.role == PRIMARY and n is not winner:
+            n.fenced = True
+    return winner
+
+
+def route(classification, *, in_transaction: str | None, user_rule: str | None, db_rule: str | None) -> tuple[str, str]:
+    """The role work wants ("primary" | "replica") and why, before any node is chosen.
+
+    *in_transaction* is the tx of the statement that opened the current explicit transaction
+    ("begin", "begin_read_only", ...), or None outside one. Precedence: user rule, database
+    rule, hint, the transaction, then the statement itself.
+    """
+    for rule, who in ((user_rule, "user"), (db_rule, "database")):
+        if rule in (PRIMARY, REPLICA):
+            return rule, f"rule: {who}"
+    hint = getattr(classification, "hint", None)
+    if hint in (PRIMARY, REPLICA):
+        return hint, f"hint: {hint}"
+    if in_transaction is not None:
+        if in_transaction in _READ_ONLY_TX:
+            return REPLICA, "read-only transaction"
+        return PRIMARY, "transaction"
+    tx = getattr(classification, "tx", None)
+    if tx == "begin_read_only":
+        return REPLICA, "BEGIN READ ONLY"
+    if tx == "begin":
+        return PRIMARY, "BEGIN"
+    if classification.read_only:
+        return REPLICA, classification.reason
+    return PRIMARY, classification.reason

@@ -1,0 +1,330 @@
+"""classify(): read only only when PostgreSQL's parser says every statement just reads; tx control; hints."""
+
+import pytest
+
+import pgtwist.routing.classify as classify_mod
+from pgtwist.routing.classify import Classification, classify, classify_cache_clear, classify_cache_info
+
+READS = [
+    ("SELECT 1", "select"),
+    ("select a, b from t where id = 42", "select"),
+    ("VALUES (1), (2)", "select"),
+    ("TABLE t", "select"),
+    ("SELECT * FROM a JOIN b USING (id) UNION ALL SELECT * FROM c", "select"),
+    ("WITH x AS (SELECT 1) SELECT * FROM x", "select"),
+    ("WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r WHERE n < 5) SELECT * FROM r", "select"),
+    ("SELECT now(), count(*) FROM t", "select"),
+    ("SELECT my_func(1)", "select"),  # unknown functions read, unless the caller says volatile
+    ("SELECT random()", "select"),
+    ("SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()", "select"),
+    ("SELECT lo_get(1234)", "select"),
+    ("SELECT 'insert into t values (1)'", "select"),  # a write inside a literal is just text
+    ("SELECT 1 AS \"for update\"", "select"),
+    ("SHOW search_path", "SHOW"),
+    ("EXPLAIN SELECT 1", "explain"),
+    ("EXPLAIN INSERT INTO t VALUES (1)", "explain"),  # only plans: a hot standby can do it
+    ("EXPLAIN (ANALYZE false) DELETE FROM t", "explain"),
+    ("EXPLAIN (ANALYZE off, COSTS on) UPDATE t SET a = 1", "explain"),
+    ("EXPLAIN ANALYZE SELECT * FROM t", "explain analyze"),
+    ("EXPLAIN (ANALYZE, BUFFERS) SELECT 1", "explain analyze"),
+    ("SET search_path = a, b", "SET"),
+    ("RESET ALL", "RESET"),
+    ("DECLARE c CURSOR FOR SELECT * FROM t", "DECLARE CURSOR"),
+    ("FETCH 10 FROM c", "FETCH"),
+    ("CLOSE c", "CLOSE"),
+    ("COPY t TO STDOUT", "COPY TO"),
+    ("COPY (SELECT * FROM t) TO STDOUT WITH (FORMAT csv)", "COPY TO"),
+    ("DISCARD ALL", "DISCARD"),
+    ("  ;  ", "empty"),
+    ("/* just a comment */", "empty"),
+    ("SELECT 1; SELECT 2", "select"),
+]
+
+WRITES = [
+    ("INSERT INTO t VALUES (1)", "insert"),
+    ("UPDATE t SET a = 1", "update"),
+    ("DELETE FROM t", "delete"),
+    ("MERGE INTO t USING s ON t.id = s.id WHEN MATCHED THEN DELETE", "merge"),
+    ("WITH x AS (INSERT INTO t VALUES (1) RETURNING *) SELECT * FROM x", "writable CTE"),
+    ("WITH x AS (UPDATE t SET a = 1 RETURNING *) SELECT count(*) FROM x", "writable CTE"),
+    ("WITH x AS (DELETE FROM t RETURNING *) SELECT 1", "writable CTE"),
+    ("WITH x AS (MERGE INTO t USING s ON t.a = s.a WHEN MATCHED THEN DELETE RETURNING *) SELECT 1", "writable CTE"),
+    ("SELECT * FROM t FOR UPDATE", "SELECT FOR UPDATE"),
+    ("SELECT * FROM t FOR NO KEY UPDATE", "SELECT FOR NO KEY UPDATE"),
+    ("SELECT * FROM t FOR SHARE", "SELECT FOR SHARE"),
+    ("SELECT * FROM t FOR KEY SHARE SKIP LOCKED", "SELECT FOR KEY SHARE"),
+    ("SELECT (SELECT a FROM t LIMIT 1 FOR UPDATE)", "SELECT FOR UPDATE"),  # in a subquery too
+    ("SELECT * INTO t2 FROM t", "SELECT INTO"),
+    ("SELECT nextval('s')", "function nextval"),
+    ("SELECT pg_catalog.setval('s', 10)", "function setval"),
+    ("SELECT * FROM nextval('s')", "function nextval"),
+    ("SELECT currval('s')", "function currval"),
+    ("SELECT pg_advisory_lock(1)", "function pg_advisory_lock"),
+    ("SELECT pg_try_advisory_xact_lock(1)", "function pg_try_advisory_xact_lock"),
+    ("SELECT pg_advisory_unlock_all()", "function pg_advisory_unlock_all"),
+    ("SELECT set_config('a.b', 'c', false)", "function set_config"),
+    ("SELECT pg_notify('chan', 'x')", "function pg_notify"),
+    ("SELECT lo_create(0)", "function lo_create"),
+    ("SELECT lo_unlink(1234)", "function lo_unlink"),
+    ("SELECT txid_current()", "function txid_current"),
+    ("SELECT pg_current_xact_id()", "function pg_current_xact_id"),
+    ("SELECT pg_promote(true, 60)", "function pg_promote"),
+    ("SELECT pg_terminate_backend(123)", "function pg_terminate_backend"),
+    ("SELECT pg_cancel_backend(123)", "function pg_cancel_backend"),
+    ("SELECT a FROM t WHERE b = (SELECT nextval('s'))", "function nextval"),
+    ("LOCK TABLE t IN ACCESS EXCLUSIVE MODE", "LOCK"),
+    ("COPY t FROM STDIN", "COPY FROM"),
+    ("COPY (DELETE FROM t RETURNING *) TO STDOUT", "delete"),
+    ("DO $$ BEGIN PERFORM 1; END $$", "DO"),
+    ("CALL my_proc(1)", "CALL"),
+    ("CREATE TABLE x (a int)", "CREATE TABLE"),
+    ("CREATE TABLE x AS SELECT 1", "CREATE TABLE AS"),
+    ("ALTER TABLE t ADD COLUMN b int", "ALTER TABLE"),
+    ("DROP TABLE t", "DROP"),
+    ("TRUNCATE t", "TRUNCATE"),
+    ("VACUUM t", "VACUUM"),
+    ("CREATE SEQUENCE s", "CreateSeqStmt"),
+    ("LISTEN chan", "LISTEN"),
+    ("NOTIFY chan", "NOTIFY"),
+    ("PREPARE q AS SELECT 1", "PREPARE"),
+    ("EXECUTE q", "EXECUTE"),
+    ("EXPLAIN ANALYZE INSERT INTO t VALUES (1)", "EXPLAIN ANALYZE of a write"),
+    ("EXPLAIN (ANALYZE true) SELECT nextval('s')", "EXPLAIN ANALYZE of a write"),
+    ("EXPLAIN (ANALYZE on) SELECT * FROM t FOR UPDATE", "EXPLAIN ANALYZE of a write"),
+    ("DECLARE c CURSOR FOR SELECT * FROM t FOR UPDATE", "SELECT FOR UPDATE"),
+    ("SELECT 1; INSERT INTO t VALUES (1)", "multi-statement with a write"),
+    ("INSERT INTO t VALUES (1); SELECT 1", "multi-statement with a write"),
+    ("SELEC 1", "unparsable"),
+    ("SELECT * FROM", "unparsable"),
+    ("PREPARE TRANSACTION 'x'", "two-phase commit"),
+    ("COMMIT PREPARED 'x'", "two-phase commit"),
+]
+
+
+@pytest.mark.parametrize(("sql", "reason"), READS)
+def test_reads(sql, reason):
+    c = classify(sql)
+    assert c.read_only, c
+    assert c.reason == reason
+
+
+@pytest.mark.parametrize(("sql", "reason"), WRITES)
+def test_writes(sql, reason):
+    c = classify(sql)
+    assert not c.read_only, c
+    assert c.reason == reason
+
+
+def test_quoted_identifier_is_not_the_builtin_writer():
+    # "NEXTVAL" quoted is another function; unquoted names are folded to lower case by the parser.
+    assert classify('SELECT "NEXTVAL"(1)').read_only
+    assert not classify("SELECT NEXTVAL('s')").read_only
+
+
+@pytest.mark.parametrize(
+    ("sql", "tx", "read_only"),
+    [
+        ("BEGIN", "begin", True),
+        ("begin transaction", "begin", True),
+        ("START TRANSACTION", "begin", True),
+        ("BEGIN ISOLATION LEVEL SERIALIZABLE", "begin", True),
+        ("BEGIN READ WRITE", "begin", True),
+        ("BEGIN READ ONLY", "begin_read_only", True),
+        ("START TRANSACTION READ ONLY", "begin_read_only", True),
+        ("START TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY, DEFERRABLE", "begin_read_only", True),
+        ("COMMIT", "commit", True),
+        ("END", "commit", True),
+        ("COMMIT AND CHAIN", "commit", True),
+        ("ROLLBACK", "rollback", True),
+        ("ABORT", "rollback", True),
+        ("SAVEPOINT sp", "savepoint", True),
+        ("RELEASE SAVEPOINT sp", "release", True),
+        ("ROLLBACK TO SAVEPOINT sp", "rollback_to", True),
+        ("PREPARE TRANSACTION 'g'", "prepare_transaction", False),
+        ("ROLLBACK PREPARED 'g'", "rollback_prepared", False),
+        ("SET TRANSACTION READ ONLY", "set_transaction_read_only", True),
+        ("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ ONLY", "set_transaction_read_only", True),
+        ("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY", "set_transaction_read_only", True),
+        ("SET transaction_read_only = on", "set_transaction_read_only", True),
+        ("SET default_transaction_read_only TO true", "set_transaction_read_only", True),
+        ("SET TRANSACTION READ WRITE", None, True),
+        ("SET transaction_read_only = off", None, True),
+        ("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", None, True),
+        ("BEGIN; SELECT 1; COMMIT", "begin", True),
+        ("BEGIN READ ONLY; SELECT 1; COMMIT", "begin_read_only", True),
+        ("BEGIN; SET TRANSACTION READ ONLY; SELECT 1", "begin_read_only", True),
+        ("SELECT 1; COMMIT", "commit", True),
+        ("BEGIN; INSERT INTO t VALUES (1); COMMIT", "begin", False),
+        ("SELECT 1", None, True),
+    ],
+)
+def test_transaction_control(sql, tx, read_only):
+    c = classify(sql)
+    assert c.tx == tx, c
+    assert c.read_only is read_only, c
+
+
+def test_transaction_control_reason():
+    assert classify("COMMIT").reason == "transaction control"
+    assert classify("BEGIN READ ONLY; SELECT 1; COMMIT").reason == "select"
+
+
+@pytest.mark.parametrize(
+    ("sql", "hint"),
+    [
+        ("/* pgtwist:primary */ SELECT 1", "primary"),
+        ("/* pgtwist:replica */ SELECT 1", "replica"),
+        ("/*pgtwist:replica*/SELECT 1", "replica"),
+        ("  \n\t/*   PGTWIST : Replica   */\nSELECT 1", "replica"),
+        ("-- pgtwist:replica\nSELECT 1", "replica"),
+        ("--pgtwist:primary\nSELECT 1", "primary"),
+        ("/* app=shop */ /* pgtwist:replica */ SELECT 1", "replica"),
+        ("-- request 42\n-- pgtwist:replica\nSELECT 1", "replica"),
+        ("/* pgtwist:replica */ /* pgtwist:primary */ SELECT 1", "replica"),  # the first hint wins
+        ("/* pgtwist:replica, from the reports page */ SELECT 1", "replica"),
+        ("SELECT 1 /* pgtwist:replica */", None),  # not leading
+        ("SELECT /* pgtwist:primary */ 1", None),
+        ("/* pgtwist:nowhere */ SELECT 1", None),
+        ("/* pgtwist:replicas */ SELECT 1", None),
+        ("/* something pgtwist:replica */ SELECT 1", None),
+        ("SELECT 1", None),
+        ("-- pgtwist:replica", "replica"),  # comment only, no newline
+        ("/* pgtwist:replica", "replica"),  # unterminated: the parser refuses it, the hint is still read
+    ],
+)
+def test_hints(sql, hint):
+    assert classify(sql).hint == hint
+
+
+def test_hint_is_read_before_a_write_and_classification_still_computed():
+    c = classify("/* pgtwist:replica */ INSERT INTO t VALUES (1)")
+    assert c.hint == "replica"
+    assert not c.read_only and c.reason == "insert"
+    c = classify("/* pgtwist:primary */ SELECT 1")
+    assert c.hint == "primary" and c.read_only
+
+
+def test_leading_comment_does_not_hide_a_write():
+    c = classify("/* SELECT */ -- SELECT\n DELETE FROM t")
+    assert not c.read_only and c.reason == "delete" and c.hint is None
+
+
+def test_hint_on_unparsable_text():
+    c = classify("/* pgtwist:primary */ SELEC 1")
+    assert c == Classification(False, "unparsable", hint="primary")
+
+
+# -- volatility, supplied by the caller -----------------------------------------------------------
+
+
+def volatile(*names):
+    asked = []
+
+    def is_volatile(name):
+        asked.append(name)
+        return name in names
+
+    is_volatile.asked = asked
+    return is_volatile
+
+
+def test_volatile_function_makes_a_write():
+    c = classify("SELECT f(1)", is_volatile=volatile("f"))
+    assert not c.read_only and c.reason == "volatile function f"
+
+
+def test_stable_function_stays_read_only():
+    c = classify("SELECT g(1)", is_volatile=volatile("f"))
+    assert c.read_only and c.reason == "select"
+
+
+def test_volatile_function_in_from_and_subquery():
+    assert not classify("SELECT * FROM f()", is_volatile=volatile("f")).read_only
+    assert not classify("SELECT a FROM t WHERE b IN (SELECT f(c) FROM u)", is_volatile=volatile("f")).read_only
+
+
+def test_volatility_is_asked_with_the_bare_name():
+    is_volatile = volatile("f")
+    c = classify("SELECT myschema.f(1)", is_volatile=is_volatile)
+    assert not c.read_only and c.reason == "volatile function myschema.f"
+    assert is_volatile.asked == ["f"]
+
+
+def test_read_only_functions_allow_list():
+    assert classify("SELECT f(1)", frozenset({"f"}), is_volatile=volatile("f")).read_only
+    assert classify("SELECT s.f(1)", frozenset({"s.f"}), is_volatile=volatile("f")).read_only
+    assert classify("SELECT s.f(1)", frozenset({"f"}), is_volatile=volatile("f")).read_only
+    assert not classify("SELECT t.f(1)", frozenset({"s.f"}), is_volatile=volatile("f")).read_only
+
+
+def test_allow_list_does_not_cover_known_writers():
+    c = classify("SELECT nextval('s')", frozenset({"nextval"}), is_volatile=volatile())
+    assert not c.read_only and c.reason == "function nextval"
+
+
+def test_builtin_volatile_readers_are_not_asked():
+    is_volatile = volatile("random", "clock_timestamp", "gen_random_uuid")
+    assert classify("SELECT random(), clock_timestamp(), gen_random_uuid()", is_volatile=is_volatile).read_only
+    assert is_volatile.asked == []
+    # ...but a user's look-alike in its own schema is.
+    assert not classify("SELECT app.random()", is_volatile=is_volatile).read_only
+
+
+def test_first_volatile_function_named():
+    c = classify("SELECT a(), b(), c()", is_volatile=volatile("b", "c"))
+    assert c.reason == "volatile function b"
+
+
+def test_without_is_volatile_unknown_functions_read():
+    assert classify("SELECT f(1)").read_only
+
+
+def test_explain_analyze_with_volatile_function():
+    assert not classify("EXPLAIN ANALYZE SELECT f()", is_volatile=volatile("f")).read_only
+    assert classify("EXPLAIN SELECT f()", is_volatile=volatile("f")).read_only  # not executed
+
+
+def test_multi_statement_volatile_function():
+    assert not classify("SELECT 1; SELECT f()", is_volatile=volatile("f")).read_only
+
+
+# -- caching and limits ---------------------------------------------------------------------------
+
+
+def test_parse_is_cached_by_text_but_volatility_is_not():
+    classify_cache_clear()
+    sql = "SELECT cached_probe_fn(1)"
+    assert classify(sql).read_only
+    assert not classify(sql, is_volatile=volatile("cached_probe_fn")).read_only
+    assert classify(sql, is_volatile=volatile()).read_only
+    info = classify_cache_info()
+    assert info.misses == 1 and info.hits == 2
+
+
+def test_long_texts_are_not_cached():
+    classify_cache_clear()
+    sql = "SELECT 1 " + " " * classify_mod.MAX_CACHED_LENGTH
+    assert classify(sql).read_only
+    assert classify_cache_info().currsize == 0
+
+
+def test_too_long_to_parse(monkeypatch):
+    monkeypatch.setattr(classify_mod, "MAX_PARSE_LENGTH", 100)
+    long_insert = "/* pgtwist:replica */ INSERT INTO t VALUES " + ",".join(f"({i})" for i in range(50))
+    c = classify_mod._analyze(long_insert)
+    assert c == Classification(False, "insert", hint="replica")
+    long_select = "SELECT " + ",".join(str(i) for i in range(50))
+    assert classify_mod._analyze(long_select) == Classification(False, "too long to classify")
+
+
+def test_bulk_insert_is_judged_by_its_first_keyword():
+    # A 2 MB INSERT would take seconds to parse: the first keyword decides it.
+    sql = "INSERT INTO t VALUES " + ",".join(f"({i}, 'x')" for i in range(150_000))
+    assert len(sql) > classify_mod.MAX_PARSE_LENGTH
+    assert classify(sql).reason == "insert"
+
+
+def test_too_deeply_nested_goes_to_the_primary():
+    c = classify("SELECT " + " + ".join(["1"] * 8000))
+    assert c == Classification(False, "too complex to classify")
+    assert classify("SELECT " + "(" * 1000 + "1" + ")" * 1000).read_only

@@ -1,0 +1,300 @@
+"""Routing policy: node choice, lag limits, read-your-writes, round robin, split brain fencing, route precedence."""
+
+import pytest
+
+from pgtwist.routing.classify import Classification, classify
+from pgtwist.routing.policy import NodeState, choose, format_lsn, parse_lsn, resolve_primary, route
+
+
+def primary(name="p:5432", **kw):
+    kw.setdefault("up", True)
+    kw.setdefault("timeline", 1)
+    kw.setdefault("lsn", 1000)
+    return NodeState(name, role="primary", **kw)
+
+
+def replica(name, **kw):
+    kw.setdefault("up", True)
+    kw.setdefault("timeline", 1)
+    kw.setdefault("lsn", 1000)
+    kw.setdefault("lag_bytes", 0)
+    kw.setdefault("lag_seconds", 0.0)
+    return NodeState(name, role="replica", **kw)
+
+
+def pick(nodes, want="replica", **kw):
+    kw.setdefault("max_lag_bytes", None)
+    kw.setdefault("max_lag_seconds", None)
+    node, why = choose(nodes, want=want, **kw)
+    return (node.name if node else None), why
+
+
+# -- LSNs -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("0/0", 0), ("0/16B3748", 0x16B3748), ("16/B374D848", 0x16B374D848), ("FFFFFFFF/FFFFFFFF", 2**64 - 1), ("a/b", 0xA0000000B)],
+)
+def test_parse_lsn(text, value):
+    assert parse_lsn(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "16", "/1", "1/", "x/1", "1/2/3", "123456789/0"])
+def test_parse_lsn_rejects(text):
+    with pytest.raises(ValueError):
+        parse_lsn(text)
+
+
+def test_format_lsn_round_trips():
+    assert format_lsn(parse_lsn("16/B374D848")) == "16/B374D848"
+    assert format_lsn(0) == "0/0"
+
+
+# -- choose: primary --------------------------------------------------------------------------------
+
+
+def test_primary_wanted():
+    assert pick([replica("r1"), primary("p")], want="primary") == ("p", "primary")
+
+
+def test_no_primary():
+    assert pick([replica("r1")], want="primary") == (None, "no primary")
+    assert pick([primary("p", up=False), replica("r1")], want="primary") == (None, "no primary")
+
+
+def test_fenced_primary_is_never_chosen():
+    assert pick([primary("old", fenced=True)], want="primary") == (None, "no primary")
+    nodes = [primary("old", fenced=True, timeline=1), primary("new", timeline=2)]
+    assert pick(nodes, want="primary") == ("new", "primary")
+
+
+# -- choose: replica --------------------------------------------------------------------------------
+
+
+def test_replica_wanted():
+    assert pick([primary("p"), replica("r1")]) == ("r1", "replica")
+
+
+def test_least_outstanding_replica():
+    nodes = [primary("p"), replica("r1", outstanding=3), replica("r2", outstanding=1), replica("r3", outstanding=2)]
+    assert pick(nodes) == ("r2", "replica")
+
+
+def test_weight_scales_outstanding():
+    # r1 has twice the capacity: (4+1)/2 = 2.5 beats (2+1)/1 = 3.
+    nodes = [replica("r1", outstanding=4, weight=2.0), replica("r2", outstanding=2)]
+    assert pick(nodes)[0] == "r1"
+    nodes = [replica("r1", outstanding=6, weight=2.0), replica("r2", outstanding=2)]
+    assert pick(nodes)[0] == "r2"
+
+
+def test_zero_weight_drains_a_replica():
+    nodes = [primary("p"), replica("r1", weight=0.0), replica("r2", outstanding=50)]
+    assert pick(nodes)[0] == "r2"
+    # ...but it still serves when it is the only replica (and ties rotate among drained ones).
+    assert pick([primary("p"), replica("r1", weight=0.0)])[0] == "r1"
+
+
+def test_round_robin_breaks_ties():
+    nodes = [primary("p"), replica("r2"), replica("r1"), replica("r3")]
+    picks = [pick(nodes, rr=i)[0] for i in range(6)]
+    assert picks == ["r1", "r2", "r3", "r1", "r2", "r3"]
+
+
+def test_round_robin_only_among_the_least_busy():
+    nodes = [replica("r1"), replica("r2", outstanding=1), replica("r3")]
+    assert {pick(nodes, rr=i)[0] for i in range(10)} == {"r1", "r3"}
+
+
+def test_down_and_fenced_replicas_skipped():
+    nodes = [primary("p"), replica("r1", up=False), replica("r2", fenced=True), replica("r3", outstanding=9)]
+    assert pick(nodes)[0] == "r3"
+
+
+def test_no_replica_up_falls_back_to_primary():
+    assert pick([primary("p"), replica("r1", up=False)]) == ("p", "no replica up")
+    assert pick([primary("p")]) == ("p", "no replica up")
+
+
+def test_lag_bytes_limit():
+    nodes = [primary("p"), replica("r1", lag_bytes=5000), replica("r2", lag_bytes=100, outstanding=5)]
+    assert pick(nodes, max_lag_bytes=1000)[0] == "r2"
+    assert pick(nodes, max_lag_bytes=10) == ("p", "replicas lagging")
+    assert pick(nodes, max_lag_bytes=None)[0] == "r1"
+
+
+def test_lag_seconds_limit():
+    nodes = [primary("p"), replica("r1", lag_seconds=12.5), replica("r2", lag_seconds=0.5, outstanding=5)]
+    assert pick(nodes, max_lag_seconds=1.0)[0] == "r2"
+    assert pick(nodes, max_lag_seconds=0.1) == ("p", "replicas lagging")
+
+
+def test_unknown_lag_is_not_held_against_a_replica():
+    # No primary to compare with (failover in progress): replicas still serve reads.
+    nodes = [primary("p", up=False), replica("r1", lag_bytes=None, lag_seconds=None)]
+    assert pick(nodes, max_lag_bytes=10, max_lag_seconds=1.0) == ("r1", "replica")
+
+
+def test_read_your_writes_min_lsn():
+    nodes = [primary("p", lsn=500), replica("r1", lsn=300), replica("r2", lsn=450, outstanding=3)]
+    assert pick(nodes, min_lsn=400)[0] == "r2"
+    assert pick(nodes, min_lsn=450)[0] == "r2"
+    assert pick(nodes, min_lsn=451) == ("p", "no replica caught up to the client's last write")
+    assert pick(nodes, min_lsn=0)[0] == "r1"
+
+
+def test_replica_on_an_older_timeline_is_lagging():
+    nodes = [primary("p", timeline=2), replica("r1", timeline=1), replica("r2", timeline=0, outstanding=3)]
+    assert pick(nodes)[0] == "r2"  # timeline 0 = unknown: not held against it
+    assert pick([primary("p", timeline=2), replica("r1", timeline=1)]) == ("p", "replicas lagging")
+
+
+def test_nothing_to_fall_back_to():
+    assert pick([replica("r1", up=False)]) == (None, "no replica up and no primary")
+    assert pick([replica("r1", lag_bytes=99)], max_lag_bytes=1) == (None, "replicas lagging and no primary")
+
+
+# -- choose: any-read -------------------------------------------------------------------------------
+
+
+def test_any_read_includes_the_primary():
+    nodes = [primary("p"), replica("r1", outstanding=4)]
+    assert pick(nodes, want="any-read") == ("p", "any-read")
+    nodes = [primary("p", outstanding=4), replica("r1")]
+    assert pick(nodes, want="any-read") == ("r1", "any-read")
+
+
+def test_any_read_respects_limits_and_min_lsn():
+    nodes = [primary("p", outstanding=9, lsn=800), replica("r1", lag_bytes=500, lsn=300)]
+    assert pick(nodes, want="any-read", max_lag_bytes=100)[0] == "p"
+    assert pick(nodes, want="any-read", min_lsn=400)[0] == "p"
+
+
+def test_any_read_nothing_up():
+    assert pick([primary("p", up=False)], want="any-read") == (None, "no node up")
+
+
+# -- resolve_primary: split brain -------------------------------------------------------------------
+
+
+def test_single_primary_wins():
+    p, r = primary("p"), replica("r1")
+    assert resolve_primary([p, r]) is p
+    assert not p.fenced and not r.fenced
+
+
+def test_higher_timeline_wins_and_the_other_is_fenced():
+    old = primary("old", timeline=1, lsn=9000)  # more WAL, but on the abandoned history
+    new = primary("new", timeline=2, lsn=5000)
+    assert resolve_primary([old, new]) is new
+    assert old.fenced and not new.fenced
+
+
+def test_same_timeline_highest_lsn_wins():
+    a = primary("a", timeline=3, lsn=100)
+    b = primary("b", timeline=3, lsn=200)
+    assert resolve_primary([a, b]) is b
+    assert a.fenced
+
+
+def test_full_tie_is_stable_by_name():
+    a = primary("a")
+    b = primary("b")
+    assert resolve_primary([b, a]) is a
+    assert b.fenced
+    assert resolve_primary([a, b]) is a
+
+
+def test_down_primary_not_a_claimant_and_not_fenced():
+    old = primary("old", up=False, timeline=1)
+    new = primary("new", timeline=2)
+    assert resolve_primary([old, new]) is new
+    assert not old.fenced
+
+
+def test_no_primary_up():
+    assert resolve_primary([primary("p", up=False), replica("r")]) is None
+    assert resolve_primary([]) is None
+
+
+def test_fencing_sticks_when_the_winner_goes_down():
+    old = primary("old", timeline=1)
+    new = primary("new", timeline=2)
+    resolve_primary([old, new])
+    new.up = False
+    assert resolve_primary([old, new]) is None
+    assert old.fenced
+
+
+def test_fencing_lifted_when_seen_as_a_replica_again():
+    old = primary("old", timeline=1)
+    new = primary("new", timeline=2)
+    resolve_primary([old, new])
+    old.role = "replica"  # rebuilt with pg_rewind and re-attached
+    assert resolve_primary([old, new]) is new
+    assert not old.fenced
+
+
+def test_old_primary_restarting_after_failover_is_fenced():
+    # The failover story: primary dies, a replica is promoted, the old primary comes back.
+    p, r1, r2 = primary("p", timeline=1, lsn=1000), replica("r1"), replica("r2")
+    assert resolve_primary([p, r1, r2]) is p
+    p.up = False
+    r1.role, r1.timeline, r1.lsn = "primary", 2, 1100
+    assert resolve_primary([p, r1, r2]) is r1
+    p.up = True
+    assert resolve_primary([p, r1, r2]) is r1
+    assert p.fenced
+    assert pick([p, r1, r2], want="primary") == ("r1", "primary")
+
+
+# -- route ------------------------------------------------------------------------------------------
+
+
+def r(sql, in_transaction=None, user_rule=None, db_rule=None):
+    return route(classify(sql), in_transaction=in_transaction, user_rule=user_rule, db_rule=db_rule)
+
+
+def test_route_by_statement():
+    assert r("SELECT 1") == ("replica", "select")
+    assert r("INSERT INTO t VALUES (1)") == ("primary", "insert")
+    assert r("SELECT nextval('s')") == ("primary", "function nextval")
+    assert r("SELEC") == ("primary", "unparsable")
+
+
+def test_route_begin():
+    assert r("BEGIN") == ("primary", "BEGIN")
+    assert r("BEGIN READ ONLY") == ("replica", "BEGIN READ ONLY")
+    assert r("START TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ ONLY") == ("replica", "BEGIN READ ONLY")
+
+
+def test_route_inside_transactions():
+    assert r("SELECT 1", in_transaction="begin") == ("primary", "transaction")
+    assert r("SELECT 1", in_transaction="begin_read_only") == ("replica", "read-only transaction")
+    assert r("COMMIT", in_transaction="begin_read_only") == ("replica", "read-only transaction")
+    assert r("INSERT INTO t VALUES (1)", in_transaction="begin_read_only") == ("replica", "read-only transaction")
+    assert r("SELECT 1", in_transaction="set_transaction_read_only") == ("replica", "read-only transaction")
+
+
+def test_route_hint_beats_statement_and_transaction():
+    assert r("/* pgtwist:primary */ SELECT 1") == ("primary", "hint: primary")
+    assert r("/* pgtwist:replica */ SELECT f()") == ("replica", "hint: replica")
+    assert r("-- pgtwist:replica\nSELECT 1", in_transaction="begin") == ("replica", "hint: replica")
+
+
+def test_route_rules_beat_everything():
+    assert r("/* pgtwist:replica */ SELECT 1", user_rule="primary") == ("primary", "rule: user")
+    assert r("INSERT INTO t VALUES (1)", db_rule="replica") == ("replica", "rule: database")
+    assert r("SELECT 1", user_rule="replica", db_rule="primary") == ("replica", "rule: user")
+    assert r("SELECT 1", in_transaction="begin", db_rule="primary") == ("primary", "rule: database")
+
+
+def test_route_ignores_other_rule_values():
+    assert r("SELECT 1", user_rule="auto", db_rule="") == ("replica", "select")
+    assert r("INSERT INTO t VALUES (1)", user_rule=None, db_rule="any") == ("primary", "insert")
+
+
+def test_route_plain_classification_object():
+    c = Classification(read_only=True, reason="select")
+    assert route(c, in_transaction=None, user_rule=None, db_rule=None) == ("replica", "select")
