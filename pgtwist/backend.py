@@ -1,12 +1,15 @@
 """BackendProtocol/Factory: connections to nodes, translated into ServerConnection events; cancel delivery."""
 
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import ClientFactory, Protocol
+from zope.interface import implementer
 
 from pgtwist.server_login import ServerLoginError
 from pgtwist.wire import messages as m
 from pgtwist.wire import sqlstate
 
 
+@implementer(IHandshakeListener)
 class BackendProtocol(Protocol):
     """Turns a node's bytes into calls on its ServerConnection; decides nothing itself."""
 
@@ -19,6 +22,9 @@ class BackendProtocol(Protocol):
 
     def dataReceived(self, data):
         self.conn.got_data(data)
+
+    def handshakeCompleted(self):
+        self.conn.tls_established()
 
     def connectionLost(self, reason):
         self.conn.connection_lost(reason)

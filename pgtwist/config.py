@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
+import math
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping
@@ -11,7 +13,12 @@ from typing import Any, Mapping
 from pgtwist.auth import Credential
 
 POOL_MODES = ("session", "transaction")
-AUTH_TYPES = ("trust", "md5", "scram-sha-256")
+AUTH_TYPES = ("trust", "md5", "scram-sha-256", "cert")
+TLS_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")  # [tls]: clients
+SERVER_TLS_MODES = ("disable", "prefer", "require", "verify-ca", "verify-full")  # [server_tls]: nodes
+TLS_VERSIONS = ("TLSv1.2", "TLSv1.3")
+# TLS 1.2 suites with forward secrecy and AEAD only (TLS 1.3 suites are OpenSSL's, all modern).
+DEFAULT_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!eNULL:!DSS"
 
 
 class ConfigError(Exception):
@@ -37,12 +44,55 @@ class DatabaseConfig:
     dbname: str  # the database on the nodes
     nodes: tuple[Address, ...]
     pool_size: int
+    route: str = "auto"  # "auto" | "primary" | "replica": where this database's work may go
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """[tls]: TLS between clients and pgtwist, with pgtwist's own certificate. Paths are absolute."""
+
+    mode: str = "disable"
+    cert: str | None = None
+    key: str | None = None
+    ca: str | None = None  # CAs trusted for client certificates
+    ciphers: str = DEFAULT_CIPHERS
+    min_protocol_version: str = "TLSv1.2"
+
+
+@dataclass(frozen=True)
+class ServerTlsConfig:
+    """[server_tls]: TLS between pgtwist and the nodes, verified separately. Paths are absolute."""
+
+    mode: str = "disable"
+    ca: str | None = None  # CAs trusted for the nodes' certificates
+    cert: str | None = None  # optional client certificate for the nodes
+    key: str | None = None
+    ciphers: str = DEFAULT_CIPHERS
+    min_protocol_version: str = "TLSv1.2"
 
 
 @dataclass(frozen=True)
 class UserConfig:
     name: str
     credential: Credential = field(repr=False)
+    route: str = "auto"  # "auto" | "primary" | "replica"
+
+
+@dataclass(frozen=True)
+class ManholeConfig:
+    """[manhole]: the SSH Python REPL (public keys only)."""
+
+    listen: Address
+    authorized_keys: str  # absolute path, OpenSSH authorized_keys format
+    host_key: str  # absolute path; generated (0600) on first start when missing
+    allow_remote: bool = False
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """[metrics]: Prometheus /metrics and the /healthz and /readyz probes over HTTP."""
+
+    listen: Address
 
 
 @dataclass(frozen=True)
@@ -63,9 +113,29 @@ class Config:
     server_lifetime: float
     min_pool_size: int
     unpoolable: str
+    health_check_interval: float
+    health_check_timeout: float
+    health_user: str
+    max_replica_lag: int
+    max_replica_delay: float
+    read_your_writes: bool
+    read_only_functions: frozenset
+    failover_wait: float
+    failover_timeout: float
+    auto_promote: bool
+    routing_hook: str
     databases: Mapping[str, DatabaseConfig]
     users: Mapping[str, UserConfig] = field(repr=False)
     source: str = "<memory>"
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    server_tls: ServerTlsConfig = field(default_factory=ServerTlsConfig)
+    # Operations: shutdown, logs, audit, admin console, manhole, metrics (all optional).
+    shutdown_timeout: float = 30.0
+    log_format: str = "text"
+    audit: tuple[str, ...] = ()
+    admin_users: tuple[str, ...] = ()
+    manhole: ManholeConfig | None = None
+    metrics: MetricsConfig | None = None
 
 
 _DEFAULTS: dict[str, Any] = {
@@ -85,12 +155,26 @@ _DEFAULTS: dict[str, Any] = {
     "server_lifetime": 3600.0,
     "min_pool_size": 0,
     "unpoolable": "pin",
+    "health_check_interval": 1.0,
+    "health_check_timeout": 2.0,
+    "health_user": "",
+    "max_replica_lag": 16 * 1024 * 1024,
+    "max_replica_delay": 30.0,
+    "read_your_writes": True,
+    "read_only_functions": [],
+    "failover_wait": 10.0,
+    "failover_timeout": 10.0,
+    "auto_promote": False,
+    "routing_hook": "",
 }
+ROUTES = ("auto", "primary", "replica")
 UNPOOLABLE = ("pin", "error")
 
-_TOP_KEYS = set(_DEFAULTS) | {"databases", "users"}
-_DATABASE_KEYS = {"dbname", "nodes", "pool_size"}
-_USER_KEYS = {"password"}
+_OPERATIONS_KEYS = {"shutdown_timeout", "log_format", "audit", "admin", "manhole", "metrics"}
+_TOP_KEYS = set(_DEFAULTS) | {"databases", "users", "tls", "server_tls"} | _OPERATIONS_KEYS
+_TLS_KEYS = {"mode", "cert", "key", "ca", "ciphers", "min_protocol_version"}
+_DATABASE_KEYS = {"dbname", "nodes", "pool_size", "route"}
+_USER_KEYS = {"password", "route"}
 
 
 def parse_address(text: str, default_port: int = 5432) -> Address:
@@ -98,18 +182,19 @@ def parse_address(text: str, default_port: int = 5432) -> Address:
     if not isinstance(text, str) or not text:
         raise ValueError("expected 'host:port'")
     if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port_text = rest[1:] if rest.startswith(":") else ""
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise ValueError(f"expected '[host]' or '[host]:port' in {text!r}")
+        port_text = rest[1:] if rest else None
     elif text.count(":") == 1:
         host, _, port_text = text.partition(":")
     else:
-        host, port_text = text, ""
+        host, port_text = text, None
     if not host:
         raise ValueError(f"no host in {text!r}")
-    try:
-        port = int(port_text) if port_text else default_port
-    except ValueError:
-        raise ValueError(f"invalid port in {text!r}") from None
+    if port_text is not None and not (port_text.isascii() and port_text.isdigit()):
+        raise ValueError(f"invalid port in {text!r}")  # int() would take ' 5432', '+5432', '5_432'
+    port = int(port_text) if port_text is not None else default_port
     if not 0 < port < 65536:
         raise ValueError(f"port out of range in {text!r}")
     return Address(host, port)
@@ -126,8 +211,9 @@ class _Checker:
         value = raw.get(key, default)
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        if not isinstance(value, kind) or isinstance(value, bool):
-            self.err(path, f"must be {'an integer' if kind is int else 'a number'}, not {value!r}")
+        if not isinstance(value, kind) or isinstance(value, bool) or (kind is float and not math.isfinite(value)):
+            # (TOML has nan and inf: reactor.callLater(nan) fails its assertion at every use.)
+            self.err(path, f"must be {'an integer' if kind is int else 'a finite number'}, not {value!r}")
             return default
         if value < minimum or (maximum is not None and value > maximum):
             bounds = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
@@ -170,8 +256,38 @@ def from_dict(raw: Mapping[str, Any], source: str = "<memory>") -> Config:
             "idle_transaction_timeout",
             "server_idle_timeout",
             "server_lifetime",
+            "health_check_interval",
+            "health_check_timeout",
+            "max_replica_delay",
+            "failover_wait",
+            "failover_timeout",
         )
     }
+    if timeouts["health_check_interval"] <= 0:
+        c.err("health_check_interval", "must be > 0")
+        timeouts["health_check_interval"] = _DEFAULTS["health_check_interval"]
+    max_replica_lag = c.number(raw, "max_replica_lag", "max_replica_lag", int, _DEFAULTS["max_replica_lag"], 0)
+    flags = {}
+    for key in ("read_your_writes", "auto_promote"):
+        value = raw.get(key, _DEFAULTS[key])
+        if not isinstance(value, bool):
+            c.err(key, f"must be true or false, not {value!r}")
+            value = _DEFAULTS[key]
+        flags[key] = value
+    functions = raw.get("read_only_functions", [])
+    if not isinstance(functions, list) or not all(isinstance(f, str) and f for f in functions):
+        c.err("read_only_functions", "must be a list of function names")
+        functions = []
+    strings = {}
+    for key in ("routing_hook", "health_user"):
+        value = raw.get(key, "")
+        if not isinstance(value, str):
+            c.err(key, "must be a string")
+            value = ""
+        strings[key] = value
+    hook = strings["routing_hook"]
+    if hook and (":" not in hook or not all(hook.partition(":")[::2])):
+        c.err("routing_hook", f"must be 'package.module:function', not {hook!r}")
     max_prepared_statements = c.number(
         raw, "max_prepared_statements", "max_prepared_statements", int, _DEFAULTS["max_prepared_statements"], 1, 100_000
     )
@@ -210,7 +326,11 @@ def from_dict(raw: Mapping[str, Any], source: str = "<memory>") -> Config:
             except ValueError as e:
                 c.err(f"{path}.nodes[{i}]", str(e))
         db_pool = c.number(db, "pool_size", path + ".pool_size", int, pool_size, 1, 100_000)
-        databases[name] = DatabaseConfig(name, dbname if isinstance(dbname, str) else name, tuple(nodes), db_pool)
+        db_route = db.get("route", "auto")
+        if db_route not in ROUTES:
+            c.err(path + ".route", f"must be one of {', '.join(map(repr, ROUTES))}, not {db_route!r}")
+            db_route = "auto"
+        databases[name] = DatabaseConfig(name, dbname if isinstance(dbname, str) else name, tuple(nodes), db_pool, db_route)
 
     users: dict[str, UserConfig] = {}
     raw_users = raw.get("users", {})
@@ -228,13 +348,21 @@ def from_dict(raw: Mapping[str, Any], source: str = "<memory>") -> Config:
             # No default passwords: a user without one cannot log in to the nodes either.
             c.err(path + ".password", "is required (plaintext, md5 hash or SCRAM-SHA-256 verifier)")
             continue
+        user_route = user.get("route", "auto")
+        if user_route not in ROUTES:
+            c.err(path + ".route", f"must be one of {', '.join(map(repr, ROUTES))}, not {user_route!r}")
+            user_route = "auto"
         try:
-            users[name] = UserConfig(name, Credential.parse(name, password))
+            users[name] = UserConfig(name, Credential.parse(name, password), user_route)
         except ValueError as e:
             c.err(path + ".password", str(e))  # the message never repeats the secret
     if auth_type != "trust" and not users:
         c.err("users", f"auth_type = {auth_type!r} needs at least one [users.NAME] with a password")
 
+    if strings["health_user"] and strings["health_user"] not in users:
+        c.err("health_user", f"names no [users.{strings['health_user']}] table")
+    operations = _operations(raw, c, source, databases, users, auth_type)
+    tls_config, server_tls_config = _tls_tables(c, raw, source, auth_type)
     if c.errors:
         raise ConfigError(c.errors, source)
     return Config(
@@ -248,11 +376,81 @@ def from_dict(raw: Mapping[str, Any], source: str = "<memory>") -> Config:
         max_prepared_statements=max_prepared_statements,
         min_pool_size=min_pool_size,
         unpoolable=unpoolable,
+        max_replica_lag=max_replica_lag,
+        read_only_functions=frozenset(f.lower() for f in functions),
+        routing_hook=strings["routing_hook"],
+        health_user=strings["health_user"],
+        **flags,
         databases=MappingProxyType(databases),
         users=MappingProxyType(users),
         source=source,
+        tls=tls_config,
+        server_tls=server_tls_config,
         **timeouts,
+        **operations,
     )
+
+
+def _tls_table(c: _Checker, raw: Mapping, name: str, modes: tuple, base: Path, kind: type):
+    """One of [tls] / [server_tls]: checked, paths resolved against *base*, files loaded by OpenSSL."""
+    table = raw.get(name, {})
+    if not isinstance(table, dict):
+        c.err(name, "must be a table")
+        return kind()
+    c.unknown(table, _TLS_KEYS, name + ".")
+    errors = len(c.errors)
+    mode = table.get("mode", "disable")
+    if mode not in modes:
+        c.err(f"{name}.mode", f"must be one of {', '.join(map(repr, modes))}, not {mode!r}")
+        mode = "disable"
+    paths: dict[str, str | None] = {}
+    for key in ("cert", "key", "ca"):
+        value = table.get(key)
+        paths[key] = None
+        if value is None:
+            continue
+        if not isinstance(value, str) or not value:
+            c.err(f"{name}.{key}", "must be a file path (relative to the config file)")
+            continue
+        path = (base / value).absolute()  # absolute paths stay as they are
+        if not path.is_file():
+            c.err(f"{name}.{key}", f"no such file: {path}")
+            continue
+        paths[key] = str(path)
+    ciphers = table.get("ciphers", DEFAULT_CIPHERS)
+    if not isinstance(ciphers, str) or not ciphers:
+        c.err(f"{name}.ciphers", "must be an OpenSSL cipher string")
+        ciphers = DEFAULT_CIPHERS
+    version = table.get("min_protocol_version", "TLSv1.2")
+    if version not in TLS_VERSIONS:
+        c.err(f"{name}.min_protocol_version", f"must be one of {', '.join(map(repr, TLS_VERSIONS))}, not {version!r}")
+        version = "TLSv1.2"
+    if mode != "disable":
+        required = ("cert", "key") if kind is TlsConfig else ()
+        if mode in ("verify-ca", "verify-full"):
+            required += ("ca",)
+        for key in required:
+            if key not in table:
+                c.err(f"{name}.{key}", f"is required with mode = {mode!r}")
+        if kind is ServerTlsConfig and ("cert" in table) != ("key" in table):
+            c.err(f"{name}.{'key' if 'cert' in table else 'cert'}", "cert and key go together")
+    config = kind(mode=mode, ciphers=ciphers, min_protocol_version=version, **paths)
+    if mode != "disable" and len(c.errors) == errors:
+        from pgtwist import tls  # OpenSSL only for configs that use it
+
+        for key, message in tls.check(config, for_nodes=kind is ServerTlsConfig):
+            c.err(f"{name}.{key}", message)
+    return config
+
+
+def _tls_tables(c: _Checker, raw: Mapping, source: str, auth_type: str) -> tuple[TlsConfig, ServerTlsConfig]:
+    source_path = Path(source)
+    base = source_path.absolute().parent if source_path.is_file() else Path.cwd()
+    tls = _tls_table(c, raw, "tls", TLS_MODES, base, TlsConfig)
+    server_tls = _tls_table(c, raw, "server_tls", SERVER_TLS_MODES, base, ServerTlsConfig)
+    if auth_type == "cert" and tls.mode not in ("verify-ca", "verify-full"):
+        c.err("auth_type", '"cert" needs [tls] mode = "verify-ca" or "verify-full" (clients must present a certificate)')
+    return tls, server_tls
 
 
 def load(path: str | Path) -> Config:
@@ -264,4 +462,220 @@ def load(path: str | Path) -> Config:
         raise ConfigError([f"cannot read: {e.strerror}"], str(path)) from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError([f"invalid TOML: {e}"], str(path)) from None
+    except UnicodeDecodeError as e:  # tomllib decodes the file itself and lets this through
+        raise ConfigError([f"invalid TOML: not UTF-8 (byte {e.start})"], str(path)) from None
     return from_dict(raw, str(path))
+
+
+# -- operations: admin console, manhole, metrics, shutdown, logs ------------------------------
+
+ADMIN_DATABASE = "pgbalance"  # the dbname that reaches the admin console instead of a node
+LOG_FORMATS = ("text", "json")
+_MANHOLE_KEYS = {"listen", "authorized_keys", "host_key", "allow_remote"}
+_METRICS_KEYS = {"listen"}
+_ADMIN_KEYS = {"users"}
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _operations(raw: Mapping, c: _Checker, source: str, databases: Mapping, users: Mapping, auth_type: str) -> dict:
+    """Validate the operations keys; returns Config keyword arguments."""
+    # Files named in the config are relative to the config file's directory.
+    base = Path(source).resolve().parent if not source.startswith("<") else Path.cwd()
+    out: dict[str, Any] = {
+        "shutdown_timeout": c.number(raw, "shutdown_timeout", "shutdown_timeout", float, 30.0, 0.0),
+        "log_format": c.choice(raw, "log_format", LOG_FORMATS, "text"),
+    }
+    if ADMIN_DATABASE in databases:
+        c.err(f"databases.{ADMIN_DATABASE}", "this name is reserved for the admin console")
+
+    def names(value, path: str) -> tuple[str, ...]:
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            c.err(path, "must be a list of user names")
+            return ()
+        if auth_type != "trust":
+            for i, name in enumerate(value):
+                if name not in users:
+                    c.err(f"{path}[{i}]", f"names no [users.{name}] table")
+        return tuple(value)
+
+    out["audit"] = names(raw.get("audit", []), "audit")
+    admin = raw.get("admin", {})
+    if not isinstance(admin, dict):
+        c.err("admin", "must be a table")
+        admin = {}
+    c.unknown(admin, _ADMIN_KEYS, "admin.")
+    out["admin_users"] = names(admin.get("users", []), "admin.users")
+
+    def address(table: Mapping, path: str, default: str):
+        try:
+            return parse_address(table.get("listen", default), int(default.rpartition(":")[2]))
+        except ValueError as e:
+            c.err(path, str(e))
+            return parse_address(default)
+
+    manhole = raw.get("manhole")
+    if manhole is not None:
+        if not isinstance(manhole, dict):
+            c.err("manhole", "must be a table")
+        else:
+            c.unknown(manhole, _MANHOLE_KEYS, "manhole.")
+            listen = address(manhole, "manhole.listen", "127.0.0.1:6022")
+            allow_remote = manhole.get("allow_remote", False)
+            if not isinstance(allow_remote, bool):
+                c.err("manhole.allow_remote", f"must be true or false, not {allow_remote!r}")
+                allow_remote = False
+            if not allow_remote and not is_loopback(listen.host):
+                c.err("manhole.listen", f"{listen} is not a loopback address; set manhole.allow_remote = true to listen there")
+            paths = {}
+            for key, default in (("authorized_keys", None), ("host_key", "manhole_host_key")):
+                value = manhole.get(key, default)
+                if not isinstance(value, str) or not value:
+                    c.err(f"manhole.{key}", "is required: a file path" if value is None else "must be a file path")
+                    value = default or ""
+                paths[key] = str(base / value) if value else ""
+            out["manhole"] = ManholeConfig(listen, paths["authorized_keys"], paths["host_key"], allow_remote)
+    metrics = raw.get("metrics")
+    if metrics is not None:
+        if not isinstance(metrics, dict):
+            c.err("metrics", "must be a table")
+        else:
+            c.unknown(metrics, _METRICS_KEYS, "metrics.")
+            out["metrics"] = MetricsConfig(address(metrics, "metrics.listen", "127.0.0.1:9127"))
+    return out
+
+
+# -- reload: what changed between two configs -------------------------------------------------
+
+# Keys (and tables) a running pgtwist cannot change: listeners and the way sessions are built.
+RESTART_KEYS = ("listen", "pool_mode", "log_format", "manhole", "metrics")
+
+
+class _Secret:
+    """A secret in a flattened config: compares by a digest of its value, shows as asterisks."""
+
+    __slots__ = ("digest",)
+
+    def __init__(self, digest: str):
+        self.digest = digest
+
+    def __eq__(self, other):
+        return isinstance(other, _Secret) and other.digest == self.digest
+
+    def __hash__(self):
+        return hash(self.digest)
+
+    def __repr__(self):
+        return "'********'"
+
+    def __str__(self):
+        return "********"
+
+
+def _credential_digest(credential: Credential) -> _Secret:
+    import hashlib
+
+    if credential.kind == "plain":
+        # (A plaintext password gets a fresh SCRAM salt at every parse: compare the text.)
+        material = "plain:" + credential.plaintext
+    elif credential.kind == "md5":
+        material = "md5:" + credential.md5_hash
+    else:
+        v = credential.scram
+        material = f"scram:{v.iterations}:{v.salt.hex()}:{v.stored_key.hex()}:{v.server_key.hex()}"
+    return _Secret(hashlib.sha256(material.encode()).hexdigest())
+
+
+def _flatten_value(value):
+    if isinstance(value, Credential):
+        return _credential_digest(value)
+    if isinstance(value, (frozenset, set)):
+        return tuple(sorted(value))
+    return value
+
+
+def flatten(config: Config) -> dict[str, Any]:
+    """Every setting as 'key.path' -> value; secrets become digests that print as asterisks."""
+    out: dict[str, Any] = {}
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if f.name == "source":
+            continue
+        if f.name in ("databases", "users"):
+            for name, table in value.items():
+                for sub in fields(table):
+                    if sub.name != "name":
+                        key = "password" if sub.name == "credential" else sub.name
+                        out[f"{f.name}.{name}.{key}"] = _flatten_value(getattr(table, sub.name))
+        elif is_dataclass(value) and not isinstance(value, Address):
+            for sub in fields(value):
+                out[f"{f.name}.{sub.name}"] = _flatten_value(getattr(value, sub.name))
+        else:
+            out[f.name] = _flatten_value(value)
+    return out
+
+
+def needs_restart(path: str) -> bool:
+    return any(path == key or path.startswith(key + ".") for key in RESTART_KEYS)
+
+
+@dataclass(frozen=True)
+class ConfigDiff:
+    """What a reload changes: key paths, and the tables added, removed or changed."""
+
+    changed: tuple[str, ...] = ()  # every key path that differs, appeared or disappeared
+    restart: tuple[str, ...] = ()  # those of them only a restart applies
+    databases_added: tuple[str, ...] = ()
+    databases_removed: tuple[str, ...] = ()
+    databases_changed: tuple[str, ...] = ()
+    users_added: tuple[str, ...] = ()
+    users_removed: tuple[str, ...] = ()
+    users_changed: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.changed)
+
+    @property
+    def live(self) -> tuple[str, ...]:
+        return tuple(k for k in self.changed if k not in self.restart)
+
+
+def diff(old: Config, new: Config) -> ConfigDiff:
+    a, b = flatten(old), flatten(new)
+    changed = tuple(sorted(k for k in a.keys() | b.keys() if a.get(k, _MISSING) != b.get(k, _MISSING)))
+
+    def tables(name: str):
+        before, after = getattr(old, name), getattr(new, name)
+        added = tuple(sorted(set(after) - set(before)))
+        removed = tuple(sorted(set(before) - set(after)))
+        touched = {k.split(".")[1] for k in changed if k.startswith(name + ".")}
+        return added, removed, tuple(sorted(touched - set(added) - set(removed)))
+
+    dbs, users = tables("databases"), tables("users")
+    return ConfigDiff(
+        changed=changed,
+        restart=tuple(k for k in changed if needs_restart(k)),
+        databases_added=dbs[0],
+        databases_removed=dbs[1],
+        databases_changed=dbs[2],
+        users_added=users[0],
+        users_removed=users[1],
+        users_changed=users[2],
+    )
+
+
+_MISSING = object()
+
+
+def applicable(old: Config, new: Config) -> Config:
+    """*new*, except for what needs a restart: that stays as *old* has it until pgtwist restarts."""
+    from dataclasses import replace
+
+    return replace(new, **{key: getattr(old, key) for key in RESTART_KEYS})

@@ -39,6 +39,16 @@ class Reply:
 
 
 @dataclass(frozen=True)
+class StartTLS:
+    """Upgrade the connection to TLS now (after sending the Replies before it); then call tls_started().
+
+    *initial*: TLS bytes already received (a direct-TLS ClientHello), for the TLS layer.
+    """
+
+    initial: bytes = b""
+
+
+@dataclass(frozen=True)
 class CancelReceived:
     process_id: int
     secret_key: bytes = field(repr=False)
@@ -56,6 +66,8 @@ class Authenticated:
 # States of the exchange.
 STARTUP, MD5, SASL_INITIAL, SASL_FINAL, DONE = "startup", "md5", "sasl-initial", "sasl-final", "done"
 _MAX_NEGOTIATIONS = 2  # one SSLRequest and one GSSENCRequest at most, as PostgreSQL allows
+TLS_REQUIRED_MODES = ("require", "verify-ca", "verify-full")  # [tls] modes that refuse plaintext logins
+_TLS_RECORD_HANDSHAKE = 0x16  # first byte of a ClientHello; no startup packet length starts with it
 
 
 class ClientLogin:
@@ -63,6 +75,10 @@ class ClientLogin:
 
     *lookup_user* returns the configured Credential or None; unknown users still run a full
     (always failing) exchange so that nobody can tell them from wrong passwords.
+
+    *tls_mode* is [tls] mode: "disable" answers SSLRequest with N; any other answers S and emits
+    StartTLS, as does a direct-TLS ClientHello; "require" and above refuse plaintext logins.
+    Whoever runs the exchange calls tls_started() once the handshake is done.
     """
 
     def __init__(
@@ -72,6 +88,8 @@ class ClientLogin:
         mock_secret: bytes,
         *,
         token: Callable[[int], bytes] = secrets.token_bytes,
+        tls_mode: str = "disable",
+        client_host: str | None = None,
     ):
         self.auth_type = auth_type
         self.lookup_user = lookup_user
@@ -84,6 +102,12 @@ class ClientLogin:
         self.negotiations = 0
         self._salt = b""
         self._scram: ScramServerExchange | None = None
+        self.tls_mode = tls_mode
+        self.client_host = client_host
+        self.tls = False  # the handshake is done: everything since came encrypted
+        self.tls_pending: str | None = None  # "classic" (after SSLRequest) or "direct" until tls_started()
+        self.channel_binding: bytes | None = None  # tls-server-end-point hash of our certificate
+        self.peer_cn: str | None = None  # CN of the client's verified certificate
 
     def leftover(self) -> bytes:
         """Bytes the client sent after its login finished (pipelined queries)."""
@@ -93,8 +117,23 @@ class ClientLogin:
 
     def feed(self, data: bytes) -> list:
         """Consume client bytes; return events. Raises LoginError or WireError to refuse the client."""
+        if self.tls_pending is not None:
+            # Cannot happen through Twisted (bytes go to the TLS layer); never process them anyway.
+            raise WireError("received data before the TLS handshake finished")
         self.buffer += data
         events: list = []
+        if (
+            self.state == STARTUP
+            and self.tls_mode != "disable"
+            and not self.tls
+            and not self.negotiations
+            and self.buffer[:1] == bytes((_TLS_RECORD_HANDSHAKE,))
+        ):
+            # Direct TLS (PostgreSQL 17's sslnegotiation=direct): the ClientHello is for the TLS layer.
+            initial = bytes(self.buffer)
+            self.buffer.clear()
+            self.tls_pending = "direct"
+            return [StartTLS(initial)]
         while self.state != DONE:
             if self.state == STARTUP:
                 body = pop_startup_packet(self.buffer, p.MAX_STARTUP_PACKET)
@@ -104,6 +143,8 @@ class ClientLogin:
                 if self.state == STARTUP and isinstance(events[-1], CancelReceived):
                     self.state = DONE
                     break
+                if self.tls_pending is not None:
+                    break  # nothing more until the handshake is done
             else:
                 msg = pop_message(self.buffer, p.MAX_AUTH_MESSAGE)
                 if msg is None:
@@ -123,9 +164,21 @@ class ClientLogin:
             self.negotiations += 1
             if self.negotiations > _MAX_NEGOTIATIONS:
                 raise WireError("too many encryption negotiation requests")
-            return [Reply(b"N")]  # TLS termination arrives with its own issue
+            if self.tls:
+                raise WireError("encryption negotiation request on a connection that already uses TLS")
+            if isinstance(packet, m.GSSENCRequest) or self.tls_mode == "disable":
+                return [Reply(b"N")]
+            if self.buffer:
+                # Bytes sent before the handshake were not encrypted: perhaps injected by a man
+                # in the middle (CVE-2021-23214). Never process them.
+                error = WireError("received unencrypted data after SSL request")
+                error.detail = "This could be either a client-software bug or evidence of an attempted man-in-the-middle attack."
+                raise error
+            self.tls_pending = "classic"
+            return [Reply(b"S"), StartTLS()]
         assert isinstance(packet, m.StartupMessage)
         self.startup = packet
+        self._check_tls(packet)
         if packet.parameters.get("replication", "false").lower() not in ("false", "off", "no", "0"):
             raise LoginError(sqlstate.FEATURE_NOT_SUPPORTED, "replication connections are not supported by pgtwist")
         events: list = []
@@ -136,6 +189,11 @@ class ClientLogin:
 
     def _begin_auth(self, user: str) -> list:
         self.credential = self.lookup_user(user)
+        if self.auth_type == "cert":
+            # The verified client certificate's CN is the user, as PostgreSQL's cert method.
+            if self.credential is None or self.peer_cn != user:
+                raise LoginError(sqlstate.INVALID_AUTHORIZATION_SPECIFICATION, f'certificate authentication failed for user "{user}"')
+            return self._done()
         if self.auth_type == "trust":
             if self.credential is None:
                 raise LoginError(sqlstate.INVALID_AUTHORIZATION_SPECIFICATION, f'role "{user}" does not exist')
@@ -145,13 +203,57 @@ class ClientLogin:
             self._salt = self.token(4)
             self.state = MD5
             return [Reply(m.authentication_md5_password(self._salt))]
+        # Over TLS, SCRAM-SHA-256-PLUS is offered too (channel_binding=require clients need it).
+        cb = self.channel_binding if self.tls else None
         if self.credential is not None and self.credential.scram is not None:
-            self._scram = ScramServerExchange(self.credential.scram)
+            self._scram = ScramServerExchange(self.credential.scram, channel_binding=cb)
         else:
             # Unknown user (or an md5-only secret under scram-sha-256): a full exchange that always fails.
-            self._scram = ScramServerExchange(mock_scram_verifier(user, self.mock_secret), mock=True)
+            self._scram = ScramServerExchange(mock_scram_verifier(user, self.mock_secret), mock=True, channel_binding=cb)
         self.state = SASL_INITIAL
         return [Reply(m.authentication_sasl(self._scram.mechanisms()))]
+
+    # -- TLS ------------------------------------------------------------------------------------
+
+    def tls_started(
+        self,
+        *,
+        channel_binding: bytes | None = None,
+        alpn: bytes | None = None,
+        peer_cn: str | None = None,
+        peer_certificate: bool = False,
+    ) -> list:
+        """The TLS handshake the last StartTLS asked for is done; returns events (none so far).
+
+        *channel_binding*: tls-server-end-point hash of the certificate we presented; *alpn*: the
+        protocol negotiated; *peer_cn*: CN of the client's certificate (verified by the handshake).
+        """
+        if self.tls_pending is None:
+            raise WireError("TLS handshake without a request for it")
+        direct, self.tls_pending = self.tls_pending == "direct", None
+        if direct and alpn != b"postgresql":
+            raise WireError("received direct SSL connection request without ALPN protocol negotiation extension")
+        self.tls = True
+        self.channel_binding = channel_binding
+        self.peer_cn = peer_cn if peer_certificate else None
+        return []
+
+    def _check_tls(self, packet: m.StartupMessage) -> None:
+        if self.tls_mode in TLS_REQUIRED_MODES and not self.tls:
+            host = f'host "{self.client_host}", ' if self.client_host else ""
+            # PostgreSQL's words when only hostssl lines match.
+            raise LoginError(
+                sqlstate.INVALID_AUTHORIZATION_SPECIFICATION,
+                f'no pg_hba.conf entry for {host}user "{packet.user}", database "{packet.database}", no encryption: TLS is required',
+                f'pgtwist\'s [tls] mode is "{self.tls_mode}": connect with sslmode=require or stronger.',
+            )
+        if self.tls_mode == "verify-full" and self.peer_cn != packet.user:
+            # As clientcert=verify-full: the certificate must name the user logging in.
+            raise LoginError(
+                sqlstate.INVALID_AUTHORIZATION_SPECIFICATION,
+                f'certificate authentication failed for user "{packet.user}"',
+                f'The client certificate\'s CN is "{self.peer_cn}"; [tls] mode "verify-full" requires the user name.',
+            )
 
     # -- authentication messages -------------------------------------------------------------
 

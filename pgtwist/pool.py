@@ -61,6 +61,9 @@ class Pool:
         self.connecting = 0
         self.waiters: deque[defer.Deferred] = deque()
         self.paused = False
+        self.retired = False  # removed by a reload: connections close when their clients are done
+        self.waits = 0  # acquisitions that had to wait, and for how long in total (for metrics)
+        self.wait_seconds = 0.0
         self.max_prepared_statements = max_prepared_statements
         self.min_size = min_size
         self.idle_timeout = idle_timeout
@@ -78,13 +81,24 @@ class Pool:
 
     # -- handing out ------------------------------------------------------------------------
 
+    def take_idle(self):
+        """An idle connection right now (now busy), or None; never jumps the queue of waiters."""
+        if self.idle and not self.waiters and not self.paused:
+            conn = self.idle.popleft()
+            self.busy.add(conn)
+            return conn
+        return None
+
     def acquire(self) -> defer.Deferred:
         """A Deferred firing with a logged-in, idle ServerConnection (now busy), or failing with PoolError."""
         d = defer.Deferred(self._cancel_wait)
         timer = self.clock.callLater(self.wait_timeout, self._wait_timed_out, d) if self.wait_timeout else None
         d._pgtwist_timer = timer
+        d._pgtwist_started = self.clock.seconds()
         self.waiters.append(d)
         self._serve()
+        if not d.called:
+            self.waits += 1
         return d
 
     def _cancel_wait(self, d: defer.Deferred) -> None:
@@ -111,6 +125,9 @@ class Pool:
 
     def _give(self, d: defer.Deferred, conn) -> None:
         self._drop_waiter(d)
+        started = getattr(d, "_pgtwist_started", None)
+        if started is not None:
+            self.wait_seconds += self.clock.seconds() - started
         self.busy.add(conn)
         d.callback(conn)
 
@@ -152,7 +169,7 @@ class Pool:
         """
         if conn not in self.busy:
             return
-        if not reusable or conn.state != "idle" or conn.tainted or self._expired(conn):
+        if not reusable or conn.state != "idle" or conn.tainted or self.retired or self._expired(conn):
             self.busy.discard(conn)
             conn.close()
             self._serve()
@@ -222,6 +239,24 @@ class Pool:
         except ValueError:
             pass
         self._serve()
+
+    # -- operations (admin actions, reload) ------------------------------------------------------
+
+    def set_paused(self, paused: bool) -> None:
+        """PAUSE/RESUME: while paused, nothing is handed out or opened; waiters keep their place."""
+        self.paused = paused
+        self._serve()
+
+    def refresh(self) -> None:
+        """Limits changed (reload): hand out or open what the new ones allow."""
+        self._serve()
+
+    def retire(self) -> None:
+        """Its database, node or user left the config: close idle connections, the busy ones when released."""
+        self.retired = True
+        self.min_size = 0
+        while self.idle:
+            self.idle.popleft().close()
 
     def close_all(self) -> None:
         for conn in list(self.idle) + list(self.busy):

@@ -7,10 +7,16 @@ import itertools
 import secrets
 import struct
 
+from twisted.internet import defer
 from twisted.logger import Logger
 
+from pgtwist import reload as reloadmod
+from pgtwist import tls
+from pgtwist.admin.counters import Counters
 from pgtwist.backend import BackendFactory, CancelFactory
+from pgtwist.cluster.health import ClusterMonitor
 from pgtwist.pool import Pool
+from pgtwist.router import DatabaseRouter, load_hook
 from pgtwist.server import ServerConnection
 from pgtwist.server_login import ServerLogin
 from pgtwist.session import ClientSession
@@ -32,21 +38,45 @@ class Proxy:
         self.cancel_keys: dict[int, ClientSession] = {}
         self.client_keys: dict[str, bytes] = {}
         self.pinned_sessions = 0
+        self.counters = Counters(reactor)  # totals for SHOW STATS and /metrics
+        self.service = None  # the PgBalanceService, for admin actions (reload, shutdown)
+        self.draining = False  # shutting down: clients leave as soon as they are between transactions
+        self.paused: set[str] = set()  # databases PAUSEd ("*": all)
+        self.retired_pools: set[Pool] = set()  # removed by a reload, closing as their clients finish
+        self.routers: dict[str, DatabaseRouter] = {}
+        self._failover_timers: dict = {}
+        self.started = False
         self._client_ids = itertools.count(1)
         self._server_ids = itertools.count(1)
+        self.client_tls: tls.ClientTls | None = None  # [tls]: what clients' connections upgrade with
+        self.node_tls: tls.NodeTls | None = None  # [server_tls]: what connections to nodes upgrade with
+        self.reload_tls()
 
     # -- clients ---------------------------------------------------------------------------
 
     def new_client(self, transport) -> ClientSession:
         session = ClientSession(self, transport, f"c{next(self._client_ids)}")
         self.clients[session.id] = session
+        self.counters.client_connected()
+        peer = transport.getPeer()
+        log.info("client {client} connected from {addr}", client=session.id, addr=f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}")
         return session
 
     def admit(self, session: ClientSession) -> bool:
         return len(self.clients) <= self.config.max_client_conn
 
-    def client_closed(self, session: ClientSession) -> None:
+    def client_closed(self, session: ClientSession, reason=None) -> None:
         self.clients.pop(session.id, None)
+        self.counters.client_closed(session.id)
+        log.info(
+            "client {client} disconnected: {user}@{database}, {state}, after {seconds:.1f} s ({why})",
+            client=session.id,
+            user=session.user,
+            database=session.database.name if session.database is not None else None,
+            state=session.state,
+            seconds=self.clock.seconds() - session.connected_at,
+            why=reason.getErrorMessage() if reason is not None else "closed",
+        )
         if self.cancel_keys.get(session.process_id) is session:
             del self.cancel_keys[session.process_id]
 
@@ -59,6 +89,16 @@ class Proxy:
         """Janitor tick: pools close stale connections and keep warm ones."""
         for pool in self.pools.values():
             pool.maintain()
+        if self.retired_pools:
+            reloadmod.sweep(self)
+
+    def reload_tls(self) -> None:
+        """(Re)read the certificates and keys of [tls] and [server_tls] from self.config's paths.
+
+        New connections use the new ones; open connections keep theirs. Raises tls.TlsSetupError
+        and keeps the current ones when a file does not load.
+        """
+        self.client_tls, self.node_tls = tls.from_config(self.config)
 
     def lookup_user(self, name: str):
         user = self.config.users.get(name)
@@ -95,8 +135,81 @@ class Proxy:
 
     # -- pools and server connections ----------------------------------------------------------
 
-    def pool_for(self, database, user: str) -> Pool:
-        node = database.nodes[0]  # roles and routing arrive with cluster awareness
+    # -- routing ----------------------------------------------------------------------------
+
+    def router_for(self, database) -> DatabaseRouter:
+        router = self.routers.get(database.name)
+        if router is None:
+            monitor = None
+            if len(database.nodes) > 1:
+                monitor = ClusterMonitor(
+                    self.reactor,
+                    list(database.nodes),
+                    lambda node, db=database: self._health_login(db, node),
+                    interval=self.config.health_check_interval,
+                    timeout=self.config.health_check_timeout,
+                    on_change=lambda state, what, db=database: self._node_changed(db, state, what),
+                )
+                if self.started:
+                    monitor.start()
+            hook = None
+            if self.config.routing_hook:
+                try:
+                    hook = load_hook(self.config.routing_hook)
+                except Exception:
+                    log.failure("cannot load routing_hook {hook}; using the built-in policy", hook=self.config.routing_hook)
+            router = self.routers[database.name] = DatabaseRouter(database, self.config, monitor, hook)
+        return router
+
+    def _health_login(self, database, node) -> ServerLogin:
+        name = self.config.health_user or next(iter(self.config.users), "")
+        user = self.config.users.get(name)
+        return ServerLogin(name, database.dbname, user.credential if user else None, node_name=str(node))
+
+    def _node_changed(self, database, state, what: str) -> None:
+        log.info("database {db}: node {node} {what}", db=database.name, node=state.name, what=what)
+        if what == "promoted":
+            self.counters.failover()
+        if not state.up:
+            # Idle server connections to a dead node are useless; busy ones fail on their own.
+            for pool in self.pools.values():
+                if str(pool.node) == state.name:
+                    for conn in list(pool.idle):
+                        conn.close()
+        if what in ("down", "demoted", "fenced") and self.config.auto_promote:
+            router = self.routers.get(database.name)
+            if router is not None and router.primary() is None and database.name not in self._failover_timers:
+                self._failover_timers[database.name] = self.clock.callLater(
+                    self.config.failover_timeout, self._auto_promote, database
+                )
+
+    def _auto_promote(self, database) -> None:
+        """auto_promote: the primary stayed away for failover_timeout; promote the most caught-up replica."""
+        self._failover_timers.pop(database.name, None)
+        router = self.routers.get(database.name)
+        if router is None or router.monitor is None or router.primary() is not None:
+            return  # an operator or an HA manager got there first
+        candidate = router.monitor.most_caught_up_replica()
+        if candidate is None:
+            log.warn("database {db}: no primary and no replica to promote", db=database.name)
+            return
+        log.warn("database {db}: no primary for {t:g} s; promoting {node}", db=database.name, t=self.config.failover_timeout, node=candidate.name)
+        router.monitor.promote(candidate.name).addErrback(
+            lambda f: log.failure("database {db}: promoting {node} failed", f, db=database.name, node=candidate.name)
+        )
+
+    def start(self) -> None:
+        """Start health monitoring of every clustered database (the service calls this)."""
+        self.started = True
+        for database in self.config.databases.values():
+            self.router_for(database)
+        for router in self.routers.values():
+            if router.monitor is not None and not router.monitor.running:
+                router.monitor.start()
+
+    def pool_for(self, database, user: str, node=None) -> Pool:
+        if node is None:
+            node = self.router_for(database).primary() or database.nodes[0]
         key = (database.name, user, str(node))
         pool = self.pools.get(key)
         if pool is None:
@@ -115,7 +228,13 @@ class Proxy:
                 idle_timeout=self.config.server_idle_timeout,
                 lifetime=self.config.server_lifetime,
             )
+            if self.paused and ("*" in self.paused or database.name in self.paused):
+                pool.paused = True
         return pool
+
+    def apply_config(self, config, changes) -> None:
+        """Reload: run with *config* from now on (pools resized, removed databases retired; see pgtwist.reload)."""
+        reloadmod.apply(self, config, changes)
 
     def connect_server(self, pool: Pool):
         """Open and log in one server connection for *pool*; a Deferred firing with it."""
@@ -128,6 +247,7 @@ class Proxy:
             node_name=str(pool.node),
         )
         conn = ServerConnection(f"s{next(self._server_ids)}", pool, login)
+        conn.tls = self.node_tls
         ready = conn.ready
         timeout = self.config.server_connect_timeout
         connector = self.reactor.connectTCP(pool.node.host, pool.node.port, BackendFactory(conn), timeout=timeout or 30)
@@ -146,6 +266,8 @@ class Proxy:
         conn.login_timed_out()
         connector.disconnect()
 
-    def close(self) -> None:
+    def close(self):
         for pool in self.pools.values():
             pool.close_all()
+        stops = [r.monitor.stop() for r in self.routers.values() if r.monitor is not None and r.monitor.running]
+        return defer.gatherResults(stops) if stops else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pgtwist.statements import (
+    SERVER_NAME_PREFIX,
     Statement,
     bind_body,
     parse_body,
@@ -27,7 +28,7 @@ _COMPLETION = {
 }
 # Server messages looked into while extended-protocol requests are in flight; with only
 # simple queries in flight, ReadyForQuery (and ParameterStatus) is all that matters.
-SIMPLE_CAPTURE = frozenset((p.READY_FOR_QUERY, p.PARAMETER_STATUS))
+SIMPLE_CAPTURE = frozenset((p.READY_FOR_QUERY, p.PARAMETER_STATUS, p.ERROR_RESPONSE))
 FULL_CAPTURE = SIMPLE_CAPTURE | frozenset(
     (
         p.PARSE_COMPLETE,
@@ -71,7 +72,7 @@ class Relay:
     PostgreSQL would have sent them.
     """
 
-    __slots__ = ("statements", "queue", "extended", "skipping", "tx_status")
+    __slots__ = ("statements", "queue", "extended", "skipping", "tx_status", "server_fatal")
 
     def __init__(self):
         self.statements: dict[str, Statement] = {}
@@ -81,6 +82,7 @@ class Relay:
         self.extended = 0  # non-SYNC entries in the queue
         self.skipping = False  # a proxy-made error: drop client messages until Sync, as PostgreSQL does
         self.tx_status = p.TX_IDLE
+        self.server_fatal: dict | None = None  # a FATAL the node sent before it hung up
 
     @property
     def idle(self) -> bool:
@@ -114,24 +116,31 @@ class Relay:
             portal, name, rest = split_bind(body)
             if name:
                 statement = self._server_statement(name, server, to_server, to_client)
-                if statement is None:
+                if statement is not None:
+                    body = bind_body(portal, statement.server_name, rest)
+                elif self._refuse_unknown(name, to_client):
                     return
-                body = bind_body(portal, statement.server_name, rest)
             self._forward(BIND, msg_type, body, to_server)
         elif msg_type == p.DESCRIBE:
             kind, name = split_target(body, "Describe")
             if kind == ord("S") and name:
                 statement = self._server_statement(name, server, to_server, to_client)
-                if statement is None:
+                if statement is not None:
+                    body = target_body(kind, statement.server_name)
+                elif self._refuse_unknown(name, to_client):
                     return
-                body = target_body(kind, statement.server_name)
             self._forward(DESCRIBE, msg_type, body, to_server)
         elif msg_type == p.CLOSE:
             kind, name = split_target(body, "Close")
             if kind == ord("S") and name:
                 # The client's name goes; the server keeps the shared statement for others.
-                self.statements.pop(name, None)
-                self._synth(_CLOSE_COMPLETE, to_client)
+                closed = self.statements.pop(name, None)
+
+                def undo():  # skipped after an error earlier in the batch: the statement stays
+                    if closed is not None and name not in self.statements:
+                        self.statements[name] = closed
+
+                self._synth(_CLOSE_COMPLETE, to_client, undo)
             else:
                 self._forward(CLOSE, msg_type, body, to_server)
         elif msg_type == p.EXECUTE:
@@ -145,12 +154,16 @@ class Relay:
         self._push(Entry(kind, **entry))
         to_server.append(frame(msg_type, body))
 
-    def _synth(self, data, to_client: list) -> None:
-        """A reply the proxy makes; it goes out once every earlier request has been answered."""
+    def _synth(self, data, to_client: list, undo=None) -> None:
+        """A reply the proxy makes; it goes out once every earlier request has been answered.
+
+        *undo* reverts what the proxy recorded for it if an earlier request fails (the server
+        then skips the rest of the batch, and PostgreSQL would have skipped this one too).
+        """
         if not self.queue:
             to_client.append(data() if callable(data) else data)
         else:
-            self._push(Entry(SYNTH, synth=data))
+            self._push(Entry(SYNTH, synth=data, undo=undo))
 
     def synth_reply(self, make, to_client: list) -> None:
         """Answer a whole simple Query ourselves (e.g. DEALLOCATE of a client statement), in order."""
@@ -181,21 +194,47 @@ class Relay:
 
         if statement.server_name in server.statements:
             server.statements.touch(statement.server_name)
-            self._synth(_PARSE_COMPLETE, to_client)
+            self._synth(_PARSE_COMPLETE, to_client, undo)
         else:
             self._prepare_on(server, statement, to_server, swallow=False, client_undo=undo)
 
     def _server_statement(self, name: str, server, to_server: list, to_client: list) -> Statement | None:
-        """The client's statement, prepared on *server* first if that server lacks it."""
+        """The client's statement, prepared on *server* first if that server lacks it; None if the client has none so named."""
         statement = self.statements.get(name)
         if statement is None:
-            self._error(sqlstate.INVALID_SQL_STATEMENT_NAME, f'prepared statement "{name}" does not exist', to_client)
             return None
         if statement.server_name in server.statements:
             server.statements.touch(statement.server_name)
         else:
             self._prepare_on(server, statement, to_server, swallow=True)
         return statement
+
+    def _refuse_unknown(self, name: str, to_client: list) -> bool:
+        """A name the client never prepared. True when the proxy refuses it itself.
+
+        Normally the message goes to the server under the client's name, which no server
+        statement has: the server's own 26000 then aborts the batch and the transaction exactly
+        as PostgreSQL's would (a proxy-made error would leave the server's transaction going).
+        Only a name that could reach a shared statement is refused here.
+        """
+        if name.startswith(SERVER_NAME_PREFIX):
+            self._error(sqlstate.INVALID_SQL_STATEMENT_NAME, f'prepared statement "{name}" does not exist', to_client)
+            return True
+        return False
+
+    def stand_in(self, names, to_server: list) -> None:
+        """SQL DEALLOCATE of client statements is about to run on the server: give it something to drop there.
+
+        The client's names live only here. A throwaway statement under each name lets the
+        server's DEALLOCATE succeed and answer exactly as PostgreSQL's would; Close first, so
+        that a stand-in left by a DEALLOCATE bound but never executed cannot fail the Parse.
+        """
+        if self.skipping:
+            return
+        for name in names:
+            if self.statements.pop(name, None) is not None:
+                self._forward(CLOSE, p.CLOSE, target_body(ord("S"), name), to_server, swallow=True)
+                self._forward(PARSE, p.PARSE, parse_body(name, b"SELECT\x00\x00\x00"), to_server, swallow=True)
 
     def _prepare_on(self, server, statement: Statement, to_server: list, *, swallow: bool, client_undo=None) -> None:
         server_name = statement.server_name
@@ -226,6 +265,13 @@ class Relay:
             to_client.append(frame(msg_type, body))
             self._flush_synth(to_client)
             return status
+        if msg_type == p.ERROR_RESPONSE:
+            fields = m.decode_fields(body)
+            if fields.get("V", fields.get("S")) in ("FATAL", "PANIC"):
+                # The server connection is ending, not the client's session: the session says
+                # so itself when the connection drops, and carries on.
+                self.server_fatal = fields
+                return None
         if msg_type == p.PARAMETER_STATUS or not queue:
             to_client.append(frame(msg_type, body))
             return None

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IPushProducer
+from zope.interface import implementer
 from twisted.logger import Logger
 
 from pgtwist.server_login import ServerLogin, ServerLoginError
@@ -22,6 +24,30 @@ _PARAMETER_STATUS = p.PARAMETER_STATUS
 # What a linked server connection looks inside: ReadyForQuery (transaction status) and
 # ParameterStatus (the session's reported settings). Everything else is forwarded untouched.
 _LINKED_CAPTURE = frozenset((_Z, _PARAMETER_STATUS))
+
+
+@implementer(IPushProducer)
+class Throttle:
+    """One side's transport as the other side's producer: pause and resume, but never stop.
+
+    Registering a transport itself would let Twisted stop it (close it!) when the other
+    side's connection ends; whether a client outlives its server connection is the
+    session's decision.
+    """
+
+    __slots__ = ("transport",)
+
+    def __init__(self, transport):
+        self.transport = transport
+
+    def pauseProducing(self):
+        self.transport.pauseProducing()
+
+    def resumeProducing(self):
+        self.transport.resumeProducing()
+
+    def stopProducing(self):
+        pass
 
 
 class ServerConnection:
@@ -45,12 +71,15 @@ class ServerConnection:
         self.settings: dict[str, str] = {}  # settings applied beyond the session defaults (by us, for clients)
         self.tainted = False  # a client did something (e.g. DISCARD ALL) that leaves our records unsure
         self.internal_rows: list[list[bytes | None]] = []
+        self.replied = False
         self.ready: defer.Deferred = defer.Deferred()  # fires self after login
         self._internal: defer.Deferred | None = None
         self._internal_owed = 0
         self._internal_errors: list[dict] = []
         self.created = pool.clock.seconds()
         self.last_used = self.created
+        self.tls = None  # tls.NodeTls when [server_tls] is on (set by the proxy)
+        self.tls_step = None  # "answer" (SSLRequest sent), then the tls.NodeHandshake, until TLS is up
 
     def __repr__(self):
         return f"<ServerConnection {self.id} {self.node} {self.state}>"
@@ -60,11 +89,19 @@ class ServerConnection:
     def connection_made(self, transport) -> None:
         self.transport = transport
         self.state = LOGIN
+        if self.tls is not None:
+            # [server_tls]: SSLRequest first; the StartupMessage (and any password) waits for TLS.
+            self.tls_step = "answer"
+            transport.write(m.ssl_request())
+            return
         transport.write(self.login.start())
 
     def got_data(self, data: bytes) -> None:
         if self.state is LINKED:
             self._forward(data)
+            return
+        if self.tls_step is not None:
+            self._tls_answer(data)
             return
         try:
             self.buffer += data
@@ -106,6 +143,10 @@ class ServerConnection:
     def connection_lost(self, reason) -> None:
         previous = self.state
         self.state = CLOSED
+        if (previous is LOGIN or previous is CONNECTING) and self.tls_step not in (None, "answer") and self.ready is not None:
+            error = self.tls_step.error(reason, str(self.node))
+            log.warn("server {server}: {why}", server=self.id, why=error.fields.get("M"))
+            self._fail_login(error)
         if previous is LOGIN or previous is CONNECTING:
             self._fail_login(
                 ServerLoginError.make(sqlstate.CONNECTION_FAILURE, f"node {self.node} closed the connection during login")
@@ -119,6 +160,31 @@ class ServerConnection:
             self.session = None
             session.server_lost(self, reason)
         self.pool.server_closed(self)
+
+    # -- TLS to the node ----------------------------------------------------------------
+
+    def _tls_answer(self, data: bytes) -> None:
+        """The node's one-byte answer to our SSLRequest (the handshake itself is the TLS layer's)."""
+        if self.tls_step != "answer":
+            return  # (bytes come through the TLS layer only once the handshake is done)
+        try:
+            start = self.tls.answer(data, str(self.node))
+        except ServerLoginError as e:
+            log.warn("server {server}: {why}", server=self.id, why=e.fields.get("M"))
+            self._fail_login(e)
+            return
+        if start:
+            self.tls_step = self.tls.handshake(self.node.host)
+            self.transport.startTLS(self.tls_step)
+        else:
+            self.tls_step = None  # mode "prefer" and a node without TLS: plaintext
+            self.transport.write(self.login.start())
+
+    def tls_established(self) -> None:
+        """The handshake with the node finished and verified it (BackendProtocol.handshakeCompleted)."""
+        if self.tls_step is not None and self.state is LOGIN:
+            self.tls_step = None
+            self.transport.write(self.login.start())
 
     # -- login --------------------------------------------------------------------------
 
@@ -198,10 +264,11 @@ class ServerConnection:
         self.session = session
         self.client_transport = client_transport
         self.scanner = MessageScanner(capture or _LINKED_CAPTURE, p.MAX_PROTOCOL_MESSAGE)
+        self.replied = False
         # Each side's transport produces for the other's: a client that stops reading
         # pauses reads from the node instead of letting the proxy buffer a result set.
-        client_transport.registerProducer(self.transport, True)
-        self.transport.registerProducer(client_transport, True)
+        client_transport.registerProducer(Throttle(self.transport), True)
+        self.transport.registerProducer(Throttle(client_transport), True)
 
     def unlink(self) -> None:
         assert self.state is LINKED, self.state
@@ -215,9 +282,12 @@ class ServerConnection:
         client = self.client_transport
         self.client_transport = None
         if client is not None:
-            client.unregisterProducer()
+            # (A transport already disconnected has dropped its producer; a TLS one would raise.)
+            if client.connected:
+                client.unregisterProducer()
             if self.transport is not None:
-                self.transport.unregisterProducer()
+                if self.transport.connected:
+                    self.transport.unregisterProducer()
                 self.transport.resumeProducing()
             client.resumeProducing()
 
@@ -226,6 +296,7 @@ class ServerConnection:
         return self.scanner is None or self.scanner.at_boundary
 
     def _forward(self, data: bytes) -> None:
+        self.replied = True  # a byte for the client exists: its work can no longer be replayed
         try:
             items = self.scanner.feed(data)
         except WireError as e:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import resource
+import signal
 
 from twisted.application import service
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
+from pgtwist import drain
+from pgtwist import reload as reloadmod
 from pgtwist.frontend import FrontendFactory
 from pgtwist.proxy import Proxy
 
@@ -32,15 +35,29 @@ class PgBalanceService(service.MultiService):
 
     name = "pgbalance"
 
-    def __init__(self, config, reactor=None):
+    def __init__(self, config, reactor=None, signals: bool = False):
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor
         self.reactor = reactor
         self.config = config
         self.proxy = Proxy(config, reactor)
+        self.proxy.service = self
         self.factory = FrontendFactory(self.proxy)
         self.port = None  # the listening port, once started
+        self.signals = signals  # SIGHUP reloads, SIGTERM drains (twistd; not in tests)
+        self._previous_handlers: dict = {}
+        self._graceful = False  # set by SIGTERM / SHUTDOWN; SIGINT and plain stops are fast
+        self._stopping = False
+        # Optional listeners, started and stopped with the service (errors surface here, before twistd starts).
+        if config.manhole is not None:
+            from pgtwist.admin import manhole
+
+            manhole.make_service(self, config.manhole, reactor).setServiceParent(self)
+        if config.metrics is not None:
+            from pgtwist.admin import metrics
+
+            metrics.make_service(self, config.metrics, reactor).setServiceParent(self)
 
     @property
     def address(self):
@@ -56,6 +73,9 @@ class PgBalanceService(service.MultiService):
             n=len(self.config.databases),
             limit=limit,
         )
+        self.proxy.start()
+        if self.signals:
+            self.reactor.callWhenRunning(self._install_signal_handlers)  # after the reactor's own
         self._janitor = task.LoopingCall(self.proxy.maintain)
         self._janitor.clock = self.reactor
         self._janitor.start(1.0, now=False)
@@ -64,10 +84,64 @@ class PgBalanceService(service.MultiService):
         super().startService()
 
     def stopService(self):
-        # Stop accepting first; then close what is open.
-        d = defer.maybeDeferred(self.port.stopListening) if self.port is not None else defer.succeed(None)
+        # Stop accepting first; let open transactions finish (graceful) and close the clients; then the rest.
+        self._stopping = True
+        timeout = self.config.shutdown_timeout if self._graceful else 0.0
+        port, self.port = self.port, None
+        d = defer.maybeDeferred(port.stopListening) if port is not None else defer.succeed(None)
+        d.addCallback(lambda _: drain.drain(self.proxy, self.reactor, timeout))
         d.addCallback(lambda _: super(PgBalanceService, self).stopService())
         d.addCallback(lambda _: self.proxy.close())
         if self._janitor.running:
             self._janitor.stop()
+        d.addBoth(self._restore_signal_handlers)
         return d
+
+    # -- operations ------------------------------------------------------------------------------
+
+    @property
+    def accepting(self) -> bool:
+        """The client listener is open and the proxy is not shutting down (for /readyz)."""
+        return self.port is not None and not self.proxy.draining and not self._stopping
+
+    def reload(self) -> reloadmod.ReloadOutcome:
+        """SIGHUP, RELOAD, reload(): read, validate, diff and apply the config file; a broken one changes nothing."""
+        outcome = reloadmod.reload_file(self.proxy)
+        self.config = self.proxy.config
+        return outcome
+
+    def shutdown(self, graceful: bool = True) -> None:
+        """SIGTERM, SHUTDOWN: stop the reactor; stopService drains first (up to shutdown_timeout) when graceful."""
+        if self._stopping:
+            log.info("shutdown already under way")
+            return
+        self._graceful = graceful
+        log.info(
+            "shutting down: {how}",
+            how=f"new clients refused, open transactions get up to {self.config.shutdown_timeout:g} s" if graceful else "fast",
+        )
+        self.reactor.stop()
+
+    def _install_signal_handlers(self) -> None:
+        def on_hup(signum, frame):
+            self.reactor.callFromThread(self._signalled_reload)
+
+        def on_term(signum, frame):
+            self.reactor.callFromThread(self.shutdown, True)
+
+        for sig, handler in ((signal.SIGHUP, on_hup), (signal.SIGTERM, on_term)):
+            self._previous_handlers[sig] = signal.signal(sig, handler)
+
+    def _restore_signal_handlers(self, result=None):
+        """Once stopped (not before: a SIGHUP or SIGTERM during the drain must not kill the process)."""
+        handlers, self._previous_handlers = self._previous_handlers, {}
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        return result
+
+    def _signalled_reload(self) -> None:
+        log.info("SIGHUP: reloading {source}", source=self.config.source)
+        try:
+            self.reload()
+        except Exception:
+            log.failure("reload failed")

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
-from pgtwist import sqlinspect
-from pgtwist.login import Authenticated, CancelReceived, ClientLogin, LoginError, Reply
+from pgtwist import sqlinspect, tls
+from pgtwist import drain
+from pgtwist.admin import audit
+from pgtwist.admin.console import DATABASE as ADMIN_DATABASE
+from pgtwist.admin.console import AdminConsole
+from pgtwist.login import Authenticated, CancelReceived, ClientLogin, LoginError, Reply, StartTLS
 from pgtwist.pool import PoolError
-from pgtwist.relay import CLIENT_CAPTURE, Relay
+from pgtwist.relay import CLIENT_CAPTURE, SYNC, Relay
+from pgtwist.router import Decision, NoNode
+from pgtwist.routing.classify import Classification, classify
+from pgtwist.routing.policy import parse_lsn
 from pgtwist.server_login import ServerLoginError
 from pgtwist.settings import SERVER_OWNED, client_settings, parse_options, quote_literal, readback_sql, sync_sql
 from pgtwist.statements import split_bind, split_parse
@@ -23,6 +32,7 @@ log = Logger()
 
 # States. IDLE exists in transaction mode only: logged in, holding no server connection.
 LOGIN, IDLE, WAITING, PREPARING, LINKED, CLOSED = "login", "idle", "waiting", "preparing", "linked", "closed"
+ADMIN = "admin"  # logged in to the admin console (dbname "pgbalance"): no pool, no server
 
 _Z = p.READY_FOR_QUERY
 _TERMINATE = p.TERMINATE
@@ -33,6 +43,16 @@ _SESSION_WATCH = frozenset((p.QUERY, p.SYNC, p.FUNCTION_CALL))
 # An extended-protocol batch not yet closed by Sync leaves the server mid-conversation.
 _UNSYNCED = frozenset((p.PARSE, p.BIND, p.EXECUTE, p.DESCRIBE, p.CLOSE, p.FLUSH))
 _LOGIN_CACHE_LIMIT = 1000
+_RETRY_DELAY = 0.25  # between attempts to place work while nodes come and go
+_NOTHING_CLASSIFIED = Classification(read_only=False, reason="session")
+# Read-your-writes: where the primary's WAL ends after this client's write committed.
+_WRITE_LSN_SQL = "SELECT pg_catalog.pg_current_wal_insert_lsn()::text"
+_EXTENDED = frozenset((p.PARSE, p.BIND, p.DESCRIBE, p.EXECUTE, p.CLOSE, p.FLUSH, p.FUNCTION_CALL))
+
+
+def _peer_host(transport) -> str | None:
+    """The client's address, for the words of a refused login."""
+    return getattr(transport.getPeer(), "host", None)
 
 
 class ClientSession:
@@ -75,6 +95,17 @@ class ClientSession:
         "_waiting",
         "_idle_tx_timer",
         "_login_timer",
+        "console",
+        "audit",
+        "router",
+        "user_route",
+        "decision",
+        "min_lsn",
+        "orphaned",
+        "_deadline",
+        "_link_sent",
+        "_link_replied",
+        "_orphan_error",
     )
 
     def __init__(self, proxy, transport, client_id: str):
@@ -85,7 +116,9 @@ class ClientSession:
         config = proxy.config
         self.config = config
         self.transaction_mode = config.pool_mode == "transaction"
-        self.login = ClientLogin(config.auth_type, proxy.lookup_user, proxy.mock_secret)
+        self.login = ClientLogin(
+            config.auth_type, proxy.lookup_user, proxy.mock_secret, tls_mode=config.tls.mode, client_host=_peer_host(transport)
+        )
         self.startup: m.StartupMessage | None = None
         self.database = None
         self.user = None
@@ -107,6 +140,16 @@ class ClientSession:
         self.connected_at = proxy.clock.seconds()
         self._waiting = None
         self._idle_tx_timer = None
+        self.router = None
+        self.user_route = "auto"
+        self.decision: Decision | None = None
+        self.min_lsn = 0  # read-your-writes: the WAL position of this client's last write
+        self.orphaned = False  # its transaction died with a node: only ROLLBACK gets it out
+        self._deadline = None  # until when waiting work may still be retried
+        self._link_sent: list = []  # what this link forwarded before any reply (replayable reads)
+        self._link_replied = False
+        self.console = None
+        self.audit = False  # statements are logged (the user is listed in `audit`)
         self._login_timer = (
             proxy.clock.callLater(config.client_login_timeout, self._login_timed_out) if config.client_login_timeout else None
         )
@@ -123,6 +166,8 @@ class ClientSession:
         try:
             if self.state is LOGIN:
                 self._login_data(data)
+            elif self.state is ADMIN:
+                self.console.got_data(data)
             elif self.state is not CLOSED:
                 self._client_data(data)
         except (WireError, LoginError) as e:
@@ -141,14 +186,28 @@ class ClientSession:
             d.cancel()
         if previous is LINKED and self.server is not None:
             self._release_server()
-        self.proxy.client_closed(self)
+        self.proxy.client_closed(self, reason)
 
     # -- login ---------------------------------------------------------------------------
 
+    def tls_established(self) -> None:
+        """The client's TLS handshake finished (FrontendProtocol.handshakeCompleted)."""
+        if self.state is not LOGIN:
+            return
+        try:
+            self._login_events(self.login.tls_started(**tls.client_handshake_info(self.transport)))
+        except (WireError, LoginError) as e:
+            self.fatal(e.sqlstate, e.message if isinstance(e, LoginError) else str(e), getattr(e, "detail", None))
+
     def _login_data(self, data: bytes) -> None:
-        for event in self.login.feed(data):
+        self._login_events(self.login.feed(data))
+
+    def _login_events(self, events: list) -> None:
+        for event in events:
             if isinstance(event, Reply):
                 self.transport.write(event.data)
+            elif isinstance(event, StartTLS):
+                tls.start_tls(self.transport, self.proxy.client_tls, event.initial)
             elif isinstance(event, CancelReceived):
                 self.proxy.cancel(event.process_id, event.secret_key)
                 self.state = CLOSED
@@ -161,6 +220,9 @@ class ClientSession:
         self.startup = event.startup
         self.user = event.startup.user
         name = event.startup.database
+        if name == ADMIN_DATABASE:
+            self._admin_console()
+            return
         database = self.proxy.config.databases.get(name)
         if database is None:
             raise LoginError(sqlstate.INVALID_CATALOG_NAME, f'database "{name}" does not exist')
@@ -176,11 +238,16 @@ class ClientSession:
             self.relay = Relay()
         else:
             self.scanner = MessageScanner(_SESSION_CAPTURE, self.config.max_message_size, _SESSION_WATCH)
-        self.pool = self.proxy.pool_for(database, self.user)
+        if self.user in self.config.audit:
+            self.audit = True
+            self.scanner.capture = self.scanner.capture | audit.CAPTURE
+        self.router = self.proxy.router_for(database)
+        user = self.config.users.get(self.user)
+        self.user_route = user.route if user is not None else "auto"
         leftover = self.login.leftover()
         if leftover:
             self.backlog.extend(self.scanner.feed(leftover))
-        known = self.pool.login_parameters.get(self._login_key()) if self.transaction_mode else None
+        known = self.router.login_parameters.get(self._login_key()) if self.transaction_mode else None
         if known is not None:
             self._logged_in(known)
             self.state = IDLE
@@ -189,6 +256,19 @@ class ClientSession:
         else:
             # A server connection tells us what to report (and proves the node is there).
             self._acquire()
+
+    def _admin_console(self) -> None:
+        """dbname "pgbalance": the admin console answers instead of a node ([admin] users only)."""
+        self.console = AdminConsole(self)  # LoginError 42501 for anyone else
+        self._cancel_login_timer()
+        self.state = ADMIN
+        self.logged_in = True
+        self.process_id, self.secret_key = self.proxy.register_cancel_key(self)
+        leftover = self.login.leftover()
+        self.login = None
+        self.transport.write(self.console.welcome(self.process_id, self.secret_key))
+        if leftover:
+            self.console.got_data(leftover)
 
     def _login_key(self) -> tuple:
         return tuple(sorted(self.settings.items()))
@@ -219,10 +299,91 @@ class ClientSession:
     # -- getting a server ----------------------------------------------------------------------
 
     def _acquire(self) -> None:
+        """Find a node for what the client sent (or for its login) and wait for a server connection there."""
         self.state = WAITING
         self.transport.pauseProducing()  # what the client sends meanwhile waits in its socket
-        self._waiting = self.pool.acquire()
+        if self._deadline is None:
+            self._deadline = self.proxy.clock.seconds() + self.config.failover_wait
+        router = self.router
+        if self.transaction_mode and self.logged_in and router.clustered and not self.pinned:
+            d = router.decide_with_hook(
+                self._first_sql(),
+                in_transaction=None,
+                user_rule=self.user_route,
+                min_lsn=self.min_lsn,
+                identity={"user": self.user, "database": self.database.name, "client": self.id},
+            )
+        else:
+            # Everything goes to the primary: no Deferred on this per-transaction path.
+            try:
+                decision = self._primary_decision()
+            except NoNode as e:
+                self._unroutable(Failure(e))
+                return
+            self._routed(decision)
+            return
+        d.addCallbacks(self._routed, self._unroutable).addErrback(self._crashed)
+
+    def _primary_decision(self) -> Decision:
+        node = self.router.primary()
+        if node is None:
+            raise NoNode("no primary")
+        return Decision(node, "primary", "session needs the primary", _NOTHING_CLASSIFIED)
+
+    def _first_sql(self) -> str | None:
+        """The statement text that starts the waiting work, for routing."""
+        for item in self.backlog:
+            if type(item) is not tuple:
+                continue
+            msg_type, body = item
+            if msg_type == p.QUERY:
+                return m.decode_query(body)
+            if msg_type == p.PARSE:
+                return split_parse(body)[1].split(b"\x00", 1)[0].decode("utf-8", "replace")
+            if msg_type == p.BIND:
+                statement = self.relay.statements.get(split_bind(body)[1])
+                return statement.query if statement is not None else None
+        return None
+
+    def _routed(self, decision: Decision) -> None:
+        if self.state is CLOSED:
+            return
+        self.decision = decision
+        self.proxy.counters.routed(decision.reason)
+        pool = self.proxy.pool_for(self.database, self.user, decision.node)
+        server = pool.take_idle()
+        if server is not None:
+            self._got_server(server)
+            return
+        self._waiting = pool.acquire()
         self._waiting.addCallbacks(self._got_server, self._no_server).addErrback(self._crashed)
+
+    def _unroutable(self, failure) -> None:
+        failure.trap(NoNode)
+        self._retry_or_fail(m.error_fields("ERROR", sqlstate.CONNECTION_FAILURE, f'no node can serve database "{self.database.name}" now: {failure.value}'))
+
+    def _retry_or_fail(self, fields: dict) -> None:
+        """No server this time: try again (another node, or the same once it is back) until failover_wait runs out."""
+        if self.state is CLOSED:
+            return
+        now = self.proxy.clock.seconds()
+        retriable = self.router.clustered or (self.logged_in and self.transaction_mode)
+        if retriable and self._deadline is not None and now < self._deadline:
+            self.proxy.clock.callLater(_RETRY_DELAY, self._retry)
+            return
+        self._deadline = None
+        if not self.logged_in or not self.transaction_mode:
+            self.fatal_fields(dict(fields, S="FATAL", V="FATAL"))
+            return
+        # A logged-in client keeps its session: its waiting work fails like a statement would.
+        backlog, self.backlog = self.backlog, []
+        self.state = IDLE
+        self.transport.resumeProducing()
+        self._answer_locally(backlog, fields)
+
+    def _retry(self) -> None:
+        if self.state is WAITING:
+            self._acquire()
 
     def _no_server(self, failure) -> None:
         self._waiting = None
@@ -230,9 +391,14 @@ class ClientSession:
             return
         e = failure.value
         if isinstance(e, PoolError):
-            self.fatal(e.sqlstate, e.message, e.detail)
+            self._deadline = None
+            self._retry_or_fail(m.error_fields("FATAL", e.sqlstate, e.message, e.detail))
         elif isinstance(e, ServerLoginError):
-            self.fatal_fields(e.fields)
+            if e.fields.get("C") == sqlstate.CONNECTION_FAILURE and self.decision is not None:
+                self.router.node_failed(self.decision.node, e.fields.get("M", ""))
+            else:
+                self._deadline = None  # a refusal, not an outage: say so now
+            self._retry_or_fail(e.fields)
         else:
             log.failure("client {client}: no server", failure, client=self.id)
             self.fatal(sqlstate.CONNECTION_FAILURE, f"could not get a server connection: {e}")
@@ -240,7 +406,7 @@ class ClientSession:
     def _got_server(self, server) -> None:
         self._waiting = None
         if self.state is CLOSED:
-            self.pool.release(server, reusable=True, reset=not self.transaction_mode)
+            server.pool.release(server, reusable=True, reset=not self.transaction_mode)
             return
         self.server = server
         self.state = PREPARING
@@ -251,21 +417,26 @@ class ClientSession:
             server.run_internal([query]).addCallbacks(self._prepared, self._prepare_failed).addErrback(self._crashed)
 
     def _prepare_failed(self, failure) -> None:
-        self.server = None
-        if self.state is not CLOSED:
-            self.fatal(sqlstate.CONNECTION_FAILURE, f"lost the connection to node {self.pool.node} while preparing the session")
+        server, self.server = self.server, None
+        if self.state is CLOSED or server is None:
+            return
+        self.router.node_failed(server.node, "connection lost")
+        self.state = WAITING
+        self._retry_or_fail(
+            m.error_fields("FATAL", sqlstate.CONNECTION_FAILURE, f"lost the connection to node {server.node} while preparing the session")
+        )
 
     def _prepared(self, errors: list[dict]) -> None:
         server = self.server
         if self.state is CLOSED:
             self.server = None
-            self.pool.release(server, reusable=True, reset=not self.transaction_mode)
+            server.pool.release(server, reusable=True, reset=not self.transaction_mode)
             return
         if errors:
             self.server = None
             server.settings = {}  # the failed statement rolled back; what it held is unknown
             server.tainted = True
-            self.pool.release(server, reusable=False)
+            server.pool.release(server, reusable=False)
             if not self.logged_in:
                 # As PostgreSQL does for a bad startup parameter: the login fails with the server's reason.
                 self.fatal_fields(dict(errors[0], S="FATAL", V="FATAL"))
@@ -275,11 +446,14 @@ class ClientSession:
         server.settings = dict(self.settings)
         if not self.logged_in:
             parameters = dict(server.parameters)
-            if self.transaction_mode and len(self.pool.login_parameters) < _LOGIN_CACHE_LIMIT:
-                self.pool.login_parameters[self._login_key()] = parameters
+            if self.transaction_mode and len(self.router.login_parameters) < _LOGIN_CACHE_LIMIT:
+                self.router.login_parameters[self._login_key()] = parameters
             self._logged_in(parameters)
         self.state = LINKED
         self.ready_count = 0
+        self._deadline = None
+        self._link_sent = []
+        self._link_replied = False
         server.link(self, self.transport, self.relay.capture() if self.relay else None)
         self.transport.resumeProducing()
         backlog, self.backlog = self.backlog, []
@@ -300,6 +474,9 @@ class ClientSession:
                 self.state = CLOSED
                 self.transport.loseConnection()
                 return
+            if self.orphaned:
+                self._answer_orphaned(items)
+                return
             self.backlog.extend(items)
             self._acquire()
         else:  # WAITING, PREPARING: keep it for the server connection on its way
@@ -314,6 +491,11 @@ class ClientSession:
         server = self.server
         to_server: list = []
         to_client: list = []
+        if not self._link_replied:
+            if server.replied:
+                self._link_replied = True
+            else:
+                self._link_sent.extend(items)
         for item in items:
             if type(item) is bytes:  # COPY data and the like
                 to_server.append(item)
@@ -323,6 +505,8 @@ class ClientSession:
                 self._flush(to_server, to_client)
                 self._terminate()
                 return
+            if self.audit and (msg_type == p.QUERY or msg_type == p.PARSE):
+                audit.statement(self, msg_type, body)
             if msg_type == p.QUERY:
                 if self._query(body, to_server, to_client):
                     continue
@@ -340,6 +524,8 @@ class ClientSession:
                     if effects.pin and not self.pinned and self.config.unpoolable == "error":
                         relay.fail(sqlstate.FEATURE_NOT_SUPPORTED, f"{effects.pin} is not supported in transaction pooling mode", to_client)
                         continue
+                    if effects.deallocate:  # SQL DEALLOCATE of the client's own (protocol-level) statements
+                        relay.stand_in(effects.deallocate, to_server)
                     relay.client_message(msg_type, body, server, to_server, to_client)
                     self._note_effects(effects)
                     continue
@@ -351,6 +537,7 @@ class ClientSession:
         if to_server:
             self.server.transport.write(b"".join(to_server))
         if to_client:
+            self._link_replied = True
             self.transport.write(b"".join(to_client))
         if self.server is not None and self.server.scanner is not None:
             self.server.scanner.capture = self.relay.capture()
@@ -361,7 +548,8 @@ class ClientSession:
         if not effects.changes_state:
             return False
         relay = self.relay
-        if effects.statements == 1 and not self.pinned and (effects.deallocate or effects.deallocate_all):
+        # (A pinned session's DEALLOCATE ALL must also reach SQL PREPAREd statements on its server.)
+        if effects.statements == 1 and (effects.deallocate or (effects.deallocate_all and not self.pinned)):
             names = effects.deallocate
             if effects.deallocate_all or all(n in relay.statements for n in names):
                 # The client's own statements live in the proxy; the server holds shared ones.
@@ -430,6 +618,9 @@ class ClientSession:
                     self.server.transport.write(b"".join(out))
                 self._terminate()
                 return
+            else:  # Query or Parse of an audited client
+                audit.statement(self, item[0], item[1])
+                out.append(frame(item[0], item[1]))
         if out:
             self.server.transport.write(b"".join(out))
 
@@ -485,10 +676,16 @@ class ClientSession:
     def _ready(self, server, status: int) -> None:
         self.tx_status = status
         server.tx_status = status
+        decision = self.decision
+        self.proxy.counters.ready(self.id, server.node, decision.want if decision is not None else "primary", status)
         if status != p.TX_IDLE and self.config.idle_transaction_timeout:
+            # Several ReadyForQuery may come before the client speaks again: keep only the last timer.
+            self._cancel_idle_tx_timer()
             self._idle_tx_timer = self.proxy.clock.callLater(self.config.idle_transaction_timeout, self._idle_tx_timed_out)
         if self.transaction_mode:
             self._maybe_release()
+        if self.proxy.draining:
+            drain.settle(self)  # shutting down: a client between transactions leaves now
 
     def _maybe_release(self) -> None:
         """Transaction pooling: give the server connection back once the client is between transactions."""
@@ -498,34 +695,59 @@ class ClientSession:
         if not (self.relay.idle and self.relay.tx_status == p.TX_IDLE and scanner.at_boundary and scanner.last_type not in _UNSYNCED):
             return
         server = self.server
+        names: list[str] = []
         if self.dirty or self.dirty_all:
             names = sorted(set(self.settings) | set(server.settings) | self.dirty) if self.dirty_all else sorted(self.dirty)
             self.dirty = set()
             self.dirty_all = False
             names = [n for n in names if n not in SERVER_OWNED]
-            if names:
-                self.state = PREPARING
-                server.unlink()
-                server.run_internal([readback_sql(names)]).addCallbacks(
-                    lambda _: self._read_back(server, names), self._prepare_failed
-                ).addErrback(self._crashed)
-                return
+        queries = [readback_sql(names)] if names else []
+        track_lsn = (
+            self.config.read_your_writes
+            and self.router.clustered
+            and self.decision is not None
+            and self.decision.want == "primary"
+            and not self.decision.classification.read_only
+        )
+        if track_lsn:
+            queries.append(_WRITE_LSN_SQL)
+        if queries:
+            self.state = PREPARING
+            server.unlink()
+            server.run_internal(queries).addCallbacks(
+                lambda _: self._read_back(server, names, track_lsn), self._read_back_failed
+            ).addErrback(self._crashed)
+            return
         self._give_back(server)
 
-    def _read_back(self, server, names: list[str]) -> None:
+    def _read_back_failed(self, failure) -> None:
+        self.server = None
+        if self.state is not CLOSED:
+            self.state = IDLE
+            self.transport.resumeProducing()
+            if self.backlog:
+                self._acquire()
+
+    def _read_back(self, server, names: list[str], track_lsn: bool) -> None:
         rows = server.internal_rows
-        if rows and len(rows[0]) == len(names):
-            for name, value in zip(names, rows[0]):
-                if value is None:
-                    self.settings.pop(name, None)
-                else:
-                    self.settings[name] = value.decode("utf-8", "replace")
-            server.settings = dict(self.settings)
-        else:
-            server.tainted = True
+        if names:
+            if rows and len(rows[0]) == len(names):
+                for name, value in zip(names, rows[0]):
+                    if value is None:
+                        self.settings.pop(name, None)
+                    else:
+                        self.settings[name] = value.decode("utf-8", "replace")
+                server.settings = dict(self.settings)
+            else:
+                server.tainted = True
+        if track_lsn and rows and rows[-1] and rows[-1][0]:
+            try:
+                self.min_lsn = max(self.min_lsn, parse_lsn(rows[-1][0].decode()))
+            except ValueError:
+                pass
         if self.state is CLOSED:
             self.server = None
-            self.pool.release(server, reusable=True, reset=False)
+            server.pool.release(server, reusable=True, reset=False)
             return
         self._give_back(server, linked=False)
 
@@ -534,7 +756,7 @@ class ClientSession:
             server.unlink()
         self.server = None
         self.state = IDLE
-        self.pool.release(server, reusable=True, reset=False)
+        server.pool.release(server, reusable=True, reset=False)
         self.transport.resumeProducing()
         if self.backlog:  # the client moved on while its settings were read back
             self._acquire()
@@ -544,6 +766,10 @@ class ClientSession:
         if self.server is not server or self.state is CLOSED:
             return
         self.server = None
+        self.router.node_failed(server.node, "connection lost")
+        if self.transaction_mode and self.state is LINKED and not self.pinned:
+            self._link_lost(server)
+            return
         if self.relay is not None:
             self.relay.forget_server()
         if server.at_message_boundary:
@@ -555,6 +781,136 @@ class ClientSession:
         else:
             self.state = CLOSED
             self.transport.loseConnection()
+
+    def _link_lost(self, server) -> None:
+        """Transaction pooling: the node died under this client's work. The session survives it."""
+        relay = self.relay
+        owed = sum(1 for e in relay.queue if e.kind == SYNC)  # requests still owed a ReadyForQuery
+        replay = (
+            not self._link_replied
+            and not server.replied
+            and self.decision is not None
+            and self.decision.read_only
+            and relay.tx_status == p.TX_IDLE
+        )
+        relay.forget_server()
+        relay.server_fatal = None if replay else relay.server_fatal
+        if replay:
+            # An autocommit read that got no byte back yet: run it again elsewhere, transparently.
+            self.backlog = self._link_sent + self.backlog
+            self._link_sent = []
+            if self.backlog:
+                self._acquire()
+            else:
+                self.state = IDLE
+                self.transport.resumeProducing()
+            return
+        if not server.at_message_boundary:
+            # Half a message already went out: there is no way to speak protocol to this client again.
+            self.state = CLOSED
+            self.transport.loseConnection()
+            return
+        in_transaction = relay.tx_status != p.TX_IDLE or (self.decision is not None and self.decision.classification.tx)
+        status = p.TX_FAILED if in_transaction else p.TX_IDLE
+        self.orphaned = bool(in_transaction)
+        relay.tx_status = status
+        said = relay.server_fatal
+        relay.server_fatal = None
+        error = m.error_response(
+            "ERROR",
+            sqlstate.CONNECTION_FAILURE,
+            f"lost the connection to node {server.node}" + (f": {said.get('M')}" if said and said.get("M") else ""),
+            "The statement did not complete; nothing was retried because it could have had effects."
+            + (" The transaction is aborted: ROLLBACK to continue." if in_transaction else ""),
+        )
+        if owed:
+            self.transport.write((error + m.ready_for_query(status)) * owed)
+        elif in_transaction:
+            # Idle in its transaction: the client hears about it from its next statement.
+            self._orphan_error = error
+        self.state = IDLE
+        self.transport.resumeProducing()
+
+    def _answer_locally(self, items: list, fields: dict) -> None:
+        """Answer client messages no server will see, as PostgreSQL answers a failed statement."""
+        status = p.TX_FAILED if self.orphaned else p.TX_IDLE
+        error = m.error_response_from_fields(dict(fields, S="ERROR", V="ERROR"))
+        out = []
+        failed = False
+        for item in items:
+            if type(item) is not tuple:
+                continue
+            msg_type = item[0]
+            if msg_type == p.QUERY or msg_type == p.FUNCTION_CALL:
+                out += [error, m.ready_for_query(status)]
+            elif msg_type == p.SYNC:
+                if not failed:
+                    out.append(error)
+                out.append(m.ready_for_query(status))
+                failed = False
+            elif msg_type == _TERMINATE:
+                self.transport.write(b"".join(out))
+                self._terminate()
+                return
+            elif msg_type in _EXTENDED and not failed:
+                out.append(error)
+                failed = True
+        self.transport.write(b"".join(out))
+
+    def _answer_orphaned(self, items: list) -> None:
+        """After its node died mid-transaction, the client's statements fail until it ends the transaction."""
+        out = []
+        batch: list = []
+        for item in items:
+            if type(item) is not tuple:
+                continue
+            msg_type, body = item
+            if msg_type == _TERMINATE:
+                self.transport.write(b"".join(out))
+                self._terminate()
+                return
+            if msg_type == p.QUERY:
+                out.append(self._orphaned_reply([classify(m.decode_query(body))], [item]))
+            elif msg_type == p.SYNC:
+                batch.append(item)
+                texts = []
+                for t, b in batch:
+                    if t == p.PARSE:
+                        texts.append(split_parse(b)[1].split(b"\x00", 1)[0].decode("utf-8", "replace"))
+                    elif t == p.BIND:
+                        st = self.relay.statements.get(split_bind(b)[1])
+                        if st is not None:
+                            texts.append(st.query)
+                out.append(self._orphaned_reply([classify(t) for t in texts], batch))
+                batch = []
+            else:
+                batch.append(item)
+        self.transport.write(b"".join(out))
+
+    def _orphaned_reply(self, classifications: list, items: list) -> bytes:
+        ends = any(c.tx in ("rollback", "commit") for c in classifications)
+        if ends:
+            # COMMIT of a failed transaction rolls back, and PostgreSQL says ROLLBACK for it too.
+            self.orphaned = False
+            self._orphan_error = None
+            self.relay.tx_status = p.TX_IDLE
+            replies = {p.PARSE: frame(p.PARSE_COMPLETE), p.BIND: frame(p.BIND_COMPLETE), p.DESCRIBE: frame(p.NO_DATA)}
+            out = []
+            for msg_type, _ in items:
+                if msg_type in replies:
+                    out.append(replies[msg_type])
+                elif msg_type in (p.EXECUTE, p.QUERY):
+                    out.append(m.command_complete("ROLLBACK"))
+            out.append(m.ready_for_query(p.TX_IDLE))
+            return b"".join(out)
+        error, self._orphan_error = self._orphan_error, None
+        if error is None:
+            error = m.error_response(
+                "ERROR",
+                sqlstate.IN_FAILED_SQL_TRANSACTION,
+                "current transaction is aborted, commands ignored until end of transaction block",
+            )
+        return error + m.ready_for_query(p.TX_FAILED)
 
     def _release_server(self) -> None:
         """The client is gone (or failed): return its server connection, or close it if the node is still busy for it."""
@@ -572,7 +928,7 @@ class ClientSession:
         if not reusable:
             # The node is still working for a client who left: stop that work, then drop the connection.
             self.proxy.cancel_server(server)
-        self.pool.release(server, reusable=reusable, reset=not self.transaction_mode or bool(self.pinned))
+        server.pool.release(server, reusable=reusable, reset=not self.transaction_mode or bool(self.pinned))
 
     # -- timers -------------------------------------------------------------------------------
 
@@ -603,6 +959,7 @@ class ClientSession:
         log.info(
             "client {client} closed: {code} {message}", client=self.id, code=fields.get("C"), message=fields.get("M")
         )
+        self.proxy.counters.error(fields.get("C"))
         if self.server is not None and self.state is LINKED:
             self._release_server()
         # (While PREPARING, _prepared() returns the server once its internal query ends.)

@@ -49,4 +49,13 @@ def makeService(options, reactor=None):
     if options["check"]:
         sys.stdout.write(f"{options['config']}: OK\n")
         raise SystemExit(0)
-    return PgBalanceService(config, reactor)
+    from pgtwist.admin import ManholeError
+    from pgtwist.logs import with_log_format
+
+    try:
+        # Under twistd (no reactor given) SIGHUP reloads and SIGTERM drains.
+        svc = PgBalanceService(config, reactor, signals=reactor is None)
+    except ManholeError as e:
+        sys.stderr.write(f"{options['config']}: {e}\n")
+        raise SystemExit(78)
+    return with_log_format(svc, config.log_format, getattr(options, "parent", None))

@@ -442,3 +442,86 @@ def decode_data_row(body: bytes) -> list[bytes | None]:
         n = r.int32()
         out.append(None if n == -1 else r.bytes(n))
     return out
+
+
+# -- result sets the proxy answers itself (admin console) -------------------------------------
+
+# Type OIDs and lengths of the column types the proxy's own result sets use.
+OID_BOOL, OID_INT8, OID_TEXT, OID_FLOAT8 = 16, 20, 25, 701
+_TYPE_LENGTHS = {OID_BOOL: 1, OID_INT8: 8, OID_TEXT: -1, OID_FLOAT8: 8}
+_FIELD = Struct("!IhIhih")
+
+
+def row_description(columns: list[tuple[str, int]], formats: list[int] | tuple[int, ...] = ()) -> bytes:
+    """RowDescription for (name, type OID) columns; *formats* per column (0 text, 1 binary; default text)."""
+    out = [_I16.pack(len(columns))]
+    for i, (name, oid) in enumerate(columns):
+        fmt = formats[i] if i < len(formats) else 0
+        out.append(cstring(name) + _FIELD.pack(0, 0, oid, _TYPE_LENGTHS.get(oid, -1), -1, fmt))
+    return frame(p.ROW_DESCRIPTION, b"".join(out))
+
+
+def data_row(values: list[bytes | None]) -> bytes:
+    out = [_I16.pack(len(values))]
+    for value in values:
+        out.append(_i32.pack(-1) if value is None else _i32.pack(len(value)) + value)
+    return frame(p.DATA_ROW, b"".join(out))
+
+
+def parameter_description(type_oids: list[int] | tuple[int, ...] = ()) -> bytes:
+    return frame(p.PARAMETER_DESCRIPTION, _I16.pack(len(type_oids)) + b"".join(_I32.pack(t) for t in type_oids))
+
+
+def no_data() -> bytes:
+    return frame(p.NO_DATA)
+
+
+def parse_complete() -> bytes:
+    return frame(p.PARSE_COMPLETE)
+
+
+def bind_complete() -> bytes:
+    return frame(p.BIND_COMPLETE)
+
+
+def close_complete() -> bytes:
+    return frame(p.CLOSE_COMPLETE)
+
+
+def empty_query_response() -> bytes:
+    return frame(p.EMPTY_QUERY_RESPONSE)
+
+
+def decode_bind(body: bytes) -> tuple[str, str, list[bytes | None], list[int]]:
+    """A Bind message: (portal, statement, parameter values, result format codes)."""
+    r = Reader(body, "Bind")
+    portal, statement = r.cstring(), r.cstring()
+    for _ in range(r.int16()):
+        r.int16()  # parameter format codes
+    params: list[bytes | None] = []
+    for _ in range(r.int16()):
+        n = r.int32()
+        params.append(None if n == -1 else r.bytes(n))
+    result_formats = [r.int16() for _ in range(r.int16())]
+    r.end()
+    return portal, statement, params, result_formats
+
+
+def decode_parse(body: bytes) -> tuple[str, str]:
+    """A Parse message: (statement name, query text); parameter types are not needed here."""
+    r = Reader(body, "Parse")
+    return r.cstring(), r.cstring()
+
+
+def decode_target(body: bytes, what: str = "Describe") -> tuple[str, str]:
+    """Describe/Close: ('S' or 'P', name)."""
+    r = Reader(body, what)
+    kind = chr(r.byte())
+    if kind not in "SP":
+        r._fail(f"unknown target type {kind!r}")
+    return kind, r.cstring()
+
+
+def decode_execute(body: bytes) -> tuple[str, int]:
+    r = Reader(body, "Execute")
+    return r.cstring(), r.int32()

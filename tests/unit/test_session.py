@@ -556,8 +556,14 @@ def test_linked_parameter_status_and_transaction_status_are_tracked():
 def test_transports_are_each_others_producers_while_linked():
     h = Harness()
     session, ct, server, st_ = h.linked()
-    assert ct.producer is st_ and ct.streaming
-    assert st_.producer is ct and st_.streaming
+    assert ct.producer.transport is st_ and ct.streaming
+    assert st_.producer.transport is ct and st_.streaming
+    # Pause and resume pass through; stop never does (a dying side must not close the other).
+    ct.producer.pauseProducing()
+    assert st_.producerState == "paused"
+    ct.producer.resumeProducing()
+    st_.producer.stopProducing()
+    assert ct.producerState == "producing" and not ct.disconnecting
     session.got_data(m.terminate())
     assert ct.producer is None and st_.producer is None
     assert st_.producerState == "producing" and ct.producerState == "producing"
