@@ -146,6 +146,7 @@ class Proxy:
                     self.reactor,
                     list(database.nodes),
                     lambda node, db=database: self._health_login(db, node),
+                    node_tls=self.node_tls,
                     interval=self.config.health_check_interval,
                     timeout=self.config.health_check_timeout,
                     on_change=lambda state, what, db=database: self._node_changed(db, state, what),

@@ -6,9 +6,11 @@ from decimal import Decimal, InvalidOperation
 from typing import Callable
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from pgtwist.routing.policy import PRIMARY, REPLICA, NodeState, format_lsn, parse_lsn, resolve_primary
 from pgtwist.server_login import ServerLogin, ServerLoginError
@@ -52,12 +54,16 @@ class PromoteError(Exception):
     """pg_promote() did not promote the node."""
 
 
+@implementer(IHandshakeListener)  # so the TLS layer tells us when the node is verified
 class _NodeConnection(Protocol):
     """One monitoring connection: logs in with a ServerLogin, then runs one simple query at a time."""
 
-    def __init__(self, login: ServerLogin, name: str):
+    def __init__(self, login: ServerLogin, name: str, node_tls=None, host: str = ""):
         self.login = login
         self.name = name
+        self.node_tls = node_tls  # tls.NodeTls when [server_tls] is on: probes are verified like traffic
+        self.host = host
+        self.tls_pending = node_tls is not None
         self.buf = bytearray()
         self.ready: defer.Deferred = defer.Deferred()  # fires (None) once logged in
         self.lost: defer.Deferred = defer.Deferred()  # fires (None) once the connection is gone, however
@@ -75,9 +81,33 @@ class _NodeConnection(Protocol):
         if self.closed:  # closed while connecting: the real reactor may still complete it
             self.transport.abortConnection()
             return
+        if self.node_tls is not None:
+            self.transport.write(m.ssl_request())  # the login waits for a verified handshake
+            return
         self.transport.write(self.login.start())
 
+    def handshakeCompleted(self):
+        if self.tls_pending:
+            self.tls_pending = False
+            self.transport.write(self.login.start())
+
     def dataReceived(self, data):
+        if self.tls_pending:
+            if self.node_tls is None:
+                return  # (nothing arrives in the clear once the handshake has begun)
+            try:
+                start = self.node_tls.answer(data, self.name)
+            except ServerLoginError as e:
+                self._fail(e)
+                return
+            if start:
+                handshake = self.node_tls.handshake(self.host)
+                self.node_tls = None  # the TLS layer takes it from here; handshakeCompleted follows
+                self.transport.startTLS(handshake)
+            else:
+                self.tls_pending = False
+                self.transport.write(self.login.start())
+            return
         self.buf += data
         try:
             messages = pop_messages(self.buf, _MAX_MESSAGE)
@@ -244,6 +274,7 @@ class ClusterMonitor:
         nodes: list,
         login_factory: Callable[[object], ServerLogin],
         *,
+        node_tls=None,
         interval: float = 1.0,
         timeout: float = 2.0,
         backoff_max: float = 10.0,
@@ -251,6 +282,7 @@ class ClusterMonitor:
     ):
         self.reactor = reactor
         self.login_factory = login_factory
+        self.node_tls = node_tls
         self.interval = interval
         self.timeout = timeout
         self.backoff_max = max(backoff_max, interval)
@@ -388,6 +420,32 @@ class ClusterMonitor:
         d.addErrback(failed)
         return d
 
+    def fetch(self, name: str, sql: str, timeout: float | None = None) -> defer.Deferred:
+        """Run *sql* on a fresh connection to *name*; fires with its rows (lists of bytes/None).
+
+        Fails with ProbeError (or ServerLoginError) when the node is away or refuses; the
+        connection is abandoned after *timeout* (default: 5 x the probe timeout).
+        """
+        slot = self._slots.get(name)
+        if slot is None:
+            return defer.fail(KeyError(name))
+        try:
+            conn = self._connect(slot)
+        except Exception as e:
+            return defer.fail(ProbeError(f"cannot connect to node {name}: {e}"))
+        timer = self.reactor.callLater(timeout if timeout is not None else 5 * self.timeout, conn.abort)
+        d = conn.ready
+        d.addCallback(lambda _: conn.query(sql))
+
+        def finished(result):
+            if timer.active():
+                timer.cancel()
+            conn.close()
+            return result
+
+        d.addBoth(finished)
+        return d
+
     def most_caught_up_replica(self) -> NodeState | None:
         """The up, unfenced replica that will have the most WAL once promoted (what it received, then replayed)."""
         replicas = sorted(
@@ -409,7 +467,7 @@ class ClusterMonitor:
         return d
 
     def _connect(self, slot: _Slot) -> _NodeConnection:
-        conn = _NodeConnection(self.login_factory(slot.node), slot.state.name)
+        conn = _NodeConnection(self.login_factory(slot.node), slot.state.name, self.node_tls, slot.node.host)
         node = slot.node
         conn.connector = self.reactor.connectTCP(node.host, node.port, _NodeConnectionFactory(conn), timeout=self.timeout)
         return conn

@@ -324,3 +324,28 @@ def test_prefer_mode_takes_tls_and_plaintext_clients(tls_node, pki, tmp_path):
             assert conn.pgconn.ssl_in_use
             # No [server_tls]: the node leg is plaintext even though the client's is not.
             assert conn.execute(SSL_OF_BACKEND).fetchone() == (False, "")
+
+
+def test_health_checks_to_nodes_are_tls_too(pki, tmp_path):
+    """With [server_tls], the cluster monitor's probes are verified TLS like the traffic is."""
+    with tls_cluster(pki, replicas=1) as cluster:
+        nodes = [f"localhost:{n.port}" for n in cluster.nodes]
+        databases = {DATABASE: {"dbname": cluster.app_database, "nodes": nodes}}
+        with start_tls_proxy(
+            cluster, tmp_path, server_tls=node_tls(pki), pool_mode="transaction", databases=databases, health_check_interval=0.2
+        ) as px:
+            replica_port = cluster.nodes[1].port
+
+            def a_read_on_the_replica():
+                with psycopg.connect(px.dsn(), autocommit=True) as conn:
+                    return conn.execute("SELECT inet_server_port()").fetchone()[0] == replica_port
+
+            # Reads reach the replica only once the monitor has found its role, over TLS.
+            wait_for(a_read_on_the_replica, 20, "a read routed to the replica")
+            for node in cluster.nodes:
+                plaintext = cluster.psql(
+                    node,
+                    "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) "
+                    f"WHERE a.usename = '{cluster.app_user}' AND NOT s.ssl",
+                )
+                assert plaintext == "0", f"plaintext connections from pgtwist to {node.name}"

@@ -72,7 +72,7 @@ def make_pki(directory: Path, app_user: str) -> Pki:
 
 
 @contextmanager
-def tls_cluster(pki: Pki) -> Iterator[LocalCluster]:
+def tls_cluster(pki: Pki, replicas: int = 0) -> Iterator[LocalCluster]:
     """A primary with ssl = on, its certificate from pki.nodes_ca, client certificates from there accepted.
 
     PostgreSQL wants its key owned by the user it runs as (postgres, under root) with mode 0600:
@@ -99,7 +99,7 @@ def tls_cluster(pki: Pki) -> Iterator[LocalCluster]:
             "ssl_key_file": str(node_dir / pki.node_key.name),
             "ssl_ca_file": str(node_dir / pki.nodes_ca.name),
         }
-        with LocalCluster.create(replicas=0, settings=settings) as cluster:
+        with LocalCluster.create(replicas=replicas, settings=settings) as cluster:
             yield cluster
     finally:
         shutil.rmtree(node_dir, ignore_errors=True)
