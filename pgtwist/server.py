@@ -7,6 +7,7 @@ from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 from twisted.logger import Logger
 
+from pgtwist.sendnow import write_now
 from pgtwist.server_login import ServerLogin, ServerLoginError
 from pgtwist.statements import ServerStatements
 from pgtwist.wire import messages as m
@@ -24,6 +25,29 @@ _PARAMETER_STATUS = p.PARAMETER_STATUS
 # What a linked server connection looks inside: ReadyForQuery (transaction status) and
 # ParameterStatus (the session's reported settings). Everything else is forwarded untouched.
 _LINKED_CAPTURE = frozenset((_Z, _PARAMETER_STATUS))
+# What a node may send outside any answer: a notice, a setting, the FATAL of a shutdown. (An
+# immediate shutdown sends every backend's client a WARNING, then the connection drops.)
+_NOT_AN_ANSWER = frozenset((p.NOTICE_RESPONSE, _PARAMETER_STATUS))
+
+
+def _starts_answer(data: bytes) -> bool:
+    """Whether the first bytes a linked node sent hold more than whole notices, ParameterStatus or a FATAL."""
+    pos, n = 0, len(data)
+    while pos < n:
+        if n - pos < 5:
+            return True
+        msg_type = data[pos]
+        end = pos + 1 + int.from_bytes(data[pos + 1 : pos + 5], "big")
+        if end > n:
+            return True
+        if msg_type == p.ERROR_RESPONSE:
+            fields = m.decode_fields(data[pos + 5 : end])
+            if fields.get("V", fields.get("S")) not in ("FATAL", "PANIC"):
+                return True
+        elif msg_type not in _NOT_AN_ANSWER:
+            return True
+        pos = end
+    return False
 
 
 @implementer(IPushProducer)
@@ -296,7 +320,9 @@ class ServerConnection:
         return self.scanner is None or self.scanner.at_boundary
 
     def _forward(self, data: bytes) -> None:
-        self.replied = True  # a byte for the client exists: its work can no longer be replayed
+        if not self.replied:
+            # A byte of an answer for the client exists: its work can no longer be replayed.
+            self.replied = _starts_answer(data)
         try:
             items = self.scanner.feed(data)
         except WireError as e:
@@ -304,11 +330,11 @@ class ServerConnection:
             self.close()
             return
         if len(items) == 1 and type(items[0]) is bytes:
-            self.client_transport.write(items[0])
+            write_now(self.client_transport, items[0])
             return
         # ReadyForQuery, ParameterStatus (and, for a shared connection, the replies it
         # tracks): the session decides what the client sees.
-        self.session.server_items(self, items)
+        self.session.server_items(self, items, data)
 
     # -- closing ------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 from pgtwist.wire import sqlstate
 from pgtwist.wire.errors import WireError
+from pgtwist.sendnow import write_now
 from pgtwist.wire.framing import MessageScanner, frame
 
 __all__ = ["ClientSession", "client_settings", "parse_options", "quote_literal"]
@@ -535,10 +536,10 @@ class ClientSession:
 
     def _flush(self, to_server: list, to_client: list) -> None:
         if to_server:
-            self.server.transport.write(b"".join(to_server))
+            write_now(self.server.transport, b"".join(to_server))
         if to_client:
             self._link_replied = True
-            self.transport.write(b"".join(to_client))
+            write_now(self.transport, b"".join(to_client))
         if self.server is not None and self.server.scanner is not None:
             self.server.scanner.capture = self.relay.capture()
 
@@ -604,7 +605,7 @@ class ClientSession:
         if self._idle_tx_timer is not None:
             self._cancel_idle_tx_timer()
         if len(items) == 1 and type(items[0]) is bytes:
-            self.server.transport.write(items[0])
+            write_now(self.server.transport, items[0])
             return
         self._session_items(items)
 
@@ -615,19 +616,26 @@ class ClientSession:
                 out.append(item)
             elif item[0] == _TERMINATE:
                 if out:
-                    self.server.transport.write(b"".join(out))
+                    write_now(self.server.transport, b"".join(out))
                 self._terminate()
                 return
             else:  # Query or Parse of an audited client
                 audit.statement(self, item[0], item[1])
                 out.append(frame(item[0], item[1]))
         if out:
-            self.server.transport.write(b"".join(out))
+            write_now(self.server.transport, b"".join(out))
 
     # -- server events --------------------------------------------------------------------------
 
-    def server_items(self, server, items: list) -> None:
+    def server_items(self, server, items: list, data: bytes) -> None:
         """Messages from the linked server: bytes runs to forward, and the captured (type, body) ones."""
+        if len(items) == 2:
+            last = items[1]
+            if type(last) is tuple and last[0] == _Z and len(last[1]) == 1 and len(items[0]) + 6 == len(data):
+                # The common case: a reply ending with its ReadyForQuery in this very read.
+                # The read goes out as it came, uncopied; only the status is looked at.
+                self._ready_at_end(server, last[1], data)
+                return
         out: list = []
         status = None
         if self.transaction_mode:
@@ -657,9 +665,20 @@ class ClientSession:
                 else:
                     self._parameter_status(server, body)
             self.ready_count += ready
-        self.transport.write(b"".join(out))
+        write_now(self.transport, b"".join(out))
         if status is not None:
             self._ready(server, status)
+
+    def _ready_at_end(self, server, body: bytes, data: bytes) -> None:
+        if self.transaction_mode:
+            out: list = []
+            self.relay.server_message(_Z, body, out)
+            server.scanner.capture = self.relay.capture()
+            write_now(self.transport, data if len(out) == 1 else data + b"".join(out[1:]))
+        else:
+            self.ready_count += 1
+            write_now(self.transport, data)
+        self._ready(server, body[0])
 
     def _parameter_status(self, server, body: bytes) -> None:
         try:
