@@ -118,7 +118,7 @@ class Pool:
         d.errback(
             PoolError(
                 sqlstate.TOO_MANY_CONNECTIONS,
-                f'no server connection for database "{self.database}" became free within {self.wait_timeout:g} s',
+                f'no server connection for database "{getattr(self.database, "name", self.database)}" became free within {self.wait_timeout:g} s',
                 f"all {self.size} connections to node {self.node} for user \"{self.user}\" are in use (pool_size)",
             )
         )

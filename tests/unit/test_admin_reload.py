@@ -1,6 +1,5 @@
 """Reload (read, validate, diff, apply), graceful drain, service signals and shutdown, JSON logs, tap wiring."""
 
-import io
 import json
 import signal
 
