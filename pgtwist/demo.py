@@ -24,7 +24,7 @@ def demo_config(cluster, listen: str, database: str = "appdb") -> configmod.Conf
     return configmod.from_dict(
         {
             "listen": listen,
-            "pool_mode": "session",
+            "pool_mode": "transaction",  # so the demo shows reads going to the replica
             "auth_type": "scram-sha-256",
             "databases": {database: {"dbname": cluster.app_database, "nodes": [n.addr for n in cluster.nodes]}},
             "users": {cluster.app_user: {"password": cluster.app_password}},

@@ -106,6 +106,7 @@ class ClientSession:
         "_deadline",
         "_link_sent",
         "_link_replied",
+        "_link_used",
         "_orphan_error",
     )
 
@@ -149,6 +150,7 @@ class ClientSession:
         self._deadline = None  # until when waiting work may still be retried
         self._link_sent: list = []  # what this link forwarded before any reply (replayable reads)
         self._link_replied = False
+        self._link_used = False
         self.console = None
         self.audit = False  # statements are logged (the user is listed in `audit`)
         self._login_timer = (
@@ -455,6 +457,7 @@ class ClientSession:
         self._deadline = None
         self._link_sent = []
         self._link_replied = False
+        self._link_used = False
         server.link(self, self.transport, self.relay.capture() if self.relay else None)
         self.transport.resumeProducing()
         backlog, self.backlog = self.backlog, []
@@ -492,6 +495,7 @@ class ClientSession:
         server = self.server
         to_server: list = []
         to_client: list = []
+        self._link_used = True
         if not self._link_replied:
             if server.replied:
                 self._link_replied = True
@@ -722,7 +726,8 @@ class ClientSession:
             names = [n for n in names if n not in SERVER_OWNED]
         queries = [readback_sql(names)] if names else []
         track_lsn = (
-            self.config.read_your_writes
+            self._link_used  # (the link that only logged the client in wrote nothing)
+            and self.config.read_your_writes
             and self.router.clustered
             and self.decision is not None
             and self.decision.want == "primary"

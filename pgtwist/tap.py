@@ -18,7 +18,7 @@ class Options(usage.Options):
     )
     optParameters = [
         ["config", "c", None, "Path of the TOML configuration file."],
-        ["demo-replicas", None, "1", "Number of streaming replicas the demo starts.", int],
+        ["demo-replicas", None, 1, "Number of streaming replicas the demo starts.", int],
         ["demo-listen", None, "127.0.0.1:6432", "Where the demo's pgtwist listens."],
     ]
     optFlags = [

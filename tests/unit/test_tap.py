@@ -119,3 +119,26 @@ def test_twistd_plugin_points_at_tap():
 
     assert pgbalance.pgbalance.tapname == "pgbalance"
     assert pgbalance.pgbalance.module == "pgtwist.tap"
+
+
+def test_demo_options_parse_with_their_defaults():
+    from pgtwist.tap import Options
+
+    options = Options()
+    options.parseOptions(["--demo"])
+    assert options["demo-replicas"] == 1  # an int even when not given: LocalCluster compares it
+    options = Options()
+    options.parseOptions(["--demo", "--demo-replicas", "2"])
+    assert options["demo-replicas"] == 2
+
+
+def test_demo_config_fronts_every_node_in_transaction_mode():
+    from types import SimpleNamespace
+
+    from pgtwist.demo import demo_config
+
+    nodes = [SimpleNamespace(addr="127.0.0.1:20001"), SimpleNamespace(addr="127.0.0.1:20002")]
+    cluster = SimpleNamespace(app_database="postgres", nodes=nodes, app_user="app", app_password="pw-not-default")
+    config = demo_config(cluster, "127.0.0.1:16499")
+    assert config.pool_mode == "transaction"
+    assert [str(n) for n in config.databases["appdb"].nodes] == ["127.0.0.1:20001", "127.0.0.1:20002"]
