@@ -11,6 +11,8 @@ import psycopg
 import pytest
 from psycopg import errors as pgerrors
 
+from .proxy import start_proxy
+
 pytestmark = pytest.mark.integration
 
 
@@ -211,8 +213,6 @@ def test_asyncpg_20_concurrent_connections(proxy):
 
 def test_asyncpg_clients_beyond_pool_size_queue_up(pg_cluster, tmp_path):
     """60 clients at once against pool_size 10: all are served, in turn, none refused."""
-    from .proxy import start_proxy
-
     n, pool_size = 60, 10
 
     async def client(px, i):
