@@ -53,14 +53,15 @@ _CLOSE_COMPLETE = frame(p.CLOSE_COMPLETE)
 class Entry:
     """One request in flight, and what to do with its reply."""
 
-    __slots__ = ("kind", "swallow", "synth", "undo", "done")
+    __slots__ = ("kind", "swallow", "synth", "undo", "done", "reword")
 
-    def __init__(self, kind, *, swallow=False, synth=None, undo=None, done=None):
+    def __init__(self, kind, *, swallow=False, synth=None, undo=None, done=None, reword=None):
         self.kind = kind
         self.swallow = swallow  # the proxy injected the request: its reply is not the client's
         self.synth = synth  # SYNTH: bytes (or a callable making them) the proxy answers itself
         self.undo = undo  # called when the request fails or is skipped after an error
         self.done = done  # called with the completion message body on success
+        self.reword = reword  # (server name, client name): an error about it names the client's
 
 
 class Relay:
@@ -183,7 +184,12 @@ class Relay:
             self._forward(PARSE, p.PARSE, body, to_server)
             return
         if name in self.statements:
-            self._error(sqlstate.DUPLICATE_PREPARED_STATEMENT, f'prepared statement "{name}" already exists', to_client)
+            # The server itself refuses it, so that an open transaction aborts as PostgreSQL's
+            # would: the same Parse under the existing statement's shared name, which it holds.
+            existing = self._server_statement(name, server, to_server, to_client)
+            self._forward(
+                PARSE, p.PARSE, parse_body(existing.server_name, definition), to_server, reword=(existing.server_name, name)
+            )
             return
         statement = Statement.from_definition(definition)
         self.statements[name] = statement
@@ -277,7 +283,13 @@ class Relay:
             return None
         head = queue[0]
         if msg_type == p.ERROR_RESPONSE:
-            to_client.append(frame(msg_type, body))
+            if head.reword is not None:
+                shared, own = head.reword
+                fields = m.decode_fields(body)
+                fields["M"] = fields.get("M", "").replace(f'"{shared}"', f'"{own}"')
+                to_client.append(m.error_response_from_fields(fields))
+            else:
+                to_client.append(frame(msg_type, body))
             if head.kind is SYNC:
                 return None  # a simple query's error; its ReadyForQuery follows
             # The server now skips everything up to Sync: so do our own replies and records.

@@ -498,11 +498,6 @@ def test_deallocate_through_the_extended_protocol(txproxy):
         assert r.rows == [["d1 again"]], r
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a duplicate Parse inside a transaction is refused by pgtwist itself (42P05): the server never "
-    "sees an error, so the transaction is not aborted as PostgreSQL's would be (ReadyForQuery says T, not E)",
-)
 def test_duplicate_parse_inside_a_transaction_aborts_it(txproxy):
     with raw_login(txproxy) as c:
         batch(c, parse("dup", "SELECT 1"), sync())
@@ -510,6 +505,8 @@ def test_duplicate_parse_inside_a_transaction_aborts_it(txproxy):
         r = batch(c, parse("dup", "SELECT 1"), sync())
         c.query("ROLLBACK")
         assert r.sqlstates == ["42P05"] and r.status == "E", r
+        # The server refused it under the shared name; the client reads its own.
+        assert r.errors[0]["M"] == 'prepared statement "dup" already exists', r.errors
 
 
 def test_close_then_parse_again_under_the_same_name(txproxy):
