@@ -59,15 +59,18 @@ class Throttle:
     session's decision.
     """
 
-    __slots__ = ("transport",)
+    __slots__ = ("transport", "paused")
 
     def __init__(self, transport):
         self.transport = transport
+        self.paused = False
 
     def pauseProducing(self):
+        self.paused = True
         self.transport.pauseProducing()
 
     def resumeProducing(self):
+        self.paused = False
         self.transport.resumeProducing()
 
     def stopProducing(self):
@@ -96,6 +99,7 @@ class ServerConnection:
         self.tainted = False  # a client did something (e.g. DISCARD ALL) that leaves our records unsure
         self.internal_rows: list[list[bytes | None]] = []
         self.replied = False
+        self._throttles = (None, None)
         self.ready: defer.Deferred = defer.Deferred()  # fires self after login
         self._internal: defer.Deferred | None = None
         self._internal_owed = 0
@@ -291,8 +295,9 @@ class ServerConnection:
         self.replied = False
         # Each side's transport produces for the other's: a client that stops reading
         # pauses reads from the node instead of letting the proxy buffer a result set.
-        client_transport.registerProducer(Throttle(self.transport), True)
-        self.transport.registerProducer(Throttle(client_transport), True)
+        self._throttles = (Throttle(self.transport), Throttle(client_transport))
+        client_transport.registerProducer(self._throttles[0], True)
+        self.transport.registerProducer(self._throttles[1], True)
 
     def unlink(self) -> None:
         assert self.state is LINKED, self.state
@@ -309,11 +314,14 @@ class ServerConnection:
             # (A transport already disconnected has dropped its producer; a TLS one would raise.)
             if client.connected:
                 client.unregisterProducer()
+            server_throttle, client_throttle = self._throttles
             if self.transport is not None:
                 if self.transport.connected:
                     self.transport.unregisterProducer()
-                self.transport.resumeProducing()
-            client.resumeProducing()
+                if server_throttle.paused:  # a paused side must not stay so after the link
+                    self.transport.resumeProducing()
+            if client_throttle.paused:
+                client.resumeProducing()
 
     @property
     def at_message_boundary(self) -> bool:

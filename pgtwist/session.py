@@ -48,6 +48,9 @@ _RETRY_DELAY = 0.25  # between attempts to place work while nodes come and go
 _NOTHING_CLASSIFIED = Classification(read_only=False, reason="session")
 # Read-your-writes: where the primary's WAL ends after this client's write committed.
 _WRITE_LSN_SQL = "SELECT pg_catalog.pg_current_wal_insert_lsn()::text"
+# Login refusals that mean the node is away (unreachable, starting up, shutting down), not that
+# this client may not log in: the work waits for that node or goes to another.
+_NODE_AWAY = frozenset((sqlstate.CONNECTION_FAILURE, sqlstate.CANNOT_CONNECT_NOW, sqlstate.ADMIN_SHUTDOWN, "57P02"))
 _EXTENDED = frozenset((p.PARSE, p.BIND, p.DESCRIBE, p.EXECUTE, p.CLOSE, p.FLUSH, p.FUNCTION_CALL))
 
 
@@ -107,6 +110,7 @@ class ClientSession:
         "_link_sent",
         "_link_replied",
         "_link_used",
+        "_paused",
         "_orphan_error",
     )
 
@@ -151,6 +155,7 @@ class ClientSession:
         self._link_sent: list = []  # what this link forwarded before any reply (replayable reads)
         self._link_replied = False
         self._link_used = False
+        self._paused = False
         self.console = None
         self.audit = False  # statements are logged (the user is listed in `audit`)
         self._login_timer = (
@@ -304,11 +309,11 @@ class ClientSession:
     def _acquire(self) -> None:
         """Find a node for what the client sent (or for its login) and wait for a server connection there."""
         self.state = WAITING
-        self.transport.pauseProducing()  # what the client sends meanwhile waits in its socket
         if self._deadline is None:
             self._deadline = self.proxy.clock.seconds() + self.config.failover_wait
         router = self.router
         if self.transaction_mode and self.logged_in and router.clustered and not self.pinned:
+            self._pause()
             d = router.decide_with_hook(
                 self._first_sql(),
                 in_transaction=None,
@@ -326,6 +331,18 @@ class ClientSession:
             self._routed(decision)
             return
         d.addCallbacks(self._routed, self._unroutable).addErrback(self._crashed)
+
+    def _pause(self) -> None:
+        """Stop reading the client while its work waits: what it sends meanwhile stays in its socket."""
+        if not self._paused:
+            self._paused = True
+            self.transport.pauseProducing()
+
+    def _resume(self) -> None:
+        # Only if we paused it: on the per-transaction path every pause/resume is two epoll calls.
+        if self._paused:
+            self._paused = False
+            self.transport.resumeProducing()
 
     def _primary_decision(self) -> Decision:
         node = self.router.primary()
@@ -358,6 +375,7 @@ class ClientSession:
         if server is not None:
             self._got_server(server)
             return
+        self._pause()
         self._waiting = pool.acquire()
         self._waiting.addCallbacks(self._got_server, self._no_server).addErrback(self._crashed)
 
@@ -381,7 +399,7 @@ class ClientSession:
         # A logged-in client keeps its session: its waiting work fails like a statement would.
         backlog, self.backlog = self.backlog, []
         self.state = IDLE
-        self.transport.resumeProducing()
+        self._resume()
         self._answer_locally(backlog, fields)
 
     def _retry(self) -> None:
@@ -397,7 +415,7 @@ class ClientSession:
             self._deadline = None
             self._retry_or_fail(m.error_fields("FATAL", e.sqlstate, e.message, e.detail))
         elif isinstance(e, ServerLoginError):
-            if e.fields.get("C") == sqlstate.CONNECTION_FAILURE and self.decision is not None:
+            if e.fields.get("C") in _NODE_AWAY and self.decision is not None:
                 self.router.node_failed(self.decision.node, e.fields.get("M", ""))
             else:
                 self._deadline = None  # a refusal, not an outage: say so now
@@ -413,7 +431,7 @@ class ClientSession:
             return
         self.server = server
         self.state = PREPARING
-        query = sync_sql(self.settings, server.settings, server.parameters)
+        query = None if self.settings == server.settings else sync_sql(self.settings, server.settings, server.parameters)
         if query is None:
             self._prepared([])
         else:
@@ -446,7 +464,8 @@ class ClientSession:
             else:
                 self.fatal(sqlstate.INTERNAL_ERROR, "could not restore this session's settings on a server connection", errors[0].get("M"))
             return
-        server.settings = dict(self.settings)
+        if server.settings != self.settings:
+            server.settings = dict(self.settings)
         if not self.logged_in:
             parameters = dict(server.parameters)
             if self.transaction_mode and len(self.router.login_parameters) < _LOGIN_CACHE_LIMIT:
@@ -459,7 +478,7 @@ class ClientSession:
         self._link_replied = False
         self._link_used = False
         server.link(self, self.transport, self.relay.capture() if self.relay else None)
-        self.transport.resumeProducing()
+        self._resume()
         backlog, self.backlog = self.backlog, []
         if backlog:
             self._client_items(backlog)
@@ -485,7 +504,7 @@ class ClientSession:
             self._acquire()
         else:  # WAITING, PREPARING: keep it for the server connection on its way
             self.backlog.extend(items)
-            self.transport.pauseProducing()
+            self._pause()
 
     def _client_items(self, items: list) -> None:
         if not self.transaction_mode:
@@ -748,7 +767,7 @@ class ClientSession:
         self.server = None
         if self.state is not CLOSED:
             self.state = IDLE
-            self.transport.resumeProducing()
+            self._resume()
             if self.backlog:
                 self._acquire()
 
@@ -781,7 +800,7 @@ class ClientSession:
         self.server = None
         self.state = IDLE
         server.pool.release(server, reusable=True, reset=False)
-        self.transport.resumeProducing()
+        self._resume()
         if self.backlog:  # the client moved on while its settings were read back
             self._acquire()
 
@@ -827,7 +846,7 @@ class ClientSession:
                 self._acquire()
             else:
                 self.state = IDLE
-                self.transport.resumeProducing()
+                self._resume()
             return
         if not server.at_message_boundary:
             # Half a message already went out: there is no way to speak protocol to this client again.
@@ -853,7 +872,7 @@ class ClientSession:
             # Idle in its transaction: the client hears about it from its next statement.
             self._orphan_error = error
         self.state = IDLE
-        self.transport.resumeProducing()
+        self._resume()
 
     def _answer_locally(self, items: list, fields: dict) -> None:
         """Answer client messages no server will see, as PostgreSQL answers a failed statement."""

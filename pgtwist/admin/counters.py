@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from bisect import bisect_left
+from functools import lru_cache
 
 from pgtwist.wire import protocol as p
 
@@ -33,6 +34,12 @@ class Histogram:
             total += n
             out.append(("+Inf" if bound == float("inf") else repr(bound), total))
         return out
+
+
+@lru_cache(maxsize=256)
+def _route_label(reason: str) -> str:
+    # Once per transaction: the few distinct reasons are reduced once each.
+    return (reason or "unknown").split(";", 1)[0].split(":", 1)[0].strip() or "unknown"
 
 
 class Counters:
@@ -100,8 +107,9 @@ class Counters:
 
     def routed(self, reason: str) -> None:
         """One routing decision; *reason* is reduced to its leading phrase to keep label values few."""
-        reason = (reason or "unknown").split(";", 1)[0].split(":", 1)[0].strip() or "unknown"
-        self.routes[reason] = self.routes.get(reason, 0) + 1
+        routes = self.routes
+        key = _route_label(reason)
+        routes[key] = routes.get(key, 0) + 1
 
     def failover(self) -> None:
         self.failovers += 1
