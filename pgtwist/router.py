@@ -16,6 +16,13 @@ log = Logger()
 
 _PRIMARY_ONLY = Classification(read_only=False, reason="no statement to classify")
 
+# Which functions may write: pg_proc's volatility by bare name (any volatile overload counts),
+# reloaded every FUNCTIONS_REFRESH seconds. A function unknown at the last load (created
+# since, or nothing loaded yet) counts as volatile: a read calling it goes to the primary.
+_FUNCTIONS_SQL = "SELECT proname, bool_or(provolatile = 'v') FROM pg_catalog.pg_proc GROUP BY proname"
+FUNCTIONS_REFRESH = 30.0
+_FUNCTIONS_RETRY = 1.0
+
 
 @dataclass(frozen=True)
 class Decision:
@@ -56,6 +63,10 @@ class DatabaseRouter:
         self.hook = hook
         self._rr = 0
         self.by_name = {str(node): node for node in database.nodes}
+        self._known_functions: frozenset[str] | None = None  # every proname at the last load (None: not loaded)
+        self._volatile_functions: frozenset[str] = frozenset()
+        self._functions_due = 0.0
+        self._functions_loading = False
         # Login ParameterStatus sets by startup settings (transaction pooling: no server needed).
         self.login_parameters: dict[tuple, dict[str, str]] = {}
 
@@ -72,7 +83,54 @@ class DatabaseRouter:
     def classify(self, sql: str | None) -> Classification:
         if sql is None:
             return _PRIMARY_ONLY
-        return classify(sql, self.config.read_only_functions)
+        if self.monitor is None:
+            return classify(sql, self.config.read_only_functions)
+        self._maybe_load_functions()
+        return classify(sql, self.config.read_only_functions, self._is_volatile)
+
+    # -- function volatility (pg_proc) ----------------------------------------------------------
+
+    def _is_volatile(self, name: str) -> bool:
+        known = self._known_functions
+        return known is None or name not in known or name in self._volatile_functions
+
+    def _maybe_load_functions(self) -> None:
+        if self._functions_loading:
+            return
+        now = self.monitor.reactor.seconds()
+        if now < self._functions_due:
+            return
+        node = self.primary()
+        if node is None:
+            node = next((self.by_name[s.name] for s in self.states() if s.usable), None)
+        if node is None:
+            return
+        self._functions_loading = True
+        self._functions_due = now + FUNCTIONS_REFRESH
+        d = defer.maybeDeferred(self.monitor.fetch, str(node), _FUNCTIONS_SQL)
+        d.addCallbacks(self._functions_loaded, self._functions_failed, errbackArgs=(str(node),))
+        d.addErrback(lambda f: log.failure("loading function volatility crashed", f))
+
+    def _functions_loaded(self, rows) -> None:
+        self._functions_loading = False
+        known, volatile = set(), set()
+        for name, is_volatile in rows:
+            if name is None:
+                continue
+            text = name.decode("utf-8", "replace")
+            known.add(text)
+            if is_volatile == b"t":
+                volatile.add(text)
+        self._known_functions = frozenset(known)
+        self._volatile_functions = frozenset(volatile)
+
+    def _functions_failed(self, failure, node: str) -> None:
+        self._functions_loading = False
+        self._functions_due = self.monitor.reactor.seconds() + _FUNCTIONS_RETRY
+        log.warn(
+            "database {db}: cannot read function volatility from node {node}: {why}",
+            db=self.database.name, node=node, why=failure.getErrorMessage(),
+        )
 
     def decide(self, sql: str | None, *, in_transaction: str | None, user_rule: str | None, min_lsn: int = 0) -> Decision:
         """Pick a node for work starting with *sql*; raises NoNode when none can take it now."""

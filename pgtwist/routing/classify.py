@@ -339,6 +339,16 @@ def _combined_tx(txs: list[str]) -> str | None:
 
 _analyze_cached = lru_cache(maxsize=_CACHE_SIZE)(_analyze)
 
+# Integer literals change a classification only by being zero or not (EXPLAIN (ANALYZE 0),
+# SET transaction_read_only = 1): texts differing in nothing else share one parse and one cache
+# entry, so queries with inlined values (pgbench -S, ORMs without bind parameters) are parsed
+# once. Digits in words, parameters ($1), numbers with a point or an exponent, and escapes stay.
+_INTEGER = re.compile(r"(?<![\w$.\\])\d+(?![\w.])")
+
+
+def _zero_or_one(match) -> str:
+    return "1" if match.group().strip("0") else "0"
+
 
 def classify(
     sql: str,
@@ -351,7 +361,7 @@ def classify(
     the text a write unless the bare or schema-qualified name is in *read_only_functions*. Only
     the parse is cached (by text): the volatility answer may change when the caller reloads it.
     """
-    base = _analyze_cached(sql) if len(sql) <= MAX_CACHED_LENGTH else _analyze(sql)
+    base = _analyze_cached(_INTEGER.sub(_zero_or_one, sql)) if len(sql) <= MAX_CACHED_LENGTH else _analyze(sql)
     if not base.read_only or is_volatile is None or not base.functions:
         return base
     for name in base.functions:
