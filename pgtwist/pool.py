@@ -7,6 +7,7 @@ from collections import deque
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from pgtwist.server_login import ServerLoginError
 from pgtwist.wire import protocol as p
 from pgtwist.wire import sqlstate
 
@@ -154,6 +155,9 @@ class Pool:
             d = self.waiters[0]
             self._drop_waiter(d)
             d.errback(failure)
+        elif failure.check(ServerLoginError):
+            # The node is away or refused (its client gave up or went elsewhere): an outage, not a bug.
+            log.warn("server connection to {node} failed with nobody waiting: {why}", node=self.node, why=failure.getErrorMessage())
         else:
             log.failure("server connection to {node} failed with nobody waiting", failure, node=self.node)
         self._serve()
