@@ -34,6 +34,13 @@ class Address:
     host: str
     port: int
 
+    # Addresses key pools and per-node counters on every transaction: hash once.
+    def __post_init__(self):
+        object.__setattr__(self, "_hash", hash((self.host, self.port)))
+
+    def __hash__(self) -> int:
+        return self._hash
+
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 

@@ -28,8 +28,9 @@ def at_rest(session) -> bool:
         return False  # preparing: a server is being set up for work the client sent
     relay = session.relay
     if relay is not None:
-        # Transaction pooling: linked means inside a transaction or batch, unless pinned.
-        return bool(session.pinned) and relay.idle and relay.tx_status == p.TX_IDLE
+        # Transaction pooling: linked means inside a transaction or batch, unless pinned or
+        # merely keeping its connection between transactions (lent).
+        return (bool(session.pinned) or session._lent) and relay.idle and relay.tx_status == p.TX_IDLE
     scanner = session.scanner
     return (
         session.tx_status == p.TX_IDLE

@@ -72,6 +72,7 @@ class Pool:
         # ParameterStatus sets seen by clients logging in with given startup settings, so that
         # a transaction-mode login needs no server connection once the pool has seen its like.
         self.login_parameters: dict[tuple, dict[str, str]] = {}
+        self.lent: dict = {}  # busy connection -> the ClientSession keeping it between transactions
 
     def __repr__(self):
         return f"<Pool {self.key} idle={len(self.idle)} busy={len(self.busy)} connecting={self.connecting} waiting={len(self.waiters)}>"
@@ -83,12 +84,37 @@ class Pool:
     # -- handing out ------------------------------------------------------------------------
 
     def take_idle(self):
-        """An idle connection right now (now busy), or None; never jumps the queue of waiters."""
-        if self.idle and not self.waiters and not self.paused:
+        """An idle connection right now (now busy), or None; never jumps the queue of waiters.
+
+        With none idle, one lent to a client between its transactions is taken back for it.
+        """
+        if self.waiters or self.paused:
+            return None
+        if not self.idle and self.lent:
+            self._reclaim_one()
+        if self.idle:
             conn = self.idle.popleft()
             self.busy.add(conn)
             return conn
         return None
+
+    # -- lending (transaction pooling): busy, but reclaimable at once --------------------------
+
+    def lend(self, conn, session) -> None:
+        """*conn* stays with *session* between its transactions until somebody else needs it."""
+        self.lent[conn] = session
+
+    def unlend(self, conn) -> None:
+        self.lent.pop(conn, None)
+
+    def _reclaim_one(self) -> None:
+        conn = next(iter(self.lent))
+        session = self.lent.pop(conn)
+        session.reclaim(conn)  # -> release() -> idle, and _serve() for any waiter
+
+    def reclaim_all(self) -> None:
+        while self.lent:
+            self._reclaim_one()
 
     def acquire(self) -> defer.Deferred:
         """A Deferred firing with a logged-in, idle ServerConnection (now busy), or failing with PoolError."""
@@ -133,7 +159,10 @@ class Pool:
         d.callback(conn)
 
     def _serve(self) -> None:
-        while self.waiters and self.idle and not self.paused:
+        while self.waiters and not self.paused and (self.idle or self.lent):
+            if not self.idle:
+                self._reclaim_one()  # (its release() serves the waiter itself)
+                continue
             self._give(self.waiters[0], self.idle.popleft())
         while not self.paused and len(self.waiters) > self.connecting and self.total < self.size:
             self._open()
@@ -171,6 +200,7 @@ class Pool:
         is (the next client's settings are synced on link) and only rolls back a transaction
         left open.
         """
+        self.lent.pop(conn, None)
         if conn not in self.busy:
             return
         if not reusable or conn.state != "idle" or conn.tainted or self.retired or self._expired(conn):
@@ -237,6 +267,7 @@ class Pool:
 
     def server_closed(self, conn) -> None:
         """The connection is gone (node closed it, or we did); free its slot."""
+        self.lent.pop(conn, None)
         self.busy.discard(conn)
         try:
             self.idle.remove(conn)
@@ -249,6 +280,8 @@ class Pool:
     def set_paused(self, paused: bool) -> None:
         """PAUSE/RESUME: while paused, nothing is handed out or opened; waiters keep their place."""
         self.paused = paused
+        if paused:
+            self.reclaim_all()  # a client between transactions must not hold PAUSE up
         self._serve()
 
     def refresh(self) -> None:
@@ -259,6 +292,7 @@ class Pool:
         """Its database, node or user left the config: close idle connections, the busy ones when released."""
         self.retired = True
         self.min_size = 0
+        self.reclaim_all()
         while self.idle:
             self.idle.popleft().close()
 

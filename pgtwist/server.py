@@ -100,6 +100,7 @@ class ServerConnection:
         self.internal_rows: list[list[bytes | None]] = []
         self.replied = False
         self._throttles = (None, None)
+        self._scanner: MessageScanner | None = None
         self.ready: defer.Deferred = defer.Deferred()  # fires self after login
         self._internal: defer.Deferred | None = None
         self._internal_owed = 0
@@ -291,7 +292,12 @@ class ServerConnection:
         self.state = LINKED
         self.session = session
         self.client_transport = client_transport
-        self.scanner = MessageScanner(capture or _LINKED_CAPTURE, p.MAX_PROTOCOL_MESSAGE)
+        scanner = self._scanner
+        if scanner is None:
+            scanner = self._scanner = MessageScanner(_LINKED_CAPTURE, p.MAX_PROTOCOL_MESSAGE)
+        # One scanner per connection, reused: a link only ever ends at a message boundary.
+        scanner.capture = capture or _LINKED_CAPTURE
+        self.scanner = scanner
         self.replied = False
         # Each side's transport produces for the other's: a client that stops reading
         # pauses reads from the node instead of letting the proxy buffer a result set.

@@ -111,6 +111,9 @@ class ClientSession:
         "_link_replied",
         "_link_used",
         "_paused",
+        "_pool",
+        "_lent",
+        "_primary",
         "_orphan_error",
     )
 
@@ -156,6 +159,9 @@ class ClientSession:
         self._link_replied = False
         self._link_used = False
         self._paused = False
+        self._pool = None  # the pool the last transaction used
+        self._lent = False  # linked between transactions on a connection the pool may reclaim
+        self._primary = None  # the Decision for the primary, kept while the primary stays
         self.console = None
         self.audit = False  # statements are logged (the user is listed in `audit`)
         self._login_timer = (
@@ -348,7 +354,10 @@ class ClientSession:
         node = self.router.primary()
         if node is None:
             raise NoNode("no primary")
-        return Decision(node, "primary", "session needs the primary", _NOTHING_CLASSIFIED)
+        decision = self._primary
+        if decision is None or decision.node is not node:
+            decision = self._primary = Decision(node, "primary", "session needs the primary", _NOTHING_CLASSIFIED)
+        return decision
 
     def _first_sql(self) -> str | None:
         """The statement text that starts the waiting work, for routing."""
@@ -370,7 +379,10 @@ class ClientSession:
             return
         self.decision = decision
         self.proxy.counters.routed(decision.reason)
-        pool = self.proxy.pool_for(self.database, self.user, decision.node)
+        pool = self._pool
+        if pool is None or pool.node is not decision.node or pool.retired:
+            # (Most transactions go where the last one went: skip the lookup then.)
+            pool = self._pool = self.proxy.pool_for(self.database, self.user, decision.node)
         server = pool.take_idle()
         if server is not None:
             self._got_server(server)
@@ -491,6 +503,9 @@ class ClientSession:
         self._cancel_idle_tx_timer()
         items = self.scanner.feed(data)
         if self.state is LINKED:
+            if self._lent:  # its next transaction, on the connection it kept
+                self._lent = False
+                self.server.pool.unlend(self.server)
             self._client_items(items)
         elif self.state is IDLE:
             if len(items) == 1 and type(items[0]) is tuple and items[0][0] == _TERMINATE:
@@ -761,7 +776,22 @@ class ClientSession:
                 lambda _: self._read_back(server, names, track_lsn), self._read_back_failed
             ).addErrback(self._crashed)
             return
+        pool = server.pool
+        if not self.router.clustered and not pool.waiters and not pool.paused and not self.proxy.draining:
+            # Lent, not returned: the connection stays linked while nobody else wants it, and
+            # the pool takes it back the moment someone does (reclaim). The client's next
+            # transaction then starts with no acquire, link or settings sync at all. (With a
+            # cluster each transaction must be placed anew, so it goes back at once.)
+            self._lent = True
+            pool.lend(server, self)
+            return
         self._give_back(server)
+
+    def reclaim(self, server) -> None:
+        """The pool needs the connection this client holds between transactions: give it back now."""
+        if self._lent and self.server is server and self.state is LINKED:
+            self._lent = False
+            self._give_back(server)
 
     def _read_back_failed(self, failure) -> None:
         self.server = None
@@ -809,6 +839,7 @@ class ClientSession:
         if self.server is not server or self.state is CLOSED:
             return
         self.server = None
+        self._lent = False
         self.router.node_failed(server.node, "connection lost")
         if self.transaction_mode and self.state is LINKED and not self.pinned:
             self._link_lost(server)
@@ -958,6 +989,7 @@ class ClientSession:
     def _release_server(self) -> None:
         """The client is gone (or failed): return its server connection, or close it if the node is still busy for it."""
         server, self.server = self.server, None
+        self._lent = False
         if server is None:
             return
         scanner = self.scanner

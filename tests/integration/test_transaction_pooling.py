@@ -155,7 +155,7 @@ def test_search_path_follows_each_client(txproxy, admin):
     admin.execute("CREATE SCHEMA IF NOT EXISTS tx_sp_b")
     admin.execute(f"GRANT USAGE ON SCHEMA tx_sp_a, tx_sp_b TO {txproxy.user}")
     warm(txproxy, 4)
-    with txproxy.connect() as a, txproxy.connect() as b, txproxy.connect() as c:
+    with txproxy.connect() as a, txproxy.connect() as b, txproxy.connect() as c, txproxy.connect() as d, txproxy.connect() as e:
         default = c.execute("SHOW search_path").fetchone()[0]
         a.execute("SET search_path TO tx_sp_a, public")
         b.execute("SET search_path TO tx_sp_b")
@@ -167,10 +167,12 @@ def test_search_path_follows_each_client(txproxy, admin):
                     assert conn.execute("SELECT (current_schemas(false))[1]").fetchone()[0] == want.split(",")[0]
                     pids[name].add(backend_pid(conn))
             assert c.execute("SHOW search_path").fetchone()[0] == default
-            # Occupy a connection now and then so that the next transactions land elsewhere.
+            # Now and then hold three of the four connections at once: a and b keep theirs
+            # between transactions only while nobody else needs one, so they must move.
             if i % 3 == 0:
-                with c.transaction():
-                    c.execute("SELECT 1")
+                with c.transaction(), d.transaction(), e.transaction():
+                    for other in (c, d, e):
+                        other.execute("SELECT 1")
                     assert a.execute("SHOW search_path").fetchone()[0] == "tx_sp_a, public"
         assert default == '"$user", public'
         # The point: the setting followed the client across server connections.

@@ -566,3 +566,74 @@ def test_maintain_with_a_connect_that_fails_at_once_does_not_loop_forever():
     pool = Pool("k", "n", "db", "u", 3, connect=connect, clock=clock, reset_query="", wait_timeout=1, min_size=2)
     pool.maintain()
     assert len(calls) == 2 and pool.connecting == 0
+
+
+# -- lending: a transaction-pooled client keeps its connection between transactions ---------
+
+
+class Borrower:
+    """Stands in for a ClientSession that keeps a connection between its transactions."""
+
+    def __init__(self, pool, conn):
+        self.pool, self.conn, self.reclaimed = pool, conn, 0
+
+    def reclaim(self, conn):
+        assert conn is self.conn
+        self.reclaimed += 1
+        self.pool.release(conn, reusable=True, reset=False)
+
+
+def lent_connection(h):
+    d, got = h.acquire()
+    conn = h.open_next()
+    assert got == [conn]
+    borrower = Borrower(h.pool, conn)
+    h.pool.lend(conn, borrower)
+    return conn, borrower
+
+
+def test_a_lent_connection_is_taken_back_for_a_newcomer_when_none_is_idle():
+    h = Harness(size=1)
+    conn, borrower = lent_connection(h)
+    assert h.pool.take_idle() is conn  # reclaimed on the spot, no waiting, no new connection
+    assert borrower.reclaimed == 1 and not h.pool.lent and conn in h.pool.busy
+    assert len(h.attempts) == 1
+
+
+def test_an_idle_connection_is_preferred_to_reclaiming():
+    h = Harness(size=2)
+    d, got = h.acquire()
+    idle = h.open_next()
+    conn, borrower = lent_connection(h)
+    h.pool.release(idle, reusable=True, reset=False)
+    assert h.pool.take_idle() is idle and borrower.reclaimed == 0
+
+
+def test_a_waiter_is_served_by_reclaiming_rather_than_waiting_for_a_new_connection():
+    h = Harness(size=2)
+    conn, borrower = lent_connection(h)
+    d, got = h.acquire()
+    assert got == [conn] and borrower.reclaimed == 1
+    assert len(h.attempts) == 1  # nothing opened: taking back is immediate
+
+
+def test_release_and_close_forget_a_lent_connection():
+    h = Harness(size=2)
+    conn, borrower = lent_connection(h)
+    h.pool.release(conn, reusable=True, reset=False)  # the client came back and then left
+    assert not h.pool.lent and list(h.pool.idle) == [conn]
+    h2 = Harness(size=1)
+    conn2, _ = lent_connection(h2)
+    h2.pool.server_closed(conn2)
+    assert not h2.pool.lent and not h2.pool.busy
+
+
+def test_pause_and_retire_take_lent_connections_back():
+    h = Harness(size=1)
+    conn, borrower = lent_connection(h)
+    h.pool.set_paused(True)
+    assert borrower.reclaimed == 1 and list(h.pool.idle) == [conn]
+    h2 = Harness(size=1)
+    conn2, borrower2 = lent_connection(h2)
+    h2.pool.retire()
+    assert borrower2.reclaimed == 1 and conn2.closed
