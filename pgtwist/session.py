@@ -114,6 +114,7 @@ class ClientSession:
         "_pool",
         "_lent",
         "_primary",
+        "_asked_at",
         "_orphan_error",
     )
 
@@ -162,6 +163,7 @@ class ClientSession:
         self._pool = None  # the pool the last transaction used
         self._lent = False  # linked between transactions on a connection the pool may reclaim
         self._primary = None  # the Decision for the primary, kept while the primary stays
+        self._asked_at: float | None = None  # when the client's pending request began (query latency)
         self.console = None
         self.audit = False  # statements are logged (the user is listed in `audit`)
         self._login_timer = (
@@ -501,6 +503,8 @@ class ClientSession:
 
     def _client_data(self, data: bytes) -> None:
         self._cancel_idle_tx_timer()
+        if self._asked_at is None:
+            self._asked_at = self.proxy.clock.seconds()
         items = self.scanner.feed(data)
         if self.state is LINKED:
             if self._lent:  # its next transaction, on the connection it kept
@@ -642,6 +646,8 @@ class ClientSession:
             return
         if self._idle_tx_timer is not None:
             self._cancel_idle_tx_timer()
+        if self._asked_at is None:
+            self._asked_at = self.proxy.clock.seconds()  # query latency runs to the ReadyForQuery
         if len(items) == 1 and type(items[0]) is bytes:
             write_now(self.server.transport, items[0])
             return
@@ -734,7 +740,14 @@ class ClientSession:
         self.tx_status = status
         server.tx_status = status
         decision = self.decision
-        self.proxy.counters.ready(self.id, server.node, decision.want if decision is not None else "primary", status)
+        started, self._asked_at = self._asked_at, None
+        self.proxy.counters.ready(
+            self.id,
+            server.node,
+            decision.want if decision is not None else "primary",
+            status,
+            None if started is None else self.proxy.clock.seconds() - started,
+        )
         if status != p.TX_IDLE and self.config.idle_transaction_timeout:
             # Several ReadyForQuery may come before the client speaks again: keep only the last timer.
             self._cancel_idle_tx_timer()

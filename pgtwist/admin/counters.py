@@ -55,6 +55,7 @@ class Counters:
         self.queries: dict[tuple, int] = {}  # (node, role) -> ReadyForQuery batches relayed
         self.transactions: dict[tuple, int] = {}  # (node, role) -> ReadyForQuery 'I' relayed
         self.transaction_seconds: dict[tuple, Histogram] = {}  # (node, role) -> explicit transactions' durations
+        self.query_seconds: dict[tuple, Histogram] = {}  # (node, role) -> request to ReadyForQuery
         self.routes: dict[str, int] = {}  # routing decisions by reason
         self.failovers = 0
         self.reloads = 0
@@ -81,15 +82,21 @@ class Counters:
 
     # -- per ReadyForQuery batch -------------------------------------------------------------
 
-    def ready(self, client_id: str, node, role: str, status: int) -> None:
+    def ready(self, client_id: str, node, role: str, status: int, latency: float | None = None) -> None:
         """A node's ReadyForQuery reached a client: one more query; a transaction ended when status is idle.
 
         Transaction durations run from the first ReadyForQuery that reports the transaction
-        open (BEGIN done) to the one that reports it closed (COMMIT/ROLLBACK done).
+        open (BEGIN done) to the one that reports it closed (COMMIT/ROLLBACK done); query
+        latency (*latency*) from the client's request to that ReadyForQuery.
         """
         key = (node, role)
         queries = self.queries
         queries[key] = queries.get(key, 0) + 1
+        if latency is not None:
+            histogram = self.query_seconds.get(key)
+            if histogram is None:
+                histogram = self.query_seconds[key] = Histogram()
+            histogram.observe(latency)
         if status == _TX_IDLE:
             transactions = self.transactions
             transactions[key] = transactions.get(key, 0) + 1

@@ -97,6 +97,14 @@ class ProxyCollector:
         for (node, role), histogram in sorted(counters.transaction_seconds.items(), key=str):
             durations.add_metric([str(node), role], histogram.buckets(), sum_value=histogram.sum)
         yield durations
+        latencies = HistogramMetricFamily(
+            "pgbalance_query_duration_seconds",
+            "Queries (a Query, or an extended-protocol batch up to Sync): from the client's request to ReadyForQuery.",
+            labels=labels,
+        )
+        for (node, role), histogram in sorted(counters.query_seconds.items(), key=str):
+            latencies.add_metric([str(node), role], histogram.buckets(), sum_value=histogram.sum)
+        yield latencies
         errors = CounterMetricFamily("pgbalance_errors", "Errors pgtwist sent to clients itself, by SQLSTATE.", labels=["sqlstate"])
         for code, n in sorted(counters.errors.items()):
             errors.add_metric([code], n)

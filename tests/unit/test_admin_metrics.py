@@ -126,3 +126,15 @@ def test_service_builds_metrics_and_readiness_follows_the_listener(monkeypatch):
     results = []
     svc.stopService().addBoth(results.append)
     assert results == [None] and not svc.accepting
+
+
+def test_query_latency_runs_from_the_request_to_its_ready_for_query():
+    proxy = TestProxy(make_config())
+    app, _ = client(proxy)
+    app.got_data(m.query("SELECT pg_sleep(0.3)"))
+    proxy.clock.advance(0.3)
+    app.server.got_data(m.command_complete("SELECT 1") + m.ready_for_query(p.TX_IDLE))
+    text = body(get(metrics.make_root(Service(proxy), proxy.reactor), b"/metrics"))
+    assert 'pgbalance_query_duration_seconds_bucket{le="0.25",node="db1:5432",role="primary"} 0.0' in text
+    assert 'pgbalance_query_duration_seconds_bucket{le="0.5",node="db1:5432",role="primary"} 1.0' in text
+    assert 'pgbalance_query_duration_seconds_count{node="db1:5432",role="primary"} 1.0' in text
