@@ -163,6 +163,7 @@ class ClientSession:
         self._pool = None  # the pool the last transaction used
         self._lent = False  # linked between transactions on a connection the pool may reclaim
         self._primary = None  # the Decision for the primary, kept while the primary stays
+        self._orphan_error = None  # the 08006 an orphaned transaction's next statement gets
         self._asked_at: float | None = None  # when the client's pending request began (query latency)
         self.console = None
         self.audit = False  # statements are logged (the user is listed in `audit`)
@@ -947,8 +948,14 @@ class ClientSession:
     def _answer_orphaned(self, items: list) -> None:
         """After its node died mid-transaction, the client's statements fail until it ends the transaction."""
         out = []
-        batch: list = []
-        for item in items:
+        # An extended batch whose Sync has not come yet waits in the backlog for the rest.
+        batch: list = self.backlog
+        self.backlog = []
+        for i, item in enumerate(items):
+            if not self.orphaned:
+                # ROLLBACK ended it: what the client sent behind it runs on a server as usual.
+                self.backlog = items[i:]
+                break
             if type(item) is not tuple:
                 continue
             msg_type, body = item
@@ -972,7 +979,11 @@ class ClientSession:
                 batch = []
             else:
                 batch.append(item)
+        else:
+            self.backlog = batch
         self.transport.write(b"".join(out))
+        if self.backlog and not self.orphaned:
+            self._acquire()
 
     def _orphaned_reply(self, classifications: list, items: list) -> bytes:
         ends = any(c.tx in ("rollback", "commit") for c in classifications)

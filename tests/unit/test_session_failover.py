@@ -1,0 +1,524 @@
+"""Transaction pooling when a node goes away: replay, 08006 in place, orphaned transactions, failover_wait; lending.
+
+The real Proxy, ClientSession, Pool and ServerConnection on StringTransports and a
+MemoryReactorClock (the Harness of test_session); a clustered database gets a fake monitor.
+"""
+
+import pytest
+from twisted.internet.error import ConnectionLost
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+
+from pgtwist.router import DatabaseRouter
+from pgtwist.routing.policy import NodeState
+from pgtwist.wire import messages as m
+from pgtwist.wire import protocol as p
+from pgtwist.wire import sqlstate
+from pgtwist.wire.framing import frame
+
+from .test_router import FakeMonitor
+from .test_session import RESULT, Proxy4Test, make_config, messages, queries, types
+
+P, R1, R2 = "p:5432", "r1:5432", "r2:5432"
+ROW_DESCRIPTION = RESULT[: 1 + int.from_bytes(RESULT[1:5], "big")]
+DATA_ROW = frame(ord("D"), b"\x00\x01\x00\x00\x00\x011")
+Z_IDLE = m.ready_for_query(p.TX_IDLE)
+Z_IN = m.ready_for_query(p.TX_IN_TRANSACTION)
+Z_FAILED = m.ready_for_query(p.TX_FAILED)
+
+
+class RecordingTransport(StringTransport):
+    """A StringTransport that also keeps each write as it was given (to check bytes are not copied)."""
+
+    def __init__(self):
+        super().__init__(lenient=True)
+        self.writes: list = []
+
+    def write(self, data):
+        self.writes.append(data)
+        super().write(data)
+
+
+class Setup:
+    """One database in transaction pooling: a single node, or P + R1 + R2 behind a fake monitor."""
+
+    def __init__(self, clustered=True, pool_size=2, **overrides):
+        nodes = [P, R1, R2] if clustered else ["db1:5432"]
+        config = make_config(
+            pool_mode="transaction",
+            databases={"appdb": {"dbname": "postgres", "nodes": nodes, "pool_size": pool_size}},
+            **overrides,
+        )
+        self.proxy = Proxy4Test(config)
+        self.clock = self.proxy.clock
+        self.monitor = None
+        if clustered:
+            states = [NodeState(P, role="primary", up=True, timeline=1, lsn=10)]
+            states += [NodeState(r, role="replica", up=True, timeline=1, lsn=10, lag_bytes=0, lag_seconds=0.0) for r in (R1, R2)]
+            self.monitor = FakeMonitor(states, self.clock)
+            database = config.databases["appdb"]
+            self.proxy.routers["appdb"] = DatabaseRouter(database, config, self.monitor)
+
+    def client(self):
+        """A logged-in client; its transport cleared."""
+        transport = RecordingTransport()
+        session = self.proxy.new_client(transport)
+        session.got_data(m.startup_message({"user": "app", "database": "appdb"}))
+        assert session.logged_in and types(transport.value()).endswith("KZ"), transport.value()
+        transport.clear()
+        transport.writes.clear()
+        return session, transport
+
+    def pool(self, node):
+        (pool,) = [pl for pl in self.proxy.pools.values() if str(pl.node) == node]
+        return pool
+
+    def set_up(self, name, up):
+        self.monitor.states[name].up = up
+
+
+def lose(server):
+    server.connection_lost(Failure(ConnectionLost()))
+
+
+def error_fields(data: bytes) -> list[dict]:
+    return [m.decode_fields(b) for t, b in messages(data) if t == p.ERROR_RESPONSE]
+
+
+def sent(server) -> bytes:
+    data = server.transport.value()
+    server.transport.clear()
+    return data
+
+
+def extended(sql: str) -> bytes:
+    return m.parse("", sql) + m.bind("", "") + m.execute() + m.sync()
+
+
+# -- replay of reads that got nothing back -------------------------------------------------------
+
+
+def test_clustered_login_leaves_the_client_idle_with_no_server():
+    s = Setup()
+    session, ct = s.client()
+    assert session.state == "idle" and session.server is None
+    (login_pool,) = s.proxy.pools.values()
+    assert str(login_pool.node) == P and list(login_pool.idle) == [s.proxy.servers[0]]
+
+
+def test_read_with_no_byte_back_is_replayed_on_another_node():
+    s = Setup()
+    session, ct = s.client()
+    session.got_data(m.query("SELECT 1"))
+    first = session.server
+    assert str(first.node) in (R1, R2)
+    assert queries(sent(first)) == ["SELECT 1"]
+    lose(first)
+    assert s.monitor.marked == [(str(first.node), "connection lost")]
+    second = session.server
+    assert second is not None and second is not first
+    assert str(second.node) in (R1, R2) and second.node != first.node
+    assert queries(sent(second)) == ["SELECT 1"]
+    assert ct.value() == b""  # the client noticed nothing
+    second.got_data(RESULT + Z_IDLE)
+    assert ct.value() == RESULT + Z_IDLE
+    assert session.state == "idle" and session.server is None
+    assert list(s.pool(str(second.node)).idle) == [second]
+
+
+def test_read_replayed_after_the_node_said_fatal_and_left():
+    s = Setup()
+    session, ct = s.client()
+    session.got_data(m.query("SELECT 1"))
+    first = session.server
+    sent(first)
+    first.got_data(m.error_response("FATAL", "57P01", "terminating connection due to administrator command"))
+    assert ct.value() == b"" and session.relay.server_fatal is not None
+    lose(first)
+    second = session.server
+    assert queries(sent(second)) == ["SELECT 1"]
+    assert session.relay.server_fatal is None
+    second.got_data(RESULT + Z_IDLE)
+    assert ct.value() == RESULT + Z_IDLE
+
+
+def test_extended_read_with_a_named_statement_is_replayed():
+    s = Setup()
+    session, ct = s.client()
+    session.got_data(m.parse("s1", "SELECT 1") + m.bind("", "s1") + m.execute() + m.sync())
+    first = session.server
+    sent(first)
+    lose(first)
+    second = session.server
+    out = sent(second)
+    assert types(out) == "PBES"
+    assert "s1" in session.relay.statements
+    reply = frame(p.PARSE_COMPLETE) + frame(p.BIND_COMPLETE) + DATA_ROW + m.command_complete("SELECT 1") + Z_IDLE
+    second.got_data(reply)
+    assert ct.value() == reply
+
+
+def test_read_with_part_of_the_result_forwarded_gets_08006_and_the_session_goes_on():
+    s = Setup()
+    session, ct = s.client()
+    session.got_data(m.query("SELECT 1"))
+    first = session.server
+    first.got_data(ROW_DESCRIPTION + DATA_ROW)
+    assert ct.value() == ROW_DESCRIPTION + DATA_ROW
+    ct.clear()
+    lose(first)
+    assert types(ct.value()) == "EZ"
+    (fields,) = error_fields(ct.value())
+    assert (fields["S"], fields["C"]) == ("ERROR", sqlstate.CONNECTION_FAILURE)
+    assert str(first.node) in fields["M"]
+    assert ct.value().endswith(Z_IDLE)
+    assert not ct.disconnecting and session.state == "idle" and not session.orphaned
+    ct.clear()
+    session.got_data(m.query("SELECT 2"))
+    second = session.server
+    assert second is not first and queries(sent(second)) == ["SELECT 2"]
+    second.got_data(RESULT + Z_IDLE)
+    assert ct.value() == RESULT + Z_IDLE
+
+
+def test_each_owed_request_gets_its_error_and_ready_for_query():
+    s = Setup()
+    session, ct = s.client()
+    session.got_data(m.query("SELECT 1") + m.query("SELECT 2"))
+    first = session.server
+    first.got_data(ROW_DESCRIPTION)
+    ct.clear()
+    lose(first)
+    assert types(ct.value()) == "EZEZ"
+    assert ct.value().endswith(Z_IDLE)
+    assert session.state == "idle"
+
+
+def test_the_fatal_words_of_the_node_are_in_the_error():
+    s = Setup()
+    session, ct = s.client()
+    session.got_data(m.query("SELECT 1"))
+    first = session.server
+    first.got_data(ROW_DESCRIPTION + m.error_response("FATAL", "57P01", "terminating connection due to administrator command"))
+    ct.clear()
+    lose(first)
+    (fields,) = error_fields(ct.value())
+    assert fields["S"] == "ERROR" and fields["M"].endswith(": terminating connection due to administrator command")
+
+
+def test_a_write_is_never_replayed():
+    s = Setup()
+    session, ct = s.client()
+    session.got_data(m.query("INSERT INTO t VALUES (1)"))
+    first = session.server
+    assert str(first.node) == P
+    lose(first)
+    assert types(ct.value()) == "EZ"
+    assert error_fields(ct.value())[0]["C"] == sqlstate.CONNECTION_FAILURE
+    assert "could have had effects" in error_fields(ct.value())[0]["D"]
+    assert session.state == "idle" and session.server is None
+
+
+def test_node_closing_mid_message_closes_the_client():
+    s = Setup()
+    session, ct = s.client()
+    session.got_data(m.query("SELECT 1"))
+    first = session.server
+    first.got_data(RESULT[:7])
+    ct.clear()
+    lose(first)
+    assert ct.value() == b"" and ct.disconnecting and session.state == "closed"
+
+
+# -- a transaction dies with its node -------------------------------------------------------------
+
+
+def begin(s, session):
+    session.got_data(m.query("BEGIN"))
+    server = session.server
+    assert queries(sent(server)) == ["BEGIN"]
+    server.got_data(m.command_complete("BEGIN") + Z_IN)
+    assert session.state == "linked" and session.relay.tx_status == p.TX_IN_TRANSACTION
+    session.transport.clear()
+    return server
+
+
+@pytest.mark.parametrize("clustered", [True, False], ids=["cluster", "single"])
+def test_transaction_orphaned_by_the_node_fails_until_rollback(clustered):
+    s = Setup(clustered=clustered)
+    session, ct = s.client()
+    server = begin(s, session)
+    ct.clear()
+    lose(server)
+    # Idle in its transaction: nothing is said until the client speaks.
+    assert ct.value() == b"" and not ct.disconnecting
+    assert session.state == "idle" and session.orphaned and session.server is None
+    session.got_data(m.query("SELECT 1"))
+    assert types(ct.value()) == "EZ" and ct.value().endswith(Z_FAILED)
+    (fields,) = error_fields(ct.value())
+    assert (fields["S"], fields["C"]) == ("ERROR", sqlstate.CONNECTION_FAILURE)
+    assert "ROLLBACK" in fields["D"]
+    ct.clear()
+    session.got_data(m.query("INSERT INTO t VALUES (1)"))
+    (fields,) = error_fields(ct.value())
+    assert fields["C"] == sqlstate.IN_FAILED_SQL_TRANSACTION == "25P02"
+    assert ct.value().endswith(Z_FAILED)
+    ct.clear()
+    servers_before = len(s.proxy.servers)
+    session.got_data(m.query("ROLLBACK"))
+    assert ct.value() == m.command_complete("ROLLBACK") + Z_IDLE
+    assert not session.orphaned and session.server is None
+    assert len(s.proxy.servers) == servers_before  # answered by the proxy
+    ct.clear()
+    session.got_data(m.query("SELECT 2"))
+    again = session.server
+    assert again is not None and again is not server
+    assert queries(sent(again)) == ["SELECT 2"]
+    again.got_data(RESULT + Z_IDLE)
+    assert ct.value() == RESULT + Z_IDLE
+
+
+def test_commit_of_an_orphaned_transaction_says_rollback():
+    s = Setup()
+    session, ct = s.client()
+    lose(begin(s, session))
+    session.got_data(m.query("COMMIT"))
+    assert ct.value() == m.command_complete("ROLLBACK") + Z_IDLE
+    assert not session.orphaned
+
+
+def test_node_dying_under_a_statement_in_a_transaction_answers_it_and_orphans():
+    s = Setup()
+    session, ct = s.client()
+    server = begin(s, session)
+    session.got_data(m.query("UPDATE t SET x = 1"))
+    ct.clear()
+    lose(server)
+    assert types(ct.value()) == "EZ" and ct.value().endswith(Z_FAILED)
+    assert session.orphaned
+    ct.clear()
+    session.got_data(m.query("SELECT 1"))
+    assert error_fields(ct.value())[0]["C"] == "25P02"  # the 08006 was said already
+
+
+@pytest.mark.parametrize("clustered", [True, False], ids=["cluster", "single"])
+def test_orphaned_transaction_with_the_extended_protocol(clustered):
+    s = Setup(clustered=clustered)
+    session, ct = s.client()
+    server = begin(s, session)
+    ct.clear()
+    lose(server)
+    session.got_data(extended("SELECT 1"))
+    assert types(ct.value()) == "EZ" and ct.value().endswith(Z_FAILED)
+    assert error_fields(ct.value())[0]["C"] == sqlstate.CONNECTION_FAILURE
+    ct.clear()
+    session.got_data(extended("SELECT 2"))
+    assert types(ct.value()) == "EZ" and error_fields(ct.value())[0]["C"] == "25P02"
+    ct.clear()
+    session.got_data(m.parse("", "ROLLBACK") + m.bind("", "") + m.describe("P", "") + m.execute() + m.sync())
+    assert ct.value() == frame(p.PARSE_COMPLETE) + frame(p.BIND_COMPLETE) + frame(p.NO_DATA) + m.command_complete("ROLLBACK") + Z_IDLE
+    assert not session.orphaned
+    ct.clear()
+    session.got_data(extended("SELECT 3"))
+    again = session.server
+    assert again is not None and types(sent(again)) == "PBES"
+
+
+def test_orphaned_transaction_ended_by_a_named_rollback_statement():
+    s = Setup()
+    session, ct = s.client()
+    server = begin(s, session)
+    session.got_data(m.parse("rb", "ROLLBACK") + m.sync())
+    server.got_data(frame(p.PARSE_COMPLETE) + Z_IN)
+    lose(server)
+    ct.clear()
+    session.got_data(m.bind("", "rb") + m.execute() + m.sync())
+    # (Like PostgreSQL's, a failed transaction's ROLLBACK just succeeds: the 08006 goes unsaid.)
+    assert ct.value() == frame(p.BIND_COMPLETE) + m.command_complete("ROLLBACK") + Z_IDLE
+    assert not session.orphaned
+
+
+def test_orphaned_rollback_batch_split_over_reads():
+    s = Setup()
+    session, ct = s.client()
+    lose(begin(s, session))
+    session.got_data(m.query("SELECT 1"))
+    ct.clear()
+    # The batch arrives in two reads: nothing is answered before its Sync, and it is one ROLLBACK.
+    session.got_data(m.parse("", "ROLLBACK") + m.bind("", "") + m.execute())
+    assert ct.value() == b""
+    session.got_data(m.sync())
+    assert ct.value() == frame(p.PARSE_COMPLETE) + frame(p.BIND_COMPLETE) + m.command_complete("ROLLBACK") + Z_IDLE
+    assert not session.orphaned
+
+
+def test_statements_pipelined_behind_the_rollback_run_on_a_server():
+    s = Setup()
+    session, ct = s.client()
+    lose(begin(s, session))
+    session.got_data(m.query("SELECT 1"))
+    ct.clear()
+    session.got_data(m.query("ROLLBACK") + m.query("SELECT 2"))
+    assert ct.value() == m.command_complete("ROLLBACK") + Z_IDLE
+    assert not session.orphaned
+    server = session.server
+    assert server is not None and queries(sent(server)) == ["SELECT 2"]
+    server.got_data(RESULT + Z_IDLE)
+    assert ct.value() == m.command_complete("ROLLBACK") + Z_IDLE + RESULT + Z_IDLE
+
+
+def test_terminate_while_orphaned_closes_quietly():
+    s = Setup()
+    session, ct = s.client()
+    lose(begin(s, session))
+    session.got_data(m.terminate())
+    assert ct.disconnecting and ct.value() == b"" and session.state == "closed"
+
+
+# -- no node at all for failover_wait ---------------------------------------------------------------
+
+
+def test_no_node_for_failover_wait_fails_the_work_with_an_error_and_the_session_goes_on():
+    s = Setup(failover_wait=2.0)
+    session, ct = s.client()
+    for name in (P, R1, R2):
+        s.set_up(name, False)
+    session.got_data(m.query("SELECT 1"))
+    assert session.state == "waiting" and ct.producerState == "paused"
+    s.clock.pump([0.25] * 7)  # 1.75 s: still waiting for a node
+    assert ct.value() == b"" and session.state == "waiting"
+    s.clock.pump([0.25] * 2)
+    assert types(ct.value()) == "EZ"
+    (fields,) = error_fields(ct.value())
+    assert (fields["S"], fields["V"], fields["C"]) == ("ERROR", "ERROR", sqlstate.CONNECTION_FAILURE)
+    assert 'database "appdb"' in fields["M"]
+    assert ct.value().endswith(Z_IDLE)
+    assert session.state == "idle" and not ct.disconnecting and ct.producerState == "producing"
+    assert s.clock.getDelayedCalls() == []  # no retry left behind
+    # A node comes back: the next statement runs.
+    ct.clear()
+    s.set_up(R1, True)
+    session.got_data(m.query("SELECT 2"))
+    assert str(session.server.node) == R1 and queries(sent(session.server)) == ["SELECT 2"]
+
+
+def test_work_waiting_for_a_node_runs_when_one_comes_back_in_time():
+    s = Setup(failover_wait=5.0)
+    session, ct = s.client()
+    for name in (P, R1, R2):
+        s.set_up(name, False)
+    session.got_data(m.query("INSERT INTO t VALUES (1)"))
+    s.clock.pump([0.25] * 4)
+    assert session.state == "waiting"
+    s.set_up(P, True)
+    s.clock.pump([0.25])
+    assert session.state == "linked" and str(session.server.node) == P
+    assert queries(sent(session.server)) == ["INSERT INTO t VALUES (1)"]
+    assert ct.value() == b""
+
+
+def test_extended_work_failing_after_failover_wait_gets_one_error_per_batch():
+    s = Setup(failover_wait=1.0)
+    session, ct = s.client()
+    for name in (P, R1, R2):
+        s.set_up(name, False)
+    session.got_data(extended("SELECT 1") + extended("SELECT 2"))
+    s.clock.pump([0.25] * 5)
+    assert types(ct.value()) == "EZEZ"
+    assert all(f["S"] == "ERROR" for f in error_fields(ct.value()))
+    assert session.state == "idle"
+
+
+# -- lending the server connection between transactions (a single node) ------------------------------
+
+
+def test_a_client_keeps_its_server_between_transactions_until_another_needs_it():
+    s = Setup(clustered=False)
+    a, act = s.client()
+    (pool,) = s.proxy.pools.values()
+    server = a.server
+    assert a.state == "linked" and a._lent and pool.lent == {server: a}
+    a.got_data(m.query("SELECT 1"))
+    assert pool.lent == {}  # its own transaction now
+    assert queries(sent(server)) == ["SELECT 1"]
+    server.got_data(RESULT + Z_IDLE)
+    assert act.value() == RESULT + Z_IDLE
+    assert pool.lent == {server: a} and a.server is server and a.state == "linked"
+    # Another client needs a connection and none is idle: a gives its back.
+    b, bct = s.client()
+    assert b.state == "idle" and len(s.proxy.servers) == 1  # a login with known parameters needs none
+    b.got_data(m.query("SELECT 2"))
+    assert b.server is server and a.server is None and a.state == "idle" and not a._lent
+    assert queries(sent(server)) == ["SELECT 2"]
+    assert pool.lent == {} and server in pool.busy
+    # a speaks again while b's transaction runs: a new connection.
+    a.got_data(m.query("SELECT 3"))
+    assert a.state == "linked" and a.server is not server and len(s.proxy.servers) == 2
+    assert queries(sent(a.server)) == ["SELECT 3"]
+    a.server.got_data(RESULT + Z_IDLE)
+    server.got_data(RESULT + Z_IDLE)
+    assert act.value().endswith(RESULT + Z_IDLE) and bct.value() == RESULT + Z_IDLE
+    assert set(pool.lent.values()) == {a, b}
+
+
+def test_a_lent_server_is_reclaimed_and_the_first_client_gets_one_again():
+    s = Setup(clustered=False, pool_size=1)
+    a, act = s.client()
+    (pool,) = s.proxy.pools.values()
+    server = a.server
+    b, bct = s.client()
+    b.got_data(m.query("SELECT 1"))
+    assert b.server is server and a.state == "idle"
+    a.got_data(m.query("SELECT 2"))  # pool_size 1 and b is running: a waits
+    assert a.state == "waiting" and len(pool.waiters) == 1
+    server.got_data(RESULT + Z_IDLE)  # b is done; with a waiting, the connection goes back, not lent
+    assert bct.value() == RESULT + Z_IDLE
+    assert b.state == "idle" and not b._lent
+    assert a.server is server and a.state == "linked"
+    assert queries(sent(server)) == ["SELECT 1", "SELECT 2"]
+
+
+def test_a_lent_server_dying_between_transactions():
+    s = Setup(clustered=False)
+    a, act = s.client()
+    server = a.server
+    lose(server)
+    assert act.value() == b"" and a.state == "idle" and not a.orphaned and not a._lent
+    a.got_data(m.query("SELECT 1"))
+    assert a.server is not server and queries(sent(a.server)) == ["SELECT 1"]
+
+
+def test_clustered_transaction_mode_never_lends():
+    s = Setup()
+    session, ct = s.client()
+    session.got_data(m.query("SELECT 1"))
+    server = session.server
+    server.got_data(RESULT + Z_IDLE)
+    assert session.server is None and not session._lent
+    assert all(not pool.lent for pool in s.proxy.pools.values())
+
+
+# -- the hot path ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("clustered", [True, False], ids=["cluster", "single"])
+def test_ready_for_query_at_the_end_of_a_read_is_forwarded_as_the_same_bytes(clustered):
+    s = Setup(clustered=clustered)
+    session, ct = s.client()
+    session.got_data(m.query("SELECT 1"))
+    server = session.server
+    data = RESULT + Z_IDLE
+    server.got_data(data)
+    assert ct.value() == data
+    assert any(w is data for w in ct.writes)
+
+
+def test_ready_for_query_at_the_end_of_a_read_in_session_mode_too():
+    proxy = Proxy4Test(make_config())  # pool_mode session
+    transport = RecordingTransport()
+    session = proxy.new_client(transport)
+    session.got_data(m.startup_message({"user": "app", "database": "appdb"}))
+    session.got_data(m.query("SELECT 1"))
+    data = RESULT + Z_IDLE
+    session.server.got_data(data)
+    assert any(w is data for w in transport.writes)
