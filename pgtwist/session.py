@@ -115,6 +115,8 @@ class ClientSession:
         "_lent",
         "_primary",
         "_asked_at",
+        "_read_link",
+        "_holding",
         "_orphan_error",
     )
 
@@ -165,6 +167,8 @@ class ClientSession:
         self._primary = None  # the Decision for the primary, kept while the primary stays
         self._orphan_error = None  # the 08006 an orphaned transaction's next statement gets
         self._asked_at: float | None = None  # when the client's pending request began (query latency)
+        self._read_link = False  # linked to a replica for an autocommit read: writes behind it wait
+        self._holding = False  # a write is waiting in the backlog for this read's replica to go
         self.console = None
         self.audit = False  # statements are logged (the user is listed in `audit`)
         self._login_timer = (
@@ -492,6 +496,15 @@ class ClientSession:
         self._link_sent = []
         self._link_replied = False
         self._link_used = False
+        decision = self.decision
+        self._holding = False
+        self._read_link = bool(
+            self.transaction_mode
+            and decision is not None
+            and decision.want == "replica"
+            and decision.classification.tx is None
+            and self.relay.tx_status == p.TX_IDLE
+        )
         server.link(self, self.transport, self.relay.capture() if self.relay else None)
         self._resume()
         backlog, self.backlog = self.backlog, []
@@ -530,6 +543,11 @@ class ClientSession:
         if not self.transaction_mode:
             self._session_items(items)
             return
+        if self._holding:
+            self.backlog.extend(items)  # behind a write held back from a replica: waits for the primary
+            return
+        if self._read_link:
+            items = self._hold_writes(items)
         relay = self.relay
         server = self.server
         to_server: list = []
@@ -576,6 +594,29 @@ class ClientSession:
             relay.client_message(msg_type, body, server, to_server, to_client)
         self._flush(to_server, to_client)
         self._maybe_release()
+
+    def _hold_writes(self, items: list) -> list:
+        """On a replica for an autocommit read: keep back whatever write the client pipelined behind it.
+
+        What is kept back waits in the backlog; once the read is answered and the replica
+        released, it is placed like any new work (on the primary).
+        """
+        first = not self._link_used
+        for i, item in enumerate(items):
+            if type(item) is not tuple or item[0] not in (p.QUERY, p.PARSE, p.BIND):
+                continue
+            texts = list(self._statement_texts([item]))
+            if not texts:
+                continue
+            if first:
+                first = False  # the statement this replica was chosen for
+                continue
+            c = self.router.classify(texts[0])
+            if not c.read_only or c.tx is not None:
+                self._holding = True
+                self.backlog = items[i:] + self.backlog
+                return items[:i]
+        return items
 
     def _flush(self, to_server: list, to_client: list) -> None:
         if to_server:
@@ -763,7 +804,9 @@ class ClientSession:
         if self.state is not LINKED or self.pinned:
             return
         scanner = self.scanner
-        if not (self.relay.idle and self.relay.tx_status == p.TX_IDLE and scanner.at_boundary and scanner.last_type not in _UNSYNCED):
+        # (What the client sent after a held-back write is not on the server: only the relay counts then.)
+        client_done = self._holding or (scanner.at_boundary and scanner.last_type not in _UNSYNCED)
+        if not (self.relay.idle and self.relay.tx_status == p.TX_IDLE and client_done):
             return
         server = self.server
         names: list[str] = []
@@ -839,6 +882,8 @@ class ClientSession:
         self._give_back(server, linked=False)
 
     def _give_back(self, server, linked: bool = True) -> None:
+        self._holding = False
+        self._read_link = False
         if linked:
             server.unlink()
         self.server = None
@@ -877,9 +922,8 @@ class ClientSession:
         replay = (
             not self._link_replied
             and not server.replied
-            and self.decision is not None
-            and self.decision.read_only
             and relay.tx_status == p.TX_IDLE
+            and self._only_reads(self._link_sent)
         )
         relay.forget_server()
         relay.server_fatal = None if replay else relay.server_fatal
@@ -917,7 +961,36 @@ class ClientSession:
             # Idle in its transaction: the client hears about it from its next statement.
             self._orphan_error = error
         self.state = IDLE
+        self._holding = self._read_link = False
         self._resume()
+        if self.backlog and not self.orphaned:
+            self._acquire()  # a write held back behind the lost read still wants the primary
+
+    def _statement_texts(self, items: list):
+        """The SQL each statement in *items* starts with (Query, Parse, Bind of a named statement)."""
+        for item in items:
+            if type(item) is not tuple:
+                continue
+            msg_type, body = item
+            if msg_type == p.QUERY:
+                yield m.decode_query(body)
+            elif msg_type == p.PARSE:
+                yield split_parse(body)[1].split(b"\x00", 1)[0].decode("utf-8", "replace")
+            elif msg_type == p.BIND:
+                name = split_bind(body)[1]
+                statement = self.relay.statements.get(name) if name else None
+                if statement is not None:
+                    yield statement.query
+
+    def _only_reads(self, items: list) -> bool:
+        """True when every statement in *items* only reads, outside any transaction: safe to run twice."""
+        seen = False
+        for sql in self._statement_texts(items):
+            c = self.router.classify(sql)
+            if not c.read_only or c.tx is not None:
+                return False
+            seen = True
+        return seen
 
     def _answer_locally(self, items: list, fields: dict) -> None:
         """Answer client messages no server will see, as PostgreSQL answers a failed statement."""

@@ -15,6 +15,7 @@ import psycopg
 import pytest
 
 from pgtwist.localcluster import LocalCluster
+from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 
 from .proxy import DATABASE, RawClient, start_proxy, wait_for
@@ -208,6 +209,29 @@ def test_multi_statement_string_with_a_write_reaches_the_primary(rproxy, cluster
                 " SELECT inet_server_port()",
             )
             assert [int(r[0]) for r in rows] == [primary] * 3
+
+
+def test_a_write_pipelined_behind_a_read_reaches_the_primary(rproxy, cluster):
+    """A read and a write sent together: the read may go to a replica, the write must not follow it."""
+    primary, r1, r2 = ports(cluster)
+    with RawClient(rproxy.host, rproxy.port) as client:
+        client.login(rproxy.user, DATABASE, rproxy.password)
+        for i in range(5):
+            client.send(
+                m.query("SELECT inet_server_port()")
+                + m.query(f"INSERT INTO rt (v, port) VALUES ({100 + i}, inet_server_port()) RETURNING port")
+                + m.query("SELECT inet_server_port()")
+            )
+            ports_seen = []
+            ready = 0
+            while ready < 3:
+                t, body = client.read_message()
+                assert t != p.ERROR_RESPONSE, m.decode_fields(body)
+                if t == p.DATA_ROW:
+                    ports_seen.append(int(data_row_values(body)[0]))
+                elif t == p.READY_FOR_QUERY:
+                    ready += 1
+            assert ports_seen[0] in (primary, r1, r2) and ports_seen[1] == primary, ports_seen
 
 
 def test_begin_read_only_goes_to_a_replica(rproxy, cluster):
