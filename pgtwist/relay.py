@@ -64,6 +64,9 @@ class Entry:
         self.reword = reword  # (server name, client name): an error about it names the client's
 
 
+_PLAIN = {kind: Entry(kind) for kind in (SYNC, PARSE, BIND, DESCRIBE, EXECUTE, CLOSE)}
+
+
 class Relay:
     """Translate one client's extended protocol for whichever shared server connection it holds.
 
@@ -152,7 +155,8 @@ class Relay:
             self._forward(SYNC, msg_type, body, to_server)
 
     def _forward(self, kind: int, msg_type: int, body: bytes, to_server: list, **entry) -> None:
-        self._push(Entry(kind, **entry))
+        # Plain requests share one immutable Entry per kind: no allocation per message.
+        self._push(Entry(kind, **entry) if entry else _PLAIN[kind])
         to_server.append(frame(msg_type, body))
 
     def _synth(self, data, to_client: list, undo=None) -> None:

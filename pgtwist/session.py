@@ -629,7 +629,7 @@ class ClientSession:
 
     def _query(self, body: bytes, to_server: list, to_client: list) -> bool:
         """Look at a simple Query; True when the proxy answered it itself."""
-        effects = sqlinspect.inspect(m.decode_query(body))
+        effects = sqlinspect.inspect_query(body)
         if not effects.changes_state:
             return False
         relay = self.relay

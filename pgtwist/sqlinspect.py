@@ -135,11 +135,27 @@ class _Collector(Visitor):
             self.all_settings = True
 
 
-@lru_cache(maxsize=8192)
 def inspect(sql: str) -> SessionEffects:
     """Session-state effects of *sql* (one or more statements); unparsable text has none (the server will refuse it)."""
     if not _maybe_changes_state(sql):
-        return NO_EFFECTS
+        return NO_EFFECTS  # (not cached: queries with inlined values would only churn the cache)
+    return _inspect_parsed(sql)
+
+
+def inspect_query(body: bytes) -> SessionEffects:
+    """inspect() of a Query message body (the text and its NUL), decoding only when it may matter."""
+    low = body.lower()
+    for word in _MAYBE_BYTES:
+        if word in low:
+            return _inspect_parsed(body[:-1].decode("utf-8", "replace"))
+    return NO_EFFECTS
+
+
+_MAYBE_BYTES = tuple(word.encode() for word in _MAYBE)
+
+
+@lru_cache(maxsize=8192)
+def _inspect_parsed(sql: str) -> SessionEffects:
     try:
         tree = parse_sql(sql)
     except ParseError:
