@@ -23,10 +23,8 @@ import json
 import os
 import platform
 import pwd
-import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,81 +36,37 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The process, port and pgbench plumbing is bench/run.py's; this file adds Pgpool-II and the split.
+from run import (  # noqa: E402
+    BenchError,
+    Processes,
+    client_env,
+    first_line,
+    loadavg,
+    parse_pgbench,
+    say,
+    wait_port,
+)
+
+HOST = "127.0.0.1"
 DBNAME = "pgbench"
 APP_USER = "app"
 POOL_SIZE = 20  # pgtwist: server connections per node
 PGPOOL_CHILDREN = 32  # Pgpool-II: num_init_children (>= pgbench clients), one backend connection set each
 
 
-class BenchError(Exception):
-    pass
 
 
-def say(*parts: object) -> None:
-    print("bench:", *parts, file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------- processes
 
 
-class Processes:
-    """Every long-lived child we start; stop_all() terminates them (bounded waits, SIGKILL last)."""
-
-    def __init__(self) -> None:
-        self.procs: list[subprocess.Popen] = []
-
-    def start(self, argv: list[str], *, run_as: pwd.struct_passwd | None = None, **kwargs) -> subprocess.Popen:
-        if run_as is not None:
-            kwargs.update(user=run_as.pw_uid, group=run_as.pw_gid,
-                          extra_groups=os.getgrouplist(run_as.pw_name, run_as.pw_gid))
-        proc = subprocess.Popen(argv, start_new_session=True, **kwargs)
-        self.procs.append(proc)
-        return proc
-
-    def stop(self, proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 15) -> int | None:
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(sig)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                # Pgpool-II's children are in the process group we created: take them all.
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(10)
-        for stream in (proc.stdin, proc.stdout, proc.stderr):
-            if stream is not None:
-                with contextlib.suppress(OSError):
-                    stream.close()
-        self.procs = [p for p in self.procs if p is not proc]
-        return proc.returncode
-
-    def stop_all(self) -> None:
-        for proc in reversed(list(self.procs)):
-            self.stop(proc)
 
 
-def wait_port(port: int, proc: subprocess.Popen, what: str, log: Path, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise BenchError(f"{what} exited with status {proc.returncode} before listening" + log_tail(log))
-        with socket.socket() as s:
-            s.settimeout(1)
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise BenchError(f"{what} did not listen on 127.0.0.1:{port} within {timeout:g}s" + log_tail(log))
 
 
-def log_tail(path: Path | None, lines: int = 25) -> str:
-    try:
-        text = path.read_text(errors="replace") if path else ""
-    except OSError:
-        return ""
-    tail = "\n".join(text.splitlines()[-lines:])
-    return f"\n--- tail of {path} ---\n{tail}" if tail else ""
 
 
 def cpu_seconds_tree(pid: int) -> float:
@@ -134,27 +88,10 @@ def cpu_seconds_tree(pid: int) -> float:
     return total
 
 
-def loadavg() -> float:
-    try:
-        with open("/proc/loadavg") as f:
-            return float(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return float("nan")
 
 
-def client_env(password: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    env.update(PGPASSWORD=password, PGSSLMODE="disable", PGCONNECT_TIMEOUT="10",
-               PGPASSFILE="/nonexistent/pgpass", LC_ALL="C")
-    return env
 
 
-def first_line(argv: list[str]) -> str:
-    try:
-        out = subprocess.run(argv, capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
-        return (out.stdout or out.stderr).strip().splitlines()[0]
-    except (OSError, subprocess.SubprocessError, IndexError):
-        return "unknown"
 
 
 def find_pgpool() -> str | None:
@@ -164,18 +101,8 @@ def find_pgpool() -> str | None:
     return "/usr/sbin/pgpool" if os.access("/usr/sbin/pgpool", os.X_OK) else None
 
 
-_TPS = re.compile(r"^tps = ([0-9.]+) \(", re.M)
-_FAILED = re.compile(r"^number of failed transactions: (\d+)", re.M)
-_LATENCY = re.compile(r"^latency average = ([0-9.]+) ms", re.M)
 
 
-def parse_pgbench(out: str) -> dict:
-    tps, failed, latency = _TPS.search(out), _FAILED.search(out), _LATENCY.search(out)
-    return {
-        "tps": float(tps.group(1)) if tps else None,
-        "failed": int(failed.group(1)) if failed else 0,
-        "latency_ms": float(latency.group(1)) if latency else None,
-    }
 
 
 # --------------------------------------------------------------------------- the bench
@@ -230,7 +157,7 @@ class Bench:
         say(f"pgbench -i -s {self.args.scale} done, replica caught up ({time.monotonic() - t0:.1f}s)")
 
     def run_client(self, argv: list[str], what: str, timeout: float) -> str:
-        proc = self.procs.start(argv, env=client_env(self.cluster.app_password), stdin=subprocess.DEVNULL,
+        proc = self.procs.start("pgbench", argv, env=client_env(self.cluster.app_password), stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
             out, _ = proc.communicate(timeout=timeout)
@@ -316,11 +243,12 @@ class Bench:
             if self.run_as is not None:
                 os.chown(log, self.run_as.pw_uid, self.run_as.pw_gid)
             proc = self.procs.start(
+                "pgpool",
                 [self.pgpool_bin, "-n", "-D", "-f", str(conf), "-a", str(self.tmp / "pool_hba.conf"),
                  "-F", str(self.tmp / "pcp.conf")],
                 run_as=self.run_as, cwd=self.tmp, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
             )
-        wait_port(port, proc, "Pgpool-II", log)
+        wait_port(HOST, port, proc, "Pgpool-II", log)
         self.targets["pgpool"] = {"port": port, "proc": proc, "log": log}
 
     def start_pgtwist(self) -> None:
@@ -347,9 +275,9 @@ class Bench:
         env = dict(os.environ)
         others = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != REPO]
         env["PYTHONPATH"] = os.pathsep.join([str(self.tmp / "src")] + others)
-        proc = self.procs.start(argv, env=env, cwd=self.tmp, stdin=subprocess.DEVNULL,
+        proc = self.procs.start("pgtwist", argv, env=env, cwd=self.tmp, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_port(port, proc, "pgtwist", log)
+        wait_port(HOST, port, proc, "pgtwist", log)
         self.targets["pgtwist"] = {"port": port, "proc": proc, "log": log}
 
     # -- measuring -------------------------------------------------------------------------
@@ -370,7 +298,7 @@ class Bench:
         argv = ["pgbench", "-n", "-S", "-M", self.args.protocol, "-c", str(self.args.clients), "-j", str(self.args.jobs),
                 "-T", str(duration), "-h", "127.0.0.1", "-p", str(t["port"]), "-U", APP_USER, DBNAME]
         cpu0 = cpu_seconds_tree(t["proc"].pid)
-        proc = self.procs.start(argv, env=client_env(self.cluster.app_password), stdin=subprocess.DEVNULL,
+        proc = self.procs.start("pgbench", argv, env=client_env(self.cluster.app_password), stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         timed_out = False
         try:

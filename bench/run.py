@@ -98,8 +98,10 @@ class Processes:
             try:
                 proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
+                # Each child leads its own process group (start_new_session): take its children too
+                # (Pgpool-II forks workers).
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(10)
         for stream in (proc.stdin, proc.stdout, proc.stderr):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hmac
 import itertools
 import secrets
-import struct
 
 from twisted.internet import defer
 from twisted.logger import Logger

@@ -14,7 +14,7 @@ from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 from pgtwist.wire import sqlstate
 from pgtwist.wire.errors import WireError
-from pgtwist.wire.framing import MessageScanner, frame, pop_message
+from pgtwist.wire.framing import MessageScanner, pop_message
 
 log = Logger()
 
