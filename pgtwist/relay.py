@@ -264,17 +264,9 @@ class Relay:
         """Handle one captured server message; returns the ReadyForQuery status when one went out."""
         queue = self.queue
         if msg_type == p.READY_FOR_QUERY:
-            status = body[0] if body else p.TX_IDLE
-            self.tx_status = status
-            while queue:
-                entry = self._pop()
-                if entry.kind is SYNC:
-                    break
-                if entry.undo is not None:  # never answered: skipped by the server
-                    entry.undo()
             to_client.append(frame(msg_type, body))
-            self._flush_synth(to_client)
-            return status
+            self.ready(body, to_client)
+            return self.tx_status
         if msg_type == p.ERROR_RESPONSE:
             fields = m.decode_fields(body)
             if fields.get("V", fields.get("S")) in ("FATAL", "PANIC"):
@@ -312,6 +304,20 @@ class Relay:
             return None
         to_client.append(frame(msg_type, body))
         return None
+
+    def ready(self, body: bytes, to_client: list) -> None:
+        """A ReadyForQuery (already on its way to the client) ends the oldest Sync/Query in flight;
+        replies of ours queued behind it follow into *to_client*."""
+        self.tx_status = body[0] if body else p.TX_IDLE
+        queue = self.queue
+        while queue:
+            entry = self._pop()
+            if entry.kind is SYNC:
+                break
+            if entry.undo is not None:  # never answered: skipped by the server
+                entry.undo()
+        if queue:
+            self._flush_synth(to_client)
 
     def _flush_synth(self, to_client: list) -> None:
         queue = self.queue

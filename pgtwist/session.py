@@ -522,7 +522,11 @@ class ClientSession:
         if self.state is LINKED:
             if self._lent:  # its next transaction, on the connection it kept
                 self._lent = False
-                self.server.pool.unlend(self.server)
+                server = self.server
+                server.pool.unlend(server)
+                # A new transaction: what may be replayed if the node dies starts afresh.
+                self._link_sent = []
+                self._link_replied = server.replied = False
             self._client_items(items)
         elif self.state is IDLE:
             if len(items) == 1 and type(items[0]) is tuple and items[0][0] == _TERMINATE:
@@ -756,10 +760,11 @@ class ClientSession:
 
     def _ready_at_end(self, server, body: bytes, data: bytes) -> None:
         if self.transaction_mode:
-            out: list = []
-            self.relay.server_message(_Z, body, out)
-            server.scanner.capture = self.relay.capture()
-            write_now(self.transport, data if len(out) == 1 else data + b"".join(out[1:]))
+            after: list = []
+            relay = self.relay
+            relay.ready(body, after)
+            server.scanner.capture = relay.capture()
+            write_now(self.transport, data + b"".join(after) if after else data)
         else:
             self.ready_count += 1
             write_now(self.transport, data)
@@ -808,6 +813,12 @@ class ClientSession:
         if not (self.relay.idle and self.relay.tx_status == p.TX_IDLE and client_done):
             return
         server = self.server
+        if not (self.dirty or self.dirty_all or self.router.clustered):
+            pool = server.pool
+            if not pool.waiters and not pool.paused and not self.proxy.draining:
+                self._lent = True  # (see lending below; nothing to read back first)
+                pool.lend(server, self)
+                return
         names: list[str] = []
         if self.dirty or self.dirty_all:
             names = sorted(set(self.settings) | set(server.settings) | self.dirty) if self.dirty_all else sorted(self.dirty)

@@ -522,3 +522,21 @@ def test_ready_for_query_at_the_end_of_a_read_in_session_mode_too():
     data = RESULT + Z_IDLE
     session.server.got_data(data)
     assert any(w is data for w in transport.writes)
+
+
+def test_a_read_on_a_kept_connection_is_replayed_when_the_node_drops_it():
+    """Lending keeps one link over many transactions: each transaction is judged afresh for replay."""
+    s = Setup(clustered=False)
+    a, act = s.client()
+    server = a.server
+    a.got_data(m.query("SELECT 1"))
+    server.got_data(RESULT + Z_IDLE)  # answered: this transaction is done, the link stays
+    act.clear()
+    assert queries(sent(server)) == ["SELECT 1"]
+    a.got_data(m.query("SELECT 2"))
+    lose(server)  # e.g. pg_terminate_backend before any byte of the answer
+    again = a.server
+    assert again is not None and again is not server
+    assert queries(sent(again)) == ["SELECT 2"] and act.value() == b""
+    again.got_data(RESULT + Z_IDLE)
+    assert act.value() == RESULT + Z_IDLE
