@@ -92,6 +92,10 @@ class Relay:
     def idle(self) -> bool:
         return not self.queue and not self.skipping
 
+    def expect_ready(self) -> None:
+        """A plain Query went to the server as the client sent it: one ReadyForQuery is owed."""
+        self.queue.append(_PLAIN[SYNC])
+
     def capture(self) -> frozenset[int]:
         return FULL_CAPTURE if self.extended else SIMPLE_CAPTURE
 

@@ -527,6 +527,8 @@ class ClientSession:
                 # A new transaction: what may be replayed if the node dies starts afresh.
                 self._link_sent = []
                 self._link_replied = server.replied = False
+                if len(items) == 1 and self._plain_query(items[0], data, server):
+                    return
             self._client_items(items)
         elif self.state is IDLE:
             if len(items) == 1 and type(items[0]) is tuple and items[0][0] == _TERMINATE:
@@ -541,6 +543,23 @@ class ClientSession:
         else:  # WAITING, PREPARING: keep it for the server connection on its way
             self.backlog.extend(items)
             self._pause()
+
+    def _plain_query(self, item, data: bytes, server) -> bool:
+        """The common case on a kept connection: one simple Query that leaves session state alone.
+
+        It goes out as the very bytes the client sent; the relay only notes one more
+        ReadyForQuery owed. Anything else takes the general path (_client_items).
+        """
+        if type(item) is not tuple or item[0] != p.QUERY or self.audit or not self.relay.idle:
+            return False
+        body = item[1]
+        if len(body) + 5 != len(data) or sqlinspect.inspect_query(body).changes_state:
+            return False
+        self._link_used = True
+        self._link_sent.append(item)
+        self.relay.expect_ready()
+        write_now(server.transport, data)
+        return True
 
     def _client_items(self, items: list) -> None:
         if not self.transaction_mode:
