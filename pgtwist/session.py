@@ -5,7 +5,7 @@ from __future__ import annotations
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from pgtwist import sqlinspect, tls
+from pgtwist import sqlinspect, standin, tls
 from pgtwist import drain
 from pgtwist.admin import audit
 from pgtwist.admin.console import DATABASE as ADMIN_DATABASE
@@ -50,7 +50,6 @@ _WRITE_LSN_SQL = "SELECT pg_catalog.pg_current_wal_insert_lsn()::text"
 # Login refusals that mean the node is away (unreachable, starting up, shutting down), not that
 # this client may not log in: the work waits for that node or goes to another.
 _NODE_AWAY = frozenset((sqlstate.CONNECTION_FAILURE, sqlstate.CANNOT_CONNECT_NOW, sqlstate.ADMIN_SHUTDOWN, "57P02"))
-_EXTENDED = frozenset((p.PARSE, p.BIND, p.DESCRIBE, p.EXECUTE, p.CLOSE, p.FLUSH, p.FUNCTION_CALL))
 
 
 def _peer_host(transport) -> str | None:
@@ -996,20 +995,7 @@ class ClientSession:
             self._acquire()  # a write held back behind the lost read still wants the primary
 
     def _statement_texts(self, items: list):
-        """The SQL each statement in *items* starts with (Query, Parse, Bind of a named statement)."""
-        for item in items:
-            if type(item) is not tuple:
-                continue
-            msg_type, body = item
-            if msg_type == p.QUERY:
-                yield m.decode_query(body)
-            elif msg_type == p.PARSE:
-                yield split_parse(body)[1].split(b"\x00", 1)[0].decode("utf-8", "replace")
-            elif msg_type == p.BIND:
-                name = split_bind(body)[1]
-                statement = self.relay.statements.get(name) if name else None
-                if statement is not None:
-                    yield statement.query
+        return standin.statement_texts(items, self.relay.statements)
 
     def _only_reads(self, items: list) -> bool:
         """True when every statement in *items* only reads, outside any transaction: safe to run twice."""
@@ -1023,29 +1009,10 @@ class ClientSession:
 
     def _answer_locally(self, items: list, fields: dict) -> None:
         """Answer client messages no server will see, as PostgreSQL answers a failed statement."""
-        status = p.TX_FAILED if self.orphaned else p.TX_IDLE
-        error = m.error_response_from_fields(dict(fields, S="ERROR", V="ERROR"))
-        out = []
-        failed = False
-        for item in items:
-            if type(item) is not tuple:
-                continue
-            msg_type = item[0]
-            if msg_type == p.QUERY or msg_type == p.FUNCTION_CALL:
-                out += [error, m.ready_for_query(status)]
-            elif msg_type == p.SYNC:
-                if not failed:
-                    out.append(error)
-                out.append(m.ready_for_query(status))
-                failed = False
-            elif msg_type == _TERMINATE:
-                self.transport.write(b"".join(out))
-                self._terminate()
-                return
-            elif msg_type in _EXTENDED and not failed:
-                out.append(error)
-                failed = True
-        self.transport.write(b"".join(out))
+        reply, terminated = standin.failed_work(items, fields, p.TX_FAILED if self.orphaned else p.TX_IDLE)
+        self.transport.write(reply)
+        if terminated:
+            self._terminate()
 
     def _answer_orphaned(self, items: list) -> None:
         """After its node died mid-transaction, the client's statements fail until it ends the transaction."""
@@ -1060,24 +1027,14 @@ class ClientSession:
                 break
             if type(item) is not tuple:
                 continue
-            msg_type, body = item
+            msg_type = item[0]
             if msg_type == _TERMINATE:
                 self.transport.write(b"".join(out))
                 self._terminate()
                 return
-            if msg_type == p.QUERY:
-                out.append(self._orphaned_reply([classify(m.decode_query(body))], [item]))
-            elif msg_type == p.SYNC:
+            if msg_type == p.QUERY or msg_type == p.SYNC:
                 batch.append(item)
-                texts = []
-                for t, b in batch:
-                    if t == p.PARSE:
-                        texts.append(split_parse(b)[1].split(b"\x00", 1)[0].decode("utf-8", "replace"))
-                    elif t == p.BIND:
-                        st = self.relay.statements.get(split_bind(b)[1])
-                        if st is not None:
-                            texts.append(st.query)
-                out.append(self._orphaned_reply([classify(t) for t in texts], batch))
+                out.append(self._orphaned_reply(batch))
                 batch = []
             else:
                 batch.append(item)
@@ -1087,30 +1044,14 @@ class ClientSession:
         if self.backlog and not self.orphaned:
             self._acquire()
 
-    def _orphaned_reply(self, classifications: list, items: list) -> bytes:
-        ends = any(c.tx in ("rollback", "commit") for c in classifications)
-        if ends:
-            # COMMIT of a failed transaction rolls back, and PostgreSQL says ROLLBACK for it too.
+    def _orphaned_reply(self, items: list) -> bytes:
+        if standin.ends_dead_transaction(classify(sql) for sql in self._statement_texts(items)):
             self.orphaned = False
             self._orphan_error = None
             self.relay.tx_status = p.TX_IDLE
-            replies = {p.PARSE: frame(p.PARSE_COMPLETE), p.BIND: frame(p.BIND_COMPLETE), p.DESCRIBE: frame(p.NO_DATA)}
-            out = []
-            for msg_type, _ in items:
-                if msg_type in replies:
-                    out.append(replies[msg_type])
-                elif msg_type in (p.EXECUTE, p.QUERY):
-                    out.append(m.command_complete("ROLLBACK"))
-            out.append(m.ready_for_query(p.TX_IDLE))
-            return b"".join(out)
+            return standin.rolled_back(items)
         error, self._orphan_error = self._orphan_error, None
-        if error is None:
-            error = m.error_response(
-                "ERROR",
-                sqlstate.IN_FAILED_SQL_TRANSACTION,
-                "current transaction is aborted, commands ignored until end of transaction block",
-            )
-        return error + m.ready_for_query(p.TX_FAILED)
+        return standin.still_aborted(error)
 
     def _release_server(self) -> None:
         """The client is gone (or failed): return its server connection, or close it if the node is still busy for it."""
