@@ -56,17 +56,7 @@ POOL_SIZE = 20  # pgtwist: server connections per node
 PGPOOL_CHILDREN = 32  # Pgpool-II: num_init_children (>= pgbench clients), one backend connection set each
 
 
-
-
-
-
 # --------------------------------------------------------------------------- processes
-
-
-
-
-
-
 
 
 def cpu_seconds_tree(pid: int) -> float:
@@ -88,21 +78,11 @@ def cpu_seconds_tree(pid: int) -> float:
     return total
 
 
-
-
-
-
-
-
 def find_pgpool() -> str | None:
     found = shutil.which("pgpool")
     if found:
         return found
     return "/usr/sbin/pgpool" if os.access("/usr/sbin/pgpool", os.X_OK) else None
-
-
-
-
 
 
 # --------------------------------------------------------------------------- the bench

@@ -2,9 +2,7 @@
 
 import asyncio
 import hashlib
-import os
 import re
-import subprocess
 
 import asyncpg
 import psycopg
@@ -12,6 +10,7 @@ import pytest
 from psycopg import errors as pgerrors
 
 from .proxy import start_proxy
+from .txhelpers import pgbench
 
 pytestmark = pytest.mark.integration
 
@@ -235,21 +234,6 @@ def test_asyncpg_clients_beyond_pool_size_queue_up(pg_cluster, tmp_path):
 
 
 # --------------------------------------------------------------------------- pgbench
-
-
-def pgbench(proxy, *args: str, timeout: float = 60) -> str:
-    env = dict(os.environ, PGPASSWORD=proxy.password, PGCONNECT_TIMEOUT="10")
-    proc = subprocess.run(
-        ["pgbench", "-h", proxy.host, "-p", str(proxy.port), "-U", proxy.user, *args, "appdb"],
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"pgbench {' '.join(args)} failed ({proc.returncode}):\n{out[-3000:]}"
-    return out
 
 
 @pytest.fixture(scope="module")
