@@ -17,8 +17,8 @@ from pgtwist.router import Decision, NoNode
 from pgtwist.routing.classify import Classification, classify
 from pgtwist.routing.policy import parse_lsn
 from pgtwist.server_login import ServerLoginError
-from pgtwist.settings import SERVER_OWNED, client_settings, parse_options, quote_literal, readback_sql, sync_sql
-from pgtwist.statements import split_bind, split_parse
+from pgtwist.settings import SERVER_OWNED, client_settings, parse_options, quote_literal, readback_sql, restore_sql, sync_sql
+from pgtwist.statements import parse_body, split_bind, split_parse
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 from pgtwist.wire import sqlstate
@@ -115,6 +115,7 @@ class ClientSession:
         "_asked_at",
         "_read_link",
         "_holding",
+        "_startup_settings",
         "_orphan_error",
     )
 
@@ -167,6 +168,7 @@ class ClientSession:
         self._asked_at: float | None = None  # when the client's pending request began (query latency)
         self._read_link = False  # linked to a replica for an autocommit read: writes behind it wait
         self._holding = False  # a write is waiting in the backlog for this read's replica to go
+        self._startup_settings: dict[str, str] = {}  # what RESET returns to, for this client
         self.console = None
         self.audit = False  # statements are logged (the user is listed in `audit`)
         self._login_timer = (
@@ -249,6 +251,7 @@ class ClientSession:
             raise LoginError(sqlstate.TOO_MANY_CONNECTIONS, "sorry, too many clients already")
         self.database = database
         self.settings = client_settings(event.startup.parameters)
+        self._startup_settings = dict(self.settings)
         if event.client_key is not None:
             self.proxy.remember_client_key(self.user, event.client_key)
         self.process_id, self.secret_key = self.proxy.register_cancel_key(self)
@@ -591,10 +594,17 @@ class ClientSession:
             if self.audit and (msg_type == p.QUERY or msg_type == p.PARSE):
                 audit.statement(self, msg_type, body)
             if msg_type == p.QUERY:
+                body = self._restore_on_reset(body)
                 if self._query(body, to_server, to_client):
                     continue
             elif msg_type == p.PARSE:
                 name, definition = split_parse(body)
+                text, _, types = definition.partition(b"\x00")
+                sql = text + b"\x00"
+                restored = self._restore_on_reset(sql)
+                if restored is not sql:
+                    definition = restored + types
+                    body = parse_body(name, definition)
                 effects = sqlinspect.inspect(definition.split(b"\x00", 1)[0].decode("utf-8", "replace"))
                 if effects.changes_state:
                     self._effects_of[name] = effects
@@ -647,6 +657,23 @@ class ClientSession:
             write_now(self.transport, b"".join(to_client))
         if self.server is not None and self.server.scanner is not None:
             self.server.scanner.capture = self.relay.capture()
+
+    def _restore_on_reset(self, body: bytes) -> bytes:
+        """RESET of a setting the client gave at startup returns to that value, as on its own session.
+
+        *body* is SQL text with its NUL; the rewritten text (a SET) comes back, or *body* itself.
+        """
+        if not self._startup_settings:
+            return body
+        effects = sqlinspect.inspect_query(body)
+        if len(effects.resets) != 1 or effects.statements != 1:
+            return body
+        name = effects.resets[0]
+        value = self._startup_settings.get(name)
+        if value is None:
+            return body
+        sql = restore_sql(name, value)
+        return body if sql is None else sql.encode() + b"\x00"
 
     def _query(self, body: bytes, to_server: list, to_client: list) -> bool:
         """Look at a simple Query; True when the proxy answered it itself."""

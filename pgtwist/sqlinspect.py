@@ -38,6 +38,7 @@ class SessionEffects:
     deallocate_all: bool = False
     discard_all: bool = False
     statements: int = 1
+    resets: tuple[str, ...] = ()  # RESET name / SET name TO DEFAULT (not LOCAL): back to the session default
 
     @property
     def changes_state(self) -> bool:
@@ -57,6 +58,7 @@ class _Collector(Visitor):
         self.all_settings = False
         self.pin: str | None = None
         self.deallocate: list[str] = []
+        self.resets: list[str] = []
         self.deallocate_all = False
         self.discard_all = False
 
@@ -77,6 +79,8 @@ class _Collector(Visitor):
             return
         if not node.is_local and name:
             self.settings.add(name)
+            if node.kind in (VariableSetKind.VAR_RESET, VariableSetKind.VAR_SET_DEFAULT):
+                self.resets.append(name)
 
     def visit_FuncCall(self, ancestors, node):
         fname = node.funcname[-1].sval.lower() if node.funcname else ""
@@ -170,4 +174,5 @@ def _inspect_parsed(sql: str) -> SessionEffects:
         deallocate_all=c.deallocate_all,
         discard_all=c.discard_all,
         statements=len(tree),
+        resets=tuple(c.resets),
     )

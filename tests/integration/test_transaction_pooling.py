@@ -225,12 +225,6 @@ def test_startup_options_follow_the_client_and_set_local_stays_in_its_transactio
             assert other.execute("SHOW statement_timeout").fetchone()[0] == "0"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="RESET / SET ... TO DEFAULT of a setting the client gave at startup returns to the server's "
-    "default, not the client's startup value: pgtwist applies startup settings with set_config() (source "
-    "'session'), so the server's reset value stays its own; fixing it needs RESET rewritten per client",
-)
 def test_reset_returns_to_the_startup_value(txproxy):
     with txproxy.connect(options="-c statement_timeout=1234", application_name="tx-reset-app") as a:
         a.execute("SET statement_timeout = '7s'")
@@ -239,6 +233,15 @@ def test_reset_returns_to_the_startup_value(txproxy):
         a.execute("SET application_name = 'other'")
         a.execute("SET application_name TO DEFAULT")
         assert a.execute("SELECT current_setting('application_name')").fetchone()[0] == "tx-reset-app"
+        a.commit()
+        # ... and it stays so on whichever connection serves the client next.
+        for _ in range(3):
+            with a.transaction():
+                assert a.execute("SHOW statement_timeout").fetchone()[0] == "1234ms"
+    with txproxy.connect(autocommit=True, options="-c search_path=pg_catalog,public") as b:
+        b.execute("SET search_path TO public")
+        b.execute("RESET search_path")  # simple protocol: psycopg sends no parameters here
+        assert b.execute("SHOW search_path").fetchone()[0] == "pg_catalog, public"
 
 
 # --------------------------------------------------------------------------- pins
