@@ -18,7 +18,7 @@ from pgtwist.routing.classify import Classification, classify
 from pgtwist.routing.policy import parse_lsn
 from pgtwist.server_login import ServerLoginError
 from pgtwist.settings import SERVER_OWNED, client_settings, parse_options, quote_literal, readback_sql, restore_sql, sync_sql
-from pgtwist.statements import parse_body, split_bind, split_parse
+from pgtwist.statements import bind_body, parse_body, split_bind, split_parse
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 from pgtwist.wire import sqlstate
@@ -529,7 +529,10 @@ class ClientSession:
                 # A new transaction: what may be replayed if the node dies starts afresh.
                 self._link_sent = []
                 self._link_replied = server.replied = False
-                if len(items) == 1 and self._plain_query(items[0], data, server):
+                if len(items) == 1:
+                    if self._plain_query(items[0], data, server):
+                        return
+                elif self._plain_batch(items, server):
                     return
             self._client_items(items)
         elif self.state is IDLE:
@@ -561,6 +564,38 @@ class ClientSession:
         self._link_sent.append(item)
         self.relay.expect_ready()
         write_now(server.transport, data)
+        return True
+
+    def _plain_batch(self, items: list, server) -> bool:
+        """The other common case: Bind (of a statement this connection holds), [Describe portal,]
+        Execute, Sync — a prepared statement run again. Only the statement name is rewritten;
+        the relay notes one ReadyForQuery owed, and the replies pass through untouched."""
+        n = len(items)
+        if n not in (3, 4) or self.audit or not self.relay.idle:
+            return False
+        first, last = items[0], items[-1]
+        if type(first) is not tuple or first[0] != p.BIND or type(last) is not tuple or last[0] != p.SYNC:
+            return False
+        execute = items[-2]
+        if type(execute) is not tuple or execute[0] != p.EXECUTE:
+            return False
+        if n == 4:
+            describe = items[1]
+            if type(describe) is not tuple or describe[0] != p.DESCRIBE or describe[1][:1] != b"P":
+                return False
+        portal, name, rest = split_bind(first[1])
+        if name:
+            statement = self.relay.statements.get(name)
+            if statement is None or name in self._effects_of or statement.server_name not in server.statements:
+                return False
+            server.statements.touch(statement.server_name)
+            bind = frame(p.BIND, bind_body(portal, statement.server_name, rest))
+        else:
+            bind = frame(p.BIND, first[1])
+        self._link_used = True
+        self._link_sent.extend(items)
+        self.relay.expect_ready()
+        write_now(server.transport, bind + b"".join(frame(t, b) for t, b in items[1:]))
         return True
 
     def _client_items(self, items: list) -> None:

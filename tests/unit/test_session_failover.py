@@ -540,3 +540,28 @@ def test_a_read_on_a_kept_connection_is_replayed_when_the_node_drops_it():
     assert queries(sent(again)) == ["SELECT 2"] and act.value() == b""
     again.got_data(RESULT + Z_IDLE)
     assert act.value() == RESULT + Z_IDLE
+
+
+def test_a_prepared_statement_run_again_on_a_kept_connection_passes_through():
+    s = Setup(clustered=False)
+    a, act = s.client()
+    server = a.server
+    a.got_data(m.parse("P_0", "SELECT $1::int", [23]) + m.sync())
+    (shared,) = [b for t, b in messages(sent(server)) if t == p.PARSE]
+    shared_name = shared.split(b"\x00", 1)[0].decode()
+    assert shared_name.startswith("pgtwist_")
+    server.got_data(frame(p.PARSE_COMPLETE) + Z_IDLE)
+    act.clear()
+    run = m.bind("", "P_0", [b"7"]) + m.execute() + m.sync()
+    a.got_data(run)
+    out = sent(server)
+    assert types(out) == "BES"
+    assert messages(out)[0][1] == m.bind("", shared_name, [b"7"])[5:]  # only the name changed
+    assert server.scanner.capture == frozenset((p.READY_FOR_QUERY, p.PARAMETER_STATUS, p.ERROR_RESPONSE))
+    reply = frame(p.BIND_COMPLETE) + RESULT + Z_IDLE
+    server.got_data(reply)
+    assert act.value() == reply and a._lent
+    # A statement the connection does not hold takes the general path (it is prepared there first).
+    server.statements.discard(shared_name)
+    a.got_data(run)
+    assert types(sent(server)) == "PBES"
