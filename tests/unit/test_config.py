@@ -380,3 +380,18 @@ def test_shipped_example_config_is_valid():
         pytest.skip("no etc/pgbalance.toml")
     c = load(example)
     assert c.databases
+
+
+def test_every_key_is_documented_in_the_example_file():
+    import re
+    from pathlib import Path
+
+    from pgtwist import config as configmod
+
+    text = (Path(__file__).resolve().parents[2] / "etc" / "pgbalance.toml").read_text()
+    undocumented = [
+        key
+        for key in sorted(configmod._TOP_KEYS)
+        if not re.search(rf"^#?\s*(\[{key}[.\]]|{key}\s*=)", text, re.M)
+    ]
+    assert undocumented == []
