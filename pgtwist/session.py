@@ -629,18 +629,19 @@ class ClientSession:
             if self.audit and (msg_type == p.QUERY or msg_type == p.PARSE):
                 audit.statement(self, msg_type, body)
             if msg_type == p.QUERY:
-                body = self._restore_on_reset(body)
-                if self._query(body, to_server, to_client):
-                    continue
+                effects = sqlinspect.inspect_query(body)
+                if effects.changes_state:
+                    body = self._restore_on_reset(body, effects)
+                    if self._query(body, effects, to_server, to_client):
+                        continue
             elif msg_type == p.PARSE:
                 name, definition = split_parse(body)
                 text, _, types = definition.partition(b"\x00")
                 sql = text + b"\x00"
-                restored = self._restore_on_reset(sql)
+                effects = sqlinspect.inspect_query(sql)
+                restored = self._restore_on_reset(sql, effects)
                 if restored is not sql:
-                    definition = restored + types
-                    body = parse_body(name, definition)
-                effects = sqlinspect.inspect(definition.split(b"\x00", 1)[0].decode("utf-8", "replace"))
+                    body = parse_body(name, restored + types)
                 if effects.changes_state:
                     self._effects_of[name] = effects
                 else:
@@ -693,14 +694,14 @@ class ClientSession:
         if self.server is not None and self.server.scanner is not None:
             self.server.scanner.capture = self.relay.capture()
 
-    def _restore_on_reset(self, body: bytes) -> bytes:
+    def _restore_on_reset(self, body: bytes, effects) -> bytes:
         """RESET of a setting the client gave at startup returns to that value, as on its own session.
 
-        *body* is SQL text with its NUL; the rewritten text (a SET) comes back, or *body* itself.
+        *body* is SQL text with its NUL, *effects* what it does; the rewritten text (a SET)
+        comes back, or *body* itself. (The effects stay the same: that setting changes.)
         """
         if not self._startup_settings:
             return body
-        effects = sqlinspect.inspect_query(body)
         if len(effects.resets) != 1 or effects.statements != 1:
             return body
         name = effects.resets[0]
@@ -710,11 +711,8 @@ class ClientSession:
         sql = restore_sql(name, value)
         return body if sql is None else sql.encode() + b"\x00"
 
-    def _query(self, body: bytes, to_server: list, to_client: list) -> bool:
-        """Look at a simple Query; True when the proxy answered it itself."""
-        effects = sqlinspect.inspect_query(body)
-        if not effects.changes_state:
-            return False
+    def _query(self, body: bytes, effects, to_server: list, to_client: list) -> bool:
+        """A simple Query that changes session state; True when the proxy answered it itself."""
         relay = self.relay
         # (A pinned session's DEALLOCATE ALL must also reach SQL PREPAREd statements on its server.)
         if effects.statements == 1 and (effects.deallocate or (effects.deallocate_all and not self.pinned)):
