@@ -5,7 +5,6 @@ from __future__ import annotations
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
-from pgtwist.wire import protocol as p
 from pgtwist.wire import sqlstate
 
 log = Logger()
@@ -13,36 +12,9 @@ log = Logger()
 SHUTDOWN_MESSAGE = "terminating connection due to administrator command"
 TICK = 0.05  # how often the drain looks at the clients still there
 GRACE = 2.0  # after the last FATAL, how long closing connections get to flush it
-# An extended-protocol batch not yet closed by Sync leaves the server mid-conversation.
-_UNSYNCED = frozenset((p.PARSE, p.BIND, p.EXECUTE, p.DESCRIBE, p.CLOSE, p.FLUSH))
-_AT_REST_STATES = frozenset(("login", "idle", "waiting", "admin"))
-
-
-def at_rest(session) -> bool:
-    """True when *session* has no transaction open and no answer owed: it can be closed without loss."""
-    state = session.state
-    if state in _AT_REST_STATES:
-        # (Waiting: its work has not started anywhere yet; login: it has no session yet.)
-        return True
-    if state != "linked":
-        return False  # preparing: a server is being set up for work the client sent
-    relay = session.relay
-    if relay is not None:
-        # Transaction pooling: linked means inside a transaction or batch, unless pinned or
-        # merely keeping its connection between transactions (lent).
-        return (bool(session.pinned) or session._lent) and relay.idle and relay.tx_status == p.TX_IDLE
-    scanner = session.scanner
-    return (
-        session.tx_status == p.TX_IDLE
-        and scanner.watched == session.ready_count
-        and scanner.at_boundary
-        and scanner.last_type not in _UNSYNCED
-    )
-
-
 def settle(session) -> None:
     """While draining: close *session* with 57P01 if it is at rest (called at each ReadyForQuery too)."""
-    if session.state != "closed" and at_rest(session):
+    if session.state != "closed" and session.at_rest():
         session.fatal(sqlstate.ADMIN_SHUTDOWN, SHUTDOWN_MESSAGE)
 
 

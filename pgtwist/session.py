@@ -1113,18 +1113,36 @@ class ClientSession:
         error, self._orphan_error = self._orphan_error, None
         return standin.still_aborted(error)
 
+    def _owes_nothing(self) -> bool:
+        """The linked server owes this client no answer and is not mid-conversation with it."""
+        scanner = self.scanner
+        if self.relay is not None:
+            in_flight = not self.relay.idle
+        else:
+            in_flight = scanner.watched != self.ready_count
+        return not in_flight and scanner.at_boundary and scanner.last_type not in _UNSYNCED
+
+    def at_rest(self) -> bool:
+        """No transaction open and no answer owed: the client can be closed without loss (drain)."""
+        state = self.state
+        if state is LOGIN or state is IDLE or state is WAITING or state is ADMIN:
+            # (Waiting: its work has not started anywhere yet; login: it has no session yet.)
+            return True
+        if state is not LINKED:
+            return False  # preparing: a server is being set up for work the client sent
+        if self.relay is not None:
+            # Transaction pooling: linked means inside a transaction or batch, unless pinned or
+            # merely keeping its connection between transactions (lent).
+            return bool(self.pinned or self._lent) and self.relay.idle and self.relay.tx_status == p.TX_IDLE
+        return self.tx_status == p.TX_IDLE and self._owes_nothing()
+
     def _release_server(self) -> None:
         """The client is gone (or failed): return its server connection, or close it if the node is still busy for it."""
         server, self.server = self.server, None
         self._lent = False
         if server is None:
             return
-        scanner = self.scanner
-        if self.relay is not None:
-            in_flight = not self.relay.idle
-        else:
-            in_flight = scanner.watched != self.ready_count
-        reusable = not in_flight and scanner.at_boundary and scanner.last_type not in _UNSYNCED
+        reusable = self._owes_nothing()
         if server.state == "linked":
             server.unlink()
         if not reusable:

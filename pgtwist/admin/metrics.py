@@ -89,22 +89,18 @@ class ProxyCollector:
         for (node, role), n in sorted(counters.transactions.items(), key=str):
             transactions.add_metric([str(node), role], n)
         yield transactions
-        durations = HistogramMetricFamily(
+        yield _histograms(
             "pgbalance_transaction_duration_seconds",
             "Explicit transactions: from the ReadyForQuery that reports them open to the one that reports them closed.",
-            labels=labels,
+            labels,
+            counters.transaction_seconds,
         )
-        for (node, role), histogram in sorted(counters.transaction_seconds.items(), key=str):
-            durations.add_metric([str(node), role], histogram.buckets(), sum_value=histogram.sum)
-        yield durations
-        latencies = HistogramMetricFamily(
+        yield _histograms(
             "pgbalance_query_duration_seconds",
             "Queries (a Query, or an extended-protocol batch up to Sync): from the client's request to ReadyForQuery.",
-            labels=labels,
+            labels,
+            counters.query_seconds,
         )
-        for (node, role), histogram in sorted(counters.query_seconds.items(), key=str):
-            latencies.add_metric([str(node), role], histogram.buckets(), sum_value=histogram.sum)
-        yield latencies
         errors = CounterMetricFamily("pgbalance_errors", "Errors pgtwist sent to clients itself, by SQLSTATE.", labels=["sqlstate"])
         for code, n in sorted(counters.errors.items()):
             errors.add_metric([code], n)
@@ -282,3 +278,11 @@ def make_service(service, config, reactor):
     server_ = internet.TCPServer(config.listen.port, site, interface=config.listen.host, reactor=reactor)
     server_.setName("metrics")
     return server_
+
+
+def _histograms(name: str, documentation: str, labels: list[str], table: dict) -> HistogramMetricFamily:
+    """One histogram family from counters' {(node, role): Histogram} table."""
+    family = HistogramMetricFamily(name, documentation, labels=labels)
+    for (node, role), histogram in sorted(table.items(), key=str):
+        family.add_metric([str(node), role], histogram.buckets(), sum_value=histogram.sum)
+    return family

@@ -148,16 +148,16 @@ def test_reload_needs_a_file():
 def test_at_rest(setup):
     _, proxy = setup
     app, _ = client(proxy)
-    assert drain.at_rest(app)  # linked, idle, nothing owed
+    assert app.at_rest()  # linked, idle, nothing owed
     app.got_data(m.query("BEGIN"))
-    assert not drain.at_rest(app)  # a query in flight
+    assert not app.at_rest()  # a query in flight
     app.server.got_data(m.command_complete("BEGIN") + m.ready_for_query(p.TX_IN_TRANSACTION))
-    assert not drain.at_rest(app)  # in a transaction
+    assert not app.at_rest()  # in a transaction
     app.got_data(m.query("COMMIT"))
     app.server.got_data(m.command_complete("COMMIT") + m.ready_for_query(p.TX_IDLE))
-    assert drain.at_rest(app)
+    assert app.at_rest()
     app.got_data(m.parse("", "SELECT 1"))
-    assert not drain.at_rest(app)  # extended protocol batch without its Sync yet
+    assert not app.at_rest()  # extended protocol batch without its Sync yet
 
 
 def finish(session):
