@@ -2,12 +2,7 @@
 
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory, Protocol
-from twisted.logger import Logger
 from zope.interface import implementer
-
-from pgtwist import tls
-
-log = Logger()
 
 
 @implementer(IHandshakeListener)
@@ -27,8 +22,6 @@ class FrontendProtocol(Protocol):
         self.session.tls_established()
 
     def connectionLost(self, reason):
-        if tls.is_tls_failure(reason):
-            log.info("client {client}: TLS failed: {why}", client=getattr(self.session, "id", "?"), why=tls.failure_text(reason))
         if self.session is not None:
             self.session.connection_lost(reason)
 

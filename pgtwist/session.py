@@ -198,6 +198,8 @@ class ClientSession:
             self.fatal(sqlstate.INTERNAL_ERROR, "internal error in pgtwist; the proxy log has the details")
 
     def connection_lost(self, reason) -> None:
+        if tls.is_tls_failure(reason):
+            log.info("client {client}: TLS failed: {why}", client=self.id, why=tls.failure_text(reason))
         previous = self.state
         self.state = CLOSED
         self._cancel_login_timer()
