@@ -28,7 +28,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -47,6 +46,7 @@ from run import (  # noqa: E402
     parse_pgbench,
     say,
     wait_port,
+    work_dir,
 )
 
 HOST = "127.0.0.1"
@@ -107,15 +107,7 @@ class Bench:
             raise BenchError("pgpool not found: apt-get install pgpool2")
         if not shutil.which("pgbench"):
             raise BenchError("pgbench not found: apt-get install postgresql-client (or postgresql)")
-        if os.geteuid() == 0:
-            try:
-                self.run_as = pwd.getpwnam("postgres")
-            except KeyError:
-                raise BenchError("running as root but there is no `postgres` OS user to run Pgpool-II as") from None
-        self.tmp = Path(tempfile.mkdtemp(prefix="pgtwist-pgpool-", dir="/tmp"))
-        if self.run_as is not None:
-            os.chown(self.tmp, self.run_as.pw_uid, self.run_as.pw_gid)
-        say(f"work dir {self.tmp}")
+        self.run_as, self.tmp = work_dir("pgtwist-pgpool-", "Pgpool-II")
         # A copy of the tree: edits made while the bench runs do not change the pgtwist under test.
         src = self.tmp / "src"
         skip = shutil.ignore_patterns("__pycache__", "*.pyc", "dropin.cache")

@@ -116,6 +116,21 @@ class Processes:
             self.stop(proc)
 
 
+def work_dir(prefix: str, what: str) -> tuple[pwd.struct_passwd | None, Path]:
+    """(the OS user to run PostgreSQL and *what* as when we are root, a fresh work dir they can use)."""
+    run_as = None
+    if os.geteuid() == 0:
+        try:
+            run_as = pwd.getpwnam("postgres")
+        except KeyError:
+            raise BenchError(f"running as root but there is no `postgres` OS user to run {what} as") from None
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    if run_as is not None:
+        os.chown(tmp, run_as.pw_uid, run_as.pw_gid)
+    say(f"work dir {tmp}")
+    return run_as, tmp
+
+
 def wait_port(host: str, port: int, proc: subprocess.Popen, what: str, log: Path | None, timeout: float = 30,
               stderr: Path | None = None) -> None:
     deadline = time.monotonic() + timeout
@@ -268,15 +283,7 @@ class Bench:
     def setup(self) -> None:
         from pgtwist.localcluster import LocalCluster
 
-        if os.geteuid() == 0:
-            try:
-                self.run_as = pwd.getpwnam("postgres")
-            except KeyError:
-                raise BenchError("running as root but there is no `postgres` OS user to run PgBouncer as") from None
-        self.tmp = Path(tempfile.mkdtemp(prefix="pgtwist-bench-", dir="/tmp"))
-        if self.run_as is not None:
-            os.chown(self.tmp, self.run_as.pw_uid, self.run_as.pw_gid)
-        say(f"work dir {self.tmp}")
+        self.run_as, self.tmp = work_dir("pgtwist-bench-", "PgBouncer")
         self.export_source(self.args.pgtwist_rev)
         t0 = time.monotonic()
         self.cluster = LocalCluster.create(
