@@ -34,6 +34,10 @@ class Options(usage.Options):
 
 
 def makeService(options, reactor=None):
+    if reactor is None:  # under twistd: run on pgtwist's reactor unless given --reactor
+        from pgtwist.reactor import install_if_free
+
+        install_if_free()
     from pgtwist.service import PgBalanceService
 
     if options["demo"]:
