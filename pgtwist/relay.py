@@ -269,7 +269,7 @@ class Relay:
         queue = self.queue
         if msg_type == p.READY_FOR_QUERY:
             to_client.append(frame(msg_type, body))
-            self.ready(body, to_client)
+            self.ready(body[0] if body else p.TX_IDLE, to_client)
             return self.tx_status
         if msg_type == p.ERROR_RESPONSE:
             fields = m.decode_fields(body)
@@ -309,10 +309,10 @@ class Relay:
         to_client.append(frame(msg_type, body))
         return None
 
-    def ready(self, body: bytes, to_client: list) -> None:
-        """A ReadyForQuery (already on its way to the client) ends the oldest Sync/Query in flight;
-        replies of ours queued behind it follow into *to_client*."""
-        self.tx_status = body[0] if body else p.TX_IDLE
+    def ready(self, status: int, to_client: list) -> None:
+        """A ReadyForQuery (already on its way to the client) with transaction *status* ends the
+        oldest Sync/Query in flight; replies of ours queued behind it follow into *to_client*."""
+        self.tx_status = status
         queue = self.queue
         while queue:
             entry = self._pop()

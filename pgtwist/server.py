@@ -334,6 +334,12 @@ class ServerConnection:
         return self.scanner is None or self.scanner.at_boundary
 
     def _forward(self, data: bytes) -> None:
+        status = self.scanner.whole_reply(data)
+        if status >= 0:
+            # A whole answer ending with its ReadyForQuery, in this one read: the commonest case.
+            self.replied = True
+            self.session.reply_done(self, status, data)
+            return
         if not self.replied:
             # A byte of an answer for the client exists: its work can no longer be replayed.
             self.replied = _starts_answer(data)

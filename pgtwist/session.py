@@ -803,7 +803,7 @@ class ClientSession:
             if type(last) is tuple and last[0] == _Z and len(last[1]) == 1 and len(items[0]) + 6 == len(data):
                 # The common case: a reply ending with its ReadyForQuery in this very read.
                 # The read goes out as it came, uncopied; only the status is looked at.
-                self._ready_at_end(server, last[1], data)
+                self.reply_done(server, last[1][0], data)
                 return
         out: list = []
         status = None
@@ -838,17 +838,19 @@ class ClientSession:
         if status is not None:
             self._ready(server, status)
 
-    def _ready_at_end(self, server, body: bytes, data: bytes) -> None:
+    def reply_done(self, server, status: int, data: bytes) -> None:
+        """The linked server's read *data* ends with a ReadyForQuery (transaction *status*) and
+        holds nothing else to look at: it goes out as it came, uncopied."""
         if self.transaction_mode:
             after: list = []
             relay = self.relay
-            relay.ready(body, after)
+            relay.ready(status, after)
             server.scanner.capture = relay.capture()
             write_now(self.transport, data + b"".join(after) if after else data)
         else:
             self.ready_count += 1
             write_now(self.transport, data)
-        self._ready(server, body[0])
+        self._ready(server, status)
 
     def _parameter_status(self, server, body: bytes) -> None:
         try:

@@ -3,6 +3,7 @@
 from struct import Struct
 
 from pgtwist.wire.errors import MessageTooLarge, ProtocolViolation
+from pgtwist.wire.protocol import READY_FOR_QUERY as _READY_FOR_QUERY
 
 _HEADER = Struct("!cI")
 _INT32 = Struct("!I")
@@ -120,6 +121,33 @@ class MessageScanner:
         """True when everything fed so far ended exactly at a message boundary."""
         return not self._skip and not self._head and self._cap_body is None and not self._broken
 
+    def whole_reply(self, data: bytes) -> int:
+        """The status byte if *data* is, from a boundary, whole messages of which only the last is
+        captured and that one a ReadyForQuery ending the read; else -1, and nothing is consumed.
+
+        A server's answer to a short query mostly arrives so: this walks the headers without
+        building anything, and the caller forwards *data* as it came.
+        """
+        if self._skip or self._head or self._broken or self._cap_body is not None or self.watch:
+            return -1
+        n = len(data)
+        pos = 0
+        capture = self.capture
+        max_length = self.max_length
+        while n - pos >= 5:
+            msg_type = data[pos]
+            length = int.from_bytes(data[pos + 1 : pos + 5], "big")
+            end = pos + 1 + length
+            if msg_type in capture:
+                if msg_type == _READY_FOR_QUERY and length == 5 and end == n:
+                    self.last_type = msg_type
+                    return data[pos + 5]
+                return -1
+            if end >= n or length < 4 or length > max_length:
+                return -1  # (feed() then judges a bad length)
+            pos = end
+        return -1
+
     def _bad_length(self, msg_type: int, length: int):
         self._broken = True
         if length < 4:
@@ -127,10 +155,19 @@ class MessageScanner:
         raise MessageTooLarge(f"invalid message length {length} (limit {self.max_length})")
 
     def feed(self, data: bytes) -> list:
+        n = len(data)
+        if not (self._skip or self._head or self._broken or self._cap_body is not None) and n >= 5:
+            # The commonest read of all: one whole message, from a boundary (a client's Query).
+            length = int.from_bytes(data[1:5], "big")
+            if length + 1 == n and 4 <= length <= self.max_length:
+                msg_type = data[0]
+                self.last_type = msg_type
+                if msg_type in self.watch:
+                    self.watched += 1
+                return [(msg_type, data[5:])] if msg_type in self.capture else [data]
         if self._broken:
             raise ProtocolViolation("invalid message stream: an earlier message had a bad length")
         out = []
-        n = len(data)
         pos = start = 0
         max_length = self.max_length
         unpack_from = _INT32.unpack_from

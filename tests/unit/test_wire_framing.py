@@ -190,6 +190,70 @@ def test_scanner_whole_stream_in_one_read(case):
     assert [i for i in out if isinstance(i, tuple)] == [(t, b) for t, b in msgs if t in capture]
 
 
+@given(message_streams())
+def test_scanner_one_message_per_read(case):
+    """A read holding exactly one message, from a boundary, takes feed()'s shortcut."""
+    msgs, capture, max_length = case
+    model = Model(msgs, capture)
+    run_scanner(model, capture, max_length, [frame(t, b) for t, b in msgs])
+
+
+def test_scanner_one_message_read_counts_watched_types_and_notes_the_type():
+    scanner = MessageScanner({ord("Q")}, 100, watch={ord("S")})
+    query, sync = frame(ord("Q"), b"SELECT 1\x00"), frame(ord("S"))
+    assert scanner.feed(query) == [(ord("Q"), b"SELECT 1\x00")] and scanner.last_type == ord("Q")
+    out = scanner.feed(sync)
+    assert out == [sync] and out[0] is sync and scanner.watched == 1 and scanner.last_type == ord("S")
+
+
+@pytest.mark.parametrize("length", [0, 3, 101])
+def test_scanner_one_message_read_with_a_bad_length_still_raises(length):
+    data = b"Q" + struct.pack("!I", length) + b"x" * max(0, length - 4)
+    with pytest.raises(ProtocolViolation):
+        MessageScanner({ord("Q")}, 100).feed(data)
+
+
+_Z = p.READY_FOR_QUERY
+
+
+@given(message_streams(), st.integers(0, 255), st.booleans())
+def test_whole_reply_agrees_with_feed(case, status, ends_ready):
+    msgs, capture, max_length = case
+    capture = capture | {_Z}
+    stream = b"".join(frame(t, b) for t, b in msgs) + (frame(_Z, bytes([status])) if ends_ready else b"")
+    fast, slow = MessageScanner(capture, max_length), MessageScanner(capture, max_length)
+    got = fast.whole_reply(stream)
+    plain = all(t not in capture for t, _ in msgs)
+    if ends_ready and plain:
+        assert got == status
+        assert fast.at_boundary and fast.last_type == _Z
+        before = stream[: -6]
+        assert slow.feed(stream) == ([before] if before else []) + [(_Z, bytes([status]))]
+    else:
+        assert got == -1
+        assert fast.feed(stream) == slow.feed(stream)  # nothing was consumed
+
+
+def test_whole_reply_declines_what_it_cannot_vouch_for():
+    reply = frame(ord("C"), b"SELECT 1\x00") + frame(_Z, b"I")
+    # Not from a boundary: the start of the read continues an earlier message.
+    scanner = MessageScanner({_Z}, 100)
+    scanner.feed(frame(ord("D"), b"x" * 10)[:7])
+    assert scanner.whole_reply(b"x" * 8 + reply) == -1
+    # A ReadyForQuery whose read goes on, or a longer one.
+    assert MessageScanner({_Z}, 100).whole_reply(reply + b"D") == -1
+    assert MessageScanner({_Z}, 100).whole_reply(frame(ord("C"), b"x\x00") + frame(_Z, b"II")) == -1
+    # A counting scanner counts in feed() only.
+    assert MessageScanner({_Z}, 100, watch={ord("C")}).whole_reply(reply) == -1
+    # A bad length is feed()'s to report.
+    bad = b"D" + struct.pack("!I", 2) + reply
+    scanner = MessageScanner({_Z}, 100)
+    assert scanner.whole_reply(bad) == -1
+    with pytest.raises(ProtocolViolation):
+        scanner.feed(bad)
+    assert MessageScanner({_Z}, 100).whole_reply(reply) == ord("I")
+
+
 def test_scanner_identity_on_hot_path():
     data = frame(ord("D"), b"row 1") + frame(ord("D"), b"row 2") + frame(ord("C"), b"SELECT 2\x00")
     scanner = MessageScanner({ord("E"), ord("Z")}, 1 << 20)
