@@ -91,15 +91,19 @@ class Counters:
         """
         key = (node, role)
         queries = self.queries
-        queries[key] = queries.get(key, 0) + 1
+        try:
+            queries[key] += 1
+        except KeyError:
+            queries[key] = 1
+            self.transactions.setdefault(key, 0)
+            self.query_seconds[key] = Histogram()
         if latency is not None:
-            histogram = self.query_seconds.get(key)
-            if histogram is None:
-                histogram = self.query_seconds[key] = Histogram()
-            histogram.observe(latency)
+            histogram = self.query_seconds[key]
+            histogram.counts[bisect_left(DURATION_BUCKETS, latency)] += 1
+            histogram.sum += latency
+            histogram.count += 1
         if status == _TX_IDLE:
-            transactions = self.transactions
-            transactions[key] = transactions.get(key, 0) + 1
+            self.transactions[key] += 1
             if self._open_tx:
                 opened = self._open_tx.pop(client_id, None)
                 if opened is not None:
