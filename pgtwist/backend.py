@@ -15,12 +15,14 @@ class BackendProtocol(Protocol):
 
     def __init__(self, conn):
         self.conn = conn
+        # Every read goes straight to the connection: one Python call less per read on the hot path.
+        self.dataReceived = conn.got_data
 
     def connectionMade(self):
         self.transport.setTcpNoDelay(True)
         self.conn.connection_made(self.transport)
 
-    def dataReceived(self, data):
+    def dataReceived(self, data):  # (shadowed by the instance's, bound in __init__)
         self.conn.got_data(data)
 
     def handshakeCompleted(self):
@@ -35,6 +37,8 @@ class BackendFactory(ClientFactory):
 
     def __init__(self, conn):
         self.conn = conn
+        # Every read goes straight to the connection: one Python call less per read on the hot path.
+        self.dataReceived = conn.got_data
 
     def buildProtocol(self, addr):
         return BackendProtocol(self.conn)

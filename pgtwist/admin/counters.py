@@ -36,6 +36,17 @@ class Histogram:
         return out
 
 
+class Traffic:
+    """What went through one (node, role): query round trips, completed transactions, query latency."""
+
+    __slots__ = ("queries", "transactions", "query_seconds")
+
+    def __init__(self):
+        self.queries = 0
+        self.transactions = 0
+        self.query_seconds = Histogram()
+
+
 @lru_cache(maxsize=256)
 def _route_label(reason: str) -> str:
     # Once per transaction: the few distinct reasons are reduced once each.
@@ -52,10 +63,9 @@ class Counters:
         self.clients_accepted = 0
         self.clients_closed = 0
         self.errors: dict[str, int] = {}  # SQLSTATE -> errors pgtwist sent itself
-        self.queries: dict[tuple, int] = {}  # (node, role) -> ReadyForQuery batches relayed
-        self.transactions: dict[tuple, int] = {}  # (node, role) -> ReadyForQuery 'I' relayed
+        # (node, role) -> its Traffic: one probe per ReadyForQuery, on the hot path.
+        self.traffic: dict[tuple, Traffic] = {}
         self.transaction_seconds: dict[tuple, Histogram] = {}  # (node, role) -> explicit transactions' durations
-        self.query_seconds: dict[tuple, Histogram] = {}  # (node, role) -> request to ReadyForQuery
         self.routes: dict[str, int] = {}  # routing decisions by reason
         self.failovers = 0
         self.reloads = 0
@@ -90,20 +100,18 @@ class Counters:
         latency (*latency*) from the client's request to that ReadyForQuery.
         """
         key = (node, role)
-        queries = self.queries
         try:
-            queries[key] += 1
+            traffic = self.traffic[key]
         except KeyError:
-            queries[key] = 1
-            self.transactions.setdefault(key, 0)
-            self.query_seconds[key] = Histogram()
+            traffic = self.traffic[key] = Traffic()
+        traffic.queries += 1
         if latency is not None:
-            histogram = self.query_seconds[key]
+            histogram = traffic.query_seconds
             histogram.counts[bisect_left(DURATION_BUCKETS, latency)] += 1
             histogram.sum += latency
             histogram.count += 1
         if status == _TX_IDLE:
-            self.transactions[key] += 1
+            traffic.transactions += 1
             if self._open_tx:
                 opened = self._open_tx.pop(client_id, None)
                 if opened is not None:
@@ -113,6 +121,21 @@ class Counters:
                     histogram.observe(max(0.0, self.clock.seconds() - opened[0]))
         elif client_id not in self._open_tx:
             self._open_tx[client_id] = (self.clock.seconds(), key)
+
+    @property
+    def queries(self) -> dict[tuple, int]:
+        """(node, role) -> ReadyForQuery batches relayed."""
+        return {key: t.queries for key, t in self.traffic.items()}
+
+    @property
+    def transactions(self) -> dict[tuple, int]:
+        """(node, role) -> ReadyForQuery 'I' relayed (transactions and autocommit statements done)."""
+        return {key: t.transactions for key, t in self.traffic.items()}
+
+    @property
+    def query_seconds(self) -> dict[tuple, Histogram]:
+        """(node, role) -> from a client's request to its ReadyForQuery."""
+        return {key: t.query_seconds for key, t in self.traffic.items() if t.query_seconds.count}
 
     # -- routing and cluster ------------------------------------------------------------------
 

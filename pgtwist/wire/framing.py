@@ -7,6 +7,7 @@ from pgtwist.wire.protocol import READY_FOR_QUERY as _READY_FOR_QUERY
 
 _HEADER = Struct("!cI")
 _INT32 = Struct("!I")
+_READY_LENGTH = _INT32.pack(5)  # a ReadyForQuery's length field
 
 
 def frame(msg_type: int, body: bytes = b"") -> bytes:
@@ -128,18 +129,21 @@ class MessageScanner:
         A server's answer to a short query mostly arrives so: this walks the headers without
         building anything, and the caller forwards *data* as it came.
         """
+        n = len(data)
         if self._skip or self._head or self._broken or self._cap_body is not None or self.watch:
             return -1
-        n = len(data)
+        if n < 6 or data[n - 6] != _READY_FOR_QUERY or data[n - 5 : n - 1] != _READY_LENGTH:
+            return -1  # (a read in the middle of a long answer: declined without a walk)
         pos = 0
         capture = self.capture
         max_length = self.max_length
+        unpack_from = _INT32.unpack_from
         while n - pos >= 5:
             msg_type = data[pos]
-            length = int.from_bytes(data[pos + 1 : pos + 5], "big")
+            (length,) = unpack_from(data, pos + 1)
             end = pos + 1 + length
             if msg_type in capture:
-                if msg_type == _READY_FOR_QUERY and length == 5 and end == n:
+                if msg_type == _READY_FOR_QUERY and length == 5 and end == n and max_length >= 5:
                     self.last_type = msg_type
                     return data[pos + 5]
                 return -1
@@ -158,7 +162,7 @@ class MessageScanner:
         n = len(data)
         if not (self._skip or self._head or self._broken or self._cap_body is not None) and n >= 5:
             # The commonest read of all: one whole message, from a boundary (a client's Query).
-            length = int.from_bytes(data[1:5], "big")
+            (length,) = _INT32.unpack_from(data, 1)
             if length + 1 == n and 4 <= length <= self.max_length:
                 msg_type = data[0]
                 self.last_type = msg_type
