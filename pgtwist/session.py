@@ -18,7 +18,7 @@ from pgtwist.routing.classify import Classification, classify
 from pgtwist.routing.policy import parse_lsn
 from pgtwist.server_login import ServerLoginError
 from pgtwist.settings import SERVER_OWNED, client_settings, parse_options, quote_literal, readback_sql, restore_sql, sync_sql
-from pgtwist.statements import bind_body, parse_body, split_bind, split_parse
+from pgtwist.statements import parse_body, split_bind, split_parse
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 from pgtwist.wire import sqlstate
@@ -519,7 +519,8 @@ class ClientSession:
     # -- client bytes (all but session mode's linked fast path) ---------------------------------
 
     def _client_data(self, data: bytes) -> None:
-        self._cancel_idle_tx_timer()
+        if self._idle_tx_timer is not None:
+            self._cancel_idle_tx_timer()
         if self._asked_at is None:
             self._asked_at = self.proxy.clock.seconds()
         items = self.scanner.feed(data)
@@ -534,7 +535,7 @@ class ClientSession:
                 if len(items) == 1:
                     if self._plain_query(items[0], data, server):
                         return
-                elif self._plain_batch(items, server):
+                elif self._plain_batch(items, data, server):
                     return
             self._client_items(items)
         elif self.state is IDLE:
@@ -568,7 +569,7 @@ class ClientSession:
         write_now(server.transport, data)
         return True
 
-    def _plain_batch(self, items: list, server) -> bool:
+    def _plain_batch(self, items: list, data: bytes, server) -> bool:
         """The other common case: Bind (of a statement this connection holds), [Describe portal,]
         Execute, Sync — a prepared statement run again. Only the statement name is rewritten;
         the relay notes one ReadyForQuery owed, and the replies pass through untouched."""
@@ -585,19 +586,29 @@ class ClientSession:
             describe = items[1]
             if type(describe) is not tuple or describe[0] != p.DESCRIBE or describe[1][:1] != b"P":
                 return False
-        portal, name, rest = split_bind(first[1])
-        if name:
+        body = first[1]
+        portal_end = body.find(b"\x00")
+        name_end = body.find(b"\x00", portal_end + 1)
+        if portal_end < 0 or name_end < 0:
+            return False  # (the general path reports the malformed Bind)
+        if name_end > portal_end + 1:
+            name = body[portal_end + 1 : name_end].decode("utf-8", "replace")
             statement = self.relay.statements.get(name)
             if statement is None or name in self._effects_of or statement.server_name not in server.statements:
                 return False
             server.statements.touch(statement.server_name)
-            bind = frame(p.BIND, bind_body(portal, statement.server_name, rest))
+            bind = frame(p.BIND, body[: portal_end + 1] + statement.server_name.encode() + body[name_end:])
         else:
-            bind = frame(p.BIND, first[1])
+            bind = frame(p.BIND, body)
         self._link_used = True
         self._link_sent.extend(items)
         self.relay.expect_ready()
-        write_now(server.transport, bind + b"".join(frame(t, b) for t, b in items[1:]))
+        if self.scanner.at_boundary:
+            # The read held exactly these messages (the scanner began it at a boundary, as a
+            # lent client's always does): what follows the Bind goes out as the client sent it.
+            write_now(server.transport, bind + data[5 + len(body) :])
+        else:
+            write_now(server.transport, bind + b"".join(frame(t, b) for t, b in items[1:]))
         return True
 
     def _client_items(self, items: list) -> None:

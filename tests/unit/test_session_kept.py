@@ -1,0 +1,105 @@
+"""Transaction pooling's fast paths on a kept ("lent") server connection, byte for byte.
+
+A client between transactions keeps its server connection while nobody else needs one; its
+next plain Query, or a Bind/[Describe]/Execute/Sync run of a statement that connection holds,
+goes out without the general path. These tests pin what those shortcuts must still do
+exactly as the general path would: the bytes on the wire, the statement name rewritten,
+the reply forwarded as it came, the connection lent again afterwards.
+"""
+
+import pytest
+
+from pgtwist.statements import SERVER_NAME_PREFIX
+from pgtwist.wire import messages as m
+from pgtwist.wire import protocol as p
+from pgtwist.wire.framing import frame
+
+from tests.unit.test_session import Harness, messages
+
+SQL = "SELECT abalance FROM pgbench_accounts WHERE aid = $1"
+ROW_DESCRIPTION = frame(ord("T"), b"\x00\x01abalance\x00" + b"\x00" * 18)
+ROW = frame(ord("D"), b"\x00\x01\x00\x00\x00\x04-123")
+ANSWER = ROW_DESCRIPTION + ROW + m.command_complete("SELECT 1") + m.ready_for_query()
+
+
+@pytest.fixture
+def kept():
+    """A transaction-mode client whose server connection is lent to it; transports cleared."""
+    h = Harness(pool_mode="transaction")
+    session, ct = h.client()
+    server = session.server
+    session.got_data(m.query("SELECT 1"))
+    server.got_data(ANSWER)
+    assert session._lent and session.state == "linked"
+    ct.clear()
+    server.transport.clear()
+    return session, ct, server
+
+
+def prepared(session, server, ct, name="S_1"):
+    """The client prepares *name* (Parse/Sync); the server answers; the connection is lent again."""
+    session.got_data(m.parse(name, SQL, [23]) + m.sync())
+    (parse, sync) = messages(server.transport.value())
+    assert parse[0] == p.PARSE and parse[1].startswith(SERVER_NAME_PREFIX.encode())
+    server.got_data(frame(p.PARSE_COMPLETE) + m.ready_for_query())
+    assert session._lent
+    server_name = parse[1][: parse[1].index(b"\x00")]
+    ct.clear()
+    server.transport.clear()
+    return server_name
+
+
+def test_a_plain_query_goes_out_as_sent_and_its_answer_comes_back_as_sent(kept):
+    session, ct, server = kept
+    query = m.query("SELECT abalance FROM pgbench_accounts WHERE aid = 7")
+    session.got_data(query)
+    assert server.transport.value() == query and not session._lent
+    server.got_data(ANSWER)
+    assert ct.value() == ANSWER and session._lent
+
+
+def test_a_query_that_changes_session_state_takes_the_general_path(kept):
+    session, ct, server = kept
+    session.got_data(m.query("SET search_path TO app"))
+    assert server.transport.value() == m.query("SET search_path TO app")
+    assert session.dirty == {"search_path"}
+
+
+@pytest.mark.parametrize("describe", [True, False])
+@pytest.mark.parametrize("split", [None, 3, 11, -2])
+def test_a_prepared_run_goes_out_renamed_whole_or_split(kept, describe, split):
+    session, ct, server = kept
+    server_name = prepared(session, server, ct)
+    tail = (m.describe("P", "") if describe else b"") + m.execute() + m.sync()
+    batch = m.bind("", "S_1", [b"7"]) + tail
+    if split is None:
+        session.got_data(batch)
+    else:
+        session.got_data(batch[:split])
+        session.got_data(batch[split:])
+    assert server.transport.value() == m.bind("", server_name.decode(), [b"7"]) + tail
+    reply = frame(p.BIND_COMPLETE) + ANSWER
+    server.got_data(reply)
+    assert ct.value() == reply and session._lent
+
+
+def test_an_unnamed_bind_is_forwarded_untouched(kept):
+    session, ct, server = kept
+    session.got_data(m.parse("", SQL, [23]) + m.sync())
+    server.got_data(frame(p.PARSE_COMPLETE) + m.ready_for_query())
+    ct.clear()
+    server.transport.clear()
+    batch = m.bind("", "", [b"7"]) + m.execute() + m.sync()
+    session.got_data(batch)
+    assert server.transport.value() == batch
+
+
+def test_a_bind_of_a_statement_the_client_never_prepared_goes_to_the_server_as_named(kept):
+    """PostgreSQL itself then answers 26000 about the client's own name."""
+    session, ct, server = kept
+    batch = m.bind("", "nope", [b"7"]) + m.execute() + m.sync()
+    session.got_data(batch)
+    assert server.transport.value() == batch
+    error = m.error_response("ERROR", "26000", 'prepared statement "nope" does not exist')
+    server.got_data(error + m.ready_for_query())
+    assert ct.value() == error + m.ready_for_query() and session._lent
