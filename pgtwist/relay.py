@@ -42,6 +42,9 @@ FULL_CAPTURE = SIMPLE_CAPTURE | frozenset(
         p.ERROR_RESPONSE,
     )
 )
+# While a Query the proxy injected is being answered, everything of its answer is looked at
+# (and dropped): RowDescription, DataRow, CommandComplete, notices, errors.
+SWALLOW_CAPTURE = FULL_CAPTURE | frozenset((p.DATA_ROW, p.NOTICE_RESPONSE))
 # Client messages a shared server connection needs to see.
 CLIENT_CAPTURE = frozenset(
     (p.PARSE, p.BIND, p.DESCRIBE, p.CLOSE, p.EXECUTE, p.SYNC, p.QUERY, p.FLUSH, p.FUNCTION_CALL, p.TERMINATE)
@@ -76,7 +79,7 @@ class Relay:
     PostgreSQL would have sent them.
     """
 
-    __slots__ = ("statements", "queue", "extended", "skipping", "tx_status", "server_fatal")
+    __slots__ = ("statements", "queue", "extended", "skipping", "tx_status", "server_fatal", "swallowing")
 
     def __init__(self):
         self.statements: dict[str, Statement] = {}
@@ -87,6 +90,7 @@ class Relay:
         self.skipping = False  # a proxy-made error: drop client messages until Sync, as PostgreSQL does
         self.tx_status = p.TX_IDLE
         self.server_fatal: dict | None = None  # a FATAL the node sent before it hung up
+        self.swallowing = 0  # Queries the proxy injected, not answered yet
 
     @property
     def idle(self) -> bool:
@@ -97,18 +101,34 @@ class Relay:
         self.queue.append(_PLAIN[SYNC])
 
     def capture(self) -> frozenset[int]:
+        if self.swallowing:
+            return SWALLOW_CAPTURE
         return FULL_CAPTURE if self.extended else SIMPLE_CAPTURE
 
     def _push(self, entry: Entry) -> None:
         self.queue.append(entry)
         if entry.kind is not SYNC:
             self.extended += 1
+        elif entry.swallow:
+            self.swallowing += 1
 
     def _pop(self) -> Entry:
         entry = self.queue.pop(0)
         if entry.kind is not SYNC:
             self.extended -= 1
+        elif entry.swallow:
+            self.swallowing -= 1
         return entry
+
+    def inject_query(self, sql: str, to_server: list) -> None:
+        """A Query of the proxy's own behind what the client sent so far; its whole answer
+        (ReadyForQuery included) stays with the proxy, except ParameterStatus, which tells the
+        client the settings it now has. An error in it is dropped too: it can only repeat why
+        the client's own statement before it failed (an aborted transaction)."""
+        if self.skipping:
+            return
+        self._push(Entry(SYNC, swallow=True))
+        to_server.append(m.query(sql))
 
     # -- client -> server ---------------------------------------------------------------------
 
@@ -267,6 +287,15 @@ class Relay:
     def server_message(self, msg_type: int, body: bytes, to_client: list) -> int | None:
         """Handle one captured server message; returns the ReadyForQuery status when one went out."""
         queue = self.queue
+        if self.swallowing and queue[0].swallow and queue[0].kind is SYNC and msg_type != p.PARAMETER_STATUS:
+            # The answer to a Query the proxy injected: the client never sees it.
+            if msg_type == p.READY_FOR_QUERY:
+                self.ready(body[0] if body else p.TX_IDLE, to_client)
+            elif msg_type == p.ERROR_RESPONSE:
+                fields = m.decode_fields(body)
+                if fields.get("V", fields.get("S")) in ("FATAL", "PANIC"):
+                    self.server_fatal = fields
+            return None
         if msg_type == p.READY_FOR_QUERY:
             to_client.append(frame(msg_type, body))
             self.ready(body[0] if body else p.TX_IDLE, to_client)

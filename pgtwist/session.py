@@ -116,6 +116,7 @@ class ClientSession:
         "_read_link",
         "_holding",
         "_startup_settings",
+        "_restore_at_sync",
         "_orphan_error",
     )
 
@@ -169,6 +170,7 @@ class ClientSession:
         self._read_link = False  # linked to a replica for an autocommit read: writes behind it wait
         self._holding = False  # a write is waiting in the backlog for this read's replica to go
         self._startup_settings: dict[str, str] = {}  # what RESET returns to, for this client
+        self._restore_at_sync = False  # a RESET ALL/DISCARD ALL went out: bring the startup settings back
         self.console = None
         self.audit = False  # statements are logged (the user is listed in `audit`)
         self._login_timer = (
@@ -672,8 +674,24 @@ class ClientSession:
                     self._note_effects(effects)
                     continue
             relay.client_message(msg_type, body, server, to_server, to_client)
+            if self._restore_at_sync and (msg_type == p.QUERY or msg_type == p.SYNC):
+                self._restore_at_sync = False
+                self._restore_startup_settings(to_server)
         self._flush(to_server, to_client)
         self._maybe_release()
+
+    def _restore_startup_settings(self, to_server: list) -> None:
+        """After RESET ALL or DISCARD ALL: what the client gave at startup, back in force.
+
+        On its own session PostgreSQL would return to those values (a startup packet's
+        settings are the session's defaults); on a pooled connection they were applied with
+        set_config(), so the server's RESET ALL went past them to its own defaults. A Query
+        of the proxy's own follows at once, in the same transaction state, its answer unseen;
+        the release read-back then finds the client's settings as they are.
+        """
+        sql = sync_sql(self._startup_settings, {}, {})
+        if sql is not None:
+            self.relay.inject_query(sql, to_server)
 
     def _hold_writes(self, items: list) -> list:
         """On a replica for an autocommit read: keep back whatever write the client pipelined behind it.
@@ -758,6 +776,8 @@ class ClientSession:
         self.dirty.update(effects.settings)
         if effects.all_settings:
             self.dirty_all = True
+        if effects.reset_all and self._startup_settings:
+            self._restore_at_sync = True
         if effects.discard_all or effects.deallocate_all:
             # It runs on the server: every prepared statement there goes, the client's own with
             # them (as PostgreSQL does), and the connection leaves the pool at release.
@@ -816,10 +836,15 @@ class ClientSession:
                 # The read goes out as it came, uncopied; only the status is looked at.
                 self.reply_done(server, last[1][0], data)
                 return
+        self._server_messages(server, items)
+
+    def _server_messages(self, server, items: list) -> None:
         out: list = []
         status = None
+        swallowing = False
         if self.transaction_mode:
             relay = self.relay
+            swallowing = relay.swallowing
             for item in items:
                 if type(item) is bytes:
                     out.append(item)
@@ -848,13 +873,19 @@ class ClientSession:
         write_now(self.transport, b"".join(out))
         if status is not None:
             self._ready(server, status)
+        elif swallowing and self.relay.idle and self.state is LINKED:
+            self._maybe_release()  # the proxy's own Query was the last thing owed
 
     def reply_done(self, server, status: int, data: bytes) -> None:
         """The linked server's read *data* ends with a ReadyForQuery (transaction *status*) and
         holds nothing else to look at: it goes out as it came, uncopied."""
         if self.transaction_mode:
-            after: list = []
             relay = self.relay
+            if relay.swallowing:  # that ReadyForQuery may be the proxy's own: look at it
+                head = data[:-6]
+                self._server_messages(server, ([head] if head else []) + [(_Z, data[-1:])])
+                return
+            after: list = []
             relay.ready(status, after)
             server.scanner.capture = relay.capture()
             write_now(self.transport, data + b"".join(after) if after else data)

@@ -39,6 +39,7 @@ class SessionEffects:
     discard_all: bool = False
     statements: int = 1
     resets: tuple[str, ...] = ()  # RESET name / SET name TO DEFAULT (not LOCAL): back to the session default
+    reset_all: bool = False  # RESET ALL or DISCARD ALL: every setting back to the session default
 
     @property
     def changes_state(self) -> bool:
@@ -61,6 +62,7 @@ class _Collector(Visitor):
         self.resets: list[str] = []
         self.deallocate_all = False
         self.discard_all = False
+        self.reset_all = False
 
     def _pin(self, why: str) -> None:
         if self.pin is None:
@@ -68,7 +70,7 @@ class _Collector(Visitor):
 
     def visit_VariableSetStmt(self, ancestors, node):
         if node.kind == VariableSetKind.VAR_RESET_ALL:
-            self.all_settings = True
+            self.all_settings = self.reset_all = True
             return
         name = (node.name or "").lower()
         if name in ("role", "session_authorization"):
@@ -136,7 +138,7 @@ class _Collector(Visitor):
     def visit_DiscardStmt(self, ancestors, node):
         if node.target == DiscardMode.DISCARD_ALL:
             self.discard_all = True
-            self.all_settings = True
+            self.all_settings = self.reset_all = True
 
 
 def inspect(sql: str) -> SessionEffects:
@@ -176,4 +178,5 @@ def _inspect_parsed(sql: str) -> SessionEffects:
         discard_all=c.discard_all,
         statements=len(tree),
         resets=tuple(c.resets),
+        reset_all=c.reset_all,
     )

@@ -244,6 +244,50 @@ def test_reset_returns_to_the_startup_value(txproxy):
         assert b.execute("SHOW search_path").fetchone()[0] == "pg_catalog, public"
 
 
+@pytest.mark.parametrize("prepare", [False, True], ids=["simple", "extended"])
+@pytest.mark.parametrize("statement", ["RESET ALL", "DISCARD ALL"])
+def test_reset_all_and_discard_all_return_to_the_startup_settings(txproxy, statement, prepare):
+    """As on a direct connection: a startup packet's settings are the session's defaults."""
+    warm(txproxy, 4)
+    opts = "-c statement_timeout=1234 -c search_path=pg_catalog,public"
+    show = "SELECT current_setting('statement_timeout'), current_setting('search_path'), current_setting('application_name'), current_setting('work_mem')"
+    startup = ("1234ms", "pg_catalog,public", "tx-resetall-app", "4MB")
+    with txproxy.connect(autocommit=True, options=opts, application_name="tx-resetall-app") as a, txproxy.connect(autocommit=True) as other:
+        assert a.execute(show).fetchone() == startup
+        a.execute("SET statement_timeout = '7s'")
+        a.execute("SET search_path TO public")
+        a.execute("SET application_name = 'changed'")
+        a.execute("SET work_mem = '7MB'")
+        assert a.execute(show).fetchone() == ("7s", "public", "changed", "7MB")
+        a.execute(statement, prepare=prepare)
+        for i in range(6):  # ... on whichever connection serves it next
+            assert a.execute(show).fetchone() == startup, i
+            assert other.execute("SHOW statement_timeout").fetchone()[0] == "0", i
+        # (Its ParameterStatus followed the statement's ReadyForQuery: the driver has read it since.)
+        assert a.info.parameter_status("application_name") == "tx-resetall-app"
+        # Inside a transaction it is transactional, the restored values with it.
+        a.execute("SET work_mem = '7MB'")
+        with a.transaction(force_rollback=True):
+            if statement == "RESET ALL":
+                a.execute(statement, prepare=prepare)
+                assert a.execute(show).fetchone() == startup
+        assert a.execute(show).fetchone() == startup[:3] + ("7MB",)
+
+
+def test_reset_all_in_a_failed_transaction_fails_as_postgresql_s_does(txproxy):
+    with txproxy.connect(autocommit=True, application_name="tx-failed-app") as a:
+        a.execute("SET application_name = 'changed'")
+        a.execute("BEGIN")
+        with pytest.raises(pgerrors.DivisionByZero):
+            a.execute("SELECT 1/0")
+        with pytest.raises(pgerrors.InFailedSqlTransaction):
+            a.execute("RESET ALL")
+        a.execute("ROLLBACK")
+        assert a.execute("SHOW application_name").fetchone()[0] == "changed"
+        a.execute("RESET ALL")
+        assert a.execute("SHOW application_name").fetchone()[0] == "tx-failed-app"
+
+
 # --------------------------------------------------------------------------- pins
 
 

@@ -14,7 +14,7 @@ from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 from pgtwist.wire.framing import frame
 
-from tests.unit.test_session import Harness, messages
+from tests.unit.test_session import Harness, finish_internal, messages
 
 SQL = "SELECT abalance FROM pgbench_accounts WHERE aid = $1"
 ROW_DESCRIPTION = frame(ord("T"), b"\x00\x01abalance\x00" + b"\x00" * 18)
@@ -103,3 +103,45 @@ def test_a_bind_of_a_statement_the_client_never_prepared_goes_to_the_server_as_n
     error = m.error_response("ERROR", "26000", 'prepared statement "nope" does not exist')
     server.got_data(error + m.ready_for_query())
     assert ct.value() == error + m.ready_for_query() and session._lent
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_reset_all_brings_the_startup_settings_back_and_their_answer_stays_with_the_proxy(split):
+    h = Harness(pool_mode="transaction")
+    session, ct = h.client(application_name="app1")
+    (server,) = h.proxy.servers
+    finish_internal(server)  # the startup setting applied on the pooled connection
+    assert session.state == "linked"
+    ct.clear()
+    server.transport.clear()
+    session.got_data(m.query("RESET ALL"))
+    (reset, restore) = messages(server.transport.value())
+    assert reset == (p.QUERY, b"RESET ALL\x00")
+    assert restore[0] == p.QUERY and b"set_config(E'application_name', E'app1', false)" in restore[1]
+    own = m.command_complete("RESET") + m.parameter_status("application_name", "") + m.ready_for_query()
+    injected = (
+        frame(ord("T"), b"\x00\x01set_config\x00" + b"\x00" * 18)
+        + frame(ord("D"), b"\x00\x01\x00\x00\x00\x04app1")
+        + m.command_complete("SELECT 1")
+        + m.parameter_status("application_name", "app1")
+        + m.ready_for_query()
+    )
+    if split:
+        server.got_data(own)
+        server.got_data(injected[:9])
+        server.got_data(injected[9:])
+    else:
+        server.got_data(own + injected)
+    assert ct.value() == own + m.parameter_status("application_name", "app1")
+    assert session.relay.idle and session.settings["application_name"] == "app1"
+    # Released as usual once the proxy's own Query is answered: the settings are read back.
+    assert b"current_setting" in server.transport.value()
+
+
+def test_reset_all_without_startup_settings_injects_nothing():
+    h = Harness(pool_mode="transaction")
+    session, ct = h.client()
+    server = session.server
+    server.transport.clear()
+    session.got_data(m.query("RESET ALL"))
+    assert server.transport.value() == m.query("RESET ALL")
