@@ -1,23 +1,24 @@
-"""One client's state machine: login, idle, waiting for a server, linked (forwarding), closed."""
+"""One client's state machine: login, relaying (session and transaction pooling), release, closing.
+
+Getting a server connection for the client's work, and surviving its loss, is in placement.py.
+"""
 
 from __future__ import annotations
 
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
-from pgtwist import sqlinspect, standin, tls
+from pgtwist import sqlinspect, tls
 from pgtwist import drain
 from pgtwist.admin import audit
 from pgtwist.admin.console import DATABASE as ADMIN_DATABASE
 from pgtwist.admin.console import AdminConsole
 from pgtwist.login import Authenticated, CancelReceived, ClientLogin, LoginError, Reply, StartTLS
-from pgtwist.pool import PoolError
-from pgtwist.relay import CLIENT_CAPTURE, SYNC, Relay
-from pgtwist.router import Decision, NoNode
-from pgtwist.routing.classify import Classification, classify
+from pgtwist.placement import Placement
+from pgtwist.relay import CLIENT_CAPTURE, Relay
+from pgtwist.router import Decision
 from pgtwist.routing.policy import parse_lsn
-from pgtwist.server_login import ServerLoginError
 from pgtwist.settings import SERVER_OWNED, client_settings, parse_options, quote_literal, readback_sql, restore_sql, sync_sql
+from pgtwist.states import ADMIN, CLOSED, IDLE, LINKED, LOGIN, PREPARING, WAITING
 from pgtwist.statements import parse_body, split_bind, split_parse
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
@@ -30,10 +31,6 @@ __all__ = ["ClientSession", "client_settings", "parse_options", "quote_literal"]
 
 log = Logger()
 
-# States. IDLE exists in transaction mode only: logged in, holding no server connection.
-LOGIN, IDLE, WAITING, PREPARING, LINKED, CLOSED = "login", "idle", "waiting", "preparing", "linked", "closed"
-ADMIN = "admin"  # logged in to the admin console (dbname "pgbalance"): no pool, no server
-
 _Z = p.READY_FOR_QUERY
 _TERMINATE = p.TERMINATE
 _SESSION_CAPTURE = frozenset((_TERMINATE,))
@@ -42,14 +39,8 @@ _SESSION_CAPTURE = frozenset((_TERMINATE,))
 _SESSION_WATCH = frozenset((p.QUERY, p.SYNC, p.FUNCTION_CALL))
 # An extended-protocol batch not yet closed by Sync leaves the server mid-conversation.
 _UNSYNCED = frozenset((p.PARSE, p.BIND, p.EXECUTE, p.DESCRIBE, p.CLOSE, p.FLUSH))
-_LOGIN_CACHE_LIMIT = 1000
-_RETRY_DELAY = 0.25  # between attempts to place work while nodes come and go
-_NOTHING_CLASSIFIED = Classification(read_only=False, reason="session")
 # Read-your-writes: where the primary's WAL ends after this client's write committed.
 _WRITE_LSN_SQL = "SELECT pg_catalog.pg_current_wal_insert_lsn()::text"
-# Login refusals that mean the node is away (unreachable, starting up, shutting down), not that
-# this client may not log in: the work waits for that node or goes to another.
-_NODE_AWAY = frozenset((sqlstate.CONNECTION_FAILURE, sqlstate.CANNOT_CONNECT_NOW, sqlstate.ADMIN_SHUTDOWN, "57P02"))
 
 
 def _peer_host(transport) -> str | None:
@@ -57,7 +48,7 @@ def _peer_host(transport) -> str | None:
     return getattr(transport.getPeer(), "host", None)
 
 
-class ClientSession:
+class ClientSession(Placement):
     """Everything one client connection does; FrontendProtocol feeds it bytes.
 
     Session pooling links one server connection from login to logout. Transaction pooling
@@ -321,202 +312,6 @@ class ClientSession:
             else:
                 self.fatal(sqlstate.QUERY_CANCELED, "canceling authentication due to timeout")
         # Waiting for a server connection at login: the pool's wait timeout speaks for that.
-
-    # -- getting a server ----------------------------------------------------------------------
-
-    def _acquire(self) -> None:
-        """Find a node for what the client sent (or for its login) and wait for a server connection there."""
-        self.state = WAITING
-        if self._deadline is None:
-            self._deadline = self.proxy.clock.seconds() + self.config.failover_wait
-        router = self.router
-        if self.transaction_mode and self.logged_in and router.clustered and not self.pinned:
-            self._pause()
-            d = router.decide_with_hook(
-                self._first_sql(),
-                in_transaction=None,
-                user_rule=self.user_route,
-                min_lsn=self.min_lsn,
-                identity={"user": self.user, "database": self.database.name, "client": self.id},
-            )
-        else:
-            # Everything goes to the primary: no Deferred on this per-transaction path.
-            try:
-                decision = self._primary_decision()
-            except NoNode as e:
-                self._unroutable(Failure(e))
-                return
-            self._routed(decision)
-            return
-        d.addCallbacks(self._routed, self._unroutable).addErrback(self._crashed)
-
-    def _pause(self) -> None:
-        """Stop reading the client while its work waits: what it sends meanwhile stays in its socket."""
-        if not self._paused:
-            self._paused = True
-            self.transport.pauseProducing()
-
-    def _resume(self) -> None:
-        # Only if we paused it: on the per-transaction path every pause/resume is two epoll calls.
-        if self._paused:
-            self._paused = False
-            self.transport.resumeProducing()
-
-    def _primary_decision(self) -> Decision:
-        node = self.router.primary()
-        if node is None:
-            raise NoNode("no primary")
-        decision = self._primary
-        if decision is None or decision.node is not node:
-            decision = self._primary = Decision(node, "primary", "session needs the primary", _NOTHING_CLASSIFIED)
-        return decision
-
-    def _first_sql(self) -> str | None:
-        """The statement text that starts the waiting work, for routing."""
-        for item in self.backlog:
-            if type(item) is not tuple:
-                continue
-            msg_type, body = item
-            if msg_type == p.QUERY:
-                return m.decode_query(body)
-            if msg_type == p.PARSE:
-                return split_parse(body)[1].split(b"\x00", 1)[0].decode("utf-8", "replace")
-            if msg_type == p.BIND:
-                statement = self.relay.statements.get(split_bind(body)[1])
-                return statement.query if statement is not None else None
-        return None
-
-    def _routed(self, decision: Decision) -> None:
-        if self.state is CLOSED:
-            return
-        self.decision = decision
-        self.proxy.counters.routed(decision.reason)
-        pool = self._pool
-        if pool is None or pool.node is not decision.node or pool.retired:
-            # (Most transactions go where the last one went: skip the lookup then.)
-            pool = self._pool = self.proxy.pool_for(self.database, self.user, decision.node)
-        server = pool.take_idle()
-        if server is not None:
-            self._got_server(server)
-            return
-        self._pause()
-        self._waiting = pool.acquire()
-        self._waiting.addCallbacks(self._got_server, self._no_server).addErrback(self._crashed)
-
-    def _unroutable(self, failure) -> None:
-        failure.trap(NoNode)
-        self._retry_or_fail(m.error_fields("ERROR", sqlstate.CONNECTION_FAILURE, f'no node can serve database "{self.database.name}" now: {failure.value}'))
-
-    def _retry_or_fail(self, fields: dict) -> None:
-        """No server this time: try again (another node, or the same once it is back) until failover_wait runs out."""
-        if self.state is CLOSED:
-            return
-        now = self.proxy.clock.seconds()
-        retriable = self.router.clustered or (self.logged_in and self.transaction_mode)
-        if retriable and self._deadline is not None and now < self._deadline:
-            self.proxy.clock.callLater(_RETRY_DELAY, self._retry)
-            return
-        self._deadline = None
-        if not self.logged_in or not self.transaction_mode:
-            self.fatal_fields(dict(fields, S="FATAL", V="FATAL"))
-            return
-        # A logged-in client keeps its session: its waiting work fails like a statement would.
-        backlog, self.backlog = self.backlog, []
-        self.state = IDLE
-        self._resume()
-        self._answer_locally(backlog, fields)
-
-    def _retry(self) -> None:
-        if self.state is WAITING:
-            self._acquire()
-
-    def _no_server(self, failure) -> None:
-        self._waiting = None
-        if self.state is CLOSED:
-            return
-        e = failure.value
-        if isinstance(e, PoolError):
-            self._deadline = None
-            self._retry_or_fail(m.error_fields("FATAL", e.sqlstate, e.message, e.detail))
-        elif isinstance(e, ServerLoginError):
-            if e.fields.get("C") in _NODE_AWAY and self.decision is not None:
-                self.router.node_failed(self.decision.node, e.fields.get("M", ""))
-            else:
-                self._deadline = None  # a refusal, not an outage: say so now
-            self._retry_or_fail(e.fields)
-        else:
-            log.failure("client {client}: no server", failure, client=self.id)
-            self.fatal(sqlstate.CONNECTION_FAILURE, f"could not get a server connection: {e}")
-
-    def _got_server(self, server) -> None:
-        self._waiting = None
-        if self.state is CLOSED:
-            server.pool.release(server, reusable=True, reset=not self.transaction_mode)
-            return
-        self.server = server
-        self.state = PREPARING
-        query = None if self.settings == server.settings else sync_sql(self.settings, server.settings, server.parameters)
-        if query is None:
-            self._prepared([])
-        else:
-            server.run_internal([query]).addCallbacks(self._prepared, self._prepare_failed).addErrback(self._crashed)
-
-    def _prepare_failed(self, failure) -> None:
-        server, self.server = self.server, None
-        if self.state is CLOSED or server is None:
-            return
-        self.router.node_failed(server.node, "connection lost")
-        self.state = WAITING
-        self._retry_or_fail(
-            m.error_fields("FATAL", sqlstate.CONNECTION_FAILURE, f"lost the connection to node {server.node} while preparing the session")
-        )
-
-    def _prepared(self, errors: list[dict]) -> None:
-        server = self.server
-        if self.state is CLOSED:
-            self.server = None
-            server.pool.release(server, reusable=True, reset=not self.transaction_mode)
-            return
-        if errors:
-            self.server = None
-            server.settings = {}  # the failed statement rolled back; what it held is unknown
-            server.tainted = True
-            server.pool.release(server, reusable=False)
-            if not self.logged_in:
-                # As PostgreSQL does for a bad startup parameter: the login fails with the server's reason.
-                self.fatal_fields(dict(errors[0], S="FATAL", V="FATAL"))
-            else:
-                self.fatal(sqlstate.INTERNAL_ERROR, "could not restore this session's settings on a server connection", errors[0].get("M"))
-            return
-        if server.settings != self.settings:
-            server.settings = dict(self.settings)
-        if not self.logged_in:
-            parameters = dict(server.parameters)
-            if self.transaction_mode and len(self.router.login_parameters) < _LOGIN_CACHE_LIMIT:
-                self.router.login_parameters[self._login_key()] = parameters
-            self._logged_in(parameters)
-        self.state = LINKED
-        self.ready_count = 0
-        self._deadline = None
-        self._link_sent = []
-        self._link_replied = False
-        self._link_used = False
-        decision = self.decision
-        self._holding = False
-        self._read_link = bool(
-            self.transaction_mode
-            and decision is not None
-            and decision.want == "replica"
-            and decision.classification.tx is None
-            and self.relay.tx_status == p.TX_IDLE
-        )
-        server.link(self, self.transport, self.relay.capture() if self.relay else None)
-        self._resume()
-        backlog, self.backlog = self.backlog, []
-        if backlog:
-            self._client_items(backlog)
-        elif self.transaction_mode:
-            self._maybe_release()
 
     # -- client bytes (all but session mode's linked fast path) ---------------------------------
 
@@ -1026,138 +821,6 @@ class ClientSession:
         self._resume()
         if self.backlog:  # the client moved on while its settings were read back
             self._acquire()
-
-    def server_lost(self, server, reason) -> None:
-        """The node closed our server connection while this client was linked to it."""
-        if self.server is not server or self.state is CLOSED:
-            return
-        self.server = None
-        self._lent = False
-        self.router.node_failed(server.node, "connection lost")
-        if self.transaction_mode and self.state is LINKED and not self.pinned:
-            self._link_lost(server)
-            return
-        if self.relay is not None:
-            self.relay.forget_server()
-        if server.at_message_boundary:
-            self.fatal(
-                sqlstate.CONNECTION_FAILURE,
-                f"lost the connection to node {server.node}",
-                "The server connection closed unexpectedly; the session cannot continue.",
-            )
-        else:
-            self.state = CLOSED
-            self.transport.loseConnection()
-
-    def _link_lost(self, server) -> None:
-        """Transaction pooling: the node died under this client's work. The session survives it."""
-        relay = self.relay
-        owed = sum(1 for e in relay.queue if e.kind == SYNC)  # requests still owed a ReadyForQuery
-        replay = (
-            not self._link_replied
-            and not server.replied
-            and relay.tx_status == p.TX_IDLE
-            and self._only_reads(self._link_sent)
-        )
-        relay.forget_server()
-        relay.server_fatal = None if replay else relay.server_fatal
-        if replay:
-            # An autocommit read that got no byte back yet: run it again elsewhere, transparently.
-            self.backlog = self._link_sent + self.backlog
-            self._link_sent = []
-            if self.backlog:
-                self._acquire()
-            else:
-                self.state = IDLE
-                self._resume()
-            return
-        if not server.at_message_boundary:
-            # Half a message already went out: there is no way to speak protocol to this client again.
-            self.state = CLOSED
-            self.transport.loseConnection()
-            return
-        in_transaction = relay.tx_status != p.TX_IDLE or (self.decision is not None and self.decision.classification.tx)
-        status = p.TX_FAILED if in_transaction else p.TX_IDLE
-        self.orphaned = bool(in_transaction)
-        relay.tx_status = status
-        said = relay.server_fatal
-        relay.server_fatal = None
-        error = m.error_response(
-            "ERROR",
-            sqlstate.CONNECTION_FAILURE,
-            f"lost the connection to node {server.node}" + (f": {said.get('M')}" if said and said.get("M") else ""),
-            "The statement did not complete; nothing was retried because it could have had effects."
-            + (" The transaction is aborted: ROLLBACK to continue." if in_transaction else ""),
-        )
-        if owed:
-            self.transport.write((error + m.ready_for_query(status)) * owed)
-        elif in_transaction:
-            # Idle in its transaction: the client hears about it from its next statement.
-            self._orphan_error = error
-        self.state = IDLE
-        self._holding = self._read_link = False
-        self._resume()
-        if self.backlog and not self.orphaned:
-            self._acquire()  # a write held back behind the lost read still wants the primary
-
-    def _statement_texts(self, items: list):
-        return standin.statement_texts(items, self.relay.statements)
-
-    def _only_reads(self, items: list) -> bool:
-        """True when every statement in *items* only reads, outside any transaction: safe to run twice."""
-        seen = False
-        for sql in self._statement_texts(items):
-            c = self.router.classify(sql)
-            if not c.read_only or c.tx is not None:
-                return False
-            seen = True
-        return seen
-
-    def _answer_locally(self, items: list, fields: dict) -> None:
-        """Answer client messages no server will see, as PostgreSQL answers a failed statement."""
-        reply, terminated = standin.failed_work(items, fields, p.TX_FAILED if self.orphaned else p.TX_IDLE)
-        self.transport.write(reply)
-        if terminated:
-            self._terminate()
-
-    def _answer_orphaned(self, items: list) -> None:
-        """After its node died mid-transaction, the client's statements fail until it ends the transaction."""
-        out = []
-        # An extended batch whose Sync has not come yet waits in the backlog for the rest.
-        batch: list = self.backlog
-        self.backlog = []
-        for i, item in enumerate(items):
-            if not self.orphaned:
-                # ROLLBACK ended it: what the client sent behind it runs on a server as usual.
-                self.backlog = items[i:]
-                break
-            if type(item) is not tuple:
-                continue
-            msg_type = item[0]
-            if msg_type == _TERMINATE:
-                self.transport.write(b"".join(out))
-                self._terminate()
-                return
-            if msg_type == p.QUERY or msg_type == p.SYNC:
-                batch.append(item)
-                out.append(self._orphaned_reply(batch))
-                batch = []
-            else:
-                batch.append(item)
-        else:
-            self.backlog = batch
-        self.transport.write(b"".join(out))
-        if self.backlog and not self.orphaned:
-            self._acquire()
-
-    def _orphaned_reply(self, items: list) -> bytes:
-        if standin.ends_dead_transaction(classify(sql) for sql in self._statement_texts(items)):
-            self.orphaned = False
-            self._orphan_error = None
-            self.relay.tx_status = p.TX_IDLE
-            return standin.rolled_back(items)
-        error, self._orphan_error = self._orphan_error, None
-        return standin.still_aborted(error)
 
     def _owes_nothing(self) -> bool:
         """The linked server owes this client no answer and is not mid-conversation with it."""
