@@ -149,16 +149,32 @@ def inspect(sql: str) -> SessionEffects:
 
 
 def inspect_query(body: bytes) -> SessionEffects:
-    """inspect() of a Query message body (the text and its NUL), decoding only when it may matter."""
-    # The prefilter looks at a latin-1 decoding: every byte maps to one character, and the
-    # ASCII keywords occur in it exactly where they occur in the UTF-8 bytes. (It runs for
-    # every simple Query on the hot path: `word in str` is several times cheaper than
-    # `word in bytes`, which first tries to read the word as an integer.)
-    low = body.decode("latin-1").lower()
+    """inspect() of a Query message body (the text and its NUL), decoding only when it may matter.
+
+    This runs for every simple Query and Parse on the hot path, so the keyword prefilter works
+    on the text with its digits taken out, and remembers the texts in which it found nothing:
+    no keyword holds a digit, so a keyword in the text is a keyword in the text without digits,
+    and queries that differ only in their numbers (the commonest kind) are judged once.
+    """
+    key = body.translate(None, _DIGITS)
+    if key in _NO_KEYWORD:
+        return NO_EFFECTS
+    # A latin-1 decoding maps each byte to one character, and the ASCII keywords occur in it
+    # exactly where they occur in the UTF-8 bytes (`word in str` is several times cheaper than
+    # `word in bytes`, which first tries to read the word as an integer).
+    low = key.decode("latin-1").lower()
     for word in _MAYBE:
         if word in low:
             return _inspect_parsed(body[:-1].decode("utf-8", "replace"))
+    if len(_NO_KEYWORD) >= _NO_KEYWORD_LIMIT:
+        _NO_KEYWORD.clear()  # (texts with ever new literals: start over rather than grow)
+    _NO_KEYWORD.add(key)
     return NO_EFFECTS
+
+
+_DIGITS = b"0123456789"
+_NO_KEYWORD: set[bytes] = set()  # digit-free Query texts known to hold none of the keywords
+_NO_KEYWORD_LIMIT = 4096
 
 
 @lru_cache(maxsize=8192)

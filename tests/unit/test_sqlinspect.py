@@ -1,0 +1,77 @@
+"""sqlinspect: what SQL does to session state, and the hot-path prefilter that must never miss it."""
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pgtwist import sqlinspect
+from pgtwist.sqlinspect import NO_EFFECTS, inspect, inspect_query
+
+
+def body(sql: str) -> bytes:
+    return sql.encode() + b"\x00"
+
+
+@pytest.mark.parametrize(
+    "sql, check",
+    [
+        ("SET search_path TO app", lambda e: e.settings == {"search_path"} and not e.pin),
+        ("SET LOCAL search_path TO app", lambda e: not e.changes_state),
+        ("RESET statement_timeout", lambda e: e.resets == ("statement_timeout",)),
+        ("RESET ALL", lambda e: e.all_settings and e.reset_all),
+        ("DISCARD ALL", lambda e: e.discard_all and e.reset_all),
+        ("SELECT set_config('application_name', 'x', false)", lambda e: e.settings == {"application_name"}),
+        ("SELECT set_config('application_name', 'x', true)", lambda e: not e.changes_state),
+        ("SELECT set_config(name, 'x', false) FROM t", lambda e: e.all_settings and not e.reset_all),
+        ("SELECT pg_advisory_lock(42)", lambda e: e.pin and "advisory" in e.pin),
+        ("SELECT pg_advisory_xact_lock(42)", lambda e: not e.pin),
+        ("CREATE TEMP TABLE t (a int)", lambda e: e.pin == "temporary table"),
+        ("LISTEN chan", lambda e: e.pin == "LISTEN"),
+        ("DECLARE c CURSOR WITH HOLD FOR SELECT 1", lambda e: e.pin == "cursor WITH HOLD"),
+        ("PREPARE p1 AS SELECT 1", lambda e: e.pin == "SQL PREPARE"),
+        ("DEALLOCATE p1", lambda e: e.deallocate == ("p1",)),
+        ("DEALLOCATE ALL", lambda e: e.deallocate_all),
+        ("SET ROLE other", lambda e: e.pin == "SET ROLE"),
+        ("SELECT abalance FROM pgbench_accounts WHERE aid = 1", lambda e: e is NO_EFFECTS),
+        ("this is not SQL; set", lambda e: e is NO_EFFECTS),
+    ],
+)
+def test_effects(sql, check):
+    assert check(inspect(sql))
+    assert inspect_query(body(sql)) == inspect(sql)
+
+
+def test_texts_that_differ_only_in_numbers_are_judged_once(monkeypatch):
+    parsed = []
+    real = sqlinspect._inspect_parsed
+    monkeypatch.setattr(sqlinspect, "_inspect_parsed", lambda sql: parsed.append(sql) or real(sql))
+    sqlinspect._NO_KEYWORD.clear()
+    for aid in (1, 22, 333):
+        assert inspect_query(body(f"SELECT abalance FROM pgbench_accounts WHERE aid = {aid}")) is NO_EFFECTS
+    assert len(sqlinspect._NO_KEYWORD) == 1 and parsed == []
+    # ... but a number never hides a keyword, nor does the remembered verdict of another text.
+    assert inspect_query(body("SELECT pg_advisory_lock(7)")).pin
+    assert inspect_query(body("DEALLOCATE p7")).deallocate == ("p7",)
+    assert inspect_query(body("DEALLOCATE p8")).deallocate == ("p8",)
+
+
+def test_the_memory_of_plain_texts_is_bounded(monkeypatch):
+    monkeypatch.setattr(sqlinspect, "_NO_KEYWORD_LIMIT", 3)
+    sqlinspect._NO_KEYWORD.clear()
+    for word in ("a", "b", "c", "d", "e"):
+        inspect_query(body(f"SELECT '{word}'"))
+        assert len(sqlinspect._NO_KEYWORD) <= 3
+
+
+_FRAGMENTS = st.sampled_from(
+    ["SELECT ", "set", "SeT", "s", "et", "_config(", "'a', 'b', false)", "1", "23", " ", "pg_advisory_lock(", ")",
+     "TEMP", "temporary", "LISTEN x", "DISCARD ALL", "RESET ALL", "dea", "llocate", "é", "\u2603", ";", "\n"]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_FRAGMENTS, max_size=8).map("".join))
+def test_the_prefilter_never_misses_what_the_parser_sees(sql):
+    sqlinspect._NO_KEYWORD.clear()
+    assert inspect_query(body(sql)) == inspect(sql)
+    assert inspect_query(body(sql)) == inspect(sql)  # (and again, from what it remembered)
