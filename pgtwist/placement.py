@@ -260,7 +260,8 @@ class Placement:
     def _link_lost(self, server) -> None:
         """Transaction pooling: the node died under this client's work. The session survives it."""
         relay = self.relay
-        owed = sum(1 for e in relay.queue if e.kind == SYNC)  # requests still owed a ReadyForQuery
+        # The client's requests still owed a ReadyForQuery (not the proxy's own injected ones).
+        owed = sum(1 for e in relay.queue if e.kind == SYNC and not e.swallow)
         replay = (
             not self._link_replied
             and not server.replied

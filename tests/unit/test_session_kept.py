@@ -145,3 +145,38 @@ def test_reset_all_without_startup_settings_injects_nothing():
     server.transport.clear()
     session.got_data(m.query("RESET ALL"))
     assert server.transport.value() == m.query("RESET ALL")
+
+
+def test_node_lost_while_only_the_restore_is_owed_costs_the_client_nothing():
+    from twisted.internet.error import ConnectionLost
+    from twisted.python.failure import Failure
+
+    h = Harness(pool_mode="transaction")
+    session, ct = h.client(application_name="app1")
+    (server,) = h.proxy.servers
+    finish_internal(server)
+    session.got_data(m.query("RESET ALL"))
+    server.got_data(m.command_complete("RESET") + m.ready_for_query())
+    ct.clear()
+    server.connection_lost(Failure(ConnectionLost()))
+    assert ct.value() == b""  # the client's own request was answered: nothing is owed to it
+    assert session.state == "idle" and session.relay.idle and not session.relay.swallowing
+
+
+def test_reset_all_replayed_after_the_node_died_brings_the_restore_along():
+    """RESET ALL only reads (as routing sees it) and got no byte back: it runs again elsewhere."""
+    from twisted.internet.error import ConnectionLost
+    from twisted.python.failure import Failure
+
+    h = Harness(pool_mode="transaction")
+    session, ct = h.client(application_name="app1")
+    (first,) = h.proxy.servers
+    finish_internal(first)
+    ct.clear()
+    session.got_data(m.query("RESET ALL"))
+    first.connection_lost(Failure(ConnectionLost()))
+    assert ct.value() == b"" and not session.relay.swallowing
+    second = h.proxy.servers[-1]
+    finish_internal(second)  # the client's settings applied on the new connection
+    reset, restore = messages(second.transport.value())[-2:]
+    assert reset == (p.QUERY, b"RESET ALL\x00") and b"set_config(E'application_name'" in restore[1]
