@@ -262,6 +262,10 @@ class Placement:
         relay = self.relay
         # The client's requests still owed a ReadyForQuery (not the proxy's own injected ones).
         owed = sum(1 for e in relay.queue if e.kind == SYNC and not e.swallow)
+        if relay.held_ready is not None:
+            # Its statement ran, but the proxy's Query after it (restoring startup settings) did
+            # not: report it failed, as its effects on the client's settings are not kept either.
+            owed += 1
         replay = (
             not self._link_replied
             and not server.replied

@@ -79,7 +79,7 @@ class Relay:
     PostgreSQL would have sent them.
     """
 
-    __slots__ = ("statements", "queue", "extended", "skipping", "tx_status", "server_fatal", "swallowing")
+    __slots__ = ("statements", "queue", "extended", "skipping", "tx_status", "server_fatal", "swallowing", "held_ready")
 
     def __init__(self):
         self.statements: dict[str, Statement] = {}
@@ -91,6 +91,7 @@ class Relay:
         self.tx_status = p.TX_IDLE
         self.server_fatal: dict | None = None  # a FATAL the node sent before it hung up
         self.swallowing = 0  # Queries the proxy injected, not answered yet
+        self.held_ready: bytes | None = None  # the client's ReadyForQuery, held until the injected Query is done
 
     @property
     def idle(self) -> bool:
@@ -124,7 +125,11 @@ class Relay:
         """A Query of the proxy's own behind what the client sent so far; its whole answer
         (ReadyForQuery included) stays with the proxy, except ParameterStatus, which tells the
         client the settings it now has. An error in it is dropped too: it can only repeat why
-        the client's own statement before it failed (an aborted transaction)."""
+        the client's own statement before it failed (an aborted transaction).
+
+        The client's ReadyForQuery just before it is held back until this answer is in, so
+        that, as on a direct connection, the client hears of its settings before it may speak.
+        """
         if self.skipping:
             return
         self._push(Entry(SYNC, swallow=True))
@@ -284,19 +289,38 @@ class Relay:
 
     # -- server -> client ---------------------------------------------------------------------
 
+    def _proxy_query_next(self) -> bool:
+        """Whether the request this ReadyForQuery ends is followed by a Query of the proxy's own."""
+        queue = self.queue
+        for i, entry in enumerate(queue):
+            if entry.kind is SYNC:
+                return i + 1 < len(queue) and queue[i + 1].kind is SYNC and queue[i + 1].swallow
+        return False
+
     def server_message(self, msg_type: int, body: bytes, to_client: list) -> int | None:
         """Handle one captured server message; returns the ReadyForQuery status when one went out."""
         queue = self.queue
         if self.swallowing and queue[0].swallow and queue[0].kind is SYNC and msg_type != p.PARAMETER_STATUS:
             # The answer to a Query the proxy injected: the client never sees it.
             if msg_type == p.READY_FOR_QUERY:
+                held, self.held_ready = self.held_ready, None
+                if held is not None:
+                    to_client.append(held)
                 self.ready(body[0] if body else p.TX_IDLE, to_client)
+                if held is not None:
+                    self.tx_status = held[-1]  # (what the client was told)
+                    return self.tx_status
             elif msg_type == p.ERROR_RESPONSE:
                 fields = m.decode_fields(body)
                 if fields.get("V", fields.get("S")) in ("FATAL", "PANIC"):
                     self.server_fatal = fields
             return None
         if msg_type == p.READY_FOR_QUERY:
+            if self.swallowing and self._proxy_query_next():
+                # The proxy's own Query comes next: the client hears of this one after it.
+                self.ready(body[0] if body else p.TX_IDLE, to_client)
+                self.held_ready = frame(msg_type, body)
+                return None
             to_client.append(frame(msg_type, body))
             self.ready(body[0] if body else p.TX_IDLE, to_client)
             return self.tx_status
@@ -360,6 +384,7 @@ class Relay:
 
     def forget_server(self) -> None:
         """The server connection went away mid-flight: nothing more will be answered."""
+        self.held_ready = None
         while self.queue:
             entry = self._pop()
             if entry.undo is not None:

@@ -260,11 +260,11 @@ def test_reset_all_and_discard_all_return_to_the_startup_settings(txproxy, state
         a.execute("SET work_mem = '7MB'")
         assert a.execute(show).fetchone() == ("7s", "public", "changed", "7MB")
         a.execute(statement, prepare=prepare)
+        # The driver hears of the restored setting before the statement's ReadyForQuery.
+        assert a.info.parameter_status("application_name") == "tx-resetall-app"
         for i in range(6):  # ... on whichever connection serves it next
             assert a.execute(show).fetchone() == startup, i
             assert other.execute("SHOW statement_timeout").fetchone()[0] == "0", i
-        # (Its ParameterStatus followed the statement's ReadyForQuery: the driver has read it since.)
-        assert a.info.parameter_status("application_name") == "tx-resetall-app"
         # Inside a transaction it is transactional, the restored values with it.
         a.execute("SET work_mem = '7MB'")
         with a.transaction(force_rollback=True):

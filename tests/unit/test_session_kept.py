@@ -132,7 +132,8 @@ def test_reset_all_brings_the_startup_settings_back_and_their_answer_stays_with_
         server.got_data(injected[9:])
     else:
         server.got_data(own + injected)
-    assert ct.value() == own + m.parameter_status("application_name", "app1")
+    # The client's ReadyForQuery waits for the proxy's Query: its settings are known before it.
+    assert ct.value() == own[: -len(m.ready_for_query())] + m.parameter_status("application_name", "app1") + m.ready_for_query()
     assert session.relay.idle and session.settings["application_name"] == "app1"
     # Released as usual once the proxy's own Query is answered: the settings are read back.
     assert b"current_setting" in server.transport.value()
@@ -147,9 +148,13 @@ def test_reset_all_without_startup_settings_injects_nothing():
     assert server.transport.value() == m.query("RESET ALL")
 
 
-def test_node_lost_while_only_the_restore_is_owed_costs_the_client_nothing():
+def test_node_lost_while_the_restore_is_owed_reports_the_reset_failed():
+    """Its ReadyForQuery was held for the restore, which never came: the client's RESET ALL is
+    reported failed (08006), as its effect on the client's settings is not kept either."""
     from twisted.internet.error import ConnectionLost
     from twisted.python.failure import Failure
+
+    from tests.unit.test_session import types
 
     h = Harness(pool_mode="transaction")
     session, ct = h.client(application_name="app1")
@@ -159,8 +164,9 @@ def test_node_lost_while_only_the_restore_is_owed_costs_the_client_nothing():
     server.got_data(m.command_complete("RESET") + m.ready_for_query())
     ct.clear()
     server.connection_lost(Failure(ConnectionLost()))
-    assert ct.value() == b""  # the client's own request was answered: nothing is owed to it
-    assert session.state == "idle" and session.relay.idle and not session.relay.swallowing
+    assert types(ct.value()) == "EZ" and b"C08006" in ct.value()
+    assert session.state == "idle" and session.relay.idle and session.relay.held_ready is None
+    assert session.settings["application_name"] == "app1"
 
 
 def test_reset_all_replayed_after_the_node_died_brings_the_restore_along():
