@@ -42,6 +42,8 @@ class Placement:
     def _acquire(self) -> None:
         """Find a node for what the client sent (or for its login) and wait for a server connection there."""
         self.state = WAITING
+        if self.router is not None and self.proxy.routers.get(self.database.name) is not self.router:
+            self._follow_reload()
         if self._deadline is None:
             self._deadline = self.proxy.clock.seconds() + self.config.failover_wait
         router = self.router
@@ -64,6 +66,20 @@ class Placement:
             self._routed(decision)
             return
         d.addCallbacks(self._routed, self._unroutable).addErrback(self._crashed)
+
+    def _follow_reload(self) -> None:
+        """A reload rebuilt this database's router (its nodes changed): place work with the new one.
+
+        The old router's health monitor has stopped, so its view of the nodes is frozen; and
+        its nodes may be gone. (A removed database keeps what it had: its sessions may finish.)
+        """
+        database = self.proxy.config.databases.get(self.database.name)
+        if database is None:
+            return
+        self.database = database
+        self.router = self.proxy.router_for(database)
+        self._pool = None  # (the cached pool and primary decision were the old router's)
+        self._primary = None
 
     def _pause(self) -> None:
         """Stop reading the client while its work waits: what it sends meanwhile stays in its socket."""

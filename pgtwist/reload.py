@@ -84,7 +84,8 @@ def apply(proxy, new, changes: configmod.ConfigDiff) -> None:
     - databases, nodes or users removed (or a database's dbname changed): their pools retire,
       closing idle connections now and busy ones when their clients are done;
     - users and passwords: new logins use the new ones (SCRAM pass-through keys of changed users are forgotten);
-    - routers of databases whose nodes changed are rebuilt (their health monitors restarted).
+    - routers of databases whose nodes changed are rebuilt (their health monitors restarted), and
+      open sessions place their next transaction with the new one.
     """
     old = proxy.config
     # Unchanged users keep their parsed credentials (a plaintext password's SCRAM salt stays put).
@@ -140,6 +141,11 @@ def _apply_routers(proxy, old, new, changes) -> None:
             monitor = getattr(router, "monitor", None)
             if monitor is not None and monitor.running:
                 monitor.stop()
+            # Clients keeping a connection between transactions would go on using it without
+            # asking the new router: take those back, so that their next work is placed anew.
+            for pool in list(getattr(proxy, "pools", {}).values()):
+                if pool.database.name == name:
+                    pool.reclaim_all()
         else:
             router.database = database
             router.config = new

@@ -207,6 +207,30 @@ def test_sighup_applies_pool_size_and_new_database_keeping_idle_session(pg_clust
         assert px.alive()
 
 
+def test_sighup_adding_a_replica_reaches_open_transaction_pooled_sessions(pg_cluster, tmp_path):
+    """A reload that changes a database's nodes is followed by sessions already open, from
+    their next transaction: here their reads start going to the replica just added."""
+    primary, replica = pg_cluster.nodes[0].addr, pg_cluster.nodes[1].addr
+    settings = {"pool_mode": "transaction", "health_check_interval": 0.2}
+    one = {"appdb": {"dbname": pg_cluster.app_database, "nodes": [primary]}}
+    with start_ops_proxy(pg_cluster, tmp_path, {}, databases=one, **settings) as px:
+        with px.connect(autocommit=True) as open_session:
+            assert open_session.execute("SELECT pg_is_in_recovery()").fetchone() == (False,)
+            two = {"appdb": {"dbname": pg_cluster.app_database, "nodes": [primary, replica]}}
+            rewrite_config(px, {}, databases=two, **settings)
+            offset = px.log_size()
+            os.kill(px.pid, signal.SIGHUP)
+            wait_for(lambda: "applied" in px.log_text(offset), 10, "the reload to be applied")
+
+            def read_on_the_replica():
+                return open_session.execute("SELECT pg_is_in_recovery()").fetchone() == (True,)
+
+            wait_for(read_on_the_replica, 15, "a read of the open session to reach the replica")
+            # Work that writes still goes to the primary (txid_current() would fail on a replica).
+            assert open_session.execute("SELECT txid_current() > 0, pg_is_in_recovery()").fetchone() == (True, False)
+        assert px.alive()
+
+
 def test_broken_config_on_sighup_keeps_serving(pg_cluster, tmp_path):
     with start_ops_proxy(pg_cluster, tmp_path, {}) as px:
         with px.connect() as conn:

@@ -14,7 +14,7 @@ from pgtwist.service import PgBalanceService
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 
-from .admin_support import TestProxy, client, messages
+from .admin_support import TestProxy, client, messages, types
 
 
 def play_nodes(svc):
@@ -328,3 +328,26 @@ def test_tap_json_logs_and_manhole_errors(tmp_path, capsys):
         tap.makeService(options, reactor=MemoryReactorClock())
     assert e.value.code == 78
     assert "authorized_keys" in capsys.readouterr().err
+
+
+def test_transaction_pooled_clients_follow_a_database_moved_by_reload(tmp_path):
+    """A reload that changes a database's nodes reaches open sessions at their next transaction:
+    their work goes where the database now lives, not to the node it left."""
+    path = tmp_path / "pg.toml"
+    write(path, extra='pool_mode = "transaction"')
+    proxy = TestProxy(configmod.load(path))
+    app, transport = client(proxy)
+    app.got_data(m.query("SELECT 1"))
+    proxy.servers[-1].got_data(m.command_complete("SELECT 1") + m.ready_for_query())
+    assert str(proxy.servers[-1].node) == "db1:5432"
+    path.write_text(path.read_text().replace('nodes = ["db1:5432"]', 'nodes = ["db2:5432"]'))
+    outcome = reload.reload_file(proxy)
+    assert outcome.ok
+    transport.clear()
+    app.got_data(m.query("SELECT 2"))
+    server = app.server
+    assert server is not None and str(server.node) == "db2:5432"
+    assert app.database is proxy.config.databases["appdb"] and app.router is proxy.routers["appdb"]
+    server.got_data(m.command_complete("SELECT 1") + m.ready_for_query())
+    assert types(transport.value()).endswith("Z")
+    assert all(str(pool.node) == "db2:5432" for pool in proxy.pools.values())
