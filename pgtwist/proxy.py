@@ -97,7 +97,14 @@ class Proxy:
         New connections use the new ones; open connections keep theirs. Raises tls.TlsSetupError
         and keeps the current ones when a file does not load.
         """
-        self.client_tls, self.node_tls = tls.from_config(self.config)
+        self.use_tls(*tls.from_config(self.config))
+
+    def use_tls(self, client_tls, node_tls) -> None:
+        """New connections, health probes included, use these TLS contexts from now on."""
+        self.client_tls, self.node_tls = client_tls, node_tls
+        for router in getattr(self, "routers", {}).values():
+            if router.monitor is not None:
+                router.monitor.node_tls = node_tls
 
     def lookup_user(self, name: str):
         user = self.config.users.get(name)

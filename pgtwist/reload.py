@@ -45,9 +45,9 @@ def reload_file(proxy) -> ReloadOutcome:
     for key in changes.restart:
         log.warn("reload: {key} changed in {source}; it needs a restart and keeps its old value until then", key=key, source=source)
     effective = configmod.applicable(current, new)
-    proxy.apply_config(effective, changes)
     if new_tls is not None:
-        proxy.client_tls, proxy.node_tls = new_tls
+        proxy.use_tls(*new_tls)  # (first: routers the config change rebuilds probe with it too)
+    proxy.apply_config(effective, changes)
     counters.reloads += 1
     if changes:
         log.info(

@@ -650,6 +650,25 @@ def test_reload_tls_swaps_contexts_and_keeps_them_on_failure(pki, tmp_path):
     assert tls.common_name(proxy.client_tls.serverConnectionForTLS(None).get_certificate(as_cryptography=True)) == "renewed"
 
 
+def test_reloaded_server_tls_reaches_the_health_probes(pki, tmp_path):
+    """Renewed [server_tls] certificates must reach the health monitors too: probes verified with a
+    stale CA after a rotation would mark every node down."""
+    (tmp_path / "ca.crt").write_bytes((pki.dir / "ca.crt").read_bytes())
+    config = configmod.from_dict(
+        {
+            **BASE,
+            "databases": {"appdb": {"dbname": "postgres", "nodes": ["db1:5432", "db2:5432"]}},
+            "server_tls": {"mode": "verify-ca", "ca": str(tmp_path / "ca.crt")},
+        }
+    )
+    proxy = Proxy(config, MemoryReactorClock())
+    monitor = proxy.router_for(config.databases["appdb"]).monitor
+    assert monitor is not None and monitor.node_tls is proxy.node_tls
+    first = proxy.node_tls
+    proxy.reload_tls()
+    assert proxy.node_tls is not first and monitor.node_tls is proxy.node_tls
+
+
 # --------------------------------------------------------------------------- the node leg on a transport
 
 
