@@ -2,11 +2,14 @@
 
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.logger import Logger
 from zope.interface import implementer
 
 from pgtwist.server_login import ServerLoginError
 from pgtwist.wire import messages as m
 from pgtwist.wire import sqlstate
+
+log = Logger()
 
 
 @implementer(IHandshakeListener)
@@ -50,13 +53,48 @@ class BackendFactory(ClientFactory):
         )
 
 
+@implementer(IHandshakeListener)
 class CancelProtocol(Protocol):
-    """Delivers one CancelRequest to a node on a fresh connection, as libpq does, then hangs up."""
+    """Delivers one CancelRequest to a node on a fresh connection, as libpq does, then hangs up.
 
-    def __init__(self, process_id: int, secret_key: bytes):
+    With [server_tls] the request goes inside TLS, as libpq 17 sends it: SSLRequest first, and
+    the cancel key only once the node is verified (a plaintext key would let anyone on the path
+    cancel that node's queries). Under mode "prefer" a node without TLS gets it in plaintext.
+    """
+
+    def __init__(self, process_id: int, secret_key: bytes, node_tls=None, node: str = "", host: str = ""):
         self.packet = m.cancel_request(process_id, secret_key)
+        self.node_tls = node_tls
+        self.node = node
+        self.host = host
+        self._answer_awaited = False
 
     def connectionMade(self):
+        if self.node_tls is None:
+            self._deliver()
+            return
+        self._answer_awaited = True
+        self.transport.write(m.ssl_request())
+
+    def dataReceived(self, data):
+        if not self._answer_awaited:
+            return  # (a node answers a CancelRequest with nothing; the TLS layer's bytes are its own)
+        self._answer_awaited = False
+        try:
+            start = self.node_tls.answer(data, self.node)
+        except ServerLoginError as e:
+            log.warn("cancel to node {node} not sent: {why}", node=self.node, why=e.fields.get("M"))
+            self.transport.loseConnection()
+            return
+        if start:
+            self.transport.startTLS(self.node_tls.handshake(self.host))  # handshakeCompleted delivers
+        else:
+            self._deliver()
+
+    def handshakeCompleted(self):
+        self._deliver()
+
+    def _deliver(self):
         self.transport.write(self.packet)
         self.transport.loseConnection()
 
@@ -64,9 +102,14 @@ class CancelProtocol(Protocol):
 class CancelFactory(ClientFactory):
     noisy = False
 
-    def __init__(self, process_id: int, secret_key: bytes):
+    def __init__(self, process_id: int, secret_key: bytes, node_tls=None, node=None):
         self.process_id = process_id
         self.secret_key = secret_key
+        self.node_tls = node_tls
+        self.node = node
 
     def buildProtocol(self, addr):
-        return CancelProtocol(self.process_id, self.secret_key)
+        node = self.node
+        return CancelProtocol(
+            self.process_id, self.secret_key, self.node_tls, str(node) if node is not None else "", node.host if node is not None else ""
+        )

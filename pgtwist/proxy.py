@@ -137,7 +137,8 @@ class Proxy:
             return
         pid, key = server.backend_key
         node = server.node
-        self.reactor.connectTCP(node.host, node.port, CancelFactory(pid, key), timeout=self.config.server_connect_timeout)
+        factory = CancelFactory(pid, key, self.node_tls, node)
+        self.reactor.connectTCP(node.host, node.port, factory, timeout=self.config.server_connect_timeout)
 
     # -- pools and server connections ----------------------------------------------------------
 

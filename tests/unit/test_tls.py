@@ -750,3 +750,50 @@ def test_node_closing_during_the_handshake(pki):
     conn.connection_lost(Failure(ConnectionLost()))
     (error,) = results
     assert error.fields["M"] == "node localhost:5432 closed the connection during the TLS handshake"
+
+
+# --------------------------------------------------------------------------- cancel to a node
+
+
+def cancel_to(mode=None, pki=None):
+    from pgtwist.backend import CancelFactory
+
+    node_tls = None
+    if mode is not None:
+        cfg = ServerTlsConfig(mode=mode, ca=str(pki.dir / "ca.crt")) if pki else ServerTlsConfig(mode=mode)
+        node_tls = tls.NodeTls(mode, tls.node_context(cfg))
+    protocol = CancelFactory(777, b"KEY!", node_tls, Address("localhost", 5432)).buildProtocol(None)
+    transport = NodeTransport()
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+def test_cancel_without_server_tls_goes_in_plaintext_at_once():
+    protocol, transport = cancel_to()
+    assert transport.value() == m.cancel_request(777, b"KEY!") and transport.disconnecting
+
+
+def test_cancel_with_server_tls_waits_for_the_verified_handshake(pki):
+    protocol, transport = cancel_to("verify-full", pki)
+    assert transport.value() == m.ssl_request()  # no key before TLS
+    transport.clear()
+    protocol.dataReceived(b"S")
+    assert isinstance(transport.tls_creator, tls.NodeHandshake) and transport.tls_creator.host == "localhost"
+    assert transport.value() == b"" and not transport.disconnecting
+    protocol.handshakeCompleted()
+    assert transport.value() == m.cancel_request(777, b"KEY!") and transport.disconnecting
+
+
+@pytest.mark.parametrize("answer", [b"N", b"E", b"SX"])
+def test_cancel_is_not_sent_in_plaintext_to_a_node_that_will_not_do_tls(pki, answer):
+    protocol, transport = cancel_to("verify-full", pki)
+    transport.clear()
+    protocol.dataReceived(answer)
+    assert transport.value() == b"" and transport.disconnecting and transport.tls_creator is None
+
+
+def test_cancel_under_prefer_falls_back_to_plaintext():
+    protocol, transport = cancel_to("prefer")
+    transport.clear()
+    protocol.dataReceived(b"N")
+    assert transport.value() == m.cancel_request(777, b"KEY!") and transport.disconnecting
