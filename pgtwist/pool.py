@@ -61,6 +61,7 @@ class Pool:
         self.busy: set = set()
         self.connecting = 0
         self.waiters: deque[defer.Deferred] = deque()
+        self._waits: dict[defer.Deferred, tuple] = {}  # waiter -> (its query_wait_timeout timer or None, since when)
         self.paused = False
         self.retired = False  # removed by a reload: connections close when their clients are done
         self.waits = 0  # acquisitions that had to wait, and for how long in total (for metrics)
@@ -120,8 +121,7 @@ class Pool:
         """A Deferred firing with a logged-in, idle ServerConnection (now busy), or failing with PoolError."""
         d = defer.Deferred(self._cancel_wait)
         timer = self.clock.callLater(self.wait_timeout, self._wait_timed_out, d) if self.wait_timeout else None
-        d._pgtwist_timer = timer
-        d._pgtwist_started = self.clock.seconds()
+        self._waits[d] = (timer, self.clock.seconds())
         self.waiters.append(d)
         self._serve()
         if not d.called:
@@ -131,14 +131,20 @@ class Pool:
     def _cancel_wait(self, d: defer.Deferred) -> None:
         self._drop_waiter(d)
 
-    def _drop_waiter(self, d: defer.Deferred) -> None:
+    def _drop_waiter(self, d: defer.Deferred) -> float | None:
+        """Take *d* out of the queue; when it started waiting (None if it was not waiting)."""
         try:
             self.waiters.remove(d)
         except ValueError:
             pass
-        timer = getattr(d, "_pgtwist_timer", None)
+        timer, started = self._waits.pop(d, (None, None))
         if timer is not None and timer.active():
             timer.cancel()
+        return started
+
+    def waiting_since(self) -> list[float]:
+        """When each client in the queue started waiting, oldest first."""
+        return [self._waits[d][1] for d in self.waiters if d in self._waits]
 
     def _wait_timed_out(self, d: defer.Deferred) -> None:
         self._drop_waiter(d)
@@ -151,8 +157,7 @@ class Pool:
         )
 
     def _give(self, d: defer.Deferred, conn) -> None:
-        self._drop_waiter(d)
-        started = getattr(d, "_pgtwist_started", None)
+        started = self._drop_waiter(d)
         if started is not None:
             self.wait_seconds += self.clock.seconds() - started
         self.busy.add(conn)

@@ -156,7 +156,7 @@ def pools(proxy) -> list[dict]:
     now = proxy.clock.seconds()
     out = []
     for pool in _all_pools(proxy):
-        started = [getattr(d, "_pgtwist_started", now) for d in list(pool.waiters)]
+        started = pool.waiting_since()
         out.append(
             {
                 "database": pool.database.name,

@@ -637,3 +637,20 @@ def test_pause_and_retire_take_lent_connections_back():
     conn2, borrower2 = lent_connection(h2)
     h2.pool.retire()
     assert borrower2.reclaimed == 1 and conn2.closed
+
+
+def test_waiters_are_remembered_only_while_they_wait():
+    h = Harness(size=1, wait_timeout=10.0)
+    _, r1 = h.acquire()
+    h.clock.advance(1)
+    d2, r2 = h.acquire()
+    h.clock.advance(1)
+    d3, r3 = h.acquire()
+    assert h.pool.waiting_since() == [0.0, 1.0, 2.0]
+    conn = h.open_next()  # the first is served
+    assert got(r1) is conn and h.pool.waiting_since() == [1.0, 2.0]
+    d3.cancel()  # the third gives up
+    assert h.pool.waiting_since() == [1.0]
+    h.clock.advance(10)  # the second times out
+    assert isinstance(got(r2), Failure) and h.pool.waiting_since() == []
+    assert h.pool._waits == {} and h.clock.getDelayedCalls() == []
