@@ -18,7 +18,6 @@ from pgtwist.routing.classify import Classification, classify
 from pgtwist.server_login import ServerLoginError
 from pgtwist.settings import sync_sql
 from pgtwist.states import CLOSED, IDLE, LINKED, PREPARING, WAITING
-from pgtwist.statements import split_bind, split_parse
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 from pgtwist.wire import sqlstate
@@ -105,16 +104,8 @@ class Placement:
     def _first_sql(self) -> str | None:
         """The statement text that starts the waiting work, for routing."""
         for item in self.backlog:
-            if type(item) is not tuple:
-                continue
-            msg_type, body = item
-            if msg_type == p.QUERY:
-                return m.decode_query(body)
-            if msg_type == p.PARSE:
-                return split_parse(body)[1].split(b"\x00", 1)[0].decode("utf-8", "replace")
-            if msg_type == p.BIND:
-                statement = self.relay.statements.get(split_bind(body)[1])
-                return statement.query if statement is not None else None
+            if type(item) is tuple and item[0] in standin.STATEMENT_TYPES:
+                return standin.statement_text(item[0], item[1], self.relay.statements)
         return None
 
     def _routed(self, decision: Decision) -> None:

@@ -289,6 +289,14 @@ class Relay:
 
     # -- server -> client ---------------------------------------------------------------------
 
+    def _note_fatal(self, body: bytes) -> bool:
+        """Whether an ErrorResponse is a FATAL (or PANIC): the node is ending the connection. Kept for the session."""
+        fields = m.decode_fields(body)
+        if fields.get("V", fields.get("S")) in ("FATAL", "PANIC"):
+            self.server_fatal = fields
+            return True
+        return False
+
     def _proxy_query_next(self) -> bool:
         """Whether the request this ReadyForQuery ends is followed by a Query of the proxy's own."""
         queue = self.queue
@@ -311,9 +319,7 @@ class Relay:
                     self.tx_status = held[-1]  # (what the client was told)
                     return self.tx_status
             elif msg_type == p.ERROR_RESPONSE:
-                fields = m.decode_fields(body)
-                if fields.get("V", fields.get("S")) in ("FATAL", "PANIC"):
-                    self.server_fatal = fields
+                self._note_fatal(body)
             return None
         if msg_type == p.READY_FOR_QUERY:
             if self.swallowing and self._proxy_query_next():
@@ -324,13 +330,10 @@ class Relay:
             to_client.append(frame(msg_type, body))
             self.ready(body[0] if body else p.TX_IDLE, to_client)
             return self.tx_status
-        if msg_type == p.ERROR_RESPONSE:
-            fields = m.decode_fields(body)
-            if fields.get("V", fields.get("S")) in ("FATAL", "PANIC"):
-                # The server connection is ending, not the client's session: the session says
-                # so itself when the connection drops, and carries on.
-                self.server_fatal = fields
-                return None
+        if msg_type == p.ERROR_RESPONSE and self._note_fatal(body):
+            # The server connection is ending, not the client's session: the session says so
+            # itself when the connection drops, and carries on.
+            return None
         if msg_type == p.PARAMETER_STATUS or not queue:
             to_client.append(frame(msg_type, body))
             return None

@@ -15,21 +15,27 @@ _ENDS_DEAD_TRANSACTION = ("rollback", "commit")
 _ROLLBACK_REPLIES = {p.PARSE: frame(p.PARSE_COMPLETE), p.BIND: frame(p.BIND_COMPLETE), p.DESCRIBE: frame(p.NO_DATA)}
 
 
+STATEMENT_TYPES = frozenset((p.QUERY, p.PARSE, p.BIND))
+
+
+def statement_text(msg_type: int, body: bytes, statements: dict) -> str | None:
+    """The SQL a Query, Parse or Bind (of a named statement in *statements*) starts; None if unknown."""
+    if msg_type == p.QUERY:
+        return m.decode_query(body)
+    if msg_type == p.PARSE:
+        return split_parse(body)[1].split(b"\x00", 1)[0].decode("utf-8", "replace")
+    name = split_bind(body)[1]
+    statement = statements.get(name) if name else None
+    return statement.query if statement is not None else None
+
+
 def statement_texts(items: list, statements: dict):
     """The SQL each statement in *items* starts with (Query, Parse, Bind of a named statement)."""
     for item in items:
-        if type(item) is not tuple:
-            continue
-        msg_type, body = item
-        if msg_type == p.QUERY:
-            yield m.decode_query(body)
-        elif msg_type == p.PARSE:
-            yield split_parse(body)[1].split(b"\x00", 1)[0].decode("utf-8", "replace")
-        elif msg_type == p.BIND:
-            name = split_bind(body)[1]
-            statement = statements.get(name) if name else None
-            if statement is not None:
-                yield statement.query
+        if type(item) is tuple and item[0] in STATEMENT_TYPES:
+            text = statement_text(item[0], item[1], statements)
+            if text is not None:
+                yield text
 
 
 def failed_work(items: list, fields: dict, status: int) -> tuple[bytes, bool]:
