@@ -46,7 +46,9 @@ class Placement:
         if self._deadline is None:
             self._deadline = self.proxy.clock.seconds() + self.config.failover_wait
         router = self.router
-        if self.transaction_mode and self.logged_in and router.clustered and not self.pinned:
+        placed = self.transaction_mode and self.logged_in and router.clustered and not self.pinned
+        if placed and router.hook is not None:
+            # The hook may answer later: what the client sends meanwhile stays in its socket.
             self._pause()
             d = router.decide_with_hook(
                 self._first_sql(),
@@ -55,16 +57,19 @@ class Placement:
                 min_lsn=self.min_lsn,
                 identity={"user": self.user, "database": self.database.name, "client": self.id},
             )
-        else:
-            # Everything goes to the primary: no Deferred on this per-transaction path.
-            try:
-                decision = self._primary_decision()
-            except NoNode as e:
-                self._unroutable(Failure(e))
-                return
-            self._routed(decision)
+            d.addCallbacks(self._routed, self._unroutable).addErrback(self._crashed)
             return
-        d.addCallbacks(self._routed, self._unroutable).addErrback(self._crashed)
+        try:
+            if placed:
+                # The built-in policy answers at once: no Deferred, and no pause and resume of
+                # the client (two epoll calls) on this per-transaction path.
+                decision = router.decide(self._first_sql(), in_transaction=None, user_rule=self.user_route, min_lsn=self.min_lsn)
+            else:
+                decision = self._primary_decision()  # everything goes to the primary
+        except NoNode as e:
+            self._unroutable(Failure(e))
+            return
+        self._routed(decision)
 
     def _follow_reload(self) -> None:
         """A reload rebuilt this database's router (its nodes changed): place work with the new one.
@@ -136,6 +141,7 @@ class Placement:
         now = self.proxy.clock.seconds()
         retriable = self.router.clustered or (self.logged_in and self.transaction_mode)
         if retriable and self._deadline is not None and now < self._deadline:
+            self._pause()  # (waiting for a node: what the client sends meanwhile stays in its socket)
             self.proxy.clock.callLater(_RETRY_DELAY, self._retry)
             return
         self._deadline = None
