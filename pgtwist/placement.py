@@ -38,13 +38,17 @@ class Placement:
 
     __slots__ = ()
 
-    def _acquire(self) -> None:
-        """Find a node for what the client sent (or for its login) and wait for a server connection there."""
+    def _acquire(self, decision: Decision | None = None) -> None:
+        """Find a node for what the client sent (or for its login) and wait for a server connection
+        there; or, given the *decision* already made for that work, go straight to its node."""
         self.state = WAITING
-        if self.router is not None and self.proxy.routers.get(self.database.name) is not self.router:
-            self._follow_reload()
         if self._deadline is None:
             self._deadline = self.proxy.clock.seconds() + self.config.failover_wait
+        if decision is not None:
+            self._routed(decision)
+            return
+        if self.router is not None and self.proxy.routers.get(self.database.name) is not self.router:
+            self._follow_reload()
         router = self.router
         placed = self.transaction_mode and self.logged_in and router.clustered and not self.pinned
         if placed and router.hook is not None:
@@ -106,12 +110,40 @@ class Placement:
             decision = self._primary = Decision(node, "primary", "session needs the primary", _NOTHING_CLASSIFIED)
         return decision
 
-    def _first_sql(self) -> str | None:
-        """The statement text that starts the waiting work, for routing."""
-        for item in self.backlog:
+    def _first_sql(self, items: list | None = None) -> str | None:
+        """The statement text that starts the waiting work (or *items*), for routing."""
+        for item in self.backlog if items is None else items:
             if type(item) is tuple and item[0] in standin.STATEMENT_TYPES:
                 return standin.statement_text(item[0], item[1], self.relay.statements)
         return None
+
+    def _placed_on(self, server, items: list) -> bool:
+        """In a cluster, a client keeping *server* between transactions sent *items*: place its next
+        transaction anew, exactly as if it held no connection (one decision of the same policy).
+
+        True when that lands on the kept connection's node: the placement is the link's from now
+        on. Otherwise the connection goes back to its pool and the work to where it was placed
+        (False). (Only the built-in policy, which answers at once, gets here: see _maybe_release.)
+        """
+        sql = self._first_sql(items)
+        if sql is None:
+            return True  # nothing to place (a Sync, a Terminate): it stays where it is
+        try:
+            decision = self.router.decide(sql, in_transaction=None, user_rule=self.user_route, min_lsn=self.min_lsn)
+        except NoNode:
+            decision = None
+        if decision is not None and decision.node == server.node:
+            self.decision = decision
+            self.proxy.counters.routed(decision.reason)
+            # What a new link starts with (as in _prepared): the replica read and what may be held behind it.
+            self._link_used = False
+            self._holding = False
+            self._read_link = decision.want == "replica" and decision.classification.tx is None
+            return True
+        self._give_back(server)
+        self.backlog.extend(items)
+        self._acquire(decision)  # (None: no node now; _acquire asks again and waits for one)
+        return False
 
     def _routed(self, decision: Decision) -> None:
         if self.state is CLOSED:

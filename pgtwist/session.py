@@ -326,6 +326,8 @@ class ClientSession(Placement):
                 self._lent = False
                 server = self.server
                 server.pool.unlend(server)
+                if self.router.clustered and not self._placed_on(server, items):
+                    return  # placed on another node: the kept connection went back
                 # A new transaction: what may be replayed if the node dies starts afresh.
                 self._link_sent = []
                 self._link_replied = server.replied = False
@@ -763,11 +765,13 @@ class ClientSession(Placement):
             ).addErrback(self._crashed)
             return
         pool = server.pool
-        if not self.router.clustered and not pool.waiters and not pool.paused and not self.proxy.draining:
+        placed_at_once = not self.router.clustered or self.router.hook is None
+        if placed_at_once and not self.backlog and not pool.waiters and not pool.paused and not self.proxy.draining:
             # Lent, not returned: the connection stays linked while nobody else wants it, and
             # the pool takes it back the moment someone does (reclaim). The client's next
-            # transaction then starts with no acquire, link or settings sync at all. (With a
-            # cluster each transaction must be placed anew, so it goes back at once.)
+            # transaction then starts with no acquire, link or settings sync at all. (In a
+            # cluster that transaction is placed anew first, and stays only if it belongs on
+            # this node: _placed_on. A routing hook may answer later, so then it goes back.)
             self._lent = True
             pool.lend(server, self)
             return

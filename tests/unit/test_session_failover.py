@@ -98,12 +98,16 @@ def extended(sql: str) -> bytes:
 # -- replay of reads that got nothing back -------------------------------------------------------
 
 
-def test_clustered_login_leaves_the_client_idle_with_no_server():
+def test_clustered_login_keeps_its_primary_connection_until_the_work_needs_another_node():
     s = Setup()
     session, ct = s.client()
-    assert session.state == "idle" and session.server is None
     (login_pool,) = s.proxy.pools.values()
-    assert str(login_pool.node) == P and list(login_pool.idle) == [s.proxy.servers[0]]
+    login_server = s.proxy.servers[0]
+    assert str(login_pool.node) == P and login_pool.lent == {login_server: session}
+    assert session.state == "linked" and session._lent
+    session.got_data(m.query("SELECT 1"))  # a read: it belongs on a replica
+    assert str(session.server.node) in (R1, R2)
+    assert list(login_pool.idle) == [login_server] and not login_pool.lent
 
 
 def test_read_with_no_byte_back_is_replayed_on_another_node():
@@ -122,8 +126,8 @@ def test_read_with_no_byte_back_is_replayed_on_another_node():
     assert ct.value() == b""  # the client noticed nothing
     second.got_data(RESULT + Z_IDLE)
     assert ct.value() == RESULT + Z_IDLE
-    assert session.state == "idle" and session.server is None
-    assert list(s.pool(str(second.node)).idle) == [second]
+    assert session.state == "linked" and session._lent and session.server is second
+    assert s.pool(str(second.node)).lent == {second: session}
 
 
 def test_read_replayed_after_the_node_said_fatal_and_left():
@@ -488,8 +492,47 @@ def test_a_lent_server_dying_between_transactions():
     assert a.server is not server and queries(sent(a.server)) == ["SELECT 1"]
 
 
-def test_clustered_transaction_mode_never_lends():
+def test_in_a_cluster_a_kept_connection_serves_only_work_placed_on_its_node():
+    """Lent between transactions as with one node; each transaction is still placed anew, and the
+    kept connection serves it only when the placement lands on its node."""
     s = Setup()
+    s.set_up(R2, False)  # reads: R1 only
+    session, ct = s.client()
+    session.got_data(m.query("SELECT 1"))
+    reader = session.server
+    assert str(reader.node) == R1 and queries(sent(reader)) == ["SELECT 1"]
+    reader.got_data(RESULT + Z_IDLE)
+    assert session._lent and s.pool(R1).lent == {reader: session}
+    # Another read: placed on R1 again, so it runs on the kept connection (no new link).
+    servers = len(s.proxy.servers)
+    session.got_data(m.query("SELECT 2"))
+    assert session.server is reader and queries(sent(reader)) == ["SELECT 2"] and len(s.proxy.servers) == servers
+    assert session.decision.want == "replica"
+    reader.got_data(RESULT + Z_IDLE)
+    # A write: placed on the primary; the replica connection goes back to its pool.
+    session.got_data(m.query("INSERT INTO t VALUES (1)"))
+    assert str(session.server.node) == P and queries(sent(session.server)) == ["INSERT INTO t VALUES (1)"]
+    assert reader in s.pool(R1).idle and not s.pool(R1).lent
+
+
+def test_work_placed_away_from_the_kept_connection_is_placed_once():
+    """One decision per transaction, kept connection or not: reads keep spreading as before."""
+    s = Setup()
+    session, ct = s.client()  # keeping its login connection to the primary
+    router = s.proxy.routers["appdb"]
+    placed = []
+    for sql in ("SELECT 1", "SELECT 2", "SELECT 3", "SELECT 4"):
+        before = router._rr
+        session.got_data(m.query(sql))
+        assert router._rr == before + 1, sql
+        placed.append(str(session.server.node))
+        session.server.got_data(RESULT + Z_IDLE)
+    assert set(placed) == {R1, R2}
+
+
+def test_in_a_cluster_a_routing_hook_means_no_lending():
+    s = Setup()
+    s.proxy.routers["appdb"].hook = lambda classification, identity: "replica"
     session, ct = s.client()
     session.got_data(m.query("SELECT 1"))
     server = session.server
