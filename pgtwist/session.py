@@ -16,7 +16,7 @@ from pgtwist.login import Authenticated, CancelReceived, ClientLogin, LoginError
 from pgtwist.placement import Placement
 from pgtwist.relay import CLIENT_CAPTURE, Relay
 from pgtwist.router import Decision
-from pgtwist.routing.policy import parse_lsn
+from pgtwist.routing.policy import parse_lsn, write_end_lsn
 from pgtwist.settings import SERVER_OWNED, client_settings, parse_options, quote_literal, readback_sql, restore_sql, sync_sql
 from pgtwist.states import ADMIN, CLOSED, IDLE, LINKED, LOGIN, PREPARING, WAITING
 from pgtwist.statements import parse_body, split_bind, split_parse
@@ -805,7 +805,7 @@ class ClientSession(Placement):
                 server.tainted = True
         if track_lsn and rows and rows[-1] and rows[-1][0]:
             try:
-                self.min_lsn = max(self.min_lsn, parse_lsn(rows[-1][0].decode()))
+                self.min_lsn = max(self.min_lsn, write_end_lsn(parse_lsn(rows[-1][0].decode())))
             except ValueError:
                 pass
         if self.state is CLOSED:

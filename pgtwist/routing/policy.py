@@ -42,6 +42,24 @@ def parse_lsn(text: str) -> int:
     return (int(hi, 16) << 32) | int(lo, 16)
 
 
+_WAL_PAGE = 8192  # XLOG_BLCKSZ
+_SHORT_PAGE_HEADER = 24  # SizeOfXLogShortPHD: what starts every WAL page but a segment's first
+
+
+def write_end_lsn(insert_lsn: int) -> int:
+    """Where a client's write ends in the WAL, from pg_current_wal_insert_lsn() read right after it.
+
+    The insert position of a page boundary is reported past the next page's header, while a
+    replica's pg_last_wal_replay_lsn() stops at the boundary itself: taken as it is, such a
+    position would hold the client's reads on the primary until some other WAL is written.
+    No record ends inside a page header, so that position means the boundary. (A segment's
+    first page has a longer header; that rarer case errs the safe way: reads on the primary.)
+    """
+    if insert_lsn % _WAL_PAGE == _SHORT_PAGE_HEADER:
+        return insert_lsn - _SHORT_PAGE_HEADER
+    return insert_lsn
+
+
 def format_lsn(value: int) -> str:
     return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
 

@@ -3,7 +3,7 @@
 import pytest
 
 from pgtwist.routing.classify import Classification, classify
-from pgtwist.routing.policy import NodeState, choose, format_lsn, parse_lsn, resolve_primary, route
+from pgtwist.routing.policy import NodeState, choose, format_lsn, parse_lsn, resolve_primary, route, write_end_lsn
 
 
 def primary(name="p:5432", **kw):
@@ -298,3 +298,17 @@ def test_route_ignores_other_rule_values():
 def test_route_plain_classification_object():
     c = Classification(read_only=True, reason="select")
     assert route(c, in_transaction=None, user_rule=None, db_rule=None) == ("replica", "select")
+
+
+@pytest.mark.parametrize(
+    "insert, end",
+    [
+        (parse_lsn("0/4000018"), parse_lsn("0/4000000")),  # just past a page's header: the boundary
+        (parse_lsn("0/3FFE018"), parse_lsn("0/3FFE000")),
+        (parse_lsn("0/3FFE020"), parse_lsn("0/3FFE020")),  # a record's end
+        (parse_lsn("0/3FFE000"), parse_lsn("0/3FFE000")),
+        (parse_lsn("1/28"), parse_lsn("1/28")),  # a segment's first page (long header): left as is
+    ],
+)
+def test_write_end_lsn(insert, end):
+    assert write_end_lsn(insert) == end
