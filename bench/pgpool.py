@@ -42,6 +42,7 @@ from run import (  # noqa: E402
     Processes,
     client_env,
     first_line,
+    judge_pgbench,
     loadavg,
     parse_pgbench,
     say,
@@ -283,21 +284,7 @@ class Bench:
         cpu = cpu_seconds_tree(t["proc"].pid) - cpu0
         result = parse_pgbench(out)
         result.update(target=target, returncode=proc.returncode, pooler_cpu_s=round(cpu, 2), loadavg_after=loadavg())
-        problems = []
-        if timed_out:
-            problems.append(f"pgbench did not finish within {duration + 120}s")
-        elif proc.returncode != 0:
-            problems.append(f"pgbench exit {proc.returncode}")
-        if result["failed"]:
-            problems.append(f"{result['failed']} failed transactions")
-        if result["tps"] is None and not timed_out:
-            problems.append("no tps line in pgbench output")
-        if t["proc"].poll() is not None:
-            problems.append(f"{target} exited with status {t['proc'].returncode}")
-        result["problem"] = "; ".join(problems)
-        if problems:
-            result["detail"] = (err.strip() or out.strip())[-1500:]
-        return result
+        return judge_pgbench(result, proc, timed_out, duration, target, t["proc"], out, err)
 
     def cleanup(self) -> None:
         self.procs.stop_all()

@@ -433,22 +433,7 @@ class Bench:
         result.update(target=target.name, scenario=scenario.name, returncode=proc.returncode, note=note,
                       argv=" ".join(argv), pooler_cpu_s=cpu, pooler_runq_wait_s=runq, wall_s=wall,
                       loadavg_after=loadavg())
-        problems = []
-        if timed_out:
-            problems.append(f"pgbench did not finish within {self.args.duration + 120}s")
-        elif proc.returncode != 0:
-            problems.append(f"pgbench exit {proc.returncode}")
-        if result["failed"]:
-            problems.append(f"{result['failed']} failed transactions")
-        if result["tps"] is None and not timed_out:
-            problems.append("no tps line in pgbench output")
-        if target.proc is not None and target.proc.poll() is not None:
-            problems.append(f"{target.name} exited with status {target.proc.returncode}")
-        result["problem"] = "; ".join(problems)
-        if problems:
-            detail = (err.strip() or out.strip())[-1500:]
-            result["detail"] = detail
-        return result
+        return judge_pgbench(result, proc, timed_out, self.args.duration, target.name, target.proc, out, err)
 
     # -- idle clients --------------------------------------------------------------------
 
@@ -526,6 +511,25 @@ _TPS = re.compile(r"^tps = ([0-9.]+) \((without initial connection time|includin
 _FAILED = re.compile(r"^number of failed transactions: (\d+)", re.M)
 _PROCESSED = re.compile(r"^number of transactions actually processed: (\d+)", re.M)
 _LATENCY = re.compile(r"^latency average = ([0-9.]+) ms", re.M)
+
+
+def judge_pgbench(result: dict, proc, timed_out: bool, duration: int, target_name: str, target_proc, out: str, err: str) -> dict:
+    """Add to a parsed pgbench *result* what went wrong ("problem", and the output's tail as "detail")."""
+    problems = []
+    if timed_out:
+        problems.append(f"pgbench did not finish within {duration + 120}s")
+    elif proc.returncode != 0:
+        problems.append(f"pgbench exit {proc.returncode}")
+    if result["failed"]:
+        problems.append(f"{result['failed']} failed transactions")
+    if result["tps"] is None and not timed_out:
+        problems.append("no tps line in pgbench output")
+    if target_proc is not None and target_proc.poll() is not None:
+        problems.append(f"{target_name} exited with status {target_proc.returncode}")
+    result["problem"] = "; ".join(problems)
+    if problems:
+        result["detail"] = (err.strip() or out.strip())[-1500:]
+    return result
 
 
 def parse_pgbench(out: str) -> dict:
