@@ -16,7 +16,7 @@ from pgtwist.login import Authenticated, CancelReceived, ClientLogin, LoginError
 from pgtwist.placement import Placement
 from pgtwist.relay import CLIENT_CAPTURE, Relay
 from pgtwist.router import Decision
-from pgtwist.routing.policy import parse_lsn, write_end_lsn
+from pgtwist.routing.policy import parse_lsn, write_lsn
 from pgtwist.settings import SERVER_OWNED, client_settings, parse_options, quote_literal, readback_sql, restore_sql, sync_sql
 from pgtwist.states import ADMIN, CLOSED, IDLE, LINKED, LOGIN, PREPARING, WAITING
 from pgtwist.statements import parse_body, split_bind, split_parse
@@ -40,7 +40,10 @@ _SESSION_WATCH = frozenset((p.QUERY, p.SYNC, p.FUNCTION_CALL))
 # An extended-protocol batch not yet closed by Sync leaves the server mid-conversation.
 _UNSYNCED = frozenset((p.PARSE, p.BIND, p.EXECUTE, p.DESCRIBE, p.CLOSE, p.FLUSH))
 # Read-your-writes: where the primary's WAL ends after this client's write committed.
-_WRITE_LSN_SQL = "SELECT pg_catalog.pg_current_wal_insert_lsn()::text"
+_WRITE_LSN_SQL = (
+    "SELECT pg_catalog.pg_current_wal_insert_lsn()::text, pg_catalog.pg_current_wal_flush_lsn()::text,"
+    " pg_catalog.current_setting('synchronous_commit')"
+)
 
 
 def _peer_host(transport) -> str | None:
@@ -803,9 +806,10 @@ class ClientSession(Placement):
                 server.settings = dict(self.settings)
             else:
                 server.tainted = True
-        if track_lsn and rows and rows[-1] and rows[-1][0]:
+        if track_lsn and rows and len(rows[-1]) == 3 and None not in rows[-1]:
+            insert, flush, synchronous_commit = (v.decode("ascii", "replace") for v in rows[-1])
             try:
-                self.min_lsn = max(self.min_lsn, write_end_lsn(parse_lsn(rows[-1][0].decode())))
+                self.min_lsn = max(self.min_lsn, write_lsn(parse_lsn(insert), parse_lsn(flush), synchronous_commit))
             except ValueError:
                 pass
         if self.state is CLOSED:

@@ -60,6 +60,21 @@ def write_end_lsn(insert_lsn: int) -> int:
     return insert_lsn
 
 
+def write_lsn(insert_lsn: int, flush_lsn: int, synchronous_commit: str) -> int:
+    """Where replicas must have replayed to before a client may read its own write there, from
+    the primary's insert and flush positions and the session's synchronous_commit, read right
+    after the write committed.
+
+    A synchronous commit (any setting but "off") returned only once its commit record was
+    flushed: the flush position covers it, and is the least that does. An asynchronous one may
+    not be flushed yet, so only the insert position is safe; it may also cover other sessions'
+    WAL not yet flushed, which can keep this client's reads on the primary a while longer.
+    """
+    if synchronous_commit.lower() != "off":
+        return flush_lsn
+    return write_end_lsn(insert_lsn)
+
+
 def format_lsn(value: int) -> str:
     return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
 

@@ -366,7 +366,10 @@ def set_apply_delay(cluster, value: str | None) -> None:
         cluster.psql(replica, sql + ";\nSELECT pg_reload_conf();")
 
 
-def test_read_your_writes_with_delayed_replicas(rproxy, cluster):
+@pytest.mark.parametrize("synchronous_commit", ["off", "on"])
+def test_read_your_writes_with_delayed_replicas(rproxy, cluster, synchronous_commit):
+    """With synchronous_commit on, the write's flush position is what replicas must reach; off
+    (the test cluster's default), the insert position."""
     primary, r1, r2 = ports(cluster)
     direct = [psycopg.connect(cluster.dsn(n, connect_timeout=10), autocommit=True) for n in cluster.nodes[1:]]
     set_apply_delay(cluster, "2s")
@@ -374,7 +377,7 @@ def test_read_your_writes_with_delayed_replicas(rproxy, cluster):
         for conn in direct:
             wait_for(lambda: one(conn, "SHOW recovery_min_apply_delay")[0] == "2s", 10, "the apply delay in effect")
         start = one(direct[0], "SELECT count(*) FROM ryw")[0]
-        with rproxy.connect() as writer, rproxy.connect() as other:
+        with rproxy.connect(options=f"-c synchronous_commit={synchronous_commit}") as writer, rproxy.connect() as other:
             writer_ports, other_ports = [], []
             for i in range(20):
                 writer.execute("INSERT INTO ryw (v) VALUES (%s)", (i,))
@@ -385,6 +388,9 @@ def test_read_your_writes_with_delayed_replicas(rproxy, cluster):
             # The replicas really were behind: 2 s of writes are not replayed yet.
             behind = [one(conn, "SELECT count(*) FROM ryw")[0] for conn in direct]
             assert all(n < start + 20 for n in behind), behind
+            # Once the replicas have replayed the writes, the writer's reads go back to them.
+            set_apply_delay(cluster, None)
+            wait_for(lambda: one(writer, "SELECT inet_server_port()")[0] in (r1, r2), 20, "the writer reading from a replica again")
         assert set(other_ports) <= {r1, r2} and len(set(other_ports)) == 2, other_ports
         # The writer's reads went where its writes were (nothing replayed them anywhere else yet).
         assert set(writer_ports) == {primary}, writer_ports

@@ -3,7 +3,7 @@
 import pytest
 
 from pgtwist.routing.classify import Classification, classify
-from pgtwist.routing.policy import NodeState, choose, format_lsn, parse_lsn, resolve_primary, route, write_end_lsn
+from pgtwist.routing.policy import NodeState, choose, format_lsn, parse_lsn, resolve_primary, route, write_end_lsn, write_lsn
 
 
 def primary(name="p:5432", **kw):
@@ -312,3 +312,12 @@ def test_route_plain_classification_object():
 )
 def test_write_end_lsn(insert, end):
     assert write_end_lsn(insert) == end
+
+
+def test_write_lsn_is_the_flush_position_after_a_synchronous_commit():
+    insert, flush = parse_lsn("0/3000100"), parse_lsn("0/3000080")
+    for setting in ("on", "local", "remote_write", "remote_apply", "ON"):
+        assert write_lsn(insert, flush, setting) == flush
+    # Asynchronous: the commit may not be flushed yet; only the insert position is safe.
+    assert write_lsn(insert, flush, "off") == insert
+    assert write_lsn(parse_lsn("0/4000018"), flush, "off") == parse_lsn("0/4000000")
