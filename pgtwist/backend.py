@@ -25,9 +25,6 @@ class BackendProtocol(Protocol):
         self.transport.setTcpNoDelay(True)
         self.conn.connection_made(self.transport)
 
-    def dataReceived(self, data):  # (shadowed by the instance's, bound in __init__)
-        self.conn.got_data(data)
-
     def handshakeCompleted(self):
         self.conn.tls_established()
 

@@ -641,10 +641,8 @@ class ClientSession(Placement):
     def _server_messages(self, server, items: list) -> None:
         out: list = []
         status = None
-        swallowing = False
         if self.transaction_mode:
             relay = self.relay
-            swallowing = relay.swallowing
             for item in items:
                 if type(item) is bytes:
                     out.append(item)
@@ -673,8 +671,6 @@ class ClientSession(Placement):
         write_now(self.transport, b"".join(out))
         if status is not None:
             self._ready(server, status)
-        elif swallowing and self.relay.idle and self.state is LINKED:
-            self._maybe_release()  # the proxy's own Query was the last thing owed
 
     def reply_done(self, server, status: int, data: bytes) -> None:
         """The linked server's read *data* ends with a ReadyForQuery (transaction *status*) and
