@@ -41,6 +41,7 @@ from run import (  # noqa: E402
     BenchError,
     Processes,
     client_env,
+    find_daemon,
     first_line,
     judge_pgbench,
     loadavg,
@@ -79,13 +80,6 @@ def cpu_seconds_tree(pid: int) -> float:
     return total
 
 
-def find_pgpool() -> str | None:
-    found = shutil.which("pgpool")
-    if found:
-        return found
-    return "/usr/sbin/pgpool" if os.access("/usr/sbin/pgpool", os.X_OK) else None
-
-
 # --------------------------------------------------------------------------- the bench
 
 
@@ -96,7 +90,7 @@ class Bench:
         self.cluster = None
         self.tmp: Path | None = None
         self.run_as: pwd.struct_passwd | None = None
-        self.pgpool_bin = find_pgpool()
+        self.pgpool_bin = find_daemon("pgpool")
         self.targets: dict[str, dict] = {}
 
     # -- setup ---------------------------------------------------------------------------

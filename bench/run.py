@@ -213,11 +213,13 @@ def client_env(password: str) -> dict[str, str]:
     return env
 
 
-def find_pgbouncer() -> str | None:
-    found = shutil.which("pgbouncer")
+def find_daemon(name: str) -> str | None:
+    """A server program on PATH, or in /usr/sbin where Debian puts pgbouncer and pgpool (off a user's PATH)."""
+    found = shutil.which(name)
     if found:
         return found
-    return "/usr/sbin/pgbouncer" if os.access("/usr/sbin/pgbouncer", os.X_OK) else None
+    path = f"/usr/sbin/{name}"
+    return path if os.access(path, os.X_OK) else None
 
 
 def first_line(argv: list[str]) -> str:
@@ -249,7 +251,7 @@ class Bench:
         self.node = None
         self.tmp: Path | None = None
         self.run_as: pwd.struct_passwd | None = None
-        self.pgbouncer_bin = find_pgbouncer()
+        self.pgbouncer_bin = find_daemon("pgbouncer")
         self.verifier = ""
         self.password = ""
         self._instance = 0
