@@ -433,3 +433,30 @@ def error_fields_of(data: bytes) -> dict[str, str] | None:
         (length,) = struct.unpack_from("!I", data, 1)
         return m.decode_fields(data[5 : 1 + length])
     return None
+
+
+# --------------------------------------------------------------------------- psql
+
+PSQL_TIMEOUT = 20
+
+
+def run_psql(conninfo: str, password: str, sql: str, *options: str, check: bool = True) -> subprocess.CompletedProcess:
+    """psql -c *sql* on *conninfo*, unaligned; no PG* from the environment, the password only here."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env.update(PGPASSWORD=password, PGCONNECT_TIMEOUT="10")
+    proc = subprocess.run(
+        ["psql", "-X", "-A", *options, "-v", "ON_ERROR_STOP=1", "-d", conninfo, "-c", sql],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=PSQL_TIMEOUT,
+    )
+    if check:
+        assert proc.returncode == 0, f"psql failed ({proc.returncode}): {proc.stderr}"
+    return proc
+
+
+def psql(px, sql: str, *, check: bool = True, **dsn: Any) -> subprocess.CompletedProcess:
+    """Run psql through the proxy as its app user, tuples only; *dsn* adds connection options."""
+    return run_psql(px.dsn(password=None, **dsn), px.password, sql, "-t", check=check)

@@ -12,13 +12,12 @@ import psycopg
 import pytest
 
 from .ops import http_get, rewrite_config, screen_text, ssh_keygen, ssh_repl, start_ops_proxy
-from .proxy import HOST, RawClient, ServerError, port_accepts, wait_for
+from .proxy import HOST, RawClient, ServerError, port_accepts, run_psql, wait_for
 from pgtwist.localcluster import free_port
 
 pytestmark = pytest.mark.integration
 
 ADMIN, ADMIN_PASSWORD = "admin", "admin-secret"
-PSQL_TIMEOUT = 20
 
 
 def users(cluster) -> dict:
@@ -26,17 +25,8 @@ def users(cluster) -> dict:
 
 
 def admin_psql(px, sql: str, user: str = ADMIN, password: str = ADMIN_PASSWORD) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PGPASSWORD=password, PGCONNECT_TIMEOUT="10")
-    env.pop("PGSERVICE", None)
     conninfo = f"host={px.host} port={px.port} dbname=pgbalance user={user} sslmode=disable"
-    return subprocess.run(
-        ["psql", "-X", "-A", "-F", "|", "-v", "ON_ERROR_STOP=1", "-d", conninfo, "-c", sql],
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=PSQL_TIMEOUT,
-    )
+    return run_psql(conninfo, password, sql, "-F", "|", check=False)
 
 
 def log_since(px, offset: int, text: str, timeout: float = 10) -> str:

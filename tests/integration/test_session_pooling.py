@@ -1,7 +1,5 @@
 """Session pooling end to end: psql through pgtwist, settings from the startup packet, connection reuse."""
 
-import os
-import subprocess
 import threading
 import time
 
@@ -12,32 +10,19 @@ from pgtwist.auth import ScramClientExchange
 from pgtwist.localcluster import LocalCluster
 from pgtwist.wire import messages as m
 
-from .proxy import RawClient, start_proxy, wait_for
+from .proxy import RawClient, psql, start_proxy, wait_for
 
 pytestmark = pytest.mark.integration
 
-PSQL_TIMEOUT = 20
 
 
-def psql(proxy, sql: str, **dsn) -> str:
-    env = dict(os.environ, PGPASSWORD=proxy.password, PGCONNECT_TIMEOUT="10")
-    env.pop("PGSERVICE", None)
-    conninfo = proxy.dsn(password=None, **dsn)
-    proc = subprocess.run(
-        ["psql", "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d", conninfo, "-c", sql],
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=PSQL_TIMEOUT,
-    )
-    assert proc.returncode == 0, f"psql failed ({proc.returncode}): {proc.stderr}"
-    return proc.stdout.strip()
+def psql_out(proxy, sql: str, **dsn) -> str:
+    return psql(proxy, sql, **dsn).stdout.strip()
 
 
 @pytest.mark.parametrize("sslmode", ["prefer", "disable"])
 def test_psql_with_scram(proxy, sslmode):
-    out = psql(proxy, "SELECT current_user, current_database(), 6 * 7", sslmode=sslmode)
+    out = psql_out(proxy, "SELECT current_user, current_database(), 6 * 7", sslmode=sslmode)
     assert out == f"{proxy.user}|{proxy.cluster.app_database}|42"
 
 
@@ -55,12 +40,12 @@ def test_ssl_request_is_answered_n(proxy):
 
 
 def test_application_name_reaches_the_server(proxy):
-    out = psql(proxy, "SELECT current_setting('application_name')", application_name="itest-app")
+    out = psql_out(proxy, "SELECT current_setting('application_name')", application_name="itest-app")
     assert out == "itest-app"
 
 
 def test_startup_options_reach_the_server(proxy):
-    out = psql(
+    out = psql_out(
         proxy,
         "SELECT current_setting('search_path') || '/' || current_setting('work_mem')",
         options="-c search_path=itest_schema,public -c work_mem=1234kB",

@@ -149,24 +149,6 @@ def start_tls_proxy(
 # --------------------------------------------------------------------------- clients
 
 
-def psql(px, sql: str, *, check: bool = True, **dsn: Any) -> subprocess.CompletedProcess:
-    """Run psql through the proxy; PGSSL* from the environment are ignored."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    env.update(PGPASSWORD=px.password, PGCONNECT_TIMEOUT="10")
-    conninfo = px.dsn(password=None, **dsn)
-    proc = subprocess.run(
-        ["psql", "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d", conninfo, "-c", sql],
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=SUBPROCESS_TIMEOUT,
-    )
-    if check:
-        assert proc.returncode == 0, f"psql failed ({proc.returncode}): {proc.stderr}"
-    return proc
-
-
 def s_client(port: int, *args: str) -> subprocess.CompletedProcess:
     """`openssl s_client -starttls postgres` against 127.0.0.1:port; its output (stdout + stderr)."""
     return subprocess.run(
