@@ -17,9 +17,9 @@ from pgtwist.placement import Placement
 from pgtwist.relay import CLIENT_CAPTURE, Relay
 from pgtwist.router import Decision
 from pgtwist.routing.policy import parse_lsn, write_lsn
-from pgtwist.settings import SERVER_OWNED, client_settings, parse_options, quote_literal, readback_sql, restore_sql, sync_sql
+from pgtwist.settings import SERVER_OWNED, client_settings, parse_options, quote_literal, readback_sql, sync_sql
 from pgtwist.states import ADMIN, CLOSED, IDLE, LINKED, LOGIN, PREPARING, WAITING
-from pgtwist.statements import parse_body, split_bind, split_parse
+from pgtwist.statements import split_bind, split_parse
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 from pgtwist.wire import sqlstate
@@ -110,7 +110,7 @@ class ClientSession(Placement):
         "_read_link",
         "_holding",
         "_startup_settings",
-        "_restore_at_sync",
+        "_to_restore",
         "_orphan_error",
     )
 
@@ -164,7 +164,7 @@ class ClientSession(Placement):
         self._read_link = False  # linked to a replica for an autocommit read: writes behind it wait
         self._holding = False  # a write is waiting in the backlog for this read's replica to go
         self._startup_settings: dict[str, str] = {}  # what RESET returns to, for this client
-        self._restore_at_sync = False  # a RESET ALL/DISCARD ALL went out: bring the startup settings back
+        self._to_restore: set[str] | None = None  # startup settings a RESET sent to the server's defaults
         self.console = None
         self.audit = False  # statements are logged (the user is listed in `audit`)
         self._login_timer = (
@@ -446,7 +446,6 @@ class ClientSession(Placement):
             if msg_type == p.QUERY:
                 effects = sqlinspect.inspect_query(body)
                 if effects.changes_state:
-                    body = self._restore_on_reset(body, effects)
                     if self._query(body, effects, to_server, to_client):
                         continue
             elif msg_type == p.PARSE:
@@ -454,9 +453,6 @@ class ClientSession(Placement):
                 text, _, types = definition.partition(b"\x00")
                 sql = text + b"\x00"
                 effects = sqlinspect.inspect_query(sql)
-                restored = self._restore_on_reset(sql, effects)
-                if restored is not sql:
-                    body = parse_body(name, restored + types)
                 if effects.changes_state:
                     self._effects_of[name] = effects
                 else:
@@ -474,22 +470,22 @@ class ClientSession(Placement):
                     self._note_effects(effects)
                     continue
             relay.client_message(msg_type, body, server, to_server, to_client)
-            if self._restore_at_sync and (msg_type == p.QUERY or msg_type == p.SYNC):
-                self._restore_at_sync = False
+            if self._to_restore is not None and (msg_type == p.QUERY or msg_type == p.SYNC):
                 self._restore_startup_settings(to_server)
         self._flush(to_server, to_client)
         self._maybe_release()
 
     def _restore_startup_settings(self, to_server: list) -> None:
-        """After RESET ALL or DISCARD ALL: what the client gave at startup, back in force.
+        """After RESET, RESET ALL or DISCARD ALL: the startup values of what they reset, back in force.
 
-        On its own session PostgreSQL would return to those values (a startup packet's
-        settings are the session's defaults); on a pooled connection they were applied with
-        set_config(), so the server's RESET ALL went past them to its own defaults. A Query
-        of the proxy's own follows at once, in the same transaction state, its answer unseen;
-        the release read-back then finds the client's settings as they are.
+        On its own session PostgreSQL would return to those values (a startup packet's settings
+        are the session's defaults); on a pooled connection they were applied with set_config(),
+        so the server's RESET went past them to its own defaults. A Query of the proxy's own
+        follows the statement's batch at once, in the same transaction state, its answer unseen
+        but for ParameterStatus; the release read-back then finds the settings as they are.
         """
-        sql = sync_sql(self._startup_settings, {}, {})
+        names, self._to_restore = self._to_restore, None
+        sql = sync_sql({n: v for n, v in self._startup_settings.items() if n in names}, {}, {})
         if sql is not None:
             self.relay.inject_query(sql, to_server)
 
@@ -525,23 +521,6 @@ class ClientSession(Placement):
         if self.server is not None and self.server.scanner is not None:
             self.server.scanner.capture = self.relay.capture()
 
-    def _restore_on_reset(self, body: bytes, effects) -> bytes:
-        """RESET of a setting the client gave at startup returns to that value, as on its own session.
-
-        *body* is SQL text with its NUL, *effects* what it does; the rewritten text (a SET)
-        comes back, or *body* itself. (The effects stay the same: that setting changes.)
-        """
-        if not self._startup_settings:
-            return body
-        if len(effects.resets) != 1 or effects.statements != 1:
-            return body
-        name = effects.resets[0]
-        value = self._startup_settings.get(name)
-        if value is None:
-            return body
-        sql = restore_sql(name, value)
-        return body if sql is None else sql.encode() + b"\x00"
-
     def _query(self, body: bytes, effects, to_server: list, to_client: list) -> bool:
         """A simple Query that changes session state; True when the proxy answered it itself."""
         relay = self.relay
@@ -576,8 +555,11 @@ class ClientSession(Placement):
         self.dirty.update(effects.settings)
         if effects.all_settings:
             self.dirty_all = True
-        if effects.reset_all and self._startup_settings:
-            self._restore_at_sync = True
+        if self._to_restore is not None:
+            self._to_restore -= effects.assigned  # (set again by a later statement of this batch)
+        names = effects.to_restore(self._startup_settings)
+        if names:
+            self._to_restore = names if self._to_restore is None else self._to_restore | names
         if effects.discard_all or effects.deallocate_all:
             # It runs on the server: every prepared statement there goes, the client's own with
             # them (as PostgreSQL does), and the connection leaves the pool at release.

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from pglast import parse_sql
-from pglast.enums import VariableSetKind
-from pglast.parser import ParseError
 
 from pgtwist.login import LoginError
 from pgtwist.wire import sqlstate
@@ -92,29 +89,3 @@ def sync_sql(wanted: dict[str, str], applied: dict[str, str], reported: dict[str
 def readback_sql(names: list[str]) -> str:
     """One row with the current value of each setting, in order (NULL for an unknown custom one)."""
     return "SELECT " + ", ".join(f"pg_catalog.current_setting({quote_literal(n)}, true)" for n in names)
-
-
-# Settings whose SET value is a list of identifiers quoted one by one (GUC_LIST_QUOTE):
-# their startup value must be spelled as that list, not as one string literal.
-_LIST_QUOTED = frozenset(
-    ("search_path", "temp_tablespaces", "session_preload_libraries", "local_preload_libraries", "shared_preload_libraries")
-)
-
-
-def restore_sql(name: str, value: str) -> str | None:
-    """A SET that brings *name* back to the client's startup *value* (what RESET means to the client).
-
-    On a pooled connection the startup value was applied with set_config(), so the server's
-    own RESET would go to its default instead. None when the value cannot be spelled safely.
-    """
-    if name not in _LIST_QUOTED:
-        return f"SET {quote_name(name)} TO {quote_literal(value)}"
-    candidate = f"SET {quote_name(name)} TO {value}"
-    try:
-        (statement,) = parse_sql(candidate)
-    except (ParseError, ValueError):
-        return None
-    node = statement.stmt
-    if type(node).__name__ != "VariableSetStmt" or node.kind != VariableSetKind.VAR_SET_VALUE or node.name != name:
-        return None
-    return candidate

@@ -40,6 +40,18 @@ class SessionEffects:
     statements: int = 1
     resets: tuple[str, ...] = ()  # RESET name / SET name TO DEFAULT (not LOCAL): back to the session default
     reset_all: bool = False  # RESET ALL or DISCARD ALL: every setting back to the session default
+    assigned: frozenset[str] = frozenset()  # names given a value (SET name = v, set_config), not LOCAL
+
+    def to_restore(self, startup: dict[str, str]) -> set[str]:
+        """Startup settings these statements return to the server's defaults, which the client's
+        own session would have returned to their startup values instead. In a multi-statement
+        text the order is unknown: a name it also assigns is left as the server ends with it."""
+        if not startup or not (self.reset_all or self.resets):
+            return set()
+        names = set(startup) if self.reset_all else {n for n in self.resets if n in startup}
+        if self.statements > 1:
+            names -= self.assigned
+        return names
 
     @property
     def changes_state(self) -> bool:
@@ -63,6 +75,7 @@ class _Collector(Visitor):
         self.deallocate_all = False
         self.discard_all = False
         self.reset_all = False
+        self.assigned: set[str] = set()
 
     def _pin(self, why: str) -> None:
         if self.pin is None:
@@ -83,6 +96,8 @@ class _Collector(Visitor):
             self.settings.add(name)
             if node.kind in (VariableSetKind.VAR_RESET, VariableSetKind.VAR_SET_DEFAULT):
                 self.resets.append(name)
+            else:
+                self.assigned.add(name)
 
     def visit_FuncCall(self, ancestors, node):
         fname = node.funcname[-1].sval.lower() if node.funcname else ""
@@ -97,6 +112,7 @@ class _Collector(Visitor):
             first = args[0] if args else None
             if isinstance(first, ast.A_Const) and isinstance(first.val, ast.String):
                 self.settings.add(first.val.sval.lower())
+                self.assigned.add(first.val.sval.lower())
             else:
                 self.all_settings = True
 
@@ -195,4 +211,5 @@ def _inspect_parsed(sql: str) -> SessionEffects:
         statements=len(tree),
         resets=tuple(c.resets),
         reset_all=c.reset_all,
+        assigned=frozenset(c.assigned),
     )

@@ -234,7 +234,7 @@ def test_startup_options_follow_the_client_and_set_local_stays_in_its_transactio
 def test_reset_returns_to_the_startup_value(txproxy):
     with txproxy.connect(options="-c statement_timeout=1234", application_name="tx-reset-app") as a:
         a.execute("SET statement_timeout = '7s'")
-        a.execute("RESET statement_timeout")
+        assert a.execute("RESET statement_timeout").statusmessage == "RESET"  # its own tag, as sent
         assert a.execute("SHOW statement_timeout").fetchone()[0] == "1234ms"
         a.execute("SET application_name = 'other'")
         a.execute("SET application_name TO DEFAULT")
@@ -247,7 +247,8 @@ def test_reset_returns_to_the_startup_value(txproxy):
     with txproxy.connect(autocommit=True, options="-c search_path=pg_catalog,public") as b:
         b.execute("SET search_path TO public")
         b.execute("RESET search_path")  # simple protocol: psycopg sends no parameters here
-        assert b.execute("SHOW search_path").fetchone()[0] == "pg_catalog, public"
+        # Exactly as a direct connection shows it: the startup value as given.
+        assert b.execute("SHOW search_path").fetchone()[0] == "pg_catalog,public"
 
 
 @pytest.mark.parametrize("prepare", [False, True], ids=["simple", "extended"])

@@ -847,18 +847,10 @@ def test_real_connect_refused_gives_08006():
     assert fields["C"] == sqlstate.CONNECTION_FAILURE and "could not connect" in fields["M"]
 
 
-def test_restore_sql_spells_a_startup_value_safely():
-    from pglast import parse_sql
-
-    from pgtwist.settings import restore_sql
+def test_resets_are_told_from_assignments():
     from pgtwist.sqlinspect import inspect
 
-    assert restore_sql("statement_timeout", "1234") == "SET \"statement_timeout\" TO E'1234'"
-    tricky = restore_sql("application_name", "x'; DROP TABLE t; --\\")
-    assert len(parse_sql(tricky)) == 1  # one SET, whatever the value holds
-    assert restore_sql("search_path", '"$user", public') == 'SET "search_path" TO "$user", public'
-    assert restore_sql("search_path", "a; DROP TABLE t") is None  # not a list of names: no rewrite
     assert inspect("RESET application_name").resets == ("application_name",)
     assert inspect("SET TimeZone TO DEFAULT").resets == ("timezone",)
     assert inspect("SET LOCAL TimeZone TO DEFAULT").resets == ()
-    assert inspect("SET TimeZone TO 'UTC'").resets == ()
+    assert inspect("SET TimeZone TO 'UTC'").resets == () and inspect("SET TimeZone TO 'UTC'").assigned == {"timezone"}

@@ -186,3 +186,43 @@ def test_reset_all_replayed_after_the_node_died_brings_the_restore_along():
     finish_internal(second)  # the client's settings applied on the new connection
     reset, restore = messages(second.transport.value())[-2:]
     assert reset == (p.QUERY, b"RESET ALL\x00") and b"set_config(E'application_name'" in restore[1]
+
+
+
+def startup_client(**params):
+    """A transaction-mode client with startup settings, linked to its (settings-synced) server."""
+    h = Harness(pool_mode="transaction")
+    session, ct = h.client(**params)
+    (server,) = h.proxy.servers
+    finish_internal(server)
+    ct.clear()
+    server.transport.clear()
+    return session, ct, server
+
+
+def test_reset_of_one_startup_setting_keeps_its_own_tag_and_restores_only_that_one():
+    session, ct, server = startup_client(application_name="app1", options="-c search_path=a,public")
+    session.got_data(m.query("RESET search_path"))
+    reset, restore = messages(server.transport.value())
+    assert reset == (p.QUERY, b"RESET search_path\x00")  # as sent: its CommandComplete says RESET
+    assert b"'search_path'" in restore[1] and b"application_name" not in restore[1]
+
+
+def test_what_the_same_text_sets_again_is_not_restored():
+    session, ct, server = startup_client(application_name="app1", options="-c search_path=a,public")
+    session.got_data(m.query("RESET ALL; SET application_name = 'y'"))
+    _, restore = messages(server.transport.value())
+    assert b"'search_path'" in restore[1] and b"application_name" not in restore[1]
+
+
+def test_a_later_statement_of_the_same_batch_setting_a_name_keeps_it_out_of_the_restore():
+    session, ct, server = startup_client(application_name="app1", options="-c search_path=a,public")
+    batch = (
+        m.parse("", "RESET ALL") + m.bind("", "") + m.execute()
+        + m.parse("", "SET search_path = b") + m.bind("", "") + m.execute()
+        + m.sync()
+    )
+    session.got_data(batch)
+    sent = messages(server.transport.value())
+    assert [chr(t) for t, _ in sent] == list("PBEPBESQ")
+    assert b"'application_name'" in sent[-1][1] and b"search_path" not in sent[-1][1]

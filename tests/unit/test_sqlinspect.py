@@ -75,3 +75,25 @@ def test_the_prefilter_never_misses_what_the_parser_sees(sql):
     sqlinspect._NO_KEYWORD.clear()
     assert inspect_query(body(sql)) == inspect(sql)
     assert inspect_query(body(sql)) == inspect(sql)  # (and again, from what it remembered)
+
+
+STARTUP = {"application_name": "app1", "search_path": "a,public"}
+
+
+@pytest.mark.parametrize(
+    "sql, restored",
+    [
+        ("RESET ALL", {"application_name", "search_path"}),
+        ("DISCARD ALL", {"application_name", "search_path"}),
+        ("RESET search_path", {"search_path"}),
+        ("SET application_name TO DEFAULT", {"application_name"}),
+        ("RESET work_mem", set()),  # not a startup setting: the server's default is the client's too
+        ("SET search_path = b", set()),
+        ("RESET ALL; SET application_name = 'y'", {"search_path"}),  # what the text sets again stays
+        ("SET application_name = 'y'; RESET ALL", {"search_path"}),  # (order unknown: left as the server ends)
+        ("RESET search_path; SELECT 1", {"search_path"}),
+    ],
+)
+def test_what_a_statement_sends_back_to_the_server_defaults(sql, restored):
+    assert inspect(sql).to_restore(STARTUP) == restored
+    assert inspect(sql).to_restore({}) == set()
