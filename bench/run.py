@@ -44,7 +44,8 @@ if str(REPO) not in sys.path and sys.argv[1:2] != ["--_idle-worker"]:
 TARGETS = ("direct", "pgbouncer", "pgtwist")
 DBNAME = "pgbench"
 APP_USER = "app"
-POOL_SIZE = 20
+POOL_SIZE = 20  # default pool_size / default_pool_size (--pool-size)
+DIRECT_MAX_CLIENTS = 380  # the bench primary's max_connections is 400: more clients skip `direct`
 MAX_CLIENT_CONN = 10000
 
 
@@ -336,7 +337,9 @@ class Bench:
         self._instance += 1
         tag = f"pgbouncer{self._instance}"
         port = free_port()
-        self._owned_file(f"{tag}.users", f'"{APP_USER}" "{self.verifier}"\n')
+        # trust: PgBouncer needs the plain password to log in to the server itself.
+        secret = self.verifier if self.args.auth == "scram" else self.password
+        self._owned_file(f"{tag}.users", f'"{APP_USER}" "{secret}"\n')
         log = self.tmp / f"{tag}.log"
         ini = self._owned_file(
             f"{tag}.ini",
@@ -346,10 +349,10 @@ class Bench:
             "listen_addr = 127.0.0.1\n"
             f"listen_port = {port}\n"
             "unix_socket_dir =\n"
-            "auth_type = scram-sha-256\n"
+            f"auth_type = {'scram-sha-256' if self.args.auth == 'scram' else 'trust'}\n"
             f"auth_file = {self.tmp / (tag + '.users')}\n"
             f"pool_mode = {pool_mode}\n"
-            f"default_pool_size = {POOL_SIZE}\n"
+            f"default_pool_size = {self.args.pool_size}\n"
             f"max_client_conn = {MAX_CLIENT_CONN}\n"
             "server_reset_query = DISCARD ALL\n"
             f"logfile = {log}\n"
@@ -374,15 +377,15 @@ class Bench:
             f"{tag}.toml",
             f'listen = "127.0.0.1:{port}"\n'
             f'pool_mode = "{pool_mode}"\n'
-            f"pool_size = {POOL_SIZE}\n"
+            f"pool_size = {self.args.pool_size}\n"
             f"max_client_conn = {MAX_CLIENT_CONN}\n"
-            'auth_type = "scram-sha-256"\n'
+            f'auth_type = "{"scram-sha-256" if self.args.auth == "scram" else "trust"}"\n'
             'server_reset_query = "DISCARD ALL"\n'
             f"\n[databases.{DBNAME}]\n"
             f'dbname = "{DBNAME}"\n'
             f'nodes = ["{self.node.addr}"]\n'
             f"\n[users.{APP_USER}]\n"
-            f"password = '{self.verifier}'\n",
+            f"password = '{self.verifier if self.args.auth == 'scram' else self.password}'\n",
         )
         log = self.tmp / f"{tag}.log"
         # `python -m twisted.scripts.twistd` does nothing (that module has no __main__ block).
@@ -407,13 +410,13 @@ class Bench:
 
     # -- pgbench ---------------------------------------------------------------------------
 
-    def pgbench(self, target: Target, scenario: Scenario, prepared_fallback: bool) -> dict:
+    def pgbench(self, target: Target, scenario: Scenario, prepared_fallback: bool, clients: int) -> dict:
         args = list(scenario.args)
         note = ""
         if prepared_fallback and target.name == "pgbouncer" and "prepared" in args:
             args[args.index("prepared")] = "extended"
             note = "-M extended (PgBouncer 1.18 cannot run -M prepared in transaction mode)"
-        argv = ["pgbench", "-n", *args, "-c", str(self.args.pgbench_clients), "-j", str(self.args.pgbench_jobs),
+        argv = ["pgbench", "-n", *args, "-c", str(clients), "-j", str(min(self.args.pgbench_jobs, clients)),
                 "-T", str(self.args.duration), *self.conn_args(target.host, target.port)]
         cpu0 = cpu_seconds(target.proc.pid) if target.proc else float("nan")
         wait0 = run_delay_seconds(target.proc.pid) if target.proc else float("nan")
@@ -432,7 +435,7 @@ class Bench:
         cpu = (cpu_seconds(target.proc.pid) - cpu0) if target.proc else float("nan")
         runq = (run_delay_seconds(target.proc.pid) - wait0) if target.proc else float("nan")
         result = parse_pgbench(out)
-        result.update(target=target.name, scenario=scenario.name, returncode=proc.returncode, note=note,
+        result.update(target=target.name, scenario=scenario.name, clients=clients, returncode=proc.returncode, note=note,
                       argv=" ".join(argv), pooler_cpu_s=cpu, pooler_runq_wait_s=runq, wall_s=wall,
                       loadavg_after=loadavg())
         return judge_pgbench(result, proc, timed_out, self.args.duration, target.name, target.proc, out, err)
@@ -712,11 +715,11 @@ def summarize(results: list[dict], target: str) -> dict:
     }
 
 
-def print_tps_table(scenario: Scenario, mode: str, results: list[dict], targets: list[str], args) -> dict:
+def print_tps_table(scenario: Scenario, mode: str, results: list[dict], targets: list[str], args, clients: int) -> dict:
     summaries = {t: summarize(results, t) for t in targets}
     print()
-    print(f"== {scenario.name} [{mode} mode]: {scenario.what}; -c {args.pgbench_clients} -j {args.pgbench_jobs} "
-          f"-T {args.duration}, {args.rounds} round(s)")
+    print(f"== {scenario.name} [{mode} mode]: {scenario.what}; -c {clients} -j {min(args.pgbench_jobs, clients)} "
+          f"-T {args.duration}, pool {args.pool_size}, {args.auth} auth, {args.rounds} round(s)")
     print(f"{'target':<10} {'median tps':>11} {'min':>9} {'max':>9}  {'pooler CPU':>10} {'CPU us/tx':>9} "
           f"{'runq wait':>9}  runs (tps per round)")
     for t in targets:
@@ -833,15 +836,16 @@ def print_markdown(info: dict, args, tps_sections: list, memory_rows: list[dict]
     print(f"1-min load average {info['loadavg_start']:.1f} when the run started, {info.get('loadavg_end', 0):.1f} when it "
           "ended (other work shared the machine).  ")
     if tps_sections:
-        print(f"pgbench -c {args.pgbench_clients} -j {args.pgbench_jobs} -T {args.duration}, scale {args.scale}, "
-              f"{args.rounds} alternating round(s) per target, median reported; "
-              f"pool_size / default_pool_size {POOL_SIZE}.")
+        print(f"pgbench -c {'/'.join(map(str, args.pgbench_clients))} -j {args.pgbench_jobs} -T {args.duration}, "
+              f"scale {args.scale}, {args.rounds} alternating round(s) per target, median reported; "
+              f"pool_size / default_pool_size {args.pool_size}; {args.auth} authentication for clients. "
+              "With -C (churn) every transaction is a new connection and login, so CPU per transaction is CPU per login.")
     if tps_sections:
         print()
-        print("| scenario | pool mode | direct tps | PgBouncer tps | pgtwist tps | pgtwist / PgBouncer | pgtwist / direct "
-              "| PgBouncer CPU (µs/tx) | pgtwist CPU (µs/tx) |")
-        print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
-        for scenario, mode, s in tps_sections:
+        print("| scenario | pool mode | clients / pool | direct tps | PgBouncer tps | pgtwist tps | pgtwist / PgBouncer "
+              "| pgtwist / direct | PgBouncer CPU (µs/tx) | pgtwist CPU (µs/tx) |")
+        print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for scenario, mode, clients, s in tps_sections:
             def cell(t):
                 if t not in s:
                     return "n/a"
@@ -860,18 +864,19 @@ def print_markdown(info: dict, args, tps_sections: list, memory_rows: list[dict]
                 return f"{100 * s[t]['cpu']:.0f}%" + ("" if us is None else f" ({us:.0f})")
 
             med = {t: s[t]["median"] for t in s}
-            print(f"| {scenario.name} (`{' '.join(scenario.args)}`) | {mode} | {cell('direct')} | {cell('pgbouncer')} "
+            print(f"| {scenario.name} (`{' '.join(scenario.args)}`) | {mode} | {clients} / {args.pool_size} "
+                  f"| {cell('direct')} | {cell('pgbouncer')} "
                   f"| {cell('pgtwist')} | {fmt_ratio(med.get('pgtwist'), med.get('pgbouncer'))} "
                   f"| {fmt_ratio(med.get('pgtwist'), med.get('direct'))} | {cpu('pgbouncer')} | {cpu('pgtwist')} |")
-        notes = sorted({n for _, _, s in tps_sections for t in s.values() for n in t["notes"]})
+        notes = sorted({n for _, _, _, s in tps_sections for t in s.values() for n in t["notes"]})
         for n in notes:
             print(f"\n\\* PgBouncer ran {n}.")
         print()
         print("Per-round tps (direct / PgBouncer / pgtwist):")
         print()
-        for scenario, mode, s in tps_sections:
+        for scenario, mode, clients, s in tps_sections:
             rounds = "; ".join(f"{t}: " + ", ".join(fmt_tps(x) for x in s[t]["all"]) for t in s)
-            print(f"- {scenario.name} [{mode}]: {rounds}")
+            print(f"- {scenario.name} [{mode}, {clients} clients]: {rounds}")
     if memory_rows:
         print()
         print("| idle clients | target | authenticated | got ReadyForQuery | RSS before | RSS after | bytes per idle client |")
@@ -895,7 +900,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--pool-mode", choices=("session", "transaction"), default="session")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds per scenario (default 3)")
     ap.add_argument("--duration", type=int, default=10, help="seconds per pgbench run (default 10)")
-    ap.add_argument("--pgbench-clients", type=int, default=16, help="pgbench -c (default 16)")
+    ap.add_argument("--pgbench-clients", type=int, action="append",
+                    help="pgbench -c; repeatable to sweep client counts (default 16). Above the pool size, clients "
+                         f"wait for server connections: the regime a pooler exists for. Above {DIRECT_MAX_CLIENTS} "
+                         "the `direct` target is skipped (max_connections)")
+    ap.add_argument("--pool-size", type=int, default=POOL_SIZE,
+                    help=f"pool_size (pgtwist) and default_pool_size (PgBouncer) (default {POOL_SIZE})")
+    ap.add_argument("--auth", choices=("scram", "trust"), default="scram",
+                    help="how both poolers authenticate clients (default scram: SCRAM-SHA-256)")
     ap.add_argument("--pgbench-jobs", type=int, default=2, help="pgbench -j (default 2)")
     ap.add_argument("--scale", type=int, default=10, help="pgbench -i -s (default 10)")
     ap.add_argument("--clients", type=int, action="append",
@@ -914,6 +926,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = ap.parse_args(argv)
     args.scenario = list(dict.fromkeys(args.scenario or DEFAULT_SCENARIOS))
     args.clients = list(dict.fromkeys(args.clients or [4000]))
+    args.pgbench_clients = list(dict.fromkeys(args.pgbench_clients or [16]))
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     bad = [t for t in args.targets if t not in TARGETS]
     if bad or not args.targets:
@@ -960,18 +973,23 @@ def run(args: argparse.Namespace) -> int:
                 say(f"{t}: {live[t].host}:{live[t].port}" + (f" (pid {live[t].proc.pid})" if live[t].proc else ""))
             fallback = mode == "transaction"
             for scenario in tps_scenarios:
-                results = []
-                for rnd in range(1, args.rounds + 1):
-                    for t in targets:
-                        r = bench.pgbench(live[t], scenario, fallback)
-                        r["round"] = rnd
-                        results.append(r)
-                        state = r["problem"] or "ok"
-                        say(f"{scenario.name} round {rnd}/{args.rounds} {t:<9} tps {fmt_tps(r['tps']):>8}  {state}")
-                        if r.get("detail") and r["problem"]:
-                            say("  " + r["detail"].replace("\n", "\n  ")[-800:])
-                raw += results
-                tps_sections.append((scenario, mode, print_tps_table(scenario, mode, results, targets, args)))
+                for clients in args.pgbench_clients:
+                    # PostgreSQL cannot take more clients than max_connections: direct drops out there.
+                    here = [t for t in targets if t != "direct" or clients <= DIRECT_MAX_CLIENTS]
+                    results = []
+                    for rnd in range(1, args.rounds + 1):
+                        for t in here:
+                            r = bench.pgbench(live[t], scenario, fallback, clients)
+                            r["round"] = rnd
+                            results.append(r)
+                            state = r["problem"] or "ok"
+                            say(f"{scenario.name} -c {clients} round {rnd}/{args.rounds} {t:<9} "
+                                f"tps {fmt_tps(r['tps']):>8}  {state}")
+                            if r.get("detail") and r["problem"]:
+                                say("  " + r["detail"].replace("\n", "\n  ")[-800:])
+                    raw += results
+                    summary = print_tps_table(scenario, mode, results, here, args, clients)
+                    tps_sections.append((scenario, mode, clients, summary))
             for t in ("pgbouncer", "pgtwist"):
                 if t in live:
                     bench.stop_target(live[t])
@@ -1006,7 +1024,7 @@ def run(args: argparse.Namespace) -> int:
             args.json.write_text(json.dumps({"machine": info, "results": raw}, indent=1, default=str))
     finally:
         cleanup(bench)
-    failed = any(x["failed_runs"] for _, _, s in tps_sections for x in s.values())
+    failed = any(x["failed_runs"] for _, _, _, s in tps_sections for x in s.values())
     return 1 if failed else 0
 
 
