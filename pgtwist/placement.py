@@ -158,9 +158,25 @@ class Placement:
         if server is not None:
             self._got_server(server)
             return
-        self._pause()
-        self._waiting = pool.acquire()
-        self._waiting.addCallbacks(self._got_server, self._no_server).addErrback(self._crashed)
+        # Waiting in the pool's queue: it calls server_ready / server_unavailable, no Deferred.
+        # The client is not paused here (two epoll calls per wait): whatever it sends meanwhile
+        # is kept in the backlog and pauses it then (_client_data).
+        self._waiting = pool
+        pool.wait_for(self)
+
+    def server_ready(self, server) -> None:
+        """The pool hands this waiting client a server connection."""
+        try:
+            self._got_server(server)
+        except Exception:
+            self._crashed(Failure())
+
+    def server_unavailable(self, failure) -> None:
+        """The pool could not serve this waiting client (wait timeout, the node refused, ...)."""
+        try:
+            self._no_server(failure)
+        except Exception:
+            self._crashed(Failure())
 
     def _unroutable(self, failure) -> None:
         failure.trap(NoNode)

@@ -6,6 +6,7 @@ from collections import deque
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from pgtwist.server_login import ServerLoginError
 from pgtwist.wire import protocol as p
@@ -29,6 +30,12 @@ class Pool:
 
     A connection is in exactly one place: ``idle`` (ready to hand out), ``busy`` (a client or
     a reset has it) or ``connecting`` (login under way). Waiters are served first come, first served.
+
+    A waiter is either a Deferred (``acquire()``) or, on the per-transaction path, an object with
+    ``server_ready(conn)`` and ``server_unavailable(failure)`` (``wait_for()``): handing a
+    connection to it is one method call, with no Deferred. Every waiter of a pool waits at most
+    the same ``wait_timeout``, so the oldest always expires first: one timer per pool, re-armed
+    only when it fires, bounds them all (never one reactor call per waiter).
     """
 
     def __init__(
@@ -60,8 +67,9 @@ class Pool:
         self.idle: deque = deque()
         self.busy: set = set()
         self.connecting = 0
-        self.waiters: deque[defer.Deferred] = deque()
-        self._waits: dict[defer.Deferred, tuple] = {}  # waiter -> (its query_wait_timeout timer or None, since when)
+        self.waiters: deque = deque()  # Deferreds and waiter objects, oldest first
+        self._waits: dict = {}  # waiter -> since when it waits
+        self._timer = None  # the one query_wait_timeout timer, due when the oldest waiter is
         self.paused = False
         self.retired = False  # removed by a reload: connections close when their clients are done
         self.waits = 0  # acquisitions that had to wait, and for how long in total (for metrics)
@@ -119,56 +127,90 @@ class Pool:
 
     def acquire(self) -> defer.Deferred:
         """A Deferred firing with a logged-in, idle ServerConnection (now busy), or failing with PoolError."""
-        d = defer.Deferred(self._cancel_wait)
-        timer = self.clock.callLater(self.wait_timeout, self._wait_timed_out, d) if self.wait_timeout else None
-        self._waits[d] = (timer, self.clock.seconds())
-        self.waiters.append(d)
-        self._serve()
-        if not d.called:
-            self.waits += 1
+        d = defer.Deferred(self.cancel_wait)
+        self.wait_for(d)
         return d
 
-    def _cancel_wait(self, d: defer.Deferred) -> None:
-        self._drop_waiter(d)
+    def wait_for(self, waiter) -> None:
+        """Queue *waiter* (a Deferred, or an object with server_ready / server_unavailable)."""
+        self._waits[waiter] = self.clock.seconds()
+        self.waiters.append(waiter)
+        self._serve()
+        if waiter in self._waits:
+            self.waits += 1
+            if self._timer is None and self.wait_timeout:
+                self._arm_timer()
 
-    def _drop_waiter(self, d: defer.Deferred) -> float | None:
-        """Take *d* out of the queue; when it started waiting (None if it was not waiting)."""
-        try:
-            self.waiters.remove(d)
-        except ValueError:
-            pass
-        timer, started = self._waits.pop(d, (None, None))
-        if timer is not None and timer.active():
-            timer.cancel()
-        return started
+    def cancel_wait(self, waiter) -> None:
+        """*waiter* gives up (its client left): out of the queue, no answer."""
+        if self._waits.pop(waiter, None) is not None:
+            try:
+                self.waiters.remove(waiter)
+            except ValueError:
+                pass
+
+    def _take_waiter(self):
+        """The oldest waiter, out of the queue, and when it began waiting."""
+        waiter = self.waiters.popleft()
+        return waiter, self._waits.pop(waiter)
 
     def waiting_since(self) -> list[float]:
         """When each client in the queue started waiting, oldest first."""
-        return [self._waits[d][1] for d in self.waiters if d in self._waits]
+        return [self._waits[w] for w in self.waiters if w in self._waits]
 
-    def _wait_timed_out(self, d: defer.Deferred) -> None:
-        self._drop_waiter(d)
-        d.errback(
-            PoolError(
-                sqlstate.TOO_MANY_CONNECTIONS,
-                f'no server connection for database "{getattr(self.database, "name", self.database)}" became free within {self.wait_timeout:g} s',
-                f"all {self.size} connections to node {self.node} for user \"{self.user}\" are in use (pool_size)",
-            )
+    def _arm_timer(self) -> None:
+        due = self._waits[self.waiters[0]] + self.wait_timeout
+        self._timer = self.clock.callLater(max(0.0, due - self.clock.seconds()), self._wait_timer_fired)
+
+    def _wait_timer_fired(self) -> None:
+        self._timer = None
+        if not self.wait_timeout:
+            return
+        deadline = self.clock.seconds() - self.wait_timeout
+        while self.waiters and self._waits[self.waiters[0]] <= deadline:
+            waiter, _ = self._take_waiter()
+            self._fail(waiter, Failure(self._wait_error()))
+        if self.waiters:
+            self._arm_timer()
+
+    def wait_timeout_changed(self) -> None:
+        """A reload changed ``wait_timeout``: judge the waiters by the new limit from now on."""
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if self.waiters and self.wait_timeout:
+            self._arm_timer()
+
+    def _wait_error(self) -> PoolError:
+        return PoolError(
+            sqlstate.TOO_MANY_CONNECTIONS,
+            f'no server connection for database "{getattr(self.database, "name", self.database)}" became free within {self.wait_timeout:g} s',
+            f"all {self.size} connections to node {self.node} for user \"{self.user}\" are in use (pool_size)",
         )
 
-    def _give(self, d: defer.Deferred, conn) -> None:
-        started = self._drop_waiter(d)
-        if started is not None:
-            self.wait_seconds += self.clock.seconds() - started
+    @staticmethod
+    def _fail(waiter, failure: Failure) -> None:
+        if type(waiter) is defer.Deferred:
+            waiter.errback(failure)
+        else:
+            waiter.server_unavailable(failure)
+
+    def _give(self, conn) -> None:
+        """Hand *conn* to the oldest waiter."""
+        waiter, started = self._take_waiter()
+        self.wait_seconds += self.clock.seconds() - started
         self.busy.add(conn)
-        d.callback(conn)
+        if type(waiter) is defer.Deferred:
+            waiter.callback(conn)
+        else:
+            waiter.server_ready(conn)
 
     def _serve(self) -> None:
         while self.waiters and not self.paused and (self.idle or self.lent):
             if not self.idle:
                 self._reclaim_one()  # (its release() serves the waiter itself)
                 continue
-            self._give(self.waiters[0], self.idle.popleft())
+            self._give(self.idle.popleft())
         while not self.paused and len(self.waiters) > self.connecting and self.total < self.size:
             self._open()
 
@@ -186,9 +228,8 @@ class Pool:
         self.connecting -= 1
         # The oldest waiter hears why; the others keep their place and get a fresh attempt.
         if self.waiters:
-            d = self.waiters[0]
-            self._drop_waiter(d)
-            d.errback(failure)
+            waiter, _ = self._take_waiter()
+            self._fail(waiter, failure)
         elif failure.check(ServerLoginError):
             # The node is away or refused (its client gave up or went elsewhere): an outage, not a bug.
             log.warn("server connection to {node} failed with nobody waiting: {why}", node=self.node, why=failure.getErrorMessage())
@@ -304,7 +345,9 @@ class Pool:
     def close_all(self) -> None:
         for conn in list(self.idle) + list(self.busy):
             conn.close()
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
         while self.waiters:
-            d = self.waiters[0]
-            self._drop_waiter(d)
-            d.errback(PoolError(sqlstate.ADMIN_SHUTDOWN, "terminating connection due to administrator command"))
+            waiter, _ = self._take_waiter()
+            self._fail(waiter, Failure(PoolError(sqlstate.ADMIN_SHUTDOWN, "terminating connection due to administrator command")))

@@ -114,7 +114,9 @@ def apply(proxy, new, changes: configmod.ConfigDiff) -> None:
             continue
         pool.database = database
         pool.size = database.pool_size
-        pool.wait_timeout = new.query_wait_timeout
+        if pool.wait_timeout != new.query_wait_timeout:
+            pool.wait_timeout = new.query_wait_timeout
+            pool.wait_timeout_changed()
         pool.reset_query = new.server_reset_query
         pool.max_prepared_statements = new.max_prepared_statements
         pool.min_size = new.min_pool_size

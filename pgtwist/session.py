@@ -88,7 +88,7 @@ class ClientSession(Placement):
         "backlog",
         "logged_in",
         "connected_at",
-        "_waiting",
+        "_waiting",  # the pool this client waits in for a server connection
         "_idle_tx_timer",
         "_login_timer",
         "console",
@@ -201,8 +201,8 @@ class ClientSession(Placement):
         self._cancel_login_timer()
         self._cancel_idle_tx_timer()
         if self._waiting is not None:
-            d, self._waiting = self._waiting, None
-            d.cancel()
+            pool, self._waiting = self._waiting, None
+            pool.cancel_wait(self)
         if previous is LINKED and self.server is not None:
             self._release_server()
         self.proxy.client_closed(self, reason)

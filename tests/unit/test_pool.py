@@ -174,11 +174,64 @@ def test_wait_timeout_also_covers_a_slow_connect():
     assert list(h.pool.idle) == [conn]
 
 
-def test_served_waiter_timer_is_cancelled():
+def test_a_served_waiter_is_never_timed_out_and_the_timer_lapses():
     h = Harness(wait_timeout=10.0)
-    h.acquire()
-    h.open_next()
-    assert h.clock.getDelayedCalls() == []
+    _, r = h.acquire()
+    conn = h.open_next()
+    assert got(r) is conn
+    h.clock.advance(10)  # the pool's one timer fires, finds nobody waiting, and is not re-armed
+    assert got(r) is conn and h.clock.getDelayedCalls() == []
+
+
+def test_one_timer_per_pool_however_many_wait():
+    """Waiters share one timer, due when the oldest one is; a handoff touches no timer at all."""
+    h = Harness(size=1, wait_timeout=10.0)
+    _, r1 = h.acquire()
+    conn = h.open_next()
+    waits = []
+    for _ in range(50):
+        waits.append(h.acquire()[1])
+        h.clock.advance(0.1)
+    assert len(h.clock.getDelayedCalls()) == 1
+    h.pool.release(conn, reusable=True, reset=False)  # handed to the oldest waiter
+    assert got(waits[0]) is conn and len(h.clock.getDelayedCalls()) == 1
+    h.clock.advance(5.35)  # now 10.35 s: those that came at 0.1, 0.2 and 0.3 s have waited 10 s
+    failed = [w for w in waits if w and isinstance(got(w), Failure)]
+    assert failed == waits[1:4] and all(got(w).check(PoolError) for w in failed)
+    assert not any(waits[4:]) and len(h.clock.getDelayedCalls()) == 1
+    h.clock.advance(10)
+    assert all(w for w in waits) and h.pool.waiters == type(h.pool.waiters)() and h.clock.getDelayedCalls() == []
+
+
+class Waiter:
+    """A waiter object, as a ClientSession is: the pool calls it, no Deferred in between."""
+
+    def __init__(self):
+        self.got = []
+
+    def server_ready(self, conn):
+        self.got.append(conn)
+
+    def server_unavailable(self, failure):
+        self.got.append(failure)
+
+
+def test_waiter_objects_are_served_in_turn_with_deferreds():
+    h = Harness(size=1, wait_timeout=5.0)
+    _, r1 = h.acquire()
+    conn = h.open_next()
+    w = Waiter()
+    h.pool.wait_for(w)
+    _, r3 = h.acquire()
+    h.pool.release(conn, reusable=True, reset=False)
+    assert w.got == [conn] and not r3
+    h.clock.advance(5)
+    assert isinstance(got(r3), Failure) and got(r3).check(PoolError)
+    w2 = Waiter()
+    h.pool.wait_for(w2)
+    h.pool.cancel_wait(w2)  # its client left
+    h.pool.release(conn, reusable=True, reset=False)
+    assert w2.got == [] and list(h.pool.idle) == [conn]
 
 
 def test_no_timer_when_wait_timeout_is_zero():
