@@ -357,7 +357,7 @@ class Bench:
             "server_reset_query = DISCARD ALL\n"
             f"logfile = {log}\n"
             "pidfile =\n"
-            # pgtwist logs no routine connects/disconnects; keep the two equally quiet.
+            # Both poolers equally quiet: no log line per connect / disconnect.
             "log_connections = 0\n"
             "log_disconnections = 0\n"
             "listen_backlog = 4096\n",
@@ -381,6 +381,9 @@ class Bench:
             f"max_client_conn = {MAX_CLIENT_CONN}\n"
             f'auth_type = "{"scram-sha-256" if self.args.auth == "scram" else "trust"}"\n'
             'server_reset_query = "DISCARD ALL"\n'
+            # As PgBouncer's log_connections / log_disconnections = 0 above.
+            "log_connections = false\n"
+            "log_disconnections = false\n"
             f"\n[databases.{DBNAME}]\n"
             f'dbname = "{DBNAME}"\n'
             f'nodes = ["{self.node.addr}"]\n'

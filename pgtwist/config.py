@@ -139,6 +139,8 @@ class Config:
     # Operations: shutdown, logs, audit, admin console, manhole, metrics (all optional).
     shutdown_timeout: float = 30.0
     log_format: str = "text"
+    log_connections: bool = True  # PgBouncer's names: a log line per client login / logout
+    log_disconnections: bool = True
     audit: tuple[str, ...] = ()
     admin_users: tuple[str, ...] = ()
     manhole: ManholeConfig | None = None
@@ -177,7 +179,7 @@ _DEFAULTS: dict[str, Any] = {
 ROUTES = ("auto", "primary", "replica")
 UNPOOLABLE = ("pin", "error")
 
-_OPERATIONS_KEYS = {"shutdown_timeout", "log_format", "audit", "admin", "manhole", "metrics"}
+_OPERATIONS_KEYS = {"shutdown_timeout", "log_format", "log_connections", "log_disconnections", "audit", "admin", "manhole", "metrics"}
 _TOP_KEYS = set(_DEFAULTS) | {"databases", "users", "tls", "server_tls"} | _OPERATIONS_KEYS
 _TLS_KEYS = {"mode", "cert", "key", "ca", "ciphers", "min_protocol_version"}
 _DATABASE_KEYS = {"dbname", "nodes", "pool_size", "route"}
@@ -500,6 +502,12 @@ def _operations(raw: Mapping, c: _Checker, source: str, databases: Mapping, user
         "shutdown_timeout": c.number(raw, "shutdown_timeout", "shutdown_timeout", float, 30.0, 0.0),
         "log_format": c.choice(raw, "log_format", LOG_FORMATS, "text"),
     }
+    for key in ("log_connections", "log_disconnections"):
+        value = raw.get(key, True)
+        if not isinstance(value, bool):
+            c.err(key, f"must be true or false, not {value!r}")
+            value = True
+        out[key] = value
     if ADMIN_DATABASE in databases:
         c.err(f"databases.{ADMIN_DATABASE}", "this name is reserved for the admin console")
 

@@ -57,8 +57,9 @@ class Proxy:
         session = ClientSession(self, transport, f"c{next(self._client_ids)}")
         self.clients[session.id] = session
         self.counters.client_connected()
-        peer = transport.getPeer()
-        log.info("client {client} connected from {addr}", client=session.id, addr=f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}")
+        if self.config.log_connections:
+            peer = transport.getPeer()
+            log.info("client {client} connected from {addr}", client=session.id, addr=f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}")
         return session
 
     def admit(self, session: ClientSession) -> bool:
@@ -67,15 +68,16 @@ class Proxy:
     def client_closed(self, session: ClientSession, reason=None) -> None:
         self.clients.pop(session.id, None)
         self.counters.client_closed(session.id)
-        log.info(
-            "client {client} disconnected: {user}@{database}, {state}, after {seconds:.1f} s ({why})",
-            client=session.id,
-            user=session.user,
-            database=session.database.name if session.database is not None else None,
-            state=session.state,
-            seconds=self.clock.seconds() - session.connected_at,
-            why=reason.getErrorMessage() if reason is not None else "closed",
-        )
+        if self.config.log_disconnections:
+            log.info(
+                "client {client} disconnected: {user}@{database}, {state}, after {seconds:.1f} s ({why})",
+                client=session.id,
+                user=session.user,
+                database=session.database.name if session.database is not None else None,
+                state=session.state,
+                seconds=self.clock.seconds() - session.connected_at,
+                why=reason.getErrorMessage() if reason is not None else "closed",
+            )
         if self.cancel_keys.get(session.process_id) is session:
             del self.cancel_keys[session.process_id]
 

@@ -46,6 +46,24 @@ _WRITE_LSN_SQL = (
 )
 
 
+_READY_IDLE = m.ready_for_query()
+# Logins with the same ParameterStatus set (nearly all of them, in a pool) send the same bytes:
+# encoded once, not per login. Bounded: a set that varies (application_name...) is re-encoded.
+_ENCODED_PARAMETERS: dict[tuple, bytes] = {}
+_ENCODED_PARAMETERS_LIMIT = 256
+
+
+def _encoded_parameters(parameters: dict[str, str]) -> bytes:
+    key = tuple(parameters.items())
+    data = _ENCODED_PARAMETERS.get(key)
+    if data is None:
+        data = b"".join(m.parameter_status(k, v) for k, v in key)
+        if len(_ENCODED_PARAMETERS) >= _ENCODED_PARAMETERS_LIMIT:
+            _ENCODED_PARAMETERS.clear()
+        _ENCODED_PARAMETERS[key] = data
+    return data
+
+
 def _peer_host(transport) -> str | None:
     """The client's address, for the words of a refused login."""
     return getattr(transport.getPeer(), "host", None)
@@ -224,7 +242,7 @@ class ClientSession(Placement):
     def _login_events(self, events: list) -> None:
         for event in events:
             if isinstance(event, Reply):
-                self.transport.write(event.data)
+                write_now(self.transport, event.data)  # (no epoll round for the login's replies)
             elif isinstance(event, StartTLS):
                 tls.start_tls(self.transport, self.proxy.client_tls, event.initial)
             elif isinstance(event, CancelReceived):
@@ -297,8 +315,7 @@ class ClientSession(Placement):
         self._cancel_login_timer()
         self.logged_in = True
         self.login = None  # its buffers and exchange state are done with
-        params = b"".join(m.parameter_status(k, v) for k, v in parameters.items())
-        self.transport.write(params + m.backend_key_data(self.process_id, self.secret_key) + m.ready_for_query())
+        write_now(self.transport, _encoded_parameters(parameters) + m.backend_key_data(self.process_id, self.secret_key) + _READY_IDLE)
 
     def _cancel_login_timer(self) -> None:
         if self._login_timer is not None and self._login_timer.active():

@@ -395,3 +395,14 @@ def test_every_key_is_documented_in_the_example_file():
         if not re.search(rf"^#?\s*(\[{key}[.\]]|{key}\s*=)", text, re.M)
     ]
     assert undocumented == []
+
+
+def test_connection_log_lines_default_on_as_in_pgbouncer_and_can_be_turned_off():
+    c = from_dict(MINIMAL)
+    assert c.log_connections is True and c.log_disconnections is True
+    c = from_dict(with_(log_connections=False, log_disconnections=False))
+    assert c.log_connections is False and c.log_disconnections is False
+    assert errors_of(with_(log_connections="no", log_disconnections=0)) == [
+        "log_connections: must be true or false, not 'no'",
+        "log_disconnections: must be true or false, not 0",
+    ]

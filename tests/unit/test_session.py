@@ -855,3 +855,21 @@ def test_resets_are_told_from_assignments():
     assert inspect("SET TimeZone TO DEFAULT").resets == ("timezone",)
     assert inspect("SET LOCAL TimeZone TO DEFAULT").resets == ()
     assert inspect("SET TimeZone TO 'UTC'").resets == () and inspect("SET TimeZone TO 'UTC'").assigned == {"timezone"}
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_connection_log_lines_follow_log_connections_and_log_disconnections(on):
+    from twisted.logger import globalLogPublisher
+
+    events: list = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        h = Harness(log_connections=on, log_disconnections=on)
+        session, ct = h.client()
+        session.got_data(m.terminate())
+        session.connection_lost(None)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    formats = [e.get("log_format", "") for e in events]
+    assert any("connected from" in f for f in formats) is on
+    assert any("disconnected:" in f for f in formats) is on
