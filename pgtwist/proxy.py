@@ -12,7 +12,7 @@ from twisted.logger import Logger
 from pgtwist import reload as reloadmod
 from pgtwist import tls
 from pgtwist.admin.counters import Counters
-from pgtwist.backend import BackendFactory, CancelFactory
+from pgtwist.backend import BackendFactory, CancelFactory, Keepalive
 from pgtwist.cluster.health import ClusterMonitor
 from pgtwist.pool import Pool
 from pgtwist.router import DatabaseRouter, load_hook
@@ -86,11 +86,21 @@ class Proxy:
         log.info("client {client} pinned to its server connection: {reason}", client=session.id, reason=reason)
 
     def maintain(self) -> None:
-        """Janitor tick: pools close stale connections and keep warm ones."""
+        """Janitor tick: pools close stale connections and keep warm ones; query_timeout is enforced."""
         for pool in self.pools.values():
             pool.maintain()
+        if self.config.query_timeout:
+            self.expire_queries(self.config.query_timeout)
         if self.retired_pools:
             reloadmod.sweep(self)
+
+    def expire_queries(self, limit: float) -> None:
+        """query_timeout, checked by the janitor (so to within its tick), not by a timer per query:
+        a client whose request has waited more than *limit* seconds for its ReadyForQuery from
+        a linked node has that statement stopped (ClientSession.query_timed_out)."""
+        deadline = self.clock.seconds() - limit
+        for session in [s for s in self.clients.values() if s.asked_before(deadline)]:
+            session.query_timed_out(limit)
 
     def reload_tls(self) -> None:
         """(Re)read the certificates and keys of [tls] and [server_tls] from self.config's paths.
@@ -274,6 +284,7 @@ class Proxy:
         )
         conn = ServerConnection(f"s{next(self._server_ids)}", pool, login)
         conn.tls = self.node_tls
+        conn.keepalive = Keepalive.from_config(self.config)
         ready = conn.ready
         timeout = self.config.server_connect_timeout
         connector = self.reactor.connectTCP(pool.node.host, pool.node.port, BackendFactory(conn), timeout=timeout or 30)
