@@ -192,6 +192,7 @@ class LocalCluster:
         self.settings = dict(settings or {})
         self.nodes: list[Node] = []
         self._destroyed = False
+        self._detached: dict[str, str] = {}  # replica name -> its primary_conninfo before detach()
         self._owner_pid = os.getpid()
         self._run_as: pwd.struct_passwd | None = None
         if os.geteuid() == 0:
@@ -545,11 +546,17 @@ class LocalCluster:
         With recovery_target_timeline = 'latest' (the default) the replica then follows
         *upstream*'s newer timeline, provided it has not replayed past the fork.
         """
-        conninfo = self.psql(node, "SHOW primary_conninfo")
+        conninfo = self.psql(node, "SHOW primary_conninfo") or self._detached.pop(node.name, "")
         if not re.search(r"\bport=\d+", conninfo):
             raise LocalClusterError(f"{node.name}: no port in primary_conninfo")
         conninfo = re.sub(r"\bport=\d+", f"port={upstream.port}", conninfo)
         self.psql(node, f"ALTER SYSTEM SET primary_conninfo = {_sql_literal(conninfo)};\nSELECT pg_reload_conf();")
+
+    def detach(self, node: Node) -> None:
+        """Stop replica *node*'s WAL receiver (an empty primary_conninfo): it stays a replica that
+        follows nothing, as one whose upstream is gone. follow() attaches it again."""
+        self._detached[node.name] = self.psql(node, "SHOW primary_conninfo")
+        self.psql(node, "ALTER SYSTEM SET primary_conninfo = '';\nSELECT pg_reload_conf();")
 
     def postgres_pids(self, node: Node) -> list[int]:
         """The postmaster's pid, then those of its children (backends, walsender, background workers)."""

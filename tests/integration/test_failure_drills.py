@@ -193,6 +193,11 @@ def test_replica_left_behind_by_a_failover_gets_no_reads_until_it_follows(cluste
         wait_routing(px, cluster)
         cluster.wait_replicas_caught_up(30)
         cluster.stop(primary, mode="immediate")
+        # No primary yet: both replicas lost their upstream, and they are all there is to read from.
+        wait_for(lambda: show_nodes(px)[primary.addr]["excluded"] == "down", 10, "the primary marked down")
+        nodes = show_nodes(px)
+        assert nodes[r1.addr]["excluded"] == nodes[r2.addr]["excluded"] == "", nodes
+        assert reader_sees(px, 0)[0] in (r1.port, r2.port)
         cluster.promote(r1)
         port, took, _ = write_until_it_works(px, 0, 30)
         assert port == r1.port
@@ -220,6 +225,16 @@ def test_replica_left_behind_by_a_failover_gets_no_reads_until_it_follows(cluste
         with px.connect() as conn:  # and it has what was written while it was left out
             rows = dict(conn.execute("SELECT inet_server_port(), count(*) FROM ft WHERE v > 10000 GROUP BY 1").fetchall())
             assert sum(rows.values()) == 30, rows
+
+        # Its WAL receiver stopped while the primary lives (same timeline): no reads either.
+        cluster.detach(r2)
+        wait_for(lambda: show_nodes(px)[r2.addr]["excluded"] == "no_upstream", 15, "replica2 without an upstream")
+        with px.connect() as writer:
+            for v in range(31, 41):
+                assert write(writer, 10_000 + v) == r1.port
+                assert reader_sees(px, 10_000 + v) == (r1.port, 1)
+        cluster.follow(r2, r1)
+        wait_for(lambda: show_nodes(px)[r2.addr]["excluded"] == "", 30, "replica2 streaming again")
 
 
 def test_replica_still_streaming_the_old_primary_gets_no_reads(tmp_path):
