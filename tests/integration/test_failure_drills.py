@@ -259,3 +259,47 @@ def test_replica_still_streaming_the_old_primary_gets_no_reads(tmp_path):
                     assert reader_sees(px, 20_000 + v) == (r1.port, 1)
             # The old primary took none of it, and replica2 has none of it either.
             assert cluster.psql(r2, "SELECT count(*) FROM ft WHERE v > 20000", dbname=cluster.app_database) == "0"
+
+
+# --------------------------------------------------------------------------- query_timeout on a healthy node
+
+
+@pytest.mark.parametrize("pool_mode", ["transaction", "session"])
+def test_query_timeout_stops_a_long_statement(pg_cluster, tmp_path, pool_mode):
+    from .proxy import start_proxy
+
+    primary = pg_cluster.nodes[0]
+    with start_proxy(pg_cluster, tmp_path, pool_mode=pool_mode, query_timeout=1.0) as px:
+        conn = px.connect()
+        try:
+            conn.execute("SELECT 1")
+            started = time.monotonic()
+            with pytest.raises(psycopg.Error) as caught:
+                conn.execute("SELECT pg_sleep(30)")
+            took = time.monotonic() - started
+            assert caught.value.sqlstate == "57014" and "query_timeout" in str(caught.value), caught.value
+            assert 1.0 <= took < 4.0, took
+            if pool_mode == "transaction":
+                assert conn.execute("SELECT 2").fetchone() == (2,)  # the session goes on
+                conn.execute("BEGIN")
+                with pytest.raises(psycopg.Error) as caught:
+                    conn.execute("SELECT pg_sleep(30)")
+                assert caught.value.sqlstate == "57014"
+                with pytest.raises(psycopg.errors.InFailedSqlTransaction):
+                    conn.execute("SELECT 3")
+                conn.execute("ROLLBACK")
+                assert conn.execute("SELECT 4").fetchone() == (4,)
+            else:
+                assert conn.broken or conn.closed  # FATAL: its server session was its state
+        finally:
+            conn.close()
+        # The node stopped the work (the CancelRequest), and its health was not touched.
+        with psycopg.connect(pg_cluster.dsn(primary, connect_timeout=10), autocommit=True) as direct:
+            wait_for(
+                lambda: direct.execute(
+                    "SELECT count(*) = 0 FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)' AND state = 'active'"
+                ).fetchone()[0],
+                10,
+                "the timed-out statements cancelled on the node",
+            )
+        assert "marked down" not in px.log_text() and "is down" not in px.log_text()
