@@ -1,5 +1,8 @@
 """BackendProtocol/Factory: connections to nodes, translated into ServerConnection events; cancel delivery."""
 
+import socket
+from typing import NamedTuple
+
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.logger import Logger
@@ -10,6 +13,49 @@ from pgtwist.wire import messages as m
 from pgtwist.wire import sqlstate
 
 log = Logger()
+
+
+class Keepalive(NamedTuple):
+    """tcp_keepidle, tcp_keepintvl, tcp_keepcnt (0: the OS default) of a server connection with tcp_keepalive on."""
+
+    idle: int = 0
+    interval: int = 0
+    count: int = 0
+
+    @classmethod
+    def from_config(cls, config) -> "Keepalive | None":
+        if not config.tcp_keepalive:
+            return None
+        return cls(config.tcp_keepidle, config.tcp_keepintvl, config.tcp_keepcnt)
+
+
+# (option name in socket, Keepalive field): the per-socket knobs exist on Linux; elsewhere the OS defaults hold.
+_KEEPALIVE_OPTIONS = tuple(
+    (getattr(socket, name), field)
+    for name, field in (("TCP_KEEPIDLE", "idle"), ("TCP_KEEPINTVL", "interval"), ("TCP_KEEPCNT", "count"))
+    if hasattr(socket, name)
+)
+
+
+def set_keepalive(transport, keepalive: Keepalive | None) -> None:
+    """Turn on TCP keepalive for a connection to a node: a host that vanished (power, network) is
+    noticed by the kernel within idle + interval * count seconds even while no byte is due, and the
+    connection fails like any lost one. (A process that is merely frozen still ACKs: query_timeout
+    and the health probes' timeout cover that.)"""
+    if keepalive is None or not hasattr(transport, "setTcpKeepAlive"):
+        return  # (an in-memory transport in tests)
+    transport.setTcpKeepAlive(1)
+    handle = getattr(transport, "getHandle", None)
+    sock = handle() if handle is not None else None
+    if not isinstance(sock, socket.socket):
+        return  # (an in-memory transport in tests)
+    for option, field in _KEEPALIVE_OPTIONS:
+        value = getattr(keepalive, field)
+        if value:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, option, value)
+            except OSError as e:
+                log.warn("cannot set TCP keepalive option {field}={value}: {why}", field=field, value=value, why=e)
 
 
 @implementer(IHandshakeListener)
@@ -23,6 +69,7 @@ class BackendProtocol(Protocol):
 
     def connectionMade(self):
         self.transport.setTcpNoDelay(True)
+        set_keepalive(self.transport, self.conn.keepalive)
         self.conn.connection_made(self.transport)
 
     def handshakeCompleted(self):

@@ -145,6 +145,12 @@ class Config:
     admin_users: tuple[str, ...] = ()
     manhole: ManholeConfig | None = None
     metrics: MetricsConfig | None = None
+    # What is already in flight on a node that stops answering (a hung or unreachable host).
+    query_timeout: float = 0.0
+    tcp_keepalive: bool = True
+    tcp_keepidle: int = 0
+    tcp_keepintvl: int = 0
+    tcp_keepcnt: int = 0
 
 
 _DEFAULTS: dict[str, Any] = {
@@ -175,7 +181,14 @@ _DEFAULTS: dict[str, Any] = {
     "failover_timeout": 10.0,
     "auto_promote": False,
     "routing_hook": "",
+    "query_timeout": 0.0,
+    "tcp_keepalive": True,
+    "tcp_keepidle": 0,
+    "tcp_keepintvl": 0,
+    "tcp_keepcnt": 0,
 }
+# Linux's bounds for TCP_KEEPIDLE / TCP_KEEPINTVL (seconds) and TCP_KEEPCNT (probes).
+_KEEPALIVE_MAX = {"tcp_keepidle": 32767, "tcp_keepintvl": 32767, "tcp_keepcnt": 127}
 ROUTES = ("auto", "primary", "replica")
 UNPOOLABLE = ("pin", "error")
 
@@ -270,14 +283,16 @@ def from_dict(raw: Mapping[str, Any], source: str = "<memory>") -> Config:
             "max_replica_delay",
             "failover_wait",
             "failover_timeout",
+            "query_timeout",
         )
     }
     if timeouts["health_check_interval"] <= 0:
         c.err("health_check_interval", "must be > 0")
         timeouts["health_check_interval"] = _DEFAULTS["health_check_interval"]
     max_replica_lag = c.number(raw, "max_replica_lag", "max_replica_lag", int, _DEFAULTS["max_replica_lag"], 0)
+    keepalive = {key: c.number(raw, key, key, int, _DEFAULTS[key], 0, limit) for key, limit in _KEEPALIVE_MAX.items()}
     flags = {}
-    for key in ("read_your_writes", "auto_promote"):
+    for key in ("read_your_writes", "auto_promote", "tcp_keepalive"):
         value = raw.get(key, _DEFAULTS[key])
         if not isinstance(value, bool):
             c.err(key, f"must be true or false, not {value!r}")
@@ -396,6 +411,7 @@ def from_dict(raw: Mapping[str, Any], source: str = "<memory>") -> Config:
         tls=tls_config,
         server_tls=server_tls_config,
         **timeouts,
+        **keepalive,
         **operations,
     )
 

@@ -192,6 +192,7 @@ class LocalCluster:
         self.settings = dict(settings or {})
         self.nodes: list[Node] = []
         self._destroyed = False
+        self._detached: dict[str, str] = {}  # replica name -> its primary_conninfo before detach()
         self._owner_pid = os.getpid()
         self._run_as: pwd.struct_passwd | None = None
         if os.geteuid() == 0:
@@ -538,6 +539,63 @@ class LocalCluster:
             what=f"promoting {node.name}",
             node=node,
         )
+
+    def follow(self, node: Node, upstream: Node) -> None:
+        """Point replica *node*'s WAL receiver at *upstream* (after a failover); no restart needed.
+
+        With recovery_target_timeline = 'latest' (the default) the replica then follows
+        *upstream*'s newer timeline, provided it has not replayed past the fork.
+        """
+        conninfo = self.psql(node, "SHOW primary_conninfo") or self._detached.pop(node.name, "")
+        if not re.search(r"\bport=\d+", conninfo):
+            raise LocalClusterError(f"{node.name}: no port in primary_conninfo")
+        conninfo = re.sub(r"\bport=\d+", f"port={upstream.port}", conninfo)
+        self.psql(node, f"ALTER SYSTEM SET primary_conninfo = {_sql_literal(conninfo)};\nSELECT pg_reload_conf();")
+
+    def detach(self, node: Node) -> None:
+        """Stop replica *node*'s WAL receiver (an empty primary_conninfo): it stays a replica that
+        follows nothing, as one whose upstream is gone. follow() attaches it again."""
+        self._detached[node.name] = self.psql(node, "SHOW primary_conninfo")
+        self.psql(node, "ALTER SYSTEM SET primary_conninfo = '';\nSELECT pg_reload_conf();")
+
+    def postgres_pids(self, node: Node) -> list[int]:
+        """The postmaster's pid, then those of its children (backends, walsender, background workers)."""
+        try:
+            postmaster = int((node.datadir / "postmaster.pid").read_text().split("\n", 1)[0])
+        except (OSError, ValueError):
+            return []
+        children = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                # "pid (comm) state ppid ...": comm may hold spaces and parentheses; split after the last ")".
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if int(fields[1]) == postmaster:
+                children.append(int(stat.parent.name))
+        return [postmaster] + sorted(children)
+
+    def freeze(self, node: Node) -> None:
+        """SIGSTOP *node*'s postmaster and every one of its processes: a hung server (it still
+        accepts TCP connections in the kernel's backlog, and answers nothing)."""
+        pids = self.postgres_pids(node)
+        if not pids:
+            raise LocalClusterError(f"{node.name} is not running")
+        os.kill(pids[0], signal.SIGSTOP)  # first: it forks no new backend meanwhile
+        for pid in self.postgres_pids(node)[1:]:
+            try:
+                os.kill(pid, signal.SIGSTOP)
+            except ProcessLookupError:
+                pass
+
+    def thaw(self, node: Node) -> None:
+        """SIGCONT what freeze() stopped (its children first, the postmaster last)."""
+        pids = self.postgres_pids(node)
+        for pid in pids[1:] + pids[:1]:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
 
     def psql(
         self,

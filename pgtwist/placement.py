@@ -318,8 +318,46 @@ class Placement:
             self.state = CLOSED
             self.transport.loseConnection()
 
-    def _link_lost(self, server) -> None:
-        """Transaction pooling: the node died under this client's work. The session survives it."""
+    def query_timed_out(self, limit: float) -> None:
+        """query_timeout: the linked node has owed this client an answer for more than *limit* seconds.
+
+        The server connection is closed (after a CancelRequest, so that a node that can still hear
+        stops the work; a hung one would never answer the cancel) and the client gets ERROR 57014
+        naming query_timeout. In transaction pooling the session goes on, as after a lost node
+        (25P02 until ROLLBACK when a transaction was open); in session pooling its server session
+        was the client's state, so the client is closed with FATAL 57014. The node's health is not
+        touched: a slow statement says nothing about the node (the probes judge it), and nothing
+        is replayed: the statement may have had its effects.
+        """
+        server = self.server
+        if server is None or self.state is not LINKED:
+            return
+        self._asked_at = None
+        self.server = None
+        self._lent = False
+        message = f"canceling statement due to query_timeout ({limit:g} s): node {server.node} did not answer in time"
+        log.warn("client {client}: {why} (server {server})", client=self.id, why=message, server=server.id)
+        self.proxy.cancel_server(server)
+        server.abandon()
+        if self.transaction_mode and not self.pinned:
+            self.proxy.counters.error(sqlstate.QUERY_CANCELED)  # (fatal() counts its own)
+            self._link_lost(server, timed_out=message)
+            return
+        if self.relay is not None:
+            self.relay.forget_server()
+        if server.at_message_boundary:
+            self.fatal(
+                sqlstate.QUERY_CANCELED,
+                message,
+                "The server connection was closed, and this session's state on the node with it.",
+            )
+        else:
+            self.state = CLOSED
+            self.transport.loseConnection()
+
+    def _link_lost(self, server, timed_out: str | None = None) -> None:
+        """Transaction pooling: the node died under this client's work (or did not answer within
+        query_timeout: *timed_out* says so). The session survives it."""
         relay = self.relay
         # The client's requests still owed a ReadyForQuery (not the proxy's own injected ones).
         owed = sum(1 for e in relay.queue if e.kind == SYNC and not e.swallow)
@@ -328,7 +366,8 @@ class Placement:
             # not: report it failed, as its effects on the client's settings are not kept either.
             owed += 1
         replay = (
-            not self._link_replied
+            timed_out is None  # (what ran too long would run too long elsewhere, and may have written)
+            and not self._link_replied
             and not server.replied
             and relay.tx_status == p.TX_IDLE
             and self._only_reads(self._link_sent)
@@ -356,13 +395,22 @@ class Placement:
         relay.tx_status = status
         said = relay.server_fatal
         relay.server_fatal = None
-        error = m.error_response(
-            "ERROR",
-            sqlstate.CONNECTION_FAILURE,
-            f"lost the connection to node {server.node}" + (f": {said.get('M')}" if said and said.get("M") else ""),
-            "The statement did not complete; nothing was retried because it could have had effects."
-            + (" The transaction is aborted: ROLLBACK to continue." if in_transaction else ""),
-        )
+        aborted = " The transaction is aborted: ROLLBACK to continue." if in_transaction else ""
+        if timed_out is not None:
+            error = m.error_response(
+                "ERROR",
+                sqlstate.QUERY_CANCELED,
+                timed_out,
+                "Its server connection was closed; the statement may or may not have taken effect, and nothing was retried."
+                + aborted,
+            )
+        else:
+            error = m.error_response(
+                "ERROR",
+                sqlstate.CONNECTION_FAILURE,
+                f"lost the connection to node {server.node}" + (f": {said.get('M')}" if said and said.get("M") else ""),
+                "The statement did not complete; nothing was retried because it could have had effects." + aborted,
+            )
         if owed:
             self.transport.write((error + m.ready_for_query(status)) * owed)
         elif in_transaction:

@@ -12,10 +12,11 @@ from twisted.logger import Logger
 from pgtwist import reload as reloadmod
 from pgtwist import tls
 from pgtwist.admin.counters import Counters
-from pgtwist.backend import BackendFactory, CancelFactory
+from pgtwist.backend import BackendFactory, CancelFactory, Keepalive
 from pgtwist.cluster.health import ClusterMonitor
 from pgtwist.pool import Pool
 from pgtwist.router import DatabaseRouter, load_hook
+from pgtwist.routing.policy import format_lsn
 from pgtwist.server import ServerConnection
 from pgtwist.server_login import ServerLogin
 from pgtwist.session import ClientSession
@@ -87,11 +88,21 @@ class Proxy:
         log.info("client {client} pinned to its server connection: {reason}", client=session.id, reason=reason)
 
     def maintain(self) -> None:
-        """Janitor tick: pools close stale connections and keep warm ones."""
+        """Janitor tick: pools close stale connections and keep warm ones; query_timeout is enforced."""
         for pool in self.pools.values():
             pool.maintain()
+        if self.config.query_timeout:
+            self.expire_queries(self.config.query_timeout)
         if self.retired_pools:
             reloadmod.sweep(self)
+
+    def expire_queries(self, limit: float) -> None:
+        """query_timeout, checked by the janitor (so to within its tick), not by a timer per query:
+        a client whose request has waited more than *limit* seconds for its ReadyForQuery from
+        a linked node has that statement stopped (ClientSession.query_timed_out)."""
+        deadline = self.clock.seconds() - limit
+        for session in [s for s in self.clients.values() if s.asked_before(deadline)]:
+            session.query_timed_out(limit)
 
     def reload_tls(self) -> None:
         """(Re)read the certificates and keys of [tls] and [server_tls] from self.config's paths.
@@ -194,16 +205,33 @@ class Proxy:
                 )
 
     def _auto_promote(self, database) -> None:
-        """auto_promote: the primary stayed away for failover_timeout; promote the most caught-up replica."""
+        """auto_promote: the primary stayed away for failover_timeout; promote the most advanced replica.
+
+        Every node is probed once more first: what each replica has received may have grown since
+        its last probe, and the choice (newest timeline, then most WAL received, then replayed)
+        must be made on positions no older than the decision.
+        """
         self._failover_timers.pop(database.name, None)
         router = self.routers.get(database.name)
         if router is None or router.monitor is None or router.primary() is not None:
             return  # an operator or an HA manager got there first
+        monitor = router.monitor
+        d = monitor.probe_now() if monitor.running else defer.succeed(None)
+        d.addBoth(lambda _: self._promote_most_advanced(database, router))
+        d.addErrback(lambda f: log.failure("database {db}: auto_promote failed", f, db=database.name))
+
+    def _promote_most_advanced(self, database, router) -> None:
+        if self.routers.get(database.name) is not router or router.primary() is not None:
+            return  # reloaded meanwhile, or a primary is back
         candidate = router.monitor.most_caught_up_replica()
         if candidate is None:
             log.warn("database {db}: no primary and no replica to promote", db=database.name)
             return
-        log.warn("database {db}: no primary for {t:g} s; promoting {node}", db=database.name, t=self.config.failover_timeout, node=candidate.name)
+        log.warn(
+            "database {db}: no primary for {t:g} s; promoting {node} (timeline {tl}, received {lsn})",
+            db=database.name, t=self.config.failover_timeout, node=candidate.name, tl=candidate.timeline,
+            lsn=format_lsn(candidate.receive_lsn),
+        )
         router.monitor.promote(candidate.name).addErrback(
             lambda f: log.failure("database {db}: promoting {node} failed", f, db=database.name, node=candidate.name)
         )
@@ -258,6 +286,7 @@ class Proxy:
         )
         conn = ServerConnection(f"s{next(self._server_ids)}", pool, login)
         conn.tls = self.node_tls
+        conn.keepalive = Keepalive.from_config(self.config)
         ready = conn.ready
         timeout = self.config.server_connect_timeout
         connector = self.reactor.connectTCP(pool.node.host, pool.node.port, BackendFactory(conn), timeout=timeout or 30)

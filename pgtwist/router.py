@@ -10,7 +10,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from pgtwist.routing.classify import Classification, classify
-from pgtwist.routing.policy import NodeState, choose, route
+from pgtwist.routing.policy import NodeState, choose, read_exclusions, route
 
 log = Logger()
 
@@ -79,6 +79,12 @@ class DatabaseRouter:
             node = self.database.nodes[0]
             return [NodeState(name=str(node), role="primary", up=True)]
         return list(self.monitor.states.values())
+
+    def read_exclusions(self) -> dict[str, str | None]:
+        """Why each node gets no reads now (policy.EXCLUSIONS), None for those that may serve them."""
+        return read_exclusions(
+            self.states(), self.config.max_replica_lag or None, self.config.max_replica_delay or None
+        )
 
     def classify(self, sql: str | None) -> Classification:
         if sql is None:

@@ -108,6 +108,7 @@ class ServerConnection:
         self.created = pool.clock.seconds()
         self.last_used = self.created
         self.tls = None  # tls.NodeTls when [server_tls] is on (set by the proxy)
+        self.keepalive = None  # backend.Keepalive when tcp_keepalive is on (set by the proxy)
         self.tls_step = None  # "answer" (SSLRequest sent), then the tls.NodeHandshake, until TLS is up
 
     def __repr__(self):
@@ -357,6 +358,17 @@ class ServerConnection:
         self.session.server_items(self, items, data)
 
     # -- closing ------------------------------------------------------------------------
+
+    def abandon(self) -> None:
+        """Drop this connection now, without a word to the node (it may be hung) or to its client:
+        the session that gave it up has already moved on. (Its scanner stays: the session may
+        still ask whether the client's stream stopped at a message boundary.)"""
+        if self.session is not None:
+            self._unlink_transports()
+            self.session = None
+        self.state = CLOSED
+        if self.transport is not None:
+            self.transport.abortConnection()
 
     def close(self) -> None:
         if self.transport is not None and self.state is not CLOSED:

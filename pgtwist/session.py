@@ -834,6 +834,11 @@ class ClientSession(Placement):
             in_flight = scanner.watched != self.ready_count
         return not in_flight and scanner.at_boundary and scanner.last_type not in _UNSYNCED
 
+    def asked_before(self, deadline: float) -> bool:
+        """Linked to a node that has owed this client an answer since before *deadline* (query_timeout)."""
+        asked = self._asked_at
+        return asked is not None and asked < deadline and self.state is LINKED and self.server is not None
+
     def at_rest(self) -> bool:
         """No transaction open and no answer owed: the client can be closed without loss (drain)."""
         state = self.state

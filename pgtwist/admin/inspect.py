@@ -60,6 +60,8 @@ NODE_COLUMNS = (
     ("up", bool),
     ("lag_bytes", int),
     ("lag_s", float),
+    ("timeline", int),
+    ("excluded", str),  # why it gets no reads (policy.EXCLUSIONS): down, fenced, old_timeline, no_upstream, lag_*
     ("servers", int),
 )
 KEY_VALUE_COLUMNS = (("name", str), ("value", str))  # values keep their Python type; the console shows text
@@ -189,14 +191,16 @@ def nodes(proxy) -> list[dict]:
     for database in proxy.config.databases.values():
         router = routers.get(database.name)
         states = {s.name: s for s in router.states()} if router is not None else {}
+        excluded = router.read_exclusions() if router is not None and router.clustered else {}
         for i, node in enumerate(database.nodes):
             name = str(node)
             state = states.get(name)
             if state is not None:
                 role, up = state.role, bool(state.up) and not getattr(state, "fenced", False)
                 lag_bytes, lag_s = getattr(state, "lag_bytes", None), getattr(state, "lag_seconds", None)
+                timeline = getattr(state, "timeline", 0) or None
             else:  # not monitored (yet): the first node is where work goes
-                role, up, lag_bytes, lag_s = ("primary" if i == 0 else "unknown"), None, None, None
+                role, up, lag_bytes, lag_s, timeline = ("primary" if i == 0 else "unknown"), None, None, None, None
             out.append(
                 {
                     "database": database.name,
@@ -205,6 +209,8 @@ def nodes(proxy) -> list[dict]:
                     "up": up,
                     "lag_bytes": lag_bytes,
                     "lag_s": lag_s,
+                    "timeline": timeline,
+                    "excluded": excluded.get(name),
                     "servers": open_servers.get((database.name, name), 0),
                 }
             )

@@ -115,6 +115,11 @@ class ProxyCollector:
         up = GaugeMetricFamily("pgbalance_node_up", "1 when the node is healthy as the cluster monitor sees it.", labels=labels)
         lag_bytes = GaugeMetricFamily("pgbalance_node_lag_bytes", "Replication lag of a replica, in bytes of WAL.", labels=labels)
         lag_s = GaugeMetricFamily("pgbalance_node_lag_seconds", "Replication lag of a replica, in seconds.", labels=labels)
+        excluded = GaugeMetricFamily(
+            "pgbalance_node_excluded",
+            "1 for the reason a node gets no reads now (down, fenced, old_timeline, no_upstream, lag_bytes, lag_seconds).",
+            labels=["database", "node", "reason"],
+        )
         for node in inspect.nodes(proxy):
             key = [node["database"], node["node"], node["role"]]
             if node["up"] is not None:
@@ -123,9 +128,12 @@ class ProxyCollector:
                 lag_bytes.add_metric(key, float(node["lag_bytes"]))
             if node["lag_s"] is not None:
                 lag_s.add_metric(key, float(node["lag_s"]))
+            if node["excluded"] is not None:
+                excluded.add_metric([node["database"], node["node"], node["excluded"]], 1.0)
         yield up
         yield lag_bytes
         yield lag_s
+        yield excluded
         yield CounterMetricFamily("pgbalance_failovers", "Primary changes seen by the cluster monitor.", value=counters.failovers)
 
     def _process(self, proxy, counters):

@@ -27,6 +27,9 @@ log = Logger()
 #   what its WAL receiver streams (NULL without one, hence 0 = unknown; needs pg_read_all_stats).
 # - delay: now() - last replayed commit grows forever on an idle primary although the replica is
 #   caught up, so a replica that has replayed all it received reports 0.
+# - upstream: whether a WAL receiver is streaming to the replica. Its row is there for anyone
+#   while it runs; its status only for pg_read_all_stats (NULL otherwise: taken as streaming).
+#   No row: its upstream is gone (the old primary died) and it follows nothing.
 PROBE_SQL = (
     "SELECT s.r,"
     " (CASE WHEN s.r THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END)::text,"
@@ -34,7 +37,8 @@ PROBE_SQL = (
     " ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END,"
     " CASE WHEN s.r THEN CASE WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0"
     " ELSE extract(epoch FROM now() - pg_last_xact_replay_timestamp()) END END,"
-    " (CASE WHEN s.r THEN pg_last_wal_receive_lsn() END)::text"
+    " (CASE WHEN s.r THEN pg_last_wal_receive_lsn() END)::text,"
+    " CASE WHEN s.r THEN coalesce((SELECT coalesce(status, 'streaming') = 'streaming' FROM pg_stat_wal_receiver), false) END"
     " FROM (SELECT pg_is_in_recovery() AS r) AS s"
 )
 
@@ -517,22 +521,30 @@ class ClusterMonitor:
         if slot.probing is not token:
             return
         try:
-            recovery, lsn, timeline, delay, receive = rows[0]
+            recovery, lsn, timeline, delay, receive, upstream = rows[0]
             role = REPLICA if recovery == b"t" else PRIMARY
             lsn_value = parse_lsn(lsn.decode()) if lsn else 0
             timeline_value = int(timeline) if timeline else 0
             delay_value = float(Decimal(delay.decode())) if delay is not None else None
             receive_value = parse_lsn(receive.decode()) if receive else 0
+            upstream_value = None if upstream is None else upstream == b"t"
         except (IndexError, ValueError, TypeError, InvalidOperation, UnicodeDecodeError):
             self._probe_failed(slot, token, "unexpected answer to the health probe")
             return
         self._end_probe(slot)
         before = self._snapshot()
         state = slot.state
+        was_replica = state.role == REPLICA
         state.up = True
         state.role = role
+        if role == REPLICA and timeline_value == 0 and was_replica:
+            # The WAL receiver is gone (and its timeline with it); the replica has not moved to
+            # another history without one, so what it last streamed is still its timeline: that
+            # is what tells a replica left behind by a failover, and auto_promote's choice.
+            timeline_value = state.timeline
         state.lsn = lsn_value
         state.timeline = timeline_value
+        state.upstream = upstream_value
         state.receive_lsn = max(receive_value, lsn_value) if role == REPLICA else lsn_value
         state.last_error = None
         state.checked_at = self.reactor.seconds()

@@ -28,6 +28,7 @@ class NodeState:
     receive_lsn: int = 0  # replica: WAL received (>= lsn); what it will have replayed once promoted
     last_error: str | None = None  # why the last probe failed (None after a success)
     checked_at: float | None = None  # reactor time of the last successful probe
+    upstream: bool | None = None  # replica: a WAL receiver is streaming to it (None: not probed / not a replica)
 
     @property
     def usable(self) -> bool:
@@ -102,20 +103,58 @@ def _least_outstanding(candidates: list[NodeState], rr: int) -> NodeState:
     return tied[rr % len(tied)]
 
 
-def _within_lag(n: NodeState, max_lag_bytes: int | None, max_lag_seconds: float | None) -> bool:
-    # Unknown lag (no primary to compare with, nothing replayed yet) is not held against a replica:
-    # during a failover the replicas are all there is to read from.
+# Why a node gets no reads (SHOW NODES "excluded", /metrics pgbalance_node_excluded{reason}).
+DOWN = "down"
+FENCED = "fenced"
+OLD_TIMELINE = "old_timeline"
+NO_UPSTREAM = "no_upstream"
+LAG_BYTES = "lag_bytes"
+LAG_SECONDS = "lag_seconds"
+EXCLUSIONS = (DOWN, FENCED, OLD_TIMELINE, NO_UPSTREAM, LAG_BYTES, LAG_SECONDS)
+
+
+def read_exclusion(
+    n: NodeState, primary: NodeState | None, max_lag_bytes: int | None = None, max_lag_seconds: float | None = None
+) -> str | None:
+    """Why *n* may not serve reads now (one of EXCLUSIONS), or None when it may.
+
+    *primary* is the current primary (resolve_primary's winner), or None during a failover.
+    A replica left behind by a failover must not serve reads: it never sees a write made on
+    the new primary, and comparing its position with the new primary's means nothing (the
+    two histories share LSNs). So, once there is a current primary, a replica on an older
+    timeline, or with no WAL receiver streaming to it (its upstream is gone: it cannot be
+    following the current primary), gets none until it follows the primary again. Without
+    a primary the replicas are all there is to read from, and all have lost their upstream:
+    only the primary's absence is held against nothing. Lag is measured against the current
+    primary's position only (lag_bytes is None without one, and unknown lag is not held
+    against a replica).
+    """
+    if not n.up:
+        return DOWN
+    if n.fenced:
+        return FENCED
+    if n.role != REPLICA:
+        return None
+    if primary is not None:
+        # A replica's timeline is 0 when unknown (never probed with a WAL receiver, or a
+        # health_user without pg_monitor): not held against it.
+        if 0 < n.timeline < primary.timeline:
+            return OLD_TIMELINE
+        if n.upstream is False:
+            return NO_UPSTREAM
     if max_lag_bytes is not None and n.lag_bytes is not None and n.lag_bytes > max_lag_bytes:
-        return False
+        return LAG_BYTES
     if max_lag_seconds is not None and n.lag_seconds is not None and n.lag_seconds > max_lag_seconds:
-        return False
-    return True
+        return LAG_SECONDS
+    return None
 
 
-def _on_old_timeline(n: NodeState, primary: NodeState | None) -> bool:
-    # A replica still streaming an older timeline follows a history the primary left behind
-    # (typically the fenced old primary's): it will never see new writes. 0 means unknown.
-    return primary is not None and 0 < n.timeline < primary.timeline
+def read_exclusions(
+    nodes: list[NodeState], max_lag_bytes: int | None = None, max_lag_seconds: float | None = None
+) -> dict[str, str | None]:
+    """read_exclusion() of every node, by name, against the current primary."""
+    primary = _primary(nodes)
+    return {n.name: read_exclusion(n, primary, max_lag_bytes, max_lag_seconds) for n in nodes}
 
 
 def choose(
@@ -132,7 +171,7 @@ def choose(
     if want == PRIMARY:
         return (primary, "primary") if primary is not None else (None, "no primary")
     replicas = [n for n in nodes if n.usable and n.role == REPLICA]
-    fresh = [n for n in replicas if _within_lag(n, max_lag_bytes, max_lag_seconds) and not _on_old_timeline(n, primary)]
+    fresh = [n for n in replicas if read_exclusion(n, primary, max_lag_bytes, max_lag_seconds) is None]
     caught_up = [n for n in fresh if n.lsn >= min_lsn]
     if want == ANY_READ:
         pool = caught_up + ([primary] if primary is not None else [])
@@ -144,7 +183,7 @@ def choose(
     if not replicas:
         why = "no replica up"
     elif not fresh:
-        why = "replicas lagging"
+        why = "replicas lagging"  # (or left behind by a failover: read_exclusion says which)
     else:
         why = "no replica caught up to the client's last write"
     if primary is None:

@@ -138,3 +138,28 @@ def test_query_latency_runs_from_the_request_to_its_ready_for_query():
     assert 'pgbalance_query_duration_seconds_bucket{le="0.25",node="db1:5432",role="primary"} 0.0' in text
     assert 'pgbalance_query_duration_seconds_bucket{le="0.5",node="db1:5432",role="primary"} 1.0' in text
     assert 'pgbalance_query_duration_seconds_count{node="db1:5432",role="primary"} 1.0' in text
+
+
+def test_nodes_left_out_of_reads_say_why():
+    from pgtwist.admin import inspect
+    from pgtwist.router import DatabaseRouter
+    from pgtwist.routing.policy import NodeState
+
+    cluster = {"appdb": {"dbname": "postgres", "nodes": ["db1:5432", "db2:5432", "db3:5432"], "pool_size": 2}}
+    proxy = TestProxy(make_config(databases=cluster))
+
+    class Monitor:  # what DatabaseRouter reads of a ClusterMonitor
+        states = {
+            "db1:5432": NodeState("db1:5432", role="replica", up=True, timeline=1, upstream=False, lag_bytes=0),
+            "db2:5432": NodeState("db2:5432", role="primary", up=True, timeline=2, lag_bytes=0),
+            "db3:5432": NodeState("db3:5432", role="replica", up=True, timeline=2, upstream=True, lag_bytes=0),
+        }
+
+    database = proxy.config.databases["appdb"]
+    proxy.routers["appdb"] = DatabaseRouter(database, proxy.config, Monitor())
+    rows = {row["node"]: row for row in inspect.nodes(proxy)}
+    assert (rows["db1:5432"]["excluded"], rows["db1:5432"]["timeline"]) == ("old_timeline", 1)
+    assert rows["db2:5432"]["excluded"] is None and rows["db3:5432"]["excluded"] is None
+    text = body(get(metrics.make_root(Service(proxy), proxy.reactor), b"/metrics"))
+    assert 'pgbalance_node_excluded{database="appdb",node="db1:5432",reason="old_timeline"} 1.0' in text
+    assert 'node="db3:5432",reason=' not in text

@@ -44,11 +44,14 @@ def answer(values) -> bytes:
 
 
 def primary_row(lsn="0/3000000", timeline=1):
-    return [b"f", lsn.encode(), str(timeline).encode(), None, None]
+    return [b"f", lsn.encode(), str(timeline).encode(), None, None, None]
 
 
-def replica_row(lsn="0/3000000", timeline=1, delay="0", receive=None):
-    return [b"t", lsn.encode(), str(timeline).encode(), None if delay is None else delay.encode(), (receive or lsn).encode()]
+def replica_row(lsn="0/3000000", timeline=1, delay="0", receive=None, upstream=True):
+    return [
+        b"t", lsn.encode(), str(timeline).encode(), None if delay is None else delay.encode(), (receive or lsn).encode(),
+        b"t" if upstream else b"f",
+    ]
 
 
 class FakeConn:
@@ -359,6 +362,45 @@ def test_most_caught_up_replica():
     assert h.monitor.most_caught_up_replica().name == h.name(2)
     h.state(2).fenced = True
     assert h.monitor.most_caught_up_replica() is None
+
+
+def test_most_caught_up_replica_prefers_the_newest_timeline_then_received_wal():
+    h = Harness(count=4)
+    h.monitor.start()
+    h.up(0, primary_row("0/900", timeline=2))
+    h.up(1, replica_row("0/F00", receive="0/F00", timeline=1))  # more WAL, on the old history
+    h.up(2, replica_row("0/600", receive="0/800", timeline=2))
+    h.up(3, replica_row("0/700", receive="0/700", timeline=2))
+    assert h.monitor.most_caught_up_replica().name == h.name(2)
+    # Equal positions: the smallest name, the same choice from one call to the next.
+    h.state(3).receive_lsn = h.state(2).receive_lsn
+    h.state(3).lsn = h.state(2).lsn
+    assert h.monitor.most_caught_up_replica().name == h.name(2)
+
+
+def test_replica_keeps_its_timeline_and_loses_its_upstream_when_its_wal_receiver_stops():
+    h = Harness(count=2)
+    h.monitor.start()
+    h.up(0, primary_row("0/900", timeline=3))
+    r = h.up(1, replica_row("0/900", timeline=3))
+    assert (h.state(1).timeline, h.state(1).upstream) == (3, True)
+    # The primary died: no WAL receiver, so received_tli is NULL (0) and the upstream is gone.
+    h.reactor.advance(1.0)
+    r.reply(replica_row("0/900", timeline=0, upstream=False))
+    assert (h.state(1).timeline, h.state(1).upstream) == (3, False)
+    # Streaming from a promoted node on the next timeline: both follow.
+    h.reactor.advance(1.0)
+    r.reply(replica_row("0/A00", timeline=4))
+    assert (h.state(1).timeline, h.state(1).upstream) == (4, True)
+
+
+def test_a_replica_first_seen_without_a_wal_receiver_has_an_unknown_timeline():
+    h = Harness(count=2)
+    h.monitor.start()
+    h.up(0, primary_row("0/900", timeline=2))
+    h.up(1, replica_row("0/900", timeline=0, upstream=False))
+    assert (h.state(1).timeline, h.state(1).upstream) == (0, False)
+    assert h.state(0).upstream is None
 
 
 def test_on_change_errors_do_not_stop_the_monitor():

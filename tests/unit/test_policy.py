@@ -321,3 +321,71 @@ def test_write_lsn_is_the_flush_position_after_a_synchronous_commit():
     # Asynchronous: the commit may not be flushed yet; only the insert position is safe.
     assert write_lsn(insert, flush, "off") == insert
     assert write_lsn(parse_lsn("0/4000018"), flush, "off") == parse_lsn("0/4000000")
+
+
+# -- replicas left behind by a failover (read_exclusion) -----------------------------------------
+
+
+from pgtwist.routing import policy as pol  # noqa: E402
+
+
+def test_replica_on_the_old_timeline_is_excluded_even_when_its_lsn_is_ahead():
+    # The old primary wrote further on timeline 1 than the promoted replica had received:
+    # LSNs on two histories compare to nothing, so lag 0 must not let it serve reads.
+    new = primary("new", timeline=2, lsn=5000)
+    left = replica("left", timeline=1, lsn=9000, lag_bytes=0, upstream=True)
+    assert pol.read_exclusion(left, new) == pol.OLD_TIMELINE
+    assert pick([new, left], min_lsn=4000) == ("new", "replicas lagging")
+
+
+def test_replica_without_upstream_is_excluded_while_there_is_a_primary():
+    p = primary("p", timeline=2)
+    orphan = replica("orphan", timeline=0, upstream=False)
+    follower = replica("follower", timeline=2, upstream=True, outstanding=5)
+    assert pol.read_exclusion(orphan, p) == pol.NO_UPSTREAM
+    assert pol.read_exclusion(follower, p) is None
+    assert pick([p, orphan, follower])[0] == "follower"
+    assert pick([p, orphan]) == ("p", "replicas lagging")
+
+
+def test_without_a_primary_replicas_that_lost_their_upstream_still_serve_reads():
+    # The primary just died: every replica lost its upstream, and they are all there is.
+    a = replica("a", timeline=1, upstream=False)
+    b = replica("b", timeline=1, upstream=False, outstanding=2)
+    assert pol.read_exclusion(a, None) is None
+    assert pick([primary("p", up=False), a, b]) == ("a", "replica")
+
+
+def test_replica_follows_the_new_primary_again_and_is_back():
+    p = primary("p", timeline=2)
+    r = replica("r", timeline=1, upstream=False)
+    assert pol.read_exclusion(r, p) == pol.OLD_TIMELINE
+    r.timeline, r.upstream = 2, True
+    assert pol.read_exclusion(r, p) is None
+
+
+def test_unknown_upstream_and_timeline_are_not_held_against_a_replica():
+    # A health_user without pg_monitor sees no timeline; an old pgtwist state has no upstream.
+    assert pol.read_exclusion(replica("r", timeline=0, upstream=None), primary("p", timeline=3)) is None
+
+
+def test_lag_is_measured_against_the_current_primary_only():
+    r = replica("r", lag_bytes=None, lag_seconds=None)  # no primary to compare with: unknown
+    assert pol.read_exclusion(r, None, max_lag_bytes=10, max_lag_seconds=1.0) is None
+    r.lag_bytes = 11
+    assert pol.read_exclusion(r, primary("p"), max_lag_bytes=10) == pol.LAG_BYTES
+    r.lag_bytes, r.lag_seconds = 0, 2.0
+    assert pol.read_exclusion(r, primary("p"), max_lag_bytes=10, max_lag_seconds=1.0) == pol.LAG_SECONDS
+
+
+def test_read_exclusions_names_every_node():
+    nodes = [
+        primary("p", timeline=2),
+        primary("old", timeline=1, fenced=True),
+        replica("down", up=False),
+        replica("left", timeline=1),
+        replica("ok", timeline=2),
+    ]
+    assert pol.read_exclusions(nodes) == {"p": None, "old": pol.FENCED, "down": pol.DOWN, "left": pol.OLD_TIMELINE, "ok": None}
+    # The fenced old primary is never "the current primary", even with more WAL.
+    assert pol.read_exclusions([primary("old", timeline=1, lsn=10**9, fenced=True), replica("r", timeline=1)])["r"] is None

@@ -1,0 +1,313 @@
+#!/usr/bin/env python3
+"""Failure drills under load: a replica killed, the primary frozen, the primary killed and a replica promoted.
+
+    PYTHONPATH=. python bench/drills.py [--sessions 32] [--drill replica-kill --drill freeze --drill kill-promote]
+                                        [--settle 3] [--phase 10] [--freeze 10] [--stale-after 3] [--json FILE]
+
+One throwaway cluster (a primary and two streaming replicas, pgtwist.localcluster), one pgtwist
+in front of it (transaction pooling, auto_promote on), and --sessions client sessions (psycopg,
+one thread each) mixing reads and writes through it. Each drill: --settle seconds of load, the
+event, then --phase seconds of load. Reported per drill, as an operator would judge it:
+
+- sessions kept: sessions whose connection never broke (a broken one reconnects and counts as lost);
+- errors by SQLSTATE;
+- write unavailability: the longest gap between two acknowledged writes from the event to the end
+  of the phase, and when (after the event) writes came back at the end of it;
+- read-your-writes misses: a session's read that did not see that session's own last acknowledged
+  write (0 expected);
+- stale reads: a read that missed a write acknowledged to any session more than --stale-after
+  seconds before the read began (0 expected: a replica left behind, or lagging past the limits,
+  must not serve reads);
+- lost acknowledged writes (kill-promote): commits acknowledged before the kill and missing on the
+  promoted node. With asynchronous replication (this cluster's synchronous_commit = off) a few are
+  PostgreSQL's contract, not pgtwist's: the README says what is guaranteed.
+
+Writes lost that way are left out of the read checks (no read can see them). Not part of the test
+suite; the integration tests in tests/integration/test_failure_drills.py are the bounded versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import random
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import psycopg  # noqa: E402
+
+from pgtwist.localcluster import LocalCluster  # noqa: E402
+from tests.integration.proxy import DATABASE, proxy_config, start_proxy, wait_for, write_config  # noqa: E402
+
+DRILLS = ("replica-kill", "freeze", "kill-promote")
+
+PROXY_SETTINGS = {
+    "pool_mode": "transaction",
+    "pool_size": 16,
+    "query_wait_timeout": 30,
+    "health_check_interval": 0.5,
+    "health_check_timeout": 1.0,
+    "query_timeout": 5.0,
+    "failover_wait": 10.0,
+    "failover_timeout": 2.0,
+    "auto_promote": False,  # on (SIGHUP) for kill-promote only: a frozen primary must not be replaced
+    "max_replica_delay": 1.0,
+    "tcp_keepidle": 5,
+    "tcp_keepintvl": 1,
+    "tcp_keepcnt": 3,
+}
+
+SETUP_SQL = """
+CREATE TABLE drill (id bigserial PRIMARY KEY, session int NOT NULL, seq int NOT NULL, at timestamptz DEFAULT now());
+CREATE INDEX ON drill (session, seq);
+"""
+WRITE_SQL = "INSERT INTO drill (session, seq) VALUES (%s, %s) RETURNING id, inet_server_port()"
+READ_SQL = "SELECT inet_server_port(), (SELECT max(seq) FROM drill WHERE session = %s), (SELECT max(id) FROM drill)"
+
+
+@dataclass
+class Write:
+    session: int
+    seq: int
+    id: int
+    acked: float
+
+
+@dataclass
+class Read:
+    session: int
+    started: float
+    own_seq: int | None
+    max_id: int | None
+    port: int
+    own_acked_seq: int  # the session's last acknowledged seq when the read began
+
+
+@dataclass
+class Session:
+    n: int
+    writes: list[Write] = field(default_factory=list)
+    reads: list[Read] = field(default_factory=list)
+    errors: list[tuple[float, str]] = field(default_factory=list)
+    breaks: list[float] = field(default_factory=list)
+
+
+class Load:
+    """--sessions client threads: each reads (its own rows and the table's newest id) or writes, ~1 in 3 a write."""
+
+    def __init__(self, px, sessions: int, write_share: float = 0.35, pause: float = 0.01):
+        self.px = px
+        self.stop = threading.Event()
+        self.sessions = [Session(i) for i in range(sessions)]
+        self.write_share = write_share
+        self.pause = pause
+        self.threads = [threading.Thread(target=self._run, args=(s,), daemon=True) for s in self.sessions]
+
+    def _run(self, s: Session) -> None:
+        rng = random.Random(s.n)
+        seq = 0
+        acked_seq = 0
+        conn = None
+        while not self.stop.is_set():
+            if conn is None or conn.closed or conn.broken:
+                if conn is not None:
+                    s.breaks.append(time.monotonic())
+                    conn.close()
+                try:
+                    conn = self.px.connect(connect_timeout=10)
+                except psycopg.Error as e:
+                    s.errors.append((time.monotonic(), e.sqlstate or type(e).__name__))
+                    conn = None
+                    time.sleep(0.2)
+                    continue
+            try:
+                if rng.random() < self.write_share:
+                    seq += 1
+                    row_id, _port = conn.execute(WRITE_SQL, (s.n, seq)).fetchone()
+                    s.writes.append(Write(s.n, seq, row_id, time.monotonic()))
+                    acked_seq = seq
+                else:
+                    started = time.monotonic()
+                    port, own, max_id = conn.execute(READ_SQL, (s.n,)).fetchone()
+                    s.reads.append(Read(s.n, started, own, max_id, port, acked_seq))
+            except psycopg.Error as e:
+                s.errors.append((time.monotonic(), e.sqlstate or type(e).__name__))
+                if not conn.broken and conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                    conn.rollback()
+                time.sleep(0.05)
+            time.sleep(self.pause)
+        if conn is not None:
+            conn.close()
+
+    def __enter__(self) -> "Load":
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(30)
+
+
+def summarize(name: str, load: Load, event: float, end: float, lost: set[tuple[int, int]], stale_after: float, ports: dict) -> dict:
+    """The figures of one drill, from the outcomes between *event* and *end*; *lost*: (session, seq) of lost writes."""
+    sessions = load.sessions
+    errors = collections.Counter(code for s in sessions for t, code in s.errors if t >= event and t <= end)
+    writes = sorted((w for s in sessions for w in s.writes if (w.session, w.seq) not in lost), key=lambda w: w.acked)
+    after = [w.acked for w in writes if event <= w.acked <= end]
+    phase_acks = [event] + after + [end]
+    longest_gap, back = max((b - a, b) for a, b in zip(phase_acks, phase_acks[1:]))
+    writes_back = None if back >= end else back - event
+    # Read-your-writes: a session's own last acknowledged write (not lost) must be visible to it.
+    ryw_misses = 0
+    for s in sessions:
+        lost_seqs = {seq for session, seq in lost if session == s.n}
+        for r in s.reads:
+            if not event <= r.started <= end or r.own_acked_seq == 0 or r.own_acked_seq in lost_seqs:
+                continue
+            if (r.own_seq or 0) < r.own_acked_seq:
+                ryw_misses += 1
+    # Stale: a read missing a write acknowledged to anyone more than stale_after before it began.
+    acked_ids = [(w.acked, w.id) for w in writes]
+    stale = 0
+    stale_ports: collections.Counter = collections.Counter()
+    running_max, i = 0, 0
+    reads = sorted((r for s in sessions for r in s.reads if event <= r.started <= end), key=lambda r: r.started)
+    for r in reads:
+        while i < len(acked_ids) and acked_ids[i][0] <= r.started - stale_after:
+            running_max = max(running_max, acked_ids[i][1])
+            i += 1
+        if (r.max_id or 0) < running_max:
+            stale += 1
+            stale_ports[ports.get(r.port, r.port)] += 1
+    kept = sum(1 for s in sessions if not any(event <= t <= end for t in s.breaks))
+    return {
+        "drill": name,
+        "sessions": len(sessions),
+        "sessions_kept": kept,
+        "reads": len(reads),
+        "writes": len(after),
+        "errors": dict(sorted(errors.items())),
+        "write_unavailable_s": round(longest_gap, 2),
+        "writes_back_after_s": None if writes_back is None else round(writes_back, 2),
+        "ryw_misses": ryw_misses,
+        "stale_reads": stale,
+        "stale_reads_by_node": dict(stale_ports),
+        "lost_acknowledged_writes": len(lost),
+    }
+
+
+def set_auto_promote(px, cluster, nodes: list[str], on: bool) -> None:
+    """Rewrite the proxy's config with auto_promote on/off and reload it (SIGHUP), as an operator would."""
+    import signal
+
+    settings = {**PROXY_SETTINGS, "auto_promote": on}
+    databases = {DATABASE: {"dbname": cluster.app_database, "nodes": nodes}}
+    write_config(px.config_path, *proxy_config(cluster, px.port, {**settings, "databases": databases}))
+    mark = px.log_size()
+    px.process.send_signal(signal.SIGHUP)
+    wait_for(lambda: "reload:" in px.log_text(mark), 10, "the reload")
+
+
+def role_of(cluster, node) -> str | None:
+    try:
+        return "replica" if cluster.psql(node, "SELECT pg_is_in_recovery()") == "t" else "primary"
+    except Exception:  # noqa: BLE001 - a stopped node
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sessions", type=int, default=32)
+    ap.add_argument("--drill", action="append", choices=DRILLS, help="repeatable; default: all, in this order")
+    ap.add_argument("--settle", type=float, default=3.0, help="seconds of load before each event")
+    ap.add_argument("--phase", type=float, default=10.0, help="seconds of load after each event")
+    ap.add_argument("--freeze", type=float, default=10.0, help="how long the primary stays SIGSTOPped")
+    ap.add_argument("--stale-after", type=float, default=3.0)
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--work", type=Path, default=Path("/tmp"))
+    args = ap.parse_args(argv)
+    drills = args.drill or list(DRILLS)
+    results = []
+    with LocalCluster.create(replicas=2) as cluster:
+        primary, r1, r2 = cluster.nodes
+        ports = {n.port: n.name for n in cluster.nodes}
+        cluster.psql(primary, SETUP_SQL, user=cluster.app_user, dbname=cluster.app_database)
+        cluster.psql(primary, f"GRANT EXECUTE ON FUNCTION pg_promote(boolean, integer) TO {cluster.app_user};")
+        cluster.wait_replicas_caught_up(30)
+        work = Path(args.work) / f"pgtwist-drills-{int(time.time())}"
+        nodes = [n.addr for n in cluster.nodes]
+        with start_proxy(
+            cluster, work, databases={DATABASE: {"dbname": cluster.app_database, "nodes": nodes}}, **PROXY_SETTINGS
+        ) as px:
+            for name in drills:
+                print(f"drill {name}: {args.sessions} sessions, {args.settle:g}s settle, {args.phase:g}s phase", flush=True)
+                lost: set[tuple[int, int]] = set()
+                if name == "kill-promote":
+                    set_auto_promote(px, cluster, nodes, True)
+                with Load(px, args.sessions) as load:
+                    time.sleep(args.settle)
+                    event = time.monotonic()
+                    if name == "replica-kill":
+                        cluster.stop(r2, mode="immediate")
+                        time.sleep(args.phase)
+                    elif name == "freeze":
+                        cluster.freeze(primary)
+                        try:
+                            time.sleep(args.freeze)
+                        finally:
+                            cluster.thaw(primary)
+                        time.sleep(max(0.0, args.phase - args.freeze))
+                    else:
+                        cluster.stop(primary, mode="immediate")
+                        promoted = wait_for(
+                            lambda: next((n for n in (r1, r2) if role_of(cluster, n) == "primary"), None),
+                            30, "auto_promote to promote a replica",
+                        )
+                        other = r2 if promoted is r1 else r1
+                        print(f"  pgtwist promoted {promoted.name} after {time.monotonic() - event:.1f}s", flush=True)
+                        time.sleep(args.phase / 2)
+                        cluster.follow(other, promoted)  # the one left behind follows the new primary
+                        time.sleep(args.phase / 2)
+                    end = time.monotonic()
+                if name == "kill-promote":
+                    # By (session, seq), not id: a sequence's WAL can be lost with the rows and ids reissued.
+                    acked_before = {(w.session, w.seq) for s in load.sessions for w in s.writes if w.acked < event}
+                    kept = cluster.psql(
+                        promoted, "SELECT string_agg(session || ':' || seq, ',') FROM drill",
+                        user=cluster.app_user, dbname=cluster.app_database,
+                    )
+                    present = {tuple(int(v) for v in x.split(":")) for x in kept.split(",") if x}
+                    lost = acked_before - present
+                result = summarize(name, load, event, end, lost, args.stale_after, ports)
+                results.append(result)
+                print("  " + json.dumps(result), flush=True)
+                if name == "replica-kill":
+                    cluster.start(r2)
+                    time.sleep(2.0)
+    print()
+    print("| drill | sessions kept | errors by SQLSTATE | writes unavailable | writes back after | reads | writes | RYW misses | stale reads | lost acked writes |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        errors = ", ".join(f"{k}: {v}" for k, v in r["errors"].items()) or "none"
+        back = "never" if r["writes_back_after_s"] is None else f"{r['writes_back_after_s']:.2f} s"
+        print(
+            f"| {r['drill']} | {r['sessions_kept']}/{r['sessions']} | {errors} | {r['write_unavailable_s']:.2f} s | {back}"
+            f" | {r['reads']} | {r['writes']} | {r['ryw_misses']} | {r['stale_reads']} | {r['lost_acknowledged_writes']} |"
+        )
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 0 if all(r["ryw_misses"] == 0 and r["stale_reads"] == 0 for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
