@@ -25,7 +25,6 @@ from pgtwist.wire import sqlstate
 log = Logger()
 
 _TERMINATE = p.TERMINATE
-_LOGIN_CACHE_LIMIT = 1000
 _RETRY_DELAY = 0.25  # between attempts to place work while nodes come and go
 _NOTHING_CLASSIFIED = Classification(read_only=False, reason="session")
 # Login refusals that mean the node is away (unreachable, starting up, shutting down), not that
@@ -252,8 +251,8 @@ class Placement:
             server.settings = dict(self.settings)
         if not self.logged_in:
             parameters = dict(server.parameters)
-            if self.transaction_mode and len(self.router.login_parameters) < _LOGIN_CACHE_LIMIT:
-                self.router.login_parameters[self._login_key()] = parameters
+            if self.transaction_mode:
+                server.pool.remember_login(self._login_key(), parameters)
             self._logged_in(parameters)
         self.state = LINKED
         self.ready_count = 0

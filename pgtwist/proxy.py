@@ -178,6 +178,9 @@ class Proxy:
         log.info("database {db}: node {node} {what}", db=database.name, node=state.name, what=what)
         if what == "promoted":
             self.counters.failover()
+        for pool in self.pools.values():
+            if pool.key[0] == database.name and str(pool.node) == state.name:
+                pool.node_changed()  # (what logins there report may differ now)
         if not state.up:
             # Idle server connections to a dead node are useless; busy ones fail on their own.
             for pool in self.pools.values():

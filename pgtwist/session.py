@@ -267,7 +267,7 @@ class ClientSession(Placement):
         leftover = self.login.leftover()
         if leftover:
             self.backlog.extend(self.scanner.feed(leftover))
-        known = self.router.login_parameters.get(self._login_key()) if self.transaction_mode else None
+        known = self._known_login() if self.transaction_mode else None
         if known is not None:
             self._logged_in(known)
             self.state = IDLE
@@ -291,7 +291,22 @@ class ClientSession(Placement):
             self.console.got_data(leftover)
 
     def _login_key(self) -> tuple:
+        """What, besides the pool (database, user, node), shapes the ParameterStatus a login reports."""
         return tuple(sorted(self.settings.items()))
+
+    def _known_login(self) -> dict[str, str] | None:
+        """Transaction pooling: the ParameterStatus set an earlier login like this one was told.
+
+        Only from the pool this login would use (same database, user and node: the primary
+        now), so that no user is ever told another's session_authorization or is_superuser,
+        and a failover (another primary) means a real login; the pool forgets what it knew
+        when its node changes (see Pool.node_changed).
+        """
+        node = self.router.primary()
+        if node is None:
+            return None
+        pool = self.proxy.pools.get((self.database.name, self.user, str(node)))
+        return pool.login_parameters.get(self._login_key()) if pool is not None else None
 
     def _logged_in(self, parameters: dict[str, str]) -> None:
         self._cancel_login_timer()
