@@ -214,11 +214,11 @@ class Placement:
             return
         self.server = server
         self.state = PREPARING
-        query = None if self.settings == server.settings else sync_sql(self.settings, server.settings, server.parameters)
-        if query is None:
+        statements = None if self.settings == server.settings else sync_sql(self.settings, server.settings, server.parameters)
+        if statements is None:
             self._prepared([])
         else:
-            server.run_internal([query]).addCallbacks(self._prepared, self._prepare_failed).addErrback(self._crashed)
+            server.run_for_client([statements]).addCallbacks(self._prepared, self._prepare_failed).addErrback(self._crashed)
 
     def _prepare_failed(self, failure) -> None:
         server, self.server = self.server, None
@@ -307,7 +307,7 @@ class Placement:
         # The client's requests still owed a ReadyForQuery (not the proxy's own injected ones).
         owed = sum(1 for e in relay.queue if e.kind == SYNC and not e.swallow)
         if relay.held_ready is not None:
-            # Its statement ran, but the proxy's Query after it (restoring startup settings) did
+            # Its statement ran, but the proxy's batch after it (restoring startup settings) did
             # not: report it failed, as its effects on the client's settings are not kept either.
             owed += 1
         replay = (

@@ -94,13 +94,16 @@ class Pool:
         """An idle connection right now (now busy), or None; never jumps the queue of waiters.
 
         With none idle, one lent to a client between its transactions is taken back for it.
+        Last in, first out (as PgBouncer's default): a client coming back at once gets the
+        connection it just gave back, where its unnamed statement still is (transaction
+        pooling), and surplus connections stay idle long enough for server_idle_timeout.
         """
         if self.waiters or self.paused:
             return None
         if not self.idle and self.lent:
             self._reclaim_one()
         if self.idle:
-            conn = self.idle.popleft()
+            conn = self.idle.pop()
             self.busy.add(conn)
             return conn
         return None
@@ -174,7 +177,7 @@ class Pool:
             if not self.idle:
                 self._reclaim_one()  # (its release() serves the waiter itself)
                 continue
-            self._give(self.waiters[0], self.idle.popleft())
+            self._give(self.waiters[0], self.idle.pop())  # (last in, first out: see take_idle)
         while not self.paused and len(self.waiters) > self.connecting and self.total < self.size:
             self._open()
 

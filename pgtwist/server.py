@@ -9,7 +9,7 @@ from twisted.logger import Logger
 
 from pgtwist.sendnow import write_now
 from pgtwist.server_login import ServerLogin, ServerLoginError
-from pgtwist.statements import ServerStatements
+from pgtwist.statements import ServerStatements, internal_batch
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 from pgtwist.wire import sqlstate
@@ -258,14 +258,30 @@ class ServerConnection:
     # -- internal queries (parameters before linking, reset after) ------------------------
 
     def run_internal(self, queries: list[str]) -> defer.Deferred:
-        """Run simple queries whose results nobody sees; fires with the ErrorResponse fields of failures."""
+        """Run simple queries whose results nobody sees; fires with the ErrorResponse fields of failures.
+
+        For the pool, once the client is gone (ROLLBACK, server_reset_query): a simple Query
+        drops the unnamed statement and portal, which then belong to nobody. On a client's
+        behalf, run_for_client.
+        """
+        return self._run(b"".join(m.query(q) for q in queries), len(queries))
+
+    def run_for_client(self, batches: list[list[str]]) -> defer.Deferred:
+        """Run the proxy's own statements on the connection a client uses, as run_internal does,
+        but leaving that client's unnamed statement and portal as they are (internal_batch).
+
+        Each batch is one implicit transaction, as one multi-statement Query would be.
+        """
+        return self._run(b"".join(internal_batch(b) for b in batches), len(batches))
+
+    def _run(self, data: bytes, owed: int) -> defer.Deferred:
         assert self.state is IDLE, self.state
         self.state = INTERNAL
         self._internal = defer.Deferred()
-        self._internal_owed = len(queries)
+        self._internal_owed = owed
         self._internal_errors = []
         self.internal_rows = []
-        self.transport.write(b"".join(m.query(q) for q in queries))
+        self.transport.write(data)
         return self._internal
 
     def _internal_message(self, msg_type: int, body: bytes) -> None:

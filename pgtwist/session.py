@@ -495,14 +495,15 @@ class ClientSession(Placement):
 
         On its own session PostgreSQL would return to those values (a startup packet's settings
         are the session's defaults); on a pooled connection they were applied with set_config(),
-        so the server's RESET went past them to its own defaults. A Query of the proxy's own
-        follows the statement's batch at once, in the same transaction state, its answer unseen
-        but for ParameterStatus; the release read-back then finds the settings as they are.
+        so the server's RESET went past them to its own defaults. A batch of the proxy's own
+        follows the statement's at once, in the same transaction state, its answer unseen but
+        for ParameterStatus, the client's unnamed statement and portal untouched; the release
+        read-back then finds the settings as they are.
         """
         names, self._to_restore = self._to_restore, None
-        sql = sync_sql({n: v for n, v in self._startup_settings.items() if n in names}, {}, {})
-        if sql is not None:
-            self.relay.inject_query(sql, to_server)
+        statements = sync_sql({n: v for n, v in self._startup_settings.items() if n in names}, {}, {})
+        if statements is not None:
+            self.relay.inject(statements, to_server)
 
     def _hold_writes(self, items: list) -> list:
         """On a replica for an autocommit read: keep back whatever write the client pipelined behind it.
@@ -742,7 +743,7 @@ class ClientSession(Placement):
             self.dirty = set()
             self.dirty_all = False
             names = [n for n in names if n not in SERVER_OWNED]
-        queries = [readback_sql(names)] if names else []
+        batches = [[readback_sql(names)]] if names else []
         track_lsn = (
             self._link_used  # (the link that only logged the client in wrote nothing)
             and self.config.read_your_writes
@@ -752,11 +753,11 @@ class ClientSession(Placement):
             and not self.decision.classification.read_only
         )
         if track_lsn:
-            queries.append(_WRITE_LSN_SQL)
-        if queries:
+            batches.append([_WRITE_LSN_SQL])
+        if batches:
             self.state = PREPARING
             server.unlink()
-            server.run_internal(queries).addCallbacks(
+            server.run_for_client(batches).addCallbacks(
                 lambda _: self._read_back(server, names, track_lsn), self._read_back_failed
             ).addErrback(self._crashed)
             return

@@ -74,3 +74,85 @@ _REPORTED = (
     "integer_datetimes",
     "standard_conforming_strings",
 )
+
+
+# -- 2. the client's unnamed statement and portal survive what pgtwist runs for it ---------------
+
+
+def _direct(pg_cluster, **kw):
+    primary = pg_cluster.nodes[0]
+    return psycopg.connect(pg_cluster.dsn(primary, connect_timeout=10, **kw), autocommit=True)
+
+
+def _ok(result, status=None):
+    want = status if status is not None else psycopg.pq.ExecStatus.COMMAND_OK
+    assert result.status == want, result.error_message
+    return result
+
+
+def _unnamed_kept_across(conn, *setup: tuple[bytes, bytes]) -> bytes:
+    """Parse the unnamed statement, run each (name, sql) of *setup* as a named prepared statement,
+    then execute the unnamed one: its answer (b"42"), or the error it got."""
+    pg = conn.pgconn
+    _ok(pg.prepare(b"", b"select $1::int + 1"))
+    for name, sql in setup:
+        _ok(pg.prepare(name, sql))
+        result = pg.exec_prepared(name, [])
+        assert result.status in (psycopg.pq.ExecStatus.COMMAND_OK, psycopg.pq.ExecStatus.TUPLES_OK), result.error_message
+    result = pg.exec_prepared(b"", [b"41"])
+    if result.status != psycopg.pq.ExecStatus.TUPLES_OK:
+        return result.error_message
+    return result.get_value(0, 0)
+
+
+SET_CONFIG = (b"s1", b"select set_config('application_name', 'x', false)")
+
+
+@pytest.mark.parametrize(
+    "setup",
+    [
+        pytest.param([SET_CONFIG], id="set_config"),  # the issue's reproduction
+        pytest.param([(b"s2", b"set application_name = 'y'")], id="SET"),
+        pytest.param([(b"s3", b"set search_path = public"), (b"s4", b"set datestyle = 'German'")], id="two-SETs"),
+        pytest.param([(b"r", b"reset all")], id="RESET-ALL"),
+        pytest.param([SET_CONFIG, (b"r", b"reset application_name")], id="RESET-one"),
+    ],
+)
+def test_unnamed_statement_kept_as_on_a_direct_connection(tx_proxy, pg_cluster, setup):
+    """psycopg's low-level pgconn: the unnamed statement outlives a session change that pgtwist
+    reads back (or, for RESET, restores the startup value of) on the client's server connection."""
+    with _direct(pg_cluster, application_name="startup") as conn:
+        assert _unnamed_kept_across(conn, *setup) == b"42"
+    with psycopg.connect(tx_proxy.dsn(application_name="startup"), autocommit=True) as conn:
+        assert _unnamed_kept_across(conn, *setup) == b"42"
+        if setup[-1][0] == b"r":  # RESET: back to the startup value, as on a direct connection
+            assert conn.info.parameter_status("application_name") == "startup"
+            assert conn.execute("SHOW application_name").fetchone()[0] == "startup"
+
+
+def test_unnamed_portal_kept_across_a_reset_in_a_transaction(tx_proxy, pg_cluster):
+    """Inside a transaction: a partly fetched unnamed portal, a RESET ALL run through a named
+    statement and portal (after which pgtwist restores the startup settings), then the rest of
+    the unnamed portal: as on a direct connection."""
+    from .txhelpers import batch, bind, execute, parse, raw_login, sync
+    from pgtwist.wire import protocol as p
+
+    def run(client):
+        client.query("BEGIN")
+        first = batch(client, parse("", "select generate_series(1, 5)"), bind(""), execute("", 2), sync())
+        assert first.rows == [["1"], ["2"]] and chr(p.PORTAL_SUSPENDED) in first.types
+        reset = batch(client, parse("r", "reset all"), bind("r", portal="rp"), execute("rp"), sync())
+        assert reset.errors == [] and reset.status == "T"
+        rest = batch(client, execute("", 0), sync())
+        client.query("COMMIT")
+        return rest.rows, rest.sqlstates, client.scalar("SHOW application_name")
+
+    from .proxy import RawClient
+
+    primary = pg_cluster.nodes[0]
+    with RawClient(primary.host, primary.port) as direct:
+        direct.login(pg_cluster.app_user, pg_cluster.app_database, pg_cluster.app_password, application_name="startup")
+        want = run(direct)
+    assert want == ([["3"], ["4"], ["5"]], [], "startup")
+    with raw_login(tx_proxy, application_name="startup") as client:
+        assert run(client) == want
