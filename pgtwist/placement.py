@@ -253,6 +253,12 @@ class Placement:
             parameters = dict(server.parameters)
             if self.transaction_mode:
                 server.pool.remember_login(self._login_key(), parameters)
+            else:
+                # Session pooling: this server connection is the client's for good, so the client
+                # is told its process id (with a secret of ours; a CancelRequest with it reaches
+                # this connection as any other does).
+                pid = server.backend_key[0] if server.backend_key is not None else None
+                self.process_id, self.secret_key = self.proxy.register_cancel_key(self, pid)
             self._logged_in(parameters)
         self.state = LINKED
         self.ready_count = 0

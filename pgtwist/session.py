@@ -252,8 +252,11 @@ class ClientSession(Placement):
         self._startup_settings = dict(self.settings)
         if event.client_key is not None:
             self.proxy.remember_client_key(self.user, event.client_key)
-        self.process_id, self.secret_key = self.proxy.register_cancel_key(self)
         if self.transaction_mode:
+            # A client's server connection changes from one transaction to the next: no node's
+            # process id is its own, so it gets one of pgtwist's. (Session pooling gives the
+            # server's own once it has one: _prepared.)
+            self.process_id, self.secret_key = self.proxy.register_cancel_key(self)
             self.scanner = MessageScanner(CLIENT_CAPTURE, self.config.max_message_size)
             self.relay = Relay()
         else:

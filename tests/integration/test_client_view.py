@@ -156,3 +156,59 @@ def test_unnamed_portal_kept_across_a_reset_in_a_transaction(tx_proxy, pg_cluste
     assert want == ([["3"], ["4"], ["5"]], [], "startup")
     with raw_login(tx_proxy, application_name="startup") as client:
         assert run(client) == want
+
+
+# -- 3. backend process ids ----------------------------------------------------------------------
+
+
+def _sleep_cancelled(conn, cancel) -> None:
+    import threading
+
+    timer = threading.Timer(0.5, cancel)
+    timer.start()
+    try:
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            conn.execute("SELECT pg_sleep(20)")
+    finally:
+        timer.cancel()
+
+
+def test_session_pooling_tells_the_servers_own_process_id(proxy, admin):
+    """Session pooling: conn.info.backend_pid is the server's own, so pg_backend_pid(), a
+    notification's pid and pg_stat_activity agree with the driver as on a direct connection;
+    cancelling (with pgtwist's secret) still reaches that server."""
+    with proxy.connect() as conn, proxy.connect() as other:
+        pid = conn.info.backend_pid
+        assert conn.execute("SELECT pg_backend_pid()").fetchone()[0] == pid
+        assert other.info.backend_pid != pid
+        assert admin.execute("SELECT usename FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()[0] == proxy.user
+        conn.execute("LISTEN client_view")
+        conn.execute("NOTIFY client_view, 'mine'")
+        other.execute("NOTIFY client_view, 'theirs'")
+        got = {n.payload: n.pid for n in conn.notifies(timeout=10, stop_after=2)}
+        assert got == {"mine": pid, "theirs": other.info.backend_pid}
+        _sleep_cancelled(conn, conn.cancel)
+        _sleep_cancelled(conn, conn.cancel_safe)  # (libpq 17's cancel API: its own connection, TLS first if any)
+        assert conn.execute("SELECT pg_backend_pid()").fetchone()[0] == pid
+
+
+def test_session_pooling_pg_terminate_backend_of_the_drivers_pid_ends_that_session(proxy, admin):
+    with proxy.connect() as conn, proxy.connect() as other:
+        pid = conn.info.backend_pid
+        assert other.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone()[0] is True
+        with pytest.raises(psycopg.OperationalError):
+            conn.execute("SELECT 1")
+        assert other.execute("SELECT 1").fetchone()[0] == 1
+    assert admin.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()[0] == 0
+
+
+def test_transaction_pooling_process_ids_are_pgtwists_and_end_nobody(tx_proxy):
+    """Transaction pooling: the client's server connection changes between transactions, so no
+    server's process id is its own. It gets one of pgtwist's, above any real pid: cancel works
+    with it, and pg_terminate_backend() of it ends no backend."""
+    with tx_proxy.connect() as conn, tx_proxy.connect() as other:
+        pid = conn.info.backend_pid
+        assert pid > 2**22 and pid != conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+        _sleep_cancelled(conn, conn.cancel)
+        assert other.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone()[0] is False
+        assert conn.execute("SELECT 1").fetchone()[0] == 1

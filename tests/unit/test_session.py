@@ -320,7 +320,8 @@ def test_full_trust_login():
     assert dict(m.decode_parameter_status(b) for t, b in msgs if t == p.PARAMETER_STATUS) == NODE_PARAMS
     pid, key = m.decode_backend_key_data(msgs[-2][1])
     assert (pid, key) == (session.process_id, session.secret_key)
-    assert pid != NODE_PID and key != NODE_KEY
+    # Session pooling: the node's process id (pg_backend_pid() agrees), a secret of ours.
+    assert pid == NODE_PID and key != NODE_KEY
     assert h.proxy.cancel_keys[pid] is session
     assert msgs[-1] == (p.READY_FOR_QUERY, b"I")
     assert session.state == "linked"
@@ -514,6 +515,39 @@ def test_cancel_request_with_wrong_key_is_ignored():
     canceller.got_data(m.cancel_request(session.process_id, b"nope"))
     assert cct.disconnecting
     assert h.clock.tcpClients == []
+
+
+def test_sessions_given_the_same_node_process_id_each_cancel_their_own():
+    """Session pooling: two clients whose servers report the same process id (on two nodes, in
+    life) share it in BackendKeyData; their secrets tell them apart."""
+    h = Harness()
+    a, *_ = h.linked()
+    b, *_ = h.linked()
+    assert a.process_id == b.process_id == NODE_PID and a.secret_key != b.secret_key
+    cancelled = []
+    h.proxy.cancel_server = cancelled.append
+    for session in (b, a):
+        canceller, _ = h.client(login=False)
+        canceller.got_data(m.cancel_request(session.process_id, session.secret_key))
+    assert cancelled == [b.server, a.server]
+    canceller, _ = h.client(login=False)
+    canceller.got_data(m.cancel_request(NODE_PID, NODE_KEY))  # the node's own secret: never given out
+    assert len(cancelled) == 2
+    a.connection_lost(Failure(ConnectionDone()))
+    assert h.proxy.cancel_keys[NODE_PID] is b
+    b.connection_lost(Failure(ConnectionDone()))
+    assert NODE_PID not in h.proxy.cancel_keys
+
+
+def test_transaction_pooling_gives_process_ids_no_backend_can_have():
+    """The server connection changes between transactions: the client gets a process id of
+    pgtwist's, above Linux's largest pid, so pg_terminate_backend() of it ends nobody."""
+    h = Harness(pool_mode="transaction")
+    session, ct = h.client()
+    pid, key = m.decode_backend_key_data(next(b for t, b in messages(ct.value()) if t == p.BACKEND_KEY_DATA))
+    assert (pid, key) == (session.process_id, session.secret_key)
+    assert 2**22 < pid <= 0x7FFFFFFF and key != NODE_KEY
+    assert h.proxy.cancel_keys[pid] is session
 
 
 def test_node_refusing_login_reaches_the_client():
