@@ -215,6 +215,8 @@ class Placement:
         self.server = server
         self.state = PREPARING
         statements = None if self.settings == server.settings else sync_sql(self.settings, server.settings, server.parameters)
+        if statements is None and not self.logged_in and server.parameters_stale:
+            statements = []  # an empty batch: its ReadyForQuery brings what changed (in_hot_standby)
         if statements is None:
             self._prepared([])
         else:

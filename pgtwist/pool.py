@@ -218,6 +218,8 @@ class Pool:
         (in_hot_standby after a promotion, server_version after a restart on a new release)."""
         self.login_parameters.clear()
         self._login_seen = None
+        for conn in list(self.idle) + list(self.busy):
+            conn.parameters_stale = True  # (the next login on it asks the node again: _got_server)
 
     def _note_login(self, parameters: dict[str, str]) -> None:
         # A login reporting something new (the node restarted as another release, ALTER ROLE

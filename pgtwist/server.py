@@ -88,6 +88,9 @@ class ServerConnection:
         self.state = CONNECTING
         self.transport = None
         self.parameters: dict[str, str] = {}
+        # The node's role changed since this connection last spoke: PostgreSQL reports a changed
+        # in_hot_standby only at a ReadyForQuery, so an idle connection's parameters may be old.
+        self.parameters_stale = False
         self.backend_key: tuple[int, bytes] | None = None
         self.tx_status = p.TX_IDLE
         self.session = None  # the ClientSession while linked
@@ -294,6 +297,7 @@ class ServerConnection:
             self.internal_rows.append(m.decode_data_row(body))
         elif msg_type == _Z:
             self.tx_status = body[0] if body else p.TX_IDLE
+            self.parameters_stale = False  # (what changed was reported before this ReadyForQuery)
             self._internal_owed -= 1
             if self._internal_owed == 0:
                 self.state = IDLE

@@ -212,3 +212,52 @@ def test_transaction_pooling_process_ids_are_pgtwists_and_end_nobody(tx_proxy):
         _sleep_cancelled(conn, conn.cancel)
         assert other.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone()[0] is False
         assert conn.execute("SELECT 1").fetchone()[0] == 1
+
+
+# -- 1b. a failover: what logins are told follows the new primary -------------------------------
+
+
+def test_logins_after_a_failover_are_told_the_new_primarys_values(tmp_path):
+    """A private primary + replica behind a routing proxy (transaction pooling). Reads leave idle
+    connections on the replica; the primary dies and the replica is promoted. Every login that
+    lands on the promoted node is told in_hot_standby = off (a direct login there would be), even
+    when it is served by a connection opened while that node was a replica."""
+    import time
+
+    from pgtwist.localcluster import LocalCluster
+
+    with LocalCluster.create(replicas=1) as cluster:
+        primary, replica = cluster.nodes
+        config = dict(TX_CONFIG, pool_size=4, health_check_interval=0.2, health_check_timeout=1.0, failover_wait=15.0)
+        databases = {proxymod.DATABASE: {"dbname": cluster.app_database, "nodes": [primary.addr, replica.addr]}}
+        with proxymod.start_proxy(cluster, tmp_path, databases=databases, **config) as px:
+
+            def reads_on_replica():
+                with px.connect() as conn:
+                    assert conn.info.parameter_status("in_hot_standby") == "off"  # the primary's login
+                    ports = {conn.execute("SELECT inet_server_port()").fetchone()[0] for _ in range(4)}
+                return replica.port in ports
+
+            proxymod.wait_for(reads_on_replica, 20, "reads served by the replica")
+            cluster.stop(primary, "immediate")
+            cluster.promote(replica)
+            seen: list[tuple[str, int, bool]] = []
+
+            def login_on_promoted():
+                with px.connect() as conn:
+                    told = conn.info.parameter_status("in_hot_standby")
+                    port, in_recovery = conn.execute("SELECT inet_server_port(), pg_is_in_recovery()").fetchone()
+                    seen.append((told, port, in_recovery))
+                    return port == replica.port and not in_recovery
+
+            deadline = time.monotonic() + 30
+            while sum(1 for _, port, rec in seen if port == replica.port and not rec) < 5:
+                assert time.monotonic() < deadline, f"no logins on the promoted node: {seen}"
+                try:
+                    login_on_promoted()
+                except psycopg.OperationalError:
+                    time.sleep(0.2)  # (no primary yet)
+            # A login goes to the primary pgtwist knows: none that ended up on the promoted node
+            # was told it is a standby.
+            after = [told for told, port, rec in seen if port == replica.port and not rec]
+            assert after == ["off"] * len(after), seen

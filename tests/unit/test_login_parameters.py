@@ -9,6 +9,7 @@ import pytest
 
 from pgtwist.router import DatabaseRouter
 from pgtwist.routing.policy import NodeState
+from pgtwist.statements import internal_batch
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 
@@ -144,3 +145,30 @@ def test_a_role_change_of_the_node_forgets_its_remembered_logins():
     assert pool.login_parameters
     nodes.proxy._node_changed(nodes.database, nodes.monitor.states[P], "demoted")
     assert pool.login_parameters == {}
+
+
+def test_a_promoted_nodes_idle_connections_are_asked_again_before_a_login_is_told():
+    """PostgreSQL reports in_hot_standby's change only at a ReadyForQuery: an idle connection
+    to a replica that was promoted still holds "on". The first login on it asks the node (an
+    empty batch) and is told "off", as a direct login would be."""
+    nodes = Nodes(clustered=True)
+    nodes.login("app")
+    session = nodes.proxy.clients[max(nodes.proxy.clients, key=lambda c: int(c[1:]))]
+    session.got_data(m.query("SELECT 1"))  # a read: a connection to the replica R1
+    reader = nodes.proxy.servers[-1]
+    assert str(reader.node) == R1
+    reader.got_data(welcome(reported("app", standby="on")))
+    reader.got_data(m.command_complete("SELECT 1") + m.ready_for_query())
+    session.connection_lost(None)  # (its connection goes back to R1's pool)
+    assert reader.state == "idle" and reader.parameters["in_hot_standby"] == "on"
+    reader.transport.clear()
+    nodes.monitor.states[P].up = False
+    nodes.monitor.states[R1].role = "primary"
+    nodes.proxy._node_changed(nodes.database, nodes.monitor.states[R1], "promoted")
+    opened = nodes.servers_opened()
+    newcomer, ct = nodes._client("app")
+    assert nodes.servers_opened() == opened and newcomer.server is reader and newcomer.state == "preparing"
+    assert reader.transport.value() == internal_batch([])  # Close, Close, Sync: nothing run
+    reader.got_data(m.close_complete() * 2 + m.parameter_status("in_hot_standby", "off") + m.ready_for_query())
+    got = dict(m.decode_parameter_status(b) for t, b in messages(ct.value()) if t == p.PARAMETER_STATUS)
+    assert got["in_hot_standby"] == "off" and not reader.parameters_stale
