@@ -25,7 +25,6 @@ from pgtwist.wire import sqlstate
 log = Logger()
 
 _TERMINATE = p.TERMINATE
-_LOGIN_CACHE_LIMIT = 1000
 _RETRY_DELAY = 0.25  # between attempts to place work while nodes come and go
 _NOTHING_CLASSIFIED = Classification(read_only=False, reason="session")
 # Login refusals that mean the node is away (unreachable, starting up, shutting down), not that
@@ -231,11 +230,13 @@ class Placement:
             return
         self.server = server
         self.state = PREPARING
-        query = None if self.settings == server.settings else sync_sql(self.settings, server.settings, server.parameters)
-        if query is None:
+        statements = None if self.settings == server.settings else sync_sql(self.settings, server.settings, server.parameters)
+        if statements is None and not self.logged_in and server.parameters_stale:
+            statements = []  # an empty batch: its ReadyForQuery brings what changed (in_hot_standby)
+        if statements is None:
             self._prepared([])
         else:
-            server.run_internal([query]).addCallbacks(self._prepared, self._prepare_failed).addErrback(self._crashed)
+            server.run_for_client([statements]).addCallbacks(self._prepared, self._prepare_failed).addErrback(self._crashed)
 
     def _prepare_failed(self, failure) -> None:
         server, self.server = self.server, None
@@ -268,8 +269,14 @@ class Placement:
             server.settings = dict(self.settings)
         if not self.logged_in:
             parameters = dict(server.parameters)
-            if self.transaction_mode and len(self.router.login_parameters) < _LOGIN_CACHE_LIMIT:
-                self.router.login_parameters[self._login_key()] = parameters
+            if self.transaction_mode:
+                server.pool.remember_login(self._login_key(), parameters)
+            else:
+                # Session pooling: this server connection is the client's for good, so the client
+                # is told its process id (with a secret of ours; a CancelRequest with it reaches
+                # this connection as any other does).
+                pid = server.backend_key[0] if server.backend_key is not None else None
+                self.process_id, self.secret_key = self.proxy.register_cancel_key(self, pid)
             self._logged_in(parameters)
         self.state = LINKED
         self.ready_count = 0
@@ -362,7 +369,7 @@ class Placement:
         # The client's requests still owed a ReadyForQuery (not the proxy's own injected ones).
         owed = sum(1 for e in relay.queue if e.kind == SYNC and not e.swallow)
         if relay.held_ready is not None:
-            # Its statement ran, but the proxy's Query after it (restoring startup settings) did
+            # Its statement ran, but the proxy's batch after it (restoring startup settings) did
             # not: report it failed, as its effects on the client's settings are not kept either.
             owed += 1
         replay = (

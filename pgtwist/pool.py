@@ -14,6 +14,8 @@ from pgtwist.wire import sqlstate
 
 log = Logger()
 
+LOGIN_CACHE_LIMIT = 1000  # startup-settings combinations remembered per pool
+
 
 class PoolError(Exception):
     """A client could not get a server connection; carries the SQLSTATE and message for it."""
@@ -80,7 +82,11 @@ class Pool:
         self.lifetime = lifetime
         # ParameterStatus sets seen by clients logging in with given startup settings, so that
         # a transaction-mode login needs no server connection once the pool has seen its like.
+        # Per pool, so per (database, user, node): session_authorization and is_superuser are
+        # the user's, server_version and in_hot_standby the node's. Forgotten whenever the node
+        # may have changed (node_changed) or a new connection's login says something else.
         self.login_parameters: dict[tuple, dict[str, str]] = {}
+        self._login_seen: dict[str, str] | None = None  # what the last new connection's login reported
         self.lent: dict = {}  # busy connection -> the ClientSession keeping it between transactions
 
     def __repr__(self):
@@ -96,13 +102,16 @@ class Pool:
         """An idle connection right now (now busy), or None; never jumps the queue of waiters.
 
         With none idle, one lent to a client between its transactions is taken back for it.
+        Last in, first out (as PgBouncer's default): a client coming back at once gets the
+        connection it just gave back, where its unnamed statement still is (transaction
+        pooling), and surplus connections stay idle long enough for server_idle_timeout.
         """
         if self.waiters or self.paused:
             return None
         if not self.idle and self.lent:
             self._reclaim_one()
         if self.idle:
-            conn = self.idle.popleft()
+            conn = self.idle.pop()
             self.busy.add(conn)
             return conn
         return None
@@ -210,7 +219,7 @@ class Pool:
             if not self.idle:
                 self._reclaim_one()  # (its release() serves the waiter itself)
                 continue
-            self._give(self.idle.popleft())
+            self._give(self.idle.pop())  # (last in, first out: see take_idle)
         while not self.paused and len(self.waiters) > self.connecting and self.total < self.size:
             self._open()
 
@@ -221,6 +230,7 @@ class Pool:
 
     def _opened(self, conn) -> None:
         self.connecting -= 1
+        self._note_login(conn.parameters)
         self.idle.append(conn)
         self._serve()
 
@@ -236,6 +246,29 @@ class Pool:
         else:
             log.failure("server connection to {node} failed with nobody waiting", failure, node=self.node)
         self._serve()
+
+    # -- what logins report ---------------------------------------------------------------------
+
+    def remember_login(self, key: tuple, parameters: dict[str, str]) -> None:
+        """A client logging in with startup settings *key* was told *parameters* (kept for its likes)."""
+        if len(self.login_parameters) < LOGIN_CACHE_LIMIT:
+            self.login_parameters[key] = parameters
+
+    def node_changed(self) -> None:
+        """The node's role, health or fencing changed: what its logins reported may have too
+        (in_hot_standby after a promotion, server_version after a restart on a new release)."""
+        self.login_parameters.clear()
+        self._login_seen = None
+        for conn in list(self.idle) + list(self.busy):
+            conn.parameters_stale = True  # (the next login on it asks the node again: _got_server)
+
+    def _note_login(self, parameters: dict[str, str]) -> None:
+        # A login reporting something new (the node restarted as another release, ALTER ROLE
+        # ... SET changed a reported default) makes every remembered login stale.
+        if parameters != self._login_seen:
+            if self._login_seen is not None:
+                self.login_parameters.clear()
+            self._login_seen = dict(parameters)
 
     # -- taking back --------------------------------------------------------------------------
 

@@ -23,6 +23,11 @@ from pgtwist.session import ClientSession
 
 log = Logger()
 
+# Process ids of pgtwist's own BackendKeyData: above PID_MAX_LIMIT (2**22 on 64-bit Linux), so
+# never a real backend's, up to the largest int32.
+_OWN_PIDS_FROM = 2**22 + 1
+_OWN_PIDS_SPAN = 0x7FFFFFFF - _OWN_PIDS_FROM + 1
+
 
 class Proxy:
     """Owned by the service; one per running pgtwist. *reactor* provides time and connections."""
@@ -35,7 +40,9 @@ class Proxy:
         self.mock_secret = secrets.token_bytes(32)
         self.clients: dict[str, ClientSession] = {}
         self.pools: dict[tuple, Pool] = {}
-        self.cancel_keys: dict[int, ClientSession] = {}
+        # BackendKeyData process id -> the session (or, rarely, the sessions) given it: in session
+        # pooling it is the node's own process id, which sessions on different nodes may share.
+        self.cancel_keys: dict[int, ClientSession | list[ClientSession]] = {}
         self.client_keys: dict[str, bytes] = {}
         self.pinned_sessions = 0
         self.counters = Counters(reactor)  # totals for SHOW STATS and /metrics
@@ -79,8 +86,7 @@ class Proxy:
                 seconds=self.clock.seconds() - session.connected_at,
                 why=reason.getErrorMessage() if reason is not None else "closed",
             )
-        if self.cancel_keys.get(session.process_id) is session:
-            del self.cancel_keys[session.process_id]
+        self._forget_cancel_key(session)
 
     def note_pinned(self, session: ClientSession, reason: str) -> None:
         """Transaction pooling gave up sharing a client's server connection: say so once, count it."""
@@ -128,22 +134,53 @@ class Proxy:
 
     # -- cancel keys -------------------------------------------------------------------------
 
-    def register_cancel_key(self, session: ClientSession) -> tuple[int, bytes]:
-        """Issue the BackendKeyData a client sees: ours, never a node's."""
-        while True:
-            pid = secrets.randbelow(0x7FFFFFFF) + 1
-            if pid not in self.cancel_keys:
+    def register_cancel_key(self, session: ClientSession, process_id: int | None = None) -> tuple[int, bytes]:
+        """Issue the BackendKeyData a client sees: a secret of ours, never a node's, and a process id.
+
+        The process id is *process_id* when given (session pooling: the node's own, so that
+        pg_backend_pid(), a notification's pid and pg_terminate_backend() agree with the
+        driver), else one of ours above Linux's largest pid (PID_MAX_LIMIT, 2**22), which no
+        PostgreSQL backend can have: pg_terminate_backend() of it ends nobody.
+        """
+        keys = self.cancel_keys
+        if process_id is None:
+            while True:
+                process_id = _OWN_PIDS_FROM + secrets.randbelow(_OWN_PIDS_SPAN)
+                if process_id not in keys:
+                    break
+        held = keys.get(process_id)
+        holders = () if held is None else held if type(held) is list else (held,)
+        while True:  # (two sessions sharing a process id must not share the secret too)
+            secret = secrets.token_bytes(4)
+            if all(s.secret_key != secret for s in holders):
                 break
-        self.cancel_keys[pid] = session
-        return pid, secrets.token_bytes(4)
+        if held is None:
+            keys[process_id] = session
+        elif type(held) is list:
+            held.append(session)
+        else:
+            keys[process_id] = [held, session]
+        return process_id, secret
+
+    def _forget_cancel_key(self, session: ClientSession) -> None:
+        held = self.cancel_keys.get(session.process_id)
+        if held is session:
+            del self.cancel_keys[session.process_id]
+        elif type(held) is list and session in held:
+            held.remove(session)
+            if len(held) == 1:
+                self.cancel_keys[session.process_id] = held[0]
 
     def cancel(self, process_id: int, secret_key: bytes) -> None:
         """A CancelRequest from a client: forward it to the server serving that client now, if any."""
-        session = self.cancel_keys.get(process_id)
-        if session is None or not hmac.compare_digest(session.secret_key, secret_key):
+        held = self.cancel_keys.get(process_id)
+        if held is None:
             return  # PostgreSQL ignores unknown keys silently, and so do we
-        if session.server is not None:
-            self.cancel_server(session.server)
+        for session in held if type(held) is list else (held,):
+            if hmac.compare_digest(session.secret_key, secret_key):
+                if session.server is not None:
+                    self.cancel_server(session.server)
+                return
 
     def cancel_server(self, server: ServerConnection) -> None:
         if server.backend_key is None:
@@ -191,6 +228,9 @@ class Proxy:
         log.info("database {db}: node {node} {what}", db=database.name, node=state.name, what=what)
         if what == "promoted":
             self.counters.failover()
+        for pool in self.pools.values():
+            if pool.key[0] == database.name and str(pool.node) == state.name:
+                pool.node_changed()  # (what logins there report may differ now)
         if not state.up:
             # Idle server connections to a dead node are useless; busy ones fail on their own.
             for pool in self.pools.values():

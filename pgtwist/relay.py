@@ -6,6 +6,7 @@ from pgtwist.statements import (
     SERVER_NAME_PREFIX,
     Statement,
     bind_body,
+    internal_batch,
     parse_body,
     split_bind,
     split_parse,
@@ -42,7 +43,7 @@ FULL_CAPTURE = SIMPLE_CAPTURE | frozenset(
         p.ERROR_RESPONSE,
     )
 )
-# While a Query the proxy injected is being answered, everything of its answer is looked at
+# While a batch the proxy injected is being answered, everything of its answer is looked at
 # (and dropped): RowDescription, DataRow, CommandComplete, notices, errors.
 SWALLOW_CAPTURE = FULL_CAPTURE | frozenset((p.DATA_ROW, p.NOTICE_RESPONSE))
 # Client messages a shared server connection needs to see.
@@ -90,8 +91,8 @@ class Relay:
         self.skipping = False  # a proxy-made error: drop client messages until Sync, as PostgreSQL does
         self.tx_status = p.TX_IDLE
         self.server_fatal: dict | None = None  # a FATAL the node sent before it hung up
-        self.swallowing = 0  # Queries the proxy injected, not answered yet
-        self.held_ready: bytes | None = None  # the client's ReadyForQuery, held until the injected Query is done
+        self.swallowing = 0  # batches the proxy injected (inject), not answered yet
+        self.held_ready: bytes | None = None  # the client's ReadyForQuery, held until the injected batch is done
 
     @property
     def idle(self) -> bool:
@@ -121,11 +122,13 @@ class Relay:
             self.swallowing -= 1
         return entry
 
-    def inject_query(self, sql: str, to_server: list) -> None:
-        """A Query of the proxy's own behind what the client sent so far; its whole answer
-        (ReadyForQuery included) stays with the proxy, except ParameterStatus, which tells the
-        client the settings it now has. An error in it is dropped too: it can only repeat why
-        the client's own statement before it failed (an aborted transaction).
+    def inject(self, statements: list[str], to_server: list) -> None:
+        """Statements of the proxy's own behind what the client sent so far, ended by their own
+        Sync; the whole answer (ReadyForQuery included) stays with the proxy, except
+        ParameterStatus, which tells the client the settings it now has. An error in it is
+        dropped too: it can only repeat why the client's own statement before it failed (an
+        aborted transaction). Extended protocol under the proxy's own names (internal_batch):
+        the client's unnamed statement and portal are left as they were.
 
         The client's ReadyForQuery just before it is held back until this answer is in, so
         that, as on a direct connection, the client hears of its settings before it may speak.
@@ -133,7 +136,7 @@ class Relay:
         if self.skipping:
             return
         self._push(Entry(SYNC, swallow=True))
-        to_server.append(m.query(sql))
+        to_server.append(internal_batch(statements))
 
     # -- client -> server ---------------------------------------------------------------------
 
@@ -298,7 +301,7 @@ class Relay:
         return False
 
     def _proxy_query_next(self) -> bool:
-        """Whether the request this ReadyForQuery ends is followed by a Query of the proxy's own."""
+        """Whether the request this ReadyForQuery ends is followed by a batch of the proxy's own (inject)."""
         queue = self.queue
         for i, entry in enumerate(queue):
             if entry.kind is SYNC:
@@ -309,7 +312,7 @@ class Relay:
         """Handle one captured server message; returns the ReadyForQuery status when one went out."""
         queue = self.queue
         if self.swallowing and queue[0].swallow and queue[0].kind is SYNC and msg_type != p.PARAMETER_STATUS:
-            # The answer to a Query the proxy injected: the client never sees it.
+            # The answer to a batch the proxy injected: the client never sees it.
             if msg_type == p.READY_FOR_QUERY:
                 held, self.held_ready = self.held_ready, None
                 if held is not None:
@@ -323,7 +326,7 @@ class Relay:
             return None
         if msg_type == p.READY_FOR_QUERY:
             if self.swallowing and self._proxy_query_next():
-                # The proxy's own Query comes next: the client hears of this one after it.
+                # The proxy's own batch comes next: the client hears of this one after it.
                 self.ready(body[0] if body else p.TX_IDLE, to_client)
                 self.held_ready = frame(msg_type, body)
                 return None

@@ -67,8 +67,6 @@ class DatabaseRouter:
         self._volatile_functions: frozenset[str] = frozenset()
         self._functions_due = 0.0
         self._functions_loading = False
-        # Login ParameterStatus sets by startup settings (transaction pooling: no server needed).
-        self.login_parameters: dict[tuple, dict[str, str]] = {}
 
     @property
     def clustered(self) -> bool:

@@ -9,7 +9,7 @@ from twisted.logger import Logger
 
 from pgtwist.sendnow import write_now
 from pgtwist.server_login import ServerLogin, ServerLoginError
-from pgtwist.statements import ServerStatements
+from pgtwist.statements import ServerStatements, internal_batch
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 from pgtwist.wire import sqlstate
@@ -88,6 +88,9 @@ class ServerConnection:
         self.state = CONNECTING
         self.transport = None
         self.parameters: dict[str, str] = {}
+        # The node's role changed since this connection last spoke: PostgreSQL reports a changed
+        # in_hot_standby only at a ReadyForQuery, so an idle connection's parameters may be old.
+        self.parameters_stale = False
         self.backend_key: tuple[int, bytes] | None = None
         self.tx_status = p.TX_IDLE
         self.session = None  # the ClientSession while linked
@@ -259,14 +262,30 @@ class ServerConnection:
     # -- internal queries (parameters before linking, reset after) ------------------------
 
     def run_internal(self, queries: list[str]) -> defer.Deferred:
-        """Run simple queries whose results nobody sees; fires with the ErrorResponse fields of failures."""
+        """Run simple queries whose results nobody sees; fires with the ErrorResponse fields of failures.
+
+        For the pool, once the client is gone (ROLLBACK, server_reset_query): a simple Query
+        drops the unnamed statement and portal, which then belong to nobody. On a client's
+        behalf, run_for_client.
+        """
+        return self._run(b"".join(m.query(q) for q in queries), len(queries))
+
+    def run_for_client(self, batches: list[list[str]]) -> defer.Deferred:
+        """Run the proxy's own statements on the connection a client uses, as run_internal does,
+        but leaving that client's unnamed statement and portal as they are (internal_batch).
+
+        Each batch is one implicit transaction, as one multi-statement Query would be.
+        """
+        return self._run(b"".join(internal_batch(b) for b in batches), len(batches))
+
+    def _run(self, data: bytes, owed: int) -> defer.Deferred:
         assert self.state is IDLE, self.state
         self.state = INTERNAL
         self._internal = defer.Deferred()
-        self._internal_owed = len(queries)
+        self._internal_owed = owed
         self._internal_errors = []
         self.internal_rows = []
-        self.transport.write(b"".join(m.query(q) for q in queries))
+        self.transport.write(data)
         return self._internal
 
     def _internal_message(self, msg_type: int, body: bytes) -> None:
@@ -279,6 +298,7 @@ class ServerConnection:
             self.internal_rows.append(m.decode_data_row(body))
         elif msg_type == _Z:
             self.tx_status = body[0] if body else p.TX_IDLE
+            self.parameters_stale = False  # (what changed was reported before this ReadyForQuery)
             self._internal_owed -= 1
             if self._internal_owed == 0:
                 self.state = IDLE

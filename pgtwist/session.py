@@ -270,8 +270,11 @@ class ClientSession(Placement):
         self._startup_settings = dict(self.settings)
         if event.client_key is not None:
             self.proxy.remember_client_key(self.user, event.client_key)
-        self.process_id, self.secret_key = self.proxy.register_cancel_key(self)
         if self.transaction_mode:
+            # A client's server connection changes from one transaction to the next: no node's
+            # process id is its own, so it gets one of pgtwist's. (Session pooling gives the
+            # server's own once it has one: _prepared.)
+            self.process_id, self.secret_key = self.proxy.register_cancel_key(self)
             self.scanner = MessageScanner(CLIENT_CAPTURE, self.config.max_message_size)
             self.relay = Relay()
         else:
@@ -285,7 +288,7 @@ class ClientSession(Placement):
         leftover = self.login.leftover()
         if leftover:
             self.backlog.extend(self.scanner.feed(leftover))
-        known = self.router.login_parameters.get(self._login_key()) if self.transaction_mode else None
+        known = self._known_login() if self.transaction_mode else None
         if known is not None:
             self._logged_in(known)
             self.state = IDLE
@@ -309,7 +312,22 @@ class ClientSession(Placement):
             self.console.got_data(leftover)
 
     def _login_key(self) -> tuple:
+        """What, besides the pool (database, user, node), shapes the ParameterStatus a login reports."""
         return tuple(sorted(self.settings.items()))
+
+    def _known_login(self) -> dict[str, str] | None:
+        """Transaction pooling: the ParameterStatus set an earlier login like this one was told.
+
+        Only from the pool this login would use (same database, user and node: the primary
+        now), so that no user is ever told another's session_authorization or is_superuser,
+        and a failover (another primary) means a real login; the pool forgets what it knew
+        when its node changes (see Pool.node_changed).
+        """
+        node = self.router.primary()
+        if node is None:
+            return None
+        pool = self.proxy.pools.get((self.database.name, self.user, str(node)))
+        return pool.login_parameters.get(self._login_key()) if pool is not None else None
 
     def _logged_in(self, parameters: dict[str, str]) -> None:
         self._cancel_login_timer()
@@ -497,14 +515,15 @@ class ClientSession(Placement):
 
         On its own session PostgreSQL would return to those values (a startup packet's settings
         are the session's defaults); on a pooled connection they were applied with set_config(),
-        so the server's RESET went past them to its own defaults. A Query of the proxy's own
-        follows the statement's batch at once, in the same transaction state, its answer unseen
-        but for ParameterStatus; the release read-back then finds the settings as they are.
+        so the server's RESET went past them to its own defaults. A batch of the proxy's own
+        follows the statement's at once, in the same transaction state, its answer unseen but
+        for ParameterStatus, the client's unnamed statement and portal untouched; the release
+        read-back then finds the settings as they are.
         """
         names, self._to_restore = self._to_restore, None
-        sql = sync_sql({n: v for n, v in self._startup_settings.items() if n in names}, {}, {})
-        if sql is not None:
-            self.relay.inject_query(sql, to_server)
+        statements = sync_sql({n: v for n, v in self._startup_settings.items() if n in names}, {}, {})
+        if statements is not None:
+            self.relay.inject(statements, to_server)
 
     def _hold_writes(self, items: list) -> list:
         """On a replica for an autocommit read: keep back whatever write the client pipelined behind it.
@@ -744,7 +763,7 @@ class ClientSession(Placement):
             self.dirty = set()
             self.dirty_all = False
             names = [n for n in names if n not in SERVER_OWNED]
-        queries = [readback_sql(names)] if names else []
+        batches = [[readback_sql(names)]] if names else []
         track_lsn = (
             self._link_used  # (the link that only logged the client in wrote nothing)
             and self.config.read_your_writes
@@ -754,11 +773,11 @@ class ClientSession(Placement):
             and not self.decision.classification.read_only
         )
         if track_lsn:
-            queries.append(_WRITE_LSN_SQL)
-        if queries:
+            batches.append([_WRITE_LSN_SQL])
+        if batches:
             self.state = PREPARING
             server.unlink()
-            server.run_internal(queries).addCallbacks(
+            server.run_for_client(batches).addCallbacks(
                 lambda _: self._read_back(server, names, track_lsn), self._read_back_failed
             ).addErrback(self._crashed)
             return

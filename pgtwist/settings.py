@@ -68,8 +68,9 @@ def client_settings(parameters: dict[str, str]) -> dict[str, str]:
     return settings
 
 
-def sync_sql(wanted: dict[str, str], applied: dict[str, str], reported: dict[str, str]) -> str | None:
-    """SQL that turns a server session holding *applied* (beyond its defaults) into one holding *wanted*.
+def sync_sql(wanted: dict[str, str], applied: dict[str, str], reported: dict[str, str]) -> list[str] | None:
+    """The statements that turn a server session holding *applied* (beyond its defaults) into one
+    holding *wanted* (one at a time: they run as a batch of extended-protocol statements).
 
     set_config() takes a value as a startup packet would (a list for search_path, not one
     quoted name); names and values are quoted as data, never spliced in as SQL.
@@ -83,7 +84,7 @@ def sync_sql(wanted: dict[str, str], applied: dict[str, str], reported: dict[str
     ]
     if calls:
         resets.append("SELECT " + ", ".join(calls))
-    return "; ".join(resets) if resets else None
+    return resets or None
 
 
 def readback_sql(names: list[str]) -> str:

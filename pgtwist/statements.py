@@ -6,9 +6,38 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from hashlib import blake2b
 
+from pgtwist.wire import messages as m
 from pgtwist.wire.errors import ProtocolViolation
 
 SERVER_NAME_PREFIX = "pgtwist_"
+# The statement and portal of SQL the proxy runs on a client's server connection (settings
+# synced and read back, the read-your-writes WAL position, startup settings restored after RESET).
+INTERNAL_NAME = SERVER_NAME_PREFIX + "internal"
+
+
+def internal_batch(statements: list[str]) -> bytes:
+    """The proxy's own *statements*, in one implicit transaction ended by one Sync (one ReadyForQuery),
+    leaving the client's unnamed prepared statement and unnamed portal alone.
+
+    A simple Query would not: PostgreSQL drops the unnamed statement (and portal) whenever a
+    Query arrives, so a client that parsed one, then ran something whose effects pgtwist reads
+    back, would find it gone where a direct connection keeps it. Extended protocol under a name
+    of the proxy's own does not touch them. What an earlier batch may have left under that name
+    (an error skips the rest of a batch up to its Sync) is closed first; closing a name that does
+    not exist is no error, and Close works in an aborted transaction too. Each statement must be
+    one statement (Parse takes no lists); its rows come back as text DataRows.
+    """
+    out = [m.close("P", INTERNAL_NAME), m.close("S", INTERNAL_NAME)]
+    for sql in statements:
+        out += [
+            m.parse(INTERNAL_NAME, sql),
+            m.bind(INTERNAL_NAME, INTERNAL_NAME),
+            m.execute(INTERNAL_NAME),
+            m.close("P", INTERNAL_NAME),
+            m.close("S", INTERNAL_NAME),
+        ]
+    out.append(m.sync())
+    return b"".join(out)
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,7 @@ class FakeConn:
         self.tainted = False
         self.created = 0.0
         self.settings: dict = {}
+        self.parameters: dict = {}  # what its login reported
         self.statements: set = set()
         self.internal: list[tuple[list[str], defer.Deferred]] = []
         self.last_used = None

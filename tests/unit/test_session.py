@@ -21,6 +21,7 @@ from pgtwist.proxy import Proxy
 from pgtwist.server import ServerConnection
 from pgtwist.server_login import ServerLogin
 from pgtwist.settings import client_settings, parse_options, quote_literal, sync_sql
+from pgtwist.statements import INTERNAL_NAME
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 from pgtwist.wire import sqlstate
@@ -68,7 +69,45 @@ def types(data: bytes) -> str:
 
 
 def queries(data: bytes) -> list[str]:
-    return [m.decode_query(b) for t, b in messages(data) if t == p.QUERY]
+    """The SQL sent: simple Queries, and the statements of the proxy's own extended batches."""
+    out = []
+    for t, b in messages(data):
+        if t == p.QUERY:
+            out.append(m.decode_query(b))
+        elif t == p.PARSE and m.decode_parse(b)[0] == INTERNAL_NAME:
+            out.append(m.decode_parse(b)[1])
+    return out
+
+
+def split_internal(msgs: list[tuple[int, bytes]]) -> tuple[list, list[str]]:
+    """Messages sent -> (those before the proxy's last batch, the statements of that batch).
+
+    The batch must be what internal_batch makes: Close P, Close S, then per statement Parse,
+    Bind, Execute, Close P, Close S under the proxy's own name, then Sync.
+    """
+    own_close = INTERNAL_NAME.encode() + b"\x00"
+    start = max(
+        i
+        for i, (t, b) in enumerate(msgs)
+        if t == p.CLOSE and b == b"P" + own_close and (i == 0 or msgs[i - 1][0] != p.EXECUTE)
+    )
+    own = msgs[start:]
+    assert "".join(chr(t) for t, _ in own) == "CC" + "PBECC" * ((len(own) - 3) // 5) + "S", own
+    statements = [m.decode_parse(b)[1] for t, b in own if t == p.PARSE]
+    assert all(m.decode_parse(b)[0] == INTERNAL_NAME for t, b in own if t == p.PARSE)
+    assert all(m.decode_bind(b)[:2] == (INTERNAL_NAME, INTERNAL_NAME) for t, b in own if t == p.BIND)
+    return msgs[:start], statements
+
+
+def internal_answer(rows=(), params=(), statements=1) -> bytes:
+    """What PostgreSQL answers to internal_batch: CloseComplete, ParseComplete, BindComplete, rows,
+    CommandComplete, ParameterStatus, ReadyForQuery."""
+    out = m.close_complete() * 2
+    for _ in range(statements):
+        out += m.parse_complete() + m.bind_complete()
+        out += b"".join(m.data_row(list(r)) for r in rows)
+        out += m.command_complete(f"SELECT {len(rows)}") + m.close_complete() * 2
+    return out + b"".join(m.parameter_status(k, v) for k, v in params) + m.ready_for_query()
 
 
 class Proxy4Test(Proxy):
@@ -124,8 +163,12 @@ class Harness:
 
 
 def settings_query(wanted, reported):
-    """What a fresh server connection (no settings applied by us yet) is sent."""
-    return sync_sql(wanted, {}, reported)
+    """What a fresh server connection (no settings applied by us yet) is sent: one SELECT, or None."""
+    statements = sync_sql(wanted, {}, reported)
+    if statements is None:
+        return None
+    (sql,) = statements  # (nothing applied yet: nothing to RESET)
+    return sql
 
 
 def finish_internal(server, *, params=(), error=None, status=p.TX_IDLE):
@@ -277,7 +320,8 @@ def test_full_trust_login():
     assert dict(m.decode_parameter_status(b) for t, b in msgs if t == p.PARAMETER_STATUS) == NODE_PARAMS
     pid, key = m.decode_backend_key_data(msgs[-2][1])
     assert (pid, key) == (session.process_id, session.secret_key)
-    assert pid != NODE_PID and key != NODE_KEY
+    # Session pooling: the node's process id (pg_backend_pid() agrees), a secret of ours.
+    assert pid == NODE_PID and key != NODE_KEY
     assert h.proxy.cancel_keys[pid] is session
     assert msgs[-1] == (p.READY_FOR_QUERY, b"I")
     assert session.state == "linked"
@@ -471,6 +515,39 @@ def test_cancel_request_with_wrong_key_is_ignored():
     canceller.got_data(m.cancel_request(session.process_id, b"nope"))
     assert cct.disconnecting
     assert h.clock.tcpClients == []
+
+
+def test_sessions_given_the_same_node_process_id_each_cancel_their_own():
+    """Session pooling: two clients whose servers report the same process id (on two nodes, in
+    life) share it in BackendKeyData; their secrets tell them apart."""
+    h = Harness()
+    a, *_ = h.linked()
+    b, *_ = h.linked()
+    assert a.process_id == b.process_id == NODE_PID and a.secret_key != b.secret_key
+    cancelled = []
+    h.proxy.cancel_server = cancelled.append
+    for session in (b, a):
+        canceller, _ = h.client(login=False)
+        canceller.got_data(m.cancel_request(session.process_id, session.secret_key))
+    assert cancelled == [b.server, a.server]
+    canceller, _ = h.client(login=False)
+    canceller.got_data(m.cancel_request(NODE_PID, NODE_KEY))  # the node's own secret: never given out
+    assert len(cancelled) == 2
+    a.connection_lost(Failure(ConnectionDone()))
+    assert h.proxy.cancel_keys[NODE_PID] is b
+    b.connection_lost(Failure(ConnectionDone()))
+    assert NODE_PID not in h.proxy.cancel_keys
+
+
+def test_transaction_pooling_gives_process_ids_no_backend_can_have():
+    """The server connection changes between transactions: the client gets a process id of
+    pgtwist's, above Linux's largest pid, so pg_terminate_backend() of it ends nobody."""
+    h = Harness(pool_mode="transaction")
+    session, ct = h.client()
+    pid, key = m.decode_backend_key_data(next(b for t, b in messages(ct.value()) if t == p.BACKEND_KEY_DATA))
+    assert (pid, key) == (session.process_id, session.secret_key)
+    assert 2**22 < pid <= 0x7FFFFFFF and key != NODE_KEY
+    assert h.proxy.cancel_keys[pid] is session
 
 
 def test_node_refusing_login_reaches_the_client():

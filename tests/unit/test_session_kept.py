@@ -14,7 +14,7 @@ from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 from pgtwist.wire.framing import frame
 
-from tests.unit.test_session import Harness, finish_internal, messages
+from tests.unit.test_session import Harness, finish_internal, internal_answer, messages, split_internal
 
 SQL = "SELECT abalance FROM pgbench_accounts WHERE aid = $1"
 ROW_DESCRIPTION = frame(ord("T"), b"\x00\x01abalance\x00" + b"\x00" * 18)
@@ -115,17 +115,11 @@ def test_reset_all_brings_the_startup_settings_back_and_their_answer_stays_with_
     ct.clear()
     server.transport.clear()
     session.got_data(m.query("RESET ALL"))
-    (reset, restore) = messages(server.transport.value())
+    (reset,), (restore,) = split_internal(messages(server.transport.value()))
     assert reset == (p.QUERY, b"RESET ALL\x00")
-    assert restore[0] == p.QUERY and b"set_config(E'application_name', E'app1', false)" in restore[1]
+    assert restore == "SELECT pg_catalog.set_config(E'application_name', E'app1', false)"
     own = m.command_complete("RESET") + m.parameter_status("application_name", "") + m.ready_for_query()
-    injected = (
-        frame(ord("T"), b"\x00\x01set_config\x00" + b"\x00" * 18)
-        + frame(ord("D"), b"\x00\x01\x00\x00\x00\x04app1")
-        + m.command_complete("SELECT 1")
-        + m.parameter_status("application_name", "app1")
-        + m.ready_for_query()
-    )
+    injected = internal_answer(rows=[[b"app1"]], params=[("application_name", "app1")])
     if split:
         server.got_data(own)
         server.got_data(injected[:9])
@@ -184,8 +178,8 @@ def test_reset_all_replayed_after_the_node_died_brings_the_restore_along():
     assert ct.value() == b"" and not session.relay.swallowing
     second = h.proxy.servers[-1]
     finish_internal(second)  # the client's settings applied on the new connection
-    reset, restore = messages(second.transport.value())[-2:]
-    assert reset == (p.QUERY, b"RESET ALL\x00") and b"set_config(E'application_name'" in restore[1]
+    before, (restore,) = split_internal(messages(second.transport.value()))
+    assert before[-1] == (p.QUERY, b"RESET ALL\x00") and "set_config(E'application_name'" in restore
 
 
 
@@ -203,16 +197,16 @@ def startup_client(**params):
 def test_reset_of_one_startup_setting_keeps_its_own_tag_and_restores_only_that_one():
     session, ct, server = startup_client(application_name="app1", options="-c search_path=a,public")
     session.got_data(m.query("RESET search_path"))
-    reset, restore = messages(server.transport.value())
+    (reset,), (restore,) = split_internal(messages(server.transport.value()))
     assert reset == (p.QUERY, b"RESET search_path\x00")  # as sent: its CommandComplete says RESET
-    assert b"'search_path'" in restore[1] and b"application_name" not in restore[1]
+    assert "'search_path'" in restore and "application_name" not in restore
 
 
 def test_what_the_same_text_sets_again_is_not_restored():
     session, ct, server = startup_client(application_name="app1", options="-c search_path=a,public")
     session.got_data(m.query("RESET ALL; SET application_name = 'y'"))
-    _, restore = messages(server.transport.value())
-    assert b"'search_path'" in restore[1] and b"application_name" not in restore[1]
+    _, (restore,) = split_internal(messages(server.transport.value()))
+    assert "'search_path'" in restore and "application_name" not in restore
 
 
 def test_a_later_statement_of_the_same_batch_setting_a_name_keeps_it_out_of_the_restore():
@@ -223,6 +217,6 @@ def test_a_later_statement_of_the_same_batch_setting_a_name_keeps_it_out_of_the_
         + m.sync()
     )
     session.got_data(batch)
-    sent = messages(server.transport.value())
-    assert [chr(t) for t, _ in sent] == list("PBEPBESQ")
-    assert b"'application_name'" in sent[-1][1] and b"search_path" not in sent[-1][1]
+    sent, (restore,) = split_internal(messages(server.transport.value()))
+    assert [chr(t) for t, _ in sent] == list("PBEPBES")
+    assert "'application_name'" in restore and "search_path" not in restore
