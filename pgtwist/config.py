@@ -143,6 +143,9 @@ class Config:
     admin_users: tuple[str, ...] = ()
     manhole: ManholeConfig | None = None
     metrics: MetricsConfig | None = None
+    # Transaction pooling, when a client's server connection dies under it: "keep_session" (the
+    # client gets the node's error and goes on) or "close_client" (PgBouncer's way).
+    on_server_loss: str = "keep_session"
 
 
 _DEFAULTS: dict[str, Any] = {
@@ -173,9 +176,11 @@ _DEFAULTS: dict[str, Any] = {
     "failover_timeout": 10.0,
     "auto_promote": False,
     "routing_hook": "",
+    "on_server_loss": "keep_session",
 }
 ROUTES = ("auto", "primary", "replica")
 UNPOOLABLE = ("pin", "error")
+SERVER_LOSS = ("keep_session", "close_client")
 
 _OPERATIONS_KEYS = {"shutdown_timeout", "log_format", "audit", "admin", "manhole", "metrics"}
 _TOP_KEYS = set(_DEFAULTS) | {"databases", "users", "tls", "server_tls"} | _OPERATIONS_KEYS
@@ -300,6 +305,7 @@ def from_dict(raw: Mapping[str, Any], source: str = "<memory>") -> Config:
     )
     min_pool_size = c.number(raw, "min_pool_size", "min_pool_size", int, _DEFAULTS["min_pool_size"], 0, 100_000)
     unpoolable = c.choice(raw, "unpoolable", UNPOOLABLE, "pin")
+    on_server_loss = c.choice(raw, "on_server_loss", SERVER_LOSS, "keep_session")
     max_message_size = c.number(
         raw, "max_message_size", "max_message_size", int, _DEFAULTS["max_message_size"], 1024, 0x3FFFFFFF
     )
@@ -383,6 +389,7 @@ def from_dict(raw: Mapping[str, Any], source: str = "<memory>") -> Config:
         max_prepared_statements=max_prepared_statements,
         min_pool_size=min_pool_size,
         unpoolable=unpoolable,
+        on_server_loss=on_server_loss,
         max_replica_lag=max_replica_lag,
         read_only_functions=frozenset(f.lower() for f in functions),
         routing_hook=strings["routing_hook"],

@@ -197,6 +197,16 @@ class Proxy:
         router = self.routers.get(database.name)
         if router is None or router.monitor is None or router.primary() is not None:
             return  # an operator or an HA manager got there first
+        # Only a probe that fails now is evidence enough to promote: whatever marked the primary
+        # down (live traffic, an earlier probe), the node must be asked once more first.
+        router.monitor.probe_now().addCallback(lambda _: self._promote(database, router)).addErrback(
+            lambda f: log.failure("database {db}: re-probing before promotion failed", f, db=database.name)
+        )
+
+    def _promote(self, database, router) -> None:
+        if self.routers.get(database.name) is not router or router.primary() is not None:
+            log.info("database {db}: the primary answered again; no promotion", db=database.name)
+            return
         candidate = router.monitor.most_caught_up_replica()
         if candidate is None:
             log.warn("database {db}: no primary and no replica to promote", db=database.name)

@@ -647,6 +647,10 @@ class ClientSession(Placement):
                 if msg_type == _Z:
                     ready += 1
                     status = body[0] if body else p.TX_IDLE
+                elif msg_type == p.ERROR_RESPONSE:
+                    fields = m.decode_fields(body)
+                    if fields.get("V", fields.get("S")) in ("FATAL", "PANIC"):
+                        server.fatal = fields  # relayed as it came: when the node hangs up, nothing more is said
                 else:
                     self._parameter_status(server, body)
             self.ready_count += ready
