@@ -305,6 +305,14 @@ class Placement:
         if relay is not None:
             said = said or relay.server_fatal
             relay.server_fatal = None
+        log.info(
+            "client {client}: server {server} on node {node} ended: {code} {message}",
+            client=self.id,
+            server=server.id,
+            node=server.node,
+            code=said.get("C") if said else sqlstate.CONNECTION_FAILURE,
+            message=said.get("M") if said else "connection lost",
+        )
         self.router.server_ended(server.node, said)
         if self.transaction_mode and self.state is LINKED and not self.pinned:
             if said is not None and said.get("C") == sqlstate.PROTOCOL_VIOLATION:
@@ -383,15 +391,6 @@ class Placement:
         status = p.TX_FAILED if in_transaction else p.TX_IDLE
         self.orphaned = bool(in_transaction)
         relay.tx_status = status
-        if owed or in_transaction:
-            log.info(
-                "client {client}: server {server} on node {node} ended ({code} {message}); the session goes on",
-                client=self.id,
-                server=server.id,
-                node=server.node,
-                code=said.get("C") if said else sqlstate.CONNECTION_FAILURE,
-                message=said.get("M") if said else "connection lost",
-            )
         error = m.error_response_from_fields(self._lost_fields(server, said, bool(in_transaction)))
         if owed:
             self.transport.write((error + m.ready_for_query(status)) * owed)
@@ -467,6 +466,17 @@ class Placement:
                 batch.append(item)
                 out.append(self._orphaned_reply(batch))
                 batch = []
+            elif msg_type == p.FLUSH:
+                # A driver that prepares with Parse, Describe, Flush (asyncpg) waits for an answer
+                # before its Sync: as PostgreSQL does, the error goes out now and the rest of the
+                # batch, up to its Sync (answered with ReadyForQuery alone), is skipped.
+                batch.append(item)
+                if not self._orphan_told and not standin.ends_dead_transaction(
+                    classify(sql) for sql in self._statement_texts(batch)
+                ):
+                    error, self._orphan_error = self._orphan_error, None
+                    out.append(standin.aborted_error(error))
+                    self._orphan_told = True
             else:
                 batch.append(item)
         else:
@@ -476,6 +486,9 @@ class Placement:
             self._acquire()
 
     def _orphaned_reply(self, items: list) -> bytes:
+        if self._orphan_told:
+            self._orphan_told = False  # (its error went out at a Flush; the batch was skipped since)
+            return m.ready_for_query(p.TX_FAILED)
         if standin.ends_dead_transaction(classify(sql) for sql in self._statement_texts(items)):
             self.orphaned = False
             self._orphan_error = None

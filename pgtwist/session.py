@@ -112,6 +112,7 @@ class ClientSession(Placement):
         "_startup_settings",
         "_to_restore",
         "_orphan_error",
+        "_orphan_told",
     )
 
     def __init__(self, proxy, transport, client_id: str):
@@ -159,7 +160,8 @@ class ClientSession(Placement):
         self._pool = None  # the pool the last transaction used
         self._lent = False  # linked between transactions on a connection the pool may reclaim
         self._primary = None  # the Decision for the primary, kept while the primary stays
-        self._orphan_error = None  # the 08006 an orphaned transaction's next statement gets
+        self._orphan_error = None  # the error an orphaned transaction's next statement gets (08006, 57P01...)
+        self._orphan_told = False  # an orphaned batch's error went out at its Flush: its Sync gets ReadyForQuery alone
         self._asked_at: float | None = None  # when the client's pending request began (query latency)
         self._read_link = False  # linked to a replica for an autocommit read: writes behind it wait
         self._holding = False  # a write is waiting in the backlog for this read's replica to go

@@ -768,3 +768,25 @@ def test_close_client_applies_to_open_sessions_after_a_reload():
     server.got_data(TERMINATED)
     lose(server)
     assert ct.disconnecting and error_fields(ct.value())[0]["S"] == "FATAL"
+
+
+def test_an_orphaned_transaction_answers_a_flush_at_once_as_postgresql_does():
+    """asyncpg prepares with Parse, Describe, Flush and waits: the error must not wait for the Sync."""
+    s = Setup()
+    session, ct = s.client()
+    server = begin(s, session)
+    server.got_data(TERMINATED)
+    lose(server)
+    session.got_data(m.parse("stmt1", "SELECT 2") + m.describe("S", "stmt1") + m.flush())
+    (fields,) = error_fields(ct.value())
+    assert (fields["S"], fields["C"]) == ("ERROR", "57P01") and types(ct.value()) == "E"
+    ct.clear()
+    session.got_data(m.sync())
+    assert ct.value() == Z_FAILED
+    ct.clear()
+    session.got_data(m.parse("stmt2", "SELECT 3") + m.describe("S", "stmt2") + m.flush())
+    assert [f["C"] for f in error_fields(ct.value())] == ["25P02"]
+    session.got_data(m.sync())
+    ct.clear()
+    session.got_data(m.query("ROLLBACK"))
+    assert ct.value() == m.command_complete("ROLLBACK") + Z_IDLE and not session.orphaned
