@@ -748,7 +748,7 @@ class ClientSession(Placement):
             self.state = PREPARING
             server.unlink()
             server.run_internal(queries).addCallbacks(
-                lambda _: self._read_back(server, names, track_lsn), self._read_back_failed
+                lambda _: self._read_back(server, names, track_lsn), lambda _: self._read_back_failed(server)
             ).addErrback(self._crashed)
             return
         pool = server.pool
@@ -770,8 +770,15 @@ class ClientSession(Placement):
             self._lent = False
             self._give_back(server)
 
-    def _read_back_failed(self, failure) -> None:
+    def _read_back_failed(self, server) -> None:
+        """The server connection ended while the proxy read back what the client's transaction left."""
         self.server = None
+        said = server.fatal
+        self.router.server_ended(server.node, said, "connection lost after a transaction")
+        if said is not None and said.get("C") == sqlstate.PROTOCOL_VIOLATION and self.state is not CLOSED:
+            # What the client sent last made the node hang up: the client goes with the node's words.
+            self.fatal_fields(dict(said, S="FATAL", V="FATAL"))
+            return
         if self.state is not CLOSED:
             self.state = IDLE
             self._resume()

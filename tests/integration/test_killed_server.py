@@ -14,8 +14,10 @@ import json
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -24,6 +26,7 @@ import psycopg
 import pytest
 from psycopg import errors as pgerrors
 
+from pgtwist.localcluster import LocalCluster
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 
@@ -453,3 +456,52 @@ def test_close_client_setting_reloaded_live(pg_cluster, tmp_path):
                 (fatal,) = errors_in(c.wait_closed(10))
                 assert (fatal["S"], fatal["C"]) == ("FATAL", "57P01")
         assert_nodes_up(px, since)
+
+
+# --------------------------------------------------------------------------- no client can take a node down
+
+
+def test_no_client_can_take_a_node_down_or_provoke_a_promotion(tmp_path):
+    """A client's bad frame (the node's FATAL 08P01), a client terminating every other backend of
+    its user (57P01 for them all, the health probe's too) and a session's timeout (25P03), again
+    and again, with auto_promote on and a short failover_timeout: no node is marked down, nothing
+    is promoted, and the other clients keep working."""
+    with LocalCluster.create(replicas=1) as cluster:
+        overrides = settings(cluster, pool_mode="transaction", auto_promote=True, failover_timeout=0.5, health_check_interval=0.2)
+        with start_ops_proxy(cluster, tmp_path, TABLES, **overrides) as px:
+            since = px.log_size()
+            others = [px.connect() for _ in range(3)]
+            try:
+                for _ in range(4):
+                    with raw_login(px) as c:
+                        c.send(b"z" + struct.pack("!I", 8) + b"junk")  # no such message type
+                        assert [(e["S"], e["C"]) for e in errors_in(c.wait_closed(10))] == [("FATAL", "08P01")]
+                    with px.connect() as bully:
+                        bully.execute("BEGIN")  # (on the primary)
+                        bully.execute(
+                            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                            " WHERE usename = current_user AND pid <> pg_backend_pid()"
+                        )
+                        bully.execute("COMMIT")
+                    with px.connect() as idler:
+                        idler.execute("SET idle_in_transaction_session_timeout = '50ms'")
+                        idler.execute("BEGIN")
+                        idler.execute("SELECT 1")
+                        time.sleep(0.3)
+                        with pytest.raises(pgerrors.IdleInTransactionSessionTimeout):
+                            idler.execute("SELECT 2")
+                        idler.execute("ROLLBACK")
+                    for conn in others:
+                        try:
+                            assert conn.execute("SELECT 1").fetchone() == (1,)
+                        except pgerrors.AdminShutdown:
+                            # Its kept connection was killed just as it spoke: told so, the session goes on.
+                            assert conn.execute("SELECT 1").fetchone() == (1,)
+                time.sleep(1.0)  # longer than failover_timeout
+                assert_nodes_up(px, since)
+                assert "promoting" not in px.log_text(since)
+                with psycopg.connect(node_dsn(cluster, cluster.nodes[1]), autocommit=True) as replica:
+                    assert replica.execute("SELECT pg_is_in_recovery()").fetchone() == (True,)
+            finally:
+                for conn in others:
+                    conn.close()
