@@ -790,3 +790,60 @@ def test_an_orphaned_transaction_answers_a_flush_at_once_as_postgresql_does():
     ct.clear()
     session.got_data(m.query("ROLLBACK"))
     assert ct.value() == m.command_complete("ROLLBACK") + Z_IDLE and not session.orphaned
+
+
+# -- auto_promote asks the primary once more before promoting -------------------------------------
+
+
+class PromotingMonitor(FakeMonitor):
+    """FakeMonitor + what auto_promote uses: probe_now (answered by the test), promote."""
+
+    def __init__(self, states, clock):
+        super().__init__(states, clock)
+        self.probes: list = []
+        self.promoted: list[str] = []
+
+    def probe_now(self, name=None):
+        from twisted.internet import defer
+
+        d = defer.Deferred()
+        self.probes.append(d)
+        return d
+
+    def most_caught_up_replica(self):
+        return self.states[R1]
+
+    def promote(self, name):
+        from twisted.internet import defer
+
+        self.promoted.append(name)
+        return defer.succeed(None)
+
+
+def promoting_setup():
+    s = Setup(auto_promote=True, failover_timeout=1.0)
+    monitor = PromotingMonitor(list(s.monitor.states.values()), s.clock)
+    database = s.proxy.config.databases["appdb"]
+    s.proxy.routers["appdb"] = DatabaseRouter(database, s.proxy.config, monitor)
+    return s, monitor, database
+
+
+def test_auto_promote_promotes_only_if_the_primary_fails_a_fresh_probe():
+    s, monitor, database = promoting_setup()
+    monitor.states[P].up = False
+    s.proxy._node_changed(database, monitor.states[P], "down")
+    s.clock.advance(1.0)
+    assert len(monitor.probes) == 1 and monitor.promoted == []  # asked again first
+    monitor.probes[0].callback(monitor.states)  # still down
+    assert monitor.promoted == [R1]
+
+
+def test_auto_promote_does_not_promote_when_the_primary_answers_again():
+    """Whatever marked the primary down (a flapping connection, live traffic): a probe that answers wins."""
+    s, monitor, database = promoting_setup()
+    monitor.states[P].up = False
+    s.proxy._node_changed(database, monitor.states[P], "down")
+    s.clock.advance(1.0)
+    monitor.states[P].up = True
+    monitor.probes[0].callback(monitor.states)
+    assert monitor.promoted == []
