@@ -36,7 +36,7 @@ SESSION_SERVER_CAPTURE = frozenset((p.READY_FOR_QUERY, p.PARAMETER_STATUS, p.ERR
 _KEPT_FIELDS = frozenset("CMDHW")
 # Login refusals that mean the node is away (unreachable, starting up, shutting down), not that
 # this client may not log in: the work waits for that node or goes to another.
-_NODE_AWAY = frozenset((sqlstate.CONNECTION_FAILURE, sqlstate.CANNOT_CONNECT_NOW, sqlstate.ADMIN_SHUTDOWN, "57P02"))
+_NODE_AWAY = frozenset((sqlstate.CONNECTION_FAILURE, sqlstate.CANNOT_CONNECT_NOW, sqlstate.ADMIN_SHUTDOWN, sqlstate.CRASH_SHUTDOWN))
 
 
 class Placement:
