@@ -29,6 +29,7 @@ from psycopg import errors as pgerrors
 from pgtwist.localcluster import LocalCluster
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
+from pgtwist.wire.framing import pop_messages
 
 from .ops import rewrite_config, start_ops_proxy
 from .proxy import DATABASE, RawClient, wait_for
@@ -288,8 +289,6 @@ def raw_login(px) -> RawClient:
 def errors_in(data: bytes) -> list[dict]:
     out = []
     buf = bytearray(data)
-    from pgtwist.wire.framing import pop_messages
-
     for msg_type, body in pop_messages(buf, p.MAX_PROTOCOL_MESSAGE):
         if msg_type == p.ERROR_RESPONSE:
             out.append(m.decode_fields(body))
