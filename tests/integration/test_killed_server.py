@@ -239,6 +239,23 @@ def test_psycopg_idle_in_transaction_session_timeout(tx_proxy):
     assert_nodes_up(px, since)
 
 
+def test_psycopg_pinned_session_is_closed_with_the_nodes_fatal_alone(tx_proxy, pg_cluster):
+    """LISTEN pins the session to its server connection: that state dies with it, and so does the session."""
+    px, since = tx_proxy, tx_proxy.log_size()
+    with px.connect() as conn:
+        conn.execute("LISTEN killed_server_channel")
+        tag = marker()
+        conn.execute(f"SELECT 1 /* {tag} */")
+        terminate(pg_cluster, tag, "idle")
+        wait_for(lambda: "closed: 57P01" in px.log_text(since), 10, "pgtwist to close the pinned client")
+        with pytest.raises(psycopg.OperationalError) as caught:
+            conn.execute("SELECT 2")
+        assert "terminating connection due to administrator command" in str(caught.value)
+        assert "lost the connection" not in str(caught.value)
+        assert conn.broken
+    assert_nodes_up(px, since)
+
+
 # --------------------------------------------------------------------------- asyncpg, transaction pooling
 
 
