@@ -847,3 +847,33 @@ def test_auto_promote_does_not_promote_when_the_primary_answers_again():
     monitor.states[P].up = True
     monitor.probes[0].callback(monitor.states)
     assert monitor.promoted == []
+
+
+def test_a_clients_bad_frame_answered_during_the_read_back_closes_that_client_only():
+    """In a cluster a write is followed by the proxy's WAL read-back: a frame the node rejects with
+    FATAL 08P01 then ends the connection under that internal query. The client goes, the node stays up."""
+    s = Setup()
+    session, ct = s.client()
+    session.got_data(m.query("INSERT INTO t VALUES (1)"))
+    server = session.server
+    sent(server)
+    server.got_data(m.command_complete("INSERT 0 1") + Z_IDLE)
+    assert session.state == "preparing" and server.state == "internal"  # reading the WAL position back
+    ct.clear()
+    server.got_data(m.error_response("FATAL", "08P01", "invalid frontend message type 122"))
+    lose(server)
+    (fields,) = error_fields(ct.value())
+    assert (fields["S"], fields["C"]) == ("FATAL", "08P01") and ct.disconnecting
+    assert s.monitor.marked == [] and s.monitor.verified == []
+
+
+def test_a_node_dying_during_the_read_back_is_marked_down_and_the_session_goes_on():
+    s = Setup()
+    session, ct = s.client()
+    session.got_data(m.query("INSERT INTO t VALUES (1)"))
+    server = session.server
+    server.got_data(m.command_complete("INSERT 0 1") + Z_IDLE)
+    ct.clear()
+    lose(server)
+    assert [n for n, _ in s.monitor.marked] == [P]
+    assert ct.value() == b"" and not ct.disconnecting and session.state == "idle"
