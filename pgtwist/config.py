@@ -151,6 +151,9 @@ class Config:
     tcp_keepidle: int = 0
     tcp_keepintvl: int = 0
     tcp_keepcnt: int = 0
+    # Transaction pooling, when a client's server connection dies under it: "keep_session" (the
+    # client gets the node's error and goes on) or "close_client" (PgBouncer's way).
+    on_server_loss: str = "keep_session"
 
 
 _DEFAULTS: dict[str, Any] = {
@@ -186,11 +189,13 @@ _DEFAULTS: dict[str, Any] = {
     "tcp_keepidle": 0,
     "tcp_keepintvl": 0,
     "tcp_keepcnt": 0,
+    "on_server_loss": "keep_session",
 }
 # Linux's bounds for TCP_KEEPIDLE / TCP_KEEPINTVL (seconds) and TCP_KEEPCNT (probes).
 _KEEPALIVE_MAX = {"tcp_keepidle": 32767, "tcp_keepintvl": 32767, "tcp_keepcnt": 127}
 ROUTES = ("auto", "primary", "replica")
 UNPOOLABLE = ("pin", "error")
+SERVER_LOSS = ("keep_session", "close_client")
 
 _OPERATIONS_KEYS = {"shutdown_timeout", "log_format", "log_connections", "log_disconnections", "audit", "admin", "manhole", "metrics"}
 _TOP_KEYS = set(_DEFAULTS) | {"databases", "users", "tls", "server_tls"} | _OPERATIONS_KEYS
@@ -317,6 +322,7 @@ def from_dict(raw: Mapping[str, Any], source: str = "<memory>") -> Config:
     )
     min_pool_size = c.number(raw, "min_pool_size", "min_pool_size", int, _DEFAULTS["min_pool_size"], 0, 100_000)
     unpoolable = c.choice(raw, "unpoolable", UNPOOLABLE, "pin")
+    on_server_loss = c.choice(raw, "on_server_loss", SERVER_LOSS, "keep_session")
     max_message_size = c.number(
         raw, "max_message_size", "max_message_size", int, _DEFAULTS["max_message_size"], 1024, 0x3FFFFFFF
     )
@@ -400,6 +406,7 @@ def from_dict(raw: Mapping[str, Any], source: str = "<memory>") -> Config:
         max_prepared_statements=max_prepared_statements,
         min_pool_size=min_pool_size,
         unpoolable=unpoolable,
+        on_server_loss=on_server_loss,
         max_replica_lag=max_replica_lag,
         read_only_functions=frozenset(f.lower() for f in functions),
         routing_hook=strings["routing_hook"],

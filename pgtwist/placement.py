@@ -11,6 +11,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from pgtwist import standin
+from pgtwist.cluster import evidence
 from pgtwist.pool import PoolError
 from pgtwist.relay import SYNC
 from pgtwist.router import Decision, NoNode
@@ -27,9 +28,14 @@ log = Logger()
 _TERMINATE = p.TERMINATE
 _RETRY_DELAY = 0.25  # between attempts to place work while nodes come and go
 _NOTHING_CLASSIFIED = Classification(read_only=False, reason="session")
+# What a session-mode link looks at in the node's answers: ReadyForQuery, ParameterStatus, and
+# ErrorResponse, so that a FATAL relayed as it came is known (the client gets no second one).
+SESSION_SERVER_CAPTURE = frozenset((p.READY_FOR_QUERY, p.PARAMETER_STATUS, p.ERROR_RESPONSE))
+# Of a node's FATAL, what a kept session's ERROR repeats: code, message, detail, hint, context.
+_KEPT_FIELDS = frozenset("CMDHW")
 # Login refusals that mean the node is away (unreachable, starting up, shutting down), not that
 # this client may not log in: the work waits for that node or goes to another.
-_NODE_AWAY = frozenset((sqlstate.CONNECTION_FAILURE, sqlstate.CANNOT_CONNECT_NOW, sqlstate.ADMIN_SHUTDOWN, "57P02"))
+_NODE_AWAY = frozenset((sqlstate.CONNECTION_FAILURE, sqlstate.CANNOT_CONNECT_NOW, sqlstate.ADMIN_SHUTDOWN, sqlstate.CRASH_SHUTDOWN))
 
 
 class Placement:
@@ -214,9 +220,9 @@ class Placement:
             self._deadline = None
             self._retry_or_fail(m.error_fields("FATAL", e.sqlstate, e.message, e.detail))
         elif isinstance(e, ServerLoginError):
-            if e.fields.get("C") in _NODE_AWAY and self.decision is not None:
-                self.router.node_failed(self.decision.node, e.fields.get("M", ""))
-            else:
+            if self.decision is not None:
+                self.router.server_ended(self.decision.node, e.fields, "login failed")
+            if e.fields.get("C") not in _NODE_AWAY:
                 self._deadline = None  # a refusal, not an outage: say so now
             self._retry_or_fail(e.fields)
         else:
@@ -242,7 +248,7 @@ class Placement:
         server, self.server = self.server, None
         if self.state is CLOSED or server is None:
             return
-        self.router.node_failed(server.node, "connection lost")
+        self.router.server_ended(server.node, server.fatal)
         self.state = WAITING
         self._retry_or_fail(
             m.error_fields("FATAL", sqlstate.CONNECTION_FAILURE, f"lost the connection to node {server.node} while preparing the session")
@@ -293,7 +299,7 @@ class Placement:
             and decision.classification.tx is None
             and self.relay.tx_status == p.TX_IDLE
         )
-        server.link(self, self.transport, self.relay.capture() if self.relay else None)
+        server.link(self, self.transport, self.relay.capture() if self.relay else SESSION_SERVER_CAPTURE)
         self._resume()
         backlog, self.backlog = self.backlog, []
         if backlog:
@@ -304,26 +310,60 @@ class Placement:
     # -- losing it --------------------------------------------------------------------------
 
     def server_lost(self, server, reason) -> None:
-        """The node closed our server connection while this client was linked to it."""
+        """The node closed our server connection while this client was linked to it.
+
+        What the node said before it hung up (its FATAL, if any) decides both what it means for
+        the node's health (cluster/evidence.py: a client's protocol error or one terminated
+        backend never takes a node down) and what the client hears: the node's own SQLSTATE and
+        message, once. Transaction pooling keeps the session (its state lives in pgtwist) unless
+        on_server_loss = "close_client"; session mode and pinned sessions cannot carry it and
+        end with the node's FATAL alone.
+        """
         if self.server is not server or self.state is CLOSED:
             return
         self.server = None
-        self._lent = False
-        self.router.node_failed(server.node, "connection lost")
+        lent, self._lent = self._lent, False
+        relay = self.relay
+        said = server.fatal
+        if relay is not None:
+            said = said or relay.server_fatal
+            relay.server_fatal = None
+        log.info(
+            "client {client}: server {server} on node {node} ended: {code} {message}",
+            client=self.id,
+            server=server.id,
+            node=server.node,
+            code=said.get("C") if said else sqlstate.CONNECTION_FAILURE,
+            message=said.get("M") if said else "connection lost",
+        )
+        self.router.server_ended(server.node, said)
         if self.transaction_mode and self.state is LINKED and not self.pinned:
-            self._link_lost(server)
-            return
-        if self.relay is not None:
-            self.relay.forget_server()
-        if server.at_message_boundary:
+            if said is not None and said.get("C") == sqlstate.PROTOCOL_VIOLATION:
+                keep = False  # the node could not follow what this client sent: neither can we
+            elif self.proxy.config.on_server_loss == "close_client":
+                # PgBouncer's way: a client whose server connection dies goes with it. (A client
+                # merely keeping the connection between transactions does not hold it, as there.)
+                keep = lent and relay.idle and relay.tx_status == p.TX_IDLE
+            else:
+                keep = True
+            if keep:
+                self._link_lost(server, said)
+                return
+        if relay is not None:
+            relay.forget_server()
+        if not server.at_message_boundary:
+            # Half a message already went out: there is no way to speak protocol to this client again.
+            self.state = CLOSED
+            self.transport.loseConnection()
+        elif said is not None:
+            # The node's own FATAL, alone. In session mode it went to the client as it came.
+            self._close_with(said, told=relay is None)
+        else:
             self.fatal(
                 sqlstate.CONNECTION_FAILURE,
                 f"lost the connection to node {server.node}",
                 "The server connection closed unexpectedly; the session cannot continue.",
             )
-        else:
-            self.state = CLOSED
-            self.transport.loseConnection()
 
     def query_timed_out(self, limit: float) -> None:
         """query_timeout: the linked node has owed this client an answer for more than *limit* seconds.
@@ -348,7 +388,7 @@ class Placement:
         server.abandon()
         if self.transaction_mode and not self.pinned:
             self.proxy.counters.error(sqlstate.QUERY_CANCELED)  # (fatal() counts its own)
-            self._link_lost(server, timed_out=message)
+            self._link_lost(server, None, timed_out=message)
             return
         if self.relay is not None:
             self.relay.forget_server()
@@ -362,9 +402,22 @@ class Placement:
             self.state = CLOSED
             self.transport.loseConnection()
 
-    def _link_lost(self, server, timed_out: str | None = None) -> None:
-        """Transaction pooling: the node died under this client's work (or did not answer within
-        query_timeout: *timed_out* says so). The session survives it."""
+    def _close_with(self, said: dict, told: bool) -> None:
+        """Close the client with the node's FATAL *said*; *told*: the client has it already."""
+        if not told:
+            self.fatal_fields(dict(said, S="FATAL", V="FATAL"))
+            return
+        log.info("client {client} closed: {code} {message}", client=self.id, code=said.get("C"), message=said.get("M"))
+        self.proxy.counters.error(said.get("C"))
+        self.state = CLOSED
+        self._cancel_idle_tx_timer()
+        self.transport.loseConnection()
+
+    def _link_lost(self, server, said: dict | None, timed_out: str | None = None) -> None:
+        """Transaction pooling: the server connection died under this client's work (the node
+        went away, or it ended this one connection: pg_terminate_backend(), a timeout), or did
+        not answer within query_timeout (*timed_out* says so). The session survives it; *said*
+        is the node's FATAL, if it sent one."""
         relay = self.relay
         # The client's requests still owed a ReadyForQuery (not the proxy's own injected ones).
         owed = sum(1 for e in relay.queue if e.kind == SYNC and not e.swallow)
@@ -374,13 +427,13 @@ class Placement:
             owed += 1
         replay = (
             timed_out is None  # (what ran too long would run too long elsewhere, and may have written)
+            and not evidence.deliberate(said)  # (a backend the node ended on purpose stays ended)
             and not self._link_replied
             and not server.replied
             and relay.tx_status == p.TX_IDLE
             and self._only_reads(self._link_sent)
         )
         relay.forget_server()
-        relay.server_fatal = None if replay else relay.server_fatal
         if replay:
             # An autocommit read that got no byte back yet: run it again elsewhere, transparently.
             self.backlog = self._link_sent + self.backlog
@@ -400,24 +453,16 @@ class Placement:
         status = p.TX_FAILED if in_transaction else p.TX_IDLE
         self.orphaned = bool(in_transaction)
         relay.tx_status = status
-        said = relay.server_fatal
-        relay.server_fatal = None
-        aborted = " The transaction is aborted: ROLLBACK to continue." if in_transaction else ""
         if timed_out is not None:
             error = m.error_response(
                 "ERROR",
                 sqlstate.QUERY_CANCELED,
                 timed_out,
                 "Its server connection was closed; the statement may or may not have taken effect, and nothing was retried."
-                + aborted,
+                + (" The transaction is aborted: ROLLBACK to continue." if in_transaction else ""),
             )
         else:
-            error = m.error_response(
-                "ERROR",
-                sqlstate.CONNECTION_FAILURE,
-                f"lost the connection to node {server.node}" + (f": {said.get('M')}" if said and said.get("M") else ""),
-                "The statement did not complete; nothing was retried because it could have had effects." + aborted,
-            )
+            error = m.error_response_from_fields(self._lost_fields(server, said, bool(in_transaction)))
         if owed:
             self.transport.write((error + m.ready_for_query(status)) * owed)
         elif in_transaction:
@@ -428,6 +473,27 @@ class Placement:
         self._resume()
         if self.backlog and not self.orphaned:
             self._acquire()  # a write held back behind the lost read still wants the primary
+
+    @staticmethod
+    def _lost_fields(server, said: dict | None, in_transaction: bool) -> dict:
+        """The ERROR a kept session gets for work its lost server connection took with it: the
+        node's own SQLSTATE and message when it said why (57P01, 25P03...), else 08006."""
+        aborted = " The transaction is aborted: ROLLBACK to continue." if in_transaction else ""
+        if said is None:
+            return m.error_fields(
+                "ERROR",
+                sqlstate.CONNECTION_FAILURE,
+                f"lost the connection to node {server.node}",
+                "The statement did not complete; nothing was retried because it could have had effects." + aborted,
+            )
+        detail = (
+            f"pgtwist kept this session; only its server connection (node {server.node}) ended."
+            " The statement did not complete and was not run again." + aborted
+        )
+        fields = {"S": "ERROR", "V": "ERROR", "C": sqlstate.CONNECTION_FAILURE, "M": f"lost the connection to node {server.node}"}
+        fields.update((k, v) for k, v in said.items() if k in _KEPT_FIELDS)
+        fields["D"] = f"{said['D']}\n{detail}" if said.get("D") else detail
+        return fields
 
     def _statement_texts(self, items: list):
         return standin.statement_texts(items, self.relay.statements)
@@ -471,6 +537,17 @@ class Placement:
                 batch.append(item)
                 out.append(self._orphaned_reply(batch))
                 batch = []
+            elif msg_type == p.FLUSH:
+                # A driver that prepares with Parse, Describe, Flush (asyncpg) waits for an answer
+                # before its Sync: as PostgreSQL does, the error goes out now and the rest of the
+                # batch, up to its Sync (answered with ReadyForQuery alone), is skipped.
+                batch.append(item)
+                if not self._orphan_told and not standin.ends_dead_transaction(
+                    classify(sql) for sql in self._statement_texts(batch)
+                ):
+                    error, self._orphan_error = self._orphan_error, None
+                    out.append(standin.aborted_error(error))
+                    self._orphan_told = True
             else:
                 batch.append(item)
         else:
@@ -480,6 +557,9 @@ class Placement:
             self._acquire()
 
     def _orphaned_reply(self, items: list) -> bytes:
+        if self._orphan_told:
+            self._orphan_told = False  # (its error went out at a Flush; the batch was skipped since)
+            return m.ready_for_query(p.TX_FAILED)
         if standin.ends_dead_transaction(classify(sql) for sql in self._statement_texts(items)):
             self.orphaned = False
             self._orphan_error = None

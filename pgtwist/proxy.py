@@ -256,13 +256,16 @@ class Proxy:
         if router is None or router.monitor is None or router.primary() is not None:
             return  # an operator or an HA manager got there first
         monitor = router.monitor
+        # Only a probe that fails now is evidence enough to promote: whatever marked the primary
+        # down (live traffic, an earlier probe), the node must be asked once more first.
         d = monitor.probe_now() if monitor.running else defer.succeed(None)
         d.addBoth(lambda _: self._promote_most_advanced(database, router))
         d.addErrback(lambda f: log.failure("database {db}: auto_promote failed", f, db=database.name))
 
     def _promote_most_advanced(self, database, router) -> None:
         if self.routers.get(database.name) is not router or router.primary() is not None:
-            return  # reloaded meanwhile, or a primary is back
+            log.info("database {db}: the primary answered again, or a reload came first; no promotion", db=database.name)
+            return
         candidate = router.monitor.most_caught_up_replica()
         if candidate is None:
             log.warn("database {db}: no primary and no replica to promote", db=database.name)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from pgtwist.cluster import evidence
 from pgtwist.routing.classify import Classification, classify
 from pgtwist.routing.policy import NodeState, choose, read_exclusions, route
 
@@ -202,6 +203,16 @@ class DatabaseRouter:
                 return self.by_name[state.name]
         return None
 
-    def node_failed(self, node, reason: str) -> None:
-        if self.monitor is not None:
-            self.monitor.mark_down(str(node), reason)
+    def server_ended(self, node, fields: dict | None, what: str = "connection lost") -> None:
+        """A server connection to *node* ended, the node having said *fields* (its FATAL or
+        login refusal; None: not a word). Only evidence about the node changes its health."""
+        if self.monitor is None:
+            return
+        verdict = evidence.connection_ended(fields)
+        if verdict is evidence.NOT_THE_NODE:
+            return
+        said = f"{what}: {fields.get('C')} {fields.get('M', '')}" if fields is not None else what
+        if verdict is evidence.DOWN:
+            self.monitor.mark_down(str(node), said)
+        else:
+            self.monitor.verify(str(node), said)

@@ -102,6 +102,9 @@ class ServerConnection:
         self.tainted = False  # a client did something (e.g. DISCARD ALL) that leaves our records unsure
         self.internal_rows: list[list[bytes | None]] = []
         self.replied = False
+        # The FATAL the node sent before hanging up (None: none, or not seen by us): why it ended,
+        # which says whether the node or only this connection is in trouble (cluster/evidence.py).
+        self.fatal: dict | None = None
         self._throttles = (None, None)
         self._scanner: MessageScanner | None = None
         self.ready: defer.Deferred = defer.Deferred()  # fires self after login
@@ -251,6 +254,8 @@ class ServerConnection:
             # An idle connection has nothing to say; an ErrorResponse here is the node
             # terminating it (e.g. pg_terminate_backend, shutdown). Drop it.
             fields = m.decode_fields(body) if msg_type == p.ERROR_RESPONSE else {}
+            if fields:
+                self.fatal = fields
             log.info(
                 "server {server} {node} closed while idle: {why}",
                 server=self.id,
@@ -293,7 +298,10 @@ class ServerConnection:
             name, value = m.decode_parameter_status(body)
             self.parameters[name] = value
         elif msg_type == p.ERROR_RESPONSE:
-            self._internal_errors.append(m.decode_fields(body))
+            fields = m.decode_fields(body)
+            if fields.get("V", fields.get("S")) in ("FATAL", "PANIC"):
+                self.fatal = fields
+            self._internal_errors.append(fields)
         elif msg_type == p.DATA_ROW:
             self.internal_rows.append(m.decode_data_row(body))
         elif msg_type == _Z:

@@ -130,6 +130,7 @@ class ClientSession(Placement):
         "_startup_settings",
         "_to_restore",
         "_orphan_error",
+        "_orphan_told",
     )
 
     def __init__(self, proxy, transport, client_id: str):
@@ -177,7 +178,8 @@ class ClientSession(Placement):
         self._pool = None  # the pool the last transaction used
         self._lent = False  # linked between transactions on a connection the pool may reclaim
         self._primary = None  # the Decision for the primary, kept while the primary stays
-        self._orphan_error = None  # the 08006 an orphaned transaction's next statement gets
+        self._orphan_error = None  # the error an orphaned transaction's next statement gets (08006, 57P01...)
+        self._orphan_told = False  # an orphaned batch's error went out at its Flush: its Sync gets ReadyForQuery alone
         self._asked_at: float | None = None  # when the client's pending request began (query latency)
         self._read_link = False  # linked to a replica for an autocommit read: writes behind it wait
         self._holding = False  # a write is waiting in the backlog for this read's replica to go
@@ -683,6 +685,10 @@ class ClientSession(Placement):
                 if msg_type == _Z:
                     ready += 1
                     status = body[0] if body else p.TX_IDLE
+                elif msg_type == p.ERROR_RESPONSE:
+                    fields = m.decode_fields(body)
+                    if fields.get("V", fields.get("S")) in ("FATAL", "PANIC"):
+                        server.fatal = fields  # relayed as it came: when the node hangs up, nothing more is said
                 else:
                     self._parameter_status(server, body)
             self.ready_count += ready
@@ -778,7 +784,7 @@ class ClientSession(Placement):
             self.state = PREPARING
             server.unlink()
             server.run_for_client(batches).addCallbacks(
-                lambda _: self._read_back(server, names, track_lsn), self._read_back_failed
+                lambda _: self._read_back(server, names, track_lsn), lambda _: self._read_back_failed(server)
             ).addErrback(self._crashed)
             return
         pool = server.pool
@@ -800,8 +806,15 @@ class ClientSession(Placement):
             self._lent = False
             self._give_back(server)
 
-    def _read_back_failed(self, failure) -> None:
+    def _read_back_failed(self, server) -> None:
+        """The server connection ended while the proxy read back what the client's transaction left."""
         self.server = None
+        said = server.fatal
+        self.router.server_ended(server.node, said, "connection lost after a transaction")
+        if said is not None and said.get("C") == sqlstate.PROTOCOL_VIOLATION and self.state is not CLOSED:
+            # What the client sent last made the node hang up: the client goes with the node's words.
+            self.fatal_fields(dict(said, S="FATAL", V="FATAL"))
+            return
         if self.state is not CLOSED:
             self.state = IDLE
             self._resume()

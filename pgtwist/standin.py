@@ -86,10 +86,15 @@ def rolled_back(items: list) -> bytes:
 
 def still_aborted(error: bytes | None = None) -> bytes:
     """A statement in a dead transaction: *error* (the node's death, told once) or 25P02."""
+    return aborted_error(error) + m.ready_for_query(p.TX_FAILED)
+
+
+def aborted_error(error: bytes | None = None) -> bytes:
+    """The ErrorResponse of still_aborted() alone: what a Flush brings out before the Sync comes."""
     if error is None:
         error = m.error_response(
             "ERROR",
             sqlstate.IN_FAILED_SQL_TRANSACTION,
             "current transaction is aborted, commands ignored until end of transaction block",
         )
-    return error + m.ready_for_query(p.TX_FAILED)
+    return error

@@ -364,6 +364,16 @@ class ClusterMonitor:
             self._drop_conn(slot)
             self._probe(slot)
 
+    def verify(self, name: str, reason: str) -> None:
+        """Live traffic saw something that may be about *name* or only about one of its
+        connections (57P01: a fast shutdown or a pg_terminate_backend()): probe it now, and let
+        only a failed probe mark it down. Probes in flight are shared, so a flood costs one."""
+        slot = self._slots.get(name)
+        if slot is None or not slot.state.up or not self.running or slot.probing is not None:
+            return
+        log.info("node {node}: {reason}; probing it now", node=name, reason=reason)
+        self._probe(slot)
+
     def probe_now(self, name: str | None = None) -> defer.Deferred:
         """Probe *name* (or every node) now; fires with its NodeState (or the whole ``states`` dict)."""
         if name is not None:

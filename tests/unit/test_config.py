@@ -259,6 +259,22 @@ def test_unhashable_choice_value_is_an_error_not_a_crash():
     assert [e.split(":")[0] for e in errs] == ["pool_mode", "auth_type"]
 
 
+def test_on_server_loss():
+    assert from_dict(MINIMAL).on_server_loss == "keep_session"
+    assert from_dict(with_(on_server_loss="close_client")).on_server_loss == "close_client"
+    assert errors_of(with_(on_server_loss="close")) == [
+        "on_server_loss: must be one of 'keep_session', 'close_client', not 'close'"
+    ]
+    assert errors_of(with_(on_server_loss=True))[0].startswith("on_server_loss: must be one of")
+
+
+def test_on_server_loss_is_reloadable():
+    from pgtwist.config import diff
+
+    change = diff(from_dict(MINIMAL), from_dict(with_(on_server_loss="close_client")))
+    assert change.changed == ("on_server_loss",) and change.restart == ()
+
+
 # -- parse_address ---------------------------------------------------------------------------
 
 

@@ -455,6 +455,41 @@ def test_mark_down_during_a_probe_lets_the_probe_decide():
     assert [w for _, w in h.events] == ["up", "down", "up"]
 
 
+def test_verify_probes_at_once_and_leaves_a_node_that_answers_up():
+    """57P01 from live traffic: pg_terminate_backend() of one backend must not take the node out."""
+    h = Harness(count=2)
+    conns = h.cluster()
+    h.events.clear()
+    h.monitor.verify(h.name(0), "connection lost: 57P01 terminating connection due to administrator command")
+    assert h.state(0).up and h.events == []
+    assert conns[0].queries() == [PROBE_SQL, PROBE_SQL]  # probed at once, on the kept connection
+    h.monitor.verify(h.name(0), "again")  # a flood shares the probe in flight
+    assert len(conns[0].queries()) == 2
+    conns[0].reply(primary_row("0/5000000"))
+    assert h.state(0).up and h.events == []
+
+
+def test_verify_marks_down_only_when_the_probe_fails():
+    """57P01 from a fast shutdown: the probe's fresh login is refused (57P03), and that is evidence."""
+    h = Harness(count=2)
+    conns = h.cluster()
+    h.events.clear()
+    h.monitor.verify(h.name(0), "connection lost: 57P01")
+    assert h.state(0).up
+    conns[0].lose()  # the kept connection was shut down too: a fresh one decides
+    h.refuse(0)
+    assert not h.state(0).up and h.events == [(h.name(0), "down")]
+
+
+def test_verify_of_a_down_or_unknown_node_does_nothing():
+    h = Harness(count=1)
+    h.monitor.start()
+    h.refuse(0)
+    h.monitor.verify(h.name(0), "57P01")
+    h.monitor.verify("nowhere:1", "57P01")
+    assert len(h.attempts(0)) == 1 and h.events == []
+
+
 def test_probe_now_fires_after_the_answer_and_replaces_the_timer():
     h = Harness(count=1)
     h.monitor.start()

@@ -23,17 +23,21 @@ def make_config(nodes=(P, R1, R2), route="auto", **overrides):
 
 
 class FakeMonitor:
-    """What DatabaseRouter uses of a ClusterMonitor: states, reactor, mark_down, fetch."""
+    """What DatabaseRouter uses of a ClusterMonitor: states, reactor, mark_down, verify, fetch."""
 
     def __init__(self, states, clock=None):
         self.states = {s.name: s for s in states}
         self.reactor = clock or task.Clock()
         self.marked: list[tuple[str, str]] = []
+        self.verified: list[tuple[str, str]] = []  # probe-now requests (the node stays up)
         self.fetches: list[tuple[str, str, defer.Deferred]] = []
 
     def mark_down(self, name, reason):
         self.marked.append((name, reason))
         self.states[name].up = False
+
+    def verify(self, name, reason):
+        self.verified.append((name, reason))
 
     def fetch(self, name, sql):
         d = defer.Deferred()
@@ -92,7 +96,7 @@ def test_single_node_decide_always_returns_the_node(sql):
     assert decision.node is config.databases["appdb"].nodes[0]
     assert decision.want == "primary" and decision.reason == "single node"
     assert router.primary() is decision.node
-    router.node_failed(decision.node, "whatever")  # no monitor: nothing to tell, nothing raised
+    router.server_ended(decision.node, None)  # no monitor: nothing to tell, nothing raised
 
 
 def test_single_node_decide_with_hook_ignores_the_hook():
@@ -189,12 +193,37 @@ def test_read_your_writes_off_ignores_min_lsn():
     assert str(decide(router, "SELECT 1", min_lsn=10**9).node) in (R1, R2)
 
 
-def test_node_failed_marks_the_node_down():
+def test_a_connection_lost_without_a_word_marks_the_node_down():
     router, monitor = clustered()
     node = router.by_name[R1]
-    router.node_failed(node, "connection lost")
+    router.server_ended(node, None)
     assert monitor.marked == [(R1, "connection lost")]
     assert {str(decide(router, "SELECT 1").node) for _ in range(3)} == {R2}
+
+
+@pytest.mark.parametrize("code", ["57P02", "57P03", "08006"])
+def test_a_fatal_about_the_node_marks_it_down(code):
+    router, monitor = clustered()
+    router.server_ended(router.by_name[R1], {"S": "FATAL", "C": code, "M": "going away"})
+    assert monitor.marked == [(R1, f"connection lost: {code} going away")] and not monitor.verified
+
+
+def test_57p01_asks_for_a_probe_and_leaves_the_node_up():
+    """pg_terminate_backend() and a fast shutdown both say 57P01: only a probe can tell them apart."""
+    router, monitor = clustered()
+    router.server_ended(router.by_name[R1], {"S": "FATAL", "C": "57P01", "M": "terminating connection due to administrator command"})
+    assert monitor.marked == [] and [n for n, _ in monitor.verified] == [R1]
+    assert {str(decide(router, "SELECT 1").node) for _ in range(4)} == {R1, R2}
+
+
+@pytest.mark.parametrize("code", ["08P01", "25P03", "57P05", "53200", "XX000", None])
+def test_a_fatal_about_one_session_leaves_the_node_alone(code):
+    router, monitor = clustered()
+    fields = {"S": "FATAL", "M": "invalid frontend message type 88"}
+    if code is not None:
+        fields["C"] = code
+    router.server_ended(router.by_name[P], fields)
+    assert monitor.marked == [] and monitor.verified == []
 
 
 # -- the routing hook ---------------------------------------------------------------------------

@@ -754,6 +754,36 @@ def test_node_closing_while_linked_at_boundary_gives_fatal_08006():
     assert h.proxy.clients == {}
 
 
+@pytest.mark.parametrize(
+    "code, message",
+    [
+        ("57P01", "terminating connection due to administrator command"),
+        ("25P03", "terminating connection due to idle-in-transaction timeout"),
+        ("08P01", "invalid frontend message type 88"),
+    ],
+)
+def test_session_mode_relays_the_nodes_fatal_and_adds_nothing(code, message):
+    """Session pooling cannot carry the session: the node's FATAL, as it came, is the only error."""
+    h = Harness()
+    session, ct, server, st_ = h.linked()
+    fatal = m.error_response("FATAL", code, message)
+    server.got_data(fatal)
+    assert ct.value() == fatal and server.fatal["C"] == code
+    server.connection_lost(Failure(ConnectionDone()))
+    assert ct.value() == fatal  # no second FATAL of pgtwist's own
+    assert ct.disconnecting and session.state == "closed"
+    assert h.proxy.counters.errors.get(code) == 1
+
+
+def test_session_mode_error_replies_still_pass_through():
+    h = Harness()
+    session, ct, server, st_ = h.linked()
+    session.got_data(m.query("SELEC 1"))
+    reply = m.error_response("ERROR", "42601", 'syntax error at or near "SELEC"') + m.ready_for_query()
+    server.got_data(reply)
+    assert ct.value() == reply and server.fatal is None and session.state == "linked"
+
+
 def test_node_closing_mid_message_just_closes_the_client():
     h = Harness()
     session, ct, server, st_ = h.linked()

@@ -130,20 +130,71 @@ def test_read_with_no_byte_back_is_replayed_on_another_node():
     assert s.pool(str(second.node)).lent == {second: session}
 
 
-def test_read_replayed_after_the_node_said_fatal_and_left():
+def test_read_replayed_after_the_node_said_it_is_crashing_and_left():
     s = Setup()
     session, ct = s.client()
     session.got_data(m.query("SELECT 1"))
     first = session.server
     sent(first)
-    first.got_data(m.error_response("FATAL", "57P01", "terminating connection due to administrator command"))
+    first.got_data(m.error_response("FATAL", "57P02", "terminating connection because of crash of another server process"))
     assert ct.value() == b"" and session.relay.server_fatal is not None
     lose(first)
+    assert s.monitor.marked and s.monitor.marked[0][0] == str(first.node)
     second = session.server
     assert queries(sent(second)) == ["SELECT 1"]
     assert session.relay.server_fatal is None
     second.got_data(RESULT + Z_IDLE)
     assert ct.value() == RESULT + Z_IDLE
+
+
+def test_a_read_whose_backend_was_terminated_gets_the_nodes_error_and_is_not_run_again():
+    """pg_terminate_backend() (57P01) ended that work on purpose: the client hears so, the session goes on."""
+    s = Setup()
+    session, ct = s.client()
+    session.got_data(m.query("SELECT pg_sleep(10)"))
+    first = session.server
+    sent(first)
+    first.got_data(m.error_response("FATAL", "57P01", "terminating connection due to administrator command"))
+    lose(first)
+    assert types(ct.value()) == "EZ" and ct.value().endswith(Z_IDLE)
+    (fields,) = error_fields(ct.value())
+    assert (fields["S"], fields["V"], fields["C"]) == ("ERROR", "ERROR", "57P01")
+    assert fields["M"] == "terminating connection due to administrator command"
+    assert "pgtwist kept this session" in fields["D"] and "ROLLBACK" not in fields["D"]
+    # The node is not marked down: it is probed, as a fast shutdown says the same words.
+    assert s.monitor.marked == [] and [n for n, _ in s.monitor.verified] == [str(first.node)]
+    assert not ct.disconnecting and session.state == "idle" and session.server is None
+    ct.clear()
+    session.got_data(m.query("SELECT 2"))
+    again = session.server
+    assert queries(sent(again)) == ["SELECT 2"]
+    again.got_data(RESULT + Z_IDLE)
+    assert ct.value() == RESULT + Z_IDLE
+
+
+@pytest.mark.parametrize("code", ["08P01", "25P03", "57P05"])
+def test_a_fatal_about_one_session_never_touches_the_nodes_health(code):
+    s = Setup()
+    session, ct = s.client()
+    session.got_data(m.query("INSERT INTO t VALUES (1)"))
+    first = session.server
+    first.got_data(m.error_response("FATAL", code, "about this session only"))
+    lose(first)
+    assert s.monitor.marked == [] and s.monitor.verified == []
+    assert all(state.up for state in s.monitor.states.values())
+
+
+def test_a_clients_protocol_error_closes_that_client_with_the_nodes_fatal_alone():
+    s = Setup()
+    session, ct = s.client()
+    session.got_data(m.query("SELECT 1"))
+    first = session.server
+    first.got_data(m.error_response("FATAL", "08P01", "invalid frontend message type 88"))
+    lose(first)
+    (fields,) = error_fields(ct.value())
+    assert (fields["S"], fields["C"], fields["M"]) == ("FATAL", "08P01", "invalid frontend message type 88")
+    assert types(ct.value()) == "E" and ct.disconnecting
+    assert s.monitor.marked == [] and s.monitor.verified == []
 
 
 def test_extended_read_with_a_named_statement_is_replayed():
@@ -198,7 +249,7 @@ def test_each_owed_request_gets_its_error_and_ready_for_query():
     assert session.state == "idle"
 
 
-def test_the_fatal_words_of_the_node_are_in_the_error():
+def test_the_nodes_own_code_and_words_are_the_error():
     s = Setup()
     session, ct = s.client()
     session.got_data(m.query("SELECT 1"))
@@ -207,7 +258,9 @@ def test_the_fatal_words_of_the_node_are_in_the_error():
     ct.clear()
     lose(first)
     (fields,) = error_fields(ct.value())
-    assert fields["S"] == "ERROR" and fields["M"].endswith(": terminating connection due to administrator command")
+    assert (fields["S"], fields["C"]) == ("ERROR", "57P01")
+    assert fields["M"] == "terminating connection due to administrator command"
+    assert str(first.node) in fields["D"]
 
 
 def test_a_write_is_never_replayed():
@@ -608,3 +661,221 @@ def test_a_prepared_statement_run_again_on_a_kept_connection_passes_through():
     server.statements.discard(shared_name)
     a.got_data(run)
     assert types(sent(server)) == "PBES"
+
+
+# -- a server connection the node ended on purpose (issue: killed server connections) ------------
+
+TERMINATED = m.error_response("FATAL", "57P01", "terminating connection due to administrator command")
+IDLE_TIMEOUT = m.error_response("FATAL", "25P03", "terminating connection due to idle-in-transaction timeout")
+
+
+@pytest.mark.parametrize("clustered", [True, False], ids=["cluster", "single"])
+def test_idle_in_transaction_timeout_is_told_with_its_own_code_and_the_session_goes_on(clustered):
+    s = Setup(clustered=clustered)
+    session, ct = s.client()
+    server = begin(s, session)
+    server.got_data(IDLE_TIMEOUT)
+    lose(server)
+    assert ct.value() == b"" and not ct.disconnecting and session.orphaned
+    session.got_data(m.query("SELECT 1"))
+    (fields,) = error_fields(ct.value())
+    assert (fields["S"], fields["C"]) == ("ERROR", "25P03")
+    assert fields["M"] == "terminating connection due to idle-in-transaction timeout"
+    assert "pgtwist kept this session" in fields["D"] and "ROLLBACK" in fields["D"]
+    assert ct.value().endswith(Z_FAILED)
+    ct.clear()
+    session.got_data(m.query("ROLLBACK"))
+    assert ct.value() == m.command_complete("ROLLBACK") + Z_IDLE
+    if clustered:
+        assert s.monitor.marked == [] and s.monitor.verified == []
+
+
+def test_a_kept_connection_terminated_between_transactions_goes_unnoticed():
+    s = Setup(clustered=False)
+    session, ct = s.client()
+    server = session.server
+    assert session._lent
+    server.got_data(TERMINATED)
+    lose(server)
+    assert ct.value() == b"" and not ct.disconnecting and session.state == "idle"
+    session.got_data(m.query("SELECT 1"))
+    again = session.server
+    assert again is not server and queries(sent(again)) == ["SELECT 1"]
+
+
+def test_a_pinned_session_is_closed_with_the_nodes_fatal_alone():
+    s = Setup(clustered=False)
+    session, ct = s.client()
+    session.got_data(m.query("LISTEN x"))
+    server = session.server
+    server.got_data(m.command_complete("LISTEN") + Z_IDLE)
+    assert session.pinned
+    ct.clear()
+    server.got_data(TERMINATED)
+    assert ct.value() == b""  # held: the relay decides what the client hears once the node hangs up
+    lose(server)
+    (fields,) = error_fields(ct.value())
+    assert (fields["S"], fields["V"], fields["C"]) == ("FATAL", "FATAL", "57P01")
+    assert types(ct.value()) == "E" and ct.disconnecting
+
+
+@pytest.mark.parametrize("fatal", [TERMINATED, b""], ids=["57P01", "no word"])
+def test_close_client_closes_a_client_whose_work_was_in_flight(fatal):
+    s = Setup(on_server_loss="close_client")
+    session, ct = s.client()
+    session.got_data(m.query("SELECT 1"))
+    server = session.server
+    sent(server)
+    if fatal:
+        server.got_data(fatal)
+    lose(server)
+    (fields,) = error_fields(ct.value())
+    assert fields["S"] == "FATAL" and fields["C"] == ("57P01" if fatal else sqlstate.CONNECTION_FAILURE)
+    assert types(ct.value()) == "E" and ct.disconnecting and session.state == "closed"
+    assert len(s.proxy.pools) and session.server is None  # (not replayed anywhere)
+
+
+def test_close_client_closes_a_client_in_a_transaction():
+    s = Setup(on_server_loss="close_client")
+    session, ct = s.client()
+    server = begin(s, session)
+    server.got_data(IDLE_TIMEOUT)
+    lose(server)
+    (fields,) = error_fields(ct.value())
+    assert (fields["S"], fields["C"]) == ("FATAL", "25P03") and ct.disconnecting
+
+
+def test_close_client_leaves_a_client_between_transactions_alone():
+    s = Setup(clustered=False, on_server_loss="close_client")
+    session, ct = s.client()
+    server = session.server
+    assert session._lent
+    server.got_data(TERMINATED)
+    lose(server)
+    assert ct.value() == b"" and not ct.disconnecting and session.state == "idle"
+
+
+def test_close_client_applies_to_open_sessions_after_a_reload():
+    s = Setup()
+    session, ct = s.client()
+    s.proxy.config = make_config(
+        pool_mode="transaction",
+        databases={"appdb": {"dbname": "postgres", "nodes": [P, R1, R2], "pool_size": 2}},
+        on_server_loss="close_client",
+    )
+    session.got_data(m.query("SELECT 1"))
+    server = session.server
+    server.got_data(TERMINATED)
+    lose(server)
+    assert ct.disconnecting and error_fields(ct.value())[0]["S"] == "FATAL"
+
+
+def test_an_orphaned_transaction_answers_a_flush_at_once_as_postgresql_does():
+    """asyncpg prepares with Parse, Describe, Flush and waits: the error must not wait for the Sync."""
+    s = Setup()
+    session, ct = s.client()
+    server = begin(s, session)
+    server.got_data(TERMINATED)
+    lose(server)
+    session.got_data(m.parse("stmt1", "SELECT 2") + m.describe("S", "stmt1") + m.flush())
+    (fields,) = error_fields(ct.value())
+    assert (fields["S"], fields["C"]) == ("ERROR", "57P01") and types(ct.value()) == "E"
+    ct.clear()
+    session.got_data(m.sync())
+    assert ct.value() == Z_FAILED
+    ct.clear()
+    session.got_data(m.parse("stmt2", "SELECT 3") + m.describe("S", "stmt2") + m.flush())
+    assert [f["C"] for f in error_fields(ct.value())] == ["25P02"]
+    session.got_data(m.sync())
+    ct.clear()
+    session.got_data(m.query("ROLLBACK"))
+    assert ct.value() == m.command_complete("ROLLBACK") + Z_IDLE and not session.orphaned
+
+
+# -- auto_promote asks the primary once more before promoting -------------------------------------
+
+
+class PromotingMonitor(FakeMonitor):
+    """FakeMonitor + what auto_promote uses: running, probe_now (answered by the test), promote."""
+
+    running = True
+
+    def __init__(self, states, clock):
+        super().__init__(states, clock)
+        self.probes: list = []
+        self.promoted: list[str] = []
+
+    def probe_now(self, name=None):
+        from twisted.internet import defer
+
+        d = defer.Deferred()
+        self.probes.append(d)
+        return d
+
+    def most_caught_up_replica(self):
+        return self.states[R1]
+
+    def promote(self, name):
+        from twisted.internet import defer
+
+        self.promoted.append(name)
+        return defer.succeed(None)
+
+
+def promoting_setup():
+    s = Setup(auto_promote=True, failover_timeout=1.0)
+    monitor = PromotingMonitor(list(s.monitor.states.values()), s.clock)
+    database = s.proxy.config.databases["appdb"]
+    s.proxy.routers["appdb"] = DatabaseRouter(database, s.proxy.config, monitor)
+    return s, monitor, database
+
+
+def test_auto_promote_promotes_only_if_the_primary_fails_a_fresh_probe():
+    s, monitor, database = promoting_setup()
+    monitor.states[P].up = False
+    s.proxy._node_changed(database, monitor.states[P], "down")
+    s.clock.advance(1.0)
+    assert len(monitor.probes) == 1 and monitor.promoted == []  # asked again first
+    monitor.probes[0].callback(monitor.states)  # still down
+    assert monitor.promoted == [R1]
+
+
+def test_auto_promote_does_not_promote_when_the_primary_answers_again():
+    """Whatever marked the primary down (a flapping connection, live traffic): a probe that answers wins."""
+    s, monitor, database = promoting_setup()
+    monitor.states[P].up = False
+    s.proxy._node_changed(database, monitor.states[P], "down")
+    s.clock.advance(1.0)
+    monitor.states[P].up = True
+    monitor.probes[0].callback(monitor.states)
+    assert monitor.promoted == []
+
+
+def test_a_clients_bad_frame_answered_during_the_read_back_closes_that_client_only():
+    """In a cluster a write is followed by the proxy's WAL read-back: a frame the node rejects with
+    FATAL 08P01 then ends the connection under that internal query. The client goes, the node stays up."""
+    s = Setup()
+    session, ct = s.client()
+    session.got_data(m.query("INSERT INTO t VALUES (1)"))
+    server = session.server
+    sent(server)
+    server.got_data(m.command_complete("INSERT 0 1") + Z_IDLE)
+    assert session.state == "preparing" and server.state == "internal"  # reading the WAL position back
+    ct.clear()
+    server.got_data(m.error_response("FATAL", "08P01", "invalid frontend message type 122"))
+    lose(server)
+    (fields,) = error_fields(ct.value())
+    assert (fields["S"], fields["C"]) == ("FATAL", "08P01") and ct.disconnecting
+    assert s.monitor.marked == [] and s.monitor.verified == []
+
+
+def test_a_node_dying_during_the_read_back_is_marked_down_and_the_session_goes_on():
+    s = Setup()
+    session, ct = s.client()
+    session.got_data(m.query("INSERT INTO t VALUES (1)"))
+    server = session.server
+    server.got_data(m.command_complete("INSERT 0 1") + Z_IDLE)
+    ct.clear()
+    lose(server)
+    assert [n for n, _ in s.monitor.marked] == [P]
+    assert ct.value() == b"" and not ct.disconnecting and session.state == "idle"
