@@ -110,7 +110,10 @@ def test_connect_disconnect_cycles_reuse_server_connections(pg_cluster, admin, t
             assert count() <= pool_size
             assert count() >= 1  # idle connections stay pooled for the next client
             with px.connect() as conn:
-                assert conn.execute("SELECT pg_backend_pid()").fetchone()[0] in backend_pids
+                # (The last client's connection may still be running DISCARD ALL: then another
+                # opens, but the pool's bound still holds.)
+                backend_pids.add(conn.execute("SELECT pg_backend_pid()").fetchone()[0])
+                assert len(backend_pids) <= pool_size, backend_pids
     finally:
         wait_for(
             lambda: admin.execute("SELECT count(*) = 0 FROM pg_stat_activity WHERE datname = %s", (db,)).fetchone()[0],
