@@ -73,6 +73,8 @@ class Placement:
                 # The built-in policy answers at once: no Deferred, and no pause and resume of
                 # the client (two epoll calls) on this per-transaction path.
                 decision = router.decide(self._first_sql(), in_transaction=None, user_rule=self.user_route, min_lsn=self.min_lsn)
+            elif not self.logged_in and self.transaction_mode and router.clustered and router.primary() is None:
+                decision = router.login_decision()
             else:
                 decision = self._primary_decision()  # everything goes to the primary
         except NoNode as e:

@@ -16,6 +16,7 @@ from pgtwist.routing.policy import NodeState, choose, read_exclusions, route
 log = Logger()
 
 _PRIMARY_ONLY = Classification(read_only=False, reason="no statement to classify")
+_LOGIN = Classification(read_only=True, reason="login")
 
 # Which functions may write: pg_proc's volatility by bare name (any volatile overload counts),
 # reloaded every FUNCTIONS_REFRESH seconds. A function unknown at the last load (created
@@ -193,6 +194,12 @@ class DatabaseRouter:
         d.addCallback(placed)
         d.addErrback(failed)
         return d
+
+    def login_decision(self) -> Decision:
+        """Where a transaction-pooled login learns what to report while there is no primary (a
+        failover under way): a replica that may serve reads, since such a client can still read.
+        Raises NoNode when there is none either."""
+        return self._place("replica", "login while there is no primary", _LOGIN, 0)
 
     def primary(self):
         """The node writes go to now, or None."""

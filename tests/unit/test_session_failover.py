@@ -95,6 +95,17 @@ def extended(sql: str) -> bytes:
     return m.parse("", sql) + m.bind("", "") + m.execute() + m.sync()
 
 
+def test_a_login_while_there_is_no_primary_learns_what_to_report_from_a_replica():
+    """A failover under way: new clients may still read, so their logins must not wait for a primary."""
+    s = Setup()
+    s.set_up(P, False)
+    session, ct = s.client()
+    (login_pool,) = s.proxy.pools.values()
+    assert str(login_pool.node) in (R1, R2)
+    session.got_data(m.query("SELECT 1"))
+    assert str(session.server.node) in (R1, R2)
+
+
 # -- replay of reads that got nothing back -------------------------------------------------------
 
 
