@@ -277,7 +277,14 @@ class Placement:
             server.settings = dict(self.settings)
         if not self.logged_in:
             parameters = dict(server.parameters)
-            if self.transaction_mode:
+            if self.transaction_mode and self.decision is not None and self.decision.want == "replica":
+                # A login while there is no primary (router.login_decision): the client is told
+                # what a login through pgtwist reports with a primary, a read-write endpoint
+                # (its writes wait for the primary), not that it reached a standby; libpq's
+                # target_session_attrs=read-write would otherwise pass pgtwist over.
+                if "in_hot_standby" in parameters:
+                    parameters["in_hot_standby"] = "off"
+            elif self.transaction_mode:
                 server.pool.remember_login(self._login_key(), parameters)
             else:
                 # Session pooling: this server connection is the client's for good, so the client

@@ -99,9 +99,15 @@ def test_a_login_while_there_is_no_primary_learns_what_to_report_from_a_replica(
     """A failover under way: new clients may still read, so their logins must not wait for a primary."""
     s = Setup()
     s.set_up(P, False)
-    session, ct = s.client()
+    transport = RecordingTransport()
+    session = s.proxy.new_client(transport)
+    session.got_data(m.startup_message({"user": "app", "database": "appdb"}))
     (login_pool,) = s.proxy.pools.values()
-    assert str(login_pool.node) in (R1, R2)
+    assert str(login_pool.node) in (R1, R2) and session.logged_in
+    # (The front door takes writes once a primary is back: it says so, as every other login.)
+    told = dict(m.decode_parameter_status(b) for t, b in messages(transport.value()) if t == p.PARAMETER_STATUS)
+    assert told.get("in_hot_standby", "off") == "off"
+    assert not login_pool.login_parameters  # what a replica said is not what later logins are told
     session.got_data(m.query("SELECT 1"))
     assert str(session.server.node) in (R1, R2)
 
