@@ -523,7 +523,9 @@ class ClientSession(Placement):
         """
         first = not self._link_used
         queue = self.relay.queue
-        start = 0 if not queue or queue[-1].kind is SYNC else None  # where the batch being sent began
+        # Where the batch being sent began (None: before these items, or it is the batch the
+        # replica was chosen for, placed whole: nothing of it is held back).
+        start = None if first or (queue and queue[-1].kind is not SYNC) else 0
         for i, item in enumerate(items):
             if type(item) is not tuple:
                 continue
@@ -534,20 +536,20 @@ class ClientSession(Placement):
             if msg_type not in (p.QUERY, p.PARSE, p.BIND):
                 continue
             if msg_type == p.QUERY:
-                start = i
+                start = i  # (a Query is a batch of its own: the next one starts after it)
             texts = list(self._statement_texts([item]))
-            if not texts:
-                continue
-            if first:
+            if texts and first:
                 first = False  # the statement this replica was chosen for
-                continue
-            c = self.router.classify(texts[0])
-            if not c.read_only or c.tx is not None:
-                if start is None:
-                    return items
-                self._holding = True
-                self.backlog = items[start:] + self.backlog
-                return items[:start]
+            elif texts:
+                c = self.router.classify(texts[0])
+                if not c.read_only or c.tx is not None:
+                    if start is None:
+                        return items
+                    self._holding = True
+                    self.backlog = items[start:] + self.backlog
+                    return items[:start]
+            if msg_type == p.QUERY:
+                start = i + 1
         return items
 
     def _flush(self, to_server: list, to_client: list) -> None:
