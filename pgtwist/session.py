@@ -117,6 +117,7 @@ class ClientSession(Placement):
         "_link_used",
         "_wrote",
         "_watch",
+        "_async_commit",
         "_paused",
         "_pool",
         "_lent",
@@ -172,6 +173,7 @@ class ClientSession(Placement):
         self._link_used = False
         self._wrote = False  # read-your-writes: this link may have written on the primary (see _watch_link)
         self._watch = 0
+        self._async_commit = False  # ... and its transaction's commit may have been asynchronous (SET LOCAL)
         self._paused = False
         self._pool = None  # the pool the last transaction used
         self._lent = False  # linked between transactions on a connection the pool may reclaim
@@ -380,7 +382,10 @@ class ClientSession(Placement):
         if type(item) is not tuple or item[0] != p.QUERY or self.audit or not self.relay.idle:
             return False
         body = item[1]
-        if len(body) + 5 != len(data) or sqlinspect.inspect_query(body).changes_state:
+        if len(body) + 5 != len(data):
+            return False
+        effects = sqlinspect.inspect_query(body)
+        if effects.changes_state or effects.local_commit_mode:
             return False
         self._link_used = True
         self._watch &= _WATCH_ALL  # (this is the statement the link was placed by)
@@ -470,12 +475,14 @@ class ClientSession(Placement):
                 if effects.changes_state:
                     if self._query(body, effects, to_server, to_client):
                         continue
+                elif effects.local_commit_mode:
+                    self._async_commit = True
             elif msg_type == p.PARSE:
                 name, definition = split_parse(body)
                 text, _, types = definition.partition(b"\x00")
                 sql = text + b"\x00"
                 effects = sqlinspect.inspect_query(sql)
-                if effects.changes_state:
+                if effects.changes_state or effects.local_commit_mode:
                     self._effects_of[name] = effects
                 else:
                     self._effects_of.pop(name, None)
@@ -589,6 +596,8 @@ class ClientSession(Placement):
         return False
 
     def _note_effects(self, effects) -> None:
+        if effects.local_commit_mode:
+            self._async_commit = True
         if effects.pin and not self.pinned:
             self.pinned = effects.pin
             self.proxy.note_pinned(self, effects.pin)
@@ -804,6 +813,7 @@ class ClientSession(Placement):
         the primary because no replica had caught up) is watched: each further statement of the
         link is classified until one may write (_watch_statement). Links on replicas cost nothing.
         """
+        self._async_commit = False
         if decision is None or not decision.on_primary or not self.config.read_your_writes or not self.router.clustered:
             self._wrote = False
             self._watch = 0
@@ -858,6 +868,8 @@ class ClientSession(Placement):
                 server.tainted = True
         if track_lsn and rows and len(rows[-1]) == 3 and None not in rows[-1]:
             insert, flush, synchronous_commit = (v.decode("ascii", "replace") for v in rows[-1])
+            if self._async_commit:
+                synchronous_commit = "off"  # (the session's value is back; the commit had its own)
             try:
                 self.min_lsn = max(self.min_lsn, write_lsn(parse_lsn(insert), parse_lsn(flush), synchronous_commit))
             except ValueError:

@@ -197,6 +197,19 @@ class ReadFirstInBeginString(RawWay):
     statements = ("BEGIN; SELECT 1", "INSERT INTO ryw VALUES ({k})", "COMMIT")
 
 
+class LocalAsyncCommit(RawWay):
+    """A session committing synchronously whose transaction commits asynchronously (SET LOCAL):
+    the commit may not be flushed when the proxy asks where the WAL ends."""
+
+    statements = ("BEGIN", "SET LOCAL synchronous_commit = off", "INSERT INTO ryw VALUES ({k})", "COMMIT")
+
+    def __enter__(self):
+        self.client = RawClient(self.px.host, self.px.port, timeout=15)
+        self.client.login(self.px.user, DATABASE, self.px.password, options="-c synchronous_commit=on")
+        assert self.client.scalar("SHOW synchronous_commit") == "on"
+        return self
+
+
 class CommitAndChain(RawWay):
     """The write commits with COMMIT AND CHAIN; the chained transaction only reads, then ends."""
 
@@ -311,6 +324,19 @@ class PsycopgAutocommit(PsycopgWay):
         self.conn.execute("INSERT INTO ryw VALUES (%s)", (k,))
 
 
+class LocalAsyncCommitExtended(PsycopgWay):
+    """The same through psycopg (extended protocol, set_config(..., true))."""
+
+    def __enter__(self):
+        self.conn = psycopg.connect(self.px.dsn(options="-c synchronous_commit=on"), autocommit=True)
+        return self
+
+    def write(self, k: int) -> None:
+        with self.conn.transaction():
+            self.conn.execute("SELECT set_config('synchronous_commit', %s, true)", ("off",))
+            self.conn.execute("INSERT INTO ryw VALUES (%s)", (k,))
+
+
 class PsycopgNonAutocommit(PsycopgWay):
     """psycopg's default: an implicit BEGIN, the write, commit(); the read in a READ ONLY transaction."""
 
@@ -401,6 +427,8 @@ WAYS = {
     "simple-start-transaction": SimpleStartTransaction,
     "read-first-transaction": ReadFirstTransaction,
     "read-first-in-begin-string": ReadFirstInBeginString,
+    "set-local-async-commit": LocalAsyncCommit,
+    "set-config-local-async-commit": LocalAsyncCommitExtended,
     "commit-and-chain": CommitAndChain,
     "two-phase-commit": TwoPhase,
     "function-in-transaction": FunctionInTransaction,

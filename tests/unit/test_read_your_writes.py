@@ -391,3 +391,35 @@ def test_the_batch_a_replica_was_chosen_for_is_never_split():
     replica = session.server
     assert on(replica) in (R1, R2) and not session._holding
     assert types(sent(replica)) == "PBEPBES"
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        pytest.param(m.query("SET LOCAL synchronous_commit = off"), id="set-local"),
+        pytest.param(m.query("SELECT set_config('synchronous_commit', 'off', true)"), id="set-config-local"),
+        pytest.param(
+            m.parse("", "SELECT set_config('synchronous_commit', $1, true)") + m.bind("", "", [b"off"]) + m.execute() + m.sync(),
+            id="set-config-local-extended",
+        ),
+    ],
+)
+def test_a_transaction_made_asynchronous_is_placed_by_the_insert_position(statement):
+    """The session's synchronous_commit (read after the commit) does not say how that commit was made."""
+    s = Setup()
+    session, ct = s.client()
+    run(session, "BEGIN", p.TX_IN_TRANSACTION)
+    server = session.server
+    session.got_data(statement)
+    sent(server)
+    server.got_data(m.command_complete("SET") + Z_IN if statement[:1] == b"Q" else EXTENDED_REPLY + Z_IN)
+    run(session, "INSERT INTO t VALUES (1)", p.TX_IN_TRANSACTION)
+    run(session, "COMMIT")
+    assert tracked(server)
+    finish_lsn(server, insert="0/5000", flush="0/4000", synchronous_commit="on")
+    assert session.min_lsn == 0x5000
+    # The next link starts afresh: a synchronous transaction uses the flush position again.
+    run(session, "INSERT INTO t VALUES (2)")
+    assert tracked(server)
+    finish_lsn(server, insert="0/7000", flush="0/6000", synchronous_commit="on")
+    assert session.min_lsn == 0x6000
