@@ -8,7 +8,9 @@ from pgtwist.wire import protocol as p
 # How the first batch of what a client sent ends, so far.
 WHOLE = 0  # a Query, or an extended-protocol batch up to its Sync: everything in it is known
 OPEN = 1  # an extended-protocol batch whose end has not arrived yet: more of it may follow
-FLUSHED = 2  # ... and the client asked for its results (Flush) before ending it
+FLUSHED = 2  # ... that ran a statement (Execute) and asked for its results (Flush) before ending it
+DESCRIBED = 3  # ... that asked for descriptions only (Parse, Describe, Flush: asyncpg's prepare);
+# the client waits for them before it sends the rest, so it is placed by what it holds
 
 # Past this many messages an open batch is placed with what is known (on the primary; see
 # placement): waiting for its end must not hold an unbounded pipeline in memory.
@@ -32,6 +34,7 @@ def first_batch(items: list, statements: dict) -> tuple[str | None, tuple[str, .
     extended = False
     unnamed = False  # a Parse of the unnamed statement came
     unknown = False  # a Bind of an unnamed statement parsed elsewhere: what it runs is not known
+    executed = False
     for item in items:
         if type(item) is not tuple:
             continue
@@ -43,7 +46,9 @@ def first_batch(items: list, statements: dict) -> tuple[str | None, tuple[str, .
         if msg_type == p.SYNC:
             return _found(first, rest, unknown, WHOLE)
         if msg_type == p.FLUSH:
-            return _found(first, rest, unknown, FLUSHED)
+            return _found(first, rest, unknown, FLUSHED if executed else DESCRIBED)
+        if msg_type == p.EXECUTE:
+            executed = True
         if msg_type == p.FUNCTION_CALL and not extended:
             return None, (), WHOLE  # a fast-path call: the primary (it may call anything)
         extended = True

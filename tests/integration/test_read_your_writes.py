@@ -489,9 +489,18 @@ def test_asyncpg_transactions_are_read_back(px, cluster):
             await conn.close()
         return out
 
+    async def reads():
+        conn = await asyncpg.connect(**px.asyncpg_kwargs())
+        try:  # (each new query: Parse, Describe, Flush, then Bind, Execute, Sync)
+            return {await conn.fetchval(f"SELECT inet_server_port() + {i} - {i}") for i in range(4)}
+        finally:
+            await conn.close()
+
     started = time.monotonic()
     results = run_async(pairs(), timeout=TIME_LIMIT + 20)
     _check("asyncpg-transaction", results, primary_port(cluster), time.monotonic() - started)
+    # A client that did not write still reads from replicas, its statements prepared there.
+    assert run_async(reads(), timeout=20) <= {n.port for n in cluster.nodes[1:]}
 
 
 def test_the_setup_would_show_misses(px, cluster):

@@ -291,6 +291,20 @@ def test_a_batch_flushed_before_its_end_goes_to_the_primary():
     assert on(session.server) == P and session._wrote
 
 
+def test_a_prepare_that_waits_for_its_description_is_placed_by_its_statement():
+    """asyncpg prepares with Parse, Describe, Flush and sends Bind, Execute, Sync once answered."""
+    s = Setup()
+    session, ct = s.client()
+    session.got_data(m.parse("s1", "SELECT 1") + m.describe("S", "s1") + m.flush())
+    replica = session.server
+    assert on(replica) in (R1, R2) and session._watch == 0 and not session._wrote
+    sent(replica)
+    replica.got_data(m.parse_complete() + m.parameter_description() + m.row_description([("x", 23)]))
+    assert session.server is replica  # the batch goes on: the connection stays
+    session.got_data(m.bind("", "s1") + m.execute() + m.sync())
+    assert types(sent(replica)) == "BES"
+
+
 def test_an_open_batch_starting_with_a_write_goes_at_once():
     s = Setup()
     session, ct = s.client()
