@@ -86,8 +86,8 @@ class DatabaseRouter:
     def classify(self, sql: str | None, rest: tuple[str, ...] = (), unfinished: bool = False) -> Classification:
         """*sql*'s classification; with *rest* (the statements after it in the same extended-protocol
         batch, one implicit transaction) a write among them makes the whole batch a write, and
-        *unfinished* (the client asked for results before the batch's end) makes it one too: what
-        it sends next in that transaction is not known yet and may write."""
+        *unfinished* (it must be placed before its end: the client asked for results, or it grew
+        too long to wait for) makes it one too: what comes next in it is not known and may write."""
         if sql is None:
             return _PRIMARY_ONLY
         c = self._classify(sql)
@@ -98,7 +98,7 @@ class DatabaseRouter:
             if not other.read_only:
                 return replace(c, read_only=False, reason=f"batch with {other.reason}")
         if unfinished:
-            return replace(c, read_only=False, reason="batch flushed before its end")
+            return replace(c, read_only=False, reason="batch placed before its end")
         return c
 
     def _classify(self, sql: str) -> Classification:

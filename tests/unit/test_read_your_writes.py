@@ -377,7 +377,7 @@ def test_router_classifies_a_batch_as_a_whole():
     c = router.classify("SELECT 1", ("SELECT 2", "UPDATE t SET x = 1"))
     assert not c.read_only and c.reason == "batch with update"
     c = router.classify("SELECT 1", (), unfinished=True)
-    assert not c.read_only and c.reason == "batch flushed before its end"
+    assert not c.read_only and c.reason == "batch placed before its end"
     assert router.classify("BEGIN READ ONLY", ("SELECT 1",)).tx == "begin_read_only"
 
 
