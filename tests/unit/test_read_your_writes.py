@@ -8,14 +8,13 @@ tracked a write; a link given back (lent) without it did not.
 import pytest
 
 from pgtwist import batch
-from pgtwist.routing.policy import format_lsn
 from pgtwist.session import _WRITE_LSN_SQL
 from pgtwist.statements import Statement
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 
 from .test_router import clustered
-from .test_session import queries, types
+from .test_session import messages, queries, types
 from .test_session_failover import P, R1, R2, Setup, Z_IDLE, Z_IN, sent
 
 ROW = m.row_description([("x", 23)]) + m.data_row([b"1"])
@@ -350,8 +349,6 @@ def test_a_write_batch_pipelined_behind_a_replica_read_is_held_from_its_start():
 
 
 def items(data: bytes) -> list:
-    from .test_session import messages
-
     return messages(data)
 
 
@@ -388,10 +385,6 @@ def test_decisions_say_whether_they_landed_on_the_primary():
     assert read.want == "replica" and not read.on_primary
     late = router.decide("SELECT 1", in_transaction=None, user_rule="auto", min_lsn=10**9)
     assert late.want == "replica" and late.on_primary and str(late.node) == P
-
-
-def test_format_lsn_round_trip_used_in_these_tests():
-    assert format_lsn(0x4000) == "0/4000"
 
 
 def test_the_batch_a_replica_was_chosen_for_is_never_split():
