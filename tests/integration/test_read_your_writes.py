@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import threading
 import time
 
 import asyncpg
@@ -25,7 +26,7 @@ from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 
 from .proxy import DATABASE, RawClient, start_proxy, wait_for
-from .txhelpers import batch, bind, data_row_values, execute, parse, run_async, sync
+from .txhelpers import batch, bind, data_row_values, execute, parse, run_async, run_threads, sync
 
 pytestmark = pytest.mark.integration
 
@@ -469,6 +470,32 @@ def test_every_way_of_writing_is_read_back(px, cluster, way):
             seen, port = w.read(k)
             results.append((k, seen, port))
     _check(way, results, primary_port(cluster), time.monotonic() - started)
+
+
+MIXED = ["simple-transaction", "psycopg-non-autocommit", "commit-and-chain", "psycopg-pipeline", "psycopg-function", "two-phase-commit"]
+
+
+def test_mixed_load_of_clients_sharing_connections(px, cluster):
+    """Several clients at once, each writing its own way, on the proxy's few server connections
+    (pool_size 6 per node, so connections pass between writers and readers): no read misses."""
+    lock = threading.Lock()
+
+    def client(i: int) -> list:
+        out = []
+        with WAYS[MIXED[i]](px) as w:
+            for _ in range(max(1, PAIRS // len(MIXED))):
+                with lock:
+                    k = next(_keys)
+                w.write(k)
+                seen, port = w.read(k)
+                out.append((k, seen, port))
+        return out
+
+    started = time.monotonic()
+    results = [r for rs in run_threads(client, len(MIXED), TIME_LIMIT + 20) for r in rs]
+    misses = [(k, port) for k, seen, port in results if not seen]
+    assert not misses, f"{len(misses)} of {len(results)} reads missed their write: {misses[:10]}"
+    assert time.monotonic() - started < TIME_LIMIT
 
 
 def test_asyncpg_transactions_are_read_back(px, cluster):
