@@ -10,7 +10,7 @@ from __future__ import annotations
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from pgtwist import standin
+from pgtwist import batch, standin
 from pgtwist.cluster import evidence
 from pgtwist.pool import PoolError
 from pgtwist.relay import SYNC
@@ -56,31 +56,41 @@ class Placement:
             self._follow_reload()
         router = self.router
         placed = self.transaction_mode and self.logged_in and router.clustered and not self.pinned
+        if placed:
+            sql, rest, end = batch.first_batch(self.backlog, self.relay.statements)
+            unfinished = end == batch.FLUSHED or (end == batch.OPEN and len(self.backlog) >= batch.OPEN_LIMIT)
+            open_batch = end == batch.OPEN and not unfinished
         if placed and router.hook is not None:
             # The hook may answer later: what the client sends meanwhile stays in its socket.
             self._pause()
             d = router.decide_with_hook(
-                self._first_sql(),
+                sql,
                 in_transaction=None,
                 user_rule=self.user_route,
                 min_lsn=self.min_lsn,
                 identity={"user": self.user, "database": self.database.name, "client": self.id},
+                rest=rest,
+                unfinished=unfinished,
             )
-            d.addCallbacks(self._routed, self._unroutable).addErrback(self._crashed)
+            d.addCallbacks(self._routed, self._unroutable, callbackArgs=(open_batch,)).addErrback(self._crashed)
             return
         try:
             if placed:
                 # The built-in policy answers at once: no Deferred, and no pause and resume of
                 # the client (two epoll calls) on this per-transaction path.
-                decision = router.decide(self._first_sql(), in_transaction=None, user_rule=self.user_route, min_lsn=self.min_lsn)
+                decision = router.decide(
+                    sql, in_transaction=None, user_rule=self.user_route, min_lsn=self.min_lsn, rest=rest, unfinished=unfinished
+                )
             elif not self.logged_in and self.transaction_mode and router.clustered and router.primary() is None:
                 decision = router.login_decision()
+                open_batch = False
             else:
                 decision = self._primary_decision()  # everything goes to the primary
+                open_batch = False
         except NoNode as e:
             self._unroutable(Failure(e))
             return
-        self._routed(decision)
+        self._routed(decision, open_batch)
 
     def _follow_reload(self) -> None:
         """A reload rebuilt this database's router (its nodes changed): place work with the new one.
@@ -117,13 +127,6 @@ class Placement:
             decision = self._primary = Decision(node, "primary", "session needs the primary", _NOTHING_CLASSIFIED)
         return decision
 
-    def _first_sql(self, items: list | None = None) -> str | None:
-        """The statement text that starts the waiting work (or *items*), for routing."""
-        for item in self.backlog if items is None else items:
-            if type(item) is tuple and item[0] in standin.STATEMENT_TYPES:
-                return standin.statement_text(item[0], item[1], self.relay.statements)
-        return None
-
     def _placed_on(self, server, items: list) -> bool:
         """In a cluster, a client keeping *server* between transactions sent *items*: place its next
         transaction anew, exactly as if it held no connection (one decision of the same policy).
@@ -132,28 +135,49 @@ class Placement:
         on. Otherwise the connection goes back to its pool and the work to where it was placed
         (False). (Only the built-in policy, which answers at once, gets here: see _maybe_release.)
         """
-        sql = self._first_sql(items)
+        sql, rest, end = batch.first_batch(items, self.relay.statements)
         if sql is None:
-            return True  # nothing to place (a Sync, a Terminate): it stays where it is
+            # Nothing to place (a Sync, a Terminate), or a statement whose text is not known
+            # (the unnamed one, parsed on this very connection): it stays where it is.
+            self._watch_link(self.decision, known=False)
+            return True
+        unfinished = end == batch.FLUSHED or (end == batch.OPEN and len(items) >= batch.OPEN_LIMIT)
         try:
-            decision = self.router.decide(sql, in_transaction=None, user_rule=self.user_route, min_lsn=self.min_lsn)
+            decision = self.router.decide(
+                sql, in_transaction=None, user_rule=self.user_route, min_lsn=self.min_lsn, rest=rest, unfinished=unfinished
+            )
         except NoNode:
             decision = None
+        if decision is not None and end == batch.OPEN and not unfinished and not decision.on_primary:
+            # The start of an extended batch that would go to a replica: the rest of it (one
+            # implicit transaction) may write. It is placed once its end is here.
+            self._give_back(server)
+            self.backlog.extend(items)
+            return False
         if decision is not None and decision.node == server.node:
             self.decision = decision
             self.proxy.counters.routed(decision.reason)
             # What a new link starts with (as in _prepared): the replica read and what may be held behind it.
             self._link_used = False
             self._holding = False
-            self._read_link = decision.want == "replica" and decision.classification.tx is None
+            self._read_link = decision.want == "replica" and decision.classification.tx is None and not decision.on_primary
+            self._watch_link(decision)
             return True
         self._give_back(server)
         self.backlog.extend(items)
         self._acquire(decision)  # (None: no node now; _acquire asks again and waits for one)
         return False
 
-    def _routed(self, decision: Decision) -> None:
+    def _routed(self, decision: Decision, open_batch: bool = False) -> None:
         if self.state is CLOSED:
+            return
+        if open_batch and not decision.on_primary:
+            # An extended-protocol batch whose Sync has not come, placed on a replica: the rest
+            # of it runs in the same implicit transaction and may write. Place it whole, once
+            # its end (or a Flush) is here; the client is read meanwhile (see batch.OPEN_LIMIT).
+            self.state = IDLE
+            self._deadline = None
+            self._resume()
             return
         self.decision = decision
         self.proxy.counters.routed(decision.reason)
@@ -306,8 +330,10 @@ class Placement:
             and decision is not None
             and decision.want == "replica"
             and decision.classification.tx is None
+            and not decision.on_primary  # (a read that fell back to the primary: writes behind it may follow it)
             and self.relay.tx_status == p.TX_IDLE
         )
+        self._watch_link(decision)
         server.link(self, self.transport, self.relay.capture() if self.relay else SESSION_SERVER_CAPTURE)
         self._resume()
         backlog, self.backlog = self.backlog, []

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import importlib
 import inspect as pyinspect
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
 from pgtwist.cluster import evidence
 from pgtwist.routing.classify import Classification, classify
-from pgtwist.routing.policy import NodeState, choose, read_exclusions, route
+from pgtwist.routing.policy import PRIMARY, REPLICA, NodeState, choose, read_exclusions, route
 
 log = Logger()
 
@@ -32,6 +32,9 @@ class Decision:
     want: str  # "primary" | "replica"
     reason: str
     classification: Classification
+    # The node was the primary when chosen (a read may land there too: no replica caught up,
+    # replicas lagging, a hook naming it). Writes can only have happened where this is True.
+    on_primary: bool = True
 
     @property
     def read_only(self) -> bool:
@@ -86,9 +89,25 @@ class DatabaseRouter:
             self.states(), self.config.max_replica_lag or None, self.config.max_replica_delay or None
         )
 
-    def classify(self, sql: str | None) -> Classification:
+    def classify(self, sql: str | None, rest: tuple[str, ...] = (), unfinished: bool = False) -> Classification:
+        """*sql*'s classification; with *rest* (the statements after it in the same extended-protocol
+        batch, one implicit transaction) a write among them makes the whole batch a write, and
+        *unfinished* (it must be placed before its end: the client asked for results, or it grew
+        too long to wait for) makes it one too: what comes next in it is not known and may write."""
         if sql is None:
             return _PRIMARY_ONLY
+        c = self._classify(sql)
+        if not c.read_only:
+            return c
+        for text in rest:
+            other = self._classify(text)
+            if not other.read_only:
+                return replace(c, read_only=False, reason=f"batch with {other.reason}")
+        if unfinished:
+            return replace(c, read_only=False, reason="batch placed before its end")
+        return c
+
+    def _classify(self, sql: str) -> Classification:
         if self.monitor is None:
             return classify(sql, self.config.read_only_functions)
         self._maybe_load_functions()
@@ -138,9 +157,19 @@ class DatabaseRouter:
             db=self.database.name, node=node, why=failure.getErrorMessage(),
         )
 
-    def decide(self, sql: str | None, *, in_transaction: str | None, user_rule: str | None, min_lsn: int = 0) -> Decision:
-        """Pick a node for work starting with *sql*; raises NoNode when none can take it now."""
-        classification = self.classify(sql)
+    def decide(
+        self,
+        sql: str | None,
+        *,
+        in_transaction: str | None,
+        user_rule: str | None,
+        min_lsn: int = 0,
+        rest: tuple[str, ...] = (),
+        unfinished: bool = False,
+    ) -> Decision:
+        """Pick a node for work starting with *sql* (*rest* and *unfinished*: see classify);
+        raises NoNode when none can take it now."""
+        classification = self.classify(sql, rest, unfinished)
         if self.monitor is None:
             return Decision(self.database.nodes[0], "primary", "single node", classification)
         want, reason = route(
@@ -160,13 +189,18 @@ class DatabaseRouter:
         )
         if node is None:
             raise NoNode(why)
-        return Decision(self.by_name[node.name], want, f"{reason}; {why}" if why else reason, classification)
+        return Decision(
+            self.by_name[node.name], want, f"{reason}; {why}" if why else reason, classification, node.role == PRIMARY
+        )
 
-    def decide_with_hook(self, sql, *, in_transaction, user_rule, min_lsn, identity: dict) -> defer.Deferred:
+    def decide_with_hook(
+        self, sql, *, in_transaction, user_rule, min_lsn, identity: dict, rest: tuple[str, ...] = (), unfinished: bool = False
+    ) -> defer.Deferred:
         """Like decide(), asking the configured hook first; a failing hook falls back to the built-in policy."""
+        more = {"rest": rest, "unfinished": unfinished}
         if self.hook is None or self.monitor is None:
-            return defer.maybeDeferred(self.decide, sql, in_transaction=in_transaction, user_rule=user_rule, min_lsn=min_lsn)
-        classification = self.classify(sql)
+            return defer.maybeDeferred(self.decide, sql, in_transaction=in_transaction, user_rule=user_rule, min_lsn=min_lsn, **more)
+        classification = self.classify(sql, rest, unfinished)
 
         def call():
             result = self.hook(classification, identity)
@@ -176,19 +210,21 @@ class DatabaseRouter:
 
         def placed(answer):
             if answer in (None, "auto"):
-                return self.decide(sql, in_transaction=in_transaction, user_rule=user_rule, min_lsn=min_lsn)
+                return self.decide(sql, in_transaction=in_transaction, user_rule=user_rule, min_lsn=min_lsn, **more)
             if answer in ("primary", "replica"):
                 return self._place(answer, f"hook: {answer}", classification, min_lsn)
             node = self.by_name.get(str(answer))
             if node is None:
                 raise ValueError(f"routing hook returned unknown node {answer!r}")
-            return Decision(node, "node", "hook: node", classification)
+            state = self.monitor.states.get(str(answer))
+            # (A node whose role is not known yet counts as the primary: writes may happen there.)
+            return Decision(node, "node", "hook: node", classification, state is None or state.role != REPLICA)
 
         def failed(failure):
             if failure.check(NoNode):
                 return failure
             log.failure("routing hook failed; using the built-in policy", failure)
-            return self.decide(sql, in_transaction=in_transaction, user_rule=user_rule, min_lsn=min_lsn)
+            return self.decide(sql, in_transaction=in_transaction, user_rule=user_rule, min_lsn=min_lsn, **more)
 
         d = defer.maybeDeferred(call)
         d.addCallback(placed)

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 from twisted.logger import Logger
 
-from pgtwist import sqlinspect, tls
+from pgtwist import sqlinspect, standin, tls
 from pgtwist import drain
 from pgtwist.admin import audit
 from pgtwist.admin.console import DATABASE as ADMIN_DATABASE
 from pgtwist.admin.console import AdminConsole
 from pgtwist.login import Authenticated, CancelReceived, ClientLogin, LoginError, Reply, StartTLS
 from pgtwist.placement import Placement
-from pgtwist.relay import CLIENT_CAPTURE, Relay
+from pgtwist.relay import CLIENT_CAPTURE, SYNC, Relay
 from pgtwist.router import Decision
 from pgtwist.routing.policy import parse_lsn, write_lsn
 from pgtwist.settings import SERVER_OWNED, client_settings, parse_options, quote_literal, readback_sql, sync_sql
@@ -39,6 +39,13 @@ _SESSION_CAPTURE = frozenset((_TERMINATE,))
 _SESSION_WATCH = frozenset((p.QUERY, p.SYNC, p.FUNCTION_CALL))
 # An extended-protocol batch not yet closed by Sync leaves the server mid-conversation.
 _UNSYNCED = frozenset((p.PARSE, p.BIND, p.EXECUTE, p.DESCRIBE, p.CLOSE, p.FLUSH))
+# Read-your-writes: what _watch_link/_watch_statement look at while a link on the primary has
+# not been seen to write. _WATCH_FIRST: the statement the link was placed by is still to come
+# (already classified); _WATCH_UNNAMED: the unnamed statement was parsed (and classified) on it.
+_WATCH_ALL = 1
+_WATCH_FIRST = 2
+_WATCH_UNNAMED = 4
+_WATCHED = frozenset((p.QUERY, p.PARSE, p.BIND, p.FUNCTION_CALL))
 # Read-your-writes: where the primary's WAL ends after this client's write committed.
 _WRITE_LSN_SQL = (
     "SELECT pg_catalog.pg_current_wal_insert_lsn()::text, pg_catalog.pg_current_wal_flush_lsn()::text,"
@@ -62,6 +69,12 @@ def _encoded_parameters(parameters: dict[str, str]) -> bytes:
             _ENCODED_PARAMETERS.clear()
         _ENCODED_PARAMETERS[key] = data
     return data
+
+
+def _binds_unnamed(body: bytes) -> bool:
+    """A Bind body names the unnamed statement (an empty name after the portal's)."""
+    at = body.find(b"\x00") + 1
+    return body[at : at + 1] == b"\x00"
 
 
 def _peer_host(transport) -> str | None:
@@ -120,6 +133,9 @@ class ClientSession(Placement):
         "_link_sent",
         "_link_replied",
         "_link_used",
+        "_wrote",
+        "_watch",
+        "_async_commit",
         "_paused",
         "_pool",
         "_lent",
@@ -174,6 +190,9 @@ class ClientSession(Placement):
         self._link_sent: list = []  # what this link forwarded before any reply (replayable reads)
         self._link_replied = False
         self._link_used = False
+        self._wrote = False  # read-your-writes: this link may have written on the primary (see _watch_link)
+        self._watch = 0
+        self._async_commit = False  # ... and its transaction's commit may have been asynchronous (SET LOCAL)
         self._paused = False
         self._pool = None  # the pool the last transaction used
         self._lent = False  # linked between transactions on a connection the pool may reclaim
@@ -400,9 +419,13 @@ class ClientSession(Placement):
         if type(item) is not tuple or item[0] != p.QUERY or self.audit or not self.relay.idle:
             return False
         body = item[1]
-        if len(body) + 5 != len(data) or sqlinspect.inspect_query(body).changes_state:
+        if len(body) + 5 != len(data):
+            return False
+        effects = sqlinspect.inspect_query(body)
+        if effects.changes_state or effects.local_commit_mode:
             return False
         self._link_used = True
+        self._watch &= _WATCH_ALL  # (this is the statement the link was placed by)
         self._link_sent.append(item)
         self.relay.expect_ready()
         write_now(server.transport, data)
@@ -440,6 +463,7 @@ class ClientSession(Placement):
         else:
             bind = frame(p.BIND, body)
         self._link_used = True
+        self._watch &= _WATCH_ALL  # (this is the statement the link was placed by)
         self._link_sent.extend(items)
         self.relay.expect_ready()
         if self.scanner.at_boundary:
@@ -469,6 +493,7 @@ class ClientSession(Placement):
                 self._link_replied = True
             else:
                 self._link_sent.extend(items)
+        watch = self._watch
         for item in items:
             if type(item) is bytes:  # COPY data and the like
                 to_server.append(item)
@@ -478,6 +503,8 @@ class ClientSession(Placement):
                 self._flush(to_server, to_client)
                 self._terminate()
                 return
+            if watch and msg_type in _WATCHED:
+                watch = self._watch_statement(msg_type, body, watch)
             if self.audit and (msg_type == p.QUERY or msg_type == p.PARSE):
                 audit.statement(self, msg_type, body)
             if msg_type == p.QUERY:
@@ -485,12 +512,14 @@ class ClientSession(Placement):
                 if effects.changes_state:
                     if self._query(body, effects, to_server, to_client):
                         continue
+                elif effects.local_commit_mode:
+                    self._async_commit = True
             elif msg_type == p.PARSE:
                 name, definition = split_parse(body)
                 text, _, types = definition.partition(b"\x00")
                 sql = text + b"\x00"
                 effects = sqlinspect.inspect_query(sql)
-                if effects.changes_state:
+                if effects.changes_state or effects.local_commit_mode:
                     self._effects_of[name] = effects
                 else:
                     self._effects_of.pop(name, None)
@@ -531,23 +560,41 @@ class ClientSession(Placement):
         """On a replica for an autocommit read: keep back whatever write the client pipelined behind it.
 
         What is kept back waits in the backlog; once the read is answered and the replica
-        released, it is placed like any new work (on the primary).
+        released, it is placed like any new work (on the primary). An extended-protocol batch is
+        one implicit transaction: it is kept back whole, from its first message. (Its start can
+        only have gone to the replica already when the client sent it in pieces after the
+        replica's first batch; then the write goes there too and is refused with 25006, as
+        PostgreSQL refuses a write in a read-only transaction, rather than split the batch.)
         """
         first = not self._link_used
+        queue = self.relay.queue
+        # Where the batch being sent began (None: before these items, or it is the batch the
+        # replica was chosen for, placed whole: nothing of it is held back).
+        start = None if first or (queue and queue[-1].kind is not SYNC) else 0
         for i, item in enumerate(items):
-            if type(item) is not tuple or item[0] not in (p.QUERY, p.PARSE, p.BIND):
+            if type(item) is not tuple:
                 continue
+            msg_type = item[0]
+            if msg_type == p.SYNC:
+                start = i + 1
+                continue
+            if msg_type not in (p.QUERY, p.PARSE, p.BIND):
+                continue
+            if msg_type == p.QUERY:
+                start = i  # (a Query is a batch of its own: the next one starts after it)
             texts = list(self._statement_texts([item]))
-            if not texts:
-                continue
-            if first:
+            if texts and first:
                 first = False  # the statement this replica was chosen for
-                continue
-            c = self.router.classify(texts[0])
-            if not c.read_only or c.tx is not None:
-                self._holding = True
-                self.backlog = items[i:] + self.backlog
-                return items[:i]
+            elif texts:
+                c = self.router.classify(texts[0])
+                if not c.read_only or c.tx is not None:
+                    if start is None:
+                        return items
+                    self._holding = True
+                    self.backlog = items[start:] + self.backlog
+                    return items[:start]
+            if msg_type == p.QUERY:
+                start = i + 1
         return items
 
     def _flush(self, to_server: list, to_client: list) -> None:
@@ -587,6 +634,8 @@ class ClientSession(Placement):
         return False
 
     def _note_effects(self, effects) -> None:
+        if effects.local_commit_mode:
+            self._async_commit = True
         if effects.pin and not self.pinned:
             self.pinned = effects.pin
             self.proxy.note_pinned(self, effects.pin)
@@ -770,14 +819,9 @@ class ClientSession(Placement):
             self.dirty_all = False
             names = [n for n in names if n not in SERVER_OWNED]
         batches = [[readback_sql(names)]] if names else []
-        track_lsn = (
-            self._link_used  # (the link that only logged the client in wrote nothing)
-            and self.config.read_your_writes
-            and self.router.clustered
-            and self.decision is not None
-            and self.decision.want == "primary"
-            and not self.decision.classification.read_only
-        )
+        # (The link that only logged the client in wrote nothing.) The transaction has ended
+        # (idle), so the query runs after its commit, outside it.
+        track_lsn = self._wrote and self._link_used
         if track_lsn:
             batches.append([_WRITE_LSN_SQL])
         if batches:
@@ -799,6 +843,44 @@ class ClientSession(Placement):
             pool.lend(server, self)
             return
         self._give_back(server)
+
+    # -- read-your-writes: which transactions may have written ---------------------------------
+
+    def _watch_link(self, decision, known: bool = True) -> None:
+        """A link starts (or goes on with work of unknown text, *known* False) on *decision*'s node:
+        note whether what runs there may write, so its release notes the primary's WAL position.
+
+        Only work on the primary can write. There, work placed by a statement that may write
+        counts at once; work placed by a read (BEGIN, a read-only first statement, a read sent to
+        the primary because no replica had caught up) is watched: each further statement of the
+        link is classified until one may write (_watch_statement). Links on replicas cost nothing.
+        """
+        self._async_commit = False
+        if decision is None or not decision.on_primary or not self.config.read_your_writes or not self.router.clustered:
+            self._wrote = False
+            self._watch = 0
+        elif known and decision.classification.read_only:
+            self._wrote = False
+            self._watch = _WATCH_ALL | _WATCH_FIRST
+        else:
+            self._wrote = True
+            self._watch = 0
+
+    def _watch_statement(self, msg_type: int, body: bytes, watch: int) -> int:
+        """A watched link runs another statement (Query, Parse, Bind, FunctionCall): may it write?
+        Returns what to watch next (0 once it may: the link's release notes the WAL position)."""
+        if msg_type == p.BIND and watch & _WATCH_UNNAMED and _binds_unnamed(body):
+            return watch  # it runs the unnamed statement, whose Parse was classified
+        text = None if msg_type == p.FUNCTION_CALL else standin.statement_text(msg_type, body, self.relay.statements)
+        if msg_type == p.PARSE and body[:1] == b"\x00":
+            watch |= _WATCH_UNNAMED
+        if text is not None and watch & _WATCH_FIRST:
+            watch &= ~_WATCH_FIRST  # the statement the link was placed by: classified already
+        elif text is None or not self.router.classify(text).read_only:
+            self._wrote = True
+            watch = 0
+        self._watch = watch
+        return watch
 
     def reclaim(self, server) -> None:
         """The pool needs the connection this client holds between transactions: give it back now."""
@@ -835,6 +917,8 @@ class ClientSession(Placement):
                 server.tainted = True
         if track_lsn and rows and len(rows[-1]) == 3 and None not in rows[-1]:
             insert, flush, synchronous_commit = (v.decode("ascii", "replace") for v in rows[-1])
+            if self._async_commit:
+                synchronous_commit = "off"  # (the session's value is back; the commit had its own)
             try:
                 self.min_lsn = max(self.min_lsn, write_lsn(parse_lsn(insert), parse_lsn(flush), synchronous_commit))
             except ValueError:

@@ -41,6 +41,9 @@ class SessionEffects:
     resets: tuple[str, ...] = ()  # RESET name / SET name TO DEFAULT (not LOCAL): back to the session default
     reset_all: bool = False  # RESET ALL or DISCARD ALL: every setting back to the session default
     assigned: frozenset[str] = frozenset()  # names given a value (SET name = v, set_config), not LOCAL
+    # SET LOCAL synchronous_commit / set_config('synchronous_commit', v, true): the transaction's
+    # commit may be asynchronous whatever the session's setting says (read-your-writes).
+    local_commit_mode: bool = False
 
     def to_restore(self, startup: dict[str, str]) -> set[str]:
         """Startup settings these statements return to the server's defaults, which the client's
@@ -76,6 +79,7 @@ class _Collector(Visitor):
         self.discard_all = False
         self.reset_all = False
         self.assigned: set[str] = set()
+        self.local_commit_mode = False
 
     def _pin(self, why: str) -> None:
         if self.pin is None:
@@ -92,6 +96,8 @@ class _Collector(Visitor):
             return
         if name.startswith("transaction") or name == "session_characteristics":
             return
+        if node.is_local and name == "synchronous_commit":
+            self.local_commit_mode = True
         if not node.is_local and name:
             self.settings.add(name)
             if node.kind in (VariableSetKind.VAR_RESET, VariableSetKind.VAR_SET_DEFAULT):
@@ -107,9 +113,14 @@ class _Collector(Visitor):
             args = node.args or ()
             local = args[2] if len(args) > 2 else None
             is_local = isinstance(local, ast.A_Const) and getattr(local.val, "boolval", None) is True
+            first = args[0] if args else None
+            if is_local or local is not None and not isinstance(local, ast.A_Const):
+                # (A computed is_local may be true: for the commit's mode, assume it is.)
+                named = isinstance(first, ast.A_Const) and isinstance(first.val, ast.String)
+                if not named or first.val.sval.lower() == "synchronous_commit":
+                    self.local_commit_mode = True
             if is_local:
                 return
-            first = args[0] if args else None
             if isinstance(first, ast.A_Const) and isinstance(first.val, ast.String):
                 self.settings.add(first.val.sval.lower())
                 self.assigned.add(first.val.sval.lower())
@@ -212,4 +223,5 @@ def _inspect_parsed(sql: str) -> SessionEffects:
         resets=tuple(c.resets),
         reset_all=c.reset_all,
         assigned=frozenset(c.assigned),
+        local_commit_mode=c.local_commit_mode,
     )

@@ -34,6 +34,14 @@ def body(sql: str) -> bytes:
         ("SET ROLE other", lambda e: e.pin == "SET ROLE"),
         ("SELECT abalance FROM pgbench_accounts WHERE aid = 1", lambda e: e is NO_EFFECTS),
         ("this is not SQL; set", lambda e: e is NO_EFFECTS),
+        # A transaction's own commit mode (read-your-writes), not a session setting.
+        ("SET LOCAL synchronous_commit = off", lambda e: e.local_commit_mode and not e.changes_state),
+        ("SET synchronous_commit = off", lambda e: not e.local_commit_mode and e.settings == {"synchronous_commit"}),
+        ("SELECT set_config('synchronous_commit', 'off', true)", lambda e: e.local_commit_mode and not e.changes_state),
+        ("SELECT set_config($1, $2, true)", lambda e: e.local_commit_mode),
+        ("SELECT set_config('synchronous_commit', 'off', $1)", lambda e: e.local_commit_mode),
+        ("SELECT set_config('work_mem', '1MB', true)", lambda e: not e.local_commit_mode),
+        ("SET LOCAL work_mem = '1MB'", lambda e: not e.local_commit_mode),
     ],
 )
 def test_effects(sql, check):
