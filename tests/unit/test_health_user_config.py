@@ -89,3 +89,43 @@ def test_check_refuses_a_cluster_the_monitor_cannot_log_in_to(tmp_path, capsys):
     out = capsys.readouterr()
     assert "OK" not in out.out
     assert "health_user: databases.appdb.nodes lists several nodes" in out.err and "SCRAM verifier" in out.err
+
+
+# -- what etc/ ships must pass --check ------------------------------------------------------------
+
+ETC = __import__("pathlib").Path(__file__).resolve().parents[2] / "etc"
+
+
+def block_scalar(yaml_text: str, key: str) -> str:
+    """The `key: |` literal block of a manifest (no YAML library needed for these files)."""
+    lines = yaml_text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip() == f"{key}: |")
+    indent = len(lines[start]) - len(lines[start].lstrip()) + 2
+    body = []
+    for line in lines[start + 1:]:
+        if line.strip() and len(line) - len(line.lstrip()) < indent:
+            break
+        body.append(line[indent:])
+    return "\n".join(body) + "\n"
+
+
+def test_kubernetes_manifests_ship_a_config_that_checks(tmp_path):
+    from pgtwist.config import load
+
+    toml = block_scalar((ETC / "kubernetes" / "configmap.yaml").read_text(), "pgbalance.toml")
+    userlist = block_scalar((ETC / "kubernetes" / "secret.yaml").read_text(), "userlist.txt")
+    deployment = (ETC / "kubernetes" / "deployment.yaml").read_text()
+    assert 'auth_file = "/etc/pgtwist-users/userlist.txt"' in toml
+    assert "mountPath: /etc/pgtwist-users" in deployment and "secretName: pgtwist-users" in deployment
+    (tmp_path / "userlist.txt").write_text(userlist)
+    (tmp_path / "pgbalance.toml").write_text(toml.replace("/etc/pgtwist-users/userlist.txt", "userlist.txt"))
+    c = load(tmp_path / "pgbalance.toml")
+    assert len(c.databases["appdb"].nodes) == 2
+    assert c.users[c.health_user].credential.kind == "plain"
+    assert c.users["app"].credential.kind == "scram" and c.admin_users == ("admin",)
+
+
+def test_example_config_checks():
+    from pgtwist.config import load
+
+    assert load(ETC / "pgbalance.toml").users["app"].credential.kind == "plain"
