@@ -121,6 +121,28 @@ def test_check_refuses_a_cluster_the_monitor_cannot_log_in_to(cluster, tmp_path)
             pass
 
 
+def test_md5_health_user_against_scram_nodes_says_why_they_are_down(cluster, tmp_path):
+    # --check accepts an md5 hash (nodes using md5 take it); these nodes use SCRAM, and the log
+    # and /readyz say so rather than leave the operator guessing.
+    from pgtwist.auth import md5_hash
+
+    (tmp_path / "userlist.txt").write_text(userlist_line(MONITOR, md5_hash(MONITOR, MONITOR_SECRET)))
+    metrics = free_port(HOST)
+    with start_ops_proxy(
+        cluster,
+        tmp_path,
+        {"metrics": {"listen": f"{HOST}:{metrics}"}},
+        databases=cluster_db(cluster),
+        auth_file="userlist.txt",
+        health_user=MONITOR,
+        health_check_interval=0.2,
+        check_log=False,
+    ) as px:
+        wait_for(lambda: "holds only an md5 hash" in px.log_text(), 20, "the reason in the log")
+        status, body = http_get(metrics, "/readyz")
+        assert status == 503, body
+
+
 # --------------------------------------------------------------------------- auth_file, reloaded
 
 
