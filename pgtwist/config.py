@@ -459,7 +459,7 @@ def _auth_file(c: _Checker, raw: Mapping, source: str) -> tuple[str, dict[str, t
     base = source_path.absolute().parent if source_path.is_file() else Path.cwd()
     path = (base / value).absolute()
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = path.read_bytes().decode("utf-8-sig")  # (a byte order mark from a Windows editor)
     except OSError as e:
         c.err("auth_file", f"cannot read {path}: {e.strerror}")
         return str(path), {}

@@ -156,3 +156,9 @@ def test_admin_users_and_health_user_may_come_from_the_file(tmp_path):
     config = 'auth_file = "userlist.txt"\nhealth_user = "mon"\n' + BASE + '[admin]\nusers = ["root"]\n'
     c = load(write(tmp_path, config, f'"root" "{SCRAM_TEXT}"\n"mon" "{md5_hash("mon", "x")}"\n'))
     assert c.admin_users == ("root",) and c.health_user == "mon"
+
+
+def test_byte_order_mark_is_not_a_broken_line(tmp_path):
+    (tmp_path / "userlist.txt").write_bytes(b'\xef\xbb\xbf"app" "' + MD5_TEXT.encode() + b'"\r\n')
+    path = write(tmp_path, 'auth_file = "userlist.txt"\n' + BASE)
+    assert load(path).users["app"].credential.md5_hash == MD5_TEXT
