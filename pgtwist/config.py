@@ -413,7 +413,7 @@ def from_dict(raw: Mapping[str, Any], source: str = "<memory>") -> Config:
 
     if strings["health_user"] and strings["health_user"] not in users:
         c.err("health_user", f"names no [users.{strings['health_user']}] table (nor a line of auth_file)")
-    else:
+    elif len(c.errors) == errors_before:  # (with a user in error, who the monitor would be is unclear)
         _check_health_user(c, strings["health_user"], databases, users, origins)
     operations = _operations(raw, c, source, databases, users, auth_type)
     tls_config, server_tls_config = _tls_tables(c, raw, source, auth_type)

@@ -129,3 +129,8 @@ def test_example_config_checks():
     from pgtwist.config import load
 
     assert load(ETC / "pgbalance.toml").users["app"].credential.kind == "plain"
+
+
+def test_a_user_in_error_is_not_blamed_twice():
+    errs = errors_of({"databases": CLUSTER, "users": {"app": {"password": "md5nothex"}, "b": {"password": SCRAM_TEXT}}})
+    assert len(errs) == 1 and errs[0].startswith("users.app.password:")
