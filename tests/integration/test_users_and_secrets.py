@@ -93,6 +93,7 @@ def test_cluster_with_scram_verifiers_comes_up_routes_and_is_ready(cluster, tmp_
         status, body = http_get(metrics, "/readyz")
         assert status == 200 and body.startswith("ready"), body
         assert "is down" not in px.log_text()
+        assert f"database {DATABASE}: the health monitor probes 2 nodes as user {MONITOR}" in px.log_text()
 
         # A client with the app password: reads reach the replica, writes the primary.
         with connect(px, cluster.app_user, cluster.app_password) as conn:
