@@ -11,6 +11,7 @@ from types import MappingProxyType
 from typing import Any, Mapping
 
 from pgtwist.auth import Credential
+from pgtwist.auth.userlist import UserlistError, parse_userlist
 
 POOL_MODES = ("session", "transaction")
 AUTH_TYPES = ("trust", "md5", "scram-sha-256", "cert")
@@ -154,6 +155,8 @@ class Config:
     # Transaction pooling, when a client's server connection dies under it: "keep_session" (the
     # client gets the node's error and goes on) or "close_client" (PgBouncer's way).
     on_server_loss: str = "keep_session"
+    # PgBouncer's auth_file (absolute path; "" = none): users and secrets merged into users.
+    auth_file: str = ""
 
 
 _DEFAULTS: dict[str, Any] = {
@@ -198,7 +201,7 @@ UNPOOLABLE = ("pin", "error")
 SERVER_LOSS = ("keep_session", "close_client")
 
 _OPERATIONS_KEYS = {"shutdown_timeout", "log_format", "log_connections", "log_disconnections", "audit", "admin", "manhole", "metrics"}
-_TOP_KEYS = set(_DEFAULTS) | {"databases", "users", "tls", "server_tls"} | _OPERATIONS_KEYS
+_TOP_KEYS = set(_DEFAULTS) | {"databases", "users", "tls", "server_tls", "auth_file"} | _OPERATIONS_KEYS
 _TLS_KEYS = {"mode", "cert", "key", "ca", "ciphers", "min_protocol_version"}
 _DATABASE_KEYS = {"dbname", "nodes", "pool_size", "route"}
 _USER_KEYS = {"password", "route"}
@@ -362,7 +365,12 @@ def from_dict(raw: Mapping[str, Any], source: str = "<memory>") -> Config:
             db_route = "auto"
         databases[name] = DatabaseConfig(name, dbname if isinstance(dbname, str) else name, tuple(nodes), db_pool, db_route)
 
+    errors_before = len(c.errors)
+    auth_file, file_secrets = _auth_file(c, raw, source)
+    auth_file_ok = len(c.errors) == errors_before  # (else that error says why no user is left)
     users: dict[str, UserConfig] = {}
+    # Where each user's secret was written, for errors that must point at it.
+    origins: dict[str, str] = {}
     raw_users = raw.get("users", {})
     if not isinstance(raw_users, dict):
         c.err("users", "must be a table of [users.NAME]")
@@ -374,9 +382,19 @@ def from_dict(raw: Mapping[str, Any], source: str = "<memory>") -> Config:
             continue
         c.unknown(user, _USER_KEYS, path + ".")
         password = user.get("password")
+        in_file = file_secrets.get(name)
+        if password is not None and in_file is not None:
+            # As in PgBouncer, the secret lives in one place; two could disagree unnoticed.
+            c.err(path + ".password", f"user {name!r} also has a secret in auth_file ({auth_file}:{in_file[1]}); give it in one place")
+            continue
+        if password is None and in_file is not None:
+            password, origin = in_file[0], f"auth_file ({auth_file}:{in_file[1]})"
+        else:
+            origin = path + ".password"
         if not isinstance(password, str) or not password:
             # No default passwords: a user without one cannot log in to the nodes either.
-            c.err(path + ".password", "is required (plaintext, md5 hash or SCRAM-SHA-256 verifier)")
+            where = " here or in auth_file" if auth_file else ""
+            c.err(origin, f"is required{where} (plaintext, md5 hash or SCRAM-SHA-256 verifier)")
             continue
         user_route = user.get("route", "auto")
         if user_route not in ROUTES:
@@ -384,13 +402,25 @@ def from_dict(raw: Mapping[str, Any], source: str = "<memory>") -> Config:
             user_route = "auto"
         try:
             users[name] = UserConfig(name, Credential.parse(name, password), user_route)
+            origins[name] = origin
         except ValueError as e:
-            c.err(path + ".password", str(e))  # the message never repeats the secret
-    if auth_type != "trust" and not users:
+            c.err(origin, str(e))  # the message never repeats the secret
+    for name, (secret, line) in file_secrets.items():
+        if name in raw_users:
+            continue
+        origin = f"auth_file ({auth_file}:{line})"
+        try:
+            users[name] = UserConfig(name, Credential.parse(name, secret))
+            origins[name] = origin
+        except ValueError as e:
+            c.err(origin, str(e))
+    if auth_type != "trust" and not users and auth_file_ok:
         c.err("users", f"auth_type = {auth_type!r} needs at least one [users.NAME] with a password")
 
     if strings["health_user"] and strings["health_user"] not in users:
-        c.err("health_user", f"names no [users.{strings['health_user']}] table")
+        c.err("health_user", f"names no [users.{strings['health_user']}] table (nor a line of auth_file)")
+    elif len(c.errors) == errors_before:  # (with a user in error, who the monitor would be is unclear)
+        _check_health_user(c, strings["health_user"], databases, users, origins)
     operations = _operations(raw, c, source, databases, users, auth_type)
     tls_config, server_tls_config = _tls_tables(c, raw, source, auth_type)
     if c.errors:
@@ -411,6 +441,7 @@ def from_dict(raw: Mapping[str, Any], source: str = "<memory>") -> Config:
         read_only_functions=frozenset(f.lower() for f in functions),
         routing_hook=strings["routing_hook"],
         health_user=strings["health_user"],
+        auth_file=auth_file,
         **flags,
         databases=MappingProxyType(databases),
         users=MappingProxyType(users),
@@ -421,6 +452,70 @@ def from_dict(raw: Mapping[str, Any], source: str = "<memory>") -> Config:
         **keepalive,
         **operations,
     )
+
+
+def _auth_file(c: _Checker, raw: Mapping, source: str) -> tuple[str, dict[str, tuple[str, int]]]:
+    """auth_file: its absolute path and {user: (secret, line)}; errors name the file and line."""
+    value = raw.get("auth_file")
+    if value is None:
+        return "", {}
+    if not isinstance(value, str) or not value:
+        c.err("auth_file", "must be a file path (relative to the config file)")
+        return "", {}
+    source_path = Path(source)
+    base = source_path.absolute().parent if source_path.is_file() else Path.cwd()
+    path = (base / value).absolute()
+    try:
+        text = path.read_bytes().decode("utf-8-sig")  # (a byte order mark from a Windows editor)
+    except OSError as e:
+        c.err("auth_file", f"cannot read {path}: {e.strerror}")
+        return str(path), {}
+    except UnicodeDecodeError as e:
+        line = e.object[: e.start].count(b"\n") + 1
+        c.err("auth_file", f"{path}:{line}: not UTF-8")
+        return str(path), {}
+    try:
+        entries = parse_userlist(text)
+    except UserlistError as e:
+        c.err("auth_file", f"{path}:{e.line}: {e.message}")
+        return str(path), {}
+    secrets: dict[str, tuple[str, int]] = {}
+    for entry in entries:
+        if entry.user in secrets:
+            # PgBouncer lets the last line win silently; one of two lines would be a mistake.
+            c.err("auth_file", f"{path}:{entry.line}: user {entry.user!r} again (first on line {secrets[entry.user][1]})")
+            continue
+        if not entry.secret:
+            c.err("auth_file", f"{path}:{entry.line}: user {entry.user!r} has an empty secret")
+            continue
+        secrets[entry.user] = (entry.secret, entry.line)
+    return str(path), secrets
+
+
+def _check_health_user(c: _Checker, health_user: str, databases: Mapping, users: Mapping, origins: Mapping) -> None:
+    """A database with several nodes is probed from start-up, before any client has logged in:
+    the monitor's user needs a secret that can answer a node on its own. A SCRAM verifier cannot
+    (it holds no ClientKey: only a client's proof yields one), so it is refused here, not found
+    out as every node marked down."""
+    clustered = [name for name, db in databases.items() if len(db.nodes) > 1]
+    if not clustered:
+        return
+    where = f"databases.{clustered[0]}.nodes lists several nodes, so the health monitor logs in to each of them"
+    fix = (
+        "set health_user to a user whose password is plaintext (or an md5 hash, for nodes that use md5), "
+        "e.g. a role with pg_monitor whose secret is kept in auth_file"
+    )
+    name = health_user or next(iter(users), "")
+    if not name:
+        c.err("health_user", f"{where}, and there is no user to log in as: {fix}")
+        return
+    if users[name].credential.kind == "scram":
+        who = f"user {name!r}" if health_user else f"user {name!r} (health_user is not set: the first user)"
+        c.err(
+            "health_user",
+            f"{where} from start-up, before any client has logged in, which {who} cannot do: its secret "
+            f"({origins.get(name, 'users.' + name + '.password')}) is a SCRAM verifier, which cannot answer a node's challenge; {fix}",
+        )
 
 
 def _tls_table(c: _Checker, raw: Mapping, name: str, modes: tuple, base: Path, kind: type):

@@ -210,6 +210,10 @@ class Proxy:
                 )
                 if self.started:
                     monitor.start()
+                log.info(
+                    "database {db}: the health monitor probes {n} nodes as user {user}",
+                    db=database.name, n=len(database.nodes), user=self._health_user_name(),
+                )
             hook = None
             if self.config.routing_hook:
                 try:
@@ -219,8 +223,11 @@ class Proxy:
             router = self.routers[database.name] = DatabaseRouter(database, self.config, monitor, hook)
         return router
 
+    def _health_user_name(self) -> str:
+        return self.config.health_user or next(iter(self.config.users), "")
+
     def _health_login(self, database, node) -> ServerLogin:
-        name = self.config.health_user or next(iter(self.config.users), "")
+        name = self._health_user_name()
         user = self.config.users.get(name)
         return ServerLogin(name, database.dbname, user.credential if user else None, node_name=str(node))
 

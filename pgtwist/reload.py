@@ -26,7 +26,7 @@ class ReloadOutcome:
 
 
 def reload_file(proxy) -> ReloadOutcome:
-    """Re-read the file the running config came from and apply it. A broken file changes nothing."""
+    """Re-read the file the running config came from (and its auth_file) and apply it. A broken file changes nothing."""
     current = proxy.config
     source = current.source
     counters = proxy.counters

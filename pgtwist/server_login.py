@@ -116,7 +116,9 @@ class ServerLogin:
                 expected_salt=cred.scram.salt,
                 expected_iterations=cred.scram.iterations,
             )
-        raise self._error(
-            sqlstate.INVALID_PASSWORD,
-            "the node asked for SCRAM but pgtwist holds neither the password nor a ClientKey from this client",
-        )
+        if cred is not None and cred.kind == "md5":
+            # (The health monitor's user may hold one: it works only where the nodes use md5.)
+            message = "the node asked for SCRAM but pgtwist holds only an md5 hash of this user's password, which answers md5 only"
+        else:
+            message = "the node asked for SCRAM but pgtwist holds neither the password nor a ClientKey from this client"
+        raise self._error(sqlstate.INVALID_PASSWORD, message)
