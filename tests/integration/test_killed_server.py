@@ -64,6 +64,8 @@ def tx_proxy(pg_cluster, tmp_path_factory):
     with start_ops_proxy(pg_cluster, tmp_path_factory.mktemp("killed-tx"), TABLES, **settings(pg_cluster, pool_mode="transaction")) as px:
         with px.connect() as conn:
             conn.execute(f"CREATE TABLE IF NOT EXISTS {TABLE} (tag text)")
+        # Other clients' reads go to the replica: it must have the table before any test reads it.
+        pg_cluster.wait_replicas_caught_up(30)
         yield px
 
 
