@@ -112,6 +112,7 @@ class ClientSession(Placement):
         "_startup_settings",
         "_to_restore",
         "_orphan_error",
+        "_ddl",
     )
 
     def __init__(self, proxy, transport, client_id: str):
@@ -160,6 +161,7 @@ class ClientSession(Placement):
         self._lent = False  # linked between transactions on a connection the pool may reclaim
         self._primary = None  # the Decision for the primary, kept while the primary stays
         self._orphan_error = None  # the 08006 an orphaned transaction's next statement gets
+        self._ddl = False  # DDL went through this client in the transaction still open
         self._asked_at: float | None = None  # when the client's pending request began (query latency)
         self._read_link = False  # linked to a replica for an autocommit read: writes behind it wait
         self._holding = False  # a write is waiting in the backlog for this read's replica to go
@@ -255,7 +257,7 @@ class ClientSession(Placement):
         self.process_id, self.secret_key = self.proxy.register_cancel_key(self)
         if self.transaction_mode:
             self.scanner = MessageScanner(CLIENT_CAPTURE, self.config.max_message_size)
-            self.relay = Relay()
+            self.relay = Relay(self.proxy.schema_for(database), self.settings.get("search_path", ""))
         else:
             self.scanner = MessageScanner(_SESSION_CAPTURE, self.config.max_message_size, _SESSION_WATCH)
         if self.user in self.config.audit:
@@ -393,18 +395,23 @@ class ClientSession(Placement):
         name_end = body.find(b"\x00", portal_end + 1)
         if portal_end < 0 or name_end < 0:
             return False  # (the general path reports the malformed Bind)
+        relay = self.relay
         if name_end > portal_end + 1:
             name = body[portal_end + 1 : name_end].decode("utf-8", "replace")
-            statement = self.relay.statements.get(name)
-            if statement is None or name in self._effects_of or statement.server_name not in server.statements:
+            statement = relay.statements.get(name)
+            # (Its copy on this connection must be newer than the client's Parse and the last DDL.)
+            if statement is None or name in self._effects_of or not relay.fresh(statement, server.statements, n == 4):
                 return False
             server.statements.touch(statement.server_name)
             bind = frame(p.BIND, body[: portal_end + 1] + statement.server_name.encode() + body[name_end:])
+            relay.expect_batch(items, server.statements, statement.server_name)
         else:
+            if "" in self._effects_of:
+                return False
             bind = frame(p.BIND, body)
+            relay.expect_ready()
         self._link_used = True
         self._link_sent.extend(items)
-        self.relay.expect_ready()
         if self.scanner.at_boundary:
             # The read held exactly these messages (the scanner began it at a boundary, as a
             # lent client's always does): what follows the Bind goes out as the client sent it.
@@ -432,7 +439,8 @@ class ClientSession(Placement):
                 self._link_replied = True
             else:
                 self._link_sent.extend(items)
-        for item in items:
+        relay.upcoming = items  # (what follows a Bind: see Relay.fresh)
+        for at, item in enumerate(items):
             if type(item) is bytes:  # COPY data and the like
                 to_server.append(item)
                 continue
@@ -457,7 +465,11 @@ class ClientSession(Placement):
                     self._effects_of[name] = effects
                 else:
                     self._effects_of.pop(name, None)
-            elif msg_type == p.BIND and self._effects_of:
+            elif msg_type == p.BIND:
+                relay.at = at
+                if not self._effects_of:
+                    relay.client_message(msg_type, body, server, to_server, to_client)
+                    continue
                 # A statement acts where and when it runs: on this server, now.
                 effects = self._effects_of.get(split_bind(body)[1])
                 if effects is not None:
@@ -472,6 +484,7 @@ class ClientSession(Placement):
             relay.client_message(msg_type, body, server, to_server, to_client)
             if self._to_restore is not None and (msg_type == p.QUERY or msg_type == p.SYNC):
                 self._restore_startup_settings(to_server)
+        relay.upcoming = ()
         self._flush(to_server, to_client)
         self._maybe_release()
 
@@ -524,6 +537,8 @@ class ClientSession(Placement):
     def _query(self, body: bytes, effects, to_server: list, to_client: list) -> bool:
         """A simple Query that changes session state; True when the proxy answered it itself."""
         relay = self.relay
+        if (effects.deallocate or effects.deallocate_all) and relay.tx_status == p.TX_FAILED:
+            return False  # PostgreSQL refuses it (25P02) and nothing is deallocated: its answer, as is
         # (A pinned session's DEALLOCATE ALL must also reach SQL PREPAREd statements on its server.)
         if effects.statements == 1 and (effects.deallocate or (effects.deallocate_all and not self.pinned)):
             names = effects.deallocate
@@ -549,6 +564,15 @@ class ClientSession(Placement):
         return False
 
     def _note_effects(self, effects) -> None:
+        if effects.ddl:
+            # Every server connection's shared statements of this database may mean something
+            # else now: each is prepared again on its next use there (statements.Schema). Once
+            # more when the transaction ends: a copy prepared meanwhile elsewhere saw the old schema.
+            self.relay.schema.ddl()
+            self._ddl = True
+        if "search_path" in effects.settings or effects.all_settings:
+            # Its value is known again at the read-back; until then what it prepares is its own.
+            self.relay.scope = "\x00" + self.id
         if effects.pin and not self.pinned:
             self.pinned = effects.pin
             self.proxy.note_pinned(self, effects.pin)
@@ -628,6 +652,7 @@ class ClientSession(Placement):
             for item in items:
                 if type(item) is bytes:
                     out.append(item)
+                    relay.hot = None  # (an answer to the fast path's batch began: it is not retried)
                     continue
                 msg_type, body = item
                 if msg_type == p.PARAMETER_STATUS:
@@ -636,6 +661,12 @@ class ClientSession(Placement):
                 if got is not None:
                     status = got
             server.scanner.capture = relay.capture()
+            if relay.again is not None:
+                # A batch failed on a stale shared statement, and nothing of it reached the client:
+                # it goes again, the statement prepared afresh first.
+                write_now(self.transport, b"".join(out))
+                self._send_again(relay)
+                return
         else:
             ready = 0
             for item in items:
@@ -653,6 +684,14 @@ class ClientSession(Placement):
         write_now(self.transport, b"".join(out))
         if status is not None:
             self._ready(server, status)
+
+    def _send_again(self, relay) -> None:
+        items, relay.again = relay.again, None
+        relay.replaying = True  # (once: if it fails again, the client hears why)
+        try:
+            self._client_items(items)
+        finally:
+            relay.replaying = False
 
     def reply_done(self, server, status: int, data: bytes) -> None:
         """The linked server's read *data* ends with a ReadyForQuery (transaction *status*) and
@@ -683,10 +722,15 @@ class ClientSession(Placement):
             # The client changed a reported setting itself (SET application_name, ...).
             self.settings[key] = value
             server.settings[key] = value
+            if key == "search_path" and self.relay is not None:
+                self.relay.scope = value
 
     def _ready(self, server, status: int) -> None:
         self.tx_status = status
         server.tx_status = status
+        if self._ddl and status == p.TX_IDLE:
+            self._ddl = False
+            self.relay.schema.ddl()  # (committed now: see _note_effects)
         decision = self.decision
         started, self._asked_at = self._asked_at, None
         self.proxy.counters.ready(
@@ -782,6 +826,7 @@ class ClientSession(Placement):
                     else:
                         self.settings[name] = value.decode("utf-8", "replace")
                 server.settings = dict(self.settings)
+                self.relay.scope = self.settings.get("search_path", "")
             else:
                 server.tainted = True
         if track_lsn and rows and len(rows[-1]) == 3 and None not in rows[-1]:

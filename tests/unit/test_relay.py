@@ -1,7 +1,7 @@
 """Relay: client statement names over shared server statements, injected and synthesized messages, in order."""
 
 from pgtwist.relay import Relay
-from pgtwist.statements import SERVER_NAME_PREFIX, ServerStatements, Statement, parse_body
+from pgtwist.statements import SERVER_NAME_PREFIX, Schema, ServerStatements, Statement, parse_body
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 from pgtwist.wire import sqlstate
@@ -70,9 +70,9 @@ SHARED = shared(SQL)
 EXTENDED_REPLY = BIND_COMPLETE + ROW + m.command_complete("SELECT 1")
 
 
-def prepared(sql=SQL, name="s1", server=None):
+def prepared(sql=SQL, name="s1", server=None, schema=None):
     """A relay whose client prepared *name* on *server* (answered): (relay, server)."""
-    relay, server = Relay(), server or FakeServer()
+    relay, server = Relay(schema), server or FakeServer()
     to_server, to_client = send(relay, server, m.parse(name, sql) + m.sync())
     assert to_client == b""
     assert receive(relay, PARSE_COMPLETE + m.ready_for_query()) == PARSE_COMPLETE + m.ready_for_query()
@@ -109,30 +109,40 @@ def test_unnamed_statements_pass_through_untouched():
     assert len(server.statements) == 0
 
 
-def test_a_second_client_reuses_the_server_statement():
+def test_a_second_client_shares_the_server_statement_and_its_parse_renews_it():
     server = FakeServer()
-    prepared(server=server)
-    other = Relay()
-    # Something unnamed in front: the synthesized ParseComplete must wait for its replies.
+    schema = Schema()
+    prepared(server=server, schema=schema)
+    other = Relay(schema)
+    # The client's Parse reaches the server as its own would: the shared copy is closed and
+    # prepared again (it may predate a schema change), the CloseComplete the client's not.
     batch = m.parse("", "SELECT 2") + m.bind("", "") + m.execute() + m.parse("mine", SQL) + m.bind("", "mine", [b"2"]) + m.execute() + m.sync()
     to_server, to_client = send(other, server, batch)
     assert to_client == b""
-    assert parse_names(to_server) == [""]  # no second Parse of the shared statement
+    assert types(to_server) == "PBE" + "CPBE" + "S"
+    assert parse_names(to_server) == ["", SHARED]
     assert bind_statements(to_server) == ["", SHARED]
-    reply = PARSE_COMPLETE + EXTENDED_REPLY + EXTENDED_REPLY + m.ready_for_query()
+    reply = PARSE_COMPLETE + EXTENDED_REPLY + CLOSE_COMPLETE + PARSE_COMPLETE + EXTENDED_REPLY + m.ready_for_query()
     out = receive(other, reply)
-    assert types(out) == "12DC" + "1" + "2DC" + "Z"
     assert out == PARSE_COMPLETE + EXTENDED_REPLY + PARSE_COMPLETE + EXTENDED_REPLY + m.ready_for_query()
     assert other.idle
 
 
-def test_parse_of_a_known_statement_with_nothing_in_flight_is_answered_at_once():
+def test_a_copy_older_than_the_client_s_parse_is_prepared_again():
+    schema = Schema()
     server = FakeServer()
-    prepared(server=server)
-    other = Relay()
-    to_server, to_client = send(other, server, m.parse("mine", SQL))
-    assert to_server == b"" and to_client == PARSE_COMPLETE
-    assert other.statements["mine"].server_name == SHARED
+    relay, _ = prepared(server=server, schema=schema)  # the copy on server: tick 1
+    newer = Relay(schema)
+    elsewhere = FakeServer()
+    send(newer, elsewhere, m.parse("mine", SQL) + m.sync())  # the client parsed later (tick 2), elsewhere
+    receive(newer, PARSE_COMPLETE + m.ready_for_query())
+    to_server, _ = send(newer, server, m.bind("", "mine") + m.describe("P", "") + m.execute() + m.sync())
+    assert types(to_server) == "CPBDES"  # closed and prepared again first, swallowed
+    out = receive(newer, CLOSE_COMPLETE + PARSE_COMPLETE + BIND_COMPLETE + NO_DATA + m.command_complete("SELECT 1") + m.ready_for_query())
+    assert types(out) == "2nCZ"
+    # The older client's statement uses the renewed copy as it is.
+    to_server, _ = send(relay, server, m.bind("", "s1") + m.execute() + m.sync())
+    assert types(to_server) == "BES"
 
 
 def test_bind_on_a_server_lacking_the_statement_injects_a_swallowed_parse():
@@ -183,20 +193,22 @@ def test_error_mid_batch_drops_queued_replies_and_undoes_registrations():
     new_shared = shared("SELECT 'new'")
     batch = (
         m.parse("", "SELEKT") + m.bind("", "") + m.execute()  # fails at the server
-        + m.parse("s2", SQL)  # shared already: answered by the proxy, queued
+        + m.parse("s2", SQL)  # shared already: closed and prepared again
         + m.parse("s3", "SELECT 'new'")  # goes to the server, recorded there
         + m.close("S", "old")  # answered by the proxy, queued
         + m.sync()
     )
     to_server, to_client = send(relay, server, batch)
     assert to_client == b""
-    assert parse_names(to_server) == ["", new_shared]
+    assert parse_names(to_server) == ["", SHARED, new_shared]
     assert new_shared in server.statements and set(relay.statements) == {"s2", "s3"}
     error = m.error_response("ERROR", "42601", 'syntax error at or near "SELEKT"')
     out = receive(relay, error + m.ready_for_query())
     assert out == error + m.ready_for_query()  # no ParseComplete, no CloseComplete
     assert set(relay.statements) == {"old"}  # s2 and s3 undone, the Close skipped
-    assert new_shared not in server.statements and SHARED in server.statements
+    assert new_shared not in server.statements
+    # The server skipped the Close of SHARED too: it may still hold it, so its next Parse closes it first.
+    assert SHARED not in server.statements and SHARED in server.statements.leftover
     assert relay.idle and relay.extended == 0
 
 
