@@ -36,8 +36,12 @@ def send(relay, server, data: bytes) -> tuple[bytes, bytes]:
     """Client messages through the relay: (what goes to the server, what the proxy answers itself)."""
     to_server: list = []
     to_client: list = []
-    for msg_type, body in messages(data):
+    items = messages(data)
+    relay.upcoming = items  # (as the session does: what follows a Bind in the same read)
+    for at, (msg_type, body) in enumerate(items):
+        relay.at = at
         relay.client_message(msg_type, body, server, to_server, to_client)
+    relay.upcoming = ()
     return b"".join(to_server), b"".join(to_client)
 
 
@@ -353,3 +357,147 @@ def test_ready_for_query_tracks_the_transaction_status():
     out: list = []
     assert relay.server_message(p.READY_FOR_QUERY, b"T", out) == p.TX_IN_TRANSACTION
     assert relay.tx_status == p.TX_IN_TRANSACTION
+
+
+# -- stale shared statements ---------------------------------------------------------------------
+
+STALE = m.error_response("ERROR", "0A000", "cached plan must not change result type")
+DESCRIBED_RUN = m.bind("", "s1", [b"1"]) + m.describe("P", "") + m.execute() + m.sync()
+DESCRIBED_REPLY = BIND_COMPLETE + NO_DATA + m.command_complete("SELECT 1") + m.ready_for_query()
+
+
+def test_statement_is_stale_by_sqlstate_message_or_routine():
+    from pgtwist.relay import statement_is_stale
+
+    assert statement_is_stale({"C": "0A000", "M": "cached plan must not change result type"})
+    assert statement_is_stale({"C": "0A000", "M": "le plan en cache ne doit pas modifier le type en résultat", "R": "RevalidateCachedQuery"})
+    assert statement_is_stale({"C": "XX000", "M": "cache lookup failed for type 16392"})
+    assert not statement_is_stale({"C": "0A000", "M": "cannot do something else"})
+    assert not statement_is_stale({"C": "XX000", "M": "could not open file"})
+    assert not statement_is_stale({"C": "42P01", "M": "relation does not exist"})
+
+
+def test_a_stale_copy_is_forgotten_and_the_batch_sent_again_unseen():
+    relay, server = prepared()
+    to_server, _ = send(relay, server, DESCRIBED_RUN)
+    assert types(to_server) == "BDES"
+    out = receive(relay, STALE + m.ready_for_query())
+    assert out == b""  # neither the error nor its ReadyForQuery: the client hears of the retry only
+    assert SHARED not in server.statements and SHARED in server.statements.leftover
+    again, relay.again = relay.again, None
+    assert b"".join(frame(t, b) for t, b in again) == DESCRIBED_RUN  # as the client sent it
+    relay.replaying = True
+    to_server, to_client = send(relay, server, DESCRIBED_RUN)
+    relay.replaying = False
+    assert types(to_server) == "CPBDES" and parse_names(to_server) == [SHARED] and to_client == b""
+    out = receive(relay, CLOSE_COMPLETE + PARSE_COMPLETE + DESCRIBED_REPLY)
+    assert out == DESCRIBED_REPLY
+    assert SHARED in server.statements and relay.idle
+
+
+def test_a_retried_batch_that_fails_again_gives_the_client_postgresql_s_error():
+    relay, server = prepared()
+    relay.replaying = True  # (what the session sets while it sends a batch again)
+    send(relay, server, DESCRIBED_RUN)
+    relay.replaying = False
+    out = receive(relay, STALE + m.ready_for_query())
+    assert out == STALE + m.ready_for_query() and relay.again is None
+
+
+def test_a_stale_copy_inside_a_transaction_gives_postgresql_s_own_error():
+    relay, server = prepared()
+    send(relay, server, m.query("BEGIN"))
+    receive(relay, m.command_complete("BEGIN") + m.ready_for_query(p.TX_IN_TRANSACTION))
+    send(relay, server, DESCRIBED_RUN)
+    out = receive(relay, STALE + m.ready_for_query(p.TX_FAILED))
+    assert out == STALE + m.ready_for_query(p.TX_FAILED) and relay.again is None
+    assert SHARED not in server.statements  # prepared again (Close first) on its next use
+
+
+def test_a_run_without_describe_is_not_retried():
+    """A client decoding rows by an earlier description (asyncpg) must learn of the new result type."""
+    relay, server = prepared()
+    send(relay, server, m.bind("", "s1", [b"1"]) + m.execute() + m.sync())
+    out = receive(relay, STALE + m.ready_for_query())
+    assert out == STALE + m.ready_for_query() and relay.again is None
+    assert SHARED in server.statements.leftover
+
+
+def test_nothing_is_retried_after_an_execute_in_the_same_batch():
+    relay, server = prepared()
+    send(relay, server, m.parse("", "INSERT INTO t VALUES (1)") + m.bind("", "") + m.execute() + DESCRIBED_RUN)
+    out = receive(relay, PARSE_COMPLETE + BIND_COMPLETE + m.command_complete("INSERT 0 1") + STALE + m.ready_for_query())
+    assert types(out) == "12CEZ" and relay.again is None
+
+
+def test_a_stale_describe_holds_back_its_parameter_description():
+    relay, server = prepared()
+    send(relay, server, m.describe("S", "s1") + m.sync())
+    param = frame(p.PARAMETER_DESCRIPTION, b"\x00\x01\x00\x00\x40\x08")
+    lookup = m.error_response("ERROR", "XX000", "cache lookup failed for type 16392")
+    assert receive(relay, param) == b""
+    assert receive(relay, lookup + m.ready_for_query()) == b""
+    assert [t for t, _ in relay.again] == [p.DESCRIBE, p.SYNC]
+    # When it is fine, the ParameterDescription goes out with the RowDescription.
+    relay, server = prepared()
+    send(relay, server, m.describe("S", "s1") + m.sync())
+    assert receive(relay, param) == b""
+    assert receive(relay, NO_DATA + m.ready_for_query()) == param + NO_DATA + m.ready_for_query()
+    # And before any other error.
+    relay, server = prepared()
+    send(relay, server, m.describe("S", "s1") + m.sync())
+    other = m.error_response("ERROR", "42501", "permission denied")
+    assert receive(relay, param + other + m.ready_for_query()) == param + other + m.ready_for_query()
+
+
+def test_no_retry_when_more_was_sent_behind_the_failed_batch():
+    """Sending it again would put it behind what the client sent next: the client gets the error."""
+    relay, server = prepared()
+    send(relay, server, DESCRIBED_RUN)
+    assert receive(relay, STALE) == b""
+    send(relay, server, m.query("SELECT 2"))
+    out = receive(relay, m.ready_for_query())
+    assert out == STALE + m.ready_for_query() and relay.again is None
+    assert receive(relay, m.command_complete("SELECT 1") + m.ready_for_query()) == m.command_complete("SELECT 1") + m.ready_for_query()
+    assert relay.idle
+
+
+def test_the_fast_path_batch_is_retried_unless_its_answer_began():
+    relay, server = prepared()
+    items = messages(DESCRIBED_RUN)
+    relay.expect_batch(items, server.statements, SHARED)
+    assert receive(relay, STALE + m.ready_for_query()) == b""
+    assert relay.again == items
+    relay.again = None
+    relay, server = prepared()
+    relay.expect_batch(items, server.statements, SHARED)
+    relay.hot = None  # (the session saw bytes of its answer go out)
+    assert receive(relay, STALE + m.ready_for_query()) == STALE + m.ready_for_query()
+    assert SHARED in server.statements  # (nothing known about which statement failed)
+
+
+def test_ddl_makes_older_copies_stale_for_clients_that_describe():
+    schema = Schema()
+    relay, server = prepared(schema=schema)
+    statement = relay.statements["s1"]
+    assert relay.fresh(statement, server.statements, True)
+    schema.ddl()
+    assert not relay.fresh(statement, server.statements, True)
+    assert relay.fresh(statement, server.statements, False)  # PostgreSQL decides, as for the client's own
+    to_server, _ = send(relay, server, DESCRIBED_RUN)
+    assert types(to_server) == "CPBDES"
+    receive(relay, CLOSE_COMPLETE + PARSE_COMPLETE + DESCRIBED_REPLY)
+    assert relay.fresh(statement, server.statements, True)
+    to_server, _ = send(relay, server, m.bind("", "s1") + m.execute() + m.sync())
+    assert types(to_server) == "BES"
+
+
+def test_search_path_is_part_of_the_shared_name():
+    server = FakeServer()
+    a, b, c = Relay(scope="app_a"), Relay(scope="app_b"), Relay(scope="app_a")
+    names = []
+    for relay in (a, b, c):
+        to_server, _ = send(relay, server, m.parse("s", SQL) + m.sync())
+        names.append(parse_names(to_server)[-1])
+    assert names[0] != names[1] and names[0] == names[2]
+    assert SHARED not in names  # (the server default's, "")

@@ -226,3 +226,96 @@ def test_a_later_statement_of_the_same_batch_setting_a_name_keeps_it_out_of_the_
     sent = messages(server.transport.value())
     assert [chr(t) for t, _ in sent] == list("PBEPBESQ")
     assert b"'application_name'" in sent[-1][1] and b"search_path" not in sent[-1][1]
+
+
+# -- schema changes ------------------------------------------------------------------------------
+
+STALE = m.error_response("ERROR", "0A000", "cached plan must not change result type")
+
+
+def test_ddl_through_the_client_makes_every_connection_s_copies_stale(kept):
+    session, ct, server = kept
+    schema = session.relay.schema
+    before = schema.ddl_at
+    session.got_data(m.query("ALTER TABLE pgbench_accounts ADD COLUMN note text"))
+    assert server.transport.value() == m.query("ALTER TABLE pgbench_accounts ADD COLUMN note text")
+    sent = schema.ddl_at
+    assert sent > before
+    server.got_data(m.command_complete("ALTER TABLE") + m.ready_for_query())
+    assert schema.ddl_at > sent  # once more as it commits: copies prepared meanwhile saw the old schema
+    assert session.proxy.schema_for(session.database) is schema
+
+
+def test_a_described_run_of_a_stale_copy_is_prepared_again_first(kept):
+    session, ct, server = kept
+    server_name = prepared(session, server, ct)
+    session.relay.schema.ddl()
+    batch = m.bind("", "S_1", [b"7"]) + m.describe("P", "") + m.execute() + m.sync()
+    session.got_data(batch)
+    got = messages(server.transport.value())
+    assert [chr(t) for t, _ in got] == list("CPBDES")
+    assert got[0][1] == b"S" + server_name + b"\x00"
+    server.got_data(frame(p.CLOSE_COMPLETE) + frame(p.PARSE_COMPLETE) + frame(p.BIND_COMPLETE) + ANSWER)
+    assert ct.value() == frame(p.BIND_COMPLETE) + ANSWER and session._lent
+    # Renewed: the fast path again.
+    ct.clear()
+    server.transport.clear()
+    session.got_data(batch)
+    assert server.transport.value() == m.bind("", server_name.decode(), [b"7"]) + m.describe("P", "") + m.execute() + m.sync()
+
+
+def test_an_undescribed_run_of_a_stale_copy_meets_postgresql_s_verdict(kept):
+    session, ct, server = kept
+    server_name = prepared(session, server, ct)
+    session.relay.schema.ddl()
+    session.got_data(m.bind("", "S_1", [b"7"]) + m.execute() + m.sync())
+    assert server.transport.value() == m.bind("", server_name.decode(), [b"7"]) + m.execute() + m.sync()
+    server.got_data(STALE + m.ready_for_query())
+    assert ct.value() == STALE + m.ready_for_query()  # (asyncpg prepares it again itself)
+    ct.clear()
+    server.transport.clear()
+    session.got_data(m.parse("S_2", SQL, [23]) + m.sync())
+    assert [chr(t) for t, _ in messages(server.transport.value())] == list("CPS")  # the stale copy goes first
+
+
+@pytest.mark.parametrize("together", [True, False])
+def test_a_fast_path_run_that_proves_stale_is_sent_again_unseen(kept, together):
+    session, ct, server = kept
+    server_name = prepared(session, server, ct)
+    batch = m.bind("", "S_1", [b"7"]) + m.describe("P", "") + m.execute() + m.sync()
+    session.got_data(batch)
+    server.transport.clear()
+    if together:
+        server.got_data(STALE + m.ready_for_query())
+    else:
+        server.got_data(STALE)
+        server.got_data(m.ready_for_query())
+    assert ct.value() == b""
+    got = messages(server.transport.value())
+    assert [chr(t) for t, _ in got] == list("CPBDES") and got[0][1] == b"S" + server_name + b"\x00"
+    server.got_data(frame(p.CLOSE_COMPLETE) + frame(p.PARSE_COMPLETE) + frame(p.BIND_COMPLETE) + ANSWER)
+    assert ct.value() == frame(p.BIND_COMPLETE) + ANSWER
+    assert session.relay.idle and session._lent
+
+
+def test_a_fast_path_run_inside_a_transaction_gets_the_error(kept):
+    session, ct, server = kept
+    prepared(session, server, ct)
+    session.got_data(m.query("BEGIN"))
+    server.got_data(m.command_complete("BEGIN") + m.ready_for_query(p.TX_IN_TRANSACTION))
+    ct.clear()
+    server.transport.clear()
+    session.got_data(m.bind("", "S_1", [b"7"]) + m.describe("P", "") + m.execute() + m.sync())
+    server.transport.clear()
+    server.got_data(STALE + m.ready_for_query(p.TX_FAILED))
+    assert ct.value() == STALE + m.ready_for_query(p.TX_FAILED) and server.transport.value() == b""
+
+
+def test_set_search_path_keeps_what_the_client_prepares_its_own_until_read_back(kept):
+    session, ct, server = kept
+    assert session.relay.scope == ""
+    session.got_data(m.query("SET search_path TO app"))
+    assert session.relay.scope == "\x00" + session.id
+    server.got_data(m.command_complete("SET") + m.ready_for_query())
+    finish_internal(server)  # the read-back: the node says "x"
+    assert session.settings["search_path"] == "x" and session.relay.scope == "x"
