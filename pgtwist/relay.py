@@ -116,7 +116,7 @@ class RetryPoint:
 _PLAIN = {kind: Entry(kind) for kind in (SYNC, PARSE, BIND, DESCRIBE, EXECUTE, CLOSE)}
 # A prepared statement run again on the session's fast path (Bind [Describe] Execute Sync): one
 # ReadyForQuery owed, and Relay.hot says what to do if the statement turns out stale.
-_HOT = Entry(SYNC)
+HOT_RUN = Entry(SYNC)  # (the session appends it itself on its fast path)
 
 
 class Relay:
@@ -187,7 +187,7 @@ class Relay:
     def expect_batch(self, items: list, statements, server_name: str) -> None:
         """A prepared statement's Bind [Describe] Execute Sync went to the server on the fast path
         (*items* as the client sent them): one ReadyForQuery owed; sent again if the copy is stale."""
-        self.queue.append(_HOT)
+        self.queue.append(HOT_RUN)
         self.hot = (items, statements, server_name)
 
     def fresh(self, statement: Statement, statements, describes: bool) -> bool:
@@ -488,7 +488,7 @@ class Relay:
         head = queue[0]
         if msg_type == p.ERROR_RESPONSE:
             held, self.held_param = self.held_param, None
-            if (head.retry is not None or head is _HOT) and self._stale(body, head):
+            if (head.retry is not None or head is HOT_RUN) and self._stale(body, head):
                 return None
             if held is not None:
                 to_client.append(held)
@@ -535,7 +535,7 @@ class Relay:
         if not statement_is_stale(m.decode_fields(body)):
             return False
         queue = self.queue
-        if head is _HOT:
+        if head is HOT_RUN:
             hot, self.hot = self.hot, None
             if hot is None:
                 return False  # (part of its answer went out already)

@@ -14,7 +14,7 @@ from pgtwist.admin.console import DATABASE as ADMIN_DATABASE
 from pgtwist.admin.console import AdminConsole
 from pgtwist.login import Authenticated, CancelReceived, ClientLogin, LoginError, Reply, StartTLS
 from pgtwist.placement import Placement
-from pgtwist.relay import CLIENT_CAPTURE, Relay
+from pgtwist.relay import CLIENT_CAPTURE, HOT_RUN, Relay
 from pgtwist.router import Decision
 from pgtwist.routing.policy import parse_lsn, write_lsn
 from pgtwist.settings import SERVER_OWNED, client_settings, parse_options, quote_literal, readback_sql, sync_sql
@@ -399,12 +399,17 @@ class ClientSession(Placement):
         if name_end > portal_end + 1:
             name = body[portal_end + 1 : name_end].decode("utf-8", "replace")
             statement = relay.statements.get(name)
-            # (Its copy on this connection must be newer than the client's Parse and the last DDL.)
-            if statement is None or name in self._effects_of or not relay.fresh(statement, server.statements, n == 4):
+            if statement is None or name in self._effects_of:
+                return False
+            # Relay.fresh(), inline: the connection's copy is newer than the client's Parse (and
+            # than the last DDL, when the run describes its result).
+            held = server.statements.names.get(statement.server_name)
+            if held is None or held < statement.parsed_at or (n == 4 and held < relay.schema.ddl_at):
                 return False
             server.statements.touch(statement.server_name)
             bind = frame(p.BIND, body[: portal_end + 1] + statement.server_name.encode() + body[name_end:])
-            relay.expect_batch(items, server.statements, statement.server_name)
+            relay.queue.append(HOT_RUN)  # (Relay.expect_batch, inline)
+            relay.hot = (items, server.statements, statement.server_name)
         else:
             if "" in self._effects_of:
                 return False
