@@ -671,6 +671,8 @@ class ClientSession(Placement):
                 # it goes again, the statement prepared afresh first.
                 write_now(self.transport, b"".join(out))
                 self._send_again(relay)
+                if status is not None:  # (an earlier request's ReadyForQuery in the same read)
+                    self._ready(server, status)
                 return
         else:
             ready = 0

@@ -417,3 +417,43 @@ def test_deallocate_all_in_a_failed_transaction_fails_as_directly(pg_cluster, on
     direct, proxied = both(pg_cluster, one, scenario)
     assert direct == (("error", "22012"), ("error", "25P02"), ("ok", (2,)))
     assert proxied == direct
+
+
+def test_many_clients_over_two_connections_while_the_schema_changes_outside(pg_cluster, two, owner):
+    """Eight psycopg clients run a prepared SELECT * in a loop over two server connections while
+    columns are added directly on the node: each sees the table as it is, and never an error."""
+    import threading
+    import time
+
+    from .txhelpers import run_threads
+
+    t = fresh("sc_many")
+    owner.execute(f"CREATE TABLE {t} (c0 int)")
+    owner.execute(f"INSERT INTO {t} VALUES (0)")
+    done = threading.Event()
+
+    def client(i: int) -> int:
+        widths = []
+        with connect(Proxied(two)) as c:
+            while not done.is_set() or len(widths) < 5:
+                (row,) = c.execute(f"SELECT * FROM {t}").fetchall()
+                widths.append(len(row))
+        assert widths == sorted(widths), widths  # never an older shape after a newer one
+        return widths[-1]
+
+    def alter() -> None:
+        try:
+            for k in range(1, 5):
+                time.sleep(0.3)
+                owner.execute(f"ALTER TABLE {t} ADD COLUMN c{k} int DEFAULT {k}")
+            time.sleep(0.3)
+        finally:
+            done.set()
+
+    changer = threading.Thread(target=alter, daemon=True)
+    changer.start()
+    try:
+        assert run_threads(client, 8, timeout=60) == [5] * 8
+    finally:
+        changer.join(10)
+        owner.execute(f"DROP TABLE {t}")
