@@ -53,6 +53,33 @@ CLIENT_CAPTURE = frozenset(
 )
 _PARSE_COMPLETE = frame(p.PARSE_COMPLETE)
 _CLOSE_COMPLETE = frame(p.CLOSE_COMPLETE)
+_FLUSH = frame(p.FLUSH)
+# PostgreSQL's own error for a statement whose result type changed (asyncpg knows it by its routine).
+_RESULT_TYPE_CHANGED = m.error_response_from_fields(
+    dict(
+        m.error_fields("ERROR", sqlstate.FEATURE_NOT_SUPPORTED, "cached plan must not change result type"),
+        R="RevalidateCachedQuery",
+    )
+)
+# A statement name no server connection holds: a Bind of it fails on the server as PostgreSQL's
+# 0A000 would (aborting an open transaction), and the proxy words the error as that 0A000.
+_NO_STATEMENT = SERVER_NAME_PREFIX + "stale"
+
+
+def result_shape(body: bytes) -> tuple:
+    """What of a RowDescription (b"" for NoData) PostgreSQL compares when it re-plans a statement:
+    each column's name, type and type modifier (not its table, which a re-created table changes)."""
+    if not body:
+        return ()
+    count = int.from_bytes(body[:2], "big")
+    pos, columns = 2, []
+    for _ in range(count):
+        end = body.index(b"\x00", pos)
+        name = body[pos:end]
+        pos = end + 1
+        columns.append((name, body[pos + 6 : pos + 10], body[pos + 12 : pos + 16]))
+        pos += 18
+    return tuple(columns)
 
 
 def statement_is_stale(fields: dict) -> bool:
@@ -147,6 +174,9 @@ class Relay:
         "held_param",
         "upcoming",
         "at",
+        "shapes",
+        "holding",
+        "doomed",
     )
 
     def __init__(self, schema: Schema | None = None, scope: str = ""):
@@ -175,6 +205,12 @@ class Relay:
         self.held_param: bytes | None = None
         self.upcoming: list | tuple = ()  # the client's read a Bind came in (set by the session), and its place there
         self.at = 0
+        # What the client was told its statements return (name -> (Statement, result_shape)),
+        # by its own Describe; client messages held while a fresh copy's result is checked
+        # against that; names whose copies return something else now (their Binds fail 0A000).
+        self.shapes: dict | None = None
+        self.holding: list | None = None
+        self.doomed: set | None = None
 
     @property
     def idle(self) -> bool:
@@ -256,6 +292,9 @@ class Relay:
 
     def client_message(self, msg_type: int, body: bytes, server, to_server: list, to_client: list) -> None:
         """Handle one captured client message bound for *server*."""
+        if self.holding is not None:
+            self.holding.append((msg_type, body))
+            return
         if self.skipping:
             if msg_type != p.SYNC:
                 return
@@ -267,8 +306,19 @@ class Relay:
         elif msg_type == p.BIND:
             portal, name, rest = split_bind(body)
             if name:
-                statement = self._server_statement(name, server, to_server, to_client, self._describes_next())
+                statement = self.statements.get(name)
                 if statement is not None:
+                    if self.doomed and name in self.doomed:
+                        self._forward(BIND, msg_type, bind_body(portal, _NO_STATEMENT, rest), to_server, synth=_RESULT_TYPE_CHANGED)
+                        return
+                    describes = self._describes_next()
+                    if self.fresh(statement, server.statements, describes):
+                        server.statements.touch(statement.server_name)
+                    else:
+                        self._prepare_on(server, statement, to_server, swallow=True)
+                        if not describes and self._check_shape(name, statement, to_server):
+                            self.holding = [(msg_type, body)]
+                            return
                     retry = self._retry_point(statement, server, msg_type, body)
                     self._forward(BIND, msg_type, bind_body(portal, statement.server_name, rest), to_server, retry=retry)
                     return
@@ -278,10 +328,20 @@ class Relay:
         elif msg_type == p.DESCRIBE:
             kind, name = split_target(body, "Describe")
             if kind == ord("S") and name:
+                if self.doomed and name in self.doomed:
+                    self._forward(DESCRIBE, msg_type, target_body(kind, _NO_STATEMENT), to_server, synth=_RESULT_TYPE_CHANGED)
+                    return
                 statement = self._server_statement(name, server, to_server, to_client, True)
                 if statement is not None:
                     retry = self._retry_point(statement, server, msg_type, body)
-                    self._forward(DESCRIBE, msg_type, target_body(kind, statement.server_name), to_server, retry=retry)
+                    self._forward(
+                        DESCRIBE,
+                        msg_type,
+                        target_body(kind, statement.server_name),
+                        to_server,
+                        retry=retry,
+                        done=lambda reply, name=name, statement=statement: self._told(name, statement, reply),
+                    )
                     return
                 elif self._refuse_unknown(name, to_client):
                     return
@@ -291,6 +351,8 @@ class Relay:
             if kind == ord("S") and name:
                 # The client's name goes; the server keeps the shared statement for others.
                 closed = self.statements.pop(name, None)
+                if self.doomed:
+                    self.doomed.discard(name)
 
                 def undo():  # skipped after an error earlier in the batch: the statement stays
                     if closed is not None and name not in self.statements:
@@ -308,6 +370,40 @@ class Relay:
             self.batch = None
             self.executed = False
             self._forward(SYNC, msg_type, body, to_server)
+
+    def _told(self, name: str, statement: Statement, reply: bytes) -> None:
+        """The client got the description of its statement *name* (RowDescription body, b"" for NoData)."""
+        if self.shapes is None:
+            self.shapes = {}
+        self.shapes[name] = (statement, result_shape(reply))
+
+    def _check_shape(self, name: str, statement: Statement, to_server: list) -> bool:
+        """A copy was just prepared for a run of *name* that does not describe its result: the client
+        decodes by what it was told. True when that is known: the copy's description is asked for
+        (Flush: now) and the client's messages wait for it (holding). If it differs, PostgreSQL
+        would have failed the client's own statement (fixed result type): its Binds and Describes
+        fail with that 0A000, as PostgreSQL's would, until the client prepares it anew."""
+        shape = self.shapes.get(name) if self.shapes else None
+        if shape is None or shape[0] is not statement or self.replaying:
+            return False
+        expected = shape[1]
+
+        def check(reply: bytes) -> None:
+            if result_shape(reply) != expected:
+                if self.doomed is None:
+                    self.doomed = set()
+                self.doomed.add(name)
+            self.again, self.holding = self.holding, None
+
+        self._forward(DESCRIBE, p.DESCRIBE, target_body(ord("S"), statement.server_name), to_server, swallow=True, done=check)
+        to_server.append(_FLUSH)
+        return True
+
+    def held_requests(self) -> int:
+        """How many ReadyForQuery the client messages held back would have earned."""
+        if not self.holding:
+            return 0
+        return sum(1 for msg_type, _ in self.holding if msg_type in (p.SYNC, p.QUERY, p.FUNCTION_CALL))
 
     def _retry_point(self, statement: Statement, server, msg_type: int, body: bytes) -> RetryPoint:
         """What a Bind/Describe (*body* as the client sent it) of *statement* needs should PostgreSQL call the copy stale."""
@@ -363,6 +459,8 @@ class Relay:
             return
         statement = Statement.from_definition(definition, self.scope, self.schema.tick())
         self.statements[name] = statement
+        if self.doomed:
+            self.doomed.discard(name)
 
         def undo():
             if self.statements.get(name) is statement:
@@ -492,7 +590,9 @@ class Relay:
                 return None
             if held is not None:
                 to_client.append(held)
-            if head.reword is not None:
+            if head.synth is not None and (head.kind is BIND or head.kind is DESCRIBE):
+                to_client.append(head.synth)  # (it failed on purpose: see _NO_STATEMENT)
+            elif head.reword is not None:
                 shared, own = head.reword
                 fields = m.decode_fields(body)
                 fields["M"] = fields.get("M", "").replace(f'"{shared}"', f'"{own}"')
@@ -506,7 +606,12 @@ class Relay:
                 entry = self._pop()
                 if entry.undo is not None:
                     entry.undo()
+            if self.holding is not None:
+                # (A copy prepared for a held run failed: what was held goes on, to be skipped too.)
+                self.again, self.holding = self.holding, None
             return None
+        if msg_type == p.PARAMETER_DESCRIPTION and head.kind is DESCRIBE and head.swallow:
+            return None  # (the proxy's own Describe)
         if msg_type == p.PARAMETER_DESCRIPTION and head.retry is not None and head.kind is DESCRIBE:
             # Held with its RowDescription: should the statement prove stale, the client hears
             # only of the copy prepared again.
@@ -604,7 +709,7 @@ class Relay:
         """The server connection went away mid-flight: nothing more will be answered."""
         self.held_ready = None
         self.held_param = None
-        self.hot = self.batch = self.again = None
+        self.hot = self.batch = self.again = self.holding = None
         self.executed = False
         while self.queue:
             entry = self._pop()

@@ -399,7 +399,7 @@ class ClientSession(Placement):
         if name_end > portal_end + 1:
             name = body[portal_end + 1 : name_end].decode("utf-8", "replace")
             statement = relay.statements.get(name)
-            if statement is None or name in self._effects_of:
+            if statement is None or name in self._effects_of or (relay.doomed and name in relay.doomed):
                 return False
             # Relay.fresh(), inline: the connection's copy is newer than the client's Parse (and
             # than the last DDL, when the run describes its result).

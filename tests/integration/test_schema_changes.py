@@ -457,3 +457,48 @@ def test_many_clients_over_two_connections_while_the_schema_changes_outside(pg_c
     finally:
         changer.join(10)
         owner.execute(f"DROP TABLE {t}")
+
+
+@pytest.mark.parametrize("in_transaction", [False, True])
+def test_asyncpg_on_a_connection_that_must_prepare_afresh_after_an_outside_change(pg_cluster, one, owner, in_transaction):
+    """asyncpg decodes by the description it got when it prepared. Its next run lands on a server
+    connection with no copy (DISCARD ALL by another client dropped them): the copy made there
+    has the new result type, so the run must fail as PostgreSQL fails the client's own statement
+    (0A000, which asyncpg recovers from by itself outside a transaction), not return rows of
+    another shape."""
+
+    def scenario(target):
+        t = fresh("sc_apg_fresh")
+        owner.execute(f"CREATE TABLE {t} (x int)")
+        owner.execute(f"INSERT INTO {t} VALUES (1)")
+
+        async def main():
+            conn = await asyncpg.connect(**target.asyncpg_kwargs())
+            other = await asyncpg.connect(**target.asyncpg_kwargs())
+            try:
+                assert [tuple(r) for r in await conn.fetch(f"SELECT * FROM {t}")] == [(1,)]
+                await other.execute("DISCARD ALL")
+                owner.execute(f"ALTER TABLE {t} ADD COLUMN y int DEFAULT 2")
+                if in_transaction:
+                    try:
+                        async with conn.transaction():
+                            await conn.fetch(f"SELECT * FROM {t}")
+                        first = "ok"
+                    except asyncpg.exceptions.InvalidCachedStatementError as e:
+                        first = ("error", e.sqlstate)
+                else:
+                    first = [tuple(r) for r in await conn.fetch(f"SELECT * FROM {t}")]
+                after = [tuple(r) for r in await conn.fetch(f"SELECT * FROM {t}")]
+                return first, after
+            finally:
+                await conn.close()
+                await other.close()
+
+        try:
+            return run_async(main(), timeout=30)
+        finally:
+            owner.execute(f"DROP TABLE {t}")
+
+    direct, proxied = both(pg_cluster, one, scenario)
+    assert direct == ((("error", "0A000") if in_transaction else [(1, 2)]), [(1, 2)])
+    assert proxied == direct

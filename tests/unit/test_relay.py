@@ -501,3 +501,101 @@ def test_search_path_is_part_of_the_shared_name():
         names.append(parse_names(to_server)[-1])
     assert names[0] != names[1] and names[0] == names[2]
     assert SHARED not in names  # (the server default's, "")
+
+
+# -- a fresh copy for a client that decodes by an earlier description (asyncpg) --------------------
+
+
+def row_description(*columns, table=0):
+    """RowDescription body: (name, type oid) per column."""
+    out = len(columns).to_bytes(2, "big")
+    for name, oid in columns:
+        out += name.encode() + b"\x00" + table.to_bytes(4, "big") + b"\x00\x01" + oid.to_bytes(4, "big") + b"\x00\x04" + b"\xff\xff\xff\xff" + b"\x00\x00"
+    return out
+
+
+PARAMS = frame(p.PARAMETER_DESCRIPTION, b"\x00\x00")
+ONE_COLUMN = row_description(("x", 23), table=16400)
+
+
+def described(server=None):
+    """A client that prepared and described s1 (as asyncpg does), on *server*."""
+    relay, server = Relay(), server or FakeServer()
+    send(relay, server, m.parse("s1", "SELECT * FROM t") + m.describe("S", "s1") + m.sync())
+    receive(relay, PARSE_COMPLETE + PARAMS + frame(p.ROW_DESCRIPTION, ONE_COLUMN) + m.ready_for_query())
+    return relay, server
+
+
+def test_result_shape_is_names_types_and_modifiers_only():
+    from pgtwist.relay import result_shape
+
+    assert result_shape(b"") == ()
+    assert result_shape(row_description(("x", 23), table=1)) == result_shape(row_description(("x", 23), table=2))
+    assert result_shape(row_description(("x", 23))) != result_shape(row_description(("x", 25)))
+    assert result_shape(row_description(("x", 23))) != result_shape(row_description(("y", 23)))
+    assert result_shape(row_description(("x", 23))) != result_shape(row_description(("x", 23), ("y", 23)))
+
+
+def test_an_undescribed_run_on_a_fresh_copy_waits_for_its_description_then_goes():
+    relay, _ = described()
+    fresh = FakeServer()
+    to_server, to_client = send(relay, fresh, m.bind("", "s1") + m.execute())
+    assert types(to_server) == "PDH" and to_client == b""  # Parse, Describe, Flush: the run is held
+    more, _ = send(relay, fresh, m.sync())
+    assert more == b"" and [t for t, _ in relay.holding] == [p.BIND, p.EXECUTE, p.SYNC]
+    # Recreated with the same columns (another table OID): fine, the run goes as sent.
+    out = receive(relay, PARSE_COMPLETE + PARAMS + frame(p.ROW_DESCRIPTION, row_description(("x", 23), table=99999)))
+    assert out == b"" and relay.holding is None and [t for t, _ in relay.again] == [p.BIND, p.EXECUTE, p.SYNC]
+    again, relay.again = relay.again, None
+    relay.replaying = True
+    to_server, _ = send(relay, fresh, b"".join(frame(t, b) for t, b in again))
+    relay.replaying = False
+    assert types(to_server) == "BES" and bind_statements(to_server) == [shared_name(relay)]
+
+
+def shared_name(relay):
+    return relay.statements["s1"].server_name
+
+
+def test_a_fresh_copy_of_another_shape_fails_the_run_as_postgresql_would():
+    relay, _ = described()
+    fresh = FakeServer()
+    send(relay, fresh, m.bind("", "s1") + m.execute() + m.sync())
+    receive(relay, PARSE_COMPLETE + PARAMS + frame(p.ROW_DESCRIPTION, row_description(("x", 23), ("y", 23))))
+    again, relay.again = relay.again, None
+    relay.replaying = True
+    to_server, _ = send(relay, fresh, b"".join(frame(t, b) for t, b in again))
+    relay.replaying = False
+    assert types(to_server) == "BES" and bind_statements(to_server) == [SERVER_NAME_PREFIX + "stale"]
+    missing = m.error_response("ERROR", "26000", f'prepared statement "{SERVER_NAME_PREFIX}stale" does not exist')
+    out = receive(relay, missing + m.ready_for_query())
+    fields = m.decode_fields(messages(out)[0][1])
+    assert (fields["C"], fields["M"], fields["R"]) == ("0A000", "cached plan must not change result type", "RevalidateCachedQuery")
+    assert types(out) == "EZ"
+    # Every Bind and Describe of it fails so (the fast path's too) until the client prepares it anew.
+    assert "s1" in relay.doomed
+    to_server, _ = send(relay, fresh, m.describe("S", "s1") + m.sync())
+    assert messages(to_server)[0] == (p.DESCRIBE, b"S" + SERVER_NAME_PREFIX.encode() + b"stale\x00")
+    out = receive(relay, missing + m.ready_for_query())
+    assert m.decode_fields(messages(out)[0][1])["C"] == "0A000"
+    to_server, _ = send(relay, fresh, m.close("S", "s1") + m.parse("s1", "SELECT * FROM t") + m.sync())
+    assert not relay.doomed and types(to_server) == "CPS"  # (the copy it held goes first)
+    receive(relay, CLOSE_COMPLETE + PARSE_COMPLETE + m.ready_for_query())
+    to_server, _ = send(relay, fresh, m.bind("", "s1") + m.execute() + m.sync())
+    assert types(to_server) == "BES" and bind_statements(to_server) == [shared_name(relay)]
+
+
+def test_a_fresh_copy_that_fails_to_prepare_lets_the_held_run_go_to_be_skipped():
+    relay, _ = described()
+    fresh = FakeServer()
+    send(relay, fresh, m.bind("", "s1") + m.execute() + m.sync())
+    gone = m.error_response("ERROR", "42P01", 'relation "t" does not exist')
+    out = receive(relay, gone)
+    assert out == gone and relay.holding is None and relay.again is not None
+    relay.again = None
+
+
+def test_a_described_run_is_not_held():
+    relay, _ = described()
+    to_server, _ = send(relay, FakeServer(), m.bind("", "s1") + m.describe("P", "") + m.execute() + m.sync())
+    assert types(to_server) == "PBDES" and relay.holding is None
