@@ -177,6 +177,7 @@ class Relay:
         "shapes",
         "holding",
         "doomed",
+        "bound",
     )
 
     def __init__(self, schema: Schema | None = None, scope: str = ""):
@@ -211,6 +212,7 @@ class Relay:
         self.shapes: dict | None = None
         self.holding: list | None = None
         self.doomed: set | None = None
+        self.bound: tuple | None = None  # (portal with its NUL, name, Statement) of the last Bind of a named statement
 
     @property
     def idle(self) -> bool:
@@ -321,9 +323,11 @@ class Relay:
                             return
                     retry = self._retry_point(statement, server, msg_type, body)
                     self._forward(BIND, msg_type, bind_body(portal, statement.server_name, rest), to_server, retry=retry)
+                    self.bound = (portal, name, statement)
                     return
                 elif self._refuse_unknown(name, to_client):
                     return
+            self.bound = None
             self._forward(BIND, msg_type, body, to_server)
         elif msg_type == p.DESCRIBE:
             kind, name = split_target(body, "Describe")
@@ -345,6 +349,13 @@ class Relay:
                     return
                 elif self._refuse_unknown(name, to_client):
                     return
+            elif kind == ord("P") and self.bound is not None and self.bound[0] == body[1:]:
+                # A portal of the client's named statement: its description is the statement's.
+                _, name, statement = self.bound
+                self._forward(
+                    DESCRIBE, msg_type, body, to_server, done=lambda reply, name=name, statement=statement: self._told(name, statement, reply)
+                )
+                return
             self._forward(DESCRIBE, msg_type, body, to_server)
         elif msg_type == p.CLOSE:
             kind, name = split_target(body, "Close")
@@ -367,7 +378,7 @@ class Relay:
         elif msg_type == p.FLUSH:
             to_server.append(frame(msg_type, body))
         else:  # Sync, Query, FunctionCall: one ReadyForQuery each
-            self.batch = None
+            self.batch = self.bound = None
             self.executed = False
             self._forward(SYNC, msg_type, body, to_server)
 

@@ -599,3 +599,18 @@ def test_a_described_run_is_not_held():
     relay, _ = described()
     to_server, _ = send(relay, FakeServer(), m.bind("", "s1") + m.describe("P", "") + m.execute() + m.sync())
     assert types(to_server) == "PBDES" and relay.holding is None
+
+
+def test_a_portal_description_tells_the_statement_s_shape_too():
+    """pgjdbc describes the portal of its first run, then runs without describing."""
+    relay, server = Relay(), FakeServer()
+    send(relay, server, m.parse("s1", "SELECT * FROM t") + m.bind("", "s1") + m.describe("P", "") + m.execute() + m.sync())
+    receive(relay, PARSE_COMPLETE + BIND_COMPLETE + frame(p.ROW_DESCRIPTION, ONE_COLUMN) + m.command_complete("SELECT 0") + m.ready_for_query())
+    assert relay.shapes["s1"][1] == (((b"x", (23).to_bytes(4, "big"), b"\xff\xff\xff\xff"),))
+    to_server, _ = send(relay, FakeServer(), m.bind("", "s1") + m.execute() + m.sync())
+    assert types(to_server) == "PDH"  # checked before it runs on a fresh copy
+    # A later unnamed statement's portal tells nothing about s1.
+    relay.forget_server()
+    send(relay, server, m.parse("", "SELECT 1, 2") + m.bind("", "") + m.describe("P", "") + m.execute() + m.sync())
+    receive(relay, PARSE_COMPLETE + BIND_COMPLETE + frame(p.ROW_DESCRIPTION, row_description(("a", 23), ("b", 23))) + m.command_complete("SELECT 1") + m.ready_for_query())
+    assert relay.shapes["s1"][1] == (((b"x", (23).to_bytes(4, "big"), b"\xff\xff\xff\xff"),))
