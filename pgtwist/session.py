@@ -589,9 +589,12 @@ class ClientSession(Placement):
         names = effects.to_restore(self._startup_settings)
         if names:
             self._to_restore = names if self._to_restore is None else self._to_restore | names
-        if effects.discard_all or effects.deallocate_all:
+        if effects.deallocate_all or (
+            effects.discard_all and effects.statements == 1 and self.relay.tx_status == p.TX_IDLE
+        ):
             # It runs on the server: every prepared statement there goes, the client's own with
-            # them (as PostgreSQL does), and the connection leaves the pool at release.
+            # them (as PostgreSQL does), and the connection leaves the pool at release. (DISCARD
+            # ALL in a transaction block, or in a multi-statement text, PostgreSQL refuses: 25001.)
             self.server.tainted = True
             self.server.statements.clear()
             self.relay.statements.clear()

@@ -15,7 +15,7 @@ import asyncpg
 import psycopg
 import pytest
 
-from .proxy import start_proxy
+from .proxy import ServerError, start_proxy
 from .txhelpers import TX_CONFIG, batch, bind, describe, execute, parse, raw_login, run_async, sync
 
 pytestmark = pytest.mark.integration
@@ -502,3 +502,31 @@ def test_asyncpg_on_a_connection_that_must_prepare_afresh_after_an_outside_chang
     direct, proxied = both(pg_cluster, one, scenario)
     assert direct == ((("error", "0A000") if in_transaction else [(1, 2)]), [(1, 2)])
     assert proxied == direct
+
+
+def test_discard_all_refused_inside_a_transaction_keeps_the_client_s_statements(pg_cluster, one):
+    def scenario(target):
+        with connect(target) as c:
+            first = c.execute("SELECT %s::int + 1", (1,)).fetchone()
+            c.execute("BEGIN")
+            refused = outcome(lambda: c.execute("DISCARD ALL"))
+            c.execute("ROLLBACK")
+            again = outcome(lambda: c.execute("SELECT %s::int + 1", (2,)).fetchone())
+            twice = outcome(lambda: c.execute("SELECT %s::int + 1", (3,)).fetchone())
+            return first, refused, again, twice
+
+    direct, proxied = both(pg_cluster, one, scenario)
+    assert direct == ((2,), ("error", "25001"), ("ok", (3,)), ("ok", (4,)))
+    assert proxied == direct
+
+
+def test_discard_all_refused_inside_a_transaction_keeps_the_statements_raw(one):
+    with raw_login(one) as c:
+        assert batch(c, parse("keep", "SELECT $1::int + 1"), sync()).types == "1Z"
+        c.query("BEGIN")
+        with pytest.raises(ServerError) as refused:
+            c.query("DISCARD ALL")
+        assert refused.value.sqlstate == "25001"
+        c.query("ROLLBACK")
+        r = batch(c, bind("keep", ("41",)), execute(), sync())
+        assert r.rows == [["42"]], r
