@@ -530,3 +530,39 @@ def test_discard_all_refused_inside_a_transaction_keeps_the_statements_raw(one):
         c.query("ROLLBACK")
         r = batch(c, bind("keep", ("41",)), execute(), sync())
         assert r.rows == [["42"]], r
+
+
+def test_pgjdbc_server_prepared_statements_across_schema_changes(pg_cluster, one, tmp_path):
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    jar = Path("/usr/share/java/postgresql.jar")
+    if not (shutil.which("javac") and shutil.which("java") and jar.is_file()):
+        pytest.skip("pgjdbc test needs javac, java and libpostgresql-jdbc-java: run ./dev setup")
+    source = Path(__file__).resolve().parent / "java" / "PgjdbcSchema.java"
+    proc = subprocess.run(["javac", "-nowarn", "-cp", str(jar), "-d", str(tmp_path), str(source)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    node = pg_cluster.nodes[0]
+    direct_url = f"jdbc:postgresql://{node.host}:{node.port}/{pg_cluster.app_database}"
+
+    def run(url: str) -> list[str]:
+        t = fresh("sc_jdbc")
+        with psycopg.connect(Direct(pg_cluster).dsn(), autocommit=True) as owner:
+            owner.execute(f"CREATE TABLE {t} (x int)")
+            owner.execute(f"INSERT INTO {t} VALUES (1)")
+            try:
+                out = subprocess.run(
+                    ["java", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1", "-cp", f"{jar}:{tmp_path}", "PgjdbcSchema",
+                     url, direct_url, pg_cluster.app_user, pg_cluster.app_password, t],
+                    stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60,
+                )
+            finally:
+                owner.execute(f"DROP TABLE {t}")
+        assert out.returncode == 0, out.stdout + out.stderr
+        return [line for line in out.stdout.splitlines() if line.startswith("STEP ")]
+
+    direct = run(direct_url)
+    proxied = run(f"jdbc:postgresql://{one.host}:{one.port}/appdb")
+    assert len(direct) == 10, direct
+    assert proxied == direct, "\n".join(f"{a}  |  {b}" for a, b in zip(direct, proxied))
