@@ -1,4 +1,4 @@
-"""Extended-protocol relay over shared server connections: renamed statements, injected Parse/Close, replies in order."""
+"""Extended-protocol relay over shared server connections: renamed statements, injected Parse/Close, replies in order, stale copies."""
 
 from __future__ import annotations
 
