@@ -319,3 +319,32 @@ def test_set_search_path_keeps_what_the_client_prepares_its_own_until_read_back(
     server.got_data(m.command_complete("SET") + m.ready_for_query())
     finish_internal(server)  # the read-back: the node says "x"
     assert session.settings["search_path"] == "x" and session.relay.scope == "x"
+
+
+def test_a_run_held_for_its_shape_check_survives_the_node_dying():
+    """The held run is the client's: replayed elsewhere (a read that got nothing back yet)."""
+    from twisted.internet.error import ConnectionLost
+    from twisted.python.failure import Failure
+
+    h = Harness(pool_mode="transaction")
+    session, ct = h.client()
+    first = session.server
+    session.got_data(m.parse("S_1", SQL, [23]) + m.describe("S", "S_1") + m.sync())
+    first.got_data(frame(p.PARSE_COMPLETE) + frame(p.PARAMETER_DESCRIPTION, b"\x00\x01\x00\x00\x00\x17") + ROW_DESCRIPTION + m.ready_for_query())
+    first.statements.clear()  # (as after another client's DISCARD ALL on it)
+    ct.clear()
+    first.transport.clear()
+    session.got_data(m.bind("", "S_1", [b"7"]) + m.execute() + m.sync())
+    assert [chr(t) for t, _ in messages(first.transport.value())] == list("PDH")
+    assert session.relay.holding is not None and session.relay.held_requests() == 1
+    first.connection_lost(Failure(ConnectionLost()))
+    assert ct.value() == b""
+    second = h.proxy.servers[-1]
+    assert second is not first
+    # Placed again: the new connection has no copy either, so the run waits for its check there.
+    assert [chr(t) for t, _ in messages(second.transport.value())][-3:] == list("PDH")
+    second.transport.clear()
+    second.got_data(frame(p.PARSE_COMPLETE) + frame(p.PARAMETER_DESCRIPTION, b"\x00\x01\x00\x00\x00\x17") + ROW_DESCRIPTION)
+    assert [chr(t) for t, _ in messages(second.transport.value())] == list("BES")
+    second.got_data(frame(p.BIND_COMPLETE) + ANSWER)
+    assert ct.value() == frame(p.BIND_COMPLETE) + ANSWER
