@@ -39,6 +39,8 @@ _SESSION_CAPTURE = frozenset((_TERMINATE,))
 _SESSION_WATCH = frozenset((p.QUERY, p.SYNC, p.FUNCTION_CALL))
 # An extended-protocol batch not yet closed by Sync leaves the server mid-conversation.
 _UNSYNCED = frozenset((p.PARSE, p.BIND, p.EXECUTE, p.DESCRIBE, p.CLOSE, p.FLUSH))
+# ClientSession._tx_end: DDL went through the open transaction; it set a search_path of its own.
+_DDL_SENT, _LOCAL_PATH = 1, 2
 # Read-your-writes: where the primary's WAL ends after this client's write committed.
 _WRITE_LSN_SQL = (
     "SELECT pg_catalog.pg_current_wal_insert_lsn()::text, pg_catalog.pg_current_wal_flush_lsn()::text,"
@@ -112,7 +114,7 @@ class ClientSession(Placement):
         "_startup_settings",
         "_to_restore",
         "_orphan_error",
-        "_ddl",
+        "_tx_end",
     )
 
     def __init__(self, proxy, transport, client_id: str):
@@ -161,7 +163,7 @@ class ClientSession(Placement):
         self._lent = False  # linked between transactions on a connection the pool may reclaim
         self._primary = None  # the Decision for the primary, kept while the primary stays
         self._orphan_error = None  # the 08006 an orphaned transaction's next statement gets
-        self._ddl = False  # DDL went through this client in the transaction still open
+        self._tx_end = 0  # what to do when the open transaction ends: _DDL_SENT | _LOCAL_PATH
         self._asked_at: float | None = None  # when the client's pending request began (query latency)
         self._read_link = False  # linked to a replica for an autocommit read: writes behind it wait
         self._holding = False  # a write is waiting in the backlog for this read's replica to go
@@ -574,10 +576,13 @@ class ClientSession(Placement):
             # else now: each is prepared again on its next use there (statements.Schema). Once
             # more when the transaction ends: a copy prepared meanwhile elsewhere saw the old schema.
             self.relay.schema.ddl()
-            self._ddl = True
-        if "search_path" in effects.settings or effects.all_settings:
-            # Its value is known again at the read-back; until then what it prepares is its own.
+            self._tx_end |= _DDL_SENT
+        if "search_path" in effects.settings or effects.all_settings or effects.local_path:
+            # Its value is known again at the read-back (or when the transaction ends, for SET
+            # LOCAL); until then what it prepares is its own.
             self.relay.scope = "\x00" + self.id
+            if effects.local_path:
+                self._tx_end |= _LOCAL_PATH
         if effects.pin and not self.pinned:
             self.pinned = effects.pin
             self.proxy.note_pinned(self, effects.pin)
@@ -738,9 +743,8 @@ class ClientSession(Placement):
     def _ready(self, server, status: int) -> None:
         self.tx_status = status
         server.tx_status = status
-        if self._ddl and status == p.TX_IDLE:
-            self._ddl = False
-            self.relay.schema.ddl()  # (committed now: see _note_effects)
+        if self._tx_end and status == p.TX_IDLE:
+            self._transaction_ended()
         decision = self.decision
         started, self._asked_at = self._asked_at, None
         self.proxy.counters.ready(
@@ -758,6 +762,13 @@ class ClientSession(Placement):
             self._maybe_release()
         if self.proxy.draining:
             drain.settle(self)  # shutting down: a client between transactions leaves now
+
+    def _transaction_ended(self) -> None:
+        done, self._tx_end = self._tx_end, 0
+        if done & _DDL_SENT:
+            self.relay.schema.ddl()  # (committed now: see _note_effects)
+        if done & _LOCAL_PATH and not ("search_path" in self.dirty or self.dirty_all):
+            self.relay.scope = self.settings.get("search_path", "")
 
     def _maybe_release(self) -> None:
         """Transaction pooling: give the server connection back once the client is between transactions."""

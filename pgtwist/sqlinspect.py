@@ -26,8 +26,8 @@ _MAYBE = ("set", "discard", "deallocate", "listen", "temp", "hold", "prepare", "
 _DDL_WORDS = ("create", "alter", "drop", "do", "import")
 # Top-level statements after which every prepared statement still means what it meant: all
 # others (CREATE, ALTER, DROP, DO, IMPORT FOREIGN SCHEMA, SELECT INTO's CREATE TABLE AS...) count
-# as DDL. Those that change only privileges, roles, data or plans PostgreSQL re-makes itself
-# are here; CALL too (what a procedure does inside, like a function's, is for PostgreSQL's
+# as DDL. Those that change only privileges, roles, comments, data or plans PostgreSQL re-makes
+# itself are here; CALL too (what a procedure does inside, like a function's, is for PostgreSQL's
 # errors and pgtwist's re-prepare on them).
 _NOT_DDL = frozenset(
     (
@@ -79,6 +79,7 @@ class SessionEffects:
     reset_all: bool = False  # RESET ALL or DISCARD ALL: every setting back to the session default
     assigned: frozenset[str] = frozenset()  # names given a value (SET name = v, set_config), not LOCAL
     ddl: bool = False  # may change what prepared statements mean (see _NOT_DDL); unparsable DDL-looking text too
+    local_path: bool = False  # SET LOCAL search_path (or set_config(..., true) of it): a path for this transaction only
 
     def to_restore(self, startup: dict[str, str]) -> set[str]:
         """Startup settings these statements return to the server's defaults, which the client's
@@ -94,7 +95,14 @@ class SessionEffects:
     @property
     def changes_state(self) -> bool:
         return bool(
-            self.settings or self.all_settings or self.pin or self.deallocate or self.deallocate_all or self.discard_all or self.ddl
+            self.settings
+            or self.all_settings
+            or self.pin
+            or self.deallocate
+            or self.deallocate_all
+            or self.discard_all
+            or self.ddl
+            or self.local_path
         )
 
 
@@ -116,6 +124,7 @@ class _Collector(Visitor):
         self.discard_all = False
         self.reset_all = False
         self.assigned: set[str] = set()
+        self.local_path = False
 
     def _pin(self, why: str) -> None:
         if self.pin is None:
@@ -132,6 +141,8 @@ class _Collector(Visitor):
             return
         if name.startswith("transaction") or name == "session_characteristics":
             return
+        if node.is_local and name == "search_path":
+            self.local_path = True
         if not node.is_local and name:
             self.settings.add(name)
             if node.kind in (VariableSetKind.VAR_RESET, VariableSetKind.VAR_SET_DEFAULT):
@@ -147,9 +158,12 @@ class _Collector(Visitor):
             args = node.args or ()
             local = args[2] if len(args) > 2 else None
             is_local = isinstance(local, ast.A_Const) and getattr(local.val, "boolval", None) is True
-            if is_local:
-                return
             first = args[0] if args else None
+            if is_local:
+                named = isinstance(first, ast.A_Const) and isinstance(first.val, ast.String)
+                if not named or first.val.sval.lower() == "search_path":
+                    self.local_path = True
+                return
             if isinstance(first, ast.A_Const) and isinstance(first.val, ast.String):
                 self.settings.add(first.val.sval.lower())
                 self.assigned.add(first.val.sval.lower())
@@ -257,6 +271,7 @@ def _inspect_parsed(sql: str) -> SessionEffects:
         reset_all=c.reset_all,
         assigned=frozenset(c.assigned),
         ddl=any(type(raw.stmt).__name__ not in _NOT_DDL for raw in tree),
+        local_path=c.local_path,
     )
 
 

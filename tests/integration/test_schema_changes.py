@@ -566,3 +566,37 @@ def test_pgjdbc_server_prepared_statements_across_schema_changes(pg_cluster, one
     proxied = run(f"jdbc:postgresql://{one.host}:{one.port}/appdb")
     assert len(direct) == 10, direct
     assert proxied == direct, "\n".join(f"{a}  |  {b}" for a, b in zip(direct, proxied))
+
+
+def test_set_local_search_path_inside_a_transaction_shares_nothing(pg_cluster, one, owner, admin):
+    sb = fresh("sc_local_b")
+    t = fresh("sc_local_t")
+    admin.execute(f"CREATE SCHEMA {sb} AUTHORIZATION {pg_cluster.app_user}")
+    owner.execute(f"CREATE TABLE public.{t} (x int)")
+    owner.execute(f"INSERT INTO public.{t} VALUES (1)")
+    owner.execute(f"CREATE TABLE {sb}.{t} (name text, n bigint)")
+    owner.execute(f"INSERT INTO {sb}.{t} VALUES ('b', 2)")
+
+    def scenario(target):
+        with connect(target) as a, connect(target) as b:
+            got = [outcome(lambda: a.execute(f"SELECT * FROM {t}").fetchall())]
+            with b.transaction():
+                b.execute(f"SET LOCAL search_path = {sb}")
+                got.append(outcome(lambda: b.execute(f"SELECT * FROM {t}").fetchall()))
+                got.append(outcome(lambda: b.execute(f"SELECT * FROM {t}").fetchall()))
+            got.append(outcome(lambda: a.execute(f"SELECT * FROM {t}").fetchall()))
+            with a.transaction():
+                got.append(outcome(lambda: a.execute(f"SELECT * FROM {t}").fetchall()))
+            got.append(outcome(lambda: b.execute(f"SELECT * FROM {t}").fetchall()))
+            return got
+
+    try:
+        direct, proxied = both(pg_cluster, one, scenario)
+        # b's own statement was made under its SET LOCAL path: once that is gone PostgreSQL
+        # analyses it again under the default path and fails it (new result type); pgtwist,
+        # outside a transaction, prepares it again and retries.
+        assert direct == [("ok", [(1,)]), ("ok", [("b", 2)]), ("ok", [("b", 2)]), ("ok", [(1,)]), ("ok", [(1,)]), ("error", "0A000")]
+        assert proxied == direct[:5] + [("ok", [(1,)])]
+    finally:
+        owner.execute(f"DROP TABLE public.{t}")
+        admin.execute(f"DROP SCHEMA {sb} CASCADE")

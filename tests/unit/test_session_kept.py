@@ -348,3 +348,16 @@ def test_a_run_held_for_its_shape_check_survives_the_node_dying():
     assert [chr(t) for t, _ in messages(second.transport.value())] == list("BES")
     second.got_data(frame(p.BIND_COMPLETE) + ANSWER)
     assert ct.value() == frame(p.BIND_COMPLETE) + ANSWER
+
+
+def test_set_local_search_path_keeps_what_is_prepared_its_own_until_the_transaction_ends(kept):
+    session, ct, server = kept
+    session.got_data(m.query("BEGIN"))
+    server.got_data(m.command_complete("BEGIN") + m.ready_for_query(p.TX_IN_TRANSACTION))
+    session.got_data(m.query("SET LOCAL search_path TO app"))
+    assert session.relay.scope == "\x00" + session.id
+    server.got_data(m.command_complete("SET") + m.ready_for_query(p.TX_IN_TRANSACTION))
+    assert session.relay.scope == "\x00" + session.id
+    session.got_data(m.query("COMMIT"))
+    server.got_data(m.command_complete("COMMIT") + m.ready_for_query())
+    assert session.relay.scope == "" and not session.dirty

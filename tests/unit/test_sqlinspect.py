@@ -16,7 +16,9 @@ def body(sql: str) -> bytes:
     "sql, check",
     [
         ("SET search_path TO app", lambda e: e.settings == {"search_path"} and not e.pin),
-        ("SET LOCAL search_path TO app", lambda e: not e.changes_state),
+        ("SET LOCAL search_path TO app", lambda e: e.local_path and not e.settings and not e.pin),
+        ("SET LOCAL statement_timeout = 5", lambda e: not e.changes_state),
+        ("SELECT set_config('search_path', 'x', true)", lambda e: e.local_path and not e.settings),
         ("RESET statement_timeout", lambda e: e.resets == ("statement_timeout",)),
         ("RESET ALL", lambda e: e.all_settings and e.reset_all),
         ("DISCARD ALL", lambda e: e.discard_all and e.reset_all),
