@@ -214,6 +214,18 @@ class Relay:
         self.doomed: set | None = None
         self.bound: tuple | None = None  # (portal with its NUL, name, Statement) of the last Bind of a named statement
 
+    def drop(self, name: str | None = None) -> "Statement | None":
+        """The client's statement *name* is gone (Close, DEALLOCATE); None: all of them. What was kept about it goes too."""
+        if name is None:
+            self.statements.clear()
+            self.shapes = self.doomed = None
+            return None
+        if self.shapes:
+            self.shapes.pop(name, None)
+        if self.doomed:
+            self.doomed.discard(name)
+        return self.statements.pop(name, None)
+
     @property
     def idle(self) -> bool:
         return not self.queue and not self.skipping
@@ -361,9 +373,7 @@ class Relay:
             kind, name = split_target(body, "Close")
             if kind == ord("S") and name:
                 # The client's name goes; the server keeps the shared statement for others.
-                closed = self.statements.pop(name, None)
-                if self.doomed:
-                    self.doomed.discard(name)
+                closed = self.drop(name)
 
                 def undo():  # skipped after an error earlier in the batch: the statement stays
                     if closed is not None and name not in self.statements:
@@ -517,7 +527,7 @@ class Relay:
         if self.skipping:
             return
         for name in names:
-            if self.statements.pop(name, None) is not None:
+            if self.drop(name) is not None:
                 self._forward(CLOSE, p.CLOSE, target_body(ord("S"), name), to_server, swallow=True)
                 self._forward(PARSE, p.PARSE, parse_body(name, b"SELECT\x00\x00\x00"), to_server, swallow=True)
 

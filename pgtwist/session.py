@@ -552,11 +552,11 @@ class ClientSession(Placement):
             if effects.deallocate_all or all(n in relay.statements for n in names):
                 # The client's own statements live in the proxy; the server holds shared ones.
                 if effects.deallocate_all:
-                    relay.statements.clear()
+                    relay.drop()
                     tag = "DEALLOCATE ALL"
                 else:
                     for n in names:
-                        relay.statements.pop(n, None)
+                        relay.drop(n)
                     tag = "DEALLOCATE"
                 relay.synth_reply(lambda: m.command_complete(tag) + m.ready_for_query(relay.tx_status), to_client)
                 return True
@@ -602,7 +602,7 @@ class ClientSession(Placement):
             # ALL in a transaction block, or in a multi-statement text, PostgreSQL refuses: 25001.)
             self.server.tainted = True
             self.server.statements.clear()
-            self.relay.statements.clear()
+            self.relay.drop()
 
     def _terminate(self) -> None:
         """Terminate: the client is leaving; its server connection is not."""

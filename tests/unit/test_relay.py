@@ -614,3 +614,14 @@ def test_a_portal_description_tells_the_statement_s_shape_too():
     send(relay, server, m.parse("", "SELECT 1, 2") + m.bind("", "") + m.describe("P", "") + m.execute() + m.sync())
     receive(relay, PARSE_COMPLETE + BIND_COMPLETE + frame(p.ROW_DESCRIPTION, row_description(("a", 23), ("b", 23))) + m.command_complete("SELECT 1") + m.ready_for_query())
     assert relay.shapes["s1"][1] == (((b"x", (23).to_bytes(4, "big"), b"\xff\xff\xff\xff"),))
+
+
+def test_what_is_kept_about_a_statement_goes_with_it():
+    relay, server = described()
+    assert "s1" in relay.shapes
+    send(relay, server, m.close("S", "s1"))
+    assert "s1" not in relay.shapes and "s1" not in relay.statements
+    relay, server = described()
+    relay.doomed = {"s1"}
+    relay.drop()
+    assert relay.statements == {} and relay.shapes is None and relay.doomed is None
