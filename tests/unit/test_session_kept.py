@@ -361,3 +361,21 @@ def test_set_local_search_path_keeps_what_is_prepared_its_own_until_the_transact
     session.got_data(m.query("COMMIT"))
     server.got_data(m.command_complete("COMMIT") + m.ready_for_query())
     assert session.relay.scope == "" and not session.dirty
+
+
+def test_a_run_waiting_to_be_retried_is_answered_when_its_node_dies(kept):
+    from twisted.internet.error import ConnectionLost
+    from twisted.python.failure import Failure
+
+    from tests.unit.test_session import types
+
+    session, ct, server = kept
+    prepared(session, server, ct)
+    session.got_data(m.bind("", "S_1", [b"7"]) + m.describe("P", "") + m.execute() + m.sync())
+    server.got_data(STALE)  # held: its ReadyForQuery would decide the retry
+    assert ct.value() == b""
+    server.connection_lost(Failure(ConnectionLost()))
+    # The node had answered (its error), so nothing is replayed: the client is told, once, and goes on.
+    out = ct.value()
+    assert types(out) == "EZ" and b"C08006" in out, out
+    assert session.relay.idle
