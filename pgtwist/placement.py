@@ -455,7 +455,8 @@ class Placement:
         is the node's FATAL, if it sent one."""
         relay = self.relay
         # The client's requests still owed a ReadyForQuery (not the proxy's own injected ones).
-        owed = sum(1 for e in relay.queue if e.kind == SYNC and not e.swallow)
+        # (A batch held back to be retried is the client's too.)
+        owed = sum(1 for e in relay.queue if e.kind == SYNC and (not e.swallow or e.retry is not None)) + relay.held_requests()
         if relay.held_ready is not None:
             # Its statement ran, but the proxy's batch after it (restoring startup settings) did
             # not: report it failed, as its effects on the client's settings are not kept either.

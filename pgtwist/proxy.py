@@ -20,6 +20,7 @@ from pgtwist.routing.policy import format_lsn
 from pgtwist.server import ServerConnection
 from pgtwist.server_login import ServerLogin
 from pgtwist.session import ClientSession
+from pgtwist.statements import Schema
 
 log = Logger()
 
@@ -51,6 +52,8 @@ class Proxy:
         self.paused: set[str] = set()  # databases PAUSEd ("*": all)
         self.retired_pools: set[Pool] = set()  # removed by a reload, closing as their clients finish
         self.routers: dict[str, DatabaseRouter] = {}
+        # Prepared statements' clock per node database (statements.Schema): outlives reloads and routers.
+        self.schemas: dict[str, Schema] = {}
         self._failover_timers: dict = {}
         self.started = False
         self._client_ids = itertools.count(1)
@@ -193,6 +196,12 @@ class Proxy:
     # -- pools and server connections ----------------------------------------------------------
 
     # -- routing ----------------------------------------------------------------------------
+
+    def schema_for(self, database) -> Schema:
+        schema = self.schemas.get(database.dbname)
+        if schema is None:
+            schema = self.schemas[database.dbname] = Schema()
+        return schema
 
     def router_for(self, database) -> DatabaseRouter:
         router = self.routers.get(database.name)

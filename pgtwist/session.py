@@ -14,7 +14,7 @@ from pgtwist.admin.console import DATABASE as ADMIN_DATABASE
 from pgtwist.admin.console import AdminConsole
 from pgtwist.login import Authenticated, CancelReceived, ClientLogin, LoginError, Reply, StartTLS
 from pgtwist.placement import Placement
-from pgtwist.relay import CLIENT_CAPTURE, SYNC, Relay
+from pgtwist.relay import CLIENT_CAPTURE, HOT_RUN, SYNC, Relay
 from pgtwist.router import Decision
 from pgtwist.routing.policy import parse_lsn, write_lsn
 from pgtwist.settings import SERVER_OWNED, client_settings, parse_options, quote_literal, readback_sql, sync_sql
@@ -46,6 +46,8 @@ _WATCH_ALL = 1
 _WATCH_FIRST = 2
 _WATCH_UNNAMED = 4
 _WATCHED = frozenset((p.QUERY, p.PARSE, p.BIND, p.FUNCTION_CALL))
+# ClientSession._tx_end: DDL went through the open transaction; it set a search_path of its own.
+_DDL_SENT, _LOCAL_PATH = 1, 2
 # Read-your-writes: where the primary's WAL ends after this client's write committed.
 _WRITE_LSN_SQL = (
     "SELECT pg_catalog.pg_current_wal_insert_lsn()::text, pg_catalog.pg_current_wal_flush_lsn()::text,"
@@ -147,6 +149,7 @@ class ClientSession(Placement):
         "_to_restore",
         "_orphan_error",
         "_orphan_told",
+        "_tx_end",
     )
 
     def __init__(self, proxy, transport, client_id: str):
@@ -199,6 +202,7 @@ class ClientSession(Placement):
         self._primary = None  # the Decision for the primary, kept while the primary stays
         self._orphan_error = None  # the error an orphaned transaction's next statement gets (08006, 57P01...)
         self._orphan_told = False  # an orphaned batch's error went out at its Flush: its Sync gets ReadyForQuery alone
+        self._tx_end = 0  # what to do when the open transaction ends: _DDL_SENT | _LOCAL_PATH
         self._asked_at: float | None = None  # when the client's pending request began (query latency)
         self._read_link = False  # linked to a replica for an autocommit read: writes behind it wait
         self._holding = False  # a write is waiting in the backlog for this read's replica to go
@@ -297,7 +301,7 @@ class ClientSession(Placement):
             # server's own once it has one: _prepared.)
             self.process_id, self.secret_key = self.proxy.register_cancel_key(self)
             self.scanner = MessageScanner(CLIENT_CAPTURE, self.config.max_message_size)
-            self.relay = Relay()
+            self.relay = Relay(self.proxy.schema_for(database), self.settings.get("search_path", ""))
         else:
             self.scanner = MessageScanner(_SESSION_CAPTURE, self.config.max_message_size, _SESSION_WATCH)
         if self.user in self.config.audit:
@@ -453,19 +457,29 @@ class ClientSession(Placement):
         name_end = body.find(b"\x00", portal_end + 1)
         if portal_end < 0 or name_end < 0:
             return False  # (the general path reports the malformed Bind)
+        relay = self.relay
         if name_end > portal_end + 1:
             name = body[portal_end + 1 : name_end].decode("utf-8", "replace")
-            statement = self.relay.statements.get(name)
-            if statement is None or name in self._effects_of or statement.server_name not in server.statements:
+            statement = relay.statements.get(name)
+            if statement is None or name in self._effects_of or (relay.doomed and name in relay.doomed):
+                return False
+            # Relay.fresh(), inline: the connection's copy is newer than the client's Parse (and
+            # than the last DDL, when the run describes its result).
+            held = server.statements.names.get(statement.server_name)
+            if held is None or held < statement.parsed_at or (n == 4 and held < relay.schema.ddl_at):
                 return False
             server.statements.touch(statement.server_name)
             bind = frame(p.BIND, body[: portal_end + 1] + statement.server_name.encode() + body[name_end:])
+            relay.queue.append(HOT_RUN)  # (Relay.expect_batch, inline)
+            relay.hot = (items, server.statements, statement.server_name)
         else:
+            if "" in self._effects_of:
+                return False
             bind = frame(p.BIND, body)
+            relay.expect_ready()
         self._link_used = True
         self._watch &= _WATCH_ALL  # (this is the statement the link was placed by)
         self._link_sent.extend(items)
-        self.relay.expect_ready()
         if self.scanner.at_boundary:
             # The read held exactly these messages (the scanner began it at a boundary, as a
             # lent client's always does): what follows the Bind goes out as the client sent it.
@@ -494,7 +508,8 @@ class ClientSession(Placement):
             else:
                 self._link_sent.extend(items)
         watch = self._watch
-        for item in items:
+        relay.upcoming = items  # (what follows a Bind: see Relay.fresh)
+        for at, item in enumerate(items):
             if type(item) is bytes:  # COPY data and the like
                 to_server.append(item)
                 continue
@@ -523,7 +538,11 @@ class ClientSession(Placement):
                     self._effects_of[name] = effects
                 else:
                     self._effects_of.pop(name, None)
-            elif msg_type == p.BIND and self._effects_of:
+            elif msg_type == p.BIND:
+                relay.at = at
+                if not self._effects_of:
+                    relay.client_message(msg_type, body, server, to_server, to_client)
+                    continue
                 # A statement acts where and when it runs: on this server, now.
                 effects = self._effects_of.get(split_bind(body)[1])
                 if effects is not None:
@@ -538,6 +557,7 @@ class ClientSession(Placement):
             relay.client_message(msg_type, body, server, to_server, to_client)
             if self._to_restore is not None and (msg_type == p.QUERY or msg_type == p.SYNC):
                 self._restore_startup_settings(to_server)
+        relay.upcoming = ()
         self._flush(to_server, to_client)
         self._maybe_release()
 
@@ -609,17 +629,19 @@ class ClientSession(Placement):
     def _query(self, body: bytes, effects, to_server: list, to_client: list) -> bool:
         """A simple Query that changes session state; True when the proxy answered it itself."""
         relay = self.relay
+        if (effects.deallocate or effects.deallocate_all) and relay.tx_status == p.TX_FAILED:
+            return False  # PostgreSQL refuses it (25P02) and nothing is deallocated: its answer, as is
         # (A pinned session's DEALLOCATE ALL must also reach SQL PREPAREd statements on its server.)
         if effects.statements == 1 and (effects.deallocate or (effects.deallocate_all and not self.pinned)):
             names = effects.deallocate
             if effects.deallocate_all or all(n in relay.statements for n in names):
                 # The client's own statements live in the proxy; the server holds shared ones.
                 if effects.deallocate_all:
-                    relay.statements.clear()
+                    relay.drop()
                     tag = "DEALLOCATE ALL"
                 else:
                     for n in names:
-                        relay.statements.pop(n, None)
+                        relay.drop(n)
                     tag = "DEALLOCATE"
                 relay.synth_reply(lambda: m.command_complete(tag) + m.ready_for_query(relay.tx_status), to_client)
                 return True
@@ -636,6 +658,18 @@ class ClientSession(Placement):
     def _note_effects(self, effects) -> None:
         if effects.local_commit_mode:
             self._async_commit = True
+        if effects.ddl:
+            # Every server connection's shared statements of this database may mean something
+            # else now: each is prepared again on its next use there (statements.Schema). Once
+            # more when the transaction ends: a copy prepared meanwhile elsewhere saw the old schema.
+            self.relay.schema.ddl()
+            self._tx_end |= _DDL_SENT
+        if "search_path" in effects.settings or effects.all_settings or effects.local_path:
+            # Its value is known again at the read-back (or when the transaction ends, for SET
+            # LOCAL); until then what it prepares is its own.
+            self.relay.scope = "\x00" + self.id
+            if effects.local_path:
+                self._tx_end |= _LOCAL_PATH
         if effects.pin and not self.pinned:
             self.pinned = effects.pin
             self.proxy.note_pinned(self, effects.pin)
@@ -647,12 +681,15 @@ class ClientSession(Placement):
         names = effects.to_restore(self._startup_settings)
         if names:
             self._to_restore = names if self._to_restore is None else self._to_restore | names
-        if effects.discard_all or effects.deallocate_all:
+        if effects.deallocate_all or (
+            effects.discard_all and effects.statements == 1 and self.relay.tx_status == p.TX_IDLE
+        ):
             # It runs on the server: every prepared statement there goes, the client's own with
-            # them (as PostgreSQL does), and the connection leaves the pool at release.
+            # them (as PostgreSQL does), and the connection leaves the pool at release. (DISCARD
+            # ALL in a transaction block, or in a multi-statement text, PostgreSQL refuses: 25001.)
             self.server.tainted = True
             self.server.statements.clear()
-            self.relay.statements.clear()
+            self.relay.drop()
 
     def _terminate(self) -> None:
         """Terminate: the client is leaving; its server connection is not."""
@@ -715,6 +752,7 @@ class ClientSession(Placement):
             for item in items:
                 if type(item) is bytes:
                     out.append(item)
+                    relay.hot = None  # (an answer to the fast path's batch began: it is not retried)
                     continue
                 msg_type, body = item
                 if msg_type == p.PARAMETER_STATUS:
@@ -723,6 +761,14 @@ class ClientSession(Placement):
                 if got is not None:
                     status = got
             server.scanner.capture = relay.capture()
+            if relay.again is not None:
+                # A batch failed on a stale shared statement, and nothing of it reached the client:
+                # it goes again, the statement prepared afresh first.
+                write_now(self.transport, b"".join(out))
+                self._send_again(relay)
+                if status is not None:  # (an earlier request's ReadyForQuery in the same read)
+                    self._ready(server, status)
+                return
         else:
             ready = 0
             for item in items:
@@ -744,6 +790,14 @@ class ClientSession(Placement):
         write_now(self.transport, b"".join(out))
         if status is not None:
             self._ready(server, status)
+
+    def _send_again(self, relay) -> None:
+        items, relay.again = relay.again, None
+        relay.replaying = True  # (once: if it fails again, the client hears why)
+        try:
+            self._client_items(items)
+        finally:
+            relay.replaying = False
 
     def reply_done(self, server, status: int, data: bytes) -> None:
         """The linked server's read *data* ends with a ReadyForQuery (transaction *status*) and
@@ -774,10 +828,14 @@ class ClientSession(Placement):
             # The client changed a reported setting itself (SET application_name, ...).
             self.settings[key] = value
             server.settings[key] = value
+            if key == "search_path" and self.relay is not None:
+                self.relay.scope = value
 
     def _ready(self, server, status: int) -> None:
         self.tx_status = status
         server.tx_status = status
+        if self._tx_end and status == p.TX_IDLE:
+            self._transaction_ended()
         decision = self.decision
         started, self._asked_at = self._asked_at, None
         self.proxy.counters.ready(
@@ -795,6 +853,13 @@ class ClientSession(Placement):
             self._maybe_release()
         if self.proxy.draining:
             drain.settle(self)  # shutting down: a client between transactions leaves now
+
+    def _transaction_ended(self) -> None:
+        done, self._tx_end = self._tx_end, 0
+        if done & _DDL_SENT:
+            self.relay.schema.ddl()  # (committed now: see _note_effects)
+        if done & _LOCAL_PATH and not ("search_path" in self.dirty or self.dirty_all):
+            self.relay.scope = self.settings.get("search_path", "")
 
     def _maybe_release(self) -> None:
         """Transaction pooling: give the server connection back once the client is between transactions."""
@@ -913,6 +978,7 @@ class ClientSession(Placement):
                     else:
                         self.settings[name] = value.decode("utf-8", "replace")
                 server.settings = dict(self.settings)
+                self.relay.scope = self.settings.get("search_path", "")
             else:
                 server.tainted = True
         if track_lsn and rows and len(rows[-1]) == 3 and None not in rows[-1]:

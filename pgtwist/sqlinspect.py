@@ -1,4 +1,4 @@
-"""What a SQL string does to session state, read with PostgreSQL's own parser (pglast): settings, pins, deallocations."""
+"""What a SQL string does to session state, read with PostgreSQL's own parser (pglast): settings, pins, deallocations, DDL."""
 
 from __future__ import annotations
 
@@ -21,12 +21,49 @@ _SESSION_LOCKS = frozenset(
 _MAYBE = ("set", "discard", "deallocate", "listen", "temp", "hold", "prepare", "advisory", "role", "authorization", "load")
 
 
+# Statements that start with one of these may be DDL (or DO, which often is). A prefix test at
+# each statement's start, not a substring test: "created_at" is in too many queries.
+_DDL_WORDS = ("create", "alter", "drop", "do", "import")
+# Top-level statements after which every prepared statement still means what it meant: all
+# others (CREATE, ALTER, DROP, DO, IMPORT FOREIGN SCHEMA, SELECT INTO's CREATE TABLE AS...) count
+# as DDL. Those that change only privileges, roles, comments, data or plans PostgreSQL re-makes
+# itself are here; CALL too (what a procedure does inside, like a function's, is for PostgreSQL's
+# errors and pgtwist's re-prepare on them).
+_NOT_DDL = frozenset(
+    (
+        "SelectStmt", "InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt", "TransactionStmt",
+        "VariableSetStmt", "VariableShowStmt", "ExplainStmt", "CopyStmt", "PrepareStmt", "ExecuteStmt",
+        "DeallocateStmt", "DiscardStmt", "ListenStmt", "UnlistenStmt", "NotifyStmt", "LockStmt",
+        "DeclareCursorStmt", "FetchStmt", "ClosePortalStmt", "CheckPointStmt", "VacuumStmt", "ClusterStmt",
+        "ReindexStmt", "CallStmt", "LoadStmt", "ConstraintsSetStmt", "GrantStmt", "GrantRoleStmt",
+        "CommentStmt", "SecLabelStmt", "TruncateStmt", "RefreshMatViewStmt", "AlterSystemStmt",
+        "AlterDefaultPrivilegesStmt", "CreateRoleStmt", "AlterRoleStmt", "AlterRoleSetStmt", "DropRoleStmt",
+        "CreatedbStmt", "DropdbStmt", "AlterDatabaseStmt", "AlterDatabaseSetStmt", "CreateTableSpaceStmt",
+        "DropTableSpaceStmt", "ReassignOwnedStmt", "DropOwnedStmt", "AlterOwnerStmt",
+    )
+)
+
+
+def _starts_like_ddl(low: str) -> bool:
+    """Whether a statement of the lowered text starts with a DDL word (cheap; a ';' in a string may fool it, only into a parse)."""
+    for part in low.split(";") if ";" in low else (low,):
+        part = part.lstrip()
+        while part.startswith(("--", "/*")):
+            end = part.find("\n") if part[1] == "-" else part.find("*/")
+            part = "" if end < 0 else part[end + (1 if part[1] == "-" else 2) :].lstrip()
+        if part.startswith(_DDL_WORDS):
+            word = part.split(None, 1)[0] if part else ""
+            if word in _DDL_WORDS or word.startswith("do$"):
+                return True
+    return False
+
+
 def _maybe_changes_state(sql: str) -> bool:
     low = sql.lower()
     for word in _MAYBE:
         if word in low:
             return True
-    return False
+    return _starts_like_ddl(low)
 
 
 @dataclass(frozen=True)
@@ -44,6 +81,8 @@ class SessionEffects:
     # SET LOCAL synchronous_commit / set_config('synchronous_commit', v, true): the transaction's
     # commit may be asynchronous whatever the session's setting says (read-your-writes).
     local_commit_mode: bool = False
+    ddl: bool = False  # may change what prepared statements mean (see _NOT_DDL); unparsable DDL-looking text too
+    local_path: bool = False  # SET LOCAL search_path (or set_config(..., true) of it): a path for this transaction only
 
     def to_restore(self, startup: dict[str, str]) -> set[str]:
         """Startup settings these statements return to the server's defaults, which the client's
@@ -58,7 +97,16 @@ class SessionEffects:
 
     @property
     def changes_state(self) -> bool:
-        return bool(self.settings or self.all_settings or self.pin or self.deallocate or self.deallocate_all or self.discard_all)
+        return bool(
+            self.settings
+            or self.all_settings
+            or self.pin
+            or self.deallocate
+            or self.deallocate_all
+            or self.discard_all
+            or self.ddl
+            or self.local_path
+        )
 
 
 NO_EFFECTS = SessionEffects()
@@ -80,6 +128,7 @@ class _Collector(Visitor):
         self.reset_all = False
         self.assigned: set[str] = set()
         self.local_commit_mode = False
+        self.local_path = False
 
     def _pin(self, why: str) -> None:
         if self.pin is None:
@@ -98,6 +147,8 @@ class _Collector(Visitor):
             return
         if node.is_local and name == "synchronous_commit":
             self.local_commit_mode = True
+        if node.is_local and name == "search_path":
+            self.local_path = True
         if not node.is_local and name:
             self.settings.add(name)
             if node.kind in (VariableSetKind.VAR_RESET, VariableSetKind.VAR_SET_DEFAULT):
@@ -120,6 +171,9 @@ class _Collector(Visitor):
                 if not named or first.val.sval.lower() == "synchronous_commit":
                     self.local_commit_mode = True
             if is_local:
+                named = isinstance(first, ast.A_Const) and isinstance(first.val, ast.String)
+                if not named or first.val.sval.lower() == "search_path":
+                    self.local_path = True
                 return
             if isinstance(first, ast.A_Const) and isinstance(first.val, ast.String):
                 self.settings.add(first.val.sval.lower())
@@ -193,6 +247,8 @@ def inspect_query(body: bytes) -> SessionEffects:
     for word in _MAYBE:
         if word in low:
             return _inspect_parsed(body[:-1].decode("utf-8", "replace"))
+    if _starts_like_ddl(low):
+        return _inspect_parsed(body[:-1].decode("utf-8", "replace"))
     if len(_NO_KEYWORD) >= _NO_KEYWORD_LIMIT:
         _NO_KEYWORD.clear()  # (texts with ever new literals: start over rather than grow)
     _NO_KEYWORD.add(key)
@@ -209,7 +265,9 @@ def _inspect_parsed(sql: str) -> SessionEffects:
     try:
         tree = parse_sql(sql)
     except ParseError:
-        return NO_EFFECTS
+        # The server refuses it too, most likely; but pglast may lag the server's grammar, and
+        # a DDL it cannot read may still run: count it.
+        return _UNPARSABLE_DDL if _starts_like_ddl(sql.lower()) else NO_EFFECTS
     c = _Collector()
     c(tree)
     return SessionEffects(
@@ -224,4 +282,9 @@ def _inspect_parsed(sql: str) -> SessionEffects:
         reset_all=c.reset_all,
         assigned=frozenset(c.assigned),
         local_commit_mode=c.local_commit_mode,
+        ddl=any(type(raw.stmt).__name__ not in _NOT_DDL for raw in tree),
+        local_path=c.local_path,
     )
+
+
+_UNPARSABLE_DDL = SessionEffects(ddl=True)

@@ -1,4 +1,4 @@
-"""Named prepared statements across pooled server connections: client names, shared server names, per-server LRU."""
+"""Named prepared statements across pooled server connections: client names, shared server names, per-server LRU, schema clock."""
 
 from __future__ import annotations
 
@@ -40,18 +40,53 @@ def internal_batch(statements: list[str]) -> bytes:
     return b"".join(out)
 
 
+class Schema:
+    """One database's clock for prepared statements: what a server-side copy must be newer than.
+
+    PostgreSQL re-plans a statement when what it uses changes, but keeps the statement's
+    parameter types and, for the protocol-level statements pgtwist shares, its result type:
+    a copy prepared before a schema change fails (0A000 "cached plan must not change result
+    type", XX000 "cache lookup failed for type"), where a client that has just prepared the
+    statement on its own connection would not. So every client Parse and every DDL seen
+    through pgtwist is stamped with the next tick, every server-side copy with the tick it
+    was prepared at; a copy older than the client's own Parse or than the last DDL is
+    prepared again (on first use, on that connection) instead of used. One per node database,
+    kept across reloads, counted up only: the comparisons stay valid whatever happens to pools.
+    """
+
+    __slots__ = ("clock", "ddl_at")
+
+    def __init__(self):
+        self.clock = 0
+        self.ddl_at = 0  # the tick of the last DDL seen through pgtwist
+
+    def tick(self) -> int:
+        self.clock += 1
+        return self.clock
+
+    def ddl(self) -> None:
+        self.ddl_at = self.tick()
+
+
 @dataclass(frozen=True, slots=True)
 class Statement:
     """What a client prepared: the Parse body after the name (query text + parameter types), exactly."""
 
     definition: bytes
     server_name: str
+    parsed_at: int = 0  # the Schema tick of the client's Parse: a server copy must be at least this new
 
     @classmethod
-    def from_definition(cls, definition: bytes) -> "Statement":
-        # One server-side name per (query text, parameter types), shared by every client that
-        # prepares the same thing: a server connection prepares it once, whoever asks.
-        return cls(definition, SERVER_NAME_PREFIX + blake2b(definition, digest_size=12).hexdigest())
+    def from_definition(cls, definition: bytes, scope: str = "", parsed_at: int = 0) -> "Statement":
+        # One server-side name per (query text, parameter types, search_path), shared by every
+        # client that prepares the same thing: a server connection prepares it once, whoever
+        # asks. *scope* is the client's search_path ("" for the server's default): the same text
+        # names other tables under another path, and PostgreSQL re-analyses a statement used
+        # under a path other than its own, failing it when its result type changes. (The role
+        # needs no part in the name: pools are per user, and PostgreSQL itself re-plans a
+        # statement whose row security depends on the role when the role changes.)
+        key = definition if not scope else scope.encode() + b"\x00" + definition
+        return cls(definition, SERVER_NAME_PREFIX + blake2b(key, digest_size=12).hexdigest(), parsed_at)
 
     @property
     def query(self) -> str:
@@ -102,13 +137,17 @@ def target_body(kind: int, name: str) -> bytes:
 
 
 class ServerStatements:
-    """Which shared statements one server connection holds, least recently used first (bounded)."""
+    """Which shared statements one server connection holds (name -> Schema tick it was prepared at),
+    least recently used first (bounded)."""
 
-    __slots__ = ("names", "limit")
+    __slots__ = ("names", "limit", "leftover")
 
     def __init__(self, limit: int):
-        self.names: OrderedDict[str, None] = OrderedDict()
+        self.names: OrderedDict[str, int] = OrderedDict()
         self.limit = limit
+        # Names the server may still hold though not recorded (a stale copy forgotten, a Close the
+        # server skipped after an error): closed before they are prepared again.
+        self.leftover: set[str] = set()
 
     def __contains__(self, name: str) -> bool:
         return name in self.names
@@ -119,9 +158,9 @@ class ServerStatements:
     def touch(self, name: str) -> None:
         self.names.move_to_end(name)
 
-    def add(self, name: str) -> list[str]:
-        """Record *name*; return the least recently used names to close to stay within the limit."""
-        self.names[name] = None
+    def add(self, name: str, at: int = 0) -> list[str]:
+        """Record *name* as prepared at tick *at*; return the least recently used names to close to stay within the limit."""
+        self.names[name] = at
         self.names.move_to_end(name)
         evicted = []
         while len(self.names) > self.limit:
@@ -132,5 +171,20 @@ class ServerStatements:
     def discard(self, name: str) -> None:
         self.names.pop(name, None)
 
+    def forget(self, name: str) -> None:
+        """Not to be used any more, though the server may hold it still."""
+        self.names.pop(name, None)
+        self.leftover.add(name)
+
+    def held(self, name: str) -> bool:
+        """Whether the server may hold *name* (recorded or left over); the next Parse of it must Close it first."""
+        if name in self.names:
+            return True
+        if name in self.leftover:
+            self.leftover.discard(name)
+            return True
+        return False
+
     def clear(self) -> None:
         self.names.clear()
+        self.leftover.clear()

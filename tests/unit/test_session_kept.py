@@ -220,3 +220,156 @@ def test_a_later_statement_of_the_same_batch_setting_a_name_keeps_it_out_of_the_
     sent, (restore,) = split_internal(messages(server.transport.value()))
     assert [chr(t) for t, _ in sent] == list("PBEPBES")
     assert "'application_name'" in restore and "search_path" not in restore
+
+
+# -- schema changes ------------------------------------------------------------------------------
+
+STALE = m.error_response("ERROR", "0A000", "cached plan must not change result type")
+
+
+def test_ddl_through_the_client_makes_every_connection_s_copies_stale(kept):
+    session, ct, server = kept
+    schema = session.relay.schema
+    before = schema.ddl_at
+    session.got_data(m.query("ALTER TABLE pgbench_accounts ADD COLUMN note text"))
+    assert server.transport.value() == m.query("ALTER TABLE pgbench_accounts ADD COLUMN note text")
+    sent = schema.ddl_at
+    assert sent > before
+    server.got_data(m.command_complete("ALTER TABLE") + m.ready_for_query())
+    assert schema.ddl_at > sent  # once more as it commits: copies prepared meanwhile saw the old schema
+    assert session.proxy.schema_for(session.database) is schema
+
+
+def test_a_described_run_of_a_stale_copy_is_prepared_again_first(kept):
+    session, ct, server = kept
+    server_name = prepared(session, server, ct)
+    session.relay.schema.ddl()
+    batch = m.bind("", "S_1", [b"7"]) + m.describe("P", "") + m.execute() + m.sync()
+    session.got_data(batch)
+    got = messages(server.transport.value())
+    assert [chr(t) for t, _ in got] == list("CPBDES")
+    assert got[0][1] == b"S" + server_name + b"\x00"
+    server.got_data(frame(p.CLOSE_COMPLETE) + frame(p.PARSE_COMPLETE) + frame(p.BIND_COMPLETE) + ANSWER)
+    assert ct.value() == frame(p.BIND_COMPLETE) + ANSWER and session._lent
+    # Renewed: the fast path again.
+    ct.clear()
+    server.transport.clear()
+    session.got_data(batch)
+    assert server.transport.value() == m.bind("", server_name.decode(), [b"7"]) + m.describe("P", "") + m.execute() + m.sync()
+
+
+def test_an_undescribed_run_of_a_stale_copy_meets_postgresql_s_verdict(kept):
+    session, ct, server = kept
+    server_name = prepared(session, server, ct)
+    session.relay.schema.ddl()
+    session.got_data(m.bind("", "S_1", [b"7"]) + m.execute() + m.sync())
+    assert server.transport.value() == m.bind("", server_name.decode(), [b"7"]) + m.execute() + m.sync()
+    server.got_data(STALE + m.ready_for_query())
+    assert ct.value() == STALE + m.ready_for_query()  # (asyncpg prepares it again itself)
+    ct.clear()
+    server.transport.clear()
+    session.got_data(m.parse("S_2", SQL, [23]) + m.sync())
+    assert [chr(t) for t, _ in messages(server.transport.value())] == list("CPS")  # the stale copy goes first
+
+
+@pytest.mark.parametrize("together", [True, False])
+def test_a_fast_path_run_that_proves_stale_is_sent_again_unseen(kept, together):
+    session, ct, server = kept
+    server_name = prepared(session, server, ct)
+    batch = m.bind("", "S_1", [b"7"]) + m.describe("P", "") + m.execute() + m.sync()
+    session.got_data(batch)
+    server.transport.clear()
+    if together:
+        server.got_data(STALE + m.ready_for_query())
+    else:
+        server.got_data(STALE)
+        server.got_data(m.ready_for_query())
+    assert ct.value() == b""
+    got = messages(server.transport.value())
+    assert [chr(t) for t, _ in got] == list("CPBDES") and got[0][1] == b"S" + server_name + b"\x00"
+    server.got_data(frame(p.CLOSE_COMPLETE) + frame(p.PARSE_COMPLETE) + frame(p.BIND_COMPLETE) + ANSWER)
+    assert ct.value() == frame(p.BIND_COMPLETE) + ANSWER
+    assert session.relay.idle and session._lent
+
+
+def test_a_fast_path_run_inside_a_transaction_gets_the_error(kept):
+    session, ct, server = kept
+    prepared(session, server, ct)
+    session.got_data(m.query("BEGIN"))
+    server.got_data(m.command_complete("BEGIN") + m.ready_for_query(p.TX_IN_TRANSACTION))
+    ct.clear()
+    server.transport.clear()
+    session.got_data(m.bind("", "S_1", [b"7"]) + m.describe("P", "") + m.execute() + m.sync())
+    server.transport.clear()
+    server.got_data(STALE + m.ready_for_query(p.TX_FAILED))
+    assert ct.value() == STALE + m.ready_for_query(p.TX_FAILED) and server.transport.value() == b""
+
+
+def test_set_search_path_keeps_what_the_client_prepares_its_own_until_read_back(kept):
+    session, ct, server = kept
+    assert session.relay.scope == ""
+    session.got_data(m.query("SET search_path TO app"))
+    assert session.relay.scope == "\x00" + session.id
+    server.got_data(m.command_complete("SET") + m.ready_for_query())
+    finish_internal(server)  # the read-back: the node says "x"
+    assert session.settings["search_path"] == "x" and session.relay.scope == "x"
+
+
+def test_a_run_held_for_its_shape_check_survives_the_node_dying():
+    """The held run is the client's: replayed elsewhere (a read that got nothing back yet)."""
+    from twisted.internet.error import ConnectionLost
+    from twisted.python.failure import Failure
+
+    h = Harness(pool_mode="transaction")
+    session, ct = h.client()
+    first = session.server
+    session.got_data(m.parse("S_1", SQL, [23]) + m.describe("S", "S_1") + m.sync())
+    first.got_data(frame(p.PARSE_COMPLETE) + frame(p.PARAMETER_DESCRIPTION, b"\x00\x01\x00\x00\x00\x17") + ROW_DESCRIPTION + m.ready_for_query())
+    first.statements.clear()  # (as after another client's DISCARD ALL on it)
+    ct.clear()
+    first.transport.clear()
+    session.got_data(m.bind("", "S_1", [b"7"]) + m.execute() + m.sync())
+    assert [chr(t) for t, _ in messages(first.transport.value())] == list("PDH")
+    assert session.relay.holding is not None and session.relay.held_requests() == 1
+    first.connection_lost(Failure(ConnectionLost()))
+    assert ct.value() == b""
+    second = h.proxy.servers[-1]
+    assert second is not first
+    # Placed again: the new connection has no copy either, so the run waits for its check there.
+    assert [chr(t) for t, _ in messages(second.transport.value())][-3:] == list("PDH")
+    second.transport.clear()
+    second.got_data(frame(p.PARSE_COMPLETE) + frame(p.PARAMETER_DESCRIPTION, b"\x00\x01\x00\x00\x00\x17") + ROW_DESCRIPTION)
+    assert [chr(t) for t, _ in messages(second.transport.value())] == list("BES")
+    second.got_data(frame(p.BIND_COMPLETE) + ANSWER)
+    assert ct.value() == frame(p.BIND_COMPLETE) + ANSWER
+
+
+def test_set_local_search_path_keeps_what_is_prepared_its_own_until_the_transaction_ends(kept):
+    session, ct, server = kept
+    session.got_data(m.query("BEGIN"))
+    server.got_data(m.command_complete("BEGIN") + m.ready_for_query(p.TX_IN_TRANSACTION))
+    session.got_data(m.query("SET LOCAL search_path TO app"))
+    assert session.relay.scope == "\x00" + session.id
+    server.got_data(m.command_complete("SET") + m.ready_for_query(p.TX_IN_TRANSACTION))
+    assert session.relay.scope == "\x00" + session.id
+    session.got_data(m.query("COMMIT"))
+    server.got_data(m.command_complete("COMMIT") + m.ready_for_query())
+    assert session.relay.scope == "" and not session.dirty
+
+
+def test_a_run_waiting_to_be_retried_is_answered_when_its_node_dies(kept):
+    from twisted.internet.error import ConnectionLost
+    from twisted.python.failure import Failure
+
+    from tests.unit.test_session import types
+
+    session, ct, server = kept
+    prepared(session, server, ct)
+    session.got_data(m.bind("", "S_1", [b"7"]) + m.describe("P", "") + m.execute() + m.sync())
+    server.got_data(STALE)  # held: its ReadyForQuery would decide the retry
+    assert ct.value() == b""
+    server.connection_lost(Failure(ConnectionLost()))
+    # The node had answered (its error), so nothing is replayed: the client is told, once, and goes on.
+    out = ct.value()
+    assert types(out) == "EZ" and b"C08006" in out, out
+    assert session.relay.idle

@@ -16,7 +16,9 @@ def body(sql: str) -> bytes:
     "sql, check",
     [
         ("SET search_path TO app", lambda e: e.settings == {"search_path"} and not e.pin),
-        ("SET LOCAL search_path TO app", lambda e: not e.changes_state),
+        ("SET LOCAL search_path TO app", lambda e: e.local_path and not e.settings and not e.pin),
+        ("SET LOCAL statement_timeout = 5", lambda e: not e.changes_state),
+        ("SELECT set_config('search_path', 'x', true)", lambda e: e.local_path and not e.settings),
         ("RESET statement_timeout", lambda e: e.resets == ("statement_timeout",)),
         ("RESET ALL", lambda e: e.all_settings and e.reset_all),
         ("DISCARD ALL", lambda e: e.discard_all and e.reset_all),
@@ -105,3 +107,53 @@ STARTUP = {"application_name": "app1", "search_path": "a,public"}
 def test_what_a_statement_sends_back_to_the_server_defaults(sql, restored):
     assert inspect(sql).to_restore(STARTUP) == restored
     assert inspect(sql).to_restore({}) == set()
+
+
+# -- DDL: what may change the meaning of prepared statements ------------------------------------
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "ALTER TABLE t ADD COLUMN y int",
+        "alter table t alter column x type text",
+        "DROP TABLE t",
+        "DROP TYPE e",
+        "CREATE TYPE e AS ENUM ('foo')",
+        "CREATE TABLE t2 (x int)",
+        "CREATE OR REPLACE VIEW v AS SELECT 1 AS a",
+        "CREATE OR REPLACE FUNCTION f() RETURNS int LANGUAGE sql AS 'SELECT 1'",
+        "CREATE DOMAIN d AS int",
+        "ALTER DOMAIN d SET NOT NULL",
+        "CREATE TABLE t3 AS SELECT 1 AS a",
+        "DO $$ BEGIN EXECUTE 'ALTER TABLE t ADD c int'; END $$",
+        "SELECT 1; DROP TABLE t",
+        "/* migration */ -- step 1\n ALTER TABLE t RENAME TO u",
+        "ALTER TABLE t FROBNICATE ALL THE THINGS",  # unparsable, but looks like DDL: counted
+        "IMPORT FOREIGN SCHEMA s FROM SERVER x INTO public",
+    ],
+)
+def test_ddl_is_seen(sql):
+    assert inspect(sql).ddl and inspect(sql).changes_state
+    assert inspect_query(body(sql)).ddl
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT created_at, dropped, altered FROM t WHERE doc = 'create table x'",
+        "UPDATE t SET created_at = now()",
+        "INSERT INTO t SELECT 1",
+        "GRANT SELECT ON t TO app",
+        "TRUNCATE t",
+        "CALL p()",
+        "VACUUM t",
+        "COMMENT ON TABLE t IS 'x'",
+        "LOCK TABLE t",
+        "this is not SQL",
+        "double trouble",
+    ],
+)
+def test_not_ddl(sql):
+    assert not inspect(sql).ddl
+    assert not inspect_query(body(sql)).ddl
