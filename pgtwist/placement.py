@@ -26,6 +26,8 @@ from pgtwist.wire import sqlstate
 log = Logger()
 
 _TERMINATE = p.TERMINATE
+# An extended-protocol batch not yet closed by Sync leaves the server mid-conversation.
+UNSYNCED = frozenset((p.PARSE, p.BIND, p.EXECUTE, p.DESCRIBE, p.CLOSE, p.FLUSH))
 _RETRY_DELAY = 0.25  # between attempts to place work while nodes come and go
 _NOTHING_CLASSIFIED = Classification(read_only=False, reason="session")
 # What a session-mode link looks at in the node's answers: ReadyForQuery, ParameterStatus, and
@@ -499,11 +501,22 @@ class Placement:
             )
         else:
             error = m.error_response_from_fields(self._lost_fields(server, said, bool(in_transaction)))
-        if owed:
-            self.transport.write((error + m.ready_for_query(status)) * owed)
-        elif in_transaction:
+        out = (error + m.ready_for_query(status)) * owed
+        if self.scanner.last_type in UNSYNCED:
+            # The client is in the middle of a batch whose Sync has not come (a driver that
+            # prepares with Parse, Describe, Flush waits for an answer before it sends one): as
+            # PostgreSQL does after an error, the error goes out now and the rest of the batch,
+            # up to its Sync, is skipped; that Sync gets its ReadyForQuery alone.
+            out += error
+            if in_transaction:
+                self._orphan_told = True
+            else:
+                relay.skipping = True
+        elif in_transaction and not owed:
             # Idle in its transaction: the client hears about it from its next statement.
             self._orphan_error = error
+        if out:
+            self.transport.write(out)
         self.state = IDLE
         self._holding = self._read_link = False
         self._resume()

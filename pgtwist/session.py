@@ -13,6 +13,7 @@ from pgtwist.admin import audit
 from pgtwist.admin.console import DATABASE as ADMIN_DATABASE
 from pgtwist.admin.console import AdminConsole
 from pgtwist.login import Authenticated, CancelReceived, ClientLogin, LoginError, Reply, StartTLS
+from pgtwist.placement import UNSYNCED as _UNSYNCED
 from pgtwist.placement import Placement
 from pgtwist.relay import CLIENT_CAPTURE, HOT_RUN, SYNC, Relay
 from pgtwist.router import Decision
@@ -37,8 +38,6 @@ _SESSION_CAPTURE = frozenset((_TERMINATE,))
 # Each Query, Sync and FunctionCall earns exactly one ReadyForQuery: counting them tells
 # whether the server still owes the client an answer when the client goes away.
 _SESSION_WATCH = frozenset((p.QUERY, p.SYNC, p.FUNCTION_CALL))
-# An extended-protocol batch not yet closed by Sync leaves the server mid-conversation.
-_UNSYNCED = frozenset((p.PARSE, p.BIND, p.EXECUTE, p.DESCRIBE, p.CLOSE, p.FLUSH))
 # Read-your-writes: what _watch_link/_watch_statement look at while a link on the primary has
 # not been seen to write. _WATCH_FIRST: the statement the link was placed by is still to come
 # (already classified); _WATCH_UNNAMED: the unnamed statement was parsed (and classified) on it.

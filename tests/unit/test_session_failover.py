@@ -809,6 +809,46 @@ def test_an_orphaned_transaction_answers_a_flush_at_once_as_postgresql_does():
     assert ct.value() == m.command_complete("ROLLBACK") + Z_IDLE and not session.orphaned
 
 
+def test_a_flush_already_sent_when_the_connection_dies_in_a_transaction_is_answered_at_once():
+    """The race the integration test met: asyncpg's Parse, Describe, Flush reached the dying
+    connection before pgtwist knew it was gone. The client waits for that Flush's answer."""
+    s = Setup()
+    session, ct = s.client()
+    server = begin(s, session)
+    ct.clear()
+    session.got_data(m.parse("stmt1", "SELECT 2") + m.describe("S", "stmt1") + m.flush())
+    server.got_data(TERMINATED)
+    lose(server)
+    (fields,) = error_fields(ct.value())
+    assert (fields["S"], fields["C"]) == ("ERROR", "57P01") and types(ct.value()) == "E"
+    ct.clear()
+    session.got_data(m.sync())
+    assert ct.value() == Z_FAILED
+    ct.clear()
+    session.got_data(m.query("ROLLBACK"))
+    assert ct.value() == m.command_complete("ROLLBACK") + Z_IDLE and not session.orphaned
+
+
+def test_a_flush_already_sent_when_the_connection_dies_outside_a_transaction_is_answered_at_once():
+    s = Setup()
+    session, ct = s.client()
+    session.got_data(m.parse("stmt1", "SELECT 2") + m.describe("S", "stmt1") + m.flush())
+    server = session.server
+    server.got_data(TERMINATED)  # (ended on purpose: not replayed)
+    lose(server)
+    (fields,) = error_fields(ct.value())
+    assert (fields["S"], fields["C"]) == ("ERROR", "57P01") and types(ct.value()) == "E"
+    ct.clear()
+    # The rest of the batch is skipped, as PostgreSQL skips after an error; its Sync gets a ReadyForQuery.
+    session.got_data(m.bind("", "stmt1") + m.execute() + m.sync())
+    server2 = session.server
+    assert server2 is not None and server2 is not server
+    assert messages(server2.transport.value())[-1][0] == p.SYNC
+    assert not [t for t, _ in messages(server2.transport.value()) if t in (p.BIND, p.EXECUTE)]
+    server2.got_data(Z_IDLE)
+    assert ct.value() == Z_IDLE
+
+
 # -- auto_promote asks the primary once more before promoting -------------------------------------
 
 
