@@ -340,6 +340,8 @@ def test_routing_hook_routes_and_a_failing_hook_falls_back(cluster, tmp_path, mo
             seen = {one(conn, "SELECT inet_server_port()")[0] for _ in range(6)}
             assert seen == {r1, r2}
             assert one(conn, "SELECT nextval('rseq') * 0 + inet_server_port()")[0] == primary
+        # (A fresh client: this one's reads now wait for the replicas to replay its write.)
+        with px.connect() as conn:
             # A hook that raises: the built-in policy decides, the client sees nothing of it.
             seen = {one(conn, "SELECT inet_server_port(), initcap('x')")[0] for _ in range(6)}
             assert seen == {r1, r2}
