@@ -112,6 +112,7 @@ class ClientSession(Placement):
         "_startup_settings",
         "_to_restore",
         "_orphan_error",
+        "admitted",
     )
 
     def __init__(self, proxy, transport, client_id: str):
@@ -123,7 +124,12 @@ class ClientSession(Placement):
         self.config = config
         self.transaction_mode = config.pool_mode == "transaction"
         self.login = ClientLogin(
-            config.auth_type, proxy.lookup_user, proxy.mock_secret, tls_mode=config.tls.mode, client_host=_peer_host(transport)
+            config.auth_type,
+            proxy.lookup_user,
+            proxy.mock_secret,
+            tls_mode=config.tls.mode,
+            client_host=_peer_host(transport),
+            admit=self._admit,
         )
         self.startup: m.StartupMessage | None = None
         self.database = None
@@ -166,6 +172,7 @@ class ClientSession(Placement):
         self._startup_settings: dict[str, str] = {}  # what RESET returns to, for this client
         self._to_restore: set[str] | None = None  # startup settings a RESET sent to the server's defaults
         self.console = None
+        self.admitted = False  # counted against max_client_conn (proxy.admit)
         self.audit = False  # statements are logged (the user is listed in `audit`)
         self._login_timer = (
             proxy.clock.callLater(config.client_login_timeout, self._login_timed_out) if config.client_login_timeout else None
@@ -187,8 +194,13 @@ class ClientSession(Placement):
                 self.console.got_data(data)
             elif self.state is not CLOSED:
                 self._client_data(data)
-        except (WireError, LoginError) as e:
-            self.fatal(e.sqlstate, e.message if isinstance(e, LoginError) else str(e), getattr(e, "detail", None))
+        except WireError as e:
+            if e.silent:
+                self._close_silently(str(e))
+            else:
+                self.fatal(e.sqlstate, str(e), getattr(e, "detail", None))
+        except LoginError as e:
+            self.fatal(e.sqlstate, e.message, e.detail)
         except Exception:
             log.failure("client {client}: internal error", client=self.id)
             self.fatal(sqlstate.INTERNAL_ERROR, "internal error in pgtwist; the proxy log has the details")
@@ -245,8 +257,6 @@ class ClientSession(Placement):
         database = self.proxy.config.databases.get(name)
         if database is None:
             raise LoginError(sqlstate.INVALID_CATALOG_NAME, f'database "{name}" does not exist')
-        if not self.proxy.admit(self):
-            raise LoginError(sqlstate.TOO_MANY_CONNECTIONS, "sorry, too many clients already")
         self.database = database
         self.settings = client_settings(event.startup.parameters)
         self._startup_settings = dict(self.settings)
@@ -254,10 +264,10 @@ class ClientSession(Placement):
             self.proxy.remember_client_key(self.user, event.client_key)
         self.process_id, self.secret_key = self.proxy.register_cancel_key(self)
         if self.transaction_mode:
-            self.scanner = MessageScanner(CLIENT_CAPTURE, self.config.max_message_size)
+            self.scanner = MessageScanner(CLIENT_CAPTURE, self.config.max_message_size, frontend=True)
             self.relay = Relay()
         else:
-            self.scanner = MessageScanner(_SESSION_CAPTURE, self.config.max_message_size, _SESSION_WATCH)
+            self.scanner = MessageScanner(_SESSION_CAPTURE, self.config.max_message_size, _SESSION_WATCH, frontend=True)
         if self.user in self.config.audit:
             self.audit = True
             self.scanner.capture = self.scanner.capture | audit.CAPTURE
@@ -276,6 +286,13 @@ class ClientSession(Placement):
         else:
             # A server connection tells us what to report (and proves the node is there).
             self._acquire()
+
+    def _admit(self, startup: m.StartupMessage) -> bool:
+        """Whether there is room for this client (asked as soon as its startup packet is read).
+
+        The admin console is never refused: an operator must get in while the proxy is full.
+        """
+        return startup.database == ADMIN_DATABASE or self.proxy.admit(self)
 
     def _admin_console(self) -> None:
         """dbname "pgbalance": the admin console answers instead of a node ([admin] users only)."""
@@ -864,6 +881,14 @@ class ClientSession(Placement):
         log.failure("client {client}: internal error", failure, client=self.id)
         if self.state is not CLOSED:
             self.fatal(sqlstate.INTERNAL_ERROR, "internal error in pgtwist; the proxy log has the details")
+
+    def _close_silently(self, why: str) -> None:
+        """Bytes that are not the protocol (a first packet of impossible length): as PostgreSQL,
+        log it and close without a word, for the sender would not read one."""
+        log.info("client {client} closed without a reply: {why}", client=self.id, why=why)
+        self.state = CLOSED
+        self._cancel_login_timer()
+        self.transport.loseConnection()
 
     def fatal(self, code: str, message: str, detail: str | None = None) -> None:
         self.fatal_fields(m.error_fields("FATAL", code, message, detail))
