@@ -56,10 +56,13 @@ _CLOSE_COMPLETE = frame(p.CLOSE_COMPLETE)
 class Entry:
     """One request in flight, and what to do with its reply."""
 
-    __slots__ = ("kind", "swallow", "synth", "undo", "done", "reword")
+    __slots__ = ("kind", "swallow", "synth", "undo", "done", "reword", "simple")
 
-    def __init__(self, kind, *, swallow=False, synth=None, undo=None, done=None, reword=None):
+    def __init__(self, kind, *, swallow=False, synth=None, undo=None, done=None, reword=None, simple=False):
         self.kind = kind
+        # A Query or FunctionCall (not a Sync): ends at its ReadyForQuery, but after an error in
+        # an extended-protocol message the server skips it unanswered, as all else until Sync.
+        self.simple = simple
         self.swallow = swallow  # the proxy injected the request: its reply is not the client's
         self.synth = synth  # SYNTH: bytes (or a callable making them) the proxy answers itself
         self.undo = undo  # called when the request fails or is skipped after an error
@@ -68,6 +71,7 @@ class Entry:
 
 
 _PLAIN = {kind: Entry(kind) for kind in (SYNC, PARSE, BIND, DESCRIBE, EXECUTE, CLOSE)}
+_SIMPLE = Entry(SYNC, simple=True)
 
 
 class Relay:
@@ -97,9 +101,10 @@ class Relay:
     def idle(self) -> bool:
         return not self.queue and not self.skipping
 
-    def expect_ready(self) -> None:
-        """A plain Query went to the server as the client sent it: one ReadyForQuery is owed."""
-        self.queue.append(_PLAIN[SYNC])
+    def expect_ready(self, simple: bool = True) -> None:
+        """A plain Query (or, not *simple*, a batch ending in Sync) went to the server as the
+        client sent it: one ReadyForQuery is owed."""
+        self.queue.append(_SIMPLE if simple else _PLAIN[SYNC])
 
     def capture(self) -> frozenset[int]:
         if self.swallowing:
@@ -132,7 +137,7 @@ class Relay:
         """
         if self.skipping:
             return
-        self._push(Entry(SYNC, swallow=True))
+        self._push(Entry(SYNC, swallow=True, simple=True))
         to_server.append(m.query(sql))
 
     # -- client -> server ---------------------------------------------------------------------
@@ -180,8 +185,11 @@ class Relay:
             self._forward(EXECUTE, msg_type, body, to_server)
         elif msg_type == p.FLUSH:
             to_server.append(frame(msg_type, body))
-        else:  # Sync, Query, FunctionCall: one ReadyForQuery each
+        elif msg_type == p.SYNC:
             self._forward(SYNC, msg_type, body, to_server)
+        else:  # Query, FunctionCall: one ReadyForQuery each, like Sync
+            self._push(_SIMPLE)
+            to_server.append(frame(msg_type, body))
 
     def _forward(self, kind: int, msg_type: int, body: bytes, to_server: list, **entry) -> None:
         # Plain requests share one immutable Entry per kind: no allocation per message.
@@ -348,8 +356,9 @@ class Relay:
                 to_client.append(frame(msg_type, body))
             if head.kind is SYNC:
                 return None  # a simple query's error; its ReadyForQuery follows
-            # The server now skips everything up to Sync: so do our own replies and records.
-            while queue and queue[0].kind is not SYNC:
+            # The server now skips everything up to Sync (Queries too, unanswered): so do our
+            # own replies and records.
+            while queue and (queue[0].kind is not SYNC or queue[0].simple):
                 entry = self._pop()
                 if entry.undo is not None:
                     entry.undo()

@@ -421,7 +421,7 @@ class ClientSession(Placement):
             bind = frame(p.BIND, body)
         self._link_used = True
         self._link_sent.extend(items)
-        self.relay.expect_ready()
+        self.relay.expect_ready(simple=False)
         if self.scanner.at_boundary:
             # The read held exactly these messages (the scanner began it at a boundary, as a
             # lent client's always does): what follows the Bind goes out as the client sent it.
