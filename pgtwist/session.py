@@ -14,7 +14,7 @@ from pgtwist.admin.console import DATABASE as ADMIN_DATABASE
 from pgtwist.admin.console import AdminConsole
 from pgtwist.login import Authenticated, CancelReceived, ClientLogin, LoginError, Reply, StartTLS
 from pgtwist.placement import Placement
-from pgtwist.relay import CLIENT_CAPTURE, Relay
+from pgtwist.relay import CLIENT_CAPTURE, SYNC, Relay
 from pgtwist.router import Decision
 from pgtwist.routing.policy import parse_lsn, write_lsn
 from pgtwist.settings import SERVER_OWNED, client_settings, parse_options, quote_literal, readback_sql, sync_sql
@@ -513,20 +513,33 @@ class ClientSession(Placement):
         released, it is placed like any new work (on the primary).
         """
         first = not self._link_used
+        # An extended-protocol message went before, its Sync not yet (perhaps in an earlier read).
+        queue = self.relay.queue
+        unsynced = bool(queue) and queue[-1].kind is not SYNC
         for i, item in enumerate(items):
-            if type(item) is not tuple or item[0] not in (p.QUERY, p.PARSE, p.BIND):
+            if type(item) is not tuple:
                 continue
-            texts = list(self._statement_texts([item]))
-            if not texts:
-                continue
-            if first:
-                first = False  # the statement this replica was chosen for
-                continue
-            c = self.router.classify(texts[0])
-            if not c.read_only or c.tx is not None:
-                self._holding = True
-                self.backlog = items[i:] + self.backlog
-                return items[:i]
+            msg_type = item[0]
+            if msg_type == p.QUERY or msg_type == p.PARSE or msg_type == p.BIND:
+                texts = list(self._statement_texts([item]))
+                if texts:
+                    if first:
+                        first = False  # the statement this replica was chosen for
+                    else:
+                        c = self.router.classify(texts[0])
+                        if not c.read_only or c.tx is not None:
+                            if unsynced:
+                                # Not split inside an extended batch: the replica would wait for
+                                # its Sync (skipping up to it after an error) while the rest waited
+                                # for the replica, for ever. The replica judges the write (25006).
+                                return items
+                            self._holding = True
+                            self.backlog = items[i:] + self.backlog
+                            return items[:i]
+            if msg_type == p.SYNC:
+                unsynced = False
+            elif msg_type in _UNSYNCED:
+                unsynced = True
         return items
 
     def _flush(self, to_server: list, to_client: list) -> None:
