@@ -229,7 +229,7 @@ class MessageScanner:
                     return [(msg_type, body)]
                 return [data]
         if self._broken:
-            raise ProtocolViolation("invalid message stream: an earlier message had a bad length")
+            raise ProtocolViolation("invalid message stream: an earlier message was refused")
         out = []
         pos = start = 0
         max_length = self.max_length

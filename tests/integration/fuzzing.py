@@ -215,6 +215,7 @@ class FuzzClient:
         self.host, self.port, self.user, self.password, self.database = host, port, user, password, database
         self.timeout = timeout
         self.client: RawClient | None = None
+        self.local_port = 0
         self.verdicts = Verdicts()
         self._n = 0
 
@@ -226,13 +227,15 @@ class FuzzClient:
     def _login(self) -> RawClient:
         if self.client is None:
             c = RawClient(self.host, self.port, timeout=self.timeout)
+            self.local_port = c.sock.getsockname()[1]  # (the proxy logs it: "connected from")
             c.login(self.user, self.database, self.password)
             self.client = c
             self.verdicts.logins += 1
         return self.client
 
     def _violation(self, what: str, frames: list[bytes]) -> None:
-        self.verdicts.violations.append((what, [bytes(f[:80]) for f in frames]))
+        when = time.strftime("%H:%M:%S")
+        self.verdicts.violations.append((f"{what} (at {when}, port {self.local_port})", [bytes(f[:80]) for f in frames]))
 
     def send(self, frames: list[bytes], truncated: bool) -> None:
         v = self.verdicts
@@ -286,8 +289,10 @@ class FuzzClient:
         fatals = [e for e in errors if e.get("S") in ("FATAL", "PANIC")]
         for e in errors:
             code = e.get("C")
-            if code == "XX000":
-                self._violation(f"XX000: {e.get('M')}", frames)
+            if code == "XX000" and ("R" not in e or "pgtwist" in e.get("M", "")):
+                # (PostgreSQL's own XX000s, which name their source routine, are relayed as they
+                # are: "cache lookup failed for type 0" answers a Parse declaring type 0 directly too.)
+                self._violation(f"XX000 from pgtwist: {e.get('M')}", frames)
             if code in ("08006", "08000", "57P01") or "lost the connection" in e.get("M", ""):
                 self._violation(f"a server connection ended under the client: {code} {e.get('M')}", frames)
         if fatals:

@@ -10,13 +10,15 @@ in under a minute; bench/fuzz.py runs the same for a million frames.
 
 import time
 
+from pgtwist.wire import messages as m
+
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from . import fuzzing
 from .ops import start_ops_proxy
-from .proxy import RawClient
+from .proxy import RawClient, wait_for
 from .test_bad_input import ADMIN, ADMIN_PASSWORD, show_nodes
 
 pytestmark = pytest.mark.integration
@@ -57,8 +59,18 @@ def fuzz_proxy(cluster, tmp_path, **overrides):
     )
 
 
+def nodes_up(px) -> dict[str, str]:
+    """node -> SHOW NODES's up column, once the monitor has seen every node up."""
+    return wait_for(
+        lambda: (up := {name: row["up"] for name, row in show_nodes(px).items()}) and all(v == "t" for v in up.values()) and up,
+        20,
+        "every node up in SHOW NODES",
+    )
+
+
 def run_fuzz(px, cluster, examples: int, seconds: float) -> fuzzing.Verdicts:
-    nodes_before = {name: row["up"] for name, row in show_nodes(px).items()}
+    nodes_before = nodes_up(px)
+    assert len(nodes_before) == len(cluster.nodes)
     log_offset = px.log_size()
     healthy = fuzzing.HealthyClient(lambda: px.connect(autocommit=True), TABLE)
     healthy.start()
@@ -105,3 +117,26 @@ def test_fuzz_transaction_mode(fuzz_setup, tmp_path):
 def test_fuzz_session_mode(fuzz_setup, tmp_path):
     with fuzz_proxy(fuzz_setup, tmp_path, pool_mode="session") as px:
         run_fuzz(px, fuzz_setup, examples=1000, seconds=20)
+
+
+# Batches the fuzzing found to hang or fail once, kept as they were found.
+FOUND = [
+    # Execute of a missing portal, then Queries before the Sync: the relay waited for their answers.
+    [b"E\x00\x00\x00\t\x00\x00\x00\x00\x00", m.query("SELECT 1"), m.query("SELEC 1"), m.query("SELEC 1")],
+    # The same with the write held back from the replica inside the unsynced batch.
+    [b"E\x00\x00\x00\x0bs2\x00\x00\x00\x00\x05", m.query("SELECT 1"), m.query("SAVEPOINT s")],
+    # A failing read on the replica, then a multi-statement text.
+    [m.sync(), m.query("SELECT $1::int"), m.query("SELECT 1; SELECT 2")],
+]
+
+
+@pytest.mark.parametrize("pool_mode", ["transaction", "session"])
+def test_batches_found_by_fuzzing(fuzz_setup, tmp_path, pool_mode):
+    with fuzz_proxy(fuzz_setup, tmp_path, pool_mode=pool_mode) as px:
+        nodes_up(px)
+        fuzzer = fuzzing.FuzzClient(px.host, px.port, px.user, px.password, timeout=5)
+        for frames in FOUND:
+            fuzzer.send(frames, False)
+            fuzzer.send([m.query("SELECT 1")], False)
+        fuzzer.close()
+        assert not fuzzer.verdicts.violations, fuzzer.verdicts.violations
