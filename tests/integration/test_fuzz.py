@@ -10,11 +10,11 @@ in under a minute; bench/fuzz.py runs the same for a million frames.
 
 import time
 
-from pgtwist.wire import messages as m
-
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+
+from pgtwist.wire import messages as m
 
 from . import fuzzing
 from .ops import start_ops_proxy
