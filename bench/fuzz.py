@@ -28,8 +28,9 @@ if str(REPO) not in sys.path:
 from pgtwist.localcluster import LocalCluster  # noqa: E402
 from tests.integration import fuzzing  # noqa: E402
 from tests.integration.ops import start_ops_proxy  # noqa: E402
-from tests.integration.test_bad_input import ADMIN, ADMIN_PASSWORD, show_nodes  # noqa: E402
-from tests.integration.test_fuzz import nodes_up  # noqa: E402
+from tests.integration.proxy import wait_for  # noqa: E402
+from tests.integration.test_bad_input import ADMIN, ADMIN_PASSWORD, admin_show, show_nodes  # noqa: E402
+from tests.integration.test_fuzz import nodes_up, pools_at_rest  # noqa: E402
 
 TABLE = "fuzz_healthy"
 MAX_MESSAGE = 1 << 20
@@ -143,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
                     setattr(total, name, getattr(total, name) + getattr(v, name))
                 total.errors.update(v.errors)
                 total.violations += v.violations
-            say(total.summary())
+            say(total.summary(), f"; healthy client: {healthy.checks} checks")
             say(f"{elapsed:.0f} s; RSS start {rss_start / 1024:.1f} MiB, after warm-up {(baseline or 0) / 1024:.1f}, "
                 f"peak {peak / 1024:.1f}, end {final_rss / 1024:.1f} MiB")
             for what, frames in total.violations[:10]:
@@ -155,6 +156,14 @@ def run(args: argparse.Namespace) -> int:
             if px.alive():
                 if {name: row["up"] for name, row in show_nodes(px).items()} != nodes_before:
                     problems.append(f"node health changed: {show_nodes(px)}")
+            if px.alive():
+                try:
+                    wait_for(lambda: pools_at_rest(px), 10, "every pool at rest")
+                except Exception:  # noqa: BLE001
+                    problems.append(
+                        f"server connections left busy after every client left: {admin_show(px, 'POOLS')}"
+                        f"\nclients: {admin_show(px, 'CLIENTS')}\nservers: {admin_show(px, 'SERVERS')}"
+                    )
             text = px.log_text()
             for bad in ("marked down", "is down", "XX000", "internal error", "Traceback", "Unhandled Error"):
                 if bad in text:

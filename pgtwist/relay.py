@@ -83,7 +83,17 @@ class Relay:
     PostgreSQL would have sent them.
     """
 
-    __slots__ = ("statements", "queue", "extended", "skipping", "tx_status", "server_fatal", "swallowing", "held_ready")
+    __slots__ = (
+        "statements",
+        "queue",
+        "extended",
+        "skipping",
+        "unsynced",
+        "tx_status",
+        "server_fatal",
+        "swallowing",
+        "held_ready",
+    )
 
     def __init__(self):
         self.statements: dict[str, Statement] = {}
@@ -92,6 +102,10 @@ class Relay:
         self.queue: list[Entry] = []
         self.extended = 0  # non-SYNC entries in the queue
         self.skipping = False  # a proxy-made error: drop client messages until Sync, as PostgreSQL does
+        # An extended-protocol message went to the server and its Sync not yet: the server may be
+        # skipping to that Sync after an error (Queries included, unanswered), so the connection
+        # is no one else's to use until it comes, even with nothing left to answer.
+        self.unsynced = False
         self.tx_status = p.TX_IDLE
         self.server_fatal: dict | None = None  # a FATAL the node sent before it hung up
         self.swallowing = 0  # Queries the proxy injected, not answered yet
@@ -99,7 +113,7 @@ class Relay:
 
     @property
     def idle(self) -> bool:
-        return not self.queue and not self.skipping
+        return not self.queue and not self.skipping and not self.unsynced
 
     def expect_ready(self, simple: bool = True) -> None:
         """A plain Query (or, not *simple*, a batch ending in Sync) went to the server as the
@@ -144,6 +158,10 @@ class Relay:
 
     def client_message(self, msg_type: int, body: bytes, server, to_server: list, to_client: list) -> None:
         """Handle one captured client message bound for *server*."""
+        if msg_type == p.SYNC:
+            self.unsynced = False
+        elif msg_type != p.QUERY and msg_type != p.FUNCTION_CALL:
+            self.unsynced = True  # Parse, Bind, Describe, Close, Execute, Flush
         if self.skipping:
             if msg_type != p.SYNC:
                 return
@@ -402,3 +420,4 @@ class Relay:
             if entry.undo is not None:
                 entry.undo()
         self.skipping = False
+        self.unsynced = False

@@ -14,7 +14,7 @@ from pgtwist.admin.console import DATABASE as ADMIN_DATABASE
 from pgtwist.admin.console import AdminConsole
 from pgtwist.login import Authenticated, CancelReceived, ClientLogin, LoginError, Reply, StartTLS
 from pgtwist.placement import Placement
-from pgtwist.relay import CLIENT_CAPTURE, SYNC, Relay
+from pgtwist.relay import CLIENT_CAPTURE, Relay
 from pgtwist.router import Decision
 from pgtwist.routing.policy import parse_lsn, write_lsn
 from pgtwist.settings import SERVER_OWNED, client_settings, parse_options, quote_literal, readback_sql, sync_sql
@@ -513,9 +513,7 @@ class ClientSession(Placement):
         released, it is placed like any new work (on the primary).
         """
         first = not self._link_used
-        # An extended-protocol message went before, its Sync not yet (perhaps in an earlier read).
-        queue = self.relay.queue
-        unsynced = bool(queue) and queue[-1].kind is not SYNC
+        unsynced = self.relay.unsynced  # an extended-protocol message went before, its Sync not yet
         for i, item in enumerate(items):
             if type(item) is not tuple:
                 continue

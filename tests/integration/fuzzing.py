@@ -316,6 +316,8 @@ class HealthyClient(threading.Thread):
         self.stop_event = threading.Event()
         self.checks = 0
         self.failures: list[str] = []
+        self.last_ok = time.monotonic()
+        self.doing = ""
 
     def run(self) -> None:
         rng = random.Random(7)
@@ -323,19 +325,26 @@ class HealthyClient(threading.Thread):
             with self.connect() as conn:
                 while not self.stop_event.is_set():
                     n = rng.randint(-10**6, 10**6)
+                    self.doing = "SELECT"
                     got = conn.execute("SELECT %s::int * 2", (n,)).fetchone()[0]
                     if got != 2 * n:
                         self.failures.append(f"SELECT {n} * 2 gave {got}")
+                    self.doing = "INSERT"
                     with conn.transaction():
                         row_id = conn.execute(f"INSERT INTO {self.table} (v) VALUES (%s) RETURNING id", (n,)).fetchone()[0]
+                        self.doing = "SELECT after INSERT"
                         back = conn.execute(f"SELECT v FROM {self.table} WHERE id = %s", (row_id,)).fetchone()
+                        self.doing = "COMMIT"
                     if back != (n,):
                         self.failures.append(f"wrote {n}, read {back}")
                     self.checks += 1
+                    self.last_ok = time.monotonic()
                     time.sleep(0.005)
         except Exception as e:  # noqa: BLE001 (any failure of the healthy client is the finding)
             self.failures.append(f"{type(e).__name__}: {e}")
 
     def finish(self) -> None:
         self.stop_event.set()
-        self.join(30)
+        self.join(15)
+        if self.is_alive():
+            self.failures.append(f"stuck: no answer for {time.monotonic() - self.last_ok:.0f} s (at: {self.doing})")

@@ -347,16 +347,20 @@ def test_xx000_reproduction_no_server_connection(tx_proxy):
     assert_serves(tx_proxy)
 
 
-def show_nodes(px) -> dict[str, dict]:
-    """SHOW NODES on the admin console: node -> its row."""
+def admin_show(px, what: str) -> list[dict]:
+    """SHOW *what* on the admin console: its rows, as dicts of text values."""
     from .txhelpers import data_row_values
 
     with RawClient(px.host, px.port) as c:
         c.login(ADMIN, "pgbalance", ADMIN_PASSWORD)
-        out = c.query("SHOW NODES")
+        out = c.query(f"SHOW {what}")
     names = [f[0] for f in _columns(next(b for t, b in out if t == p.ROW_DESCRIPTION))]
-    rows = [dict(zip(names, data_row_values(b))) for t, b in out if t == p.DATA_ROW]
-    return {row["node"]: row for row in rows}
+    return [dict(zip(names, data_row_values(b))) for t, b in out if t == p.DATA_ROW]
+
+
+def show_nodes(px) -> dict[str, dict]:
+    """SHOW NODES on the admin console: node -> its row."""
+    return {row["node"]: row for row in admin_show(px, "NODES")}
 
 
 def _columns(body: bytes) -> list[tuple[str]]:

@@ -19,7 +19,7 @@ from pgtwist.wire import messages as m
 from . import fuzzing
 from .ops import start_ops_proxy
 from .proxy import RawClient, wait_for
-from .test_bad_input import ADMIN, ADMIN_PASSWORD, show_nodes
+from .test_bad_input import ADMIN, ADMIN_PASSWORD, admin_show, show_nodes
 
 pytestmark = pytest.mark.integration
 
@@ -68,6 +68,11 @@ def nodes_up(px) -> dict[str, str]:
     )
 
 
+def pools_at_rest(px) -> bool:
+    """No server connection busy and nobody waiting, in any pool (once every client has left)."""
+    return all(row["busy"] == "0" and row["waiting"] == "0" for row in admin_show(px, "POOLS"))
+
+
 def run_fuzz(px, cluster, examples: int, seconds: float) -> fuzzing.Verdicts:
     nodes_before = nodes_up(px)
     assert len(nodes_before) == len(cluster.nodes)
@@ -102,6 +107,8 @@ def run_fuzz(px, cluster, examples: int, seconds: float) -> fuzzing.Verdicts:
     for bad in ("marked down", "is down", "XX000", "internal error", "Traceback"):
         assert bad not in text, f"{bad!r} in the proxy log:\n" + text[text.find(bad) - 2000 : text.find(bad) + 500]
     assert {name: row["up"] for name, row in show_nodes(px).items()} == nodes_before
+    # No server connection was left behind with a client gone (a leak would starve the pool).
+    wait_for(lambda: pools_at_rest(px), 10, f"every pool at rest: {admin_show(px, 'POOLS')}")
     # And it still serves.
     with RawClient(px.host, px.port) as c:
         c.login(px.user, "appdb", px.password)
