@@ -512,6 +512,10 @@ class ClientSession(Placement):
         What is kept back waits in the backlog; once the read is answered and the replica
         released, it is placed like any new work (on the primary).
         """
+        if self.pinned:
+            # Pinned to this replica's connection (SQL PREPARE, ...): it is never released, so
+            # whatever waited for that would wait for ever. The replica judges a write (25006).
+            return items
         first = not self._link_used
         unsynced = self.relay.unsynced  # an extended-protocol message went before, its Sync not yet
         for i, item in enumerate(items):
