@@ -847,7 +847,8 @@ class ClientSession(Placement):
             in_flight = not self.relay.idle
         else:
             in_flight = scanner.watched != self.ready_count
-        return not in_flight and scanner.at_boundary and scanner.last_type not in _UNSYNCED
+        # (Not the last message only: after Close, CopyDone a server skipping to Sync is deaf.)
+        return not in_flight and scanner.at_boundary and not scanner.unsynced
 
     def at_rest(self) -> bool:
         """No transaction open and no answer owed: the client can be closed without loss (drain)."""

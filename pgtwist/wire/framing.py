@@ -116,6 +116,9 @@ class MessageScanner:
         "small",
         "checks",
         "_hold",
+        "opens",
+        "closes",
+        "unsynced",
     )
 
     def __init__(
@@ -132,10 +135,16 @@ class MessageScanner:
             self.allowed = _frontend.TYPES
             self.small = _frontend.SMALL_TYPES
             self.checks = _frontend.CHECKS
+            # Whether an extended-protocol message went by since the last Sync: the server may
+            # then be skipping to that Sync (after an error), deaf to anything else.
+            self.opens = _frontend.EXTENDED_TYPES
+            self.closes = frozenset((_frontend.p.SYNC,))
         else:
             self.allowed = _ANY_TYPE
             self.small = frozenset()
             self.checks = {}
+            self.opens = self.closes = frozenset()
+        self.unsynced = False
         self._hold = frontend  # a split header waits until it can be checked whole
         # Types merely counted as their headers go by (e.g. Query and Sync, to know how many
         # ReadyForQuery a server still owes), and the type of the last header seen.
@@ -222,10 +231,19 @@ class MessageScanner:
                 self.last_type = msg_type
                 if msg_type in self.watch:
                     self.watched += 1
+                if msg_type in self.opens:
+                    self.unsynced = True
+                elif msg_type in self.closes:
+                    self.unsynced = False
                 if msg_type in self.capture:
                     body = data[5:]
-                    if self.checks:
-                        self._check(msg_type, body)
+                    check = self.checks.get(msg_type)
+                    if check is not None:
+                        try:
+                            check(body)
+                        except ProtocolViolation:
+                            self._broken = True
+                            raise
                     return [(msg_type, body)]
                 return [data]
         if self._broken:
@@ -284,6 +302,8 @@ class MessageScanner:
         allowed = self.allowed
         small = self.small
         checks = self.checks
+        opens = self.opens
+        closes = self.closes
         while pos < n:
             if n - pos < 5:
                 if data[pos] not in allowed:
@@ -305,6 +325,10 @@ class MessageScanner:
             self.last_type = msg_type
             if msg_type in watch:
                 self.watched += 1
+            if msg_type in opens:
+                self.unsynced = True
+            elif msg_type in closes:
+                self.unsynced = False
             end = pos + 1 + length
             if msg_type in capture:
                 if start < pos:

@@ -39,6 +39,9 @@ TYPES = frozenset(
 SMALL_LIMIT = 10_000
 SMALL_TYPES = frozenset((p.CLOSE, p.DESCRIBE, p.EXECUTE, p.FLUSH, p.SYNC, p.TERMINATE, p.COPY_DONE, p.COPY_FAIL))
 
+# Extended-protocol messages: after one, the server owes nothing until Sync if one fails.
+EXTENDED_TYPES = frozenset((p.PARSE, p.BIND, p.DESCRIBE, p.CLOSE, p.EXECUTE, p.FLUSH))
+
 NAMES = {
     p.BIND: "Bind",
     p.CLOSE: "Close",
@@ -128,22 +131,41 @@ def check_parse(body: bytes) -> None:
 
 
 def check_bind(body: bytes) -> None:
-    portal_end = body.find(b"\x00")
-    if portal_end < 0:
-        _fail("Bind", "the portal name has no terminating NUL")
-    name_end = body.find(b"\x00", portal_end + 1)
+    # (On the hot path of prepared statements: one pass, few calls; helpers only to say why.)
+    n = len(body)
+    name_end = body.find(b"\x00", body.find(b"\x00") + 1)
     if name_end < 0:
-        _fail("Bind", "the statement name has no terminating NUL")
-    formats, pos = _formats(body, name_end + 1, "Bind", "parameter")
-    if pos + 2 > len(body):
+        which = "statement" if 0 in body else "portal"
+        _fail("Bind", f"the {which} name has no terminating NUL")
+    pos = name_end + 1
+    if pos + 2 > n:
+        _fail("Bind", "truncated before the parameter format count")
+    (formats,) = _I16.unpack_from(body, pos)
+    pos += 2 + 2 * formats
+    if pos + 2 > n:
+        _formats(body, name_end + 1, "Bind", "parameter")  # (raises, saying how)
         _fail("Bind", "truncated before the parameter count")
     (count,) = _I16.unpack_from(body, pos)
     if formats > 1 and formats != count:
         _fail("Bind", f"{formats} parameter formats but {count} parameters")
-    pos = _values(body, pos + 2, count, "Bind")
+    pos += 2
+    unpack_from = _i32.unpack_from
+    for _ in range(count):
+        if pos + 4 > n:
+            break
+        (length,) = unpack_from(body, pos)
+        pos += 4 if length < 0 else 4 + length
+        if length < -1:
+            break
+    else:
+        if pos + 2 <= n:
+            (results,) = _I16.unpack_from(body, pos)
+            if pos + 2 + 2 * results == n:
+                return
+    # Something is wrong: walk it again, slowly, to say what.
+    pos = _values(body, name_end + 5 + 2 * formats, count, "Bind")
     _, pos = _formats(body, pos, "Bind", "result")
-    if pos != len(body):
-        _fail("Bind", f"{len(body) - pos} bytes after the result format codes")
+    _fail("Bind", f"{len(body) - pos} bytes after the result format codes")
 
 
 def _check_target(body: bytes, what: str) -> None:

@@ -276,3 +276,36 @@ def test_admin_console_is_never_refused_for_max_client_conn():
     assert m.decode_fields(messages(ct.value())[-1][1])["C"] == sqlstate.TOO_MANY_CONNECTIONS
     session, ct = admin_support.client(proxy, user="admin", database="pgbalance")
     assert session.state == "admin"
+
+
+# -- leaving a server that may be skipping to a Sync ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "last",
+    [
+        m.close("S", "s1") + m.copy_done(),  # found by the fuzz drill: the reset then hung for ever
+        m.execute("nope") + m.query("SELECT 1"),
+        m.parse("", "SELEC") + m.copy_data(b"x"),
+    ],
+)
+def test_session_mode_client_leaving_mid_extended_batch_closes_its_server(last):
+    # Were the server given its reset query now, a failed message before would have it skipping
+    # to a Sync that never comes: the reset would wait for ever, holding a pool slot.
+    h = Harness()
+    session, ct, server, st_ = h.linked()
+    session.got_data(last)
+    server.got_data(m.error_response("ERROR", "26000", "nope"))
+    st_.clear()
+    session.connection_lost(Failure(ConnectionDone()))
+    assert b"DISCARD ALL" not in st_.value()
+    assert st_.disconnecting and server not in h.pool.idle
+
+
+def test_session_mode_client_leaving_after_a_synced_batch_pools_its_server():
+    h = Harness()
+    session, ct, server, st_ = h.linked()
+    session.got_data(m.parse("", "SELECT 1") + m.bind("", "") + m.execute() + m.sync())
+    server.got_data(frame(p.PARSE_COMPLETE) + frame(p.BIND_COMPLETE) + m.command_complete("SELECT 0") + m.ready_for_query())
+    session.connection_lost(Failure(ConnectionDone()))
+    assert not st_.disconnecting and b"DISCARD ALL" in st_.value()
