@@ -335,8 +335,13 @@ class MessageScanner:
                     out.append(data[start:pos])
                 if end <= n:
                     body = bytes(data[pos + 5 : end])
-                    if checks:
-                        self._check(msg_type, body)
+                    check = checks.get(msg_type)
+                    if check is not None:
+                        try:
+                            check(body)
+                        except ProtocolViolation:
+                            self._broken = True
+                            raise
                     out.append((msg_type, body))
                     pos = start = end
                     continue

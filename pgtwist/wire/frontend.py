@@ -130,40 +130,46 @@ def check_parse(body: bytes) -> None:
         _fail("Parse", f"{count} parameter types announced, {len(body) - pos - 2} bytes follow")
 
 
-def check_bind(body: bytes) -> None:
-    # (On the hot path of prepared statements: one pass, few calls; helpers only to say why.)
+def check_bind(body: bytes, _H=_I16.unpack_from, _i=_i32.unpack_from) -> None:
+    # (On the hot path of prepared statements: one pass with few calls; the helpers run only
+    # once something is wrong, to say what.)
     n = len(body)
-    name_end = body.find(b"\x00", body.find(b"\x00") + 1)
+    pos = body.find(b"\x00", body.find(b"\x00") + 1) + 1
+    if pos and pos + 4 <= n:
+        formats = _H(body, pos)[0]
+        pos += 2 + 2 * formats
+        if pos + 2 <= n:
+            count = _H(body, pos)[0]
+            pos += 2
+            if formats <= 1 or formats == count:
+                for _ in range(count):
+                    if pos + 4 > n:
+                        break
+                    length = _i(body, pos)[0]
+                    if length < -1:
+                        break
+                    pos += 4 if length < 0 else 4 + length
+                else:
+                    if pos + 2 <= n and pos + 2 + 2 * _H(body, pos)[0] == n:
+                        return
+    _explain_bind(body)
+
+
+def _explain_bind(body: bytes) -> None:
+    """A Bind check_bind refused: raise, saying what is wrong with it."""
+    portal_end = body.find(b"\x00")
+    if portal_end < 0:
+        _fail("Bind", "the portal name has no terminating NUL")
+    name_end = body.find(b"\x00", portal_end + 1)
     if name_end < 0:
-        which = "statement" if 0 in body else "portal"
-        _fail("Bind", f"the {which} name has no terminating NUL")
-    pos = name_end + 1
-    if pos + 2 > n:
-        _fail("Bind", "truncated before the parameter format count")
-    (formats,) = _I16.unpack_from(body, pos)
-    pos += 2 + 2 * formats
-    if pos + 2 > n:
-        _formats(body, name_end + 1, "Bind", "parameter")  # (raises, saying how)
+        _fail("Bind", "the statement name has no terminating NUL")
+    formats, pos = _formats(body, name_end + 1, "Bind", "parameter")
+    if pos + 2 > len(body):
         _fail("Bind", "truncated before the parameter count")
     (count,) = _I16.unpack_from(body, pos)
     if formats > 1 and formats != count:
         _fail("Bind", f"{formats} parameter formats but {count} parameters")
-    pos += 2
-    unpack_from = _i32.unpack_from
-    for _ in range(count):
-        if pos + 4 > n:
-            break
-        (length,) = unpack_from(body, pos)
-        pos += 4 if length < 0 else 4 + length
-        if length < -1:
-            break
-    else:
-        if pos + 2 <= n:
-            (results,) = _I16.unpack_from(body, pos)
-            if pos + 2 + 2 * results == n:
-                return
-    # Something is wrong: walk it again, slowly, to say what.
-    pos = _values(body, name_end + 5 + 2 * formats, count, "Bind")
+    pos = _values(body, pos + 2, count, "Bind")
     _, pos = _formats(body, pos, "Bind", "result")
     _fail("Bind", f"{len(body) - pos} bytes after the result format codes")
 
