@@ -79,7 +79,32 @@ class ClientLogin:
     *tls_mode* is [tls] mode: "disable" answers SSLRequest with N; any other answers S and emits
     StartTLS, as does a direct-TLS ClientHello; "require" and above refuse plaintext logins.
     Whoever runs the exchange calls tls_started() once the handshake is done.
+
+    *admit* is asked about each StartupMessage as soon as it is read: False refuses the client
+    with 53300 before any authentication work, as PostgreSQL does when it is full.
     """
+
+    # Thousands may sit here during a flood of connections that never speak: no __dict__ each.
+    __slots__ = (
+        "auth_type",
+        "lookup_user",
+        "mock_secret",
+        "token",
+        "state",
+        "buffer",
+        "startup",
+        "credential",
+        "negotiations",
+        "_salt",
+        "_scram",
+        "tls_mode",
+        "client_host",
+        "tls",
+        "tls_pending",
+        "channel_binding",
+        "peer_cn",
+        "admit",
+    )
 
     def __init__(
         self,
@@ -90,6 +115,7 @@ class ClientLogin:
         token: Callable[[int], bytes] = secrets.token_bytes,
         tls_mode: str = "disable",
         client_host: str | None = None,
+        admit: Callable[[m.StartupMessage], bool] | None = None,
     ):
         self.auth_type = auth_type
         self.lookup_user = lookup_user
@@ -108,6 +134,7 @@ class ClientLogin:
         self.tls_pending: str | None = None  # "classic" (after SSLRequest) or "direct" until tls_started()
         self.channel_binding: bytes | None = None  # tls-server-end-point hash of our certificate
         self.peer_cn: str | None = None  # CN of the client's verified certificate
+        self.admit = admit
 
     def leftover(self) -> bytes:
         """Bytes the client sent after its login finished (pipelined queries)."""
@@ -178,6 +205,8 @@ class ClientLogin:
             return [Reply(b"S"), StartTLS()]
         assert isinstance(packet, m.StartupMessage)
         self.startup = packet
+        if self.admit is not None and not self.admit(packet):
+            raise LoginError(sqlstate.TOO_MANY_CONNECTIONS, "sorry, too many clients already")
         self._check_tls(packet)
         if packet.parameters.get("replication", "false").lower() not in ("false", "off", "no", "0"):
             raise LoginError(sqlstate.FEATURE_NOT_SUPPORTED, "replication connections are not supported by pgtwist")

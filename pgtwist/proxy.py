@@ -40,6 +40,7 @@ class Proxy:
         # Makes mock SCRAM salts for unknown users stable within a run but unguessable.
         self.mock_secret = secrets.token_bytes(32)
         self.clients: dict[str, ClientSession] = {}
+        self.admitted = 0  # clients past their startup packet, but the admin console's (max_client_conn)
         self.pools: dict[tuple, Pool] = {}
         # BackendKeyData process id -> the session (or, rarely, the sessions) given it: in session
         # pooling it is the node's own process id, which sessions on different nodes may share.
@@ -74,10 +75,22 @@ class Proxy:
         return session
 
     def admit(self, session: ClientSession) -> bool:
-        return len(self.clients) <= self.config.max_client_conn
+        """Room for one more client under max_client_conn? Asked once its startup packet is read.
+
+        Connections that have not sent one yet do not count: a flood of silent connections
+        cannot lock real clients out, and each is dropped at client_login_timeout.
+        """
+        if self.admitted >= self.config.max_client_conn:
+            return False
+        self.admitted += 1
+        session.admitted = True
+        return True
 
     def client_closed(self, session: ClientSession, reason=None) -> None:
         self.clients.pop(session.id, None)
+        if session.admitted:
+            session.admitted = False
+            self.admitted -= 1
         self.counters.client_closed(session.id)
         if self.config.log_disconnections:
             log.info(

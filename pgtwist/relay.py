@@ -114,10 +114,13 @@ def _describes_first(items: list) -> bool:
 class Entry:
     """One request in flight, and what to do with its reply."""
 
-    __slots__ = ("kind", "swallow", "synth", "undo", "done", "reword", "retry")
+    __slots__ = ("kind", "swallow", "synth", "undo", "done", "reword", "retry", "simple")
 
-    def __init__(self, kind, *, swallow=False, synth=None, undo=None, done=None, reword=None, retry=None):
+    def __init__(self, kind, *, swallow=False, synth=None, undo=None, done=None, reword=None, retry=None, simple=False):
         self.kind = kind
+        # A Query or FunctionCall (not a Sync): ends at its ReadyForQuery, but after an error in
+        # an extended-protocol message the server skips it unanswered, as all else until Sync.
+        self.simple = simple
         self.swallow = swallow  # the proxy injected the request: its reply is not the client's
         self.synth = synth  # SYNTH: bytes (or a callable making them) the proxy answers itself
         self.undo = undo  # called when the request fails or is skipped after an error
@@ -145,6 +148,7 @@ _PLAIN = {kind: Entry(kind) for kind in (SYNC, PARSE, BIND, DESCRIBE, EXECUTE, C
 # A prepared statement run again on the session's fast path (Bind [Describe] Execute Sync): one
 # ReadyForQuery owed, and Relay.hot says what to do if the statement turns out stale.
 HOT_RUN = Entry(SYNC)  # (the session appends it itself on its fast path)
+_SIMPLE = Entry(SYNC, simple=True)
 
 
 class Relay:
@@ -161,6 +165,7 @@ class Relay:
         "queue",
         "extended",
         "skipping",
+        "unsynced",
         "tx_status",
         "server_fatal",
         "swallowing",
@@ -188,6 +193,10 @@ class Relay:
         self.queue: list[Entry] = []
         self.extended = 0  # non-SYNC entries in the queue
         self.skipping = False  # a proxy-made error: drop client messages until Sync, as PostgreSQL does
+        # An extended-protocol message went to the server and its Sync not yet: the server may be
+        # skipping to that Sync after an error (Queries included, unanswered), so the connection
+        # is no one else's to use until it comes, even with nothing left to answer.
+        self.unsynced = False
         self.tx_status = p.TX_IDLE
         self.server_fatal: dict | None = None  # a FATAL the node sent before it hung up
         self.swallowing = 0  # batches the proxy injected (inject), not answered yet
@@ -229,11 +238,12 @@ class Relay:
 
     @property
     def idle(self) -> bool:
-        return not self.queue and not self.skipping
+        return not self.queue and not self.skipping and not self.unsynced
 
-    def expect_ready(self) -> None:
-        """A plain Query went to the server as the client sent it: one ReadyForQuery is owed."""
-        self.queue.append(_PLAIN[SYNC])
+    def expect_ready(self, simple: bool = True) -> None:
+        """A plain Query (or, not *simple*, a batch ending in Sync) went to the server as the
+        client sent it: one ReadyForQuery is owed."""
+        self.queue.append(_SIMPLE if simple else _PLAIN[SYNC])
 
     def expect_batch(self, items: list, statements, server_name: str) -> None:
         """A prepared statement's Bind [Describe] Execute Sync went to the server on the fast path
@@ -312,6 +322,10 @@ class Relay:
         if self.holding is not None:
             self.holding.append((msg_type, body))
             return
+        if msg_type == p.SYNC:
+            self.unsynced = False
+        elif msg_type != p.QUERY and msg_type != p.FUNCTION_CALL:
+            self.unsynced = True  # Parse, Bind, Describe, Close, Execute, Flush
         if self.skipping:
             if msg_type != p.SYNC:
                 return
@@ -390,10 +404,15 @@ class Relay:
             self._forward(EXECUTE, msg_type, body, to_server)
         elif msg_type == p.FLUSH:
             to_server.append(frame(msg_type, body))
-        else:  # Sync, Query, FunctionCall: one ReadyForQuery each
+        elif msg_type == p.SYNC:
             self.batch = self.bound = None
             self.executed = False
             self._forward(SYNC, msg_type, body, to_server)
+        else:  # Query, FunctionCall: one ReadyForQuery each, like Sync
+            self.batch = self.bound = None
+            self.executed = False
+            self._push(_SIMPLE)
+            to_server.append(frame(msg_type, body))
 
     def _told(self, name: str, statement: Statement, reply: bytes) -> None:
         """The client got the description of its statement *name* (RowDescription body, b"" for NoData)."""
@@ -625,8 +644,9 @@ class Relay:
                 to_client.append(frame(msg_type, body))
             if head.kind is SYNC:
                 return None  # a simple query's error; its ReadyForQuery follows
-            # The server now skips everything up to Sync: so do our own replies and records.
-            while queue and queue[0].kind is not SYNC:
+            # The server now skips everything up to Sync (Queries too, unanswered): so do our
+            # own replies and records.
+            while queue and (queue[0].kind is not SYNC or queue[0].simple):
                 entry = self._pop()
                 if entry.undo is not None:
                     entry.undo()
@@ -740,3 +760,4 @@ class Relay:
             if entry.undo is not None:
                 entry.undo()
         self.skipping = False
+        self.unsynced = False

@@ -149,6 +149,7 @@ class ClientSession(Placement):
         "_orphan_error",
         "_orphan_told",
         "_tx_end",
+        "admitted",
     )
 
     def __init__(self, proxy, transport, client_id: str):
@@ -160,7 +161,12 @@ class ClientSession(Placement):
         self.config = config
         self.transaction_mode = config.pool_mode == "transaction"
         self.login = ClientLogin(
-            config.auth_type, proxy.lookup_user, proxy.mock_secret, tls_mode=config.tls.mode, client_host=_peer_host(transport)
+            config.auth_type,
+            proxy.lookup_user,
+            proxy.mock_secret,
+            tls_mode=config.tls.mode,
+            client_host=_peer_host(transport),
+            admit=self._admit,
         )
         self.startup: m.StartupMessage | None = None
         self.database = None
@@ -208,6 +214,7 @@ class ClientSession(Placement):
         self._startup_settings: dict[str, str] = {}  # what RESET returns to, for this client
         self._to_restore: set[str] | None = None  # startup settings a RESET sent to the server's defaults
         self.console = None
+        self.admitted = False  # counted against max_client_conn (proxy.admit)
         self.audit = False  # statements are logged (the user is listed in `audit`)
         self._login_timer = (
             proxy.clock.callLater(config.client_login_timeout, self._login_timed_out) if config.client_login_timeout else None
@@ -229,8 +236,13 @@ class ClientSession(Placement):
                 self.console.got_data(data)
             elif self.state is not CLOSED:
                 self._client_data(data)
-        except (WireError, LoginError) as e:
-            self.fatal(e.sqlstate, e.message if isinstance(e, LoginError) else str(e), getattr(e, "detail", None))
+        except WireError as e:
+            if e.silent:
+                self._close_silently(str(e))
+            else:
+                self.fatal(e.sqlstate, str(e), getattr(e, "detail", None))
+        except LoginError as e:
+            self.fatal(e.sqlstate, e.message, e.detail)
         except Exception:
             log.failure("client {client}: internal error", client=self.id)
             self.fatal(sqlstate.INTERNAL_ERROR, "internal error in pgtwist; the proxy log has the details")
@@ -287,8 +299,6 @@ class ClientSession(Placement):
         database = self.proxy.config.databases.get(name)
         if database is None:
             raise LoginError(sqlstate.INVALID_CATALOG_NAME, f'database "{name}" does not exist')
-        if not self.proxy.admit(self):
-            raise LoginError(sqlstate.TOO_MANY_CONNECTIONS, "sorry, too many clients already")
         self.database = database
         self.settings = client_settings(event.startup.parameters)
         self._startup_settings = dict(self.settings)
@@ -299,10 +309,10 @@ class ClientSession(Placement):
             # process id is its own, so it gets one of pgtwist's. (Session pooling gives the
             # server's own once it has one: _prepared.)
             self.process_id, self.secret_key = self.proxy.register_cancel_key(self)
-            self.scanner = MessageScanner(CLIENT_CAPTURE, self.config.max_message_size)
+            self.scanner = MessageScanner(CLIENT_CAPTURE, self.config.max_message_size, frontend=True)
             self.relay = Relay(self.proxy.schema_for(database), self.settings.get("search_path", ""))
         else:
-            self.scanner = MessageScanner(_SESSION_CAPTURE, self.config.max_message_size, _SESSION_WATCH)
+            self.scanner = MessageScanner(_SESSION_CAPTURE, self.config.max_message_size, _SESSION_WATCH, frontend=True)
         if self.user in self.config.audit:
             self.audit = True
             self.scanner.capture = self.scanner.capture | audit.CAPTURE
@@ -321,6 +331,13 @@ class ClientSession(Placement):
         else:
             # A server connection tells us what to report (and proves the node is there).
             self._acquire()
+
+    def _admit(self, startup: m.StartupMessage) -> bool:
+        """Whether there is room for this client (asked as soon as its startup packet is read).
+
+        The admin console is never refused: an operator must get in while the proxy is full.
+        """
+        return startup.database == ADMIN_DATABASE or self.proxy.admit(self)
 
     def _admin_console(self) -> None:
         """dbname "pgbalance": the admin console answers instead of a node ([admin] users only)."""
@@ -475,7 +492,7 @@ class ClientSession(Placement):
             if "" in self._effects_of:
                 return False
             bind = frame(p.BIND, body)
-            relay.expect_ready()
+            relay.expect_ready(simple=False)
         self._link_used = True
         self._watch &= _WATCH_ALL  # (this is the statement the link was placed by)
         self._link_sent.extend(items)
@@ -585,21 +602,32 @@ class ClientSession(Placement):
         replica's first batch; then the write goes there too and is refused with 25006, as
         PostgreSQL refuses a write in a read-only transaction, rather than split the batch.)
         """
+        if self.pinned:
+            # Pinned to this replica's connection (SQL PREPARE, ...): it is never released, so
+            # whatever waited for that would wait for ever. The replica judges a write (25006).
+            return items
         first = not self._link_used
         queue = self.relay.queue
         # Where the batch being sent began (None: before these items, or it is the batch the
         # replica was chosen for, placed whole: nothing of it is held back).
-        start = None if first or (queue and queue[-1].kind is not SYNC) else 0
+        # An extended batch still open (its Sync not come): never split inside it, Query messages
+        # included, or the replica would wait for a Sync held back behind the replica's release.
+        open_batch = self.relay.unsynced or bool(queue and queue[-1].kind is not SYNC)
+        start = None if first or open_batch else 0
         for i, item in enumerate(items):
             if type(item) is not tuple:
                 continue
             msg_type = item[0]
             if msg_type == p.SYNC:
                 start = i + 1
+                open_batch = False
                 continue
-            if msg_type not in (p.QUERY, p.PARSE, p.BIND):
-                continue
-            if msg_type == p.QUERY:
+            if msg_type != p.QUERY:
+                if msg_type in _UNSYNCED:
+                    open_batch = True
+                if msg_type != p.PARSE and msg_type != p.BIND:
+                    continue
+            elif not open_batch:
                 start = i  # (a Query is a batch of its own: the next one starts after it)
             texts = list(self._statement_texts([item]))
             if texts and first:
@@ -612,7 +640,7 @@ class ClientSession(Placement):
                     self._holding = True
                     self.backlog = items[start:] + self.backlog
                     return items[:start]
-            if msg_type == p.QUERY:
+            if msg_type == p.QUERY and not open_batch:
                 start = i + 1
         return items
 
@@ -1013,7 +1041,8 @@ class ClientSession(Placement):
             in_flight = not self.relay.idle
         else:
             in_flight = scanner.watched != self.ready_count
-        return not in_flight and scanner.at_boundary and scanner.last_type not in _UNSYNCED
+        # (Not the last message only: after Close, CopyDone a server skipping to Sync is deaf.)
+        return not in_flight and scanner.at_boundary and not scanner.unsynced
 
     def asked_before(self, deadline: float) -> bool:
         """Linked to a node that has owed this client an answer since before *deadline* (query_timeout)."""
@@ -1067,6 +1096,14 @@ class ClientSession(Placement):
         log.failure("client {client}: internal error", failure, client=self.id)
         if self.state is not CLOSED:
             self.fatal(sqlstate.INTERNAL_ERROR, "internal error in pgtwist; the proxy log has the details")
+
+    def _close_silently(self, why: str) -> None:
+        """Bytes that are not the protocol (a first packet of impossible length): as PostgreSQL,
+        log it and close without a word, for the sender would not read one."""
+        log.info("client {client} closed without a reply: {why}", client=self.id, why=why)
+        self.state = CLOSED
+        self._cancel_login_timer()
+        self.transport.loseConnection()
 
     def fatal(self, code: str, message: str, detail: str | None = None) -> None:
         self.fatal_fields(m.error_fields("FATAL", code, message, detail))

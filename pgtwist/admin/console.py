@@ -16,6 +16,7 @@ from twisted.logger import Logger
 from pgtwist import config as configmod
 from pgtwist.admin import actions, inspect
 from pgtwist.login import LoginError
+from pgtwist.wire import frontend
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 from pgtwist.wire import sqlstate
@@ -25,6 +26,7 @@ log = Logger()
 
 DATABASE = configmod.ADMIN_DATABASE
 _MAX_MESSAGE = 1 << 20
+_COPY = frozenset((p.COPY_DATA, p.COPY_DONE, p.COPY_FAIL))
 _OIDS = {str: m.OID_TEXT, int: m.OID_INT8, float: m.OID_FLOAT8, bool: m.OID_BOOL}
 _Q8, _D8 = struct.Struct("!q"), struct.Struct("!d")
 SYNTAX_ERROR = "42601"
@@ -296,6 +298,10 @@ class AdminConsole:
         out: list[bytes] = []
         while (msg := pop_message(self.buffer, _MAX_MESSAGE)) is not None:
             msg_type, body = msg
+            # What a node would refuse is refused here too, before any of it is looked at.
+            frontend.check(msg_type, body)
+            if msg_type in _COPY:
+                continue  # outside COPY, PostgreSQL ignores these too
             if msg_type == p.TERMINATE:
                 self._write(out)
                 self.closed = True

@@ -8,10 +8,13 @@ class WireError(Exception):
 
     sqlstate = sqlstate.PROTOCOL_VIOLATION
 
-    def __init__(self, message: str, code: str | None = None):
+    def __init__(self, message: str, code: str | None = None, *, silent: bool = False):
         super().__init__(message)
         if code is not None:
             self.sqlstate = code
+        # PostgreSQL's COMMERROR: logged, never answered. For bytes that are not the protocol
+        # at all (a first packet of impossible length), whose sender may not read an answer.
+        self.silent = silent
 
 
 class ProtocolViolation(WireError):

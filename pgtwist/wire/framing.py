@@ -2,12 +2,15 @@
 
 from struct import Struct
 
+from pgtwist.wire import frontend as _frontend
 from pgtwist.wire.errors import MessageTooLarge, ProtocolViolation
 from pgtwist.wire.protocol import READY_FOR_QUERY as _READY_FOR_QUERY
 
 _HEADER = Struct("!cI")
 _INT32 = Struct("!I")
 _READY_LENGTH = _INT32.pack(5)  # a ReadyForQuery's length field
+_ANY_TYPE = frozenset(range(256))
+_SMALL_LIMIT = _frontend.SMALL_LIMIT
 
 
 def frame(msg_type: int, body: bytes = b"") -> bytes:
@@ -19,14 +22,17 @@ def pop_startup_packet(buf: bytearray, max_length: int) -> bytes | None:
     """Remove one untyped startup-phase packet from *buf*; return its body (code included), or None if incomplete.
 
     Startup packets have no type byte: int32 length, then an int32 code, then the payload.
+    A length out of bounds is *silent* (as PostgreSQL, which only logs it): such bytes
+    mostly come from something that does not speak the protocol (a typed message first,
+    as node-postgres's Terminate, or an HTTP request).
     """
     if len(buf) < 4:
         return None
     (length,) = _INT32.unpack_from(buf, 0)
     if length < 8:
-        raise ProtocolViolation(f"invalid length of startup packet: {length}")
+        raise ProtocolViolation(f"invalid length of startup packet: {length}", silent=True)
     if length > max_length:
-        raise MessageTooLarge(f"invalid length of startup packet: {length}")
+        raise MessageTooLarge(f"invalid length of startup packet: {length}", silent=True)
     if len(buf) < length:
         return None
     body = bytes(buf[4:length])
@@ -84,6 +90,13 @@ class MessageScanner:
 
     A bad length raises ProtocolViolation (MessageTooLarge above *max_length*); the scanner
     is then broken: ``at_boundary`` stays False and every later ``feed`` raises again.
+
+    *frontend*: the stream is a logged-in client's, headed for a server. Then an unknown
+    type or a length beyond PostgreSQL's limit for its type raises too (wire.frontend),
+    every captured message's layout is checked before it is handed out, and a header split
+    across reads is held back until it is whole and checked: nothing of a message the
+    server would refuse fatally goes out. It costs a set probe per header (and per
+    captured message the layout check, which parses what its user parses anyway).
     """
 
     __slots__ = (
@@ -99,11 +112,40 @@ class MessageScanner:
         "watch",
         "watched",
         "last_type",
+        "allowed",
+        "small",
+        "checks",
+        "_hold",
+        "opens",
+        "closes",
+        "unsynced",
     )
 
-    def __init__(self, capture: frozenset[int] | set[int], max_length: int, watch: frozenset[int] | set[int] = ()):
+    def __init__(
+        self,
+        capture: frozenset[int] | set[int],
+        max_length: int,
+        watch: frozenset[int] | set[int] = (),
+        *,
+        frontend: bool = False,
+    ):
         self.capture = frozenset(capture)
         self.max_length = max_length
+        if frontend:
+            self.allowed = _frontend.TYPES
+            self.small = _frontend.SMALL_TYPES
+            self.checks = _frontend.CHECKS
+            # Whether an extended-protocol message went by since the last Sync: the server may
+            # then be skipping to that Sync (after an error), deaf to anything else.
+            self.opens = _frontend.EXTENDED_TYPES
+            self.closes = frozenset((_frontend.p.SYNC,))
+        else:
+            self.allowed = _ANY_TYPE
+            self.small = frozenset()
+            self.checks = {}
+            self.opens = self.closes = frozenset()
+        self.unsynced = False
+        self._hold = frontend  # a split header waits until it can be checked whole
         # Types merely counted as their headers go by (e.g. Query and Sync, to know how many
         # ReadyForQuery a server still owes), and the type of the last header seen.
         self.watch = frozenset(watch)
@@ -158,19 +200,54 @@ class MessageScanner:
             raise ProtocolViolation(f"invalid message length {length} for message type {chr(msg_type)!r}")
         raise MessageTooLarge(f"invalid message length {length} (limit {self.max_length})")
 
+    def _refuse(self, msg_type: int, length: int):
+        """A header the frontend rules refuse (unknown type, or too long for its type)."""
+        self._broken = True
+        if msg_type not in self.allowed:
+            raise _frontend.unknown_type(msg_type)
+        raise _frontend.too_long(msg_type, length)
+
+    def _check(self, msg_type: int, body: bytes) -> None:
+        check = self.checks.get(msg_type)
+        if check is not None:
+            try:
+                check(body)
+            except ProtocolViolation:
+                self._broken = True
+                raise
+
     def feed(self, data: bytes) -> list:
         n = len(data)
         if not (self._skip or self._head or self._broken or self._cap_body is not None) and n >= 5:
             # The commonest read of all: one whole message, from a boundary (a client's Query).
             (length,) = _INT32.unpack_from(data, 1)
-            if length + 1 == n and 4 <= length <= self.max_length:
-                msg_type = data[0]
+            msg_type = data[0]
+            if (
+                length + 1 == n
+                and 4 <= length <= self.max_length
+                and msg_type in self.allowed
+                and (length <= _SMALL_LIMIT or msg_type not in self.small)
+            ):
                 self.last_type = msg_type
                 if msg_type in self.watch:
                     self.watched += 1
-                return [(msg_type, data[5:])] if msg_type in self.capture else [data]
+                if msg_type in self.opens:
+                    self.unsynced = True
+                elif msg_type in self.closes:
+                    self.unsynced = False
+                if msg_type in self.capture:
+                    body = data[5:]
+                    check = self.checks.get(msg_type)
+                    if check is not None:
+                        try:
+                            check(body)
+                        except ProtocolViolation:
+                            self._broken = True
+                            raise
+                    return [(msg_type, body)]
+                return [data]
         if self._broken:
-            raise ProtocolViolation("invalid message stream: an earlier message had a bad length")
+            raise ProtocolViolation("invalid message stream: an earlier message was refused")
         out = []
         pos = start = 0
         max_length = self.max_length
@@ -187,8 +264,11 @@ class MessageScanner:
                 self._cap_body += data
                 return out
             self._cap_body += data[:need]
-            out.append((self._cap_type, bytes(self._cap_body)))
+            body = bytes(self._cap_body)
             self._cap_body = None
+            if self.checks:
+                self._check(self._cap_type, body)
+            out.append((self._cap_type, body))
             if need == n:
                 return out
             pos = start = need
@@ -219,10 +299,17 @@ class MessageScanner:
                     return [data]
         capture = self.capture
         watch = self.watch
+        allowed = self.allowed
+        small = self.small
+        checks = self.checks
+        opens = self.opens
+        closes = self.closes
         while pos < n:
             if n - pos < 5:
+                if data[pos] not in allowed:
+                    self._refuse(data[pos], 0)
                 self._head = data[pos:]
-                if data[pos] in capture:
+                if self._hold or data[pos] in capture:
                     self._head_held = True
                     if start < pos:
                         out.append(data[start:pos])
@@ -233,15 +320,29 @@ class MessageScanner:
             (length,) = unpack_from(data, pos + 1)
             if length < 4 or length > max_length:
                 self._bad_length(msg_type, length)
+            if msg_type not in allowed or (length > _SMALL_LIMIT and msg_type in small):
+                self._refuse(msg_type, length)
             self.last_type = msg_type
             if msg_type in watch:
                 self.watched += 1
+            if msg_type in opens:
+                self.unsynced = True
+            elif msg_type in closes:
+                self.unsynced = False
             end = pos + 1 + length
             if msg_type in capture:
                 if start < pos:
                     out.append(data[start:pos])
                 if end <= n:
-                    out.append((msg_type, bytes(data[pos + 5 : end])))
+                    body = bytes(data[pos + 5 : end])
+                    check = checks.get(msg_type)
+                    if check is not None:
+                        try:
+                            check(body)
+                        except ProtocolViolation:
+                            self._broken = True
+                            raise
+                    out.append((msg_type, body))
                     pos = start = end
                     continue
                 self._cap_type = msg_type

@@ -12,6 +12,7 @@ from pgtwist.session import _WRITE_LSN_SQL
 from pgtwist.statements import Statement
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
+from pgtwist.wire.framing import frame
 
 from .test_router import clustered
 from .test_session import messages, queries, types
@@ -209,7 +210,8 @@ def test_a_function_call_message_counts():
     s = Setup()
     session, ct = s.client()
     run(session, "BEGIN", p.TX_IN_TRANSACTION)
-    session.got_data(p.FUNCTION_CALL.to_bytes(1, "big") + (4 + 6).to_bytes(4, "big") + b"\x00\x00\x00\x01\x00\x00")
+    # FunctionCall of OID 1: no argument formats, no arguments, text result (a well-formed body).
+    session.got_data(frame(p.FUNCTION_CALL, b"\x00\x00\x00\x01" + b"\x00\x00" + b"\x00\x00" + b"\x00\x00"))
     assert session._wrote
 
 

@@ -216,6 +216,40 @@ def test_error_mid_batch_drops_queued_replies_and_undoes_registrations():
     assert relay.idle and relay.extended == 0
 
 
+def test_queries_after_a_failed_extended_message_are_skipped_like_the_server_does():
+    # PostgreSQL answers nothing until Sync after an extended-protocol error, simple Queries and
+    # FunctionCalls included: the relay must not wait for their ReadyForQuery (it hung so).
+    server = FakeServer()
+    relay = Relay()
+    batch = m.execute("") + m.query("SELEC 1") + m.query("SELECT 2") + m.sync() + m.query("SELECT 3")
+    to_server, to_client = send(relay, server, batch)
+    assert to_server == batch and to_client == b""
+    error = m.error_response("ERROR", "34000", 'portal "" does not exist')
+    out = receive(relay, error + m.ready_for_query())
+    assert out == error + m.ready_for_query()
+    assert not relay.idle  # SELECT 3 is still owed its answer
+    out = receive(relay, m.command_complete("SELECT 1") + m.ready_for_query())
+    assert relay.idle and relay.extended == 0
+
+
+def test_not_idle_while_the_server_may_skip_to_a_sync_still_to_come():
+    # Nothing is owed after the error, but the server skips everything until the client's Sync:
+    # handed to another client then, it would swallow that client's work unanswered.
+    server = FakeServer()
+    relay = Relay()
+    send(relay, server, m.execute("") + m.query("SELECT 1"))
+    receive(relay, m.error_response("ERROR", "34000", 'portal "" does not exist'))
+    assert not relay.queue and not relay.idle
+    send(relay, server, m.sync())
+    receive(relay, m.ready_for_query())
+    assert relay.idle
+    # A plain extended batch is idle once its Sync is answered, as before.
+    send(relay, server, m.parse("", "SELECT 1") + m.bind("", "") + m.execute() + m.sync())
+    assert not relay.idle
+    receive(relay, PARSE_COMPLETE + BIND_COMPLETE + ROW + m.command_complete("SELECT 1") + m.ready_for_query())
+    assert relay.idle
+
+
 def test_error_of_a_simple_query_waits_for_its_ready_for_query():
     relay, server = Relay(), FakeServer()
     send(relay, server, m.query("SELEKT") + m.parse("s1", SQL) + m.sync())

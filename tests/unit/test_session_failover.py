@@ -936,3 +936,30 @@ def test_a_node_dying_during_the_read_back_is_marked_down_and_the_session_goes_o
     lose(server)
     assert [n for n, _ in s.monitor.marked] == [P]
     assert ct.value() == b"" and not ct.disconnecting and session.state == "idle"
+# -- found by the fuzz drill -------------------------------------------------------------------
+
+
+def test_a_session_pinned_on_a_replica_never_holds_its_writes_back():
+    # A batch placed on a replica pins the session there (SQL PREPARE): a write held back until
+    # the replica's connection is released would wait for ever, for it never is.
+    s = Setup()
+    session, ct = s.client()
+    first = m.parse("s1", "SELECT 1") + m.query("PREPARE q AS SELECT 1") + m.sync()
+    session.got_data(first)
+    server = session.server
+    assert str(server.node) in (R1, R2) and session.pinned
+    sent(server)
+    server.got_data(frame(p.PARSE_COMPLETE) + m.command_complete("PREPARE") + Z_IDLE + Z_IDLE)
+    session.got_data(m.query("ROLLBACK; SELECT 2"))
+    assert session.server is server and not session.backlog
+    assert sent(server) == m.query("ROLLBACK; SELECT 2")
+
+
+def test_a_write_behind_an_unsynced_extended_read_is_not_split_off():
+    # Held back there, it would wait for the replica, which waits for the Sync behind it.
+    s = Setup()
+    session, ct = s.client()
+    session.got_data(m.parse("", "SELECT 1") + m.bind("", "") + m.execute() + m.query("INSERT INTO t VALUES (1)") + m.sync())
+    server = session.server
+    assert str(server.node) in (R1, R2)
+    assert not session.backlog and b"INSERT" in sent(server)
