@@ -381,10 +381,10 @@ class Bench:
             f"max_client_conn = {MAX_CLIENT_CONN}\n"
             f'auth_type = "{"scram-sha-256" if self.args.auth == "scram" else "trust"}"\n'
             'server_reset_query = "DISCARD ALL"\n'
-            # As PgBouncer's log_connections / log_disconnections = 0 above.
-            "log_connections = false\n"
-            "log_disconnections = false\n"
-            f"\n[databases.{DBNAME}]\n"
+            # As PgBouncer's log_connections / log_disconnections = 0 above (revisions that predate
+            # the keys log no less: they are left out for them).
+            + ("log_connections = false\nlog_disconnections = false\n" if self._knows("log_connections") else "")
+            + f"\n[databases.{DBNAME}]\n"
             f'dbname = "{DBNAME}"\n'
             f'nodes = ["{self.node.addr}"]\n'
             f"\n[users.{APP_USER}]\n"
@@ -406,6 +406,10 @@ class Bench:
                                     stdout=subprocess.DEVNULL, stderr=err)
         wait_port("127.0.0.1", port, proc, "pgtwist", log, stderr=stderr)
         return Target("pgtwist", "127.0.0.1", port, proc, log, note="under cProfile" if profile else "")
+
+    def _knows(self, key: str) -> bool:
+        """Whether the pgtwist under test (maybe an older --pgtwist-rev) has config key *key*."""
+        return f'"{key}"' in (self.source / "pgtwist" / "config.py").read_text()
 
     def stop_target(self, target: Target) -> None:
         if target.proc is not None:
