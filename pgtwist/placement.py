@@ -340,7 +340,8 @@ class Placement:
         self._resume()
         backlog, self.backlog = self.backlog, []
         if backlog:
-            self._client_items(backlog)
+            if not (self.transaction_mode and self._plain_backlog(backlog, server)):
+                self._client_items(backlog)
         elif self.transaction_mode:
             self._maybe_release()
 

@@ -451,7 +451,17 @@ class ClientSession(Placement):
         write_now(server.transport, data)
         return True
 
-    def _plain_batch(self, items: list, data: bytes, server) -> bool:
+    def _plain_backlog(self, backlog: list, server) -> bool:
+        """A connection just handed over (clients outnumber server connections): its first work is
+        most often what a kept connection's is, one plain Query or a prepared statement run again.
+        It takes the same fast paths, so that its answer too is forwarded whole (whole_reply)
+        rather than message by message through the relay."""
+        if len(backlog) == 1:
+            item = backlog[0]
+            return type(item) is tuple and item[0] == p.QUERY and self._plain_query(item, frame(p.QUERY, item[1]), server)
+        return self._plain_batch(backlog, None, server)
+
+    def _plain_batch(self, items: list, data: bytes | None, server) -> bool:
         """The other common case: Bind (of a statement this connection holds), [Describe portal,]
         Execute, Sync — a prepared statement run again. Only the statement name is rewritten;
         the relay notes one ReadyForQuery owed, and the replies pass through untouched."""
@@ -496,7 +506,7 @@ class ClientSession(Placement):
         self._link_used = True
         self._watch &= _WATCH_ALL  # (this is the statement the link was placed by)
         self._link_sent.extend(items)
-        if self.scanner.at_boundary:
+        if data is not None and self.scanner.at_boundary:
             # The read held exactly these messages (the scanner began it at a boundary, as a
             # lent client's always does): what follows the Bind goes out as the client sent it.
             write_now(server.transport, bind + data[5 + len(body) :])

@@ -373,3 +373,42 @@ def test_a_run_waiting_to_be_retried_is_answered_when_its_node_dies(kept):
     out = ct.value()
     assert types(out) == "EZ" and b"C08006" in out, out
     assert session.relay.idle
+
+
+# -- a connection handed over between clients (more clients than server connections) --------------
+
+
+@pytest.mark.parametrize("work", ["query", "prepared"])
+def test_a_handed_over_connection_takes_the_fast_path_and_its_answer_goes_whole(work):
+    """With one server connection for two clients, B's work waits while A holds it; once A's
+    transaction ends, B's work goes out as on a kept connection and its answer comes back whole
+    (not relayed message by message)."""
+    h = Harness(pool_mode="transaction", databases={"appdb": {"dbname": "postgres", "nodes": ["db1:5432"], "pool_size": 1}})
+    b, bt = h.client()
+    server = b.server
+    b.got_data(m.query("SELECT 1"))
+    server.got_data(ANSWER)
+    server.transport.clear()
+    server_name = prepared(b, server, bt)
+    a, at = h.client()  # takes the connection back from B between B's transactions
+    a.got_data(m.query("BEGIN"))
+    assert a.server is server
+    server.got_data(m.command_complete("BEGIN") + m.ready_for_query(p.TX_IN_TRANSACTION))
+    server.transport.clear()
+    if work == "query":
+        sent = m.query("SELECT abalance FROM pgbench_accounts WHERE aid = 7")
+        b.got_data(sent)
+        expected = sent
+    else:
+        tail = m.execute() + m.sync()
+        b.got_data(m.bind("", "S_1", [b"7"]) + tail)
+        expected = m.bind("", server_name.decode(), [b"7"]) + tail
+    assert b.state == "waiting"
+    a.got_data(m.query("COMMIT"))
+    server.got_data(m.command_complete("COMMIT") + m.ready_for_query())
+    assert b.server is server and b.state == "linked"
+    assert server.transport.value().endswith(expected)
+    bt.clear()
+    reply = (frame(p.BIND_COMPLETE) if work == "prepared" else b"") + ANSWER
+    server.got_data(reply)
+    assert bt.value() == reply
