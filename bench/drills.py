@@ -4,7 +4,7 @@
     PYTHONPATH=. python bench/drills.py [--sessions 32] [--drill replica-kill --drill freeze --drill kill-promote]
                                         [--settle 3] [--phase 10] [--freeze 10] [--stale-after 3] [--json FILE]
 
-One throwaway cluster (a primary and two streaming replicas, pgtwist.localcluster), one pgtwist
+One throwaway cluster (a primary and two streaming replicas, pgtwist.tools.localcluster), one pgtwist
 in front of it (transaction pooling, auto_promote on), and --sessions client sessions (psycopg,
 one thread each) mixing reads and writes through it. Each drill: --settle seconds of load, the
 event, then --phase seconds of load. Reported per drill, as an operator would judge it:
@@ -44,7 +44,7 @@ if str(REPO) not in sys.path:
 
 import psycopg  # noqa: E402
 
-from pgtwist.localcluster import LocalCluster  # noqa: E402
+from pgtwist.tools.localcluster import LocalCluster  # noqa: E402
 from tests.integration.proxy import DATABASE, proxy_config, start_proxy, wait_for, write_config  # noqa: E402
 
 DRILLS = ("replica-kill", "freeze", "kill-promote")

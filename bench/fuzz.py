@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from pgtwist.localcluster import LocalCluster  # noqa: E402
+from pgtwist.tools.localcluster import LocalCluster  # noqa: E402
 from tests.integration import fuzzing  # noqa: E402
 from tests.integration.ops import start_ops_proxy  # noqa: E402
 from tests.integration.proxy import wait_for  # noqa: E402

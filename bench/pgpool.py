@@ -6,7 +6,7 @@
                                         [--json FILE] [--keep]
 
 Everything runs on this machine: one throwaway PostgreSQL primary with one streaming replica
-(pgtwist.localcluster), Pgpool-II (Debian package pgpool2) in streaming-replication mode with
+(pgtwist.tools.localcluster), Pgpool-II (Debian package pgpool2) in streaming-replication mode with
 load_balance_mode = on, and pgtwist in transaction pooling mode with routing on (reads to the
 replica, writes to the primary). Both stay up for the whole run; pgbench rounds alternate
 between them (the order flips each round). Both authenticate clients with SCRAM-SHA-256 and
@@ -96,7 +96,7 @@ class Bench:
     # -- setup ---------------------------------------------------------------------------
 
     def setup(self) -> None:
-        from pgtwist.localcluster import LocalCluster
+        from pgtwist.tools.localcluster import LocalCluster
 
         if self.pgpool_bin is None:
             raise BenchError("pgpool not found: apt-get install pgpool2")
@@ -147,7 +147,7 @@ class Bench:
         return path
 
     def start_pgpool(self) -> None:
-        from pgtwist.localcluster import free_port
+        from pgtwist.tools.localcluster import free_port
 
         primary, replica = self.cluster.nodes
         port, pcp_port = free_port(), free_port()
@@ -219,7 +219,7 @@ class Bench:
         self.targets["pgpool"] = {"port": port, "proc": proc, "log": log}
 
     def start_pgtwist(self) -> None:
-        from pgtwist.localcluster import free_port
+        from pgtwist.tools.localcluster import free_port
 
         primary, replica = self.cluster.nodes
         port = free_port()

@@ -5,7 +5,7 @@
                                      [--pool-mode session|transaction] [--clients N ...]
                                      [--markdown] [--require-pgbouncer] [--json FILE]
 
-Everything runs on this machine: one throwaway PostgreSQL cluster (pgtwist.localcluster),
+Everything runs on this machine: one throwaway PostgreSQL cluster (pgtwist.tools.localcluster),
 one PgBouncer and one pgtwist in front of it with equivalent settings, and pgbench (or, for
 idle-clients, a helper process holding raw authenticated sockets). bench/README.md explains
 the method. Everything started here is stopped on exit, Ctrl-C and SIGTERM included.
@@ -284,7 +284,7 @@ class Bench:
     # -- setup ---------------------------------------------------------------------------
 
     def setup(self) -> None:
-        from pgtwist.localcluster import LocalCluster
+        from pgtwist.tools.localcluster import LocalCluster
 
         self.run_as, self.tmp = work_dir("pgtwist-bench-", "PgBouncer")
         self.export_source(self.args.pgtwist_rev)
@@ -332,7 +332,7 @@ class Bench:
         return path
 
     def start_pgbouncer(self, pool_mode: str) -> Target:
-        from pgtwist.localcluster import free_port
+        from pgtwist.tools.localcluster import free_port
 
         self._instance += 1
         tag = f"pgbouncer{self._instance}"
@@ -368,7 +368,7 @@ class Bench:
         return Target("pgbouncer", "127.0.0.1", port, proc, log)
 
     def start_pgtwist(self, pool_mode: str, profile: Path | None = None) -> Target:
-        from pgtwist.localcluster import free_port
+        from pgtwist.tools.localcluster import free_port
 
         self._instance += 1
         tag = f"pgtwist{self._instance}"
@@ -787,7 +787,7 @@ def source_digest(root: Path) -> str:
 
 
 def machine_info(pgbouncer_bin: str | None, rev: str | None = None) -> dict:
-    from pgtwist.localcluster import find_bindir
+    from pgtwist.tools.localcluster import find_bindir
 
     cpu = "unknown"
     with contextlib.suppress(OSError):
@@ -1087,7 +1087,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"error: {e}")
         return 1
     except Exception as e:
-        from pgtwist.localcluster import LocalClusterError
+        from pgtwist.tools.localcluster import LocalClusterError
 
         if isinstance(e, LocalClusterError):
             say(f"error: {e}")

@@ -563,7 +563,7 @@ def _tls_table(c: _Checker, raw: Mapping, name: str, modes: tuple, base: Path, k
             c.err(f"{name}.{'key' if 'cert' in table else 'cert'}", "cert and key go together")
     config = kind(mode=mode, ciphers=ciphers, min_protocol_version=version, **paths)
     if mode != "disable" and len(c.errors) == errors:
-        from pgtwist import tls  # OpenSSL only for configs that use it
+        from pgtwist.transport import tls  # OpenSSL only for configs that use it
 
         for key, message in tls.check(config, for_nodes=kind is ServerTlsConfig):
             c.err(f"{name}.{key}", message)

@@ -15,7 +15,7 @@ from twisted.logger import Logger
 
 from pgtwist import config as configmod
 from pgtwist.admin import actions, inspect
-from pgtwist.login import LoginError
+from pgtwist.frontend.login import LoginError
 from pgtwist.wire import frontend
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p

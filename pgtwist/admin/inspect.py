@@ -9,7 +9,7 @@ from __future__ import annotations
 from itertools import chain
 
 from pgtwist import config as configmod
-from pgtwist import sqlinspect
+from pgtwist.routing import sqlinspect
 
 CLIENT_COLUMNS = (
     ("id", str),

@@ -13,7 +13,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pgtwist.routing.policy import PRIMARY, REPLICA, NodeState, format_lsn, parse_lsn, resolve_primary
-from pgtwist.server_login import ServerLogin, ServerLoginError
+from pgtwist.backend.login import ServerLogin, ServerLoginError
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 from pgtwist.wire.errors import WireError

@@ -8,7 +8,7 @@ import threading
 import psycopg
 import pytest
 
-from pgtwist.localcluster import LocalCluster
+from pgtwist.tools.localcluster import LocalCluster
 
 from . import proxy as proxymod
 

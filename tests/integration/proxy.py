@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 import psycopg
 
 from pgtwist.auth import ScramClientExchange
-from pgtwist.localcluster import LocalCluster, free_port
+from pgtwist.tools.localcluster import LocalCluster, free_port
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 

@@ -8,7 +8,7 @@ import asyncpg
 import psycopg
 import pytest
 
-from pgtwist.localcluster import free_port
+from pgtwist.tools.localcluster import free_port
 from pgtwist.wire import protocol as p
 
 from .proxy import HOST, RawClient, ServerError, error_fields_of, start_proxy

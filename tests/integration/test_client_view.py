@@ -224,7 +224,7 @@ def test_logins_after_a_failover_are_told_the_new_primarys_values(tmp_path):
     when it is served by a connection opened while that node was a replica."""
     import time
 
-    from pgtwist.localcluster import LocalCluster
+    from pgtwist.tools.localcluster import LocalCluster
 
     with LocalCluster.create(replicas=1) as cluster:
         primary, replica = cluster.nodes

@@ -13,9 +13,9 @@ from twisted.internet.task import deferLater
 
 from pgtwist.auth import Credential
 from pgtwist.cluster.health import ClusterMonitor
-from pgtwist.localcluster import LocalCluster
+from pgtwist.tools.localcluster import LocalCluster
 from pgtwist.routing.policy import choose
-from pgtwist.server_login import ServerLogin
+from pgtwist.backend.login import ServerLogin
 
 pytestmark = pytest.mark.integration
 

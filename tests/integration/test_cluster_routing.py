@@ -14,7 +14,7 @@ import time
 import psycopg
 import pytest
 
-from pgtwist.localcluster import LocalCluster
+from pgtwist.tools.localcluster import LocalCluster
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 

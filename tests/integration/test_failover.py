@@ -16,7 +16,7 @@ import psycopg
 import pytest
 from psycopg import errors as pgerrors
 
-from pgtwist.localcluster import LocalCluster
+from pgtwist.tools.localcluster import LocalCluster
 
 from .proxy import DATABASE, start_proxy, wait_for
 

@@ -26,7 +26,7 @@ import psycopg
 import pytest
 from psycopg import errors as pgerrors
 
-from pgtwist.localcluster import LocalCluster
+from pgtwist.tools.localcluster import LocalCluster
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 from pgtwist.wire.framing import pop_messages

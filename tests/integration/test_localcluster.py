@@ -1,4 +1,4 @@
-"""pgtwist.localcluster against real PostgreSQL binaries."""
+"""pgtwist.tools.localcluster against real PostgreSQL binaries."""
 
 import uuid
 from pathlib import Path
@@ -6,7 +6,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from pgtwist.localcluster import LocalCluster, LocalClusterError
+from pgtwist.tools.localcluster import LocalCluster, LocalClusterError
 
 pytestmark = pytest.mark.integration
 

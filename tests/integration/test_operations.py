@@ -13,7 +13,7 @@ import pytest
 
 from .ops import http_get, rewrite_config, screen_text, ssh_keygen, ssh_repl, start_ops_proxy
 from .proxy import HOST, RawClient, ServerError, port_accepts, run_psql, wait_for
-from pgtwist.localcluster import free_port
+from pgtwist.tools.localcluster import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -21,7 +21,7 @@ import asyncpg
 import psycopg
 import pytest
 
-from pgtwist.localcluster import LocalCluster
+from pgtwist.tools.localcluster import LocalCluster
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 

@@ -7,7 +7,7 @@ import psycopg
 import pytest
 
 from pgtwist.auth import ScramClientExchange
-from pgtwist.localcluster import LocalCluster
+from pgtwist.tools.localcluster import LocalCluster
 from pgtwist.wire import messages as m
 
 from .proxy import RawClient, psql, start_proxy, wait_for

@@ -1,6 +1,6 @@
 """TLS end to end: clients -> pgtwist (its own certificate) and pgtwist -> a PostgreSQL node with ssl = on.
 
-A throwaway PKI (pgtwist.testcerts) signs pgtwist's certificate, client certificates and the node's
+A throwaway PKI (pgtwist.tools.testcerts) signs pgtwist's certificate, client certificates and the node's
 (from a separate CA). Every wait is bounded (socket timeouts, subprocess timeouts, per-test deadline).
 """
 
@@ -122,7 +122,7 @@ def test_plaintext_cancel_request_is_heard_under_require(both_legs, pki):
 
 
 def test_certificates_reload_on_sighup_without_dropping_connections(tls_node, pki, tmp_path):
-    from pgtwist import testcerts
+    from pgtwist.tools import testcerts
 
     files = tmp_path / "certs"
     files.mkdir()
@@ -231,7 +231,7 @@ def test_verify_ca_demands_a_client_certificate(verify_ca_proxy, pki):
 
 
 def test_verify_ca_refuses_a_certificate_from_another_ca(verify_ca_proxy, pki, tmp_path):
-    from pgtwist import testcerts
+    from pgtwist.tools import testcerts
 
     stray = testcerts.issue(testcerts.make_ca("stray CA"), "app", client=True)
     cert, key = stray.write(tmp_path, "stray")

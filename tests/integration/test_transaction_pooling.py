@@ -50,7 +50,7 @@ def txproxy(pg_cluster, tmp_path_factory):
 def test_twistd_runs_pgtwist_on_its_own_reactor(txproxy):
     """`twistd pgbalance` installs ProxyReactor (docs/BENCHMARKS.md says why); losing it would
     silently cost about a quarter of the CPU per transaction."""
-    assert "reactor class: pgtwist.reactor.ProxyReactor." in txproxy.log_text()
+    assert "reactor class: pgtwist.transport.reactor.ProxyReactor." in txproxy.log_text()
 
 
 def warm(proxy, n: int) -> set[int]:

@@ -17,7 +17,7 @@ import sys
 import psycopg
 import pytest
 
-from pgtwist.localcluster import LocalCluster, free_port
+from pgtwist.tools.localcluster import LocalCluster, free_port
 
 from .ops import http_get, start_ops_proxy
 from .proxy import DATABASE, HOST, TWISTD, ProxyStartError, proxy_config, start_proxy, wait_for, write_config
@@ -47,9 +47,9 @@ def userlist_line(user: str, secret: str) -> str:
 
 
 def passwd_tool(password: str) -> str:
-    """The verifier `python -m pgtwist.passwd` prints for *password* (read from stdin)."""
+    """The verifier `python -m pgtwist.tools.passwd` prints for *password* (read from stdin)."""
     out = subprocess.run(
-        [sys.executable, "-m", "pgtwist.passwd"], input=password + "\n", capture_output=True, text=True, timeout=60, check=True
+        [sys.executable, "-m", "pgtwist.tools.passwd"], input=password + "\n", capture_output=True, text=True, timeout=60, check=True
     )
     return out.stdout.strip()
 

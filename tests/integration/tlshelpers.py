@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from pgtwist import testcerts
-from pgtwist.localcluster import LocalCluster
+from pgtwist.tools import testcerts
+from pgtwist.tools.localcluster import LocalCluster
 
 from . import proxy as proxymod
 from .proxy import RawClient

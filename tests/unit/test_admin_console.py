@@ -5,7 +5,7 @@ import struct
 import pytest
 
 from pgtwist.admin import console
-from pgtwist.reload import ReloadOutcome
+from pgtwist.service.reload import ReloadOutcome
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 

@@ -13,7 +13,7 @@ from twisted.internet.testing import MemoryReactorClock
 
 from pgtwist.admin import ManholeError, manhole
 from pgtwist.config import ManholeConfig, parse_address
-from pgtwist.service import PgBalanceService
+from pgtwist.service.lifecycle import PgBalanceService
 
 from .admin_support import client, make_config
 
@@ -122,7 +122,7 @@ def test_namespace_helpers_return_plain_data(service):
 
 
 def test_service_with_manhole_listens_where_configured(tmp_path, monkeypatch):
-    from pgtwist import service as servicemod
+    from pgtwist.service import lifecycle as servicemod
 
     monkeypatch.setattr(servicemod, "raise_nofile_limit", lambda: 1024)
     (tmp_path / "authorized_keys").write_bytes(new_key().public().toString("openssh") + b"\n")

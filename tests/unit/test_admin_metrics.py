@@ -6,7 +6,7 @@ from twisted.web.server import NOT_DONE_YET
 from twisted.web.test.requesthelper import DummyRequest
 
 from pgtwist.admin import metrics
-from pgtwist.service import PgBalanceService
+from pgtwist.service.lifecycle import PgBalanceService
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 
@@ -113,7 +113,7 @@ def test_readyz_probes_the_primary():
 
 
 def test_service_builds_metrics_and_readiness_follows_the_listener(monkeypatch):
-    from pgtwist import service as servicemod
+    from pgtwist.service import lifecycle as servicemod
 
     monkeypatch.setattr(servicemod, "raise_nofile_limit", lambda: 1024)
     reactor = MemoryReactorClock()
@@ -142,7 +142,7 @@ def test_query_latency_runs_from_the_request_to_its_ready_for_query():
 
 def test_nodes_left_out_of_reads_say_why():
     from pgtwist.admin import inspect
-    from pgtwist.router import DatabaseRouter
+    from pgtwist.routing.router import DatabaseRouter
     from pgtwist.routing.policy import NodeState
 
     cluster = {"appdb": {"dbname": "postgres", "nodes": ["db1:5432", "db2:5432", "db3:5432"], "pool_size": 2}}

@@ -9,8 +9,11 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import ILogObserver, Logger
 
 from pgtwist import config as configmod
-from pgtwist import drain, logs, reload, tap
-from pgtwist.service import PgBalanceService
+from pgtwist.service import drain
+from pgtwist.service import logs
+from pgtwist.service import reload
+from pgtwist.service import tap
+from pgtwist.service.lifecycle import PgBalanceService
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 
@@ -218,7 +221,7 @@ def test_drain_with_nobody_is_immediate(setup):
 
 @pytest.fixture
 def svc(tmp_path, monkeypatch):
-    from pgtwist import service as servicemod
+    from pgtwist.service import lifecycle as servicemod
 
     monkeypatch.setattr(servicemod, "raise_nofile_limit", lambda: 1024)
     path = tmp_path / "pg.toml"

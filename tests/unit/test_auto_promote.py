@@ -2,7 +2,7 @@
 
 from twisted.internet import defer
 
-from pgtwist.router import DatabaseRouter
+from pgtwist.routing.router import DatabaseRouter
 from pgtwist.routing.policy import NodeState, parse_lsn
 
 from .admin_support import TestProxy, make_config

@@ -10,7 +10,7 @@ from twisted.python.failure import Failure
 
 from pgtwist.cluster.health import PROBE_SQL, ClusterMonitor, PromoteError
 from pgtwist.routing.policy import parse_lsn
-from pgtwist.server_login import ServerLogin
+from pgtwist.backend.login import ServerLogin
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 from pgtwist.wire.framing import frame, pop_messages, pop_startup_packet

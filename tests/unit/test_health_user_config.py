@@ -4,7 +4,7 @@ answers the nodes on its own (the monitor starts before any client logs in); con
 import pytest
 from twisted.internet.testing import MemoryReactorClock
 
-from pgtwist import tap
+from pgtwist.service import tap
 from pgtwist.auth import ScramVerifier, md5_hash
 from pgtwist.config import ConfigError, from_dict
 

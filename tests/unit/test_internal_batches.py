@@ -5,7 +5,7 @@ the proxy sends on a client's behalf (settings synced and read back, the read-yo
 position, startup settings restored after RESET) must leave them as they were.
 """
 
-from pgtwist.statements import INTERNAL_NAME, internal_batch
+from pgtwist.pooling.statements import INTERNAL_NAME, internal_batch
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 

@@ -1,4 +1,4 @@
-"""Pure (no PostgreSQL needed) tests for pgtwist.localcluster."""
+"""Pure (no PostgreSQL needed) tests for pgtwist.tools.localcluster."""
 
 import shutil
 import socket
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pgtwist import localcluster
-from pgtwist.localcluster import LocalClusterError, Node, free_port
+from pgtwist.tools import localcluster
+from pgtwist.tools.localcluster import LocalClusterError, Node, free_port
 
 
 def test_free_port_below_ephemeral_range_and_bindable():

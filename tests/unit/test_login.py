@@ -6,7 +6,7 @@ import struct
 import pytest
 
 from pgtwist.auth import Credential, ScramClientExchange, ScramVerifier, md5_hash, md5_salted_response
-from pgtwist.login import Authenticated, CancelReceived, ClientLogin, LoginError, Reply
+from pgtwist.frontend.login import Authenticated, CancelReceived, ClientLogin, LoginError, Reply
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 from pgtwist.wire import sqlstate

@@ -7,9 +7,9 @@ for that user (session_authorization, is_superuser) and that node (server_versio
 
 import pytest
 
-from pgtwist.router import DatabaseRouter
+from pgtwist.routing.router import DatabaseRouter
 from pgtwist.routing.policy import NodeState
-from pgtwist.statements import internal_batch
+from pgtwist.pooling.statements import internal_batch
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pgtwist import passwd
+from pgtwist.tools import passwd
 from pgtwist.auth import ScramVerifier
 from pgtwist.auth.userlist import parse_userlist
 from pgtwist.config import from_dict
@@ -81,7 +81,7 @@ def test_empty_password_and_bad_iterations_are_refused():
 
 def test_module_runs_as_a_command():
     result = subprocess.run(
-        [sys.executable, "-m", "pgtwist.passwd", "--iterations", "16"],
+        [sys.executable, "-m", "pgtwist.tools.passwd", "--iterations", "16"],
         input="from stdin\n", capture_output=True, text=True, cwd=ROOT, timeout=60,
     )
     assert result.returncode == 0, result.stderr
@@ -92,4 +92,4 @@ def test_console_script_is_declared():
     setup = configparser.ConfigParser()
     setup.read(ROOT / "setup.cfg")
     scripts = setup["options.entry_points"]["console_scripts"].split()
-    assert scripts == ["pgtwist-passwd", "=", "pgtwist.passwd:main"]
+    assert scripts == ["pgtwist-passwd", "=", "pgtwist.tools.passwd:main"]

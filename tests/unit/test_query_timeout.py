@@ -7,7 +7,7 @@ from twisted.internet.error import ConnectionAborted
 from twisted.python.failure import Failure
 
 from pgtwist import config as configmod
-from pgtwist.backend import Keepalive, set_keepalive
+from pgtwist.backend.protocol import Keepalive, set_keepalive
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 from pgtwist.wire import sqlstate

@@ -6,7 +6,7 @@ import sys
 import pytest
 from twisted.logger import LogLevel, globalLogPublisher
 
-from pgtwist import reactor as reactormod
+from pgtwist.transport import reactor as reactormod
 
 pytestmark = pytest.mark.skipif(reactormod.ProxyReactor is None, reason="epoll is Linux-only")
 

@@ -7,9 +7,9 @@ tracked a write; a link given back (lent) without it did not.
 
 import pytest
 
-from pgtwist import batch
-from pgtwist.session import _WRITE_LSN_SQL
-from pgtwist.statements import Statement
+from pgtwist.routing import batch
+from pgtwist.session.client import _WRITE_LSN_SQL
+from pgtwist.pooling.statements import Statement
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 from pgtwist.wire.framing import frame

@@ -1,7 +1,7 @@
 """Relay: client statement names over shared server statements, injected and synthesized messages, in order."""
 
-from pgtwist.relay import Relay
-from pgtwist.statements import SERVER_NAME_PREFIX, Schema, ServerStatements, Statement, parse_body
+from pgtwist.pooling.relay import Relay
+from pgtwist.pooling.statements import SERVER_NAME_PREFIX, Schema, ServerStatements, Statement, parse_body
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 from pgtwist.wire import sqlstate
@@ -401,7 +401,7 @@ DESCRIBED_REPLY = BIND_COMPLETE + NO_DATA + m.command_complete("SELECT 1") + m.r
 
 
 def test_statement_is_stale_by_sqlstate_message_or_routine():
-    from pgtwist.relay import statement_is_stale
+    from pgtwist.pooling.relay import statement_is_stale
 
     assert statement_is_stale({"C": "0A000", "M": "cached plan must not change result type"})
     assert statement_is_stale({"C": "0A000", "M": "le plan en cache ne doit pas modifier le type en résultat", "R": "RevalidateCachedQuery"})
@@ -561,7 +561,7 @@ def described(server=None):
 
 
 def test_result_shape_is_names_types_and_modifiers_only():
-    from pgtwist.relay import result_shape
+    from pgtwist.pooling.relay import result_shape
 
     assert result_shape(b"") == ()
     assert result_shape(row_description(("x", 23), table=1)) == result_shape(row_description(("x", 23), table=2))

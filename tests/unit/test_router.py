@@ -5,8 +5,8 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from pgtwist import config as configmod
-from pgtwist import router as routermod
-from pgtwist.router import FUNCTIONS_REFRESH, DatabaseRouter, NoNode
+from pgtwist.routing import router as routermod
+from pgtwist.routing.router import FUNCTIONS_REFRESH, DatabaseRouter, NoNode
 from pgtwist.routing.policy import NodeState
 
 P, R1, R2 = "p:5432", "r1:5432", "r2:5432"

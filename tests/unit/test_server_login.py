@@ -11,7 +11,7 @@ from pgtwist.auth import (
     md5_hash,
     md5_salted_response,
 )
-from pgtwist.server_login import ServerLogin, ServerLoginError
+from pgtwist.backend.login import ServerLogin, ServerLoginError
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 from pgtwist.wire import sqlstate

@@ -15,13 +15,13 @@ from twisted.python.failure import Failure
 
 from pgtwist import config as configmod
 from pgtwist.auth import ScramClientExchange
-from pgtwist.backend import BackendFactory, CancelFactory
-from pgtwist.login import LoginError
-from pgtwist.proxy import Proxy
-from pgtwist.server import ServerConnection
-from pgtwist.server_login import ServerLogin
-from pgtwist.settings import client_settings, parse_options, quote_literal, sync_sql
-from pgtwist.statements import INTERNAL_NAME
+from pgtwist.backend.protocol import BackendFactory, CancelFactory
+from pgtwist.frontend.login import LoginError
+from pgtwist.service.proxy import Proxy
+from pgtwist.backend.connection import ServerConnection
+from pgtwist.backend.login import ServerLogin
+from pgtwist.pooling.settings import client_settings, parse_options, quote_literal, sync_sql
+from pgtwist.pooling.statements import INTERNAL_NAME
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 from pgtwist.wire import sqlstate
@@ -956,7 +956,7 @@ def test_real_connect_refused_gives_08006():
 
 
 def test_resets_are_told_from_assignments():
-    from pgtwist.sqlinspect import inspect
+    from pgtwist.routing.sqlinspect import inspect
 
     assert inspect("RESET application_name").resets == ("application_name",)
     assert inspect("SET TimeZone TO DEFAULT").resets == ("timezone",)

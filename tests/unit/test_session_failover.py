@@ -9,7 +9,7 @@ from twisted.internet.error import ConnectionLost
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
-from pgtwist.router import DatabaseRouter
+from pgtwist.routing.router import DatabaseRouter
 from pgtwist.routing.policy import NodeState
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p

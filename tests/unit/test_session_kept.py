@@ -9,7 +9,7 @@ the reply forwarded as it came, the connection lent again afterwards.
 
 import pytest
 
-from pgtwist.statements import SERVER_NAME_PREFIX
+from pgtwist.pooling.statements import SERVER_NAME_PREFIX
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 from pgtwist.wire.framing import frame

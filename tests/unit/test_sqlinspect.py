@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pgtwist import sqlinspect
-from pgtwist.sqlinspect import NO_EFFECTS, inspect, inspect_query
+from pgtwist.routing import sqlinspect
+from pgtwist.routing.sqlinspect import NO_EFFECTS, inspect, inspect_query
 
 
 def body(sql: str) -> bytes:

@@ -4,10 +4,10 @@ import pytest
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
 
-from pgtwist import service as servicemod
-from pgtwist import tap
+from pgtwist.service import lifecycle as servicemod
+from pgtwist.service import tap
 from pgtwist.auth import md5_hash
-from pgtwist.service import PgBalanceService
+from pgtwist.service.lifecycle import PgBalanceService
 
 GOOD = (
     'listen = "127.0.0.1:7432"\n'
@@ -118,11 +118,11 @@ def test_twistd_plugin_points_at_tap():
     from twisted.plugins import pgbalance
 
     assert pgbalance.pgbalance.tapname == "pgbalance"
-    assert pgbalance.pgbalance.module == "pgtwist.tap"
+    assert pgbalance.pgbalance.module == "pgtwist.service.tap"
 
 
 def test_demo_options_parse_with_their_defaults():
-    from pgtwist.tap import Options
+    from pgtwist.service.tap import Options
 
     options = Options()
     options.parseOptions(["--demo"])
@@ -135,7 +135,7 @@ def test_demo_options_parse_with_their_defaults():
 def test_demo_config_fronts_every_node_in_transaction_mode():
     from types import SimpleNamespace
 
-    from pgtwist.demo import demo_config
+    from pgtwist.tools.demo import demo_config
 
     nodes = [SimpleNamespace(addr="127.0.0.1:20001"), SimpleNamespace(addr="127.0.0.1:20002")]
     cluster = SimpleNamespace(app_database="postgres", nodes=nodes, app_user="app", app_password="pw-not-default")

@@ -22,13 +22,14 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
 from pgtwist import config as configmod
-from pgtwist import testcerts, tls
+from pgtwist.tools import testcerts
+from pgtwist.transport import tls
 from pgtwist.auth import Credential
 from pgtwist.config import Address, ServerTlsConfig, TlsConfig
-from pgtwist.login import Authenticated, CancelReceived, ClientLogin, LoginError, Reply, StartTLS
-from pgtwist.proxy import Proxy
-from pgtwist.server import ServerConnection
-from pgtwist.server_login import ServerLogin, ServerLoginError
+from pgtwist.frontend.login import Authenticated, CancelReceived, ClientLogin, LoginError, Reply, StartTLS
+from pgtwist.service.proxy import Proxy
+from pgtwist.backend.connection import ServerConnection
+from pgtwist.backend.login import ServerLogin, ServerLoginError
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 from pgtwist.wire.errors import WireError
@@ -756,7 +757,7 @@ def test_node_closing_during_the_handshake(pki):
 
 
 def cancel_to(mode=None, pki=None):
-    from pgtwist.backend import CancelFactory
+    from pgtwist.backend.protocol import CancelFactory
 
     node_tls = None
     if mode is not None:

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pgtwist.relay import CLIENT_CAPTURE
+from pgtwist.pooling.relay import CLIENT_CAPTURE
 from pgtwist.wire import frontend
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p

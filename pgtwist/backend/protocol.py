@@ -8,7 +8,7 @@ from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from pgtwist.server_login import ServerLoginError
+from pgtwist.backend.login import ServerLoginError
 from pgtwist.wire import messages as m
 from pgtwist.wire import sqlstate
 

@@ -35,13 +35,13 @@ class Options(usage.Options):
 
 def makeService(options, reactor=None):
     if reactor is None:  # under twistd: run on pgtwist's reactor unless given --reactor
-        from pgtwist.reactor import install_if_free
+        from pgtwist.transport.reactor import install_if_free
 
         install_if_free()
-    from pgtwist.service import PgBalanceService
+    from pgtwist.service.lifecycle import PgBalanceService
 
     if options["demo"]:
-        from pgtwist.demo import make_demo_service
+        from pgtwist.tools.demo import make_demo_service
 
         return make_demo_service(options, reactor)
     try:
@@ -54,7 +54,7 @@ def makeService(options, reactor=None):
         sys.stdout.write(f"{options['config']}: OK\n")
         raise SystemExit(0)
     from pgtwist.admin import ManholeError
-    from pgtwist.logs import with_log_format
+    from pgtwist.service.logs import with_log_format
 
     try:
         # Under twistd (no reactor given) SIGHUP reloads and SIGTERM drains.

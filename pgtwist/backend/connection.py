@@ -7,9 +7,9 @@ from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 from twisted.logger import Logger
 
-from pgtwist.sendnow import write_now
-from pgtwist.server_login import ServerLogin, ServerLoginError
-from pgtwist.statements import ServerStatements, internal_batch
+from pgtwist.transport.sendnow import write_now
+from pgtwist.backend.login import ServerLogin, ServerLoginError
+from pgtwist.pooling.statements import ServerStatements, internal_batch
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 from pgtwist.wire import sqlstate

@@ -10,15 +10,17 @@ from __future__ import annotations
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from pgtwist import batch, standin
+from pgtwist.routing import batch
+
+from pgtwist.session import standin
 from pgtwist.cluster import evidence
-from pgtwist.pool import PoolError
-from pgtwist.relay import SYNC
-from pgtwist.router import Decision, NoNode
+from pgtwist.pooling.pool import PoolError
+from pgtwist.pooling.relay import SYNC
+from pgtwist.routing.router import Decision, NoNode
 from pgtwist.routing.classify import Classification, classify
-from pgtwist.server_login import ServerLoginError
-from pgtwist.settings import sync_sql
-from pgtwist.states import CLOSED, IDLE, LINKED, PREPARING, WAITING
+from pgtwist.backend.login import ServerLoginError
+from pgtwist.pooling.settings import sync_sql
+from pgtwist.session.states import CLOSED, IDLE, LINKED, PREPARING, WAITING
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 from pgtwist.wire import sqlstate

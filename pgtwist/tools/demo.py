@@ -34,8 +34,8 @@ def demo_config(cluster, listen: str, database: str = "appdb") -> configmod.Conf
 
 
 def make_demo_service(options, reactor=None):
-    from pgtwist.localcluster import LocalCluster, LocalClusterError
-    from pgtwist.service import PgBalanceService
+    from pgtwist.tools.localcluster import LocalCluster, LocalClusterError
+    from pgtwist.service.lifecycle import PgBalanceService
 
     try:
         cluster = LocalCluster.create(replicas=options["demo-replicas"])

@@ -9,10 +9,10 @@ from twisted.application import service
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
-from pgtwist import drain
-from pgtwist import reload as reloadmod
-from pgtwist.frontend import FrontendFactory
-from pgtwist.proxy import Proxy
+from pgtwist.service import drain
+from pgtwist.service import reload as reloadmod
+from pgtwist.frontend.protocol import FrontendFactory
+from pgtwist.service.proxy import Proxy
 
 log = Logger()
 

@@ -7,25 +7,29 @@ from __future__ import annotations
 
 from twisted.logger import Logger
 
-from pgtwist import sqlinspect, standin, tls
-from pgtwist import drain
+from pgtwist.routing import sqlinspect
+
+from pgtwist.session import standin
+
+from pgtwist.transport import tls
+from pgtwist.service import drain
 from pgtwist.admin import audit
 from pgtwist.admin.console import DATABASE as ADMIN_DATABASE
 from pgtwist.admin.console import AdminConsole
-from pgtwist.login import Authenticated, CancelReceived, ClientLogin, LoginError, Reply, StartTLS
-from pgtwist.placement import UNSYNCED as _UNSYNCED
-from pgtwist.placement import Placement
-from pgtwist.relay import CLIENT_CAPTURE, HOT_RUN, SYNC, Relay
-from pgtwist.router import Decision
+from pgtwist.frontend.login import Authenticated, CancelReceived, ClientLogin, LoginError, Reply, StartTLS
+from pgtwist.session.placement import UNSYNCED as _UNSYNCED
+from pgtwist.session.placement import Placement
+from pgtwist.pooling.relay import CLIENT_CAPTURE, HOT_RUN, SYNC, Relay
+from pgtwist.routing.router import Decision
 from pgtwist.routing.policy import parse_lsn, write_lsn
-from pgtwist.settings import SERVER_OWNED, client_settings, parse_options, quote_literal, readback_sql, sync_sql
-from pgtwist.states import ADMIN, CLOSED, IDLE, LINKED, LOGIN, PREPARING, WAITING
-from pgtwist.statements import split_bind, split_parse
+from pgtwist.pooling.settings import SERVER_OWNED, client_settings, parse_options, quote_literal, readback_sql, sync_sql
+from pgtwist.session.states import ADMIN, CLOSED, IDLE, LINKED, LOGIN, PREPARING, WAITING
+from pgtwist.pooling.statements import split_bind, split_parse
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 from pgtwist.wire import sqlstate
 from pgtwist.wire.errors import WireError
-from pgtwist.sendnow import write_now
+from pgtwist.transport.sendnow import write_now
 from pgtwist.wire.framing import MessageScanner, frame
 
 __all__ = ["ClientSession", "client_settings", "parse_options", "quote_literal"]

@@ -1,4 +1,4 @@
-"""`python -m pgtwist.passwd` / `pgtwist-passwd`: a password in, a SCRAM-SHA-256 verifier for the config out."""
+"""`python -m pgtwist.tools.passwd` / `pgtwist-passwd`: a password in, a SCRAM-SHA-256 verifier for the config out."""
 
 from __future__ import annotations
 

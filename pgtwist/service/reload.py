@@ -72,7 +72,7 @@ def _load_tls(proxy, new):
     """The new config's TLS contexts, built before anything changes (files are re-read: renewed certificates apply)."""
     if not hasattr(proxy, "reload_tls"):
         return None
-    from pgtwist import tls
+    from pgtwist.transport import tls
 
     return tls.from_config(new)
 

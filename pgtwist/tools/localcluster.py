@@ -297,7 +297,7 @@ class LocalCluster:
             pwfile.unlink(missing_ok=True)
 
         (primary.datadir / "pg_hba.conf").write_text(
-            "# written by pgtwist.localcluster\n"
+            "# written by pgtwist.tools.localcluster\n"
             "local   all          all                  trust\n"
             "host    all          all   127.0.0.1/32   scram-sha-256\n"
             "host    replication  all   127.0.0.1/32   scram-sha-256\n"
@@ -406,7 +406,7 @@ class LocalCluster:
                          follow_symlinks=False)
 
     def _append_conf(self, node: Node, settings: dict[str, str], label: str) -> None:
-        lines = [f"\n# pgtwist.localcluster: {label}\n"]
+        lines = [f"\n# pgtwist.tools.localcluster: {label}\n"]
         lines += [f"{k} = {_conf_quote(v)}\n" for k, v in settings.items()]
         with open(node.datadir / "postgresql.conf", "a") as f:
             f.writelines(lines)
@@ -721,7 +721,7 @@ class LocalCluster:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m pgtwist.localcluster",
+        prog="python -m pgtwist.tools.localcluster",
         description="Start a throwaway PostgreSQL primary + replicas; Ctrl-C destroys it.",
     )
     parser.add_argument("--replicas", type=int, default=1)

@@ -8,7 +8,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from pgtwist.server_login import ServerLoginError
+from pgtwist.backend.login import ServerLoginError
 from pgtwist.wire import protocol as p
 from pgtwist.wire import sqlstate
 

@@ -3,7 +3,7 @@
 Everything OpenSSL-specific lives here. The two legs share nothing: clients see pgtwist's own
 certificate ([tls]); nodes see pgtwist's optional client certificate ([server_tls]) and are
 verified against their own CA. Twisted's ``transport.startTLS`` does the record layer; the login
-exchanges (pgtwist/login.py, the node side in pgtwist/server.py) decide when.
+exchanges (pgtwist/frontend/login.py, the node side in pgtwist/backend/connection.py) decide when.
 
 Contexts are built once (Proxy.reload_tls() rebuilds them); a connection keeps the context it
 started with, so a reload never disturbs open connections.
@@ -25,7 +25,7 @@ from service_identity.cryptography import verify_certificate_hostname, verify_ce
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IOpenSSLServerConnectionCreator
 from zope.interface import implementer
 
-from pgtwist.server_login import ServerLoginError
+from pgtwist.backend.login import ServerLoginError
 from pgtwist.wire import sqlstate
 
 ALPN = b"postgresql"  # what PostgreSQL 17 clients offer, and demand for direct TLS

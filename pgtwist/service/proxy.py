@@ -9,18 +9,18 @@ import secrets
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from pgtwist import reload as reloadmod
-from pgtwist import tls
+from pgtwist.service import reload as reloadmod
+from pgtwist.transport import tls
 from pgtwist.admin.counters import Counters
-from pgtwist.backend import BackendFactory, CancelFactory, Keepalive
+from pgtwist.backend.protocol import BackendFactory, CancelFactory, Keepalive
 from pgtwist.cluster.health import ClusterMonitor
-from pgtwist.pool import Pool
-from pgtwist.router import DatabaseRouter, load_hook
+from pgtwist.pooling.pool import Pool
+from pgtwist.routing.router import DatabaseRouter, load_hook
 from pgtwist.routing.policy import format_lsn
-from pgtwist.server import ServerConnection
-from pgtwist.server_login import ServerLogin
-from pgtwist.session import ClientSession
-from pgtwist.statements import Schema
+from pgtwist.backend.connection import ServerConnection
+from pgtwist.backend.login import ServerLogin
+from pgtwist.session.client import ClientSession
+from pgtwist.pooling.statements import Schema
 
 log = Logger()
 
@@ -343,7 +343,7 @@ class Proxy:
         return pool
 
     def apply_config(self, config, changes) -> None:
-        """Reload: run with *config* from now on (pools resized, removed databases retired; see pgtwist.reload)."""
+        """Reload: run with *config* from now on (pools resized, removed databases retired; see pgtwist.service.reload)."""
         reloadmod.apply(self, config, changes)
 
     def connect_server(self, pool: Pool):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 
-from pgtwist.login import LoginError
+from pgtwist.frontend.login import LoginError
 from pgtwist.wire import sqlstate
 
 # Startup parameters that are not session settings.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pgtwist.statements import split_bind, split_parse
+from pgtwist.pooling.statements import split_bind, split_parse
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 from pgtwist.wire import sqlstate

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pgtwist.statements import (
+from pgtwist.pooling.statements import (
     SERVER_NAME_PREFIX,
     Schema,
     Statement,

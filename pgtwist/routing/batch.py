@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pgtwist.standin import statement_text
+from pgtwist.session.standin import statement_text
 from pgtwist.wire import protocol as p
 
 # How the first batch of what a client sent ends, so far.

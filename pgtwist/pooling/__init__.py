@@ -1,0 +1,1 @@
+"""Server connections shared between clients: pools, the extended-protocol relay, prepared statements, session settings."""
