@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import os
 import tomllib
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -157,6 +158,13 @@ class Config:
     on_server_loss: str = "keep_session"
     # PgBouncer's auth_file (absolute path; "" = none): users and secrets merged into users.
     auth_file: str = ""
+    # Sockets: every TCP address to listen on (listen is the first), the directory of a Unix
+    # socket .s.PGSQL.<first listen port> ("" = none) and its mode, how long a node's resolved
+    # host name is kept (PgBouncer's dns_max_ttl).
+    listen_addresses: tuple = ()
+    unix_socket_dir: str = ""
+    unix_socket_mode: int = 0o777
+    dns_max_ttl: float = 15.0
 
 
 _DEFAULTS: dict[str, Any] = {
@@ -193,6 +201,9 @@ _DEFAULTS: dict[str, Any] = {
     "tcp_keepintvl": 0,
     "tcp_keepcnt": 0,
     "on_server_loss": "keep_session",
+    "unix_socket_dir": "",
+    "unix_socket_mode": 0o777,
+    "dns_max_ttl": 15.0,
 }
 # Linux's bounds for TCP_KEEPIDLE / TCP_KEEPINTVL (seconds) and TCP_KEEPCNT (probes).
 _KEEPALIVE_MAX = {"tcp_keepidle": 32767, "tcp_keepintvl": 32767, "tcp_keepcnt": 127}
@@ -228,6 +239,46 @@ def parse_address(text: str, default_port: int = 5432) -> Address:
     if not 0 < port < 65536:
         raise ValueError(f"port out of range in {text!r}")
     return Address(host, port)
+
+
+def _listen_addresses(c, value) -> tuple[Address, ...]:
+    """listen: one "host:port" or a list of them ("*:6432" is every interface, IPv4 and IPv6)."""
+    texts = [value] if isinstance(value, str) else value
+    if not isinstance(texts, list) or not texts:
+        c.err("listen", "expected 'host:port' or a non-empty list of them")
+        return (parse_address(_DEFAULTS["listen"]),)
+    out = []
+    for i, text in enumerate(texts):
+        path = "listen" if isinstance(value, str) else f"listen[{i}]"
+        try:
+            address = parse_address(text, 6432)
+        except ValueError as e:
+            c.err(path, str(e))
+            continue
+        if address.host.startswith("/"):
+            c.err(path, "a Unix socket is set with unix_socket_dir, not listen")
+        elif address in out:
+            c.err(path, f"{address} is listed twice")
+        else:
+            out.append(address)
+    return tuple(out) or (parse_address(_DEFAULTS["listen"]),)
+
+
+def _sockets(c, raw) -> dict:
+    directory = raw.get("unix_socket_dir", "")
+    if not isinstance(directory, str) or (directory and not os.path.isabs(directory)):
+        c.err("unix_socket_dir", f"must be an absolute directory path, not {directory!r}")
+        directory = ""
+    elif directory and not os.path.isdir(directory):
+        c.err("unix_socket_dir", f"{directory} is not a directory")
+    mode = raw.get("unix_socket_mode", 0o777)
+    if isinstance(mode, str) and mode.isascii() and mode.isdigit():
+        mode = int(mode, 8)  # "0770", as PgBouncer writes it
+    if not isinstance(mode, int) or isinstance(mode, bool) or not 0 <= mode <= 0o777:
+        c.err("unix_socket_mode", f"must be a permission mode like \"0770\" or 0o770, not {mode!r}")
+        mode = 0o777
+    ttl = c.number(raw, "dns_max_ttl", "dns_max_ttl", float, 15.0, 0.0)
+    return {"unix_socket_dir": directory, "unix_socket_mode": mode, "dns_max_ttl": ttl}
 
 
 class _Checker:
@@ -268,11 +319,9 @@ def from_dict(raw: Mapping[str, Any], source: str = "<memory>") -> Config:
     """Validate a parsed TOML document; raise ConfigError listing every problem."""
     c = _Checker()
     c.unknown(raw, _TOP_KEYS, "")
-    try:
-        listen = parse_address(raw.get("listen", _DEFAULTS["listen"]), 6432)
-    except ValueError as e:
-        c.err("listen", str(e))
-        listen = parse_address(_DEFAULTS["listen"])
+    listen_addresses = _listen_addresses(c, raw.get("listen", _DEFAULTS["listen"]))
+    listen = listen_addresses[0]
+    sockets = _sockets(c, raw)
     pool_mode = c.choice(raw, "pool_mode", POOL_MODES, "session")
     auth_type = c.choice(raw, "auth_type", AUTH_TYPES, "scram-sha-256")
     pool_size = c.number(raw, "pool_size", "pool_size", int, _DEFAULTS["pool_size"], 1, 100_000)
@@ -427,6 +476,8 @@ def from_dict(raw: Mapping[str, Any], source: str = "<memory>") -> Config:
         raise ConfigError(c.errors, source)
     return Config(
         listen=listen,
+        listen_addresses=listen_addresses,
+        **sockets,
         pool_mode=pool_mode,
         pool_size=pool_size,
         max_client_conn=max_client_conn,
@@ -688,7 +739,7 @@ def _operations(raw: Mapping, c: _Checker, source: str, databases: Mapping, user
 # -- reload: what changed between two configs -------------------------------------------------
 
 # Keys (and tables) a running pgtwist cannot change: listeners and the way sessions are built.
-RESTART_KEYS = ("listen", "pool_mode", "log_format", "manhole", "metrics")
+RESTART_KEYS = ("listen", "listen_addresses", "unix_socket_dir", "unix_socket_mode", "pool_mode", "log_format", "manhole", "metrics")
 
 
 class _Secret:
@@ -739,7 +790,10 @@ def flatten(config: Config) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for f in fields(config):
         value = getattr(config, f.name)
-        if f.name == "source":
+        if f.name in ("source", "listen_addresses"):
+            continue  # (listen_addresses is what listen says: shown as listen)
+        if f.name == "listen":
+            out["listen"] = ", ".join(str(a) for a in config.listen_addresses or (value,))
             continue
         if f.name in ("databases", "users"):
             for name, table in value.items():

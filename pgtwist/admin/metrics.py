@@ -197,7 +197,7 @@ def readiness(service, reactor) -> defer.Deferred:
     probes = []
     for node in dict.fromkeys(primaries):
         factory = _ProbeFactory()
-        reactor.connectTCP(node.host, node.port, factory, timeout=PROBE_TIMEOUT)
+        proxy.dialer.connect(node.host, node.port, factory, timeout=PROBE_TIMEOUT)
         probes.append(factory.result.addCallback(lambda ok, node=node: (ok, node)))
 
     def decided(results):

@@ -68,7 +68,8 @@ class BackendProtocol(Protocol):
         self.dataReceived = conn.got_data
 
     def connectionMade(self):
-        self.transport.setTcpNoDelay(True)
+        if hasattr(self.transport, "setTcpNoDelay"):  # (not on a Unix socket)
+            self.transport.setTcpNoDelay(True)
         set_keepalive(self.transport, self.conn.keepalive)
         self.conn.connection_made(self.transport)
 

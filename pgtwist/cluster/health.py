@@ -12,6 +12,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from pgtwist.transport.connect import NodeDialer, is_unix_host
 from pgtwist.routing.policy import PRIMARY, REPLICA, NodeState, format_lsn, parse_lsn, resolve_primary
 from pgtwist.backend.login import ServerLogin, ServerLoginError
 from pgtwist.wire import messages as m
@@ -279,6 +280,7 @@ class ClusterMonitor:
         login_factory: Callable[[object], ServerLogin],
         *,
         node_tls=None,
+        dialer: NodeDialer | None = None,
         interval: float = 1.0,
         timeout: float = 2.0,
         backoff_max: float = 10.0,
@@ -287,6 +289,7 @@ class ClusterMonitor:
         self.reactor = reactor
         self.login_factory = login_factory
         self.node_tls = node_tls
+        self.dialer = dialer if dialer is not None else NodeDialer(reactor)
         self.interval = interval
         self.timeout = timeout
         self.backoff_max = max(backoff_max, interval)
@@ -481,9 +484,10 @@ class ClusterMonitor:
         return d
 
     def _connect(self, slot: _Slot) -> _NodeConnection:
-        conn = _NodeConnection(self.login_factory(slot.node), slot.state.name, self.node_tls, slot.node.host)
         node = slot.node
-        conn.connector = self.reactor.connectTCP(node.host, node.port, _NodeConnectionFactory(conn), timeout=self.timeout)
+        node_tls = None if is_unix_host(node.host) else self.node_tls  # (PostgreSQL has no TLS on a Unix socket)
+        conn = _NodeConnection(self.login_factory(node), slot.state.name, node_tls, node.host)
+        conn.connector = self.dialer.connect(node.host, node.port, _NodeConnectionFactory(conn), timeout=self.timeout)
         return conn
 
     def _probe(self, slot: _Slot) -> None:

@@ -12,7 +12,8 @@ class FrontendProtocol(Protocol):
     session = None
 
     def connectionMade(self):
-        self.transport.setTcpNoDelay(True)
+        if hasattr(self.transport, "setTcpNoDelay"):  # (not on a Unix socket)
+            self.transport.setTcpNoDelay(True)
         self.session = self.factory.proxy.new_client(self.transport)
 
     def dataReceived(self, data):

@@ -9,6 +9,7 @@ from twisted.application import service
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
+from pgtwist.transport import connect
 from pgtwist.service import drain
 from pgtwist.service import reload as reloadmod
 from pgtwist.frontend.protocol import FrontendFactory
@@ -44,7 +45,8 @@ class PgBalanceService(service.MultiService):
         self.proxy = Proxy(config, reactor)
         self.proxy.service = self
         self.factory = FrontendFactory(self.proxy)
-        self.port = None  # the listening port, once started
+        self.port = None  # the first listening port, once started
+        self.ports: list = []  # every listener: each TCP address, then the Unix socket
         self.signals = signals  # SIGHUP reloads, SIGTERM drains (twistd; not in tests)
         self._previous_handlers: dict = {}
         self._graceful = False  # set by SIGTERM / SHUTDOWN; SIGINT and plain stops are fast
@@ -66,9 +68,12 @@ class PgBalanceService(service.MultiService):
 
     def startService(self):
         limit = raise_nofile_limit()
+        where = [str(a) for a in self.config.listen_addresses or (self.config.listen,)]
+        if self.config.unix_socket_dir:
+            where.append(connect.socket_path(self.config.unix_socket_dir, self.config.listen.port))
         log.info(
             "pgtwist listening on {listen} ({mode} pooling, {n} database(s), file limit {limit})",
-            listen=str(self.config.listen),
+            listen=", ".join(where),
             mode=self.config.pool_mode,
             n=len(self.config.databases),
             limit=limit,
@@ -79,16 +84,20 @@ class PgBalanceService(service.MultiService):
         self._janitor = task.LoopingCall(self.proxy.maintain)
         self._janitor.clock = self.reactor
         self._janitor.start(1.0, now=False)
-        listen = self.config.listen
-        self.port = self.reactor.listenTCP(listen.port, self.factory, backlog=4096, interface=listen.host)
+        config = self.config
+        self.ports = connect.listen(
+            self.reactor, self.factory, config.listen_addresses or (config.listen,), config.unix_socket_dir, config.unix_socket_mode
+        )
+        self.port = self.ports[0]
+        self.proxy.dialer.start()
         super().startService()
 
     def stopService(self):
         # Stop accepting first; let open transactions finish (graceful) and close the clients; then the rest.
         self._stopping = True
         timeout = self.config.shutdown_timeout if self._graceful else 0.0
-        port, self.port = self.port, None
-        d = defer.maybeDeferred(port.stopListening) if port is not None else defer.succeed(None)
+        ports, self.ports, self.port = self.ports, [], None
+        d = defer.gatherResults([defer.maybeDeferred(port.stopListening) for port in ports])
         d.addCallback(lambda _: drain.drain(self.proxy, self.reactor, timeout))
         d.addCallback(lambda _: super(PgBalanceService, self).stopService())
         d.addCallback(lambda _: self.proxy.close())

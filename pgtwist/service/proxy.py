@@ -11,6 +11,7 @@ from twisted.logger import Logger
 
 from pgtwist.service import reload as reloadmod
 from pgtwist.transport import tls
+from pgtwist.transport.connect import NodeDialer, is_unix_host
 from pgtwist.admin.counters import Counters
 from pgtwist.backend.protocol import BackendFactory, CancelFactory, Keepalive
 from pgtwist.cluster.health import ClusterMonitor
@@ -59,6 +60,8 @@ class Proxy:
         self.started = False
         self._client_ids = itertools.count(1)
         self._server_ids = itertools.count(1)
+        # Opens connections to nodes (TCP or Unix socket; names re-resolved): started by the Service.
+        self.dialer = NodeDialer(reactor, lambda: self.config.dns_max_ttl)
         self.client_tls: tls.ClientTls | None = None  # [tls]: what clients' connections upgrade with
         self.node_tls: tls.NodeTls | None = None  # [server_tls]: what connections to nodes upgrade with
         self.reload_tls()
@@ -71,7 +74,8 @@ class Proxy:
         self.counters.client_connected()
         if self.config.log_connections:
             peer = transport.getPeer()
-            log.info("client {client} connected from {addr}", client=session.id, addr=f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}")
+            addr = f"{peer.host}:{peer.port}" if hasattr(peer, "host") else "the Unix socket"
+            log.info("client {client} connected from {addr}", client=session.id, addr=addr)
         return session
 
     def admit(self, session: ClientSession) -> bool:
@@ -198,13 +202,17 @@ class Proxy:
                     self.cancel_server(session.server)
                 return
 
+    def node_tls_for(self, node):
+        """[server_tls] for a node over TCP; none over a Unix socket (PostgreSQL answers N there)."""
+        return None if is_unix_host(node.host) else self.node_tls
+
     def cancel_server(self, server: ServerConnection) -> None:
         if server.backend_key is None:
             return
         pid, key = server.backend_key
         node = server.node
-        factory = CancelFactory(pid, key, self.node_tls, node)
-        self.reactor.connectTCP(node.host, node.port, factory, timeout=self.config.server_connect_timeout)
+        factory = CancelFactory(pid, key, self.node_tls_for(node), node)
+        self.dialer.connect(node.host, node.port, factory, timeout=self.config.server_connect_timeout)
 
     # -- pools and server connections ----------------------------------------------------------
 
@@ -226,6 +234,7 @@ class Proxy:
                     list(database.nodes),
                     lambda node, db=database: self._health_login(db, node),
                     node_tls=self.node_tls,
+                    dialer=self.dialer,
                     interval=self.config.health_check_interval,
                     timeout=self.config.health_check_timeout,
                     on_change=lambda state, what, db=database: self._node_changed(db, state, what),
@@ -357,11 +366,11 @@ class Proxy:
             node_name=str(pool.node),
         )
         conn = ServerConnection(f"s{next(self._server_ids)}", pool, login)
-        conn.tls = self.node_tls
+        conn.tls = self.node_tls_for(pool.node)
         conn.keepalive = Keepalive.from_config(self.config)
         ready = conn.ready
         timeout = self.config.server_connect_timeout
-        connector = self.reactor.connectTCP(pool.node.host, pool.node.port, BackendFactory(conn), timeout=timeout or 30)
+        connector = self.dialer.connect(pool.node.host, pool.node.port, BackendFactory(conn), timeout=timeout or 30)
         if timeout:
             timer = self.clock.callLater(timeout, self._login_timed_out, conn, connector)
 

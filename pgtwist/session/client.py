@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from twisted.logger import Logger
 
+from pgtwist.transport.connect import is_local_peer
 from pgtwist.routing import sqlinspect
 
 from pgtwist.session import standin
@@ -168,7 +169,8 @@ class ClientSession(Placement):
             config.auth_type,
             proxy.lookup_user,
             proxy.mock_secret,
-            tls_mode=config.tls.mode,
+            # On a Unix socket PostgreSQL answers SSLRequest with N and requires no TLS: so do we.
+            tls_mode="disable" if is_local_peer(transport) else config.tls.mode,
             client_host=_peer_host(transport),
             admit=self._admit,
         )

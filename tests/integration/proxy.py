@@ -212,7 +212,10 @@ def proxy_config(cluster: LocalCluster, port: int, overrides: dict[str, Any]) ->
     users = overrides.pop("users", None)
     if users is None:
         users = {cluster.app_user: {"password": cluster.app_password}}
-    top = {"listen": f"{HOST}:{port}", "pool_size": 20, "auth_type": "scram-sha-256", **overrides}
+    # also_listen: addresses beyond the one the harness picks (and waits for), as listen's list.
+    also_listen = overrides.pop("also_listen", [])
+    listen = [f"{HOST}:{port}", *also_listen] if also_listen else f"{HOST}:{port}"
+    top = {"listen": listen, "pool_size": 20, "auth_type": "scram-sha-256", **overrides}
     return top, databases, users
 
 

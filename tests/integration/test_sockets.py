@@ -1,0 +1,107 @@
+"""Sockets as an operator sets them up: a Unix socket beside TCP, several listen addresses, nodes over Unix sockets and by name."""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import struct
+
+import psycopg
+import pytest
+
+from .proxy import DATABASE, psql, start_proxy
+
+SSL_REQUEST = struct.pack("!ii", 8, 80877103)
+
+
+def free_v6_port() -> int:
+    """A port below 32768 free on ::1 (free_port speaks IPv4)."""
+    for _ in range(200):
+        port = random.randint(20000, 32767)
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("::1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free port on ::1")
+
+
+def ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+def test_unix_socket_beside_tcp(pg_cluster, tmp_path):
+    """psql -h DIR and psycopg host=DIR reach pgtwist at DIR/.s.PGSQL.<port>, as they reach PostgreSQL."""
+    sockets = tmp_path / "sock"
+    sockets.mkdir()
+    with start_proxy(pg_cluster, tmp_path, unix_socket_dir=str(sockets), unix_socket_mode="0770") as px:
+        path = sockets / f".s.PGSQL.{px.port}"
+        assert path.is_socket()
+        assert oct(os.stat(path).st_mode & 0o777) == oct(0o770)
+        with px.connect(host=str(sockets)) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+            assert conn.pgconn.host.decode() == str(sockets)
+        out = psql(px, "SELECT current_user", host=str(sockets))
+        assert out.stdout.strip() == pg_cluster.app_user
+        # As on PostgreSQL, an SSLRequest on the Unix socket is answered N.
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(10)
+            s.connect(str(path))
+            s.sendall(SSL_REQUEST)
+            assert s.recv(1) == b"N"
+        # TCP still works beside it; the log names both.
+        with px.connect() as conn:
+            assert conn.execute("SELECT 2").fetchone() == (2,)
+        assert str(path) in px.log_text()
+        assert "connected from the Unix socket" in px.log_text()
+    assert not path.exists()  # removed when pgtwist stops
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="this host has no IPv6 loopback")
+def test_several_listen_addresses_ipv4_and_ipv6(pg_cluster, tmp_path):
+    v6_port = free_v6_port()
+    with start_proxy(pg_cluster, tmp_path, also_listen=[f"[::1]:{v6_port}"]) as px:
+        with px.connect() as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        with px.connect(host="::1", port=v6_port) as conn:
+            assert conn.execute("SELECT inet_client_addr() IS NOT NULL").fetchone() == (True,)
+        assert f"[::1]:{v6_port}" in px.log_text()
+
+
+def test_node_over_its_unix_socket(pg_cluster, tmp_path):
+    """A node given as DIR:PORT is reached at DIR/.s.PGSQL.PORT, as libpq's host=DIR would."""
+    node = pg_cluster.nodes[0]
+    sockets = pg_cluster.base / "sock"
+    assert (sockets / f".s.PGSQL.{node.port}").is_socket()
+    databases = {DATABASE: {"dbname": pg_cluster.app_database, "nodes": [f"{sockets}:{node.port}"]}}
+    with start_proxy(pg_cluster, tmp_path, databases=databases, pool_mode="transaction") as px:
+        with px.connect() as conn:
+            # inet_server_addr() is NULL on a Unix-socket connection: the node was reached over it.
+            assert conn.execute("SELECT inet_server_addr() IS NULL, current_user").fetchone() == (True, pg_cluster.app_user)
+
+
+def test_node_by_host_name(pg_cluster, tmp_path):
+    """A node named "localhost:PORT" is resolved (IPv4 first: the node listens on 127.0.0.1 only) and served."""
+    node = pg_cluster.nodes[0]
+    databases = {DATABASE: {"dbname": pg_cluster.app_database, "nodes": [f"localhost:{node.port}"]}}
+    with start_proxy(pg_cluster, tmp_path, databases=databases, dns_max_ttl=0.5) as px:
+        for _ in range(3):
+            with px.connect() as conn:
+                assert conn.execute("SELECT host(inet_server_addr())").fetchone() == ("127.0.0.1",)
+
+
+def test_listen_mistakes_are_config_errors(pg_cluster, tmp_path):
+    from pgtwist import config as configmod
+
+    base = {"auth_type": "trust", "databases": {"d": {"nodes": ["h:1"]}}}
+    with pytest.raises(configmod.ConfigError) as e:
+        configmod.from_dict({**base, "listen": ["127.0.0.1:6432", "127.0.0.1:6432"], "unix_socket_dir": "relative"})
+    text = str(e.value)
+    assert "listen[1]" in text and "listed twice" in text and "unix_socket_dir" in text
