@@ -61,6 +61,11 @@ SCENARIOS = {
     "select-prepared": Scenario("select-prepared", ("-S", "-M", "prepared"), "pgbench -S -M prepared"),
     "select-extended": Scenario("select-extended", ("-S", "-M", "extended"), "pgbench -S -M extended (unnamed statements)"),
     "churn": Scenario("churn", ("-S", "-M", "simple", "-C"), "pgbench -S -C: a new connection (and login) per transaction"),
+    # Writes in explicit transactions: BEGIN, three UPDATEs, a SELECT, an INSERT, END (7 round trips).
+    # Rows conflict on the branch table (scale rows): clients beyond the scale wait on locks in
+    # PostgreSQL, as they would directly; the pooler's CPU per transaction is still comparable.
+    "tpcb": Scenario("tpcb", ("-M", "simple"), "pgbench TPC-B-like (default script): writes in BEGIN..END"),
+    "tpcb-prepared": Scenario("tpcb-prepared", ("-M", "prepared"), "pgbench TPC-B-like, -M prepared"),
 }
 MEMORY_SCENARIOS = ("idle-clients",)
 DEFAULT_SCENARIOS = ("select",)
