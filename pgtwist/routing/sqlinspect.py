@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -44,13 +46,19 @@ _NOT_DDL = frozenset(
 )
 
 
+_DDL_WORD = re.compile(r"\b(?:create|alter|drop|do|import)\b")
+
+
 def _starts_like_ddl(low: str) -> bool:
-    """Whether a statement of the lowered text starts with a DDL word (cheap; a ';' in a string may fool it, only into a parse)."""
+    """Whether a statement of the lowered text may start with a DDL word (cheap; over-approximated, never under).
+
+    A ';' in a string may fool the split into a parse; a ';' in a comment could hide a
+    statement's start from it, so text with a comment is judged by whole words instead.
+    """
+    if "--" in low or "/*" in low:
+        return _DDL_WORD.search(low) is not None
     for part in low.split(";") if ";" in low else (low,):
         part = part.lstrip()
-        while part.startswith(("--", "/*")):
-            end = part.find("\n") if part[1] == "-" else part.find("*/")
-            part = "" if end < 0 else part[end + (1 if part[1] == "-" else 2) :].lstrip()
         if part.startswith(_DDL_WORDS):
             word = part.split(None, 1)[0] if part else ""
             if word in _DDL_WORDS or word.startswith("do$"):
@@ -58,12 +66,36 @@ def _starts_like_ddl(low: str) -> bool:
     return False
 
 
-def _maybe_changes_state(sql: str) -> bool:
-    low = sql.lower()
-    for word in _MAYBE:
+# Where a statement's session effect shows: words that start a statement (SET, RESET, DISCARD...;
+# "set" anywhere would send every UPDATE ... SET to the parser), and words that matter wherever
+# they are (set_config() in any expression, SELECT INTO TEMP, WITH HOLD, advisory locks).
+_LEADING = ("set", "reset", "discard", "deallocate", "listen", "prepare", "load")
+_ANYWHERE = ("set_config", "temp", "hold", "advisory")
+
+
+def _may_change_state(low: str) -> bool:
+    """Whether the lowered text may have a session effect (or be DDL): over-approximated, never under.
+
+    Every statement starts the text or follows a ';', so a statement-leading word is found at
+    the start of a ';'-split part. A ';' inside a comment could hide a start from that split:
+    text with comments is judged by substrings, as everything once was.
+    """
+    for word in _ANYWHERE:
         if word in low:
             return True
+    if "--" in low or "/*" in low:
+        for word in _MAYBE:
+            if word in low:
+                return True
+        return _starts_like_ddl(low)
+    for part in low.split(";") if ";" in low else (low,):
+        if part.lstrip().startswith(_LEADING):
+            return True
     return _starts_like_ddl(low)
+
+
+def _maybe_changes_state(sql: str) -> bool:
+    return _may_change_state(sql.lower())
 
 
 @dataclass(frozen=True)
@@ -244,10 +276,7 @@ def inspect_query(body: bytes) -> SessionEffects:
     # exactly where they occur in the UTF-8 bytes (`word in str` is several times cheaper than
     # `word in bytes`, which first tries to read the word as an integer).
     low = key.decode("latin-1").lower()
-    for word in _MAYBE:
-        if word in low:
-            return _inspect_parsed(body[:-1].decode("utf-8", "replace"))
-    if _starts_like_ddl(low):
+    if _may_change_state(low):
         return _inspect_parsed(body[:-1].decode("utf-8", "replace"))
     if len(_NO_KEYWORD) >= _NO_KEYWORD_LIMIT:
         _NO_KEYWORD.clear()  # (texts with ever new literals: start over rather than grow)
