@@ -107,12 +107,15 @@ class CancelProtocol(Protocol):
     cancel that node's queries). Under mode "prefer" a node without TLS gets it in plaintext.
     """
 
-    def __init__(self, process_id: int, secret_key: bytes, node_tls=None, node: str = "", host: str = ""):
+    def __init__(self, process_id: int, secret_key: bytes, node_tls=None, node: str = "", host: str = "", clock=None, timeout: float = 0):
         self.packet = m.cancel_request(process_id, secret_key)
         self.node_tls = node_tls
         self.node = node
         self.host = host
+        self.clock = clock
+        self.timeout = timeout
         self._answer_awaited = False
+        self._timer = None
 
     def connectionMade(self):
         if self.node_tls is None:
@@ -120,6 +123,20 @@ class CancelProtocol(Protocol):
             return
         self._answer_awaited = True
         self.transport.write(m.ssl_request())
+        if self.clock is not None and self.timeout:
+            # A frozen node never answers the SSLRequest (nor finishes a handshake): without a
+            # bound, each cancel sent to it would hold a socket for as long as it stays frozen.
+            self._timer = self.clock.callLater(self.timeout, self._timed_out)
+
+    def _timed_out(self):
+        self._timer = None
+        log.warn("cancel to node {node} not sent: no TLS answer within {timeout:g} s", node=self.node, timeout=self.timeout)
+        self.transport.abortConnection()
+
+    def connectionLost(self, reason):
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def dataReceived(self, data):
         if not self._answer_awaited:
@@ -129,6 +146,7 @@ class CancelProtocol(Protocol):
             start = self.node_tls.answer(data, self.node)
         except ServerLoginError as e:
             log.warn("cancel to node {node} not sent: {why}", node=self.node, why=e.fields.get("M"))
+            self.connectionLost(None)  # (stops the timer now: loseConnection reports later)
             self.transport.loseConnection()
             return
         if start:
@@ -140,6 +158,9 @@ class CancelProtocol(Protocol):
         self._deliver()
 
     def _deliver(self):
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self.transport.write(self.packet)
         self.transport.loseConnection()
 
@@ -147,14 +168,22 @@ class CancelProtocol(Protocol):
 class CancelFactory(ClientFactory):
     noisy = False
 
-    def __init__(self, process_id: int, secret_key: bytes, node_tls=None, node=None):
+    def __init__(self, process_id: int, secret_key: bytes, node_tls=None, node=None, clock=None, timeout: float = 0):
         self.process_id = process_id
         self.secret_key = secret_key
         self.node_tls = node_tls
         self.node = node
+        self.clock = clock
+        self.timeout = timeout  # for the node's TLS answer and handshake (server_connect_timeout)
 
     def buildProtocol(self, addr):
         node = self.node
         return CancelProtocol(
-            self.process_id, self.secret_key, self.node_tls, str(node) if node is not None else "", node.host if node is not None else ""
+            self.process_id,
+            self.secret_key,
+            self.node_tls,
+            str(node) if node is not None else "",
+            node.host if node is not None else "",
+            self.clock,
+            self.timeout,
         )

@@ -211,8 +211,9 @@ class Proxy:
             return
         pid, key = server.backend_key
         node = server.node
-        factory = CancelFactory(pid, key, self.node_tls_for(node), node)
-        self.dialer.connect(node.host, node.port, factory, timeout=self.config.server_connect_timeout)
+        timeout = self.config.server_connect_timeout
+        factory = CancelFactory(pid, key, self.node_tls_for(node), node, self.clock, timeout)
+        self.dialer.connect(node.host, node.port, factory, timeout=timeout)
 
     # -- pools and server connections ----------------------------------------------------------
 

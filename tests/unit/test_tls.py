@@ -756,14 +756,14 @@ def test_node_closing_during_the_handshake(pki):
 # --------------------------------------------------------------------------- cancel to a node
 
 
-def cancel_to(mode=None, pki=None):
+def cancel_to(mode=None, pki=None, clock=None):
     from pgtwist.backend.protocol import CancelFactory
 
     node_tls = None
     if mode is not None:
         cfg = ServerTlsConfig(mode=mode, ca=str(pki.dir / "ca.crt")) if pki else ServerTlsConfig(mode=mode)
         node_tls = tls.NodeTls(mode, tls.node_context(cfg))
-    protocol = CancelFactory(777, b"KEY!", node_tls, Address("localhost", 5432)).buildProtocol(None)
+    protocol = CancelFactory(777, b"KEY!", node_tls, Address("localhost", 5432), clock, 5.0).buildProtocol(None)
     transport = NodeTransport()
     protocol.makeConnection(transport)
     return protocol, transport
@@ -791,6 +791,23 @@ def test_cancel_is_not_sent_in_plaintext_to_a_node_that_will_not_do_tls(pki, ans
     transport.clear()
     protocol.dataReceived(answer)
     assert transport.value() == b"" and transport.disconnecting and transport.tls_creator is None
+
+
+def test_cancel_to_a_node_that_never_answers_tls_gives_up_after_the_connect_timeout(pki):
+    from twisted.internet.task import Clock
+
+    clock = Clock()
+    protocol, transport = cancel_to("verify-full", pki, clock)
+    assert transport.value() == m.ssl_request()
+    clock.advance(4.9)
+    assert not transport.disconnecting
+    clock.advance(0.1)  # the node is frozen: no answer, no handshake
+    assert transport.aborted if hasattr(transport, "aborted") else transport.disconnecting
+    assert clock.getDelayedCalls() == []
+    protocol2, transport2 = cancel_to("verify-full", pki, clock)
+    protocol2.dataReceived(b"S")
+    protocol2.handshakeCompleted()  # delivered in time: the timer is gone
+    assert clock.getDelayedCalls() == []
 
 
 def test_cancel_under_prefer_falls_back_to_plaintext():
