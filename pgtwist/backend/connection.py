@@ -156,7 +156,7 @@ class ServerConnection:
             self._fail_login(e)
         except WireError as e:
             log.warn("server {server} {node} sent bad bytes: {why}", server=self.id, node=self.node, why=str(e))
-            self._fail_login(ServerLoginError.make(sqlstate.PROTOCOL_VIOLATION, f"node {self.node} sent an invalid message: {e}"))
+            self._fail_login(ServerLoginError(sqlstate.PROTOCOL_VIOLATION, f"node {self.node} sent an invalid message: {e}"))
             self.close()
         if self.state is LINKED and self.buffer:
             # Bytes that arrived behind the last internal ReadyForQuery belong to the client.
@@ -171,7 +171,7 @@ class ServerConnection:
     def login_timed_out(self) -> None:
         if self.ready is not None:
             self._fail_login(
-                ServerLoginError.make(sqlstate.CONNECTION_FAILURE, f"timed out connecting to node {self.node}")
+                ServerLoginError(sqlstate.CONNECTION_FAILURE, f"timed out connecting to node {self.node}")
             )
             if self.transport is not None:
                 self.transport.abortConnection()
@@ -185,7 +185,7 @@ class ServerConnection:
             self._fail_login(error)
         if previous is LOGIN or previous is CONNECTING:
             self._fail_login(
-                ServerLoginError.make(sqlstate.CONNECTION_FAILURE, f"node {self.node} closed the connection during login")
+                ServerLoginError(sqlstate.CONNECTION_FAILURE, f"node {self.node} closed the connection during login")
             )
         if self._internal is not None:
             d, self._internal = self._internal, None

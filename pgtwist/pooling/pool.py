@@ -11,20 +11,17 @@ from twisted.python.failure import Failure
 from pgtwist.backend.login import ServerLoginError
 from pgtwist.wire import protocol as p
 from pgtwist.wire import sqlstate
+from pgtwist.wire.errors import PgError
 
 log = Logger()
 
 LOGIN_CACHE_LIMIT = 1000  # startup-settings combinations remembered per pool
 
 
-class PoolError(Exception):
-    """A client could not get a server connection; carries the SQLSTATE and message for it."""
+class PoolError(PgError):
+    """A client could not get a server connection: FATAL, unless another node can serve it."""
 
-    def __init__(self, code: str, message: str, detail: str | None = None):
-        super().__init__(message)
-        self.sqlstate = code
-        self.message = message
-        self.detail = detail
+    severity = "FATAL"
 
 
 class Pool:

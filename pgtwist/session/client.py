@@ -1101,7 +1101,7 @@ class ClientSession(Placement):
     def _idle_tx_timed_out(self) -> None:
         self._idle_tx_timer = None
         if self.state is LINKED and self.tx_status != p.TX_IDLE:
-            self.fatal("25P03", "terminating connection due to idle-in-transaction timeout")
+            self.fatal(sqlstate.IDLE_IN_TRANSACTION_SESSION_TIMEOUT, "terminating connection due to idle-in-transaction timeout")
 
     # -- ending --------------------------------------------------------------------------
 

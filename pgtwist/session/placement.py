@@ -248,7 +248,7 @@ class Placement:
         e = failure.value
         if isinstance(e, PoolError):
             self._deadline = None
-            self._retry_or_fail(m.error_fields("FATAL", e.sqlstate, e.message, e.detail))
+            self._retry_or_fail(e.fields)
         elif isinstance(e, ServerLoginError):
             if self.decision is not None:
                 self.router.server_ended(self.decision.node, e.fields, "login failed")

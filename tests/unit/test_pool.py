@@ -272,7 +272,7 @@ def test_connect_failure_errbacks_oldest_waiter_only_and_retries_for_the_next():
     h = Harness(size=1)
     (_, r1), (_, r2) = h.acquire(), h.acquire()
     assert len(h.attempts) == 1
-    error = ServerLoginError.make(sqlstate.CONNECTION_FAILURE, "could not connect")
+    error = ServerLoginError(sqlstate.CONNECTION_FAILURE, "could not connect")
     h.attempts[0].errback(error)
     assert got(r1).value is error
     assert r2 == []
