@@ -7,15 +7,13 @@ from __future__ import annotations
 
 from twisted.logger import Logger
 
+from pgtwist.config import ADMIN_DATABASE
 from pgtwist.routing import sqlinspect
 
 from pgtwist.session import standin
 
 from pgtwist.transport import tls
 from pgtwist.service import drain
-from pgtwist.admin import audit
-from pgtwist.admin.console import DATABASE as ADMIN_DATABASE
-from pgtwist.admin.console import AdminConsole
 from pgtwist.frontend.login import Authenticated, CancelReceived, ClientLogin, LoginError, Reply, StartTLS
 from pgtwist.session.placement import UNSYNCED as _UNSYNCED
 from pgtwist.session.placement import Placement
@@ -39,6 +37,8 @@ log = Logger()
 _Z = p.READY_FOR_QUERY
 _TERMINATE = p.TERMINATE
 _SESSION_CAPTURE = frozenset((_TERMINATE,))
+# What an audited user's scanner captures besides: the texts proxy.audit_statement logs.
+_AUDITED = frozenset((p.QUERY, p.PARSE))
 # Each Query, Sync and FunctionCall earns exactly one ReadyForQuery: counting them tells
 # whether the server still owes the client an answer when the client goes away.
 _SESSION_WATCH = frozenset((p.QUERY, p.SYNC, p.FUNCTION_CALL))
@@ -319,7 +319,7 @@ class ClientSession(Placement):
             self.scanner = MessageScanner(_SESSION_CAPTURE, self.config.max_message_size, _SESSION_WATCH, frontend=True)
         if self.user in self.config.audit:
             self.audit = True
-            self.scanner.capture = self.scanner.capture | audit.CAPTURE
+            self.scanner.capture = self.scanner.capture | _AUDITED
         self.router = self.proxy.router_for(database)
         user = self.config.users.get(self.user)
         self.user_route = user.route if user is not None else "auto"
@@ -345,7 +345,7 @@ class ClientSession(Placement):
 
     def _admin_console(self) -> None:
         """dbname "pgbalance": the admin console answers instead of a node ([admin] users only)."""
-        self.console = AdminConsole(self)  # LoginError 42501 for anyone else
+        self.console = self.proxy.admin_session(self)  # LoginError 42501 for anyone else
         self._cancel_login_timer()
         self.state = ADMIN
         self.logged_in = True
@@ -551,7 +551,7 @@ class ClientSession(Placement):
             if watch and msg_type in _WATCHED:
                 watch = self._watch_statement(msg_type, body, watch)
             if self.audit and (msg_type == p.QUERY or msg_type == p.PARSE):
-                audit.statement(self, msg_type, body)
+                self.proxy.audit_statement(self, msg_type, body)
             if msg_type == p.QUERY:
                 effects = sqlinspect.inspect_query(body)
                 if effects.changes_state:
@@ -767,7 +767,7 @@ class ClientSession(Placement):
                 self._terminate()
                 return
             else:  # Query or Parse of an audited client
-                audit.statement(self, item[0], item[1])
+                self.proxy.audit_statement(self, item[0], item[1])
                 out.append(frame(item[0], item[1]))
         if out:
             write_now(self.server.transport, b"".join(out))
