@@ -9,6 +9,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from pgtwist.backend.connection import IDLE
 from pgtwist.backend.login import ServerLoginError
 from pgtwist.wire import protocol as p
 from pgtwist.wire import sqlstate
@@ -309,7 +310,8 @@ class Pool:
         self.lent.pop(conn, None)
         if conn not in self.busy:
             return
-        if not reusable or conn.state != "idle" or conn.tainted or self.retired or self._expired(conn):
+        # (IDLE: logged in, nothing owed, no client; asked by name, at the cost of one identity test.)
+        if not reusable or conn.state is not IDLE or conn.tainted or self.retired or self._expired(conn):
             self.busy.discard(conn)
             conn.close()
             self._serve()
@@ -335,9 +337,8 @@ class Pool:
             self._serve()
             return
         if reset:
-            conn.settings = {}
-            if "all" in self.settings.reset_query.lower():  # DISCARD ALL / DEALLOCATE ALL drop prepared statements
-                conn.statements.clear()
+            # DISCARD ALL / DEALLOCATE ALL drop prepared statements
+            conn.was_reset(statements_dropped="all" in self.settings.reset_query.lower())
         self._back_to_idle(conn)
 
     def _reset_failed(self, conn, failure) -> None:

@@ -728,7 +728,7 @@ class ClientSession(Placement):
             # It runs on the server: every prepared statement there goes, the client's own with
             # them (as PostgreSQL does), and the connection leaves the pool at release. (DISCARD
             # ALL in a transaction block, or in a multi-statement text, PostgreSQL refuses: 25001.)
-            self.server.tainted = True
+            self.server.taint("DISCARD ALL or DEALLOCATE ALL")
             self.server.statements.clear()
             self.relay.drop()
 
@@ -868,7 +868,7 @@ class ClientSession(Placement):
         if key not in SERVER_OWNED:
             # The client changed a reported setting itself (SET application_name, ...).
             self.settings[key] = value
-            server.settings[key] = value
+            server.setting_reported(key, value)
             if key == "search_path" and self.relay is not None:
                 self.relay.scope = value
 
@@ -1018,10 +1018,10 @@ class ClientSession(Placement):
                         self.settings.pop(name, None)
                     else:
                         self.settings[name] = value.decode("utf-8", "replace")
-                server.settings = dict(self.settings)
+                server.settings_synced(self.settings)
                 self.relay.scope = self.settings.get("search_path", "")
             else:
-                server.tainted = True
+                server.taint("the settings read back did not come")
         if track_lsn and rows and len(rows[-1]) == 3 and None not in rows[-1]:
             insert, flush, synchronous_commit = (v.decode("ascii", "replace") for v in rows[-1])
             if self._async_commit:
@@ -1084,7 +1084,7 @@ class ClientSession(Placement):
         if server is None:
             return
         reusable = self._owes_nothing()
-        if server.state == "linked":
+        if server.linked:
             server.unlink()
         if not reusable:
             # The node is still working for a client who left: stop that work, then drop the connection.

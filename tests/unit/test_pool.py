@@ -4,6 +4,7 @@ import pytest
 from twisted.internet import defer, task
 from twisted.python.failure import Failure
 
+from pgtwist.backend.connection import IDLE
 from pgtwist.pooling.pool import Pool, PoolError, PoolSettings
 from pgtwist.backend.login import ServerLoginError
 from pgtwist.wire import protocol as p
@@ -15,7 +16,7 @@ class FakeConn:
 
     def __init__(self, n):
         self.id = f"s{n}"
-        self.state = "idle"
+        self.state = IDLE
         self.tx_status = p.TX_IDLE
         self.closed = False
         self.tainted = False
@@ -30,6 +31,11 @@ class FakeConn:
         d = defer.Deferred()
         self.internal.append((list(queries), d))
         return d
+
+    def was_reset(self, statements_dropped):
+        self.settings = {}
+        if statements_dropped:
+            self.statements.clear()
 
     def close(self):
         self.closed = True
