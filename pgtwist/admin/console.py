@@ -174,7 +174,7 @@ def run(proxy, sql: str, session=None) -> Result:
 
 
 def _service(proxy):
-    service = getattr(proxy, "service", None)
+    service = proxy.service
     if service is None:
         raise CommandError(sqlstate.FEATURE_NOT_SUPPORTED, "not available: this proxy runs without its service")
     return service
