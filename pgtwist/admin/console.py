@@ -20,6 +20,7 @@ from pgtwist.wire import frontend
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 from pgtwist.wire import sqlstate
+from pgtwist.wire.errors import PgError
 from pgtwist.wire.framing import pop_message
 
 log = Logger()
@@ -29,8 +30,8 @@ _MAX_MESSAGE = 1 << 20
 _COPY = frozenset((p.COPY_DATA, p.COPY_DONE, p.COPY_FAIL))
 _OIDS = {str: m.OID_TEXT, int: m.OID_INT8, float: m.OID_FLOAT8, bool: m.OID_BOOL}
 _Q8, _D8 = struct.Struct("!q"), struct.Struct("!d")
-SYNTAX_ERROR = "42601"
-CONFIG_FILE_ERROR = "F0000"
+SYNTAX_ERROR = sqlstate.SYNTAX_ERROR
+CONFIG_FILE_ERROR = sqlstate.CONFIG_FILE_ERROR
 
 # What the console reports at login, so that drivers find the parameters they look for.
 WELCOME_PARAMETERS = {
@@ -77,12 +78,8 @@ class Result:
         return bool(self.columns)
 
 
-class CommandError(Exception):
-    def __init__(self, code: str, message: str, detail: str | None = None):
-        super().__init__(message)
-        self.sqlstate = code
-        self.message = message
-        self.detail = detail
+class CommandError(PgError):
+    """An admin command refused: an ERROR, and the console session goes on."""
 
 
 def _table(columns, rows: list[dict]) -> Result:
@@ -177,7 +174,7 @@ def run(proxy, sql: str, session=None) -> Result:
 
 
 def _service(proxy):
-    service = getattr(proxy, "service", None)
+    service = proxy.service
     if service is None:
         raise CommandError(sqlstate.FEATURE_NOT_SUPPORTED, "not available: this proxy runs without its service")
     return service
@@ -249,7 +246,7 @@ def encode_complete(result: Result) -> bytes:
 
 
 def encode_error(e: CommandError) -> bytes:
-    return m.error_response("ERROR", e.sqlstate, e.message, e.detail)
+    return e.encode()
 
 
 # -- the protocol, for one session ------------------------------------------------------------
@@ -400,5 +397,5 @@ class AdminConsole:
     def _portal(self, name: str) -> _Portal:
         portal = self.portals.get(name)
         if portal is None:
-            raise CommandError("34000", f'portal "{name}" does not exist')
+            raise CommandError(sqlstate.INVALID_CURSOR_NAME, f'portal "{name}" does not exist')
         return portal

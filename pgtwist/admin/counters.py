@@ -6,6 +6,7 @@ from bisect import bisect_left
 from functools import lru_cache
 
 from pgtwist.wire import protocol as p
+from pgtwist.wire import sqlstate
 
 # Upper bounds (seconds) of the duration histograms' buckets; +Inf is implied.
 DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -87,7 +88,7 @@ class Counters:
             self._open_tx.pop(client_id, None)
 
     def error(self, code: str | None) -> None:
-        code = code or "XX000"
+        code = code or sqlstate.INTERNAL_ERROR
         self.errors[code] = self.errors.get(code, 0) + 1
 
     # -- per ReadyForQuery batch -------------------------------------------------------------

@@ -89,7 +89,7 @@ def _peer(transport) -> tuple[str | None, int | None]:
 
 def role_of(proxy, pool) -> str:
     """The role of *pool*'s node as the router sees it now ('primary' for a lone node)."""
-    router = getattr(proxy, "routers", {}).get(pool.database.name)
+    router = proxy.routers.get(pool.database.name)
     if router is not None:
         for state in router.states():
             if state.name == str(pool.node):
@@ -127,7 +127,7 @@ def clients(proxy) -> list[dict]:
 
 
 def _all_pools(proxy) -> list:
-    return list(proxy.pools.values()) + list(getattr(proxy, "retired_pools", ()))
+    return list(proxy.pools.values()) + list(proxy.retired_pools)
 
 
 def servers(proxy) -> list[dict]:
@@ -186,7 +186,7 @@ def nodes(proxy) -> list[dict]:
     for pool in _all_pools(proxy):
         key = (pool.database.name, str(pool.node))
         open_servers[key] = open_servers.get(key, 0) + pool.total
-    routers = getattr(proxy, "routers", {})
+    routers = proxy.routers
     out = []
     for database in proxy.config.databases.values():
         router = routers.get(database.name)
@@ -220,7 +220,7 @@ def nodes(proxy) -> list[dict]:
 def primaries(proxy) -> list:
     """The node each database writes to now (config Address objects), where one is known."""
     out = []
-    routers = getattr(proxy, "routers", {})
+    routers = proxy.routers
     for database in proxy.config.databases.values():
         router = routers.get(database.name)
         node = router.primary() if router is not None else database.nodes[0]
@@ -244,12 +244,12 @@ def stats(proxy) -> list[dict]:
         "queries": c.total(c.queries),
         "transactions": c.total(c.transactions),
         "errors": c.total(c.errors),
-        "pinned_sessions": getattr(proxy, "pinned_sessions", 0),
+        "pinned_sessions": proxy.pinned_sessions,
         "routing_decisions": c.total(c.routes),
         "failovers": c.failovers,
         "reloads": c.reloads,
         "reload_failures": c.reload_failures,
-        "draining": bool(getattr(proxy, "draining", False)),
+        "draining": proxy.draining,
     }
     return [{"name": k, "value": v} for k, v in rows.items()]
 
@@ -303,11 +303,7 @@ def explain(proxy, sql: str, database: str | None = None, user: str | None = Non
         "pins_session": effects.pin or None,  # transaction pooling: what would pin the client
         "changes_session": bool(effects.changes_state),
     }
-    router_for = getattr(proxy, "router_for", None)
-    if router_for is None:
-        out.update(node=str(db.nodes[0]), target="primary", reason="single node")
-        return out
-    router = router_for(db)
+    router = proxy.router_for(db)
     user_config = cfg.users.get(user) if user else None
     try:
         decision = router.decide(sql, in_transaction=None, user_rule=getattr(user_config, "route", "auto"))

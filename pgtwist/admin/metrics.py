@@ -141,7 +141,7 @@ class ProxyCollector:
         reloads.add_metric(["ok"], counters.reloads)
         reloads.add_metric(["error"], counters.reload_failures)
         yield reloads
-        yield CounterMetricFamily("pgbalance_pinned_sessions", "Transaction-mode clients pinned to a server connection.", value=getattr(proxy, "pinned_sessions", 0))
+        yield CounterMetricFamily("pgbalance_pinned_sessions", "Transaction-mode clients pinned to a server connection.", value=proxy.pinned_sessions)
         yield GaugeMetricFamily("pgbalance_draining", "1 while shutting down gracefully.", value=1.0 if proxy.draining else 0.0)
         yield GaugeMetricFamily("pgbalance_start_time_seconds", "When this pgtwist started (Unix time).", value=counters.started)
         info = GaugeMetricFamily("pgbalance_info", "pgtwist version and pooling mode.", labels=["version", "pool_mode"])

@@ -13,6 +13,8 @@ import unicodedata
 from dataclasses import dataclass, field
 
 from pgtwist.auth.md5 import md5_hash
+from pgtwist.wire import sqlstate
+from pgtwist.wire.errors import PgError
 
 __all__ = [
     "AuthError",
@@ -33,18 +35,28 @@ MAX_VERIFIER_ITERATIONS = 2**31 - 1
 SASLPREP_MAX_BYTES = 1024
 
 
-class AuthError(Exception):
-    """Base class of every authentication error raised by pgtwist.auth."""
-
-
-class AuthProtocolError(AuthError):
-    """Malformed client/server auth message: the caller answers SQLSTATE 08P01.
+class AuthError(PgError):
+    """Base class of every authentication error raised by pgtwist.auth (FATAL; the class names the SQLSTATE).
 
     str() is a DBA-readable reason and never contains secrets."""
 
+    sqlstate = sqlstate.INVALID_AUTHORIZATION_SPECIFICATION
+    severity = "FATAL"
+
+    def __init__(self, message: str):
+        super().__init__(None, message)
+
+
+class AuthProtocolError(AuthError):
+    """Malformed client/server auth message (PROTOCOL_VIOLATION)."""
+
+    sqlstate = sqlstate.PROTOCOL_VIOLATION
+
 
 class AuthFailed(AuthError):
-    """Wrong password or proof mismatch: the caller answers SQLSTATE 28P01."""
+    """Wrong password or proof mismatch (INVALID_PASSWORD)."""
+
+    sqlstate = sqlstate.INVALID_PASSWORD
 
 
 # --------------------------------------------------------------------------- SASLprep

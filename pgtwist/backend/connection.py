@@ -19,6 +19,21 @@ from pgtwist.wire.framing import MessageScanner, pop_message
 log = Logger()
 
 CONNECTING, LOGIN, IDLE, INTERNAL, LINKED, CLOSED = "connecting", "login", "idle", "internal", "linked", "closed"
+# Every move a server connection's state may make, in one place (ServerConnection._enter). IDLE
+# here is the connection's own state (nothing owed, no client); where it sits in its pool (idle
+# list, busy, lent) is the pool's business. Closing is allowed from anywhere, twice included.
+TRANSITIONS = {
+    CONNECTING: frozenset((LOGIN, CLOSED)),
+    LOGIN: frozenset((IDLE, CLOSED)),
+    IDLE: frozenset((INTERNAL, LINKED, CLOSED)),
+    INTERNAL: frozenset((IDLE, CLOSED)),
+    LINKED: frozenset((IDLE, CLOSED)),
+    CLOSED: frozenset((CLOSED,)),
+}
+
+
+class IllegalTransition(RuntimeError):
+    """A server connection was asked to move where its state cannot go (a bug, never the node's doing)."""
 
 _Z = p.READY_FOR_QUERY
 _PARAMETER_STATUS = p.PARAMETER_STATUS
@@ -85,7 +100,7 @@ class ServerConnection:
         self.pool = pool
         self.node = pool.node
         self.login = login
-        self.state = CONNECTING
+        self.state = CONNECTING  # (changed only by _enter)
         self.transport = None
         self.parameters: dict[str, str] = {}
         # The node's role changed since this connection last spoke: PostgreSQL reports a changed
@@ -120,11 +135,50 @@ class ServerConnection:
     def __repr__(self):
         return f"<ServerConnection {self.id} {self.node} {self.state}>"
 
+    # -- its state: one owner, one function -------------------------------------------------
+
+    def _enter(self, state: str) -> None:
+        """Move to *state*; a move TRANSITIONS does not list raises (once per login, link or reset: never per message)."""
+        if state not in TRANSITIONS[self.state]:
+            raise IllegalTransition(f"server {self.id}: {self.state} -> {state}")
+        self.state = state
+
+    @property
+    def linked(self) -> bool:
+        return self.state is LINKED
+
+    def taint(self, why: str) -> None:
+        """Our records of this session are unsure now (*why*): it closes when released, never reused."""
+        if not self.tainted:
+            log.debug("server {server} tainted: {why}", server=self.id, why=why)
+        self.tainted = True
+
+    # What the proxy set on this session for clients (beyond the login's defaults): compared
+    # with the next client's settings to sync only the difference.
+    def settings_synced(self, settings: dict[str, str]) -> None:
+        """The session now holds exactly *settings* (a sync ran, or was read back)."""
+        if self.settings != settings:
+            self.settings = dict(settings)
+
+    def setting_reported(self, key: str, value: str) -> None:
+        """The client changed a reported setting itself (ParameterStatus)."""
+        self.settings[key] = value
+
+    def forget_settings(self) -> None:
+        """What the session holds is unknown (a failed sync) or back to the login's (a reset)."""
+        self.settings = {}
+
+    def was_reset(self, statements_dropped: bool) -> None:
+        """The pool's reset_query ran: settings are the login's again, and prepared statements gone if it said ALL."""
+        self.settings = {}
+        if statements_dropped:
+            self.statements.clear()
+
     # -- events from BackendProtocol ------------------------------------------------------
 
     def connection_made(self, transport) -> None:
         self.transport = transport
-        self.state = LOGIN
+        self._enter(LOGIN)
         if self.tls is not None:
             # [server_tls]: SSLRequest first; the StartupMessage (and any password) waits for TLS.
             self.tls_step = "answer"
@@ -156,7 +210,7 @@ class ServerConnection:
             self._fail_login(e)
         except WireError as e:
             log.warn("server {server} {node} sent bad bytes: {why}", server=self.id, node=self.node, why=str(e))
-            self._fail_login(ServerLoginError.make(sqlstate.PROTOCOL_VIOLATION, f"node {self.node} sent an invalid message: {e}"))
+            self._fail_login(ServerLoginError(sqlstate.PROTOCOL_VIOLATION, f"node {self.node} sent an invalid message: {e}"))
             self.close()
         if self.state is LINKED and self.buffer:
             # Bytes that arrived behind the last internal ReadyForQuery belong to the client.
@@ -165,27 +219,27 @@ class ServerConnection:
             self._forward(rest)
 
     def connect_failed(self, error: ServerLoginError) -> None:
-        self.state = CLOSED
+        self._enter(CLOSED)
         self._fail_login(error)
 
     def login_timed_out(self) -> None:
         if self.ready is not None:
             self._fail_login(
-                ServerLoginError.make(sqlstate.CONNECTION_FAILURE, f"timed out connecting to node {self.node}")
+                ServerLoginError(sqlstate.CONNECTION_FAILURE, f"timed out connecting to node {self.node}")
             )
             if self.transport is not None:
                 self.transport.abortConnection()
 
     def connection_lost(self, reason) -> None:
         previous = self.state
-        self.state = CLOSED
+        self._enter(CLOSED)
         if (previous is LOGIN or previous is CONNECTING) and self.tls_step not in (None, "answer") and self.ready is not None:
             error = self.tls_step.error(reason, str(self.node))
             log.warn("server {server}: {why}", server=self.id, why=error.fields.get("M"))
             self._fail_login(error)
         if previous is LOGIN or previous is CONNECTING:
             self._fail_login(
-                ServerLoginError.make(sqlstate.CONNECTION_FAILURE, f"node {self.node} closed the connection during login")
+                ServerLoginError(sqlstate.CONNECTION_FAILURE, f"node {self.node} closed the connection during login")
             )
         if self._internal is not None:
             d, self._internal = self._internal, None
@@ -231,7 +285,7 @@ class ServerConnection:
         if self.login.done:
             self.parameters = dict(self.login.parameters)
             self.backend_key = self.login.backend_key
-            self.state = IDLE
+            self._enter(IDLE)
             d, self.ready = self.ready, None
             d.callback(self)
 
@@ -284,8 +338,7 @@ class ServerConnection:
         return self._run(b"".join(internal_batch(b) for b in batches), len(batches))
 
     def _run(self, data: bytes, owed: int) -> defer.Deferred:
-        assert self.state is IDLE, self.state
-        self.state = INTERNAL
+        self._enter(INTERNAL)
         self._internal = defer.Deferred()
         self._internal_owed = owed
         self._internal_errors = []
@@ -309,7 +362,7 @@ class ServerConnection:
             self.parameters_stale = False  # (what changed was reported before this ReadyForQuery)
             self._internal_owed -= 1
             if self._internal_owed == 0:
-                self.state = IDLE
+                self._enter(IDLE)
                 d, self._internal = self._internal, None
                 d.callback(self._internal_errors)
 
@@ -317,8 +370,7 @@ class ServerConnection:
 
     def link(self, session, client_transport, capture: frozenset[int] | None = None) -> None:
         """Forward this connection's output to *client_transport*, with backpressure both ways."""
-        assert self.state is IDLE, self.state
-        self.state = LINKED
+        self._enter(LINKED)
         self.session = session
         self.client_transport = client_transport
         scanner = self._scanner
@@ -335,11 +387,10 @@ class ServerConnection:
         self.transport.registerProducer(self._throttles[1], True)
 
     def unlink(self) -> None:
-        assert self.state is LINKED, self.state
+        self._enter(IDLE)  # (first: only a linked connection unlinks)
         self._unlink_transports()
         self.session = None
         self.scanner = None
-        self.state = IDLE
         self.last_used = self.pool.clock.seconds()
 
     def _unlink_transports(self) -> None:
@@ -394,7 +445,7 @@ class ServerConnection:
         if self.session is not None:
             self._unlink_transports()
             self.session = None
-        self.state = CLOSED
+        self._enter(CLOSED)
         if self.transport is not None:
             self.transport.abortConnection()
 

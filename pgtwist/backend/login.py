@@ -6,18 +6,13 @@ from pgtwist.auth import AuthError, Credential, ScramClientExchange, md5_salted_
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 from pgtwist.wire import sqlstate
+from pgtwist.wire.errors import PgError
 
 
-class ServerLoginError(Exception):
-    """The node refused us, or spoke nonsense; *fields* are ErrorResponse fields for the client."""
+class ServerLoginError(PgError):
+    """The node refused us (``from_fields``: its own words, kept whole for the client), or spoke nonsense."""
 
-    def __init__(self, fields: dict[str, str]):
-        super().__init__(fields.get("M", "login to node failed"))
-        self.fields = fields
-
-    @classmethod
-    def make(cls, code: str, message: str, detail: str | None = None) -> "ServerLoginError":
-        return cls(m.error_fields("FATAL", code, message, detail))
+    severity = "FATAL"
 
 
 class ServerLogin:
@@ -46,7 +41,7 @@ class ServerLogin:
         return m.startup_message({"user": self.user, "database": self.database})
 
     def _error(self, code: str, message: str) -> ServerLoginError:
-        return ServerLoginError.make(code, message, f"while logging in to node {self.node_name} as user \"{self.user}\"")
+        return ServerLoginError(code, message, f"while logging in to node {self.node_name} as user \"{self.user}\"")
 
     def feed(self, msg_type: int, body: bytes) -> bytes | None:
         """Handle one message from the node; return bytes to send back, if any."""
@@ -64,7 +59,7 @@ class ServerLogin:
             fields.setdefault("C", sqlstate.CONNECTION_FAILURE)
             fields.setdefault("M", "node refused the login")
             fields.setdefault("D", f"reported by node {self.node_name}")
-            raise ServerLoginError(fields)
+            raise ServerLoginError.from_fields(fields)
         elif msg_type in (p.NOTICE_RESPONSE, p.NEGOTIATE_PROTOCOL_VERSION):
             pass
         else:

@@ -94,7 +94,7 @@ class BackendFactory(ClientFactory):
     def clientConnectionFailed(self, connector, reason):
         why = reason.getErrorMessage()
         self.conn.connect_failed(
-            ServerLoginError.make(sqlstate.CONNECTION_FAILURE, f"could not connect to node {self.conn.node}: {why}")
+            ServerLoginError(sqlstate.CONNECTION_FAILURE, f"could not connect to node {self.conn.node}: {why}")
         )
 
 

@@ -17,18 +17,14 @@ from pgtwist.auth import (
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 from pgtwist.wire import sqlstate
-from pgtwist.wire.errors import WireError
+from pgtwist.wire.errors import PgError, WireError
 from pgtwist.wire.framing import pop_message, pop_startup_packet
 
 
-class LoginError(Exception):
-    """Login refused: the session sends a FATAL ErrorResponse with this SQLSTATE and closes."""
+class LoginError(PgError):
+    """Login refused: the session sends this FATAL ErrorResponse and closes."""
 
-    def __init__(self, code: str, message: str, detail: str | None = None):
-        super().__init__(message)
-        self.sqlstate = code
-        self.message = message
-        self.detail = detail
+    severity = "FATAL"
 
 
 @dataclass(frozen=True)

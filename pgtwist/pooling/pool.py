@@ -3,28 +3,52 @@
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass, replace
 
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from pgtwist.backend.connection import IDLE
 from pgtwist.backend.login import ServerLoginError
 from pgtwist.wire import protocol as p
 from pgtwist.wire import sqlstate
+from pgtwist.wire.errors import PgError
 
 log = Logger()
 
 LOGIN_CACHE_LIMIT = 1000  # startup-settings combinations remembered per pool
 
 
-class PoolError(Exception):
-    """A client could not get a server connection; carries the SQLSTATE and message for it."""
+class PoolError(PgError):
+    """A client could not get a server connection: FATAL, unless another node can serve it."""
 
-    def __init__(self, code: str, message: str, detail: str | None = None):
-        super().__init__(message)
-        self.sqlstate = code
-        self.message = message
-        self.detail = detail
+    severity = "FATAL"
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    """The limits a pool runs with; made from the config by one function, at start-up and on reload alike."""
+
+    size: int
+    reset_query: str = ""
+    wait_timeout: float = 0.0  # query_wait_timeout (0: wait for ever)
+    max_prepared_statements: int = 100
+    min_size: int = 0
+    idle_timeout: float = 0.0
+    lifetime: float = 0.0
+
+    @classmethod
+    def from_config(cls, config, database) -> "PoolSettings":
+        return cls(
+            size=database.pool_size,
+            reset_query=config.server_reset_query,
+            wait_timeout=config.query_wait_timeout,
+            max_prepared_statements=config.max_prepared_statements,
+            min_size=config.min_pool_size,
+            idle_timeout=config.server_idle_timeout,
+            lifetime=config.server_lifetime,
+        )
 
 
 class Pool:
@@ -46,26 +70,18 @@ class Pool:
         node,
         database,
         user: str,
-        size: int,
+        settings: PoolSettings,
         *,
         connect,
         clock,
-        reset_query: str,
-        wait_timeout: float,
-        max_prepared_statements: int = 100,
-        min_size: int = 0,
-        idle_timeout: float = 0.0,
-        lifetime: float = 0.0,
     ):
         self.key = key
         self.node = node
         self.database = database
         self.user = user
-        self.size = size
+        self.settings = settings  # replaced whole by reconfigure(), never edited
         self.connect = connect  # (pool) -> Deferred[ServerConnection], fires after login
         self.clock = clock
-        self.reset_query = reset_query
-        self.wait_timeout = wait_timeout
         self.idle: deque = deque()
         self.busy: set = set()
         self.connecting = 0
@@ -76,10 +92,6 @@ class Pool:
         self.retired = False  # removed by a reload: connections close when their clients are done
         self.waits = 0  # acquisitions that had to wait, and for how long in total (for metrics)
         self.wait_seconds = 0.0
-        self.max_prepared_statements = max_prepared_statements
-        self.min_size = min_size
-        self.idle_timeout = idle_timeout
-        self.lifetime = lifetime
         # ParameterStatus sets seen by clients logging in with given startup settings, so that
         # a transaction-mode login needs no server connection once the pool has seen its like.
         # Per pool, so per (database, user, node): session_authorization and is_superuser are
@@ -147,7 +159,7 @@ class Pool:
         self._serve()
         if waiter in self._waits:
             self.waits += 1
-            if self._timer is None and self.wait_timeout:
+            if self._timer is None and self.settings.wait_timeout:
                 self._arm_timer()
 
     def cancel_wait(self, waiter) -> None:
@@ -168,33 +180,49 @@ class Pool:
         return [self._waits[w] for w in self.waiters if w in self._waits]
 
     def _arm_timer(self) -> None:
-        due = self._waits[self.waiters[0]] + self.wait_timeout
+        due = self._waits[self.waiters[0]] + self.settings.wait_timeout
         self._timer = self.clock.callLater(max(0.0, due - self.clock.seconds()), self._wait_timer_fired)
 
     def _wait_timer_fired(self) -> None:
         self._timer = None
-        if not self.wait_timeout:
+        if not self.settings.wait_timeout:
             return
-        deadline = self.clock.seconds() - self.wait_timeout
+        deadline = self.clock.seconds() - self.settings.wait_timeout
         while self.waiters and self._waits[self.waiters[0]] <= deadline:
             waiter, _ = self._take_waiter()
             self._fail(waiter, Failure(self._wait_error()))
         if self.waiters:
             self._arm_timer()
 
-    def wait_timeout_changed(self) -> None:
-        """A reload changed ``wait_timeout``: judge the waiters by the new limit from now on."""
+    @property
+    def size(self) -> int:
+        return self.settings.size
+
+    @property
+    def max_prepared_statements(self) -> int:
+        return self.settings.max_prepared_statements
+
+    def reconfigure(self, database, settings: PoolSettings) -> None:
+        """Reload: run with *settings* from now on; waiting clients get new capacity at once."""
+        before, self.settings = self.settings, settings
+        self.database = database
+        if settings.wait_timeout != before.wait_timeout:
+            self._wait_timeout_changed()
+        self._serve()
+
+    def _wait_timeout_changed(self) -> None:
+        """Judge the waiters by the new ``wait_timeout`` from now on."""
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        if self.waiters and self.wait_timeout:
+        if self.waiters and self.settings.wait_timeout:
             self._arm_timer()
 
     def _wait_error(self) -> PoolError:
         return PoolError(
             sqlstate.TOO_MANY_CONNECTIONS,
-            f'no server connection for database "{getattr(self.database, "name", self.database)}" became free within {self.wait_timeout:g} s',
-            f"all {self.size} connections to node {self.node} for user \"{self.user}\" are in use (pool_size)",
+            f'no server connection for database "{getattr(self.database, "name", self.database)}" became free within {self.settings.wait_timeout:g} s',
+            f"all {self.settings.size} connections to node {self.node} for user \"{self.user}\" are in use (pool_size)",
         )
 
     @staticmethod
@@ -220,7 +248,7 @@ class Pool:
                 self._reclaim_one()  # (its release() serves the waiter itself)
                 continue
             self._give(self.idle.pop())  # (last in, first out: see take_idle)
-        while not self.paused and len(self.waiters) > self.connecting and self.total < self.size:
+        while not self.paused and len(self.waiters) > self.connecting and self.total < self.settings.size:
             self._open()
 
     def _open(self) -> None:
@@ -282,7 +310,8 @@ class Pool:
         self.lent.pop(conn, None)
         if conn not in self.busy:
             return
-        if not reusable or conn.state != "idle" or conn.tainted or self.retired or self._expired(conn):
+        # (IDLE: logged in, nothing owed, no client; asked by name, at the cost of one identity test.)
+        if not reusable or conn.state is not IDLE or conn.tainted or self.retired or self._expired(conn):
             self.busy.discard(conn)
             conn.close()
             self._serve()
@@ -290,13 +319,13 @@ class Pool:
         queries = []
         if conn.tx_status != p.TX_IDLE:
             queries.append("ROLLBACK")
-        if reset and self.reset_query:
-            queries.append(self.reset_query)
+        if reset and self.settings.reset_query:
+            queries.append(self.settings.reset_query)
         if not queries:
             self._back_to_idle(conn)
             return
         conn.run_internal(queries).addCallbacks(
-            lambda errors: self._reset_done(conn, reset and bool(self.reset_query), errors),
+            lambda errors: self._reset_done(conn, reset and bool(self.settings.reset_query), errors),
             lambda failure: self._reset_failed(conn, failure),
         )
 
@@ -308,9 +337,8 @@ class Pool:
             self._serve()
             return
         if reset:
-            conn.settings = {}
-            if "all" in self.reset_query.lower():  # DISCARD ALL / DEALLOCATE ALL drop prepared statements
-                conn.statements.clear()
+            # DISCARD ALL / DEALLOCATE ALL drop prepared statements
+            conn.was_reset(statements_dropped="all" in self.settings.reset_query.lower())
         self._back_to_idle(conn)
 
     def _reset_failed(self, conn, failure) -> None:
@@ -324,18 +352,18 @@ class Pool:
         self._serve()
 
     def _expired(self, conn) -> bool:
-        return bool(self.lifetime) and self.clock.seconds() - conn.created >= self.lifetime
+        return bool(self.settings.lifetime) and self.clock.seconds() - conn.created >= self.settings.lifetime
 
     def maintain(self) -> None:
         """Periodic care: close connections idle too long or past their lifetime, keep min_size warm."""
         now = self.clock.seconds()
         for conn in list(self.idle):
-            idle_too_long = self.idle_timeout and now - conn.last_used >= self.idle_timeout and self.total > self.min_size
+            idle_too_long = self.settings.idle_timeout and now - conn.last_used >= self.settings.idle_timeout and self.total > self.settings.min_size
             if idle_too_long or self._expired(conn):
                 self.idle.remove(conn)
                 conn.close()
         # Counted up front: a connect() that fails at once must not make this loop forever.
-        for _ in range(0 if self.paused else min(self.min_size, self.size) - self.total):
+        for _ in range(0 if self.paused else min(self.settings.min_size, self.settings.size) - self.total):
             self.connecting += 1
             self.connect(self).addCallbacks(self._opened, self._warm_failed)
 
@@ -363,14 +391,10 @@ class Pool:
             self.reclaim_all()  # a client between transactions must not hold PAUSE up
         self._serve()
 
-    def refresh(self) -> None:
-        """Limits changed (reload): hand out or open what the new ones allow."""
-        self._serve()
-
     def retire(self) -> None:
         """Its database, node or user left the config: close idle connections, the busy ones when released."""
         self.retired = True
-        self.min_size = 0
+        self.settings = replace(self.settings, min_size=0)
         self.reclaim_all()
         while self.idle:
             self.idle.popleft().close()

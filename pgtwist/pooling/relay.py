@@ -560,7 +560,7 @@ class Relay:
         # skipped (after an error) left behind.
         close_first = statements.held(server_name)
         for old in statements.add(server_name, self.schema.clock):
-            self._forward(CLOSE, p.CLOSE, target_body(ord("S"), old), to_server, swallow=True, undo=lambda old=old: statements.leftover.add(old))
+            self._forward(CLOSE, p.CLOSE, target_body(ord("S"), old), to_server, swallow=True, undo=lambda old=old: statements.forget(old))
         if close_first:
             self._forward(CLOSE, p.CLOSE, target_body(ord("S"), server_name), to_server, swallow=True)
 

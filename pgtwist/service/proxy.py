@@ -12,10 +12,12 @@ from twisted.logger import Logger
 from pgtwist.service import reload as reloadmod
 from pgtwist.transport import tls
 from pgtwist.transport.connect import NodeDialer, is_unix_host
+from pgtwist.admin import audit
+from pgtwist.admin.console import AdminConsole
 from pgtwist.admin.counters import Counters
 from pgtwist.backend.protocol import BackendFactory, CancelFactory, Keepalive
 from pgtwist.cluster.health import ClusterMonitor
-from pgtwist.pooling.pool import Pool
+from pgtwist.pooling.pool import Pool, PoolSettings
 from pgtwist.routing.router import DatabaseRouter, load_hook
 from pgtwist.routing.policy import format_lsn
 from pgtwist.backend.connection import ServerConnection
@@ -50,6 +52,10 @@ class Proxy:
         self.pinned_sessions = 0
         self.counters = Counters(reactor)  # totals for SHOW STATS and /metrics
         self.service = None  # the PgBalanceService, for admin actions (reload, shutdown)
+        # The admin side, wired in here so that the core never imports pgtwist.admin: the console
+        # that answers a client of the admin database, and the log of audited users' statements.
+        self.admin_session = AdminConsole
+        self.audit_statement = audit.statement
         self.draining = False  # shutting down: clients leave as soon as they are between transactions
         self.paused: set[str] = set()  # databases PAUSEd ("*": all)
         self.retired_pools: set[Pool] = set()  # removed by a reload, closing as their clients finish
@@ -338,15 +344,9 @@ class Proxy:
                 node,
                 database,
                 user,
-                database.pool_size,
+                PoolSettings.from_config(self.config, database),
                 connect=self.connect_server,
                 clock=self.clock,
-                reset_query=self.config.server_reset_query,
-                wait_timeout=self.config.query_wait_timeout,
-                max_prepared_statements=self.config.max_prepared_statements,
-                min_size=self.config.min_pool_size,
-                idle_timeout=self.config.server_idle_timeout,
-                lifetime=self.config.server_lifetime,
             )
             if self.paused and ("*" in self.paused or database.name in self.paused):
                 pool.paused = True

@@ -8,6 +8,8 @@ from types import MappingProxyType
 from twisted.logger import Logger
 
 from pgtwist import config as configmod
+from pgtwist.pooling.pool import PoolSettings
+from pgtwist.transport import tls
 
 log = Logger()
 
@@ -70,10 +72,6 @@ def _failed(proxy, source: str, errors: tuple[str, ...]) -> ReloadOutcome:
 
 def _load_tls(proxy, new):
     """The new config's TLS contexts, built before anything changes (files are re-read: renewed certificates apply)."""
-    if not hasattr(proxy, "reload_tls"):
-        return None
-    from pgtwist.transport import tls
-
     return tls.from_config(new)
 
 
@@ -112,17 +110,7 @@ def apply(proxy, new, changes: configmod.ConfigDiff) -> None:
             pool.retire()
             log.info("reload: pool {pool} retired; it closes as its clients finish", pool=key)
             continue
-        pool.database = database
-        pool.size = database.pool_size
-        if pool.wait_timeout != new.query_wait_timeout:
-            pool.wait_timeout = new.query_wait_timeout
-            pool.wait_timeout_changed()
-        pool.reset_query = new.server_reset_query
-        pool.max_prepared_statements = new.max_prepared_statements
-        pool.min_size = new.min_pool_size
-        pool.idle_timeout = new.server_idle_timeout
-        pool.lifetime = new.server_lifetime
-        pool.refresh()
+        pool.reconfigure(database, PoolSettings.from_config(new, database))
     sweep(proxy)
     for name in changes.databases_added:
         log.info("reload: database {db} added", db=name)
@@ -131,9 +119,7 @@ def apply(proxy, new, changes: configmod.ConfigDiff) -> None:
 
 
 def _apply_routers(proxy, old, new, changes) -> None:
-    routers = getattr(proxy, "routers", None)
-    if routers is None:
-        return
+    routers = proxy.routers
     rebuild_all = any(k in changes.changed for k in ("routing_hook", "health_check_interval", "health_check_timeout", "health_user"))
     for name, router in list(routers.items()):
         database = new.databases.get(name)
@@ -145,13 +131,13 @@ def _apply_routers(proxy, old, new, changes) -> None:
                 monitor.stop()
             # Clients keeping a connection between transactions would go on using it without
             # asking the new router: take those back, so that their next work is placed anew.
-            for pool in list(getattr(proxy, "pools", {}).values()):
+            for pool in list(proxy.pools.values()):
                 if pool.database.name == name:
                     pool.reclaim_all()
         else:
             router.database = database
             router.config = new
-    if getattr(proxy, "started", False):
+    if proxy.started:
         for database in new.databases.values():
             if database.name not in routers:
                 proxy.router_for(database)

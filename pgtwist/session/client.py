@@ -8,15 +8,13 @@ from __future__ import annotations
 from twisted.logger import Logger
 
 from pgtwist.transport.connect import is_local_peer
+from pgtwist.config import ADMIN_DATABASE
 from pgtwist.routing import sqlinspect
 
 from pgtwist.session import standin
 
 from pgtwist.transport import tls
 from pgtwist.service import drain
-from pgtwist.admin import audit
-from pgtwist.admin.console import DATABASE as ADMIN_DATABASE
-from pgtwist.admin.console import AdminConsole
 from pgtwist.frontend.login import Authenticated, CancelReceived, ClientLogin, LoginError, Reply, StartTLS
 from pgtwist.session.placement import UNSYNCED as _UNSYNCED
 from pgtwist.session.placement import Placement
@@ -40,6 +38,8 @@ log = Logger()
 _Z = p.READY_FOR_QUERY
 _TERMINATE = p.TERMINATE
 _SESSION_CAPTURE = frozenset((_TERMINATE,))
+# What an audited user's scanner captures besides: the texts proxy.audit_statement logs.
+_AUDITED = frozenset((p.QUERY, p.PARSE))
 # Each Query, Sync and FunctionCall earns exactly one ReadyForQuery: counting them tells
 # whether the server still owes the client an answer when the client goes away.
 _SESSION_WATCH = frozenset((p.QUERY, p.SYNC, p.FUNCTION_CALL))
@@ -321,7 +321,7 @@ class ClientSession(Placement):
             self.scanner = MessageScanner(_SESSION_CAPTURE, self.config.max_message_size, _SESSION_WATCH, frontend=True)
         if self.user in self.config.audit:
             self.audit = True
-            self.scanner.capture = self.scanner.capture | audit.CAPTURE
+            self.scanner.capture = self.scanner.capture | _AUDITED
         self.router = self.proxy.router_for(database)
         user = self.config.users.get(self.user)
         self.user_route = user.route if user is not None else "auto"
@@ -347,7 +347,7 @@ class ClientSession(Placement):
 
     def _admin_console(self) -> None:
         """dbname "pgbalance": the admin console answers instead of a node ([admin] users only)."""
-        self.console = AdminConsole(self)  # LoginError 42501 for anyone else
+        self.console = self.proxy.admin_session(self)  # LoginError 42501 for anyone else
         self._cancel_login_timer()
         self.state = ADMIN
         self.logged_in = True
@@ -553,7 +553,7 @@ class ClientSession(Placement):
             if watch and msg_type in _WATCHED:
                 watch = self._watch_statement(msg_type, body, watch)
             if self.audit and (msg_type == p.QUERY or msg_type == p.PARSE):
-                audit.statement(self, msg_type, body)
+                self.proxy.audit_statement(self, msg_type, body)
             if msg_type == p.QUERY:
                 effects = sqlinspect.inspect_query(body)
                 if effects.changes_state:
@@ -730,7 +730,7 @@ class ClientSession(Placement):
             # It runs on the server: every prepared statement there goes, the client's own with
             # them (as PostgreSQL does), and the connection leaves the pool at release. (DISCARD
             # ALL in a transaction block, or in a multi-statement text, PostgreSQL refuses: 25001.)
-            self.server.tainted = True
+            self.server.taint("DISCARD ALL or DEALLOCATE ALL")
             self.server.statements.clear()
             self.relay.drop()
 
@@ -769,7 +769,7 @@ class ClientSession(Placement):
                 self._terminate()
                 return
             else:  # Query or Parse of an audited client
-                audit.statement(self, item[0], item[1])
+                self.proxy.audit_statement(self, item[0], item[1])
                 out.append(frame(item[0], item[1]))
         if out:
             write_now(self.server.transport, b"".join(out))
@@ -870,7 +870,7 @@ class ClientSession(Placement):
         if key not in SERVER_OWNED:
             # The client changed a reported setting itself (SET application_name, ...).
             self.settings[key] = value
-            server.settings[key] = value
+            server.setting_reported(key, value)
             if key == "search_path" and self.relay is not None:
                 self.relay.scope = value
 
@@ -1020,10 +1020,10 @@ class ClientSession(Placement):
                         self.settings.pop(name, None)
                     else:
                         self.settings[name] = value.decode("utf-8", "replace")
-                server.settings = dict(self.settings)
+                server.settings_synced(self.settings)
                 self.relay.scope = self.settings.get("search_path", "")
             else:
-                server.tainted = True
+                server.taint("the settings read back did not come")
         if track_lsn and rows and len(rows[-1]) == 3 and None not in rows[-1]:
             insert, flush, synchronous_commit = (v.decode("ascii", "replace") for v in rows[-1])
             if self._async_commit:
@@ -1086,7 +1086,7 @@ class ClientSession(Placement):
         if server is None:
             return
         reusable = self._owes_nothing()
-        if server.state == "linked":
+        if server.linked:
             server.unlink()
         if not reusable:
             # The node is still working for a client who left: stop that work, then drop the connection.
@@ -1103,7 +1103,7 @@ class ClientSession(Placement):
     def _idle_tx_timed_out(self) -> None:
         self._idle_tx_timer = None
         if self.state is LINKED and self.tx_status != p.TX_IDLE:
-            self.fatal("25P03", "terminating connection due to idle-in-transaction timeout")
+            self.fatal(sqlstate.IDLE_IN_TRANSACTION_SESSION_TIMEOUT, "terminating connection due to idle-in-transaction timeout")
 
     # -- ending --------------------------------------------------------------------------
 

@@ -248,7 +248,7 @@ class Placement:
         e = failure.value
         if isinstance(e, PoolError):
             self._deadline = None
-            self._retry_or_fail(m.error_fields("FATAL", e.sqlstate, e.message, e.detail))
+            self._retry_or_fail(e.fields)
         elif isinstance(e, ServerLoginError):
             if self.decision is not None:
                 self.router.server_ended(self.decision.node, e.fields, "login failed")
@@ -292,8 +292,8 @@ class Placement:
             return
         if errors:
             self.server = None
-            server.settings = {}  # the failed statement rolled back; what it held is unknown
-            server.tainted = True
+            server.forget_settings()  # the failed statement rolled back; what it held is unknown
+            server.taint("restoring the session's settings failed")
             server.pool.release(server, reusable=False)
             if not self.logged_in:
                 # As PostgreSQL does for a bad startup parameter: the login fails with the server's reason.
@@ -301,8 +301,7 @@ class Placement:
             else:
                 self.fatal(sqlstate.INTERNAL_ERROR, "could not restore this session's settings on a server connection", errors[0].get("M"))
             return
-        if server.settings != self.settings:
-            server.settings = dict(self.settings)
+        server.settings_synced(self.settings)
         if not self.logged_in:
             parameters = dict(server.parameters)
             if self.transaction_mode and self.decision is not None and self.decision.want == "replica":

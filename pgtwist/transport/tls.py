@@ -292,25 +292,25 @@ class NodeTls:
         """
         if data[:1] == b"S":
             if len(data) > 1:
-                raise ServerLoginError.make(
+                raise ServerLoginError(
                     sqlstate.PROTOCOL_VIOLATION, f"node {node} sent unencrypted data after its SSL response"
                 )
             return True
         if data[:1] == b"N":
             if len(data) > 1:
-                raise ServerLoginError.make(
+                raise ServerLoginError(
                     sqlstate.PROTOCOL_VIOLATION, f"node {node} sent unexpected data after refusing TLS"
                 )
             if self.mode == "prefer":
                 return False
-            raise ServerLoginError.make(
+            raise ServerLoginError(
                 sqlstate.CONNECTION_FAILURE,
                 f"node {node} does not support TLS",
                 f'[server_tls] mode = "{self.mode}" does not fall back to plaintext; enable ssl on the node, or use mode = "prefer"',
             )
         if data[:1] == b"E":
-            raise ServerLoginError.make(sqlstate.CONNECTION_FAILURE, f"node {node} refused the SSL request")
-        raise ServerLoginError.make(
+            raise ServerLoginError(sqlstate.CONNECTION_FAILURE, f"node {node} refused the SSL request")
+        raise ServerLoginError(
             sqlstate.PROTOCOL_VIOLATION, f"node {node} sent an invalid response to the SSL request: {data[:1]!r}"
         )
 
@@ -374,4 +374,4 @@ class NodeHandshake:
             message = f"TLS handshake with node {node} failed: {failure_text(reason)}"
         else:
             message = f"node {node} closed the connection during the TLS handshake"
-        return ServerLoginError.make(sqlstate.CONNECTION_FAILURE, message)
+        return ServerLoginError(sqlstate.CONNECTION_FAILURE, message)

@@ -4,7 +4,19 @@ from dataclasses import dataclass, field
 from struct import Struct
 
 from pgtwist.wire import protocol as p
-from pgtwist.wire.errors import ProtocolViolation, UnsupportedProtocol
+from pgtwist.wire import sqlstate
+from pgtwist.wire.errors import (  # noqa: F401 (re-exported: the codec's callers name them m.FIELD_...)
+    FIELD_DETAIL,
+    FIELD_HINT,
+    FIELD_MESSAGE,
+    FIELD_SEVERITY,
+    FIELD_SEVERITY_NONLOCALIZED,
+    FIELD_SQLSTATE,
+    ProtocolViolation,
+    UnsupportedProtocol,
+    encode_fields,
+    error_fields,
+)
 from pgtwist.wire.framing import frame
 
 _I32 = Struct("!I")
@@ -163,7 +175,7 @@ def decode_startup_packet(body: bytes):
         params[name] = value
     r.end()
     if "user" not in params or not params["user"]:
-        raise ProtocolViolation("no PostgreSQL user name specified in startup packet", "28000")
+        raise ProtocolViolation("no PostgreSQL user name specified in startup packet", sqlstate.INVALID_AUTHORIZATION_SPECIFICATION)
     return StartupMessage(major, minor, params, tuple(unrecognized))
 
 
@@ -309,27 +321,8 @@ def decode_negotiate_protocol_version(body: bytes) -> tuple[int, list[str]]:
 
 # -- errors and notices ----------------------------------------------------------------------
 
-# Field type bytes of ErrorResponse/NoticeResponse (protocol docs, "Error and Notice Message Fields").
-FIELD_SEVERITY = "S"
-FIELD_SEVERITY_NONLOCALIZED = "V"
-FIELD_SQLSTATE = "C"
-FIELD_MESSAGE = "M"
-FIELD_DETAIL = "D"
-FIELD_HINT = "H"
-
-
-def error_fields(severity: str, code: str, message: str, detail: str | None = None, hint: str | None = None) -> dict:
-    fields = {FIELD_SEVERITY: severity, FIELD_SEVERITY_NONLOCALIZED: severity, FIELD_SQLSTATE: code, FIELD_MESSAGE: message}
-    if detail:
-        fields[FIELD_DETAIL] = detail
-    if hint:
-        fields[FIELD_HINT] = hint
-    return fields
-
-
-def _encode_fields(fields: dict[str, str]) -> bytes:
-    # Values may come from a node's own ErrorResponse: drop NULs rather than fail on them.
-    return b"".join(k[:1].encode() + v.replace("\x00", "").encode() + b"\x00" for k, v in fields.items() if k and v is not None) + b"\x00"
+# The fields and their encoding belong to the error type (wire/errors.py); named here too for the codec's callers.
+_encode_fields = encode_fields
 
 
 def error_response_from_fields(fields: dict[str, str]) -> bytes:

@@ -4,7 +4,8 @@ import pytest
 from twisted.internet import defer, task
 from twisted.python.failure import Failure
 
-from pgtwist.pooling.pool import Pool, PoolError
+from pgtwist.backend.connection import IDLE
+from pgtwist.pooling.pool import Pool, PoolError, PoolSettings
 from pgtwist.backend.login import ServerLoginError
 from pgtwist.wire import protocol as p
 from pgtwist.wire import sqlstate
@@ -15,7 +16,7 @@ class FakeConn:
 
     def __init__(self, n):
         self.id = f"s{n}"
-        self.state = "idle"
+        self.state = IDLE
         self.tx_status = p.TX_IDLE
         self.closed = False
         self.tainted = False
@@ -30,6 +31,11 @@ class FakeConn:
         d = defer.Deferred()
         self.internal.append((list(queries), d))
         return d
+
+    def was_reset(self, statements_dropped):
+        self.settings = {}
+        if statements_dropped:
+            self.statements.clear()
 
     def close(self):
         self.closed = True
@@ -48,12 +54,9 @@ class Harness:
             "node1:5432",
             "db",
             "app",
-            size,
+            PoolSettings(size, reset_query=reset_query, wait_timeout=wait_timeout, **extra),
             connect=self.connect,
             clock=self.clock,
-            reset_query=reset_query,
-            wait_timeout=wait_timeout,
-            **extra,
         )
 
     def connect(self, pool):
@@ -272,7 +275,7 @@ def test_connect_failure_errbacks_oldest_waiter_only_and_retries_for_the_next():
     h = Harness(size=1)
     (_, r1), (_, r2) = h.acquire(), h.acquire()
     assert len(h.attempts) == 1
-    error = ServerLoginError.make(sqlstate.CONNECTION_FAILURE, "could not connect")
+    error = ServerLoginError(sqlstate.CONNECTION_FAILURE, "could not connect")
     h.attempts[0].errback(error)
     assert got(r1).value is error
     assert r2 == []
@@ -484,7 +487,7 @@ def test_synchronous_connect_works():
         made.append(conn)
         return defer.succeed(conn)
 
-    pool = Pool("k", "n", "db", "u", 2, connect=connect, clock=clock, reset_query="", wait_timeout=1)
+    pool = Pool("k", "n", "db", "u", PoolSettings(2, wait_timeout=1), connect=connect, clock=clock)
     r = []
     pool.acquire().addBoth(r.append)
     assert r == made and pool.connecting == 0 and pool.total == 1
@@ -492,7 +495,7 @@ def test_synchronous_connect_works():
     def fail(pool):
         return defer.fail(RuntimeError("no"))
 
-    pool2 = Pool("k", "n", "db", "u", 2, connect=fail, clock=clock, reset_query="", wait_timeout=1)
+    pool2 = Pool("k", "n", "db", "u", PoolSettings(2, wait_timeout=1), connect=fail, clock=clock)
     r2 = []
     pool2.acquire().addBoth(r2.append)
     assert got(r2).check(RuntimeError) and pool2.connecting == 0 and not pool2.waiters
@@ -617,7 +620,7 @@ def test_maintain_with_a_connect_that_fails_at_once_does_not_loop_forever():
             raise AssertionError("maintain() keeps retrying within one tick")
         return defer.fail(RuntimeError("refused"))
 
-    pool = Pool("k", "n", "db", "u", 3, connect=connect, clock=clock, reset_query="", wait_timeout=1, min_size=2)
+    pool = Pool("k", "n", "db", "u", PoolSettings(3, wait_timeout=1, min_size=2), connect=connect, clock=clock)
     pool.maintain()
     assert len(calls) == 2 and pool.connecting == 0
 

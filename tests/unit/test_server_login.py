@@ -255,8 +255,8 @@ def test_unexpected_message_during_login():
     assert e.value.fields["C"] == sqlstate.PROTOCOL_VIOLATION
 
 
-def test_make_builds_fatal_fields():
-    e = ServerLoginError.make("08006", "boom", "because")
+def test_builds_fatal_fields():
+    e = ServerLoginError("08006", "boom", "because")
     assert e.fields == {"S": "FATAL", "V": "FATAL", "C": "08006", "M": "boom", "D": "because"}
     assert str(e) == "boom"
-    assert str(ServerLoginError({})) == "login to node failed"
+    assert str(ServerLoginError.from_fields({})) == "login to node failed"
