@@ -10,7 +10,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from pgtwist.cluster import evidence
-from pgtwist.routing.classify import Classification, classify
+from pgtwist.routing.analysis import Classification, classify
 from pgtwist.routing.policy import PRIMARY, REPLICA, NodeState, choose, read_exclusions, route
 
 log = Logger()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from twisted.logger import Logger
 
-from pgtwist.routing import sqlinspect
+from pgtwist.routing import analysis
 
 from pgtwist.session import standin
 
@@ -445,7 +445,7 @@ class ClientSession(Placement):
         body = item[1]
         if len(body) + 5 != len(data):
             return False
-        effects = sqlinspect.inspect_query(body)
+        effects = analysis.query_effects(body)
         if effects.changes_state or effects.local_commit_mode:
             return False
         self._link_used = True
@@ -553,7 +553,7 @@ class ClientSession(Placement):
             if self.audit and (msg_type == p.QUERY or msg_type == p.PARSE):
                 audit.statement(self, msg_type, body)
             if msg_type == p.QUERY:
-                effects = sqlinspect.inspect_query(body)
+                effects = analysis.query_effects(body)
                 if effects.changes_state:
                     if self._query(body, effects, to_server, to_client):
                         continue
@@ -563,7 +563,7 @@ class ClientSession(Placement):
                 name, definition = split_parse(body)
                 text, _, types = definition.partition(b"\x00")
                 sql = text + b"\x00"
-                effects = sqlinspect.inspect_query(sql)
+                effects = analysis.query_effects(sql)
                 if effects.changes_state or effects.local_commit_mode:
                     self._effects_of[name] = effects
                 else:
