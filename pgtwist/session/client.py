@@ -899,6 +899,7 @@ class ClientSession(Placement):
         done, self._tx_end = self._tx_end, 0
         if done & _DDL_SENT:
             self.relay.schema.ddl()  # (committed now: see _note_effects)
+            self.router.schema_changed()  # (function volatility: the monitor reads pg_proc again)
         if done & _LOCAL_PATH and not ("search_path" in self.dirty or self.dirty_all):
             self.relay.scope = self.settings.get("search_path", "")
 
