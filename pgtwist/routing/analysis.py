@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, replace
-from typing import NamedTuple
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from pglast.parser import ParseError, parse_sql_json
 
@@ -120,9 +119,6 @@ class SessionEffects:
             or self.ddl
             or self.local_path
         )
-
-
-NO_EFFECTS = SessionEffects()
 
 
 NO_EFFECTS = SessionEffects()
