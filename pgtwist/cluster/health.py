@@ -452,32 +452,6 @@ class ClusterMonitor:
         d.addErrback(failed)
         return d
 
-    def fetch(self, name: str, sql: str, timeout: float | None = None) -> defer.Deferred:
-        """Run *sql* on a fresh connection to *name*; fires with its rows (lists of bytes/None).
-
-        Fails with ProbeError (or ServerLoginError) when the node is away or refuses; the
-        connection is abandoned after *timeout* (default: 5 x the probe timeout).
-        """
-        slot = self._slots.get(name)
-        if slot is None:
-            return defer.fail(KeyError(name))
-        try:
-            conn = self._connect(slot)
-        except Exception as e:
-            return defer.fail(ProbeError(f"cannot connect to node {name}: {e}"))
-        timer = self.reactor.callLater(timeout if timeout is not None else 5 * self.timeout, conn.abort)
-        d = conn.ready
-        d.addCallback(lambda _: conn.query(sql))
-
-        def finished(result):
-            if timer.active():
-                timer.cancel()
-            conn.close()
-            return result
-
-        d.addBoth(finished)
-        return d
-
     def functions_changed(self) -> None:
         """DDL went through pgtwist (a function may be new, or no longer volatile): read pg_proc at the next probe."""
         self._ddl_seen += 1
