@@ -9,7 +9,7 @@ from __future__ import annotations
 from itertools import chain
 
 from pgtwist import config as configmod
-from pgtwist.routing import sqlinspect
+from pgtwist.routing import analysis
 
 CLIENT_COLUMNS = (
     ("id", str),
@@ -296,7 +296,7 @@ def explain(proxy, sql: str, database: str | None = None, user: str | None = Non
     db = cfg.databases.get(name)
     if db is None:
         return {"database": name, "error": "no such database"}
-    effects = sqlinspect.inspect(sql)
+    effects = analysis.session_effects(sql)
     out = {
         "database": name,
         "sql": sql,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from decimal import Decimal, InvalidOperation
 from typing import Callable
 
@@ -13,6 +14,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pgtwist.transport.connect import NodeDialer, is_unix_host
+from pgtwist.cluster import catalog
 from pgtwist.routing.policy import PRIMARY, REPLICA, NodeState, format_lsn, parse_lsn, resolve_primary
 from pgtwist.backend.login import ServerLogin, ServerLoginError
 from pgtwist.wire import messages as m
@@ -43,6 +45,11 @@ PROBE_SQL = (
     " FROM (SELECT pg_is_in_recovery() AS r) AS s"
 )
 
+# How often the primary's pg_proc is read again (function volatility, for routing), and how
+# soon after a failed read. DDL seen through pgtwist asks for it at the next probe.
+FUNCTIONS_REFRESH = 30.0
+_FUNCTIONS_RETRY = 1.0
+
 # Probe answers are a few dozen bytes; a node sending more is broken, not worth buffering.
 _MAX_MESSAGE = 1 << 20
 
@@ -61,7 +68,8 @@ class PromoteError(Exception):
 
 @implementer(IHandshakeListener)  # so the TLS layer tells us when the node is verified
 class _NodeConnection(Protocol):
-    """One monitoring connection: logs in with a ServerLogin, then runs one simple query at a time."""
+    """One monitoring connection: logs in with a ServerLogin, then runs simple queries, answered in order
+    (a catalog read may be under way when a probe is due: the probe queues behind it)."""
 
     def __init__(self, login: ServerLogin, name: str, node_tls=None, host: str = ""):
         self.login = login
@@ -75,7 +83,7 @@ class _NodeConnection(Protocol):
         self.connector = None
         self.connected = False
         self.closed = False
-        self._query: defer.Deferred | None = None
+        self._waiting: deque[defer.Deferred] = deque()  # one per Query sent, oldest first
         self._rows: list[list[bytes | None]] = []
         self._error: str | None = None
 
@@ -145,13 +153,12 @@ class _NodeConnection(Protocol):
 
     def query(self, sql: str) -> defer.Deferred:
         """Run *sql*; fires with its DataRows (lists of bytes/None), or fails with ProbeError."""
-        if self.closed or self._query is not None:
+        if self.closed or self.transport is None:
             return defer.fail(ProbeError(f"connection to node {self.name} not usable"))
-        self._query = defer.Deferred()
-        self._rows = []
-        self._error = None
+        d = defer.Deferred()
+        self._waiting.append(d)
         self.transport.write(m.query(sql))
-        return self._query
+        return d
 
     def close(self) -> None:
         """Say goodbye politely (Terminate) and hang up."""
@@ -196,12 +203,14 @@ class _NodeConnection(Protocol):
                 # The server is closing this connection (shutdown, idle timeout, terminated).
                 self._fail(_ConnectionGone(f"node {self.name}: {self._error}"))
         elif msg_type == p.READY_FOR_QUERY:
-            d, self._query = self._query, None
-            if d is not None:
-                if self._error is not None:
-                    d.errback(ProbeError(f"node {self.name}: {self._error}"))
+            rows, error = self._rows, self._error
+            self._rows, self._error = [], None
+            if self._waiting:
+                d = self._waiting.popleft()
+                if error is not None:
+                    d.errback(ProbeError(f"node {self.name}: {error}"))
                 else:
-                    d.callback(self._rows)
+                    d.callback(rows)
         elif msg_type in (p.ROW_DESCRIPTION, p.COMMAND_COMPLETE, p.NOTICE_RESPONSE, p.PARAMETER_STATUS,
                           p.NOTIFICATION_RESPONSE, p.EMPTY_QUERY_RESPONSE):
             pass
@@ -216,9 +225,8 @@ class _NodeConnection(Protocol):
     def _fail_pending(self, error: Exception) -> None:
         if not self.ready.called:
             self.ready.errback(error)
-        d, self._query = self._query, None
-        if d is not None:
-            d.errback(error)
+        while self._waiting:
+            self._waiting.popleft().errback(error)
 
     def _gone(self, error: Exception) -> None:
         self.closed = True
@@ -271,6 +279,10 @@ class ClusterMonitor:
     The login needs no privilege for roles and positions; replica timelines need pg_monitor
     (pg_stat_wal_receiver hides received_tli otherwise), and promote() needs a superuser or
     ``GRANT EXECUTE ON FUNCTION pg_promote(boolean, integer) TO <user>``.
+
+    With *functions_refresh* (seconds), it also reads pg_proc's function volatility on the
+    primary's probe connection that often (and at the next probe after functions_changed()),
+    into ``functions``: routing asks it whether ``SELECT f()`` may write, and never waits for it.
     """
 
     def __init__(
@@ -285,6 +297,7 @@ class ClusterMonitor:
         timeout: float = 2.0,
         backoff_max: float = 10.0,
         on_change: Callable[[NodeState, str], None] | None = None,
+        functions_refresh: float | None = None,
     ):
         self.reactor = reactor
         self.login_factory = login_factory
@@ -295,6 +308,11 @@ class ClusterMonitor:
         self.backoff_max = max(backoff_max, interval)
         self.on_change = on_change
         self.running = False
+        self.functions: catalog.FunctionVolatility = catalog.NOT_FETCHED
+        self.functions_refresh = functions_refresh
+        self._functions_due = 0.0
+        self._functions_loading = False
+        self._ddl_seen = 0  # functions_changed() calls: a read begun before the last one is stale
         self._slots: dict[str, _Slot] = {}
         self.states: dict[str, NodeState] = {}
         for node in nodes:
@@ -437,31 +455,10 @@ class ClusterMonitor:
         d.addErrback(failed)
         return d
 
-    def fetch(self, name: str, sql: str, timeout: float | None = None) -> defer.Deferred:
-        """Run *sql* on a fresh connection to *name*; fires with its rows (lists of bytes/None).
-
-        Fails with ProbeError (or ServerLoginError) when the node is away or refuses; the
-        connection is abandoned after *timeout* (default: 5 x the probe timeout).
-        """
-        slot = self._slots.get(name)
-        if slot is None:
-            return defer.fail(KeyError(name))
-        try:
-            conn = self._connect(slot)
-        except Exception as e:
-            return defer.fail(ProbeError(f"cannot connect to node {name}: {e}"))
-        timer = self.reactor.callLater(timeout if timeout is not None else 5 * self.timeout, conn.abort)
-        d = conn.ready
-        d.addCallback(lambda _: conn.query(sql))
-
-        def finished(result):
-            if timer.active():
-                timer.cancel()
-            conn.close()
-            return result
-
-        d.addBoth(finished)
-        return d
+    def functions_changed(self) -> None:
+        """DDL went through pgtwist (a function may be new, or no longer volatile): read pg_proc at the next probe."""
+        self._ddl_seen += 1
+        self._functions_due = 0.0
 
     def most_caught_up_replica(self) -> NodeState | None:
         """The up, unfenced replica that will have the most WAL once promoted (what it received, then replayed)."""
@@ -567,6 +564,41 @@ class ClusterMonitor:
         self._settle(before)
         self._schedule(slot, self.interval)
         self._release_waiters(slot)
+        self._maybe_fetch_functions(slot)
+
+    # -- function volatility (pg_proc), for routing ----------------------------------------------
+
+    def _maybe_fetch_functions(self, slot: _Slot) -> None:
+        if self.functions_refresh is None or self._functions_loading or not self.running:
+            return
+        if self.reactor.seconds() < self._functions_due:
+            return
+        state = slot.state
+        if state.role != PRIMARY or state.fenced:
+            # Any node's catalog will do while there is no primary (a failover): it is the same.
+            if any(s.up and s.role == PRIMARY and not s.fenced for s in self.states.values()):
+                return
+        conn = slot.conn
+        if conn is None or conn.closed:
+            return
+        self._functions_loading = True
+        d = conn.query(catalog.FUNCTIONS_SQL)
+        d.addCallbacks(
+            self._functions_fetched, self._functions_failed, callbackArgs=(self._ddl_seen,), errbackArgs=(state.name,)
+        )
+        d.addErrback(lambda f: log.failure("reading function volatility crashed", f))
+
+    def _functions_fetched(self, rows, ddl_seen: int) -> None:
+        self._functions_loading = False
+        self.functions = catalog.function_volatility(rows)
+        stale = ddl_seen != self._ddl_seen  # (DDL committed while pg_proc was being read)
+        self._functions_due = 0.0 if stale else self.reactor.seconds() + self.functions_refresh
+
+    def _functions_failed(self, failure: Failure, node: str) -> None:
+        self._functions_loading = False
+        self._functions_due = self.reactor.seconds() + _FUNCTIONS_RETRY
+        if self.running:  # (stop() fails what is under way: nothing to say then)
+            log.warn("cannot read function volatility from node {node}: {why}", node=node, why=failure.getErrorMessage())
 
     def _probe_failed(self, slot: _Slot, token, why: str) -> None:
         if slot.probing is not token:

@@ -1,4 +1,4 @@
-"""Routing: statement classification (routing.classify) and node choice (routing.policy), both pure.
+"""Routing: one SQL analysis (routing.analysis), node choice (routing.policy, pure) and the per-database router.
 
-Nothing is re-exported here: a package attribute ``classify`` would shadow the module of that name.
+Nothing is re-exported here: a package attribute ``classify`` would shadow a function's module.
 """

@@ -10,20 +10,13 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from pgtwist.cluster import evidence
-from pgtwist.routing.classify import Classification, classify
+from pgtwist.routing.analysis import Classification, classify
 from pgtwist.routing.policy import PRIMARY, REPLICA, NodeState, choose, read_exclusions, route
 
 log = Logger()
 
 _PRIMARY_ONLY = Classification(read_only=False, reason="no statement to classify")
 _LOGIN = Classification(read_only=True, reason="login")
-
-# Which functions may write: pg_proc's volatility by bare name (any volatile overload counts),
-# reloaded every FUNCTIONS_REFRESH seconds. A function unknown at the last load (created
-# since, or nothing loaded yet) counts as volatile: a read calling it goes to the primary.
-_FUNCTIONS_SQL = "SELECT proname, bool_or(provolatile = 'v') FROM pg_catalog.pg_proc GROUP BY proname"
-FUNCTIONS_REFRESH = 30.0
-_FUNCTIONS_RETRY = 1.0
 
 
 @dataclass(frozen=True)
@@ -46,7 +39,8 @@ class NoNode(Exception):
 
 
 def load_hook(spec: str):
-    """'package.module:function' -> the callable (reloaded, so SIGHUP picks up a new version)."""
+    """'package.module:function' -> the callable (reloaded, so SIGHUP picks up a new version).
+    The service calls it once per configuration load or reload, and gives every router the result."""
     module_name, _, attr = spec.partition(":")
     module = importlib.import_module(module_name)
     module = importlib.reload(module)
@@ -68,10 +62,6 @@ class DatabaseRouter:
         self.hook = hook
         self._rr = 0
         self.by_name = {str(node): node for node in database.nodes}
-        self._known_functions: frozenset[str] | None = None  # every proname at the last load (None: not loaded)
-        self._volatile_functions: frozenset[str] = frozenset()
-        self._functions_due = 0.0
-        self._functions_loading = False
 
     @property
     def clustered(self) -> bool:
@@ -110,52 +100,13 @@ class DatabaseRouter:
     def _classify(self, sql: str) -> Classification:
         if self.monitor is None:
             return classify(sql, self.config.read_only_functions)
-        self._maybe_load_functions()
-        return classify(sql, self.config.read_only_functions, self._is_volatile)
+        # What the monitor last read from pg_proc (never fetched here: no waiting on a client's way).
+        return classify(sql, self.config.read_only_functions, self.monitor.functions.is_volatile)
 
-    # -- function volatility (pg_proc) ----------------------------------------------------------
-
-    def _is_volatile(self, name: str) -> bool:
-        known = self._known_functions
-        return known is None or name not in known or name in self._volatile_functions
-
-    def _maybe_load_functions(self) -> None:
-        if self._functions_loading:
-            return
-        now = self.monitor.reactor.seconds()
-        if now < self._functions_due:
-            return
-        node = self.primary()
-        if node is None:
-            node = next((self.by_name[s.name] for s in self.states() if s.usable), None)
-        if node is None:
-            return
-        self._functions_loading = True
-        self._functions_due = now + FUNCTIONS_REFRESH
-        d = defer.maybeDeferred(self.monitor.fetch, str(node), _FUNCTIONS_SQL)
-        d.addCallbacks(self._functions_loaded, self._functions_failed, errbackArgs=(str(node),))
-        d.addErrback(lambda f: log.failure("loading function volatility crashed", f))
-
-    def _functions_loaded(self, rows) -> None:
-        self._functions_loading = False
-        known, volatile = set(), set()
-        for name, is_volatile in rows:
-            if name is None:
-                continue
-            text = name.decode("utf-8", "replace")
-            known.add(text)
-            if is_volatile == b"t":
-                volatile.add(text)
-        self._known_functions = frozenset(known)
-        self._volatile_functions = frozenset(volatile)
-
-    def _functions_failed(self, failure, node: str) -> None:
-        self._functions_loading = False
-        self._functions_due = self.monitor.reactor.seconds() + _FUNCTIONS_RETRY
-        log.warn(
-            "database {db}: cannot read function volatility from node {node}: {why}",
-            db=self.database.name, node=node, why=failure.getErrorMessage(),
-        )
+    def schema_changed(self) -> None:
+        """DDL went through pgtwist and committed: the monitor reads function volatility again soon."""
+        if self.monitor is not None:
+            self.monitor.functions_changed()
 
     def decide(
         self,

@@ -16,7 +16,7 @@ from pgtwist.admin import audit
 from pgtwist.admin.console import AdminConsole
 from pgtwist.admin.counters import Counters
 from pgtwist.backend.protocol import BackendFactory, CancelFactory, Keepalive
-from pgtwist.cluster.health import ClusterMonitor
+from pgtwist.cluster.health import FUNCTIONS_REFRESH, ClusterMonitor
 from pgtwist.pooling.pool import Pool, PoolSettings
 from pgtwist.routing.router import DatabaseRouter, load_hook
 from pgtwist.routing.policy import format_lsn
@@ -60,6 +60,8 @@ class Proxy:
         self.paused: set[str] = set()  # databases PAUSEd ("*": all)
         self.retired_pools: set[Pool] = set()  # removed by a reload, closing as their clients finish
         self.routers: dict[str, DatabaseRouter] = {}
+        # The [routing_hook] callable, loaded once per configuration (start, each reload), shared by every router.
+        self.routing_hook = self._load_routing_hook(config)
         # Prepared statements' clock per node database (statements.Schema): outlives reloads and routers.
         self.schemas: dict[str, Schema] = {}
         self._failover_timers: dict = {}
@@ -245,6 +247,7 @@ class Proxy:
                     interval=self.config.health_check_interval,
                     timeout=self.config.health_check_timeout,
                     on_change=lambda state, what, db=database: self._node_changed(db, state, what),
+                    functions_refresh=FUNCTIONS_REFRESH,
                 )
                 if self.started:
                     monitor.start()
@@ -252,14 +255,18 @@ class Proxy:
                     "database {db}: the health monitor probes {n} nodes as user {user}",
                     db=database.name, n=len(database.nodes), user=self._health_user_name(),
                 )
-            hook = None
-            if self.config.routing_hook:
-                try:
-                    hook = load_hook(self.config.routing_hook)
-                except Exception:
-                    log.failure("cannot load routing_hook {hook}; using the built-in policy", hook=self.config.routing_hook)
-            router = self.routers[database.name] = DatabaseRouter(database, self.config, monitor, hook)
+            router = self.routers[database.name] = DatabaseRouter(database, self.config, monitor, self.routing_hook)
         return router
+
+    @staticmethod
+    def _load_routing_hook(config):
+        if not config.routing_hook:
+            return None
+        try:
+            return load_hook(config.routing_hook)
+        except Exception:
+            log.failure("cannot load routing_hook {hook}; using the built-in policy", hook=config.routing_hook)
+            return None
 
     def _health_user_name(self) -> str:
         return self.config.health_user or next(iter(self.config.users), "")
@@ -354,7 +361,10 @@ class Proxy:
 
     def apply_config(self, config, changes) -> None:
         """Reload: run with *config* from now on (pools resized, removed databases retired; see pgtwist.service.reload)."""
+        self.routing_hook = self._load_routing_hook(config)  # (a new version of its module too)
         reloadmod.apply(self, config, changes)
+        for router in self.routers.values():
+            router.hook = self.routing_hook
 
     def connect_server(self, pool: Pool):
         """Open and log in one server connection for *pool*; a Deferred firing with it."""

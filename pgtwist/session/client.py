@@ -9,7 +9,7 @@ from twisted.logger import Logger
 
 from pgtwist.transport.connect import is_local_peer
 from pgtwist.config import ADMIN_DATABASE
-from pgtwist.routing import sqlinspect
+from pgtwist.routing import analysis
 
 from pgtwist.session import standin
 
@@ -447,7 +447,7 @@ class ClientSession(Placement):
         body = item[1]
         if len(body) + 5 != len(data):
             return False
-        effects = sqlinspect.inspect_query(body)
+        effects = analysis.query_effects(body)
         if effects.changes_state or effects.local_commit_mode:
             return False
         self._link_used = True
@@ -555,7 +555,7 @@ class ClientSession(Placement):
             if self.audit and (msg_type == p.QUERY or msg_type == p.PARSE):
                 self.proxy.audit_statement(self, msg_type, body)
             if msg_type == p.QUERY:
-                effects = sqlinspect.inspect_query(body)
+                effects = analysis.query_effects(body)
                 if effects.changes_state:
                     if self._query(body, effects, to_server, to_client):
                         continue
@@ -565,7 +565,7 @@ class ClientSession(Placement):
                 name, definition = split_parse(body)
                 text, _, types = definition.partition(b"\x00")
                 sql = text + b"\x00"
-                effects = sqlinspect.inspect_query(sql)
+                effects = analysis.query_effects(sql)
                 if effects.changes_state or effects.local_commit_mode:
                     self._effects_of[name] = effects
                 else:
@@ -901,6 +901,7 @@ class ClientSession(Placement):
         done, self._tx_end = self._tx_end, 0
         if done & _DDL_SENT:
             self.relay.schema.ddl()  # (committed now: see _note_effects)
+            self.router.schema_changed()  # (function volatility: the monitor reads pg_proc again)
         if done & _LOCAL_PATH and not ("search_path" in self.dirty or self.dirty_all):
             self.relay.scope = self.settings.get("search_path", "")
 

@@ -17,7 +17,7 @@ from pgtwist.cluster import evidence
 from pgtwist.pooling.pool import PoolError
 from pgtwist.pooling.relay import SYNC
 from pgtwist.routing.router import Decision, NoNode
-from pgtwist.routing.classify import Classification, classify
+from pgtwist.routing.analysis import Classification, classify
 from pgtwist.backend.login import ServerLoginError
 from pgtwist.pooling.settings import sync_sql
 from pgtwist.session.states import CLOSED, IDLE, LINKED, PREPARING, WAITING

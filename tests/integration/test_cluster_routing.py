@@ -198,6 +198,17 @@ def test_functions_that_only_read_go_to_replicas(rproxy, cluster):
         assert one(conn, "SELECT write_fn()")[0] == primary
 
 
+def test_a_function_made_through_pgtwist_is_known_at_the_next_probe(rproxy, cluster):
+    # The monitor reads pg_proc every 30 s; a DDL that committed through pgtwist asks for it at
+    # the next probe (0.2 s here). Until then the new function counts as volatile: the primary.
+    _, r1, r2 = ports(cluster)
+    with rproxy.connect() as conn:
+        conn.execute("CREATE FUNCTION made_through_pgtwist() RETURNS int LANGUAGE sql STABLE AS $$ SELECT inet_server_port() $$")
+    cluster.wait_replicas_caught_up(30)
+    with rproxy.connect() as conn:  # (a fresh client: no read-your-writes wait)
+        wait_for(lambda: one(conn, "SELECT made_through_pgtwist()")[0] in (r1, r2), 10, "the new STABLE function on a replica")
+
+
 def test_multi_statement_string_with_a_write_reaches_the_primary(rproxy, cluster):
     primary, _, _ = ports(cluster)
     with RawClient(rproxy.host, rproxy.port) as client:

@@ -8,6 +8,7 @@ from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
+from pgtwist.cluster.catalog import FUNCTIONS_SQL, NOT_FETCHED
 from pgtwist.cluster.health import PROBE_SQL, ClusterMonitor, PromoteError
 from pgtwist.routing.policy import parse_lsn
 from pgtwist.backend.login import ServerLogin
@@ -697,3 +698,111 @@ def test_a_fresh_connection_lost_is_not_retried():
     conn = h.accept(0)
     conn.lose()
     assert not h.state(0).up and len(h.attempts(0)) == 1
+
+
+# -- function volatility (pg_proc), read on the primary's probe connection -------------------------
+
+
+def rows_answer(rows) -> bytes:
+    return b"".join(data_row(r) for r in rows) + m.command_complete(f"SELECT {len(rows)}") + m.ready_for_query()
+
+
+def functions_cluster(**kw):
+    h = Harness(functions_refresh=30.0, **kw)
+    conns = h.cluster()
+    return h, conns
+
+
+@pytest.fixture
+def health_log(monkeypatch):
+    from twisted.logger import Logger
+
+    from pgtwist.cluster import health
+
+    events: list[dict] = []
+    monkeypatch.setattr(health, "log", Logger(namespace="test", observer=events.append))
+    return events
+
+
+def test_without_functions_refresh_pg_proc_is_never_read():
+    h = Harness(count=1)
+    h.monitor.start()
+    conn = h.up(0, primary_row())
+    assert conn.queries() == [PROBE_SQL]
+    assert h.monitor.functions is NOT_FETCHED
+
+
+def test_the_primary_probe_connection_reads_pg_proc_and_replicas_do_not():
+    h, (primary, r1, r2) = functions_cluster()
+    assert primary.queries() == [PROBE_SQL, FUNCTIONS_SQL]
+    assert r1.queries() == [PROBE_SQL] and r2.queries() == [PROBE_SQL]
+    assert h.monitor.functions.is_volatile("f")  # (nothing known yet)
+    primary.proto.dataReceived(rows_answer([[b"f", b"f"], [b"g", b"t"]]))
+    assert not h.monitor.functions.is_volatile("f") and h.monitor.functions.is_volatile("g")
+    assert h.monitor.functions.is_volatile("h")  # unknown: volatile
+    assert len(h.reactor.tcpClients) == 3  # no connection of its own
+
+
+def test_a_probe_due_during_the_read_waits_behind_it_and_the_node_stays_up():
+    h, (primary, _, _) = functions_cluster()
+    h.reactor.advance(1.0)
+    assert primary.queries() == [PROBE_SQL, FUNCTIONS_SQL, PROBE_SQL]
+    primary.proto.dataReceived(rows_answer([[b"f", b"f"]]))
+    primary.reply(primary_row("0/6000000"))
+    assert h.state(0).up and h.state(0).lsn == 0x6000000
+    assert not h.monitor.functions.is_volatile("f")
+
+
+def test_pg_proc_is_read_again_after_the_refresh_interval():
+    h, (primary, _, _) = functions_cluster()
+    primary.proto.dataReceived(rows_answer([[b"f", b"f"]]))
+    for _ in range(29):
+        h.reactor.advance(1.0)
+        primary.reply(primary_row())
+    assert primary.queries().count(FUNCTIONS_SQL) == 1
+    h.reactor.advance(1.0)
+    primary.reply(primary_row())
+    assert primary.queries().count(FUNCTIONS_SQL) == 2
+    primary.proto.dataReceived(rows_answer([[b"f", b"t"]]))
+    assert h.monitor.functions.is_volatile("f")
+
+
+def test_ddl_seen_asks_for_a_read_at_the_next_probe_and_a_read_under_way_is_stale():
+    h, (primary, _, _) = functions_cluster()
+    h.monitor.functions_changed()  # (while the first read is under way)
+    primary.proto.dataReceived(rows_answer([[b"f", b"f"]]))
+    h.reactor.advance(1.0)
+    primary.reply(primary_row())
+    assert primary.queries().count(FUNCTIONS_SQL) == 2
+    primary.proto.dataReceived(rows_answer([[b"f", b"f"]]))
+    h.reactor.advance(1.0)
+    primary.reply(primary_row())
+    assert primary.queries().count(FUNCTIONS_SQL) == 2
+    h.monitor.functions_changed()
+    h.reactor.advance(1.0)
+    primary.reply(primary_row())
+    assert primary.queries().count(FUNCTIONS_SQL) == 3
+
+
+def test_a_failed_read_is_a_warning_retried_a_second_later_and_the_node_stays_up(health_log):
+    h, (primary, _, _) = functions_cluster()
+    primary.proto.dataReceived(m.error_response("ERROR", "42501", "permission denied for table pg_proc") + m.ready_for_query())
+    assert h.state(0).up
+    assert any("cannot read function volatility" in e.get("log_format", "") for e in health_log)
+    assert not [e for e in health_log if "log_failure" in e]  # a warning, not a traceback
+    h.reactor.advance(1.0)
+    primary.reply(primary_row())
+    assert primary.queries().count(FUNCTIONS_SQL) == 2
+
+
+def test_without_a_primary_a_replica_is_read():
+    h = Harness(count=2, functions_refresh=30.0)
+    h.monitor.start()
+    replica = h.up(1, replica_row())
+    assert replica.queries() == [PROBE_SQL, FUNCTIONS_SQL]
+
+
+def test_stop_while_reading_says_nothing(health_log):
+    h, (primary, _, _) = functions_cluster()
+    h.monitor.stop()
+    assert not [e for e in health_log if "volatility" in e.get("log_format", "")]

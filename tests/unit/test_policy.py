@@ -2,7 +2,7 @@
 
 import pytest
 
-from pgtwist.routing.classify import Classification, classify
+from pgtwist.routing.analysis import Classification, classify
 from pgtwist.routing.policy import NodeState, choose, format_lsn, parse_lsn, resolve_primary, route, write_end_lsn, write_lsn
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pgtwist.routing import sqlinspect
-from pgtwist.routing.sqlinspect import NO_EFFECTS, inspect_query
+from pgtwist.routing import analysis
+from pgtwist.routing.analysis import NO_EFFECTS, query_effects
 
 EFFECTFUL = [
     "SET search_path = a",
@@ -48,8 +48,8 @@ WRAPPERS = [
 @pytest.mark.parametrize("wrapper", WRAPPERS)
 def test_a_statement_with_an_effect_is_never_skipped(statement, wrapper):
     text = wrapper.format(statement)
-    assert sqlinspect._inspect_parsed(text) != NO_EFFECTS, text  # (the parser does see one)
-    assert inspect_query(text.encode() + b"\0") != NO_EFFECTS, text
+    assert analysis._analyze(text).effects != NO_EFFECTS, text  # (the parser does see one)
+    assert query_effects(text.encode() + b"\0") != NO_EFFECTS, text
 
 
 @pytest.mark.parametrize(
@@ -66,5 +66,6 @@ def test_writes_with_set_do_not_reach_the_parser(text, monkeypatch):
     def parse(sql):
         raise AssertionError(f"parsed {sql!r}")
 
-    monkeypatch.setattr(sqlinspect, "_inspect_parsed", parse)
-    assert inspect_query(text.encode() + b"\0") is NO_EFFECTS
+    monkeypatch.setattr(analysis, "_analyze", parse)
+    analysis.cache_clear()
+    assert query_effects(text.encode() + b"\0") == NO_EFFECTS

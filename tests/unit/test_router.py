@@ -6,7 +6,8 @@ from twisted.logger import Logger
 
 from pgtwist import config as configmod
 from pgtwist.routing import router as routermod
-from pgtwist.routing.router import FUNCTIONS_REFRESH, DatabaseRouter, NoNode
+from pgtwist.cluster.catalog import NOT_FETCHED, function_volatility
+from pgtwist.routing.router import DatabaseRouter, NoNode
 from pgtwist.routing.policy import NodeState
 
 P, R1, R2 = "p:5432", "r1:5432", "r2:5432"
@@ -23,14 +24,15 @@ def make_config(nodes=(P, R1, R2), route="auto", **overrides):
 
 
 class FakeMonitor:
-    """What DatabaseRouter uses of a ClusterMonitor: states, reactor, mark_down, verify, fetch."""
+    """What DatabaseRouter uses of a ClusterMonitor: states, functions, mark_down, verify, functions_changed."""
 
     def __init__(self, states, clock=None):
         self.states = {s.name: s for s in states}
         self.reactor = clock or task.Clock()
         self.marked: list[tuple[str, str]] = []
         self.verified: list[tuple[str, str]] = []  # probe-now requests (the node stays up)
-        self.fetches: list[tuple[str, str, defer.Deferred]] = []
+        self.functions = NOT_FETCHED
+        self.functions_changes = 0
 
     def mark_down(self, name, reason):
         self.marked.append((name, reason))
@@ -39,10 +41,8 @@ class FakeMonitor:
     def verify(self, name, reason):
         self.verified.append((name, reason))
 
-    def fetch(self, name, sql):
-        d = defer.Deferred()
-        self.fetches.append((name, sql, d))
-        return d
+    def functions_changed(self):
+        self.functions_changes += 1
 
 
 def cluster_states(replicas=(R1, R2), primary_up=True, lsn=1000):
@@ -337,102 +337,82 @@ def test_no_hook_still_gives_a_deferred_with_nonode():
         result_of(d)
 
 
-# -- function volatility from pg_proc ------------------------------------------------------------
+# -- function volatility: what the monitor last read from pg_proc ---------------------------------
 
 
-def test_before_the_load_an_unknown_function_counts_as_volatile():
+def test_before_the_monitor_reads_pg_proc_an_unknown_function_counts_as_volatile():
     router, monitor = clustered()
     assert str(decide(router, "SELECT f()").node) == P
-    ((name, sql, _d),) = monitor.fetches
-    assert name == P and "pg_proc" in sql
-    # Built-in readers stay readers even before anything is loaded.
+    # Built-in readers stay readers even before anything is read.
     assert decide(router, "SELECT random()").want == "replica"
-    assert len(monitor.fetches) == 1  # one load at a time
 
 
-def test_after_the_load_stable_functions_read_and_volatile_ones_write():
+def test_after_the_read_stable_functions_read_and_volatile_ones_write():
     router, monitor = clustered()
-    decide(router, "SELECT 1")
-    ((_, _, d),) = monitor.fetches
-    d.callback([[b"f", b"f"], [b"g", b"t"], [None, b"t"]])
+    monitor.functions = function_volatility([[b"f", b"f"], [b"g", b"t"], [None, b"t"]])
     assert decide(router, "SELECT f()").want == "replica"
     assert str(decide(router, "SELECT g()").node) == P
-    assert str(decide(router, "SELECT h()").node) == P  # created since the load: volatile
+    assert str(decide(router, "SELECT h()").node) == P  # created since the read: volatile
     assert decide(router, "SELECT public.f(1)").want == "replica"
 
 
 def test_read_only_functions_override_volatility():
     router, monitor = clustered(read_only_functions=["g"])
-    decide(router, "SELECT 1")
-    monitor.fetches[0][2].callback([[b"g", b"t"]])
+    monitor.functions = function_volatility([[b"g", b"t"]])
     assert decide(router, "SELECT g()").want == "replica"
 
 
-def test_volatility_is_reloaded_after_the_refresh_interval():
+def test_a_newer_read_is_used_at_once():
     router, monitor = clustered()
-    clock = monitor.reactor
-    decide(router, "SELECT 1")
-    monitor.fetches[0][2].callback([[b"f", b"f"]])
-    clock.advance(FUNCTIONS_REFRESH - 1)
-    decide(router, "SELECT 1")
-    assert len(monitor.fetches) == 1
-    clock.advance(1)
-    decide(router, "SELECT 1")
-    assert len(monitor.fetches) == 2
-    monitor.fetches[1][2].callback([[b"f", b"t"]])
+    monitor.functions = function_volatility([[b"f", b"f"]])
+    assert decide(router, "SELECT f()").want == "replica"
+    monitor.functions = function_volatility([[b"f", b"t"]])
     assert str(decide(router, "SELECT f()").node) == P
 
 
-def test_a_failed_load_is_retried_a_second_later(logged):
+def test_the_router_never_fetches_and_ddl_asks_the_monitor():
     router, monitor = clustered()
-    clock = monitor.reactor
-    decide(router, "SELECT 1")
-    monitor.fetches[0][2].errback(ConnectionError("node away"))
-    assert any("cannot read function volatility" in e.get("log_format", "") for e in logged)
-    assert not [e for e in logged if "log_failure" in e]  # a warning, not a traceback
-    assert str(decide(router, "SELECT f()").node) == P  # still unknown: volatile
-    assert len(monitor.fetches) == 1
-    clock.advance(0.5)
-    decide(router, "SELECT 1")
-    assert len(monitor.fetches) == 1
-    clock.advance(0.5)
-    decide(router, "SELECT 1")
-    assert len(monitor.fetches) == 2
-    monitor.fetches[1][2].callback([[b"f", b"f"]])
-    assert decide(router, "SELECT f()").want == "replica"
+    decide(router, "SELECT f()")
+    assert not hasattr(monitor, "fetch")  # (the fake has none: routing must not need it)
+    router.schema_changed()
+    assert monitor.functions_changes == 1
 
 
-def test_volatility_loads_from_a_replica_when_there_is_no_primary():
-    router, monitor = clustered(states=cluster_states(primary_up=False))
-    decide(router, "SELECT 1")
-    ((name, _, _),) = monitor.fetches
-    assert name in (R1, R2)
-
-
-def test_volatility_is_not_loaded_when_no_node_is_up():
-    states = cluster_states(primary_up=False)
-    for s in states:
-        s.up = False
-    router, monitor = clustered(states=states)
-    with pytest.raises(NoNode):
-        decide(router, "SELECT 1")
-    assert monitor.fetches == []
-
-
-def test_a_fetch_raising_at_once_counts_as_a_failed_load(logged):
-    router, monitor = clustered()
-
-    def fetch(name, sql):
-        raise OSError("boom")
-
-    monitor.fetch = fetch
-    assert decide(router, "SELECT 1").want == "replica"  # the statement is still routed
-    assert router._functions_loading is False
-    assert router._functions_due == monitor.reactor.seconds() + 1.0
-
-
-def test_single_node_never_loads_volatility():
+def test_single_node_never_needs_volatility():
     config = make_config(nodes=("db1:5432",))
     router = DatabaseRouter(config.databases["appdb"], config)
-    decide(router, "SELECT f()")  # no monitor, no fetch: nothing to fail
-    assert router._known_functions is None
+    assert decide(router, "SELECT f()").want == "primary"  # no monitor: one node, nothing to ask
+    router.schema_changed()  # (nothing to tell)
+
+
+# -- the routing hook: loaded once per configuration ------------------------------------------------
+
+
+def test_the_hook_is_loaded_once_per_configuration_load_and_shared_by_every_router(monkeypatch):
+    from twisted.internet.testing import MemoryReactorClock
+
+    from pgtwist.service import proxy as proxymod
+
+    loads = []
+
+    def load_hook(spec):
+        loads.append(spec)
+        return lambda classification, identity: f"hook #{len(loads)}"
+
+    monkeypatch.setattr(proxymod, "load_hook", load_hook)
+    raw = {
+        "auth_type": "trust",
+        "routing_hook": "hooks:choose",
+        "databases": {"a": {"dbname": "a", "nodes": [P, R1]}, "b": {"dbname": "b", "nodes": [P, R1]}},
+        "users": {"app": {"password": "pw"}},
+    }
+    old = configmod.from_dict(raw)
+    px = proxymod.Proxy(old, MemoryReactorClock())
+    routers = [px.router_for(db) for db in old.databases.values()]
+    assert loads == ["hooks:choose"]
+    assert routers[0].hook is routers[1].hook is px.routing_hook
+    new = configmod.from_dict({**raw, "max_client_conn": 50})
+    px.apply_config(new, configmod.diff(old, new))
+    assert loads == ["hooks:choose"] * 2  # (a reload picks up a new version of the module)
+    assert all(r.hook is px.routing_hook for r in px.routers.values())
+    assert px.routing_hook(None, {}) == "hook #2"

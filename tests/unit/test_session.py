@@ -956,7 +956,7 @@ def test_real_connect_refused_gives_08006():
 
 
 def test_resets_are_told_from_assignments():
-    from pgtwist.routing.sqlinspect import inspect
+    from pgtwist.routing.analysis import session_effects as inspect
 
     assert inspect("RESET application_name").resets == ("application_name",)
     assert inspect("SET TimeZone TO DEFAULT").resets == ("timezone",)

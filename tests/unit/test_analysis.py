@@ -1,9 +1,16 @@
-"""classify(): read only only when PostgreSQL's parser says every statement just reads; tx control; hints."""
+"""analysis: one parse of a SQL text answers routing (read only? tx control? hints? volatile
+functions?) and session state (settings, pins, deallocations, DDL); one cache, one prefilter."""
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-import pgtwist.routing.classify as classify_mod
-from pgtwist.routing.classify import Classification, classify, classify_cache_clear, classify_cache_info
+from pgtwist.routing import analysis
+from pgtwist.routing.analysis import NO_EFFECTS, Classification, classify
+from pgtwist.routing.analysis import query_effects as inspect_query
+from pgtwist.routing.analysis import session_effects as inspect
+
+# == routing classification =======================================================================
 
 READS = [
     ("SELECT 1", "select"),
@@ -292,35 +299,35 @@ def test_multi_statement_volatile_function():
 
 
 def test_parse_is_cached_by_text_but_volatility_is_not():
-    classify_cache_clear()
+    analysis.cache_clear()
     sql = "SELECT cached_probe_fn(1)"
     assert classify(sql).read_only
     assert not classify(sql, is_volatile=volatile("cached_probe_fn")).read_only
     assert classify(sql, is_volatile=volatile()).read_only
-    info = classify_cache_info()
+    info = analysis.cache_info()
     assert info.misses == 1 and info.hits == 2
 
 
 def test_long_texts_are_not_cached():
-    classify_cache_clear()
-    sql = "SELECT 1 " + " " * classify_mod.MAX_CACHED_LENGTH
+    analysis.cache_clear()
+    sql = "SELECT 1 " + " " * analysis.MAX_CACHED_LENGTH
     assert classify(sql).read_only
-    assert classify_cache_info().currsize == 0
+    assert analysis.cache_info().currsize == 0
 
 
 def test_too_long_to_parse(monkeypatch):
-    monkeypatch.setattr(classify_mod, "MAX_PARSE_LENGTH", 100)
+    monkeypatch.setattr(analysis, "MAX_PARSE_LENGTH", 100)
     long_insert = "/* pgtwist:replica */ INSERT INTO t VALUES " + ",".join(f"({i})" for i in range(50))
-    c = classify_mod._analyze(long_insert)
+    c = analysis._analyze(long_insert).classification
     assert c == Classification(False, "insert", hint="replica")
     long_select = "SELECT " + ",".join(str(i) for i in range(50))
-    assert classify_mod._analyze(long_select) == Classification(False, "too long to classify")
+    assert analysis._analyze(long_select).classification == Classification(False, "too long to classify")
 
 
 def test_bulk_insert_is_judged_by_its_first_keyword():
     # A 2 MB INSERT would take seconds to parse: the first keyword decides it.
     sql = "INSERT INTO t VALUES " + ",".join(f"({i}, 'x')" for i in range(150_000))
-    assert len(sql) > classify_mod.MAX_PARSE_LENGTH
+    assert len(sql) > analysis.MAX_PARSE_LENGTH
     assert classify(sql).reason == "insert"
 
 
@@ -328,3 +335,231 @@ def test_too_deeply_nested_goes_to_the_primary():
     c = classify("SELECT " + " + ".join(["1"] * 8000))
     assert c == Classification(False, "too complex to classify")
     assert classify("SELECT " + "(" * 1000 + "1" + ")" * 1000).read_only
+
+
+# == session effects ==============================================================================
+
+
+def body(sql: str) -> bytes:
+    return sql.encode() + b"\x00"
+
+
+@pytest.mark.parametrize(
+    "sql, check",
+    [
+        ("SET search_path TO app", lambda e: e.settings == {"search_path"} and not e.pin),
+        ("SET LOCAL search_path TO app", lambda e: e.local_path and not e.settings and not e.pin),
+        ("SET LOCAL statement_timeout = 5", lambda e: not e.changes_state),
+        ("SELECT set_config('search_path', 'x', true)", lambda e: e.local_path and not e.settings),
+        ("RESET statement_timeout", lambda e: e.resets == ("statement_timeout",)),
+        ("RESET ALL", lambda e: e.all_settings and e.reset_all),
+        ("DISCARD ALL", lambda e: e.discard_all and e.reset_all),
+        ("SELECT set_config('application_name', 'x', false)", lambda e: e.settings == {"application_name"}),
+        ("SELECT set_config('application_name', 'x', true)", lambda e: not e.changes_state),
+        ("SELECT set_config(name, 'x', false) FROM t", lambda e: e.all_settings and not e.reset_all),
+        ("SELECT pg_advisory_lock(42)", lambda e: e.pin and "advisory" in e.pin),
+        ("SELECT pg_advisory_xact_lock(42)", lambda e: not e.pin),
+        ("CREATE TEMP TABLE t (a int)", lambda e: e.pin == "temporary table"),
+        ("LISTEN chan", lambda e: e.pin == "LISTEN"),
+        ("DECLARE c CURSOR WITH HOLD FOR SELECT 1", lambda e: e.pin == "cursor WITH HOLD"),
+        ("PREPARE p1 AS SELECT 1", lambda e: e.pin == "SQL PREPARE"),
+        ("DEALLOCATE p1", lambda e: e.deallocate == ("p1",)),
+        ("DEALLOCATE ALL", lambda e: e.deallocate_all),
+        ("SET ROLE other", lambda e: e.pin == "SET ROLE"),
+        ("SELECT abalance FROM pgbench_accounts WHERE aid = 1", lambda e: e is NO_EFFECTS),
+        ("this is not SQL; set", lambda e: e is NO_EFFECTS),
+        # A transaction's own commit mode (read-your-writes), not a session setting.
+        ("SET LOCAL synchronous_commit = off", lambda e: e.local_commit_mode and not e.changes_state),
+        ("SET synchronous_commit = off", lambda e: not e.local_commit_mode and e.settings == {"synchronous_commit"}),
+        ("SELECT set_config('synchronous_commit', 'off', true)", lambda e: e.local_commit_mode and not e.changes_state),
+        ("SELECT set_config($1, $2, true)", lambda e: e.local_commit_mode),
+        ("SELECT set_config('synchronous_commit', 'off', $1)", lambda e: e.local_commit_mode),
+        ("SELECT set_config('work_mem', '1MB', true)", lambda e: not e.local_commit_mode),
+        ("SET LOCAL work_mem = '1MB'", lambda e: not e.local_commit_mode),
+    ],
+)
+def test_effects(sql, check):
+    assert check(inspect(sql))
+    assert inspect_query(body(sql)) == inspect(sql)
+
+
+def test_texts_that_differ_only_in_numbers_are_judged_once():
+    analysis.cache_clear()
+    for aid in (1, 22, 333):
+        assert inspect_query(body(f"SELECT abalance FROM pgbench_accounts WHERE aid = {aid}")) is NO_EFFECTS
+    assert len(analysis._NO_KEYWORD) == 1 and analysis.cache_info().misses == 0
+    # ... but a number never hides a keyword, nor does the remembered verdict of another text.
+    assert inspect_query(body("SELECT pg_advisory_lock(7)")).pin
+    assert inspect_query(body("DEALLOCATE p7")).deallocate == ("p7",)
+    assert inspect_query(body("DEALLOCATE p8")).deallocate == ("p8",)
+
+
+def test_the_memory_of_plain_texts_is_bounded(monkeypatch):
+    monkeypatch.setattr(analysis, "_NO_KEYWORD_LIMIT", 3)
+    analysis._NO_KEYWORD.clear()
+    for word in ("a", "b", "c", "d", "e"):
+        inspect_query(body(f"SELECT '{word}'"))
+        assert len(analysis._NO_KEYWORD) <= 3
+
+
+_FRAGMENTS = st.sampled_from(
+    ["SELECT ", "set", "SeT", "s", "et", "_config(", "'a', 'b', false)", "1", "23", " ", "pg_advisory_lock(", ")",
+     "TEMP", "temporary", "LISTEN x", "DISCARD ALL", "RESET ALL", "dea", "llocate", "é", "\u2603", ";", "\n"]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_FRAGMENTS, max_size=8).map("".join))
+def test_the_prefilter_never_misses_what_the_parser_sees(sql):
+    analysis._NO_KEYWORD.clear()
+    assert inspect_query(body(sql)) == inspect(sql)
+    assert inspect_query(body(sql)) == inspect(sql)  # (and again, from what it remembered)
+
+
+STARTUP = {"application_name": "app1", "search_path": "a,public"}
+
+
+@pytest.mark.parametrize(
+    "sql, restored",
+    [
+        ("RESET ALL", {"application_name", "search_path"}),
+        ("DISCARD ALL", {"application_name", "search_path"}),
+        ("RESET search_path", {"search_path"}),
+        ("SET application_name TO DEFAULT", {"application_name"}),
+        ("RESET work_mem", set()),  # not a startup setting: the server's default is the client's too
+        ("SET search_path = b", set()),
+        ("RESET ALL; SET application_name = 'y'", {"search_path"}),  # what the text sets again stays
+        ("SET application_name = 'y'; RESET ALL", {"search_path"}),  # (order unknown: left as the server ends)
+        ("RESET search_path; SELECT 1", {"search_path"}),
+    ],
+)
+def test_what_a_statement_sends_back_to_the_server_defaults(sql, restored):
+    assert inspect(sql).to_restore(STARTUP) == restored
+    assert inspect(sql).to_restore({}) == set()
+
+
+# -- DDL: what may change the meaning of prepared statements ------------------------------------
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "ALTER TABLE t ADD COLUMN y int",
+        "alter table t alter column x type text",
+        "DROP TABLE t",
+        "DROP TYPE e",
+        "CREATE TYPE e AS ENUM ('foo')",
+        "CREATE TABLE t2 (x int)",
+        "CREATE OR REPLACE VIEW v AS SELECT 1 AS a",
+        "CREATE OR REPLACE FUNCTION f() RETURNS int LANGUAGE sql AS 'SELECT 1'",
+        "CREATE DOMAIN d AS int",
+        "ALTER DOMAIN d SET NOT NULL",
+        "CREATE TABLE t3 AS SELECT 1 AS a",
+        "DO $$ BEGIN EXECUTE 'ALTER TABLE t ADD c int'; END $$",
+        "SELECT 1; DROP TABLE t",
+        "/* migration */ -- step 1\n ALTER TABLE t RENAME TO u",
+        "ALTER TABLE t FROBNICATE ALL THE THINGS",  # unparsable, but looks like DDL: counted
+        "IMPORT FOREIGN SCHEMA s FROM SERVER x INTO public",
+    ],
+)
+def test_ddl_is_seen(sql):
+    assert inspect(sql).ddl and inspect(sql).changes_state
+    assert inspect_query(body(sql)).ddl
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT created_at, dropped, altered FROM t WHERE doc = 'create table x'",
+        "UPDATE t SET created_at = now()",
+        "INSERT INTO t SELECT 1",
+        "GRANT SELECT ON t TO app",
+        "TRUNCATE t",
+        "CALL p()",
+        "VACUUM t",
+        "COMMENT ON TABLE t IS 'x'",
+        "LOCK TABLE t",
+        "this is not SQL",
+        "double trouble",
+    ],
+)
+def test_not_ddl(sql):
+    assert not inspect(sql).ddl
+    assert not inspect_query(body(sql)).ddl
+
+
+# == one parse, one cache, one prefilter ============================================================
+
+
+PLAIN = [
+    "BEGIN",
+    "begin;",
+    "COMMIT",
+    "END",
+    "ROLLBACK",
+    "ABORT",
+    "START TRANSACTION",
+    "UPDATE pgbench_accounts SET abalance = abalance + -4236 WHERE aid = 51234;",
+    "UPDATE pgbench_tellers SET tbalance = tbalance + $1 WHERE tid = $2",
+    "INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES (7, 1, 9, -4236, CURRENT_TIMESTAMP);",
+    "delete from t where a = $1 returning *",
+]
+
+
+@pytest.mark.parametrize("sql", PLAIN)
+def test_the_commonest_statements_skip_the_parser_and_agree_with_it(sql):
+    analysis.cache_clear()
+    quick = analysis.analyze(sql)
+    assert analysis.cache_info().misses == 0  # (no parse, nothing cached)
+    assert quick == analysis._analyze(sql)
+    assert inspect_query(body(sql)) is NO_EFFECTS
+
+
+def test_one_parse_answers_both_questions():
+    analysis.cache_clear()
+    sql = "SET work_mem = 2048"
+    assert inspect_query(body(sql)).settings == {"work_mem"}
+    assert classify(sql) == Classification(True, "SET")
+    assert classify(sql.replace("2048", "4096")).read_only
+    info = analysis.cache_info()
+    assert info.misses == 1 and info.hits == 2
+
+
+def test_a_select_is_parsed_for_its_classification_but_not_for_its_effects():
+    analysis.cache_clear()
+    sql = "SELECT abalance FROM pgbench_accounts WHERE aid = 5"
+    assert inspect_query(body(sql)) is NO_EFFECTS and analysis.cache_info().misses == 0
+    assert classify(sql) == Classification(True, "select")
+    assert classify("SELECT * FROM") == Classification(False, "unparsable")  # (a syntax error: the primary)
+
+
+def test_a_deallocated_name_made_of_digits_is_not_taken_for_a_number():
+    assert inspect('DEALLOCATE "7"').deallocate == ("7",)
+    assert inspect('DEALLOCATE "10"').deallocate == ("10",)
+
+
+def test_a_dml_statement_calling_set_config_is_parsed():
+    assert inspect("UPDATE t SET a = 1 WHERE set_config('work_mem', '1MB', false) IS NOT NULL").settings == {"work_mem"}
+    assert inspect("UPDATE t SET a = 1; SET search_path = x").settings == {"search_path"}
+    assert inspect("INSERT INTO t SELECT pg_advisory_lock(1)").pin
+    assert inspect("SELECT 1 INTO TEMP x").pin == "temporary table"
+
+
+_PLAIN_FRAGMENTS = st.sampled_from(
+    ["SELECT ", "UPDATE ", "insert ", "DELETE ", "BEGIN", "commit", " t SET a = 1", "set_config('a', 'b', false)",
+     "pg_advisory_lock(1)", "INTO TEMP x", "1", " ", ";", "\n", "-- c\n", "/* pgtwist:replica */", "u&\"x\"", "(", ")"]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_PLAIN_FRAGMENTS, max_size=6).map("".join))
+def test_what_the_prefilter_decides_alone_is_what_the_parser_says(sql):
+    quick = analysis._prefilter(sql.lower())[1]
+    full = analysis._analyze(sql)
+    if quick is not None:
+        assert quick.effects == full.effects
+        if full.classification.reason != "unparsable":
+            assert quick.classification == full.classification
+        else:
+            assert not quick.classification.read_only  # (only called by its keyword)
+    assert analysis.session_effects(sql) == full.effects
