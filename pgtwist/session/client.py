@@ -23,7 +23,7 @@ from pgtwist.pooling.relay import CLIENT_CAPTURE, HOT_RUN, SYNC, Relay
 from pgtwist.routing.router import Decision
 from pgtwist.routing.policy import parse_lsn, write_lsn
 from pgtwist.pooling.settings import SERVER_OWNED, client_settings, parse_options, quote_literal, readback_sql, sync_sql
-from pgtwist.session.states import ADMIN, CLOSED, IDLE, LINKED, LOGIN, PREPARING, WAITING
+from pgtwist.session.states import ADMIN, CLOSED, IDLE, LINKED, LOGIN, NEXT, PREPARING, WAITING, IllegalTransition
 from pgtwist.pooling.statements import split_bind, split_parse
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
@@ -224,6 +224,14 @@ class ClientSession(Placement):
             proxy.clock.callLater(config.client_login_timeout, self._login_timed_out) if config.client_login_timeout else None
         )
 
+    def _enter(self, state: str, _next=NEXT) -> None:
+        """Move to *state*: the only way the state changes. A move the table (states.TRANSITIONS)
+        does not list raises, as PgBouncer's change_server_state() asserts; on the per-transaction
+        path (IDLE, WAITING, PREPARING, LINKED) it is one dict lookup and one set test."""
+        if state not in _next[self.state]:
+            raise IllegalTransition(self.state, state)
+        self.state = state
+
     def __repr__(self):
         return f"<ClientSession {self.id} {self.user}@{self.database and self.database.name} {self.state}>"
 
@@ -255,7 +263,7 @@ class ClientSession(Placement):
         if tls.is_tls_failure(reason):
             log.info("client {client}: TLS failed: {why}", client=self.id, why=tls.failure_text(reason))
         previous = self.state
-        self.state = CLOSED
+        self._enter(CLOSED)
         self._cancel_login_timer()
         self._cancel_idle_tx_timer()
         if self._waiting is not None:
@@ -287,7 +295,7 @@ class ClientSession(Placement):
                 tls.start_tls(self.transport, self.proxy.client_tls, event.initial)
             elif isinstance(event, CancelReceived):
                 self.proxy.cancel(event.process_id, event.secret_key)
-                self.state = CLOSED
+                self._enter(CLOSED)
                 self.transport.loseConnection()
                 return
             elif isinstance(event, Authenticated):
@@ -329,7 +337,7 @@ class ClientSession(Placement):
         known = self._known_login() if self.transaction_mode else None
         if known is not None:
             self._logged_in(known)
-            self.state = IDLE
+            self._enter(IDLE)
             if self.backlog:
                 self._acquire()
         else:
@@ -347,7 +355,7 @@ class ClientSession(Placement):
         """dbname "pgbalance": the admin console answers instead of a node ([admin] users only)."""
         self.console = AdminConsole(self)  # LoginError 42501 for anyone else
         self._cancel_login_timer()
-        self.state = ADMIN
+        self._enter(ADMIN)
         self.logged_in = True
         self.process_id, self.secret_key = self.proxy.register_cancel_key(self)
         leftover = self.login.leftover()
@@ -390,7 +398,7 @@ class ClientSession(Placement):
         if self.state is LOGIN:
             # PostgreSQL closes silently when the startup packet never comes; after it, say why.
             if self.login.startup is None:
-                self.state = CLOSED
+                self._enter(CLOSED)
                 self.transport.loseConnection()
             else:
                 self.fatal(sqlstate.QUERY_CANCELED, "canceling authentication due to timeout")
@@ -422,7 +430,7 @@ class ClientSession(Placement):
             self._client_items(items)
         elif self.state is IDLE:
             if len(items) == 1 and type(items[0]) is tuple and items[0][0] == _TERMINATE:
-                self.state = CLOSED
+                self._enter(CLOSED)
                 self.transport.loseConnection()
                 return
             if self.orphaned:
@@ -734,7 +742,7 @@ class ClientSession(Placement):
 
     def _terminate(self) -> None:
         """Terminate: the client is leaving; its server connection is not."""
-        self.state = CLOSED
+        self._enter(CLOSED)
         if self.server is not None:
             self._release_server()
         self.transport.loseConnection()
@@ -931,7 +939,7 @@ class ClientSession(Placement):
         if track_lsn:
             batches.append([_WRITE_LSN_SQL])
         if batches:
-            self.state = PREPARING
+            self._enter(PREPARING)
             server.unlink()
             server.run_for_client(batches).addCallbacks(
                 lambda _: self._read_back(server, names, track_lsn), lambda _: self._read_back_failed(server)
@@ -1004,7 +1012,7 @@ class ClientSession(Placement):
             self.fatal_fields(dict(said, S="FATAL", V="FATAL"))
             return
         if self.state is not CLOSED:
-            self.state = IDLE
+            self._enter(IDLE)
             self._resume()
             if self.backlog:
                 self._acquire()
@@ -1042,7 +1050,7 @@ class ClientSession(Placement):
         if linked:
             server.unlink()
         self.server = None
-        self.state = IDLE
+        self._enter(IDLE)
         server.pool.release(server, reusable=True, reset=False)
         self._resume()
         if self.backlog:  # the client moved on while its settings were read back
@@ -1115,7 +1123,7 @@ class ClientSession(Placement):
         """Bytes that are not the protocol (a first packet of impossible length): as PostgreSQL,
         log it and close without a word, for the sender would not read one."""
         log.info("client {client} closed without a reply: {why}", client=self.id, why=why)
-        self.state = CLOSED
+        self._enter(CLOSED)
         self._cancel_login_timer()
         self.transport.loseConnection()
 
@@ -1132,7 +1140,7 @@ class ClientSession(Placement):
         if self.server is not None and self.state is LINKED:
             self._release_server()
         # (While PREPARING, _prepared() returns the server once its internal query ends.)
-        self.state = CLOSED
+        self._enter(CLOSED)
         self._cancel_idle_tx_timer()
         self.transport.write(m.error_response_from_fields(fields))
         self.transport.loseConnection()

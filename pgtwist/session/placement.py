@@ -50,7 +50,7 @@ class Placement:
     def _acquire(self, decision: Decision | None = None) -> None:
         """Find a node for what the client sent (or for its login) and wait for a server connection
         there; or, given the *decision* already made for that work, go straight to its node."""
-        self.state = WAITING
+        self._enter(WAITING)
         if self._deadline is None:
             self._deadline = self.proxy.clock.seconds() + self.config.failover_wait
         if decision is not None:
@@ -179,7 +179,7 @@ class Placement:
             # An extended-protocol batch whose Sync has not come, placed on a replica: the rest
             # of it runs in the same implicit transaction and may write. Place it whole, once
             # its end (or a Flush) is here; the client is read meanwhile (see batch.OPEN_LIMIT).
-            self.state = IDLE
+            self._enter(IDLE)
             self._deadline = None
             self._resume()
             return
@@ -233,7 +233,7 @@ class Placement:
             return
         # A logged-in client keeps its session: its waiting work fails like a statement would.
         backlog, self.backlog = self.backlog, []
-        self.state = IDLE
+        self._enter(IDLE)
         self._resume()
         self._answer_locally(backlog, fields)
 
@@ -265,7 +265,7 @@ class Placement:
             server.pool.release(server, reusable=True, reset=not self.transaction_mode)
             return
         self.server = server
-        self.state = PREPARING
+        self._enter(PREPARING)
         statements = None if self.settings == server.settings else sync_sql(self.settings, server.settings, server.parameters)
         if statements is None and not self.logged_in and server.parameters_stale:
             statements = []  # an empty batch: its ReadyForQuery brings what changed (in_hot_standby)
@@ -279,7 +279,7 @@ class Placement:
         if self.state is CLOSED or server is None:
             return
         self.router.server_ended(server.node, server.fatal)
-        self.state = WAITING
+        self._enter(WAITING)
         self._retry_or_fail(
             m.error_fields("FATAL", sqlstate.CONNECTION_FAILURE, f"lost the connection to node {server.node} while preparing the session")
         )
@@ -321,7 +321,7 @@ class Placement:
                 pid = server.backend_key[0] if server.backend_key is not None else None
                 self.process_id, self.secret_key = self.proxy.register_cancel_key(self, pid)
             self._logged_in(parameters)
-        self.state = LINKED
+        self._enter(LINKED)
         self.ready_count = 0
         self._deadline = None
         self._link_sent = []
@@ -393,7 +393,7 @@ class Placement:
             relay.forget_server()
         if not server.at_message_boundary:
             # Half a message already went out: there is no way to speak protocol to this client again.
-            self.state = CLOSED
+            self._enter(CLOSED)
             self.transport.loseConnection()
         elif said is not None:
             # The node's own FATAL, alone. In session mode it went to the client as it came.
@@ -439,7 +439,7 @@ class Placement:
                 "The server connection was closed, and this session's state on the node with it.",
             )
         else:
-            self.state = CLOSED
+            self._enter(CLOSED)
             self.transport.loseConnection()
 
     def _close_with(self, said: dict, told: bool) -> None:
@@ -449,7 +449,7 @@ class Placement:
             return
         log.info("client {client} closed: {code} {message}", client=self.id, code=said.get("C"), message=said.get("M"))
         self.proxy.counters.error(said.get("C"))
-        self.state = CLOSED
+        self._enter(CLOSED)
         self._cancel_idle_tx_timer()
         self.transport.loseConnection()
 
@@ -482,12 +482,12 @@ class Placement:
             if self.backlog:
                 self._acquire()
             else:
-                self.state = IDLE
+                self._enter(IDLE)
                 self._resume()
             return
         if not server.at_message_boundary:
             # Half a message already went out: there is no way to speak protocol to this client again.
-            self.state = CLOSED
+            self._enter(CLOSED)
             self.transport.loseConnection()
             return
         in_transaction = relay.tx_status != p.TX_IDLE or (self.decision is not None and self.decision.classification.tx)
@@ -520,7 +520,7 @@ class Placement:
             self._orphan_error = error
         if out:
             self.transport.write(out)
-        self.state = IDLE
+        self._enter(IDLE)
         self._holding = self._read_link = False
         self._resume()
         if self.backlog and not self.orphaned:
