@@ -19,6 +19,7 @@ from pgtwist.admin.console import AdminConsole
 from pgtwist.frontend.login import Authenticated, CancelReceived, ClientLogin, LoginError, Reply, StartTLS
 from pgtwist.session.placement import UNSYNCED as _UNSYNCED
 from pgtwist.session.placement import Placement
+from pgtwist.session.lease import Lease
 from pgtwist.pooling.relay import CLIENT_CAPTURE, HOT_RUN, SYNC, Relay
 from pgtwist.routing.router import Decision
 from pgtwist.routing.policy import parse_lsn, write_lsn
@@ -134,20 +135,12 @@ class ClientSession(Placement):
         "decision",
         "min_lsn",
         "orphaned",
+        "lease",
         "_deadline",
-        "_link_sent",
-        "_link_replied",
-        "_link_used",
-        "_wrote",
-        "_watch",
-        "_async_commit",
         "_paused",
         "_pool",
-        "_lent",
         "_primary",
         "_asked_at",
-        "_read_link",
-        "_holding",
         "_startup_settings",
         "_to_restore",
         "_orphan_error",
@@ -199,22 +192,14 @@ class ClientSession(Placement):
         self.min_lsn = 0  # read-your-writes: the WAL position of this client's last write
         self.orphaned = False  # its transaction died with a node: only ROLLBACK gets it out
         self._deadline = None  # until when waiting work may still be retried
-        self._link_sent: list = []  # what this link forwarded before any reply (replayable reads)
-        self._link_replied = False
-        self._link_used = False
-        self._wrote = False  # read-your-writes: this link may have written on the primary (see _watch_link)
-        self._watch = 0
-        self._async_commit = False  # ... and its transaction's commit may have been asynchronous (SET LOCAL)
+        self.lease: Lease | None = None  # what belongs to the current lending of self.server (lease.py)
         self._paused = False
         self._pool = None  # the pool the last transaction used
-        self._lent = False  # linked between transactions on a connection the pool may reclaim
         self._primary = None  # the Decision for the primary, kept while the primary stays
         self._orphan_error = None  # the error an orphaned transaction's next statement gets (08006, 57P01...)
         self._orphan_told = False  # an orphaned batch's error went out at its Flush: its Sync gets ReadyForQuery alone
         self._tx_end = 0  # what to do when the open transaction ends: _DDL_SENT | _LOCAL_PATH
         self._asked_at: float | None = None  # when the client's pending request began (query latency)
-        self._read_link = False  # linked to a replica for an autocommit read: writes behind it wait
-        self._holding = False  # a write is waiting in the backlog for this read's replica to go
         self._startup_settings: dict[str, str] = {}  # what RESET returns to, for this client
         self._to_restore: set[str] | None = None  # startup settings a RESET sent to the server's defaults
         self.console = None
@@ -413,15 +398,14 @@ class ClientSession(Placement):
             self._asked_at = self.proxy.clock.seconds()
         items = self.scanner.feed(data)
         if self.state is LINKED:
-            if self._lent:  # its next transaction, on the connection it kept
-                self._lent = False
+            kept = self.lease
+            if kept.lent:  # its next transaction, on the connection it kept: a lending of its own
+                self.lease = Lease()
                 server = self.server
                 server.pool.unlend(server)
-                if self.router.clustered and not self._placed_on(server, items):
+                if self.router.clustered and not self._placed_on(server, items, kept):
                     return  # placed on another node: the kept connection went back
-                # A new transaction: what may be replayed if the node dies starts afresh.
-                self._link_sent = []
-                self._link_replied = server.replied = False
+                server.replied = False
                 if len(items) == 1:
                     if self._plain_query(items[0], data, server):
                         return
@@ -456,9 +440,10 @@ class ClientSession(Placement):
         effects = sqlinspect.inspect_query(body)
         if effects.changes_state or effects.local_commit_mode:
             return False
-        self._link_used = True
-        self._watch &= _WATCH_ALL  # (this is the statement the link was placed by)
-        self._link_sent.append(item)
+        lease = self.lease
+        lease.used = True
+        lease.watch &= _WATCH_ALL  # (this is the statement the link was placed by)
+        lease.sent.append(item)
         self.relay.expect_ready()
         write_now(server.transport, data)
         return True
@@ -515,9 +500,10 @@ class ClientSession(Placement):
                 return False
             bind = frame(p.BIND, body)
             relay.expect_ready(simple=False)
-        self._link_used = True
-        self._watch &= _WATCH_ALL  # (this is the statement the link was placed by)
-        self._link_sent.extend(items)
+        lease = self.lease
+        lease.used = True
+        lease.watch &= _WATCH_ALL  # (this is the statement the link was placed by)
+        lease.sent.extend(items)
         if data is not None and self.scanner.at_boundary:
             # The read held exactly these messages (the scanner began it at a boundary, as a
             # lent client's always does): what follows the Bind goes out as the client sent it.
@@ -530,22 +516,23 @@ class ClientSession(Placement):
         if not self.transaction_mode:
             self._session_items(items)
             return
-        if self._holding:
+        lease = self.lease
+        if lease.holding:
             self.backlog.extend(items)  # behind a write held back from a replica: waits for the primary
             return
-        if self._read_link:
+        if lease.read_link:
             items = self._hold_writes(items)
         relay = self.relay
         server = self.server
         to_server: list = []
         to_client: list = []
-        self._link_used = True
-        if not self._link_replied:
+        lease.used = True
+        if not lease.replied:
             if server.replied:
-                self._link_replied = True
+                lease.replied = True
             else:
-                self._link_sent.extend(items)
-        watch = self._watch
+                lease.sent.extend(items)
+        watch = lease.watch
         relay.upcoming = items  # (what follows a Bind: see Relay.fresh)
         for at, item in enumerate(items):
             if type(item) is bytes:  # COPY data and the like
@@ -566,7 +553,7 @@ class ClientSession(Placement):
                     if self._query(body, effects, to_server, to_client):
                         continue
                 elif effects.local_commit_mode:
-                    self._async_commit = True
+                    lease.async_commit = True
             elif msg_type == p.PARSE:
                 name, definition = split_parse(body)
                 text, _, types = definition.partition(b"\x00")
@@ -628,7 +615,7 @@ class ClientSession(Placement):
             # Pinned to this replica's connection (SQL PREPARE, ...): it is never released, so
             # whatever waited for that would wait for ever. The replica judges a write (25006).
             return items
-        first = not self._link_used
+        first = not self.lease.used
         queue = self.relay.queue
         # Where the batch being sent began (None: before these items, or it is the batch the
         # replica was chosen for, placed whole: nothing of it is held back).
@@ -659,7 +646,7 @@ class ClientSession(Placement):
                 if not c.read_only or c.tx is not None:
                     if start is None:
                         return items
-                    self._holding = True
+                    self.lease.holding = True
                     self.backlog = items[start:] + self.backlog
                     return items[:start]
             if msg_type == p.QUERY and not open_batch:
@@ -670,7 +657,7 @@ class ClientSession(Placement):
         if to_server:
             write_now(self.server.transport, b"".join(to_server))
         if to_client:
-            self._link_replied = True
+            self.lease.replied = True
             write_now(self.transport, b"".join(to_client))
         if self.server is not None and self.server.scanner is not None:
             self.server.scanner.capture = self.relay.capture()
@@ -706,7 +693,7 @@ class ClientSession(Placement):
 
     def _note_effects(self, effects) -> None:
         if effects.local_commit_mode:
-            self._async_commit = True
+            self.lease.async_commit = True
         if effects.ddl:
             # Every server connection's shared statements of this database may mean something
             # else now: each is prepared again on its next use there (statements.Schema). Once
@@ -916,14 +903,15 @@ class ClientSession(Placement):
             return
         scanner = self.scanner
         # (What the client sent after a held-back write is not on the server: only the relay counts then.)
-        client_done = self._holding or (scanner.at_boundary and scanner.last_type not in _UNSYNCED)
+        lease = self.lease
+        client_done = lease.holding or (scanner.at_boundary and scanner.last_type not in _UNSYNCED)
         if not (self.relay.idle and self.relay.tx_status == p.TX_IDLE and client_done):
             return
         server = self.server
         if not (self.dirty or self.dirty_all or self.router.clustered):
             pool = server.pool
             if not pool.waiters and not pool.paused and not self.proxy.draining:
-                self._lent = True  # (see lending below; nothing to read back first)
+                lease.lent = True  # (see lending below; nothing to read back first)
                 pool.lend(server, self)
                 return
         names: list[str] = []
@@ -935,7 +923,7 @@ class ClientSession(Placement):
         batches = [[readback_sql(names)]] if names else []
         # (The link that only logged the client in wrote nothing.) The transaction has ended
         # (idle), so the query runs after its commit, outside it.
-        track_lsn = self._wrote and self._link_used
+        track_lsn = lease.wrote and lease.used
         if track_lsn:
             batches.append([_WRITE_LSN_SQL])
         if batches:
@@ -953,7 +941,7 @@ class ClientSession(Placement):
             # transaction then starts with no acquire, link or settings sync at all. (In a
             # cluster that transaction is placed anew first, and stays only if it belongs on
             # this node: _placed_on. A routing hook may answer later, so then it goes back.)
-            self._lent = True
+            lease.lent = True
             pool.lend(server, self)
             return
         self._give_back(server)
@@ -969,16 +957,17 @@ class ClientSession(Placement):
         the primary because no replica had caught up) is watched: each further statement of the
         link is classified until one may write (_watch_statement). Links on replicas cost nothing.
         """
-        self._async_commit = False
+        lease = self.lease
+        lease.async_commit = False
         if decision is None or not decision.on_primary or not self.config.read_your_writes or not self.router.clustered:
-            self._wrote = False
-            self._watch = 0
+            lease.wrote = False
+            lease.watch = 0
         elif known and decision.classification.read_only:
-            self._wrote = False
-            self._watch = _WATCH_ALL | _WATCH_FIRST
+            lease.wrote = False
+            lease.watch = _WATCH_ALL | _WATCH_FIRST
         else:
-            self._wrote = True
-            self._watch = 0
+            lease.wrote = True
+            lease.watch = 0
 
     def _watch_statement(self, msg_type: int, body: bytes, watch: int) -> int:
         """A watched link runs another statement (Query, Parse, Bind, FunctionCall): may it write?
@@ -991,15 +980,14 @@ class ClientSession(Placement):
         if text is not None and watch & _WATCH_FIRST:
             watch &= ~_WATCH_FIRST  # the statement the link was placed by: classified already
         elif text is None or not self.router.classify(text).read_only:
-            self._wrote = True
+            self.lease.wrote = True
             watch = 0
-        self._watch = watch
+        self.lease.watch = watch
         return watch
 
     def reclaim(self, server) -> None:
         """The pool needs the connection this client holds between transactions: give it back now."""
-        if self._lent and self.server is server and self.state is LINKED:
-            self._lent = False
+        if self.state is LINKED and self.server is server and self.lease.lent:
             self._give_back(server)
 
     def _read_back_failed(self, server) -> None:
@@ -1032,21 +1020,20 @@ class ClientSession(Placement):
                 server.tainted = True
         if track_lsn and rows and len(rows[-1]) == 3 and None not in rows[-1]:
             insert, flush, synchronous_commit = (v.decode("ascii", "replace") for v in rows[-1])
-            if self._async_commit:
+            if self.lease.async_commit:
                 synchronous_commit = "off"  # (the session's value is back; the commit had its own)
             try:
                 self.min_lsn = max(self.min_lsn, write_lsn(parse_lsn(insert), parse_lsn(flush), synchronous_commit))
             except ValueError:
                 pass
         if self.state is CLOSED:
-            self.server = None
+            self.server = self.lease = None
             server.pool.release(server, reusable=True, reset=False)
             return
         self._give_back(server, linked=False)
 
     def _give_back(self, server, linked: bool = True) -> None:
-        self._holding = False
-        self._read_link = False
+        self.lease = None
         if linked:
             server.unlink()
         self.server = None
@@ -1082,13 +1069,13 @@ class ClientSession(Placement):
         if self.relay is not None:
             # Transaction pooling: linked means inside a transaction or batch, unless pinned or
             # merely keeping its connection between transactions (lent).
-            return bool(self.pinned or self._lent) and self.relay.idle and self.relay.tx_status == p.TX_IDLE
+            return bool(self.pinned or self.lease.lent) and self.relay.idle and self.relay.tx_status == p.TX_IDLE
         return self.tx_status == p.TX_IDLE and self._owes_nothing()
 
     def _release_server(self) -> None:
         """The client is gone (or failed): return its server connection, or close it if the node is still busy for it."""
         server, self.server = self.server, None
-        self._lent = False
+        self.lease = None
         if server is None:
             return
         reusable = self._owes_nothing()

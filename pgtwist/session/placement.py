@@ -20,6 +20,7 @@ from pgtwist.routing.router import Decision, NoNode
 from pgtwist.routing.classify import Classification, classify
 from pgtwist.backend.login import ServerLoginError
 from pgtwist.pooling.settings import sync_sql
+from pgtwist.session.lease import Lease
 from pgtwist.session.states import CLOSED, IDLE, LINKED, PREPARING, WAITING
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
@@ -131,7 +132,7 @@ class Placement:
             decision = self._primary = Decision(node, "primary", "session needs the primary", _NOTHING_CLASSIFIED)
         return decision
 
-    def _placed_on(self, server, items: list) -> bool:
+    def _placed_on(self, server, items: list, kept) -> bool:
         """In a cluster, a client keeping *server* between transactions sent *items*: place its next
         transaction anew, exactly as if it held no connection (one decision of the same policy).
 
@@ -142,7 +143,10 @@ class Placement:
         sql, rest, end = batch.first_batch(items, self.relay.statements)
         if sql is None:
             # Nothing to place (a Sync, a Terminate), or a statement whose text is not known
-            # (the unnamed one, parsed on this very connection): it stays where it is.
+            # (the unnamed one, parsed on this very connection): it stays where it is, and
+            # goes on as the *kept* lease's work did.
+            self.lease.read_link = kept.read_link
+            self.lease.used = kept.used
             self._watch_link(self.decision, known=False)
             return True
         unfinished = end == batch.FLUSHED or (end == batch.OPEN and len(items) >= batch.OPEN_LIMIT)
@@ -162,9 +166,7 @@ class Placement:
             self.decision = decision
             self.proxy.counters.routed(decision.reason)
             # What a new link starts with (as in _prepared): the replica read and what may be held behind it.
-            self._link_used = False
-            self._holding = False
-            self._read_link = decision.want == "replica" and decision.classification.tx is None and not decision.on_primary
+            self.lease.read_link = decision.want == "replica" and decision.classification.tx is None and not decision.on_primary
             self._watch_link(decision)
             return True
         self._give_back(server)
@@ -324,18 +326,16 @@ class Placement:
         self._enter(LINKED)
         self.ready_count = 0
         self._deadline = None
-        self._link_sent = []
-        self._link_replied = False
-        self._link_used = False
         decision = self.decision
-        self._holding = False
-        self._read_link = bool(
+        self.lease = Lease(
+            read_link=bool(
             self.transaction_mode
             and decision is not None
             and decision.want == "replica"
             and decision.classification.tx is None
             and not decision.on_primary  # (a read that fell back to the primary: writes behind it may follow it)
             and self.relay.tx_status == p.TX_IDLE
+            )
         )
         self._watch_link(decision)
         server.link(self, self.transport, self.relay.capture() if self.relay else SESSION_SERVER_CAPTURE)
@@ -362,7 +362,8 @@ class Placement:
         if self.server is not server or self.state is CLOSED:
             return
         self.server = None
-        lent, self._lent = self._lent, False
+        lease, self.lease = self.lease, None
+        lent = lease is not None and lease.lent
         relay = self.relay
         said = server.fatal
         if relay is not None:
@@ -387,7 +388,7 @@ class Placement:
             else:
                 keep = True
             if keep:
-                self._link_lost(server, said)
+                self._link_lost(server, lease, said)
                 return
         if relay is not None:
             relay.forget_server()
@@ -420,15 +421,14 @@ class Placement:
         if server is None or self.state is not LINKED:
             return
         self._asked_at = None
-        self.server = None
-        self._lent = False
+        lease, self.server, self.lease = self.lease, None, None
         message = f"canceling statement due to query_timeout ({limit:g} s): node {server.node} did not answer in time"
         log.warn("client {client}: {why} (server {server})", client=self.id, why=message, server=server.id)
         self.proxy.cancel_server(server)
         server.abandon()
         if self.transaction_mode and not self.pinned:
             self.proxy.counters.error(sqlstate.QUERY_CANCELED)  # (fatal() counts its own)
-            self._link_lost(server, None, timed_out=message)
+            self._link_lost(server, lease, None, timed_out=message)
             return
         if self.relay is not None:
             self.relay.forget_server()
@@ -453,7 +453,7 @@ class Placement:
         self._cancel_idle_tx_timer()
         self.transport.loseConnection()
 
-    def _link_lost(self, server, said: dict | None, timed_out: str | None = None) -> None:
+    def _link_lost(self, server, lease, said: dict | None, timed_out: str | None = None) -> None:
         """Transaction pooling: the server connection died under this client's work (the node
         went away, or it ended this one connection: pg_terminate_backend(), a timeout), or did
         not answer within query_timeout (*timed_out* says so). The session survives it; *said*
@@ -469,16 +469,15 @@ class Placement:
         replay = (
             timed_out is None  # (what ran too long would run too long elsewhere, and may have written)
             and not evidence.deliberate(said)  # (a backend the node ended on purpose stays ended)
-            and not self._link_replied
+            and not lease.replied
             and not server.replied
             and relay.tx_status == p.TX_IDLE
-            and self._only_reads(self._link_sent)
+            and self._only_reads(lease.sent)
         )
         relay.forget_server()
         if replay:
             # An autocommit read that got no byte back yet: run it again elsewhere, transparently.
-            self.backlog = self._link_sent + self.backlog
-            self._link_sent = []
+            self.backlog = lease.sent + self.backlog
             if self.backlog:
                 self._acquire()
             else:
@@ -521,7 +520,6 @@ class Placement:
         if out:
             self.transport.write(out)
         self._enter(IDLE)
-        self._holding = self._read_link = False
         self._resume()
         if self.backlog and not self.orphaned:
             self._acquire()  # a write held back behind the lost read still wants the primary
