@@ -79,8 +79,24 @@ def _encoded_parameters(parameters: dict[str, str]) -> bytes:
 
 def _binds_unnamed(body: bytes) -> bool:
     """A Bind body names the unnamed statement (an empty name after the portal's)."""
-    at = body.find(b"\x00") + 1
-    return body[at : at + 1] == b"\x00"
+    start, end = m.bind_statement_span(body)
+    return start == end and start > 0
+
+
+def _is_prepared_run(items: list) -> bool:
+    """*items* are Bind, [Describe portal,] Execute, Sync: a prepared statement run again."""
+    n = len(items)
+    if n != 3 and n != 4:
+        return False
+    first, last, execute = items[0], items[-1], items[-2]
+    if type(first) is not tuple or first[0] != p.BIND or type(last) is not tuple or last[0] != p.SYNC:
+        return False
+    if type(execute) is not tuple or execute[0] != p.EXECUTE:
+        return False
+    if n == 4:
+        describe = items[1]
+        return type(describe) is tuple and describe[0] == p.DESCRIBE and describe[1][:1] == b"P"
+    return True
 
 
 def _peer_host(transport) -> str | None:
@@ -462,44 +478,21 @@ class ClientSession(Placement):
         """The other common case: Bind (of a statement this connection holds), [Describe portal,]
         Execute, Sync — a prepared statement run again. Only the statement name is rewritten;
         the relay notes one ReadyForQuery owed, and the replies pass through untouched."""
-        n = len(items)
-        if n not in (3, 4) or self.audit or not self.relay.idle:
+        if not _is_prepared_run(items) or self.audit or not self.relay.idle:
             return False
-        first, last = items[0], items[-1]
-        if type(first) is not tuple or first[0] != p.BIND or type(last) is not tuple or last[0] != p.SYNC:
-            return False
-        execute = items[-2]
-        if type(execute) is not tuple or execute[0] != p.EXECUTE:
-            return False
-        if n == 4:
-            describe = items[1]
-            if type(describe) is not tuple or describe[0] != p.DESCRIBE or describe[1][:1] != b"P":
-                return False
-        body = first[1]
-        portal_end = body.find(b"\x00")
-        name_end = body.find(b"\x00", portal_end + 1)
-        if portal_end < 0 or name_end < 0:
+        body = items[0][1]
+        start, end = m.bind_statement_span(body)
+        if start < 0:
             return False  # (the general path reports the malformed Bind)
-        relay = self.relay
-        if name_end > portal_end + 1:
-            name = body[portal_end + 1 : name_end].decode("utf-8", "replace")
-            statement = relay.statements.get(name)
-            if statement is None or name in self._effects_of or (relay.doomed and name in relay.doomed):
+        if end > start:
+            bind = self._renamed_bind(body, start, end, len(items) == 4, items, server)
+            if bind is None:
                 return False
-            # Relay.fresh(), inline: the connection's copy is newer than the client's Parse (and
-            # than the last DDL, when the run describes its result).
-            held = server.statements.names.get(statement.server_name)
-            if held is None or held < statement.parsed_at or (n == 4 and held < relay.schema.ddl_at):
-                return False
-            server.statements.touch(statement.server_name)
-            bind = frame(p.BIND, body[: portal_end + 1] + statement.server_name.encode() + body[name_end:])
-            relay.queue.append(HOT_RUN)  # (Relay.expect_batch, inline)
-            relay.hot = (items, server.statements, statement.server_name)
+        elif "" in self._effects_of:
+            return False
         else:
-            if "" in self._effects_of:
-                return False
             bind = frame(p.BIND, body)
-            relay.expect_ready(simple=False)
+            self.relay.expect_ready(simple=False)
         lease = self.lease
         lease.used = True
         lease.watch &= _WATCH_ALL  # (this is the statement the link was placed by)
@@ -512,7 +505,28 @@ class ClientSession(Placement):
             write_now(server.transport, bind + b"".join(frame(t, b) for t, b in items[1:]))
         return True
 
+    def _renamed_bind(self, body: bytes, start: int, end: int, described: bool, items: list, server) -> bytes | None:
+        """The fast path's Bind of the client's statement body[start:end], renamed to the shared
+        copy *server* holds; None when that copy is missing or stale, or the statement changes
+        session state (the general path then decides)."""
+        relay = self.relay
+        name = body[start:end].decode("utf-8", "replace")
+        statement = relay.statements.get(name)
+        if statement is None or name in self._effects_of or (relay.doomed and name in relay.doomed):
+            return None
+        # Relay.fresh(), inline: the connection's copy is newer than the client's Parse (and
+        # than the last DDL, when the run describes its result).
+        held = server.statements.names.get(statement.server_name)
+        if held is None or held < statement.parsed_at or (described and held < relay.schema.ddl_at):
+            return None
+        server.statements.touch(statement.server_name)
+        relay.queue.append(HOT_RUN)  # (Relay.expect_batch, inline)
+        relay.hot = (items, server.statements, statement.server_name)
+        return frame(p.BIND, body[:start] + statement.server_name.encode() + body[end:])
+
     def _client_items(self, items: list) -> None:
+        """The client's messages for its linked server. Transaction pooling looks at each one
+        (_client_message) and relays it; session pooling forwards them (_session_items)."""
         if not self.transaction_mode:
             self._session_items(items)
             return
@@ -522,69 +536,88 @@ class ClientSession(Placement):
             return
         if lease.read_link:
             items = self._hold_writes(items)
-        relay = self.relay
         server = self.server
+        self._note_sent(lease, server, items)
+        relay = self.relay
         to_server: list = []
         to_client: list = []
+        relay.upcoming = items  # (what follows a Bind: see Relay.fresh)
+        for at, item in enumerate(items):
+            if type(item) is bytes:  # COPY data and the like
+                to_server.append(item)
+            elif item[0] == _TERMINATE:
+                self._flush(to_server, to_client)
+                self._terminate()
+                return
+            else:
+                self._client_message(item[0], item[1], at, server, to_server, to_client)
+        relay.upcoming = ()
+        self._flush(to_server, to_client)
+        self._maybe_release()
+
+    @staticmethod
+    def _note_sent(lease, server, items: list) -> None:
+        """Until the node's first reply, what this lending forwarded may be replayed elsewhere (_link_lost)."""
         lease.used = True
         if not lease.replied:
             if server.replied:
                 lease.replied = True
             else:
                 lease.sent.extend(items)
-        watch = lease.watch
-        relay.upcoming = items  # (what follows a Bind: see Relay.fresh)
-        for at, item in enumerate(items):
-            if type(item) is bytes:  # COPY data and the like
-                to_server.append(item)
-                continue
-            msg_type, body = item
-            if msg_type == _TERMINATE:
-                self._flush(to_server, to_client)
-                self._terminate()
+
+    def _client_message(self, msg_type: int, body: bytes, at: int, server, to_server: list, to_client: list) -> None:
+        """One message of the client's: watched (read-your-writes), audited, its effects on the
+        session noted, then relayed (or answered by the proxy itself)."""
+        watch = self.lease.watch
+        if watch and msg_type in _WATCHED:
+            self._watch_statement(msg_type, body, watch)
+        if self.audit and (msg_type == p.QUERY or msg_type == p.PARSE):
+            audit.statement(self, msg_type, body)
+        if msg_type == p.QUERY:
+            if self._client_query(body, to_server, to_client):
                 return
-            if watch and msg_type in _WATCHED:
-                watch = self._watch_statement(msg_type, body, watch)
-            if self.audit and (msg_type == p.QUERY or msg_type == p.PARSE):
-                audit.statement(self, msg_type, body)
-            if msg_type == p.QUERY:
-                effects = sqlinspect.inspect_query(body)
-                if effects.changes_state:
-                    if self._query(body, effects, to_server, to_client):
-                        continue
-                elif effects.local_commit_mode:
-                    lease.async_commit = True
-            elif msg_type == p.PARSE:
-                name, definition = split_parse(body)
-                text, _, types = definition.partition(b"\x00")
-                sql = text + b"\x00"
-                effects = sqlinspect.inspect_query(sql)
-                if effects.changes_state or effects.local_commit_mode:
-                    self._effects_of[name] = effects
-                else:
-                    self._effects_of.pop(name, None)
-            elif msg_type == p.BIND:
-                relay.at = at
-                if not self._effects_of:
-                    relay.client_message(msg_type, body, server, to_server, to_client)
-                    continue
-                # A statement acts where and when it runs: on this server, now.
-                effects = self._effects_of.get(split_bind(body)[1])
-                if effects is not None:
-                    if effects.pin and not self.pinned and self.config.unpoolable == "error":
-                        relay.fail(sqlstate.FEATURE_NOT_SUPPORTED, f"{effects.pin} is not supported in transaction pooling mode", to_client)
-                        continue
-                    if effects.deallocate:  # SQL DEALLOCATE of the client's own (protocol-level) statements
-                        relay.stand_in(effects.deallocate, to_server)
-                    relay.client_message(msg_type, body, server, to_server, to_client)
-                    self._note_effects(effects)
-                    continue
-            relay.client_message(msg_type, body, server, to_server, to_client)
-            if self._to_restore is not None and (msg_type == p.QUERY or msg_type == p.SYNC):
-                self._restore_startup_settings(to_server)
-        relay.upcoming = ()
-        self._flush(to_server, to_client)
-        self._maybe_release()
+        elif msg_type == p.PARSE:
+            self._client_parse(body)
+        elif msg_type == p.BIND:
+            self.relay.at = at
+            self._client_bind(body, server, to_server, to_client)
+            return
+        self.relay.client_message(msg_type, body, server, to_server, to_client)
+        if self._to_restore is not None and (msg_type == p.QUERY or msg_type == p.SYNC):
+            self._restore_startup_settings(to_server)
+
+    def _client_query(self, body: bytes, to_server: list, to_client: list) -> bool:
+        """A simple Query: True when the proxy answered it itself (_query)."""
+        effects = sqlinspect.inspect_query(body)
+        if effects.changes_state:
+            return self._query(body, effects, to_server, to_client)
+        if effects.local_commit_mode:
+            self.lease.async_commit = True
+        return False
+
+    def _client_parse(self, body: bytes) -> None:
+        """A Parse: what its statement will do to the session is noted now; it acts when bound (_client_bind)."""
+        name, definition = split_parse(body)
+        text = definition.partition(b"\x00")[0]
+        effects = sqlinspect.inspect_query(text + b"\x00")
+        if effects.changes_state or effects.local_commit_mode:
+            self._effects_of[name] = effects
+        else:
+            self._effects_of.pop(name, None)
+
+    def _client_bind(self, body: bytes, server, to_server: list, to_client: list) -> None:
+        """A Bind: a statement acts where and when it runs, on this server, now."""
+        relay = self.relay
+        effects = self._effects_of.get(split_bind(body)[1]) if self._effects_of else None
+        if effects is not None:
+            if effects.pin and not self.pinned and self.config.unpoolable == "error":
+                relay.fail(sqlstate.FEATURE_NOT_SUPPORTED, f"{effects.pin} is not supported in transaction pooling mode", to_client)
+                return
+            if effects.deallocate:  # SQL DEALLOCATE of the client's own (protocol-level) statements
+                relay.stand_in(effects.deallocate, to_server)
+        relay.client_message(p.BIND, body, server, to_server, to_client)
+        if effects is not None:
+            self._note_effects(effects)
 
     def _restore_startup_settings(self, to_server: list) -> None:
         """After RESET, RESET ALL or DISCARD ALL: the startup values of what they reset, back in force.
