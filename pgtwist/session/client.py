@@ -1,11 +1,15 @@
 """One client's state machine: login, relaying (session and transaction pooling), release, closing.
 
-Getting a server connection for the client's work, and surviving its loss, is in placement.py.
+Its states and the legal moves between them are the table in states.py (every change goes
+through ClientSession._enter); what belongs to one lending of a server connection is a Lease
+(lease.py); getting a server connection for the work, and what losing one means, is its
+collaborator Placement (placement.py), which changes the session only through its methods.
 """
 
 from __future__ import annotations
 
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from pgtwist.routing import sqlinspect
 
@@ -17,10 +21,11 @@ from pgtwist.admin import audit
 from pgtwist.admin.console import DATABASE as ADMIN_DATABASE
 from pgtwist.admin.console import AdminConsole
 from pgtwist.frontend.login import Authenticated, CancelReceived, ClientLogin, LoginError, Reply, StartTLS
+from pgtwist.session.placement import AWAIT_END, SESSION_SERVER_CAPTURE, UNPLACED, Placement
 from pgtwist.session.placement import UNSYNCED as _UNSYNCED
-from pgtwist.session.placement import Placement
 from pgtwist.session.lease import Lease
 from pgtwist.pooling.relay import CLIENT_CAPTURE, HOT_RUN, SYNC, Relay
+from pgtwist.routing.classify import classify
 from pgtwist.routing.router import Decision
 from pgtwist.routing.policy import parse_lsn, write_lsn
 from pgtwist.pooling.settings import SERVER_OWNED, client_settings, parse_options, quote_literal, readback_sql, sync_sql
@@ -104,7 +109,7 @@ def _peer_host(transport) -> str | None:
     return getattr(transport.getPeer(), "host", None)
 
 
-class ClientSession(Placement):
+class ClientSession:
     """Everything one client connection does; FrontendProtocol feeds it bytes.
 
     Session pooling links one server connection from login to logout. Transaction pooling
@@ -141,7 +146,7 @@ class ClientSession(Placement):
         "backlog",
         "logged_in",
         "connected_at",
-        "_waiting",  # the pool this client waits in for a server connection
+        "placement",
         "_idle_tx_timer",
         "_login_timer",
         "console",
@@ -152,10 +157,7 @@ class ClientSession(Placement):
         "min_lsn",
         "orphaned",
         "lease",
-        "_deadline",
         "_paused",
-        "_pool",
-        "_primary",
         "_asked_at",
         "_startup_settings",
         "_to_restore",
@@ -200,18 +202,14 @@ class ClientSession(Placement):
         self.backlog: list = []  # client messages that arrived while no server was linked
         self.logged_in = False
         self.connected_at = proxy.clock.seconds()
-        self._waiting = None
         self._idle_tx_timer = None
         self.router = None
         self.user_route = "auto"
         self.decision: Decision | None = None
         self.min_lsn = 0  # read-your-writes: the WAL position of this client's last write
         self.orphaned = False  # its transaction died with a node: only ROLLBACK gets it out
-        self._deadline = None  # until when waiting work may still be retried
         self.lease: Lease | None = None  # what belongs to the current lending of self.server (lease.py)
         self._paused = False
-        self._pool = None  # the pool the last transaction used
-        self._primary = None  # the Decision for the primary, kept while the primary stays
         self._orphan_error = None  # the error an orphaned transaction's next statement gets (08006, 57P01...)
         self._orphan_told = False  # an orphaned batch's error went out at its Flush: its Sync gets ReadyForQuery alone
         self._tx_end = 0  # what to do when the open transaction ends: _DDL_SENT | _LOCAL_PATH
@@ -219,6 +217,7 @@ class ClientSession(Placement):
         self._startup_settings: dict[str, str] = {}  # what RESET returns to, for this client
         self._to_restore: set[str] | None = None  # startup settings a RESET sent to the server's defaults
         self.console = None
+        self.placement = Placement(self)  # getting a server connection for the work, and surviving its loss
         self.admitted = False  # counted against max_client_conn (proxy.admit)
         self.audit = False  # statements are logged (the user is listed in `audit`)
         self._login_timer = (
@@ -267,9 +266,7 @@ class ClientSession(Placement):
         self._enter(CLOSED)
         self._cancel_login_timer()
         self._cancel_idle_tx_timer()
-        if self._waiting is not None:
-            pool, self._waiting = self._waiting, None
-            pool.cancel_wait(self)
+        self.placement.cancel()
         if previous is LINKED and self.server is not None:
             self._release_server()
         self.proxy.client_closed(self, reason)
@@ -340,10 +337,10 @@ class ClientSession(Placement):
             self._logged_in(known)
             self._enter(IDLE)
             if self.backlog:
-                self._acquire()
+                self.placement.place()
         else:
             # A server connection tells us what to report (and proves the node is there).
-            self._acquire()
+            self.placement.place()
 
     def _admit(self, startup: m.StartupMessage) -> bool:
         """Whether there is room for this client (asked as soon as its startup packet is read).
@@ -437,10 +434,10 @@ class ClientSession(Placement):
                 self._answer_orphaned(items)
                 return
             self.backlog.extend(items)
-            self._acquire()
+            self.placement.place()
         else:  # WAITING, PREPARING: keep it for the server connection on its way
             self.backlog.extend(items)
-            self._pause()
+            self.pause_reading()
 
     def _plain_query(self, item, data: bytes, server) -> bool:
         """The common case on a kept connection: one simple Query that leaves session state alone.
@@ -800,6 +797,405 @@ class ClientSession(Placement):
         if out:
             write_now(self.server.transport, b"".join(out))
 
+    def _placed_on(self, server, items: list, kept: Lease) -> bool:
+        """In a cluster, a client keeping *server* between transactions (the *kept* lease) sent
+        *items*: True when Placement puts them on *server*'s node, the placement being the new
+        lease's from now on; otherwise the connection goes back to its pool and the work to
+        where it was placed (False)."""
+        decision = self.placement.decide_kept(items)
+        lease = self.lease
+        if decision is UNPLACED:
+            # Nothing to place by: it stays where it is, and goes on as the kept lease's work did.
+            lease.read_link = kept.read_link
+            lease.used = kept.used
+            self._watch_link(self.decision, known=False)
+            return True
+        if decision is not None and decision is not AWAIT_END and decision.node == server.node:
+            self.decision = decision
+            self.proxy.counters.routed(decision.reason)
+            # What a new link starts with (as in _prepared): the replica read and what may be held behind it.
+            lease.read_link = decision.want == "replica" and decision.classification.tx is None and not decision.on_primary
+            self._watch_link(decision)
+            return True
+        self._give_back(server)
+        self.backlog.extend(items)
+        if decision is not AWAIT_END:
+            self.placement.place(decision)  # (None: no node now; Placement asks again and waits for one)
+        return False
+
+    # -- what Placement calls ------------------------------------------------------------------
+
+    def start_waiting(self) -> None:
+        """Placement looks for a node and a server connection for the session's work."""
+        self._enter(WAITING)
+
+    def defer_work(self) -> None:
+        """Placement put the work off (an extended batch bound for a replica waits for its end): read on."""
+        self._enter(IDLE)
+        self.resume_reading()
+
+    def fail_waiting_work(self, fields: dict) -> None:
+        """No server could be had within failover_wait: the waiting work fails as a statement would, the session stays."""
+        backlog, self.backlog = self.backlog, []
+        self._enter(IDLE)
+        self.resume_reading()
+        self._answer_locally(backlog, fields)
+
+    def follow_reload(self) -> None:
+        """A reload rebuilt this database's router (its nodes changed): place work with the new one.
+
+        The old router's health monitor has stopped, so its view of the nodes is frozen; and
+        its nodes may be gone. (A removed database keeps what it had: its sessions may finish.)
+        """
+        database = self.proxy.config.databases.get(self.database.name)
+        if database is None:
+            return
+        self.database = database
+        self.router = self.proxy.router_for(database)
+        self.placement.forget()
+
+    def pause_reading(self) -> None:
+        """Stop reading the client while its work waits: what it sends meanwhile stays in its socket."""
+        if not self._paused:
+            self._paused = True
+            self.transport.pauseProducing()
+
+    def resume_reading(self) -> None:
+        # Only if we paused it: on the per-transaction path every pause/resume is two epoll calls.
+        if self._paused:
+            self._paused = False
+            self.transport.resumeProducing()
+
+    # -- the pool's answers to a waiting client (Pool.wait_for) -------------------------------------
+
+    def server_ready(self, server) -> None:
+        """The pool hands this waiting client a server connection."""
+        try:
+            self.placement.server_ready(server)
+        except Exception:
+            self.crashed(Failure())
+
+    def server_unavailable(self, failure) -> None:
+        """The pool could not serve this waiting client (wait timeout, the node refused, ...)."""
+        try:
+            self.placement.server_unavailable(failure)
+        except Exception:
+            self.crashed(Failure())
+
+    # -- linking a server connection ------------------------------------------------------------
+
+    def link_server(self, server) -> None:
+        """Placement got *server* for the waiting work: make it ready (its settings synced), then link it."""
+        if self.state is CLOSED:
+            server.pool.release(server, reusable=True, reset=not self.transaction_mode)
+            return
+        self.server = server
+        self._enter(PREPARING)
+        statements = None if self.settings == server.settings else sync_sql(self.settings, server.settings, server.parameters)
+        if statements is None and not self.logged_in and server.parameters_stale:
+            statements = []  # an empty batch: its ReadyForQuery brings what changed (in_hot_standby)
+        if statements is None:
+            self._prepared([])
+        else:
+            server.run_for_client([statements]).addCallbacks(self._prepared, self._prepare_failed).addErrback(self.crashed)
+
+    def _prepare_failed(self, failure) -> None:
+        server, self.server = self.server, None
+        if self.state is CLOSED or server is None:
+            return
+        self.router.server_ended(server.node, server.fatal)
+        self._enter(WAITING)
+        self.placement.retry_or_fail(
+            m.error_fields("FATAL", sqlstate.CONNECTION_FAILURE, f"lost the connection to node {server.node} while preparing the session")
+        )
+
+    def _prepared(self, errors: list[dict]) -> None:
+        server = self.server
+        if self.state is CLOSED:
+            self.server = None
+            server.pool.release(server, reusable=True, reset=not self.transaction_mode)
+            return
+        if errors:
+            self.server = None
+            server.settings = {}  # the failed statement rolled back; what it held is unknown
+            server.tainted = True
+            server.pool.release(server, reusable=False)
+            if not self.logged_in:
+                # As PostgreSQL does for a bad startup parameter: the login fails with the server's reason.
+                self.fatal_fields(dict(errors[0], S="FATAL", V="FATAL"))
+            else:
+                self.fatal(sqlstate.INTERNAL_ERROR, "could not restore this session's settings on a server connection", errors[0].get("M"))
+            return
+        if server.settings != self.settings:
+            server.settings = dict(self.settings)
+        if not self.logged_in:
+            parameters = dict(server.parameters)
+            if self.transaction_mode and self.decision is not None and self.decision.want == "replica":
+                # A login while there is no primary (router.login_decision): the client is told
+                # what a login through pgtwist reports with a primary, a read-write endpoint
+                # (its writes wait for the primary), not that it reached a standby; libpq's
+                # target_session_attrs=read-write would otherwise pass pgtwist over.
+                if "in_hot_standby" in parameters:
+                    parameters["in_hot_standby"] = "off"
+            elif self.transaction_mode:
+                server.pool.remember_login(self._login_key(), parameters)
+            else:
+                # Session pooling: this server connection is the client's for good, so the client
+                # is told its process id (with a secret of ours; a CancelRequest with it reaches
+                # this connection as any other does).
+                pid = server.backend_key[0] if server.backend_key is not None else None
+                self.process_id, self.secret_key = self.proxy.register_cancel_key(self, pid)
+            self._logged_in(parameters)
+        self._enter(LINKED)
+        self.ready_count = 0
+        self.placement.settled()
+        decision = self.decision
+        self.lease = Lease(
+            read_link=bool(
+            self.transaction_mode
+            and decision is not None
+            and decision.want == "replica"
+            and decision.classification.tx is None
+            and not decision.on_primary  # (a read that fell back to the primary: writes behind it may follow it)
+            and self.relay.tx_status == p.TX_IDLE
+            )
+        )
+        self._watch_link(decision)
+        server.link(self, self.transport, self.relay.capture() if self.relay else SESSION_SERVER_CAPTURE)
+        self.resume_reading()
+        backlog, self.backlog = self.backlog, []
+        if backlog:
+            if not (self.transaction_mode and self._plain_backlog(backlog, server)):
+                self._client_items(backlog)
+        elif self.transaction_mode:
+            self._maybe_release()
+
+    # -- losing it --------------------------------------------------------------------------
+
+    # -- losing it ----------------------------------------------------------------------------
+
+    def server_lost(self, server, reason) -> None:
+        """The node closed our server connection while this client was linked to it.
+
+        What the node said before it hung up (its FATAL, if any) decides both what it means for
+        the node's health (cluster/evidence.py: a client's protocol error or one terminated
+        backend never takes a node down) and what the client hears: the node's own SQLSTATE and
+        message, once. Transaction pooling keeps the session (its state lives in pgtwist) unless
+        on_server_loss = "close_client"; session mode and pinned sessions cannot carry it and
+        end with the node's FATAL alone.
+        """
+        if self.server is not server or self.state is CLOSED:
+            return
+        self.server = None
+        lease, self.lease = self.lease, None
+        lent = lease is not None and lease.lent
+        relay = self.relay
+        said = server.fatal
+        if relay is not None:
+            said = said or relay.server_fatal
+            relay.server_fatal = None
+        log.info(
+            "client {client}: server {server} on node {node} ended: {code} {message}",
+            client=self.id,
+            server=server.id,
+            node=server.node,
+            code=said.get("C") if said else sqlstate.CONNECTION_FAILURE,
+            message=said.get("M") if said else "connection lost",
+        )
+        self.router.server_ended(server.node, said)
+        if self.transaction_mode and self.state is LINKED and not self.pinned and self.placement.keeps_session(said, lent):
+            self._link_lost(server, lease, said)
+            return
+        if relay is not None:
+            relay.forget_server()
+        if not server.at_message_boundary:
+            # Half a message already went out: there is no way to speak protocol to this client again.
+            self._enter(CLOSED)
+            self.transport.loseConnection()
+        elif said is not None:
+            # The node's own FATAL, alone. In session mode it went to the client as it came.
+            self._close_with(said, told=relay is None)
+        else:
+            self.fatal(
+                sqlstate.CONNECTION_FAILURE,
+                f"lost the connection to node {server.node}",
+                "The server connection closed unexpectedly; the session cannot continue.",
+            )
+
+    def query_timed_out(self, limit: float) -> None:
+        """query_timeout: the linked node has owed this client an answer for more than *limit* seconds.
+
+        The server connection is closed (after a CancelRequest, so that a node that can still hear
+        stops the work; a hung one would never answer the cancel) and the client gets ERROR 57014
+        naming query_timeout. In transaction pooling the session goes on, as after a lost node
+        (25P02 until ROLLBACK when a transaction was open); in session pooling its server session
+        was the client's state, so the client is closed with FATAL 57014. The node's health is not
+        touched: a slow statement says nothing about the node (the probes judge it), and nothing
+        is replayed: the statement may have had its effects.
+        """
+        server = self.server
+        if server is None or self.state is not LINKED:
+            return
+        self._asked_at = None
+        lease, self.server, self.lease = self.lease, None, None
+        message = f"canceling statement due to query_timeout ({limit:g} s): node {server.node} did not answer in time"
+        log.warn("client {client}: {why} (server {server})", client=self.id, why=message, server=server.id)
+        self.proxy.cancel_server(server)
+        server.abandon()
+        if self.transaction_mode and not self.pinned:
+            self.proxy.counters.error(sqlstate.QUERY_CANCELED)  # (fatal() counts its own)
+            self._link_lost(server, lease, None, timed_out=message)
+            return
+        if self.relay is not None:
+            self.relay.forget_server()
+        if server.at_message_boundary:
+            self.fatal(
+                sqlstate.QUERY_CANCELED,
+                message,
+                "The server connection was closed, and this session's state on the node with it.",
+            )
+        else:
+            self._enter(CLOSED)
+            self.transport.loseConnection()
+
+    def _close_with(self, said: dict, told: bool) -> None:
+        """Close the client with the node's FATAL *said*; *told*: the client has it already."""
+        if not told:
+            self.fatal_fields(dict(said, S="FATAL", V="FATAL"))
+            return
+        log.info("client {client} closed: {code} {message}", client=self.id, code=said.get("C"), message=said.get("M"))
+        self.proxy.counters.error(said.get("C"))
+        self._enter(CLOSED)
+        self._cancel_idle_tx_timer()
+        self.transport.loseConnection()
+
+    def _link_lost(self, server, lease, said: dict | None, timed_out: str | None = None) -> None:
+        """Transaction pooling: the server connection died under this client's work (the node
+        went away, or it ended this one connection: pg_terminate_backend(), a timeout), or did
+        not answer within query_timeout (*timed_out* says so). The session survives it; *said*
+        is the node's FATAL, if it sent one."""
+        relay = self.relay
+        # The client's requests still owed a ReadyForQuery (not the proxy's own injected ones).
+        # (A batch held back to be retried is the client's too.)
+        owed = sum(1 for e in relay.queue if e.kind == SYNC and (not e.swallow or e.retry is not None)) + relay.held_requests()
+        if relay.held_ready is not None:
+            # Its statement ran, but the proxy's batch after it (restoring startup settings) did
+            # not: report it failed, as its effects on the client's settings are not kept either.
+            owed += 1
+        replay = self.placement.replayable(server, lease, said, timed_out)
+        relay.forget_server()
+        if replay:
+            # An autocommit read that got no byte back yet: run it again elsewhere, transparently.
+            self.backlog = lease.sent + self.backlog
+            if self.backlog:
+                self.placement.place()
+            else:
+                self._enter(IDLE)
+                self.resume_reading()
+            return
+        if not server.at_message_boundary:
+            # Half a message already went out: there is no way to speak protocol to this client again.
+            self._enter(CLOSED)
+            self.transport.loseConnection()
+            return
+        in_transaction = relay.tx_status != p.TX_IDLE or (self.decision is not None and self.decision.classification.tx)
+        status = p.TX_FAILED if in_transaction else p.TX_IDLE
+        self.orphaned = bool(in_transaction)
+        relay.tx_status = status
+        if timed_out is not None:
+            error = m.error_response(
+                "ERROR",
+                sqlstate.QUERY_CANCELED,
+                timed_out,
+                "Its server connection was closed; the statement may or may not have taken effect, and nothing was retried."
+                + (" The transaction is aborted: ROLLBACK to continue." if in_transaction else ""),
+            )
+        else:
+            error = m.error_response_from_fields(self.placement.lost_fields(server, said, bool(in_transaction)))
+        out = (error + m.ready_for_query(status)) * owed
+        if self.scanner.last_type in _UNSYNCED:
+            # The client is in the middle of a batch whose Sync has not come (a driver that
+            # prepares with Parse, Describe, Flush waits for an answer before it sends one): as
+            # PostgreSQL does after an error, the error goes out now and the rest of the batch,
+            # up to its Sync, is skipped; that Sync gets its ReadyForQuery alone.
+            out += error
+            if in_transaction:
+                self._orphan_told = True
+            else:
+                relay.skipping = True
+        elif in_transaction and not owed:
+            # Idle in its transaction: the client hears about it from its next statement.
+            self._orphan_error = error
+        if out:
+            self.transport.write(out)
+        self._enter(IDLE)
+        self.resume_reading()
+        if self.backlog and not self.orphaned:
+            self.placement.place()  # a write held back behind the lost read still wants the primary
+
+    def _statement_texts(self, items: list):
+        return standin.statement_texts(items, self.relay.statements)
+
+    def _answer_locally(self, items: list, fields: dict) -> None:
+        """Answer client messages no server will see, as PostgreSQL answers a failed statement."""
+        reply, terminated = standin.failed_work(items, fields, p.TX_FAILED if self.orphaned else p.TX_IDLE)
+        self.transport.write(reply)
+        if terminated:
+            self._terminate()
+
+    def _answer_orphaned(self, items: list) -> None:
+        """After its node died mid-transaction, the client's statements fail until it ends the transaction."""
+        out = []
+        # An extended batch whose Sync has not come yet waits in the backlog for the rest.
+        batch: list = self.backlog
+        self.backlog = []
+        for i, item in enumerate(items):
+            if not self.orphaned:
+                # ROLLBACK ended it: what the client sent behind it runs on a server as usual.
+                self.backlog = items[i:]
+                break
+            if type(item) is not tuple:
+                continue
+            msg_type = item[0]
+            if msg_type == _TERMINATE:
+                self.transport.write(b"".join(out))
+                self._terminate()
+                return
+            if msg_type == p.QUERY or msg_type == p.SYNC:
+                batch.append(item)
+                out.append(self._orphaned_reply(batch))
+                batch = []
+            elif msg_type == p.FLUSH:
+                # A driver that prepares with Parse, Describe, Flush (asyncpg) waits for an answer
+                # before its Sync: as PostgreSQL does, the error goes out now and the rest of the
+                # batch, up to its Sync (answered with ReadyForQuery alone), is skipped.
+                batch.append(item)
+                if not self._orphan_told and not standin.ends_dead_transaction(
+                    classify(sql) for sql in self._statement_texts(batch)
+                ):
+                    error, self._orphan_error = self._orphan_error, None
+                    out.append(standin.aborted_error(error))
+                    self._orphan_told = True
+            else:
+                batch.append(item)
+        else:
+            self.backlog = batch
+        self.transport.write(b"".join(out))
+        if self.backlog and not self.orphaned:
+            self.placement.place()
+
+    def _orphaned_reply(self, items: list) -> bytes:
+        if self._orphan_told:
+            self._orphan_told = False  # (its error went out at a Flush; the batch was skipped since)
+            return m.ready_for_query(p.TX_FAILED)
+        if standin.ends_dead_transaction(classify(sql) for sql in self._statement_texts(items)):
+            self.orphaned = False
+            self._orphan_error = None
+            self.relay.tx_status = p.TX_IDLE
+            return standin.rolled_back(items)
+        error, self._orphan_error = self._orphan_error, None
+        return standin.still_aborted(error)
+
     # -- server events --------------------------------------------------------------------------
 
     def server_items(self, server, items: list, data: bytes) -> None:
@@ -964,7 +1360,7 @@ class ClientSession(Placement):
             server.unlink()
             server.run_for_client(batches).addCallbacks(
                 lambda _: self._read_back(server, names, track_lsn), lambda _: self._read_back_failed(server)
-            ).addErrback(self._crashed)
+            ).addErrback(self.crashed)
             return
         pool = server.pool
         placed_at_once = not self.router.clustered or self.router.hook is None
@@ -1034,9 +1430,9 @@ class ClientSession(Placement):
             return
         if self.state is not CLOSED:
             self._enter(IDLE)
-            self._resume()
+            self.resume_reading()
             if self.backlog:
-                self._acquire()
+                self.placement.place()
 
     def _read_back(self, server, names: list[str], track_lsn: bool) -> None:
         rows = server.internal_rows
@@ -1072,9 +1468,9 @@ class ClientSession(Placement):
         self.server = None
         self._enter(IDLE)
         server.pool.release(server, reusable=True, reset=False)
-        self._resume()
+        self.resume_reading()
         if self.backlog:  # the client moved on while its settings were read back
-            self._acquire()
+            self.placement.place()
 
     def _owes_nothing(self) -> bool:
         """The linked server owes this client no answer and is not mid-conversation with it."""
@@ -1133,7 +1529,7 @@ class ClientSession(Placement):
 
     # -- ending --------------------------------------------------------------------------
 
-    def _crashed(self, failure) -> None:
+    def crashed(self, failure) -> None:
         """A bug of ours in a callback: log it, tell the client plainly, keep serving everyone else."""
         log.failure("client {client}: internal error", failure, client=self.id)
         if self.state is not CLOSED:
