@@ -26,7 +26,7 @@ TRANSITIONS: tuple[tuple[str, str, str], ...] = (
     (PREPARING, "fatal, client gone", CLOSED),
     (LINKED, "release with a read-back", PREPARING),
     (LINKED, "release, reclaim, server lost", IDLE),
-    (LINKED, "kept connection's work placed elsewhere, lost read replayed", WAITING),
+    (LINKED, "lost autocommit read replayed elsewhere", WAITING),
     (LINKED, "terminate, fatal, server lost, client gone", CLOSED),
     (ADMIN, "terminate, client gone", CLOSED),
     (CLOSED, "already closed", CLOSED),

@@ -1,5 +1,6 @@
 """The client session's transition table: illegal moves raise, and docs/ARCHITECTURE.md shows the table in code."""
 
+import inspect
 import pathlib
 import re
 
@@ -7,6 +8,7 @@ import pytest
 
 from pgtwist.session import states
 from pgtwist.session.client import ClientSession
+from pgtwist.session.placement import Placement
 from pgtwist.session.states import ADMIN, CLOSED, IDLE, LINKED, LOGIN, NEXT, PREPARING, TRANSITIONS, WAITING, IllegalTransition
 
 ALL = (LOGIN, IDLE, WAITING, PREPARING, LINKED, ADMIN, CLOSED)
@@ -39,6 +41,19 @@ def _doc_rows():
 
 def test_the_doc_shows_the_table_in_code():
     assert [row[:3] for row in _doc_rows()] == list(TRANSITIONS)
+
+
+def test_the_doc_names_the_methods_that_make_each_move():
+    """The first names in "where in code" call _enter() with that row's next state; the "from" names exist."""
+    for frm, event, to, where in _doc_rows():
+        enterers = re.findall(r"`([\w.]+)`", re.sub(r"\([^)]*\)", "", where))
+        assert enterers, (frm, event, to)
+        for name in enterers:
+            source = inspect.getsource(getattr(ClientSession, name))
+            assert f"self._enter({to.upper()})" in source, (name, frm, to)
+        for name in re.findall(r"`([\w.]+)`", "".join(re.findall(r"\([^)]*\)", where))):
+            owner, _, attr = name.rpartition(".")
+            assert hasattr(Placement if owner == "Placement" else ClientSession, attr), name
 
 
 def test_every_legal_move_is_allowed():
