@@ -75,6 +75,9 @@ class Placement:
       *items*: where they belong (a Decision, None for nowhere now, UNPLACED or AWAIT_END).
     - ``keeps_session(said, lent)``, ``replayable(server, lease, said, timed_out)``,
       ``lost_fields(...)``: what a lost server connection means for the session.
+
+    Its one write to the session is its output, ``session.decision`` (where the work was
+    placed), read by the session and its counters on every ReadyForQuery.
     """
 
     __slots__ = ("session", "proxy", "_deadline", "_waiting", "_pool", "_primary")
