@@ -1,11 +1,15 @@
 """One client's state machine: login, relaying (session and transaction pooling), release, closing.
 
-Getting a server connection for the client's work, and surviving its loss, is in placement.py.
+Its states and the legal moves between them are the table in states.py (every change goes
+through ClientSession._enter); what belongs to one lending of a server connection is a Lease
+(lease.py); getting a server connection for the work, and what losing one means, is its
+collaborator Placement (placement.py), which changes the session only through its methods.
 """
 
 from __future__ import annotations
 
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from pgtwist.transport.connect import is_local_peer
 from pgtwist.config import ADMIN_DATABASE
@@ -16,13 +20,15 @@ from pgtwist.session import standin
 from pgtwist.transport import tls
 from pgtwist.service import drain
 from pgtwist.frontend.login import Authenticated, CancelReceived, ClientLogin, LoginError, Reply, StartTLS
+from pgtwist.session.placement import AWAIT_END, SESSION_SERVER_CAPTURE, UNPLACED, Placement
 from pgtwist.session.placement import UNSYNCED as _UNSYNCED
-from pgtwist.session.placement import Placement
+from pgtwist.session.lease import Lease
 from pgtwist.pooling.relay import CLIENT_CAPTURE, HOT_RUN, SYNC, Relay
+from pgtwist.routing.analysis import classify
 from pgtwist.routing.router import Decision
 from pgtwist.routing.policy import parse_lsn, write_lsn
 from pgtwist.pooling.settings import SERVER_OWNED, client_settings, parse_options, quote_literal, readback_sql, sync_sql
-from pgtwist.session.states import ADMIN, CLOSED, IDLE, LINKED, LOGIN, PREPARING, WAITING
+from pgtwist.session.states import ADMIN, CLOSED, IDLE, LINKED, LOGIN, NEXT, PREPARING, WAITING, IllegalTransition
 from pgtwist.pooling.statements import split_bind, split_parse
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
@@ -35,11 +41,12 @@ __all__ = ["ClientSession", "client_settings", "parse_options", "quote_literal"]
 
 log = Logger()
 
+# What an audited user's scanner captures besides: the texts proxy.audit_statement logs.
+_AUDITED = frozenset((p.QUERY, p.PARSE))
+
 _Z = p.READY_FOR_QUERY
 _TERMINATE = p.TERMINATE
 _SESSION_CAPTURE = frozenset((_TERMINATE,))
-# What an audited user's scanner captures besides: the texts proxy.audit_statement logs.
-_AUDITED = frozenset((p.QUERY, p.PARSE))
 # Each Query, Sync and FunctionCall earns exactly one ReadyForQuery: counting them tells
 # whether the server still owes the client an answer when the client goes away.
 _SESSION_WATCH = frozenset((p.QUERY, p.SYNC, p.FUNCTION_CALL))
@@ -79,8 +86,24 @@ def _encoded_parameters(parameters: dict[str, str]) -> bytes:
 
 def _binds_unnamed(body: bytes) -> bool:
     """A Bind body names the unnamed statement (an empty name after the portal's)."""
-    at = body.find(b"\x00") + 1
-    return body[at : at + 1] == b"\x00"
+    start, end = m.bind_statement_span(body)
+    return start == end and start > 0
+
+
+def _is_prepared_run(items: list) -> bool:
+    """*items* are Bind, [Describe portal,] Execute, Sync: a prepared statement run again."""
+    n = len(items)
+    if n != 3 and n != 4:
+        return False
+    first, last, execute = items[0], items[-1], items[-2]
+    if type(first) is not tuple or first[0] != p.BIND or type(last) is not tuple or last[0] != p.SYNC:
+        return False
+    if type(execute) is not tuple or execute[0] != p.EXECUTE:
+        return False
+    if n == 4:
+        describe = items[1]
+        return type(describe) is tuple and describe[0] == p.DESCRIBE and describe[1][:1] == b"P"
+    return True
 
 
 def _peer_host(transport) -> str | None:
@@ -88,7 +111,7 @@ def _peer_host(transport) -> str | None:
     return getattr(transport.getPeer(), "host", None)
 
 
-class ClientSession(Placement):
+class ClientSession:
     """Everything one client connection does; FrontendProtocol feeds it bytes.
 
     Session pooling links one server connection from login to logout. Transaction pooling
@@ -125,7 +148,7 @@ class ClientSession(Placement):
         "backlog",
         "logged_in",
         "connected_at",
-        "_waiting",  # the pool this client waits in for a server connection
+        "placement",
         "_idle_tx_timer",
         "_login_timer",
         "console",
@@ -135,20 +158,9 @@ class ClientSession(Placement):
         "decision",
         "min_lsn",
         "orphaned",
-        "_deadline",
-        "_link_sent",
-        "_link_replied",
-        "_link_used",
-        "_wrote",
-        "_watch",
-        "_async_commit",
+        "lease",
         "_paused",
-        "_pool",
-        "_lent",
-        "_primary",
         "_asked_at",
-        "_read_link",
-        "_holding",
         "_startup_settings",
         "_to_restore",
         "_orphan_error",
@@ -193,38 +205,35 @@ class ClientSession(Placement):
         self.backlog: list = []  # client messages that arrived while no server was linked
         self.logged_in = False
         self.connected_at = proxy.clock.seconds()
-        self._waiting = None
         self._idle_tx_timer = None
         self.router = None
         self.user_route = "auto"
         self.decision: Decision | None = None
         self.min_lsn = 0  # read-your-writes: the WAL position of this client's last write
         self.orphaned = False  # its transaction died with a node: only ROLLBACK gets it out
-        self._deadline = None  # until when waiting work may still be retried
-        self._link_sent: list = []  # what this link forwarded before any reply (replayable reads)
-        self._link_replied = False
-        self._link_used = False
-        self._wrote = False  # read-your-writes: this link may have written on the primary (see _watch_link)
-        self._watch = 0
-        self._async_commit = False  # ... and its transaction's commit may have been asynchronous (SET LOCAL)
+        self.lease: Lease | None = None  # what belongs to the current lending of self.server (lease.py)
         self._paused = False
-        self._pool = None  # the pool the last transaction used
-        self._lent = False  # linked between transactions on a connection the pool may reclaim
-        self._primary = None  # the Decision for the primary, kept while the primary stays
         self._orphan_error = None  # the error an orphaned transaction's next statement gets (08006, 57P01...)
         self._orphan_told = False  # an orphaned batch's error went out at its Flush: its Sync gets ReadyForQuery alone
         self._tx_end = 0  # what to do when the open transaction ends: _DDL_SENT | _LOCAL_PATH
         self._asked_at: float | None = None  # when the client's pending request began (query latency)
-        self._read_link = False  # linked to a replica for an autocommit read: writes behind it wait
-        self._holding = False  # a write is waiting in the backlog for this read's replica to go
         self._startup_settings: dict[str, str] = {}  # what RESET returns to, for this client
         self._to_restore: set[str] | None = None  # startup settings a RESET sent to the server's defaults
         self.console = None
+        self.placement = Placement(self)  # getting a server connection for the work, and surviving its loss
         self.admitted = False  # counted against max_client_conn (proxy.admit)
         self.audit = False  # statements are logged (the user is listed in `audit`)
         self._login_timer = (
             proxy.clock.callLater(config.client_login_timeout, self._login_timed_out) if config.client_login_timeout else None
         )
+
+    def _enter(self, state: str, _next=NEXT) -> None:
+        """Move to *state*: the only way the state changes. A move the table (states.TRANSITIONS)
+        does not list raises, as PgBouncer's change_server_state() asserts; on the per-transaction
+        path (IDLE, WAITING, PREPARING, LINKED) it is one dict lookup and one set test."""
+        if state not in _next[self.state]:
+            raise IllegalTransition(self.state, state)
+        self.state = state
 
     def __repr__(self):
         return f"<ClientSession {self.id} {self.user}@{self.database and self.database.name} {self.state}>"
@@ -257,12 +266,10 @@ class ClientSession(Placement):
         if tls.is_tls_failure(reason):
             log.info("client {client}: TLS failed: {why}", client=self.id, why=tls.failure_text(reason))
         previous = self.state
-        self.state = CLOSED
+        self._enter(CLOSED)
         self._cancel_login_timer()
         self._cancel_idle_tx_timer()
-        if self._waiting is not None:
-            pool, self._waiting = self._waiting, None
-            pool.cancel_wait(self)
+        self.placement.cancel()
         if previous is LINKED and self.server is not None:
             self._release_server()
         self.proxy.client_closed(self, reason)
@@ -289,7 +296,7 @@ class ClientSession(Placement):
                 tls.start_tls(self.transport, self.proxy.client_tls, event.initial)
             elif isinstance(event, CancelReceived):
                 self.proxy.cancel(event.process_id, event.secret_key)
-                self.state = CLOSED
+                self._enter(CLOSED)
                 self.transport.loseConnection()
                 return
             elif isinstance(event, Authenticated):
@@ -331,12 +338,12 @@ class ClientSession(Placement):
         known = self._known_login() if self.transaction_mode else None
         if known is not None:
             self._logged_in(known)
-            self.state = IDLE
+            self._enter(IDLE)
             if self.backlog:
-                self._acquire()
+                self.placement.place()
         else:
             # A server connection tells us what to report (and proves the node is there).
-            self._acquire()
+            self.placement.place()
 
     def _admit(self, startup: m.StartupMessage) -> bool:
         """Whether there is room for this client (asked as soon as its startup packet is read).
@@ -349,7 +356,7 @@ class ClientSession(Placement):
         """dbname "pgbalance": the admin console answers instead of a node ([admin] users only)."""
         self.console = self.proxy.admin_session(self)  # LoginError 42501 for anyone else
         self._cancel_login_timer()
-        self.state = ADMIN
+        self._enter(ADMIN)
         self.logged_in = True
         self.process_id, self.secret_key = self.proxy.register_cancel_key(self)
         leftover = self.login.leftover()
@@ -392,7 +399,7 @@ class ClientSession(Placement):
         if self.state is LOGIN:
             # PostgreSQL closes silently when the startup packet never comes; after it, say why.
             if self.login.startup is None:
-                self.state = CLOSED
+                self._enter(CLOSED)
                 self.transport.loseConnection()
             else:
                 self.fatal(sqlstate.QUERY_CANCELED, "canceling authentication due to timeout")
@@ -407,15 +414,14 @@ class ClientSession(Placement):
             self._asked_at = self.proxy.clock.seconds()
         items = self.scanner.feed(data)
         if self.state is LINKED:
-            if self._lent:  # its next transaction, on the connection it kept
-                self._lent = False
+            kept = self.lease
+            if kept.lent:  # its next transaction, on the connection it kept: a lending of its own
+                self.lease = Lease()
                 server = self.server
                 server.pool.unlend(server)
-                if self.router.clustered and not self._placed_on(server, items):
+                if self.router.clustered and not self._placed_on(server, items, kept):
                     return  # placed on another node: the kept connection went back
-                # A new transaction: what may be replayed if the node dies starts afresh.
-                self._link_sent = []
-                self._link_replied = server.replied = False
+                server.replied = False
                 if len(items) == 1:
                     if self._plain_query(items[0], data, server):
                         return
@@ -424,17 +430,17 @@ class ClientSession(Placement):
             self._client_items(items)
         elif self.state is IDLE:
             if len(items) == 1 and type(items[0]) is tuple and items[0][0] == _TERMINATE:
-                self.state = CLOSED
+                self._enter(CLOSED)
                 self.transport.loseConnection()
                 return
             if self.orphaned:
                 self._answer_orphaned(items)
                 return
             self.backlog.extend(items)
-            self._acquire()
+            self.placement.place()
         else:  # WAITING, PREPARING: keep it for the server connection on its way
             self.backlog.extend(items)
-            self._pause()
+            self.pause_reading()
 
     def _plain_query(self, item, data: bytes, server) -> bool:
         """The common case on a kept connection: one simple Query that leaves session state alone.
@@ -450,9 +456,10 @@ class ClientSession(Placement):
         effects = analysis.query_effects(body)
         if effects.changes_state or effects.local_commit_mode:
             return False
-        self._link_used = True
-        self._watch &= _WATCH_ALL  # (this is the statement the link was placed by)
-        self._link_sent.append(item)
+        lease = self.lease
+        lease.used = True
+        lease.watch &= _WATCH_ALL  # (this is the statement the link was placed by)
+        lease.sent.append(item)
         self.relay.expect_ready()
         write_now(server.transport, data)
         return True
@@ -471,47 +478,25 @@ class ClientSession(Placement):
         """The other common case: Bind (of a statement this connection holds), [Describe portal,]
         Execute, Sync — a prepared statement run again. Only the statement name is rewritten;
         the relay notes one ReadyForQuery owed, and the replies pass through untouched."""
-        n = len(items)
-        if n not in (3, 4) or self.audit or not self.relay.idle:
+        if not _is_prepared_run(items) or self.audit or not self.relay.idle:
             return False
-        first, last = items[0], items[-1]
-        if type(first) is not tuple or first[0] != p.BIND or type(last) is not tuple or last[0] != p.SYNC:
-            return False
-        execute = items[-2]
-        if type(execute) is not tuple or execute[0] != p.EXECUTE:
-            return False
-        if n == 4:
-            describe = items[1]
-            if type(describe) is not tuple or describe[0] != p.DESCRIBE or describe[1][:1] != b"P":
-                return False
-        body = first[1]
-        portal_end = body.find(b"\x00")
-        name_end = body.find(b"\x00", portal_end + 1)
-        if portal_end < 0 or name_end < 0:
+        body = items[0][1]
+        start, end = m.bind_statement_span(body)
+        if start < 0:
             return False  # (the general path reports the malformed Bind)
-        relay = self.relay
-        if name_end > portal_end + 1:
-            name = body[portal_end + 1 : name_end].decode("utf-8", "replace")
-            statement = relay.statements.get(name)
-            if statement is None or name in self._effects_of or (relay.doomed and name in relay.doomed):
+        if end > start:
+            bind = self._renamed_bind(body, start, end, len(items) == 4, items, server)
+            if bind is None:
                 return False
-            # Relay.fresh(), inline: the connection's copy is newer than the client's Parse (and
-            # than the last DDL, when the run describes its result).
-            held = server.statements.names.get(statement.server_name)
-            if held is None or held < statement.parsed_at or (n == 4 and held < relay.schema.ddl_at):
-                return False
-            server.statements.touch(statement.server_name)
-            bind = frame(p.BIND, body[: portal_end + 1] + statement.server_name.encode() + body[name_end:])
-            relay.queue.append(HOT_RUN)  # (Relay.expect_batch, inline)
-            relay.hot = (items, server.statements, statement.server_name)
+        elif "" in self._effects_of:
+            return False
         else:
-            if "" in self._effects_of:
-                return False
             bind = frame(p.BIND, body)
-            relay.expect_ready(simple=False)
-        self._link_used = True
-        self._watch &= _WATCH_ALL  # (this is the statement the link was placed by)
-        self._link_sent.extend(items)
+            self.relay.expect_ready(simple=False)
+        lease = self.lease
+        lease.used = True
+        lease.watch &= _WATCH_ALL  # (this is the statement the link was placed by)
+        lease.sent.extend(items)
         if data is not None and self.scanner.at_boundary:
             # The read held exactly these messages (the scanner began it at a boundary, as a
             # lent client's always does): what follows the Bind goes out as the client sent it.
@@ -520,78 +505,119 @@ class ClientSession(Placement):
             write_now(server.transport, bind + b"".join(frame(t, b) for t, b in items[1:]))
         return True
 
+    def _renamed_bind(self, body: bytes, start: int, end: int, described: bool, items: list, server) -> bytes | None:
+        """The fast path's Bind of the client's statement body[start:end], renamed to the shared
+        copy *server* holds; None when that copy is missing or stale, or the statement changes
+        session state (the general path then decides)."""
+        relay = self.relay
+        name = body[start:end].decode("utf-8", "replace")
+        statement = relay.statements.get(name)
+        if statement is None or name in self._effects_of or (relay.doomed and name in relay.doomed):
+            return None
+        # Relay.fresh(), inline: the connection's copy is newer than the client's Parse (and
+        # than the last DDL, when the run describes its result).
+        held = server.statements.names.get(statement.server_name)
+        if held is None or held < statement.parsed_at or (described and held < relay.schema.ddl_at):
+            return None
+        server.statements.touch(statement.server_name)
+        relay.queue.append(HOT_RUN)  # (Relay.expect_batch, inline)
+        relay.hot = (items, server.statements, statement.server_name)
+        return frame(p.BIND, body[:start] + statement.server_name.encode() + body[end:])
+
     def _client_items(self, items: list) -> None:
+        """The client's messages for its linked server. Transaction pooling looks at each one
+        (_client_message) and relays it; session pooling forwards them (_session_items)."""
         if not self.transaction_mode:
             self._session_items(items)
             return
-        if self._holding:
+        lease = self.lease
+        if lease.holding:
             self.backlog.extend(items)  # behind a write held back from a replica: waits for the primary
             return
-        if self._read_link:
+        if lease.read_link:
             items = self._hold_writes(items)
-        relay = self.relay
         server = self.server
+        self._note_sent(lease, server, items)
+        relay = self.relay
         to_server: list = []
         to_client: list = []
-        self._link_used = True
-        if not self._link_replied:
-            if server.replied:
-                self._link_replied = True
-            else:
-                self._link_sent.extend(items)
-        watch = self._watch
         relay.upcoming = items  # (what follows a Bind: see Relay.fresh)
         for at, item in enumerate(items):
             if type(item) is bytes:  # COPY data and the like
                 to_server.append(item)
-                continue
-            msg_type, body = item
-            if msg_type == _TERMINATE:
+            elif item[0] == _TERMINATE:
                 self._flush(to_server, to_client)
                 self._terminate()
                 return
-            if watch and msg_type in _WATCHED:
-                watch = self._watch_statement(msg_type, body, watch)
-            if self.audit and (msg_type == p.QUERY or msg_type == p.PARSE):
-                self.proxy.audit_statement(self, msg_type, body)
-            if msg_type == p.QUERY:
-                effects = analysis.query_effects(body)
-                if effects.changes_state:
-                    if self._query(body, effects, to_server, to_client):
-                        continue
-                elif effects.local_commit_mode:
-                    self._async_commit = True
-            elif msg_type == p.PARSE:
-                name, definition = split_parse(body)
-                text, _, types = definition.partition(b"\x00")
-                sql = text + b"\x00"
-                effects = analysis.query_effects(sql)
-                if effects.changes_state or effects.local_commit_mode:
-                    self._effects_of[name] = effects
-                else:
-                    self._effects_of.pop(name, None)
-            elif msg_type == p.BIND:
-                relay.at = at
-                if not self._effects_of:
-                    relay.client_message(msg_type, body, server, to_server, to_client)
-                    continue
-                # A statement acts where and when it runs: on this server, now.
-                effects = self._effects_of.get(split_bind(body)[1])
-                if effects is not None:
-                    if effects.pin and not self.pinned and self.config.unpoolable == "error":
-                        relay.fail(sqlstate.FEATURE_NOT_SUPPORTED, f"{effects.pin} is not supported in transaction pooling mode", to_client)
-                        continue
-                    if effects.deallocate:  # SQL DEALLOCATE of the client's own (protocol-level) statements
-                        relay.stand_in(effects.deallocate, to_server)
-                    relay.client_message(msg_type, body, server, to_server, to_client)
-                    self._note_effects(effects)
-                    continue
-            relay.client_message(msg_type, body, server, to_server, to_client)
-            if self._to_restore is not None and (msg_type == p.QUERY or msg_type == p.SYNC):
-                self._restore_startup_settings(to_server)
+            else:
+                self._client_message(item[0], item[1], at, server, to_server, to_client)
         relay.upcoming = ()
         self._flush(to_server, to_client)
         self._maybe_release()
+
+    @staticmethod
+    def _note_sent(lease, server, items: list) -> None:
+        """Until the node's first reply, what this lending forwarded may be replayed elsewhere (_link_lost)."""
+        lease.used = True
+        if not lease.replied:
+            if server.replied:
+                lease.replied = True
+            else:
+                lease.sent.extend(items)
+
+    def _client_message(self, msg_type: int, body: bytes, at: int, server, to_server: list, to_client: list) -> None:
+        """One message of the client's: watched (read-your-writes), audited, its effects on the
+        session noted, then relayed (or answered by the proxy itself)."""
+        watch = self.lease.watch
+        if watch and msg_type in _WATCHED:
+            self._watch_statement(msg_type, body, watch)
+        if self.audit and (msg_type == p.QUERY or msg_type == p.PARSE):
+            self.proxy.audit_statement(self, msg_type, body)
+        if msg_type == p.QUERY:
+            if self._client_query(body, to_server, to_client):
+                return
+        elif msg_type == p.PARSE:
+            self._client_parse(body)
+        elif msg_type == p.BIND:
+            self.relay.at = at
+            self._client_bind(body, server, to_server, to_client)
+            return
+        self.relay.client_message(msg_type, body, server, to_server, to_client)
+        if self._to_restore is not None and (msg_type == p.QUERY or msg_type == p.SYNC):
+            self._restore_startup_settings(to_server)
+
+    def _client_query(self, body: bytes, to_server: list, to_client: list) -> bool:
+        """A simple Query: True when the proxy answered it itself (_query)."""
+        effects = analysis.query_effects(body)
+        if effects.changes_state:
+            return self._query(body, effects, to_server, to_client)
+        if effects.local_commit_mode:
+            self.lease.async_commit = True
+        return False
+
+    def _client_parse(self, body: bytes) -> None:
+        """A Parse: what its statement will do to the session is noted now; it acts when bound (_client_bind)."""
+        name, definition = split_parse(body)
+        text = definition.partition(b"\x00")[0]
+        effects = analysis.query_effects(text + b"\x00")
+        if effects.changes_state or effects.local_commit_mode:
+            self._effects_of[name] = effects
+        else:
+            self._effects_of.pop(name, None)
+
+    def _client_bind(self, body: bytes, server, to_server: list, to_client: list) -> None:
+        """A Bind: a statement acts where and when it runs, on this server, now."""
+        relay = self.relay
+        effects = self._effects_of.get(split_bind(body)[1]) if self._effects_of else None
+        if effects is not None:
+            if effects.pin and not self.pinned and self.config.unpoolable == "error":
+                relay.fail(sqlstate.FEATURE_NOT_SUPPORTED, f"{effects.pin} is not supported in transaction pooling mode", to_client)
+                return
+            if effects.deallocate:  # SQL DEALLOCATE of the client's own (protocol-level) statements
+                relay.stand_in(effects.deallocate, to_server)
+        relay.client_message(p.BIND, body, server, to_server, to_client)
+        if effects is not None:
+            self._note_effects(effects)
 
     def _restore_startup_settings(self, to_server: list) -> None:
         """After RESET, RESET ALL or DISCARD ALL: the startup values of what they reset, back in force.
@@ -622,7 +648,7 @@ class ClientSession(Placement):
             # Pinned to this replica's connection (SQL PREPARE, ...): it is never released, so
             # whatever waited for that would wait for ever. The replica judges a write (25006).
             return items
-        first = not self._link_used
+        first = not self.lease.used
         queue = self.relay.queue
         # Where the batch being sent began (None: before these items, or it is the batch the
         # replica was chosen for, placed whole: nothing of it is held back).
@@ -653,7 +679,7 @@ class ClientSession(Placement):
                 if not c.read_only or c.tx is not None:
                     if start is None:
                         return items
-                    self._holding = True
+                    self.lease.holding = True
                     self.backlog = items[start:] + self.backlog
                     return items[:start]
             if msg_type == p.QUERY and not open_batch:
@@ -664,7 +690,7 @@ class ClientSession(Placement):
         if to_server:
             write_now(self.server.transport, b"".join(to_server))
         if to_client:
-            self._link_replied = True
+            self.lease.replied = True
             write_now(self.transport, b"".join(to_client))
         if self.server is not None and self.server.scanner is not None:
             self.server.scanner.capture = self.relay.capture()
@@ -700,7 +726,7 @@ class ClientSession(Placement):
 
     def _note_effects(self, effects) -> None:
         if effects.local_commit_mode:
-            self._async_commit = True
+            self.lease.async_commit = True
         if effects.ddl:
             # Every server connection's shared statements of this database may mean something
             # else now: each is prepared again on its next use there (statements.Schema). Once
@@ -736,7 +762,7 @@ class ClientSession(Placement):
 
     def _terminate(self) -> None:
         """Terminate: the client is leaving; its server connection is not."""
-        self.state = CLOSED
+        self._enter(CLOSED)
         if self.server is not None:
             self._release_server()
         self.transport.loseConnection()
@@ -773,6 +799,404 @@ class ClientSession(Placement):
                 out.append(frame(item[0], item[1]))
         if out:
             write_now(self.server.transport, b"".join(out))
+
+    def _placed_on(self, server, items: list, kept: Lease) -> bool:
+        """In a cluster, a client keeping *server* between transactions (the *kept* lease) sent
+        *items*: True when Placement puts them on *server*'s node, the placement being the new
+        lease's from now on; otherwise the connection goes back to its pool and the work to
+        where it was placed (False)."""
+        decision = self.placement.decide_kept(items)
+        lease = self.lease
+        if decision is UNPLACED:
+            # Nothing to place by: it stays where it is, and goes on as the kept lease's work did.
+            lease.read_link = kept.read_link
+            lease.used = kept.used
+            self._watch_link(self.decision, known=False)
+            return True
+        if decision is not None and decision is not AWAIT_END and decision.node == server.node:
+            self.decision = decision
+            self.proxy.counters.routed(decision.reason)
+            # What a new link starts with (as in _prepared): the replica read and what may be held behind it.
+            lease.read_link = decision.want == "replica" and decision.classification.tx is None and not decision.on_primary
+            self._watch_link(decision)
+            return True
+        self._give_back(server)
+        self.backlog.extend(items)
+        if decision is not AWAIT_END:
+            self.placement.place(decision)  # (None: no node now; Placement asks again and waits for one)
+        return False
+
+    # -- what Placement calls ------------------------------------------------------------------
+
+    def start_waiting(self) -> None:
+        """Placement looks for a node and a server connection for the session's work."""
+        self._enter(WAITING)
+
+    def defer_work(self) -> None:
+        """Placement put the work off (an extended batch bound for a replica waits for its end): read on."""
+        self._enter(IDLE)
+        self.resume_reading()
+
+    def fail_waiting_work(self, fields: dict) -> None:
+        """No server could be had within failover_wait: the waiting work fails as a statement would, the session stays."""
+        backlog, self.backlog = self.backlog, []
+        self._enter(IDLE)
+        self.resume_reading()
+        self._answer_locally(backlog, fields)
+
+    def follow_reload(self) -> None:
+        """A reload rebuilt this database's router (its nodes changed): place work with the new one.
+
+        The old router's health monitor has stopped, so its view of the nodes is frozen; and
+        its nodes may be gone. (A removed database keeps what it had: its sessions may finish.)
+        """
+        database = self.proxy.config.databases.get(self.database.name)
+        if database is None:
+            return
+        self.database = database
+        self.router = self.proxy.router_for(database)
+        self.placement.forget()
+
+    def pause_reading(self) -> None:
+        """Stop reading the client while its work waits: what it sends meanwhile stays in its socket."""
+        if not self._paused:
+            self._paused = True
+            self.transport.pauseProducing()
+
+    def resume_reading(self) -> None:
+        # Only if we paused it: on the per-transaction path every pause/resume is two epoll calls.
+        if self._paused:
+            self._paused = False
+            self.transport.resumeProducing()
+
+    # -- the pool's answers to a waiting client (Pool.wait_for) -------------------------------------
+
+    def server_ready(self, server) -> None:
+        """The pool hands this waiting client a server connection."""
+        try:
+            self.placement.server_ready(server)
+        except Exception:
+            self.crashed(Failure())
+
+    def server_unavailable(self, failure) -> None:
+        """The pool could not serve this waiting client (wait timeout, the node refused, ...)."""
+        try:
+            self.placement.server_unavailable(failure)
+        except Exception:
+            self.crashed(Failure())
+
+    # -- linking a server connection ------------------------------------------------------------
+
+    def link_server(self, server) -> None:
+        """Placement got *server* for the waiting work: make it ready (its settings synced), then link it."""
+        if self.state is CLOSED:
+            server.pool.release(server, reusable=True, reset=not self.transaction_mode)
+            return
+        self.server = server
+        self._enter(PREPARING)
+        statements = None if self.settings == server.settings else sync_sql(self.settings, server.settings, server.parameters)
+        if statements is None and not self.logged_in and server.parameters_stale:
+            statements = []  # an empty batch: its ReadyForQuery brings what changed (in_hot_standby)
+        if statements is None:
+            self._prepared([])
+        else:
+            server.run_for_client([statements]).addCallbacks(self._prepared, self._prepare_failed).addErrback(self.crashed)
+
+    def _prepare_failed(self, failure) -> None:
+        server, self.server = self.server, None
+        if self.state is CLOSED or server is None:
+            return
+        self.router.server_ended(server.node, server.fatal)
+        self._enter(WAITING)
+        self.placement.retry_or_fail(
+            m.error_fields("FATAL", sqlstate.CONNECTION_FAILURE, f"lost the connection to node {server.node} while preparing the session")
+        )
+
+    def _prepared(self, errors: list[dict]) -> None:
+        server = self.server
+        if self.state is CLOSED:
+            self.server = None
+            server.pool.release(server, reusable=True, reset=not self.transaction_mode)
+            return
+        if errors:
+            self.server = None
+            server.forget_settings()  # the failed statement rolled back; what it held is unknown
+            server.taint("restoring the session's settings failed")
+            server.pool.release(server, reusable=False)
+            if not self.logged_in:
+                # As PostgreSQL does for a bad startup parameter: the login fails with the server's reason.
+                self.fatal_fields(dict(errors[0], S="FATAL", V="FATAL"))
+            else:
+                self.fatal(sqlstate.INTERNAL_ERROR, "could not restore this session's settings on a server connection", errors[0].get("M"))
+            return
+        server.settings_synced(self.settings)
+        if not self.logged_in:
+            parameters = dict(server.parameters)
+            if self.transaction_mode and self.decision is not None and self.decision.want == "replica":
+                # A login while there is no primary (router.login_decision): the client is told
+                # what a login through pgtwist reports with a primary, a read-write endpoint
+                # (its writes wait for the primary), not that it reached a standby; libpq's
+                # target_session_attrs=read-write would otherwise pass pgtwist over.
+                if "in_hot_standby" in parameters:
+                    parameters["in_hot_standby"] = "off"
+            elif self.transaction_mode:
+                server.pool.remember_login(self._login_key(), parameters)
+            else:
+                # Session pooling: this server connection is the client's for good, so the client
+                # is told its process id (with a secret of ours; a CancelRequest with it reaches
+                # this connection as any other does).
+                pid = server.backend_key[0] if server.backend_key is not None else None
+                self.process_id, self.secret_key = self.proxy.register_cancel_key(self, pid)
+            self._logged_in(parameters)
+        self._enter(LINKED)
+        self.ready_count = 0
+        self.placement.settled()
+        decision = self.decision
+        self.lease = Lease(
+            read_link=bool(
+            self.transaction_mode
+            and decision is not None
+            and decision.want == "replica"
+            and decision.classification.tx is None
+            and not decision.on_primary  # (a read that fell back to the primary: writes behind it may follow it)
+            and self.relay.tx_status == p.TX_IDLE
+            )
+        )
+        self._watch_link(decision)
+        server.link(self, self.transport, self.relay.capture() if self.relay else SESSION_SERVER_CAPTURE)
+        self.resume_reading()
+        backlog, self.backlog = self.backlog, []
+        if backlog:
+            if not (self.transaction_mode and self._plain_backlog(backlog, server)):
+                self._client_items(backlog)
+        elif self.transaction_mode:
+            self._maybe_release()
+
+    # -- losing it --------------------------------------------------------------------------
+
+    # -- losing it ----------------------------------------------------------------------------
+
+    def server_lost(self, server, reason) -> None:
+        """The node closed our server connection while this client was linked to it.
+
+        What the node said before it hung up (its FATAL, if any) decides both what it means for
+        the node's health (cluster/evidence.py: a client's protocol error or one terminated
+        backend never takes a node down) and what the client hears: the node's own SQLSTATE and
+        message, once. Transaction pooling keeps the session (its state lives in pgtwist) unless
+        on_server_loss = "close_client"; session mode and pinned sessions cannot carry it and
+        end with the node's FATAL alone.
+        """
+        if self.server is not server or self.state is CLOSED:
+            return
+        self.server = None
+        lease, self.lease = self.lease, None
+        lent = lease is not None and lease.lent
+        relay = self.relay
+        said = server.fatal
+        if relay is not None:
+            said = said or relay.server_fatal
+            relay.server_fatal = None
+        log.info(
+            "client {client}: server {server} on node {node} ended: {code} {message}",
+            client=self.id,
+            server=server.id,
+            node=server.node,
+            code=said.get("C") if said else sqlstate.CONNECTION_FAILURE,
+            message=said.get("M") if said else "connection lost",
+        )
+        self.router.server_ended(server.node, said)
+        if self.transaction_mode and self.state is LINKED and not self.pinned and self.placement.keeps_session(said, lent):
+            self._link_lost(server, lease, said)
+            return
+        if relay is not None:
+            relay.forget_server()
+        if not server.at_message_boundary:
+            # Half a message already went out: there is no way to speak protocol to this client again.
+            self._enter(CLOSED)
+            self.transport.loseConnection()
+        elif said is not None:
+            # The node's own FATAL, alone. In session mode it went to the client as it came.
+            self._close_with(said, told=relay is None)
+        else:
+            self.fatal(
+                sqlstate.CONNECTION_FAILURE,
+                f"lost the connection to node {server.node}",
+                "The server connection closed unexpectedly; the session cannot continue.",
+            )
+
+    def query_timed_out(self, limit: float) -> None:
+        """query_timeout: the linked node has owed this client an answer for more than *limit* seconds.
+
+        The server connection is closed (after a CancelRequest, so that a node that can still hear
+        stops the work; a hung one would never answer the cancel) and the client gets ERROR 57014
+        naming query_timeout. In transaction pooling the session goes on, as after a lost node
+        (25P02 until ROLLBACK when a transaction was open); in session pooling its server session
+        was the client's state, so the client is closed with FATAL 57014. The node's health is not
+        touched: a slow statement says nothing about the node (the probes judge it), and nothing
+        is replayed: the statement may have had its effects.
+        """
+        server = self.server
+        if server is None or self.state is not LINKED:
+            return
+        self._asked_at = None
+        lease, self.server, self.lease = self.lease, None, None
+        message = f"canceling statement due to query_timeout ({limit:g} s): node {server.node} did not answer in time"
+        log.warn("client {client}: {why} (server {server})", client=self.id, why=message, server=server.id)
+        self.proxy.cancel_server(server)
+        server.abandon()
+        if self.transaction_mode and not self.pinned:
+            self.proxy.counters.error(sqlstate.QUERY_CANCELED)  # (fatal() counts its own)
+            self._link_lost(server, lease, None, timed_out=message)
+            return
+        if self.relay is not None:
+            self.relay.forget_server()
+        if server.at_message_boundary:
+            self.fatal(
+                sqlstate.QUERY_CANCELED,
+                message,
+                "The server connection was closed, and this session's state on the node with it.",
+            )
+        else:
+            self._enter(CLOSED)
+            self.transport.loseConnection()
+
+    def _close_with(self, said: dict, told: bool) -> None:
+        """Close the client with the node's FATAL *said*; *told*: the client has it already."""
+        if not told:
+            self.fatal_fields(dict(said, S="FATAL", V="FATAL"))
+            return
+        log.info("client {client} closed: {code} {message}", client=self.id, code=said.get("C"), message=said.get("M"))
+        self.proxy.counters.error(said.get("C"))
+        self._enter(CLOSED)
+        self._cancel_idle_tx_timer()
+        self.transport.loseConnection()
+
+    def _link_lost(self, server, lease, said: dict | None, timed_out: str | None = None) -> None:
+        """Transaction pooling: the server connection died under this client's work (the node
+        went away, or it ended this one connection: pg_terminate_backend(), a timeout), or did
+        not answer within query_timeout (*timed_out* says so). The session survives it; *said*
+        is the node's FATAL, if it sent one."""
+        relay = self.relay
+        # The client's requests still owed a ReadyForQuery (not the proxy's own injected ones).
+        # (A batch held back to be retried is the client's too.)
+        owed = sum(1 for e in relay.queue if e.kind == SYNC and (not e.swallow or e.retry is not None)) + relay.held_requests()
+        if relay.held_ready is not None:
+            # Its statement ran, but the proxy's batch after it (restoring startup settings) did
+            # not: report it failed, as its effects on the client's settings are not kept either.
+            owed += 1
+        replay = self.placement.replayable(server, lease, said, timed_out)
+        relay.forget_server()
+        if replay:
+            # An autocommit read that got no byte back yet: run it again elsewhere, transparently.
+            self.backlog = lease.sent + self.backlog
+            if self.backlog:
+                self.placement.place()
+            else:
+                self._enter(IDLE)
+                self.resume_reading()
+            return
+        if not server.at_message_boundary:
+            # Half a message already went out: there is no way to speak protocol to this client again.
+            self._enter(CLOSED)
+            self.transport.loseConnection()
+            return
+        in_transaction = relay.tx_status != p.TX_IDLE or (self.decision is not None and self.decision.classification.tx)
+        status = p.TX_FAILED if in_transaction else p.TX_IDLE
+        self.orphaned = bool(in_transaction)
+        relay.tx_status = status
+        if timed_out is not None:
+            error = m.error_response(
+                "ERROR",
+                sqlstate.QUERY_CANCELED,
+                timed_out,
+                "Its server connection was closed; the statement may or may not have taken effect, and nothing was retried."
+                + (" The transaction is aborted: ROLLBACK to continue." if in_transaction else ""),
+            )
+        else:
+            error = m.error_response_from_fields(self.placement.lost_fields(server, said, bool(in_transaction)))
+        out = (error + m.ready_for_query(status)) * owed
+        if self.scanner.last_type in _UNSYNCED:
+            # The client is in the middle of a batch whose Sync has not come (a driver that
+            # prepares with Parse, Describe, Flush waits for an answer before it sends one): as
+            # PostgreSQL does after an error, the error goes out now and the rest of the batch,
+            # up to its Sync, is skipped; that Sync gets its ReadyForQuery alone.
+            out += error
+            if in_transaction:
+                self._orphan_told = True
+            else:
+                relay.skipping = True
+        elif in_transaction and not owed:
+            # Idle in its transaction: the client hears about it from its next statement.
+            self._orphan_error = error
+        if out:
+            self.transport.write(out)
+        self._enter(IDLE)
+        self.resume_reading()
+        if self.backlog and not self.orphaned:
+            self.placement.place()  # a write held back behind the lost read still wants the primary
+
+    def _statement_texts(self, items: list):
+        return standin.statement_texts(items, self.relay.statements)
+
+    def _answer_locally(self, items: list, fields: dict) -> None:
+        """Answer client messages no server will see, as PostgreSQL answers a failed statement."""
+        reply, terminated = standin.failed_work(items, fields, p.TX_FAILED if self.orphaned else p.TX_IDLE)
+        self.transport.write(reply)
+        if terminated:
+            self._terminate()
+
+    def _answer_orphaned(self, items: list) -> None:
+        """After its node died mid-transaction, the client's statements fail until it ends the transaction."""
+        out = []
+        # An extended batch whose Sync has not come yet waits in the backlog for the rest.
+        batch: list = self.backlog
+        self.backlog = []
+        for i, item in enumerate(items):
+            if not self.orphaned:
+                # ROLLBACK ended it: what the client sent behind it runs on a server as usual.
+                self.backlog = items[i:]
+                break
+            if type(item) is not tuple:
+                continue
+            msg_type = item[0]
+            if msg_type == _TERMINATE:
+                self.transport.write(b"".join(out))
+                self._terminate()
+                return
+            if msg_type == p.QUERY or msg_type == p.SYNC:
+                batch.append(item)
+                out.append(self._orphaned_reply(batch))
+                batch = []
+            elif msg_type == p.FLUSH:
+                # A driver that prepares with Parse, Describe, Flush (asyncpg) waits for an answer
+                # before its Sync: as PostgreSQL does, the error goes out now and the rest of the
+                # batch, up to its Sync (answered with ReadyForQuery alone), is skipped.
+                batch.append(item)
+                if not self._orphan_told and not standin.ends_dead_transaction(
+                    classify(sql) for sql in self._statement_texts(batch)
+                ):
+                    error, self._orphan_error = self._orphan_error, None
+                    out.append(standin.aborted_error(error))
+                    self._orphan_told = True
+            else:
+                batch.append(item)
+        else:
+            self.backlog = batch
+        self.transport.write(b"".join(out))
+        if self.backlog and not self.orphaned:
+            self.placement.place()
+
+    def _orphaned_reply(self, items: list) -> bytes:
+        if self._orphan_told:
+            self._orphan_told = False  # (its error went out at a Flush; the batch was skipped since)
+            return m.ready_for_query(p.TX_FAILED)
+        if standin.ends_dead_transaction(classify(sql) for sql in self._statement_texts(items)):
+            self.orphaned = False
+            self._orphan_error = None
+            self.relay.tx_status = p.TX_IDLE
+            return standin.rolled_back(items)
+        error, self._orphan_error = self._orphan_error, None
+        return standin.still_aborted(error)
 
     # -- server events --------------------------------------------------------------------------
 
@@ -911,14 +1335,15 @@ class ClientSession(Placement):
             return
         scanner = self.scanner
         # (What the client sent after a held-back write is not on the server: only the relay counts then.)
-        client_done = self._holding or (scanner.at_boundary and scanner.last_type not in _UNSYNCED)
+        lease = self.lease
+        client_done = lease.holding or (scanner.at_boundary and scanner.last_type not in _UNSYNCED)
         if not (self.relay.idle and self.relay.tx_status == p.TX_IDLE and client_done):
             return
         server = self.server
         if not (self.dirty or self.dirty_all or self.router.clustered):
             pool = server.pool
             if not pool.waiters and not pool.paused and not self.proxy.draining:
-                self._lent = True  # (see lending below; nothing to read back first)
+                lease.lent = True  # (see lending below; nothing to read back first)
                 pool.lend(server, self)
                 return
         names: list[str] = []
@@ -930,15 +1355,15 @@ class ClientSession(Placement):
         batches = [[readback_sql(names)]] if names else []
         # (The link that only logged the client in wrote nothing.) The transaction has ended
         # (idle), so the query runs after its commit, outside it.
-        track_lsn = self._wrote and self._link_used
+        track_lsn = lease.wrote and lease.used
         if track_lsn:
             batches.append([_WRITE_LSN_SQL])
         if batches:
-            self.state = PREPARING
+            self._enter(PREPARING)
             server.unlink()
             server.run_for_client(batches).addCallbacks(
                 lambda _: self._read_back(server, names, track_lsn), lambda _: self._read_back_failed(server)
-            ).addErrback(self._crashed)
+            ).addErrback(self.crashed)
             return
         pool = server.pool
         placed_at_once = not self.router.clustered or self.router.hook is None
@@ -948,7 +1373,7 @@ class ClientSession(Placement):
             # transaction then starts with no acquire, link or settings sync at all. (In a
             # cluster that transaction is placed anew first, and stays only if it belongs on
             # this node: _placed_on. A routing hook may answer later, so then it goes back.)
-            self._lent = True
+            lease.lent = True
             pool.lend(server, self)
             return
         self._give_back(server)
@@ -964,16 +1389,17 @@ class ClientSession(Placement):
         the primary because no replica had caught up) is watched: each further statement of the
         link is classified until one may write (_watch_statement). Links on replicas cost nothing.
         """
-        self._async_commit = False
+        lease = self.lease
+        lease.async_commit = False
         if decision is None or not decision.on_primary or not self.config.read_your_writes or not self.router.clustered:
-            self._wrote = False
-            self._watch = 0
+            lease.wrote = False
+            lease.watch = 0
         elif known and decision.classification.read_only:
-            self._wrote = False
-            self._watch = _WATCH_ALL | _WATCH_FIRST
+            lease.wrote = False
+            lease.watch = _WATCH_ALL | _WATCH_FIRST
         else:
-            self._wrote = True
-            self._watch = 0
+            lease.wrote = True
+            lease.watch = 0
 
     def _watch_statement(self, msg_type: int, body: bytes, watch: int) -> int:
         """A watched link runs another statement (Query, Parse, Bind, FunctionCall): may it write?
@@ -986,15 +1412,14 @@ class ClientSession(Placement):
         if text is not None and watch & _WATCH_FIRST:
             watch &= ~_WATCH_FIRST  # the statement the link was placed by: classified already
         elif text is None or not self.router.classify(text).read_only:
-            self._wrote = True
+            self.lease.wrote = True
             watch = 0
-        self._watch = watch
+        self.lease.watch = watch
         return watch
 
     def reclaim(self, server) -> None:
         """The pool needs the connection this client holds between transactions: give it back now."""
-        if self._lent and self.server is server and self.state is LINKED:
-            self._lent = False
+        if self.state is LINKED and self.server is server and self.lease.lent:
             self._give_back(server)
 
     def _read_back_failed(self, server) -> None:
@@ -1007,10 +1432,10 @@ class ClientSession(Placement):
             self.fatal_fields(dict(said, S="FATAL", V="FATAL"))
             return
         if self.state is not CLOSED:
-            self.state = IDLE
-            self._resume()
+            self._enter(IDLE)
+            self.resume_reading()
             if self.backlog:
-                self._acquire()
+                self.placement.place()
 
     def _read_back(self, server, names: list[str], track_lsn: bool) -> None:
         rows = server.internal_rows
@@ -1027,29 +1452,28 @@ class ClientSession(Placement):
                 server.taint("the settings read back did not come")
         if track_lsn and rows and len(rows[-1]) == 3 and None not in rows[-1]:
             insert, flush, synchronous_commit = (v.decode("ascii", "replace") for v in rows[-1])
-            if self._async_commit:
+            if self.lease.async_commit:
                 synchronous_commit = "off"  # (the session's value is back; the commit had its own)
             try:
                 self.min_lsn = max(self.min_lsn, write_lsn(parse_lsn(insert), parse_lsn(flush), synchronous_commit))
             except ValueError:
                 pass
         if self.state is CLOSED:
-            self.server = None
+            self.server = self.lease = None
             server.pool.release(server, reusable=True, reset=False)
             return
         self._give_back(server, linked=False)
 
     def _give_back(self, server, linked: bool = True) -> None:
-        self._holding = False
-        self._read_link = False
+        self.lease = None
         if linked:
             server.unlink()
         self.server = None
-        self.state = IDLE
+        self._enter(IDLE)
         server.pool.release(server, reusable=True, reset=False)
-        self._resume()
+        self.resume_reading()
         if self.backlog:  # the client moved on while its settings were read back
-            self._acquire()
+            self.placement.place()
 
     def _owes_nothing(self) -> bool:
         """The linked server owes this client no answer and is not mid-conversation with it."""
@@ -1077,13 +1501,13 @@ class ClientSession(Placement):
         if self.relay is not None:
             # Transaction pooling: linked means inside a transaction or batch, unless pinned or
             # merely keeping its connection between transactions (lent).
-            return bool(self.pinned or self._lent) and self.relay.idle and self.relay.tx_status == p.TX_IDLE
+            return bool(self.pinned or self.lease.lent) and self.relay.idle and self.relay.tx_status == p.TX_IDLE
         return self.tx_status == p.TX_IDLE and self._owes_nothing()
 
     def _release_server(self) -> None:
         """The client is gone (or failed): return its server connection, or close it if the node is still busy for it."""
         server, self.server = self.server, None
-        self._lent = False
+        self.lease = None
         if server is None:
             return
         reusable = self._owes_nothing()
@@ -1108,7 +1532,7 @@ class ClientSession(Placement):
 
     # -- ending --------------------------------------------------------------------------
 
-    def _crashed(self, failure) -> None:
+    def crashed(self, failure) -> None:
         """A bug of ours in a callback: log it, tell the client plainly, keep serving everyone else."""
         log.failure("client {client}: internal error", failure, client=self.id)
         if self.state is not CLOSED:
@@ -1118,7 +1542,7 @@ class ClientSession(Placement):
         """Bytes that are not the protocol (a first packet of impossible length): as PostgreSQL,
         log it and close without a word, for the sender would not read one."""
         log.info("client {client} closed without a reply: {why}", client=self.id, why=why)
-        self.state = CLOSED
+        self._enter(CLOSED)
         self._cancel_login_timer()
         self.transport.loseConnection()
 
@@ -1135,7 +1559,7 @@ class ClientSession(Placement):
         if self.server is not None and self.state is LINKED:
             self._release_server()
         # (While PREPARING, _prepared() returns the server once its internal query ends.)
-        self.state = CLOSED
+        self._enter(CLOSED)
         self._cancel_idle_tx_timer()
         self.transport.write(m.error_response_from_fields(fields))
         self.transport.loseConnection()

@@ -500,6 +500,16 @@ def decode_bind(body: bytes) -> tuple[str, str, list[bytes | None], list[int]]:
     return portal, statement, params, result_formats
 
 
+def bind_statement_span(body: bytes) -> tuple[int, int]:
+    """Where a Bind body's statement name lies: body[start:end], the portal name and its NUL
+    before it, the name's NUL and the parameters after. For reading or renaming the statement
+    without decoding the parameters (the prepared-statement fast path); (-1, -1) when a name is
+    unterminated."""
+    start = body.find(b"\x00") + 1
+    end = body.find(b"\x00", start) if start else -1
+    return (start, end) if end >= 0 else (-1, -1)
+
+
 def decode_parse(body: bytes) -> tuple[str, str]:
     """A Parse message: (statement name, query text); parameter types are not needed here."""
     r = Reader(body, "Parse")

@@ -15,7 +15,7 @@ from pgtwist.wire import protocol as p
 from pgtwist.wire.framing import frame
 
 from .test_router import clustered
-from .test_session import messages, queries, types
+from .test_session import keeps_its_server, messages, queries, types
 from .test_session_failover import P, R1, R2, Setup, Z_IDLE, Z_IN, sent
 
 ROW = m.row_description([("x", 23)]) + m.data_row([b"1"])
@@ -41,6 +41,15 @@ def tracked(server) -> bool:
     out = queries(sent(server))
     assert out in ([], [_WRITE_LSN_SQL]), out
     return out == [_WRITE_LSN_SQL]
+
+
+def commit_is_tracked(session, reply: bytes) -> bool:
+    """The node answers the client's last request in its transaction with *reply*; the client
+    commits: whether the release asks the node for its WAL position."""
+    server = session.server
+    sent(server)
+    server.got_data(reply + Z_IN)
+    return tracked(run(session, "COMMIT"))
 
 
 def finish_lsn(server, insert="0/5000", flush="0/4000", synchronous_commit="on"):
@@ -105,7 +114,7 @@ def test_reads_on_the_primary_do_not(statements):
     for i, sql in enumerate(statements):
         server = run(session, sql, p.TX_IDLE if i == len(statements) - 1 else p.TX_IN_TRANSACTION)
         assert on(server) == P
-    assert not tracked(server) and session._lent
+    assert not tracked(server) and keeps_its_server(session)
     assert session.min_lsn == 0
 
 
@@ -113,11 +122,11 @@ def test_reads_on_replicas_are_never_watched():
     s = Setup()
     session, ct = s.client()
     server = run(session, "SELECT 1")
-    assert on(server) in (R1, R2) and session._watch == 0 and not session._wrote
+    assert on(server) in (R1, R2)
     assert not tracked(server)
     session.got_data(m.query("BEGIN READ ONLY"))
     server = session.server
-    assert on(server) in (R1, R2) and session._watch == 0
+    assert on(server) in (R1, R2)
     sent(server)
     answer(server, p.TX_IN_TRANSACTION)
     run(session, "SELECT 2", p.TX_IN_TRANSACTION)
@@ -175,11 +184,11 @@ def test_extended_protocol_transaction_is_tracked():
 
     session.got_data(batch_("BEGIN"))
     server = session.server
-    assert on(server) == P and session._watch
+    assert on(server) == P and session.lease.watch
     sent(server)
     server.got_data(EXTENDED_REPLY + Z_IN)
     session.got_data(batch_("INSERT INTO t VALUES (1)"))
-    assert session._wrote and session._watch == 0
+    assert session.lease.wrote and session.lease.watch == 0
     sent(server)
     server.got_data(EXTENDED_REPLY + Z_IN)
     session.got_data(batch_("COMMIT"))
@@ -195,7 +204,8 @@ def test_a_named_statement_that_writes_counts():
     run(session, "BEGIN", p.TX_IN_TRANSACTION)
     server = session.server
     session.got_data(m.bind("", "ins", [b"1"]) + m.execute() + m.sync())
-    assert session._wrote
+    # (ParseComplete: the proxy's own Parse of the shared copy, ahead of the client's Bind.)
+    assert commit_is_tracked(session, m.parse_complete() + m.bind_complete() + m.command_complete("INSERT 0 1"))
 
 
 def test_a_bind_of_the_unnamed_statement_parsed_elsewhere_counts():
@@ -203,7 +213,7 @@ def test_a_bind_of_the_unnamed_statement_parsed_elsewhere_counts():
     session, ct = s.client()
     run(session, "BEGIN", p.TX_IN_TRANSACTION)
     session.got_data(m.bind("", "") + m.execute() + m.sync())
-    assert session._wrote
+    assert commit_is_tracked(session, m.bind_complete() + m.command_complete("INSERT 0 1"))
 
 
 def test_a_function_call_message_counts():
@@ -212,7 +222,7 @@ def test_a_function_call_message_counts():
     run(session, "BEGIN", p.TX_IN_TRANSACTION)
     # FunctionCall of OID 1: no argument formats, no arguments, text result (a well-formed body).
     session.got_data(frame(p.FUNCTION_CALL, b"\x00\x00\x00\x01" + b"\x00\x00" + b"\x00\x00" + b"\x00\x00"))
-    assert session._wrote
+    assert commit_is_tracked(session, frame(ord("V"), b"\xff\xff\xff\xff"))  # (FunctionCallResponse: a NULL result)
 
 
 def test_read_your_writes_off_tracks_nothing():
@@ -267,12 +277,15 @@ def test_an_open_batch_bound_for_a_replica_waits_for_its_end():
     s = Setup()
     session, ct = s.client()
     session.got_data(m.parse("", "SELECT 1") + m.bind("", "") + m.execute())
-    assert session.state == "idle" and session.server is None and not session._paused
+    assert session.state == "idle" and session.server is None and ct.producerState == "producing"
     # A write in it: the batch can go now, to the primary, and its end follows it there.
     session.got_data(m.parse("", "INSERT INTO t VALUES (1)") + m.bind("", "") + m.execute())
-    assert on(session.server) == P and session._wrote
+    server = session.server
+    assert on(server) == P
     session.got_data(m.sync())
-    assert types(sent(session.server)) == "PBEPBES"
+    assert types(sent(server)) == "PBEPBES"
+    server.got_data(EXTENDED_REPLY + EXTENDED_REPLY + Z_IDLE)
+    assert tracked(server)
 
 
 def test_an_open_batch_of_reads_goes_to_a_replica_once_it_ends():
@@ -289,7 +302,13 @@ def test_a_batch_flushed_before_its_end_goes_to_the_primary():
     session, ct = s.client()
     session.got_data(m.parse("", "SELECT 1") + m.bind("", "") + m.execute() + m.flush())
     # (What follows is not known: it counts as a write, so the release notes the WAL position.)
-    assert on(session.server) == P and session._wrote
+    server = session.server
+    assert on(server) == P
+    sent(server)
+    server.got_data(EXTENDED_REPLY)
+    session.got_data(m.sync())
+    server.got_data(Z_IDLE)
+    assert tracked(server)
 
 
 def test_a_prepare_that_waits_for_its_description_is_placed_by_its_statement():
@@ -298,19 +317,21 @@ def test_a_prepare_that_waits_for_its_description_is_placed_by_its_statement():
     session, ct = s.client()
     session.got_data(m.parse("s1", "SELECT 1") + m.describe("S", "s1") + m.flush())
     replica = session.server
-    assert on(replica) in (R1, R2) and session._watch == 0 and not session._wrote
+    assert on(replica) in (R1, R2)
     sent(replica)
     replica.got_data(m.parse_complete() + m.parameter_description() + m.row_description([("x", 23)]))
     assert session.server is replica  # the batch goes on: the connection stays
     session.got_data(m.bind("", "s1") + m.execute() + m.sync())
     assert types(sent(replica)) == "BES"
+    replica.got_data(m.bind_complete() + m.data_row([b"1"]) + m.command_complete("SELECT 1") + Z_IDLE)
+    assert not tracked(replica)  # (a replica's link is never watched: nothing to note)
 
 
 def test_an_open_batch_starting_with_a_write_goes_at_once():
     s = Setup()
     session, ct = s.client()
     session.got_data(m.parse("", "COPY t FROM STDIN") + m.bind("", "") + m.execute())
-    assert on(session.server) == P and session._wrote
+    assert on(session.server) == P and session.lease.wrote
 
 
 def test_a_long_open_batch_is_placed_on_the_primary():
@@ -324,9 +345,9 @@ def test_an_open_batch_on_a_kept_connection_waits_too():
     s = Setup()
     session, ct = s.client()
     server = run(session, "SELECT 1")
-    assert session._lent and on(server) in (R1, R2)
+    assert keeps_its_server(session) and on(server) in (R1, R2)
     session.got_data(m.parse("", "SELECT 2") + m.bind("", "") + m.execute())
-    assert session.state == "idle" and session.server is None and not session._lent
+    assert session.state == "idle" and session.server is None and not keeps_its_server(session)
     session.got_data(m.parse("", "UPDATE t SET x = 1") + m.bind("", "") + m.execute() + m.sync())
     assert on(session.server) == P
 
@@ -398,7 +419,7 @@ def test_the_batch_a_replica_was_chosen_for_is_never_split():
         + m.parse("", "SET TRANSACTION READ ONLY") + m.bind("", "") + m.execute() + m.sync()
     )
     replica = session.server
-    assert on(replica) in (R1, R2) and not session._holding
+    assert on(replica) in (R1, R2) and not session.backlog  # nothing held back
     assert types(sent(replica)) == "PBEPBES"
 
 

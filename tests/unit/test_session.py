@@ -64,6 +64,12 @@ def messages(data: bytes) -> list[tuple[int, bytes]]:
     return out
 
 
+def keeps_its_server(session) -> bool:
+    """The client keeps its server connection between transactions: its pool lists it as lent to it."""
+    server = session.server
+    return server is not None and server.pool.lent.get(server) is session
+
+
 def types(data: bytes) -> str:
     return "".join(chr(t) for t, _ in messages(data))
 

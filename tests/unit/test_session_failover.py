@@ -17,7 +17,7 @@ from pgtwist.wire import sqlstate
 from pgtwist.wire.framing import frame
 
 from .test_router import FakeMonitor
-from .test_session import RESULT, Proxy4Test, make_config, messages, queries, types
+from .test_session import RESULT, Proxy4Test, keeps_its_server, make_config, messages, queries, types
 
 P, R1, R2 = "p:5432", "r1:5432", "r2:5432"
 ROW_DESCRIPTION = RESULT[: 1 + int.from_bytes(RESULT[1:5], "big")]
@@ -121,7 +121,7 @@ def test_clustered_login_keeps_its_primary_connection_until_the_work_needs_anoth
     (login_pool,) = s.proxy.pools.values()
     login_server = s.proxy.servers[0]
     assert str(login_pool.node) == P and login_pool.lent == {login_server: session}
-    assert session.state == "linked" and session._lent
+    assert session.state == "linked" and keeps_its_server(session)
     session.got_data(m.query("SELECT 1"))  # a read: it belongs on a replica
     assert str(session.server.node) in (R1, R2)
     assert list(login_pool.idle) == [login_server] and not login_pool.lent
@@ -143,7 +143,7 @@ def test_read_with_no_byte_back_is_replayed_on_another_node():
     assert ct.value() == b""  # the client noticed nothing
     second.got_data(RESULT + Z_IDLE)
     assert ct.value() == RESULT + Z_IDLE
-    assert session.state == "linked" and session._lent and session.server is second
+    assert session.state == "linked" and keeps_its_server(session) and session.server is second
     assert s.pool(str(second.node)).lent == {second: session}
 
 
@@ -511,7 +511,7 @@ def test_a_client_keeps_its_server_between_transactions_until_another_needs_it()
     a, act = s.client()
     (pool,) = s.proxy.pools.values()
     server = a.server
-    assert a.state == "linked" and a._lent and pool.lent == {server: a}
+    assert a.state == "linked" and keeps_its_server(a) and pool.lent == {server: a}
     a.got_data(m.query("SELECT 1"))
     assert pool.lent == {}  # its own transaction now
     assert queries(sent(server)) == ["SELECT 1"]
@@ -522,7 +522,7 @@ def test_a_client_keeps_its_server_between_transactions_until_another_needs_it()
     b, bct = s.client()
     assert b.state == "idle" and len(s.proxy.servers) == 1  # a login with known parameters needs none
     b.got_data(m.query("SELECT 2"))
-    assert b.server is server and a.server is None and a.state == "idle" and not a._lent
+    assert b.server is server and a.server is None and a.state == "idle" and not keeps_its_server(a)
     assert queries(sent(server)) == ["SELECT 2"]
     assert pool.lent == {} and server in pool.busy
     # a speaks again while b's transaction runs: a new connection.
@@ -547,7 +547,7 @@ def test_a_lent_server_is_reclaimed_and_the_first_client_gets_one_again():
     assert a.state == "waiting" and len(pool.waiters) == 1
     server.got_data(RESULT + Z_IDLE)  # b is done; with a waiting, the connection goes back, not lent
     assert bct.value() == RESULT + Z_IDLE
-    assert b.state == "idle" and not b._lent
+    assert b.state == "idle" and not keeps_its_server(b)
     assert a.server is server and a.state == "linked"
     assert queries(sent(server)) == ["SELECT 1", "SELECT 2"]
 
@@ -557,7 +557,7 @@ def test_a_lent_server_dying_between_transactions():
     a, act = s.client()
     server = a.server
     lose(server)
-    assert act.value() == b"" and a.state == "idle" and not a.orphaned and not a._lent
+    assert act.value() == b"" and a.state == "idle" and not a.orphaned and not keeps_its_server(a)
     a.got_data(m.query("SELECT 1"))
     assert a.server is not server and queries(sent(a.server)) == ["SELECT 1"]
 
@@ -572,7 +572,7 @@ def test_in_a_cluster_a_kept_connection_serves_only_work_placed_on_its_node():
     reader = session.server
     assert str(reader.node) == R1 and queries(sent(reader)) == ["SELECT 1"]
     reader.got_data(RESULT + Z_IDLE)
-    assert session._lent and s.pool(R1).lent == {reader: session}
+    assert keeps_its_server(session) and s.pool(R1).lent == {reader: session}
     # Another read: placed on R1 again, so it runs on the kept connection (no new link).
     servers = len(s.proxy.servers)
     session.got_data(m.query("SELECT 2"))
@@ -607,7 +607,7 @@ def test_in_a_cluster_a_routing_hook_means_no_lending():
     session.got_data(m.query("SELECT 1"))
     server = session.server
     server.got_data(RESULT + Z_IDLE)
-    assert session.server is None and not session._lent
+    assert session.server is None and not keeps_its_server(session)
     assert all(not pool.lent for pool in s.proxy.pools.values())
 
 
@@ -673,7 +673,7 @@ def test_a_prepared_statement_run_again_on_a_kept_connection_passes_through():
     assert server.scanner.capture == frozenset((p.READY_FOR_QUERY, p.PARAMETER_STATUS, p.ERROR_RESPONSE))
     reply = frame(p.BIND_COMPLETE) + RESULT + Z_IDLE
     server.got_data(reply)
-    assert act.value() == reply and a._lent
+    assert act.value() == reply and keeps_its_server(a)
     # A statement the connection does not hold takes the general path (it is prepared there first).
     server.statements.discard(shared_name)
     a.got_data(run)
@@ -711,7 +711,7 @@ def test_a_kept_connection_terminated_between_transactions_goes_unnoticed():
     s = Setup(clustered=False)
     session, ct = s.client()
     server = session.server
-    assert session._lent
+    assert keeps_its_server(session)
     server.got_data(TERMINATED)
     lose(server)
     assert ct.value() == b"" and not ct.disconnecting and session.state == "idle"
@@ -766,7 +766,7 @@ def test_close_client_leaves_a_client_between_transactions_alone():
     s = Setup(clustered=False, on_server_loss="close_client")
     session, ct = s.client()
     server = session.server
-    assert session._lent
+    assert keeps_its_server(session)
     server.got_data(TERMINATED)
     lose(server)
     assert ct.value() == b"" and not ct.disconnecting and session.state == "idle"

@@ -14,7 +14,7 @@ from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 from pgtwist.wire.framing import frame
 
-from tests.unit.test_session import Harness, finish_internal, internal_answer, messages, split_internal
+from tests.unit.test_session import Harness, finish_internal, internal_answer, keeps_its_server, messages, split_internal
 
 SQL = "SELECT abalance FROM pgbench_accounts WHERE aid = $1"
 ROW_DESCRIPTION = frame(ord("T"), b"\x00\x01abalance\x00" + b"\x00" * 18)
@@ -30,7 +30,7 @@ def kept():
     server = session.server
     session.got_data(m.query("SELECT 1"))
     server.got_data(ANSWER)
-    assert session._lent and session.state == "linked"
+    assert keeps_its_server(session) and session.state == "linked"
     ct.clear()
     server.transport.clear()
     return session, ct, server
@@ -42,7 +42,7 @@ def prepared(session, server, ct, name="S_1"):
     (parse, sync) = messages(server.transport.value())
     assert parse[0] == p.PARSE and parse[1].startswith(SERVER_NAME_PREFIX.encode())
     server.got_data(frame(p.PARSE_COMPLETE) + m.ready_for_query())
-    assert session._lent
+    assert keeps_its_server(session)
     server_name = parse[1][: parse[1].index(b"\x00")]
     ct.clear()
     server.transport.clear()
@@ -53,9 +53,9 @@ def test_a_plain_query_goes_out_as_sent_and_its_answer_comes_back_as_sent(kept):
     session, ct, server = kept
     query = m.query("SELECT abalance FROM pgbench_accounts WHERE aid = 7")
     session.got_data(query)
-    assert server.transport.value() == query and not session._lent
+    assert server.transport.value() == query and not keeps_its_server(session)
     server.got_data(ANSWER)
-    assert ct.value() == ANSWER and session._lent
+    assert ct.value() == ANSWER and keeps_its_server(session)
 
 
 def test_a_query_that_changes_session_state_takes_the_general_path(kept):
@@ -80,7 +80,7 @@ def test_a_prepared_run_goes_out_renamed_whole_or_split(kept, describe, split):
     assert server.transport.value() == m.bind("", server_name.decode(), [b"7"]) + tail
     reply = frame(p.BIND_COMPLETE) + ANSWER
     server.got_data(reply)
-    assert ct.value() == reply and session._lent
+    assert ct.value() == reply and keeps_its_server(session)
 
 
 def test_an_unnamed_bind_is_forwarded_untouched(kept):
@@ -102,7 +102,7 @@ def test_a_bind_of_a_statement_the_client_never_prepared_goes_to_the_server_as_n
     assert server.transport.value() == batch
     error = m.error_response("ERROR", "26000", 'prepared statement "nope" does not exist')
     server.got_data(error + m.ready_for_query())
-    assert ct.value() == error + m.ready_for_query() and session._lent
+    assert ct.value() == error + m.ready_for_query() and keeps_its_server(session)
 
 
 @pytest.mark.parametrize("split", [False, True])
@@ -250,7 +250,7 @@ def test_a_described_run_of_a_stale_copy_is_prepared_again_first(kept):
     assert [chr(t) for t, _ in got] == list("CPBDES")
     assert got[0][1] == b"S" + server_name + b"\x00"
     server.got_data(frame(p.CLOSE_COMPLETE) + frame(p.PARSE_COMPLETE) + frame(p.BIND_COMPLETE) + ANSWER)
-    assert ct.value() == frame(p.BIND_COMPLETE) + ANSWER and session._lent
+    assert ct.value() == frame(p.BIND_COMPLETE) + ANSWER and keeps_its_server(session)
     # Renewed: the fast path again.
     ct.clear()
     server.transport.clear()
@@ -289,7 +289,7 @@ def test_a_fast_path_run_that_proves_stale_is_sent_again_unseen(kept, together):
     assert [chr(t) for t, _ in got] == list("CPBDES") and got[0][1] == b"S" + server_name + b"\x00"
     server.got_data(frame(p.CLOSE_COMPLETE) + frame(p.PARSE_COMPLETE) + frame(p.BIND_COMPLETE) + ANSWER)
     assert ct.value() == frame(p.BIND_COMPLETE) + ANSWER
-    assert session.relay.idle and session._lent
+    assert session.relay.idle and keeps_its_server(session)
 
 
 def test_a_fast_path_run_inside_a_transaction_gets_the_error(kept):

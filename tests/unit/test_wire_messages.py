@@ -589,3 +589,13 @@ def test_error_classes_and_sqlstates():
     assert str(ProtocolViolation("bad thing")) == "bad thing"
     for cls in (ProtocolViolation, MessageTooLarge, UnsupportedProtocol):
         assert issubclass(cls, WireError)
+
+
+def test_bind_statement_span_finds_the_statement_name_without_decoding_the_rest():
+    body = m.bind("portal", "stmt", [b"1", None], [0], [1])[5:]
+    start, end = m.bind_statement_span(body)
+    assert body[start:end] == b"stmt" and body[:start] == b"portal\x00" and body[end:end + 1] == b"\x00"
+    unnamed = m.bind("", "")[5:]
+    assert m.bind_statement_span(unnamed) == (1, 1)
+    for cut in range(len(b"portal\x00stmt")):
+        assert m.bind_statement_span(body[:cut]) == (-1, -1)  # a name without its NUL
