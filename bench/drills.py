@@ -45,7 +45,7 @@ if str(REPO) not in sys.path:
 import psycopg  # noqa: E402
 
 from pgtwist.tools.localcluster import LocalCluster  # noqa: E402
-from tests.integration.proxy import DATABASE, proxy_config, start_proxy, wait_for, write_config  # noqa: E402
+from tests.harness.proxy import DATABASE, proxy_config, start_proxy, wait_for, write_config  # noqa: E402
 
 DRILLS = ("replica-kill", "freeze", "kill-promote")
 

@@ -11,7 +11,7 @@ import pytest
 from pgtwist.tools.localcluster import free_port
 from pgtwist.wire import protocol as p
 
-from .proxy import HOST, RawClient, ServerError, error_fields_of, start_proxy
+from tests.harness.proxy import HOST, RawClient, ServerError, error_fields_of, start_proxy
 
 pytestmark = pytest.mark.integration
 

@@ -9,7 +9,8 @@ from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 from pgtwist.wire.framing import frame
 
-from .proxy import RawClient, error_fields_of, start_proxy, wait_for
+from tests.harness.ops import ADMIN, ADMIN_PASSWORD, show_nodes
+from tests.harness.proxy import RawClient, error_fields_of, start_proxy, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -218,7 +219,6 @@ def test_garbage_scram_messages(proxy):
 
 # --------------------------------------------------------------------------- malformed, in every state
 
-ADMIN, ADMIN_PASSWORD = "admin", "admin-secret-9"
 # (bytes, words the FATAL 08P01 must contain)
 MALFORMED = [
     (frame(p.DESCRIBE, b"Xs1\x00"), "Describe message: unknown target type 88"),
@@ -237,7 +237,7 @@ MALFORMED_IDS = [words.split(":")[0].replace(" ", "-")[:28] for _, words in MALF
 @pytest.fixture(scope="module")
 def tx_proxy(pg_cluster, tmp_path_factory):
     """Transaction pooling in front of the primary and its replica (routing on), pool_size 1, an admin console."""
-    from .ops import start_ops_proxy
+    from tests.harness.ops import start_ops_proxy
 
     with start_ops_proxy(
         pg_cluster,
@@ -345,32 +345,6 @@ def test_xx000_reproduction_no_server_connection(tx_proxy):
             assert_fatal_08p01(c, "invalid")
     assert "internal error" not in tx_proxy.log_text(tx_proxy.log_offset_at_start)
     assert_serves(tx_proxy)
-
-
-def admin_show(px, what: str) -> list[dict]:
-    """SHOW *what* on the admin console: its rows, as dicts of text values."""
-    from .txhelpers import data_row_values
-
-    with RawClient(px.host, px.port) as c:
-        c.login(ADMIN, "pgbalance", ADMIN_PASSWORD)
-        out = c.query(f"SHOW {what}")
-    names = [f[0] for f in _columns(next(b for t, b in out if t == p.ROW_DESCRIPTION))]
-    return [dict(zip(names, data_row_values(b))) for t, b in out if t == p.DATA_ROW]
-
-
-def show_nodes(px) -> dict[str, dict]:
-    """SHOW NODES on the admin console: node -> its row."""
-    return {row["node"]: row for row in admin_show(px, "NODES")}
-
-
-def _columns(body: bytes) -> list[tuple[str]]:
-    (n,) = struct.unpack_from("!H", body, 0)
-    pos, out = 2, []
-    for _ in range(n):
-        end = body.index(b"\x00", pos)
-        out.append((body[pos:end].decode(),))
-        pos = end + 1 + 18
-    return out
 
 
 def test_nodes_stay_up_after_all_that(tx_proxy, pg_cluster):

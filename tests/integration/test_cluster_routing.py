@@ -18,8 +18,8 @@ from pgtwist.tools.localcluster import LocalCluster
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 
-from .proxy import DATABASE, RawClient, start_proxy, wait_for
-from .txhelpers import data_row_values
+from tests.harness.proxy import DATABASE, RawClient, start_proxy, wait_for
+from tests.harness.txhelpers import data_row_values
 
 pytestmark = pytest.mark.integration
 

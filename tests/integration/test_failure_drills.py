@@ -16,9 +16,9 @@ import time
 import psycopg
 import pytest
 
-from .ops import http_get, start_ops_proxy
-from .proxy import DATABASE, HOST, free_port, run_psql, wait_for
-from .test_failover import FAILOVER, make_cluster, wait_routing, write, write_until_it_works
+from tests.harness.ops import http_get, start_ops_proxy
+from tests.harness.proxy import DATABASE, HOST, free_port, run_psql, wait_for
+from tests.harness.failover import FAILOVER, make_cluster, wait_routing, write, write_until_it_works
 
 pytestmark = pytest.mark.integration
 
@@ -275,7 +275,7 @@ def test_replica_still_streaming_the_old_primary_gets_no_reads(tmp_path):
 
 @pytest.mark.parametrize("pool_mode", ["transaction", "session"])
 def test_query_timeout_stops_a_long_statement(pg_cluster, tmp_path, pool_mode):
-    from .proxy import start_proxy
+    from tests.harness.proxy import start_proxy
 
     primary = pg_cluster.nodes[0]
     with start_proxy(pg_cluster, tmp_path, pool_mode=pool_mode, query_timeout=1.0) as px:

@@ -16,10 +16,9 @@ from hypothesis import strategies as st
 
 from pgtwist.wire import messages as m
 
-from . import fuzzing
-from .ops import start_ops_proxy
-from .proxy import RawClient, wait_for
-from .test_bad_input import ADMIN, ADMIN_PASSWORD, admin_show, show_nodes
+from tests.harness import fuzzing
+from tests.harness.ops import ADMIN, ADMIN_PASSWORD, admin_show, nodes_up, pools_at_rest, show_nodes, start_ops_proxy
+from tests.harness.proxy import RawClient, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -57,20 +56,6 @@ def fuzz_proxy(cluster, tmp_path, **overrides):
         users={cluster.app_user: {"password": cluster.app_password}, ADMIN: {"password": ADMIN_PASSWORD}},
         **overrides,
     )
-
-
-def nodes_up(px) -> dict[str, str]:
-    """node -> SHOW NODES's up column, once the monitor has seen every node up."""
-    return wait_for(
-        lambda: (up := {name: row["up"] for name, row in show_nodes(px).items()}) and all(v == "t" for v in up.values()) and up,
-        20,
-        "every node up in SHOW NODES",
-    )
-
-
-def pools_at_rest(px) -> bool:
-    """No server connection busy and nobody waiting, in any pool (once every client has left)."""
-    return all(row["busy"] == "0" and row["waiting"] == "0" for row in admin_show(px, "POOLS"))
 
 
 def run_fuzz(px, cluster, examples: int, seconds: float) -> fuzzing.Verdicts:

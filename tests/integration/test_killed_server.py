@@ -31,9 +31,9 @@ from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 from pgtwist.wire.framing import pop_messages
 
-from .ops import rewrite_config, start_ops_proxy
-from .proxy import DATABASE, RawClient, wait_for
-from .txhelpers import run_async
+from tests.harness.ops import rewrite_config, start_ops_proxy
+from tests.harness.proxy import DATABASE, RawClient, wait_for
+from tests.harness.txhelpers import run_async
 
 pytestmark = pytest.mark.integration
 

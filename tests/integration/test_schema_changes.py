@@ -15,8 +15,8 @@ import asyncpg
 import psycopg
 import pytest
 
-from .proxy import ServerError, start_proxy
-from .txhelpers import TX_CONFIG, batch, bind, describe, execute, parse, raw_login, run_async, sync
+from tests.harness.proxy import ServerError, start_proxy
+from tests.harness.txhelpers import TX_CONFIG, batch, bind, describe, execute, parse, raw_login, run_async, sync
 
 pytestmark = pytest.mark.integration
 
@@ -425,7 +425,7 @@ def test_many_clients_over_two_connections_while_the_schema_changes_outside(pg_c
     import threading
     import time
 
-    from .txhelpers import run_threads
+    from tests.harness.txhelpers import run_threads
 
     t = fresh("sc_many")
     owner.execute(f"CREATE TABLE {t} (c0 int)")

@@ -1,7 +1,7 @@
 """Read-your-writes: which transactions note the primary's WAL position, and how batches are placed.
 
 The real ClientSession, Pool and ServerConnection on StringTransports behind a fake monitor
-(P + R1 + R2, the Setup of test_session_failover): a link whose release sends _WRITE_LSN_SQL
+(P + R1 + R2, tests.harness.session.Setup): a link whose release sends _WRITE_LSN_SQL
 tracked a write; a link given back (lent) without it did not.
 """
 
@@ -14,9 +14,8 @@ from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 from pgtwist.wire.framing import frame
 
-from .test_router import clustered
-from .test_session import messages, queries, types
-from .test_session_failover import P, R1, R2, Setup, Z_IDLE, Z_IN, sent
+from tests.harness.routing import P, R1, R2, clustered
+from tests.harness.session import Z_IDLE, Z_IN, Setup, messages, queries, sent, types
 
 ROW = m.row_description([("x", 23)]) + m.data_row([b"1"])
 EXTENDED_REPLY = m.parse_complete() + m.bind_complete() + m.command_complete("SELECT 1")

@@ -1,4 +1,4 @@
-"""Shared by the test_admin_* modules: a real Proxy on StringTransports and a MemoryReactorClock.
+"""Shared by the admin console, inspect, metrics and manhole tests: a real Proxy on StringTransports and a MemoryReactorClock.
 
 Not a test module. Server connections are real ServerConnections whose node side is
 played here (login answered at once); clients are real ClientSessions.

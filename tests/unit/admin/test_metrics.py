@@ -10,7 +10,7 @@ from pgtwist.service.lifecycle import PgBalanceService
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 
-from .admin_support import TestProxy, client, make_config
+from tests.harness.admin_support import TestProxy, client, make_config
 
 
 class Service:

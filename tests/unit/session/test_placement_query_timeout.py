@@ -12,8 +12,8 @@ from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 from pgtwist.wire import sqlstate
 
-from .test_session import RESULT, Proxy4Test, make_config, messages, queries, types
-from .test_session_failover import P, R1, R2, Z_FAILED, Z_IDLE, Setup, begin, error_fields, sent
+from tests.harness.routing import P, R1, R2
+from tests.harness.session import RESULT, Z_FAILED, Z_IDLE, Proxy4Test, Setup, begin, error_fields, make_config, messages, queries, sent, types
 
 
 def tick(s, seconds):

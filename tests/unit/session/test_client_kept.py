@@ -14,7 +14,7 @@ from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 from pgtwist.wire.framing import frame
 
-from tests.unit.test_session import Harness, finish_internal, internal_answer, messages, split_internal
+from tests.harness.session import Harness, finish_internal, internal_answer, messages, split_internal
 
 SQL = "SELECT abalance FROM pgbench_accounts WHERE aid = $1"
 ROW_DESCRIPTION = frame(ord("T"), b"\x00\x01abalance\x00" + b"\x00" * 18)
@@ -148,7 +148,7 @@ def test_node_lost_while_the_restore_is_owed_reports_the_reset_failed():
     from twisted.internet.error import ConnectionLost
     from twisted.python.failure import Failure
 
-    from tests.unit.test_session import types
+    from tests.harness.session import types
 
     h = Harness(pool_mode="transaction")
     session, ct = h.client(application_name="app1")
@@ -361,7 +361,7 @@ def test_a_run_waiting_to_be_retried_is_answered_when_its_node_dies(kept):
     from twisted.internet.error import ConnectionLost
     from twisted.python.failure import Failure
 
-    from tests.unit.test_session import types
+    from tests.harness.session import types
 
     session, ct, server = kept
     prepared(session, server, ct)

@@ -9,7 +9,7 @@ from pgtwist.service.reload import ReloadOutcome
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 
-from .admin_support import TestProxy, client, make_config, messages, result_rows, row_description, types
+from tests.harness.admin_support import TestProxy, client, make_config, messages, result_rows, row_description, types
 
 
 @pytest.fixture

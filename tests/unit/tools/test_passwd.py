@@ -11,7 +11,7 @@ from pgtwist.auth import ScramVerifier
 from pgtwist.auth.userlist import parse_userlist
 from pgtwist.config import from_dict
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 class Tty(io.StringIO):

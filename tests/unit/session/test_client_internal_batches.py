@@ -9,7 +9,7 @@ from pgtwist.pooling.statements import INTERNAL_NAME, internal_batch
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 
-from .test_session import Harness, finish_internal, internal_answer, messages, split_internal, types
+from tests.harness.session import Harness, finish_internal, internal_answer, messages, split_internal, types
 
 OWN = INTERNAL_NAME.encode() + b"\x00"
 
@@ -92,7 +92,7 @@ def test_the_restore_after_reset_all_is_no_query():
 
 
 def test_the_read_your_writes_position_is_read_without_a_query():
-    from .test_session_failover import P, Setup, sent
+    from tests.harness.session import P, Setup, sent
 
     s = Setup()
     session, ct = s.client()

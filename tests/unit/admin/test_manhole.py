@@ -15,7 +15,7 @@ from pgtwist.admin import ManholeError, manhole
 from pgtwist.config import ManholeConfig, parse_address
 from pgtwist.service.lifecycle import PgBalanceService
 
-from .admin_support import client, make_config
+from tests.harness.admin_support import client, make_config
 
 
 def new_key() -> keys.Key:

@@ -15,8 +15,8 @@ from pgtwist.wire import protocol as p
 from pgtwist.wire import sqlstate
 from pgtwist.wire.framing import frame
 
-from . import admin_support
-from .test_session import Harness, messages
+from tests.harness import admin_support
+from tests.harness.session import Harness, messages
 
 BAD = [
     (frame(p.DESCRIBE, b"Xs1\x00"), "unknown target type 88"),

@@ -1,99 +1,38 @@
 """Transaction pooling when a node goes away: replay, 08006 in place, orphaned transactions, failover_wait; lending.
 
 The real Proxy, ClientSession, Pool and ServerConnection on StringTransports and a
-MemoryReactorClock (the Harness of test_session); a clustered database gets a fake monitor.
+MemoryReactorClock (tests.harness.session); a clustered database gets a fake monitor.
 """
 
 import pytest
-from twisted.internet.error import ConnectionLost
-from twisted.internet.testing import StringTransport
-from twisted.python.failure import Failure
 
 from pgtwist.routing.router import DatabaseRouter
-from pgtwist.routing.policy import NodeState
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 from pgtwist.wire import sqlstate
 from pgtwist.wire.framing import frame
 
-from .test_router import FakeMonitor
-from .test_session import RESULT, Proxy4Test, make_config, messages, queries, types
-
-P, R1, R2 = "p:5432", "r1:5432", "r2:5432"
-ROW_DESCRIPTION = RESULT[: 1 + int.from_bytes(RESULT[1:5], "big")]
-DATA_ROW = frame(ord("D"), b"\x00\x01\x00\x00\x00\x011")
-Z_IDLE = m.ready_for_query(p.TX_IDLE)
-Z_IN = m.ready_for_query(p.TX_IN_TRANSACTION)
-Z_FAILED = m.ready_for_query(p.TX_FAILED)
-
-
-class RecordingTransport(StringTransport):
-    """A StringTransport that also keeps each write as it was given (to check bytes are not copied)."""
-
-    def __init__(self):
-        super().__init__(lenient=True)
-        self.writes: list = []
-
-    def write(self, data):
-        self.writes.append(data)
-        super().write(data)
-
-
-class Setup:
-    """One database in transaction pooling: a single node, or P + R1 + R2 behind a fake monitor."""
-
-    def __init__(self, clustered=True, pool_size=2, **overrides):
-        nodes = [P, R1, R2] if clustered else ["db1:5432"]
-        config = make_config(
-            pool_mode="transaction",
-            databases={"appdb": {"dbname": "postgres", "nodes": nodes, "pool_size": pool_size}},
-            **overrides,
-        )
-        self.proxy = Proxy4Test(config)
-        self.clock = self.proxy.clock
-        self.monitor = None
-        if clustered:
-            states = [NodeState(P, role="primary", up=True, timeline=1, lsn=10)]
-            states += [NodeState(r, role="replica", up=True, timeline=1, lsn=10, lag_bytes=0, lag_seconds=0.0) for r in (R1, R2)]
-            self.monitor = FakeMonitor(states, self.clock)
-            database = config.databases["appdb"]
-            self.proxy.routers["appdb"] = DatabaseRouter(database, config, self.monitor)
-
-    def client(self):
-        """A logged-in client; its transport cleared."""
-        transport = RecordingTransport()
-        session = self.proxy.new_client(transport)
-        session.got_data(m.startup_message({"user": "app", "database": "appdb"}))
-        assert session.logged_in and types(transport.value()).endswith("KZ"), transport.value()
-        transport.clear()
-        transport.writes.clear()
-        return session, transport
-
-    def pool(self, node):
-        (pool,) = [pl for pl in self.proxy.pools.values() if str(pl.node) == node]
-        return pool
-
-    def set_up(self, name, up):
-        self.monitor.states[name].up = up
-
-
-def lose(server):
-    server.connection_lost(Failure(ConnectionLost()))
-
-
-def error_fields(data: bytes) -> list[dict]:
-    return [m.decode_fields(b) for t, b in messages(data) if t == p.ERROR_RESPONSE]
-
-
-def sent(server) -> bytes:
-    data = server.transport.value()
-    server.transport.clear()
-    return data
-
-
-def extended(sql: str) -> bytes:
-    return m.parse("", sql) + m.bind("", "") + m.execute() + m.sync()
-
+from tests.harness.routing import P, R1, R2, FakeMonitor
+from tests.harness.session import (
+    DATA_ROW,
+    RESULT,
+    ROW_DESCRIPTION,
+    Z_FAILED,
+    Z_IDLE,
+    Z_IN,
+    Proxy4Test,
+    RecordingTransport,
+    Setup,
+    begin,
+    error_fields,
+    extended,
+    lose,
+    make_config,
+    messages,
+    queries,
+    sent,
+    types,
+)
 
 def test_a_login_while_there_is_no_primary_learns_what_to_report_from_a_replica():
     """A failover under way: new clients may still read, so their logins must not wait for a primary."""
@@ -305,16 +244,6 @@ def test_node_closing_mid_message_closes_the_client():
 
 
 # -- a transaction dies with its node -------------------------------------------------------------
-
-
-def begin(s, session):
-    session.got_data(m.query("BEGIN"))
-    server = session.server
-    assert queries(sent(server)) == ["BEGIN"]
-    server.got_data(m.command_complete("BEGIN") + Z_IN)
-    assert session.state == "linked" and session.relay.tx_status == p.TX_IN_TRANSACTION
-    session.transport.clear()
-    return server
 
 
 @pytest.mark.parametrize("clustered", [True, False], ids=["cluster", "single"])

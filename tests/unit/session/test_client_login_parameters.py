@@ -1,6 +1,6 @@
 """What a transaction-mode login is told without a server: remembered per (database, user, node), never shared.
 
-The real Proxy, ClientSession, Pool and ServerConnection on StringTransports (test_session's
+The real Proxy, ClientSession, Pool and ServerConnection on StringTransports (tests.harness.session's
 Proxy4Test); the node's side of each login is played by hand, with what PostgreSQL reports
 for that user (session_authorization, is_superuser) and that node (server_version, in_hot_standby).
 """
@@ -13,8 +13,8 @@ from pgtwist.pooling.statements import internal_batch
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 
-from .test_router import FakeMonitor
-from .test_session import NODE_KEY, NODE_PID, Proxy4Test, finish_internal, make_config, messages
+from tests.harness.routing import FakeMonitor
+from tests.harness.session import NODE_KEY, NODE_PID, Proxy4Test, finish_internal, make_config, messages
 
 P, R1 = "p:5432", "r1:5432"
 USERS = {"admin": {"password": "pw"}, "app": {"password": "pw"}}

@@ -1,4 +1,4 @@
-"""Helpers for the operations tests: proxies with [manhole]/[metrics]/[admin] tables, config rewrites, ssh, HTTP.
+"""Helpers for the operations tests: proxies with [manhole]/[metrics]/[admin] tables, config rewrites, ssh, HTTP, SHOW.
 
 Not a test module. Builds on proxy.py (whose write_config only knows top-level keys,
 [databases.*] and [users.*]): the extra tables are appended to the file it writes.
@@ -7,6 +7,7 @@ Not a test module. Builds on proxy.py (whose write_config only knows top-level k
 from __future__ import annotations
 
 import re
+import struct
 import subprocess
 import urllib.error
 import urllib.request
@@ -14,7 +15,11 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from pgtwist.wire import protocol as p
+
 from . import proxy as proxymod
+from .proxy import RawClient, wait_for
+from .txhelpers import data_row_values
 
 SSH_TIMEOUT = 30
 HTTP_TIMEOUT = 10
@@ -101,3 +106,46 @@ def http_get(port: int, path: str) -> tuple[int, str]:
             return r.status, r.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode()
+
+
+# -- the admin console, as the operations and fuzzing tests read it -------------------------------
+
+ADMIN, ADMIN_PASSWORD = "admin", "admin-secret-9"
+
+
+def admin_show(px, what: str) -> list[dict]:
+    """SHOW *what* on the admin console: its rows, as dicts of text values."""
+    with RawClient(px.host, px.port) as c:
+        c.login(ADMIN, "pgbalance", ADMIN_PASSWORD)
+        out = c.query(f"SHOW {what}")
+    names = [f[0] for f in _columns(next(b for t, b in out if t == p.ROW_DESCRIPTION))]
+    return [dict(zip(names, data_row_values(b))) for t, b in out if t == p.DATA_ROW]
+
+
+def show_nodes(px) -> dict[str, dict]:
+    """SHOW NODES on the admin console: node -> its row."""
+    return {row["node"]: row for row in admin_show(px, "NODES")}
+
+
+def _columns(body: bytes) -> list[tuple[str]]:
+    (n,) = struct.unpack_from("!H", body, 0)
+    pos, out = 2, []
+    for _ in range(n):
+        end = body.index(b"\x00", pos)
+        out.append((body[pos:end].decode(),))
+        pos = end + 1 + 18
+    return out
+
+
+def nodes_up(px) -> dict[str, str]:
+    """node -> SHOW NODES's up column, once the monitor has seen every node up."""
+    return wait_for(
+        lambda: (up := {name: row["up"] for name, row in show_nodes(px).items()}) and all(v == "t" for v in up.values()) and up,
+        20,
+        "every node up in SHOW NODES",
+    )
+
+
+def pools_at_rest(px) -> bool:
+    """No server connection busy and nobody waiting, in any pool (once every client has left)."""
+    return all(row["busy"] == "0" and row["waiting"] == "0" for row in admin_show(px, "POOLS"))

@@ -17,7 +17,7 @@ from pgtwist.service.lifecycle import PgBalanceService
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 
-from .admin_support import TestProxy, client, messages, types
+from tests.harness.admin_support import TestProxy, client, messages, types
 
 
 def play_nodes(svc):

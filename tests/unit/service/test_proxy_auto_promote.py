@@ -5,7 +5,7 @@ from twisted.internet import defer
 from pgtwist.routing.router import DatabaseRouter
 from pgtwist.routing.policy import NodeState, parse_lsn
 
-from .admin_support import TestProxy, make_config
+from tests.harness.admin_support import TestProxy, make_config
 
 NODES = ["db1:5432", "db2:5432", "db3:5432"]
 
