@@ -259,3 +259,46 @@ def begin(s, session):
     assert session.state == "linked" and session.relay.tx_status == p.TX_IN_TRANSACTION
     session.transport.clear()
     return server
+
+
+# -- the settings SELECT the proxy sends, read back strictly ------------------------------------
+
+
+def parse_e_literal(sql: str, pos: int) -> tuple[str, int]:
+    """Read one E'...' literal the way PostgreSQL does; return (value, position after it)."""
+    assert sql[pos : pos + 2] == "E'", sql[pos:]
+    i, out = pos + 2, []
+    while True:
+        ch = sql[i]
+        if ch == "\\":
+            # quote_literal doubles every backslash: no other escape may ever appear.
+            assert sql[i + 1] == "\\", f"stray escape at {i}: {sql!r}"
+            out.append("\\")
+            i += 2
+        elif ch == "'":
+            if i + 1 < len(sql) and sql[i + 1] == "'":
+                out.append("'")
+                i += 2
+            else:
+                return "".join(out), i + 1
+        else:
+            out.append(ch)
+            i += 1
+
+
+def parse_settings_query(sql: str) -> dict[str, str]:
+    """Parse what settings_query() builds, strictly; anything else fails the test."""
+    assert sql.startswith("SELECT ")
+    pos, out = len("SELECT "), {}
+    while True:
+        assert sql.startswith("pg_catalog.set_config(", pos), sql[pos:]
+        name, pos = parse_e_literal(sql, pos + len("pg_catalog.set_config("))
+        assert sql.startswith(", ", pos)
+        value, pos = parse_e_literal(sql, pos + 2)
+        assert sql.startswith(", false)", pos)
+        pos += len(", false)")
+        out[name] = value
+        if pos == len(sql):
+            return out
+        assert sql.startswith(", ", pos)
+        pos += 2

@@ -7,17 +7,13 @@ StringTransport instead of dialling a node, and (by default) plays the node's si
 import struct
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
 from pgtwist.auth import ScramClientExchange
 from pgtwist.backend.protocol import BackendFactory, CancelFactory
-from pgtwist.frontend.login import LoginError
 from pgtwist.service.proxy import Proxy
-from pgtwist.pooling.settings import client_settings, parse_options, quote_literal, sync_sql
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 from pgtwist.wire import sqlstate
@@ -33,142 +29,10 @@ from tests.harness.session import (
     make_config,
     messages,
     node_welcome,
+    parse_settings_query,
     queries,
     types,
 )
-
-def settings_query(wanted, reported):
-    """What a fresh server connection (no settings applied by us yet) is sent: one SELECT, or None."""
-    statements = sync_sql(wanted, {}, reported)
-    if statements is None:
-        return None
-    (sql,) = statements  # (nothing applied yet: nothing to RESET)
-    return sql
-
-
-# -- quoting and settings ------------------------------------------------------------------
-
-
-def parse_e_literal(sql: str, pos: int) -> tuple[str, int]:
-    """Read one E'...' literal the way PostgreSQL does; return (value, position after it)."""
-    assert sql[pos : pos + 2] == "E'", sql[pos:]
-    i, out = pos + 2, []
-    while True:
-        ch = sql[i]
-        if ch == "\\":
-            # quote_literal doubles every backslash: no other escape may ever appear.
-            assert sql[i + 1] == "\\", f"stray escape at {i}: {sql!r}"
-            out.append("\\")
-            i += 2
-        elif ch == "'":
-            if i + 1 < len(sql) and sql[i + 1] == "'":
-                out.append("'")
-                i += 2
-            else:
-                return "".join(out), i + 1
-        else:
-            out.append(ch)
-            i += 1
-
-
-def parse_settings_query(sql: str) -> dict[str, str]:
-    """Parse what settings_query() builds, strictly; anything else fails the test."""
-    assert sql.startswith("SELECT ")
-    pos, out = len("SELECT "), {}
-    while True:
-        assert sql.startswith("pg_catalog.set_config(", pos), sql[pos:]
-        name, pos = parse_e_literal(sql, pos + len("pg_catalog.set_config("))
-        assert sql.startswith(", ", pos)
-        value, pos = parse_e_literal(sql, pos + 2)
-        assert sql.startswith(", false)", pos)
-        pos += len(", false)")
-        out[name] = value
-        if pos == len(sql):
-            return out
-        assert sql.startswith(", ", pos)
-        pos += 2
-
-
-@pytest.mark.parametrize(
-    "value, literal",
-    [
-        ("plain", "E'plain'"),
-        ("", "E''"),
-        ("it's", "E'it''s'"),
-        ("back\\slash", "E'back\\\\slash'"),
-        ("\\'", "E'\\\\'''"),
-        ("x'; DROP TABLE t; --", "E'x''; DROP TABLE t; --'"),
-        ("\\'; DROP TABLE t; --", "E'\\\\''; DROP TABLE t; --'"),
-        ("'$$", "E'''$$'"),
-    ],
-)
-def test_quote_literal(value, literal):
-    assert quote_literal(value) == literal
-    assert parse_e_literal(literal, 0) == (value, len(literal))
-
-
-@settings(max_examples=300, deadline=None)
-@given(st.text(alphabet=st.characters(exclude_characters="\x00")))
-def test_quote_literal_round_trips_anything(value):
-    literal = quote_literal(value)
-    assert parse_e_literal(literal, 0) == (value, len(literal))
-
-
-@settings(max_examples=100, deadline=None)
-@given(st.dictionaries(st.text(min_size=1, alphabet=st.characters(exclude_characters="\x00")), st.text(alphabet=st.characters(exclude_characters="\x00")), min_size=1, max_size=5))
-def test_settings_query_round_trips(wanted):
-    assert parse_settings_query(settings_query(wanted, {})) == wanted
-
-
-def test_settings_query_injection_attempts_stay_data():
-    wanted = {
-        "application_name": "x'); DROP TABLE users; --",
-        "search_path": "\\'; DROP TABLE t; --",
-        "a'b": "c\\",
-    }
-    sql = settings_query(wanted, {})
-    assert parse_settings_query(sql) == wanted
-    assert sql.count("pg_catalog.set_config(") == 3
-
-
-def test_settings_query_skips_what_the_server_already_has():
-    assert settings_query({"application_name": "x"}, {"application_name": "x"}) is None
-    assert settings_query({}, {"a": "b"}) is None
-    sql = settings_query({"application_name": "x", "datestyle": "ISO"}, {"application_name": "x", "DateStyle": "ISO, MDY"})
-    assert sql == "SELECT pg_catalog.set_config(E'datestyle', E'ISO', false)"
-    # Reported names compare case-insensitively (the node reports DateStyle, clients say datestyle).
-    assert settings_query({"datestyle": "ISO, MDY"}, {"DateStyle": "ISO, MDY"}) is None
-
-
-@pytest.mark.parametrize(
-    "options, expected",
-    [
-        ("", {}),
-        ("-c search_path=a,b", {"search_path": "a,b"}),
-        ("-csearch_path=a", {"search_path": "a"}),
-        ("--work-mem=64MB", {"work_mem": "64MB"}),
-        ("-c geqo=off  --statement_timeout=5s", {"geqo": "off", "statement_timeout": "5s"}),
-        ("-c application_name=my\\ app", {"application_name": "my app"}),
-        ("-c a=b\\\\c", {"a": "b\\c"}),
-        ("-c x=it's", {"x": "it's"}),
-        ("-c x=", {"x": ""}),
-    ],
-)
-def test_parse_options(options, expected):
-    assert parse_options(options) == expected
-
-
-@pytest.mark.parametrize("options, code", [("-d 5", "0A000"), ("foo", "0A000"), ("-c noequals", "08P01"), ("-c =x", "08P01")])
-def test_parse_options_refuses(options, code):
-    with pytest.raises(LoginError) as e:
-        parse_options(options)
-    assert e.value.sqlstate == code
-
-
-def test_client_settings_merges_options_and_drops_non_settings():
-    params = {"user": "u", "database": "d", "replication": "false", "application_name": "a", "options": "-c geqo=off"}
-    assert client_settings(params) == {"application_name": "a", "geqo": "off"}
-
 
 # -- login through the proxy -----------------------------------------------------------------
 
