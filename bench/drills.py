@@ -45,6 +45,7 @@ if str(REPO) not in sys.path:
 import psycopg  # noqa: E402
 
 from pgtwist.tools.localcluster import LocalCluster  # noqa: E402
+
 from tests.harness.proxy import DATABASE, proxy_config, start_proxy, wait_for, write_config  # noqa: E402
 
 DRILLS = ("replica-kill", "freeze", "kill-promote")
@@ -147,7 +148,7 @@ class Load:
         if conn is not None:
             conn.close()
 
-    def __enter__(self) -> "Load":
+    def __enter__(self) -> Load:
         for t in self.threads:
             t.start()
         return self

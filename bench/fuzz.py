@@ -26,6 +26,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from pgtwist.tools.localcluster import LocalCluster  # noqa: E402
+
 from tests.harness import fuzzing  # noqa: E402
 from tests.harness.ops import ADMIN, ADMIN_PASSWORD, admin_show, nodes_up, pools_at_rest, show_nodes, start_ops_proxy  # noqa: E402
 from tests.harness.proxy import wait_for  # noqa: E402

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
-from typing import Callable
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IHandshakeListener
@@ -12,8 +12,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from pgtwist.routing.policy import PRIMARY, REPLICA, NodeState, format_lsn, parse_lsn, resolve_primary
 from pgtwist.backend.login import ServerLogin, ServerLoginError
+from pgtwist.routing.policy import PRIMARY, REPLICA, NodeState, format_lsn, parse_lsn, resolve_primary
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 from pgtwist.wire.errors import WireError

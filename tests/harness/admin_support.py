@@ -11,9 +11,9 @@ import struct
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from pgtwist import config as configmod
-from pgtwist.service.proxy import Proxy
 from pgtwist.backend.connection import ServerConnection
 from pgtwist.backend.login import ServerLogin
+from pgtwist.service.proxy import Proxy
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 from pgtwist.wire.framing import pop_messages

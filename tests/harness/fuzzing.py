@@ -275,7 +275,7 @@ class FuzzClient:
                     got_tag = True
                 elif msg_type == p.READY_FOR_QUERY and got_tag:
                     break
-        except (ConnectionError, OSError, socket.timeout) as e:
+        except (TimeoutError, ConnectionError, OSError) as e:
             if isinstance(e, socket.timeout):
                 self._violation("read timed out (a hang)", frames)
             self.close()

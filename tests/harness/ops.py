@@ -11,9 +11,10 @@ import struct
 import subprocess
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from pgtwist.wire import protocol as p
 

@@ -13,9 +13,10 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import psycopg
 
@@ -35,7 +36,7 @@ DATABASE = "appdb"  # what clients ask for; the config maps it to cluster.app_da
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 
 # Proxies alive right now: conftest adds their log tails to failing tests' reports.
-LIVE: list["RunningProxy"] = []
+LIVE: list[RunningProxy] = []
 
 
 class ProxyStartError(Exception):
@@ -307,7 +308,7 @@ class RawClient:
     def close(self) -> None:
         self.sock.close()
 
-    def __enter__(self) -> "RawClient":
+    def __enter__(self) -> RawClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -350,7 +351,7 @@ class RawClient:
             self.sock.settimeout(left)
             try:
                 chunk = self.sock.recv(65536)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except ConnectionResetError:
                 return data

@@ -21,7 +21,7 @@ from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 from pgtwist.wire.framing import frame, pop_messages
 
-from .routing import P, R1, R2, FakeMonitor
+from .routing import R1, R2, FakeMonitor, P
 
 NODE_PID, NODE_KEY = 777, b"NODE"
 NODE_PARAMS = {"server_version": "16.4", "client_encoding": "UTF8", "application_name": "", "DateStyle": "ISO, MDY"}

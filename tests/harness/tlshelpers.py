@@ -11,10 +11,11 @@ import shutil
 import ssl
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from pgtwist.tools import testcerts
 from pgtwist.tools.localcluster import LocalCluster

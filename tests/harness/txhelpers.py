@@ -12,7 +12,8 @@ import struct
 import subprocess
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
@@ -70,7 +71,7 @@ class Worker(threading.Thread):
             self.error = e
         self.finished_at = time.monotonic()
 
-    def finish(self, timeout: float) -> "Worker":
+    def finish(self, timeout: float) -> Worker:
         self.join(timeout)
         assert not self.is_alive(), f"still running after {timeout}s"
         return self

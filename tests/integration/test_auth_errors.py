@@ -139,7 +139,8 @@ def test_node_that_never_answers_times_out_with_08006(pg_cluster, tmp_path):
     with socket.socket() as silent:
         silent.bind((HOST, free_port()))
         silent.listen(16)
-        addr = "%s:%d" % silent.getsockname()
+        host, port = silent.getsockname()
+        addr = f"{host}:{port}"
         with start_proxy(
             pg_cluster,
             tmp_path,

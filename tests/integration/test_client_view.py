@@ -134,8 +134,9 @@ def test_unnamed_portal_kept_across_a_reset_in_a_transaction(tx_proxy, pg_cluste
     """Inside a transaction: a partly fetched unnamed portal, a RESET ALL run through a named
     statement and portal (after which pgtwist restores the startup settings), then the rest of
     the unnamed portal: as on a direct connection."""
-    from tests.harness.txhelpers import batch, bind, execute, parse, raw_login, sync
     from pgtwist.wire import protocol as p
+
+    from tests.harness.txhelpers import batch, bind, execute, parse, raw_login, sync
 
     def run(client):
         client.query("BEGIN")

@@ -12,10 +12,10 @@ from twisted.internet import defer, reactor, threads
 from twisted.internet.task import deferLater
 
 from pgtwist.auth import Credential
-from pgtwist.cluster.health import ClusterMonitor
-from pgtwist.tools.localcluster import LocalCluster
-from pgtwist.routing.policy import choose
 from pgtwist.backend.login import ServerLogin
+from pgtwist.cluster.health import ClusterMonitor
+from pgtwist.routing.policy import choose
+from pgtwist.tools.localcluster import LocalCluster
 
 pytestmark = pytest.mark.integration
 

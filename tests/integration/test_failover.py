@@ -16,7 +16,6 @@ import psycopg
 import pytest
 from psycopg import errors as pgerrors
 
-
 from tests.harness.failover import FAILOVER, make_cluster, wait_routing, write, write_until_it_works
 from tests.harness.proxy import DATABASE, start_proxy, wait_for
 
@@ -85,7 +84,7 @@ class Readers:
                     continue
                 self.reads[i].append((time.monotonic(), port))
 
-    def __enter__(self) -> "Readers":
+    def __enter__(self) -> Readers:
         for t in self.threads:
             t.start()
         return self

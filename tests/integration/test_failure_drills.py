@@ -16,9 +16,9 @@ import time
 import psycopg
 import pytest
 
+from tests.harness.failover import FAILOVER, make_cluster, wait_routing, write, write_until_it_works
 from tests.harness.ops import http_get, start_ops_proxy
 from tests.harness.proxy import DATABASE, HOST, free_port, run_psql, wait_for
-from tests.harness.failover import FAILOVER, make_cluster, wait_routing, write, write_until_it_works
 
 pytestmark = pytest.mark.integration
 
@@ -115,7 +115,7 @@ class Load:
                     time.sleep(0.05)
                 time.sleep(0.02)
 
-    def __enter__(self) -> "Load":
+    def __enter__(self) -> Load:
         for t in self.threads:
             t.start()
         return self

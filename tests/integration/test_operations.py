@@ -11,9 +11,10 @@ import subprocess
 import psycopg
 import pytest
 
+from pgtwist.tools.localcluster import free_port
+
 from tests.harness.ops import http_get, rewrite_config, screen_text, ssh_keygen, ssh_repl, start_ops_proxy
 from tests.harness.proxy import HOST, RawClient, ServerError, port_accepts, run_psql, wait_for
-from pgtwist.tools.localcluster import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -4,9 +4,9 @@ answers the nodes on its own (the monitor starts before any client logs in); con
 import pytest
 from twisted.internet.testing import MemoryReactorClock
 
-from pgtwist.service import tap
 from pgtwist.auth import ScramVerifier, md5_hash
 from pgtwist.config import ConfigError, from_dict
+from pgtwist.service import tap
 
 SCRAM_TEXT = ScramVerifier.from_password("pw", b"0123456789abcdef", 4096).to_text()
 CLUSTER = {"appdb": {"nodes": ["db1:5432", "db2:5432"]}}

@@ -142,8 +142,8 @@ def test_query_latency_runs_from_the_request_to_its_ready_for_query():
 
 def test_nodes_left_out_of_reads_say_why():
     from pgtwist.admin import inspect
-    from pgtwist.routing.router import DatabaseRouter
     from pgtwist.routing.policy import NodeState
+    from pgtwist.routing.router import DatabaseRouter
 
     cluster = {"appdb": {"dbname": "postgres", "nodes": ["db1:5432", "db2:5432", "db3:5432"], "pool_size": 2}}
     proxy = TestProxy(make_config(databases=cluster))

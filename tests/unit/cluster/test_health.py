@@ -8,9 +8,9 @@ from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
+from pgtwist.backend.login import ServerLogin
 from pgtwist.cluster.health import PROBE_SQL, ClusterMonitor, PromoteError
 from pgtwist.routing.policy import parse_lsn
-from pgtwist.backend.login import ServerLogin
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 from pgtwist.wire.framing import frame, pop_messages, pop_startup_packet

@@ -103,7 +103,7 @@ def test_startup_split_at_every_byte(split):
 def test_startup_one_byte_at_a_time():
     login = make("trust")
     events = []
-    for i, byte in enumerate(startup()):
+    for byte in startup():
         events += login.feed(bytes([byte]))
     assert authenticated(events)
 

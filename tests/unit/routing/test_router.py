@@ -7,8 +7,7 @@ from twisted.logger import Logger
 from pgtwist.routing import router as routermod
 from pgtwist.routing.router import FUNCTIONS_REFRESH, DatabaseRouter, NoNode
 
-from tests.harness.routing import P, R1, R2, cluster_states, clustered, make_config
-
+from tests.harness.routing import R1, R2, P, cluster_states, clustered, make_config
 
 
 def decide(router, sql, *, in_transaction=None, user_rule="auto", min_lsn=0):

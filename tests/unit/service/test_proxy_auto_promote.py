@@ -2,8 +2,8 @@
 
 from twisted.internet import defer
 
-from pgtwist.routing.router import DatabaseRouter
 from pgtwist.routing.policy import NodeState, parse_lsn
+from pgtwist.routing.router import DatabaseRouter
 
 from tests.harness.admin_support import TestProxy, make_config
 

@@ -9,10 +9,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import ILogObserver, Logger
 
 from pgtwist import config as configmod
-from pgtwist.service import drain
-from pgtwist.service import logs
-from pgtwist.service import reload
-from pgtwist.service import tap
+from pgtwist.service import drain, logs, reload, tap
 from pgtwist.service.lifecycle import PgBalanceService
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p

@@ -4,9 +4,9 @@ import pytest
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
 
+from pgtwist.auth import md5_hash
 from pgtwist.service import lifecycle as servicemod
 from pgtwist.service import tap
-from pgtwist.auth import md5_hash
 from pgtwist.service.lifecycle import PgBalanceService
 
 GOOD = (

@@ -9,10 +9,9 @@ from twisted.internet.error import ConnectionDone
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 
-from pgtwist.wire import frontend
+from pgtwist.wire import frontend, sqlstate
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
-from pgtwist.wire import sqlstate
 from pgtwist.wire.framing import frame
 
 from tests.harness import admin_support

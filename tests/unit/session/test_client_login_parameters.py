@@ -7,9 +7,9 @@ for that user (session_authorization, is_superuser) and that node (server_versio
 
 import pytest
 
-from pgtwist.routing.router import DatabaseRouter
-from pgtwist.routing.policy import NodeState
 from pgtwist.pooling.statements import internal_batch
+from pgtwist.routing.policy import NodeState
+from pgtwist.routing.router import DatabaseRouter
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 

@@ -12,7 +12,7 @@ from pgtwist.wire import protocol as p
 from pgtwist.wire import sqlstate
 from pgtwist.wire.framing import frame
 
-from tests.harness.routing import P, R1, R2, FakeMonitor
+from tests.harness.routing import R1, R2, FakeMonitor, P
 from tests.harness.session import (
     DATA_ROW,
     RESULT,
@@ -33,6 +33,7 @@ from tests.harness.session import (
     sent,
     types,
 )
+
 
 def test_a_login_while_there_is_no_primary_learns_what_to_report_from_a_replica():
     """A failover under way: new clients may still read, so their logins must not wait for a primary."""

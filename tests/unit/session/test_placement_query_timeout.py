@@ -2,8 +2,8 @@
 
 import socket
 
-from twisted.internet.testing import StringTransport
 from twisted.internet.error import ConnectionAborted
+from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from pgtwist import config as configmod
@@ -12,8 +12,21 @@ from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 from pgtwist.wire import sqlstate
 
-from tests.harness.routing import P, R1, R2
-from tests.harness.session import RESULT, Z_FAILED, Z_IDLE, Proxy4Test, Setup, begin, error_fields, make_config, messages, queries, sent, types
+from tests.harness.routing import R1, R2, P
+from tests.harness.session import (
+    RESULT,
+    Z_FAILED,
+    Z_IDLE,
+    Proxy4Test,
+    Setup,
+    begin,
+    error_fields,
+    make_config,
+    messages,
+    queries,
+    sent,
+    types,
+)
 
 
 def tick(s, seconds):

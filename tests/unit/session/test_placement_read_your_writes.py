@@ -7,14 +7,14 @@ tracked a write; a link given back (lent) without it did not.
 
 import pytest
 
+from pgtwist.pooling.statements import Statement
 from pgtwist.routing import batch
 from pgtwist.session.client import _WRITE_LSN_SQL
-from pgtwist.pooling.statements import Statement
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 from pgtwist.wire.framing import frame
 
-from tests.harness.routing import P, R1, R2, clustered
+from tests.harness.routing import R1, R2, P, clustered
 from tests.harness.session import Z_IDLE, Z_IN, Setup, messages, queries, sent, types
 
 ROW = m.row_description([("x", 23)]) + m.data_row([b"1"])
@@ -192,7 +192,6 @@ def test_a_named_statement_that_writes_counts():
     session, ct = s.client()
     session.relay.statements["ins"] = Statement.from_definition(b"INSERT INTO t VALUES ($1)\x00\x00\x00")
     run(session, "BEGIN", p.TX_IN_TRANSACTION)
-    server = session.server
     session.got_data(m.bind("", "ins", [b"1"]) + m.execute() + m.sync())
     assert session._wrote
 

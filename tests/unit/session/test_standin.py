@@ -1,7 +1,7 @@
 """standin: what the proxy answers in place of a server (failed work, a transaction whose node died)."""
 
-from pgtwist.session import standin
 from pgtwist.routing.classify import classify
+from pgtwist.session import standin
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 from pgtwist.wire import sqlstate

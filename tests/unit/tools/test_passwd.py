@@ -6,10 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pgtwist.tools import passwd
 from pgtwist.auth import ScramVerifier
 from pgtwist.auth.userlist import parse_userlist
 from pgtwist.config import from_dict
+from pgtwist.tools import passwd
 
 ROOT = Path(__file__).resolve().parents[3]
 

@@ -22,14 +22,14 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
 from pgtwist import config as configmod
-from pgtwist.tools import testcerts
-from pgtwist.transport import tls
 from pgtwist.auth import Credential
+from pgtwist.backend.connection import ServerConnection
+from pgtwist.backend.login import ServerLogin, ServerLoginError
 from pgtwist.config import Address, ServerTlsConfig, TlsConfig
 from pgtwist.frontend.login import Authenticated, CancelReceived, ClientLogin, LoginError, Reply, StartTLS
 from pgtwist.service.proxy import Proxy
-from pgtwist.backend.connection import ServerConnection
-from pgtwist.backend.login import ServerLogin, ServerLoginError
+from pgtwist.tools import testcerts
+from pgtwist.transport import tls
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 from pgtwist.wire.errors import WireError
