@@ -315,33 +315,29 @@ def test_release_runs_reset_query_then_idles():
     assert not conn.closed
 
 
-def test_release_in_transaction_rolls_back_first():
-    h = Harness()
+@pytest.mark.parametrize(
+    "reset_query, tx_status, runs",
+    [
+        ("DISCARD ALL", p.TX_FAILED, [["ROLLBACK", "DISCARD ALL"]]),
+        ("DISCARD ALL", p.TX_IN_TRANSACTION, [["ROLLBACK", "DISCARD ALL"]]),
+        ("", p.TX_IN_TRANSACTION, [["ROLLBACK"]]),
+        ("", p.TX_FAILED, [["ROLLBACK"]]),
+        ("", p.TX_IDLE, []),
+    ],
+    ids=["failed-tx-then-reset", "open-tx-then-reset", "open-tx-no-reset", "failed-tx-no-reset", "nothing-to-run"],
+)
+def test_release_runs_a_rollback_if_in_a_transaction_then_the_reset_query(reset_query, tx_status, runs):
+    h = Harness(reset_query=reset_query)
     h.acquire()
     conn = h.open_next()
-    conn.tx_status = p.TX_FAILED
+    conn.tx_status = tx_status
     h.pool.release(conn, reusable=True)
-    assert conn.internal[0][0] == ["ROLLBACK", "DISCARD ALL"]
-    conn.tx_status = p.TX_IDLE
-    conn.internal[0][1].callback([])
-    assert list(h.pool.idle) == [conn]
-
-
-def test_release_without_reset_query_in_transaction_only_rolls_back():
-    h = Harness(reset_query="")
-    h.acquire()
-    conn = h.open_next()
-    conn.tx_status = p.TX_IN_TRANSACTION
-    h.pool.release(conn, reusable=True)
-    assert conn.internal[0][0] == ["ROLLBACK"]
-
-
-def test_release_without_anything_to_run_idles_at_once():
-    h = Harness(reset_query="")
-    h.acquire()
-    conn = h.open_next()
-    h.pool.release(conn, reusable=True)
-    assert conn.internal == [] and list(h.pool.idle) == [conn]
+    assert [q for q, _ in conn.internal] == runs
+    if runs:
+        assert not h.pool.idle  # busy until what runs has ended
+        conn.tx_status = p.TX_IDLE
+        conn.internal[0][1].callback([])
+    assert list(h.pool.idle) == [conn] and not conn.closed
 
 
 def test_release_hands_reset_connection_to_next_waiter():
