@@ -17,6 +17,7 @@ import pytest
 from psycopg import errors as pgerrors
 
 from tests.harness.failover import FAILOVER, make_cluster, wait_routing, write, write_until_it_works
+from tests.harness.load import FAST_READ, SLOW_READ, Readers
 from tests.harness.proxy import DATABASE, start_proxy, wait_for
 
 pytestmark = pytest.mark.integration
@@ -42,69 +43,6 @@ def fproxy(cluster, tmp_path_factory):
     with routing_proxy(cluster, tmp_path_factory.mktemp("failover")) as px:
         wait_routing(px, cluster)
         yield px
-
-
-FAST_READ = "SELECT inet_server_port(), count(*) FROM ft"
-SLOW_READ = "SELECT inet_server_port(), pg_sleep(1)"  # in flight most of the time
-
-
-class Readers:
-    """One thread per query in *sqls*, each reading it (autocommit) through the proxy until stopped.
-
-    Errors, warnings and (time, port) of every read are kept.
-    """
-
-    def __init__(self, px, sqls: list[str]):
-        self.px = px
-        self.sqls = sqls
-        n = len(sqls)
-        self.stop = threading.Event()
-        self.errors: list[tuple[float, str]] = []
-        self.reads: list[list[tuple[float, int]]] = [[] for _ in range(n)]
-        # A node shut down under a statement warns its client (57P01) before it hangs up: a reader
-        # that got this warning and then its rows had its read replayed on another node.
-        self.warnings: list[str] = []
-        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(n)]
-
-    def _run(self, i: int) -> None:
-        try:
-            conn = self.px.connect()
-        except Exception as e:  # noqa: BLE001 - reported by the test
-            self.errors.append((time.monotonic(), f"connect: {e!r}"))
-            return
-        conn.add_notice_handler(lambda d: self.warnings.append(f"{d.sqlstate} {d.message_primary}"))
-        with conn:
-            while not self.stop.is_set():
-                try:
-                    port = conn.execute(self.sqls[i]).fetchone()[0]
-                except Exception as e:  # noqa: BLE001
-                    self.errors.append((time.monotonic(), f"reader {i}: {type(e).__name__}: {e}"))
-                    if conn.broken:
-                        return
-                    continue
-                self.reads[i].append((time.monotonic(), port))
-
-    def __enter__(self) -> Readers:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(15)
-        assert not any(t.is_alive() for t in self.threads), "a reader thread is stuck"
-
-    def wait_reads(self, since: float, n: int, timeout: float, what: str) -> None:
-        """Until every fast reader has *n* reads since *since* and every slow one 1 (or an error)."""
-
-        def enough():
-            return all(
-                sum(1 for t, _ in reads if t >= since) >= (n if sql is FAST_READ else 1)
-                for sql, reads in zip(self.sqls, self.reads)
-            )
-
-        wait_for(lambda: enough() or self.errors, timeout, what)
 
 
 # --------------------------------------------------------------------------- a replica dies
