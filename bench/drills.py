@@ -33,7 +33,6 @@ import collections
 import json
 import random
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +44,9 @@ if str(REPO) not in sys.path:
 import psycopg  # noqa: E402
 
 from pgtwist.tools.localcluster import LocalCluster  # noqa: E402
-from tests.integration.proxy import DATABASE, proxy_config, start_proxy, wait_for, write_config  # noqa: E402
+
+from tests.harness.load import ClientThreads  # noqa: E402
+from tests.harness.proxy import DATABASE, proxy_config, start_proxy, wait_for, write_config  # noqa: E402
 
 DRILLS = ("replica-kill", "freeze", "kill-promote")
 
@@ -100,18 +101,21 @@ class Session:
     breaks: list[float] = field(default_factory=list)
 
 
-class Load:
+class Load(ClientThreads):
     """--sessions client threads: each reads (its own rows and the table's newest id) or writes, ~1 in 3 a write."""
 
+    join_timeout = 30.0
+    fail_if_stuck = False
+
     def __init__(self, px, sessions: int, write_share: float = 0.35, pause: float = 0.01):
+        super().__init__(sessions)
         self.px = px
-        self.stop = threading.Event()
         self.sessions = [Session(i) for i in range(sessions)]
         self.write_share = write_share
         self.pause = pause
-        self.threads = [threading.Thread(target=self._run, args=(s,), daemon=True) for s in self.sessions]
 
-    def _run(self, s: Session) -> None:
+    def run_client(self, i: int) -> None:
+        s = self.sessions[i]
         rng = random.Random(s.n)
         seq = 0
         acked_seq = 0
@@ -147,15 +151,6 @@ class Load:
         if conn is not None:
             conn.close()
 
-    def __enter__(self) -> "Load":
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(30)
 
 
 def summarize(name: str, load: Load, event: float, end: float, lost: set[tuple[int, int]], stale_after: float, ports: dict) -> dict:

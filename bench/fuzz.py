@@ -1,7 +1,7 @@
 """The long fuzz drill: a million hostile frames at a live pgtwist in front of a primary + replica.
 
 Not run by the test suite (tests/integration/test_fuzz.py is its bounded sibling, with the same
-frame generators and judge: tests/integration/fuzzing.py). Several fuzzing clients send batches
+frame generators and judge: tests/harness/fuzzing.py). Several fuzzing clients send batches
 of valid, mutated, random-type, bad-length and truncated frames, each batch judged by its answer;
 a healthy client beside them must keep its right answers. It checks, and exits 1 unless all hold:
 pgtwist never dies, never sends XX000 nor logs a traceback, no node changes health (SHOW NODES,
@@ -26,11 +26,10 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from pgtwist.tools.localcluster import LocalCluster  # noqa: E402
-from tests.integration import fuzzing  # noqa: E402
-from tests.integration.ops import start_ops_proxy  # noqa: E402
-from tests.integration.proxy import wait_for  # noqa: E402
-from tests.integration.test_bad_input import ADMIN, ADMIN_PASSWORD, admin_show, show_nodes  # noqa: E402
-from tests.integration.test_fuzz import nodes_up, pools_at_rest  # noqa: E402
+
+from tests.harness import fuzzing  # noqa: E402
+from tests.harness.ops import ADMIN, ADMIN_PASSWORD, admin_show, nodes_up, pools_at_rest, show_nodes, start_ops_proxy  # noqa: E402
+from tests.harness.proxy import wait_for  # noqa: E402
 
 TABLE = "fuzz_healthy"
 MAX_MESSAGE = 1 << 20

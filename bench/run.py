@@ -820,7 +820,7 @@ def machine_info(pgbouncer_bin: str | None, rev: str | None = None) -> dict:
     except Exception:
         postgres = "unknown"
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "loadavg_start": loadavg(),
         "nproc": os.cpu_count(),
         "cpu": cpu,
@@ -858,7 +858,7 @@ def print_markdown(info: dict, args, tps_sections: list, memory_rows: list[dict]
               "| pgtwist / direct | PgBouncer CPU (µs/tx) | pgtwist CPU (µs/tx) |")
         print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         for scenario, mode, clients, s in tps_sections:
-            def cell(t):
+            def cell(t, s=s):  # (called within this iteration)
                 if t not in s:
                     return "n/a"
                 x = s[t]
@@ -869,7 +869,7 @@ def print_markdown(info: dict, args, tps_sections: list, memory_rows: list[dict]
                     text += " *"
                 return text
 
-            def cpu(t):
+            def cpu(t, s=s):
                 if t not in s or s[t]["cpu"] is None:
                     return "-"
                 us = s[t]["cpu_us_per_tx"]

@@ -6,10 +6,11 @@ import ipaddress
 import math
 import os
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
 
 from pgtwist.auth import Credential
 from pgtwist.auth.userlist import UserlistError, parse_userlist

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
-from typing import Callable
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IHandshakeListener
@@ -15,8 +15,8 @@ from zope.interface import implementer
 
 from pgtwist.transport.connect import NodeDialer, is_unix_host
 from pgtwist.cluster import catalog
-from pgtwist.routing.policy import PRIMARY, REPLICA, NodeState, format_lsn, parse_lsn, resolve_primary
 from pgtwist.backend.login import ServerLogin, ServerLoginError
+from pgtwist.routing.policy import PRIMARY, REPLICA, NodeState, format_lsn, parse_lsn, resolve_primary
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 from pgtwist.wire.errors import WireError

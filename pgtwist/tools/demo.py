@@ -34,14 +34,14 @@ def demo_config(cluster, listen: str, database: str = "appdb") -> configmod.Conf
 
 
 def make_demo_service(options, reactor=None):
-    from pgtwist.tools.localcluster import LocalCluster, LocalClusterError
     from pgtwist.service.lifecycle import PgBalanceService
+    from pgtwist.tools.localcluster import LocalCluster, LocalClusterError
 
     try:
         cluster = LocalCluster.create(replicas=options["demo-replicas"])
     except LocalClusterError as e:
         sys.stderr.write(f"pgtwist demo: {e}\n")
-        raise SystemExit(1)
+        raise SystemExit(1) from None
     try:
         config = demo_config(cluster, options["demo-listen"])
     except BaseException:

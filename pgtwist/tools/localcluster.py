@@ -151,7 +151,7 @@ class Node:
         return f"{self.host}:{self.port}"
 
 
-_LIVE: dict[int, "LocalCluster"] = {}
+_LIVE: dict[int, LocalCluster] = {}
 
 
 @atexit.register
@@ -219,7 +219,7 @@ class LocalCluster:
         base: Path | None = None,
         settings: dict[str, str] | None = None,
         bindir: Path | None = None,
-    ) -> "LocalCluster":
+    ) -> LocalCluster:
         """Create and start a primary plus *replicas* streaming replicas.
 
         *base* defaults to a fresh ``/tmp/pgtwist-*`` directory; whatever it is,
@@ -648,7 +648,7 @@ class LocalCluster:
         deadline = time.monotonic() + timeout
         for r in replicas:
             self._wait(
-                lambda: self.psql(
+                lambda r=r: self.psql(
                     r, f"SELECT coalesce(pg_last_wal_replay_lsn() >= '{target}'::pg_lsn, false)"
                 ) == "t",
                 timeout=max(0.0, deadline - time.monotonic()),
@@ -705,7 +705,7 @@ class LocalCluster:
                 return
             time.sleep(0.05)
 
-    def __enter__(self) -> "LocalCluster":
+    def __enter__(self) -> LocalCluster:
         return self
 
     def __exit__(self, *exc: object) -> None:

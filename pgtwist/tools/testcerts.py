@@ -64,7 +64,7 @@ def _name(cn: str) -> x509.Name:
 
 def make_ca(cn: str = "pgtwist test CA", *, key_type: str = "ec") -> Issued:
     key = _new_key(key_type)
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(_name(cn))
@@ -99,7 +99,7 @@ def issue(
 ) -> Issued:
     """A leaf certificate signed by *ca*: a server certificate (names in dns/ips), or a client one."""
     key = _new_key(key_type)
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     builder = (
         x509.CertificateBuilder()
         .subject_name(_name(cn))

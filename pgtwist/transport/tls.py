@@ -168,7 +168,7 @@ def check(cfg, *, for_nodes: bool) -> list[tuple[str, str]]:
     return errors
 
 
-def from_config(config) -> tuple["ClientTls | None", "NodeTls | None"]:
+def from_config(config) -> tuple[ClientTls | None, NodeTls | None]:
     """Both legs' TLS from a Config (None where the mode is "disable"); raises TlsSetupError."""
     client = ClientTls(client_context(config.tls)) if config.tls.mode != "disable" else None
     node = NodeTls(config.server_tls.mode, node_context(config.server_tls)) if config.server_tls.mode != "disable" else None
@@ -314,7 +314,7 @@ class NodeTls:
             sqlstate.PROTOCOL_VIOLATION, f"node {node} sent an invalid response to the SSL request: {data[:1]!r}"
         )
 
-    def handshake(self, host: str) -> "NodeHandshake":
+    def handshake(self, host: str) -> NodeHandshake:
         return NodeHandshake(self, host)
 
 

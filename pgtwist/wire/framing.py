@@ -125,7 +125,7 @@ class MessageScanner:
         self,
         capture: frozenset[int] | set[int],
         max_length: int,
-        watch: frozenset[int] | set[int] = (),
+        watch: frozenset[int] | set[int] = frozenset(),
         *,
         frontend: bool = False,
     ):
@@ -248,7 +248,7 @@ class MessageScanner:
                 return [data]
         if self._broken:
             raise ProtocolViolation("invalid message stream: an earlier message was refused")
-        out = []
+        out: list = []
         pos = start = 0
         max_length = self.max_length
         unpack_from = _INT32.unpack_from

@@ -1,7 +1,10 @@
 """Encoders and decoders for the messages the proxy generates or has to look inside."""
 
+import builtins
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from struct import Struct
+from typing import NoReturn
 
 from pgtwist.wire import protocol as p
 from pgtwist.wire import sqlstate
@@ -45,7 +48,7 @@ class Reader:
         self.pos = 0
         self.what = what
 
-    def _fail(self, why: str):
+    def _fail(self, why: str) -> NoReturn:
         raise ProtocolViolation(f"invalid {self.what} message: {why}")
 
     def int32(self) -> int:
@@ -90,7 +93,7 @@ class Reader:
         except UnicodeDecodeError:
             self._fail("invalid UTF-8 in string")
 
-    def rest(self) -> bytes:
+    def rest(self) -> builtins.bytes:  # (bytes, in this class, is the method above)
         v = bytes(self.data[self.pos :])
         self.pos = len(self.data)
         return v
@@ -242,7 +245,7 @@ def decode_authentication(body: bytes) -> tuple[int, bytes]:
 
 def decode_sasl_mechanisms(data: bytes) -> list[str]:
     r = Reader(data, "AuthenticationSASL")
-    out = []
+    out: list[str] = []
     while True:
         name = r.cstring()
         if not name:
@@ -383,12 +386,12 @@ def flush() -> bytes:
     return frame(p.FLUSH)
 
 
-def parse(name: str, sql: str, param_types: list[int] = ()) -> bytes:
+def parse(name: str, sql: str, param_types: Sequence[int] = ()) -> bytes:
     body = cstring(name) + cstring(sql) + _I16.pack(len(param_types)) + b"".join(_I32.pack(t) for t in param_types)
     return frame(p.PARSE, body)
 
 
-def bind(portal: str, statement: str, params: list[bytes | None] = (), param_formats=(), result_formats=()) -> bytes:
+def bind(portal: str, statement: str, params: Sequence[bytes | None] = (), param_formats=(), result_formats=()) -> bytes:
     out = [cstring(portal), cstring(statement), _I16.pack(len(param_formats))]
     out += [_I16.pack(f) for f in param_formats]
     out.append(_I16.pack(len(params)))

@@ -10,7 +10,7 @@ import pytest
 
 from pgtwist.tools.localcluster import LocalCluster
 
-from . import proxy as proxymod
+from tests.harness import proxy as proxymod
 
 # No single integration test may take longer than this: a hang fails the test, never CI.
 TEST_DEADLINE = 90

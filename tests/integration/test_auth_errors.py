@@ -11,7 +11,7 @@ import pytest
 from pgtwist.tools.localcluster import free_port
 from pgtwist.wire import protocol as p
 
-from .proxy import HOST, RawClient, ServerError, error_fields_of, start_proxy
+from tests.harness.proxy import HOST, RawClient, ServerError, error_fields_of, start_proxy
 
 pytestmark = pytest.mark.integration
 
@@ -139,7 +139,8 @@ def test_node_that_never_answers_times_out_with_08006(pg_cluster, tmp_path):
     with socket.socket() as silent:
         silent.bind((HOST, free_port()))
         silent.listen(16)
-        addr = "%s:%d" % silent.getsockname()
+        host, port = silent.getsockname()
+        addr = f"{host}:{port}"
         with start_proxy(
             pg_cluster,
             tmp_path,

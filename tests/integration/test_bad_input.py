@@ -9,7 +9,8 @@ from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 from pgtwist.wire.framing import frame
 
-from .proxy import RawClient, error_fields_of, start_proxy, wait_for
+from tests.harness.ops import ADMIN, ADMIN_PASSWORD, show_nodes
+from tests.harness.proxy import RawClient, error_fields_of, start_proxy, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -45,22 +46,21 @@ def closed_silently(proxy, data: bytes) -> None:
     wait_for(lambda: "invalid length of startup packet" in proxy.log_text(offset), 5, "the refusal in the log")
 
 
-def test_startup_length_3(proxy):
-    closed_silently(proxy, struct.pack("!I", 3))
-    assert_serves(proxy)
-
-
-def test_startup_packet_over_10000_bytes(proxy):
-    big = m.startup_message({"user": proxy.user, "database": "appdb", "application_name": "x" * 12000})
-    assert len(big) > 10000
-    closed_silently(proxy, big)
+NOT_A_STARTUP_PACKET = [
+    pytest.param(lambda px: struct.pack("!I", 3), id="length-3"),
+    pytest.param(
+        lambda px: m.startup_message({"user": px.user, "database": "appdb", "application_name": "x" * 12000}),
+        id="over-10000-bytes",
+    ),
     # Only the announced length, without the body: refused at once, not waited for.
-    closed_silently(proxy, struct.pack("!II", 10001, p.PROTOCOL_3_0))
-    assert_serves(proxy)
+    pytest.param(lambda px: struct.pack("!II", 10001, p.PROTOCOL_3_0), id="announcing-10001-bytes"),
+    pytest.param(lambda px: b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n", id="http-request"),
+]
 
 
-def test_http_request_instead_of_startup(proxy):
-    closed_silently(proxy, b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+@pytest.mark.parametrize("make", NOT_A_STARTUP_PACKET)
+def test_not_a_startup_packet_is_closed_silently(proxy, make):
+    closed_silently(proxy, make(proxy))
     assert_serves(proxy)
 
 
@@ -99,28 +99,26 @@ def test_protocol_3_2_with_unknown_option_is_negotiated(proxy):
     assert_serves(proxy)
 
 
-def test_garbage_after_login_is_08P01(proxy):
+@pytest.mark.parametrize(
+    "data, words",
+    [
+        (b"Q" + struct.pack("!I", 2), "invalid message length 2"),  # a length below 4 cannot be
+        # PostgreSQL would answer FATAL and end its connection: the proxy says it instead, and
+        # the server connection (which never saw the bytes) stays in the pool.
+        (b"!" + struct.pack("!I", 4), "invalid frontend message type 33 ('!')"),
+    ],
+    ids=["length-below-4", "unknown-type"],
+)
+def test_garbage_after_login_is_refused_before_the_node_with_08P01(proxy, data, words):
     with RawClient(proxy.host, proxy.port) as c:
         c.login(proxy.user, "appdb", proxy.password)
         assert c.scalar("SELECT 1") == "1"
-        c.send(b"Q" + struct.pack("!I", 2))  # a length below 4 cannot be
+        c.send(data)
         reply = c.wait_closed(CLOSE_TIMEOUT)
     fields = error_fields_of(reply)
     assert fields is not None, reply
     assert fields["S"] == "FATAL" and fields["C"] == "08P01"
-    assert_serves(proxy)
-
-
-def test_unknown_message_type_after_login_is_refused_before_the_node(proxy):
-    # PostgreSQL would answer FATAL and end its connection: the proxy says it instead, and the
-    # server connection (which never saw the bytes) stays in the pool.
-    with RawClient(proxy.host, proxy.port) as c:
-        c.login(proxy.user, "appdb", proxy.password)
-        c.send(b"!" + struct.pack("!I", 4))
-        reply = c.wait_closed(CLOSE_TIMEOUT)
-    fields = error_fields_of(reply)
-    assert fields is not None and fields["C"] == "08P01", reply
-    assert fields["M"] == "invalid frontend message type 33 ('!')"
+    assert words in fields["M"], fields["M"]
     assert_serves(proxy)
 
 
@@ -180,45 +178,34 @@ def test_message_over_max_message_size(pg_cluster, tmp_path):
         assert_serves(px)
 
 
-def test_query_instead_of_password(proxy):
+@pytest.mark.parametrize(
+    "answer, words",
+    [
+        (m.query("SELECT 1"), ""),
+        (m.sasl_initial_response("SCRAM-SHA-1", b"n,,n=,r=abcdef"), "mechanism"),
+        # Empty, not UTF-8, empty nonce, channel binding without TLS, oversized.
+        (m.sasl_initial_response("SCRAM-SHA-256", b""), ""),
+        (m.sasl_initial_response("SCRAM-SHA-256", b"\xff\xfe"), ""),
+        (m.sasl_initial_response("SCRAM-SHA-256", b"n,,n=,r="), ""),
+        (m.sasl_initial_response("SCRAM-SHA-256", b"p=tls-server-end-point,,n=,r=abc"), ""),
+        (m.sasl_initial_response("SCRAM-SHA-256", b"y,,n=,r=" + b"A" * 60000), ""),
+    ],
+    ids=["query-instead", "unknown-mechanism", "scram-empty", "scram-not-utf8", "scram-empty-nonce", "scram-binding-without-tls", "scram-oversized"],
+)
+def test_bad_answer_to_the_authentication_request_is_fatal_08P01(proxy, answer, words):
     with RawClient(proxy.host, proxy.port) as c:
         c.startup(proxy.user, "appdb")
         assert c.read_message()[0] == p.AUTHENTICATION
-        c.send(m.query("SELECT 1"))
+        c.send(answer)
         reply = c.wait_closed(CLOSE_TIMEOUT)
     fields = error_fields_of(reply)
-    assert fields is not None and fields["C"] == "08P01", reply
-    assert_serves(proxy)
-
-
-def test_unknown_sasl_mechanism(proxy):
-    with RawClient(proxy.host, proxy.port) as c:
-        c.startup(proxy.user, "appdb")
-        assert c.read_message()[0] == p.AUTHENTICATION
-        c.send(m.sasl_initial_response("SCRAM-SHA-1", b"n,,n=,r=abcdef"))
-        reply = c.wait_closed(CLOSE_TIMEOUT)
-    fields = error_fields_of(reply)
-    assert fields is not None and fields["S"] == "FATAL" and fields["C"] == "08P01", reply
-    assert "mechanism" in fields["M"]
-    assert_serves(proxy)
-
-
-def test_garbage_scram_messages(proxy):
-    # Empty, not UTF-8, empty nonce, channel binding without TLS, oversized.
-    for first in (b"", b"\xff\xfe", b"n,,n=,r=", b"p=tls-server-end-point,,n=,r=abc", b"y,,n=,r=" + b"A" * 60000):
-        with RawClient(proxy.host, proxy.port) as c:
-            c.startup(proxy.user, "appdb")
-            assert c.read_message()[0] == p.AUTHENTICATION
-            c.send(m.sasl_initial_response("SCRAM-SHA-256", first))
-            reply = c.wait_closed(CLOSE_TIMEOUT)
-        fields = error_fields_of(reply)
-        assert fields is not None and fields["S"] == "FATAL" and fields["C"] == "08P01", (first[:20], reply)
+    assert fields is not None and fields["S"] == "FATAL" and fields["C"] == "08P01", reply[:200]
+    assert words in fields["M"], fields["M"]
     assert_serves(proxy)
 
 
 # --------------------------------------------------------------------------- malformed, in every state
 
-ADMIN, ADMIN_PASSWORD = "admin", "admin-secret-9"
 # (bytes, words the FATAL 08P01 must contain)
 MALFORMED = [
     (frame(p.DESCRIBE, b"Xs1\x00"), "Describe message: unknown target type 88"),
@@ -237,7 +224,7 @@ MALFORMED_IDS = [words.split(":")[0].replace(" ", "-")[:28] for _, words in MALF
 @pytest.fixture(scope="module")
 def tx_proxy(pg_cluster, tmp_path_factory):
     """Transaction pooling in front of the primary and its replica (routing on), pool_size 1, an admin console."""
-    from .ops import start_ops_proxy
+    from tests.harness.ops import start_ops_proxy
 
     with start_ops_proxy(
         pg_cluster,
@@ -345,32 +332,6 @@ def test_xx000_reproduction_no_server_connection(tx_proxy):
             assert_fatal_08p01(c, "invalid")
     assert "internal error" not in tx_proxy.log_text(tx_proxy.log_offset_at_start)
     assert_serves(tx_proxy)
-
-
-def admin_show(px, what: str) -> list[dict]:
-    """SHOW *what* on the admin console: its rows, as dicts of text values."""
-    from .txhelpers import data_row_values
-
-    with RawClient(px.host, px.port) as c:
-        c.login(ADMIN, "pgbalance", ADMIN_PASSWORD)
-        out = c.query(f"SHOW {what}")
-    names = [f[0] for f in _columns(next(b for t, b in out if t == p.ROW_DESCRIPTION))]
-    return [dict(zip(names, data_row_values(b))) for t, b in out if t == p.DATA_ROW]
-
-
-def show_nodes(px) -> dict[str, dict]:
-    """SHOW NODES on the admin console: node -> its row."""
-    return {row["node"]: row for row in admin_show(px, "NODES")}
-
-
-def _columns(body: bytes) -> list[tuple[str]]:
-    (n,) = struct.unpack_from("!H", body, 0)
-    pos, out = 2, []
-    for _ in range(n):
-        end = body.index(b"\x00", pos)
-        out.append((body[pos:end].decode(),))
-        pos = end + 1 + 18
-    return out
 
 
 def test_nodes_stay_up_after_all_that(tx_proxy, pg_cluster):

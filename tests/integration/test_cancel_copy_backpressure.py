@@ -15,7 +15,7 @@ from psycopg import errors as pgerrors
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 
-from .proxy import RawClient, wait_for
+from tests.harness.proxy import RawClient, wait_for
 
 pytestmark = pytest.mark.integration
 

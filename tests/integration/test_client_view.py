@@ -6,8 +6,8 @@ Real PostgreSQL (the shared LocalCluster), real drivers (psycopg 3), pgtwist und
 import psycopg
 import pytest
 
-from . import proxy as proxymod
-from .txhelpers import TX_CONFIG
+from tests.harness import proxy as proxymod
+from tests.harness.txhelpers import TX_CONFIG
 
 pytestmark = pytest.mark.integration
 
@@ -134,8 +134,9 @@ def test_unnamed_portal_kept_across_a_reset_in_a_transaction(tx_proxy, pg_cluste
     """Inside a transaction: a partly fetched unnamed portal, a RESET ALL run through a named
     statement and portal (after which pgtwist restores the startup settings), then the rest of
     the unnamed portal: as on a direct connection."""
-    from .txhelpers import batch, bind, execute, parse, raw_login, sync
     from pgtwist.wire import protocol as p
+
+    from tests.harness.txhelpers import batch, bind, execute, parse, raw_login, sync
 
     def run(client):
         client.query("BEGIN")
@@ -147,7 +148,7 @@ def test_unnamed_portal_kept_across_a_reset_in_a_transaction(tx_proxy, pg_cluste
         client.query("COMMIT")
         return rest.rows, rest.sqlstates, client.scalar("SHOW application_name")
 
-    from .proxy import RawClient
+    from tests.harness.proxy import RawClient
 
     primary = pg_cluster.nodes[0]
     with RawClient(primary.host, primary.port) as direct:

@@ -18,8 +18,8 @@ from pgtwist.tools.localcluster import LocalCluster
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 
-from .proxy import DATABASE, RawClient, start_proxy, wait_for
-from .txhelpers import data_row_values
+from tests.harness.proxy import DATABASE, RawClient, start_proxy, wait_for
+from tests.harness.txhelpers import data_row_values
 
 pytestmark = pytest.mark.integration
 
@@ -131,7 +131,7 @@ def test_autocommit_reads_spread_over_both_replicas(rproxy, cluster):
             for conn in (a, b):
                 counts[one(conn, "SELECT inet_server_port()")[0]] += 1
         # Extended protocol with parameters: reads too.
-        for i in range(10):
+        for _ in range(10):
             counts[one(a, "SELECT inet_server_port() + %s", (0,))[0]] += 1
     assert counts[primary] == 0, counts
     # Least-outstanding with round robin among equals: each replica gets a fair share.
@@ -388,7 +388,7 @@ def test_read_your_writes_with_delayed_replicas(rproxy, cluster, synchronous_com
     set_apply_delay(cluster, "2s")
     try:
         for conn in direct:
-            wait_for(lambda: one(conn, "SHOW recovery_min_apply_delay")[0] == "2s", 10, "the apply delay in effect")
+            wait_for(lambda conn=conn: one(conn, "SHOW recovery_min_apply_delay")[0] == "2s", 10, "the apply delay in effect")
         start = one(direct[0], "SELECT count(*) FROM ryw")[0]
         with rproxy.connect(options=f"-c synchronous_commit={synchronous_commit}") as writer, rproxy.connect() as other:
             writer_ports, other_ports = [], []

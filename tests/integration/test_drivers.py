@@ -9,8 +9,8 @@ import psycopg
 import pytest
 from psycopg import errors as pgerrors
 
-from .proxy import start_proxy
-from .txhelpers import pgbench
+from tests.harness.proxy import start_proxy
+from tests.harness.txhelpers import pgbench
 
 pytestmark = pytest.mark.integration
 

@@ -16,34 +16,11 @@ import psycopg
 import pytest
 from psycopg import errors as pgerrors
 
-from pgtwist.tools.localcluster import LocalCluster
-
-from .proxy import DATABASE, start_proxy, wait_for
+from tests.harness.failover import FAILOVER, make_cluster, wait_routing, write, write_until_it_works
+from tests.harness.load import FAST_READ, SLOW_READ, Readers
+from tests.harness.proxy import DATABASE, start_proxy, wait_for
 
 pytestmark = pytest.mark.integration
-
-FAILOVER: dict = {
-    "pool_mode": "transaction",
-    "pool_size": 8,
-    "query_wait_timeout": 30,
-    "health_check_interval": 0.2,
-    "health_check_timeout": 1.0,
-    "failover_wait": 15.0,
-}
-
-SETUP_SQL = "CREATE TABLE ft (id serial PRIMARY KEY, v int, port int);"
-
-
-def make_cluster() -> LocalCluster:
-    c = LocalCluster.create(replicas=2)
-    try:
-        c.psql(c.nodes[0], SETUP_SQL, user=c.app_user, dbname=c.app_database)
-        c.wait_replicas_caught_up(30)
-    except BaseException:
-        c.destroy()
-        raise
-    return c
-
 
 @pytest.fixture(scope="module")
 def cluster():
@@ -66,107 +43,6 @@ def fproxy(cluster, tmp_path_factory):
     with routing_proxy(cluster, tmp_path_factory.mktemp("failover")) as px:
         wait_routing(px, cluster)
         yield px
-
-
-def wait_routing(px, cluster, timeout: float = 20) -> None:
-    """Until the monitor knows every node: reads reach both replicas, writes the primary."""
-    primary, r1, r2 = (n.port for n in cluster.nodes)
-    seen: set[int] = set()
-
-    def both():
-        with px.connect() as conn:
-            for _ in range(6):
-                seen.add(conn.execute("SELECT inet_server_port()").fetchone()[0])
-        return {r1, r2} <= seen
-
-    wait_for(both, timeout, f"reads on both replicas (seen {seen})")
-    with px.connect() as conn:
-        assert write(conn, 0) == primary
-
-
-def write(conn, v: int) -> int:
-    """Insert a row; the port of the node that took it."""
-    return conn.execute("INSERT INTO ft (v, port) VALUES (%s, inet_server_port()) RETURNING port", (v,)).fetchone()[0]
-
-
-def write_until_it_works(px, v: int, timeout: float) -> tuple[int, float, list[str]]:
-    """Poll writes through the proxy (new connection each try) until one succeeds; (port, seconds, errors seen)."""
-    start = time.monotonic()
-    errors: list[str] = []
-
-    def attempt():
-        try:
-            with px.connect() as conn:
-                return write(conn, v)
-        except psycopg.Error as e:
-            errors.append(f"{type(e).__name__}: {e}".strip())
-            raise
-
-    port = wait_for(attempt, timeout, "a write to succeed", interval=0.1)
-    return port, time.monotonic() - start, errors
-
-
-FAST_READ = "SELECT inet_server_port(), count(*) FROM ft"
-SLOW_READ = "SELECT inet_server_port(), pg_sleep(1)"  # in flight most of the time
-
-
-class Readers:
-    """One thread per query in *sqls*, each reading it (autocommit) through the proxy until stopped.
-
-    Errors, warnings and (time, port) of every read are kept.
-    """
-
-    def __init__(self, px, sqls: list[str]):
-        self.px = px
-        self.sqls = sqls
-        n = len(sqls)
-        self.stop = threading.Event()
-        self.errors: list[tuple[float, str]] = []
-        self.reads: list[list[tuple[float, int]]] = [[] for _ in range(n)]
-        # A node shut down under a statement warns its client (57P01) before it hangs up: a reader
-        # that got this warning and then its rows had its read replayed on another node.
-        self.warnings: list[str] = []
-        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(n)]
-
-    def _run(self, i: int) -> None:
-        try:
-            conn = self.px.connect()
-        except Exception as e:  # noqa: BLE001 - reported by the test
-            self.errors.append((time.monotonic(), f"connect: {e!r}"))
-            return
-        conn.add_notice_handler(lambda d: self.warnings.append(f"{d.sqlstate} {d.message_primary}"))
-        with conn:
-            while not self.stop.is_set():
-                try:
-                    port = conn.execute(self.sqls[i]).fetchone()[0]
-                except Exception as e:  # noqa: BLE001
-                    self.errors.append((time.monotonic(), f"reader {i}: {type(e).__name__}: {e}"))
-                    if conn.broken:
-                        return
-                    continue
-                self.reads[i].append((time.monotonic(), port))
-
-    def __enter__(self) -> "Readers":
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(15)
-        assert not any(t.is_alive() for t in self.threads), "a reader thread is stuck"
-
-    def wait_reads(self, since: float, n: int, timeout: float, what: str) -> None:
-        """Until every fast reader has *n* reads since *since* and every slow one 1 (or an error)."""
-
-        def enough():
-            return all(
-                sum(1 for t, _ in reads if t >= since) >= (n if sql is FAST_READ else 1)
-                for sql, reads in zip(self.sqls, self.reads)
-            )
-
-        wait_for(lambda: enough() or self.errors, timeout, what)
 
 
 # --------------------------------------------------------------------------- a replica dies

@@ -10,15 +10,15 @@ streaming the old primary's timeline. Which node served a statement is inet_serv
 from __future__ import annotations
 
 import re
-import threading
 import time
 
 import psycopg
 import pytest
 
-from .ops import http_get, start_ops_proxy
-from .proxy import DATABASE, HOST, free_port, run_psql, wait_for
-from .test_failover import FAILOVER, make_cluster, wait_routing, write, write_until_it_works
+from tests.harness.failover import FAILOVER, make_cluster, wait_routing, write, write_until_it_works
+from tests.harness.load import MixedLoad
+from tests.harness.ops import http_get, start_ops_proxy
+from tests.harness.proxy import DATABASE, HOST, free_port, run_psql, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -69,73 +69,12 @@ HUNG = {
 }
 
 
-class Load:
-    """Client threads through the proxy: autocommit readers, BEGIN READ ONLY readers, writers.
-
-    Each outcome is kept as (started, finished, kind, sqlstate or None for a success, port).
-    """
-
-    def __init__(self, px, readers=3, ro_readers=2, writers=2):
-        self.px = px
-        self.stop = threading.Event()
-        self.outcomes: list[tuple[float, float, str, str | None, int | None]] = []
-        self.broken: list[str] = []
-        kinds = ["read"] * readers + ["read_only_tx"] * ro_readers + ["write"] * writers
-        self.threads = [threading.Thread(target=self._run, args=(kind, i), daemon=True) for i, kind in enumerate(kinds)]
-
-    def _one(self, conn, kind: str, i: int) -> int:
-        if kind == "read":
-            return conn.execute("SELECT inet_server_port() FROM (SELECT count(*) FROM ft) AS c").fetchone()[0]
-        if kind == "read_only_tx":
-            conn.execute("BEGIN READ ONLY")
-            port = conn.execute("SELECT inet_server_port()").fetchone()[0]
-            conn.execute("COMMIT")
-            return port
-        return write(conn, 5000 + i)
-
-    def _run(self, kind: str, i: int) -> None:
-        try:
-            conn = self.px.connect()
-        except Exception as e:  # noqa: BLE001 - reported by the test
-            self.broken.append(f"{kind} {i}: connect: {e!r}")
-            return
-        with conn:
-            while not self.stop.is_set():
-                started = time.monotonic()
-                try:
-                    port = self._one(conn, kind, i)
-                    self.outcomes.append((started, time.monotonic(), kind, None, port))
-                except psycopg.Error as e:
-                    self.outcomes.append((started, time.monotonic(), kind, e.sqlstate, None))
-                    if conn.broken:
-                        self.broken.append(f"{kind} {i}: {e!r}")
-                        return
-                    if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-                        conn.rollback()
-                    time.sleep(0.05)
-                time.sleep(0.02)
-
-    def __enter__(self) -> "Load":
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(15)
-        assert not any(t.is_alive() for t in self.threads), "a client thread is stuck"
-
-    def between(self, start: float, end: float, kind: str | None = None) -> list:
-        return [o for o in self.outcomes if start <= o[1] <= end and (kind is None or o[2] == kind)]
-
-
 def test_hung_primary_reads_go_on_writes_fail_within_bounds(cluster, tmp_path):
     primary, r1, r2 = cluster.nodes
     px_cm, _ = drill_proxy(cluster, tmp_path, **HUNG)
     with px_cm as px:
         wait_routing(px, cluster)
-        with Load(px) as load:
+        with MixedLoad(px) as load:
             wait_for(lambda: len(load.between(0, time.monotonic(), "write")) >= 5, 20, "writes before the freeze")
             frozen_at = time.monotonic()
             cluster.freeze(primary)
@@ -275,7 +214,7 @@ def test_replica_still_streaming_the_old_primary_gets_no_reads(tmp_path):
 
 @pytest.mark.parametrize("pool_mode", ["transaction", "session"])
 def test_query_timeout_stops_a_long_statement(pg_cluster, tmp_path, pool_mode):
-    from .proxy import start_proxy
+    from tests.harness.proxy import start_proxy
 
     primary = pg_cluster.nodes[0]
     with start_proxy(pg_cluster, tmp_path, pool_mode=pool_mode, query_timeout=1.0) as px:

@@ -16,10 +16,9 @@ from hypothesis import strategies as st
 
 from pgtwist.wire import messages as m
 
-from . import fuzzing
-from .ops import start_ops_proxy
-from .proxy import RawClient, wait_for
-from .test_bad_input import ADMIN, ADMIN_PASSWORD, admin_show, show_nodes
+from tests.harness import fuzzing
+from tests.harness.ops import ADMIN, ADMIN_PASSWORD, admin_show, nodes_up, pools_at_rest, show_nodes, start_ops_proxy
+from tests.harness.proxy import RawClient, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -59,20 +58,6 @@ def fuzz_proxy(cluster, tmp_path, **overrides):
     )
 
 
-def nodes_up(px) -> dict[str, str]:
-    """node -> SHOW NODES's up column, once the monitor has seen every node up."""
-    return wait_for(
-        lambda: (up := {name: row["up"] for name, row in show_nodes(px).items()}) and all(v == "t" for v in up.values()) and up,
-        20,
-        "every node up in SHOW NODES",
-    )
-
-
-def pools_at_rest(px) -> bool:
-    """No server connection busy and nobody waiting, in any pool (once every client has left)."""
-    return all(row["busy"] == "0" and row["waiting"] == "0" for row in admin_show(px, "POOLS"))
-
-
 def run_fuzz(px, cluster, examples: int, seconds: float) -> fuzzing.Verdicts:
     nodes_before = nodes_up(px)
     assert len(nodes_before) == len(cluster.nodes)
@@ -85,9 +70,12 @@ def run_fuzz(px, cluster, examples: int, seconds: float) -> fuzzing.Verdicts:
     @settings(max_examples=examples, **FUZZ)
     @given(st.data())
     def one_batch(data):
-        if time.monotonic() > stop_at:
-            return  # (the time bound wins over the example count on a slow machine)
         frames, truncated = fuzzing.batch(fuzzing.HypothesisChooser(data), MAX_MESSAGE)
+        if time.monotonic() > stop_at:
+            # The time bound wins over the example count on a slow machine. Drawn all the same:
+            # an example that stopped drawing early would make Hypothesis see generation depend
+            # on outside state and fail the run (FlakyStrategyDefinition).
+            return
         fuzzer.send(frames, truncated)
         assert not fuzzer.verdicts.violations, fuzzer.verdicts.violations[-1]
 

@@ -31,9 +31,9 @@ from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 from pgtwist.wire.framing import pop_messages
 
-from .ops import rewrite_config, start_ops_proxy
-from .proxy import DATABASE, RawClient, wait_for
-from .txhelpers import run_async
+from tests.harness.ops import rewrite_config, start_ops_proxy
+from tests.harness.proxy import DATABASE, RawClient, wait_for
+from tests.harness.txhelpers import run_async
 
 pytestmark = pytest.mark.integration
 
@@ -314,24 +314,32 @@ def errors_in(data: bytes) -> list[dict]:
     return out
 
 
-def test_session_mode_terminated_backend_is_one_fatal_the_nodes(session_proxy, pg_cluster):
-    px, since = session_proxy, session_proxy.log_size()
-    with raw_login(px) as c:
-        tag = marker()
-        c.send(m.query(f"SELECT pg_sleep(30) /* {tag} */"))
-        terminate(pg_cluster, tag, "active")
-        (fatal,) = errors_in(c.wait_closed(10))
-        assert (fatal["S"], fatal["C"], fatal["M"]) == ("FATAL", "57P01", "terminating connection due to administrator command")
-    assert_nodes_up(px, since)
+def terminated_mid_statement(c: RawClient, cluster) -> None:
+    tag = marker()
+    c.send(m.query(f"SELECT pg_sleep(30) /* {tag} */"))
+    terminate(cluster, tag, "active")
 
 
-def test_session_mode_idle_in_transaction_timeout_is_one_fatal(session_proxy):
+def idle_in_transaction_too_long(c: RawClient, cluster) -> None:
+    c.query("SET idle_in_transaction_session_timeout = '200ms'")
+    c.query("BEGIN")
+
+
+@pytest.mark.parametrize(
+    "provoke, code, words",
+    [
+        (terminated_mid_statement, "57P01", "terminating connection due to administrator command"),
+        (idle_in_transaction_too_long, "25P03", "idle-in-transaction timeout"),
+    ],
+    ids=["terminated", "idle-in-transaction-timeout"],
+)
+def test_session_mode_the_nodes_fatal_is_the_one_error(session_proxy, pg_cluster, provoke, code, words):
     px, since = session_proxy, session_proxy.log_size()
     with raw_login(px) as c:
-        c.query("SET idle_in_transaction_session_timeout = '200ms'")
-        c.query("BEGIN")
+        provoke(c, pg_cluster)
         (fatal,) = errors_in(c.wait_closed(10))
-        assert (fatal["S"], fatal["C"]) == ("FATAL", "25P03")
+        assert (fatal["S"], fatal["C"]) == ("FATAL", code)
+        assert words in fatal["M"], fatal["M"]
     with px.connect() as conn:  # the pool's slot came back
         assert conn.execute("SELECT 1").fetchone() == (1,)
     assert_nodes_up(px, since)

@@ -11,9 +11,10 @@ import subprocess
 import psycopg
 import pytest
 
-from .ops import http_get, rewrite_config, screen_text, ssh_keygen, ssh_repl, start_ops_proxy
-from .proxy import HOST, RawClient, ServerError, port_accepts, run_psql, wait_for
 from pgtwist.tools.localcluster import free_port
+
+from tests.harness.ops import http_get, rewrite_config, screen_text, ssh_keygen, ssh_repl, start_ops_proxy
+from tests.harness.proxy import HOST, RawClient, ServerError, port_accepts, run_psql, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -64,7 +65,7 @@ def test_manhole_over_real_ssh_sees_live_sessions(pg_cluster, tmp_path):
 
 
 def test_manhole_refuses_to_start_without_authorized_keys(pg_cluster, tmp_path):
-    from .proxy import ProxyStartError
+    from tests.harness.proxy import ProxyStartError
 
     tables = {"manhole": {"listen": f"{HOST}:{free_port(HOST)}", "authorized_keys": "missing_keys"}}
     with pytest.raises(ProxyStartError, match="authorized_keys"):

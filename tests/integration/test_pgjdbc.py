@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from .proxy import start_proxy
-from .txhelpers import TX_CONFIG
+from tests.harness.proxy import start_proxy
+from tests.harness.txhelpers import TX_CONFIG
 
 pytestmark = pytest.mark.integration
 

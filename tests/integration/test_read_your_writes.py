@@ -25,8 +25,8 @@ from pgtwist.tools.localcluster import LocalCluster
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 
-from .proxy import DATABASE, RawClient, start_proxy, wait_for
-from .txhelpers import batch, bind, data_row_values, execute, parse, run_async, run_threads, sync
+from tests.harness.proxy import DATABASE, RawClient, start_proxy, wait_for
+from tests.harness.txhelpers import batch, bind, data_row_values, execute, parse, run_async, run_threads, sync
 
 pytestmark = pytest.mark.integration
 

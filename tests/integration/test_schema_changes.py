@@ -10,13 +10,14 @@ does better: it prepares the statement again and retries, which the README promi
 from __future__ import annotations
 
 import itertools
+from typing import NamedTuple
 
 import asyncpg
 import psycopg
 import pytest
 
-from .proxy import ServerError, start_proxy
-from .txhelpers import TX_CONFIG, batch, bind, describe, execute, parse, raw_login, run_async, sync
+from tests.harness.proxy import ServerError, start_proxy
+from tests.harness.txhelpers import TX_CONFIG, batch, bind, describe, execute, parse, raw_login, run_async, sync
 
 pytestmark = pytest.mark.integration
 
@@ -105,66 +106,279 @@ def connect(target, **kw):
     return psycopg.connect(target.dsn(), autocommit=True, prepare_threshold=0, **kw)
 
 
-# --------------------------------------------------------------------------- the issue's reproductions
+# --------------------------------------------------------------------------- scenarios run directly and through pgtwist
 
 
-@pytest.mark.parametrize("ddl_via", ["pgtwist", "outside"])
-def test_a_new_client_after_add_column_sees_the_new_column(pg_cluster, one, owner, ddl_via):
-    def scenario(target):
-        t = fresh("sc_add")
-        owner.execute(f"CREATE TABLE {t} (x int)")
-        owner.execute(f"INSERT INTO {t} VALUES (1)")
-        with connect(target) as a:
-            assert a.execute(f"SELECT * FROM {t}").fetchall() == [(1,)]
-            assert a.execute(f"SELECT * FROM {t}").fetchall() == [(1,)]  # (prepared now)
-        if ddl_via == "pgtwist":
-            with psycopg.connect(target.dsn(), autocommit=True) as c:
-                c.execute(f"ALTER TABLE {t} ADD COLUMN y int")
-        else:
-            owner.execute(f"ALTER TABLE {t} ADD COLUMN y int")
-        with connect(target) as b:  # a NEW client
-            got = [outcome(lambda: b.execute(f"SELECT * FROM {t}").fetchall()) for _ in range(3)]
-        owner.execute(f"DROP TABLE {t}")
-        return got
-
-    direct, proxied = both(pg_cluster, one, scenario)
-    assert direct == [("ok", [(1, None)])] * 3
-    assert proxied == direct
+def add_column_then_a_new_client(ctx, target):
+    t = fresh("sc_add")
+    ctx.owner.execute(f"CREATE TABLE {t} (x int)")
+    ctx.owner.execute(f"INSERT INTO {t} VALUES (1)")
+    with connect(target) as a:
+        assert a.execute(f"SELECT * FROM {t}").fetchall() == [(1,)]
+        assert a.execute(f"SELECT * FROM {t}").fetchall() == [(1,)]  # (prepared now)
+    if ctx.param == "pgtwist":
+        with psycopg.connect(target.dsn(), autocommit=True) as c:
+            c.execute(f"ALTER TABLE {t} ADD COLUMN y int")
+    else:
+        ctx.owner.execute(f"ALTER TABLE {t} ADD COLUMN y int")
+    with connect(target) as b:  # a NEW client
+        got = [outcome(lambda: b.execute(f"SELECT * FROM {t}").fetchall()) for _ in range(3)]
+    ctx.owner.execute(f"DROP TABLE {t}")
+    return got
 
 
-def test_enum_dropped_deallocated_and_created_again(pg_cluster, one):
-    def scenario(target):
-        e = fresh("sc_enum")
-        with connect(target) as c:
-            c.execute(f"CREATE TYPE {e} AS ENUM ('foo')")
-            first = c.execute(f"SELECT %s::{e}[]", (["foo"],)).fetchone()
-            c.execute(f"DROP TYPE {e}")  # psycopg answers this with DEALLOCATE ALL
-            c.execute(f"CREATE TYPE {e} AS ENUM ('foo')")
-            again = outcome(lambda: c.execute(f"SELECT %s::{e}[]", (["foo"],)).fetchone())
-            c.execute(f"DROP TYPE {e}")
-        return first, again
-
-    direct, proxied = both(pg_cluster, one, scenario)
-    assert direct[1][0] == "ok", direct
-    assert proxied == direct
+def enum_dropped_deallocated_and_created_again(ctx, target):
+    e = fresh("sc_enum")
+    with connect(target) as c:
+        c.execute(f"CREATE TYPE {e} AS ENUM ('foo')")
+        first = c.execute(f"SELECT %s::{e}[]", (["foo"],)).fetchone()
+        c.execute(f"DROP TYPE {e}")  # psycopg answers this with DEALLOCATE ALL
+        c.execute(f"CREATE TYPE {e} AS ENUM ('foo')")
+        again = outcome(lambda: c.execute(f"SELECT %s::{e}[]", (["foo"],)).fetchone())
+        c.execute(f"DROP TYPE {e}")
+    return first, again
 
 
-def test_enum_recreated_outside_pgtwist_and_a_new_client(pg_cluster, one, owner):
-    def scenario(target):
-        e = fresh("sc_enum_out")
-        owner.execute(f"CREATE TYPE {e} AS ENUM ('foo')")
-        with connect(target) as c:
-            c.execute(f"SELECT %s::{e}[]", (["foo"],)).fetchone()
-        owner.execute(f"DROP TYPE {e}")
-        owner.execute(f"CREATE TYPE {e} AS ENUM ('foo', 'bar')")
-        with connect(target) as c:
-            got = outcome(lambda: c.execute(f"SELECT %s::{e}[]", (["bar"],)).fetchone())
-        owner.execute(f"DROP TYPE {e}")
-        return got
+def enum_recreated_outside_then_a_new_client(ctx, target):
+    e = fresh("sc_enum_out")
+    ctx.owner.execute(f"CREATE TYPE {e} AS ENUM ('foo')")
+    with connect(target) as c:
+        c.execute(f"SELECT %s::{e}[]", (["foo"],)).fetchone()
+    ctx.owner.execute(f"DROP TYPE {e}")
+    ctx.owner.execute(f"CREATE TYPE {e} AS ENUM ('foo', 'bar')")
+    with connect(target) as c:
+        got = outcome(lambda: c.execute(f"SELECT %s::{e}[]", (["bar"],)).fetchone())
+    ctx.owner.execute(f"DROP TYPE {e}")
+    return got
 
-    direct, proxied = both(pg_cluster, one, scenario)
-    assert direct[0] == "ok", direct
-    assert proxied == direct
+
+def asyncpg_after_a_stale_statement(ctx, target):
+    """asyncpg's own recovery (InvalidCachedStatementError: re-prepare, retry) or pgtwist's: the rows are right."""
+    t = fresh("sc_apg")
+    ctx.owner.execute(f"CREATE TABLE {t} (x int)")
+    ctx.owner.execute(f"INSERT INTO {t} VALUES (1)")
+
+    async def main():
+        conn = await asyncpg.connect(**target.asyncpg_kwargs())
+        other = await asyncpg.connect(**target.asyncpg_kwargs())
+        try:
+            assert [tuple(r) for r in await conn.fetch(f"SELECT * FROM {t}")] == [(1,)]
+            assert [tuple(r) for r in await other.fetch(f"SELECT * FROM {t}")] == [(1,)]
+            if ctx.param == "pgtwist":
+                await other.execute(f"ALTER TABLE {t} ADD COLUMN y int")
+            else:
+                ctx.owner.execute(f"ALTER TABLE {t} ADD COLUMN y int")
+            rows = [tuple(r) for r in await conn.fetch(f"SELECT * FROM {t}")]
+            again = [tuple(r) for r in await conn.fetch(f"SELECT * FROM {t}")]
+            return rows, again
+        finally:
+            await conn.close()
+            await other.close()
+
+    try:
+        return run_async(main(), timeout=30)
+    finally:
+        ctx.owner.execute(f"DROP TABLE {t}")
+
+
+def asyncpg_stale_inside_a_transaction(ctx, target):
+    t = fresh("sc_apg_tx")
+    ctx.owner.execute(f"CREATE TABLE {t} (x int)")
+    ctx.owner.execute(f"INSERT INTO {t} VALUES (1)")
+
+    async def main():
+        conn = await asyncpg.connect(**target.asyncpg_kwargs())
+        try:
+            await conn.fetch(f"SELECT * FROM {t}")
+            ctx.owner.execute(f"ALTER TABLE {t} ADD COLUMN y int")
+            try:
+                async with conn.transaction():
+                    await conn.fetch(f"SELECT * FROM {t}")
+                first = "ok"
+            except asyncpg.exceptions.InvalidCachedStatementError as e:
+                first = ("error", e.sqlstate)
+            after = [tuple(r) for r in await conn.fetch(f"SELECT * FROM {t}")]
+            return first, after
+        finally:
+            await conn.close()
+
+    try:
+        return run_async(main(), timeout=30)
+    finally:
+        ctx.owner.execute(f"DROP TABLE {t}")
+
+
+def ddl_inside_an_explicit_transaction(ctx, target):
+    t = fresh("sc_tx")
+    ctx.owner.execute(f"CREATE TABLE {t} (x int)")
+    ctx.owner.execute(f"INSERT INTO {t} VALUES (1)")
+    with connect(target) as warm:
+        warm.execute(f"SELECT * FROM {t}").fetchall()
+        warm.execute(f"SELECT * FROM {t}").fetchall()
+    got = []
+    with connect(target) as c:
+        with c.transaction():
+            c.execute(f"ALTER TABLE {t} ADD COLUMN y int DEFAULT 7")
+            got.append(outcome(lambda: c.execute(f"SELECT * FROM {t}").fetchall()))
+            got.append(outcome(lambda: c.execute(f"SELECT * FROM {t}").fetchall()))
+        got.append(outcome(lambda: c.execute(f"SELECT * FROM {t}").fetchall()))
+    with connect(target) as d:
+        with d.transaction():
+            got.append(outcome(lambda: d.execute(f"SELECT * FROM {t}").fetchall()))
+    ctx.owner.execute(f"DROP TABLE {t}")
+    return got
+
+
+def table_dropped_and_created_again_with_other_columns(ctx, target):
+    t = fresh("sc_recreate")
+    ctx.owner.execute(f"CREATE TABLE {t} (x int)")
+    ctx.owner.execute(f"INSERT INTO {t} VALUES (1)")
+    with connect(target) as a:
+        a.execute(f"SELECT * FROM {t}").fetchall()
+        a.execute(f"SELECT * FROM {t}").fetchall()
+    ddl = f"DROP TABLE {t}; CREATE TABLE {t} (a text, b text); INSERT INTO {t} VALUES ('p', 'q')"
+    if ctx.param == "pgtwist":
+        with psycopg.connect(target.dsn(), autocommit=True) as c:
+            c.execute(ddl)
+    else:
+        ctx.owner.execute(ddl)
+    with connect(target) as b:
+        got = [outcome(lambda: b.execute(f"SELECT * FROM {t}").fetchall())]
+        with b.transaction():
+            got.append(outcome(lambda: b.execute(f"SELECT * FROM {t}").fetchall()))
+    ctx.owner.execute(f"DROP TABLE {t}")
+    return got
+
+
+def alter_column_type_under_an_old_client(ctx, target):
+    """The client's own statement went stale (DDL outside pgtwist): PostgreSQL fails it with 0A000.
+    pgtwist retries it transparently outside a transaction; inside one the client gets 0A000 as directly."""
+    t = fresh("sc_type")
+    ctx.owner.execute(f"CREATE TABLE {t} (x int)")
+    ctx.owner.execute(f"INSERT INTO {t} VALUES (1)")
+    with connect(target) as a:
+        a.execute(f"SELECT * FROM {t}").fetchall()
+        ctx.owner.execute(f"ALTER TABLE {t} ALTER COLUMN x TYPE text")
+        outside = outcome(lambda: a.execute(f"SELECT * FROM {t}").fetchall())
+        ctx.owner.execute(f"ALTER TABLE {t} ALTER COLUMN x TYPE bigint USING x::bigint")
+        a.execute("BEGIN")
+        inside = outcome(lambda: a.execute(f"SELECT * FROM {t}").fetchall())
+        a.execute("ROLLBACK")
+        later = outcome(lambda: a.execute("SELECT 1").fetchall())
+    ctx.owner.execute(f"DROP TABLE {t}")
+    return outside, inside, later
+
+
+def deallocate_all_in_a_failed_transaction(ctx, target):
+    with connect(target) as c:
+        c.execute("SELECT %s::int", (1,))
+        c.execute("BEGIN")
+        first = outcome(lambda: c.execute("SELECT 1/0"))
+        dealloc = outcome(lambda: c.execute("DEALLOCATE ALL"))
+        c.execute("ROLLBACK")
+        after = outcome(lambda: c.execute("SELECT %s::int", (2,)).fetchone())
+        return first, dealloc, after
+
+
+def asyncpg_on_a_connection_that_must_prepare_afresh(ctx, target):
+    """asyncpg decodes by the description it got when it prepared. Its next run lands on a server
+    connection with no copy (DISCARD ALL by another client dropped them): the copy made there
+    has the new result type, so the run must fail as PostgreSQL fails the client's own statement
+    (0A000, which asyncpg recovers from by itself outside a transaction), not return rows of
+    another shape."""
+    t = fresh("sc_apg_fresh")
+    ctx.owner.execute(f"CREATE TABLE {t} (x int)")
+    ctx.owner.execute(f"INSERT INTO {t} VALUES (1)")
+
+    async def main():
+        conn = await asyncpg.connect(**target.asyncpg_kwargs())
+        other = await asyncpg.connect(**target.asyncpg_kwargs())
+        try:
+            assert [tuple(r) for r in await conn.fetch(f"SELECT * FROM {t}")] == [(1,)]
+            await other.execute("DISCARD ALL")
+            ctx.owner.execute(f"ALTER TABLE {t} ADD COLUMN y int DEFAULT 2")
+            if ctx.param:
+                try:
+                    async with conn.transaction():
+                        await conn.fetch(f"SELECT * FROM {t}")
+                    first = "ok"
+                except asyncpg.exceptions.InvalidCachedStatementError as e:
+                    first = ("error", e.sqlstate)
+            else:
+                first = [tuple(r) for r in await conn.fetch(f"SELECT * FROM {t}")]
+            after = [tuple(r) for r in await conn.fetch(f"SELECT * FROM {t}")]
+            return first, after
+        finally:
+            await conn.close()
+            await other.close()
+
+    try:
+        return run_async(main(), timeout=30)
+    finally:
+        ctx.owner.execute(f"DROP TABLE {t}")
+
+
+def discard_all_refused_inside_a_transaction(ctx, target):
+    with connect(target) as c:
+        first = c.execute("SELECT %s::int + 1", (1,)).fetchone()
+        c.execute("BEGIN")
+        refused = outcome(lambda: c.execute("DISCARD ALL"))
+        c.execute("ROLLBACK")
+        again = outcome(lambda: c.execute("SELECT %s::int + 1", (2,)).fetchone())
+        twice = outcome(lambda: c.execute("SELECT %s::int + 1", (3,)).fetchone())
+        return first, refused, again, twice
+
+class Ctx(NamedTuple):
+    owner: psycopg.Connection  # the app user straight to the primary: DDL pgtwist does not see
+    param: str | bool | None  # the case's variant (ddl_via, in_transaction), if it has one
+
+
+SAME = "as directly"
+
+
+def case(scenario, direct, proxied=SAME, param=None):
+    """One run of *scenario* directly and through pgtwist: what PostgreSQL answers (a value, or a
+    check of it), and what pgtwist must answer (SAME: exactly that)."""
+    name = scenario.__name__ if param is None else f"{scenario.__name__}-{param}"
+    return pytest.param(scenario, param, direct, proxied, id=name)
+
+
+CASES = [
+    # The issue's reproductions.
+    case(add_column_then_a_new_client, [("ok", [(1, None)])] * 3, param="pgtwist"),
+    case(add_column_then_a_new_client, [("ok", [(1, None)])] * 3, param="outside"),
+    case(enum_dropped_deallocated_and_created_again, lambda d: d[1][0] == "ok"),
+    case(enum_recreated_outside_then_a_new_client, lambda d: d[0] == "ok"),
+    case(asyncpg_after_a_stale_statement, ([(1, None)], [(1, None)]), param="pgtwist"),
+    case(asyncpg_after_a_stale_statement, ([(1, None)], [(1, None)]), param="outside"),
+    case(asyncpg_stale_inside_a_transaction, (("error", "0A000"), [(1, None)])),
+    # Variants.
+    case(ddl_inside_an_explicit_transaction, [("ok", [(1, 7)])] * 4),
+    case(table_dropped_and_created_again_with_other_columns, [("ok", [("p", "q")])] * 2, param="pgtwist"),
+    case(table_dropped_and_created_again_with_other_columns, [("ok", [("p", "q")])] * 2, param="outside"),
+    # pgtwist retries the client's stale statement outside a transaction (PostgreSQL fails it):
+    case(
+        alter_column_type_under_an_old_client,
+        (("error", "0A000"), ("error", "0A000"), ("ok", [(1,)])),
+        proxied=(("ok", [("1",)]), ("error", "0A000"), ("ok", [(1,)])),
+    ),
+    case(deallocate_all_in_a_failed_transaction, (("error", "22012"), ("error", "25P02"), ("ok", (2,)))),
+    case(asyncpg_on_a_connection_that_must_prepare_afresh, ([(1, 2)], [(1, 2)]), param=False),
+    case(asyncpg_on_a_connection_that_must_prepare_afresh, (("error", "0A000"), [(1, 2)]), param=True),
+    case(discard_all_refused_inside_a_transaction, ((2,), ("error", "25001"), ("ok", (3,)), ("ok", (4,)))),
+]
+
+
+@pytest.mark.parametrize("scenario, param, direct_expected, proxied_expected", CASES)
+def test_pgtwist_answers_as_postgresql_does(pg_cluster, one, owner, scenario, param, direct_expected, proxied_expected):
+    ctx = Ctx(owner, param)
+    direct, proxied = both(pg_cluster, one, lambda target: scenario(ctx, target))
+    if callable(direct_expected):
+        assert direct_expected(direct), direct
+    else:
+        assert direct == direct_expected
+    assert proxied == (direct if proxied_expected is SAME else proxied_expected)
+
 
 
 @pytest.mark.parametrize("how", ["startup", "set"])
@@ -201,153 +415,7 @@ def test_clients_with_different_search_paths_never_share_a_statement(pg_cluster,
         admin.execute(f"DROP SCHEMA {sb} CASCADE")
 
 
-@pytest.mark.parametrize("ddl_via", ["pgtwist", "outside"])
-def test_asyncpg_recovers_from_a_stale_statement(pg_cluster, one, owner, ddl_via):
-    """asyncpg's own recovery (InvalidCachedStatementError: re-prepare, retry) or pgtwist's: the rows are right."""
-
-    def scenario(target):
-        t = fresh("sc_apg")
-        owner.execute(f"CREATE TABLE {t} (x int)")
-        owner.execute(f"INSERT INTO {t} VALUES (1)")
-
-        async def main():
-            conn = await asyncpg.connect(**target.asyncpg_kwargs())
-            other = await asyncpg.connect(**target.asyncpg_kwargs())
-            try:
-                assert [tuple(r) for r in await conn.fetch(f"SELECT * FROM {t}")] == [(1,)]
-                assert [tuple(r) for r in await other.fetch(f"SELECT * FROM {t}")] == [(1,)]
-                if ddl_via == "pgtwist":
-                    await other.execute(f"ALTER TABLE {t} ADD COLUMN y int")
-                else:
-                    owner.execute(f"ALTER TABLE {t} ADD COLUMN y int")
-                rows = [tuple(r) for r in await conn.fetch(f"SELECT * FROM {t}")]
-                again = [tuple(r) for r in await conn.fetch(f"SELECT * FROM {t}")]
-                return rows, again
-            finally:
-                await conn.close()
-                await other.close()
-
-        try:
-            return run_async(main(), timeout=30)
-        finally:
-            owner.execute(f"DROP TABLE {t}")
-
-    direct, proxied = both(pg_cluster, one, scenario)
-    assert direct == ([(1, None)], [(1, None)])
-    assert proxied == direct
-
-
-def test_asyncpg_inside_a_transaction_gets_postgresql_s_own_error(pg_cluster, one, owner):
-    def scenario(target):
-        t = fresh("sc_apg_tx")
-        owner.execute(f"CREATE TABLE {t} (x int)")
-        owner.execute(f"INSERT INTO {t} VALUES (1)")
-
-        async def main():
-            conn = await asyncpg.connect(**target.asyncpg_kwargs())
-            try:
-                await conn.fetch(f"SELECT * FROM {t}")
-                owner.execute(f"ALTER TABLE {t} ADD COLUMN y int")
-                try:
-                    async with conn.transaction():
-                        await conn.fetch(f"SELECT * FROM {t}")
-                    first = "ok"
-                except asyncpg.exceptions.InvalidCachedStatementError as e:
-                    first = ("error", e.sqlstate)
-                after = [tuple(r) for r in await conn.fetch(f"SELECT * FROM {t}")]
-                return first, after
-            finally:
-                await conn.close()
-
-        try:
-            return run_async(main(), timeout=30)
-        finally:
-            owner.execute(f"DROP TABLE {t}")
-
-    direct, proxied = both(pg_cluster, one, scenario)
-    assert direct == (("error", "0A000"), [(1, None)])
-    assert proxied == direct
-
-
 # --------------------------------------------------------------------------- variants
-
-
-def test_ddl_inside_an_explicit_transaction(pg_cluster, one, owner):
-    def scenario(target):
-        t = fresh("sc_tx")
-        owner.execute(f"CREATE TABLE {t} (x int)")
-        owner.execute(f"INSERT INTO {t} VALUES (1)")
-        with connect(target) as warm:
-            warm.execute(f"SELECT * FROM {t}").fetchall()
-            warm.execute(f"SELECT * FROM {t}").fetchall()
-        got = []
-        with connect(target) as c:
-            with c.transaction():
-                c.execute(f"ALTER TABLE {t} ADD COLUMN y int DEFAULT 7")
-                got.append(outcome(lambda: c.execute(f"SELECT * FROM {t}").fetchall()))
-                got.append(outcome(lambda: c.execute(f"SELECT * FROM {t}").fetchall()))
-            got.append(outcome(lambda: c.execute(f"SELECT * FROM {t}").fetchall()))
-        with connect(target) as d:
-            with d.transaction():
-                got.append(outcome(lambda: d.execute(f"SELECT * FROM {t}").fetchall()))
-        owner.execute(f"DROP TABLE {t}")
-        return got
-
-    direct, proxied = both(pg_cluster, one, scenario)
-    assert direct == [("ok", [(1, 7)])] * 4
-    assert proxied == direct
-
-
-@pytest.mark.parametrize("ddl_via", ["pgtwist", "outside"])
-def test_table_dropped_and_created_again_with_other_columns(pg_cluster, one, owner, ddl_via):
-    def scenario(target):
-        t = fresh("sc_recreate")
-        owner.execute(f"CREATE TABLE {t} (x int)")
-        owner.execute(f"INSERT INTO {t} VALUES (1)")
-        with connect(target) as a:
-            a.execute(f"SELECT * FROM {t}").fetchall()
-            a.execute(f"SELECT * FROM {t}").fetchall()
-        ddl = f"DROP TABLE {t}; CREATE TABLE {t} (a text, b text); INSERT INTO {t} VALUES ('p', 'q')"
-        if ddl_via == "pgtwist":
-            with psycopg.connect(target.dsn(), autocommit=True) as c:
-                c.execute(ddl)
-        else:
-            owner.execute(ddl)
-        with connect(target) as b:
-            got = [outcome(lambda: b.execute(f"SELECT * FROM {t}").fetchall())]
-            with b.transaction():
-                got.append(outcome(lambda: b.execute(f"SELECT * FROM {t}").fetchall()))
-        owner.execute(f"DROP TABLE {t}")
-        return got
-
-    direct, proxied = both(pg_cluster, one, scenario)
-    assert direct == [("ok", [("p", "q")])] * 2
-    assert proxied == direct
-
-
-def test_alter_column_type_for_an_old_client_outside_and_inside_a_transaction(pg_cluster, one, owner):
-    """The client's own statement went stale (DDL outside pgtwist): PostgreSQL fails it with 0A000.
-    pgtwist retries it transparently outside a transaction; inside one the client gets 0A000 as directly."""
-
-    def scenario(target):
-        t = fresh("sc_type")
-        owner.execute(f"CREATE TABLE {t} (x int)")
-        owner.execute(f"INSERT INTO {t} VALUES (1)")
-        with connect(target) as a:
-            a.execute(f"SELECT * FROM {t}").fetchall()
-            owner.execute(f"ALTER TABLE {t} ALTER COLUMN x TYPE text")
-            outside = outcome(lambda: a.execute(f"SELECT * FROM {t}").fetchall())
-            owner.execute(f"ALTER TABLE {t} ALTER COLUMN x TYPE bigint USING x::bigint")
-            a.execute("BEGIN")
-            inside = outcome(lambda: a.execute(f"SELECT * FROM {t}").fetchall())
-            a.execute("ROLLBACK")
-            later = outcome(lambda: a.execute("SELECT 1").fetchall())
-        owner.execute(f"DROP TABLE {t}")
-        return outside, inside, later
-
-    direct, proxied = both(pg_cluster, one, scenario)
-    assert direct == (("error", "0A000"), ("error", "0A000"), ("ok", [(1,)]))
-    assert proxied == (("ok", [("1",)]), ("error", "0A000"), ("ok", [(1,)]))
 
 
 def test_ddl_through_pgtwist_reaches_every_server_connection(pg_cluster, two):
@@ -403,29 +471,13 @@ def test_extended_protocol_describe_after_a_schema_change(pg_cluster, one, owner
         owner.execute(f"DROP TABLE {t}")
 
 
-def test_deallocate_all_in_a_failed_transaction_fails_as_directly(pg_cluster, one):
-    def scenario(target):
-        with connect(target) as c:
-            c.execute("SELECT %s::int", (1,))
-            c.execute("BEGIN")
-            first = outcome(lambda: c.execute("SELECT 1/0"))
-            dealloc = outcome(lambda: c.execute("DEALLOCATE ALL"))
-            c.execute("ROLLBACK")
-            after = outcome(lambda: c.execute("SELECT %s::int", (2,)).fetchone())
-            return first, dealloc, after
-
-    direct, proxied = both(pg_cluster, one, scenario)
-    assert direct == (("error", "22012"), ("error", "25P02"), ("ok", (2,)))
-    assert proxied == direct
-
-
 def test_many_clients_over_two_connections_while_the_schema_changes_outside(pg_cluster, two, owner):
     """Eight psycopg clients run a prepared SELECT * in a loop over two server connections while
     columns are added directly on the node: each sees the table as it is, and never an error."""
     import threading
     import time
 
-    from .txhelpers import run_threads
+    from tests.harness.txhelpers import run_threads
 
     t = fresh("sc_many")
     owner.execute(f"CREATE TABLE {t} (c0 int)")
@@ -457,67 +509,6 @@ def test_many_clients_over_two_connections_while_the_schema_changes_outside(pg_c
     finally:
         changer.join(10)
         owner.execute(f"DROP TABLE {t}")
-
-
-@pytest.mark.parametrize("in_transaction", [False, True])
-def test_asyncpg_on_a_connection_that_must_prepare_afresh_after_an_outside_change(pg_cluster, one, owner, in_transaction):
-    """asyncpg decodes by the description it got when it prepared. Its next run lands on a server
-    connection with no copy (DISCARD ALL by another client dropped them): the copy made there
-    has the new result type, so the run must fail as PostgreSQL fails the client's own statement
-    (0A000, which asyncpg recovers from by itself outside a transaction), not return rows of
-    another shape."""
-
-    def scenario(target):
-        t = fresh("sc_apg_fresh")
-        owner.execute(f"CREATE TABLE {t} (x int)")
-        owner.execute(f"INSERT INTO {t} VALUES (1)")
-
-        async def main():
-            conn = await asyncpg.connect(**target.asyncpg_kwargs())
-            other = await asyncpg.connect(**target.asyncpg_kwargs())
-            try:
-                assert [tuple(r) for r in await conn.fetch(f"SELECT * FROM {t}")] == [(1,)]
-                await other.execute("DISCARD ALL")
-                owner.execute(f"ALTER TABLE {t} ADD COLUMN y int DEFAULT 2")
-                if in_transaction:
-                    try:
-                        async with conn.transaction():
-                            await conn.fetch(f"SELECT * FROM {t}")
-                        first = "ok"
-                    except asyncpg.exceptions.InvalidCachedStatementError as e:
-                        first = ("error", e.sqlstate)
-                else:
-                    first = [tuple(r) for r in await conn.fetch(f"SELECT * FROM {t}")]
-                after = [tuple(r) for r in await conn.fetch(f"SELECT * FROM {t}")]
-                return first, after
-            finally:
-                await conn.close()
-                await other.close()
-
-        try:
-            return run_async(main(), timeout=30)
-        finally:
-            owner.execute(f"DROP TABLE {t}")
-
-    direct, proxied = both(pg_cluster, one, scenario)
-    assert direct == ((("error", "0A000") if in_transaction else [(1, 2)]), [(1, 2)])
-    assert proxied == direct
-
-
-def test_discard_all_refused_inside_a_transaction_keeps_the_client_s_statements(pg_cluster, one):
-    def scenario(target):
-        with connect(target) as c:
-            first = c.execute("SELECT %s::int + 1", (1,)).fetchone()
-            c.execute("BEGIN")
-            refused = outcome(lambda: c.execute("DISCARD ALL"))
-            c.execute("ROLLBACK")
-            again = outcome(lambda: c.execute("SELECT %s::int + 1", (2,)).fetchone())
-            twice = outcome(lambda: c.execute("SELECT %s::int + 1", (3,)).fetchone())
-            return first, refused, again, twice
-
-    direct, proxied = both(pg_cluster, one, scenario)
-    assert direct == ((2,), ("error", "25001"), ("ok", (3,)), ("ok", (4,)))
-    assert proxied == direct
 
 
 def test_discard_all_refused_inside_a_transaction_keeps_the_statements_raw(one):

@@ -10,7 +10,7 @@ from pgtwist.auth import ScramClientExchange
 from pgtwist.tools.localcluster import LocalCluster
 from pgtwist.wire import messages as m
 
-from .proxy import RawClient, psql, start_proxy, wait_for
+from tests.harness.proxy import RawClient, psql, start_proxy, wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -10,7 +10,7 @@ import struct
 import psycopg
 import pytest
 
-from .proxy import DATABASE, psql, start_proxy
+from tests.harness.proxy import DATABASE, psql, start_proxy
 
 SSL_REQUEST = struct.pack("!ii", 8, 80877103)
 

@@ -18,8 +18,8 @@ import pytest
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 
-from .proxy import DATABASE, RawClient, ServerError, error_fields_of, psql, wait_for
-from .tlshelpers import direct_tls_client, make_pki, s_client, start_tls_proxy, starttls_client, tls_cluster
+from tests.harness.proxy import DATABASE, RawClient, ServerError, error_fields_of, psql, wait_for
+from tests.harness.tlshelpers import direct_tls_client, make_pki, s_client, start_tls_proxy, starttls_client, tls_cluster
 
 pytestmark = pytest.mark.integration
 

@@ -20,8 +20,8 @@ from psycopg import errors as pgerrors
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 
-from .proxy import ServerError, error_fields_of, start_proxy, wait_for
-from .txhelpers import (
+from tests.harness.proxy import ServerError, error_fields_of, start_proxy, wait_for
+from tests.harness.txhelpers import (
     TX_CONFIG,
     Worker,
     batch,

@@ -19,8 +19,8 @@ import pytest
 
 from pgtwist.tools.localcluster import LocalCluster, free_port
 
-from .ops import http_get, start_ops_proxy
-from .proxy import DATABASE, HOST, TWISTD, ProxyStartError, proxy_config, start_proxy, wait_for, write_config
+from tests.harness.ops import http_get, start_ops_proxy
+from tests.harness.proxy import DATABASE, HOST, TWISTD, ProxyStartError, proxy_config, start_proxy, wait_for, write_config
 
 pytestmark = pytest.mark.integration
 

@@ -1,0 +1,414 @@
+"""Transaction pooling's fast paths on a kept ("lent") server connection, byte for byte.
+
+A client between transactions keeps its server connection while nobody else needs one; its
+next plain Query, or a Bind/[Describe]/Execute/Sync run of a statement that connection holds,
+goes out without the general path. These tests pin what those shortcuts must still do
+exactly as the general path would: the bytes on the wire, the statement name rewritten,
+the reply forwarded as it came, the connection lent again afterwards.
+"""
+
+import pytest
+
+from pgtwist.pooling.statements import SERVER_NAME_PREFIX
+from pgtwist.wire import messages as m
+from pgtwist.wire import protocol as p
+from pgtwist.wire.framing import frame
+
+from tests.harness.session import Harness, finish_internal, internal_answer, keeps_its_server, messages, split_internal
+
+SQL = "SELECT abalance FROM pgbench_accounts WHERE aid = $1"
+ROW_DESCRIPTION = frame(ord("T"), b"\x00\x01abalance\x00" + b"\x00" * 18)
+ROW = frame(ord("D"), b"\x00\x01\x00\x00\x00\x04-123")
+ANSWER = ROW_DESCRIPTION + ROW + m.command_complete("SELECT 1") + m.ready_for_query()
+
+
+@pytest.fixture
+def kept():
+    """A transaction-mode client whose server connection is lent to it; transports cleared."""
+    h = Harness(pool_mode="transaction")
+    session, ct = h.client()
+    server = session.server
+    session.got_data(m.query("SELECT 1"))
+    server.got_data(ANSWER)
+    assert keeps_its_server(session) and session.state == "linked"
+    ct.clear()
+    server.transport.clear()
+    return session, ct, server
+
+
+def prepared(session, server, ct, name="S_1"):
+    """The client prepares *name* (Parse/Sync); the server answers; the connection is lent again."""
+    session.got_data(m.parse(name, SQL, [23]) + m.sync())
+    (parse, sync) = messages(server.transport.value())
+    assert parse[0] == p.PARSE and parse[1].startswith(SERVER_NAME_PREFIX.encode())
+    server.got_data(frame(p.PARSE_COMPLETE) + m.ready_for_query())
+    assert keeps_its_server(session)
+    server_name = parse[1][: parse[1].index(b"\x00")]
+    ct.clear()
+    server.transport.clear()
+    return server_name
+
+
+def test_a_plain_query_goes_out_as_sent_and_its_answer_comes_back_as_sent(kept):
+    session, ct, server = kept
+    query = m.query("SELECT abalance FROM pgbench_accounts WHERE aid = 7")
+    session.got_data(query)
+    assert server.transport.value() == query and not keeps_its_server(session)
+    server.got_data(ANSWER)
+    assert ct.value() == ANSWER and keeps_its_server(session)
+
+
+def test_a_query_that_changes_session_state_takes_the_general_path(kept):
+    session, ct, server = kept
+    session.got_data(m.query("SET search_path TO app"))
+    assert server.transport.value() == m.query("SET search_path TO app")
+    assert session.dirty == {"search_path"}
+
+
+@pytest.mark.parametrize("describe", [True, False])
+@pytest.mark.parametrize("split", [None, 3, 11, -2])
+def test_a_prepared_run_goes_out_renamed_whole_or_split(kept, describe, split):
+    session, ct, server = kept
+    server_name = prepared(session, server, ct)
+    tail = (m.describe("P", "") if describe else b"") + m.execute() + m.sync()
+    batch = m.bind("", "S_1", [b"7"]) + tail
+    if split is None:
+        session.got_data(batch)
+    else:
+        session.got_data(batch[:split])
+        session.got_data(batch[split:])
+    assert server.transport.value() == m.bind("", server_name.decode(), [b"7"]) + tail
+    reply = frame(p.BIND_COMPLETE) + ANSWER
+    server.got_data(reply)
+    assert ct.value() == reply and keeps_its_server(session)
+
+
+def test_an_unnamed_bind_is_forwarded_untouched(kept):
+    session, ct, server = kept
+    session.got_data(m.parse("", SQL, [23]) + m.sync())
+    server.got_data(frame(p.PARSE_COMPLETE) + m.ready_for_query())
+    ct.clear()
+    server.transport.clear()
+    batch = m.bind("", "", [b"7"]) + m.execute() + m.sync()
+    session.got_data(batch)
+    assert server.transport.value() == batch
+
+
+def test_a_bind_of_a_statement_the_client_never_prepared_goes_to_the_server_as_named(kept):
+    """PostgreSQL itself then answers 26000 about the client's own name."""
+    session, ct, server = kept
+    batch = m.bind("", "nope", [b"7"]) + m.execute() + m.sync()
+    session.got_data(batch)
+    assert server.transport.value() == batch
+    error = m.error_response("ERROR", "26000", 'prepared statement "nope" does not exist')
+    server.got_data(error + m.ready_for_query())
+    assert ct.value() == error + m.ready_for_query() and keeps_its_server(session)
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_reset_all_brings_the_startup_settings_back_and_their_answer_stays_with_the_proxy(split):
+    h = Harness(pool_mode="transaction")
+    session, ct = h.client(application_name="app1")
+    (server,) = h.proxy.servers
+    finish_internal(server)  # the startup setting applied on the pooled connection
+    assert session.state == "linked"
+    ct.clear()
+    server.transport.clear()
+    session.got_data(m.query("RESET ALL"))
+    (reset,), (restore,) = split_internal(messages(server.transport.value()))
+    assert reset == (p.QUERY, b"RESET ALL\x00")
+    assert restore == "SELECT pg_catalog.set_config(E'application_name', E'app1', false)"
+    own = m.command_complete("RESET") + m.parameter_status("application_name", "") + m.ready_for_query()
+    injected = internal_answer(rows=[[b"app1"]], params=[("application_name", "app1")])
+    if split:
+        server.got_data(own)
+        server.got_data(injected[:9])
+        server.got_data(injected[9:])
+    else:
+        server.got_data(own + injected)
+    # The client's ReadyForQuery waits for the proxy's Query: its settings are known before it.
+    assert ct.value() == own[: -len(m.ready_for_query())] + m.parameter_status("application_name", "app1") + m.ready_for_query()
+    assert session.relay.idle and session.settings["application_name"] == "app1"
+    # Released as usual once the proxy's own Query is answered: the settings are read back.
+    assert b"current_setting" in server.transport.value()
+
+
+def test_reset_all_without_startup_settings_injects_nothing():
+    h = Harness(pool_mode="transaction")
+    session, ct = h.client()
+    server = session.server
+    server.transport.clear()
+    session.got_data(m.query("RESET ALL"))
+    assert server.transport.value() == m.query("RESET ALL")
+
+
+def test_node_lost_while_the_restore_is_owed_reports_the_reset_failed():
+    """Its ReadyForQuery was held for the restore, which never came: the client's RESET ALL is
+    reported failed (08006), as its effect on the client's settings is not kept either."""
+    from twisted.internet.error import ConnectionLost
+    from twisted.python.failure import Failure
+
+    from tests.harness.session import types
+
+    h = Harness(pool_mode="transaction")
+    session, ct = h.client(application_name="app1")
+    (server,) = h.proxy.servers
+    finish_internal(server)
+    session.got_data(m.query("RESET ALL"))
+    server.got_data(m.command_complete("RESET") + m.ready_for_query())
+    ct.clear()
+    server.connection_lost(Failure(ConnectionLost()))
+    assert types(ct.value()) == "EZ" and b"C08006" in ct.value()
+    assert session.state == "idle" and session.relay.idle and session.relay.held_ready is None
+    assert session.settings["application_name"] == "app1"
+
+
+def test_reset_all_replayed_after_the_node_died_brings_the_restore_along():
+    """RESET ALL only reads (as routing sees it) and got no byte back: it runs again elsewhere."""
+    from twisted.internet.error import ConnectionLost
+    from twisted.python.failure import Failure
+
+    h = Harness(pool_mode="transaction")
+    session, ct = h.client(application_name="app1")
+    (first,) = h.proxy.servers
+    finish_internal(first)
+    ct.clear()
+    session.got_data(m.query("RESET ALL"))
+    first.connection_lost(Failure(ConnectionLost()))
+    assert ct.value() == b"" and not session.relay.swallowing
+    second = h.proxy.servers[-1]
+    finish_internal(second)  # the client's settings applied on the new connection
+    before, (restore,) = split_internal(messages(second.transport.value()))
+    assert before[-1] == (p.QUERY, b"RESET ALL\x00") and "set_config(E'application_name'" in restore
+
+
+
+def startup_client(**params):
+    """A transaction-mode client with startup settings, linked to its (settings-synced) server."""
+    h = Harness(pool_mode="transaction")
+    session, ct = h.client(**params)
+    (server,) = h.proxy.servers
+    finish_internal(server)
+    ct.clear()
+    server.transport.clear()
+    return session, ct, server
+
+
+def test_reset_of_one_startup_setting_keeps_its_own_tag_and_restores_only_that_one():
+    session, ct, server = startup_client(application_name="app1", options="-c search_path=a,public")
+    session.got_data(m.query("RESET search_path"))
+    (reset,), (restore,) = split_internal(messages(server.transport.value()))
+    assert reset == (p.QUERY, b"RESET search_path\x00")  # as sent: its CommandComplete says RESET
+    assert "'search_path'" in restore and "application_name" not in restore
+
+
+def test_what_the_same_text_sets_again_is_not_restored():
+    session, ct, server = startup_client(application_name="app1", options="-c search_path=a,public")
+    session.got_data(m.query("RESET ALL; SET application_name = 'y'"))
+    _, (restore,) = split_internal(messages(server.transport.value()))
+    assert "'search_path'" in restore and "application_name" not in restore
+
+
+def test_a_later_statement_of_the_same_batch_setting_a_name_keeps_it_out_of_the_restore():
+    session, ct, server = startup_client(application_name="app1", options="-c search_path=a,public")
+    batch = (
+        m.parse("", "RESET ALL") + m.bind("", "") + m.execute()
+        + m.parse("", "SET search_path = b") + m.bind("", "") + m.execute()
+        + m.sync()
+    )
+    session.got_data(batch)
+    sent, (restore,) = split_internal(messages(server.transport.value()))
+    assert [chr(t) for t, _ in sent] == list("PBEPBES")
+    assert "'application_name'" in restore and "search_path" not in restore
+
+
+# -- schema changes ------------------------------------------------------------------------------
+
+STALE = m.error_response("ERROR", "0A000", "cached plan must not change result type")
+
+
+def test_ddl_through_the_client_makes_every_connection_s_copies_stale(kept):
+    session, ct, server = kept
+    schema = session.relay.schema
+    before = schema.ddl_at
+    session.got_data(m.query("ALTER TABLE pgbench_accounts ADD COLUMN note text"))
+    assert server.transport.value() == m.query("ALTER TABLE pgbench_accounts ADD COLUMN note text")
+    sent = schema.ddl_at
+    assert sent > before
+    server.got_data(m.command_complete("ALTER TABLE") + m.ready_for_query())
+    assert schema.ddl_at > sent  # once more as it commits: copies prepared meanwhile saw the old schema
+    assert session.proxy.schema_for(session.database) is schema
+
+
+def test_a_described_run_of_a_stale_copy_is_prepared_again_first(kept):
+    session, ct, server = kept
+    server_name = prepared(session, server, ct)
+    session.relay.schema.ddl()
+    batch = m.bind("", "S_1", [b"7"]) + m.describe("P", "") + m.execute() + m.sync()
+    session.got_data(batch)
+    got = messages(server.transport.value())
+    assert [chr(t) for t, _ in got] == list("CPBDES")
+    assert got[0][1] == b"S" + server_name + b"\x00"
+    server.got_data(frame(p.CLOSE_COMPLETE) + frame(p.PARSE_COMPLETE) + frame(p.BIND_COMPLETE) + ANSWER)
+    assert ct.value() == frame(p.BIND_COMPLETE) + ANSWER and keeps_its_server(session)
+    # Renewed: the fast path again.
+    ct.clear()
+    server.transport.clear()
+    session.got_data(batch)
+    assert server.transport.value() == m.bind("", server_name.decode(), [b"7"]) + m.describe("P", "") + m.execute() + m.sync()
+
+
+def test_an_undescribed_run_of_a_stale_copy_meets_postgresql_s_verdict(kept):
+    session, ct, server = kept
+    server_name = prepared(session, server, ct)
+    session.relay.schema.ddl()
+    session.got_data(m.bind("", "S_1", [b"7"]) + m.execute() + m.sync())
+    assert server.transport.value() == m.bind("", server_name.decode(), [b"7"]) + m.execute() + m.sync()
+    server.got_data(STALE + m.ready_for_query())
+    assert ct.value() == STALE + m.ready_for_query()  # (asyncpg prepares it again itself)
+    ct.clear()
+    server.transport.clear()
+    session.got_data(m.parse("S_2", SQL, [23]) + m.sync())
+    assert [chr(t) for t, _ in messages(server.transport.value())] == list("CPS")  # the stale copy goes first
+
+
+@pytest.mark.parametrize("together", [True, False])
+def test_a_fast_path_run_that_proves_stale_is_sent_again_unseen(kept, together):
+    session, ct, server = kept
+    server_name = prepared(session, server, ct)
+    batch = m.bind("", "S_1", [b"7"]) + m.describe("P", "") + m.execute() + m.sync()
+    session.got_data(batch)
+    server.transport.clear()
+    if together:
+        server.got_data(STALE + m.ready_for_query())
+    else:
+        server.got_data(STALE)
+        server.got_data(m.ready_for_query())
+    assert ct.value() == b""
+    got = messages(server.transport.value())
+    assert [chr(t) for t, _ in got] == list("CPBDES") and got[0][1] == b"S" + server_name + b"\x00"
+    server.got_data(frame(p.CLOSE_COMPLETE) + frame(p.PARSE_COMPLETE) + frame(p.BIND_COMPLETE) + ANSWER)
+    assert ct.value() == frame(p.BIND_COMPLETE) + ANSWER
+    assert session.relay.idle and keeps_its_server(session)
+
+
+def test_a_fast_path_run_inside_a_transaction_gets_the_error(kept):
+    session, ct, server = kept
+    prepared(session, server, ct)
+    session.got_data(m.query("BEGIN"))
+    server.got_data(m.command_complete("BEGIN") + m.ready_for_query(p.TX_IN_TRANSACTION))
+    ct.clear()
+    server.transport.clear()
+    session.got_data(m.bind("", "S_1", [b"7"]) + m.describe("P", "") + m.execute() + m.sync())
+    server.transport.clear()
+    server.got_data(STALE + m.ready_for_query(p.TX_FAILED))
+    assert ct.value() == STALE + m.ready_for_query(p.TX_FAILED) and server.transport.value() == b""
+
+
+def test_set_search_path_keeps_what_the_client_prepares_its_own_until_read_back(kept):
+    session, ct, server = kept
+    assert session.relay.scope == ""
+    session.got_data(m.query("SET search_path TO app"))
+    assert session.relay.scope == "\x00" + session.id
+    server.got_data(m.command_complete("SET") + m.ready_for_query())
+    finish_internal(server)  # the read-back: the node says "x"
+    assert session.settings["search_path"] == "x" and session.relay.scope == "x"
+
+
+def test_a_run_held_for_its_shape_check_survives_the_node_dying():
+    """The held run is the client's: replayed elsewhere (a read that got nothing back yet)."""
+    from twisted.internet.error import ConnectionLost
+    from twisted.python.failure import Failure
+
+    h = Harness(pool_mode="transaction")
+    session, ct = h.client()
+    first = session.server
+    session.got_data(m.parse("S_1", SQL, [23]) + m.describe("S", "S_1") + m.sync())
+    first.got_data(frame(p.PARSE_COMPLETE) + frame(p.PARAMETER_DESCRIPTION, b"\x00\x01\x00\x00\x00\x17") + ROW_DESCRIPTION + m.ready_for_query())
+    first.statements.clear()  # (as after another client's DISCARD ALL on it)
+    ct.clear()
+    first.transport.clear()
+    session.got_data(m.bind("", "S_1", [b"7"]) + m.execute() + m.sync())
+    assert [chr(t) for t, _ in messages(first.transport.value())] == list("PDH")
+    assert session.relay.holding is not None and session.relay.held_requests() == 1
+    first.connection_lost(Failure(ConnectionLost()))
+    assert ct.value() == b""
+    second = h.proxy.servers[-1]
+    assert second is not first
+    # Placed again: the new connection has no copy either, so the run waits for its check there.
+    assert [chr(t) for t, _ in messages(second.transport.value())][-3:] == list("PDH")
+    second.transport.clear()
+    second.got_data(frame(p.PARSE_COMPLETE) + frame(p.PARAMETER_DESCRIPTION, b"\x00\x01\x00\x00\x00\x17") + ROW_DESCRIPTION)
+    assert [chr(t) for t, _ in messages(second.transport.value())] == list("BES")
+    second.got_data(frame(p.BIND_COMPLETE) + ANSWER)
+    assert ct.value() == frame(p.BIND_COMPLETE) + ANSWER
+
+
+def test_set_local_search_path_keeps_what_is_prepared_its_own_until_the_transaction_ends(kept):
+    session, ct, server = kept
+    session.got_data(m.query("BEGIN"))
+    server.got_data(m.command_complete("BEGIN") + m.ready_for_query(p.TX_IN_TRANSACTION))
+    session.got_data(m.query("SET LOCAL search_path TO app"))
+    assert session.relay.scope == "\x00" + session.id
+    server.got_data(m.command_complete("SET") + m.ready_for_query(p.TX_IN_TRANSACTION))
+    assert session.relay.scope == "\x00" + session.id
+    session.got_data(m.query("COMMIT"))
+    server.got_data(m.command_complete("COMMIT") + m.ready_for_query())
+    assert session.relay.scope == "" and not session.dirty
+
+
+def test_a_run_waiting_to_be_retried_is_answered_when_its_node_dies(kept):
+    from twisted.internet.error import ConnectionLost
+    from twisted.python.failure import Failure
+
+    from tests.harness.session import types
+
+    session, ct, server = kept
+    prepared(session, server, ct)
+    session.got_data(m.bind("", "S_1", [b"7"]) + m.describe("P", "") + m.execute() + m.sync())
+    server.got_data(STALE)  # held: its ReadyForQuery would decide the retry
+    assert ct.value() == b""
+    server.connection_lost(Failure(ConnectionLost()))
+    # The node had answered (its error), so nothing is replayed: the client is told, once, and goes on.
+    out = ct.value()
+    assert types(out) == "EZ" and b"C08006" in out, out
+    assert session.relay.idle
+
+
+# -- a connection handed over between clients (more clients than server connections) --------------
+
+
+@pytest.mark.parametrize("work", ["query", "prepared"])
+def test_a_handed_over_connection_takes_the_fast_path_and_its_answer_goes_whole(work):
+    """With one server connection for two clients, B's work waits while A holds it; once A's
+    transaction ends, B's work goes out as on a kept connection and its answer comes back whole
+    (not relayed message by message)."""
+    h = Harness(pool_mode="transaction", databases={"appdb": {"dbname": "postgres", "nodes": ["db1:5432"], "pool_size": 1}})
+    b, bt = h.client()
+    server = b.server
+    b.got_data(m.query("SELECT 1"))
+    server.got_data(ANSWER)
+    server.transport.clear()
+    server_name = prepared(b, server, bt)
+    a, at = h.client()  # takes the connection back from B between B's transactions
+    a.got_data(m.query("BEGIN"))
+    assert a.server is server
+    server.got_data(m.command_complete("BEGIN") + m.ready_for_query(p.TX_IN_TRANSACTION))
+    server.transport.clear()
+    if work == "query":
+        sent = m.query("SELECT abalance FROM pgbench_accounts WHERE aid = 7")
+        b.got_data(sent)
+        expected = sent
+    else:
+        tail = m.execute() + m.sync()
+        b.got_data(m.bind("", "S_1", [b"7"]) + tail)
+        expected = m.bind("", server_name.decode(), [b"7"]) + tail
+    assert b.state == "waiting"
+    a.got_data(m.query("COMMIT"))
+    server.got_data(m.command_complete("COMMIT") + m.ready_for_query())
+    assert b.server is server and b.state == "linked"
+    assert server.transport.value().endswith(expected)
+    bt.clear()
+    reply = (frame(p.BIND_COMPLETE) if work == "prepared" else b"") + ANSWER
+    server.got_data(reply)
+    assert bt.value() == reply
