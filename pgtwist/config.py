@@ -157,6 +157,12 @@ class Config:
     on_server_loss: str = "keep_session"
     # PgBouncer's auth_file (absolute path; "" = none): users and secrets merged into users.
     auth_file: str = ""
+    # -- auth_query (PgBouncer's names): users with no secret here log in with the verifier
+    # PostgreSQL stores, looked up by auth_query as auth_user ("" = off); see _auth_query().
+    auth_user: str = ""
+    auth_query: str = ""
+    auth_dbname: str = ""  # where auth_query runs ("" = the database the client asked for)
+    auth_cache_ttl: float = 0.0  # how long a looked-up secret (or its absence) is reused
 
 
 _DEFAULTS: dict[str, Any] = {
@@ -200,8 +206,9 @@ ROUTES = ("auto", "primary", "replica")
 UNPOOLABLE = ("pin", "error")
 SERVER_LOSS = ("keep_session", "close_client")
 
+_AUTH_QUERY_KEYS = {"auth_user", "auth_query", "auth_dbname", "auth_cache_ttl"}
 _OPERATIONS_KEYS = {"shutdown_timeout", "log_format", "log_connections", "log_disconnections", "audit", "admin", "manhole", "metrics"}
-_TOP_KEYS = set(_DEFAULTS) | {"databases", "users", "tls", "server_tls", "auth_file"} | _OPERATIONS_KEYS
+_TOP_KEYS = set(_DEFAULTS) | {"databases", "users", "tls", "server_tls", "auth_file"} | _OPERATIONS_KEYS | _AUTH_QUERY_KEYS
 _TLS_KEYS = {"mode", "cert", "key", "ca", "ciphers", "min_protocol_version"}
 _DATABASE_KEYS = {"dbname", "nodes", "pool_size", "route"}
 _USER_KEYS = {"password", "route"}
@@ -414,6 +421,7 @@ def from_dict(raw: Mapping[str, Any], source: str = "<memory>") -> Config:
             origins[name] = origin
         except ValueError as e:
             c.err(origin, str(e))
+    auth_query = _auth_query(c, raw, databases, users, origins)
     if auth_type != "trust" and not users and auth_file_ok:
         c.err("users", f"auth_type = {auth_type!r} needs at least one [users.NAME] with a password")
 
@@ -451,6 +459,7 @@ def from_dict(raw: Mapping[str, Any], source: str = "<memory>") -> Config:
         **timeouts,
         **keepalive,
         **operations,
+        **auth_query,
     )
 
 
@@ -490,6 +499,52 @@ def _auth_file(c: _Checker, raw: Mapping, source: str) -> tuple[str, dict[str, t
             continue
         secrets[entry.user] = (entry.secret, entry.line)
     return str(path), secrets
+
+
+# -- auth_query / auth_user ---------------------------------------------------------------------
+
+# PgBouncer's default: pg_shadow holds the verifier exactly as pg_authid.rolpassword does.
+DEFAULT_AUTH_QUERY = "SELECT usename, passwd FROM pg_shadow WHERE usename=$1"
+DEFAULT_AUTH_CACHE_TTL = 60.0
+
+
+def _auth_query(c: _Checker, raw: Mapping, databases: Mapping, users: Mapping, origins: Mapping) -> dict:
+    """auth_user, auth_query, auth_dbname, auth_cache_ttl: checked; Config keyword arguments."""
+    out = {"auth_user": "", "auth_query": "", "auth_dbname": "", "auth_cache_ttl": DEFAULT_AUTH_CACHE_TTL}
+    auth_user = raw.get("auth_user", "")
+    if not isinstance(auth_user, str):
+        c.err("auth_user", "must be a user name")
+        auth_user = ""
+    for key in ("auth_query", "auth_dbname"):
+        value = raw.get(key, "")
+        if not isinstance(value, str):
+            c.err(key, "must be a string")
+    out["auth_cache_ttl"] = c.number(raw, "auth_cache_ttl", "auth_cache_ttl", float, DEFAULT_AUTH_CACHE_TTL, 0.0)
+    if not auth_user:
+        for key in ("auth_query", "auth_dbname"):
+            if raw.get(key):
+                c.err(key, "is used only with auth_user, which is not set")
+        return out
+    query = raw.get("auth_query", "") or DEFAULT_AUTH_QUERY
+    if isinstance(query, str) and "$1" not in query:
+        # The user name goes in as a bound parameter, never into the text (CVE-2025-12819).
+        c.err("auth_query", "must take the user name as the parameter $1")
+    dbname = raw.get("auth_dbname", "")
+    if isinstance(dbname, str) and dbname and dbname not in databases:
+        c.err("auth_dbname", f"names no [databases.{dbname}] table")
+    user = users.get(auth_user)
+    if user is None:
+        c.err("auth_user", f"names no [users.{auth_user}] table (nor a line of auth_file)")
+    elif user.credential.kind == "scram":
+        # Like the health monitor, it logs in before any client of its own has: a verifier cannot.
+        c.err(
+            "auth_user",
+            f"user {auth_user!r} runs auth_query before any client has logged in as it, which its secret "
+            f"({origins.get(auth_user, 'users.' + auth_user + '.password')}) cannot do: it is a SCRAM verifier; "
+            "give it a plaintext password (or an md5 hash, for nodes that use md5), e.g. in auth_file",
+        )
+    out.update(auth_user=auth_user, auth_query=query if isinstance(query, str) else "", auth_dbname=dbname if isinstance(dbname, str) else "")
+    return out
 
 
 def _check_health_user(c: _Checker, health_user: str, databases: Mapping, users: Mapping, origins: Mapping) -> None:

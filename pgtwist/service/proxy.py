@@ -21,6 +21,8 @@ from pgtwist.backend.connection import ServerConnection
 from pgtwist.backend.login import ServerLogin
 from pgtwist.session.client import ClientSession
 from pgtwist.pooling.statements import Schema
+from pgtwist.auth.authquery import AuthCache, credential_from_rows, lookup_messages
+from pgtwist.admin.console import DATABASE as ADMIN_DATABASE
 
 log = Logger()
 
@@ -28,6 +30,9 @@ log = Logger()
 # never a real backend's, up to the largest int32.
 _OWN_PIDS_FROM = 2**22 + 1
 _OWN_PIDS_SPAN = 0x7FFFFFFF - _OWN_PIDS_FROM + 1
+# auth_query runs on its own few connections: lookups are short, and a burst of logins for
+# unknown names must not take a node's connection slots.
+AUTH_POOL_SIZE = 2
 
 
 class Proxy:
@@ -46,6 +51,12 @@ class Proxy:
         # pooling it is the node's own process id, which sessions on different nodes may share.
         self.cancel_keys: dict[int, ClientSession | list[ClientSession]] = {}
         self.client_keys: dict[str, bytes] = {}
+        # auth_query: fresh answers by user (AuthCache), the last secret found for each user (its
+        # server connections log in with it), lookups under way, and the auth_user's own pools.
+        self.auth_cache = AuthCache(config.auth_cache_ttl)
+        self.fetched_credentials: dict = {}
+        self._lookups: dict[str, list[defer.Deferred]] = {}
+        self.auth_pools: dict[tuple, Pool] = {}
         self.pinned_sessions = 0
         self.counters = Counters(reactor)  # totals for SHOW STATS and /metrics
         self.service = None  # the PgBalanceService, for admin actions (reload, shutdown)
@@ -113,6 +124,8 @@ class Proxy:
         """Janitor tick: pools close stale connections and keep warm ones; query_timeout is enforced."""
         for pool in self.pools.values():
             pool.maintain()
+        for pool in self.auth_pools.values():
+            pool.maintain()
         if self.config.query_timeout:
             self.expire_queries(self.config.query_timeout)
         if self.retired_pools:
@@ -147,6 +160,89 @@ class Proxy:
 
     def remember_client_key(self, user: str, client_key: bytes) -> None:
         self.client_keys[user] = client_key
+
+    # -- auth_query -------------------------------------------------------------------------------
+
+    def fetch_user(self, name: str, database_name: str) -> defer.Deferred:
+        """auth_query: a Deferred firing with the Credential PostgreSQL stores for *name*, or None.
+
+        Answers (absence too) are reused for auth_cache_ttl; logins of the same name waiting at
+        once share one query. Runs as auth_user on a pool of its own, which no client ever uses.
+        """
+        config = self.config
+        if not config.auth_user or database_name == ADMIN_DATABASE:
+            return defer.succeed(None)  # (the admin console's users are configured ones)
+        fresh, credential = self.auth_cache.get(name, self.clock.seconds())
+        if fresh:
+            return defer.succeed(credential)
+        d = defer.Deferred()
+        waiting = self._lookups.get(name)
+        if waiting is not None:
+            waiting.append(d)
+            return d
+        self._lookups[name] = [d]
+        database = config.databases.get(config.auth_dbname or database_name) or next(iter(config.databases.values()))
+        self._run_auth_query(name, database).addBoth(self._lookup_done, name)
+        return d
+
+    def _run_auth_query(self, name: str, database) -> defer.Deferred:
+        pool = self._auth_pool(database)
+        data, owed = lookup_messages(self.config.auth_query, name)
+
+        def run(conn):
+            def answered(errors):
+                rows = conn.internal_rows
+                pool.release(conn, True, reset=False)
+                if errors:
+                    raise RuntimeError(f"auth_query failed on {pool.node}: {errors[-1].get('C')} {errors[-1].get('M')}")
+                return credential_from_rows(name, rows)
+
+            def lost(failure):
+                pool.release(conn, False)
+                return failure
+
+            return conn.run_prepared(data, owed).addCallbacks(answered, lost)
+
+        return pool.acquire().addCallback(run)
+
+    def _lookup_done(self, result, name: str) -> None:
+        waiting = self._lookups.pop(name, [])
+        if isinstance(result, Exception) or hasattr(result, "getErrorMessage"):
+            for d in waiting:
+                d.errback(result)
+            return
+        self.auth_cache.put(name, result, self.clock.seconds())
+        if result is not None:
+            self.fetched_credentials[name] = result
+        for d in waiting:
+            d.callback(result)
+
+    def _auth_pool(self, database) -> Pool:
+        node = self.router_for(database).primary() or database.nodes[0]
+        key = (database.name, str(node))
+        pool = self.auth_pools.get(key)
+        if pool is None:
+            pool = self.auth_pools[key] = Pool(
+                (database.name, self.config.auth_user, str(node), "auth_query"),
+                node,
+                database,
+                self.config.auth_user,
+                AUTH_POOL_SIZE,
+                connect=self.connect_server,
+                clock=self.clock,
+                reset_query="",
+                wait_timeout=self.config.query_wait_timeout,
+                idle_timeout=self.config.server_idle_timeout,
+                lifetime=self.config.server_lifetime,
+            )
+        return pool
+
+    def _credential_for(self, user: str):
+        """What server connections of *user* log in with: the configured secret, else auth_query's."""
+        configured = self.config.users.get(user)
+        if configured is not None:
+            return configured.credential
+        return self.fetched_credentials.get(user)
 
     # -- cancel keys -------------------------------------------------------------------------
 
@@ -345,14 +441,18 @@ class Proxy:
     def apply_config(self, config, changes) -> None:
         """Reload: run with *config* from now on (pools resized, removed databases retired; see pgtwist.service.reload)."""
         reloadmod.apply(self, config, changes)
+        # auth_query's answers are asked again under the new settings; its pools are rebuilt.
+        self.auth_cache = AuthCache(config.auth_cache_ttl)
+        for pool in self.auth_pools.values():
+            pool.retire()
+        self.auth_pools.clear()
 
     def connect_server(self, pool: Pool):
         """Open and log in one server connection for *pool*; a Deferred firing with it."""
-        user = self.config.users.get(pool.user)
         login = ServerLogin(
             pool.user,
             pool.database.dbname,
-            user.credential if user is not None else None,
+            self._credential_for(pool.user),
             client_key=self.client_keys.get(pool.user),
             node_name=str(pool.node),
         )
@@ -378,7 +478,7 @@ class Proxy:
         connector.disconnect()
 
     def close(self):
-        for pool in self.pools.values():
+        for pool in list(self.pools.values()) + list(self.auth_pools.values()):
             pool.close_all()
         stops = [r.monitor.stop() for r in self.routers.values() if r.monitor is not None and r.monitor.running]
         return defer.gatherResults(stops) if stops else None

@@ -16,7 +16,7 @@ from pgtwist.service import drain
 from pgtwist.admin import audit
 from pgtwist.admin.console import DATABASE as ADMIN_DATABASE
 from pgtwist.admin.console import AdminConsole
-from pgtwist.frontend.login import Authenticated, CancelReceived, ClientLogin, LoginError, Reply, StartTLS
+from pgtwist.frontend.login import Authenticated, CancelReceived, ClientLogin, LoginError, LookupUser, Reply, StartTLS
 from pgtwist.session.placement import UNSYNCED as _UNSYNCED
 from pgtwist.session.placement import Placement
 from pgtwist.pooling.relay import CLIENT_CAPTURE, HOT_RUN, SYNC, Relay
@@ -171,6 +171,7 @@ class ClientSession(Placement):
             tls_mode=config.tls.mode,
             client_host=_peer_host(transport),
             admit=self._admit,
+            look_up=bool(config.auth_user),
         )
         self.startup: m.StartupMessage | None = None
         self.database = None
@@ -292,6 +293,31 @@ class ClientSession(Placement):
                 return
             elif isinstance(event, Authenticated):
                 self._authenticated(event)
+            elif isinstance(event, LookupUser):
+                d = self.proxy.fetch_user(event.user, event.database)
+                d.addCallbacks(self._user_looked_up, self._user_lookup_failed)
+
+    def _user_looked_up(self, credential) -> None:
+        """auth_query answered: the login goes on (or fails as it would for an unknown user)."""
+        if self.state is not LOGIN or self.login is None:
+            return  # the client left (or timed out) meanwhile
+        try:
+            self._login_events(self.login.user_found(credential))
+        except WireError as e:
+            self.fatal(e.sqlstate, str(e), getattr(e, "detail", None))
+        except LoginError as e:
+            self.fatal(e.sqlstate, e.message, e.detail)
+        except Exception:
+            log.failure("client {client}: internal error", client=self.id)
+            self.fatal(sqlstate.INTERNAL_ERROR, "internal error in pgtwist; the proxy log has the details")
+
+    def _user_lookup_failed(self, failure) -> None:
+        if self.state is not LOGIN:
+            return
+        log.warn("client {client}: auth_query failed: {why}", client=self.id, why=failure.getErrorMessage())
+        # The node could not be asked (down, auth_user refused, a broken query): the client cannot
+        # be checked. Never the node's own SQLSTATE: a 28P01 for auth_user would read as the client's.
+        self.fatal(sqlstate.CONNECTION_FAILURE, "could not look up the user's password (auth_query failed)", "the proxy log says why")
 
     def _authenticated(self, event: Authenticated) -> None:
         self.startup = event.startup
