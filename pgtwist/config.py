@@ -53,6 +53,7 @@ class DatabaseConfig:
     nodes: tuple[Address, ...]
     pool_size: int
     route: str = "auto"  # "auto" | "primary" | "replica": where this database's work may go
+    pool_mode: str | None = None  # PgBouncer's database pool_mode=: over the global one (None: that)
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,7 @@ class UserConfig:
     name: str
     credential: Credential = field(repr=False)
     route: str = "auto"  # "auto" | "primary" | "replica"
+    pool_mode: str | None = None  # PgBouncer's user pool_mode=: over the database's and the global one
 
 
 @dataclass(frozen=True)
@@ -164,6 +166,17 @@ class Config:
     auth_dbname: str = ""  # where auth_query runs ("" = the database the client asked for)
     auth_cache_ttl: float = 0.0  # how long a looked-up secret (or its absence) is reused
 
+    def pool_mode_for(self, database: str, user: str) -> str:
+        """The pool_mode a client of *user* on *database* gets: the user's, else the database's, else the global one
+        (PgBouncer's precedence). One (database, user) has one mode, so a pool never mixes them."""
+        entry = self.users.get(user)
+        if entry is not None and entry.pool_mode is not None:
+            return entry.pool_mode
+        db = self.databases.get(database)
+        if db is not None and db.pool_mode is not None:
+            return db.pool_mode
+        return self.pool_mode
+
 
 _DEFAULTS: dict[str, Any] = {
     "listen": "127.0.0.1:6432",
@@ -210,8 +223,8 @@ _AUTH_QUERY_KEYS = {"auth_user", "auth_query", "auth_dbname", "auth_cache_ttl"}
 _OPERATIONS_KEYS = {"shutdown_timeout", "log_format", "log_connections", "log_disconnections", "audit", "admin", "manhole", "metrics"}
 _TOP_KEYS = set(_DEFAULTS) | {"databases", "users", "tls", "server_tls", "auth_file"} | _OPERATIONS_KEYS | _AUTH_QUERY_KEYS
 _TLS_KEYS = {"mode", "cert", "key", "ca", "ciphers", "min_protocol_version"}
-_DATABASE_KEYS = {"dbname", "nodes", "pool_size", "route"}
-_USER_KEYS = {"password", "route"}
+_DATABASE_KEYS = {"dbname", "nodes", "pool_size", "route", "pool_mode"}
+_USER_KEYS = {"password", "route", "pool_mode"}
 
 
 def parse_address(text: str, default_port: int = 5432) -> Address:
@@ -370,7 +383,9 @@ def from_dict(raw: Mapping[str, Any], source: str = "<memory>") -> Config:
         if db_route not in ROUTES:
             c.err(path + ".route", f"must be one of {', '.join(map(repr, ROUTES))}, not {db_route!r}")
             db_route = "auto"
-        databases[name] = DatabaseConfig(name, dbname if isinstance(dbname, str) else name, tuple(nodes), db_pool, db_route)
+        databases[name] = DatabaseConfig(
+            name, dbname if isinstance(dbname, str) else name, tuple(nodes), db_pool, db_route, _table_pool_mode(c, db, path)
+        )
 
     errors_before = len(c.errors)
     auth_file, file_secrets = _auth_file(c, raw, source)
@@ -408,7 +423,7 @@ def from_dict(raw: Mapping[str, Any], source: str = "<memory>") -> Config:
             c.err(path + ".route", f"must be one of {', '.join(map(repr, ROUTES))}, not {user_route!r}")
             user_route = "auto"
         try:
-            users[name] = UserConfig(name, Credential.parse(name, password), user_route)
+            users[name] = UserConfig(name, Credential.parse(name, password), user_route, _table_pool_mode(c, user, path))
             origins[name] = origin
         except ValueError as e:
             c.err(origin, str(e))  # the message never repeats the secret
@@ -499,6 +514,17 @@ def _auth_file(c: _Checker, raw: Mapping, source: str) -> tuple[str, dict[str, t
             continue
         secrets[entry.user] = (entry.secret, entry.line)
     return str(path), secrets
+
+
+def _table_pool_mode(c: _Checker, table: Mapping, path: str) -> str | None:
+    """pool_mode in a [databases.NAME] or [users.NAME] table; None where it is not given."""
+    value = table.get("pool_mode")
+    if value is None:
+        return None
+    if value not in POOL_MODES:
+        c.err(path + ".pool_mode", f"must be one of {', '.join(map(repr, POOL_MODES))}, not {value!r}")
+        return None
+    return value
 
 
 # -- auth_query / auth_user ---------------------------------------------------------------------

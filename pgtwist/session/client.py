@@ -330,6 +330,8 @@ class ClientSession(Placement):
         if database is None:
             raise LoginError(sqlstate.INVALID_CATALOG_NAME, f'database "{name}" does not exist')
         self.database = database
+        # pool_mode per database and per user: known only now (until now, the global one).
+        self.transaction_mode = self.config.pool_mode_for(name, self.user) == "transaction"
         self.settings = client_settings(event.startup.parameters)
         self._startup_settings = dict(self.settings)
         if event.client_key is not None:

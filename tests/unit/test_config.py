@@ -422,3 +422,20 @@ def test_connection_log_lines_default_on_as_in_pgbouncer_and_can_be_turned_off()
         "log_connections: must be true or false, not 'no'",
         "log_disconnections: must be true or false, not 0",
     ]
+
+
+def test_pool_mode_user_over_database_over_global():
+    raw = {
+        "pool_mode": "session",
+        "databases": {"tx": {"nodes": ["h:1"], "pool_mode": "transaction"}, "plain": {"nodes": ["h:1"]}},
+        "users": {"a": {"password": "p", "pool_mode": "session"}, "b": {"password": "p"}},
+    }
+    config = from_dict(raw)
+    assert config.pool_mode_for("tx", "a") == "session"
+    assert config.pool_mode_for("tx", "b") == "transaction"
+    assert config.pool_mode_for("plain", "b") == "session"
+    assert config.pool_mode_for("plain", "looked-up") == "session"
+    raw["users"]["b"]["pool_mode"] = "statement"
+    with pytest.raises(ConfigError) as e:
+        from_dict(raw)
+    assert any(line.startswith("users.b.pool_mode: must be one of") for line in e.value.errors)
