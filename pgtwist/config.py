@@ -54,6 +54,8 @@ class DatabaseConfig:
     pool_size: int
     route: str = "auto"  # "auto" | "primary" | "replica": where this database's work may go
     pool_mode: str | None = None  # PgBouncer's database pool_mode=: over the global one (None: that)
+    max_db_connections: int = 0  # server connections of all this database's pools (0: no limit)
+    reserve_pool_size: int = 0  # extra connections per pool for clients waiting reserve_pool_timeout
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,7 @@ class UserConfig:
     credential: Credential = field(repr=False)
     route: str = "auto"  # "auto" | "primary" | "replica"
     pool_mode: str | None = None  # PgBouncer's user pool_mode=: over the database's and the global one
+    max_user_connections: int = 0  # server connections of all this user's pools (0: no limit)
 
 
 @dataclass(frozen=True)
@@ -165,6 +168,11 @@ class Config:
     auth_query: str = ""
     auth_dbname: str = ""  # where auth_query runs ("" = the database the client asked for)
     auth_cache_ttl: float = 0.0  # how long a looked-up secret (or its absence) is reused
+    # -- limits (PgBouncer's names; see _limits()): per database / per user tables override these.
+    max_db_connections: int = 0
+    max_user_connections: int = 0  # (also what users auth_query lets in get)
+    reserve_pool_size: int = 0
+    reserve_pool_timeout: float = 5.0
 
     def pool_mode_for(self, database: str, user: str) -> str:
         """The pool_mode a client of *user* on *database* gets: the user's, else the database's, else the global one
@@ -220,11 +228,12 @@ UNPOOLABLE = ("pin", "error")
 SERVER_LOSS = ("keep_session", "close_client")
 
 _AUTH_QUERY_KEYS = {"auth_user", "auth_query", "auth_dbname", "auth_cache_ttl"}
+_LIMIT_KEYS = {"max_db_connections", "max_user_connections", "reserve_pool_size", "reserve_pool_timeout"}
 _OPERATIONS_KEYS = {"shutdown_timeout", "log_format", "log_connections", "log_disconnections", "audit", "admin", "manhole", "metrics"}
-_TOP_KEYS = set(_DEFAULTS) | {"databases", "users", "tls", "server_tls", "auth_file"} | _OPERATIONS_KEYS | _AUTH_QUERY_KEYS
+_TOP_KEYS = set(_DEFAULTS) | {"databases", "users", "tls", "server_tls", "auth_file"} | _OPERATIONS_KEYS | _AUTH_QUERY_KEYS | _LIMIT_KEYS
 _TLS_KEYS = {"mode", "cert", "key", "ca", "ciphers", "min_protocol_version"}
-_DATABASE_KEYS = {"dbname", "nodes", "pool_size", "route", "pool_mode"}
-_USER_KEYS = {"password", "route", "pool_mode"}
+_DATABASE_KEYS = {"dbname", "nodes", "pool_size", "route", "pool_mode", "max_db_connections", "reserve_pool_size"}
+_USER_KEYS = {"password", "route", "pool_mode", "max_user_connections"}
 
 
 def parse_address(text: str, default_port: int = 5432) -> Address:
@@ -354,6 +363,7 @@ def from_dict(raw: Mapping[str, Any], source: str = "<memory>") -> Config:
         c.err("server_reset_query", "must be a string (empty to skip the reset)")
         reset = _DEFAULTS["server_reset_query"]
 
+    limits = _limits(c, raw)
     databases: dict[str, DatabaseConfig] = {}
     raw_dbs = raw.get("databases", {})
     if not isinstance(raw_dbs, dict) or not raw_dbs:
@@ -384,7 +394,14 @@ def from_dict(raw: Mapping[str, Any], source: str = "<memory>") -> Config:
             c.err(path + ".route", f"must be one of {', '.join(map(repr, ROUTES))}, not {db_route!r}")
             db_route = "auto"
         databases[name] = DatabaseConfig(
-            name, dbname if isinstance(dbname, str) else name, tuple(nodes), db_pool, db_route, _table_pool_mode(c, db, path)
+            name,
+            dbname if isinstance(dbname, str) else name,
+            tuple(nodes),
+            db_pool,
+            db_route,
+            _table_pool_mode(c, db, path),
+            c.number(db, "max_db_connections", path + ".max_db_connections", int, limits["max_db_connections"], 0, 100_000),
+            c.number(db, "reserve_pool_size", path + ".reserve_pool_size", int, limits["reserve_pool_size"], 0, 100_000),
         )
 
     errors_before = len(c.errors)
@@ -423,7 +440,13 @@ def from_dict(raw: Mapping[str, Any], source: str = "<memory>") -> Config:
             c.err(path + ".route", f"must be one of {', '.join(map(repr, ROUTES))}, not {user_route!r}")
             user_route = "auto"
         try:
-            users[name] = UserConfig(name, Credential.parse(name, password), user_route, _table_pool_mode(c, user, path))
+            users[name] = UserConfig(
+                name,
+                Credential.parse(name, password),
+                user_route,
+                _table_pool_mode(c, user, path),
+                c.number(user, "max_user_connections", path + ".max_user_connections", int, limits["max_user_connections"], 0, 100_000),
+            )
             origins[name] = origin
         except ValueError as e:
             c.err(origin, str(e))  # the message never repeats the secret
@@ -432,7 +455,7 @@ def from_dict(raw: Mapping[str, Any], source: str = "<memory>") -> Config:
             continue
         origin = f"auth_file ({auth_file}:{line})"
         try:
-            users[name] = UserConfig(name, Credential.parse(name, secret))
+            users[name] = UserConfig(name, Credential.parse(name, secret), max_user_connections=limits["max_user_connections"])
             origins[name] = origin
         except ValueError as e:
             c.err(origin, str(e))
@@ -475,6 +498,7 @@ def from_dict(raw: Mapping[str, Any], source: str = "<memory>") -> Config:
         **keepalive,
         **operations,
         **auth_query,
+        **limits,
     )
 
 
@@ -514,6 +538,13 @@ def _auth_file(c: _Checker, raw: Mapping, source: str) -> tuple[str, dict[str, t
             continue
         secrets[entry.user] = (entry.secret, entry.line)
     return str(path), secrets
+
+
+def _limits(c: _Checker, raw: Mapping) -> dict:
+    """max_db_connections, max_user_connections, reserve_pool_size, reserve_pool_timeout (global defaults)."""
+    out = {key: c.number(raw, key, key, int, 0, 0, 100_000) for key in ("max_db_connections", "max_user_connections", "reserve_pool_size")}
+    out["reserve_pool_timeout"] = c.number(raw, "reserve_pool_timeout", "reserve_pool_timeout", float, 5.0, 0.0)
+    return out
 
 
 def _table_pool_mode(c: _Checker, table: Mapping, path: str) -> str | None:

@@ -88,6 +88,7 @@ class Pool:
         self.login_parameters: dict[tuple, dict[str, str]] = {}
         self._login_seen: dict[str, str] | None = None  # what the last new connection's login reported
         self.lent: dict = {}  # busy connection -> the ClientSession keeping it between transactions
+        self.limits = None  # ConnectionLimits shared with other pools (max_db_connections ...); None: pool_size only
 
     def __repr__(self):
         return f"<Pool {self.key} idle={len(self.idle)} busy={len(self.busy)} connecting={self.connecting} waiting={len(self.waiters)}>"
@@ -194,6 +195,7 @@ class Pool:
         return PoolError(
             sqlstate.TOO_MANY_CONNECTIONS,
             f'no server connection for database "{getattr(self.database, "name", self.database)}" became free within {self.wait_timeout:g} s',
+            self.limits.describe(self) if self.limits is not None else
             f"all {self.size} connections to node {self.node} for user \"{self.user}\" are in use (pool_size)",
         )
 
@@ -220,7 +222,7 @@ class Pool:
                 self._reclaim_one()  # (its release() serves the waiter itself)
                 continue
             self._give(self.idle.pop())  # (last in, first out: see take_idle)
-        while not self.paused and len(self.waiters) > self.connecting and self.total < self.size:
+        while not self.paused and len(self.waiters) > self.connecting and self._room():
             self._open()
 
     def _open(self) -> None:
@@ -336,6 +338,8 @@ class Pool:
                 conn.close()
         # Counted up front: a connect() that fails at once must not make this loop forever.
         for _ in range(0 if self.paused else min(self.min_size, self.size) - self.total):
+            if self.limits is not None and not self.limits.may_open(self, evict=False):
+                break  # (warm connections stay within max_db/user_connections, and take no one's place)
             self.connecting += 1
             self.connect(self).addCallbacks(self._opened, self._warm_failed)
 
@@ -353,6 +357,27 @@ class Pool:
         except ValueError:
             pass
         self._serve()
+        if self.limits is not None:
+            self.limits.freed(self)
+
+    # -- limits across pools (pooling/limits.py) ----------------------------------------------
+
+    def _room(self) -> bool:
+        """May one more connection be opened now? pool_size alone, or the shared limits."""
+        if self.limits is None:
+            return self.total < self.size
+        return self.limits.may_open(self)
+
+    def oldest_wait(self, now: float) -> float | None:
+        """How long the oldest waiting client has waited (None: nobody waits)."""
+        return now - self._waits[self.waiters[0]] if self.waiters else None
+
+    def close_one_idle(self) -> bool:
+        """Close the least recently used idle connection (to make room in another pool); False if none."""
+        if not self.idle:
+            return False
+        self.idle.popleft().close()
+        return True
 
     # -- operations (admin actions, reload) ------------------------------------------------------
 

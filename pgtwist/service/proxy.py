@@ -15,6 +15,7 @@ from pgtwist.admin.counters import Counters
 from pgtwist.backend.protocol import BackendFactory, CancelFactory, Keepalive
 from pgtwist.cluster.health import ClusterMonitor
 from pgtwist.pooling.pool import Pool
+from pgtwist.pooling.limits import ConnectionLimits
 from pgtwist.routing.router import DatabaseRouter, load_hook
 from pgtwist.routing.policy import format_lsn
 from pgtwist.backend.connection import ServerConnection
@@ -57,6 +58,9 @@ class Proxy:
         self.fetched_credentials: dict = {}
         self._lookups: dict[str, list[defer.Deferred]] = {}
         self.auth_pools: dict[tuple, Pool] = {}
+        self.limits = ConnectionLimits(
+            lambda: itertools.chain(self.pools.values(), self.retired_pools), lambda: self.config, reactor
+        )
         self.pinned_sessions = 0
         self.counters = Counters(reactor)  # totals for SHOW STATS and /metrics
         self.service = None  # the PgBalanceService, for admin actions (reload, shutdown)
@@ -124,6 +128,8 @@ class Proxy:
         """Janitor tick: pools close stale connections and keep warm ones; query_timeout is enforced."""
         for pool in self.pools.values():
             pool.maintain()
+            if pool.waiters:
+                pool.refresh()  # reserve_pool_timeout passed, or room freed under a shared limit
         for pool in self.auth_pools.values():
             pool.maintain()
         if self.config.query_timeout:
@@ -436,6 +442,7 @@ class Proxy:
             )
             if self.paused and ("*" in self.paused or database.name in self.paused):
                 pool.paused = True
+            pool.limits = self.limits
         return pool
 
     def apply_config(self, config, changes) -> None:

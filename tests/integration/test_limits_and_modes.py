@@ -1,7 +1,11 @@
 """PgBouncer's limits and per-database / per-user settings against real PostgreSQL:
-pool_mode per database and per user (user over database over global)."""
+pool_mode per database and per user (user over database over global), max_db_connections,
+max_user_connections, reserve_pool_size after reserve_pool_timeout."""
 
 from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
 import pytest
@@ -48,3 +52,50 @@ def test_pool_mode_user_over_database_over_global(pg_cluster, tmp_path):
             assert mode_of(conn) == "session"  # the global one
         with connect(px, c.app_user, c.app_password, "plain") as conn:
             assert mode_of(conn) == "session"
+
+
+def node_connections(admin, user: str) -> int:
+    return admin.execute("SELECT count(*) FROM pg_stat_activity WHERE usename = %s AND backend_type = 'client backend'", (user,)).fetchone()[0]
+
+
+def test_max_db_connections_across_users_and_room_made_from_an_idle_pool(pg_cluster, admin, tmp_path):
+    c = pg_cluster
+    users = {c.app_user: {"password": c.app_password}, c.superuser: {"password": c.superuser_password}}
+    with start_proxy(c, tmp_path, pool_size=5, max_db_connections=2, query_wait_timeout=30, users=users) as px:
+        first, second = connect(px, c.app_user, c.app_password), connect(px, c.app_user, c.app_password)
+        with ThreadPoolExecutor(1) as pool:
+            third = pool.submit(connect, px, c.superuser, c.superuser_password)
+            time.sleep(1.5)
+            assert not third.done()  # the database has its 2 server connections
+            first.close()  # its connection goes back idle: the waiting client's pool closes it and opens its own
+            conn = third.result(timeout=10)
+        assert conn.execute("SELECT current_user").fetchone()[0] == c.superuser
+        assert node_connections(admin, c.app_user) == 1
+        conn.close(), second.close()
+
+
+def test_max_user_connections_across_databases(pg_cluster, tmp_path):
+    c = pg_cluster
+    node = c.nodes[0].addr
+    databases = {DATABASE: {"dbname": c.app_database, "nodes": [node]}, "other": {"dbname": c.app_database, "nodes": [node]}}
+    users = {c.app_user: {"password": c.app_password, "max_user_connections": 1}}
+    with start_proxy(c, tmp_path, query_wait_timeout=2, databases=databases, users=users) as px:
+        with connect(px, c.app_user, c.app_password):
+            with pytest.raises(psycopg.OperationalError) as e:
+                connect(px, c.app_user, c.app_password, "other").close()
+            assert "max_user_connections (1)" in str(e.value)
+
+
+def test_reserve_pool_after_reserve_pool_timeout(pg_cluster, tmp_path):
+    c = pg_cluster
+    with start_proxy(c, tmp_path, pool_size=1, reserve_pool_size=1, reserve_pool_timeout=1.0, query_wait_timeout=6) as px:
+        holder = connect(px, px.user, px.password)
+        started = time.monotonic()
+        second = connect(px, px.user, px.password)  # waits reserve_pool_timeout, then gets a reserve connection
+        waited = time.monotonic() - started
+        assert 0.9 <= waited < 5, waited
+        # pool_size + reserve_pool_size are in use: the next one waits query_wait_timeout for nothing.
+        with pytest.raises(psycopg.OperationalError) as e:
+            connect(px, px.user, px.password).close()
+        assert "became free within" in str(e.value) and "reserve_pool_size 1" in str(e.value)
+        holder.close(), second.close()
