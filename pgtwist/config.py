@@ -173,6 +173,8 @@ class Config:
     max_user_connections: int = 0  # (also what users auth_query lets in get)
     reserve_pool_size: int = 0
     reserve_pool_timeout: float = 5.0
+    # -- timeouts on reuse and idleness (PgBouncer's names; see _limits())
+    client_idle_timeout: float = 0.0  # a logged-in client silent this long between transactions is closed (0: never)
 
     def pool_mode_for(self, database: str, user: str) -> str:
         """The pool_mode a client of *user* on *database* gets: the user's, else the database's, else the global one
@@ -228,7 +230,13 @@ UNPOOLABLE = ("pin", "error")
 SERVER_LOSS = ("keep_session", "close_client")
 
 _AUTH_QUERY_KEYS = {"auth_user", "auth_query", "auth_dbname", "auth_cache_ttl"}
-_LIMIT_KEYS = {"max_db_connections", "max_user_connections", "reserve_pool_size", "reserve_pool_timeout"}
+_LIMIT_KEYS = {
+    "max_db_connections",
+    "max_user_connections",
+    "reserve_pool_size",
+    "reserve_pool_timeout",
+    "client_idle_timeout",
+}
 _OPERATIONS_KEYS = {"shutdown_timeout", "log_format", "log_connections", "log_disconnections", "audit", "admin", "manhole", "metrics"}
 _TOP_KEYS = set(_DEFAULTS) | {"databases", "users", "tls", "server_tls", "auth_file"} | _OPERATIONS_KEYS | _AUTH_QUERY_KEYS | _LIMIT_KEYS
 _TLS_KEYS = {"mode", "cert", "key", "ca", "ciphers", "min_protocol_version"}
@@ -544,6 +552,7 @@ def _limits(c: _Checker, raw: Mapping) -> dict:
     """max_db_connections, max_user_connections, reserve_pool_size, reserve_pool_timeout (global defaults)."""
     out = {key: c.number(raw, key, key, int, 0, 0, 100_000) for key in ("max_db_connections", "max_user_connections", "reserve_pool_size")}
     out["reserve_pool_timeout"] = c.number(raw, "reserve_pool_timeout", "reserve_pool_timeout", float, 5.0, 0.0)
+    out["client_idle_timeout"] = c.number(raw, "client_idle_timeout", "client_idle_timeout", float, 0.0, 0.0)
     return out
 
 

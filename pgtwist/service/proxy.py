@@ -58,6 +58,7 @@ class Proxy:
         self.fetched_credentials: dict = {}
         self._lookups: dict[str, list[defer.Deferred]] = {}
         self.auth_pools: dict[tuple, Pool] = {}
+        self._busy_marks: dict[str, float] = {}  # client id -> the last janitor tick it was busy at (client_idle_timeout)
         self.limits = ConnectionLimits(
             lambda: itertools.chain(self.pools.values(), self.retired_pools), lambda: self.config, reactor
         )
@@ -103,6 +104,7 @@ class Proxy:
 
     def client_closed(self, session: ClientSession, reason=None) -> None:
         self.clients.pop(session.id, None)
+        self._busy_marks.pop(session.id, None)
         if session.admitted:
             session.admitted = False
             self.admitted -= 1
@@ -134,6 +136,8 @@ class Proxy:
             pool.maintain()
         if self.config.query_timeout:
             self.expire_queries(self.config.query_timeout)
+        if self.config.client_idle_timeout:
+            self.expire_idle_clients(self.config.client_idle_timeout)
         if self.retired_pools:
             reloadmod.sweep(self)
 
@@ -144,6 +148,26 @@ class Proxy:
         deadline = self.clock.seconds() - limit
         for session in [s for s in self.clients.values() if s.asked_before(deadline)]:
             session.query_timed_out(limit)
+
+    def expire_idle_clients(self, limit: float) -> None:
+        """client_idle_timeout, checked by the janitor (to within its tick), no timer per client.
+
+        A client is busy at a tick when it owes or awaits an answer, or is in a transaction; it
+        has been idle since the later of its last busy tick and the start of its last request
+        (ClientSession.last_request, kept at each ReadyForQuery: requests between ticks count).
+        """
+        now = self.clock.seconds()
+        marks = self._busy_marks
+        expired = []
+        for session in self.clients.values():
+            if not session.logged_in or session.console is not None:
+                continue  # (logins have client_login_timeout; the admin console is never closed)
+            if not session.idle_at_rest():
+                marks[session.id] = now
+            elif now - max(marks.get(session.id, 0.0), session.last_request) >= limit:
+                expired.append(session)
+        for session in expired:
+            session.idle_timed_out(limit)
 
     def reload_tls(self) -> None:
         """(Re)read the certificates and keys of [tls] and [server_tls] from self.config's paths.

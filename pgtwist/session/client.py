@@ -154,6 +154,7 @@ class ClientSession(Placement):
         "_orphan_told",
         "_tx_end",
         "admitted",
+        "last_request",
     )
 
     def __init__(self, proxy, transport, client_id: str):
@@ -214,6 +215,7 @@ class ClientSession(Placement):
         self._orphan_told = False  # an orphaned batch's error went out at its Flush: its Sync gets ReadyForQuery alone
         self._tx_end = 0  # what to do when the open transaction ends: _DDL_SENT | _LOCAL_PATH
         self._asked_at: float | None = None  # when the client's pending request began (query latency)
+        self.last_request = self.connected_at  # when its last answered request began (client_idle_timeout)
         self._read_link = False  # linked to a replica for an autocommit read: writes behind it wait
         self._holding = False  # a write is waiting in the backlog for this read's replica to go
         self._startup_settings: dict[str, str] = {}  # what RESET returns to, for this client
@@ -907,6 +909,8 @@ class ClientSession(Placement):
             self._transaction_ended()
         decision = self.decision
         started, self._asked_at = self._asked_at, None
+        if started is not None:
+            self.last_request = started  # (the janitor tells a busy client from an idle one: Proxy.expire_idle_clients)
         self.proxy.counters.ready(
             self.id,
             server.node,
@@ -1125,6 +1129,18 @@ class ClientSession(Placement):
         timer, self._idle_tx_timer = self._idle_tx_timer, None
         if timer is not None and timer.active():
             timer.cancel()
+
+    def idle_at_rest(self) -> bool:
+        """Between requests and outside any transaction, logged in (client_idle_timeout may apply)."""
+        return (self.state is IDLE or self.state is LINKED) and self._asked_at is None and self.tx_status == p.TX_IDLE
+
+    def idle_timed_out(self, limit: float) -> None:
+        """client_idle_timeout: closed with PgBouncer's words and PostgreSQL's SQLSTATE for an idle session."""
+        self.fatal(
+            sqlstate.IDLE_SESSION_TIMEOUT,
+            "client_idle_timeout",
+            f"The client sent nothing for {limit:g} s between transactions (pgtwist's client_idle_timeout).",
+        )
 
     def _idle_tx_timed_out(self) -> None:
         self._idle_tx_timer = None

@@ -99,3 +99,20 @@ def test_reserve_pool_after_reserve_pool_timeout(pg_cluster, tmp_path):
             connect(px, px.user, px.password).close()
         assert "became free within" in str(e.value) and "reserve_pool_size 1" in str(e.value)
         holder.close(), second.close()
+
+
+@pytest.mark.parametrize("mode", ["session", "transaction"])
+def test_client_idle_timeout_closes_a_silent_client_only(pg_cluster, tmp_path, mode):
+    c = pg_cluster
+    with start_proxy(c, tmp_path, pool_mode=mode, client_idle_timeout=2.0) as px:
+        busy, silent = px.connect(autocommit=True), px.connect(autocommit=True)
+        busy.execute("SELECT pg_sleep(3.5)")  # a statement longer than the timeout is not idleness
+        for _ in range(3):
+            time.sleep(1)
+            busy.execute("SELECT 1")
+        with pytest.raises(psycopg.OperationalError) as e:
+            silent.execute("SELECT 1")
+        assert "client_idle_timeout" in str(e.value)
+        assert busy.execute("SELECT 1").fetchone() == (1,)
+        assert "57P05 client_idle_timeout" in px.log_text()
+        busy.close(), silent.close()
