@@ -175,6 +175,8 @@ class Config:
     reserve_pool_timeout: float = 5.0
     # -- timeouts on reuse and idleness (PgBouncer's names; see _limits())
     client_idle_timeout: float = 0.0  # a logged-in client silent this long between transactions is closed (0: never)
+    server_check_query: str = "SELECT 1"  # run on an idle server connection before reuse ("" = never)
+    server_check_delay: float = 30.0  # ... when it was idle at least this long (0: before every reuse)
 
     def pool_mode_for(self, database: str, user: str) -> str:
         """The pool_mode a client of *user* on *database* gets: the user's, else the database's, else the global one
@@ -236,6 +238,8 @@ _LIMIT_KEYS = {
     "reserve_pool_size",
     "reserve_pool_timeout",
     "client_idle_timeout",
+    "server_check_query",
+    "server_check_delay",
 }
 _OPERATIONS_KEYS = {"shutdown_timeout", "log_format", "log_connections", "log_disconnections", "audit", "admin", "manhole", "metrics"}
 _TOP_KEYS = set(_DEFAULTS) | {"databases", "users", "tls", "server_tls", "auth_file"} | _OPERATIONS_KEYS | _AUTH_QUERY_KEYS | _LIMIT_KEYS
@@ -553,6 +557,12 @@ def _limits(c: _Checker, raw: Mapping) -> dict:
     out = {key: c.number(raw, key, key, int, 0, 0, 100_000) for key in ("max_db_connections", "max_user_connections", "reserve_pool_size")}
     out["reserve_pool_timeout"] = c.number(raw, "reserve_pool_timeout", "reserve_pool_timeout", float, 5.0, 0.0)
     out["client_idle_timeout"] = c.number(raw, "client_idle_timeout", "client_idle_timeout", float, 0.0, 0.0)
+    out["server_check_delay"] = c.number(raw, "server_check_delay", "server_check_delay", float, 30.0, 0.0)
+    query = raw.get("server_check_query", "SELECT 1")
+    if not isinstance(query, str):
+        c.err("server_check_query", "must be a string (empty: no check)")
+        query = "SELECT 1"
+    out["server_check_query"] = query
     return out
 
 

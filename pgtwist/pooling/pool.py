@@ -89,6 +89,12 @@ class Pool:
         self._login_seen: dict[str, str] | None = None  # what the last new connection's login reported
         self.lent: dict = {}  # busy connection -> the ClientSession keeping it between transactions
         self.limits = None  # ConnectionLimits shared with other pools (max_db_connections ...); None: pool_size only
+        # server_check_query / server_check_delay: idle connections the janitor found idle that long
+        # (``stale``) run the query before they are handed out; ``testing`` ones run it now (busy).
+        self.check_query = ""
+        self.check_delay = 30.0
+        self.stale: set = set()
+        self.testing: set = set()
 
     def __repr__(self):
         return f"<Pool {self.key} idle={len(self.idle)} busy={len(self.busy)} connecting={self.connecting} waiting={len(self.waiters)}>"
@@ -111,11 +117,10 @@ class Pool:
             return None
         if not self.idle and self.lent:
             self._reclaim_one()
-        if self.idle:
-            conn = self.idle.pop()
+        conn = self._pop_checked_idle() if self.idle else None
+        if conn is not None:
             self.busy.add(conn)
-            return conn
-        return None
+        return conn
 
     # -- lending (transaction pooling): busy, but reclaimable at once --------------------------
 
@@ -221,8 +226,11 @@ class Pool:
             if not self.idle:
                 self._reclaim_one()  # (its release() serves the waiter itself)
                 continue
-            self._give(self.idle.pop())  # (last in, first out: see take_idle)
-        while not self.paused and len(self.waiters) > self.connecting and self._room():
+            conn = self._pop_checked_idle()  # (last in, first out: see take_idle)
+            if conn is not None:
+                self._give(conn)
+        # (A connection under server_check_query will serve a waiter too, unless it fails.)
+        while not self.paused and len(self.waiters) > self.connecting + len(self.testing) and self._room():
             self._open()
 
     def _open(self) -> None:
@@ -357,6 +365,8 @@ class Pool:
         except ValueError:
             pass
         self._serve()
+        self.stale.discard(conn)
+        self.testing.discard(conn)
         if self.limits is not None:
             self.limits.freed(self)
 
@@ -378,6 +388,53 @@ class Pool:
             return False
         self.idle.popleft().close()
         return True
+
+    # -- server_check_query on reuse --------------------------------------------------------
+
+    def flag_for_check(self, now: float) -> None:
+        """Janitor: idle connections unused for server_check_delay get checked before their next use
+        (flagged here, so that handing one out never reads the clock)."""
+        if not self.check_query:
+            return
+        for conn in self.idle:
+            if conn.last_used is not None and now - conn.last_used >= self.check_delay:
+                self.stale.add(conn)
+
+    def _pop_checked_idle(self):
+        """The most recently used idle connection that needs no check; those that do start theirs."""
+        while self.idle:
+            conn = self.idle.pop()
+            # (server_check_delay = 0: before every reuse; a connection just logged in is not reused.)
+            if self.check_query and (conn in self.stale or (not self.check_delay and conn.last_used != conn.created)):
+                self.stale.discard(conn)
+                self._check(conn)
+                continue
+            return conn
+        return None
+
+    def _check(self, conn) -> None:
+        self.busy.add(conn)
+        self.testing.add(conn)
+        conn.run_internal([self.check_query]).addCallbacks(
+            lambda errors: self._checked(conn, errors), lambda failure: self._check_failed(conn, failure)
+        )
+
+    def _checked(self, conn, errors) -> None:
+        self.testing.discard(conn)
+        if errors or conn.state != "idle" or conn.tx_status != p.TX_IDLE:
+            log.warn("server {server} failed server_check_query, closing it: {why}", server=conn.id, why=errors[0].get("M") if errors else conn.state)
+            self.busy.discard(conn)
+            conn.close()
+            self._serve()
+            return
+        self._back_to_idle(conn)  # (fresh now: the next _serve hands it out)
+
+    def _check_failed(self, conn, failure) -> None:
+        # Gone while checked: no client saw it; the waiters get another connection.
+        log.info("server {server} was lost while checked with server_check_query: {why}", server=conn.id, why=failure.getErrorMessage())
+        self.testing.discard(conn)
+        self.busy.discard(conn)
+        self._serve()
 
     # -- operations (admin actions, reload) ------------------------------------------------------
 

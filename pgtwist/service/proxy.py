@@ -128,8 +128,10 @@ class Proxy:
 
     def maintain(self) -> None:
         """Janitor tick: pools close stale connections and keep warm ones; query_timeout is enforced."""
+        now = self.clock.seconds()
         for pool in self.pools.values():
             pool.maintain()
+            pool.flag_for_check(now)
             if pool.waiters:
                 pool.refresh()  # reserve_pool_timeout passed, or room freed under a shared limit
         for pool in self.auth_pools.values():
@@ -467,6 +469,7 @@ class Proxy:
             if self.paused and ("*" in self.paused or database.name in self.paused):
                 pool.paused = True
             pool.limits = self.limits
+            pool.check_query, pool.check_delay = self.config.server_check_query, self.config.server_check_delay
         return pool
 
     def apply_config(self, config, changes) -> None:

@@ -124,6 +124,7 @@ def apply(proxy, new, changes: configmod.ConfigDiff) -> None:
         pool.min_size = new.min_pool_size
         pool.idle_timeout = new.server_idle_timeout
         pool.lifetime = new.server_lifetime
+        pool.check_query, pool.check_delay = new.server_check_query, new.server_check_delay
         pool.refresh()
     sweep(proxy)
     for name in changes.databases_added:

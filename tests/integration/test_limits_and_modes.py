@@ -116,3 +116,53 @@ def test_client_idle_timeout_closes_a_silent_client_only(pg_cluster, tmp_path, m
         assert busy.execute("SELECT 1").fetchone() == (1,)
         assert "57P05 client_idle_timeout" in px.log_text()
         busy.close(), silent.close()
+
+
+CHECK_FUNCTION = """
+CREATE TABLE pgtwist_check_fail (pid int);
+CREATE TABLE pgtwist_check_calls (pid int);
+GRANT ALL ON pgtwist_check_fail, pgtwist_check_calls TO PUBLIC;
+CREATE FUNCTION pgtwist_check() RETURNS int LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO pgtwist_check_calls VALUES (pg_backend_pid());
+    IF EXISTS (SELECT 1 FROM pgtwist_check_fail WHERE pid = pg_backend_pid()) THEN
+        RAISE EXCEPTION 'this connection is broken';
+    END IF;
+    RETURN 1;
+END $$;
+"""
+
+
+def test_server_check_query_on_reuse_drops_a_bad_connection_unseen(pg_cluster, admin, tmp_path):
+    c = pg_cluster
+    admin.execute(CHECK_FUNCTION)
+    try:
+        with start_proxy(c, tmp_path, server_check_delay=1.0, server_check_query="SELECT pgtwist_check()") as px:
+            with px.connect() as conn:
+                first = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+            with px.connect() as conn:  # at once: reused without a check
+                assert conn.execute("SELECT pg_backend_pid()").fetchone()[0] == first
+            assert admin.execute("SELECT count(*) FROM pgtwist_check_calls").fetchone()[0] == 0
+            time.sleep(2.5)  # idle past server_check_delay (and a janitor tick)
+            with px.connect() as conn:  # checked, then handed out
+                assert conn.execute("SELECT pg_backend_pid()").fetchone()[0] == first
+            assert admin.execute("SELECT count(*) FROM pgtwist_check_calls WHERE pid = %s", (first,)).fetchone()[0] == 1
+
+            admin.execute("INSERT INTO pgtwist_check_fail VALUES (%s)", (first,))
+            time.sleep(2.5)
+            with px.connect() as conn:  # its check fails: dropped, and the client gets a new one unawares
+                second = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+                assert second != first and conn.execute("SELECT 1").fetchone() == (1,)
+            assert "failed server_check_query" in px.log_text()
+            assert wait_gone(admin, first)
+    finally:
+        admin.execute("DROP FUNCTION pgtwist_check(); DROP TABLE pgtwist_check_fail, pgtwist_check_calls")
+
+
+def wait_gone(admin, pid: int) -> bool:
+    deadline = time.monotonic() + 10
+    while admin.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()[0]:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
