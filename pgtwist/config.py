@@ -85,7 +85,9 @@ class ServerTlsConfig:
 @dataclass(frozen=True)
 class UserConfig:
     name: str
-    credential: Credential = field(repr=False)
+    # None: a table of settings only (pool_mode, route, limits) for a user auth_query looks up,
+    # as PgBouncer's [users] section holds them apart from secrets.
+    credential: Credential | None = field(repr=False)
     route: str = "auto"  # "auto" | "primary" | "replica"
     pool_mode: str | None = None  # PgBouncer's user pool_mode=: over the database's and the global one
     max_user_connections: int = 0  # server connections of all this user's pools (0: no limit)
@@ -442,7 +444,8 @@ def from_dict(raw: Mapping[str, Any], source: str = "<memory>") -> Config:
             password, origin = in_file[0], f"auth_file ({auth_file}:{in_file[1]})"
         else:
             origin = path + ".password"
-        if not isinstance(password, str) or not password:
+        looked_up = password is None and bool(raw.get("auth_user"))
+        if not looked_up and (not isinstance(password, str) or not password):
             # No default passwords: a user without one cannot log in to the nodes either.
             where = " here or in auth_file" if auth_file else ""
             c.err(origin, f"is required{where} (plaintext, md5 hash or SCRAM-SHA-256 verifier)")
@@ -454,7 +457,7 @@ def from_dict(raw: Mapping[str, Any], source: str = "<memory>") -> Config:
         try:
             users[name] = UserConfig(
                 name,
-                Credential.parse(name, password),
+                None if looked_up else Credential.parse(name, password),
                 user_route,
                 _table_pool_mode(c, user, path),
                 c.number(user, "max_user_connections", path + ".max_user_connections", int, limits["max_user_connections"], 0, 100_000),
@@ -611,6 +614,8 @@ def _auth_query(c: _Checker, raw: Mapping, databases: Mapping, users: Mapping, o
     user = users.get(auth_user)
     if user is None:
         c.err("auth_user", f"names no [users.{auth_user}] table (nor a line of auth_file)")
+    elif user.credential is None:
+        c.err("auth_user", f"[users.{auth_user}] has no password (nor a line of auth_file): auth_user needs one of its own")
     elif user.credential.kind == "scram":
         # Like the health monitor, it logs in before any client of its own has: a verifier cannot.
         c.err(
@@ -636,9 +641,12 @@ def _check_health_user(c: _Checker, health_user: str, databases: Mapping, users:
         "set health_user to a user whose password is plaintext (or an md5 hash, for nodes that use md5), "
         "e.g. a role with pg_monitor whose secret is kept in auth_file"
     )
-    name = health_user or next(iter(users), "")
+    name = health_user or next((n for n, u in users.items() if u.credential is not None), "")
     if not name:
         c.err("health_user", f"{where}, and there is no user to log in as: {fix}")
+        return
+    if users[name].credential is None:
+        c.err("health_user", f"{where} from start-up, which user {name!r} cannot do: it has no password here (auth_query looks it up); {fix}")
         return
     if users[name].credential.kind == "scram":
         who = f"user {name!r}" if health_user else f"user {name!r} (health_user is not set: the first user)"

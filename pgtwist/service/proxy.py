@@ -272,7 +272,7 @@ class Proxy:
     def _credential_for(self, user: str):
         """What server connections of *user* log in with: the configured secret, else auth_query's."""
         configured = self.config.users.get(user)
-        if configured is not None:
+        if configured is not None and configured.credential is not None:
             return configured.credential
         return self.fetched_credentials.get(user)
 
@@ -374,7 +374,8 @@ class Proxy:
         return router
 
     def _health_user_name(self) -> str:
-        return self.config.health_user or next(iter(self.config.users), "")
+        # (The first user with a secret of its own: a settings-only table cannot log in unaided.)
+        return self.config.health_user or next((n for n, u in self.config.users.items() if u.credential is not None), "")
 
     def _health_login(self, database, node) -> ServerLogin:
         name = self._health_user_name()

@@ -144,3 +144,13 @@ def test_lookup_failure_is_08006_not_a_password_error(cluster, tmp_path):
             connect(px, SCRAMMER, SCRAM_PW).close()
         assert "auth_query failed" in str(e.value)
         assert "auth_query failed" in px.log_text()
+
+
+def test_a_users_table_without_password_gives_a_looked_up_user_its_pool_mode(cluster, tmp_path):
+    users = {AUTH: {"password": "auth secret"}, SCRAMMER: {"pool_mode": "transaction"}}
+    with start_proxy(cluster, tmp_path, users=users, auth_user=AUTH, pool_mode="session", auth_type="md5") as px:
+        with connect(px, SCRAMMER, SCRAM_PW) as conn:
+            node_pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+            assert conn.info.backend_pid != node_pid  # pgtwist's own: transaction pooling
+        with connect(px, MD5ER, MD5_PW) as conn:
+            assert conn.info.backend_pid == conn.execute("SELECT pg_backend_pid()").fetchone()[0]  # the global session mode

@@ -145,3 +145,30 @@ def test_config_refuses_an_auth_user_with_only_a_verifier():
     with pytest.raises(configmod.ConfigError) as e:
         configmod.from_dict(raw)
     assert "SCRAM verifier" in str(e.value)
+
+
+def test_users_table_without_a_password_holds_settings_for_a_looked_up_user():
+    raw = base(auth_user="pgtwist_auth")
+    raw["users"]["bob"] = {"pool_mode": "transaction", "max_user_connections": 3}
+    config = configmod.from_dict(raw)
+    assert config.users["bob"].credential is None
+    assert config.pool_mode_for("db", "bob") == "transaction" and config.users["bob"].max_user_connections == 3
+    # Without auth_query, such a table is still an error: nobody could log in as bob.
+    del raw["auth_user"]
+    with pytest.raises(configmod.ConfigError) as e:
+        configmod.from_dict(raw)
+    assert any(line.startswith("users.bob.password: is required") for line in e.value.errors)
+
+
+def test_auth_user_and_health_user_need_a_secret_of_their_own():
+    raw = base(auth_user="bob")
+    raw["users"]["bob"] = {}
+    with pytest.raises(configmod.ConfigError) as e:
+        configmod.from_dict(raw)
+    assert any(line.startswith("auth_user: [users.bob] has no password") for line in e.value.errors), e.value.errors
+    raw = base(auth_user="pgtwist_auth", health_user="bob")
+    raw["users"]["bob"] = {}
+    raw["databases"]["db"]["nodes"] = ["a:1", "b:1"]
+    with pytest.raises(configmod.ConfigError) as e:
+        configmod.from_dict(raw)
+    assert any(line.startswith("health_user:") and "no password here" in line for line in e.value.errors), e.value.errors
