@@ -34,9 +34,14 @@ def lookup_messages(query: str, user: str) -> tuple[bytes, int]:
 def credential_from_rows(user: str, rows: list[list[bytes | None]]) -> Credential | None:
     """The Credential auth_query's answer gives *user*, or None (no such role, no password, not one row).
 
-    A NULL or unusable secret is the same as no role: the client gets the same 28P01 either way.
+    A NULL or unusable secret, or a row naming another role, is the same as no role: the client
+    gets the same 28P01 either way.
     """
     if len(rows) != 1 or len(rows[0]) < 2 or rows[0][1] is None:
+        return None
+    if rows[0][0] != user.encode("utf-8"):
+        # A query (or SECURITY DEFINER function) answering with another role's row must not let
+        # this name in with that role's secret.
         return None
     try:
         return Credential.parse(user, rows[0][1].decode("utf-8"))

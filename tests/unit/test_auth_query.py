@@ -86,7 +86,7 @@ def test_lookup_bytes_bind_the_name_never_interpolate_it():
 
 @pytest.mark.parametrize(
     "rows",
-    [[], [[b"bob", None]], [[b"bob", b"md5" + b"0" * 32], [b"bob", b"md5" + b"1" * 32]], [[b"bob", b"md5bad"]], [[b"bob"]]],
+    [[], [[b"bob", None]], [[b"bob", b"md5" + b"0" * 32], [b"bob", b"md5" + b"1" * 32]], [[b"bob", b"md5bad"]], [[b"bob"]], [[b"alice", b"md5" + b"0" * 32]]],
 )
 def test_no_usable_answer_is_no_user(rows):
     assert credential_from_rows("bob", rows) is None
