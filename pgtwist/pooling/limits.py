@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from typing import Callable, Iterable
 
+from twisted.logger import Logger
+
+log = Logger()
+
 
 class ConnectionLimits:
     """Asked by a pool before it opens a server connection; told when one of a pool's closes.
@@ -28,7 +32,8 @@ class ConnectionLimits:
         At a database or user limit, an idle connection of another pool under the same limit is
         closed to make room: a client waiting behind it would otherwise wait for server_idle_timeout.
         """
-        if pool.total >= pool.size and not self._reserve_open(pool):
+        reserve = pool.total >= pool.size
+        if reserve and not self._reserve_open(pool):
             return False
         config = self.config()
         database = pool.database
@@ -39,6 +44,9 @@ class ConnectionLimits:
             return False
         if user_limit and not self._within(pool, user_limit, lambda p: p.user == pool.user, evict):
             return False
+        if reserve:
+            # (Once per reserve connection: a sign pool_size is too small, as PgBouncer logs it.)
+            log.info("pool {pool}: taking a connection from the reserve pool", pool=pool.key)
         return True
 
     def _reserve_open(self, pool) -> bool:
