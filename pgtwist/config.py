@@ -55,6 +55,9 @@ class DatabaseConfig:
     nodes: tuple[Address, ...]
     pool_size: int
     route: str = "auto"  # "auto" | "primary" | "replica": where this database's work may go
+    pool_mode: str | None = None  # PgBouncer's database pool_mode=: over the global one (None: that)
+    max_db_connections: int = 0  # server connections of all this database's pools (0: no limit)
+    reserve_pool_size: int = 0  # extra connections per pool for clients waiting reserve_pool_timeout
 
 
 @dataclass(frozen=True)
@@ -84,8 +87,12 @@ class ServerTlsConfig:
 @dataclass(frozen=True)
 class UserConfig:
     name: str
-    credential: Credential = field(repr=False)
+    # None: a table of settings only (pool_mode, route, limits) for a user auth_query looks up,
+    # as PgBouncer's [users] section holds them apart from secrets.
+    credential: Credential | None = field(repr=False)
     route: str = "auto"  # "auto" | "primary" | "replica"
+    pool_mode: str | None = None  # PgBouncer's user pool_mode=: over the database's and the global one
+    max_user_connections: int = 0  # server connections of all this user's pools (0: no limit)
 
 
 @dataclass(frozen=True)
@@ -166,6 +173,32 @@ class Config:
     unix_socket_dir: str = ""
     unix_socket_mode: int = 0o777
     dns_max_ttl: float = 15.0
+    # -- auth_query (PgBouncer's names): users with no secret here log in with the verifier
+    # PostgreSQL stores, looked up by auth_query as auth_user ("" = off); see _auth_query().
+    auth_user: str = ""
+    auth_query: str = ""
+    auth_dbname: str = ""  # where auth_query runs ("" = the database the client asked for)
+    auth_cache_ttl: float = 0.0  # how long a looked-up secret (or its absence) is reused
+    # -- limits (PgBouncer's names; see _limits()): per database / per user tables override these.
+    max_db_connections: int = 0
+    max_user_connections: int = 0  # (also what users auth_query lets in get)
+    reserve_pool_size: int = 0
+    reserve_pool_timeout: float = 5.0
+    # -- timeouts on reuse and idleness (PgBouncer's names; see _limits())
+    client_idle_timeout: float = 0.0  # a logged-in client silent this long between transactions is closed (0: never)
+    server_check_query: str = "SELECT 1"  # run on an idle server connection before reuse ("" = never)
+    server_check_delay: float = 30.0  # ... when it was idle at least this long (0: before every reuse)
+
+    def pool_mode_for(self, database: str, user: str) -> str:
+        """The pool_mode a client of *user* on *database* gets: the user's, else the database's, else the global one
+        (PgBouncer's precedence). One (database, user) has one mode, so a pool never mixes them."""
+        entry = self.users.get(user)
+        if entry is not None and entry.pool_mode is not None:
+            return entry.pool_mode
+        db = self.databases.get(database)
+        if db is not None and db.pool_mode is not None:
+            return db.pool_mode
+        return self.pool_mode
 
 
 _DEFAULTS: dict[str, Any] = {
@@ -212,11 +245,21 @@ ROUTES = ("auto", "primary", "replica")
 UNPOOLABLE = ("pin", "error")
 SERVER_LOSS = ("keep_session", "close_client")
 
+_AUTH_QUERY_KEYS = {"auth_user", "auth_query", "auth_dbname", "auth_cache_ttl"}
+_LIMIT_KEYS = {
+    "max_db_connections",
+    "max_user_connections",
+    "reserve_pool_size",
+    "reserve_pool_timeout",
+    "client_idle_timeout",
+    "server_check_query",
+    "server_check_delay",
+}
 _OPERATIONS_KEYS = {"shutdown_timeout", "log_format", "log_connections", "log_disconnections", "audit", "admin", "manhole", "metrics"}
-_TOP_KEYS = set(_DEFAULTS) | {"databases", "users", "tls", "server_tls", "auth_file"} | _OPERATIONS_KEYS
+_TOP_KEYS = set(_DEFAULTS) | {"databases", "users", "tls", "server_tls", "auth_file"} | _OPERATIONS_KEYS | _AUTH_QUERY_KEYS | _LIMIT_KEYS
 _TLS_KEYS = {"mode", "cert", "key", "ca", "ciphers", "min_protocol_version"}
-_DATABASE_KEYS = {"dbname", "nodes", "pool_size", "route"}
-_USER_KEYS = {"password", "route"}
+_DATABASE_KEYS = {"dbname", "nodes", "pool_size", "route", "pool_mode", "max_db_connections", "reserve_pool_size"}
+_USER_KEYS = {"password", "route", "pool_mode", "max_user_connections"}
 
 
 def parse_address(text: str, default_port: int = 5432) -> Address:
@@ -384,6 +427,7 @@ def from_dict(raw: Mapping[str, Any], source: str = "<memory>") -> Config:
         c.err("server_reset_query", "must be a string (empty to skip the reset)")
         reset = _DEFAULTS["server_reset_query"]
 
+    limits = _limits(c, raw)
     databases: dict[str, DatabaseConfig] = {}
     raw_dbs = raw.get("databases", {})
     if not isinstance(raw_dbs, dict) or not raw_dbs:
@@ -413,7 +457,16 @@ def from_dict(raw: Mapping[str, Any], source: str = "<memory>") -> Config:
         if db_route not in ROUTES:
             c.err(path + ".route", f"must be one of {', '.join(map(repr, ROUTES))}, not {db_route!r}")
             db_route = "auto"
-        databases[name] = DatabaseConfig(name, dbname if isinstance(dbname, str) else name, tuple(nodes), db_pool, db_route)
+        databases[name] = DatabaseConfig(
+            name,
+            dbname if isinstance(dbname, str) else name,
+            tuple(nodes),
+            db_pool,
+            db_route,
+            _table_pool_mode(c, db, path),
+            c.number(db, "max_db_connections", path + ".max_db_connections", int, limits["max_db_connections"], 0, 100_000),
+            c.number(db, "reserve_pool_size", path + ".reserve_pool_size", int, limits["reserve_pool_size"], 0, 100_000),
+        )
 
     errors_before = len(c.errors)
     auth_file, file_secrets = _auth_file(c, raw, source)
@@ -441,7 +494,8 @@ def from_dict(raw: Mapping[str, Any], source: str = "<memory>") -> Config:
             password, origin = in_file[0], f"auth_file ({auth_file}:{in_file[1]})"
         else:
             origin = path + ".password"
-        if not isinstance(password, str) or not password:
+        looked_up = password is None and bool(raw.get("auth_user"))
+        if not looked_up and (not isinstance(password, str) or not password):
             # No default passwords: a user without one cannot log in to the nodes either.
             where = " here or in auth_file" if auth_file else ""
             c.err(origin, f"is required{where} (plaintext, md5 hash or SCRAM-SHA-256 verifier)")
@@ -451,7 +505,13 @@ def from_dict(raw: Mapping[str, Any], source: str = "<memory>") -> Config:
             c.err(path + ".route", f"must be one of {', '.join(map(repr, ROUTES))}, not {user_route!r}")
             user_route = "auto"
         try:
-            users[name] = UserConfig(name, Credential.parse(name, password), user_route)
+            users[name] = UserConfig(
+                name,
+                None if looked_up else Credential.parse(name, password),
+                user_route,
+                _table_pool_mode(c, user, path),
+                c.number(user, "max_user_connections", path + ".max_user_connections", int, limits["max_user_connections"], 0, 100_000),
+            )
             origins[name] = origin
         except ValueError as e:
             c.err(origin, str(e))  # the message never repeats the secret
@@ -460,10 +520,11 @@ def from_dict(raw: Mapping[str, Any], source: str = "<memory>") -> Config:
             continue
         origin = f"auth_file ({auth_file}:{line})"
         try:
-            users[name] = UserConfig(name, Credential.parse(name, secret))
+            users[name] = UserConfig(name, Credential.parse(name, secret), max_user_connections=limits["max_user_connections"])
             origins[name] = origin
         except ValueError as e:
             c.err(origin, str(e))
+    auth_query = _auth_query(c, raw, databases, users, origins)
     if auth_type != "trust" and not users and auth_file_ok:
         c.err("users", f"auth_type = {auth_type!r} needs at least one [users.NAME] with a password")
 
@@ -503,6 +564,8 @@ def from_dict(raw: Mapping[str, Any], source: str = "<memory>") -> Config:
         **timeouts,
         **keepalive,
         **operations,
+        **auth_query,
+        **limits,
     )
 
 
@@ -544,6 +607,79 @@ def _auth_file(c: _Checker, raw: Mapping, source: str) -> tuple[str, dict[str, t
     return str(path), secrets
 
 
+def _limits(c: _Checker, raw: Mapping) -> dict:
+    """max_db_connections, max_user_connections, reserve_pool_size, reserve_pool_timeout (global defaults)."""
+    out = {key: c.number(raw, key, key, int, 0, 0, 100_000) for key in ("max_db_connections", "max_user_connections", "reserve_pool_size")}
+    out["reserve_pool_timeout"] = c.number(raw, "reserve_pool_timeout", "reserve_pool_timeout", float, 5.0, 0.0)
+    out["client_idle_timeout"] = c.number(raw, "client_idle_timeout", "client_idle_timeout", float, 0.0, 0.0)
+    out["server_check_delay"] = c.number(raw, "server_check_delay", "server_check_delay", float, 30.0, 0.0)
+    query = raw.get("server_check_query", "SELECT 1")
+    if not isinstance(query, str):
+        c.err("server_check_query", "must be a string (empty: no check)")
+        query = "SELECT 1"
+    out["server_check_query"] = query
+    return out
+
+
+def _table_pool_mode(c: _Checker, table: Mapping, path: str) -> str | None:
+    """pool_mode in a [databases.NAME] or [users.NAME] table; None where it is not given."""
+    value = table.get("pool_mode")
+    if value is None:
+        return None
+    if value not in POOL_MODES:
+        c.err(path + ".pool_mode", f"must be one of {', '.join(map(repr, POOL_MODES))}, not {value!r}")
+        return None
+    return value
+
+
+# -- auth_query / auth_user ---------------------------------------------------------------------
+
+# PgBouncer's default: pg_shadow holds the verifier exactly as pg_authid.rolpassword does.
+DEFAULT_AUTH_QUERY = "SELECT usename, passwd FROM pg_shadow WHERE usename=$1"
+DEFAULT_AUTH_CACHE_TTL = 60.0
+
+
+def _auth_query(c: _Checker, raw: Mapping, databases: Mapping, users: Mapping, origins: Mapping) -> dict:
+    """auth_user, auth_query, auth_dbname, auth_cache_ttl: checked; Config keyword arguments."""
+    out = {"auth_user": "", "auth_query": "", "auth_dbname": "", "auth_cache_ttl": DEFAULT_AUTH_CACHE_TTL}
+    auth_user = raw.get("auth_user", "")
+    if not isinstance(auth_user, str):
+        c.err("auth_user", "must be a user name")
+        auth_user = ""
+    for key in ("auth_query", "auth_dbname"):
+        value = raw.get(key, "")
+        if not isinstance(value, str):
+            c.err(key, "must be a string")
+    out["auth_cache_ttl"] = c.number(raw, "auth_cache_ttl", "auth_cache_ttl", float, DEFAULT_AUTH_CACHE_TTL, 0.0)
+    if not auth_user:
+        for key in ("auth_query", "auth_dbname"):
+            if raw.get(key):
+                c.err(key, "is used only with auth_user, which is not set")
+        return out
+    query = raw.get("auth_query", "") or DEFAULT_AUTH_QUERY
+    if isinstance(query, str) and "$1" not in query:
+        # The user name goes in as a bound parameter, never into the text (CVE-2025-12819).
+        c.err("auth_query", "must take the user name as the parameter $1")
+    dbname = raw.get("auth_dbname", "")
+    if isinstance(dbname, str) and dbname and dbname not in databases:
+        c.err("auth_dbname", f"names no [databases.{dbname}] table")
+    user = users.get(auth_user)
+    if user is None:
+        c.err("auth_user", f"names no [users.{auth_user}] table (nor a line of auth_file)")
+    elif user.credential is None:
+        c.err("auth_user", f"[users.{auth_user}] has no password (nor a line of auth_file): auth_user needs one of its own")
+    elif user.credential.kind == "scram":
+        # Like the health monitor, it logs in before any client of its own has: a verifier cannot.
+        c.err(
+            "auth_user",
+            f"user {auth_user!r} runs auth_query before any client has logged in as it, which its secret "
+            f"({origins.get(auth_user, 'users.' + auth_user + '.password')}) cannot do: it is a SCRAM verifier; "
+            "give it a plaintext password (or an md5 hash, for nodes that use md5), e.g. in auth_file",
+        )
+    out.update(auth_user=auth_user, auth_query=query if isinstance(query, str) else "", auth_dbname=dbname if isinstance(dbname, str) else "")
+    return out
+
+
 def _check_health_user(c: _Checker, health_user: str, databases: Mapping, users: Mapping, origins: Mapping) -> None:
     """A database with several nodes is probed from start-up, before any client has logged in:
     the monitor's user needs a secret that can answer a node on its own. A SCRAM verifier cannot
@@ -557,9 +693,12 @@ def _check_health_user(c: _Checker, health_user: str, databases: Mapping, users:
         "set health_user to a user whose password is plaintext (or an md5 hash, for nodes that use md5), "
         "e.g. a role with pg_monitor whose secret is kept in auth_file"
     )
-    name = health_user or next(iter(users), "")
+    name = health_user or next((n for n, u in users.items() if u.credential is not None), "")
     if not name:
         c.err("health_user", f"{where}, and there is no user to log in as: {fix}")
+        return
+    if users[name].credential is None:
+        c.err("health_user", f"{where} from start-up, which user {name!r} cannot do: it has no password here (auth_query looks it up); {fix}")
         return
     if users[name].credential.kind == "scram":
         who = f"user {name!r}" if health_user else f"user {name!r} (health_user is not set: the first user)"

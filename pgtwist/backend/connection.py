@@ -337,6 +337,11 @@ class ServerConnection:
         """
         return self._run(b"".join(internal_batch(b) for b in batches), len(batches))
 
+    def run_prepared(self, data: bytes, owed: int) -> defer.Deferred:
+        """Run messages the proxy built itself (auth_query's Query + Parse/Bind/Execute/Sync) that
+        end in *owed* ReadyForQuery; fires with the errors, the rows in ``internal_rows``."""
+        return self._run(data, owed)
+
     def _run(self, data: bytes, owed: int) -> defer.Deferred:
         self._enter(INTERNAL)
         self._internal = defer.Deferred()

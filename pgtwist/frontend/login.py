@@ -59,8 +59,17 @@ class Authenticated:
     client_key: bytes | None = field(default=None, repr=False)  # SCRAM pass-through to nodes
 
 
+@dataclass(frozen=True)
+class LookupUser:
+    """No configured secret for *user*: look it up (auth_query), then call user_found() with the result."""
+
+    user: str
+    database: str
+
+
 # States of the exchange.
 STARTUP, MD5, SASL_INITIAL, SASL_FINAL, DONE = "startup", "md5", "sasl-initial", "sasl-final", "done"
+LOOKUP = "lookup"  # waiting for auth_query's answer: the client's bytes wait in the buffer
 _MAX_NEGOTIATIONS = 2  # one SSLRequest and one GSSENCRequest at most, as PostgreSQL allows
 TLS_REQUIRED_MODES = ("require", "verify-ca", "verify-full")  # [tls] modes that refuse plaintext logins
 _TLS_RECORD_HANDSHAKE = 0x16  # first byte of a ClientHello; no startup packet length starts with it
@@ -100,6 +109,7 @@ class ClientLogin:
         "channel_binding",
         "peer_cn",
         "admit",
+        "look_up",
     )
 
     def __init__(
@@ -112,6 +122,7 @@ class ClientLogin:
         tls_mode: str = "disable",
         client_host: str | None = None,
         admit: Callable[[m.StartupMessage], bool] | None = None,
+        look_up: bool = False,
     ):
         self.auth_type = auth_type
         self.lookup_user = lookup_user
@@ -131,6 +142,7 @@ class ClientLogin:
         self.channel_binding: bytes | None = None  # tls-server-end-point hash of our certificate
         self.peer_cn: str | None = None  # CN of the client's verified certificate
         self.admit = admit
+        self.look_up = look_up  # auth_query: users lookup_user does not know are asked for (LookupUser)
 
     def leftover(self) -> bytes:
         """Bytes the client sent after its login finished (pipelined queries)."""
@@ -144,6 +156,9 @@ class ClientLogin:
             # Cannot happen through Twisted (bytes go to the TLS layer); never process them anyway.
             raise WireError("received data before the TLS handshake finished")
         self.buffer += data
+        if self.state == LOOKUP and len(self.buffer) > p.MAX_AUTH_MESSAGE + 5:
+            # Nothing was asked of the client yet: whatever it sends waits, but not without bound.
+            raise WireError("unexpected data from the client before the authentication request")
         events: list = []
         if (
             self.state == STARTUP
@@ -157,7 +172,7 @@ class ClientLogin:
             self.buffer.clear()
             self.tls_pending = "direct"
             return [StartTLS(initial)]
-        while self.state != DONE:
+        while self.state != DONE and self.state != LOOKUP:
             if self.state == STARTUP:
                 body = pop_startup_packet(self.buffer, p.MAX_STARTUP_PACKET)
                 if body is None:
@@ -214,6 +229,25 @@ class ClientLogin:
 
     def _begin_auth(self, user: str) -> list:
         self.credential = self.lookup_user(user)
+        if self.credential is None and self.look_up:
+            self.state = LOOKUP
+            return [LookupUser(user, self.startup.database)]
+        return self._challenge(user)
+
+    def user_found(self, credential: Credential | None) -> list:
+        """auth_query answered (None: no such user, or no usable secret); returns events.
+
+        An unknown user goes through the same always-failing exchange as without auth_query."""
+        if self.state != LOOKUP:
+            raise WireError("user lookup answered out of turn")
+        self.state = STARTUP
+        self.credential = credential
+        events = self._challenge(self.startup.user)
+        if self.state != DONE and self.buffer:
+            events.extend(self.feed(b""))  # (what the client sent meanwhile)
+        return events
+
+    def _challenge(self, user: str) -> list:
         if self.auth_type == "cert":
             # The verified client certificate's CN is the user, as PostgreSQL's cert method.
             if self.credential is None or self.peer_cn != user:

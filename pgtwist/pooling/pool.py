@@ -37,6 +37,8 @@ class PoolSettings:
     min_size: int = 0
     idle_timeout: float = 0.0
     lifetime: float = 0.0
+    check_query: str = ""  # server_check_query ("": never), run on a connection idle check_delay s before reuse
+    check_delay: float = 30.0
 
     @classmethod
     def from_config(cls, config, database) -> "PoolSettings":
@@ -48,6 +50,8 @@ class PoolSettings:
             min_size=config.min_pool_size,
             idle_timeout=config.server_idle_timeout,
             lifetime=config.server_lifetime,
+            check_query=config.server_check_query,
+            check_delay=config.server_check_delay,
         )
 
 
@@ -100,6 +104,11 @@ class Pool:
         self.login_parameters: dict[tuple, dict[str, str]] = {}
         self._login_seen: dict[str, str] | None = None  # what the last new connection's login reported
         self.lent: dict = {}  # busy connection -> the ClientSession keeping it between transactions
+        self.limits = None  # ConnectionLimits shared with other pools (max_db_connections ...); None: pool_size only
+        # server_check_query / server_check_delay: idle connections the janitor found idle that long
+        # (``stale``) run the query before they are handed out; ``testing`` ones run it now (busy).
+        self.stale: set = set()
+        self.testing: set = set()
 
     def __repr__(self):
         return f"<Pool {self.key} idle={len(self.idle)} busy={len(self.busy)} connecting={self.connecting} waiting={len(self.waiters)}>"
@@ -122,11 +131,10 @@ class Pool:
             return None
         if not self.idle and self.lent:
             self._reclaim_one()
-        if self.idle:
-            conn = self.idle.pop()
+        conn = self._pop_checked_idle() if self.idle else None
+        if conn is not None:
             self.busy.add(conn)
-            return conn
-        return None
+        return conn
 
     # -- lending (transaction pooling): busy, but reclaimable at once --------------------------
 
@@ -222,6 +230,7 @@ class Pool:
         return PoolError(
             sqlstate.TOO_MANY_CONNECTIONS,
             f'no server connection for database "{getattr(self.database, "name", self.database)}" became free within {self.settings.wait_timeout:g} s',
+            self.limits.describe(self) if self.limits is not None else
             f"all {self.settings.size} connections to node {self.node} for user \"{self.user}\" are in use (pool_size)",
         )
 
@@ -247,8 +256,11 @@ class Pool:
             if not self.idle:
                 self._reclaim_one()  # (its release() serves the waiter itself)
                 continue
-            self._give(self.idle.pop())  # (last in, first out: see take_idle)
-        while not self.paused and len(self.waiters) > self.connecting and self.total < self.settings.size:
+            conn = self._pop_checked_idle()  # (last in, first out: see take_idle)
+            if conn is not None:
+                self._give(conn)
+        # (A connection under server_check_query will serve a waiter too, unless it fails.)
+        while not self.paused and len(self.waiters) > self.connecting + len(self.testing) and self._room():
             self._open()
 
     def _open(self) -> None:
@@ -364,6 +376,8 @@ class Pool:
                 conn.close()
         # Counted up front: a connect() that fails at once must not make this loop forever.
         for _ in range(0 if self.paused else min(self.settings.min_size, self.settings.size) - self.total):
+            if self.limits is not None and not self.limits.may_open(self, evict=False):
+                break  # (warm connections stay within max_db/user_connections, and take no one's place)
             self.connecting += 1
             self.connect(self).addCallbacks(self._opened, self._warm_failed)
 
@@ -381,6 +395,76 @@ class Pool:
         except ValueError:
             pass
         self._serve()
+        self.stale.discard(conn)
+        self.testing.discard(conn)
+        if self.limits is not None:
+            self.limits.freed(self)
+
+    # -- limits across pools (pooling/limits.py) ----------------------------------------------
+
+    def _room(self) -> bool:
+        """May one more connection be opened now? pool_size alone, or the shared limits."""
+        if self.limits is None:
+            return self.total < self.size
+        return self.limits.may_open(self)
+
+    def oldest_wait(self, now: float) -> float | None:
+        """How long the oldest waiting client has waited (None: nobody waits)."""
+        return now - self._waits[self.waiters[0]] if self.waiters else None
+
+    def close_one_idle(self) -> bool:
+        """Close the least recently used idle connection (to make room in another pool); False if none."""
+        if not self.idle:
+            return False
+        self.idle.popleft().close()
+        return True
+
+    # -- server_check_query on reuse --------------------------------------------------------
+
+    def flag_for_check(self, now: float) -> None:
+        """Janitor: idle connections unused for server_check_delay get checked before their next use
+        (flagged here, so that handing one out never reads the clock)."""
+        if not self.settings.check_query:
+            return
+        for conn in self.idle:
+            if conn.last_used is not None and now - conn.last_used >= self.settings.check_delay:
+                self.stale.add(conn)
+
+    def _pop_checked_idle(self):
+        """The most recently used idle connection that needs no check; those that do start theirs."""
+        while self.idle:
+            conn = self.idle.pop()
+            # (server_check_delay = 0: before every reuse; a connection just logged in is not reused.)
+            if self.settings.check_query and (conn in self.stale or (not self.settings.check_delay and conn.last_used != conn.created)):
+                self.stale.discard(conn)
+                self._check(conn)
+                continue
+            return conn
+        return None
+
+    def _check(self, conn) -> None:
+        self.busy.add(conn)
+        self.testing.add(conn)
+        conn.run_internal([self.settings.check_query]).addCallbacks(
+            lambda errors: self._checked(conn, errors), lambda failure: self._check_failed(conn, failure)
+        )
+
+    def _checked(self, conn, errors) -> None:
+        self.testing.discard(conn)
+        if errors or conn.state != "idle" or conn.tx_status != p.TX_IDLE:
+            log.warn("server {server} failed server_check_query, closing it: {why}", server=conn.id, why=errors[0].get("M") if errors else conn.state)
+            self.busy.discard(conn)
+            conn.close()
+            self._serve()
+            return
+        self._back_to_idle(conn)  # (fresh now: the next _serve hands it out)
+
+    def _check_failed(self, conn, failure) -> None:
+        # Gone while checked: no client saw it; the waiters get another connection.
+        log.info("server {server} was lost while checked with server_check_query: {why}", server=conn.id, why=failure.getErrorMessage())
+        self.testing.discard(conn)
+        self.busy.discard(conn)
+        self._serve()
 
     # -- operations (admin actions, reload) ------------------------------------------------------
 
@@ -389,6 +473,10 @@ class Pool:
         self.paused = paused
         if paused:
             self.reclaim_all()  # a client between transactions must not hold PAUSE up
+        self._serve()
+
+    def refresh(self) -> None:
+        """Limits changed (reload, room freed under a shared limit): hand out or open what they allow now."""
         self._serve()
 
     def retire(self) -> None:

@@ -18,12 +18,15 @@ from pgtwist.admin.counters import Counters
 from pgtwist.backend.protocol import BackendFactory, CancelFactory, Keepalive
 from pgtwist.cluster.health import FUNCTIONS_REFRESH, ClusterMonitor
 from pgtwist.pooling.pool import Pool, PoolSettings
+from pgtwist.pooling.limits import ConnectionLimits
 from pgtwist.routing.router import DatabaseRouter, load_hook
 from pgtwist.routing.policy import format_lsn
 from pgtwist.backend.connection import ServerConnection
 from pgtwist.backend.login import ServerLogin
 from pgtwist.session.client import ClientSession
 from pgtwist.pooling.statements import Schema
+from pgtwist.auth.authquery import AuthCache, credential_from_rows, lookup_messages
+from pgtwist.admin.console import DATABASE as ADMIN_DATABASE
 
 log = Logger()
 
@@ -31,6 +34,9 @@ log = Logger()
 # never a real backend's, up to the largest int32.
 _OWN_PIDS_FROM = 2**22 + 1
 _OWN_PIDS_SPAN = 0x7FFFFFFF - _OWN_PIDS_FROM + 1
+# auth_query runs on its own few connections: lookups are short, and a burst of logins for
+# unknown names must not take a node's connection slots.
+AUTH_POOL_SIZE = 2
 
 
 class Proxy:
@@ -49,6 +55,16 @@ class Proxy:
         # pooling it is the node's own process id, which sessions on different nodes may share.
         self.cancel_keys: dict[int, ClientSession | list[ClientSession]] = {}
         self.client_keys: dict[str, bytes] = {}
+        # auth_query: fresh answers by user (AuthCache), the last secret found for each user (its
+        # server connections log in with it), lookups under way, and the auth_user's own pools.
+        self.auth_cache = AuthCache(config.auth_cache_ttl)
+        self.fetched_credentials: dict = {}
+        self._lookups: dict[str, list[defer.Deferred]] = {}
+        self.auth_pools: dict[tuple, Pool] = {}
+        self._busy_marks: dict[str, float] = {}  # client id -> the last janitor tick it was busy at (client_idle_timeout)
+        self.limits = ConnectionLimits(
+            lambda: itertools.chain(self.pools.values(), self.retired_pools), lambda: self.config, reactor
+        )
         self.pinned_sessions = 0
         self.counters = Counters(reactor)  # totals for SHOW STATS and /metrics
         self.service = None  # the PgBalanceService, for admin actions (reload, shutdown)
@@ -100,6 +116,7 @@ class Proxy:
 
     def client_closed(self, session: ClientSession, reason=None) -> None:
         self.clients.pop(session.id, None)
+        self._busy_marks.pop(session.id, None)
         if session.admitted:
             session.admitted = False
             self.admitted -= 1
@@ -123,10 +140,18 @@ class Proxy:
 
     def maintain(self) -> None:
         """Janitor tick: pools close stale connections and keep warm ones; query_timeout is enforced."""
+        now = self.clock.seconds()
         for pool in self.pools.values():
+            pool.maintain()
+            pool.flag_for_check(now)
+            if pool.waiters:
+                pool.refresh()  # reserve_pool_timeout passed, or room freed under a shared limit
+        for pool in self.auth_pools.values():
             pool.maintain()
         if self.config.query_timeout:
             self.expire_queries(self.config.query_timeout)
+        if self.config.client_idle_timeout:
+            self.expire_idle_clients(self.config.client_idle_timeout)
         if self.retired_pools:
             reloadmod.sweep(self)
 
@@ -137,6 +162,26 @@ class Proxy:
         deadline = self.clock.seconds() - limit
         for session in [s for s in self.clients.values() if s.asked_before(deadline)]:
             session.query_timed_out(limit)
+
+    def expire_idle_clients(self, limit: float) -> None:
+        """client_idle_timeout, checked by the janitor (to within its tick), no timer per client.
+
+        A client is busy at a tick when it owes or awaits an answer, or is in a transaction; it
+        has been idle since the later of its last busy tick and the start of its last request
+        (ClientSession.last_request, kept at each ReadyForQuery: requests between ticks count).
+        """
+        now = self.clock.seconds()
+        marks = self._busy_marks
+        expired = []
+        for session in self.clients.values():
+            if not session.logged_in or session.console is not None:
+                continue  # (logins have client_login_timeout; the admin console is never closed)
+            if not session.idle_at_rest():
+                marks[session.id] = now
+            elif now - max(marks.get(session.id, 0.0), session.last_request) >= limit:
+                expired.append(session)
+        for session in expired:
+            session.idle_timed_out(limit)
 
     def reload_tls(self) -> None:
         """(Re)read the certificates and keys of [tls] and [server_tls] from self.config's paths.
@@ -159,6 +204,89 @@ class Proxy:
 
     def remember_client_key(self, user: str, client_key: bytes) -> None:
         self.client_keys[user] = client_key
+
+    # -- auth_query -------------------------------------------------------------------------------
+
+    def fetch_user(self, name: str, database_name: str) -> defer.Deferred:
+        """auth_query: a Deferred firing with the Credential PostgreSQL stores for *name*, or None.
+
+        Answers (absence too) are reused for auth_cache_ttl; logins of the same name waiting at
+        once share one query. Runs as auth_user on a pool of its own, which no client ever uses.
+        """
+        config = self.config
+        if not config.auth_user or database_name == ADMIN_DATABASE:
+            return defer.succeed(None)  # (the admin console's users are configured ones)
+        fresh, credential = self.auth_cache.get(name, self.clock.seconds())
+        if fresh:
+            return defer.succeed(credential)
+        d = defer.Deferred()
+        waiting = self._lookups.get(name)
+        if waiting is not None:
+            waiting.append(d)
+            return d
+        self._lookups[name] = [d]
+        database = config.databases.get(config.auth_dbname or database_name) or next(iter(config.databases.values()))
+        self._run_auth_query(name, database).addBoth(self._lookup_done, name)
+        return d
+
+    def _run_auth_query(self, name: str, database) -> defer.Deferred:
+        pool = self._auth_pool(database)
+        data, owed = lookup_messages(self.config.auth_query, name)
+
+        def run(conn):
+            def answered(errors):
+                rows = conn.internal_rows
+                pool.release(conn, True, reset=False)
+                if errors:
+                    raise RuntimeError(f"auth_query failed on {pool.node}: {errors[-1].get('C')} {errors[-1].get('M')}")
+                return credential_from_rows(name, rows)
+
+            def lost(failure):
+                pool.release(conn, False)
+                return failure
+
+            return conn.run_prepared(data, owed).addCallbacks(answered, lost)
+
+        return pool.acquire().addCallback(run)
+
+    def _lookup_done(self, result, name: str) -> None:
+        waiting = self._lookups.pop(name, [])
+        if isinstance(result, Exception) or hasattr(result, "getErrorMessage"):
+            for d in waiting:
+                d.errback(result)
+            return
+        self.auth_cache.put(name, result, self.clock.seconds())
+        if result is not None:
+            self.fetched_credentials[name] = result
+        for d in waiting:
+            d.callback(result)
+
+    def _auth_pool(self, database) -> Pool:
+        node = self.router_for(database).primary() or database.nodes[0]
+        key = (database.name, str(node))
+        pool = self.auth_pools.get(key)
+        if pool is None:
+            pool = self.auth_pools[key] = Pool(
+                (database.name, self.config.auth_user, str(node), "auth_query"),
+                node,
+                database,
+                self.config.auth_user,
+                AUTH_POOL_SIZE,
+                connect=self.connect_server,
+                clock=self.clock,
+                reset_query="",
+                wait_timeout=self.config.query_wait_timeout,
+                idle_timeout=self.config.server_idle_timeout,
+                lifetime=self.config.server_lifetime,
+            )
+        return pool
+
+    def _credential_for(self, user: str):
+        """What server connections of *user* log in with: the configured secret, else auth_query's."""
+        configured = self.config.users.get(user)
+        if configured is not None and configured.credential is not None:
+            return configured.credential
+        return self.fetched_credentials.get(user)
 
     # -- cancel keys -------------------------------------------------------------------------
 
@@ -269,7 +397,8 @@ class Proxy:
             return None
 
     def _health_user_name(self) -> str:
-        return self.config.health_user or next(iter(self.config.users), "")
+        # (The first user with a secret of its own: a settings-only table cannot log in unaided.)
+        return self.config.health_user or next((n for n, u in self.config.users.items() if u.credential is not None), "")
 
     def _health_login(self, database, node) -> ServerLogin:
         name = self._health_user_name()
@@ -357,6 +486,7 @@ class Proxy:
             )
             if self.paused and ("*" in self.paused or database.name in self.paused):
                 pool.paused = True
+            pool.limits = self.limits
         return pool
 
     def apply_config(self, config, changes) -> None:
@@ -365,14 +495,18 @@ class Proxy:
         reloadmod.apply(self, config, changes)
         for router in self.routers.values():
             router.hook = self.routing_hook
+        # auth_query's answers are asked again under the new settings; its pools are rebuilt.
+        self.auth_cache = AuthCache(config.auth_cache_ttl)
+        for pool in self.auth_pools.values():
+            pool.retire()
+        self.auth_pools.clear()
 
     def connect_server(self, pool: Pool):
         """Open and log in one server connection for *pool*; a Deferred firing with it."""
-        user = self.config.users.get(pool.user)
         login = ServerLogin(
             pool.user,
             pool.database.dbname,
-            user.credential if user is not None else None,
+            self._credential_for(pool.user),
             client_key=self.client_keys.get(pool.user),
             node_name=str(pool.node),
         )
@@ -398,7 +532,7 @@ class Proxy:
         connector.disconnect()
 
     def close(self):
-        for pool in self.pools.values():
+        for pool in list(self.pools.values()) + list(self.auth_pools.values()):
             pool.close_all()
         stops = [r.monitor.stop() for r in self.routers.values() if r.monitor is not None and r.monitor.running]
         return defer.gatherResults(stops) if stops else None

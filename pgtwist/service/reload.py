@@ -103,6 +103,8 @@ def apply(proxy, new, changes: configmod.ConfigDiff) -> None:
             or pool.node not in database.nodes
             or database.dbname != pool.database.dbname
             or (pool.user in changes.users_removed and new.auth_type != "trust")
+            # A pool serves one pool_mode: clients of the new one get connections of their own.
+            or old.pool_mode_for(pool.database.name, pool.user) != new.pool_mode_for(pool.database.name, pool.user)
         )
         if gone:
             del proxy.pools[key]

@@ -19,7 +19,7 @@ from pgtwist.session import standin
 
 from pgtwist.transport import tls
 from pgtwist.service import drain
-from pgtwist.frontend.login import Authenticated, CancelReceived, ClientLogin, LoginError, Reply, StartTLS
+from pgtwist.frontend.login import Authenticated, CancelReceived, ClientLogin, LoginError, LookupUser, Reply, StartTLS
 from pgtwist.session.placement import AWAIT_END, SESSION_SERVER_CAPTURE, UNPLACED, Placement
 from pgtwist.session.placement import UNSYNCED as _UNSYNCED
 from pgtwist.session.lease import Lease
@@ -167,6 +167,7 @@ class ClientSession:
         "_orphan_told",
         "_tx_end",
         "admitted",
+        "last_request",
     )
 
     def __init__(self, proxy, transport, client_id: str):
@@ -185,6 +186,7 @@ class ClientSession:
             tls_mode="disable" if is_local_peer(transport) else config.tls.mode,
             client_host=_peer_host(transport),
             admit=self._admit,
+            look_up=bool(config.auth_user),
         )
         self.startup: m.StartupMessage | None = None
         self.database = None
@@ -217,6 +219,7 @@ class ClientSession:
         self._orphan_told = False  # an orphaned batch's error went out at its Flush: its Sync gets ReadyForQuery alone
         self._tx_end = 0  # what to do when the open transaction ends: _DDL_SENT | _LOCAL_PATH
         self._asked_at: float | None = None  # when the client's pending request began (query latency)
+        self.last_request = self.connected_at  # when its last answered request began (client_idle_timeout)
         self._startup_settings: dict[str, str] = {}  # what RESET returns to, for this client
         self._to_restore: set[str] | None = None  # startup settings a RESET sent to the server's defaults
         self.console = None
@@ -301,6 +304,31 @@ class ClientSession:
                 return
             elif isinstance(event, Authenticated):
                 self._authenticated(event)
+            elif isinstance(event, LookupUser):
+                d = self.proxy.fetch_user(event.user, event.database)
+                d.addCallbacks(self._user_looked_up, self._user_lookup_failed)
+
+    def _user_looked_up(self, credential) -> None:
+        """auth_query answered: the login goes on (or fails as it would for an unknown user)."""
+        if self.state is not LOGIN or self.login is None:
+            return  # the client left (or timed out) meanwhile
+        try:
+            self._login_events(self.login.user_found(credential))
+        except WireError as e:
+            self.fatal(e.sqlstate, str(e), getattr(e, "detail", None))
+        except LoginError as e:
+            self.fatal(e.sqlstate, e.message, e.detail)
+        except Exception:
+            log.failure("client {client}: internal error", client=self.id)
+            self.fatal(sqlstate.INTERNAL_ERROR, "internal error in pgtwist; the proxy log has the details")
+
+    def _user_lookup_failed(self, failure) -> None:
+        if self.state is not LOGIN:
+            return
+        log.warn("client {client}: auth_query failed: {why}", client=self.id, why=failure.getErrorMessage())
+        # The node could not be asked (down, auth_user refused, a broken query): the client cannot
+        # be checked. Never the node's own SQLSTATE: a 28P01 for auth_user would read as the client's.
+        self.fatal(sqlstate.CONNECTION_FAILURE, "could not look up the user's password (auth_query failed)", "the proxy log says why")
 
     def _authenticated(self, event: Authenticated) -> None:
         self.startup = event.startup
@@ -313,6 +341,8 @@ class ClientSession:
         if database is None:
             raise LoginError(sqlstate.INVALID_CATALOG_NAME, f'database "{name}" does not exist')
         self.database = database
+        # pool_mode per database and per user: known only now (until now, the global one).
+        self.transaction_mode = self.config.pool_mode_for(name, self.user) == "transaction"
         self.settings = client_settings(event.startup.parameters)
         self._startup_settings = dict(self.settings)
         if event.client_key is not None:
@@ -1305,6 +1335,8 @@ class ClientSession:
             self._transaction_ended()
         decision = self.decision
         started, self._asked_at = self._asked_at, None
+        if started is not None:
+            self.last_request = started  # (the janitor tells a busy client from an idle one: Proxy.expire_idle_clients)
         self.proxy.counters.ready(
             self.id,
             server.node,
@@ -1524,6 +1556,18 @@ class ClientSession:
         timer, self._idle_tx_timer = self._idle_tx_timer, None
         if timer is not None and timer.active():
             timer.cancel()
+
+    def idle_at_rest(self) -> bool:
+        """Between requests and outside any transaction, logged in (client_idle_timeout may apply)."""
+        return (self.state is IDLE or self.state is LINKED) and self._asked_at is None and self.tx_status == p.TX_IDLE
+
+    def idle_timed_out(self, limit: float) -> None:
+        """client_idle_timeout: closed with PgBouncer's words and PostgreSQL's SQLSTATE for an idle session."""
+        self.fatal(
+            sqlstate.IDLE_SESSION_TIMEOUT,
+            "client_idle_timeout",
+            f"The client sent nothing for {limit:g} s between transactions (pgtwist's client_idle_timeout).",
+        )
 
     def _idle_tx_timed_out(self) -> None:
         self._idle_tx_timer = None

@@ -308,3 +308,10 @@ def parse_settings_query(sql: str) -> dict[str, str]:
             return out
         assert sql.startswith(", ", pos)
         pos += 2
+
+
+def tick(s, seconds):
+    """Time passes with the janitor running each second, as the service runs it."""
+    for _ in range(int(seconds)):
+        s.clock.advance(1.0)
+        s.proxy.maintain()

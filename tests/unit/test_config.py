@@ -422,3 +422,40 @@ def test_connection_log_lines_default_on_as_in_pgbouncer_and_can_be_turned_off()
         "log_connections: must be true or false, not 'no'",
         "log_disconnections: must be true or false, not 0",
     ]
+
+
+def test_pool_mode_user_over_database_over_global():
+    raw = {
+        "pool_mode": "session",
+        "databases": {"tx": {"nodes": ["h:1"], "pool_mode": "transaction"}, "plain": {"nodes": ["h:1"]}},
+        "users": {"a": {"password": "p", "pool_mode": "session"}, "b": {"password": "p"}},
+    }
+    config = from_dict(raw)
+    assert config.pool_mode_for("tx", "a") == "session"
+    assert config.pool_mode_for("tx", "b") == "transaction"
+    assert config.pool_mode_for("plain", "b") == "session"
+    assert config.pool_mode_for("plain", "looked-up") == "session"
+    raw["users"]["b"]["pool_mode"] = "statement"
+    with pytest.raises(ConfigError) as e:
+        from_dict(raw)
+    assert any(line.startswith("users.b.pool_mode: must be one of") for line in e.value.errors)
+
+
+def test_connection_limits_global_and_per_table():
+    raw = {
+        "max_db_connections": 10,
+        "max_user_connections": 4,
+        "reserve_pool_size": 2,
+        "reserve_pool_timeout": 1.5,
+        "databases": {"a": {"nodes": ["h:1"], "max_db_connections": 3, "reserve_pool_size": 0}, "b": {"nodes": ["h:1"]}},
+        "users": {"u": {"password": "p", "max_user_connections": 1}, "v": {"password": "p"}},
+    }
+    config = from_dict(raw)
+    assert (config.databases["a"].max_db_connections, config.databases["a"].reserve_pool_size) == (3, 0)
+    assert (config.databases["b"].max_db_connections, config.databases["b"].reserve_pool_size) == (10, 2)
+    assert (config.users["u"].max_user_connections, config.users["v"].max_user_connections) == (1, 4)
+    assert (config.max_user_connections, config.reserve_pool_timeout) == (4, 1.5)
+    raw["databases"]["a"]["max_db_connections"] = -1
+    with pytest.raises(ConfigError) as e:
+        from_dict(raw)
+    assert any(line.startswith("databases.a.max_db_connections: must be") for line in e.value.errors)

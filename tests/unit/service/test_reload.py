@@ -280,3 +280,17 @@ def test_transaction_pooled_clients_follow_a_database_moved_by_reload(tmp_path):
     server.got_data(m.command_complete("SELECT 1") + m.ready_for_query())
     assert types(transport.value()).endswith("Z")
     assert all(str(pool.node) == "db2:5432" for pool in proxy.pools.values())
+
+
+def test_changed_pool_mode_of_a_database_retires_its_pools(setup):
+    path, proxy = setup
+    app, transport = client(proxy)
+    (pool,) = proxy.pools.values()
+    path.write_text(path.read_text().replace('nodes = ["db1:5432"]', 'nodes = ["db1:5432"]\npool_mode = "transaction"'))
+    outcome = reload.reload_file(proxy)
+    assert outcome.ok and "databases.appdb.pool_mode" in outcome.changes.live
+    assert pool.retired and pool not in proxy.pools.values()
+    assert app.state == "linked" and not transport.disconnecting  # its client finishes in session mode
+    newcomer, _ = client(proxy)
+    assert newcomer.transaction_mode
+    assert newcomer.server is None or newcomer.server.pool is not pool

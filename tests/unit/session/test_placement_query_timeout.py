@@ -14,6 +14,7 @@ from pgtwist.wire import sqlstate
 
 from tests.harness.routing import R1, R2, P
 from tests.harness.session import (
+    tick,
     RESULT,
     Z_FAILED,
     Z_IDLE,
@@ -27,13 +28,6 @@ from tests.harness.session import (
     sent,
     types,
 )
-
-
-def tick(s, seconds):
-    """Time passes with the janitor running each second, as the service runs it."""
-    for _ in range(int(seconds)):
-        s.clock.advance(1.0)
-        s.proxy.maintain()
 
 
 def aborted(server) -> bool:

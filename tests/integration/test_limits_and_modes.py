@@ -1,0 +1,172 @@
+"""PgBouncer's limits and per-database / per-user settings against real PostgreSQL:
+pool_mode per database and per user (user over database over global), max_db_connections,
+max_user_connections, reserve_pool_size after reserve_pool_timeout."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import psycopg
+import pytest
+
+from tests.harness.proxy import DATABASE, start_proxy
+
+pytestmark = pytest.mark.integration
+
+OWN_PIDS_FROM = 2**22 + 1  # pgtwist's own BackendKeyData process ids (transaction pooling) start here
+
+
+def connect(px, user, password, dbname=DATABASE):
+    return psycopg.connect(
+        host=px.host, port=px.port, dbname=dbname, user=user, password=password, sslmode="disable", connect_timeout=10, autocommit=True
+    )
+
+
+def mode_of(conn) -> str:
+    """Session pooling gives the node's own process id; transaction pooling one of pgtwist's."""
+    node_pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+    if conn.info.backend_pid == node_pid:
+        return "session"
+    assert conn.info.backend_pid >= OWN_PIDS_FROM
+    return "transaction"
+
+
+def test_pool_mode_user_over_database_over_global(pg_cluster, tmp_path):
+    c = pg_cluster
+    node = c.nodes[0].addr
+    databases = {
+        DATABASE: {"dbname": c.app_database, "nodes": [node], "pool_mode": "transaction"},
+        "plain": {"dbname": c.app_database, "nodes": [node]},
+    }
+    users = {
+        c.app_user: {"password": c.app_password, "pool_mode": "session"},
+        c.superuser: {"password": c.superuser_password},
+    }
+    with start_proxy(c, tmp_path, pool_mode="session", databases=databases, users=users) as px:
+        with connect(px, c.superuser, c.superuser_password) as conn:
+            assert mode_of(conn) == "transaction"  # the database's
+        with connect(px, c.app_user, c.app_password) as conn:
+            assert mode_of(conn) == "session"  # the user's, over the database's
+        with connect(px, c.superuser, c.superuser_password, "plain") as conn:
+            assert mode_of(conn) == "session"  # the global one
+        with connect(px, c.app_user, c.app_password, "plain") as conn:
+            assert mode_of(conn) == "session"
+
+
+def node_connections(admin, user: str) -> int:
+    return admin.execute("SELECT count(*) FROM pg_stat_activity WHERE usename = %s AND backend_type = 'client backend'", (user,)).fetchone()[0]
+
+
+def test_max_db_connections_across_users_and_room_made_from_an_idle_pool(pg_cluster, admin, tmp_path):
+    c = pg_cluster
+    users = {c.app_user: {"password": c.app_password}, c.superuser: {"password": c.superuser_password}}
+    with start_proxy(c, tmp_path, pool_size=5, max_db_connections=2, query_wait_timeout=30, users=users) as px:
+        first, second = connect(px, c.app_user, c.app_password), connect(px, c.app_user, c.app_password)
+        with ThreadPoolExecutor(1) as pool:
+            third = pool.submit(connect, px, c.superuser, c.superuser_password)
+            time.sleep(1.5)
+            assert not third.done()  # the database has its 2 server connections
+            first.close()  # its connection goes back idle: the waiting client's pool closes it and opens its own
+            conn = third.result(timeout=10)
+        assert conn.execute("SELECT current_user").fetchone()[0] == c.superuser
+        # (The evicted connection's backend exits a moment after pgtwist hangs up.)
+        deadline = time.monotonic() + 10
+        while node_connections(admin, c.app_user) != 1:
+            assert time.monotonic() < deadline, "the evicted connection stayed"
+            time.sleep(0.1)
+        conn.close(), second.close()
+
+
+def test_max_user_connections_across_databases(pg_cluster, tmp_path):
+    c = pg_cluster
+    node = c.nodes[0].addr
+    databases = {DATABASE: {"dbname": c.app_database, "nodes": [node]}, "other": {"dbname": c.app_database, "nodes": [node]}}
+    users = {c.app_user: {"password": c.app_password, "max_user_connections": 1}}
+    with start_proxy(c, tmp_path, query_wait_timeout=2, databases=databases, users=users) as px:
+        with connect(px, c.app_user, c.app_password):
+            with pytest.raises(psycopg.OperationalError) as e:
+                connect(px, c.app_user, c.app_password, "other").close()
+            assert "max_user_connections (1)" in str(e.value)
+
+
+def test_reserve_pool_after_reserve_pool_timeout(pg_cluster, tmp_path):
+    c = pg_cluster
+    with start_proxy(c, tmp_path, pool_size=1, reserve_pool_size=1, reserve_pool_timeout=1.0, query_wait_timeout=6) as px:
+        holder = connect(px, px.user, px.password)
+        started = time.monotonic()
+        second = connect(px, px.user, px.password)  # waits reserve_pool_timeout, then gets a reserve connection
+        waited = time.monotonic() - started
+        assert 0.9 <= waited < 5, waited
+        # pool_size + reserve_pool_size are in use: the next one waits query_wait_timeout for nothing.
+        with pytest.raises(psycopg.OperationalError) as e:
+            connect(px, px.user, px.password).close()
+        assert "became free within" in str(e.value) and "reserve_pool_size 1" in str(e.value)
+        holder.close(), second.close()
+
+
+@pytest.mark.parametrize("mode", ["session", "transaction"])
+def test_client_idle_timeout_closes_a_silent_client_only(pg_cluster, tmp_path, mode):
+    c = pg_cluster
+    with start_proxy(c, tmp_path, pool_mode=mode, client_idle_timeout=2.0) as px:
+        busy, silent = px.connect(autocommit=True), px.connect(autocommit=True)
+        busy.execute("SELECT pg_sleep(3.5)")  # a statement longer than the timeout is not idleness
+        for _ in range(3):
+            time.sleep(1)
+            busy.execute("SELECT 1")
+        with pytest.raises(psycopg.OperationalError) as e:
+            silent.execute("SELECT 1")
+        assert "client_idle_timeout" in str(e.value)
+        assert busy.execute("SELECT 1").fetchone() == (1,)
+        assert "57P05 client_idle_timeout" in px.log_text()
+        busy.close(), silent.close()
+
+
+CHECK_FUNCTION = """
+CREATE TABLE pgtwist_check_fail (pid int);
+CREATE TABLE pgtwist_check_calls (pid int);
+GRANT ALL ON pgtwist_check_fail, pgtwist_check_calls TO PUBLIC;
+CREATE FUNCTION pgtwist_check() RETURNS int LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO pgtwist_check_calls VALUES (pg_backend_pid());
+    IF EXISTS (SELECT 1 FROM pgtwist_check_fail WHERE pid = pg_backend_pid()) THEN
+        RAISE EXCEPTION 'this connection is broken';
+    END IF;
+    RETURN 1;
+END $$;
+"""
+
+
+def test_server_check_query_on_reuse_drops_a_bad_connection_unseen(pg_cluster, admin, tmp_path):
+    c = pg_cluster
+    admin.execute(CHECK_FUNCTION)
+    try:
+        with start_proxy(c, tmp_path, pool_size=1, server_check_delay=1.0, server_check_query="SELECT pgtwist_check()") as px:
+            with px.connect() as conn:
+                first = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+            with px.connect() as conn:  # at once (pool_size 1: after its reset): reused without a check
+                assert conn.execute("SELECT pg_backend_pid()").fetchone()[0] == first
+            assert admin.execute("SELECT count(*) FROM pgtwist_check_calls").fetchone()[0] == 0
+            time.sleep(2.5)  # idle past server_check_delay (and a janitor tick)
+            with px.connect() as conn:  # checked, then handed out
+                assert conn.execute("SELECT pg_backend_pid()").fetchone()[0] == first
+            assert admin.execute("SELECT count(*) FROM pgtwist_check_calls WHERE pid = %s", (first,)).fetchone()[0] == 1
+
+            admin.execute("INSERT INTO pgtwist_check_fail VALUES (%s)", (first,))
+            time.sleep(2.5)
+            with px.connect() as conn:  # its check fails: dropped, and the client gets a new one unawares
+                second = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+                assert second != first and conn.execute("SELECT 1").fetchone() == (1,)
+            assert "failed server_check_query" in px.log_text()
+            assert wait_gone(admin, first)
+    finally:
+        admin.execute("DROP FUNCTION pgtwist_check(); DROP TABLE pgtwist_check_fail, pgtwist_check_calls")
+
+
+def wait_gone(admin, pid: int) -> bool:
+    deadline = time.monotonic() + 10
+    while admin.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()[0]:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True

@@ -1,0 +1,79 @@
+"""server_check_query / server_check_delay: a connection idle that long is checked before reuse; a
+failed check is invisible to the waiting client, who gets another connection (task.Clock, no I/O)."""
+
+from twisted.internet.error import ConnectionLost
+from twisted.python.failure import Failure
+
+from tests.harness.pool import Harness, got
+
+
+def idle_one(h):
+    """A pool with one idle connection, last used at the clock's time."""
+    _, r = h.acquire()
+    conn = h.open_next()
+    h.pool.release(conn, reusable=True, reset=False)
+    assert list(h.pool.idle) == [conn] and got(r) is conn
+    return conn
+
+
+def checked(size=2, delay=30.0):
+    h = Harness(size=size, reset_query="", check_query="SELECT 1", check_delay=delay)
+    return h
+
+
+def test_fresh_connection_is_handed_out_without_a_check():
+    h = checked()
+    conn = idle_one(h)
+    h.clock.advance(29)
+    h.pool.flag_for_check(h.clock.seconds())
+    assert h.pool.take_idle() is conn and conn.internal == []
+
+
+def test_connection_idle_past_the_delay_is_checked_then_handed_out():
+    h = checked()
+    conn = idle_one(h)
+    h.clock.advance(30)
+    h.pool.flag_for_check(h.clock.seconds())
+    assert h.pool.take_idle() is None  # (its check runs: the caller waits like any waiter)
+    _, r = h.acquire()
+    assert conn.internal[0][0] == ["SELECT 1"] and r == [] and len(h.attempts) == 1  # nothing new opened
+    conn.internal[0][1].callback([])
+    assert got(r) is conn
+    h.pool.release(conn, reusable=True, reset=False)
+    assert h.pool.take_idle() is conn and len(conn.internal) == 1  # checked once, fresh again
+
+
+def test_a_dead_connection_is_dropped_and_another_one_serves_the_client():
+    h = checked()
+    conn = idle_one(h)
+    h.clock.advance(31)
+    h.pool.flag_for_check(h.clock.seconds())
+    _, r = h.acquire()
+    conn.internal[0][1].errback(Failure(ConnectionLost()))
+    h.pool.server_closed(conn)
+    assert r == [] and len(h.attempts) == 2  # a new connection is on its way
+    fresh = h.open_next()
+    assert got(r) is fresh and conn not in h.pool.idle and conn not in h.pool.busy
+
+
+def test_a_check_that_errors_closes_the_connection():
+    h = checked()
+    conn = idle_one(h)
+    h.clock.advance(31)
+    h.pool.flag_for_check(h.clock.seconds())
+    _, r = h.acquire()
+    conn.internal[0][1].callback([{"M": "terminating connection"}])
+    assert conn.closed and r == [] and len(h.attempts) == 2
+
+
+def test_delay_zero_checks_every_reuse_and_empty_query_never():
+    h = checked(delay=0)
+    conn = idle_one(h)  # (new: handed out unchecked)
+    h.clock.advance(0.001)
+    conn.last_used = h.clock.seconds()  # (as ServerConnection keeps it when a client is done)
+    assert h.pool.take_idle() is None and len(conn.internal) == 1
+    h2 = Harness(reset_query="", check_query="")
+    conn2 = idle_one(h2)
+    h2.clock.advance(1000)
+    h2.pool.flag_for_check(h2.clock.seconds())
+    assert h2.pool.take_idle() is conn2
