@@ -271,13 +271,14 @@ class Proxy:
                 node,
                 database,
                 self.config.auth_user,
-                AUTH_POOL_SIZE,
+                PoolSettings(
+                    AUTH_POOL_SIZE,
+                    wait_timeout=self.config.query_wait_timeout,
+                    idle_timeout=self.config.server_idle_timeout,
+                    lifetime=self.config.server_lifetime,
+                ),
                 connect=self.connect_server,
                 clock=self.clock,
-                reset_query="",
-                wait_timeout=self.config.query_wait_timeout,
-                idle_timeout=self.config.server_idle_timeout,
-                lifetime=self.config.server_lifetime,
             )
         return pool
 
