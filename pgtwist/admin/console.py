@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from twisted.logger import Logger
 
 from pgtwist import config as configmod
-from pgtwist.admin import actions, inspect
+from pgtwist.admin import actions, bouncer, inspect
 from pgtwist.frontend.login import LoginError
 from pgtwist.wire import frontend
 from pgtwist.wire import messages as m
@@ -25,6 +25,7 @@ from pgtwist.wire.framing import pop_message
 log = Logger()
 
 DATABASE = configmod.ADMIN_DATABASE
+DATABASES = configmod.ADMIN_DATABASES  # "pgbalance" and PgBouncer's "pgbouncer"
 _MAX_MESSAGE = 1 << 20
 _COPY = frozenset((p.COPY_DATA, p.COPY_DONE, p.COPY_FAIL))
 _OIDS = {str: m.OID_TEXT, int: m.OID_INT8, float: m.OID_FLOAT8, bool: m.OID_BOOL}
@@ -47,18 +48,33 @@ WELCOME_PARAMETERS = {
 }
 
 HELP = (
+    ("SHOW VERSION", "pgtwist's version"),
+    ("SHOW LISTS", "counts of databases, users, pools, clients, servers"),
+    ("SHOW DATABASES", "configured databases (PgBouncer's columns)"),
+    ("SHOW USERS", "configured users"),
     ("SHOW CLIENTS", "client connections"),
     ("SHOW SERVERS", "server connections"),
-    ("SHOW POOLS", "pools per (database, user, node)"),
+    ("SHOW POOLS", "pools per (database, user)"),
+    ("SHOW NODE_POOLS", "pools per (database, user, node)"),
     ("SHOW NODES", "nodes, roles, health and lag"),
-    ("SHOW STATS", "totals since start"),
+    ("SHOW STATS", "per database: totals since start and averages (bytes, microseconds)"),
+    ("SHOW STATS_TOTALS", "the totals of SHOW STATS"),
+    ("SHOW STATS_AVERAGES", "the averages of SHOW STATS"),
+    ("SHOW TOTALS", "pgtwist-wide totals since start"),
     ("SHOW CONFIG", "effective settings"),
+    ("SHOW MEM", "live objects and peak memory"),
+    ("SHOW FDS", "open sockets"),
     ("SHOW PREPARED", "named prepared statements"),
     ("SHOW HELP", "this list"),
     ("RELOAD", "re-read the configuration file and apply it"),
-    ("PAUSE [db]", "stop handing out server connections"),
+    ("PAUSE [db]", "wait for open transactions to end, then stop handing out server connections"),
     ("RESUME [db]", "undo PAUSE"),
+    ("RECONNECT [db]", "close server connections once their clients are done with them"),
+    ("DISABLE db / ENABLE db", "refuse / accept new clients of db"),
+    ("KILL db", "disconnect every client and server connection of db"),
     ("KILL client", "disconnect a client (FATAL 57P01)"),
+    ("WAIT_CLOSE [db]", "wait until RECONNECT'ed server connections are closed"),
+    ("SET key = value", "change a setting a reload can change, until the next reload"),
     ("SHUTDOWN", "drain: let open transactions finish, then exit"),
 )
 
@@ -90,15 +106,27 @@ def _table(columns, rows: list[dict]) -> Result:
     return Result("SHOW", tuple(columns), [[row.get(name) for name in names] for row in rows])
 
 
+_HELP_COLUMNS = (("command", str), ("does", str))
+# SHOW name -> (columns, view(proxy) -> rows)
 _SHOW = {
-    "CLIENTS": lambda proxy: _table(inspect.CLIENT_COLUMNS, inspect.clients(proxy)),
-    "SERVERS": lambda proxy: _table(inspect.SERVER_COLUMNS, inspect.servers(proxy)),
-    "POOLS": lambda proxy: _table(inspect.POOL_COLUMNS, inspect.pools(proxy)),
-    "NODES": lambda proxy: _table(inspect.NODE_COLUMNS, inspect.nodes(proxy)),
-    "STATS": lambda proxy: _table(inspect.KEY_VALUE_COLUMNS, inspect.stats(proxy)),
-    "CONFIG": lambda proxy: _table(inspect.CONFIG_COLUMNS, inspect.config(proxy.config)),
-    "PREPARED": lambda proxy: _table(inspect.PREPARED_COLUMNS, inspect.prepared(proxy)),
-    "HELP": lambda proxy: _table((("command", str), ("does", str)), [{"command": c, "does": d} for c, d in HELP]),
+    "VERSION": (bouncer.VERSION_COLUMNS, bouncer.version),
+    "LISTS": (bouncer.LISTS_COLUMNS, bouncer.lists),
+    "DATABASES": (bouncer.DATABASES_COLUMNS, bouncer.databases),
+    "USERS": (bouncer.USERS_COLUMNS, bouncer.users),
+    "CLIENTS": (bouncer.CLIENTS_COLUMNS, bouncer.clients),
+    "SERVERS": (bouncer.SERVERS_COLUMNS, bouncer.servers),
+    "POOLS": (bouncer.POOLS_COLUMNS, bouncer.pools),
+    "NODE_POOLS": (inspect.POOL_COLUMNS, inspect.pools),
+    "NODES": (inspect.NODE_COLUMNS, inspect.nodes),
+    "STATS": (bouncer.STATS_COLUMNS, bouncer.stats),
+    "STATS_TOTALS": (bouncer.STATS_TOTALS_COLUMNS, bouncer.stats_totals),
+    "STATS_AVERAGES": (bouncer.STATS_AVERAGES_COLUMNS, bouncer.stats_averages),
+    "TOTALS": (inspect.KEY_VALUE_COLUMNS, inspect.stats),
+    "CONFIG": (bouncer.CONFIG_COLUMNS, bouncer.config),
+    "MEM": (bouncer.MEM_COLUMNS, bouncer.mem),
+    "FDS": (bouncer.FDS_COLUMNS, bouncer.fds),
+    "PREPARED": (inspect.PREPARED_COLUMNS, inspect.prepared),
+    "HELP": (_HELP_COLUMNS, lambda proxy: [{"command": c, "does": d} for c, d in HELP]),
 }
 _WORDS = re.compile(r"\S+")
 
@@ -112,16 +140,7 @@ def describe(sql: str) -> tuple | None:
     """The columns *sql* would return, without running it (None: a command without rows)."""
     words = _WORDS.findall(sql.upper().strip().rstrip(";"))
     if len(words) == 2 and words[0] == "SHOW" and words[1] in _SHOW:
-        return {
-            "CLIENTS": inspect.CLIENT_COLUMNS,
-            "SERVERS": inspect.SERVER_COLUMNS,
-            "POOLS": inspect.POOL_COLUMNS,
-            "NODES": inspect.NODE_COLUMNS,
-            "STATS": inspect.KEY_VALUE_COLUMNS,
-            "CONFIG": inspect.CONFIG_COLUMNS,
-            "PREPARED": inspect.PREPARED_COLUMNS,
-            "HELP": (("command", str), ("does", str)),
-        }[words[1]]
+        return _SHOW[words[1]][0]
     return None
 
 
@@ -136,7 +155,8 @@ def run(proxy, sql: str, session=None) -> Result:
         view = _SHOW.get(what)
         if view is None:
             raise CommandError(SYNTAX_ERROR, f"unknown SHOW command: {sql}", "SHOW HELP lists the commands.")
-        return view(proxy)
+        columns, rows = view
+        return _table(columns, rows(proxy))
     if verb == "SET" or verb == "RESET":
         return Result(verb)  # drivers set things at connect time; nothing here depends on them
     if verb in ("PAUSE", "RESUME"):

@@ -14,7 +14,7 @@ from pgtwist.session import standin
 from pgtwist.transport import tls
 from pgtwist.service import drain
 from pgtwist.admin import audit
-from pgtwist.admin.console import DATABASE as ADMIN_DATABASE
+from pgtwist.admin.console import DATABASES as ADMIN_DATABASES
 from pgtwist.admin.console import AdminConsole
 from pgtwist.frontend.login import Authenticated, CancelReceived, ClientLogin, LoginError, Reply, StartTLS
 from pgtwist.session.placement import UNSYNCED as _UNSYNCED
@@ -297,7 +297,7 @@ class ClientSession(Placement):
         self.startup = event.startup
         self.user = event.startup.user
         name = event.startup.database
-        if name == ADMIN_DATABASE:
+        if name in ADMIN_DATABASES:
             self._admin_console()
             return
         database = self.proxy.config.databases.get(name)
@@ -341,7 +341,7 @@ class ClientSession(Placement):
 
         The admin console is never refused: an operator must get in while the proxy is full.
         """
-        return startup.database == ADMIN_DATABASE or self.proxy.admit(self)
+        return startup.database in ADMIN_DATABASES or self.proxy.admit(self)
 
     def _admin_console(self) -> None:
         """dbname "pgbalance": the admin console answers instead of a node ([admin] users only)."""
@@ -885,6 +885,7 @@ class ClientSession(Placement):
             decision.want if decision is not None else "primary",
             status,
             None if started is None else self.proxy.clock.seconds() - started,
+            self.database.name,
         )
         if status != p.TX_IDLE and self.config.idle_transaction_timeout:
             # Several ReadyForQuery may come before the client speaks again: keep only the last timer.

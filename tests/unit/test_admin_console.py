@@ -4,7 +4,7 @@ import struct
 
 import pytest
 
-from pgtwist.admin import console
+from pgtwist.admin import bouncer, console
 from pgtwist.service.reload import ReloadOutcome
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
@@ -86,12 +86,16 @@ def test_show_clients_and_pools_show_live_state(proxy):
     assert types(out).count("T") == 2 and types(out).endswith("Z")
     names, rows = result_rows(out)
     by_id = {r[names.index("id")]: dict(zip(names, r)) for r in rows}
-    assert by_id[app.id]["state"] == "linked" and by_id[app.id]["server"] == "s1"
-    assert by_id[session.id]["database"] == "pgbalance" and by_id[session.id]["state"] == "admin"
+    assert by_id[app.id]["state"] == "active" and by_id[app.id]["link"] == "s1"  # PgBouncer's words
+    assert by_id[app.id]["session_state"] == "linked"  # ours
+    assert by_id[session.id]["database"] == "pgbalance" and by_id[session.id]["session_state"] == "admin"
     second = out[out.index(b"SHOW 2\x00") + len(b"SHOW 2\x00") :]
     pool_names, pool_rows = result_rows(second)
     pool = dict(zip(pool_names, pool_rows[0]))
-    assert (pool["database"], pool["user"], pool["size"], pool["busy"], pool["paused"]) == ("appdb", "app", "2", "1", "f")
+    assert (pool["database"], pool["user"], pool["pool_size"], pool["sv_active"], pool["cl_active"], pool["paused"]) == (
+        "appdb", "app", "2", "1", "1", "f"
+    )
+    assert pool_names[:16] == [name for name, _ in bouncer.POOLS_COLUMNS[:16]]
 
 
 def test_show_config_never_shows_passwords(proxy):
@@ -102,9 +106,11 @@ def test_show_config_never_shows_passwords(proxy):
     assert b"adminpw" not in out and b"pw\x00" not in out
     names, rows = result_rows(out)
     config = {r[0]: r[1:] for r in rows}
-    assert config["users.app.password"] == ["********", "reload"]
-    assert config["listen"] == ["127.0.0.1:6432", "restart"]
-    assert config["databases.appdb.pool_size"] == ["2", "reload"]
+    # PgBouncer's columns: key, value, default, changeable (pgbouncer_exporter wants 3 or 4 of them)
+    assert names == ["key", "value", "default", "changeable"]
+    assert config["users.app.password"] == ["********", None, "yes"]
+    assert config["listen"][0] == "127.0.0.1:6432" and config["listen"][2] == "no"
+    assert config["databases.appdb.pool_size"] == ["2", None, "yes"]
 
 
 def test_unknown_command_is_an_error_and_the_session_goes_on(proxy):
@@ -131,7 +137,7 @@ def test_extended_protocol_with_binary_results(proxy):
     session, transport = admin_session(proxy)
     transport.clear()
     session.got_data(
-        m.parse("", "SHOW POOLS")
+        m.parse("", "SHOW NODE_POOLS")
         + m.bind("", "", result_formats=[1])
         + m.describe("P", "")
         + m.execute("")
@@ -278,3 +284,40 @@ def test_malformed_message_is_fatal_08p01(proxy):
     transport.clear()
     session.got_data(b"Q\x00\x00\x00\x05x")  # no NUL terminator
     assert fields_of(transport.value())["C"] == "08P01" and transport.disconnecting
+
+
+def test_pgbouncer_views_have_pgbouncer_columns_first(proxy):
+    client(proxy)
+    for what, columns in (
+        ("VERSION", ["version"]),
+        ("LISTS", ["list", "items"]),
+        ("STATS", ["database", "total_xact_count", "total_query_count", "total_received", "total_sent",
+                   "total_xact_time", "total_query_time", "total_wait_time", "avg_xact_count", "avg_query_count",
+                   "avg_recv", "avg_sent", "avg_xact_time", "avg_query_time", "avg_wait_time"]),
+        ("STATS_TOTALS", ["database", "xact_count", "query_count", "bytes_received", "bytes_sent", "xact_time",
+                          "query_time", "wait_time"]),
+        ("DATABASES", ["name", "host", "port", "database", "force_user", "pool_size", "min_pool_size",
+                       "reserve_pool", "pool_mode", "max_connections", "current_connections", "paused", "disabled"]),
+        ("USERS", ["name", "pool_mode"]),
+        ("MEM", ["name", "size", "used", "free", "memtotal"]),
+        ("FDS", ["fd", "task", "user", "database", "addr", "port", "cancel", "link"]),
+        ("SERVERS", ["type", "user", "database", "state", "addr", "port"]),
+    ):
+        session, transport = admin_session(proxy)
+        transport.clear()
+        session.got_data(m.query(f"show {what.lower()};"))
+        names, rows = result_rows(transport.value())
+        assert names[: len(columns)] == columns, what
+    session, transport = admin_session(proxy)
+    transport.clear()
+    session.got_data(m.query("SHOW STATS"))
+    names, rows = result_rows(transport.value())
+    assert [r[0] for r in rows] == ["appdb"]
+
+
+def test_admin_console_answers_to_pgbouncer_too(proxy):
+    session, transport = client(proxy, user="admin", database="pgbouncer")
+    transport.clear()
+    session.got_data(m.query("SHOW VERSION"))
+    names, rows = result_rows(transport.value())
+    assert names == ["version"] and rows[0][0].startswith("pgtwist ")
