@@ -1,0 +1,109 @@
+"""PgBouncer tooling against pgtwist: pgbouncer_exporter's exact queries, byte and login counters, log secrecy."""
+
+from __future__ import annotations
+
+import re
+
+import psycopg
+import pytest
+
+from .ops import http_get, start_ops_proxy
+from .proxy import HOST
+from pgtwist.tools.localcluster import free_port
+
+pytestmark = pytest.mark.integration
+
+ADMIN, ADMIN_PASSWORD = "admin", "admin-secret"
+TEXT, INT8 = 25, 20
+
+# prometheus-community/pgbouncer_exporter (collector.go): every column it reads, and what lib/pq must
+# decode it as. Labels must arrive as text (a string) or int; metrics as numbers (int8 or parsable text).
+EXPORTER_COLUMNS = {
+    "databases": {
+        "name": TEXT, "host": TEXT, "port": INT8, "database": TEXT, "force_user": TEXT, "pool_mode": TEXT,
+        "pool_size": INT8, "reserve_pool": INT8, "max_connections": INT8, "current_connections": INT8,
+        "paused": INT8, "disabled": INT8,
+    },
+    "stats_totals": {
+        "database": TEXT, "query_count": INT8, "query_time": INT8, "bytes_received": INT8, "bytes_sent": INT8,
+        "wait_time": INT8, "xact_count": INT8, "xact_time": INT8,
+    },
+    "pools": {
+        "database": TEXT, "user": TEXT, "cl_active": INT8, "cl_active_cancel_req": INT8, "cl_waiting": INT8,
+        "cl_waiting_cancel_req": INT8, "sv_active": INT8, "sv_active_cancel": INT8, "sv_being_canceled": INT8,
+        "sv_idle": INT8, "sv_used": INT8, "sv_tested": INT8, "sv_login": INT8, "maxwait": INT8,
+    },
+}
+
+
+def users(cluster) -> dict:
+    return {cluster.app_user: {"password": cluster.app_password}, ADMIN: {"password": ADMIN_PASSWORD}}
+
+
+def simple(conn, sql: str):
+    """What lib/pq's db.Query(sql) without arguments does: one simple-protocol Query."""
+    cur = psycopg.ClientCursor(conn)
+    cur.execute(sql)
+    return cur
+
+
+def test_pgbouncer_exporter_queries(pg_cluster, tmp_path):
+    with start_ops_proxy(pg_cluster, tmp_path, {"admin": {"users": [ADMIN]}}, users=users(pg_cluster), pool_mode="transaction") as px:
+        with px.connect() as app:
+            app.execute("SELECT repeat('x', 5000)").fetchone()
+            with app.transaction():
+                app.execute("SELECT 1")
+            dsn = px.dsn(dbname="pgbouncer", user=ADMIN, password=ADMIN_PASSWORD)
+            with psycopg.connect(dsn, autocommit=True) as console:
+                assert simple(console, "SHOW STATS").fetchall()  # the exporter's ping
+                cur = simple(console, "SHOW VERSION;")
+                assert [c.name for c in cur.description] == ["version"]
+                assert re.match(r"pgtwist \d", cur.fetchone()[0])
+                cur = simple(console, "SHOW LISTS;")
+                assert len(cur.description) == 2
+                lists = {name: float(items) for name, items in cur.fetchall()}
+                assert {"databases", "users", "pools", "free_clients", "used_clients", "login_clients",
+                        "free_servers", "used_servers", "dns_names", "dns_zones", "dns_queries"} <= set(lists)
+                assert lists["databases"] == 1 and lists["used_clients"] >= 2
+                cur = simple(console, "SHOW CONFIG;")
+                assert len(cur.description) in (3, 4)
+                config = {row[0]: row[1] for row in cur.fetchall()}
+                float(config["max_client_conn"])  # the exporter parses it as a number
+                for namespace, wanted in EXPORTER_COLUMNS.items():
+                    cur = simple(console, f"SHOW {namespace};")
+                    types = {c.name: c.type_code for c in cur.description}
+                    rows = [dict(zip(types, r)) for r in cur.fetchall()]
+                    for column, oid in wanted.items():
+                        assert types.get(column) == oid, (namespace, column, types.get(column))
+                    labels = [(r.get("database") or r.get("name"), r.get("user")) for r in rows]
+                    assert len(labels) == len(set(labels)), (namespace, labels)  # duplicates break a scrape
+                    assert rows, namespace
+                pools = {r[0]: r for r in simple(console, "SHOW POOLS").fetchall()}
+                cur = simple(console, "SHOW STATS_TOTALS")
+                totals = dict(zip([c.name for c in cur.description], cur.fetchone()))
+                assert totals["database"] == "appdb"
+                assert totals["bytes_sent"] > 5000 and totals["bytes_received"] > 0
+                assert totals["query_count"] >= 3 and totals["xact_count"] >= 2 and totals["query_time"] > 0
+                assert "appdb" in pools
+
+
+def test_byte_and_login_counters_and_bounded_route_labels(pg_cluster, tmp_path):
+    port = free_port(HOST)
+    tables = {"metrics": {"listen": f"{HOST}:{port}"}}
+    with start_ops_proxy(pg_cluster, tmp_path, tables, users=users(pg_cluster)) as px:
+        with px.connect() as app:
+            app.execute("SELECT repeat('y', 20000)").fetchone()
+            for i in range(3):
+                with pytest.raises(psycopg.errors.UndefinedFunction):
+                    app.execute(f"SELECT nosuch_fn_{i}_zq()")
+        bad = px.dsn(password="wrong-password")
+        with pytest.raises(psycopg.OperationalError):
+            psycopg.connect(bad).close()
+        status, text = http_get(port, "/metrics")
+        assert status == 200
+        sent = re.search(r'pgbalance_client_sent_bytes_total\{database="appdb"\} ([0-9.e+]+)', text)
+        received = re.search(r'pgbalance_client_received_bytes_total\{database="appdb"\} ([0-9.e+]+)', text)
+        assert sent and float(sent.group(1)) > 20000, text[:3000]
+        assert received and float(received.group(1)) > 0
+        assert re.search(r'pgbalance_server_logins_total\{node="[^"]+",result="ok"\} [1-9]', text), text[:3000]
+        assert "nosuch_fn" not in text
