@@ -87,6 +87,8 @@ class Result:
     columns: tuple = ()
     rows: list = field(default_factory=list)
     notices: list = field(default_factory=list)
+    # PAUSE, WAIT_CLOSE: the answer is sent when this fires (the session reads nothing more till then).
+    wait: object = None
 
     @property
     def has_rows(self) -> bool:
@@ -157,23 +159,46 @@ def run(proxy, sql: str, session=None) -> Result:
             raise CommandError(SYNTAX_ERROR, f"unknown SHOW command: {sql}", "SHOW HELP lists the commands.")
         columns, rows = view
         return _table(columns, rows(proxy))
-    if verb == "SET" or verb == "RESET":
-        return Result(verb)  # drivers set things at connect time; nothing here depends on them
-    if verb in ("PAUSE", "RESUME"):
-        if len(args) > 1:
+    if verb == "SET":
+        return _set(proxy, sql)
+    if verb == "RESET":
+        return Result(verb)  # drivers reset things at connect time; nothing here depends on them
+    database = args[0] if args else None
+    # A waiting PAUSE stops looking once the operator who asked has gone (the pause itself stays).
+    watcher = (lambda: session.state != "closed") if session is not None else None
+    try:
+        if verb in ("PAUSE", "RESUME", "RECONNECT", "WAIT_CLOSE") and len(args) > 1:
             raise CommandError(SYNTAX_ERROR, f"usage: {verb} [database]")
-        try:
-            (actions.pause if verb == "PAUSE" else actions.resume)(proxy, args[0] if args else None)
-        except actions.ActionError as e:
-            raise CommandError(sqlstate.INVALID_CATALOG_NAME, str(e)) from None
-        return Result(verb)
-    if verb == "KILL":
+        if verb in ("DISABLE", "ENABLE") and len(args) != 1:
+            raise CommandError(SYNTAX_ERROR, f"usage: {verb} database")
+        if verb == "PAUSE":
+            return Result(verb, wait=actions.pause_and_wait(proxy, database, watcher))
+        if verb == "RESUME":
+            actions.resume(proxy, database)
+            return Result(verb)
+        if verb == "RECONNECT":
+            actions.reconnect(proxy, database)
+            return Result(verb)
+        if verb == "WAIT_CLOSE":
+            return Result(verb, wait=actions.wait_close(proxy, database, watcher))
+        if verb == "DISABLE":
+            actions.disable(proxy, database)
+            return Result(verb)
+        if verb == "ENABLE":
+            actions.enable(proxy, database)
+            return Result(verb)
+        if verb == "KILL" and len(args) == 1 and args[0] in proxy.config.databases:
+            actions.kill_database(proxy, args[0])  # PgBouncer: KILL db; a client id is not a database name
+            return Result(verb)
+    except actions.ActionError as e:
+        raise CommandError(sqlstate.INVALID_CATALOG_NAME, str(e)) from None
+    if verb in ("KILL", "KILL_CLIENT"):
         if len(args) != 1:
-            raise CommandError(SYNTAX_ERROR, "usage: KILL client_id (SHOW CLIENTS lists them)")
+            raise CommandError(SYNTAX_ERROR, "usage: KILL database | KILL client_id (SHOW CLIENTS lists them)")
         if session is not None and args[0] == session.id:
             raise CommandError(sqlstate.FEATURE_NOT_SUPPORTED, "this is your own connection; disconnect instead")
         if not actions.kill(proxy, args[0]):
-            raise CommandError(sqlstate.UNDEFINED_OBJECT, f'no client "{args[0]}"')
+            raise CommandError(sqlstate.UNDEFINED_OBJECT, f'no database or client "{args[0]}"')
         return Result("KILL")
     if verb == "RELOAD" and not args:
         service = _service(proxy)
@@ -194,6 +219,29 @@ def run(proxy, sql: str, session=None) -> Result:
         proxy.clock.callLater(0, service.shutdown, True)
         return Result("SHUTDOWN")
     raise CommandError(SYNTAX_ERROR, f"unknown admin command: {sql[:200]}", "SHOW HELP lists the commands.")
+
+
+_SET = re.compile(r"SET\s+(?:SESSION\s+|LOCAL\s+)?([A-Za-z_][A-Za-z_0-9.]*)\s*(?:=|\s+TO\s+)\s*(.*)$", re.IGNORECASE | re.DOTALL)
+
+
+def _set(proxy, sql: str) -> Result:
+    """SET key = value: a reloadable pgtwist setting (until the next RELOAD); anything else a driver
+    sets at connect time (client_encoding, extra_float_digits...) is accepted and changes nothing."""
+    match = _SET.match(sql)
+    if match is None:
+        return Result("SET")
+    key, value = match.group(1).lower(), match.group(2).strip()
+    config = proxy.config
+    if not any(f == key for f in configmod.flatten(config)):
+        return Result("SET")
+    try:
+        actions.set_setting(proxy, key, value, getattr(proxy, "service", None))
+    except KeyError:
+        why = "it needs a restart" if configmod.needs_restart(key) else "SET changes only top-level settings a reload applies; edit the file and RELOAD"
+        raise CommandError(sqlstate.CANT_CHANGE_RUNTIME_PARAM, f'parameter "{key}" cannot be changed now: {why}') from None
+    except actions.ActionError as e:
+        raise CommandError(sqlstate.INVALID_PARAMETER_VALUE, str(e)) from None
+    return Result("SET")
 
 
 def _service(proxy):
@@ -300,6 +348,7 @@ class AdminConsole:
         self.portals: dict[str, _Portal] = {}
         self.failed = False  # extended protocol: skip to Sync after an error
         self.closed = False
+        self.pending = None  # a PAUSE / WAIT_CLOSE being waited for: later messages wait in the buffer
         log.info("client {client}: admin console for user {user}", client=session.id, user=session.user)
 
     def welcome(self, process_id: int, secret_key: bytes) -> bytes:
@@ -316,7 +365,7 @@ class AdminConsole:
             return
         self.buffer += data
         out: list[bytes] = []
-        while (msg := pop_message(self.buffer, _MAX_MESSAGE)) is not None:
+        while self.pending is None and (msg := pop_message(self.buffer, _MAX_MESSAGE)) is not None:
             msg_type, body = msg
             # What a node would refuse is refused here too, before any of it is looked at.
             frontend.check(msg_type, body)
@@ -353,17 +402,44 @@ class AdminConsole:
             out.append(encode_error(e))
             self.failed = True
 
+    def _hold(self, wait, then) -> None:
+        """Answer later: *then(out)* runs when *wait* fires; what the client sent meanwhile waits."""
+        self.pending = wait
+
+        def done(_):
+            self.pending = None
+            if self.closed or self.session.state == "closed":
+                return
+            out: list[bytes] = []
+            then(out)
+            self._write(out)
+            if self.buffer:
+                self.got_data(b"")
+
+        wait.addBoth(done)
+
     def _simple(self, sql: str, out: list[bytes]) -> None:
         statements = [s for s in split_statements(sql) if s]
         if not statements:
             out.append(m.empty_query_response())
-        for statement in statements:
+        self._statements(statements, out)
+
+    def _statements(self, statements: list[str], out: list[bytes]) -> None:
+        while statements:
+            statement = statements.pop(0)
             try:
                 result = run(self.proxy, statement, self.session)
             except CommandError as e:
                 self.proxy.counters.error(e.sqlstate)
                 out.append(encode_error(e))
                 break
+            if result.wait is not None:
+                def then(out, result=result):
+                    out.append(encode_complete(result))
+                    self._statements(statements, out)
+
+                self._hold(result.wait, then)
+                return
             if result.has_rows:
                 out.append(encode_description(result.columns))
                 out.append(encode_rows(result))
@@ -407,6 +483,9 @@ class AdminConsole:
                 return
             result = portal.result or run(self.proxy, portal.sql.strip().rstrip(";"), self.session)
             portal.result = None
+            if result.wait is not None:
+                self._hold(result.wait, lambda out: out.append(encode_complete(result)))
+                return
             if result.has_rows:
                 out.append(encode_rows(result, portal.formats))
             out.append(encode_complete(result))

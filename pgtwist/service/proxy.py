@@ -51,6 +51,7 @@ class Proxy:
         self.service = None  # the PgBalanceService, for admin actions (reload, shutdown)
         self.draining = False  # shutting down: clients leave as soon as they are between transactions
         self.paused: set[str] = set()  # databases PAUSEd ("*": all)
+        self.disabled: set[str] = set()  # databases DISABLEd: new clients refused (55000)
         self.retired_pools: set[Pool] = set()  # removed by a reload, closing as their clients finish
         self.routers: dict[str, DatabaseRouter] = {}
         # Prepared statements' clock per node database (statements.Schema): outlives reloads and routers.

@@ -303,6 +303,12 @@ class ClientSession(Placement):
         database = self.proxy.config.databases.get(name)
         if database is None:
             raise LoginError(sqlstate.INVALID_CATALOG_NAME, f'database "{name}" does not exist')
+        if name in getattr(self.proxy, "disabled", ()):
+            raise LoginError(
+                sqlstate.OBJECT_NOT_IN_PREREQUISITE_STATE,
+                f'database "{name}" is not currently accepting connections',
+                "An operator ran DISABLE on it in the admin console; ENABLE undoes it.",
+            )
         self.database = database
         self.settings = client_settings(event.startup.parameters)
         self._startup_settings = dict(self.settings)

@@ -4,7 +4,10 @@ import struct
 
 import pytest
 
-from pgtwist.admin import bouncer, console
+from twisted.internet.error import ConnectionDone
+from twisted.python.failure import Failure
+
+from pgtwist.admin import actions, bouncer, console
 from pgtwist.service.reload import ReloadOutcome
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
@@ -181,27 +184,76 @@ def test_pause_resume_and_kill(proxy):
     (pool,) = proxy.pools.values()
     transport.clear()
     session.got_data(m.query("PAUSE appdb"))
-    assert types(transport.value()) == "CZ" and pool.paused
+    # PgBouncer's PAUSE: no answer while a server connection is in use (session pooling: until its client leaves).
+    assert transport.value() == b"" and pool.paused
+    session.got_data(m.query("SHOW VERSION"))
+    proxy.reactor.advance(actions.POLL * 3)
+    assert transport.value() == b""  # (what came after PAUSE waits for it)
+    proxy.servers[0].connection_lost(Failure(ConnectionDone()))
+    proxy.reactor.advance(actions.POLL)
+    assert types(transport.value()) == "CZTDCZ" and pool.paused and not pool.busy and not pool.idle
     transport.clear()
     session.got_data(m.query("PAUSE nosuchdb"))
     assert fields_of(transport.value())["C"] == "3D000"
     # A client arriving while paused waits.
-    waiting, _ = client(proxy)
+    waiting, waiting_transport = client(proxy)
     assert waiting.state == "waiting"
     transport.clear()
     session.got_data(m.query("RESUME"))
     assert types(transport.value()) == "CZ" and not pool.paused
     assert waiting.state == "linked"
     transport.clear()
-    session.got_data(m.query(f"KILL {app.id}"))
+    session.got_data(m.query(f"KILL {waiting.id}"))
     assert types(transport.value()) == "CZ"
-    assert fields_of(app_transport.value())["C"] == "57P01" and app_transport.disconnecting
+    assert fields_of(waiting_transport.value())["C"] == "57P01" and waiting_transport.disconnecting
     transport.clear()
     session.got_data(m.query("KILL c999"))
     assert fields_of(transport.value())["C"] == "42704"
     transport.clear()
     session.got_data(m.query(f"KILL {session.id}"))
     assert fields_of(transport.value())["C"] == "0A000"
+
+
+def test_pause_of_an_unused_pool_answers_at_once_and_kill_db_drops_everyone(proxy):
+    session, transport = admin_session(proxy)
+    transport.clear()
+    session.got_data(m.query("PAUSE"))
+    assert types(transport.value()) == "CZ"
+    session.got_data(m.query("RESUME"))
+    app, app_transport = client(proxy)
+    transport.clear()
+    session.got_data(m.query("KILL appdb"))
+    assert types(transport.value()) == "CZ"
+    assert fields_of(app_transport.value())["C"] == "57P01" and app_transport.disconnecting
+    later, _ = client(proxy)
+    assert later.state == "waiting"  # PgBouncer: a killed database waits for RESUME
+
+
+def test_disable_enable_reconnect_wait_close_and_set(proxy):
+    session, transport = admin_session(proxy)
+    session.got_data(m.query("DISABLE appdb"))
+    refused, refused_transport = client(proxy)
+    assert fields_of(refused_transport.value())["C"] == "55000"
+    session.got_data(m.query("ENABLE appdb"))
+    app, _ = client(proxy)
+    assert app.state == "linked"
+    (pool,) = proxy.pools.values()
+    conn = next(iter(pool.busy))
+    transport.clear()
+    session.got_data(m.query("RECONNECT appdb; WAIT_CLOSE appdb"))
+    assert types(transport.value()) == "C" and conn.tainted  # WAIT_CLOSE waits for app's connection
+    conn.connection_lost(Failure(ConnectionDone()))
+    proxy.reactor.advance(actions.POLL)
+    assert types(transport.value()) == "CCZ"
+    transport.clear()
+    session.got_data(m.query("SET query_wait_timeout = 7; SET client_encoding = 'UTF8'"))
+    assert types(transport.value()) == "CCZ" and proxy.config.query_wait_timeout == 7
+    transport.clear()
+    session.got_data(m.query("SET listen = '0.0.0.0:1'"))
+    assert fields_of(transport.value())["C"] == "55P02"
+    transport.clear()
+    session.got_data(m.query("SET query_wait_timeout = -3"))
+    assert fields_of(transport.value())["C"] == "22023" and proxy.config.query_wait_timeout == 7
 
 
 def test_pools_created_while_paused_start_paused(proxy):
