@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import psycopg
@@ -107,3 +108,28 @@ def test_byte_and_login_counters_and_bounded_route_labels(pg_cluster, tmp_path):
         assert received and float(received.group(1)) > 0
         assert re.search(r'pgbalance_server_logins_total\{node="[^"]+",result="ok"\} [1-9]', text), text[:3000]
         assert "nosuch_fn" not in text
+
+
+def test_json_logs_at_debug_carry_fields_and_never_a_secret(pg_cluster, tmp_path):
+    secret = "topsecret-zq-4711"
+    wrong = "wrong-secret-zq-0815"
+    overrides = dict(log_format="json", log_level="debug", audit=[pg_cluster.app_user], users=users(pg_cluster))
+    with start_ops_proxy(pg_cluster, tmp_path, {"admin": {"users": [ADMIN]}}, **overrides) as px:
+        with px.connect() as app:
+            with pytest.raises(psycopg.Error):
+                app.execute(f"ALTER ROLE nosuch_role_zq WITH LOGIN PASSWORD '{secret}'")
+            app.execute("SELECT 1")
+        with pytest.raises(psycopg.OperationalError):
+            psycopg.connect(px.dsn(password=wrong)).close()
+        with psycopg.connect(px.dsn(dbname="pgbouncer", user=ADMIN, password=ADMIN_PASSWORD), autocommit=True) as console:
+            simple(console, "SHOW CONFIG").fetchall()
+        text = px.log_text()
+    events = [json.loads(line) for line in text.splitlines() if line.strip()]
+    assert events and all({"ts", "level", "msg", "logger"} <= set(e) for e in events)
+    assert not any(key.startswith("log_") for e in events for key in e)
+    audited = [e for e in events if e["logger"] == "pgtwist.audit"]
+    assert any("PASSWORD '********'" in e["msg"] for e in audited), audited
+    connected = [e for e in events if "client" in e and e.get("user") == pg_cluster.app_user]
+    assert connected and any(e.get("database") == "appdb" for e in connected)
+    for needle in (secret, wrong, pg_cluster.app_password, ADMIN_PASSWORD):
+        assert needle not in text, needle
