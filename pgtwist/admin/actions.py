@@ -112,6 +112,8 @@ def pause_and_wait(proxy, database: str | None = None, watcher=None) -> defer.De
     pools = _pools_of(proxy, name)
 
     def released() -> bool:
+        if name != ALL and not is_paused(proxy, name) or name == ALL and ALL not in proxy.paused:
+            return True  # RESUMEd meanwhile (another admin session): nothing more to wait for or close
         for pool in pools:
             while pool.idle:
                 pool.idle.popleft().close()

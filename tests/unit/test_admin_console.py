@@ -373,3 +373,17 @@ def test_admin_console_answers_to_pgbouncer_too(proxy):
     session.got_data(m.query("SHOW VERSION"))
     names, rows = result_rows(transport.value())
     assert names == ["version"] and rows[0][0].startswith("pgtwist ")
+
+
+def test_a_resume_ends_a_waiting_pause_without_closing_more(proxy):
+    app, _ = client(proxy)
+    session, transport = admin_session(proxy)
+    other, other_transport = admin_session(proxy)
+    transport.clear()
+    session.got_data(m.query("PAUSE appdb"))
+    assert transport.value() == b""
+    other.got_data(m.query("RESUME appdb"))
+    proxy.reactor.advance(actions.POLL)
+    assert types(transport.value()) == "CZ"
+    (pool,) = proxy.pools.values()
+    assert not pool.paused and len(pool.busy) == 1 and app.state == "linked"
