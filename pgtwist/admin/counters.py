@@ -163,7 +163,7 @@ class Counters:
             stats = self.databases.get(database) or self.database(database)
             stats.queries += 1
             if latency is not None:
-                stats.query_us += int(latency * 1e6)
+                stats.query_us += round(latency * 1e6)
         if status == _TX_IDLE:
             traffic.transactions += 1
             opened = self._open_tx.pop(client_id, None) if self._open_tx else None
@@ -179,7 +179,7 @@ class Counters:
                 seconds = 0.0
             if stats is not None:
                 stats.xacts += 1
-                stats.xact_us += int(seconds * 1e6)
+                stats.xact_us += round(seconds * 1e6)
         elif client_id not in self._open_tx:
             self._open_tx[client_id] = (self.clock.seconds(), key)
 

@@ -181,3 +181,21 @@ def test_routing_reason_labels_are_bounded():
     assert len(counters.routes) <= MAX_ROUTE_LABELS + 1
     assert counters.routes["volatile function"] == 1000
     assert not any("nosuch" in label for label in counters.routes)
+
+
+def test_per_database_stats_count_queries_transactions_and_times_in_microseconds():
+    from twisted.internet.task import Clock
+
+    from pgtwist.admin.counters import Counters
+    from pgtwist.wire import protocol as p
+
+    clock = Clock()
+    counters = Counters(clock)
+    counters.ready("c1", "n1", "primary", p.TX_IDLE, 0.002, "appdb")  # an autocommit statement
+    counters.ready("c1", "n1", "primary", p.TX_IN_TRANSACTION, 0.001, "appdb")  # BEGIN
+    clock.advance(0.5)
+    counters.ready("c1", "n1", "primary", p.TX_IDLE, 0.003, "appdb")  # COMMIT
+    stats = counters.databases["appdb"]
+    assert (stats.queries, stats.xacts) == (3, 2)
+    assert stats.query_us == 6000
+    assert stats.xact_us == 2000 + 500000
