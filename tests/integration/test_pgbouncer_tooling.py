@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 
 import psycopg
 import pytest
@@ -133,3 +134,33 @@ def test_json_logs_at_debug_carry_fields_and_never_a_secret(pg_cluster, tmp_path
     assert connected and any(e.get("database") == "appdb" for e in connected)
     for needle in (secret, wrong, pg_cluster.app_password, ADMIN_PASSWORD):
         assert needle not in text, needle
+
+
+def test_pause_waits_for_an_open_transaction_then_resume_serves(pg_cluster, tmp_path):
+    with start_ops_proxy(pg_cluster, tmp_path, {"admin": {"users": [ADMIN]}}, users=users(pg_cluster), pool_mode="transaction") as px:
+        dsn = px.dsn(dbname="pgbouncer", user=ADMIN, password=ADMIN_PASSWORD)
+        with px.connect(autocommit=False) as app, psycopg.connect(dsn, autocommit=True) as console:
+            app.execute("SELECT 1")  # BEGIN (psycopg, not autocommit): a transaction is open
+            done = threading.Event()
+            errors = []
+
+            def pause():
+                try:
+                    simple(console, "PAUSE appdb")
+                except Exception as e:  # noqa: BLE001 - reported below
+                    errors.append(e)
+                done.set()
+
+            worker = threading.Thread(target=pause, daemon=True)
+            worker.start()
+            assert not done.wait(1.0), errors  # PgBouncer's PAUSE: not while a transaction is open
+            app.commit()
+            assert done.wait(10), "PAUSE never answered after COMMIT"
+            assert not errors, errors
+            pools = simple(console, "SHOW POOLS")
+            names = [c.name for c in pools.description]
+            row = dict(zip(names, next(r for r in pools.fetchall() if r[0] == "appdb")))
+            assert row["paused"] is True and row["sv_active"] == 0 and row["sv_idle"] == 0
+            simple(console, "RESUME appdb")
+            assert app.execute("SELECT 2").fetchone() == (2,)
+            app.commit()
