@@ -151,6 +151,9 @@ class Config:
     log_format: str = "text"
     log_connections: bool = True  # PgBouncer's names: a log line per client login / logout
     log_disconnections: bool = True
+    # [logs, admin console] PgBouncer's log_pooler_errors (server login failures, errors pgtwist sends) and a level.
+    log_pooler_errors: bool = True
+    log_level: str = "info"
     audit: tuple[str, ...] = ()
     admin_users: tuple[str, ...] = ()
     manhole: ManholeConfig | None = None
@@ -256,6 +259,8 @@ _LIMIT_KEYS = {
     "server_check_delay",
 }
 _OPERATIONS_KEYS = {"shutdown_timeout", "log_format", "log_connections", "log_disconnections", "audit", "admin", "manhole", "metrics"}
+_OPERATIONS_KEYS |= {"log_pooler_errors", "log_level"}  # logs (kept apart: others edit the set above)
+LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
 _TOP_KEYS = set(_DEFAULTS) | {"databases", "users", "tls", "server_tls", "auth_file"} | _OPERATIONS_KEYS | _AUTH_QUERY_KEYS | _LIMIT_KEYS
 _TLS_KEYS = {"mode", "cert", "key", "ca", "ciphers", "min_protocol_version"}
 _DATABASE_KEYS = {"dbname", "nodes", "pool_size", "route", "pool_mode", "max_db_connections", "reserve_pool_size"}
@@ -788,6 +793,8 @@ def load(path: str | Path) -> Config:
 # -- operations: admin console, manhole, metrics, shutdown, logs ------------------------------
 
 ADMIN_DATABASE = "pgbalance"  # the dbname that reaches the admin console instead of a node
+# Every dbname that reaches it: PgBouncer's own name too, so its tooling (pgbouncer_exporter, scripts) works as is.
+ADMIN_DATABASES = (ADMIN_DATABASE, "pgbouncer")
 LOG_FORMATS = ("text", "json")
 _MANHOLE_KEYS = {"listen", "authorized_keys", "host_key", "allow_remote"}
 _METRICS_KEYS = {"listen"}
@@ -811,14 +818,16 @@ def _operations(raw: Mapping, c: _Checker, source: str, databases: Mapping, user
         "shutdown_timeout": c.number(raw, "shutdown_timeout", "shutdown_timeout", float, 30.0, 0.0),
         "log_format": c.choice(raw, "log_format", LOG_FORMATS, "text"),
     }
-    for key in ("log_connections", "log_disconnections"):
+    out["log_level"] = c.choice(raw, "log_level", LOG_LEVELS, "info")
+    for key in ("log_connections", "log_disconnections", "log_pooler_errors"):
         value = raw.get(key, True)
         if not isinstance(value, bool):
             c.err(key, f"must be true or false, not {value!r}")
             value = True
         out[key] = value
-    if ADMIN_DATABASE in databases:
-        c.err(f"databases.{ADMIN_DATABASE}", "this name is reserved for the admin console")
+    for reserved in ADMIN_DATABASES:
+        if reserved in databases:
+            c.err(f"databases.{reserved}", "this name is reserved for the admin console")
 
     def names(value, path: str) -> tuple[str, ...]:
         if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
@@ -880,6 +889,7 @@ def _operations(raw: Mapping, c: _Checker, source: str, databases: Mapping, user
 
 # Keys (and tables) a running pgtwist cannot change: listeners and the way sessions are built.
 RESTART_KEYS = ("listen", "listen_addresses", "unix_socket_dir", "unix_socket_mode", "pool_mode", "log_format", "manhole", "metrics")
+RESTART_KEYS += ("log_level",)  # (logs block: the observer is built once, at start)
 
 
 class _Secret:

@@ -1,9 +1,13 @@
-"""Operator actions on a running proxy: pause, resume, kill; shared by the manhole and the admin console."""
+"""Operator actions on a running proxy: pause, resume, reconnect, disable, kill, set; shared by the manhole and the admin console."""
 
 from __future__ import annotations
 
+from dataclasses import fields, replace
+
+from twisted.internet import defer, task
 from twisted.logger import Logger
 
+from pgtwist import config as configmod
 from pgtwist.wire import sqlstate
 
 log = Logger()
@@ -13,6 +17,9 @@ ALL = "*"
 
 class ActionError(Exception):
     """The action cannot be done as asked (unknown database or client...)."""
+
+
+POLL = 0.05  # seconds between looks while PAUSE / WAIT_CLOSE wait (admin only: never on the hot path)
 
 
 def _check_database(proxy, database: str | None) -> str:
@@ -67,3 +74,174 @@ def kill(proxy, client_id: str) -> bool:
     log.info("killing client {client} on administrator request", client=client_id)
     session.fatal(sqlstate.ADMIN_SHUTDOWN, "terminating connection due to administrator command")
     return True
+
+
+def _pools_of(proxy, name: str) -> list:
+    pools = list(proxy.pools.values()) + list(getattr(proxy, "retired_pools", ()))
+    return [p for p in pools if name == ALL or p.database.name == name]
+
+
+def _wait_until(proxy, done, watcher=None) -> defer.Deferred:
+    """Fires (with None) once done() is true; looked at every POLL s with the proxy's clock.
+
+    *watcher*: a callable that says whether anyone still waits (the admin client is connected);
+    when it says no, the looking stops.
+    """
+    if done():
+        return defer.succeed(None)
+    finished = defer.Deferred()
+
+    def look():
+        if done():
+            loop.stop()
+        elif watcher is not None and not watcher():
+            loop.stop()
+
+    loop = task.LoopingCall(look)
+    loop.clock = proxy.clock
+    loop.start(POLL, now=False).addBoth(lambda _: finished.callback(None) if not finished.called else None)
+    return finished
+
+
+def pause_and_wait(proxy, database: str | None = None, watcher=None) -> defer.Deferred:
+    """PgBouncer's PAUSE: stop handing out server connections, wait until every one in use is given
+    back (transaction pooling: its transaction ended; session pooling: its client left), then close
+    them; fires once nothing of *database* is connected to a node."""
+    name = _check_database(proxy, database)
+    pause(proxy, name)
+    pools = _pools_of(proxy, name)
+
+    def released() -> bool:
+        if name != ALL and not is_paused(proxy, name) or name == ALL and ALL not in proxy.paused:
+            return True  # RESUMEd meanwhile (another admin session): nothing more to wait for or close
+        for pool in pools:
+            while pool.idle:
+                pool.idle.popleft().close()
+        return all(not pool.busy and not pool.connecting for pool in pools)
+
+    return _wait_until(proxy, released, watcher).addCallback(lambda _: log.info("pause of {database} complete", database=name))
+
+
+def reconnect(proxy, database: str | None = None) -> int:
+    """RECONNECT: close every server connection of *database* (all when None) as soon as its client
+    is done with it (idle ones at once), so the next ones are opened afresh (new node address, new
+    password...). Returns connections marked."""
+    name = _check_database(proxy, database)
+    count = 0
+    for pool in _pools_of(proxy, name):
+        for conn in list(pool.busy):
+            conn.tainted = True  # released -> closed (pool.release), PgBouncer's close_needed
+            count += 1
+        while pool.idle:
+            pool.idle.popleft().close()
+            count += 1
+        pool.reclaim_all()  # lent between transactions: back (and closed) now
+    log.info("reconnect {database}: {n} server connection(s) to close", database=name, n=count)
+    return count
+
+
+def wait_close(proxy, database: str | None = None, watcher=None) -> defer.Deferred:
+    """WAIT_CLOSE: fires once no server connection of *database* waits to be closed (RECONNECT, RELOAD)."""
+    name = _check_database(proxy, database)
+
+    def closed() -> bool:
+        for pool in _pools_of(proxy, name):
+            if getattr(pool, "retired", False) and pool.total:
+                return False
+            if any(conn.tainted for conn in pool.busy):
+                return False
+        return True
+
+    return _wait_until(proxy, closed, watcher)
+
+
+def disable(proxy, database: str) -> None:
+    """DISABLE: new clients of *database* are refused (55000); those connected carry on."""
+    name = _check_database(proxy, database)
+    if name == ALL:
+        raise ActionError("DISABLE needs a database")
+    proxy.disabled.add(name)
+    log.info("disabled {database}: new clients refused", database=name)
+
+
+def enable(proxy, database: str) -> None:
+    name = _check_database(proxy, database)
+    if name == ALL:
+        raise ActionError("ENABLE needs a database")
+    proxy.disabled.discard(name)
+    log.info("enabled {database}", database=name)
+
+
+def kill_database(proxy, database: str) -> int:
+    """KILL db (PgBouncer): drop every client and server connection of *database* now; new clients
+    wait (PAUSE) until RESUME. Returns clients disconnected."""
+    name = _check_database(proxy, database)
+    pause(proxy, name)
+    victims = [s for s in list(proxy.clients.values()) if s.database is not None and (name == ALL or s.database.name == name)]
+    for session in victims:
+        session.fatal(sqlstate.ADMIN_SHUTDOWN, "terminating connection due to administrator command")
+    for pool in _pools_of(proxy, name):
+        for conn in list(pool.idle) + list(pool.busy):
+            conn.close()
+    log.info("killed {database}: {n} client(s) disconnected; paused until RESUME", database=name, n=len(victims))
+    return len(victims)
+
+
+# Settings SET may change: top-level scalars a reload applies (never one that names a secret).
+_SECRET_WORDS = ("password", "secret", "key", "cert")
+
+
+def settable(config) -> dict[str, type]:
+    out = {}
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if type(value) not in (int, float, bool, str) or configmod.needs_restart(f.name) or f.name == "source":
+            continue
+        if any(word in f.name for word in _SECRET_WORDS):
+            continue
+        out[f.name] = type(value)
+    return out
+
+
+def _coerce(kind: type, text: str):
+    text = text.strip()
+    if len(text) >= 2 and text[0] == text[-1] == "'":
+        text = text[1:-1].replace("''", "'")
+    if kind is bool:
+        lowered = text.lower()
+        if lowered in ("on", "true", "yes", "1"):
+            return True
+        if lowered in ("off", "false", "no", "0"):
+            return False
+        raise ValueError("must be on or off")
+    if kind in (int, float):
+        value = kind(text)
+        if value < 0:
+            raise ValueError("must not be negative")
+        return value
+    return text
+
+
+def set_setting(proxy, key: str, text: str, service=None):
+    """SET key = value: change one reloadable setting until the next RELOAD (which re-reads the file).
+
+    Raises ActionError for a value that does not fit; KeyError for a key SET cannot change.
+    """
+    current = proxy.config
+    kinds = settable(current)
+    if key not in kinds:
+        raise KeyError(key)
+    try:
+        value = _coerce(kinds[key], text)
+    except ValueError as e:
+        raise ActionError(f"invalid value for {key}: {e}") from None
+    choices = {"log_level": configmod.LOG_LEVELS, "log_format": configmod.LOG_FORMATS}.get(key)
+    if choices is not None and value not in choices:
+        raise ActionError(f"invalid value for {key}: one of {', '.join(choices)}")
+    new = replace(current, **{key: value})
+    changes = configmod.diff(current, new)
+    proxy.apply_config(configmod.applicable(current, new), changes)
+    if service is not None:
+        service.config = proxy.config
+    log.info("SET {key} = {value} (until the next reload)", key=key, value=value)
+    return value

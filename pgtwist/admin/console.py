@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from twisted.logger import Logger
 
 from pgtwist import config as configmod
-from pgtwist.admin import actions, inspect
+from pgtwist.admin import actions, bouncer, inspect
 from pgtwist.frontend.login import LoginError
 from pgtwist.wire import frontend
 from pgtwist.wire import messages as m
@@ -26,6 +26,7 @@ from pgtwist.wire.framing import pop_message
 log = Logger()
 
 DATABASE = configmod.ADMIN_DATABASE
+DATABASES = configmod.ADMIN_DATABASES  # "pgbalance" and PgBouncer's "pgbouncer"
 _MAX_MESSAGE = 1 << 20
 _COPY = frozenset((p.COPY_DATA, p.COPY_DONE, p.COPY_FAIL))
 _OIDS = {str: m.OID_TEXT, int: m.OID_INT8, float: m.OID_FLOAT8, bool: m.OID_BOOL}
@@ -48,18 +49,33 @@ WELCOME_PARAMETERS = {
 }
 
 HELP = (
+    ("SHOW VERSION", "pgtwist's version"),
+    ("SHOW LISTS", "counts of databases, users, pools, clients, servers"),
+    ("SHOW DATABASES", "configured databases (PgBouncer's columns)"),
+    ("SHOW USERS", "configured users"),
     ("SHOW CLIENTS", "client connections"),
     ("SHOW SERVERS", "server connections"),
-    ("SHOW POOLS", "pools per (database, user, node)"),
+    ("SHOW POOLS", "pools per (database, user)"),
+    ("SHOW NODE_POOLS", "pools per (database, user, node)"),
     ("SHOW NODES", "nodes, roles, health and lag"),
-    ("SHOW STATS", "totals since start"),
+    ("SHOW STATS", "per database: totals since start and averages (bytes, microseconds)"),
+    ("SHOW STATS_TOTALS", "the totals of SHOW STATS"),
+    ("SHOW STATS_AVERAGES", "the averages of SHOW STATS"),
+    ("SHOW TOTALS", "pgtwist-wide totals since start"),
     ("SHOW CONFIG", "effective settings"),
+    ("SHOW MEM", "live objects and peak memory"),
+    ("SHOW FDS", "open sockets"),
     ("SHOW PREPARED", "named prepared statements"),
     ("SHOW HELP", "this list"),
     ("RELOAD", "re-read the configuration file and apply it"),
-    ("PAUSE [db]", "stop handing out server connections"),
+    ("PAUSE [db]", "wait for open transactions to end, then stop handing out server connections"),
     ("RESUME [db]", "undo PAUSE"),
+    ("RECONNECT [db]", "close server connections once their clients are done with them"),
+    ("DISABLE db / ENABLE db", "refuse / accept new clients of db"),
+    ("KILL db", "disconnect every client and server connection of db"),
     ("KILL client", "disconnect a client (FATAL 57P01)"),
+    ("WAIT_CLOSE [db]", "wait until RECONNECT'ed server connections are closed"),
+    ("SET key = value", "change a setting a reload can change, until the next reload"),
     ("SHUTDOWN", "drain: let open transactions finish, then exit"),
 )
 
@@ -72,6 +88,8 @@ class Result:
     columns: tuple = ()
     rows: list = field(default_factory=list)
     notices: list = field(default_factory=list)
+    # PAUSE, WAIT_CLOSE: the answer is sent when this fires (the session reads nothing more till then).
+    wait: object = None
 
     @property
     def has_rows(self) -> bool:
@@ -87,15 +105,27 @@ def _table(columns, rows: list[dict]) -> Result:
     return Result("SHOW", tuple(columns), [[row.get(name) for name in names] for row in rows])
 
 
+_HELP_COLUMNS = (("command", str), ("does", str))
+# SHOW name -> (columns, view(proxy) -> rows)
 _SHOW = {
-    "CLIENTS": lambda proxy: _table(inspect.CLIENT_COLUMNS, inspect.clients(proxy)),
-    "SERVERS": lambda proxy: _table(inspect.SERVER_COLUMNS, inspect.servers(proxy)),
-    "POOLS": lambda proxy: _table(inspect.POOL_COLUMNS, inspect.pools(proxy)),
-    "NODES": lambda proxy: _table(inspect.NODE_COLUMNS, inspect.nodes(proxy)),
-    "STATS": lambda proxy: _table(inspect.KEY_VALUE_COLUMNS, inspect.stats(proxy)),
-    "CONFIG": lambda proxy: _table(inspect.CONFIG_COLUMNS, inspect.config(proxy.config)),
-    "PREPARED": lambda proxy: _table(inspect.PREPARED_COLUMNS, inspect.prepared(proxy)),
-    "HELP": lambda proxy: _table((("command", str), ("does", str)), [{"command": c, "does": d} for c, d in HELP]),
+    "VERSION": (bouncer.VERSION_COLUMNS, bouncer.version),
+    "LISTS": (bouncer.LISTS_COLUMNS, bouncer.lists),
+    "DATABASES": (bouncer.DATABASES_COLUMNS, bouncer.databases),
+    "USERS": (bouncer.USERS_COLUMNS, bouncer.users),
+    "CLIENTS": (bouncer.CLIENTS_COLUMNS, bouncer.clients),
+    "SERVERS": (bouncer.SERVERS_COLUMNS, bouncer.servers),
+    "POOLS": (bouncer.POOLS_COLUMNS, bouncer.pools),
+    "NODE_POOLS": (inspect.POOL_COLUMNS, inspect.pools),
+    "NODES": (inspect.NODE_COLUMNS, inspect.nodes),
+    "STATS": (bouncer.STATS_COLUMNS, bouncer.stats),
+    "STATS_TOTALS": (bouncer.STATS_TOTALS_COLUMNS, bouncer.stats_totals),
+    "STATS_AVERAGES": (bouncer.STATS_AVERAGES_COLUMNS, bouncer.stats_averages),
+    "TOTALS": (inspect.KEY_VALUE_COLUMNS, inspect.stats),
+    "CONFIG": (bouncer.CONFIG_COLUMNS, bouncer.config),
+    "MEM": (bouncer.MEM_COLUMNS, bouncer.mem),
+    "FDS": (bouncer.FDS_COLUMNS, bouncer.fds),
+    "PREPARED": (inspect.PREPARED_COLUMNS, inspect.prepared),
+    "HELP": (_HELP_COLUMNS, lambda proxy: [{"command": c, "does": d} for c, d in HELP]),
 }
 _WORDS = re.compile(r"\S+")
 
@@ -109,16 +139,7 @@ def describe(sql: str) -> tuple | None:
     """The columns *sql* would return, without running it (None: a command without rows)."""
     words = _WORDS.findall(sql.upper().strip().rstrip(";"))
     if len(words) == 2 and words[0] == "SHOW" and words[1] in _SHOW:
-        return {
-            "CLIENTS": inspect.CLIENT_COLUMNS,
-            "SERVERS": inspect.SERVER_COLUMNS,
-            "POOLS": inspect.POOL_COLUMNS,
-            "NODES": inspect.NODE_COLUMNS,
-            "STATS": inspect.KEY_VALUE_COLUMNS,
-            "CONFIG": inspect.CONFIG_COLUMNS,
-            "PREPARED": inspect.PREPARED_COLUMNS,
-            "HELP": (("command", str), ("does", str)),
-        }[words[1]]
+        return _SHOW[words[1]][0]
     return None
 
 
@@ -133,24 +154,48 @@ def run(proxy, sql: str, session=None) -> Result:
         view = _SHOW.get(what)
         if view is None:
             raise CommandError(SYNTAX_ERROR, f"unknown SHOW command: {sql}", "SHOW HELP lists the commands.")
-        return view(proxy)
-    if verb == "SET" or verb == "RESET":
-        return Result(verb)  # drivers set things at connect time; nothing here depends on them
-    if verb in ("PAUSE", "RESUME"):
-        if len(args) > 1:
+        columns, rows = view
+        return _table(columns, rows(proxy))
+    if verb == "SET":
+        return _set(proxy, sql)
+    if verb == "RESET":
+        return Result(verb)  # drivers reset things at connect time; nothing here depends on them
+    database = args[0] if args else None
+    # A waiting PAUSE stops looking once the operator who asked has gone (the pause itself stays).
+    watcher = (lambda: session.state != "closed") if session is not None else None
+    try:
+        if verb in ("PAUSE", "RESUME", "RECONNECT", "WAIT_CLOSE") and len(args) > 1:
             raise CommandError(SYNTAX_ERROR, f"usage: {verb} [database]")
-        try:
-            (actions.pause if verb == "PAUSE" else actions.resume)(proxy, args[0] if args else None)
-        except actions.ActionError as e:
-            raise CommandError(sqlstate.INVALID_CATALOG_NAME, str(e)) from None
-        return Result(verb)
-    if verb == "KILL":
+        if verb in ("DISABLE", "ENABLE") and len(args) != 1:
+            raise CommandError(SYNTAX_ERROR, f"usage: {verb} database")
+        if verb == "PAUSE":
+            return Result(verb, wait=actions.pause_and_wait(proxy, database, watcher))
+        if verb == "RESUME":
+            actions.resume(proxy, database)
+            return Result(verb)
+        if verb == "RECONNECT":
+            actions.reconnect(proxy, database)
+            return Result(verb)
+        if verb == "WAIT_CLOSE":
+            return Result(verb, wait=actions.wait_close(proxy, database, watcher))
+        if verb == "DISABLE":
+            actions.disable(proxy, database)
+            return Result(verb)
+        if verb == "ENABLE":
+            actions.enable(proxy, database)
+            return Result(verb)
+        if verb == "KILL" and len(args) == 1 and args[0] in proxy.config.databases:
+            actions.kill_database(proxy, args[0])  # PgBouncer: KILL db; a client id is not a database name
+            return Result(verb)
+    except actions.ActionError as e:
+        raise CommandError(sqlstate.INVALID_CATALOG_NAME, str(e)) from None
+    if verb in ("KILL", "KILL_CLIENT"):
         if len(args) != 1:
-            raise CommandError(SYNTAX_ERROR, "usage: KILL client_id (SHOW CLIENTS lists them)")
+            raise CommandError(SYNTAX_ERROR, "usage: KILL database | KILL client_id (SHOW CLIENTS lists them)")
         if session is not None and args[0] == session.id:
             raise CommandError(sqlstate.FEATURE_NOT_SUPPORTED, "this is your own connection; disconnect instead")
         if not actions.kill(proxy, args[0]):
-            raise CommandError(sqlstate.UNDEFINED_OBJECT, f'no client "{args[0]}"')
+            raise CommandError(sqlstate.UNDEFINED_OBJECT, f'no database or client "{args[0]}"')
         return Result("KILL")
     if verb == "RELOAD" and not args:
         service = _service(proxy)
@@ -171,6 +216,29 @@ def run(proxy, sql: str, session=None) -> Result:
         proxy.clock.callLater(0, service.shutdown, True)
         return Result("SHUTDOWN")
     raise CommandError(SYNTAX_ERROR, f"unknown admin command: {sql[:200]}", "SHOW HELP lists the commands.")
+
+
+_SET = re.compile(r"SET\s+(?:SESSION\s+|LOCAL\s+)?([A-Za-z_][A-Za-z_0-9.]*)\s*(?:=|\s+TO\s+)\s*(.*)$", re.IGNORECASE | re.DOTALL)
+
+
+def _set(proxy, sql: str) -> Result:
+    """SET key = value: a reloadable pgtwist setting (until the next RELOAD); anything else a driver
+    sets at connect time (client_encoding, extra_float_digits...) is accepted and changes nothing."""
+    match = _SET.match(sql)
+    if match is None:
+        return Result("SET")
+    key, value = match.group(1).lower(), match.group(2).strip()
+    config = proxy.config
+    if not any(f == key for f in configmod.flatten(config)):
+        return Result("SET")
+    try:
+        actions.set_setting(proxy, key, value, getattr(proxy, "service", None))
+    except KeyError:
+        why = "it needs a restart" if configmod.needs_restart(key) else "SET changes only top-level settings a reload applies; edit the file and RELOAD"
+        raise CommandError(sqlstate.CANT_CHANGE_RUNTIME_PARAM, f'parameter "{key}" cannot be changed now: {why}') from None
+    except actions.ActionError as e:
+        raise CommandError(sqlstate.INVALID_PARAMETER_VALUE, str(e)) from None
+    return Result("SET")
 
 
 def _service(proxy):
@@ -277,6 +345,7 @@ class AdminConsole:
         self.portals: dict[str, _Portal] = {}
         self.failed = False  # extended protocol: skip to Sync after an error
         self.closed = False
+        self.pending = None  # a PAUSE / WAIT_CLOSE being waited for: later messages wait in the buffer
         log.info("client {client}: admin console for user {user}", client=session.id, user=session.user)
 
     def welcome(self, process_id: int, secret_key: bytes) -> bytes:
@@ -293,7 +362,7 @@ class AdminConsole:
             return
         self.buffer += data
         out: list[bytes] = []
-        while (msg := pop_message(self.buffer, _MAX_MESSAGE)) is not None:
+        while self.pending is None and (msg := pop_message(self.buffer, _MAX_MESSAGE)) is not None:
             msg_type, body = msg
             # What a node would refuse is refused here too, before any of it is looked at.
             frontend.check(msg_type, body)
@@ -330,17 +399,44 @@ class AdminConsole:
             out.append(encode_error(e))
             self.failed = True
 
+    def _hold(self, wait, then) -> None:
+        """Answer later: *then(out)* runs when *wait* fires; what the client sent meanwhile waits."""
+        self.pending = wait
+
+        def done(_):
+            self.pending = None
+            if self.closed or self.session.state == "closed":
+                return
+            out: list[bytes] = []
+            then(out)
+            self._write(out)
+            if self.buffer:
+                self.got_data(b"")
+
+        wait.addBoth(done)
+
     def _simple(self, sql: str, out: list[bytes]) -> None:
         statements = [s for s in split_statements(sql) if s]
         if not statements:
             out.append(m.empty_query_response())
-        for statement in statements:
+        self._statements(statements, out)
+
+    def _statements(self, statements: list[str], out: list[bytes]) -> None:
+        while statements:
+            statement = statements.pop(0)
             try:
                 result = run(self.proxy, statement, self.session)
             except CommandError as e:
                 self.proxy.counters.error(e.sqlstate)
                 out.append(encode_error(e))
                 break
+            if result.wait is not None:
+                def then(out, result=result):
+                    out.append(encode_complete(result))
+                    self._statements(statements, out)
+
+                self._hold(result.wait, then)
+                return
             if result.has_rows:
                 out.append(encode_description(result.columns))
                 out.append(encode_rows(result))
@@ -384,6 +480,9 @@ class AdminConsole:
                 return
             result = portal.result or run(self.proxy, portal.sql.strip().rstrip(";"), self.session)
             portal.result = None
+            if result.wait is not None:
+                self._hold(result.wait, lambda out: out.append(encode_complete(result)))
+                return
             if result.has_rows:
                 out.append(encode_rows(result, portal.formats))
             out.append(encode_complete(result))

@@ -5,8 +5,12 @@ from __future__ import annotations
 from bisect import bisect_left
 from functools import lru_cache
 
+from twisted.logger import Logger
+
 from pgtwist.wire import protocol as p
 from pgtwist.wire import sqlstate
+
+log = Logger()
 
 # Upper bounds (seconds) of the duration histograms' buckets; +Inf is implied.
 DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -48,10 +52,41 @@ class Traffic:
         self.query_seconds = Histogram()
 
 
+# Reasons that carry a name a client chose ("volatile function nosuch_fn_123") are reduced to
+# their fixed leading words: a label value must never come from client input.
+_NAMED = ("volatile function", "function", "batch with", "batch placed", "rule", "hint")
+MAX_ROUTE_LABELS = 64  # a new reason phrase past this many is counted as "other" (memory stays bounded)
+OTHER = "other"
+
+
 @lru_cache(maxsize=256)
-def _route_label(reason: str) -> str:
-    # Once per transaction: the few distinct reasons are reduced once each.
-    return (reason or "unknown").split(";", 1)[0].split(":", 1)[0].strip() or "unknown"
+def route_label(reason: str) -> str:
+    """The metric label for a routing reason: its leading phrase, never a name from the statement."""
+    phrase = (reason or "unknown").split(";", 1)[0].split(":", 1)[0].strip() or "unknown"
+    for prefix in _NAMED:
+        if phrase == prefix or phrase.startswith(prefix + " "):
+            # Once per distinct reason (this function is cached), not per transaction.
+            log.debug("routing reason {reason!r} counted as {label!r}", reason=reason, label=prefix)
+            return prefix
+    return phrase
+
+
+class DatabaseStats:
+    """PgBouncer's SHOW STATS figures of one database (totals since start; times in microseconds).
+
+    Bytes are added once per read (frontend: client -> pgtwist; server connection: node -> client);
+    the rest once per ReadyForQuery batch, as the other counters are.
+    """
+
+    __slots__ = ("received", "sent", "queries", "xacts", "query_us", "xact_us")
+
+    def __init__(self):
+        self.received = 0
+        self.sent = 0
+        self.queries = 0
+        self.xacts = 0
+        self.query_us = 0
+        self.xact_us = 0
 
 
 class Counters:
@@ -67,7 +102,10 @@ class Counters:
         # (node, role) -> its Traffic: one probe per ReadyForQuery, on the hot path.
         self.traffic: dict[tuple, Traffic] = {}
         self.transaction_seconds: dict[tuple, Histogram] = {}  # (node, role) -> explicit transactions' durations
-        self.routes: dict[str, int] = {}  # routing decisions by reason
+        self.routes: dict[str, int] = {}  # routing decisions by reason (route_label: a bounded set)
+        self.databases: dict[str, DatabaseStats] = {}  # database name -> SHOW STATS figures
+        # (node, result) -> server connection attempts: result is "ok", "connect_failed" or "login_failed".
+        self.server_logins: dict[tuple[str, str], int] = {}
         self.failovers = 0
         self.reloads = 0
         self.reload_failures = 0
@@ -93,7 +131,17 @@ class Counters:
 
     # -- per ReadyForQuery batch -------------------------------------------------------------
 
-    def ready(self, client_id: str, node, role: str, status: int, latency: float | None = None) -> None:
+    def database(self, name: str) -> DatabaseStats:
+        stats = self.databases.get(name)
+        if stats is None:
+            stats = self.databases[name] = DatabaseStats()
+        return stats
+
+    def server_login(self, node: str, result: str) -> None:
+        key = (node, result)
+        self.server_logins[key] = self.server_logins.get(key, 0) + 1
+
+    def ready(self, client_id: str, node, role: str, status: int, latency: float | None = None, database: str | None = None) -> None:
         """A node's ReadyForQuery reached a client: one more query; a transaction ended when status is idle.
 
         Transaction durations run from the first ReadyForQuery that reports the transaction
@@ -111,15 +159,28 @@ class Counters:
             histogram.counts[bisect_left(DURATION_BUCKETS, latency)] += 1
             histogram.sum += latency
             histogram.count += 1
+        stats = None
+        if database is not None:
+            stats = self.databases.get(database) or self.database(database)
+            stats.queries += 1
+            if latency is not None:
+                stats.query_us += round(latency * 1e6)
         if status == _TX_IDLE:
             traffic.transactions += 1
-            if self._open_tx:
-                opened = self._open_tx.pop(client_id, None)
-                if opened is not None:
-                    histogram = self.transaction_seconds.get(opened[1])
-                    if histogram is None:
-                        histogram = self.transaction_seconds[opened[1]] = Histogram()
-                    histogram.observe(max(0.0, self.clock.seconds() - opened[0]))
+            opened = self._open_tx.pop(client_id, None) if self._open_tx else None
+            if opened is not None:
+                seconds = max(0.0, self.clock.seconds() - opened[0])
+                histogram = self.transaction_seconds.get(opened[1])
+                if histogram is None:
+                    histogram = self.transaction_seconds[opened[1]] = Histogram()
+                histogram.observe(seconds)
+            elif latency is not None:
+                seconds = latency  # an autocommit statement is a transaction of its own (as PgBouncer counts it)
+            else:
+                seconds = 0.0
+            if stats is not None:
+                stats.xacts += 1
+                stats.xact_us += round(seconds * 1e6)
         elif client_id not in self._open_tx:
             self._open_tx[client_id] = (self.clock.seconds(), key)
 
@@ -141,9 +202,11 @@ class Counters:
     # -- routing and cluster ------------------------------------------------------------------
 
     def routed(self, reason: str) -> None:
-        """One routing decision; *reason* is reduced to its leading phrase to keep label values few."""
+        """One routing decision; *reason* is reduced to a label from a bounded set (route_label)."""
         routes = self.routes
-        key = _route_label(reason)
+        key = route_label(reason)
+        if key not in routes and len(routes) >= MAX_ROUTE_LABELS:
+            key = OTHER
         routes[key] = routes.get(key, 0) + 1
 
     def failover(self) -> None:

@@ -217,6 +217,12 @@ def nodes(proxy) -> list[dict]:
     return out
 
 
+def primaries_of(proxy, database):
+    """The node *database* writes to now (None when no primary is known)."""
+    router = getattr(proxy, "routers", {}).get(database.name)
+    return router.primary() if router is not None else database.nodes[0]
+
+
 def primaries(proxy) -> list:
     """The node each database writes to now (config Address objects), where one is known."""
     out = []

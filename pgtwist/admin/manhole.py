@@ -89,6 +89,11 @@ def namespace(service) -> dict:
         "pause": lambda db=None: actions.pause(proxy, db),
         "resume": lambda db=None: actions.resume(proxy, db),
         "kill": lambda client_id: actions.kill(proxy, client_id),
+        "reconnect": lambda db=None: actions.reconnect(proxy, db),
+        "disable": lambda db: actions.disable(proxy, db),
+        "enable": lambda db: actions.enable(proxy, db),
+        "kill_database": lambda db: actions.kill_database(proxy, db),
+        "set_setting": lambda key, value: actions.set_setting(proxy, key, str(value), service),  # (not "set": a builtin)
         "explain": lambda sql, database=None, user=None: inspect.explain(proxy, sql, database, user),
     }
 

@@ -101,6 +101,21 @@ class ProxyCollector:
             labels,
             counters.query_seconds,
         )
+        received = CounterMetricFamily("pgbalance_client_received_bytes", "Bytes received from clients, by database.", labels=["database"])
+        sent = CounterMetricFamily("pgbalance_client_sent_bytes", "Bytes relayed from server connections to clients, by database.", labels=["database"])
+        for name, stats in sorted(counters.databases.items()):
+            received.add_metric([name], stats.received)
+            sent.add_metric([name], stats.sent)
+        yield received
+        yield sent
+        logins = CounterMetricFamily(
+            "pgbalance_server_logins",
+            "Server connections opened, by node and result (ok, connect_failed, login_failed).",
+            labels=["node", "result"],
+        )
+        for (node, result), n in sorted(counters.server_logins.items()):
+            logins.add_metric([node, result], n)
+        yield logins
         errors = CounterMetricFamily("pgbalance_errors", "Errors pgtwist sent to clients itself, by SQLSTATE.", labels=["sqlstate"])
         for code, n in sorted(counters.errors.items()):
             errors.add_metric([code], n)

@@ -131,6 +131,8 @@ class ServerConnection:
         self.tls = None  # tls.NodeTls when [server_tls] is on (set by the proxy)
         self.keepalive = None  # backend.Keepalive when tcp_keepalive is on (set by the proxy)
         self.tls_step = None  # "answer" (SSLRequest sent), then the tls.NodeHandshake, until TLS is up
+        # counters.DatabaseStats of the pool's database (set by the proxy): bytes relayed to clients, one add per read.
+        self.byte_stats = None
 
     def __repr__(self):
         return f"<ServerConnection {self.id} {self.node} {self.state}>"
@@ -188,6 +190,8 @@ class ServerConnection:
 
     def got_data(self, data: bytes) -> None:
         if self.state is LINKED:
+            if self.byte_stats is not None:
+                self.byte_stats.sent += len(data)
             self._forward(data)
             return
         if self.tls_step is not None:

@@ -74,6 +74,7 @@ class Proxy:
         self.audit_statement = audit.statement
         self.draining = False  # shutting down: clients leave as soon as they are between transactions
         self.paused: set[str] = set()  # databases PAUSEd ("*": all)
+        self.disabled: set[str] = set()  # databases DISABLEd: new clients refused (55000)
         self.retired_pools: set[Pool] = set()  # removed by a reload, closing as their clients finish
         self.routers: dict[str, DatabaseRouter] = {}
         # The [routing_hook] callable, loaded once per configuration (start, each reload), shared by every router.
@@ -514,7 +515,9 @@ class Proxy:
         conn = ServerConnection(f"s{next(self._server_ids)}", pool, login)
         conn.tls = self.node_tls_for(pool.node)
         conn.keepalive = Keepalive.from_config(self.config)
+        conn.byte_stats = self.counters.database(pool.database.name)
         ready = conn.ready
+        ready.addCallbacks(self._server_logged_in, self._server_login_failed, errbackArgs=(str(pool.node),))
         timeout = self.config.server_connect_timeout
         connector = self.dialer.connect(pool.node.host, pool.node.port, BackendFactory(conn), timeout=timeout or 30)
         if timeout:
@@ -527,6 +530,20 @@ class Proxy:
 
             ready.addBoth(stop_timer)
         return ready
+
+    def _server_logged_in(self, conn):
+        self.counters.server_login(str(conn.node), "ok")
+        return conn
+
+    def _server_login_failed(self, failure, node: str):
+        # A node that answered with an ErrorResponse refused the login; anything else never got that far.
+        fields = getattr(failure.value, "fields", None) or {}
+        code = fields.get("C", "")
+        refused = bool(code) and not code.startswith("08") and not code.startswith("57P0")
+        self.counters.server_login(node, "login_failed" if refused else "connect_failed")
+        if self.config.log_pooler_errors:
+            log.warn("server login to {node} failed: {why}", node=node, why=fields.get("M") or str(failure.value))
+        return failure
 
     def _login_timed_out(self, conn: ServerConnection, connector) -> None:
         conn.login_timed_out()

@@ -62,4 +62,4 @@ def makeService(options, reactor=None):
     except ManholeError as e:
         sys.stderr.write(f"{options['config']}: {e}\n")
         raise SystemExit(78)
-    return with_log_format(svc, config.log_format, getattr(options, "parent", None))
+    return with_log_format(svc, config.log_format, getattr(options, "parent", None), config.log_level)

@@ -12,7 +12,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from pgtwist.transport.connect import is_local_peer
-from pgtwist.config import ADMIN_DATABASE
+from pgtwist.config import ADMIN_DATABASES
 from pgtwist.routing import analysis
 
 from pgtwist.session import standin
@@ -334,12 +334,18 @@ class ClientSession:
         self.startup = event.startup
         self.user = event.startup.user
         name = event.startup.database
-        if name == ADMIN_DATABASE:
+        if name in ADMIN_DATABASES:
             self._admin_console()
             return
         database = self.proxy.config.databases.get(name)
         if database is None:
             raise LoginError(sqlstate.INVALID_CATALOG_NAME, f'database "{name}" does not exist')
+        if name in getattr(self.proxy, "disabled", ()):
+            raise LoginError(
+                sqlstate.OBJECT_NOT_IN_PREREQUISITE_STATE,
+                f'database "{name}" is not currently accepting connections',
+                "An operator ran DISABLE on it in the admin console; ENABLE undoes it.",
+            )
         self.database = database
         # pool_mode per database and per user: known only now (until now, the global one).
         self.transaction_mode = self.config.pool_mode_for(name, self.user) == "transaction"
@@ -380,7 +386,7 @@ class ClientSession:
 
         The admin console is never refused: an operator must get in while the proxy is full.
         """
-        return startup.database == ADMIN_DATABASE or self.proxy.admit(self)
+        return startup.database in ADMIN_DATABASES or self.proxy.admit(self)
 
     def _admin_console(self) -> None:
         """dbname "pgbalance": the admin console answers instead of a node ([admin] users only)."""
@@ -1343,6 +1349,7 @@ class ClientSession:
             decision.want if decision is not None else "primary",
             status,
             None if started is None else self.proxy.clock.seconds() - started,
+            self.database.name,
         )
         if status != p.TX_IDLE and self.config.idle_transaction_timeout:
             # Several ReadyForQuery may come before the client speaks again: keep only the last timer.

@@ -149,4 +149,4 @@ def nodes_up(px) -> dict[str, str]:
 
 def pools_at_rest(px) -> bool:
     """No server connection busy and nobody waiting, in any pool (once every client has left)."""
-    return all(row["busy"] == "0" and row["waiting"] == "0" for row in admin_show(px, "POOLS"))
+    return all(row["busy"] == "0" and row["waiting"] == "0" for row in admin_show(px, "NODE_POOLS"))

@@ -96,7 +96,7 @@ def run_fuzz(px, cluster, examples: int, seconds: float) -> fuzzing.Verdicts:
         assert bad not in text, f"{bad!r} in the proxy log:\n" + text[text.find(bad) - 2000 : text.find(bad) + 500]
     assert {name: row["up"] for name, row in show_nodes(px).items()} == nodes_before
     # No server connection was left behind with a client gone (a leak would starve the pool).
-    wait_for(lambda: pools_at_rest(px), 10, f"every pool at rest: {admin_show(px, 'POOLS')}")
+    wait_for(lambda: pools_at_rest(px), 10, f"every pool at rest: {admin_show(px, 'NODE_POOLS')}")
     # And it still serves.
     with RawClient(px.host, px.port) as c:
         c.login(px.user, "appdb", px.password)

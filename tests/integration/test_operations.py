@@ -87,7 +87,8 @@ def test_admin_console_show_commands_return_rows(pg_cluster, tmp_path):
                 ("SHOW SERVERS", "|appdb|"),
                 ("SHOW POOLS", "appdb"),
                 ("SHOW NODES", str(pg_cluster.nodes[0].addr)),
-                ("SHOW STATS", "clients_accepted"),
+                ("SHOW TOTALS", "clients_accepted"),
+                ("SHOW STATS", "appdb|"),
                 ("SHOW CONFIG", "pool_mode|transaction"),
                 ("SHOW PREPARED", "SELECT $1::int + 1"),
             ]:
@@ -105,15 +106,17 @@ def test_admin_console_show_commands_return_rows(pg_cluster, tmp_path):
                 cur = console.execute("SHOW POOLS")
                 names = [c.name for c in cur.description]
                 rows = cur.fetchall()
-                assert {"database", "user", "size", "idle", "busy", "waiting"} <= set(names)
-                assert any(r[names.index("database")] == "appdb" and r[names.index("size")] == 20 for r in rows)
+                assert {"database", "user", "cl_active", "cl_waiting", "sv_active", "sv_idle", "pool_size"} <= set(names)
+                assert any(r[names.index("database")] == "appdb" and r[names.index("pool_size")] == 20 for r in rows)
                 assert console.execute("SHOW STATS").fetchall()
                 console.execute("PAUSE appdb")
                 paused = dict(zip(names, console.execute("SHOW POOLS").fetchone()))
                 assert paused["paused"] is True
                 console.execute("RESUME")
                 assert app.execute("SELECT 2").fetchone() == (2,)
-                app_id = next(r[0] for r in console.execute("SHOW CLIENTS").fetchall() if r[1] == pg_cluster.app_user)
+                cur = console.execute("SHOW CLIENTS")
+                cnames = [c.name for c in cur.description]
+                app_id = next(r[cnames.index("id")] for r in cur.fetchall() if r[cnames.index("user")] == pg_cluster.app_user)
                 console.execute(f"KILL {app_id}")
                 with pytest.raises(psycopg.OperationalError):
                     app.execute("SELECT 3")

@@ -4,7 +4,10 @@ import struct
 
 import pytest
 
-from pgtwist.admin import console
+from twisted.internet.error import ConnectionDone
+from twisted.python.failure import Failure
+
+from pgtwist.admin import actions, bouncer, console
 from pgtwist.service.reload import ReloadOutcome
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
@@ -86,12 +89,16 @@ def test_show_clients_and_pools_show_live_state(proxy):
     assert types(out).count("T") == 2 and types(out).endswith("Z")
     names, rows = result_rows(out)
     by_id = {r[names.index("id")]: dict(zip(names, r)) for r in rows}
-    assert by_id[app.id]["state"] == "linked" and by_id[app.id]["server"] == "s1"
-    assert by_id[session.id]["database"] == "pgbalance" and by_id[session.id]["state"] == "admin"
+    assert by_id[app.id]["state"] == "active" and by_id[app.id]["link"] == "s1"  # PgBouncer's words
+    assert by_id[app.id]["session_state"] == "linked"  # ours
+    assert by_id[session.id]["database"] == "pgbalance" and by_id[session.id]["session_state"] == "admin"
     second = out[out.index(b"SHOW 2\x00") + len(b"SHOW 2\x00") :]
     pool_names, pool_rows = result_rows(second)
     pool = dict(zip(pool_names, pool_rows[0]))
-    assert (pool["database"], pool["user"], pool["size"], pool["busy"], pool["paused"]) == ("appdb", "app", "2", "1", "f")
+    assert (pool["database"], pool["user"], pool["pool_size"], pool["sv_active"], pool["cl_active"], pool["paused"]) == (
+        "appdb", "app", "2", "1", "1", "f"
+    )
+    assert pool_names[:16] == [name for name, _ in bouncer.POOLS_COLUMNS[:16]]
 
 
 def test_show_config_never_shows_passwords(proxy):
@@ -102,9 +109,11 @@ def test_show_config_never_shows_passwords(proxy):
     assert b"adminpw" not in out and b"pw\x00" not in out
     names, rows = result_rows(out)
     config = {r[0]: r[1:] for r in rows}
-    assert config["users.app.password"] == ["********", "reload"]
-    assert config["listen"] == ["127.0.0.1:6432", "restart"]
-    assert config["databases.appdb.pool_size"] == ["2", "reload"]
+    # PgBouncer's columns: key, value, default, changeable (pgbouncer_exporter wants 3 or 4 of them)
+    assert names == ["key", "value", "default", "changeable"]
+    assert config["users.app.password"] == ["********", None, "yes"]
+    assert config["listen"][0] == "127.0.0.1:6432" and config["listen"][2] == "no"
+    assert config["databases.appdb.pool_size"] == ["2", None, "yes"]
 
 
 def test_unknown_command_is_an_error_and_the_session_goes_on(proxy):
@@ -131,7 +140,7 @@ def test_extended_protocol_with_binary_results(proxy):
     session, transport = admin_session(proxy)
     transport.clear()
     session.got_data(
-        m.parse("", "SHOW POOLS")
+        m.parse("", "SHOW NODE_POOLS")
         + m.bind("", "", result_formats=[1])
         + m.describe("P", "")
         + m.execute("")
@@ -175,27 +184,76 @@ def test_pause_resume_and_kill(proxy):
     (pool,) = proxy.pools.values()
     transport.clear()
     session.got_data(m.query("PAUSE appdb"))
-    assert types(transport.value()) == "CZ" and pool.paused
+    # PgBouncer's PAUSE: no answer while a server connection is in use (session pooling: until its client leaves).
+    assert transport.value() == b"" and pool.paused
+    session.got_data(m.query("SHOW VERSION"))
+    proxy.reactor.advance(actions.POLL * 3)
+    assert transport.value() == b""  # (what came after PAUSE waits for it)
+    proxy.servers[0].connection_lost(Failure(ConnectionDone()))
+    proxy.reactor.advance(actions.POLL)
+    assert types(transport.value()) == "CZTDCZ" and pool.paused and not pool.busy and not pool.idle
     transport.clear()
     session.got_data(m.query("PAUSE nosuchdb"))
     assert fields_of(transport.value())["C"] == "3D000"
     # A client arriving while paused waits.
-    waiting, _ = client(proxy)
+    waiting, waiting_transport = client(proxy)
     assert waiting.state == "waiting"
     transport.clear()
     session.got_data(m.query("RESUME"))
     assert types(transport.value()) == "CZ" and not pool.paused
     assert waiting.state == "linked"
     transport.clear()
-    session.got_data(m.query(f"KILL {app.id}"))
+    session.got_data(m.query(f"KILL {waiting.id}"))
     assert types(transport.value()) == "CZ"
-    assert fields_of(app_transport.value())["C"] == "57P01" and app_transport.disconnecting
+    assert fields_of(waiting_transport.value())["C"] == "57P01" and waiting_transport.disconnecting
     transport.clear()
     session.got_data(m.query("KILL c999"))
     assert fields_of(transport.value())["C"] == "42704"
     transport.clear()
     session.got_data(m.query(f"KILL {session.id}"))
     assert fields_of(transport.value())["C"] == "0A000"
+
+
+def test_pause_of_an_unused_pool_answers_at_once_and_kill_db_drops_everyone(proxy):
+    session, transport = admin_session(proxy)
+    transport.clear()
+    session.got_data(m.query("PAUSE"))
+    assert types(transport.value()) == "CZ"
+    session.got_data(m.query("RESUME"))
+    app, app_transport = client(proxy)
+    transport.clear()
+    session.got_data(m.query("KILL appdb"))
+    assert types(transport.value()) == "CZ"
+    assert fields_of(app_transport.value())["C"] == "57P01" and app_transport.disconnecting
+    later, _ = client(proxy)
+    assert later.state == "waiting"  # PgBouncer: a killed database waits for RESUME
+
+
+def test_disable_enable_reconnect_wait_close_and_set(proxy):
+    session, transport = admin_session(proxy)
+    session.got_data(m.query("DISABLE appdb"))
+    refused, refused_transport = client(proxy)
+    assert fields_of(refused_transport.value())["C"] == "55000"
+    session.got_data(m.query("ENABLE appdb"))
+    app, _ = client(proxy)
+    assert app.state == "linked"
+    (pool,) = proxy.pools.values()
+    conn = next(iter(pool.busy))
+    transport.clear()
+    session.got_data(m.query("RECONNECT appdb; WAIT_CLOSE appdb"))
+    assert types(transport.value()) == "C" and conn.tainted  # WAIT_CLOSE waits for app's connection
+    conn.connection_lost(Failure(ConnectionDone()))
+    proxy.reactor.advance(actions.POLL)
+    assert types(transport.value()) == "CCZ"
+    transport.clear()
+    session.got_data(m.query("SET query_wait_timeout = 7; SET client_encoding = 'UTF8'"))
+    assert types(transport.value()) == "CCZ" and proxy.config.query_wait_timeout == 7
+    transport.clear()
+    session.got_data(m.query("SET listen = '0.0.0.0:1'"))
+    assert fields_of(transport.value())["C"] == "55P02"
+    transport.clear()
+    session.got_data(m.query("SET query_wait_timeout = -3"))
+    assert fields_of(transport.value())["C"] == "22023" and proxy.config.query_wait_timeout == 7
 
 
 def test_pools_created_while_paused_start_paused(proxy):
@@ -278,3 +336,54 @@ def test_malformed_message_is_fatal_08p01(proxy):
     transport.clear()
     session.got_data(b"Q\x00\x00\x00\x05x")  # no NUL terminator
     assert fields_of(transport.value())["C"] == "08P01" and transport.disconnecting
+
+
+def test_pgbouncer_views_have_pgbouncer_columns_first(proxy):
+    client(proxy)
+    for what, columns in (
+        ("VERSION", ["version"]),
+        ("LISTS", ["list", "items"]),
+        ("STATS", ["database", "total_xact_count", "total_query_count", "total_received", "total_sent",
+                   "total_xact_time", "total_query_time", "total_wait_time", "avg_xact_count", "avg_query_count",
+                   "avg_recv", "avg_sent", "avg_xact_time", "avg_query_time", "avg_wait_time"]),
+        ("STATS_TOTALS", ["database", "xact_count", "query_count", "bytes_received", "bytes_sent", "xact_time",
+                          "query_time", "wait_time"]),
+        ("DATABASES", ["name", "host", "port", "database", "force_user", "pool_size", "min_pool_size",
+                       "reserve_pool", "pool_mode", "max_connections", "current_connections", "paused", "disabled"]),
+        ("USERS", ["name", "pool_mode"]),
+        ("MEM", ["name", "size", "used", "free", "memtotal"]),
+        ("FDS", ["fd", "task", "user", "database", "addr", "port", "cancel", "link"]),
+        ("SERVERS", ["type", "user", "database", "state", "addr", "port"]),
+    ):
+        session, transport = admin_session(proxy)
+        transport.clear()
+        session.got_data(m.query(f"show {what.lower()};"))
+        names, rows = result_rows(transport.value())
+        assert names[: len(columns)] == columns, what
+    session, transport = admin_session(proxy)
+    transport.clear()
+    session.got_data(m.query("SHOW STATS"))
+    names, rows = result_rows(transport.value())
+    assert [r[0] for r in rows] == ["appdb"]
+
+
+def test_admin_console_answers_to_pgbouncer_too(proxy):
+    session, transport = client(proxy, user="admin", database="pgbouncer")
+    transport.clear()
+    session.got_data(m.query("SHOW VERSION"))
+    names, rows = result_rows(transport.value())
+    assert names == ["version"] and rows[0][0].startswith("pgtwist ")
+
+
+def test_a_resume_ends_a_waiting_pause_without_closing_more(proxy):
+    app, _ = client(proxy)
+    session, transport = admin_session(proxy)
+    other, other_transport = admin_session(proxy)
+    transport.clear()
+    session.got_data(m.query("PAUSE appdb"))
+    assert transport.value() == b""
+    other.got_data(m.query("RESUME appdb"))
+    proxy.reactor.advance(actions.POLL)
+    assert types(transport.value()) == "CZ"
+    (pool,) = proxy.pools.values()
+    assert not pool.paused and len(pool.busy) == 1 and app.state == "linked"

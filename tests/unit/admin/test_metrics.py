@@ -163,3 +163,39 @@ def test_nodes_left_out_of_reads_say_why():
     text = body(get(metrics.make_root(Service(proxy), proxy.reactor), b"/metrics"))
     assert 'pgbalance_node_excluded{database="appdb",node="db1:5432",reason="old_timeline"} 1.0' in text
     assert 'node="db3:5432",reason=' not in text
+
+
+def test_routing_reason_labels_are_bounded():
+    from twisted.internet.task import Clock
+
+    from pgtwist.admin.counters import MAX_ROUTE_LABELS, Counters, route_label
+
+    assert route_label("volatile function nosuch_fn_123; replica lagging") == "volatile function"
+    assert route_label("function nosuch_writer") == "function"
+    assert route_label("batch with volatile function f") == "batch with"
+    assert route_label("select") == "select"
+    counters = Counters(Clock())
+    for i in range(1000):
+        counters.routed(f"volatile function nosuch_fn_{i}")
+        counters.routed(f"made up reason {i}")
+    assert len(counters.routes) <= MAX_ROUTE_LABELS + 1
+    assert counters.routes["volatile function"] == 1000
+    assert not any("nosuch" in label for label in counters.routes)
+
+
+def test_per_database_stats_count_queries_transactions_and_times_in_microseconds():
+    from twisted.internet.task import Clock
+
+    from pgtwist.admin.counters import Counters
+    from pgtwist.wire import protocol as p
+
+    clock = Clock()
+    counters = Counters(clock)
+    counters.ready("c1", "n1", "primary", p.TX_IDLE, 0.002, "appdb")  # an autocommit statement
+    counters.ready("c1", "n1", "primary", p.TX_IN_TRANSACTION, 0.001, "appdb")  # BEGIN
+    clock.advance(0.5)
+    counters.ready("c1", "n1", "primary", p.TX_IDLE, 0.003, "appdb")  # COMMIT
+    stats = counters.databases["appdb"]
+    assert (stats.queries, stats.xacts) == (3, 2)
+    assert stats.query_us == 6000
+    assert stats.xact_us == 2000 + 500000

@@ -7,6 +7,7 @@ import pytest
 from twisted.application import service as appservice
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import ILogObserver, Logger
+from twisted.python.failure import Failure
 
 from pgtwist import config as configmod
 from pgtwist.service import drain, logs, reload, tap
@@ -226,16 +227,31 @@ def test_json_log_observer_writes_one_object_per_line(tmp_path):
     log = Logger(namespace="pgtwist.test", observer=observer)
     log.info("client {client} connected", client="c1")
     log.info("server {server} idle", server="s2")
+    log.failure("it broke", Failure(ValueError("bad")), node="n1")
     lines = path.read_text().splitlines()
-    assert len(lines) == 2
+    assert len(lines) == 3
     first = json.loads(lines[0])
-    assert first["client"] == "c1" and first["log_namespace"] == "pgtwist.test"
-    assert first["text"] == "client c1 connected"
+    assert first["client"] == "c1" and first["logger"] == "pgtwist.test" and first["level"] == "info"
+    assert first["msg"] == "client c1 connected" and first["ts"].endswith("Z")
+    assert not [key for key in first if key.startswith("log_")]  # not Twisted's event dump
+    third = json.loads(lines[2])
+    assert third["level"] == "critical" and third["error"] == "bad" and third["node"] == "n1"
+
+
+def test_log_level_filters_and_objects_never_reach_a_json_line(tmp_path):
+    path = tmp_path / "pgtwist.log"
+    observer = logs.filtered(logs.json_observer(str(path)), "warn")
+    log = Logger(namespace="pgtwist.test", observer=observer)
+    log.info("hidden")
+    log.warn("shown {user}", user="u", config=object())
+    (line,) = path.read_text().splitlines()
+    event = json.loads(line)
+    assert event["msg"] == "shown u" and event["user"] == "u" and "config" not in event
 
 
 def test_with_log_format_sets_the_application_observer():
     inner = appservice.Service()
-    assert logs.with_log_format(inner, "text", {}) is inner
+    assert logs.with_log_format(inner, "text", {"logfile": "-"}).observer is not None  # (log_level filters text too)
     wrapped = logs.with_log_format(inner, "json", {"logfile": "-"})
     application = appservice.Application("pgbalance")
     wrapped.setServiceParent(application)

@@ -1,0 +1,166 @@
+"""PgBouncer tooling against pgtwist: pgbouncer_exporter's exact queries, byte and login counters, log secrecy."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+
+import psycopg
+import pytest
+
+from tests.harness.ops import http_get, start_ops_proxy
+from tests.harness.proxy import HOST
+from pgtwist.tools.localcluster import free_port
+
+pytestmark = pytest.mark.integration
+
+ADMIN, ADMIN_PASSWORD = "admin", "admin-secret"
+TEXT, INT8 = 25, 20
+
+# prometheus-community/pgbouncer_exporter (collector.go): every column it reads, and what lib/pq must
+# decode it as. Labels must arrive as text (a string) or int; metrics as numbers (int8 or parsable text).
+EXPORTER_COLUMNS = {
+    "databases": {
+        "name": TEXT, "host": TEXT, "port": INT8, "database": TEXT, "force_user": TEXT, "pool_mode": TEXT,
+        "pool_size": INT8, "reserve_pool": INT8, "max_connections": INT8, "current_connections": INT8,
+        "paused": INT8, "disabled": INT8,
+    },
+    "stats_totals": {
+        "database": TEXT, "query_count": INT8, "query_time": INT8, "bytes_received": INT8, "bytes_sent": INT8,
+        "wait_time": INT8, "xact_count": INT8, "xact_time": INT8,
+    },
+    "pools": {
+        "database": TEXT, "user": TEXT, "cl_active": INT8, "cl_active_cancel_req": INT8, "cl_waiting": INT8,
+        "cl_waiting_cancel_req": INT8, "sv_active": INT8, "sv_active_cancel": INT8, "sv_being_canceled": INT8,
+        "sv_idle": INT8, "sv_used": INT8, "sv_tested": INT8, "sv_login": INT8, "maxwait": INT8,
+    },
+}
+
+
+def users(cluster) -> dict:
+    return {cluster.app_user: {"password": cluster.app_password}, ADMIN: {"password": ADMIN_PASSWORD}}
+
+
+def simple(conn, sql: str):
+    """What lib/pq's db.Query(sql) without arguments does: one simple-protocol Query."""
+    cur = psycopg.ClientCursor(conn)
+    cur.execute(sql)
+    return cur
+
+
+def test_pgbouncer_exporter_queries(pg_cluster, tmp_path):
+    with start_ops_proxy(pg_cluster, tmp_path, {"admin": {"users": [ADMIN]}}, users=users(pg_cluster), pool_mode="transaction") as px:
+        with px.connect() as app:
+            app.execute("SELECT repeat('x', 5000)").fetchone()
+            with app.transaction():
+                app.execute("SELECT 1")
+            dsn = px.dsn(dbname="pgbouncer", user=ADMIN, password=ADMIN_PASSWORD)
+            with psycopg.connect(dsn, autocommit=True) as console:
+                assert simple(console, "SHOW STATS").fetchall()  # the exporter's ping
+                cur = simple(console, "SHOW VERSION;")
+                assert [c.name for c in cur.description] == ["version"]
+                assert re.match(r"pgtwist \d", cur.fetchone()[0])
+                cur = simple(console, "SHOW LISTS;")
+                assert len(cur.description) == 2
+                lists = {name: float(items) for name, items in cur.fetchall()}
+                assert {"databases", "users", "pools", "free_clients", "used_clients", "login_clients",
+                        "free_servers", "used_servers", "dns_names", "dns_zones", "dns_queries"} <= set(lists)
+                assert lists["databases"] == 1 and lists["used_clients"] >= 2
+                cur = simple(console, "SHOW CONFIG;")
+                assert len(cur.description) in (3, 4)
+                config = {row[0]: row[1] for row in cur.fetchall()}
+                float(config["max_client_conn"])  # the exporter parses it as a number
+                for namespace, wanted in EXPORTER_COLUMNS.items():
+                    cur = simple(console, f"SHOW {namespace};")
+                    types = {c.name: c.type_code for c in cur.description}
+                    rows = [dict(zip(types, r)) for r in cur.fetchall()]
+                    for column, oid in wanted.items():
+                        assert types.get(column) == oid, (namespace, column, types.get(column))
+                    labels = [(r.get("database") or r.get("name"), r.get("user")) for r in rows]
+                    assert len(labels) == len(set(labels)), (namespace, labels)  # duplicates break a scrape
+                    assert rows, namespace
+                pools = {r[0]: r for r in simple(console, "SHOW POOLS").fetchall()}
+                cur = simple(console, "SHOW STATS_TOTALS")
+                totals = dict(zip([c.name for c in cur.description], cur.fetchone()))
+                assert totals["database"] == "appdb"
+                assert totals["bytes_sent"] > 5000 and totals["bytes_received"] > 0
+                assert totals["query_count"] >= 3 and totals["xact_count"] >= 2 and totals["query_time"] > 0
+                assert "appdb" in pools
+
+
+def test_byte_and_login_counters_and_bounded_route_labels(pg_cluster, tmp_path):
+    port = free_port(HOST)
+    tables = {"metrics": {"listen": f"{HOST}:{port}"}}
+    with start_ops_proxy(pg_cluster, tmp_path, tables, users=users(pg_cluster)) as px:
+        with px.connect() as app:
+            app.execute("SELECT repeat('y', 20000)").fetchone()
+            for i in range(3):
+                with pytest.raises(psycopg.errors.UndefinedFunction):
+                    app.execute(f"SELECT nosuch_fn_{i}_zq()")
+        bad = px.dsn(password="wrong-password")
+        with pytest.raises(psycopg.OperationalError):
+            psycopg.connect(bad).close()
+        status, text = http_get(port, "/metrics")
+        assert status == 200
+        sent = re.search(r'pgbalance_client_sent_bytes_total\{database="appdb"\} ([0-9.e+]+)', text)
+        received = re.search(r'pgbalance_client_received_bytes_total\{database="appdb"\} ([0-9.e+]+)', text)
+        assert sent and float(sent.group(1)) > 20000, text[:3000]
+        assert received and float(received.group(1)) > 0
+        assert re.search(r'pgbalance_server_logins_total\{node="[^"]+",result="ok"\} [1-9]', text), text[:3000]
+        assert "nosuch_fn" not in text
+
+
+def test_json_logs_at_debug_carry_fields_and_never_a_secret(pg_cluster, tmp_path):
+    secret = "topsecret-zq-4711"
+    wrong = "wrong-secret-zq-0815"
+    overrides = dict(log_format="json", log_level="debug", audit=[pg_cluster.app_user], users=users(pg_cluster))
+    with start_ops_proxy(pg_cluster, tmp_path, {"admin": {"users": [ADMIN]}}, **overrides) as px:
+        with px.connect() as app:
+            with pytest.raises(psycopg.Error):
+                app.execute(f"ALTER ROLE nosuch_role_zq WITH LOGIN PASSWORD '{secret}'")
+            app.execute("SELECT 1")
+        with pytest.raises(psycopg.OperationalError):
+            psycopg.connect(px.dsn(password=wrong)).close()
+        with psycopg.connect(px.dsn(dbname="pgbouncer", user=ADMIN, password=ADMIN_PASSWORD), autocommit=True) as console:
+            simple(console, "SHOW CONFIG").fetchall()
+        text = px.log_text()
+    events = [json.loads(line) for line in text.splitlines() if line.strip()]
+    assert events and all({"ts", "level", "msg", "logger"} <= set(e) for e in events)
+    assert not any(key.startswith("log_") for e in events for key in e)
+    audited = [e for e in events if e["logger"] == "pgtwist.audit"]
+    assert any("PASSWORD '********'" in e["msg"] for e in audited), audited
+    connected = [e for e in events if "client" in e and e.get("user") == pg_cluster.app_user]
+    assert connected and any(e.get("database") == "appdb" for e in connected)
+    for needle in (secret, wrong, pg_cluster.app_password, ADMIN_PASSWORD):
+        assert needle not in text, needle
+
+
+def test_pause_waits_for_an_open_transaction_then_resume_serves(pg_cluster, tmp_path):
+    with start_ops_proxy(pg_cluster, tmp_path, {"admin": {"users": [ADMIN]}}, users=users(pg_cluster), pool_mode="transaction") as px:
+        dsn = px.dsn(dbname="pgbouncer", user=ADMIN, password=ADMIN_PASSWORD)
+        with px.connect(autocommit=False) as app, psycopg.connect(dsn, autocommit=True) as console:
+            app.execute("SELECT 1")  # BEGIN (psycopg, not autocommit): a transaction is open
+            done = threading.Event()
+            errors = []
+
+            def pause():
+                try:
+                    simple(console, "PAUSE appdb")
+                except Exception as e:  # noqa: BLE001 - reported below
+                    errors.append(e)
+                done.set()
+
+            worker = threading.Thread(target=pause, daemon=True)
+            worker.start()
+            assert not done.wait(1.0), errors  # PgBouncer's PAUSE: not while a transaction is open
+            app.commit()
+            assert done.wait(10), "PAUSE never answered after COMMIT"
+            assert not errors, errors
+            pools = simple(console, "SHOW POOLS")
+            names = [c.name for c in pools.description]
+            row = dict(zip(names, next(r for r in pools.fetchall() if r[0] == "appdb")))
+            assert row["paused"] is True and row["sv_active"] == 0 and row["sv_idle"] == 0
+            simple(console, "RESUME appdb")
+            assert app.execute("SELECT 2").fetchone() == (2,)
+            app.commit()
