@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import os
 import tomllib
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -157,6 +158,9 @@ class Config:
     on_server_loss: str = "keep_session"
     # PgBouncer's auth_file (absolute path; "" = none): users and secrets merged into users.
     auth_file: str = ""
+    # Processes sharing the listen address, each with its own pools (pgtwist.service.workers);
+    # "auto" in the file is resolved here to the cores this process may run on.
+    workers: int = 1
 
 
 _DEFAULTS: dict[str, Any] = {
@@ -201,7 +205,7 @@ UNPOOLABLE = ("pin", "error")
 SERVER_LOSS = ("keep_session", "close_client")
 
 _OPERATIONS_KEYS = {"shutdown_timeout", "log_format", "log_connections", "log_disconnections", "audit", "admin", "manhole", "metrics"}
-_TOP_KEYS = set(_DEFAULTS) | {"databases", "users", "tls", "server_tls", "auth_file"} | _OPERATIONS_KEYS
+_TOP_KEYS = set(_DEFAULTS) | {"databases", "users", "tls", "server_tls", "auth_file", "workers"} | _OPERATIONS_KEYS
 _TLS_KEYS = {"mode", "cert", "key", "ca", "ciphers", "min_protocol_version"}
 _DATABASE_KEYS = {"dbname", "nodes", "pool_size", "route"}
 _USER_KEYS = {"password", "route"}
@@ -422,6 +426,7 @@ def from_dict(raw: Mapping[str, Any], source: str = "<memory>") -> Config:
     elif len(c.errors) == errors_before:  # (with a user in error, who the monitor would be is unclear)
         _check_health_user(c, strings["health_user"], databases, users, origins)
     operations = _operations(raw, c, source, databases, users, auth_type)
+    workers = _workers(c, raw.get("workers", 1))
     tls_config, server_tls_config = _tls_tables(c, raw, source, auth_type)
     if c.errors:
         raise ConfigError(c.errors, source)
@@ -451,7 +456,23 @@ def from_dict(raw: Mapping[str, Any], source: str = "<memory>") -> Config:
         **timeouts,
         **keepalive,
         **operations,
+        workers=workers,
     )
+
+
+MAX_WORKERS = 256  # (the cancel keys give the worker's number the top bits of their secret)
+
+
+def _workers(c: _Checker, value) -> int:
+    if value == "auto":
+        try:
+            return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
+        except (AttributeError, OSError):  # not Linux
+            return max(1, min(MAX_WORKERS, os.cpu_count() or 1))
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
+        c.err("workers", f'must be "auto" or a number from 1 to {MAX_WORKERS}, not {value!r}')
+        return 1
+    return value
 
 
 def _auth_file(c: _Checker, raw: Mapping, source: str) -> tuple[str, dict[str, tuple[str, int]]]:
@@ -688,7 +709,7 @@ def _operations(raw: Mapping, c: _Checker, source: str, databases: Mapping, user
 # -- reload: what changed between two configs -------------------------------------------------
 
 # Keys (and tables) a running pgtwist cannot change: listeners and the way sessions are built.
-RESTART_KEYS = ("listen", "pool_mode", "log_format", "manhole", "metrics")
+RESTART_KEYS = ("listen", "pool_mode", "log_format", "manhole", "metrics", "workers")
 
 
 class _Secret:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import resource
 import signal
+import socket
 
 from twisted.application import service
 from twisted.internet import defer, task
@@ -35,7 +37,7 @@ class PgBalanceService(service.MultiService):
 
     name = "pgbalance"
 
-    def __init__(self, config, reactor=None, signals: bool = False):
+    def __init__(self, config, reactor=None, signals: bool = False, worker=None):
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor
@@ -43,18 +45,30 @@ class PgBalanceService(service.MultiService):
         self.config = config
         self.proxy = Proxy(config, reactor)
         self.proxy.service = self
+        self.worker = worker  # a workers.WorkerSpec when this is one of a supervisor's workers
+        if worker is not None:
+            from pgtwist.service import workers
+
+            self.proxy.worker = workers.WorkerLink(worker, reactor)
         self.factory = FrontendFactory(self.proxy)
         self.port = None  # the listening port, once started
         self.signals = signals  # SIGHUP reloads, SIGTERM drains (twistd; not in tests)
         self._previous_handlers: dict = {}
         self._graceful = False  # set by SIGTERM / SHUTDOWN; SIGINT and plain stops are fast
         self._stopping = False
+        self._signalled = False  # SIGTERM came (under a supervisor: from it)
         # Optional listeners, started and stopped with the service (errors surface here, before twistd starts).
         if config.manhole is not None:
+            from dataclasses import replace
+
             from pgtwist.admin import manhole
 
-            manhole.make_service(self, config.manhole, reactor).setServiceParent(self)
-        if config.metrics is not None:
+            mh = config.manhole if worker is None else replace(config.manhole, listen=worker.manhole_listen(config.manhole.listen))
+            manhole.make_service(self, mh, reactor).setServiceParent(self)
+        if worker is not None:  # (its metrics are served by the supervisor, which asks every worker)
+            for child in workers.worker_services(self, worker, reactor):
+                child.setServiceParent(self)
+        elif config.metrics is not None:
             from pgtwist.admin import metrics
 
             metrics.make_service(self, config.metrics, reactor).setServiceParent(self)
@@ -67,7 +81,8 @@ class PgBalanceService(service.MultiService):
     def startService(self):
         limit = raise_nofile_limit()
         log.info(
-            "pgtwist listening on {listen} ({mode} pooling, {n} database(s), file limit {limit})",
+            "pgtwist {who}listening on {listen} ({mode} pooling, {n} database(s), file limit {limit})",
+            who=f"worker {self.worker.index} of {self.worker.count} " if self.worker is not None else "",
             listen=str(self.config.listen),
             mode=self.config.pool_mode,
             n=len(self.config.databases),
@@ -80,7 +95,13 @@ class PgBalanceService(service.MultiService):
         self._janitor.clock = self.reactor
         self._janitor.start(1.0, now=False)
         listen = self.config.listen
-        self.port = self.reactor.listenTCP(listen.port, self.factory, backlog=4096, interface=listen.host)
+        if self.worker is not None:
+            from pgtwist.service import workers
+
+            family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
+            self.port = workers.adopt_listener(self.worker, self.factory, self.reactor, family)
+        else:
+            self.port = self.reactor.listenTCP(listen.port, self.factory, backlog=4096, interface=listen.host)
         super().startService()
 
     def stopService(self):
@@ -116,6 +137,10 @@ class PgBalanceService(service.MultiService):
             log.info("shutdown already under way")
             return
         self._graceful = graceful
+        if self.worker is not None and not self._signalled:
+            # SHUTDOWN on one worker's console stops the whole tree: the supervisor drains every worker.
+            os.kill(os.getppid(), signal.SIGTERM if graceful else signal.SIGINT)
+            return
         log.info(
             "shutting down: {how}",
             how=f"new clients refused, open transactions get up to {self.config.shutdown_timeout:g} s" if graceful else "fast",
@@ -127,6 +152,7 @@ class PgBalanceService(service.MultiService):
             self.reactor.callFromThread(self._signalled_reload)
 
         def on_term(signum, frame):
+            self._signalled = True
             self.reactor.callFromThread(self.shutdown, True)
 
         for sig, handler in ((signal.SIGHUP, on_hup), (signal.SIGTERM, on_term)):

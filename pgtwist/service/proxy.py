@@ -49,6 +49,7 @@ class Proxy:
         self.pinned_sessions = 0
         self.counters = Counters(reactor)  # totals for SHOW STATS and /metrics
         self.service = None  # the PgBalanceService, for admin actions (reload, shutdown)
+        self.worker = None  # workers.WorkerLink under workers = N: its keys name it, others' cancels go on
         self.draining = False  # shutting down: clients leave as soon as they are between transactions
         self.paused: set[str] = set()  # databases PAUSEd ("*": all)
         self.retired_pools: set[Pool] = set()  # removed by a reload, closing as their clients finish
@@ -168,6 +169,8 @@ class Proxy:
         holders = () if held is None else held if type(held) is list else (held,)
         while True:  # (two sessions sharing a process id must not share the secret too)
             secret = secrets.token_bytes(4)
+            if self.worker is not None:
+                secret = self.worker.tag(secret)
             if all(s.secret_key != secret for s in holders):
                 break
         if held is None:
@@ -189,6 +192,8 @@ class Proxy:
 
     def cancel(self, process_id: int, secret_key: bytes) -> None:
         """A CancelRequest from a client: forward it to the server serving that client now, if any."""
+        if self.worker is not None and self.worker.forward_cancel(process_id, secret_key):
+            return  # another worker's key: sent on to it
         held = self.cancel_keys.get(process_id)
         if held is None:
             return  # PostgreSQL ignores unknown keys silently, and so do we
