@@ -139,6 +139,8 @@ class CancelRelay(protocol.Protocol):
         self.buffer = b""
 
     def dataReceived(self, data):
+        if self.buffer is None:
+            return  # (handled: one request per connection, as a node takes it)
         self.buffer += data
         if len(self.buffer) < 4:
             return
@@ -151,6 +153,7 @@ class CancelRelay(protocol.Protocol):
         code, pid = struct.unpack("!II", self.buffer[4:12])
         if code == p.CANCEL_REQUEST_CODE:
             self.proxy.cancel(pid, self.buffer[12:length])
+        self.buffer = None
         self.transport.loseConnection()
 
 
