@@ -90,11 +90,25 @@ def _table(columns, rows: list[dict]) -> Result:
     return Result("SHOW", tuple(columns), [[row.get(name) for name in names] for row in rows])
 
 
+def _every_worker(proxy, what: str, columns) -> Result:
+    """Under workers = N, every worker's rows and a worker column (pgtwist.service.workers); else this process's."""
+    rows = getattr(inspect, what)(proxy)
+    link = getattr(proxy, "worker", None)
+    if link is None:
+        return _table(columns, rows)
+    from pgtwist.service.workers import WORKER_COLUMN
+
+    rows, missing = link.every_worker(what, rows)
+    result = _table(tuple(columns) + (WORKER_COLUMN,), rows)
+    result.notices += [f"worker {i} did not answer: its rows are missing" for i in missing]
+    return result
+
+
 _SHOW = {
-    "CLIENTS": lambda proxy: _table(inspect.CLIENT_COLUMNS, inspect.clients(proxy)),
+    "CLIENTS": lambda proxy: _every_worker(proxy, "clients", inspect.CLIENT_COLUMNS),
     "SERVERS": lambda proxy: _table(inspect.SERVER_COLUMNS, inspect.servers(proxy)),
-    "POOLS": lambda proxy: _table(inspect.POOL_COLUMNS, inspect.pools(proxy)),
-    "NODES": lambda proxy: _table(inspect.NODE_COLUMNS, inspect.nodes(proxy)),
+    "POOLS": lambda proxy: _every_worker(proxy, "pools", inspect.POOL_COLUMNS),
+    "NODES": lambda proxy: _every_worker(proxy, "nodes", inspect.NODE_COLUMNS),
     "STATS": lambda proxy: _table(inspect.KEY_VALUE_COLUMNS, inspect.stats(proxy)),
     "CONFIG": lambda proxy: _table(inspect.CONFIG_COLUMNS, inspect.config(proxy.config)),
     "PREPARED": lambda proxy: _table(inspect.PREPARED_COLUMNS, inspect.prepared(proxy)),
@@ -108,10 +122,14 @@ def split_statements(sql: str) -> list[str]:
     return [s.strip() for s in sql.split(";")]
 
 
-def describe(sql: str) -> tuple | None:
+def describe(sql: str, proxy=None) -> tuple | None:
     """The columns *sql* would return, without running it (None: a command without rows)."""
     words = _WORDS.findall(sql.upper().strip().rstrip(";"))
     if len(words) == 2 and words[0] == "SHOW" and words[1] in _SHOW:
+        if words[1] in ("CLIENTS", "POOLS", "NODES") and getattr(proxy, "worker", None) is not None:
+            from pgtwist.service.workers import WORKER_COLUMN
+
+            return describe(sql) + (WORKER_COLUMN,)
         return {
             "CLIENTS": inspect.CLIENT_COLUMNS,
             "SERVERS": inspect.SERVER_COLUMNS,
@@ -370,12 +388,12 @@ class AdminConsole:
             if kind == "S":
                 if name not in self.statements:
                     raise CommandError(sqlstate.INVALID_SQL_STATEMENT_NAME, f'prepared statement "{name}" does not exist')
-                columns = describe(self.statements[name])
+                columns = describe(self.statements[name], self.proxy)
                 out.append(m.parameter_description())
                 out.append(encode_description(columns) if columns else m.no_data())
             else:
                 portal = self._portal(name)
-                columns = describe(portal.sql)
+                columns = describe(portal.sql, self.proxy)
                 if columns:
                     portal.result = run(self.proxy, portal.sql, self.session)  # SHOW only: no effects
                 out.append(encode_description(columns, portal.formats) if columns else m.no_data())

@@ -56,7 +56,9 @@ class PgBalanceService(service.MultiService):
         self._previous_handlers: dict = {}
         self._graceful = False  # set by SIGTERM / SHUTDOWN; SIGINT and plain stops are fast
         self._stopping = False
-        self._signalled = False  # SIGTERM came (under a supervisor: from it)
+        # Under a supervisor: SIGTERM / SIGHUP came from it (else an admin asked this worker alone).
+        self._term_signalled = False
+        self._reload_signalled = False
         # Optional listeners, started and stopped with the service (errors surface here, before twistd starts).
         if config.manhole is not None:
             from dataclasses import replace
@@ -129,6 +131,10 @@ class PgBalanceService(service.MultiService):
         """SIGHUP, RELOAD, reload(): read, validate, diff and apply the config file; a broken one changes nothing."""
         outcome = reloadmod.reload_file(self.proxy)
         self.config = self.proxy.config
+        if self.worker is not None and not self._reload_signalled:
+            # RELOAD on one worker's console (or reload() in its manhole): the supervisor has
+            # every worker reload (this one again, harmlessly), as a SIGHUP to it would.
+            os.kill(os.getppid(), signal.SIGHUP)
         return outcome
 
     def shutdown(self, graceful: bool = True) -> None:
@@ -137,7 +143,7 @@ class PgBalanceService(service.MultiService):
             log.info("shutdown already under way")
             return
         self._graceful = graceful
-        if self.worker is not None and not self._signalled:
+        if self.worker is not None and not self._term_signalled:
             # SHUTDOWN on one worker's console stops the whole tree: the supervisor drains every worker.
             os.kill(os.getppid(), signal.SIGTERM if graceful else signal.SIGINT)
             return
@@ -152,7 +158,7 @@ class PgBalanceService(service.MultiService):
             self.reactor.callFromThread(self._signalled_reload)
 
         def on_term(signum, frame):
-            self._signalled = True
+            self._term_signalled = True
             self.reactor.callFromThread(self.shutdown, True)
 
         for sig, handler in ((signal.SIGHUP, on_hup), (signal.SIGTERM, on_term)):
@@ -167,7 +173,10 @@ class PgBalanceService(service.MultiService):
 
     def _signalled_reload(self) -> None:
         log.info("SIGHUP: reloading {source}", source=self.config.source)
+        self._reload_signalled = True
         try:
             self.reload()
         except Exception:
             log.failure("reload failed")
+        finally:
+            self._reload_signalled = False

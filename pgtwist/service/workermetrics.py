@@ -113,7 +113,7 @@ class MetricsResource(resource.Resource):
     def render_GET(self, request):
         sup = self.supervisor
         indexes = sup.alive()
-        ds = [fetch(self.reactor, sup.spec_for(sup.workers[i]).metrics_socket(i), "/metrics") for i in indexes]
+        ds = [fetch(self.reactor, sup.spec_for(sup.workers[i]).http_socket(i), "/metrics") for i in indexes]
 
         def answer(results):
             texts = {i: body.decode("utf-8", "replace") for i, (status, body) in zip(indexes, results) if status == 200}
@@ -148,7 +148,7 @@ class ProbeResource(resource.Resource):
             ok = len(alive) == sup.count and not sup._stopping
             request.setResponseCode(200 if ok else 503)
             return f"{'ok' if ok else 'down'}: {len(alive)} of {sup.count} workers running\n".encode()
-        ds = [fetch(self.reactor, sup.spec_for(sup.workers[i]).metrics_socket(i), "/readyz") for i in alive]
+        ds = [fetch(self.reactor, sup.spec_for(sup.workers[i]).http_socket(i), "/readyz") for i in alive]
 
         def answer(results):
             ready = sum(1 for status, _ in results if status == 200)

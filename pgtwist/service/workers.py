@@ -23,11 +23,14 @@ import socket
 import struct
 import sys
 import tempfile
+import time
+import json
 from dataclasses import dataclass
 
 from twisted.application import internet, service
 from twisted.internet import defer, error, protocol
 from twisted.logger import Logger
+from twisted.web import resource
 
 from pgtwist.wire import protocol as p
 
@@ -92,8 +95,8 @@ class WorkerSpec:
     def cancel_socket(self, index: int) -> str:
         return os.path.join(self.rundir, f"cancel-{index}.sock")
 
-    def metrics_socket(self, index: int) -> str:
-        return os.path.join(self.rundir, f"metrics-{index}.sock")
+    def http_socket(self, index: int) -> str:
+        return os.path.join(self.rundir, f"http-{index}.sock")
 
     def tag(self, secret: bytes) -> bytes:
         return tag_secret(secret, self.index, self.count)
@@ -115,6 +118,22 @@ class WorkerLink:
 
     def tag(self, secret: bytes) -> bytes:
         return self.spec.tag(secret)
+
+    def every_worker(self, what: str, own_rows: list[dict]) -> tuple[list[dict], list[int]]:
+        """SHOW *what* over every worker: (rows with a worker key, numbers of workers that did not answer)."""
+        rows = [dict(r, worker=self.spec.index) for r in own_rows]
+        missing = []
+        for index in range(self.spec.count):
+            if index == self.spec.index:
+                continue
+            try:
+                theirs = fetch_rows(self.spec.http_socket(index), what)
+            except (OSError, ValueError):
+                missing.append(index)
+                continue
+            rows += [dict(r, worker=index) for r in theirs]
+        rows.sort(key=lambda r: r["worker"])  # (stable: each worker's own order within)
+        return rows, missing
 
     def forward_cancel(self, process_id: int, secret_key: bytes) -> bool:
         """True when the key is another worker's (sent there, or unknown to all); False: ours to handle."""
@@ -173,7 +192,7 @@ def worker_services(svc, spec: WorkerSpec, reactor) -> list:
     They stop after the drain (MultiService stops children then), so a cancel still reaches a
     query that the drain waits for.
     """
-    for index_path in (spec.cancel_socket(spec.index), spec.metrics_socket(spec.index)):
+    for index_path in (spec.cancel_socket(spec.index), spec.http_socket(spec.index)):
         # A worker that was killed left its sockets behind; the supervisor runs one worker per number.
         try:
             os.unlink(index_path)
@@ -181,16 +200,67 @@ def worker_services(svc, spec: WorkerSpec, reactor) -> list:
             pass
     relay = internet.UNIXServer(spec.cancel_socket(spec.index), CancelRelayFactory(svc.proxy), mode=0o600, reactor=reactor)
     relay.setName("cancel-relay")
-    out = [relay]
-    if svc.config.metrics is not None:
-        from twisted.web import server
+    from twisted.web import server
 
-        from pgtwist.admin import metrics
+    from pgtwist.admin import metrics
 
-        site = server.Site(metrics.make_root(svc, reactor))
-        site.noisy = False
-        out.append(internet.UNIXServer(spec.metrics_socket(spec.index), site, mode=0o600, reactor=reactor))
-    return out
+    root = metrics.make_root(svc, reactor)
+    root.putChild(b"show", ShowResource(svc.proxy))
+    site = server.Site(root)
+    site.noisy = False
+    return [relay, internet.UNIXServer(spec.http_socket(spec.index), site, mode=0o600, reactor=reactor)]
+
+
+# SHOW views other workers are asked for, by the console of the worker an admin is connected to.
+SHOWN = ("clients", "pools", "nodes")
+WORKER_COLUMN = ("worker", int)
+SHOW_TIMEOUT = 1.0
+
+
+class ShowResource(resource.Resource):
+    """GET /show/{clients,pools,nodes} on a worker's unix socket: its rows of that SHOW, as JSON."""
+
+    isLeaf = True
+
+    def __init__(self, proxy):
+        super().__init__()
+        self.proxy = proxy
+
+    def render_GET(self, request):
+        from pgtwist.admin import inspect
+
+        what = request.postpath[0].decode() if request.postpath else ""
+        if what not in SHOWN:
+            request.setResponseCode(404)
+            return b"no such view\n"
+        request.setHeader(b"Content-Type", b"application/json")
+        return json.dumps(getattr(inspect, what)(self.proxy), default=str).encode()
+
+
+def fetch_rows(path: str, what: str, timeout: float = SHOW_TIMEOUT) -> list[dict]:
+    """Another worker's rows of SHOW *what*, asked over its unix socket; OSError/ValueError if it does not answer.
+
+    Blocking, and on purpose: the admin console answers SHOW synchronously (as PgBouncer's does),
+    a worker answers in a millisecond or two, and the wait is bounded by *timeout* (two admins
+    asking two workers at the same instant each wait out the other once, and get a notice).
+    """
+    deadline = time.monotonic() + timeout
+    chunks = []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(path)
+        s.sendall(f"GET /show/{what} HTTP/1.0\r\nHost: worker\r\n\r\n".encode())
+        while True:
+            s.settimeout(max(0.001, deadline - time.monotonic()))
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    status = head.split(b"\r\n", 1)[0].split(b" ")
+    if len(status) < 2 or status[1] != b"200":
+        raise ValueError(f"worker answered {head[:60]!r}")
+    return json.loads(body)
 
 
 def adopt_listener(spec: WorkerSpec, factory, reactor, family: int):

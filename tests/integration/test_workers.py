@@ -22,7 +22,7 @@ def px(pg_cluster, tmp_path):
     metrics_port = proxymod.free_port(proxymod.HOST)
     with proxymod.start_proxy(
         pg_cluster, tmp_path, workers=2, pool_size=12, shutdown_timeout=10,
-        metrics={"listen": f"{proxymod.HOST}:{metrics_port}"},
+        metrics={"listen": f"{proxymod.HOST}:{metrics_port}"}, admin={"users": [pg_cluster.app_user]},
     ) as running:
         running.metrics_port = metrics_port
         wait_for(lambda: len(worker_pids(running)) == 2 and running.log_text().count("listening on") >= 3, 20, "both workers up")
@@ -51,6 +51,16 @@ def test_many_clients_are_served_by_both_workers(px):
         for i, conn in enumerate(conns):
             assert conn.execute("SELECT %s::int + 1", (i,)).fetchone()[0] == i + 1
         served = {worker_of(px, conn) for conn in conns}
+        # The admin console, on whichever worker it lands, shows every worker's clients and pools.
+        with px.connect(dbname="pgbalance") as console:
+            for what in ("CLIENTS", "POOLS", "NODES"):
+                cur = console.execute(f"SHOW {what}")
+                names = [d.name for d in cur.description]
+                assert names[-1] == "worker"
+                rows = cur.fetchall()
+                assert {row[-1] for row in rows} == {0, 1}, (what, rows)
+            clients = console.execute("SHOW CLIENTS").fetchall()
+            assert len([r for r in clients if r[-1] in (0, 1)]) >= len(conns)
     finally:
         for conn in conns:
             conn.close()
