@@ -271,7 +271,15 @@ def adopt_listener(spec: WorkerSpec, factory, reactor, family: int):
 
 
 def die_with_parent() -> None:
-    """A worker whose supervisor was SIGKILLed gets SIGTERM (Linux) instead of serving on unsupervised."""
+    """A worker whose supervisor was SIGKILLed gets SIGTERM (Linux) instead of serving on unsupervised.
+
+    It also leaves the terminal's process group: Ctrl-C reaches the supervisor alone, which passes
+    it on once (a second SIGINT would make twistd stop a stopped reactor and log a traceback).
+    """
+    try:
+        os.setpgid(0, 0)
+    except OSError:
+        pass
     try:
         import ctypes
 

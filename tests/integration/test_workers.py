@@ -152,3 +152,15 @@ def test_a_killed_worker_is_restarted(px):
         for conn in conns:
             conn.close()
     assert worker_pids(px)[1] == pids[1]  # the other one was left alone
+
+
+def test_sigint_stops_every_worker_at_once(px):
+    conn = px.connect(autocommit=False)
+    conn.execute("SELECT 1")  # in a transaction: SIGINT does not wait for it
+    os.kill(px.pid, signal.SIGINT)
+    px.process.wait(20)
+    with pytest.raises(psycopg.OperationalError):
+        conn.execute("SELECT 2")
+    conn.close()
+    for pid in worker_pids(px).values():
+        wait_for(lambda: not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read(), 10, f"worker {pid} gone")
