@@ -277,3 +277,59 @@ def test_workers_config():
         with pytest.raises(configmod.ConfigError, match="workers"):
             make_config(workers=bad)
     assert configmod.needs_restart("workers")
+
+
+# -- what the admin sees ---------------------------------------------------------------------------
+
+
+def test_show_lists_every_workers_rows_with_a_worker_column():
+    from pgtwist.admin import console, inspect
+
+    from .admin_support import TestProxy
+
+    proxy = TestProxy(make_config())
+    proxy.pool_for(proxy.config.databases["appdb"], "app")
+
+    class Link:
+        def every_worker(self, what, rows):
+            assert what == "pools"
+            other = dict(rows[0], node="db2:5432")
+            return [dict(r, worker=0) for r in rows] + [dict(other, worker=1)], [2]
+
+    assert console.describe("SHOW POOLS", proxy) == inspect.POOL_COLUMNS  # (one process: as ever)
+    plain = console.run(proxy, "SHOW POOLS")
+    assert plain.columns == inspect.POOL_COLUMNS
+    proxy.worker = Link()
+    result = console.run(proxy, "SHOW POOLS")
+    assert result.columns == inspect.POOL_COLUMNS + (workers.WORKER_COLUMN,)
+    assert console.describe("SHOW POOLS", proxy) == result.columns
+    assert [row[-1] for row in result.rows] == [0, 1]
+    assert result.notices == ["worker 2 did not answer: its rows are missing"]
+
+
+def test_one_metrics_text_for_every_worker():
+    from pgtwist.service import workermetrics
+
+    text = (
+        "# HELP pgbalance_clients_accepted_total Client connections accepted since start.\n"
+        "# TYPE pgbalance_clients_accepted_total counter\n"
+        "pgbalance_clients_accepted_total {n}\n"
+        "# HELP pgbalance_pool_size Server connections a pool may open.\n"
+        "# TYPE pgbalance_pool_size gauge\n"
+        'pgbalance_pool_size{{database="appdb",user="app",node="db1:5432"}} 20.0\n'
+    )
+
+    class Sup:
+        count = 2
+        restarts = 1
+
+        def alive(self):
+            return [0, 1]
+
+    out = workermetrics.exposition(Sup(), {0: text.format(n=3), 1: text.format(n=4)}).decode()
+    assert out.count("# TYPE pgbalance_clients_accepted_total counter") == 1
+    assert 'pgbalance_clients_accepted_total{worker="0"} 3.0' in out
+    assert 'pgbalance_clients_accepted_total{worker="1"} 4.0' in out
+    assert 'pgbalance_pool_size{database="appdb",node="db1:5432",user="app",worker="1"} 20.0' in out
+    assert "pgbalance_workers_up 2.0" in out
+    assert "pgbalance_worker_restarts_total 1.0" in out
