@@ -66,14 +66,15 @@ def makeService(options, reactor=None):
         except ValueError as e:
             raise usage.UsageError(str(e))
         workers.die_with_parent()
-    elif config.workers > 1:
-        from pgtwist.service.workers import Supervisor
-
-        # The twistd process supervises; each worker is a `twistd pgbalance --worker` of its own.
-        return with_log_format(Supervisor(config, reactor, signals=reactor is None), config.log_format, getattr(options, "parent", None))
     try:
-        # Under twistd (no reactor given) SIGHUP reloads and SIGTERM drains.
-        svc = PgBalanceService(config, reactor, signals=reactor is None, worker=worker)
+        if worker is None and config.workers > 1:
+            from pgtwist.service.workers import Supervisor
+
+            # The twistd process supervises; each worker is a `twistd pgbalance --worker` of its own.
+            svc = Supervisor(config, reactor, signals=reactor is None)
+        else:
+            # Under twistd (no reactor given) SIGHUP reloads and SIGTERM drains.
+            svc = PgBalanceService(config, reactor, signals=reactor is None, worker=worker)
     except ManholeError as e:
         sys.stderr.write(f"{options['config']}: {e}\n")
         raise SystemExit(78)

@@ -16,6 +16,7 @@ owner handles it as its own. Only log2(N) bits of the 32 are spent on it.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -24,7 +25,6 @@ import struct
 import sys
 import tempfile
 import time
-import json
 from dataclasses import dataclass
 
 from twisted.application import internet, service
@@ -320,20 +320,19 @@ class _WorkerProcess(protocol.ProcessProtocol):
     def __init__(self, supervisor, worker: _Worker):
         self.supervisor = supervisor
         self.worker = worker
-        self.pending = b""
+        self.pending = {1: b"", 2: b""}  # (per descriptor: stdout and stderr lines must not mix)
 
-    def outReceived(self, data):
-        self.pending += data
-        *lines, self.pending = self.pending.split(b"\n")
+    def childDataReceived(self, fd, data):
+        pending = self.pending.get(fd, b"") + data
+        *lines, self.pending[fd] = pending.split(b"\n")
         for line in lines:
             self.supervisor.worker_output(self.worker, line)
 
-    errReceived = outReceived
-
     def processEnded(self, reason):
-        if self.pending:
-            self.supervisor.worker_output(self.worker, self.pending)
-            self.pending = b""
+        for fd, rest in self.pending.items():
+            if rest:
+                self.supervisor.worker_output(self.worker, rest)
+        self.pending = {}
         self.supervisor.worker_exited(self.worker, reason.value)
 
 
@@ -370,6 +369,14 @@ class Supervisor(service.MultiService):
         self._stopping = False
         self._graceful = False
         self._previous_handlers: dict = {}
+        if config.manhole is not None:
+            # Checked (ManholeError) and the host key made here, once: not by N workers racing
+            # to create one file, nor by workers that fail at start and are restarted forever.
+            from pgtwist.admin import ManholeError, manhole
+
+            if not os.path.isfile(config.manhole.authorized_keys or ""):
+                raise ManholeError(f"manhole.authorized_keys: {config.manhole.authorized_keys or '(not set)'} does not exist; the manhole needs one")
+            manhole.load_or_create_host_key(config.manhole.host_key)
         if config.metrics is not None:
             from pgtwist.service import workermetrics
 

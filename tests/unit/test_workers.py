@@ -256,14 +256,14 @@ def test_worker_output_becomes_the_supervisors_log_lines():
     seen = []
     globalLogPublisher.addObserver(seen.append)
     try:
-        spawned[1][0]  # (worker 1)
         proto = spawned[1][1].proto
-        proto.outReceived(b"2026-12-05T06:00:00+0000 [pgtwist.x#info] hello\npart")
-        proto.outReceived(b"ial\n")
+        proto.childDataReceived(1, b"2026-12-05T06:00:00+0000 [pgtwist.x#info] hello\npart")
+        proto.childDataReceived(2, b"stderr line\n")
+        proto.childDataReceived(1, b"ial\n")
     finally:
         globalLogPublisher.removeObserver(seen.append)
     lines = [e["line"] for e in seen if e.get("log_format") == "worker {index}: {line}"]
-    assert lines == ["[pgtwist.x#info] hello", "partial"]
+    assert lines == ["[pgtwist.x#info] hello", "stderr line", "partial"]
 
 
 # -- the config --------------------------------------------------------------------------------------
@@ -333,3 +333,14 @@ def test_one_metrics_text_for_every_worker():
     assert 'pgbalance_pool_size{database="appdb",node="db1:5432",user="app",worker="1"} 20.0' in out
     assert "pgbalance_workers_up 2.0" in out
     assert "pgbalance_worker_restarts_total 1.0" in out
+
+
+def test_the_supervisor_checks_the_manhole_once_before_any_worker_starts(tmp_path):
+    from pgtwist.admin import ManholeError
+
+    manhole = {"listen": "127.0.0.1:6022", "authorized_keys": str(tmp_path / "missing"), "host_key": str(tmp_path / "hk")}
+    with pytest.raises(ManholeError, match="authorized_keys"):
+        workers.Supervisor(make_config(workers=2, manhole=manhole), MemoryReactorClock(), spawn=None, listen_socket=FakeSocket())
+    (tmp_path / "missing").write_text("")
+    workers.Supervisor(make_config(workers=2, manhole=manhole), MemoryReactorClock(), spawn=None, listen_socket=FakeSocket())
+    assert (tmp_path / "hk").exists()  # made here, not by two workers at once
