@@ -164,3 +164,18 @@ def test_sigint_stops_every_worker_at_once(px):
     conn.close()
     for pid in worker_pids(px).values():
         wait_for(lambda: not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read(), 10, f"worker {pid} gone")
+
+
+def test_each_workers_manhole_has_its_port(pg_cluster, tmp_path):
+    from .ops import screen_text, ssh_keygen, ssh_repl
+
+    key = ssh_keygen(tmp_path / "key")
+    (tmp_path / "authorized_keys").write_text((tmp_path / "key.pub").read_text())
+    port = proxymod.free_port(proxymod.HOST)
+    manhole = {"listen": f"{proxymod.HOST}:{port}", "authorized_keys": "authorized_keys", "host_key": "host_key"}
+    with proxymod.start_proxy(pg_cluster, tmp_path, workers=2, manhole=manhole) as px:
+        wait_for(lambda: px.log_text().count("manhole: SSH on") >= 2, 20, "both workers' manholes")
+        assert f"manhole: worker I listens on {proxymod.HOST}:{port}+I (ports {port}-{port + 1})" in px.log_text()
+        for index in (0, 1):
+            screen = screen_text(ssh_repl(port + index, key, ['"WORKER=%d" % service.worker.index']).stdout)
+            assert f"'WORKER={index}'" in screen, screen
