@@ -73,9 +73,12 @@ def test_many_clients_are_served_by_both_workers(px):
     assert text.count("# TYPE pgbalance_clients_accepted_total counter") == 1
 
 
-def test_cancel_reaches_the_owner_whichever_worker_accepts_it(px):
+def test_cancel_reaches_the_owner_whichever_worker_accepts_it(px, admin):
+    # Which worker accepts the cancel's connection is the kernel's choice (here mostly the other
+    # one: the owner has just been busy), so this goes on until both cases happened.
     seen = {"crossed": 0, "same": 0}
-    for _ in range(40):
+    give_up = time.monotonic() + 70  # (the per-test deadline is 90 s)
+    while time.monotonic() < give_up:
         with px.connect() as conn:
             before = px.log_text().count("forwarded there")
             errors = []
@@ -89,7 +92,15 @@ def test_cancel_reaches_the_owner_whichever_worker_accepts_it(px):
             t = threading.Thread(target=sleep)
             started = time.monotonic()
             t.start()
-            time.sleep(0.15)  # (the query is on its way; a cancel before it arrives would be lost, as with PostgreSQL)
+            # A cancel that arrives before the query would be lost, as with PostgreSQL: wait until it runs.
+            wait_for(
+                lambda: admin.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(20)' AND state = 'active'"
+                ).fetchone()[0],
+                10,
+                "pg_sleep running",
+                interval=0.02,
+            )
             conn.cancel()
             t.join(15)
             assert not t.is_alive()
@@ -98,7 +109,7 @@ def test_cancel_reaches_the_owner_whichever_worker_accepts_it(px):
             assert conn.execute("SELECT 1").fetchone()[0] == 1  # the session goes on
             crossed = px.log_text().count("forwarded there") > before
             seen["crossed" if crossed else "same"] += 1
-        if seen["crossed"] >= 2 and seen["same"] >= 2:
+        if seen["crossed"] >= 2 and seen["same"] >= 1:
             break
     assert seen["crossed"] and seen["same"], seen
 
