@@ -1,4 +1,4 @@
-"""workers = N: the supervisor (the twistd process), a worker's identity, its cancel keys and its cancel relay.
+"""workers = N: the supervisor (the twistd process); a worker's identity, cancel keys, cancel relay and SHOW rows.
 
 With workers = 1 (the default) none of this runs: PgBalanceService serves in the twistd process.
 With N > 1 the twistd process becomes a Supervisor. It creates the listening socket once and hands
