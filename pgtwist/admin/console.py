@@ -170,7 +170,8 @@ def run(proxy, sql: str, session=None) -> Result:
             raise CommandError(SYNTAX_ERROR, "usage: KILL client_id (SHOW CLIENTS lists them)")
         if session is not None and args[0] == session.id:
             raise CommandError(sqlstate.FEATURE_NOT_SUPPORTED, "this is your own connection; disconnect instead")
-        if not actions.kill(proxy, args[0]):
+        link = getattr(proxy, "worker", None)  # (workers = N: a client of another worker is killed there)
+        if not actions.kill(proxy, args[0]) and (link is None or not link.kill_elsewhere(args[0])):
             raise CommandError(sqlstate.UNDEFINED_OBJECT, f'no client "{args[0]}"')
         return Result("KILL")
     if verb == "RELOAD" and not args:

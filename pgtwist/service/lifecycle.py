@@ -50,6 +50,7 @@ class PgBalanceService(service.MultiService):
             from pgtwist.service import workers
 
             self.proxy.worker = workers.WorkerLink(worker, reactor)
+            self.proxy.id_prefix = f"w{worker.index}."
         self.factory = FrontendFactory(self.proxy)
         self.port = None  # the listening port, once started
         self.signals = signals  # SIGHUP reloads, SIGTERM drains (twistd; not in tests)

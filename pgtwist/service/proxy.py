@@ -59,6 +59,7 @@ class Proxy:
         self._failover_timers: dict = {}
         self.started = False
         self._client_ids = itertools.count(1)
+        self.id_prefix = ""  # "w1." in worker 1 of a supervisor's: ids are unique in the whole tree (KILL, logs)
         self._server_ids = itertools.count(1)
         self.client_tls: tls.ClientTls | None = None  # [tls]: what clients' connections upgrade with
         self.node_tls: tls.NodeTls | None = None  # [server_tls]: what connections to nodes upgrade with
@@ -67,7 +68,7 @@ class Proxy:
     # -- clients ---------------------------------------------------------------------------
 
     def new_client(self, transport) -> ClientSession:
-        session = ClientSession(self, transport, f"c{next(self._client_ids)}")
+        session = ClientSession(self, transport, f"{self.id_prefix}c{next(self._client_ids)}")
         self.clients[session.id] = session
         self.counters.client_connected()
         if self.config.log_connections:
@@ -361,7 +362,7 @@ class Proxy:
             client_key=self.client_keys.get(pool.user),
             node_name=str(pool.node),
         )
-        conn = ServerConnection(f"s{next(self._server_ids)}", pool, login)
+        conn = ServerConnection(f"{self.id_prefix}s{next(self._server_ids)}", pool, login)
         conn.tls = self.node_tls
         conn.keepalive = Keepalive.from_config(self.config)
         ready = conn.ready

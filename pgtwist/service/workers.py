@@ -135,6 +135,19 @@ class WorkerLink:
         rows.sort(key=lambda r: r["worker"])  # (stable: each worker's own order within)
         return rows, missing
 
+    def kill_elsewhere(self, client_id: str) -> bool:
+        """KILL of a client another worker serves (its id says which: "w1.c3"); whether it was there."""
+        head, dot, _ = client_id.partition(".")
+        if not dot or not head.startswith("w") or not head[1:].isdigit():
+            return False
+        index = int(head[1:])
+        if index == self.spec.index or index >= self.spec.count:
+            return False
+        try:
+            return request(self.spec.http_socket(index), "POST", f"/kill/{client_id}")[0] == 200
+        except OSError:
+            return False
+
     def forward_cancel(self, process_id: int, secret_key: bytes) -> bool:
         """True when the key is another worker's (sent there, or unknown to all); False: ours to handle."""
         owner = worker_of(secret_key, self.spec.count)
@@ -206,6 +219,7 @@ def worker_services(svc, spec: WorkerSpec, reactor) -> list:
 
     root = metrics.make_root(svc, reactor)
     root.putChild(b"show", ShowResource(svc.proxy))
+    root.putChild(b"kill", KillResource(svc.proxy))
     site = server.Site(root)
     site.noisy = False
     return [relay, internet.UNIXServer(spec.http_socket(spec.index), site, mode=0o600, reactor=reactor)]
@@ -237,10 +251,28 @@ class ShowResource(resource.Resource):
         return json.dumps(getattr(inspect, what)(self.proxy), default=str).encode()
 
 
-def fetch_rows(path: str, what: str, timeout: float = SHOW_TIMEOUT) -> list[dict]:
-    """Another worker's rows of SHOW *what*, asked over its unix socket; OSError/ValueError if it does not answer.
+class KillResource(resource.Resource):
+    """POST /kill/ID on a worker's unix socket: KILL ID, asked by the console of another worker."""
 
-    Blocking, and on purpose: the admin console answers SHOW synchronously (as PgBouncer's does),
+    isLeaf = True
+
+    def __init__(self, proxy):
+        super().__init__()
+        self.proxy = proxy
+
+    def render_POST(self, request):
+        from pgtwist.admin import actions
+
+        client_id = request.postpath[0].decode() if request.postpath else ""
+        killed = actions.kill(self.proxy, client_id)
+        request.setResponseCode(200 if killed else 404)
+        return b"killed\n" if killed else b"no such client\n"
+
+
+def request(path: str, method: str, target: str, timeout: float = SHOW_TIMEOUT) -> tuple[int, bytes]:
+    """(status, body) of one HTTP/1.0 request to a worker's unix socket; OSError if it does not answer.
+
+    Blocking, and on purpose: the admin console answers synchronously (as PgBouncer's does),
     a worker answers in a millisecond or two, and the wait is bounded by *timeout* (two admins
     asking two workers at the same instant each wait out the other once, and get a notice).
     """
@@ -249,7 +281,7 @@ def fetch_rows(path: str, what: str, timeout: float = SHOW_TIMEOUT) -> list[dict
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         s.connect(path)
-        s.sendall(f"GET /show/{what} HTTP/1.0\r\nHost: worker\r\n\r\n".encode())
+        s.sendall(f"{method} {target} HTTP/1.0\r\nHost: worker\r\nContent-Length: 0\r\n\r\n".encode())
         while True:
             s.settimeout(max(0.001, deadline - time.monotonic()))
             chunk = s.recv(65536)
@@ -258,8 +290,14 @@ def fetch_rows(path: str, what: str, timeout: float = SHOW_TIMEOUT) -> list[dict
             chunks.append(chunk)
     head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
     status = head.split(b"\r\n", 1)[0].split(b" ")
-    if len(status) < 2 or status[1] != b"200":
-        raise ValueError(f"worker answered {head[:60]!r}")
+    return (int(status[1]) if len(status) > 1 and status[1].isdigit() else 0), body
+
+
+def fetch_rows(path: str, what: str, timeout: float = SHOW_TIMEOUT) -> list[dict]:
+    """Another worker's rows of SHOW *what*; OSError/ValueError if it does not answer."""
+    status, body = request(path, "GET", f"/show/{what}", timeout)
+    if status != 200:
+        raise ValueError(f"worker answered {status}")
     return json.loads(body)
 
 

@@ -59,8 +59,20 @@ def test_many_clients_are_served_by_both_workers(px):
                 assert names[-1] == "worker"
                 rows = cur.fetchall()
                 assert {row[-1] for row in rows} == {0, 1}, (what, rows)
-            clients = console.execute("SHOW CLIENTS").fetchall()
-            assert len([r for r in clients if r[-1] in (0, 1)]) >= len(conns)
+            cur = console.execute("SHOW CLIENTS")
+            names = [d.name for d in cur.description]
+            clients = [dict(zip(names, row)) for row in cur.fetchall()]
+            ours = {local_port(conn): conn for conn in conns}
+            mine = [r for r in clients if r["port"] in ours]
+            assert len(mine) == len(conns)
+            assert all(r["id"].startswith(f"w{r['worker']}.c") for r in mine)  # (ids are unique in the tree)
+            # KILL reaches a client of either worker, whichever the console is on.
+            victims = [next(r for r in mine if r["worker"] == w) for w in (0, 1)]
+            for r in victims:
+                console.execute(f"KILL {r['id']}")
+            for r in victims:
+                with pytest.raises(psycopg.OperationalError):
+                    ours[r["port"]].execute("SELECT 1")
     finally:
         for conn in conns:
             conn.close()

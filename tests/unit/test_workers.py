@@ -344,3 +344,10 @@ def test_the_supervisor_checks_the_manhole_once_before_any_worker_starts(tmp_pat
     (tmp_path / "missing").write_text("")
     workers.Supervisor(make_config(workers=2, manhole=manhole), MemoryReactorClock(), spawn=None, listen_socket=FakeSocket())
     assert (tmp_path / "hk").exists()  # made here, not by two workers at once
+
+
+def test_kill_goes_to_the_worker_an_id_names_and_nowhere_else():
+    link = workers.WorkerLink(workers.WorkerSpec(0, 2, 3, "/nonexistent-pgtwist-rundir"), MemoryReactorClock())
+    # Ids of this worker, of no worker, or of a worker that does not answer: not killed elsewhere.
+    for client_id in ("c3", "w0.c3", "w2.c1", "wx.c1", "w1.c3"):
+        assert link.kill_elsewhere(client_id) is False
