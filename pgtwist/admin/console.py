@@ -164,7 +164,11 @@ def run(proxy, sql: str, session=None) -> Result:
             (actions.pause if verb == "PAUSE" else actions.resume)(proxy, args[0] if args else None)
         except actions.ActionError as e:
             raise CommandError(sqlstate.INVALID_CATALOG_NAME, str(e)) from None
-        return Result(verb)
+        result = Result(verb)
+        link = getattr(proxy, "worker", None)  # (workers = N: every worker pauses, or resumes)
+        if link is not None:
+            result.notices += [f"worker {i} did not answer: not {verb.lower()}d there" for i in link.everywhere(verb.lower(), args[0] if args else "")]
+        return result
     if verb == "KILL":
         if len(args) != 1:
             raise CommandError(SYNTAX_ERROR, "usage: KILL client_id (SHOW CLIENTS lists them)")

@@ -135,6 +135,20 @@ class WorkerLink:
         rows.sort(key=lambda r: r["worker"])  # (stable: each worker's own order within)
         return rows, missing
 
+    def everywhere(self, action: str, database: str) -> list[int]:
+        """PAUSE or RESUME (*action*) done here: the other workers do it too; returns those that did not answer."""
+        missing = []
+        for index in range(self.spec.count):
+            if index == self.spec.index:
+                continue
+            try:
+                status = request(self.spec.http_socket(index), "POST", f"/{action}/{database}")[0]
+            except OSError:
+                status = 0
+            if status != 200:
+                missing.append(index)
+        return missing
+
     def kill_elsewhere(self, client_id: str) -> bool:
         """KILL of a client another worker serves (its id says which: "w1.c3"); whether it was there."""
         head, dot, _ = client_id.partition(".")
@@ -220,6 +234,10 @@ def worker_services(svc, spec: WorkerSpec, reactor) -> list:
     root = metrics.make_root(svc, reactor)
     root.putChild(b"show", ShowResource(svc.proxy))
     root.putChild(b"kill", KillResource(svc.proxy))
+    from pgtwist.admin import actions
+
+    root.putChild(b"pause", PauseResource(svc.proxy, actions.pause))
+    root.putChild(b"resume", PauseResource(svc.proxy, actions.resume))
     site = server.Site(root)
     site.noisy = False
     return [relay, internet.UNIXServer(spec.http_socket(spec.index), site, mode=0o600, reactor=reactor)]
@@ -267,6 +285,26 @@ class KillResource(resource.Resource):
         killed = actions.kill(self.proxy, client_id)
         request.setResponseCode(200 if killed else 404)
         return b"killed\n" if killed else b"no such client\n"
+
+
+class PauseResource(resource.Resource):
+    """POST /pause/[DB], /resume/[DB] on a worker's unix socket: PAUSE or RESUME asked on another worker's console."""
+
+    isLeaf = True
+
+    def __init__(self, proxy, action):
+        super().__init__()
+        self.proxy = proxy
+        self.action = action
+
+    def render_POST(self, request):
+        database = request.postpath[0].decode() if request.postpath and request.postpath[0] else None
+        try:
+            self.action(self.proxy, database)
+        except Exception as e:  # noqa: BLE001 - (ActionError: the asking worker checked the same config)
+            request.setResponseCode(404)
+            return f"{e}\n".encode()
+        return b"done\n"
 
 
 def request(path: str, method: str, target: str, timeout: float = SHOW_TIMEOUT) -> tuple[int, bytes]:

@@ -73,6 +73,14 @@ def test_many_clients_are_served_by_both_workers(px):
             for r in victims:
                 with pytest.raises(psycopg.OperationalError):
                     ours[r["port"]].execute("SELECT 1")
+            # PAUSE and RESUME on one console reach every worker's pools.
+            for verb, paused in (("PAUSE", True), ("RESUME", False)):
+                console.execute(verb)
+                cur = console.execute("SHOW POOLS")
+                names = [d.name for d in cur.description]
+                pools = [dict(zip(names, row)) for row in cur.fetchall()]
+                assert {p["worker"] for p in pools} == {0, 1}
+                assert all(p["paused"] is paused for p in pools), pools
     finally:
         for conn in conns:
             conn.close()
