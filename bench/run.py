@@ -171,6 +171,20 @@ def rss_bytes(pid: int) -> int:
     raise BenchError(f"no VmRSS for pid {pid}")
 
 
+def process_tree(pid: int) -> list[int]:
+    """*pid* and its children (pgtwist's workers under `workers = N`; Pgpool-II's forks)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [pid, *(int(c) for c in f.read().split())]
+    except (OSError, ValueError):
+        return [pid]
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """utime + stime of *pid* and its children: the whole pooler, however many processes it runs."""
+    return sum(cpu_seconds(p) for p in process_tree(pid))
+
+
 def cpu_seconds(pid: int) -> float:
     """utime + stime of one process (not its children)."""
     try:
@@ -377,6 +391,7 @@ class Bench:
 
         self._instance += 1
         tag = f"pgtwist{self._instance}"
+        workers = '"auto"' if self.args.workers == "auto" else self.args.workers
         port = free_port()
         conf = self._owned_file(
             f"{tag}.toml",
@@ -389,6 +404,7 @@ class Bench:
             # As PgBouncer's log_connections / log_disconnections = 0 above (revisions that predate
             # the keys log no less: they are left out for them).
             + ("log_connections = false\nlog_disconnections = false\n" if self._knows("log_connections") else "")
+            + (f"workers = {workers}\n" if self.args.workers != 1 else "")
             + f"\n[databases.{DBNAME}]\n"
             f'dbname = "{DBNAME}"\n'
             f'nodes = ["{self.node.addr}"]\n'
@@ -410,7 +426,18 @@ class Bench:
             proc = self.procs.start(tag, argv, env=env, cwd=self.tmp, stdin=subprocess.DEVNULL,
                                     stdout=subprocess.DEVNULL, stderr=err)
         wait_port("127.0.0.1", port, proc, "pgtwist", log, stderr=stderr)
-        return Target("pgtwist", "127.0.0.1", port, proc, log, note="under cProfile" if profile else "")
+        notes = ["under cProfile"] if profile else []
+        if self.args.workers != 1:
+            # The supervisor's socket accepts before its workers run: wait for all of them, so
+            # that no round measures a worker's start-up.
+            n = self.args.workers if self.args.workers != "auto" else len(os.sched_getaffinity(0))
+            deadline = time.monotonic() + 60
+            while log.read_text(errors="replace").count(f"of {n} listening on") < n:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise BenchError(f"pgtwist's {n} workers did not all start:\n{log_tail(log)}")
+                time.sleep(0.1)
+            notes.append(f"workers = {self.args.workers} (CPU: the supervisor and every worker)")
+        return Target("pgtwist", "127.0.0.1", port, proc, log, note="; ".join(notes))
 
     def _knows(self, key: str) -> bool:
         """Whether the pgtwist under test (maybe an older --pgtwist-rev) has config key *key*."""
@@ -424,14 +451,14 @@ class Bench:
 
     def pgbench(self, target: Target, scenario: Scenario, prepared_fallback: bool, clients: int) -> dict:
         args = list(scenario.args)
-        note = ""
+        note = target.note
         if prepared_fallback and target.name == "pgbouncer" and "prepared" in args:
             args[args.index("prepared")] = "extended"
             note = "-M extended (PgBouncer 1.18 cannot run -M prepared in transaction mode)"
         argv = ["pgbench", "-n", *args, "-c", str(clients), "-j", str(min(self.args.pgbench_jobs, clients)),
                 "-T", str(self.args.duration), *self.conn_args(target.host, target.port)]
-        cpu0 = cpu_seconds(target.proc.pid) if target.proc else float("nan")
-        wait0 = run_delay_seconds(target.proc.pid) if target.proc else float("nan")
+        cpu0 = tree_cpu_seconds(target.proc.pid) if target.proc else float("nan")
+        wait0 = sum(map(run_delay_seconds, process_tree(target.proc.pid))) if target.proc else float("nan")
         t0 = time.monotonic()
         proc = self.procs.start("pgbench", argv, env=client_env(self.password), stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -444,8 +471,8 @@ class Bench:
         finally:
             self.procs.stop(proc)
         wall = time.monotonic() - t0
-        cpu = (cpu_seconds(target.proc.pid) - cpu0) if target.proc else float("nan")
-        runq = (run_delay_seconds(target.proc.pid) - wait0) if target.proc else float("nan")
+        cpu = (tree_cpu_seconds(target.proc.pid) - cpu0) if target.proc else float("nan")
+        runq = (sum(map(run_delay_seconds, process_tree(target.proc.pid))) - wait0) if target.proc else float("nan")
         result = parse_pgbench(out)
         result.update(target=target.name, scenario=scenario.name, clients=clients, returncode=proc.returncode, note=note,
                       argv=" ".join(argv), pooler_cpu_s=cpu, pooler_runq_wait_s=runq, wall_s=wall,
@@ -494,15 +521,15 @@ class Bench:
         time.sleep(0.5)
         self.procs.stop(warm)
         time.sleep(1.0)
-        before = rss_bytes(target.proc.pid)
-        cpu0 = cpu_seconds(target.proc.pid)
+        before = sum(map(rss_bytes, process_tree(target.proc.pid)))
+        cpu0 = tree_cpu_seconds(target.proc.pid)
         t0 = time.monotonic()
         proc, report = open_clients(n, self.args.idle_timeout)
         try:
             elapsed = time.monotonic() - t0
             time.sleep(2.0)  # let the pooler settle (deferred frees, buffers)
-            after = rss_bytes(target.proc.pid)
-            cpu = cpu_seconds(target.proc.pid) - cpu0
+            after = sum(map(rss_bytes, process_tree(target.proc.pid)))
+            cpu = tree_cpu_seconds(target.proc.pid) - cpu0
         finally:
             self.procs.stop(proc)  # the worker closes its sockets when stdin closes or on SIGTERM
         held = report["authenticated"]
@@ -921,6 +948,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--auth", choices=("scram", "trust"), default="scram",
                     help="how both poolers authenticate clients (default scram: SCRAM-SHA-256)")
     ap.add_argument("--pgbench-jobs", type=int, default=2, help="pgbench -j (default 2)")
+    ap.add_argument("--workers", default="1", help='pgtwist `workers`: a number or "auto" (default 1); pooler CPU '
+                                                    "then sums the supervisor and its workers")
     ap.add_argument("--scale", type=int, default=10, help="pgbench -i -s (default 10)")
     ap.add_argument("--clients", type=int, action="append",
                     help="idle-clients: number of idle connections; repeatable (default 4000)")
@@ -940,6 +969,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.clients = list(dict.fromkeys(args.clients or [4000]))
     args.pgbench_clients = list(dict.fromkeys(args.pgbench_clients or [16]))
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    if args.workers != "auto":
+        try:
+            args.workers = int(args.workers)
+        except ValueError:
+            ap.error('--workers: a number or "auto"')
+        if args.workers < 1:
+            ap.error("--workers must be >= 1")
     bad = [t for t in args.targets if t not in TARGETS]
     if bad or not args.targets:
         ap.error(f"--targets: unknown {', '.join(bad) or '(empty)'}; choose from {', '.join(TARGETS)}")

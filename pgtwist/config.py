@@ -202,6 +202,9 @@ class Config:
         if db is not None and db.pool_mode is not None:
             return db.pool_mode
         return self.pool_mode
+    # Processes sharing the listen address, each with its own pools (pgtwist.service.workers);
+    # "auto" in the file is resolved here to the cores this process may run on.
+    workers: int = 1
 
 
 _DEFAULTS: dict[str, Any] = {
@@ -261,7 +264,7 @@ _LIMIT_KEYS = {
 _OPERATIONS_KEYS = {"shutdown_timeout", "log_format", "log_connections", "log_disconnections", "audit", "admin", "manhole", "metrics"}
 _OPERATIONS_KEYS |= {"log_pooler_errors", "log_level"}  # logs (kept apart: others edit the set above)
 LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
-_TOP_KEYS = set(_DEFAULTS) | {"databases", "users", "tls", "server_tls", "auth_file"} | _OPERATIONS_KEYS | _AUTH_QUERY_KEYS | _LIMIT_KEYS
+_TOP_KEYS = set(_DEFAULTS) | {"databases", "users", "tls", "server_tls", "auth_file", "workers"} | _OPERATIONS_KEYS | _AUTH_QUERY_KEYS | _LIMIT_KEYS
 _TLS_KEYS = {"mode", "cert", "key", "ca", "ciphers", "min_protocol_version"}
 _DATABASE_KEYS = {"dbname", "nodes", "pool_size", "route", "pool_mode", "max_db_connections", "reserve_pool_size"}
 _USER_KEYS = {"password", "route", "pool_mode", "max_user_connections"}
@@ -538,6 +541,10 @@ def from_dict(raw: Mapping[str, Any], source: str = "<memory>") -> Config:
     elif len(c.errors) == errors_before:  # (with a user in error, who the monitor would be is unclear)
         _check_health_user(c, strings["health_user"], databases, users, origins)
     operations = _operations(raw, c, source, databases, users, auth_type)
+    workers = _workers(c, raw.get("workers", 1))
+    if workers > 1 and (len(listen_addresses) > 1 or sockets["unix_socket_dir"]):
+        # (The supervisor hands its workers one listening socket: the first listen address.)
+        c.err("workers", "more than one worker listens on one TCP address only: not yet with a list in listen or unix_socket_dir")
     tls_config, server_tls_config = _tls_tables(c, raw, source, auth_type)
     if c.errors:
         raise ConfigError(c.errors, source)
@@ -571,7 +578,23 @@ def from_dict(raw: Mapping[str, Any], source: str = "<memory>") -> Config:
         **operations,
         **auth_query,
         **limits,
+        workers=workers,
     )
+
+
+MAX_WORKERS = 256  # (the cancel keys give the worker's number the top bits of their secret)
+
+
+def _workers(c: _Checker, value) -> int:
+    if value == "auto":
+        try:
+            return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
+        except (AttributeError, OSError):  # not Linux
+            return max(1, min(MAX_WORKERS, os.cpu_count() or 1))
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
+        c.err("workers", f'must be "auto" or a number from 1 to {MAX_WORKERS}, not {value!r}')
+        return 1
+    return value
 
 
 def _auth_file(c: _Checker, raw: Mapping, source: str) -> tuple[str, dict[str, tuple[str, int]]]:
@@ -888,7 +911,7 @@ def _operations(raw: Mapping, c: _Checker, source: str, databases: Mapping, user
 # -- reload: what changed between two configs -------------------------------------------------
 
 # Keys (and tables) a running pgtwist cannot change: listeners and the way sessions are built.
-RESTART_KEYS = ("listen", "listen_addresses", "unix_socket_dir", "unix_socket_mode", "pool_mode", "log_format", "manhole", "metrics")
+RESTART_KEYS = ("listen", "listen_addresses", "unix_socket_dir", "unix_socket_mode", "pool_mode", "log_format", "manhole", "metrics", "workers")
 RESTART_KEYS += ("log_level",)  # (logs block: the observer is built once, at start)
 
 

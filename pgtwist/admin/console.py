@@ -127,6 +127,8 @@ _SHOW = {
     "PREPARED": (inspect.PREPARED_COLUMNS, inspect.prepared),
     "HELP": (_HELP_COLUMNS, lambda proxy: [{"command": c, "does": d} for c, d in HELP]),
 }
+# SHOW views that list every worker's rows under workers = N: name -> the view a worker serves.
+PER_WORKER = {"CLIENTS": "bouncer.clients", "POOLS": "bouncer.pools", "NODE_POOLS": "inspect.pools", "NODES": "inspect.nodes"}
 _WORDS = re.compile(r"\S+")
 
 
@@ -135,11 +137,16 @@ def split_statements(sql: str) -> list[str]:
     return [s.strip() for s in sql.split(";")]
 
 
-def describe(sql: str) -> tuple | None:
+def describe(sql: str, proxy=None) -> tuple | None:
     """The columns *sql* would return, without running it (None: a command without rows)."""
     words = _WORDS.findall(sql.upper().strip().rstrip(";"))
     if len(words) == 2 and words[0] == "SHOW" and words[1] in _SHOW:
-        return _SHOW[words[1]][0]
+        columns = _SHOW[words[1]][0]
+        if words[1] in PER_WORKER and getattr(proxy, "worker", None) is not None:
+            from pgtwist.service.workers import WORKER_COLUMN
+
+            columns = tuple(columns) + (WORKER_COLUMN,)
+        return columns
     return None
 
 
@@ -155,7 +162,16 @@ def run(proxy, sql: str, session=None) -> Result:
         if view is None:
             raise CommandError(SYNTAX_ERROR, f"unknown SHOW command: {sql}", "SHOW HELP lists the commands.")
         columns, rows = view
-        return _table(columns, rows(proxy))
+        link = getattr(proxy, "worker", None)
+        if what not in PER_WORKER or link is None:
+            return _table(columns, rows(proxy))
+        # workers = N: every worker's rows, with a worker column (pgtwist.service.workers).
+        from pgtwist.service.workers import WORKER_COLUMN
+
+        every, missing = link.every_worker(PER_WORKER[what], rows(proxy))
+        result = _table(tuple(columns) + (WORKER_COLUMN,), every)
+        result.notices += [f"worker {i} did not answer: its rows are missing" for i in missing]
+        return result
     if verb == "SET":
         return _set(proxy, sql)
     if verb == "RESET":
@@ -168,11 +184,18 @@ def run(proxy, sql: str, session=None) -> Result:
             raise CommandError(SYNTAX_ERROR, f"usage: {verb} [database]")
         if verb in ("DISABLE", "ENABLE") and len(args) != 1:
             raise CommandError(SYNTAX_ERROR, f"usage: {verb} database")
+        link = getattr(proxy, "worker", None)  # (workers = N: every worker pauses, or resumes)
         if verb == "PAUSE":
-            return Result(verb, wait=actions.pause_and_wait(proxy, database, watcher))
+            result = Result(verb, wait=actions.pause_and_wait(proxy, database, watcher))
+            if link is not None:
+                result.notices += [f"worker {i} did not answer: not paused there" for i in link.everywhere("pause", database or "")]
+            return result
         if verb == "RESUME":
             actions.resume(proxy, database)
-            return Result(verb)
+            result = Result(verb)
+            if link is not None:
+                result.notices += [f"worker {i} did not answer: not resumed there" for i in link.everywhere("resume", database or "")]
+            return result
         if verb == "RECONNECT":
             actions.reconnect(proxy, database)
             return Result(verb)
@@ -194,7 +217,8 @@ def run(proxy, sql: str, session=None) -> Result:
             raise CommandError(SYNTAX_ERROR, "usage: KILL database | KILL client_id (SHOW CLIENTS lists them)")
         if session is not None and args[0] == session.id:
             raise CommandError(sqlstate.FEATURE_NOT_SUPPORTED, "this is your own connection; disconnect instead")
-        if not actions.kill(proxy, args[0]):
+        link = getattr(proxy, "worker", None)  # (workers = N: a client of another worker is killed there)
+        if not actions.kill(proxy, args[0]) and (link is None or not link.kill_elsewhere(args[0])):
             raise CommandError(sqlstate.UNDEFINED_OBJECT, f'no database or client "{args[0]}"')
         return Result("KILL")
     if verb == "RELOAD" and not args:
@@ -463,12 +487,12 @@ class AdminConsole:
             if kind == "S":
                 if name not in self.statements:
                     raise CommandError(sqlstate.INVALID_SQL_STATEMENT_NAME, f'prepared statement "{name}" does not exist')
-                columns = describe(self.statements[name])
+                columns = describe(self.statements[name], self.proxy)
                 out.append(m.parameter_description())
                 out.append(encode_description(columns) if columns else m.no_data())
             else:
                 portal = self._portal(name)
-                columns = describe(portal.sql)
+                columns = describe(portal.sql, self.proxy)
                 if columns:
                     portal.result = run(self.proxy, portal.sql, self.session)  # SHOW only: no effects
                 out.append(encode_description(columns, portal.formats) if columns else m.no_data())

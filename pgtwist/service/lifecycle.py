@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import resource
 import signal
+import socket
 
 from twisted.application import service
 from twisted.internet import defer, task
@@ -36,7 +38,7 @@ class PgBalanceService(service.MultiService):
 
     name = "pgbalance"
 
-    def __init__(self, config, reactor=None, signals: bool = False):
+    def __init__(self, config, reactor=None, signals: bool = False, worker=None):
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor
@@ -44,6 +46,12 @@ class PgBalanceService(service.MultiService):
         self.config = config
         self.proxy = Proxy(config, reactor)
         self.proxy.service = self
+        self.worker = worker  # a workers.WorkerSpec when this is one of a supervisor's workers
+        if worker is not None:
+            from pgtwist.service import workers
+
+            self.proxy.worker = workers.WorkerLink(worker, reactor)
+            self.proxy.id_prefix = f"w{worker.index}."
         self.factory = FrontendFactory(self.proxy)
         self.port = None  # the first listening port, once started
         self.ports: list = []  # every listener: each TCP address, then the Unix socket
@@ -51,12 +59,21 @@ class PgBalanceService(service.MultiService):
         self._previous_handlers: dict = {}
         self._graceful = False  # set by SIGTERM / SHUTDOWN; SIGINT and plain stops are fast
         self._stopping = False
+        # Under a supervisor: SIGTERM / SIGHUP came from it (else an admin asked this worker alone).
+        self._term_signalled = False
+        self._reload_signalled = False
         # Optional listeners, started and stopped with the service (errors surface here, before twistd starts).
         if config.manhole is not None:
+            from dataclasses import replace
+
             from pgtwist.admin import manhole
 
-            manhole.make_service(self, config.manhole, reactor).setServiceParent(self)
-        if config.metrics is not None:
+            mh = config.manhole if worker is None else replace(config.manhole, listen=worker.manhole_listen(config.manhole.listen))
+            manhole.make_service(self, mh, reactor).setServiceParent(self)
+        if worker is not None:  # (its metrics are served by the supervisor, which asks every worker)
+            for child in workers.worker_services(self, worker, reactor):
+                child.setServiceParent(self)
+        elif config.metrics is not None:
             from pgtwist.admin import metrics
 
             metrics.make_service(self, config.metrics, reactor).setServiceParent(self)
@@ -72,7 +89,8 @@ class PgBalanceService(service.MultiService):
         if self.config.unix_socket_dir:
             where.append(connect.socket_path(self.config.unix_socket_dir, self.config.listen.port))
         log.info(
-            "pgtwist listening on {listen} ({mode} pooling, {n} database(s), file limit {limit})",
+            "pgtwist {who}listening on {listen} ({mode} pooling, {n} database(s), file limit {limit})",
+            who=f"worker {self.worker.index} of {self.worker.count} " if self.worker is not None else "",
             listen=", ".join(where),
             mode=self.config.pool_mode,
             n=len(self.config.databases),
@@ -85,10 +103,18 @@ class PgBalanceService(service.MultiService):
         self._janitor.clock = self.reactor
         self._janitor.start(1.0, now=False)
         config = self.config
-        self.ports = connect.listen(
-            self.reactor, self.factory, config.listen_addresses or (config.listen,), config.unix_socket_dir, config.unix_socket_mode
-        )
-        self.port = self.ports[0]
+        listen = config.listen
+        if self.worker is not None:
+            from pgtwist.service import workers
+
+            family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
+            self.port = workers.adopt_listener(self.worker, self.factory, self.reactor, family)
+            self.ports = [self.port]
+        else:
+            self.ports = connect.listen(
+                self.reactor, self.factory, config.listen_addresses or (listen,), config.unix_socket_dir, config.unix_socket_mode
+            )
+            self.port = self.ports[0]
         self.proxy.dialer.start()
         super().startService()
 
@@ -117,6 +143,10 @@ class PgBalanceService(service.MultiService):
         """SIGHUP, RELOAD, reload(): read, validate, diff and apply the config file; a broken one changes nothing."""
         outcome = reloadmod.reload_file(self.proxy)
         self.config = self.proxy.config
+        if self.worker is not None and not self._reload_signalled:
+            # RELOAD on one worker's console (or reload() in its manhole): the supervisor has
+            # every worker reload (this one again, harmlessly), as a SIGHUP to it would.
+            os.kill(os.getppid(), signal.SIGHUP)
         return outcome
 
     def shutdown(self, graceful: bool = True) -> None:
@@ -125,6 +155,10 @@ class PgBalanceService(service.MultiService):
             log.info("shutdown already under way")
             return
         self._graceful = graceful
+        if self.worker is not None and not self._term_signalled:
+            # SHUTDOWN on one worker's console stops the whole tree: the supervisor drains every worker.
+            os.kill(os.getppid(), signal.SIGTERM if graceful else signal.SIGINT)
+            return
         log.info(
             "shutting down: {how}",
             how=f"new clients refused, open transactions get up to {self.config.shutdown_timeout:g} s" if graceful else "fast",
@@ -136,6 +170,7 @@ class PgBalanceService(service.MultiService):
             self.reactor.callFromThread(self._signalled_reload)
 
         def on_term(signum, frame):
+            self._term_signalled = True
             self.reactor.callFromThread(self.shutdown, True)
 
         for sig, handler in ((signal.SIGHUP, on_hup), (signal.SIGTERM, on_term)):
@@ -150,7 +185,10 @@ class PgBalanceService(service.MultiService):
 
     def _signalled_reload(self) -> None:
         log.info("SIGHUP: reloading {source}", source=self.config.source)
+        self._reload_signalled = True
         try:
             self.reload()
         except Exception:
             log.failure("reload failed")
+        finally:
+            self._reload_signalled = False

@@ -72,6 +72,7 @@ class Proxy:
         # that answers a client of the admin database, and the log of audited users' statements.
         self.admin_session = AdminConsole
         self.audit_statement = audit.statement
+        self.worker = None  # workers.WorkerLink under workers = N: its keys name it, others' cancels go on
         self.draining = False  # shutting down: clients leave as soon as they are between transactions
         self.paused: set[str] = set()  # databases PAUSEd ("*": all)
         self.disabled: set[str] = set()  # databases DISABLEd: new clients refused (55000)
@@ -84,6 +85,7 @@ class Proxy:
         self._failover_timers: dict = {}
         self.started = False
         self._client_ids = itertools.count(1)
+        self.id_prefix = ""  # "w1." in worker 1 of a supervisor's: ids are unique in the whole tree (KILL, logs)
         self._server_ids = itertools.count(1)
         # Opens connections to nodes (TCP or Unix socket; names re-resolved): started by the Service.
         self.dialer = NodeDialer(reactor, lambda: self.config.dns_max_ttl)
@@ -94,7 +96,7 @@ class Proxy:
     # -- clients ---------------------------------------------------------------------------
 
     def new_client(self, transport) -> ClientSession:
-        session = ClientSession(self, transport, f"c{next(self._client_ids)}")
+        session = ClientSession(self, transport, f"{self.id_prefix}c{next(self._client_ids)}")
         self.clients[session.id] = session
         self.counters.client_connected()
         if self.config.log_connections:
@@ -310,6 +312,8 @@ class Proxy:
         holders = () if held is None else held if type(held) is list else (held,)
         while True:  # (two sessions sharing a process id must not share the secret too)
             secret = secrets.token_bytes(4)
+            if self.worker is not None:
+                secret = self.worker.tag(secret)
             if all(s.secret_key != secret for s in holders):
                 break
         if held is None:
@@ -331,6 +335,8 @@ class Proxy:
 
     def cancel(self, process_id: int, secret_key: bytes) -> None:
         """A CancelRequest from a client: forward it to the server serving that client now, if any."""
+        if self.worker is not None and self.worker.forward_cancel(process_id, secret_key):
+            return  # another worker's key: sent on to it
         held = self.cancel_keys.get(process_id)
         if held is None:
             return  # PostgreSQL ignores unknown keys silently, and so do we
@@ -512,7 +518,7 @@ class Proxy:
             client_key=self.client_keys.get(pool.user),
             node_name=str(pool.node),
         )
-        conn = ServerConnection(f"s{next(self._server_ids)}", pool, login)
+        conn = ServerConnection(f"{self.id_prefix}s{next(self._server_ids)}", pool, login)
         conn.tls = self.node_tls_for(pool.node)
         conn.keepalive = Keepalive.from_config(self.config)
         conn.byte_stats = self.counters.database(pool.database.name)

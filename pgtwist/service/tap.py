@@ -20,6 +20,7 @@ class Options(usage.Options):
         ["config", "c", None, "Path of the TOML configuration file."],
         ["demo-replicas", None, 1, "Number of streaming replicas the demo starts.", int],
         ["demo-listen", None, "127.0.0.1:6432", "Where the demo's pgtwist listens."],
+        ["worker", None, None, "(internal) Run as worker I of N under a supervisor: I/N:FD:DIR."],
     ]
     optFlags = [
         ["demo", None, "Start a throwaway local PostgreSQL primary + replica and front them (needs PostgreSQL binaries)."],
@@ -56,9 +57,24 @@ def makeService(options, reactor=None):
     from pgtwist.admin import ManholeError
     from pgtwist.service.logs import with_log_format
 
+    worker = None
+    if options["worker"]:
+        from pgtwist.service import workers
+
+        try:
+            worker = workers.WorkerSpec.parse(options["worker"])
+        except ValueError as e:
+            raise usage.UsageError(str(e))
+        workers.die_with_parent()
     try:
-        # Under twistd (no reactor given) SIGHUP reloads and SIGTERM drains.
-        svc = PgBalanceService(config, reactor, signals=reactor is None)
+        if worker is None and config.workers > 1:
+            from pgtwist.service.workers import Supervisor
+
+            # The twistd process supervises; each worker is a `twistd pgbalance --worker` of its own.
+            svc = Supervisor(config, reactor, signals=reactor is None)
+        else:
+            # Under twistd (no reactor given) SIGHUP reloads and SIGTERM drains.
+            svc = PgBalanceService(config, reactor, signals=reactor is None, worker=worker)
     except ManholeError as e:
         sys.stderr.write(f"{options['config']}: {e}\n")
         raise SystemExit(78)

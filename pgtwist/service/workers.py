@@ -1,0 +1,638 @@
+"""workers = N: the supervisor (the twistd process); a worker's identity, cancel keys, cancel relay and SHOW rows.
+
+With workers = 1 (the default) none of this runs: PgBalanceService serves in the twistd process.
+With N > 1 the twistd process becomes a Supervisor. It creates the listening socket once and hands
+it to N child processes (`twistd -n pgbalance --worker I/N:FD:DIR`), each a whole PgBalanceService
+with its own pools that adopts the socket (reactor.adoptStreamPort): the kernel queues a
+connection once, and whichever worker accepts it first serves it. One shared socket rather than
+SO_REUSEPORT because a worker that dies or drains leaves no queue of accepted-but-unserved
+connections behind, and no other process of the same user can join the group.
+
+A client's CancelRequest can land on any worker. The top bits of every secret key a worker hands
+out (BackendKeyData) carry the worker's number, so the worker that accepts the request knows the
+owner and forwards the 16 bytes to it over the owner's unix socket in DIR (mode 0700), where the
+owner handles it as its own. Only log2(N) bits of the 32 are spent on it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import struct
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+from twisted.application import internet, service
+from twisted.internet import defer, error, protocol
+from twisted.logger import Logger
+from twisted.web import resource
+
+from pgtwist.wire import protocol as p
+
+log = Logger()
+
+# -- cancel keys ------------------------------------------------------------------------------------
+
+
+def key_bits(count: int) -> int:
+    """Bits of a secret key that name the worker: 0 for one worker, 1 for two, 2 for three or four..."""
+    return (count - 1).bit_length()
+
+
+def tag_secret(secret: bytes, index: int, count: int) -> bytes:
+    """*secret* with its top key_bits(count) bits replaced by *index* (the rest stay random)."""
+    bits = key_bits(count)
+    if not bits:
+        return secret
+    value = int.from_bytes(secret[:4], "big")
+    value = (value & ((1 << (32 - bits)) - 1)) | (index << (32 - bits))
+    return value.to_bytes(4, "big") + secret[4:]
+
+
+def worker_of(secret: bytes, count: int) -> int | None:
+    """Which worker issued *secret* (None: no worker did, so nobody will match it)."""
+    bits = key_bits(count)
+    if not bits:
+        return 0
+    if len(secret) < 4:
+        return None
+    index = int.from_bytes(secret[:4], "big") >> (32 - bits)
+    return index if index < count else None
+
+
+# -- a worker's side ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Who a worker is: its number of *count*, the inherited listening socket, the supervisor's run directory."""
+
+    index: int
+    count: int
+    listen_fd: int
+    rundir: str
+
+    def to_arg(self) -> str:
+        return f"{self.index}/{self.count}:{self.listen_fd}:{self.rundir}"
+
+    @classmethod
+    def parse(cls, text: str) -> "WorkerSpec":
+        try:
+            numbers, fd, rundir = text.split(":", 2)
+            index, count = (int(x) for x in numbers.split("/"))
+            spec = cls(index, count, int(fd), rundir)
+        except ValueError:
+            raise ValueError(f"--worker wants I/N:FD:DIR, not {text!r}") from None
+        if not 0 <= spec.index < spec.count:
+            raise ValueError(f"--worker: no worker {spec.index} of {spec.count}")
+        return spec
+
+    def cancel_socket(self, index: int) -> str:
+        return os.path.join(self.rundir, f"cancel-{index}.sock")
+
+    def http_socket(self, index: int) -> str:
+        return os.path.join(self.rundir, f"http-{index}.sock")
+
+    def tag(self, secret: bytes) -> bytes:
+        return tag_secret(secret, self.index, self.count)
+
+    def manhole_listen(self, address):
+        """Worker I's manhole listens on the configured port + I (each worker is a process of its own)."""
+        from pgtwist.config import Address
+
+        return Address(address.host, address.port + self.index) if address.port else address
+
+
+class WorkerLink:
+    """What a worker's Proxy uses: tags the keys it hands out, forwards cancels that are another worker's."""
+
+    def __init__(self, spec: WorkerSpec, reactor):
+        self.spec = spec
+        self.reactor = reactor
+        self.forwarded = 0  # CancelRequests sent on to their owner (SHOW/metrics material, and tests)
+
+    def tag(self, secret: bytes) -> bytes:
+        return self.spec.tag(secret)
+
+    def every_worker(self, what: str, own_rows: list[dict]) -> tuple[list[dict], list[int]]:
+        """SHOW *what* over every worker: (rows with a worker key, numbers of workers that did not answer)."""
+        rows = [dict(r, worker=self.spec.index) for r in own_rows]
+        missing = []
+        for index in range(self.spec.count):
+            if index == self.spec.index:
+                continue
+            try:
+                theirs = fetch_rows(self.spec.http_socket(index), what)
+            except (OSError, ValueError):
+                missing.append(index)
+                continue
+            rows += [dict(r, worker=index) for r in theirs]
+        rows.sort(key=lambda r: r["worker"])  # (stable: each worker's own order within)
+        return rows, missing
+
+    def everywhere(self, action: str, database: str) -> list[int]:
+        """PAUSE or RESUME (*action*) done here: the other workers do it too; returns those that did not answer."""
+        missing = []
+        for index in range(self.spec.count):
+            if index == self.spec.index:
+                continue
+            try:
+                status = request(self.spec.http_socket(index), "POST", f"/{action}/{database}")[0]
+            except OSError:
+                status = 0
+            if status != 200:
+                missing.append(index)
+        return missing
+
+    def kill_elsewhere(self, client_id: str) -> bool:
+        """KILL of a client another worker serves (its id says which: "w1.c3"); whether it was there."""
+        head, dot, _ = client_id.partition(".")
+        if not dot or not head.startswith("w") or not head[1:].isdigit():
+            return False
+        index = int(head[1:])
+        if index == self.spec.index or index >= self.spec.count:
+            return False
+        try:
+            return request(self.spec.http_socket(index), "POST", f"/kill/{client_id}")[0] == 200
+        except OSError:
+            return False
+
+    def forward_cancel(self, process_id: int, secret_key: bytes) -> bool:
+        """True when the key is another worker's (sent there, or unknown to all); False: ours to handle."""
+        owner = worker_of(secret_key, self.spec.count)
+        if owner == self.spec.index:
+            return False
+        if owner is not None:
+            from pgtwist.backend.protocol import CancelFactory
+
+            self.forwarded += 1
+            # (a log line per forwarded cancel: rare, and what an operator chasing a cancel needs)
+            log.info("CancelRequest for worker {owner}'s key: forwarded there", owner=owner)
+            self.reactor.connectUNIX(self.spec.cancel_socket(owner), CancelFactory(process_id, secret_key), timeout=5)
+        return True
+
+
+class CancelRelay(protocol.Protocol):
+    """A CancelRequest another worker forwarded (length, code, pid, key), handled as if a client sent it here."""
+
+    def __init__(self, proxy):
+        self.proxy = proxy
+        self.buffer = b""
+
+    def dataReceived(self, data):
+        if self.buffer is None:
+            return  # (handled: one request per connection, as a node takes it)
+        self.buffer += data
+        if len(self.buffer) < 4:
+            return
+        length = struct.unpack("!I", self.buffer[:4])[0]
+        if not 16 <= length <= 264:
+            self.transport.loseConnection()
+            return
+        if len(self.buffer) < length:
+            return
+        code, pid = struct.unpack("!II", self.buffer[4:12])
+        if code == p.CANCEL_REQUEST_CODE:
+            self.proxy.cancel(pid, self.buffer[12:length])
+        self.buffer = None
+        self.transport.loseConnection()
+
+
+class CancelRelayFactory(protocol.Factory):
+    noisy = False
+
+    def __init__(self, proxy):
+        self.proxy = proxy
+
+    def buildProtocol(self, addr):
+        return CancelRelay(self.proxy)
+
+
+def worker_services(svc, spec: WorkerSpec, reactor) -> list:
+    """The worker's unix listeners (cancel relay; metrics for the supervisor), as child services of *svc*.
+
+    They stop after the drain (MultiService stops children then), so a cancel still reaches a
+    query that the drain waits for.
+    """
+    for index_path in (spec.cancel_socket(spec.index), spec.http_socket(spec.index)):
+        # A worker that was killed left its sockets behind; the supervisor runs one worker per number.
+        try:
+            os.unlink(index_path)
+        except FileNotFoundError:
+            pass
+    relay = internet.UNIXServer(spec.cancel_socket(spec.index), CancelRelayFactory(svc.proxy), mode=0o600, reactor=reactor)
+    relay.setName("cancel-relay")
+    from twisted.web import server
+
+    from pgtwist.admin import metrics
+
+    root = metrics.make_root(svc, reactor)
+    root.putChild(b"show", ShowResource(svc.proxy))
+    root.putChild(b"kill", KillResource(svc.proxy))
+    from pgtwist.admin import actions
+
+    root.putChild(b"pause", PauseResource(svc.proxy, actions.pause))
+    root.putChild(b"resume", PauseResource(svc.proxy, actions.resume))
+    site = server.Site(root)
+    site.noisy = False
+    return [relay, internet.UNIXServer(spec.http_socket(spec.index), site, mode=0o600, reactor=reactor)]
+
+
+# SHOW views other workers are asked for, by the console of the worker an admin is connected to.
+SHOWN = ("bouncer.clients", "bouncer.pools", "inspect.pools", "inspect.nodes")  # (admin.console.PER_WORKER)
+WORKER_COLUMN = ("worker", int)
+SHOW_TIMEOUT = 1.0
+
+
+class ShowResource(resource.Resource):
+    """GET /show/{clients,pools,nodes} on a worker's unix socket: its rows of that SHOW, as JSON."""
+
+    isLeaf = True
+
+    def __init__(self, proxy):
+        super().__init__()
+        self.proxy = proxy
+
+    def render_GET(self, request):
+        from pgtwist.admin import bouncer, inspect
+
+        what = request.postpath[0].decode() if request.postpath else ""
+        if what not in SHOWN:
+            request.setResponseCode(404)
+            return b"no such view\n"
+        module, _, name = what.partition(".")
+        view = getattr(bouncer if module == "bouncer" else inspect, name)
+        request.setHeader(b"Content-Type", b"application/json")
+        return json.dumps(view(self.proxy), default=str).encode()
+
+
+class KillResource(resource.Resource):
+    """POST /kill/ID on a worker's unix socket: KILL ID, asked by the console of another worker."""
+
+    isLeaf = True
+
+    def __init__(self, proxy):
+        super().__init__()
+        self.proxy = proxy
+
+    def render_POST(self, request):
+        from pgtwist.admin import actions
+
+        client_id = request.postpath[0].decode() if request.postpath else ""
+        killed = actions.kill(self.proxy, client_id)
+        request.setResponseCode(200 if killed else 404)
+        return b"killed\n" if killed else b"no such client\n"
+
+
+class PauseResource(resource.Resource):
+    """POST /pause/[DB], /resume/[DB] on a worker's unix socket: PAUSE or RESUME asked on another worker's console."""
+
+    isLeaf = True
+
+    def __init__(self, proxy, action):
+        super().__init__()
+        self.proxy = proxy
+        self.action = action
+
+    def render_POST(self, request):
+        database = request.postpath[0].decode() if request.postpath and request.postpath[0] else None
+        try:
+            self.action(self.proxy, database)
+        except Exception as e:  # noqa: BLE001 - (ActionError: the asking worker checked the same config)
+            request.setResponseCode(404)
+            return f"{e}\n".encode()
+        return b"done\n"
+
+
+def request(path: str, method: str, target: str, timeout: float = SHOW_TIMEOUT) -> tuple[int, bytes]:
+    """(status, body) of one HTTP/1.0 request to a worker's unix socket; OSError if it does not answer.
+
+    Blocking, and on purpose: the admin console answers synchronously (as PgBouncer's does),
+    a worker answers in a millisecond or two, and the wait is bounded by *timeout* (two admins
+    asking two workers at the same instant each wait out the other once, and get a notice).
+    """
+    deadline = time.monotonic() + timeout
+    chunks = []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(path)
+        s.sendall(f"{method} {target} HTTP/1.0\r\nHost: worker\r\nContent-Length: 0\r\n\r\n".encode())
+        while True:
+            s.settimeout(max(0.001, deadline - time.monotonic()))
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    status = head.split(b"\r\n", 1)[0].split(b" ")
+    return (int(status[1]) if len(status) > 1 and status[1].isdigit() else 0), body
+
+
+def fetch_rows(path: str, what: str, timeout: float = SHOW_TIMEOUT) -> list[dict]:
+    """Another worker's rows of SHOW *what*; OSError/ValueError if it does not answer."""
+    status, body = request(path, "GET", f"/show/{what}", timeout)
+    if status != 200:
+        raise ValueError(f"worker answered {status}")
+    return json.loads(body)
+
+
+def adopt_listener(spec: WorkerSpec, factory, reactor, family: int):
+    """Serve clients from the supervisor's listening socket (adoptStreamPort dups it; ours is closed)."""
+    port = reactor.adoptStreamPort(spec.listen_fd, family, factory)
+    os.close(spec.listen_fd)
+    return port
+
+
+def die_with_parent() -> None:
+    """A worker whose supervisor was SIGKILLed gets SIGTERM (Linux) instead of serving on unsupervised.
+
+    It also leaves the terminal's process group: Ctrl-C reaches the supervisor alone, which passes
+    it on once (a second SIGINT would make twistd stop a stopped reactor and log a traceback).
+    """
+    try:
+        os.setpgid(0, 0)
+    except OSError:
+        pass
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+# -- the supervisor ---------------------------------------------------------------------------------
+
+BACKOFF_FIRST = 0.5  # seconds before the first restart of a worker that died
+BACKOFF_MAX = 30.0
+STABLE_AFTER = 10.0  # a worker that ran this long has its back-off start over
+
+
+def restart_delay(failures: int) -> float:
+    """Back-off before restarting a worker that died *failures* times in a row (each within STABLE_AFTER)."""
+    return min(BACKOFF_MAX, BACKOFF_FIRST * (2 ** max(0, failures - 1)))
+
+
+class _Worker:
+    """One child: its process, when it started, how often in a row it died young, a pending restart."""
+
+    def __init__(self, index: int):
+        self.index = index
+        self.process = None
+        self.pid: int | None = None
+        self.started_at = 0.0
+        self.failures = 0
+        self.restart = None  # IDelayedCall
+        self.exited: defer.Deferred | None = None
+
+
+class _WorkerProcess(protocol.ProcessProtocol):
+    """Turns a worker's output into the supervisor's log lines and its exit into worker_exited()."""
+
+    def __init__(self, supervisor, worker: _Worker):
+        self.supervisor = supervisor
+        self.worker = worker
+        self.pending = {1: b"", 2: b""}  # (per descriptor: stdout and stderr lines must not mix)
+
+    def childDataReceived(self, fd, data):
+        pending = self.pending.get(fd, b"") + data
+        *lines, self.pending[fd] = pending.split(b"\n")
+        for line in lines:
+            self.supervisor.worker_output(self.worker, line)
+
+    def processEnded(self, reason):
+        for fd, rest in self.pending.items():
+            if rest:
+                self.supervisor.worker_output(self.worker, rest)
+        self.pending = {}
+        self.supervisor.worker_exited(self.worker, reason.value)
+
+
+def spawn_twistd(reactor, proto, spec: WorkerSpec, config_path: str, extra_fds: dict):
+    """Start `twistd -n pgbalance --config PATH --worker SPEC` with the listening socket as fd spec.listen_fd."""
+    argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=", "--logfile=-"]
+    argv += ["pgbalance", "--config", config_path, "--worker", spec.to_arg()]
+    fds = {0: "w", 1: "r", 2: "r", **extra_fds}
+    return reactor.spawnProcess(proto, sys.executable, argv, env=dict(os.environ), path=os.getcwd(), childFDs=fds)
+
+
+class Supervisor(service.MultiService):
+    """The twistd process under workers = N: one listening socket, N workers kept running, signals passed on.
+
+    *spawn(reactor, protocol, spec, config_path, fds)* starts a worker (spawn_twistd; tests inject
+    their own) and *reactor* gives time, so the restart policy is tested with a Clock.
+    """
+
+    name = "pgbalance-supervisor"
+
+    def __init__(self, config, reactor=None, signals: bool = False, spawn=spawn_twistd, listen_socket=None):
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor
+        self.reactor = reactor
+        self.config = config
+        self.count = config.workers
+        self.spawn = spawn
+        self.signals = signals
+        self.socket = listen_socket  # made in startService unless given (tests)
+        self.rundir: str | None = None
+        self.workers = [_Worker(i) for i in range(self.count)]
+        self.restarts = 0
+        self._stopping = False
+        self._graceful = False
+        self._previous_handlers: dict = {}
+        if config.manhole is not None:
+            # Checked (ManholeError) and the host key made here, once: not by N workers racing
+            # to create one file, nor by workers that fail at start and are restarted forever.
+            from pgtwist.admin import ManholeError, manhole
+
+            if not os.path.isfile(config.manhole.authorized_keys or ""):
+                raise ManholeError(f"manhole.authorized_keys: {config.manhole.authorized_keys or '(not set)'} does not exist; the manhole needs one")
+            manhole.load_or_create_host_key(config.manhole.host_key)
+        if config.metrics is not None:
+            from pgtwist.service import workermetrics
+
+            workermetrics.make_service(self, config.metrics, reactor).setServiceParent(self)
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+
+    def startService(self):
+        if self.socket is None:
+            self.socket = listening_socket(self.config.listen)
+        if self.rundir is None:
+            self.rundir = tempfile.mkdtemp(prefix="pgtwist-workers-")  # (mode 0700)
+        host, port = self.socket.getsockname()[:2]
+        log.info(
+            "pgtwist supervisor (pid {pid}) listening on {host}:{port}: {n} workers, each with its own pools "
+            "(pool_size and max_client_conn are per worker)",
+            pid=os.getpid(), host=host, port=port, n=self.count,
+        )
+        if self.config.manhole is not None:
+            listen = self.config.manhole.listen
+            log.info(
+                "manhole: worker I listens on {host}:{first}+I (ports {first}-{last})",
+                host=listen.host, first=listen.port, last=listen.port + self.count - 1,
+            )
+        if self.signals:
+            self.reactor.callWhenRunning(self._install_signal_handlers)
+        super().startService()
+        # (after the reactor starts: its child-process reaping is set up by then)
+        self.reactor.callWhenRunning(self._start_all)
+
+    def _start_all(self):
+        for worker in self.workers:
+            if worker.process is None and not self._stopping:
+                self._start(worker)
+
+    def spec_for(self, worker: _Worker) -> WorkerSpec:
+        return WorkerSpec(worker.index, self.count, 3, self.rundir)
+
+    def _start(self, worker: _Worker) -> None:
+        worker.restart = None
+        spec = self.spec_for(worker)
+        worker.exited = defer.Deferred()
+        worker.started_at = self.reactor.seconds()
+        worker.process = self.spawn(
+            self.reactor, _WorkerProcess(self, worker), spec, os.path.abspath(self.config.source), {3: self.socket.fileno()}
+        )
+        worker.pid = getattr(worker.process, "pid", None)
+        log.info("worker {index} started (pid {pid})", index=worker.index, pid=worker.pid)
+
+    def worker_output(self, worker: _Worker, line: bytes) -> None:
+        text = line.decode("utf-8", "replace").rstrip("\r")
+        if text:
+            # (the worker's own timestamp goes: ours says when, the tag says who)
+            head, sep, rest = text.partition(" [")
+            if sep and head[:2].isdigit():
+                text = "[" + rest
+            log.info("worker {index}: {line}", index=worker.index, line=text)
+
+    def worker_exited(self, worker: _Worker, status) -> None:
+        how = describe_exit(status)
+        worker.process = None
+        exited, worker.exited = worker.exited, None
+        if self._stopping:
+            log.info("worker {index} (pid {pid}) {how}", index=worker.index, pid=worker.pid, how=how)
+        else:
+            lived = self.reactor.seconds() - worker.started_at
+            worker.failures = 1 if lived >= STABLE_AFTER else worker.failures + 1
+            delay = restart_delay(worker.failures)
+            log.warn(
+                "worker {index} (pid {pid}) {how} after {lived:.1f} s; restarting it in {delay:g} s",
+                index=worker.index, pid=worker.pid, how=how, lived=lived, delay=delay,
+            )
+            self.restarts += 1
+            worker.restart = self.reactor.callLater(delay, self._start, worker)
+        if exited is not None:
+            exited.callback(None)
+
+    def stopService(self):
+        """Every worker gets SIGTERM (graceful: it drains) or SIGINT; SIGKILL if it outstays shutdown_timeout + 10 s."""
+        self._stopping = True
+        if self.socket is not None:
+            self.socket.close()  # (the workers hold their own copies: what they accepted is theirs)
+        waits = []
+        for worker in self.workers:
+            if worker.restart is not None and worker.restart.active():
+                worker.restart.cancel()
+            worker.restart = None
+            if worker.process is not None:
+                waits.append(worker.exited)
+                self._signal(worker, signal.SIGTERM if self._graceful else signal.SIGINT)
+        limit = (self.config.shutdown_timeout if self._graceful else 0.0) + 10.0
+        killer = self.reactor.callLater(limit, self._kill_all) if waits else None
+        d = defer.gatherResults(waits)
+
+        def done(result):
+            if killer is not None and killer.active():
+                killer.cancel()
+            if self.rundir is not None:
+                shutil.rmtree(self.rundir, ignore_errors=True)
+            return super(Supervisor, self).stopService()
+
+        d.addBoth(done)
+        d.addBoth(self._restore_signal_handlers)
+        return d
+
+    def _kill_all(self):
+        for worker in self.workers:
+            if worker.process is not None:
+                log.warn("worker {index} (pid {pid}) did not stop in time; killing it", index=worker.index, pid=worker.pid)
+                self._signal(worker, signal.SIGKILL)
+
+    def _signal(self, worker: _Worker, signum: int) -> None:
+        try:
+            worker.process.signalProcess(signum)
+        except (error.ProcessExitedAlready, OSError):
+            pass
+
+    # -- operations -----------------------------------------------------------------------------------
+
+    def reload(self) -> None:
+        """SIGHUP: every worker re-reads the file itself (each logs its outcome; listen and workers need a restart)."""
+        for worker in self.workers:
+            if worker.process is not None:
+                self._signal(worker, signal.SIGHUP)
+
+    def shutdown(self, graceful: bool = True) -> None:
+        if self._stopping:
+            log.info("shutdown already under way")
+            return
+        self._graceful = graceful
+        log.info("shutting down {n} workers: {how}", n=self.count, how="each drains" if graceful else "fast")
+        self.reactor.stop()
+
+    def alive(self) -> list[int]:
+        """Indexes of the workers running now."""
+        return [w.index for w in self.workers if w.process is not None]
+
+    def _install_signal_handlers(self) -> None:
+        def on_hup(signum, frame):
+            self.reactor.callFromThread(self._signalled_reload)
+
+        def on_term(signum, frame):
+            self.reactor.callFromThread(self.shutdown, True)
+
+        for sig, handler in ((signal.SIGHUP, on_hup), (signal.SIGTERM, on_term)):
+            self._previous_handlers[sig] = signal.signal(sig, handler)
+
+    def _restore_signal_handlers(self, result=None):
+        handlers, self._previous_handlers = self._previous_handlers, {}
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        return result
+
+    def _signalled_reload(self) -> None:
+        log.info("SIGHUP: every worker reloads {source}", source=self.config.source)
+        self.reload()
+
+
+def describe_exit(status) -> str:
+    """'exited with status 1', 'was killed by signal 9 (SIGKILL)', 'exited' from a ProcessDone/ProcessTerminated."""
+    sig = getattr(status, "signal", None)
+    if sig:
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = "?"
+        return f"was killed by signal {sig} ({name})"
+    code = getattr(status, "exitCode", None)
+    return f"exited with status {code}" if code else "exited"
+
+
+def listening_socket(address) -> socket.socket:
+    """The one listening socket every worker adopts (backlog 4096, as PgBalanceService's own listener)."""
+    family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (as Twisted's listenTCP does)
+    sock.bind((address.host, address.port))
+    sock.listen(4096)
+    sock.setblocking(False)
+    sock.set_inheritable(False)  # (handed to each worker as fd 3 by spawnProcess, to nothing else)
+    return sock

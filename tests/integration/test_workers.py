@@ -1,0 +1,212 @@
+"""workers = 2 against real PostgreSQL: both workers serve, cancels cross workers, SIGHUP, SIGTERM, a killed worker."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import threading
+import time
+import urllib.request
+
+import psycopg
+import pytest
+
+from tests.harness import proxy as proxymod
+from tests.harness.proxy import wait_for
+
+
+@pytest.fixture
+def px(pg_cluster, tmp_path):
+    metrics_port = proxymod.free_port(proxymod.HOST)
+    with proxymod.start_proxy(
+        pg_cluster, tmp_path, workers=2, pool_size=12, shutdown_timeout=10,
+        metrics={"listen": f"{proxymod.HOST}:{metrics_port}"}, admin={"users": [pg_cluster.app_user]},
+    ) as running:
+        running.metrics_port = metrics_port
+        wait_for(lambda: len(worker_pids(running)) == 2 and running.log_text().count("listening on") >= 3, 20, "both workers up")
+        yield running
+
+
+def worker_pids(px) -> dict[int, int]:
+    """Worker index -> its latest pid, from the supervisor's log."""
+    return {int(i): int(pid) for i, pid in re.findall(r"worker (\d+) started \(pid (\d+)\)", px.log_text())}
+
+
+def local_port(conn: psycopg.Connection) -> int:
+    with socket.socket(fileno=os.dup(conn.pgconn.socket)) as s:
+        return s.getsockname()[1]
+
+
+def worker_of(px, conn: psycopg.Connection) -> int:
+    """Which worker serves *conn* (its log_connections line names the client's port)."""
+    pattern = re.compile(r"worker (\d+): .*connected from 127\.0\.0\.1:%d\b" % local_port(conn))
+    return int(wait_for(lambda: pattern.search(px.log_text()), 10, "the connection's log line").group(1))
+
+
+def test_many_clients_are_served_by_both_workers(px):
+    conns = [px.connect() for _ in range(20)]
+    try:
+        for i, conn in enumerate(conns):
+            assert conn.execute("SELECT %s::int + 1", (i,)).fetchone()[0] == i + 1
+        served = {worker_of(px, conn) for conn in conns}
+        # The admin console, on whichever worker it lands, shows every worker's clients and pools.
+        with px.connect(dbname="pgbalance") as console:
+            for what in ("CLIENTS", "POOLS", "NODE_POOLS", "NODES"):
+                cur = console.execute(f"SHOW {what}")
+                names = [d.name for d in cur.description]
+                assert names[-1] == "worker"
+                rows = cur.fetchall()
+                assert {row[-1] for row in rows} == {0, 1}, (what, rows)
+            cur = console.execute("SHOW CLIENTS")
+            names = [d.name for d in cur.description]
+            clients = [dict(zip(names, row)) for row in cur.fetchall()]
+            ours = {local_port(conn): conn for conn in conns}
+            mine = [r for r in clients if r["port"] in ours]
+            assert len(mine) == len(conns)
+            assert all(r["id"].startswith(f"w{r['worker']}.c") for r in mine)  # (ids are unique in the tree)
+            # KILL reaches a client of either worker, whichever the console is on.
+            victims = [next(r for r in mine if r["worker"] == w) for w in (0, 1)]
+            for r in victims:
+                console.execute(f"KILL {r['id']}")
+            for r in victims:
+                with pytest.raises(psycopg.OperationalError):
+                    ours[r["port"]].execute("SELECT 1")
+            # PAUSE and RESUME on one console reach every worker's pools.
+            for verb, paused in (("PAUSE", True), ("RESUME", False)):
+                console.execute(verb)
+                cur = console.execute("SHOW NODE_POOLS")
+                names = [d.name for d in cur.description]
+                pools = [dict(zip(names, row)) for row in cur.fetchall()]
+                assert {p["worker"] for p in pools} == {0, 1}
+                assert all(p["paused"] is paused for p in pools), pools
+    finally:
+        for conn in conns:
+            conn.close()
+    assert served == {0, 1}
+    # One /metrics for the tree: every sample says its worker.
+    text = urllib.request.urlopen(f"http://{proxymod.HOST}:{px.metrics_port}/metrics", timeout=10).read().decode()
+    assert 'pgbalance_clients_accepted_total{worker="0"}' in text
+    assert 'pgbalance_clients_accepted_total{worker="1"}' in text
+    assert "pgbalance_workers_up 2.0" in text
+    assert text.count("# TYPE pgbalance_clients_accepted_total counter") == 1
+
+
+def test_cancel_reaches_the_owner_whichever_worker_accepts_it(px, admin):
+    # Which worker accepts the cancel's connection is the kernel's choice (here mostly the other
+    # one: the owner has just been busy), so this goes on until both cases happened.
+    seen = {"crossed": 0, "same": 0}
+    give_up = time.monotonic() + 70  # (the per-test deadline is 90 s)
+    while time.monotonic() < give_up:
+        with px.connect() as conn:
+            before = px.log_text().count("forwarded there")
+            errors = []
+
+            def sleep():
+                try:
+                    conn.execute("SELECT pg_sleep(20)")
+                except psycopg.errors.QueryCanceled as e:
+                    errors.append(e)
+
+            t = threading.Thread(target=sleep)
+            started = time.monotonic()
+            t.start()
+            # A cancel that arrives before the query would be lost, as with PostgreSQL: wait until it runs.
+            wait_for(
+                lambda: admin.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(20)' AND state = 'active'"
+                ).fetchone()[0],
+                10,
+                "pg_sleep running",
+                interval=0.02,
+            )
+            conn.cancel()
+            t.join(15)
+            assert not t.is_alive()
+            assert errors and errors[0].sqlstate == "57014", "pg_sleep was not cancelled"
+            assert time.monotonic() - started < 10
+            assert conn.execute("SELECT 1").fetchone()[0] == 1  # the session goes on
+            crossed = px.log_text().count("forwarded there") > before
+            seen["crossed" if crossed else "same"] += 1
+        if seen["crossed"] >= 2 and seen["same"] >= 1:
+            break
+    assert seen["crossed"] and seen["same"], seen
+
+
+def test_sighup_reloads_every_worker(px):
+    text = px.config_path.read_text()
+    px.config_path.write_text(text.replace("pool_size = 12", "pool_size = 13"))
+    since = px.log_size()
+    os.kill(px.pid, signal.SIGHUP)
+    for i in (0, 1):
+        wait_for(lambda: re.search(r"worker %d: .*reload: .* applied; changed: .*pool_size" % i, px.log_text(since)), 15, f"worker {i} reloaded")
+    with px.connect() as conn:
+        assert conn.execute("SELECT 1").fetchone()[0] == 1
+
+
+def test_sigterm_drains_every_worker(px):
+    # A transaction open on each worker: both may finish it after SIGTERM, then are closed (57P01).
+    conns, on = [], set()
+    while on != {0, 1} and len(conns) < 30:
+        conn = px.connect(autocommit=False)
+        conn.execute("SELECT 1")
+        conns.append(conn)
+        on.add(worker_of(px, conn))
+    assert on == {0, 1}
+    os.kill(px.pid, signal.SIGTERM)
+    for i in (0, 1):
+        wait_for(lambda: re.search(r"worker %d: .*draining" % i, px.log_text()), 15, f"worker {i} draining")
+    for conn in conns:
+        assert conn.execute("SELECT 2").fetchone()[0] == 2
+        conn.commit()
+        with pytest.raises(psycopg.OperationalError):
+            conn.execute("SELECT 3")
+            conn.commit()
+        conn.close()
+    px.process.wait(30)
+    assert px.process.returncode == 0
+    assert not proxymod.port_accepts(proxymod.HOST, px.port)
+
+
+def test_a_killed_worker_is_restarted(px):
+    pids = worker_pids(px)
+    os.kill(pids[0], signal.SIGKILL)
+    wait_for(lambda: worker_pids(px).get(0) not in (None, pids[0]), 20, "worker 0 restarted")
+    assert re.search(r"worker 0 \(pid %d\) was killed by signal 9 \(SIGKILL\) after .* restarting it in" % pids[0], px.log_text())
+    wait_for(lambda: px.log_text().count("listening on") >= 4, 20, "the new worker 0 listening")
+    conns = [px.connect() for _ in range(16)]
+    try:
+        for conn in conns:
+            assert conn.execute("SELECT 1").fetchone()[0] == 1
+    finally:
+        for conn in conns:
+            conn.close()
+    assert worker_pids(px)[1] == pids[1]  # the other one was left alone
+
+
+def test_sigint_stops_every_worker_at_once(px):
+    conn = px.connect(autocommit=False)
+    conn.execute("SELECT 1")  # in a transaction: SIGINT does not wait for it
+    os.kill(px.pid, signal.SIGINT)
+    px.process.wait(20)
+    with pytest.raises(psycopg.OperationalError):
+        conn.execute("SELECT 2")
+    conn.close()
+    for pid in worker_pids(px).values():
+        wait_for(lambda: not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read(), 10, f"worker {pid} gone")
+
+
+def test_each_workers_manhole_has_its_port(pg_cluster, tmp_path):
+    from .ops import screen_text, ssh_keygen, ssh_repl
+
+    key = ssh_keygen(tmp_path / "key")
+    (tmp_path / "authorized_keys").write_text((tmp_path / "key.pub").read_text())
+    port = proxymod.free_port(proxymod.HOST)
+    manhole = {"listen": f"{proxymod.HOST}:{port}", "authorized_keys": "authorized_keys", "host_key": "host_key"}
+    with proxymod.start_proxy(pg_cluster, tmp_path, workers=2, manhole=manhole) as px:
+        wait_for(lambda: px.log_text().count("manhole: SSH on") >= 2, 20, "both workers' manholes")
+        assert f"manhole: worker I listens on {proxymod.HOST}:{port}+I (ports {port}-{port + 1})" in px.log_text()
+        for index in (0, 1):
+            screen = screen_text(ssh_repl(port + index, key, ['"WORKER=%d" % service.worker.index']).stdout)
+            assert f"'WORKER={index}'" in screen, screen

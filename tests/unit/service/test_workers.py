@@ -1,0 +1,353 @@
+"""workers = N without processes: the cancel-key encoding, cancel forwarding and relay, the supervisor on a Clock."""
+
+from __future__ import annotations
+
+import secrets
+import signal
+
+import pytest
+from twisted.internet import error
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+
+from pgtwist import config as configmod
+from pgtwist.service import workers
+from pgtwist.service.proxy import Proxy
+from pgtwist.wire import messages as m
+
+from tests.harness.admin_support import BASE
+
+
+def make_config(**overrides) -> configmod.Config:
+    return configmod.from_dict({**BASE, **overrides})
+
+
+# -- the key ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 4, 5, 8, 9, 64, 256])
+def test_a_tagged_secret_names_its_worker_and_keeps_the_rest_random(count):
+    for index in range(count):
+        for _ in range(20):
+            raw = secrets.token_bytes(4)
+            tagged = workers.tag_secret(raw, index, count)
+            assert len(tagged) == 4
+            assert workers.worker_of(tagged, count) == index
+            bits = workers.key_bits(count)
+            low = (1 << (32 - bits)) - 1
+            assert int.from_bytes(tagged, "big") & low == int.from_bytes(raw, "big") & low
+
+
+def test_one_worker_leaves_secrets_alone():
+    raw = secrets.token_bytes(4)
+    assert workers.tag_secret(raw, 0, 1) == raw
+    assert workers.worker_of(raw, 1) == 0
+
+
+def test_a_key_naming_no_worker_is_nobodys():
+    # 3 workers use 2 bits: 0b11 names no worker; a short key names none either.
+    assert workers.worker_of(b"\xff\x00\x00\x00", 3) is None
+    assert workers.worker_of(b"\x00\x01", 2) is None
+
+
+def test_worker_spec_round_trips_and_refuses_nonsense():
+    spec = workers.WorkerSpec(1, 4, 3, "/tmp/x:y")
+    assert workers.WorkerSpec.parse(spec.to_arg()) == spec
+    for bad in ("", "1:3:/tmp", "4/4:3:/tmp", "a/b:3:/tmp"):
+        with pytest.raises(ValueError):
+            workers.WorkerSpec.parse(bad)
+    from pgtwist.config import Address
+
+    assert spec.manhole_listen(Address("127.0.0.1", 6022)) == Address("127.0.0.1", 6023)
+
+
+# -- the proxy's side --------------------------------------------------------------------------------
+
+
+def worker_proxy(index: int, count: int = 2):
+    reactor = MemoryReactorClock()
+    proxy = Proxy(make_config(), reactor)
+    proxy.worker = workers.WorkerLink(workers.WorkerSpec(index, count, 3, "/run/pgtwist"), reactor)
+    return proxy, reactor
+
+
+class FakeSession:
+    server = None
+    secret_key = b""
+    process_id = 0
+
+
+def test_keys_a_worker_hands_out_name_it():
+    proxy, _ = worker_proxy(1, 3)
+    for _ in range(50):
+        session = FakeSession()
+        session.process_id, session.secret_key = proxy.register_cancel_key(session)
+        assert workers.worker_of(session.secret_key, 3) == 1
+
+
+def test_a_cancel_for_another_worker_is_forwarded_to_its_socket():
+    proxy, reactor = worker_proxy(0)
+    key = workers.tag_secret(b"\x12\x34\x56\x78", 1, 2)
+    proxy.cancel(4242, key)
+    [(path, factory, timeout, _)] = reactor.unixClients
+    assert path == "/run/pgtwist/cancel-1.sock"
+    t = StringTransport()
+    p = factory.buildProtocol(None)
+    p.makeConnection(t)
+    assert t.value() == m.cancel_request(4242, key)
+    assert proxy.worker.forwarded == 1
+
+
+def test_a_cancel_for_this_worker_is_handled_here():
+    proxy, reactor = worker_proxy(1)
+    cancelled = []
+    session = FakeSession()
+    session.server = object()
+    session.process_id, session.secret_key = proxy.register_cancel_key(session)
+    proxy.cancel_server = cancelled.append
+    proxy.cancel(session.process_id, session.secret_key)
+    assert cancelled == [session.server]
+    assert reactor.unixClients == []
+
+
+def test_the_relay_hands_a_forwarded_cancel_to_the_proxy_split_at_every_byte():
+    packet = m.cancel_request(77, b"\xab\xcd\xef\x01")
+    for cut in range(len(packet) + 1):
+        calls = []
+
+        class P:
+            def cancel(self, pid, key):
+                calls.append((pid, key))
+
+        relay = workers.CancelRelay(P())
+        t = StringTransport()
+        relay.makeConnection(t)
+        relay.dataReceived(packet[:cut])
+        relay.dataReceived(packet[cut:])
+        assert calls == [(77, b"\xab\xcd\xef\x01")]
+        assert t.disconnecting
+
+
+def test_the_relay_drops_garbage():
+    relay = workers.CancelRelay(None)
+    t = StringTransport()
+    relay.makeConnection(t)
+    relay.dataReceived(b"\x00\x00\xff\xff" + b"x" * 20)
+    assert t.disconnecting
+
+
+# -- the supervisor ----------------------------------------------------------------------------------
+
+
+class FakeProcess:
+    _pids = iter(range(1000, 100000))
+
+    def __init__(self, proto):
+        self.proto = proto
+        self.pid = next(self._pids)
+        self.signals: list[int] = []
+        self.gone = False
+
+    def signalProcess(self, signum):
+        if self.gone:
+            raise error.ProcessExitedAlready()
+        self.signals.append(signum)
+
+    def end(self, status):
+        self.gone = True
+        self.proto.processEnded(Failure(status))
+
+
+class FakeSocket:
+    def __init__(self):
+        self.closed = False
+
+    def fileno(self):
+        return 99
+
+    def getsockname(self):
+        return ("127.0.0.1", 6432)
+
+    def close(self):
+        self.closed = True
+
+
+def make_supervisor(count=2, **overrides):
+    reactor = MemoryReactorClock()
+    reactor.hasRun = True  # (callWhenRunning runs at once)
+    spawned = []
+
+    def spawn(reactor_, proto, spec, config_path, fds):
+        assert fds == {3: 99}
+        process = FakeProcess(proto)
+        spawned.append((spec, process))
+        return process
+
+    sup = workers.Supervisor(make_config(workers=count, **overrides), reactor, spawn=spawn, listen_socket=FakeSocket())
+    sup.rundir = "/run/pgtwist-test"
+    sup.startService()
+    return sup, reactor, spawned
+
+
+def killed():
+    return error.ProcessTerminated(signal=signal.SIGKILL)
+
+
+def test_the_supervisor_starts_every_worker_with_its_number():
+    sup, _, spawned = make_supervisor(3)
+    assert [spec.to_arg() for spec, _ in spawned] == [f"{i}/3:3:/run/pgtwist-test" for i in range(3)]
+    assert sup.alive() == [0, 1, 2]
+
+
+def test_a_dead_worker_is_restarted_with_growing_back_off_that_resets_once_it_lived():
+    sup, clock, spawned = make_supervisor(2)
+    delays = []
+    for _ in range(4):  # dies at once, four times in a row: 0.5, 1, 2, 4 s
+        spawned[-1 if len(spawned) > 2 else 0][1].end(killed())
+        assert sup.alive() == [1]
+        start = clock.seconds()
+        while len(sup.alive()) < 2:
+            clock.advance(0.25)
+        delays.append(clock.seconds() - start)
+    assert delays == [0.5, 1.0, 2.0, 4.0]
+    clock.advance(workers.STABLE_AFTER)  # it lived: the next death starts the back-off over
+    spawned[-1][1].end(error.ProcessTerminated(exitCode=1))
+    clock.advance(0.5)
+    assert sup.alive() == [0, 1]
+    assert sup.restarts == 5
+    assert workers.restart_delay(50) == workers.BACKOFF_MAX
+
+
+def test_sighup_reaches_every_worker():
+    sup, _, spawned = make_supervisor(2)
+    sup.reload()
+    assert [p.signals for _, p in spawned] == [[signal.SIGHUP], [signal.SIGHUP]]
+
+
+def test_a_graceful_stop_drains_every_worker_and_restarts_none():
+    sup, clock, spawned = make_supervisor(2)
+    spawned[0][1].end(killed())  # a restart is pending when the stop comes
+    sup._graceful = True
+    d = sup.stopService()
+    assert sup.socket.closed
+    assert spawned[1][1].signals == [signal.SIGTERM]
+    assert not d.called
+    spawned[1][1].end(error.ProcessDone(0))
+    assert d.called
+    clock.advance(60)
+    assert len(spawned) == 2  # the pending restart was cancelled
+
+
+def test_a_worker_that_outstays_the_drain_is_killed():
+    sup, clock, spawned = make_supervisor(2, shutdown_timeout=5)
+    sup._graceful = True
+    d = sup.stopService()
+    spawned[0][1].end(error.ProcessDone(0))
+    clock.advance(5 + 10)
+    assert spawned[1][1].signals == [signal.SIGTERM, signal.SIGKILL]
+    spawned[1][1].end(killed())
+    assert d.called
+
+
+def test_worker_output_becomes_the_supervisors_log_lines():
+    from twisted.logger import globalLogPublisher
+
+    sup, _, spawned = make_supervisor(1 + 1)
+    seen = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        proto = spawned[1][1].proto
+        proto.childDataReceived(1, b"2026-12-05T06:00:00+0000 [pgtwist.x#info] hello\npart")
+        proto.childDataReceived(2, b"stderr line\n")
+        proto.childDataReceived(1, b"ial\n")
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    lines = [e["line"] for e in seen if e.get("log_format") == "worker {index}: {line}"]
+    assert lines == ["[pgtwist.x#info] hello", "stderr line", "partial"]
+
+
+# -- the config --------------------------------------------------------------------------------------
+
+
+def test_workers_config():
+    assert make_config().workers == 1
+    assert make_config(workers=4).workers == 4
+    assert make_config(workers="auto").workers >= 1
+    for bad in (0, -1, 257, "two", 1.5, True):
+        with pytest.raises(configmod.ConfigError, match="workers"):
+            make_config(workers=bad)
+    assert configmod.needs_restart("workers")
+
+
+# -- what the admin sees ---------------------------------------------------------------------------
+
+
+def test_show_lists_every_workers_rows_with_a_worker_column():
+    from pgtwist.admin import console, inspect
+
+    from tests.harness.admin_support import TestProxy
+
+    proxy = TestProxy(make_config())
+    proxy.pool_for(proxy.config.databases["appdb"], "app")
+
+    class Link:
+        def every_worker(self, what, rows):
+            assert what == "inspect.pools"
+            other = dict(rows[0], node="db2:5432")
+            return [dict(r, worker=0) for r in rows] + [dict(other, worker=1)], [2]
+
+    assert console.describe("SHOW NODE_POOLS", proxy) == inspect.POOL_COLUMNS  # (one process: as ever)
+    plain = console.run(proxy, "SHOW NODE_POOLS")
+    assert plain.columns == inspect.POOL_COLUMNS
+    proxy.worker = Link()
+    result = console.run(proxy, "SHOW NODE_POOLS")
+    assert result.columns == inspect.POOL_COLUMNS + (workers.WORKER_COLUMN,)
+    assert console.describe("SHOW NODE_POOLS", proxy) == result.columns
+    assert [row[-1] for row in result.rows] == [0, 1]
+    assert result.notices == ["worker 2 did not answer: its rows are missing"]
+
+
+def test_one_metrics_text_for_every_worker():
+    from pgtwist.service import workermetrics
+
+    text = (
+        "# HELP pgbalance_clients_accepted_total Client connections accepted since start.\n"
+        "# TYPE pgbalance_clients_accepted_total counter\n"
+        "pgbalance_clients_accepted_total {n}\n"
+        "# HELP pgbalance_pool_size Server connections a pool may open.\n"
+        "# TYPE pgbalance_pool_size gauge\n"
+        'pgbalance_pool_size{{database="appdb",user="app",node="db1:5432"}} 20.0\n'
+    )
+
+    class Sup:
+        count = 2
+        restarts = 1
+
+        def alive(self):
+            return [0, 1]
+
+    out = workermetrics.exposition(Sup(), {0: text.format(n=3), 1: text.format(n=4)}).decode()
+    assert out.count("# TYPE pgbalance_clients_accepted_total counter") == 1
+    assert 'pgbalance_clients_accepted_total{worker="0"} 3.0' in out
+    assert 'pgbalance_clients_accepted_total{worker="1"} 4.0' in out
+    assert 'pgbalance_pool_size{database="appdb",node="db1:5432",user="app",worker="1"} 20.0' in out
+    assert "pgbalance_workers_up 2.0" in out
+    assert "pgbalance_worker_restarts_total 1.0" in out
+
+
+def test_the_supervisor_checks_the_manhole_once_before_any_worker_starts(tmp_path):
+    from pgtwist.admin import ManholeError
+
+    manhole = {"listen": "127.0.0.1:6022", "authorized_keys": str(tmp_path / "missing"), "host_key": str(tmp_path / "hk")}
+    with pytest.raises(ManholeError, match="authorized_keys"):
+        workers.Supervisor(make_config(workers=2, manhole=manhole), MemoryReactorClock(), spawn=None, listen_socket=FakeSocket())
+    (tmp_path / "missing").write_text("")
+    workers.Supervisor(make_config(workers=2, manhole=manhole), MemoryReactorClock(), spawn=None, listen_socket=FakeSocket())
+    assert (tmp_path / "hk").exists()  # made here, not by two workers at once
+
+
+def test_kill_goes_to_the_worker_an_id_names_and_nowhere_else():
+    link = workers.WorkerLink(workers.WorkerSpec(0, 2, 3, "/nonexistent-pgtwist-rundir"), MemoryReactorClock())
+    # Ids of this worker, of no worker, or of a worker that does not answer: not killed elsewhere.
+    for client_id in ("c3", "w0.c3", "w2.c1", "wx.c1", "w1.c3"):
+        assert link.kill_elsewhere(client_id) is False
