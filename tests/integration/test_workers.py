@@ -73,17 +73,19 @@ def test_many_clients_are_served_by_both_workers(px):
             for r in victims:
                 with pytest.raises(psycopg.OperationalError):
                     ours[r["port"]].execute("SELECT 1")
-            # PAUSE and RESUME on one console reach every worker's pools.
-            for verb, paused in (("PAUSE", True), ("RESUME", False)):
-                console.execute(verb)
-                cur = console.execute("SHOW NODE_POOLS")
-                names = [d.name for d in cur.description]
-                pools = [dict(zip(names, row)) for row in cur.fetchall()]
-                assert {p["worker"] for p in pools} == {0, 1}
-                assert all(p["paused"] is paused for p in pools), pools
     finally:
         for conn in conns:
             conn.close()
+    # PAUSE (which waits, as PgBouncer's does, for the session-mode clients to have left) and
+    # RESUME on one console reach every worker's pools.
+    with px.connect(dbname="pgbalance") as console:
+        for verb, paused in (("PAUSE", True), ("RESUME", False)):
+            console.execute(verb)
+            cur = console.execute("SHOW NODE_POOLS")
+            names = [d.name for d in cur.description]
+            pools = [dict(zip(names, row)) for row in cur.fetchall()]
+            assert {p["worker"] for p in pools} == {0, 1}
+            assert all(p["paused"] is paused for p in pools), pools
     assert served == {0, 1}
     # One /metrics for the tree: every sample says its worker.
     text = urllib.request.urlopen(f"http://{proxymod.HOST}:{px.metrics_port}/metrics", timeout=10).read().decode()
@@ -198,7 +200,7 @@ def test_sigint_stops_every_worker_at_once(px):
 
 
 def test_each_workers_manhole_has_its_port(pg_cluster, tmp_path):
-    from .ops import screen_text, ssh_keygen, ssh_repl
+    from tests.harness.ops import screen_text, ssh_keygen, ssh_repl
 
     key = ssh_keygen(tmp_path / "key")
     (tmp_path / "authorized_keys").write_text((tmp_path / "key.pub").read_text())
