@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
+import os
 import resource
 import signal
+import sys
 
 from twisted.application import service
 from twisted.internet import defer, task
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
-from pgtwist.service import drain
+from pgtwist.service import drain, sdnotify
 from pgtwist.service import reload as reloadmod
 from pgtwist.frontend.protocol import FrontendFactory
 from pgtwist.service.proxy import Proxy
 
 log = Logger()
+
+
+EX_CONFIG = 78  # sysexits.h; systemd units carry RestartPreventExitStatus=78
+
+
+class ListenError(Exception):
+    """A listener named in the config cannot be opened: one line naming its key."""
 
 
 def raise_nofile_limit() -> int:
@@ -64,7 +74,42 @@ class PgBalanceService(service.MultiService):
         """Where clients connect (useful with port 0)."""
         return self.port.getHost() if self.port is not None else None
 
+    def privilegedStartService(self):
+        # twistd calls this before dropping privileges (--uid): every listener binds here, the
+        # children's (metrics, manhole) too, so a port below 1024 works and a taken port is
+        # reported before anything else has started.
+        try:
+            self._listen()
+            super().privilegedStartService()
+        except CannotListenError as e:
+            self._cannot_listen(e)
+
+    def _listen(self) -> None:
+        if self.port is None:
+            listen = self.config.listen
+            self.port = self.reactor.listenTCP(listen.port, self.factory, backlog=4096, interface=listen.host)
+
+    def _cannot_listen(self, e: CannotListenError):
+        keys = {(self.config.listen.host, self.config.listen.port): "listen"}
+        for key in ("metrics", "manhole"):
+            table = getattr(self.config, key, None)
+            if table is not None:
+                keys[(table.listen.host, table.listen.port)] = f"{key}.listen"
+        key = keys.get((e.interface, e.port), "listen")
+        why = getattr(e.socketError, "strerror", None) or str(e.socketError)
+        where = f"[{e.interface}]:{e.port}" if ":" in (e.interface or "") else f"{e.interface}:{e.port}"
+        message = f"{self.config.source}: {key}: cannot listen on {where}: {why}"
+        if self.signals:  # under twistd: one line and EX_CONFIG rather than a traceback and a restart loop
+            sys.stderr.write(message + "\n")
+            sys.stderr.flush()
+            raise SystemExit(EX_CONFIG)
+        raise ListenError(message) from None
+
     def startService(self):
+        try:
+            self._listen()
+        except CannotListenError as e:
+            self._cannot_listen(e)
         limit = raise_nofile_limit()
         log.info(
             "pgtwist listening on {listen} ({mode} pooling, {n} database(s), file limit {limit})",
@@ -79,9 +124,13 @@ class PgBalanceService(service.MultiService):
         self._janitor = task.LoopingCall(self.proxy.maintain)
         self._janitor.clock = self.reactor
         self._janitor.start(1.0, now=False)
-        listen = self.config.listen
-        self.port = self.reactor.listenTCP(listen.port, self.factory, backlog=4096, interface=listen.host)
-        super().startService()
+        try:
+            super().startService()
+        except CannotListenError as e:
+            self._cannot_listen(e)
+        if self.signals:
+            # Type=notify: systemd counts the unit as started from here, when clients can connect.
+            sdnotify.notify(f"READY=1\nSTATUS=accepting clients on {self.config.listen}\nMAINPID={os.getpid()}")
 
     def stopService(self):
         # Stop accepting first; let open transactions finish (graceful) and close the clients; then the rest.
@@ -116,6 +165,8 @@ class PgBalanceService(service.MultiService):
             log.info("shutdown already under way")
             return
         self._graceful = graceful
+        if self.signals:
+            sdnotify.notify("STOPPING=1\nSTATUS=draining" if graceful else "STOPPING=1")
         log.info(
             "shutting down: {how}",
             how=f"new clients refused, open transactions get up to {self.config.shutdown_timeout:g} s" if graceful else "fast",
