@@ -100,8 +100,11 @@ class PgBalanceService(service.MultiService):
         where = f"[{e.interface}]:{e.port}" if ":" in (e.interface or "") else f"{e.interface}:{e.port}"
         message = f"{self.config.source}: {key}: cannot listen on {where}: {why}"
         if self.signals:  # under twistd: one line and EX_CONFIG rather than a traceback and a restart loop
-            sys.stderr.write(message + "\n")
-            sys.stderr.flush()
+            # The process's own stderr: twistd has pointed sys.stderr at its log by now, where a
+            # line would get a timestamp prefix (and, with --logfile, miss the terminal or journal).
+            err = sys.__stderr__ or sys.stderr
+            err.write(message + "\n")
+            err.flush()
             raise SystemExit(EX_CONFIG)
         raise ListenError(message) from None
 
@@ -120,7 +123,7 @@ class PgBalanceService(service.MultiService):
         )
         self.proxy.start()
         if self.signals:
-            self.reactor.callWhenRunning(self._install_signal_handlers)  # after the reactor's own
+            self.reactor.callWhenRunning(self._running)  # after the reactor's own signal handlers
         self._janitor = task.LoopingCall(self.proxy.maintain)
         self._janitor.clock = self.reactor
         self._janitor.start(1.0, now=False)
@@ -128,9 +131,6 @@ class PgBalanceService(service.MultiService):
             super().startService()
         except CannotListenError as e:
             self._cannot_listen(e)
-        if self.signals:
-            # Type=notify: systemd counts the unit as started from here, when clients can connect.
-            sdnotify.notify(f"READY=1\nSTATUS=accepting clients on {self.config.listen}\nMAINPID={os.getpid()}")
 
     def stopService(self):
         # Stop accepting first; let open transactions finish (graceful) and close the clients; then the rest.
@@ -172,6 +172,12 @@ class PgBalanceService(service.MultiService):
             how=f"new clients refused, open transactions get up to {self.config.shutdown_timeout:g} s" if graceful else "fast",
         )
         self.reactor.stop()
+
+    def _running(self) -> None:
+        self._install_signal_handlers()
+        # Type=notify: systemd counts the unit as started from here: the listener is open (since
+        # startService) and a SIGTERM from now on drains rather than stops at once.
+        sdnotify.notify(f"READY=1\nSTATUS=accepting clients on {self.config.listen}\nMAINPID={os.getpid()}")
 
     def _install_signal_handlers(self) -> None:
         def on_hup(signum, frame):
