@@ -31,9 +31,11 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pgtwist",
         description="pgtwist: a PostgreSQL-protocol-aware connection pooler and load balancer.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # the path below on one line, unbroken
         epilog=(
-            f"Every configuration key is documented, with its default, in {_example_config_path()} "
-            "(`pgtwist example-config > pgbalance.toml` writes a copy to start from). "
+            "Every configuration key is documented, with its default, in\n"
+            f"  {_example_config_path()}\n"
+            "(`pgtwist example-config > pgbalance.toml` writes a copy to start from).\n"
             "`pgtwist run` is `twistd --nodaemon pgbalance`: `twistd pgbalance --help` lists its options."
         ),
     )
