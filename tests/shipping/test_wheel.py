@@ -57,3 +57,15 @@ def test_the_twistd_plugin_is_found(installed, tmp_path):
     assert "Traceback" not in result.stderr
     check = run([str(installed / "twistd"), "-n", "pgbalance", "--config", "nope.toml", "--check"], cwd=tmp_path, timeout=120)
     assert check.returncode == 78 and "cannot read" in check.stderr, check
+
+
+def test_the_dockerfiles_plugin_cache_step_writes_dropin_cache(installed, tmp_path):
+    # The step the Dockerfile runs at build time (no container runtime is needed to check it).
+    import re
+
+    step = re.search(r'bin/python -c "(from twisted\.plugin import[^"]+)"', (ROOT / "Dockerfile").read_text())
+    assert step, "the Dockerfile builds no plugin cache"
+    result = run([str(installed / "python"), "-c", step.group(1)], cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result
+    (cache,) = installed.parent.glob("lib/python*/site-packages/twisted/plugins/dropin.cache")
+    assert cache.stat().st_size > 0 and b"pgbalance" in cache.read_bytes()
