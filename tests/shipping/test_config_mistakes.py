@@ -147,3 +147,20 @@ def test_ready_reaches_notify_socket_once_clients_can_connect_and_sigterm_says_s
             process.wait(10)
         process.stdout.close()
         notify.close()
+
+
+def test_pgtwist_run_is_twistd_pgbalance_and_exits_78_the_same_way(tmp_path):
+    taken = socket.socket()
+    taken.bind((HOST, 0))
+    taken.listen(1)
+    port = taken.getsockname()[1]
+    try:
+        path = tmp_path / "pgbalance.toml"
+        path.write_text(config_text(f"{HOST}:{port}"))
+        result = subprocess.run(
+            [sys.executable, "-m", "pgtwist.tools.cli", "run", "--config", str(path)],
+            capture_output=True, text=True, timeout=60, env=ENV, stdin=subprocess.DEVNULL,
+        )
+        assert one_line(result) == f"{path}: listen: cannot listen on {HOST}:{port}: Address already in use"
+    finally:
+        taken.close()
