@@ -118,3 +118,11 @@ def test_image_runs_read_only_and_sigterm_drains(image, tmp_path):
         assert status.stdout.strip() == "0"
     finally:
         subprocess.run(["docker", "rm", "-f", name], capture_output=True, timeout=60)
+
+
+def test_compose_primary_init_script_parses():
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("bash is not installed")
+    result = subprocess.run([bash, "-n", str(ROOT / "etc" / "compose" / "primary-init.sh")], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
