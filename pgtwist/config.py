@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -270,6 +271,26 @@ _DATABASE_KEYS = {"dbname", "nodes", "pool_size", "route", "pool_mode", "max_db_
 _USER_KEYS = {"password", "route", "pool_mode", "max_user_connections"}
 
 
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)\Z")
+
+
+def _can_be_host(host: str) -> bool:
+    """An IP literal, a DNS name (labels of letters, digits, "-" and "_", 253 bytes at most), a
+    directory holding a node's Unix socket ("/var/run/postgresql", as libpq takes it), or "*"
+    (listen: every interface)."""
+    if host == "*" or (host.startswith("/") and "\0" not in host):
+        return True
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    name = host[:-1] if host.endswith(".") else host
+    labels = name.split(".")
+    # An all-digit last label is a mistyped IPv4 address ("10.0.0.256"), never a DNS name (RFC 3696).
+    return 0 < len(name) <= 253 and all(_HOST_LABEL.match(label) for label in labels) and not labels[-1].isdigit()
+
+
 def parse_address(text: str, default_port: int = 5432) -> Address:
     """'host:port', '[v6]:port' or bare 'host' -> Address; ValueError on nonsense."""
     if not isinstance(text, str) or not text:
@@ -285,6 +306,9 @@ def parse_address(text: str, default_port: int = 5432) -> Address:
         host, port_text = text, None
     if not host:
         raise ValueError(f"no host in {text!r}")
+    if not _can_be_host(host):
+        # Caught here rather than as a node "down" forever or a listener that never binds.
+        raise ValueError(f"{host!r} cannot be a host name or IP address")
     if port_text is not None and not (port_text.isascii() and port_text.isdigit()):
         raise ValueError(f"invalid port in {text!r}")  # int() would take ' 5432', '+5432', '5_432'
     port = int(port_text) if port_text is not None else default_port

@@ -19,7 +19,7 @@ from pgtwist.admin import inspect
 
 log = Logger()
 
-PROBE_TIMEOUT = 2.0  # /readyz: how long a primary gets to accept a TCP connection
+PROBE_TIMEOUT = 2.0  # /readyz: how long an unmonitored node gets to accept a TCP connection
 
 
 class ProxyCollector:
@@ -195,22 +195,40 @@ class _ProbeFactory(ClientFactory):
 
 
 def readiness(service, reactor) -> defer.Deferred:
-    """Fires with (ready, reason): the listener is open, not draining, and a primary is reachable.
+    """Fires with (ready, reason): the listener is open, not draining, and some node can serve reads.
 
-    A primary with an open server connection counts as reachable; otherwise each one is
-    probed with a TCP connection (PROBE_TIMEOUT s).
+    Readiness is what Kubernetes uses to keep a pod in a Service, and every pgtwist pod sees
+    the same cluster: failing it when the primary is down (while replicas still answer reads)
+    would empty the Service and turn a failover into a full outage. So a missing primary is a
+    metric (pgbalance_node_up) and a log line, and the reason text below, not a 503.
+
+    A database with a cluster monitor is ready when its monitor reports a node that may serve
+    reads (the primary, or a replica read_exclusions() lets through). A database with one
+    node and no monitor counts as ready when a server connection to it is open, or else when
+    a TCP probe of it connects (PROBE_TIMEOUT s).
     """
     proxy = service.proxy
     if not service.accepting:
         return defer.succeed((False, "not accepting clients (starting or shutting down)"))
-    primaries = inspect.primaries(proxy)
-    if not primaries:
-        return defer.succeed((False, "no primary known for any database"))
+    routers = getattr(proxy, "routers", {})
+    unmonitored = []
+    down: list[str] = []
+    for database in proxy.config.databases.values():
+        router = routers.get(database.name)
+        if router is None or not router.clustered:
+            unmonitored.append(database.nodes[0])
+            continue
+        serving = _serving(router)
+        if serving:
+            return defer.succeed((True, f"database {database.name}: {serving}"))
+        down.append(f"database {database.name}: no node up")
     for pool in list(proxy.pools.values()):
-        if pool.node in primaries and (pool.idle or pool.busy):
-            return defer.succeed((True, f"primary {pool.node} connected"))
+        if pool.node in unmonitored and (pool.idle or pool.busy):
+            return defer.succeed((True, f"node {pool.node} connected"))
+    if not unmonitored:
+        return defer.succeed((False, "; ".join(down) or "no database configured"))
     probes = []
-    for node in dict.fromkeys(primaries):
+    for node in dict.fromkeys(unmonitored):
         factory = _ProbeFactory()
         proxy.dialer.connect(node.host, node.port, factory, timeout=PROBE_TIMEOUT)
         probes.append(factory.result.addCallback(lambda ok, node=node: (ok, node)))
@@ -218,10 +236,22 @@ def readiness(service, reactor) -> defer.Deferred:
     def decided(results):
         for _, (ok, node) in results:
             if ok:
-                return True, f"primary {node} reachable"
-        return False, "no primary reachable: " + ", ".join(str(node) for _, (_, node) in results)
+                return True, f"node {node} reachable"
+        return False, "; ".join(down + ["no node reachable: " + ", ".join(str(node) for _, (_, node) in results)])
 
     return defer.DeferredList(probes).addCallback(decided)
+
+
+def _serving(router) -> str | None:
+    """What serves *router*'s database now ("primary X" / "reads only, on replica Y"), or None."""
+    primary = router.primary()
+    if primary is not None:
+        return f"primary {primary} up"
+    exclusions = router.read_exclusions()
+    for state in router.states():
+        if state.role == "replica" and exclusions.get(state.name) is None:
+            return f"no primary (writes fail with 08006), reads on replica {state.name}"
+    return None
 
 
 # -- HTTP ----------------------------------------------------------------------------------------

@@ -6,18 +6,27 @@ import os
 import resource
 import signal
 import socket
+import sys
 
 from twisted.application import service
 from twisted.internet import defer, task
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
 from pgtwist.transport import connect
-from pgtwist.service import drain
+from pgtwist.service import drain, sdnotify
 from pgtwist.service import reload as reloadmod
 from pgtwist.frontend.protocol import FrontendFactory
 from pgtwist.service.proxy import Proxy
 
 log = Logger()
+
+
+EX_CONFIG = 78  # sysexits.h; systemd units carry RestartPreventExitStatus=78
+
+
+class ListenError(Exception):
+    """A listener named in the config cannot be opened: one line naming its key."""
 
 
 def raise_nofile_limit() -> int:
@@ -83,7 +92,57 @@ class PgBalanceService(service.MultiService):
         """Where clients connect (useful with port 0)."""
         return self.port.getHost() if self.port is not None else None
 
+    def privilegedStartService(self):
+        # twistd calls this before dropping privileges (--uid): every listener binds here, the
+        # children's (metrics, manhole) too, so a port below 1024 works and a taken port is
+        # reported before anything else has started.
+        try:
+            self._listen()
+            super().privilegedStartService()
+        except CannotListenError as e:
+            self._cannot_listen(e)
+
+    def _listen(self) -> None:
+        if self.port is not None:
+            return
+        config = self.config
+        listen = config.listen
+        if self.worker is not None:
+            from pgtwist.service import workers
+
+            family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
+            self.port = workers.adopt_listener(self.worker, self.factory, self.reactor, family)
+            self.ports = [self.port]
+        else:
+            self.ports = connect.listen(
+                self.reactor, self.factory, config.listen_addresses or (listen,), config.unix_socket_dir, config.unix_socket_mode
+            )
+            self.port = self.ports[0]
+
+    def _cannot_listen(self, e: CannotListenError):
+        keys = {(self.config.listen.host, self.config.listen.port): "listen"}
+        for key in ("metrics", "manhole"):
+            table = getattr(self.config, key, None)
+            if table is not None:
+                keys[(table.listen.host, table.listen.port)] = f"{key}.listen"
+        key = keys.get((e.interface, e.port), "listen")
+        why = getattr(e.socketError, "strerror", None) or str(e.socketError)
+        where = f"[{e.interface}]:{e.port}" if ":" in (e.interface or "") else f"{e.interface}:{e.port}"
+        message = f"{self.config.source}: {key}: cannot listen on {where}: {why}"
+        if self.signals:  # under twistd: one line and EX_CONFIG rather than a traceback and a restart loop
+            # The process's own stderr: twistd has pointed sys.stderr at its log by now, where a
+            # line would get a timestamp prefix (and, with --logfile, miss the terminal or journal).
+            err = sys.__stderr__ or sys.stderr
+            err.write(message + "\n")
+            err.flush()
+            raise SystemExit(EX_CONFIG)
+        raise ListenError(message) from None
+
     def startService(self):
+        try:
+            self._listen()
+        except CannotListenError as e:
+            self._cannot_listen(e)
         limit = raise_nofile_limit()
         where = [str(a) for a in self.config.listen_addresses or (self.config.listen,)]
         if self.config.unix_socket_dir:
@@ -98,25 +157,15 @@ class PgBalanceService(service.MultiService):
         )
         self.proxy.start()
         if self.signals:
-            self.reactor.callWhenRunning(self._install_signal_handlers)  # after the reactor's own
+            self.reactor.callWhenRunning(self._running)  # after the reactor's own signal handlers
         self._janitor = task.LoopingCall(self.proxy.maintain)
         self._janitor.clock = self.reactor
         self._janitor.start(1.0, now=False)
-        config = self.config
-        listen = config.listen
-        if self.worker is not None:
-            from pgtwist.service import workers
-
-            family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
-            self.port = workers.adopt_listener(self.worker, self.factory, self.reactor, family)
-            self.ports = [self.port]
-        else:
-            self.ports = connect.listen(
-                self.reactor, self.factory, config.listen_addresses or (listen,), config.unix_socket_dir, config.unix_socket_mode
-            )
-            self.port = self.ports[0]
         self.proxy.dialer.start()
-        super().startService()
+        try:
+            super().startService()
+        except CannotListenError as e:
+            self._cannot_listen(e)
 
     def stopService(self):
         # Stop accepting first; let open transactions finish (graceful) and close the clients; then the rest.
@@ -159,11 +208,19 @@ class PgBalanceService(service.MultiService):
             # SHUTDOWN on one worker's console stops the whole tree: the supervisor drains every worker.
             os.kill(os.getppid(), signal.SIGTERM if graceful else signal.SIGINT)
             return
+        if self.signals:
+            sdnotify.notify("STOPPING=1\nSTATUS=draining" if graceful else "STOPPING=1")
         log.info(
             "shutting down: {how}",
             how=f"new clients refused, open transactions get up to {self.config.shutdown_timeout:g} s" if graceful else "fast",
         )
         self.reactor.stop()
+
+    def _running(self) -> None:
+        self._install_signal_handlers()
+        # Type=notify: systemd counts the unit as started from here: the listener is open (since
+        # startService) and a SIGTERM from now on drains rather than stops at once.
+        sdnotify.notify(f"READY=1\nSTATUS=accepting clients on {self.config.listen}\nMAINPID={os.getpid()}")
 
     def _install_signal_handlers(self) -> None:
         def on_hup(signum, frame):

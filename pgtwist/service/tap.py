@@ -13,7 +13,8 @@ class Options(usage.Options):
     synopsis = "[--config PATH | --demo]"
     longdesc = (
         "pgtwist: a PostgreSQL-protocol-aware connection pooler and load balancer. "
-        "--config runs it from a TOML file (see etc/pgbalance.toml for every key); "
+        "--config runs it from a TOML file (every key, with its default: etc/pgbalance.toml in the "
+        "source, `pgtwist example-config` once installed); "
         "--demo starts a throwaway local primary + streaming replica, fronts them and prints the DSN."
     )
     optParameters = [

@@ -289,6 +289,8 @@ def test_on_server_loss_is_reloadable():
         ("::1", Address("::1", 5432)),
         ("fe80::1", Address("fe80::1", 5432)),
         ("h:65535", Address("h", 65535)),
+        ("postgres-0.postgres.default.svc.cluster.local:5432", Address("postgres-0.postgres.default.svc.cluster.local", 5432)),
+        ("db_1.example.:5432", Address("db_1.example.", 5432)),
     ],
 )
 def test_parse_address(text, expected):
@@ -320,11 +322,26 @@ def test_parse_address_default_port():
         "[::1]:",
         None,
         5432,
+        "db host:5432",  # hosts that cannot be hosts: caught at --check, not as a node down forever
+        "db..example:5432",
+        "-db:5432",
+        "db-:5432",
+        "http://db:5432",
+        "db/1",
+        "a" * 64 + ".example",
+        "127.0.0.1.5432",  # a mistyped IPv4 address, not a name (an all-digit last label)
+        "10.0.0.256",
     ],
 )
 def test_parse_address_refuses(text):
     with pytest.raises(ValueError):
         parse_address(text)
+
+
+def test_a_host_that_cannot_be_a_host_names_its_key():
+    raw = {"databases": {"appdb": {"nodes": ["db1:5432", "db 2:5432"]}}, "users": {"app": {"password": "x"}}}
+    assert "databases.appdb.nodes[1]: 'db 2' cannot be a host name or IP address" in errors_of(raw)
+    assert "listen: 'local host' cannot be a host name or IP address" in errors_of(dict(raw, listen="local host:6432"))
 
 
 def test_address_str():

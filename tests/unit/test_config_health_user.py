@@ -96,25 +96,15 @@ def test_check_refuses_a_cluster_the_monitor_cannot_log_in_to(tmp_path, capsys):
 ETC = __import__("pathlib").Path(__file__).resolve().parents[2] / "etc"
 
 
-def block_scalar(yaml_text: str, key: str) -> str:
-    """The `key: |` literal block of a manifest (no YAML library needed for these files)."""
-    lines = yaml_text.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.strip() == f"{key}: |")
-    indent = len(lines[start]) - len(lines[start].lstrip()) + 2
-    body = []
-    for line in lines[start + 1:]:
-        if line.strip() and len(line) - len(line.lstrip()) < indent:
-            break
-        body.append(line[indent:])
-    return "\n".join(body) + "\n"
-
-
 def test_kubernetes_manifests_ship_a_config_that_checks(tmp_path):
     from pgtwist.config import load
 
-    toml = block_scalar((ETC / "kubernetes" / "configmap.yaml").read_text(), "pgbalance.toml")
-    userlist = block_scalar((ETC / "kubernetes" / "secret.yaml").read_text(), "userlist.txt")
-    deployment = (ETC / "kubernetes" / "deployment.yaml").read_text()
+    # The kustomize base generates the ConfigMap and the Secret from these two files
+    # (tests/shipping/test_kubernetes.py renders and checks every overlay).
+    base = ETC / "kubernetes" / "base"
+    toml = (base / "pgbalance.toml").read_text()
+    userlist = (base / "userlist.txt").read_text()
+    deployment = (base / "deployment.yaml").read_text()
     assert 'auth_file = "/etc/pgtwist-users/userlist.txt"' in toml
     assert "mountPath: /etc/pgtwist-users" in deployment and "secretName: pgtwist-users" in deployment
     (tmp_path / "userlist.txt").write_text(userlist)

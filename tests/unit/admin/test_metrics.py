@@ -90,7 +90,7 @@ def test_readyz_with_a_connected_primary_needs_no_probe():
     proxy = TestProxy(make_config())
     client(proxy)
     request = get(metrics.make_root(Service(proxy), proxy.reactor), b"/readyz")
-    assert request.responseCode == 200 and "primary db1:5432 connected" in body(request)
+    assert request.responseCode == 200 and "node db1:5432 connected" in body(request)
     assert proxy.reactor.tcpClients == []
 
 
@@ -109,7 +109,56 @@ def test_readyz_probes_the_primary():
     request = get(root, b"/readyz")
     factory = reactor.tcpClients[-1][2]
     factory.clientConnectionFailed(None, None)
-    assert request.finished and request.responseCode == 503 and "no primary reachable: db1:5432" in body(request)
+    assert request.finished and request.responseCode == 503 and "no node reachable: db1:5432" in body(request)
+
+
+def _clustered(proxy, *states):
+    from pgtwist.routing.router import DatabaseRouter
+
+    class Monitor:  # what DatabaseRouter reads of a ClusterMonitor
+        pass
+
+    Monitor.states = {s.name: s for s in states}
+    proxy.routers["appdb"] = DatabaseRouter(proxy.config.databases["appdb"], proxy.config, Monitor())
+
+
+def test_readyz_stays_ready_on_replicas_while_the_primary_is_down():
+    # Every pod sees the same cluster: a 503 here would take all of them out of the Service
+    # during a failover, when the replicas still answer reads.
+    from pgtwist.routing.policy import NodeState
+
+    cluster = {"appdb": {"dbname": "postgres", "nodes": ["db1:5432", "db2:5432"], "pool_size": 2}}
+    proxy = TestProxy(make_config(databases=cluster))
+    _clustered(
+        proxy,
+        NodeState("db1:5432", role="primary", up=False, timeline=1),
+        NodeState("db2:5432", role="replica", up=True, timeline=1, upstream=False),
+    )
+    request = get(metrics.make_root(Service(proxy), proxy.reactor), b"/readyz")
+    assert request.responseCode == 200, body(request)
+    assert "no primary (writes fail with 08006), reads on replica db2:5432" in body(request)
+    assert proxy.reactor.tcpClients == []  # the monitor's view is enough: no probe
+
+
+def test_readyz_with_the_primary_up_names_it():
+    from pgtwist.routing.policy import NodeState
+
+    cluster = {"appdb": {"dbname": "postgres", "nodes": ["db1:5432", "db2:5432"], "pool_size": 2}}
+    proxy = TestProxy(make_config(databases=cluster))
+    _clustered(proxy, NodeState("db1:5432", role="primary", up=True, timeline=1), NodeState("db2:5432", role="replica", up=False))
+    request = get(metrics.make_root(Service(proxy), proxy.reactor), b"/readyz")
+    assert request.responseCode == 200 and "database appdb: primary db1:5432 up" in body(request)
+
+
+def test_readyz_fails_when_no_node_can_serve():
+    from pgtwist.routing.policy import NodeState
+
+    cluster = {"appdb": {"dbname": "postgres", "nodes": ["db1:5432", "db2:5432"], "pool_size": 2}}
+    proxy = TestProxy(make_config(databases=cluster))
+    _clustered(proxy, NodeState("db1:5432", role="primary", up=False), NodeState("db2:5432", role="replica", up=False))
+    request = get(metrics.make_root(Service(proxy), proxy.reactor), b"/readyz")
+    assert request.responseCode == 503 and "database appdb: no node up" in body(request)
+    assert proxy.reactor.tcpClients == []
 
 
 def test_service_builds_metrics_and_readiness_follows_the_listener(monkeypatch):

@@ -142,3 +142,23 @@ def test_demo_config_fronts_every_node_in_transaction_mode():
     config = demo_config(cluster, "127.0.0.1:16499")
     assert config.pool_mode == "transaction"
     assert [str(n) for n in config.databases["appdb"].nodes] == ["127.0.0.1:20001", "127.0.0.1:20002"]
+
+
+def test_a_listener_that_cannot_open_is_a_listen_error_naming_its_key(monkeypatch, good_config):
+    # Under twistd (signals=True) the same message is one line on stderr and exit 78: tests/shipping.
+    import errno
+    import socket
+
+    from twisted.internet.error import CannotListenError
+
+    from pgtwist import config as configmod
+
+    class Taken(MemoryReactorClock):
+        def listenTCP(self, port, factory, backlog=50, interface=""):
+            raise CannotListenError(interface, port, socket.error(errno.EADDRINUSE, "Address already in use"))
+
+    monkeypatch.setattr(servicemod, "raise_nofile_limit", lambda: 1024)
+    svc = PgBalanceService(configmod.load(good_config), Taken())
+    with pytest.raises(servicemod.ListenError) as e:
+        svc.privilegedStartService()
+    assert str(e.value) == f"{good_config}: listen: cannot listen on 127.0.0.1:7432: Address already in use"

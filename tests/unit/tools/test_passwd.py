@@ -91,5 +91,6 @@ def test_module_runs_as_a_command():
 def test_console_script_is_declared():
     setup = configparser.ConfigParser()
     setup.read(ROOT / "setup.cfg")
-    scripts = setup["options.entry_points"]["console_scripts"].split()
-    assert scripts == ["pgtwist-passwd", "=", "pgtwist.tools.passwd:main"]
+    scripts = setup["options.entry_points"]["console_scripts"].strip().splitlines()
+    assert "pgtwist-passwd = pgtwist.tools.passwd:main" in scripts
+    assert "pgtwist = pgtwist.tools.cli:main" in scripts  # `pgtwist passwd` too

@@ -1,0 +1,1 @@
+"""The example configuration (etc/pgbalance.toml), installed with the package so `pgtwist --help` can point at it."""
