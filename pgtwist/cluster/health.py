@@ -13,10 +13,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from pgtwist.transport.connect import NodeDialer, is_unix_host
-from pgtwist.cluster import catalog
 from pgtwist.backend.login import ServerLogin, ServerLoginError
+from pgtwist.cluster import catalog
 from pgtwist.routing.policy import PRIMARY, REPLICA, NodeState, format_lsn, parse_lsn, resolve_primary
+from pgtwist.transport.connect import NodeDialer, is_unix_host
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 from pgtwist.wire.errors import WireError

@@ -6,10 +6,9 @@ import os
 import socket
 
 from twisted.internet import defer, error
-from twisted.internet.address import UNIXAddress
 from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.address import UNIXAddress
 from twisted.python.failure import Failure
-
 
 SOCKET_NAME = ".s.PGSQL.{port}"  # what libpq looks for in a directory given as host
 

@@ -9,9 +9,10 @@ import threading
 import psycopg
 import pytest
 
+from pgtwist.tools.localcluster import free_port
+
 from tests.harness.ops import http_get, start_ops_proxy
 from tests.harness.proxy import HOST
-from pgtwist.tools.localcluster import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -7,7 +7,6 @@ import random
 import socket
 import struct
 
-import psycopg
 import pytest
 
 from tests.harness.proxy import DATABASE, psql, start_proxy

@@ -5,10 +5,9 @@ import re
 from pathlib import Path
 
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from unit.admin_support import TestProxy, make_config  # tests/ is on sys.path (pytest rootdir-relative packages)
 
 from pgtwist.admin import metrics
-
-from unit.admin_support import TestProxy, make_config  # tests/ is on sys.path (pytest rootdir-relative packages)
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "etc" / "grafana" / "pgtwist.json"
 # Labels Prometheus adds at scrape time, and the histogram bucket bound.

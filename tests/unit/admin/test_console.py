@@ -3,7 +3,6 @@
 import struct
 
 import pytest
-
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 

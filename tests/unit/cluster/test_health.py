@@ -8,8 +8,8 @@ from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
-from pgtwist.cluster.catalog import FUNCTIONS_SQL, NOT_FETCHED
 from pgtwist.backend.login import ServerLogin
+from pgtwist.cluster.catalog import FUNCTIONS_SQL, NOT_FETCHED
 from pgtwist.cluster.health import PROBE_SQL, ClusterMonitor, PromoteError
 from pgtwist.routing.policy import parse_lsn
 from pgtwist.wire import messages as m

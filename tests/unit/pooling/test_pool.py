@@ -4,9 +4,8 @@ import pytest
 from twisted.internet import defer, task
 from twisted.python.failure import Failure
 
-from pgtwist.backend.connection import IDLE
-from pgtwist.pooling.pool import Pool, PoolError, PoolSettings
 from pgtwist.backend.login import ServerLoginError
+from pgtwist.pooling.pool import Pool, PoolError, PoolSettings
 from pgtwist.wire import protocol as p
 from pgtwist.wire import sqlstate
 

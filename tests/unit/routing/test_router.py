@@ -4,13 +4,12 @@ import pytest
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from pgtwist.routing import router as routermod
 from pgtwist import config as configmod
-from pgtwist.cluster.catalog import NOT_FETCHED, function_volatility
+from pgtwist.cluster.catalog import function_volatility
+from pgtwist.routing import router as routermod
 from pgtwist.routing.router import DatabaseRouter, NoNode
-from pgtwist.routing.policy import NodeState
 
-from tests.harness.routing import R1, R2, P, FakeMonitor, cluster_states, clustered, make_config
+from tests.harness.routing import R1, R2, P, cluster_states, clustered, make_config
 
 
 def decide(router, sql, *, in_transaction=None, user_rule="auto", min_lsn=0):

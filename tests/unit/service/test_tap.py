@@ -147,7 +147,6 @@ def test_demo_config_fronts_every_node_in_transaction_mode():
 def test_a_listener_that_cannot_open_is_a_listen_error_naming_its_key(monkeypatch, good_config):
     # Under twistd (signals=True) the same message is one line on stderr and exit 78: tests/shipping.
     import errno
-    import socket
 
     from twisted.internet.error import CannotListenError
 
@@ -155,7 +154,7 @@ def test_a_listener_that_cannot_open_is_a_listen_error_naming_its_key(monkeypatc
 
     class Taken(MemoryReactorClock):
         def listenTCP(self, port, factory, backlog=50, interface=""):
-            raise CannotListenError(interface, port, socket.error(errno.EADDRINUSE, "Address already in use"))
+            raise CannotListenError(interface, port, OSError(errno.EADDRINUSE, "Address already in use"))
 
     monkeypatch.setattr(servicemod, "raise_nofile_limit", lambda: 1024)
     svc = PgBalanceService(configmod.load(good_config), Taken())

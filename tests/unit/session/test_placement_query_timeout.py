@@ -14,7 +14,6 @@ from pgtwist.wire import sqlstate
 
 from tests.harness.routing import R1, R2, P
 from tests.harness.session import (
-    tick,
     RESULT,
     Z_FAILED,
     Z_IDLE,
@@ -26,6 +25,7 @@ from tests.harness.session import (
     messages,
     queries,
     sent,
+    tick,
     types,
 )
 
