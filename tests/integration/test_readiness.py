@@ -7,8 +7,8 @@ import pytest
 
 from pgtwist.tools.localcluster import LocalCluster, free_port
 
-from .ops import http_get, start_ops_proxy
-from .proxy import DATABASE, HOST, wait_for
+from tests.harness.ops import http_get, start_ops_proxy
+from tests.harness.proxy import DATABASE, HOST, wait_for
 
 pytestmark = pytest.mark.integration
 

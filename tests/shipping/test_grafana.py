@@ -5,9 +5,10 @@ import re
 from pathlib import Path
 
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
-from unit.admin_support import TestProxy, make_config  # tests/ is on sys.path (pytest rootdir-relative packages)
 
 from pgtwist.admin import metrics
+
+from tests.harness.admin_support import TestProxy, make_config
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "etc" / "grafana" / "pgtwist.json"
 # Labels Prometheus adds at scrape time, and the histogram bucket bound.
