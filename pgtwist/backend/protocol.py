@@ -107,8 +107,11 @@ class CancelProtocol(Protocol):
     cancel that node's queries). Under mode "prefer" a node without TLS gets it in plaintext.
     """
 
-    def __init__(self, process_id: int, secret_key: bytes, node_tls=None, node: str = "", host: str = "", clock=None, timeout: float = 0):
+    def __init__(
+        self, process_id: int, secret_key: bytes, node_tls=None, node: str = "", host: str = "", clock=None, timeout: float = 0, done=None
+    ):
         self.packet = m.cancel_request(process_id, secret_key)
+        self.done = done  # called once the attempt is over (delivered, refused or lost)
         self.node_tls = node_tls
         self.node = node
         self.host = host
@@ -137,6 +140,9 @@ class CancelProtocol(Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        done, self.done = self.done, None
+        if done is not None:
+            done()
 
     def dataReceived(self, data):
         if not self._answer_awaited:
@@ -146,7 +152,9 @@ class CancelProtocol(Protocol):
             start = self.node_tls.answer(data, self.node)
         except ServerLoginError as e:
             log.warn("cancel to node {node} not sent: {why}", node=self.node, why=e.fields.get("M"))
-            self.connectionLost(None)  # (stops the timer now: loseConnection reports later)
+            if self._timer is not None:  # (loseConnection reports later)
+                self._timer.cancel()
+                self._timer = None
             self.transport.loseConnection()
             return
         if start:
@@ -168,7 +176,8 @@ class CancelProtocol(Protocol):
 class CancelFactory(ClientFactory):
     noisy = False
 
-    def __init__(self, process_id: int, secret_key: bytes, node_tls=None, node=None, clock=None, timeout: float = 0):
+    def __init__(self, process_id: int, secret_key: bytes, node_tls=None, node=None, clock=None, timeout: float = 0, done=None):
+        self.done = done  # called once the cancel was delivered, or could not be
         self.process_id = process_id
         self.secret_key = secret_key
         self.node_tls = node_tls
@@ -186,4 +195,13 @@ class CancelFactory(ClientFactory):
             node.host if node is not None else "",
             self.clock,
             self.timeout,
+            self._finished,
         )
+
+    def _finished(self):
+        done, self.done = self.done, None
+        if done is not None:
+            done()
+
+    def clientConnectionFailed(self, connector, reason):
+        self._finished()

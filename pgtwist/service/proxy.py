@@ -333,30 +333,42 @@ class Proxy:
             if len(held) == 1:
                 self.cancel_keys[session.process_id] = held[0]
 
-    def cancel(self, process_id: int, secret_key: bytes) -> None:
-        """A CancelRequest from a client: forward it to the server serving that client now, if any."""
+    def cancel(self, process_id: int, secret_key: bytes, done=None) -> None:
+        """A CancelRequest from a client: forward it to the server serving that client now, if any.
+
+        *done* is called once that is over: as PostgreSQL's postmaster signals the backend before
+        it closes the cancel connection, the client's cancel connection should close only then,
+        or a client that sends its next statement at once could have the late cancel land on it.
+        """
+        done = done or _nothing
         if self.worker is not None and self.worker.forward_cancel(process_id, secret_key):
+            done()
             return  # another worker's key: sent on to it
         held = self.cancel_keys.get(process_id)
         if held is None:
+            done()
             return  # PostgreSQL ignores unknown keys silently, and so do we
         for session in held if type(held) is list else (held,):
             if hmac.compare_digest(session.secret_key, secret_key):
                 if session.server is not None:
-                    self.cancel_server(session.server)
-                return
+                    self.cancel_server(session.server, done)
+                    return
+                break
+        done()
 
     def node_tls_for(self, node):
         """[server_tls] for a node over TCP; none over a Unix socket (PostgreSQL answers N there)."""
         return None if is_unix_host(node.host) else self.node_tls
 
-    def cancel_server(self, server: ServerConnection) -> None:
+    def cancel_server(self, server: ServerConnection, done=None) -> None:
         if server.backend_key is None:
+            if done is not None:
+                done()
             return
         pid, key = server.backend_key
         node = server.node
         timeout = self.config.server_connect_timeout
-        factory = CancelFactory(pid, key, self.node_tls_for(node), node, self.clock, timeout)
+        factory = CancelFactory(pid, key, self.node_tls_for(node), node, self.clock, timeout, done)
         self.dialer.connect(node.host, node.port, factory, timeout=timeout)
 
     # -- pools and server connections ----------------------------------------------------------
@@ -560,3 +572,7 @@ class Proxy:
             pool.close_all()
         stops = [r.monitor.stop() for r in self.routers.values() if r.monitor is not None and r.monitor.running]
         return defer.gatherResults(stops) if stops else None
+
+
+def _nothing() -> None:
+    pass

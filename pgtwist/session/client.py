@@ -298,9 +298,9 @@ class ClientSession:
             elif isinstance(event, StartTLS):
                 tls.start_tls(self.transport, self.proxy.client_tls, event.initial)
             elif isinstance(event, CancelReceived):
-                self.proxy.cancel(event.process_id, event.secret_key)
                 self._enter(CLOSED)
-                self.transport.loseConnection()
+                # Closed once the cancel has reached the node (or could not), as PostgreSQL does.
+                self.proxy.cancel(event.process_id, event.secret_key, self.transport.loseConnection)
                 return
             elif isinstance(event, Authenticated):
                 self._authenticated(event)

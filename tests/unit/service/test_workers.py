@@ -104,7 +104,7 @@ def test_a_cancel_for_this_worker_is_handled_here():
     session = FakeSession()
     session.server = object()
     session.process_id, session.secret_key = proxy.register_cancel_key(session)
-    proxy.cancel_server = cancelled.append
+    proxy.cancel_server = lambda server, done=None: cancelled.append(server)
     proxy.cancel(session.process_id, session.secret_key)
     assert cancelled == [session.server]
     assert reactor.unixClients == []

@@ -228,11 +228,29 @@ def test_cancel_request_is_forwarded_to_the_node():
     session, ct, server, st_ = h.linked()
     canceller, cct = h.client(login=False)
     canceller.got_data(m.cancel_request(session.process_id, session.secret_key))
-    assert cct.disconnecting and cct.value() == b""
     host, port, factory, _timeout, _ = h.clock.tcpClients[-1]
     assert (host, port) == ("db1", 5432)
     assert isinstance(factory, CancelFactory)
     assert (factory.process_id, factory.secret_key) == (NODE_PID, NODE_KEY)
+    # As PostgreSQL's postmaster, the client's cancel connection closes once the node has the
+    # cancel, so its next statement cannot be the one the cancel lands on.
+    assert not cct.disconnecting and cct.value() == b""
+    protocol = factory.buildProtocol(None)
+    node = StringTransport()
+    protocol.makeConnection(node)
+    assert node.value() == m.cancel_request(NODE_PID, NODE_KEY)
+    protocol.connectionLost(None)
+    assert cct.disconnecting and cct.value() == b""
+
+
+def test_a_cancel_the_node_cannot_be_reached_for_still_closes_the_client():
+    h = Harness()
+    session, *_ = h.linked()
+    canceller, cct = h.client(login=False)
+    canceller.got_data(m.cancel_request(session.process_id, session.secret_key))
+    factory = h.clock.tcpClients[-1][2]
+    factory.clientConnectionFailed(None, None)
+    assert cct.disconnecting
 
 
 def test_cancel_request_with_wrong_key_is_ignored():
@@ -252,7 +270,7 @@ def test_sessions_given_the_same_node_process_id_each_cancel_their_own():
     b, *_ = h.linked()
     assert a.process_id == b.process_id == NODE_PID and a.secret_key != b.secret_key
     cancelled = []
-    h.proxy.cancel_server = cancelled.append
+    h.proxy.cancel_server = lambda server, done=None: cancelled.append(server)
     for session in (b, a):
         canceller, _ = h.client(login=False)
         canceller.got_data(m.cancel_request(session.process_id, session.secret_key))
