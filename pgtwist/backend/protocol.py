@@ -170,7 +170,12 @@ class CancelProtocol(Protocol):
             self._timer.cancel()
             self._timer = None
         self.transport.write(self.packet)
-        self.transport.loseConnection()
+        if self.clock is None or not self.timeout:
+            self.transport.loseConnection()
+            return
+        # The node closes the connection once it has signalled the backend: only then is the
+        # cancel done (done() tells the client). A node that never closes it is left after timeout.
+        self._timer = self.clock.callLater(self.timeout, self.transport.abortConnection)
 
 
 class CancelFactory(ClientFactory):

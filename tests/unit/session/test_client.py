@@ -239,6 +239,7 @@ def test_cancel_request_is_forwarded_to_the_node():
     node = StringTransport()
     protocol.makeConnection(node)
     assert node.value() == m.cancel_request(NODE_PID, NODE_KEY)
+    assert not node.disconnecting and not cct.disconnecting  # the node hangs up once it has signalled
     protocol.connectionLost(None)
     assert cct.disconnecting and cct.value() == b""
 
