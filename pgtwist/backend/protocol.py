@@ -175,7 +175,11 @@ class CancelProtocol(Protocol):
             return
         # The node closes the connection once it has signalled the backend: only then is the
         # cancel done (done() tells the client). A node that never closes it is left after timeout.
-        self._timer = self.clock.callLater(self.timeout, self.transport.abortConnection)
+        self._timer = self.clock.callLater(self.timeout, self._node_kept_open)
+
+    def _node_kept_open(self):
+        self._timer = None  # (fired: connectionLost must not cancel it)
+        self.transport.abortConnection()
 
 
 class CancelFactory(ClientFactory):
