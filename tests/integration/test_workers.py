@@ -149,13 +149,21 @@ def test_sighup_reloads_every_worker(px):
 
 def test_sigterm_drains_every_worker(px):
     # A transaction open on each worker: both may finish it after SIGTERM, then are closed (57P01).
-    conns, on = [], set()
-    while on != {0, 1} and len(conns) < 30:
+    # One per worker: extra connections are closed at once, so a kernel that hands one worker
+    # every new client never leaves it short of server connections while we look for the other.
+    by_worker: dict[int, psycopg.Connection] = {}
+    for _ in range(60):
         conn = px.connect(autocommit=False)
+        worker = worker_of(px, conn)
+        if worker in by_worker:
+            conn.close()
+            continue
         conn.execute("SELECT 1")
-        conns.append(conn)
-        on.add(worker_of(px, conn))
-    assert on == {0, 1}
+        by_worker[worker] = conn
+        if len(by_worker) == 2:
+            break
+    assert set(by_worker) == {0, 1}
+    conns = list(by_worker.values())
     os.kill(px.pid, signal.SIGTERM)
     for i in (0, 1):
         wait_for(lambda: re.search(r"worker %d: .*draining" % i, px.log_text()), 15, f"worker {i} draining")
