@@ -12,6 +12,12 @@ from pgtwist.tools.localcluster import LocalCluster
 
 from tests.harness import proxy as proxymod
 
+# A shell without job control starts background commands with SIGINT ignored, and an ignored
+# signal stays ignored across exec: pgtwist started from such a run would never see the SIGINT
+# the drills send it. Tests run as if from a terminal.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 # No single integration test may take longer than this: a hang fails the test, never CI.
 TEST_DEADLINE = 90
 
