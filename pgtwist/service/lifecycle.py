@@ -15,6 +15,7 @@ from twisted.logger import Logger
 
 from pgtwist.transport import connect
 from pgtwist.service import drain, sdnotify
+from pgtwist.service.sighandlers import SignalHandlers
 from pgtwist.service import reload as reloadmod
 from pgtwist.frontend.protocol import FrontendFactory
 from pgtwist.service.proxy import Proxy
@@ -65,7 +66,7 @@ class PgBalanceService(service.MultiService):
         self.port = None  # the first listening port, once started
         self.ports: list = []  # every listener: each TCP address, then the Unix socket
         self.signals = signals  # SIGHUP reloads, SIGTERM drains (twistd; not in tests)
-        self._previous_handlers: dict = {}
+        self._signal_handlers = SignalHandlers()
         self._graceful = False  # set by SIGTERM / SHUTDOWN; SIGINT and plain stops are fast
         self._stopping = False
         # Under a supervisor: SIGTERM / SIGHUP came from it (else an admin asked this worker alone).
@@ -178,7 +179,8 @@ class PgBalanceService(service.MultiService):
         d.addCallback(lambda _: self.proxy.close())
         if self._janitor.running:
             self._janitor.stop()
-        d.addBoth(self._restore_signal_handlers)
+        # Restored once stopped (not before: a SIGHUP or SIGTERM during the drain must not kill the process).
+        d.addBoth(self._signal_handlers.restore)
         return d
 
     # -- operations ------------------------------------------------------------------------------
@@ -230,15 +232,7 @@ class PgBalanceService(service.MultiService):
             self._term_signalled = True
             self.reactor.callFromThread(self.shutdown, True)
 
-        for sig, handler in ((signal.SIGHUP, on_hup), (signal.SIGTERM, on_term)):
-            self._previous_handlers[sig] = signal.signal(sig, handler)
-
-    def _restore_signal_handlers(self, result=None):
-        """Once stopped (not before: a SIGHUP or SIGTERM during the drain must not kill the process)."""
-        handlers, self._previous_handlers = self._previous_handlers, {}
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-        return result
+        self._signal_handlers.install({signal.SIGHUP: on_hup, signal.SIGTERM: on_term})
 
     def _signalled_reload(self) -> None:
         log.info("SIGHUP: reloading {source}", source=self.config.source)
