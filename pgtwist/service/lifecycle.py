@@ -116,7 +116,7 @@ class PgBalanceService(service.MultiService):
             self.ports = [self.port]
         else:
             self.ports = connect.listen(
-                self.reactor, self.factory, config.listen_addresses or (listen,), config.unix_socket_dir, config.unix_socket_mode
+                self.reactor, self.factory, config.listen_addresses, config.unix_socket_dir, config.unix_socket_mode
             )
             self.port = self.ports[0]
 
@@ -145,7 +145,7 @@ class PgBalanceService(service.MultiService):
         except CannotListenError as e:
             self._cannot_listen(e)
         limit = raise_nofile_limit()
-        where = [str(a) for a in self.config.listen_addresses or (self.config.listen,)]
+        where = [str(a) for a in self.config.listen_addresses]
         if self.config.unix_socket_dir:
             where.append(connect.socket_path(self.config.unix_socket_dir, self.config.listen.port))
         log.info(
