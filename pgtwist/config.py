@@ -115,7 +115,9 @@ class MetricsConfig:
 
 @dataclass(frozen=True)
 class Config:
-    listen: Address
+    # The file's `listen` (one "host:port" or a list; PgBouncer's listen_addr) is stored here whole;
+    # `listen` below is its first address, derived, so that the two can never disagree.
+    listen_addresses: tuple[Address, ...]
     pool_mode: str
     pool_size: int
     max_client_conn: int
@@ -170,10 +172,8 @@ class Config:
     on_server_loss: str = "keep_session"
     # PgBouncer's auth_file (absolute path; "" = none): users and secrets merged into users.
     auth_file: str = ""
-    # Sockets: every TCP address to listen on (listen is the first), the directory of a Unix
-    # socket .s.PGSQL.<first listen port> ("" = none) and its mode, how long a node's resolved
-    # host name is kept (PgBouncer's dns_max_ttl).
-    listen_addresses: tuple = ()
+    # Sockets: the directory of a Unix socket .s.PGSQL.<first listen port> ("" = none) and its
+    # mode, how long a node's resolved host name is kept (PgBouncer's dns_max_ttl).
     unix_socket_dir: str = ""
     unix_socket_mode: int = 0o777
     dns_max_ttl: float = 15.0
@@ -192,6 +192,11 @@ class Config:
     client_idle_timeout: float = 0.0  # a logged-in client silent this long between transactions is closed (0: never)
     server_check_query: str = "SELECT 1"  # run on an idle server connection before reuse ("" = never)
     server_check_delay: float = 30.0  # ... when it was idle at least this long (0: before every reuse)
+
+    @property
+    def listen(self) -> Address:
+        """The first listen address: the one the supervisor's workers share, the Unix socket's port."""
+        return self.listen_addresses[0]
 
     def pool_mode_for(self, database: str, user: str) -> str:
         """The pool_mode a client of *user* on *database* gets: the user's, else the database's, else the global one
@@ -396,7 +401,6 @@ def from_dict(raw: Mapping[str, Any], source: str = "<memory>") -> Config:
     c = _Checker()
     c.unknown(raw, _TOP_KEYS, "")
     listen_addresses = _listen_addresses(c, raw.get("listen", _DEFAULTS["listen"]))
-    listen = listen_addresses[0]
     sockets = _sockets(c, raw)
     pool_mode = c.choice(raw, "pool_mode", POOL_MODES, "session")
     auth_type = c.choice(raw, "auth_type", AUTH_TYPES, "scram-sha-256")
@@ -573,7 +577,6 @@ def from_dict(raw: Mapping[str, Any], source: str = "<memory>") -> Config:
     if c.errors:
         raise ConfigError(c.errors, source)
     return Config(
-        listen=listen,
         listen_addresses=listen_addresses,
         **sockets,
         pool_mode=pool_mode,
@@ -935,6 +938,7 @@ def _operations(raw: Mapping, c: _Checker, source: str, databases: Mapping, user
 # -- reload: what changed between two configs -------------------------------------------------
 
 # Keys (and tables) a running pgtwist cannot change: listeners and the way sessions are built.
+# ("listen" is the key the file and flatten() use; "listen_addresses" is the Config field holding it.)
 RESTART_KEYS = ("listen", "listen_addresses", "unix_socket_dir", "unix_socket_mode", "pool_mode", "log_format", "manhole", "metrics", "workers")
 RESTART_KEYS += ("log_level",)  # (logs block: the observer is built once, at start)
 
@@ -987,10 +991,10 @@ def flatten(config: Config) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for f in fields(config):
         value = getattr(config, f.name)
-        if f.name in ("source", "listen_addresses"):
-            continue  # (listen_addresses is what listen says: shown as listen)
-        if f.name == "listen":
-            out["listen"] = ", ".join(str(a) for a in config.listen_addresses or (value,))
+        if f.name == "source":
+            continue
+        if f.name == "listen_addresses":
+            out["listen"] = ", ".join(str(a) for a in value)  # (the file's key, as SHOW CONFIG names it)
             continue
         if f.name in ("databases", "users"):
             for name, table in value.items():
@@ -1062,4 +1066,4 @@ def applicable(old: Config, new: Config) -> Config:
     """*new*, except for what needs a restart: that stays as *old* has it until pgtwist restarts."""
     from dataclasses import replace
 
-    return replace(new, **{key: getattr(old, key) for key in RESTART_KEYS})
+    return replace(new, **{f.name: getattr(old, f.name) for f in fields(old) if needs_restart(f.name)})

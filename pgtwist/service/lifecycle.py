@@ -15,6 +15,7 @@ from twisted.logger import Logger
 
 from pgtwist.transport import connect
 from pgtwist.service import drain, sdnotify
+from pgtwist.service.sighandlers import SignalHandlers
 from pgtwist.service import reload as reloadmod
 from pgtwist.frontend.protocol import FrontendFactory
 from pgtwist.service.proxy import Proxy
@@ -65,7 +66,7 @@ class PgBalanceService(service.MultiService):
         self.port = None  # the first listening port, once started
         self.ports: list = []  # every listener: each TCP address, then the Unix socket
         self.signals = signals  # SIGHUP reloads, SIGTERM drains (twistd; not in tests)
-        self._previous_handlers: dict = {}
+        self._signal_handlers = SignalHandlers()
         self._graceful = False  # set by SIGTERM / SHUTDOWN; SIGINT and plain stops are fast
         self._stopping = False
         # Under a supervisor: SIGTERM / SIGHUP came from it (else an admin asked this worker alone).
@@ -115,7 +116,7 @@ class PgBalanceService(service.MultiService):
             self.ports = [self.port]
         else:
             self.ports = connect.listen(
-                self.reactor, self.factory, config.listen_addresses or (listen,), config.unix_socket_dir, config.unix_socket_mode
+                self.reactor, self.factory, config.listen_addresses, config.unix_socket_dir, config.unix_socket_mode
             )
             self.port = self.ports[0]
 
@@ -144,7 +145,7 @@ class PgBalanceService(service.MultiService):
         except CannotListenError as e:
             self._cannot_listen(e)
         limit = raise_nofile_limit()
-        where = [str(a) for a in self.config.listen_addresses or (self.config.listen,)]
+        where = [str(a) for a in self.config.listen_addresses]
         if self.config.unix_socket_dir:
             where.append(connect.socket_path(self.config.unix_socket_dir, self.config.listen.port))
         log.info(
@@ -178,7 +179,8 @@ class PgBalanceService(service.MultiService):
         d.addCallback(lambda _: self.proxy.close())
         if self._janitor.running:
             self._janitor.stop()
-        d.addBoth(self._restore_signal_handlers)
+        # Restored once stopped (not before: a SIGHUP or SIGTERM during the drain must not kill the process).
+        d.addBoth(self._signal_handlers.restore)
         return d
 
     # -- operations ------------------------------------------------------------------------------
@@ -230,15 +232,7 @@ class PgBalanceService(service.MultiService):
             self._term_signalled = True
             self.reactor.callFromThread(self.shutdown, True)
 
-        for sig, handler in ((signal.SIGHUP, on_hup), (signal.SIGTERM, on_term)):
-            self._previous_handlers[sig] = signal.signal(sig, handler)
-
-    def _restore_signal_handlers(self, result=None):
-        """Once stopped (not before: a SIGHUP or SIGTERM during the drain must not kill the process)."""
-        handlers, self._previous_handlers = self._previous_handlers, {}
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-        return result
+        self._signal_handlers.install({signal.SIGHUP: on_hup, signal.SIGTERM: on_term})
 
     def _signalled_reload(self) -> None:
         log.info("SIGHUP: reloading {source}", source=self.config.source)

@@ -32,6 +32,7 @@ from twisted.internet import defer, error, protocol
 from twisted.logger import Logger
 from twisted.web import resource
 
+from pgtwist.service.sighandlers import SignalHandlers
 from pgtwist.wire import protocol as p
 
 log = Logger()
@@ -446,7 +447,7 @@ class Supervisor(service.MultiService):
         self.restarts = 0
         self._stopping = False
         self._graceful = False
-        self._previous_handlers: dict = {}
+        self._signal_handlers = SignalHandlers()
         if config.manhole is not None:
             # Checked (ManholeError) and the host key made here, once: not by N workers racing
             # to create one file, nor by workers that fail at start and are restarted forever.
@@ -557,7 +558,7 @@ class Supervisor(service.MultiService):
             return super(Supervisor, self).stopService()
 
         d.addBoth(done)
-        d.addBoth(self._restore_signal_handlers)
+        d.addBoth(self._signal_handlers.restore)
         return d
 
     def _kill_all(self):
@@ -599,14 +600,7 @@ class Supervisor(service.MultiService):
         def on_term(signum, frame):
             self.reactor.callFromThread(self.shutdown, True)
 
-        for sig, handler in ((signal.SIGHUP, on_hup), (signal.SIGTERM, on_term)):
-            self._previous_handlers[sig] = signal.signal(sig, handler)
-
-    def _restore_signal_handlers(self, result=None):
-        handlers, self._previous_handlers = self._previous_handlers, {}
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-        return result
+        self._signal_handlers.install({signal.SIGHUP: on_hup, signal.SIGTERM: on_term})
 
     def _signalled_reload(self) -> None:
         log.info("SIGHUP: every worker reloads {source}", source=self.config.source)

@@ -254,16 +254,8 @@ class ClientSession:
                 self.console.got_data(data)
             elif self.state is not CLOSED:
                 self._client_data(data)
-        except WireError as e:
-            if e.silent:
-                self._close_silently(str(e))
-            else:
-                self.fatal(e.sqlstate, str(e), getattr(e, "detail", None))
-        except LoginError as e:
-            self.fatal(e.sqlstate, e.message, e.detail)
-        except Exception:
-            log.failure("client {client}: internal error", client=self.id)
-            self.fatal(sqlstate.INTERNAL_ERROR, "internal error in pgtwist; the proxy log has the details")
+        except Exception as e:
+            self._refuse(e)
 
     def connection_lost(self, reason) -> None:
         if tls.is_tls_failure(reason):
@@ -286,7 +278,7 @@ class ClientSession:
         try:
             self._login_events(self.login.tls_started(**tls.client_handshake_info(self.transport)))
         except (WireError, LoginError) as e:
-            self.fatal(e.sqlstate, e.message if isinstance(e, LoginError) else str(e), getattr(e, "detail", None))
+            self._refuse(e)
 
     def _login_data(self, data: bytes) -> None:
         self._login_events(self.login.feed(data))
@@ -314,13 +306,8 @@ class ClientSession:
             return  # the client left (or timed out) meanwhile
         try:
             self._login_events(self.login.user_found(credential))
-        except WireError as e:
-            self.fatal(e.sqlstate, str(e), getattr(e, "detail", None))
-        except LoginError as e:
-            self.fatal(e.sqlstate, e.message, e.detail)
-        except Exception:
-            log.failure("client {client}: internal error", client=self.id)
-            self.fatal(sqlstate.INTERNAL_ERROR, "internal error in pgtwist; the proxy log has the details")
+        except Exception as e:
+            self._refuse(e)
 
     def _user_lookup_failed(self, failure) -> None:
         if self.state is not LOGIN:
@@ -1587,6 +1574,18 @@ class ClientSession:
         """A bug of ours in a callback: log it, tell the client plainly, keep serving everyone else."""
         log.failure("client {client}: internal error", failure, client=self.id)
         if self.state is not CLOSED:
+            self.fatal(sqlstate.INTERNAL_ERROR, "internal error in pgtwist; the proxy log has the details")
+
+    def _refuse(self, e: Exception) -> None:
+        """The client's bytes or its login failed (WireError, LoginError), or our code did: what the client is told.
+
+        Call it from the except block, so that a bug's traceback reaches the log."""
+        if isinstance(e, WireError) and e.silent:
+            self._close_silently(e.message)
+        elif isinstance(e, (WireError, LoginError)):
+            self.fatal(e.sqlstate, e.message, e.detail)
+        else:
+            log.failure("client {client}: internal error", client=self.id)
             self.fatal(sqlstate.INTERNAL_ERROR, "internal error in pgtwist; the proxy log has the details")
 
     def _close_silently(self, why: str) -> None:

@@ -172,9 +172,10 @@ class FakeSocket:
         self.closed = True
 
 
-def make_supervisor(count=2, **overrides):
+def make_supervisor(count=2, signals=False, **overrides):
     reactor = MemoryReactorClock()
     reactor.hasRun = True  # (callWhenRunning runs at once)
+    reactor.callFromThread = lambda f, *a, **kw: f(*a, **kw)  # (what a signal handler uses)
     spawned = []
 
     def spawn(reactor_, proto, spec, config_path, fds):
@@ -183,7 +184,7 @@ def make_supervisor(count=2, **overrides):
         spawned.append((spec, process))
         return process
 
-    sup = workers.Supervisor(make_config(workers=count, **overrides), reactor, spawn=spawn, listen_socket=FakeSocket())
+    sup = workers.Supervisor(make_config(workers=count, **overrides), reactor, signals=signals, spawn=spawn, listen_socket=FakeSocket())
     sup.rundir = "/run/pgtwist-test"
     sup.startService()
     return sup, reactor, spawned
@@ -222,6 +223,23 @@ def test_sighup_reaches_every_worker():
     sup, _, spawned = make_supervisor(2)
     sup.reload()
     assert [p.signals for _, p in spawned] == [[signal.SIGHUP], [signal.SIGHUP]]
+
+
+def test_the_supervisors_signal_handlers_pass_sighup_on_drain_on_sigterm_and_are_restored_at_stop():
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGHUP, signal.SIGTERM)}
+    sup, reactor, spawned = make_supervisor(2, signals=True)
+    try:
+        signal.getsignal(signal.SIGHUP)(signal.SIGHUP, None)
+        assert [p.signals for _, p in spawned] == [[signal.SIGHUP], [signal.SIGHUP]]
+        signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
+        assert sup._graceful and reactor.hasStopped
+    finally:
+        d = sup.stopService()
+        for _, process in spawned:
+            process.end(error.ProcessDone(0))
+    assert d.called
+    assert [p.signals for _, p in spawned] == [[signal.SIGHUP, signal.SIGTERM]] * 2
+    assert {sig: signal.getsignal(sig) for sig in previous} == previous
 
 
 def test_a_graceful_stop_drains_every_worker_and_restarts_none():

@@ -1,0 +1,26 @@
+"""The twistd process's own signal handlers (SIGHUP reloads, SIGTERM drains): installed, then the previous ones put back."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable, Mapping
+
+
+class SignalHandlers:
+    """Handlers that replace the previous ones until restore(); PgBalanceService and the Supervisor each hold one."""
+
+    def __init__(self) -> None:
+        self._previous: dict[int, object] = {}
+
+    def install(self, handlers: Mapping[int, Callable]) -> None:
+        """Call from reactor.callWhenRunning: after the reactor's own handlers, which would replace ours."""
+        for sig, handler in handlers.items():
+            self._previous[sig] = signal.signal(sig, handler)
+
+    def restore(self, result=None):
+        """Put the previous handlers back (once; later calls do nothing); passes *result* on, for Deferred.addBoth."""
+        previous, self._previous = self._previous, {}
+        for sig, handler in previous.items():
+            # None: the previous handler was not installed from Python; the default is the closest we can restore.
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        return result
