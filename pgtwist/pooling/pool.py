@@ -39,6 +39,9 @@ class PoolSettings:
     lifetime: float = 0.0
     check_query: str = ""  # server_check_query ("": never), run on a connection idle check_delay s before reuse
     check_delay: float = 30.0
+    # The proxy's own statements on a connection (reset, check, settings sync, auth_query) must be
+    # answered within this, or the connection is given up (0: wait for ever).
+    internal_timeout: float = 0.0
 
     @classmethod
     def from_config(cls, config, database) -> "PoolSettings":
@@ -53,6 +56,13 @@ class PoolSettings:
             check_query=config.server_check_query,
             check_delay=config.server_check_delay,
         )
+
+
+def internal_timeout(config) -> float:
+    """How long the proxy's own statements may go unanswered: query_timeout, the bound a client's
+    statement has, when set; else server_connect_timeout, as those statements are part of getting
+    a server connection ready for use, and as small as a login's round trips."""
+    return config.query_timeout or config.server_connect_timeout
 
 
 class Pool:
@@ -210,6 +220,10 @@ class Pool:
     @property
     def max_prepared_statements(self) -> int:
         return self.settings.max_prepared_statements
+
+    @property
+    def internal_timeout(self) -> float:
+        return self.settings.internal_timeout
 
     def reconfigure(self, database, settings: PoolSettings) -> None:
         """Reload: run with *settings* from now on; waiting clients get new capacity at once."""
