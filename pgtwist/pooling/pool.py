@@ -55,6 +55,7 @@ class PoolSettings:
             lifetime=config.server_lifetime,
             check_query=config.server_check_query,
             check_delay=config.server_check_delay,
+            internal_timeout=internal_timeout(config),
         )
 
 
