@@ -2,8 +2,9 @@
 
 Tools written for PgBouncer (pgbouncer_exporter, dashboards, scripts) find the columns they
 read under the names, order and units PgBouncer uses (bytes, microseconds); what only pgtwist
-knows follows them. Where pgtwist has no such thing (cancel-request lists, DNS cache, sv_used
-before server_check_query), the column is there with 0 so that parsers keep working.
+knows follows them. Where pgtwist has no such thing (cancel-request lists, DNS cache), the column
+is there with 0 so that parsers keep working. sv_active, sv_idle, sv_used and sv_tested are
+disjoint, as PgBouncer's server lists are (Pool.server_counts).
 """
 
 from __future__ import annotations
@@ -278,8 +279,11 @@ def pools(proxy) -> list[dict]:
                 paused=False,
             )
         row["cl_waiting"] += len(pool.waiters)
-        row["sv_active"] += len(pool.busy)
-        row["sv_idle"] += len(pool.idle)
+        counts = pool.server_counts(now)
+        row["sv_active"] += counts["active"]
+        row["sv_idle"] += counts["idle"]
+        row["sv_used"] += counts["used"]
+        row["sv_tested"] += counts["tested"]
         row["sv_login"] += pool.connecting
         row["nodes"] += 1
         row["pool_size"] += pool.size

@@ -13,7 +13,7 @@ from pgtwist.pooling.statements import ServerStatements, internal_batch
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 from pgtwist.wire import sqlstate
-from pgtwist.wire.errors import WireError
+from pgtwist.wire.errors import WireError, error_fields
 from pgtwist.wire.framing import MessageScanner, pop_message
 
 log = Logger()
@@ -125,6 +125,8 @@ class ServerConnection:
         self.ready: defer.Deferred = defer.Deferred()  # fires self after login
         self._internal: defer.Deferred | None = None
         self._internal_owed = 0
+        self._internal_timer = None  # bounds the proxy's own statements (Pool.internal_timeout)
+        self._timed_out: str | None = None  # why we aborted the connection, when it was that timer
         self._internal_errors: list[dict] = []
         self.created = pool.clock.seconds()
         self.last_used = self.created
@@ -245,9 +247,10 @@ class ServerConnection:
             self._fail_login(
                 ServerLoginError(sqlstate.CONNECTION_FAILURE, f"node {self.node} closed the connection during login")
             )
+        self._stop_internal_timer()
         if self._internal is not None:
             d, self._internal = self._internal, None
-            d.errback(ConnectionError(f"node {self.node} closed the connection"))
+            d.errback(ConnectionError(self._timed_out or f"node {self.node} closed the connection"))
         session = self.session
         if session is not None:
             self._unlink_transports()
@@ -352,8 +355,35 @@ class ServerConnection:
         self._internal_owed = owed
         self._internal_errors = []
         self.internal_rows = []
+        timeout = self.pool.internal_timeout
+        if timeout:
+            # One timer per batch of our own statements (never per forwarded client message): a
+            # node that stops answering must not keep this connection, and whoever waits on it.
+            self._internal_timer = self.pool.clock.callLater(timeout, self._internal_timed_out, timeout)
         self.transport.write(data)
         return self._internal
+
+    def _internal_timed_out(self, timeout: float) -> None:
+        """The node owes an answer to our own statements for *timeout* s: give the connection up.
+
+        Aborted (a hung node would never take part in a clean close), and ended as a connection to
+        the node that failed, 08006, the code pgtwist gives a login that timed out: whoever waits
+        hears of it through connection_lost, as for a node hanging up, and the node's health
+        follows that same evidence (cluster/evidence.py).
+        """
+        self._internal_timer = None
+        if self.state is not INTERNAL:
+            return
+        self._timed_out = f"node {self.node} did not answer pgtwist's own statements within {timeout:g} s"
+        log.warn("server {server}: {why}, closing it", server=self.id, why=self._timed_out)
+        self.fatal = error_fields("FATAL", sqlstate.CONNECTION_FAILURE, self._timed_out)
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+    def _stop_internal_timer(self) -> None:
+        timer, self._internal_timer = self._internal_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
 
     def _internal_message(self, msg_type: int, body: bytes) -> None:
         if msg_type == _PARAMETER_STATUS:
@@ -371,6 +401,7 @@ class ServerConnection:
             self.parameters_stale = False  # (what changed was reported before this ReadyForQuery)
             self._internal_owed -= 1
             if self._internal_owed == 0:
+                self._stop_internal_timer()
                 self._enter(IDLE)
                 d, self._internal = self._internal, None
                 d.callback(self._internal_errors)

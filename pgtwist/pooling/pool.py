@@ -39,6 +39,9 @@ class PoolSettings:
     lifetime: float = 0.0
     check_query: str = ""  # server_check_query ("": never), run on a connection idle check_delay s before reuse
     check_delay: float = 30.0
+    # The proxy's own statements on a connection (reset, check, settings sync, auth_query) must be
+    # answered within this, or the connection is given up (0: wait for ever).
+    internal_timeout: float = 0.0
 
     @classmethod
     def from_config(cls, config, database) -> "PoolSettings":
@@ -52,7 +55,15 @@ class PoolSettings:
             lifetime=config.server_lifetime,
             check_query=config.server_check_query,
             check_delay=config.server_check_delay,
+            internal_timeout=internal_timeout(config),
         )
+
+
+def internal_timeout(config) -> float:
+    """How long the proxy's own statements may go unanswered: query_timeout, the bound a client's
+    statement has, when set; else server_connect_timeout, as those statements are part of getting
+    a server connection ready for use, and as small as a login's round trips."""
+    return config.query_timeout or config.server_connect_timeout
 
 
 class Pool:
@@ -109,6 +120,7 @@ class Pool:
         # (``stale``) run the query before they are handed out; ``testing`` ones run it now (busy).
         self.stale: set = set()
         self.testing: set = set()
+        self.resetting: set = set()  # busy running ROLLBACK / server_reset_query after their client left
 
     def __repr__(self):
         return f"<Pool {self.key} idle={len(self.idle)} busy={len(self.busy)} connecting={self.connecting} waiting={len(self.waiters)}>"
@@ -209,6 +221,10 @@ class Pool:
     @property
     def max_prepared_statements(self) -> int:
         return self.settings.max_prepared_statements
+
+    @property
+    def internal_timeout(self) -> float:
+        return self.settings.internal_timeout
 
     def reconfigure(self, database, settings: PoolSettings) -> None:
         """Reload: run with *settings* from now on; waiting clients get new capacity at once."""
@@ -336,12 +352,14 @@ class Pool:
         if not queries:
             self._back_to_idle(conn)
             return
+        self.resetting.add(conn)
         conn.run_internal(queries).addCallbacks(
             lambda errors: self._reset_done(conn, reset and bool(self.settings.reset_query), errors),
             lambda failure: self._reset_failed(conn, failure),
         )
 
     def _reset_done(self, conn, reset: bool, errors) -> None:
+        self.resetting.discard(conn)
         if errors or conn.tx_status != p.TX_IDLE:
             log.warn("reset of server {server} failed, closing it: {why}", server=conn.id, why=errors[0].get("M") if errors else "still in a transaction")
             self.busy.discard(conn)
@@ -354,6 +372,7 @@ class Pool:
         self._back_to_idle(conn)
 
     def _reset_failed(self, conn, failure) -> None:
+        self.resetting.discard(conn)
         self.busy.discard(conn)
         self._serve()
 
@@ -397,6 +416,7 @@ class Pool:
         self._serve()
         self.stale.discard(conn)
         self.testing.discard(conn)
+        self.resetting.discard(conn)
         if self.limits is not None:
             self.limits.freed(self)
 
@@ -429,6 +449,32 @@ class Pool:
         for conn in self.idle:
             if conn.last_used is not None and now - conn.last_used >= self.settings.check_delay:
                 self.stale.add(conn)
+
+    def due_for_check(self, conn, now: float) -> bool:
+        """Whether idle *conn* runs server_check_query before its next use (as _pop_checked_idle
+        decides, but reading *now* rather than waiting for the janitor's flag)."""
+        settings = self.settings
+        if not settings.check_query:
+            return False
+        if conn in self.stale:
+            return True
+        if not settings.check_delay:
+            return conn.last_used != conn.created
+        return conn.last_used is not None and now - conn.last_used >= settings.check_delay
+
+    def server_counts(self, now: float) -> dict[str, int]:
+        """SHOW POOLS' server columns, disjoint as PgBouncer's lists are: ``used`` idle connections
+        that will be checked before their next use, ``tested`` busy ones running server_check_query
+        or the reset, ``active`` the other busy ones, ``idle`` the other idle ones. Counted when asked
+        (one pass over the idle list), so that handing out and taking back cost nothing more."""
+        used = sum(1 for conn in self.idle if self.due_for_check(conn, now))
+        tested = len(self.testing) + len(self.resetting)
+        return {
+            "active": max(0, len(self.busy) - tested),
+            "idle": len(self.idle) - used,
+            "used": used,
+            "tested": tested,
+        }
 
     def _pop_checked_idle(self):
         """The most recently used idle connection that needs no check; those that do start theirs."""

@@ -17,7 +17,7 @@ from pgtwist.admin.console import AdminConsole
 from pgtwist.admin.counters import Counters
 from pgtwist.backend.protocol import BackendFactory, CancelFactory, Keepalive
 from pgtwist.cluster.health import FUNCTIONS_REFRESH, ClusterMonitor
-from pgtwist.pooling.pool import Pool, PoolSettings
+from pgtwist.pooling.pool import Pool, PoolSettings, internal_timeout
 from pgtwist.pooling.limits import ConnectionLimits
 from pgtwist.routing.router import DatabaseRouter, load_hook
 from pgtwist.routing.policy import format_lsn
@@ -279,6 +279,8 @@ class Proxy:
                     wait_timeout=self.config.query_wait_timeout,
                     idle_timeout=self.config.server_idle_timeout,
                     lifetime=self.config.server_lifetime,
+                    # (a frozen node must not hold the lookup, and every login waiting on it, for ever)
+                    internal_timeout=internal_timeout(self.config),
                 ),
                 connect=self.connect_server,
                 clock=self.clock,

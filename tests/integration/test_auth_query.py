@@ -154,3 +154,24 @@ def test_a_users_table_without_password_gives_a_looked_up_user_its_pool_mode(clu
             assert conn.info.backend_pid != node_pid  # pgtwist's own: transaction pooling
         with connect(px, MD5ER, MD5_PW) as conn:
             assert conn.info.backend_pid == conn.execute("SELECT pg_backend_pid()").fetchone()[0]  # the global session mode
+
+
+def test_a_frozen_node_fails_the_lookup_within_its_timeout_and_nothing_is_cached(cluster, tmp_path):
+    # auth_cache_ttl = 0: every login asks. The first one leaves auth_user's connection idle; the
+    # node then freezes (SIGSTOP), so the next lookup is sent and never answered.
+    with start(cluster, tmp_path, server_connect_timeout=2.0, query_timeout=0.0, auth_cache_ttl=0.0) as px:
+        with connect(px, SCRAMMER, SCRAM_PW) as conn:
+            conn.execute("SELECT 1")
+        primary = cluster.nodes[0]
+        cluster.freeze(primary)
+        try:
+            started = time.monotonic()
+            message = refused(px, SCRAMMER, SCRAM_PW)
+            waited = time.monotonic() - started
+        finally:
+            cluster.thaw(primary)
+        assert "auth_query failed" in message, message
+        assert 1.5 < waited < 8.0, waited  # server_connect_timeout (query_timeout is 0), not connect_timeout
+        assert "did not answer pgtwist's own statements within 2 s" in px.log_text()
+        with connect(px, SCRAMMER, SCRAM_PW) as conn:  # thawed: asked again, on a new connection
+            assert conn.execute("SELECT current_user").fetchone()[0] == SCRAMMER

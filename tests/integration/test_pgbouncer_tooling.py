@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 
 import psycopg
 import pytest
@@ -51,7 +52,8 @@ def simple(conn, sql: str):
 
 
 def test_pgbouncer_exporter_queries(pg_cluster, tmp_path):
-    with start_ops_proxy(pg_cluster, tmp_path, {"admin": {"users": [ADMIN]}}, users=users(pg_cluster), pool_mode="transaction") as px:
+    with start_ops_proxy(pg_cluster, tmp_path, {"admin": {"users": [ADMIN]}}, users=users(pg_cluster), pool_mode="transaction",
+                         server_check_delay=0.5) as px:
         with px.connect() as app:
             app.execute("SELECT repeat('x', 5000)").fetchone()
             with app.transaction():
@@ -88,6 +90,15 @@ def test_pgbouncer_exporter_queries(pg_cluster, tmp_path):
                 assert totals["bytes_sent"] > 5000 and totals["bytes_received"] > 0
                 assert totals["query_count"] >= 3 and totals["xact_count"] >= 2 and totals["query_time"] > 0
                 assert "appdb" in pools
+                # sv_used: the app's server connection, idle past server_check_delay once the app left.
+                app.close()
+                columns = [c.name for c in simple(console, "SHOW POOLS").description]
+                for _ in range(50):
+                    row = dict(zip(columns, simple(console, "SHOW POOLS").fetchone()))
+                    if row["sv_used"]:
+                        break
+                    time.sleep(0.1)
+                assert (row["sv_used"], row["sv_idle"], row["sv_active"], row["sv_tested"]) == (1, 0, 0, 0), row
 
 
 def test_byte_and_login_counters_and_bounded_route_labels(pg_cluster, tmp_path):

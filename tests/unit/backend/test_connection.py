@@ -28,6 +28,7 @@ class PoolStandIn:
         self.node = NODE
         self.clock = task.Clock()
         self.max_prepared_statements = 100
+        self.internal_timeout = 0.0
         self.closed: list[ServerConnection] = []
 
     def server_closed(self, conn):
@@ -216,6 +217,50 @@ def test_a_fatal_during_an_internal_query_is_remembered():
     answer(conn, error=("FATAL", "57P01", "terminating connection due to administrator command"))
     assert [e["C"] for e in outcome(d)] == ["57P01"]
     assert conn.fatal["C"] == "57P01"
+
+
+def test_internal_queries_are_bounded_by_one_timer_cancelled_by_the_answer():
+    conn, _, pool = logged_in()
+    pool.internal_timeout = 5.0
+    d = conn.run_internal(["ROLLBACK", "DISCARD ALL"])
+    assert len(pool.clock.getDelayedCalls()) == 1  # one per batch, not one per statement
+    answer(conn)
+    pool.clock.advance(4.9)
+    answer(conn)
+    assert outcome(d) == [] and pool.clock.getDelayedCalls() == []
+    pool.clock.advance(10)
+    assert conn.state == "idle" and conn.fatal is None
+
+
+def test_a_node_that_does_not_answer_internal_queries_loses_the_connection_as_08006():
+    conn, transport, pool = logged_in()
+    pool.internal_timeout = 5.0
+    d = conn.run_internal(["SELECT 1"])
+    pool.clock.advance(4.9)
+    assert not d.called and not transport.disconnecting
+    pool.clock.advance(0.1)
+    assert transport.disconnecting  # (aborted: a hung node takes no part in a clean close)
+    assert conn.fatal["C"] == sqlstate.CONNECTION_FAILURE  # (the node's health hears it as a failed connection)
+    conn.connection_lost(Failure(ConnectionLost()))
+    failure = outcome(d)
+    assert isinstance(failure, ConnectionError) and "did not answer" in str(failure) and "5 s" in str(failure)
+    assert pool.closed == [conn] and pool.clock.getDelayedCalls() == []
+
+
+def test_a_connection_lost_under_internal_queries_stops_their_timer():
+    conn, _, pool = logged_in()
+    pool.internal_timeout = 5.0
+    d = conn.run_for_client([["SET x = 1"]])
+    conn.connection_lost(Failure(ConnectionLost()))
+    assert isinstance(outcome(d), ConnectionError) and pool.clock.getDelayedCalls() == []
+
+
+def test_no_internal_timeout_means_no_timer():
+    conn, _, pool = logged_in()
+    d = conn.run_internal(["SELECT 1"])
+    assert pool.clock.getDelayedCalls() == []
+    answer(conn)
+    assert outcome(d) == []
 
 
 @pytest.mark.parametrize("status", [p.TX_IDLE, p.TX_IN_TRANSACTION, p.TX_FAILED])

@@ -12,6 +12,7 @@ from pgtwist.wire import messages as m
 class FakePool:
     node = "node1:5432"
     max_prepared_statements = 10
+    internal_timeout = 0.0
 
     def __init__(self):
         self.clock = task.Clock()

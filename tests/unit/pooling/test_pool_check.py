@@ -77,3 +77,52 @@ def test_delay_zero_checks_every_reuse_and_empty_query_never():
     h2.clock.advance(1000)
     h2.pool.flag_for_check(h2.clock.seconds())
     assert h2.pool.take_idle() is conn2
+
+
+# -- SHOW POOLS' sv_used / sv_tested (Pool.server_counts): disjoint, as PgBouncer's lists ------------
+
+
+def test_server_counts_show_idle_used_tested_and_active_apart():
+    h = checked(size=3)
+    conn = idle_one(h)
+    assert h.pool.server_counts(h.clock.seconds()) == {"active": 0, "idle": 1, "used": 0, "tested": 0}
+    h.clock.advance(30)  # idle past server_check_delay: used, even before the janitor flags it
+    assert h.pool.server_counts(h.clock.seconds()) == {"active": 0, "idle": 0, "used": 1, "tested": 0}
+    h.pool.flag_for_check(h.clock.seconds())  # (the janitor's tick)
+    _, r = h.acquire()  # its check runs now
+    assert h.pool.server_counts(h.clock.seconds()) == {"active": 0, "idle": 0, "used": 0, "tested": 1}
+    conn.internal[0][1].callback([])
+    assert got(r) is conn
+    assert h.pool.server_counts(h.clock.seconds()) == {"active": 1, "idle": 0, "used": 0, "tested": 0}
+
+
+def test_a_reset_counts_as_tested_and_no_check_query_means_never_used():
+    h = Harness(size=2, reset_query="DISCARD ALL", check_query="")
+    _, r = h.acquire()
+    conn = h.open_next()
+    assert got(r) is conn
+    h.pool.release(conn, reusable=True)
+    assert conn.internal[0][0] == ["DISCARD ALL"]
+    assert h.pool.server_counts(h.clock.seconds()) == {"active": 0, "idle": 0, "used": 0, "tested": 1}
+    conn.internal[0][1].callback([])
+    h.clock.advance(10_000)
+    assert h.pool.server_counts(h.clock.seconds()) == {"active": 0, "idle": 1, "used": 0, "tested": 0}
+
+
+def test_a_reset_lost_with_its_connection_is_not_counted():
+    h = Harness(size=2, reset_query="DISCARD ALL")
+    _, r = h.acquire()
+    conn = h.open_next()
+    h.pool.release(got(r), reusable=True)
+    conn.internal[0][1].errback(Failure(ConnectionLost()))
+    h.pool.server_closed(conn)
+    assert h.pool.server_counts(h.clock.seconds()) == {"active": 0, "idle": 0, "used": 0, "tested": 0}
+
+
+def test_delay_zero_counts_every_reused_idle_connection_as_used():
+    h = checked(delay=0)
+    conn = idle_one(h)
+    assert h.pool.server_counts(h.clock.seconds())["used"] == 0  # (new: handed out unchecked)
+    h.clock.advance(0.001)
+    conn.last_used = h.clock.seconds()
+    assert h.pool.server_counts(h.clock.seconds())["used"] == 1

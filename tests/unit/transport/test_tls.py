@@ -684,7 +684,7 @@ class NodeTransport(StringTransport):
 
 def server_conn(mode="verify-full", pki=None):
     pool = SimpleNamespace(
-        node=Address("localhost", 5432), max_prepared_statements=10, clock=Clock(), server_closed=lambda conn: None
+        node=Address("localhost", 5432), max_prepared_statements=10, internal_timeout=0.0, clock=Clock(), server_closed=lambda conn: None
     )
     conn = ServerConnection("s1", pool, ServerLogin("app", "db", PLAIN, node_name="localhost:5432"))
     context = tls.node_context(ServerTlsConfig(mode=mode, ca=str(pki.dir / "ca.crt")) if pki else ServerTlsConfig(mode=mode))
