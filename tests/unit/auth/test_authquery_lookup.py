@@ -41,7 +41,7 @@ def test_logins_of_one_unknown_name_share_one_lookup():
 
 def test_a_node_that_never_answers_the_lookup_fails_the_logins_with_08006_and_caches_nothing():
     h = lookup_harness(server_connect_timeout=5, query_timeout=0)
-    (s1, t1), (s2, t2) = h.client(user="bob"), h.client(user="bob")
+    (_, t1), (_, t2) = h.client(user="bob"), h.client(user="bob")
     (server,) = h.proxy.servers
     h.clock.advance(4.9)
     assert not server.transport.disconnecting and fatal_code(t1) is None

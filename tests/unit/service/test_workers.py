@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 import signal
+import socket
 
 import pytest
 from twisted.internet import error
@@ -254,6 +255,63 @@ def test_a_graceful_stop_drains_every_worker_and_restarts_none():
     assert d.called
     clock.advance(60)
     assert len(spawned) == 2  # the pending restart was cancelled
+
+
+def real_supervisor(count):
+    """A supervisor that makes its own sockets (on a free loopback port) and records each worker's fd."""
+    reactor = MemoryReactorClock()
+    reactor.hasRun = True
+    spawned = []
+
+    def spawn(reactor_, proto, spec, config_path, fds):
+        process = FakeProcess(proto)
+        spawned.append((fds[3], process))
+        return process
+
+    with socket.socket() as probe:  # (a free port: the config refuses port 0)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    sup = workers.Supervisor(make_config(workers=count, listen=f"127.0.0.1:{port}"), reactor, spawn=spawn)
+    sup.rundir = "/run/pgtwist-test"
+    sup.startService()
+    return sup, reactor, spawned
+
+
+@pytest.mark.skipif(not workers.REUSEPORT, reason="this kernel has no SO_REUSEPORT")
+def test_each_worker_listens_on_a_socket_of_its_own_in_one_reuseport_group():
+    # One shared socket let the worker whose epoll was woken first take every idle-time client.
+    sup, _, spawned = real_supervisor(3)
+    try:
+        fds = [fd for fd, _ in spawned]
+        assert len(set(fds)) == 3
+        ports = {s.getsockname()[1] for s in sup.sockets}
+        assert len(ports) == 1
+    finally:
+        sup._stopping = True
+        for s in sup.sockets:
+            s.close()
+
+
+@pytest.mark.skipif(not workers.REUSEPORT, reason="this kernel has no SO_REUSEPORT")
+def test_a_dead_workers_socket_is_closed_while_others_serve_and_made_again_for_its_restart():
+    sup, clock, spawned = real_supervisor(2)
+    try:
+        port = sup.sockets[0].getsockname()[1]
+        old = sup.sockets[0]
+        spawned[0][1].end(killed())
+        assert sup.sockets[0] is None and old.fileno() == -1  # (its share goes to worker 1)
+        clock.advance(workers.BACKOFF_FIRST)
+        assert sup.alive() == [0, 1]
+        assert sup.sockets[0] is not None and sup.sockets[0].getsockname()[1] == port
+        assert spawned[-1][0] == sup.sockets[0].fileno()
+        spawned[1][1].end(killed())
+        spawned[2][1].end(killed())  # the last one alive: its socket is kept, clients queue for it
+        assert sup.sockets[0] is not None
+    finally:
+        sup._stopping = True
+        for s in sup.sockets:
+            if s is not None:
+                s.close()
 
 
 def test_a_worker_that_outstays_the_drain_is_killed():
