@@ -37,6 +37,28 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+# `twistd` with the pgbalance plugin of the pgtwist under test (argv[1]: its source tree). The
+# plugin installed in the venv (twisted/plugins/pgbalance.py) would otherwise shadow an exported
+# revision's, and name a module that revision does not have (pgtwist.tap moved to pgtwist.service.tap).
+TWISTD_FROM_SOURCE = """
+import sys
+from twisted import plugin
+from twisted.application import app
+from twisted.scripts.twistd import run
+source = sys.argv.pop(1)
+def plugins(interface, package=None):
+    for found in plugin.getPlugins(interface, package):
+        if getattr(found, "tapname", None) != "pgbalance":
+            yield found
+    here = {}
+    with open(source + "/twisted/plugins/pgbalance.py") as f:
+        exec(compile(f.read(), f.name, "exec"), here)
+    yield here["pgbalance"]
+app.ServerOptions._getPlugins = staticmethod(plugins)
+sys.argv[0] = "twistd"
+run()
+"""
+
 # The idle-client helper imports pgtwist from the frozen copy its PYTHONPATH names, not the tree.
 if str(REPO) not in sys.path and sys.argv[1:2] != ["--_idle-worker"]:
     sys.path.insert(0, str(REPO))
@@ -413,8 +435,7 @@ class Bench:
         )
         log = self.tmp / f"{tag}.log"
         # `python -m twisted.scripts.twistd` does nothing (that module has no __main__ block).
-        argv = [sys.executable, "-c", "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()",
-                "-n", "--pidfile=", f"--logfile={log}"]
+        argv = [sys.executable, "-c", TWISTD_FROM_SOURCE, str(self.source), "-n", "--pidfile=", f"--logfile={log}"]
         if profile is not None:
             argv += [f"--profile={profile}", "--profiler=cprofile", "--savestats"]
         argv += ["pgbalance", "--config", str(conf)]
