@@ -343,9 +343,8 @@ class Proxy:
         or a client that sends its next statement at once could have the late cancel land on it.
         """
         done = done or _nothing
-        if self.worker is not None and self.worker.forward_cancel(process_id, secret_key):
-            done()
-            return  # another worker's key: sent on to it
+        if self.worker is not None and self.worker.forward_cancel(process_id, secret_key, done, self.config.server_connect_timeout):
+            return  # another worker's key: sent on to it, which calls done when the owner is
         held = self.cancel_keys.get(process_id)
         if held is None:
             done()

@@ -166,18 +166,28 @@ class WorkerLink:
         except OSError:
             return False
 
-    def forward_cancel(self, process_id: int, secret_key: bytes) -> bool:
-        """True when the key is another worker's (sent there, or unknown to all); False: ours to handle."""
+    def forward_cancel(self, process_id: int, secret_key: bytes, done=None, timeout: float = 5.0) -> bool:
+        """True when the key is another worker's (sent there, or unknown to all); False: ours to handle.
+
+        *done* is called once the owner has dealt with it: the owner hangs up on the forwarded
+        request only after the node hung up on its own (CancelRelay), so the client's cancel
+        connection closes when the cancel has landed, as it does for a key of this worker's.
+        """
         owner = worker_of(secret_key, self.spec.count)
         if owner == self.spec.index:
             return False
-        if owner is not None:
-            from pgtwist.backend.protocol import CancelFactory
+        if owner is None:
+            if done is not None:
+                done()
+            return True
+        from pgtwist.backend.protocol import CancelFactory
 
-            self.forwarded += 1
-            # (a log line per forwarded cancel: rare, and what an operator chasing a cancel needs)
-            log.info("CancelRequest for worker {owner}'s key: forwarded there", owner=owner)
-            self.reactor.connectUNIX(self.spec.cancel_socket(owner), CancelFactory(process_id, secret_key), timeout=5)
+        self.forwarded += 1
+        # (a log line per forwarded cancel: rare, and what an operator chasing a cancel needs)
+        log.info("CancelRequest for worker {owner}'s key: forwarded there", owner=owner)
+        # (the owner's own wait for its node is bounded by the same timeout: give it that, twice)
+        factory = CancelFactory(process_id, secret_key, clock=self.reactor, timeout=2 * timeout if timeout else 10.0, done=done)
+        self.reactor.connectUNIX(self.spec.cancel_socket(owner), factory, timeout=5)
         return True
 
 
@@ -201,10 +211,12 @@ class CancelRelay(protocol.Protocol):
         if len(self.buffer) < length:
             return
         code, pid = struct.unpack("!II", self.buffer[4:12])
+        key, self.buffer = self.buffer[12:length], None
         if code == p.CANCEL_REQUEST_CODE:
-            self.proxy.cancel(pid, self.buffer[12:length])
-        self.buffer = None
-        self.transport.loseConnection()
+            # Hung up on once the node hung up on ours: the forwarding worker then closes the client's.
+            self.proxy.cancel(pid, key, self.transport.loseConnection)
+        else:
+            self.transport.loseConnection()
 
 
 class CancelRelayFactory(protocol.Factory):

@@ -96,8 +96,9 @@ def test_many_clients_are_served_by_both_workers(px):
 
 
 def test_cancel_reaches_the_owner_whichever_worker_accepts_it(px, admin):
-    # Which worker accepts the cancel's connection is the kernel's choice (here mostly the other
-    # one: the owner has just been busy), so this goes on until both cases happened.
+    # Which worker accepts the cancel's connection is the kernel's choice (SO_REUSEPORT spreads
+    # them), so this goes on until both cases happened. Either way conn.cancel() returns only when
+    # the cancel has landed, so the `SELECT 1` after it is never the one cancelled.
     seen = {"crossed": 0, "same": 0}
     give_up = time.monotonic() + 70  # (the per-test deadline is 90 s)
     while time.monotonic() < give_up:

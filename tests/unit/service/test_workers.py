@@ -86,10 +86,13 @@ def test_keys_a_worker_hands_out_name_it():
         assert workers.worker_of(session.secret_key, 3) == 1
 
 
-def test_a_cancel_for_another_worker_is_forwarded_to_its_socket():
+def test_a_cancel_for_another_worker_is_forwarded_to_its_socket_and_done_when_the_owner_hangs_up():
+    # The client's cancel connection closes once the cancel has landed (the owner hangs up only
+    # after its node did): closed at once, a client's next statement could take the late cancel.
     proxy, reactor = worker_proxy(0)
     key = workers.tag_secret(b"\x12\x34\x56\x78", 1, 2)
-    proxy.cancel(4242, key)
+    done = []
+    proxy.cancel(4242, key, lambda: done.append(True))
     [(path, factory, timeout, _)] = reactor.unixClients
     assert path == "/run/pgtwist/cancel-1.sock"
     t = StringTransport()
@@ -97,6 +100,18 @@ def test_a_cancel_for_another_worker_is_forwarded_to_its_socket():
     p.makeConnection(t)
     assert t.value() == m.cancel_request(4242, key)
     assert proxy.worker.forwarded == 1
+    assert done == [] and not t.disconnecting
+    p.connectionLost(Failure(error.ConnectionDone()))
+    assert done == [True]
+
+
+def test_a_forwarded_cancel_whose_owner_is_gone_is_done_at_once():
+    proxy, reactor = worker_proxy(0)
+    done = []
+    proxy.cancel(4242, workers.tag_secret(b"\x12\x34\x56\x78", 1, 2), lambda: done.append(True))
+    [(_, factory, _, _)] = reactor.unixClients
+    factory.clientConnectionFailed(None, Failure(error.ConnectError()))
+    assert done == [True]
 
 
 def test_a_cancel_for_this_worker_is_handled_here():
@@ -117,15 +132,19 @@ def test_the_relay_hands_a_forwarded_cancel_to_the_proxy_split_at_every_byte():
         calls = []
 
         class P:
-            def cancel(self, pid, key):
+            def cancel(self, pid, key, done):
                 calls.append((pid, key))
+                self.done = done
 
-        relay = workers.CancelRelay(P())
+        proxy = P()
+        relay = workers.CancelRelay(proxy)
         t = StringTransport()
         relay.makeConnection(t)
         relay.dataReceived(packet[:cut])
         relay.dataReceived(packet[cut:])
         assert calls == [(77, b"\xab\xcd\xef\x01")]
+        assert not t.disconnecting  # (until the owner's cancel to the node is over)
+        proxy.done()
         assert t.disconnecting
 
 
