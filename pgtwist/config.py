@@ -157,6 +157,7 @@ class Config:
     # [logs, admin console] PgBouncer's log_pooler_errors (server login failures, errors pgtwist sends) and a level.
     log_pooler_errors: bool = True
     log_level: str = "info"
+    stats_period: float = 60.0  # PgBouncer's: SHOW STATS' avg_* columns describe the last such period
     audit: tuple[str, ...] = ()
     admin_users: tuple[str, ...] = ()
     manhole: ManholeConfig | None = None
@@ -268,7 +269,7 @@ _LIMIT_KEYS = {
     "server_check_delay",
 }
 _OPERATIONS_KEYS = {"shutdown_timeout", "log_format", "log_connections", "log_disconnections", "audit", "admin", "manhole", "metrics"}
-_OPERATIONS_KEYS |= {"log_pooler_errors", "log_level"}  # logs (kept apart: others edit the set above)
+_OPERATIONS_KEYS |= {"log_pooler_errors", "log_level", "stats_period"}  # logs (kept apart: others edit the set above)
 LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
 _TOP_KEYS = set(_DEFAULTS) | {"databases", "users", "tls", "server_tls", "auth_file", "workers"} | _OPERATIONS_KEYS | _AUTH_QUERY_KEYS | _LIMIT_KEYS
 _TLS_KEYS = {"mode", "cert", "key", "ca", "ciphers", "min_protocol_version"}
@@ -869,6 +870,7 @@ def _operations(raw: Mapping, c: _Checker, source: str, databases: Mapping, user
         "log_format": c.choice(raw, "log_format", LOG_FORMATS, "text"),
     }
     out["log_level"] = c.choice(raw, "log_level", LOG_LEVELS, "info")
+    out["stats_period"] = c.number(raw, "stats_period", "stats_period", float, 60.0, 1.0, 86400.0)
     for key in ("log_connections", "log_disconnections", "log_pooler_errors"):
         value = raw.get(key, True)
         if not isinstance(value, bool):

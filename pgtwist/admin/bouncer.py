@@ -224,28 +224,69 @@ def _stats_rows(proxy) -> list[tuple[str, dict]]:
     return out
 
 
-def _averages(proxy, totals: dict) -> dict:
-    # Over the whole uptime (PgBouncer averages over stats_period; pgtwist keeps no periods):
-    # rates per second for counts and bytes, per item for times.
-    uptime = max(1e-9, proxy.clock.seconds() - proxy.counters.started)
+def _averages(totals: dict, before: dict | None, seconds: float) -> dict:
+    """What happened between two readings of the totals *seconds* apart (*before* None: the start):
+    rates per second for counts and bytes, averages per item for times."""
+    if before:
+        totals = {k: v - before.get(k, 0) for k, v in totals.items()}
+    seconds = max(1e-9, seconds)
     xacts, queries = totals["xact_count"], totals["query_count"]
     return {
-        "xact_count": int(xacts / uptime),
-        "query_count": int(queries / uptime),
-        "received": int(totals["received"] / uptime),
-        "sent": int(totals["sent"] / uptime),
-        "xact_time": totals["xact_time"] // xacts if xacts else 0,
-        "query_time": totals["query_time"] // queries if queries else 0,
-        "wait_time": totals["wait_time"] // queries if queries else 0,
+        "xact_count": int(xacts / seconds),
+        "query_count": int(queries / seconds),
+        "received": int(totals["received"] / seconds),
+        "sent": int(totals["sent"] / seconds),
+        "xact_time": totals["xact_time"] // xacts if xacts > 0 else 0,
+        "query_time": totals["query_time"] // queries if queries > 0 else 0,
+        "wait_time": totals["wait_time"] // queries if queries > 0 else 0,
     }
+
+
+class StatsPeriods:
+    """PgBouncer's stats_period: the avg_* columns describe the last whole period, not the uptime.
+
+    The janitor calls tick() each second; at each period's end the totals are read once and the
+    period's averages kept (a cost per period, none per query). Before the first period ends, the
+    averages run from the start.
+    """
+
+    def __init__(self):
+        self.mark: float | None = None  # when the totals in self.totals were read
+        self.totals: dict[str, dict] = {}
+        self.averages: dict[str, dict] = {}  # database -> the last whole period's averages
+
+    def tick(self, proxy, now: float) -> None:
+        if self.mark is None:
+            self.mark = now
+            self.totals = dict(_stats_rows(proxy))
+            return
+        seconds = now - self.mark
+        if seconds < proxy.config.stats_period:
+            return
+        rows = dict(_stats_rows(proxy))
+        self.averages = {name: _averages(totals, self.totals.get(name), seconds) for name, totals in rows.items()}
+        self.totals, self.mark = rows, now
+
+    def for_database(self, proxy, name: str, totals: dict) -> dict:
+        if name in self.averages:
+            return self.averages[name]
+        if self.averages:  # (a database new since the last period's end: nothing to average yet)
+            return _averages(dict.fromkeys(totals, 0), None, 1.0)
+        return _averages(totals, None, proxy.clock.seconds() - proxy.counters.started)
+
+
+def _periods(proxy) -> StatsPeriods:
+    periods = getattr(proxy.counters, "periods", None)
+    return periods if periods is not None else StatsPeriods()
 
 
 def stats(proxy) -> list[dict]:
     out = []
+    periods = _periods(proxy)
     for name, totals in _stats_rows(proxy):
         row = {"database": name}
         row.update({f"total_{k}": v for k, v in totals.items()})
-        averages = _averages(proxy, totals)
+        averages = periods.for_database(proxy, name, totals)
         row.update({("avg_recv" if k == "received" else f"avg_{k}"): v for k, v in averages.items()})
         out.append(row)
     return out
@@ -260,7 +301,8 @@ def stats_totals(proxy) -> list[dict]:
 
 
 def stats_averages(proxy) -> list[dict]:
-    return [dict(database=name, **_renamed(_averages(proxy, totals))) for name, totals in _stats_rows(proxy)]
+    periods = _periods(proxy)
+    return [dict(database=name, **_renamed(periods.for_database(proxy, name, totals))) for name, totals in _stats_rows(proxy)]
 
 
 def pools(proxy) -> list[dict]:

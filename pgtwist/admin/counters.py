@@ -96,6 +96,7 @@ class Counters:
     def __init__(self, clock):
         self.clock = clock
         self.started = clock.seconds()
+        self.periods = None  # admin.bouncer.StatsPeriods, ticked by the janitor (stats_period)
         self.clients_accepted = 0
         self.clients_closed = 0
         self.errors: dict[str, int] = {}  # SQLSTATE -> errors pgtwist sent itself

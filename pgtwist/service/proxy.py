@@ -14,6 +14,7 @@ from pgtwist.transport import tls
 from pgtwist.transport.connect import NodeDialer, is_unix_host
 from pgtwist.admin import audit
 from pgtwist.admin.console import AdminConsole
+from pgtwist.admin import bouncer
 from pgtwist.admin.counters import Counters
 from pgtwist.backend.protocol import BackendFactory, CancelFactory, Keepalive
 from pgtwist.cluster.health import FUNCTIONS_REFRESH, ClusterMonitor
@@ -157,6 +158,9 @@ class Proxy:
             self.expire_idle_clients(self.config.client_idle_timeout)
         if self.retired_pools:
             reloadmod.sweep(self)
+        if self.counters.periods is None:
+            self.counters.periods = bouncer.StatsPeriods()
+        self.counters.periods.tick(self, now)
 
     def expire_queries(self, limit: float) -> None:
         """query_timeout, checked by the janitor (so to within its tick), not by a timer per query:
