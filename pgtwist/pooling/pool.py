@@ -377,8 +377,15 @@ class Pool:
         self._serve()
 
     def _back_to_idle(self, conn) -> None:
-        self.busy.discard(conn)
         conn.last_used = self.clock.seconds()
+        if self.waiters and not self.paused and not (self.settings.check_query and not self.settings.check_delay):
+            # Clients outnumber connections: straight to the oldest waiter, as _serve would have
+            # done (last in, first out: this one), without a trip through the idle list.
+            self._give(conn)
+            if len(self.waiters) > self.connecting + len(self.testing) and self._room():
+                self._serve()
+            return
+        self.busy.discard(conn)
         self.idle.append(conn)
         self._serve()
 
@@ -426,6 +433,8 @@ class Pool:
         """May one more connection be opened now? pool_size alone, or the shared limits."""
         if self.limits is None:
             return self.total < self.size
+        if self.total >= self.size and not getattr(self.database, "reserve_pool_size", 0):
+            return False  # (what may_open would say, asked on every handoff while clients wait)
         return self.limits.may_open(self)
 
     def oldest_wait(self, now: float) -> float | None:
