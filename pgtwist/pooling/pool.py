@@ -377,8 +377,8 @@ class Pool:
         self._serve()
 
     def _back_to_idle(self, conn) -> None:
-        conn.last_used = self.clock.seconds()
-        if self.waiters and not self.paused and not (self.settings.check_query and not self.settings.check_delay):
+        now = conn.last_used = self.clock.seconds()
+        if self.waiters and not self.paused and not self.due_for_check(conn, now):
             # Clients outnumber connections: straight to the oldest waiter, as _serve would have
             # done (last in, first out: this one), without a trip through the idle list.
             self._give(conn)
@@ -512,7 +512,14 @@ class Pool:
             conn.close()
             self._serve()
             return
-        self._back_to_idle(conn)  # (fresh now: the next _serve hands it out)
+        if self.waiters and not self.paused:
+            # Fresh now: to the oldest waiter at once. Through the idle list, server_check_delay = 0
+            # would have it checked again, and again, while the waiter waited.
+            self.busy.add(conn)
+            conn.last_used = self.clock.seconds()
+            self._give(conn)
+            return
+        self._back_to_idle(conn)
 
     def _check_failed(self, conn, failure) -> None:
         # Gone while checked: no client saw it; the waiters get another connection.

@@ -126,3 +126,27 @@ def test_delay_zero_counts_every_reused_idle_connection_as_used():
     h.clock.advance(0.001)
     conn.last_used = h.clock.seconds()
     assert h.pool.server_counts(h.clock.seconds())["used"] == 1
+
+
+def test_a_connection_given_back_to_a_waiting_client_is_checked_first_when_the_delay_is_zero():
+    # The handoff straight to a waiter (clients outnumber connections) skips the idle list, not the check.
+    h = checked(size=1, delay=0.0)
+    _, first = h.acquire()
+    conn = h.open_next()
+    assert got(first) is conn
+    _, second = h.acquire()  # waits: the pool is full
+    h.clock.advance(1)
+    h.pool.release(conn, reusable=True, reset=False)
+    assert second == [] and conn.internal[-1][0] == ["SELECT 1"]
+    conn.internal[-1][1].callback([])
+    assert got(second) is conn
+
+
+def test_a_connection_given_back_to_a_waiting_client_goes_straight_to_it_without_a_check():
+    h = checked(size=1, delay=30.0)
+    _, first = h.acquire()
+    conn = h.open_next()
+    assert got(first) is conn
+    _, second = h.acquire()
+    h.pool.release(conn, reusable=True, reset=False)
+    assert got(second) is conn and conn.internal == [] and list(h.pool.idle) == []
