@@ -275,14 +275,9 @@ class StatsPeriods:
         return _averages(totals, None, proxy.clock.seconds() - proxy.counters.started)
 
 
-def _periods(proxy) -> StatsPeriods:
-    periods = getattr(proxy.counters, "periods", None)
-    return periods if periods is not None else StatsPeriods()
-
-
 def stats(proxy) -> list[dict]:
     out = []
-    periods = _periods(proxy)
+    periods = proxy.counters.periods
     for name, totals in _stats_rows(proxy):
         row = {"database": name}
         row.update({f"total_{k}": v for k, v in totals.items()})
@@ -301,7 +296,7 @@ def stats_totals(proxy) -> list[dict]:
 
 
 def stats_averages(proxy) -> list[dict]:
-    periods = _periods(proxy)
+    periods = proxy.counters.periods
     return [dict(database=name, **_renamed(periods.for_database(proxy, name, totals))) for name, totals in _stats_rows(proxy)]
 
 

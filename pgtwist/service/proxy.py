@@ -68,6 +68,7 @@ class Proxy:
         )
         self.pinned_sessions = 0
         self.counters = Counters(reactor)  # totals for SHOW STATS and /metrics
+        self.counters.periods = bouncer.StatsPeriods()  # (stats_period: ticked by maintain)
         self.service = None  # the PgBalanceService, for admin actions (reload, shutdown)
         # The admin side, wired in here so that the core never imports pgtwist.admin: the console
         # that answers a client of the admin database, and the log of audited users' statements.
@@ -158,8 +159,6 @@ class Proxy:
             self.expire_idle_clients(self.config.client_idle_timeout)
         if self.retired_pools:
             reloadmod.sweep(self)
-        if self.counters.periods is None:
-            self.counters.periods = bouncer.StatsPeriods()
         self.counters.periods.tick(self, now)
 
     def expire_queries(self, limit: float) -> None:

@@ -460,6 +460,7 @@ class Supervisor(service.MultiService):
         # Each worker's socket (None: closed while that worker is dead). A given socket (tests) or
         # a kernel without SO_REUSEPORT: one socket, shared.
         self.sockets: list = []
+        self.port: int | None = None
         self.rundir: str | None = None
         self.workers = [_Worker(i) for i in range(self.count)]
         self.restarts = 0
@@ -491,6 +492,7 @@ class Supervisor(service.MultiService):
                 ]
         if not self.sockets:
             self.sockets = [self.socket] * self.count
+        self.port = self.socket.getsockname()[1]  # (the group's: a restarted worker's new socket joins it)
         if self.rundir is None:
             self.rundir = tempfile.mkdtemp(prefix="pgtwist-workers-")  # (mode 0700)
         host, port = self.socket.getsockname()[:2]
@@ -588,8 +590,9 @@ class Supervisor(service.MultiService):
         return d
 
     def _own_socket(self, worker: _Worker) -> bool:
-        sockets = self.sockets
-        return len(sockets) > worker.index and all(x is not sockets[worker.index] for i, x in enumerate(sockets) if i != worker.index)
+        """Whether the worker's socket is its alone (not the fallback shared by all, nor borrowed)."""
+        mine = self.sockets[worker.index]
+        return sum(x is mine for x in self.sockets) == 1
 
     def _close_socket_of(self, worker: _Worker) -> None:
         """A dead worker's share of new clients goes to the living until it is back.
@@ -604,12 +607,11 @@ class Supervisor(service.MultiService):
         self.sockets[worker.index] = None
 
     def _socket_for(self, worker: _Worker):
-        sock = self.sockets[worker.index] if len(self.sockets) > worker.index else self.socket
+        sock = self.sockets[worker.index]
         if sock is not None:
             return sock
-        port = next(x for x in self.sockets if x is not None).getsockname()[1] if any(self.sockets) else None
         try:
-            sock = listening_socket(self.config.listen, reuseport=True, port=port)
+            sock = listening_socket(self.config.listen, reuseport=True, port=self.port)
         except OSError as e:
             # (e.g. a port below 1024 after twistd dropped privileges: share a living worker's queue)
             sock = next((x for x in self.sockets if x is not None), None)
