@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import resource
 import signal
@@ -24,6 +25,20 @@ log = Logger()
 
 
 EX_CONFIG = 78  # sysexits.h; systemd units carry RestartPreventExitStatus=78
+
+
+def settle_garbage_collector() -> None:
+    """Once serving: keep the cyclic garbage collector off what lives as long as the process.
+
+    Everything made before the reactor ran (modules, classes, functions, the config, the
+    reactor) stays for good, yet every full collection walked it again; under load that was
+    about a tenth of pgtwist's instructions per pooled transaction (callgrind, bench/
+    instructions.sh). gc.freeze() moves it to a generation no collection visits. Young objects
+    are then collected every 10,000 allocations rather than 700: a transaction allocates a few
+    dozen short-lived objects and nearly none of them is in a reference cycle.
+    """
+    gc.freeze()
+    gc.set_threshold(10_000, 10, 10)
 
 
 class ListenError(Exception):
@@ -220,6 +235,7 @@ class PgBalanceService(service.MultiService):
 
     def _running(self) -> None:
         self._install_signal_handlers()
+        settle_garbage_collector()
         # Type=notify: systemd counts the unit as started from here: the listener is open (since
         # startService) and a SIGTERM from now on drains rather than stops at once.
         sdnotify.notify(f"READY=1\nSTATUS=accepting clients on {self.config.listen}\nMAINPID={os.getpid()}")

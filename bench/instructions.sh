@@ -1,0 +1,133 @@
+#!/bin/bash
+# User-space instructions per pooled transaction, pgtwist beside PgBouncer, under callgrind.
+#
+# Seconds of CPU move with this shared box (the same pgtwist commit measured 64 and 131 us/tx
+# on two days); instructions do not: the same tree gives the same count to within 0.1 %.
+# Each pooler runs under `valgrind --tool=callgrind` twice, serving pgbench -S with CLIENTS
+# clients over a pool of POOL (trust auth, transaction pooling) for T1 and then T2 transactions
+# per client; the difference of the two totals over the difference of transactions is the cost
+# of one more transaction, with start-up and logins cancelled out. Kernel time (send, recv,
+# epoll) is not counted: both poolers make the same system calls per transaction.
+#
+# usage: bench/instructions.sh [--tree DIR] [--clients N] [--pool N] [--targets pgtwist,pgbouncer]
+#   --tree DIR   the pgtwist source tree to measure (default: this repository), e.g. a
+#                `git worktree` of another revision
+# Needs valgrind, the PostgreSQL server binaries, pgbench and (for its column) pgbouncer.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "$0")/.." && pwd)
+TREE=$HERE CLIENTS=64 POOL=16 TARGETS=pgtwist,pgbouncer T1=20 T2=60
+while [ $# -gt 0 ]; do
+    case $1 in
+        --tree) TREE=$(cd "$2" && pwd); shift 2 ;;
+        --clients) CLIENTS=$2; shift 2 ;;
+        --pool) POOL=$2; shift 2 ;;
+        --targets) TARGETS=$2; shift 2 ;;
+        *) echo "unknown option $1" >&2; exit 2 ;;
+    esac
+done
+PY=$HERE/.venv/bin/python
+BIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
+for tool in valgrind callgrind_control "$BIN/pgbench"; do
+    command -v "$tool" >/dev/null || { echo "instructions.sh: $tool is missing" >&2; exit 1; }
+done
+
+WORK=$(mktemp -d /tmp/pgtwist-instr-XXXXXX)
+chmod 755 "$WORK"
+RUNAS=()
+[ "$(id -u)" = 0 ] && { chown postgres "$WORK"; RUNAS=(runuser -u postgres --); }
+free_port() { "$PY" -c 'from pgtwist.tools.localcluster import free_port; print(free_port())'; }
+PGPORT=$(cd "$HERE" && free_port)
+cleanup() {
+    "${RUNAS[@]}" "$BIN/pg_ctl" -D "$WORK/data" -m immediate stop >/dev/null 2>&1 || true
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+"${RUNAS[@]}" "$BIN/initdb" -A trust -U postgres -D "$WORK/data" >/dev/null
+cat >> "$WORK/data/postgresql.conf" <<EOF
+port = $PGPORT
+listen_addresses = '127.0.0.1'
+unix_socket_directories = '$WORK'
+max_connections = 200
+fsync = off
+EOF
+"${RUNAS[@]}" "$BIN/pg_ctl" -D "$WORK/data" -l "$WORK/pg.log" -w start >/dev/null
+"$BIN/createdb" -h 127.0.0.1 -p "$PGPORT" -U postgres pgbench
+"$BIN/pgbench" -i -q -s 1 -h 127.0.0.1 -p "$PGPORT" -U postgres pgbench >/dev/null 2>&1
+
+wait_port() {
+    for _ in $(seq 1 900); do
+        (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+        sleep 0.2
+    done
+    echo "instructions.sh: nothing listens on $1" >&2; return 1
+}
+
+# One run: the pooler under callgrind, pgbench -t $2 per client, then the pooler's total Ir.
+measure() {
+    local target=$1 per_client=$2 port out
+    port=$(cd "$HERE" && free_port)
+    out="$WORK/$target.$per_client.callgrind"
+    if [ "$target" = pgtwist ]; then
+        cat > "$WORK/pgtwist.toml" <<EOF
+listen = "127.0.0.1:$port"
+pool_mode = "transaction"
+pool_size = $POOL
+max_client_conn = 10000
+auth_type = "trust"
+log_connections = false
+log_disconnections = false
+[databases.pgbench]
+nodes = ["127.0.0.1:$PGPORT"]
+[users.postgres]
+password = "unused-with-trust"
+EOF
+        # bench/run.py's twistd-with-this-tree's-plugin launcher.
+        local launcher
+        launcher=$(sed -n '/^TWISTD_FROM_SOURCE = """/,/^"""/p' "$HERE/bench/run.py" | sed '1d;$d')
+        (cd "$WORK" && PYTHONPATH=$TREE exec valgrind --tool=callgrind --callgrind-out-file="$out" \
+            "$PY" -c "$launcher" "$TREE" -n --pidfile= --logfile="$WORK/pgtwist.log" \
+            pgbalance --config "$WORK/pgtwist.toml" 2>>"$WORK/valgrind.log") &
+    else
+        cat > "$WORK/pgbouncer.ini" <<EOF
+[databases]
+pgbench = host=127.0.0.1 port=$PGPORT dbname=pgbench
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $port
+unix_socket_dir =
+auth_type = trust
+auth_file = $WORK/userlist.txt
+pool_mode = transaction
+default_pool_size = $POOL
+max_client_conn = 10000
+log_connections = 0
+log_disconnections = 0
+logfile = $WORK/pgbouncer.log
+EOF
+        echo '"postgres" ""' > "$WORK/userlist.txt"
+        chmod 644 "$WORK/pgbouncer.ini" "$WORK/userlist.txt"
+        "${RUNAS[@]}" valgrind --tool=callgrind --callgrind-out-file="$out" \
+            "$(command -v pgbouncer || echo /usr/sbin/pgbouncer)" "$WORK/pgbouncer.ini" 2>>"$WORK/valgrind.log" &
+    fi
+    local pid=$!
+    wait_port "$port"
+    "$BIN/pgbench" -n -S -c "$CLIENTS" -j 2 -t "$per_client" -h 127.0.0.1 -p "$port" -U postgres pgbench \
+        >"$WORK/pgbench.log" 2>&1 || { cat "$WORK/pgbench.log" >&2; return 1; }
+    pkill -TERM -f "callgrind-out-file=$out" || true
+    wait "$pid" 2>/dev/null || true
+    for _ in $(seq 1 100); do grep -q '^totals:' "$out" 2>/dev/null && break; sleep 0.2; done
+    awk '/^totals:/ {print $2}' "$out"
+}
+
+echo "bench/instructions.sh: pgbench -S, $CLIENTS clients over pool $POOL, transaction pooling, trust;" \
+     "user-space instructions per transaction (callgrind; $T1 and $T2 transactions per client)"
+for target in ${TARGETS//,/ }; do
+    if [ "$target" = pgbouncer ] && ! command -v pgbouncer >/dev/null && [ ! -x /usr/sbin/pgbouncer ]; then
+        echo "pgbouncer: not installed (apt-get install pgbouncer), skipped"; continue
+    fi
+    first=$(measure "$target" "$T1")
+    second=$(measure "$target" "$T2")
+    echo "$target: $(( (second - first) / (CLIENTS * (T2 - T1)) )) instructions/tx"
+done
