@@ -7,6 +7,7 @@ from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 from twisted.logger import Logger
 
+from pgtwist.transport.producers import attach_producer, detach_producer
 from pgtwist.transport.sendnow import write_now
 from pgtwist.backend.login import ServerLogin, ServerLoginError
 from pgtwist.pooling.statements import ServerStatements, internal_batch
@@ -82,11 +83,13 @@ class Throttle:
 
     def pauseProducing(self):
         self.paused = True
-        self.transport.pauseProducing()
+        if self.transport is not None:  # (None: between links)
+            self.transport.pauseProducing()
 
     def resumeProducing(self):
         self.paused = False
-        self.transport.resumeProducing()
+        if self.transport is not None:
+            self.transport.resumeProducing()
 
     def stopProducing(self):
         pass
@@ -120,7 +123,10 @@ class ServerConnection:
         # The FATAL the node sent before hanging up (None: none, or not seen by us): why it ended,
         # which says whether the node or only this connection is in trouble (cluster/evidence.py).
         self.fatal: dict | None = None
-        self._throttles = (None, None)
+        # Each side's transport as the other side's producer while linked (Throttle): made
+        # once per connection and pointed at each new client, not allocated per link.
+        self._server_throttle: Throttle | None = None
+        self._client_throttle = Throttle(None)
         self._scanner: MessageScanner | None = None
         self.ready: defer.Deferred = defer.Deferred()  # fires self after login
         self._internal: defer.Deferred | None = None
@@ -422,9 +428,13 @@ class ServerConnection:
         self.replied = False
         # Each side's transport produces for the other's: a client that stops reading
         # pauses reads from the node instead of letting the proxy buffer a result set.
-        self._throttles = (Throttle(self.transport), Throttle(client_transport))
-        client_transport.registerProducer(self._throttles[0], True)
-        self.transport.registerProducer(self._throttles[1], True)
+        server_throttle = self._server_throttle
+        if server_throttle is None or server_throttle.transport is not self.transport:
+            server_throttle = self._server_throttle = Throttle(self.transport)
+        client_throttle = self._client_throttle
+        client_throttle.transport = client_transport
+        attach_producer(client_transport, server_throttle)
+        attach_producer(self.transport, client_throttle)
 
     def unlink(self) -> None:
         self._enter(IDLE)  # (first: only a linked connection unlinks)
@@ -439,14 +449,17 @@ class ServerConnection:
         if client is not None:
             # (A transport already disconnected has dropped its producer; a TLS one would raise.)
             if client.connected:
-                client.unregisterProducer()
-            server_throttle, client_throttle = self._throttles
+                detach_producer(client)
+            server_throttle, client_throttle = self._server_throttle, self._client_throttle
+            client_throttle.transport = None
             if self.transport is not None:
                 if self.transport.connected:
-                    self.transport.unregisterProducer()
+                    detach_producer(self.transport)
                 if server_throttle.paused:  # a paused side must not stay so after the link
+                    server_throttle.paused = False
                     self.transport.resumeProducing()
             if client_throttle.paused:
+                client_throttle.paused = False
                 client.resumeProducing()
 
     @property

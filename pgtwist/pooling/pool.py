@@ -339,7 +339,7 @@ class Pool:
         if conn not in self.busy:
             return
         # (IDLE: logged in, nothing owed, no client; asked by name, at the cost of one identity test.)
-        if not reusable or conn.state is not IDLE or conn.tainted or self.retired or self._expired(conn):
+        if not reusable or conn.state is not IDLE or conn.tainted or self.retired or (self.settings.lifetime and self._expired(conn)):
             self.busy.discard(conn)
             conn.close()
             self._serve()
@@ -378,7 +378,7 @@ class Pool:
 
     def _back_to_idle(self, conn) -> None:
         now = conn.last_used = self.clock.seconds()
-        if self.waiters and not self.paused and not self.due_for_check(conn, now):
+        if self.waiters and not self.paused and not (self.settings.check_query and self.due_for_check(conn, now)):
             # Clients outnumber connections: straight to the oldest waiter, as _serve would have
             # done (last in, first out: this one), without a trip through the idle list.
             self._give(conn)
@@ -431,10 +431,12 @@ class Pool:
 
     def _room(self) -> bool:
         """May one more connection be opened now? pool_size alone, or the shared limits."""
+        # (Asked on every handoff while clients wait: total and size without their properties.)
+        full = len(self.idle) + len(self.busy) + self.connecting >= self.settings.size
         if self.limits is None:
-            return self.total < self.size
-        if self.total >= self.size and not getattr(self.database, "reserve_pool_size", 0):
-            return False  # (what may_open would say, asked on every handoff while clients wait)
+            return not full
+        if full and not getattr(self.database, "reserve_pool_size", 0):
+            return False  # (what may_open would say)
         return self.limits.may_open(self)
 
     def oldest_wait(self, now: float) -> float | None:

@@ -62,10 +62,9 @@ class DatabaseRouter:
         self.hook = hook
         self._rr = 0
         self.by_name = {str(node): node for node in database.nodes}
-
-    @property
-    def clustered(self) -> bool:
-        return self.monitor is not None
+        # Whether a health monitor places work node by node: an attribute, not a property, as
+        # it is asked several times per transaction (the monitor is given once, here).
+        self.clustered = monitor is not None
 
     def states(self) -> list[NodeState]:
         if self.monitor is None:

@@ -168,6 +168,7 @@ class ClientSession:
         "_tx_end",
         "admitted",
         "last_request",
+        "_read",
     )
 
     def __init__(self, proxy, transport, client_id: str):
@@ -205,6 +206,7 @@ class ClientSession:
         self.process_id = 0
         self.secret_key = b""
         self.backlog: list = []  # client messages that arrived while no server was linked
+        self._read: tuple | None = None  # (message, the read it came in whole): see _plain_backlog
         self.logged_in = False
         self.connected_at = proxy.clock.seconds()
         self._idle_tx_timer = None
@@ -459,6 +461,8 @@ class ClientSession:
             if self.orphaned:
                 self._answer_orphaned(items)
                 return
+            if not self.backlog and len(items) == 1:
+                self._read = (items[0], data)
             self.backlog.extend(items)
             self.placement.place()
         else:  # WAITING, PREPARING: keep it for the server connection on its way
@@ -492,9 +496,14 @@ class ClientSession:
         most often what a kept connection's is, one plain Query or a prepared statement run again.
         It takes the same fast paths, so that its answer too is forwarded whole (whole_reply)
         rather than message by message through the relay."""
+        read, self._read = self._read, None
         if len(backlog) == 1:
             item = backlog[0]
-            return type(item) is tuple and item[0] == p.QUERY and self._plain_query(item, frame(p.QUERY, item[1]), server)
+            if type(item) is not tuple or item[0] != p.QUERY:
+                return False
+            # The very read it came in, when that held only it (as a waiting client's most often does).
+            data = read[1] if read is not None and read[0] is item else frame(p.QUERY, item[1])
+            return self._plain_query(item, data, server)
         return self._plain_batch(backlog, None, server)
 
     def _plain_batch(self, items: list, data: bytes | None, server) -> bool:

@@ -5,14 +5,23 @@ from __future__ import annotations
 import errno
 import sys
 
+from twisted.internet import tcp
+from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
 from twisted.logger import Logger
-
-log = Logger()
+from twisted.python import log as twisted_log
 
 try:
+    from select import EPOLLIN
+
     from twisted.internet.epollreactor import EPollReactor
 except ImportError:  # not Linux: twistd's default reactor serves
     EPollReactor = None
+
+# Exactly these transports read as tcp.Connection.doRead does (a Unix socket's, a subclass, goes
+# through Twisted's dispatch). A TLS connection is one too: its protocol is then the TLS layer.
+_TCP = (tcp.Server, tcp.Client)
+
+log = Logger()
 
 
 if EPollReactor is not None:
@@ -27,7 +36,9 @@ if EPollReactor is not None:
         proxy's hot path (one client read and one server read per simple query) the wrapper
         cost about a quarter of the CPU spent per transaction (docs/BENCHMARKS.md). The
         dispatch itself (_doReadOrWrite: disconnect detection, doRead/doWrite, exceptions
-        turned into a lost connection) is Twisted's own, unchanged.
+        turned into a lost connection) is Twisted's own, unchanged, but for the commonest
+        event, a TCP connection with bytes to read: that is read here, as tcp.Connection.doRead
+        reads it, in one call of ours instead of Twisted's three (two reads per transaction).
         """
 
         def doPoll(self, timeout):
@@ -40,18 +51,43 @@ if EPollReactor is not None:
                     return
                 raise
             selectables = self._selectables
-            dispatch = self._doReadOrWrite
             for fd, event in events:
                 selectable = selectables.get(fd)
                 if selectable is None:
                     continue  # removed by an earlier event of this very batch
+                if event == EPOLLIN and type(selectable) in _TCP:
+                    # The commonest event by far: bytes to read on a TCP connection. What
+                    # _doReadOrWrite -> doRead -> _dataReceived do, here (three calls fewer).
+                    try:
+                        data = selectable.socket.recv(selectable.bufferSize)
+                    except BlockingIOError:
+                        continue
+                    except OSError:
+                        why = CONNECTION_LOST
+                    else:
+                        if data:
+                            try:
+                                selectable.protocol.dataReceived(data)
+                                continue
+                            except KeyboardInterrupt:
+                                raise
+                            except BaseException:
+                                why = sys.exc_info()[1]
+                                twisted_log.err()  # (as _doReadOrWrite reports it)
+                        else:
+                            why = CONNECTION_DONE
+                    dispatch = self._disconnectSelectable
+                    args = (selectable, why, True)
+                else:
+                    dispatch = self._doReadOrWrite
+                    args = (selectable, fd, event)
                 try:
-                    dispatch(selectable, fd, event)
+                    dispatch(*args)
                 except KeyboardInterrupt:
                     raise
                 except BaseException:
-                    # _doReadOrWrite already turns a descriptor's exceptions into a lost
-                    # connection; what escapes it is a bug to report, not to die of.
+                    # Both turn a descriptor's exceptions into a lost connection; what escapes
+                    # them is a bug to report, not to die of.
                     log.failure("reactor: unhandled error dispatching {selectable!r}", selectable=selectable)
 
         doIteration = doPoll

@@ -123,3 +123,106 @@ def test_install_only_when_no_reactor_is_installed(monkeypatch):
     (r,) = installed
     assert isinstance(r, reactormod.ProxyReactor)
     close(r)
+
+
+# -- the fast read of a TCP connection (what _doReadOrWrite -> doRead -> _dataReceived do) --
+
+
+class Recording:
+    def __init__(self, fail=False):
+        self.got = []
+        self.fail = fail
+
+    def dataReceived(self, data):
+        if self.fail:
+            raise ValueError("bad bytes")
+        self.got.append(data)
+
+
+@pytest.fixture
+def tcp_pair(proxy_reactor):
+    """A tcp.Server over one end of a socket pair, as the reactor would hold it; the other end to write."""
+    import socket
+
+    from twisted.internet import tcp
+
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    selectable = tcp.Server.__new__(tcp.Server)  # (no port or reactor wiring: only what doRead uses)
+    selectable.socket = ours
+    selectable.bufferSize = 65536
+    selectable.protocol = Recording()
+    lost = []
+    proxy_reactor._disconnectSelectable = lambda sel, why, in_read: lost.append((sel, why, in_read))
+    proxy_reactor._doReadOrWrite = lambda sel, fd, ev: lost.append(("dispatched", fd, ev))
+    proxy_reactor._selectables = {ours.fileno(): selectable}
+    yield selectable, theirs, lost
+    ours.close()
+    theirs.close()
+
+
+def _poll_in(r, selectable, event=None):
+    import select
+
+    r._poller = FakePoller([(selectable.socket.fileno(), select.EPOLLIN if event is None else event)])
+    r.doPoll(0)
+
+
+def test_bytes_to_read_go_straight_to_the_protocol(proxy_reactor, tcp_pair):
+    selectable, theirs, lost = tcp_pair
+    theirs.sendall(b"Q\x00\x00\x00\x05")
+    _poll_in(proxy_reactor, selectable)
+    assert selectable.protocol.got == [b"Q\x00\x00\x00\x05"] and lost == []
+
+
+def test_nothing_to_read_is_no_event(proxy_reactor, tcp_pair):
+    selectable, theirs, lost = tcp_pair
+    _poll_in(proxy_reactor, selectable)
+    assert selectable.protocol.got == [] and lost == []
+
+
+def test_end_of_stream_is_a_clean_close(proxy_reactor, tcp_pair):
+    from twisted.internet.main import CONNECTION_DONE
+
+    selectable, theirs, lost = tcp_pair
+    theirs.shutdown(2)
+    _poll_in(proxy_reactor, selectable)
+    assert lost == [(selectable, CONNECTION_DONE, True)]
+
+
+def test_a_failed_recv_is_a_lost_connection(proxy_reactor, tcp_pair):
+    from twisted.internet.main import CONNECTION_LOST
+
+    selectable, theirs, lost = tcp_pair
+    broken = selectable.socket
+    selectable.socket = type("Broken", (), {"recv": lambda self, n: (_ for _ in ()).throw(ConnectionResetError()), "fileno": broken.fileno})()
+    _poll_in(proxy_reactor, selectable)
+    assert lost == [(selectable, CONNECTION_LOST, True)]
+    selectable.socket = broken
+
+
+def test_a_protocol_error_loses_that_connection_and_is_logged(proxy_reactor, tcp_pair):
+    selectable, theirs, lost = tcp_pair
+    selectable.protocol = Recording(fail=True)
+    theirs.sendall(b"x")
+    from twisted.python import log as legacy
+
+    events = []
+    legacy.addObserver(events.append)  # (reported with Twisted's log.err(), as _doReadOrWrite does)
+    try:
+        _poll_in(proxy_reactor, selectable)
+    finally:
+        legacy.removeObserver(events.append)
+    ((sel, why, in_read),) = lost
+    assert sel is selectable and isinstance(why, ValueError) and in_read
+    assert any(e.get("isError") and e["failure"].check(ValueError) for e in events)
+
+
+def test_other_events_of_a_tcp_connection_take_twisteds_dispatch(proxy_reactor, tcp_pair):
+    import select
+
+    selectable, theirs, lost = tcp_pair
+    _poll_in(proxy_reactor, selectable, select.EPOLLIN | select.EPOLLHUP)
+    _poll_in(proxy_reactor, selectable, select.EPOLLOUT)
+    fd = selectable.socket.fileno()
+    assert lost == [("dispatched", fd, select.EPOLLIN | select.EPOLLHUP), ("dispatched", fd, select.EPOLLOUT)]
