@@ -259,7 +259,8 @@ class Pool:
 
     def _give(self, conn) -> None:
         """Hand *conn* to the oldest waiter."""
-        waiter, started = self._take_waiter()
+        waiter = self.waiters.popleft()  # (_take_waiter, without its call: once per handoff)
+        started = self._waits.pop(waiter)
         self.wait_seconds += self.clock.seconds() - started
         self.busy.add(conn)
         if type(waiter) is defer.Deferred:
@@ -339,7 +340,8 @@ class Pool:
         if conn not in self.busy:
             return
         # (IDLE: logged in, nothing owed, no client; asked by name, at the cost of one identity test.)
-        if not reusable or conn.state is not IDLE or conn.tainted or self.retired or (self.settings.lifetime and self._expired(conn)):
+        lifetime = self.settings.lifetime  # (_expired, without its call: once per handoff)
+        if not reusable or conn.state is not IDLE or conn.tainted or self.retired or (lifetime and self.clock.seconds() - conn.created >= lifetime):
             self.busy.discard(conn)
             conn.close()
             self._serve()

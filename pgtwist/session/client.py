@@ -24,7 +24,7 @@ from pgtwist.session.placement import AWAIT_END, SESSION_SERVER_CAPTURE, UNPLACE
 from pgtwist.session.placement import UNSYNCED as _UNSYNCED
 from pgtwist.session.lease import Lease
 from pgtwist.pooling.relay import CLIENT_CAPTURE, HOT_RUN, SYNC, Relay
-from pgtwist.routing.analysis import classify
+from pgtwist.routing.analysis import NO_EFFECTS, classify
 from pgtwist.routing.router import Decision
 from pgtwist.routing.policy import parse_lsn, write_lsn
 from pgtwist.pooling.settings import SERVER_OWNED, client_settings, parse_options, quote_literal, readback_sql, sync_sql
@@ -481,7 +481,7 @@ class ClientSession:
         if len(body) + 5 != len(data):
             return False
         effects = analysis.query_effects(body)
-        if effects.changes_state or effects.local_commit_mode:
+        if effects is not NO_EFFECTS and (effects.changes_state or effects.local_commit_mode):
             return False
         lease = self.lease
         lease.used = True
@@ -996,7 +996,8 @@ class ClientSession:
         )
         self._watch_link(decision)
         server.link(self, self.transport, self.relay.capture() if self.relay else SESSION_SERVER_CAPTURE)
-        self.resume_reading()
+        if self._paused:
+            self.resume_reading()
         backlog, self.backlog = self.backlog, []
         if backlog:
             if not (self.transaction_mode and self._plain_backlog(backlog, server)):
@@ -1506,7 +1507,8 @@ class ClientSession:
         self.server = None
         self._enter(IDLE)
         server.pool.release(server, reusable=True, reset=False)
-        self.resume_reading()
+        if self._paused:
+            self.resume_reading()
         if self.backlog:  # the client moved on while its settings were read back
             self.placement.place()
 
