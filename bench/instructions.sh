@@ -9,20 +9,23 @@
 # of one more transaction, with start-up and logins cancelled out. Kernel time (send, recv,
 # epoll) is not counted: both poolers make the same system calls per transaction.
 #
-# usage: bench/instructions.sh [--tree DIR] [--clients N] [--pool N] [--targets pgtwist,pgbouncer]
+# usage: bench/instructions.sh [--tree DIR] [--clients N] [--pool N] [--targets pgtwist,pgbouncer] [--connect]
 #   --tree DIR   the pgtwist source tree to measure (default: this repository), e.g. a
 #                `git worktree` of another revision
+#   --connect    pgbench -C: a login (and logout) per transaction, the churn of short-lived
+#                clients; the figure is then per login with its one transaction
 # Needs valgrind, the PostgreSQL server binaries, pgbench and (for its column) pgbouncer.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")/.." && pwd)
-TREE=$HERE CLIENTS=64 POOL=16 TARGETS=pgtwist,pgbouncer T1=20 T2=60
+TREE=$HERE CLIENTS=64 POOL=16 TARGETS=pgtwist,pgbouncer T1=20 T2=60 CONNECT=()
 while [ $# -gt 0 ]; do
     case $1 in
         --tree) TREE=$(cd "$2" && pwd); shift 2 ;;
         --clients) CLIENTS=$2; shift 2 ;;
         --pool) POOL=$2; shift 2 ;;
         --targets) TARGETS=$2; shift 2 ;;
+        --connect) CONNECT=(-C); shift ;;
         *) echo "unknown option $1" >&2; exit 2 ;;
     esac
 done
@@ -113,7 +116,7 @@ EOF
     fi
     local pid=$!
     wait_port "$port"
-    "$BIN/pgbench" -n -S -c "$CLIENTS" -j 2 -t "$per_client" -h 127.0.0.1 -p "$port" -U postgres pgbench \
+    "$BIN/pgbench" -n -S "${CONNECT[@]}" -c "$CLIENTS" -j 2 -t "$per_client" -h 127.0.0.1 -p "$port" -U postgres pgbench \
         >"$WORK/pgbench.log" 2>&1 || { cat "$WORK/pgbench.log" >&2; return 1; }
     pkill -TERM -f "callgrind-out-file=$out" || true
     wait "$pid" 2>/dev/null || true
@@ -121,13 +124,15 @@ EOF
     awk '/^totals:/ {print $2}' "$out"
 }
 
+unit=transaction
+[ ${#CONNECT[@]} -gt 0 ] && unit="login (pgbench -C: a login, one transaction, a logout)"
 echo "bench/instructions.sh: pgbench -S, $CLIENTS clients over pool $POOL, transaction pooling, trust;" \
-     "user-space instructions per transaction (callgrind; $T1 and $T2 transactions per client)"
+     "user-space instructions per $unit (callgrind; $T1 and $T2 transactions per client)"
 for target in ${TARGETS//,/ }; do
     if [ "$target" = pgbouncer ] && ! command -v pgbouncer >/dev/null && [ ! -x /usr/sbin/pgbouncer ]; then
         echo "pgbouncer: not installed (apt-get install pgbouncer), skipped"; continue
     fi
     first=$(measure "$target" "$T1")
     second=$(measure "$target" "$T2")
-    echo "$target: $(( (second - first) / (CLIENTS * (T2 - T1)) )) instructions/tx"
+    echo "$target: $(( (second - first) / (CLIENTS * (T2 - T1)) )) instructions/${unit%% *}"
 done

@@ -154,19 +154,24 @@ def all_interfaces() -> str:
 
 
 def listen(reactor, factory, addresses, unix_socket_dir: str = "", unix_socket_mode: int = 0o777) -> list:
-    """Open every listener: each TCP address, then the Unix socket (named for the first address's port)."""
+    """Open every listener; returned as each TCP address, then the Unix socket (named for the first address's port).
+
+    The Unix socket opens first: whoever waits for the TCP port (a probe, a test, a script
+    running psql -h DIR next) then finds the socket there too.
+    """
     ports = []
+    unix = []
     try:
-        for address in addresses:
-            host = all_interfaces() if address.host == "*" else address.host
-            ports.append(reactor.listenTCP(address.port, factory, backlog=4096, interface=host))
         if unix_socket_dir:
             path = socket_path(unix_socket_dir, addresses[0].port)
             # wantPID leaves a lock file beside the socket and removes a stale socket a dead
             # process left (PostgreSQL does the same with .s.PGSQL.PORT.lock).
-            ports.append(reactor.listenUNIX(path, factory, backlog=4096, mode=unix_socket_mode, wantPID=True))
+            unix.append(reactor.listenUNIX(path, factory, backlog=4096, mode=unix_socket_mode, wantPID=True))
+        for address in addresses:
+            host = all_interfaces() if address.host == "*" else address.host
+            ports.append(reactor.listenTCP(address.port, factory, backlog=4096, interface=host))
     except Exception:
-        for port in ports:
+        for port in ports + unix:
             port.stopListening()
         raise
-    return ports
+    return ports + unix

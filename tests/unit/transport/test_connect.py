@@ -100,8 +100,24 @@ def test_local_peer():
 
 def test_listen_opens_every_address_then_the_unix_socket(tmp_path):
     reactor = MemoryReactorClock()
+    opened = []
+    listen_tcp, listen_unix = reactor.listenTCP, reactor.listenUNIX
+
+    def tcp(*a, **kw):
+        opened.append(("tcp", listen_tcp(*a, **kw)))
+        return opened[-1][1]
+
+    def unix(*a, **kw):
+        opened.append(("unix", listen_unix(*a, **kw)))
+        return opened[-1][1]
+
+    reactor.listenTCP, reactor.listenUNIX = tcp, unix
     ports = connect.listen(reactor, object(), (Address("127.0.0.1", 6432), Address("::1", 6432)), str(tmp_path), 0o770)
     assert len(ports) == 3
+    # The Unix socket is there before anything listens on TCP (which is what callers wait for),
+    # and comes last among the listeners returned, the first TCP one being the main port.
+    assert [kind for kind, _ in opened] == ["unix", "tcp", "tcp"]
+    assert ports == [opened[1][1], opened[2][1], opened[0][1]]
     assert [(s[0], s[3]) for s in reactor.tcpServers] == [(6432, "127.0.0.1"), (6432, "::1")]
     path, _, _, mode, _ = reactor.unixServers[0][:5]
     assert path == f"{tmp_path}/.s.PGSQL.6432" and mode == 0o770
