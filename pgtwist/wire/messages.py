@@ -167,7 +167,26 @@ def decode_startup_packet(body: bytes):
         )
     params: dict[str, str] = {}
     unrecognized = []
-    while True:
+    # Every login's packet: its name/value pairs in one decode and one split when it is well
+    # formed (each string NUL-terminated, no empty name before the final NUL); otherwise the
+    # reader below goes string by string and names what is wrong.
+    region = body[4:]
+    whole = False
+    if region[-1:] == b"\x00":
+        try:
+            fields = region[:-1].decode().split("\x00")  # (a NUL is never inside a UTF-8 sequence)
+        except UnicodeDecodeError:
+            fields = None
+        if fields is not None and len(fields) % 2 and fields[-1] == "" and all(fields[0:-1:2]):
+            for i in range(0, len(fields) - 1, 2):
+                name = fields[i]
+                if name.startswith("_pq_."):
+                    unrecognized.append(name)
+                else:
+                    params[name] = fields[i + 1]
+            r.pos = len(body)
+            whole = True
+    while not whole:
         name = r.cstring()
         if not name:
             break
