@@ -125,7 +125,7 @@ class ServerConnection:
         self.fatal: dict | None = None
         # Each side's transport as the other side's producer while linked (Throttle): made
         # once per connection and pointed at each new client, not allocated per link.
-        self._server_throttle: Throttle | None = None
+        self._server_throttle = Throttle(None)  # (its transport: this connection's, once made)
         self._client_throttle = Throttle(None)
         self._scanner: MessageScanner | None = None
         self.ready: defer.Deferred = defer.Deferred()  # fires self after login
@@ -188,6 +188,7 @@ class ServerConnection:
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+        self._server_throttle.transport = transport
         self._enter(LOGIN)
         if self.tls is not None:
             # [server_tls]: SSLRequest first; the StartupMessage (and any password) waits for TLS.
@@ -428,13 +429,9 @@ class ServerConnection:
         self.replied = False
         # Each side's transport produces for the other's: a client that stops reading
         # pauses reads from the node instead of letting the proxy buffer a result set.
-        server_throttle = self._server_throttle
-        if server_throttle is None or server_throttle.transport is not self.transport:
-            server_throttle = self._server_throttle = Throttle(self.transport)
-        client_throttle = self._client_throttle
-        client_throttle.transport = client_transport
-        attach_producer(client_transport, server_throttle)
-        attach_producer(self.transport, client_throttle)
+        self._client_throttle.transport = client_transport
+        attach_producer(client_transport, self._server_throttle)
+        attach_producer(self.transport, self._client_throttle)
 
     def unlink(self) -> None:
         self._enter(IDLE)  # (first: only a linked connection unlinks)

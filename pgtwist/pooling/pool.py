@@ -259,8 +259,7 @@ class Pool:
 
     def _give(self, conn) -> None:
         """Hand *conn* to the oldest waiter."""
-        waiter = self.waiters.popleft()  # (_take_waiter, without its call: once per handoff)
-        started = self._waits.pop(waiter)
+        waiter, started = self._take_waiter()
         self.wait_seconds += self.clock.seconds() - started
         self.busy.add(conn)
         if type(waiter) is defer.Deferred:
@@ -340,8 +339,7 @@ class Pool:
         if conn not in self.busy:
             return
         # (IDLE: logged in, nothing owed, no client; asked by name, at the cost of one identity test.)
-        lifetime = self.settings.lifetime  # (_expired, without its call: once per handoff)
-        if not reusable or conn.state is not IDLE or conn.tainted or self.retired or (lifetime and self.clock.seconds() - conn.created >= lifetime):
+        if not reusable or conn.state is not IDLE or conn.tainted or self.retired or self._expired(conn):
             self.busy.discard(conn)
             conn.close()
             self._serve()
@@ -380,7 +378,7 @@ class Pool:
 
     def _back_to_idle(self, conn) -> None:
         now = conn.last_used = self.clock.seconds()
-        if self.waiters and not self.paused and not (self.settings.check_query and self.due_for_check(conn, now)):
+        if self.waiters and not self.paused and not self.due_for_check(conn, now):
             # Clients outnumber connections: straight to the oldest waiter, as _serve would have
             # done (last in, first out: this one), without a trip through the idle list.
             self._give(conn)
@@ -433,12 +431,10 @@ class Pool:
 
     def _room(self) -> bool:
         """May one more connection be opened now? pool_size alone, or the shared limits."""
-        # (Asked on every handoff while clients wait: total and size without their properties.)
-        full = len(self.idle) + len(self.busy) + self.connecting >= self.settings.size
         if self.limits is None:
-            return not full
-        if full and not getattr(self.database, "reserve_pool_size", 0):
-            return False  # (what may_open would say)
+            return self.total < self.size
+        if self.total >= self.size and not getattr(self.database, "reserve_pool_size", 0):
+            return False  # (what may_open would say, asked on every handoff while clients wait)
         return self.limits.may_open(self)
 
     def oldest_wait(self, now: float) -> float | None:

@@ -491,12 +491,12 @@ class ClientSession:
         write_now(server.transport, data)
         return True
 
-    def _plain_backlog(self, backlog: list, server) -> bool:
+    def _plain_backlog(self, backlog: list, server, read: tuple | None) -> bool:
         """A connection just handed over (clients outnumber server connections): its first work is
         most often what a kept connection's is, one plain Query or a prepared statement run again.
         It takes the same fast paths, so that its answer too is forwarded whole (whole_reply)
-        rather than message by message through the relay."""
-        read, self._read = self._read, None
+        rather than message by message through the relay. *read*: (message, the read it came in
+        whole), when the backlog began with a read of one message (ClientSession._read)."""
         if len(backlog) == 1:
             item = backlog[0]
             if type(item) is not tuple or item[0] != p.QUERY:
@@ -872,6 +872,7 @@ class ClientSession:
     def fail_waiting_work(self, fields: dict) -> None:
         """No server could be had within failover_wait: the waiting work fails as a statement would, the session stays."""
         backlog, self.backlog = self.backlog, []
+        self._read = None
         self._enter(IDLE)
         self.resume_reading()
         self._answer_locally(backlog, fields)
@@ -996,11 +997,11 @@ class ClientSession:
         )
         self._watch_link(decision)
         server.link(self, self.transport, self.relay.capture() if self.relay else SESSION_SERVER_CAPTURE)
-        if self._paused:
-            self.resume_reading()
+        self.resume_reading()
         backlog, self.backlog = self.backlog, []
+        read, self._read = self._read, None  # (taken with the backlog it belongs to, whatever path that takes)
         if backlog:
-            if not (self.transaction_mode and self._plain_backlog(backlog, server)):
+            if not (self.transaction_mode and self._plain_backlog(backlog, server, read)):
                 self._client_items(backlog)
         elif self.transaction_mode:
             self._maybe_release()
@@ -1507,8 +1508,7 @@ class ClientSession:
         self.server = None
         self._enter(IDLE)
         server.pool.release(server, reusable=True, reset=False)
-        if self._paused:
-            self.resume_reading()
+        self.resume_reading()
         if self.backlog:  # the client moved on while its settings were read back
             self.placement.place()
 

@@ -269,3 +269,28 @@ def test_internal_query_records_the_transaction_status(status):
     d = conn.run_internal(["SELECT 1"])
     answer(conn, status=status)
     assert outcome(d) == [] and conn.tx_status == status
+
+
+class SessionStandIn:
+    """What link() needs of a session: nothing until the node speaks."""
+
+
+def test_a_link_paused_by_its_client_leaves_nothing_paused_for_the_next_client():
+    # Clients outnumber connections: one server connection goes from client to client with the
+    # same two Throttles, pointed at each new client; a pause of one link never reaches the next.
+    conn, transport, _ = logged_in()
+    first, second = StringTransport(), StringTransport()
+    conn.link(SessionStandIn(), first)
+    server_throttle, client_throttle = first.producer, transport.producer
+    first.producer.pauseProducing()  # the first client stopped reading: the node's reads pause
+    transport.producer.pauseProducing()  # ... and the node side is full too
+    assert transport.producerState == "paused" and first.producerState == "paused"
+    conn.unlink()
+    assert first.producer is None and transport.producer is None
+    assert transport.producerState == "producing" and first.producerState == "producing"
+    assert not server_throttle.paused and not client_throttle.paused
+    conn.link(SessionStandIn(), second)
+    assert second.producer is server_throttle and transport.producer is client_throttle
+    assert client_throttle.transport is second and second.producerState == "producing"
+    transport.producer.pauseProducing()  # a pause now reaches the second client, not the first
+    assert second.producerState == "paused" and first.producerState == "producing"
