@@ -36,6 +36,7 @@ from twisted.logger import Logger
 from twisted.web import resource
 
 from pgtwist.service.sighandlers import SignalHandlers
+from pgtwist.transport.accept import adopt_tcp
 from pgtwist.wire import protocol as p
 
 log = Logger()
@@ -359,7 +360,7 @@ def fetch_rows(path: str, what: str, timeout: float = SHOW_TIMEOUT) -> list[dict
 
 def adopt_listener(spec: WorkerSpec, factory, reactor, family: int):
     """Serve clients from the supervisor's listening socket (adoptStreamPort dups it; ours is closed)."""
-    port = reactor.adoptStreamPort(spec.listen_fd, family, factory)
+    port = adopt_tcp(reactor, spec.listen_fd, family, factory)
     os.close(spec.listen_fd)
     return port
 

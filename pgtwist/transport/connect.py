@@ -10,6 +10,8 @@ from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.address import UNIXAddress
 from twisted.python.failure import Failure
 
+from pgtwist.transport.accept import listen_tcp
+
 SOCKET_NAME = ".s.PGSQL.{port}"  # what libpq looks for in a directory given as host
 
 
@@ -169,7 +171,7 @@ def listen(reactor, factory, addresses, unix_socket_dir: str = "", unix_socket_m
             unix.append(reactor.listenUNIX(path, factory, backlog=4096, mode=unix_socket_mode, wantPID=True))
         for address in addresses:
             host = all_interfaces() if address.host == "*" else address.host
-            ports.append(reactor.listenTCP(address.port, factory, backlog=4096, interface=host))
+            ports.append(listen_tcp(reactor, address.port, factory, backlog=4096, interface=host))
     except Exception:
         for port in ports + unix:
             port.stopListening()

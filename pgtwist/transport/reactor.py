@@ -10,6 +10,8 @@ from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
 from twisted.logger import Logger
 from twisted.python import log as twisted_log
 
+from pgtwist.transport.accept import ClientConnection, nothing_queued
+
 try:
     from select import EPOLLIN
 
@@ -19,7 +21,7 @@ except ImportError:  # not Linux: twistd's default reactor serves
 
 # Exactly these transports read as tcp.Connection.doRead does (a Unix socket's, a subclass, goes
 # through Twisted's dispatch). A TLS connection is one too: its protocol is then the TLS layer.
-_TCP = (tcp.Server, tcp.Client)
+_TCP = (tcp.Server, tcp.Client, ClientConnection)
 
 log = Logger()
 
@@ -41,7 +43,32 @@ if EPollReactor is not None:
         reads it, in one call of ours instead of Twisted's three (two reads per transaction).
         """
 
+        _closing: list | None = None  # connections that close at the end of this turn (close_soon)
+
+        def close_soon(self, connection) -> None:
+            """Close *connection* (a ClientConnection, reading stopped, marked disconnecting) at
+            the end of this turn, or before the next poll if this is not inside one."""
+            if self._closing is None:
+                self._closing = []
+            self._closing.append(connection)
+
+        def _close_pending(self) -> None:
+            closing, self._closing = self._closing, None
+            for connection in closing:
+                # Bytes written since loseConnection() are queued, with startWriting() called: Twisted
+                # flushes them and then closes. A producer registered since: its unregistering does.
+                if connection.disconnected or not nothing_queued(connection):
+                    continue
+                try:
+                    self._disconnectSelectable(connection, CONNECTION_DONE, False)
+                except KeyboardInterrupt:
+                    raise
+                except BaseException:
+                    log.failure("reactor: unhandled error closing {selectable!r}", selectable=connection)
+
         def doPoll(self, timeout):
+            if self._closing is not None:  # (asked for outside a poll turn: a timer's callback)
+                self._close_pending()
             if timeout is None:
                 timeout = -1  # wait indefinitely
             try:
@@ -89,6 +116,8 @@ if EPollReactor is not None:
                     # Both turn a descriptor's exceptions into a lost connection; what escapes
                     # them is a bug to report, not to die of.
                     log.failure("reactor: unhandled error dispatching {selectable!r}", selectable=selectable)
+            if self._closing is not None:
+                self._close_pending()
 
         doIteration = doPoll
 

@@ -2,6 +2,8 @@
 
 from twisted.internet import tcp
 
+from pgtwist.transport.accept import ClientConnection
+
 # Twisted's transport.write() only queues: the bytes leave on the next reactor iteration,
 # after an epoll registration for writability and before another to drop it. On the
 # proxy's hot path that doubles the system calls per round trip. When the transport has
@@ -9,7 +11,7 @@ from twisted.internet import tcp
 # socket does not take goes through write() as usual (buffering, producers, errors).
 # This reads FileDescriptor's buffer attributes: it is checked against the Twisted
 # versions setup.cfg admits by the unit tests, and TLS transports never take this path.
-_PLAIN = (tcp.Server, tcp.Client)
+_PLAIN = (tcp.Server, tcp.Client, ClientConnection)
 
 
 def write_now(transport, data: bytes) -> None:

@@ -1,0 +1,167 @@
+"""Client connections accepted, described and closed with the fewest calls: tcp.Port/Server as pgtwist uses them."""
+
+from __future__ import annotations
+
+import socket
+
+from twisted.internet import abstract, address, error, tcp
+from twisted.internet.posixbase import PosixReactorBase
+from twisted.logger import Logger
+
+log = Logger()
+
+# A short-lived client (a Kubernetes job, a PHP request, pgbench -C) costs a login per
+# transaction, and Twisted's accept path is most of what pgtwist spends on a login besides
+# the protocol itself: a context manager and a generator per accept round, socket.accept()'s
+# wrapper (which turns the family and type into enums), an attrs address built and validated
+# for buildProtocol and again for each getPeer(), a log prefix and a repr formatted for every
+# connection though nothing reads them, Failure.check() walking class names when the
+# connection closes, and loseConnection() registering for writability to find an empty
+# buffer one poll later. These classes keep Twisted's behaviour and attributes (the unit
+# tests compare them with tcp.Server's) and drop that work. Anything unusual (an accept
+# error, TLS, bytes still queued, a producer) goes through Twisted's own code.
+
+_IPV6_NAMEINFO = socket.NI_NUMERICHOST | socket.NI_NUMERICSERV
+
+
+class ClientConnection(tcp.Server):
+    """A client's TCP connection: tcp.Server with its descriptions made when asked, and a quick close."""
+
+    def __init__(self, skt, protocol, client, server, sessionno, reactor, peer=None):
+        # What tcp.Server.__init__ (with Connection's and FileDescriptor's) sets, but logstr and
+        # repstr, which logPrefix() and __repr__() make when asked.
+        self.reactor = reactor
+        self._tempDataBuffer = []
+        self._tempDataLen = 0
+        self.socket = skt
+        skt.setblocking(False)
+        self.fileno = skt.fileno
+        self.protocol = protocol
+        if len(client) != 2:
+            self._addressType = address.IPv6Address
+        self.server = server
+        self.client = client
+        self.sessionno = sessionno
+        self.hostname = client[0]
+        self._peer = peer
+        self._protocol_name = type(protocol).__name__
+        self.startReading()
+        self.connected = 1
+
+    def logPrefix(self) -> str:
+        return f"{self._protocol_name},{self.sessionno},{self.hostname}"
+
+    def __repr__(self) -> str:
+        port = self.server._realPortNumber if self.server is not None else None
+        return f"<{self._protocol_name} #{self.sessionno} on {port}>"
+
+    def getPeer(self):
+        """The client's address: made once (at accept), not once per call."""
+        peer = self._peer
+        if peer is None:
+            peer = self._peer = self._addressType("TCP", *self.client)  # type: ignore[arg-type]
+        return peer
+
+    def connectionLost(self, reason) -> None:
+        # tcp.Connection.connectionLost, with an isinstance() for Failure.check(), which
+        # computes the qualified name of every class in the error's hierarchy.
+        if not hasattr(self, "socket"):
+            return  # (called twice: see tcp.Connection.connectionLost)
+        abstract.FileDescriptor.connectionLost(self, reason)
+        self._closeSocket(not isinstance(reason.value, error.ConnectionAborted))
+        protocol = self.protocol
+        del self.protocol
+        del self.socket
+        del self.fileno
+        protocol.connectionLost(reason)  # type: ignore[call-arg]  # (IProtocol's stub lacks self)
+
+    def loseConnection(self) -> None:
+        """Close once the bytes written are sent: with none queued, in this very reactor turn.
+
+        Twisted stops reading and registers for writability, and a poll later finds nothing to
+        write and closes. On a ProxyReactor, which offers close_soon(), a connection with nothing
+        queued and no producer is closed at the end of the current turn instead (still after
+        the caller has returned, as loseConnection() promises): two epoll_ctl calls and one
+        poll round fewer per client that leaves.
+        """
+        close_soon = getattr(self.reactor, "close_soon", None)
+        if (
+            close_soon is None
+            or self.TLS
+            or not self.connected
+            or self.disconnecting
+            or self._writeDisconnected
+            or self.producer is not None
+            or self._tempDataBuffer
+            or self.offset != len(self.dataBuffer)
+        ):
+            super().loseConnection()
+            return
+        self.stopReading()
+        self.disconnecting = 1
+        close_soon(self)
+
+
+def nothing_queued(transport) -> bool:
+    """Whether a closing connection may go now: no bytes queued and no producer to wait for."""
+    return not transport._tempDataBuffer and transport.offset == len(transport.dataBuffer) and transport.producer is None
+
+
+class ClientPort(tcp.Port):
+    """A listening TCP port for clients: accepts as tcp.Port does, in one loop of its own."""
+
+    transport = ClientConnection
+
+    def doRead(self) -> None:
+        accept = self.socket._accept  # type: ignore[union-attr]  # (socket.accept() minus its wrapper)
+        family = self.addressFamily
+        limit = self.numberAccepts
+        accepted = 0
+        try:
+            while accepted < limit:
+                try:
+                    fd, addr = accept()
+                except BlockingIOError:
+                    break
+                except OSError:
+                    # EMFILE (Twisted frees its reserved descriptor to shed the client), EPERM
+                    # (netfilter), ECONNABORTED...: Twisted's loop meets the same condition at
+                    # once and knows what to do with each.
+                    tcp.Port.doRead(self)
+                    return
+                accepted += 1
+                skt = socket.socket(family, socket.SOCK_STREAM, 0, fd)
+                if len(addr) == 4:  # IPv6: with its scope id, numeric (as tcp.Port does)
+                    host = socket.getnameinfo(addr, _IPV6_NAMEINFO)
+                    addr = (host[0], *addr[1:])
+                peer = self._addressType("TCP", *addr)
+                protocol = self.factory.buildProtocol(peer)  # type: ignore[union-attr,arg-type]
+                if protocol is None:
+                    skt.close()
+                    continue
+                sessionno = self.sessionno
+                self.sessionno = sessionno + 1
+                connection = ClientConnection(skt, protocol, addr, self, sessionno, self.reactor, peer)
+                protocol.makeConnection(connection)  # type: ignore[arg-type]
+        except Exception:
+            log.failure("accepting a client on {port!r}", port=self)
+        # (tcp.Port's scaling of consecutive accepts per turn)
+        self.numberAccepts = limit + 20 if accepted == limit else max(1, accepted)
+
+
+def listen_tcp(reactor, port: int, factory, backlog: int, interface: str):
+    """reactor.listenTCP, with ClientPort on a real reactor (a test's MemoryReactor records the call)."""
+    if not isinstance(reactor, PosixReactorBase):
+        return reactor.listenTCP(port, factory, backlog=backlog, interface=interface)
+    p = ClientPort(port, factory, backlog, interface, reactor)
+    p.startListening()
+    return p
+
+
+def adopt_tcp(reactor, fd: int, family: int, factory):
+    """reactor.adoptStreamPort (a worker's share of the supervisor's socket), with ClientPort on a real reactor."""
+    if not isinstance(reactor, PosixReactorBase) or family not in (socket.AF_INET, socket.AF_INET6):
+        return reactor.adoptStreamPort(fd, family, factory)
+    p = ClientPort._fromListeningDescriptor(reactor, fd, family, factory)
+    p.startListening()
+    return p

@@ -1,0 +1,238 @@
+"""ClientPort/ClientConnection on real loopback sockets: Twisted's behaviour, minus its per-connection work.
+
+A ProxyReactor is driven by hand (doPoll) so each test sees exactly which reactor turn accepts,
+reads and closes; nothing sleeps, and every socket the test opens has a timeout.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+import pytest
+from twisted.internet import address, protocol, tcp
+from twisted.internet.testing import MemoryReactorClock
+
+from pgtwist.transport import accept
+from pgtwist.transport import reactor as reactormod
+from pgtwist.transport.sendnow import write_now
+
+pytestmark = pytest.mark.skipif(reactormod.ProxyReactor is None, reason="epoll is Linux-only")
+
+
+class Server(protocol.Protocol):
+    """Records what happens to it; says *reply* and closes when it reads *close_on*."""
+
+    def __init__(self, log):
+        self.log = log
+        self.reply = b""
+
+    def connectionMade(self):
+        self.log.append(("made", self.transport))
+
+    def dataReceived(self, data):
+        self.log.append(("data", data))
+        if data.startswith(b"X"):  # (as a Terminate: write the reply, then close)
+            write_now(self.transport, self.reply)
+            self.transport.loseConnection()
+            self.log.append(("lose called",))
+        elif data.startswith(b"Q"):  # queued through write(), then close
+            self.transport.write(b"queued")
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason):
+        self.log.append(("lost", type(reason.value)))
+
+
+class ServerFactory(protocol.Factory):
+    def __init__(self):
+        self.log = []
+        self.addresses = []
+
+    def buildProtocol(self, addr):
+        self.addresses.append(addr)
+        p = Server(self.log)
+        p.factory = self
+        return p
+
+
+@pytest.fixture
+def served():
+    """A ProxyReactor with a ClientPort on 127.0.0.1; yields (reactor, port, factory, connect)."""
+    r = reactormod.ProxyReactor()
+    factory = ServerFactory()
+    port = accept.listen_tcp(r, 0, factory, backlog=50, interface="127.0.0.1")
+    clients = []
+
+    def connect():
+        c = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=5)
+        clients.append(c)
+        for _ in range(50):
+            r.doPoll(0.1)
+            if len([e for e in factory.log if e[0] == "made"]) == len(clients):
+                break
+        return c
+
+    yield r, port, factory, connect
+    for c in clients:
+        c.close()
+    port.stopListening()
+    for _ in range(3):
+        r.doPoll(0)
+    r.waker.connectionLost(None)
+    r._poller.close()
+
+
+def _turn_until(r, predicate, turns=50):
+    for _ in range(turns):
+        if predicate():
+            return True
+        r.doPoll(0.1)
+    return predicate()
+
+
+def test_accepted_clients_get_a_client_connection_with_their_address(served):
+    r, port, factory, connect = served
+    c = connect()
+    (made,) = [e for e in factory.log if e[0] == "made"]
+    transport = made[1]
+    assert type(transport) is accept.ClientConnection
+    peer = transport.getPeer()
+    assert peer == address.IPv4Address("TCP", *c.getsockname())
+    assert transport.getPeer() is peer  # made once
+    assert factory.addresses == [peer]  # and it is what buildProtocol was given
+    assert transport.getHost() == address.IPv4Address("TCP", "127.0.0.1", port.getHost().port)
+    # Twisted's descriptions, made when asked.
+    assert transport.logPrefix() == "Server,0,127.0.0.1"
+    assert repr(transport) == f"<Server #0 on {port.getHost().port}>"
+    assert transport.connected and not transport.disconnected
+
+
+def test_a_client_connection_holds_what_tcp_server_would(served):
+    """Every attribute tcp.Server.__init__ sets is set the same (so Twisted's code that reads them works),
+    checked against the Twisted that is installed."""
+    r, port, factory, connect = served
+    connect()
+    ours = factory.log[0][1]
+    theirs_sock, peer_end = socket.socketpair()
+    try:
+        theirs = tcp.Server(theirs_sock, Server([]), ours.client, port, ours.sessionno, r)
+        made_lazily = {"logstr", "repstr"}
+        ours_only = {"_peer", "_protocol_name"}
+        assert set(vars(theirs)) - made_lazily == set(vars(ours)) - ours_only
+        for name in set(vars(theirs)) - made_lazily - {"socket", "fileno", "protocol"}:
+            assert getattr(ours, name) == getattr(theirs, name), name
+        assert ours.logPrefix() == theirs.logPrefix() and repr(ours) == repr(theirs)
+        assert ours.socket.getblocking() is False
+    finally:
+        theirs.stopReading()
+        theirs_sock.close()
+        peer_end.close()
+
+
+def test_loseconnection_with_nothing_queued_closes_in_the_same_turn(served):
+    r, port, factory, connect = served
+    c = connect()
+    transport = factory.log[0][1]
+    fd = transport.fileno()
+    transport.protocol.reply = b"bye"
+    c.sendall(b"X")
+    assert _turn_until(r, lambda: any(e[0] == "data" for e in factory.log))
+    # The read, the loseConnection() and the close all happened in that one turn.
+    assert [e[0] for e in factory.log] == ["made", "data", "lose called", "lost"]
+    assert factory.log[-1] == ("lost", type(reactormod.CONNECTION_DONE))
+    assert transport.disconnected and r._closing is None
+    assert fd not in r._selectables
+    received = b""
+    while True:
+        chunk = c.recv(100)
+        if not chunk:
+            break
+        received += chunk
+    assert received == b"bye"  # what was written first still arrives, then the end of the stream
+
+
+def test_bytes_queued_before_the_close_are_flushed_first(served):
+    r, port, factory, connect = served
+    c = connect()
+    transport = factory.log[0][1]
+    c.sendall(b"Q")
+    assert _turn_until(r, lambda: transport.disconnected)
+    received = b""
+    c.settimeout(5)
+    while True:
+        chunk = c.recv(100)
+        if not chunk:
+            break
+        received += chunk
+    assert received == b"queued"
+
+
+def test_a_close_asked_for_outside_a_poll_turn_happens_before_the_next_poll(served):
+    r, port, factory, connect = served
+    c = connect()
+    transport = factory.log[0][1]
+    transport.loseConnection()  # (as a timer's callback would, between turns)
+    assert not transport.disconnected and r._closing == [transport]
+    r.doPoll(0)
+    assert transport.disconnected
+    assert c.recv(10) == b""
+
+
+def test_a_write_after_loseconnection_is_still_delivered(served):
+    r, port, factory, connect = served
+    c = connect()
+    transport = factory.log[0][1]
+    transport.loseConnection()
+    transport.write(b"late")  # queued: the pending close leaves it to Twisted's flush-then-close
+    assert _turn_until(r, lambda: transport.disconnected)
+    assert c.recv(10) == b"late"
+
+
+def test_without_close_soon_loseconnection_is_twisteds():
+    r = MemoryReactorClock()
+    sock, other = socket.socketpair()
+    try:
+        conn = accept.ClientConnection.__new__(accept.ClientConnection)
+        conn.reactor = r
+        conn.connected = 1
+        asked = []
+        conn.stopReading = lambda: asked.append("stopReading")
+        conn.startWriting = lambda: asked.append("startWriting")
+        conn._tempDataBuffer = []
+        conn.loseConnection()
+        assert asked == ["stopReading", "startWriting"] and conn.disconnecting
+    finally:
+        sock.close()
+        other.close()
+
+
+def test_an_accept_error_goes_to_twisteds_loop(served, monkeypatch):
+    r, port, factory, connect = served
+    calls = []
+
+    class Failing:
+        def _accept(self):
+            raise OSError(errno.EMFILE, "too many open files")
+
+    monkeypatch.setattr(port, "socket", Failing())
+    monkeypatch.setattr(tcp.Port, "doRead", lambda self: calls.append(self))
+    port.doRead()
+    assert calls == [port]
+
+
+def test_a_refused_client_is_closed(served):
+    r, port, factory, connect = served
+    factory.buildProtocol = lambda addr: None
+    c = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=5)
+    try:
+        _turn_until(r, lambda: False, turns=3)
+        assert c.recv(10) == b""
+    finally:
+        c.close()
+
+
+def test_memory_reactors_get_listen_tcp_as_asked():
+    r = MemoryReactorClock()
+    accept.listen_tcp(r, 6432, object(), backlog=10, interface="127.0.0.1")
+    assert [(s[0], s[2], s[3]) for s in r.tcpServers] == [(6432, 10, "127.0.0.1")]
