@@ -10,6 +10,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from pgtwist.service import reload as reloadmod
+from pgtwist.service.entropy import random_bytes
 from pgtwist.transport import tls
 from pgtwist.transport.connect import NodeDialer, is_unix_host
 from pgtwist.admin import audit
@@ -309,14 +310,15 @@ class Proxy:
         """
         keys = self.cancel_keys
         if process_id is None:
-            while True:
-                process_id = _OWN_PIDS_FROM + secrets.randbelow(_OWN_PIDS_SPAN)
-                if process_id not in keys:
+            while True:  # (uniform below the span: the rare 31-bit draw at or above it is drawn again)
+                drawn = int.from_bytes(random_bytes(4), "big") & 0x7FFFFFFF
+                if drawn < _OWN_PIDS_SPAN and _OWN_PIDS_FROM + drawn not in keys:
+                    process_id = _OWN_PIDS_FROM + drawn
                     break
         held = keys.get(process_id)
         holders = () if held is None else held if type(held) is list else (held,)
         while True:  # (two sessions sharing a process id must not share the secret too)
-            secret = secrets.token_bytes(4)
+            secret = random_bytes(4)
             if self.worker is not None:
                 secret = self.worker.tag(secret)
             if all(s.secret_key != secret for s in holders):

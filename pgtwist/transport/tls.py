@@ -240,7 +240,9 @@ def client_handshake_info(transport) -> dict:
 
 
 def is_tls_failure(reason) -> bool:
-    return reason is not None and reason.check(SSL.Error) is not None
+    # (isinstance, not Failure.check(): asked at every client's close, and check() computes the
+    # qualified name of each class in the error's hierarchy)
+    return reason is not None and isinstance(reason.value, SSL.Error)
 
 
 def failure_text(reason) -> str:

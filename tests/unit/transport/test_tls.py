@@ -816,3 +816,10 @@ def test_cancel_under_prefer_falls_back_to_plaintext():
     transport.clear()
     protocol.dataReceived(b"N")
     assert transport.value() == m.cancel_request(777, b"KEY!") and transport.disconnecting
+
+
+def test_a_tls_failure_is_told_from_other_losses():
+    assert tls.is_tls_failure(Failure(SSL.Error([("SSL routines", "", "wrong version number")])))
+    assert tls.is_tls_failure(Failure(SSL.ZeroReturnError()))  # (a subclass)
+    assert not tls.is_tls_failure(Failure(ConnectionLost()))
+    assert not tls.is_tls_failure(None)
