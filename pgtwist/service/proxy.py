@@ -51,6 +51,7 @@ class Proxy:
         # Makes mock SCRAM salts for unknown users stable within a run but unguessable.
         self.mock_secret = secrets.token_bytes(32)
         self.clients: dict[str, ClientSession] = {}
+        self.logging_in: dict[str, ClientSession] = {}  # clients under client_login_timeout, oldest first
         self.admitted = 0  # clients past their startup packet, but the admin console's (max_client_conn)
         self.pools: dict[tuple, Pool] = {}
         # BackendKeyData process id -> the session (or, rarely, the sessions) given it: in session
@@ -139,6 +140,26 @@ class Proxy:
             )
         self._forget_cancel_key(session)
 
+    def expire_logins(self, now: float) -> None:
+        """client_login_timeout: clients still logging in that long are told so and closed.
+
+        logging_in holds them in the order they connected, so the sweep stops at the first that
+        still has time: each tick costs what has expired, not what is connected. A reload that
+        sets the timeout to 0 stops it for everyone (as no timer would be left running).
+        """
+        timeout = self.config.client_login_timeout
+        if not timeout:
+            return
+        due = now - timeout
+        expired = []
+        for session in self.logging_in.values():
+            if session.connected_at > due:
+                break
+            expired.append(session)
+        for session in expired:
+            del self.logging_in[session.id]
+            session.login_timed_out()
+
     def note_pinned(self, session: ClientSession, reason: str) -> None:
         """Transaction pooling gave up sharing a client's server connection: say so once, count it."""
         self.pinned_sessions += 1
@@ -154,6 +175,8 @@ class Proxy:
                 pool.refresh()  # reserve_pool_timeout passed, or room freed under a shared limit
         for pool in self.auth_pools.values():
             pool.maintain()
+        if self.logging_in:
+            self.expire_logins(now)
         if self.config.query_timeout:
             self.expire_queries(self.config.query_timeout)
         if self.config.client_idle_timeout:

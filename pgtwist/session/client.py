@@ -150,7 +150,7 @@ class ClientSession:
         "connected_at",
         "placement",
         "_idle_tx_timer",
-        "_login_timer",
+        "_login_timed",
         "console",
         "audit",
         "router",
@@ -228,9 +228,11 @@ class ClientSession:
         self.placement = Placement(self)  # getting a server connection for the work, and surviving its loss
         self.admitted = False  # counted against max_client_conn (proxy.admit)
         self.audit = False  # statements are logged (the user is listed in `audit`)
-        self._login_timer = (
-            proxy.clock.callLater(config.client_login_timeout, self._login_timed_out) if config.client_login_timeout else None
-        )
+        # client_login_timeout: the janitor's sweep of proxy.logging_in (Proxy.expire_logins), not a
+        # reactor timer per connection, which would cost a heap insertion and a cancellation per login.
+        self._login_timed = bool(config.client_login_timeout)
+        if self._login_timed:
+            proxy.logging_in[client_id] = self
 
     def _enter(self, state: str, _next=NEXT) -> None:
         """Move to *state*: the only way the state changes. A move the table (states.TRANSITIONS)
@@ -286,21 +288,34 @@ class ClientSession:
         self._login_events(self.login.feed(data))
 
     def _login_events(self, events: list) -> None:
+        # The login's replies leave at once (write_now: no epoll round), those of one read in one
+        # send: AuthenticationOk (after SCRAM's final message) goes out with the ParameterStatus
+        # set, BackendKeyData and ReadyForQuery when pgtwist knows them (_authenticated). Each
+        # send on loopback costs the receiver's side of TCP too, in this process's CPU time.
+        said = b""
         for event in events:
             if isinstance(event, Reply):
-                write_now(self.transport, event.data)  # (no epoll round for the login's replies)
-            elif isinstance(event, StartTLS):
+                said += event.data
+                continue
+            if isinstance(event, Authenticated):
+                self._authenticated(event, said)
+                said = b""
+                continue
+            if said:
+                write_now(self.transport, said)
+                said = b""
+            if isinstance(event, StartTLS):
                 tls.start_tls(self.transport, self.proxy.client_tls, event.initial)
             elif isinstance(event, CancelReceived):
                 self._enter(CLOSED)
                 # Closed once the cancel has reached the node (or could not), as PostgreSQL does.
                 self.proxy.cancel(event.process_id, event.secret_key, self.transport.loseConnection)
                 return
-            elif isinstance(event, Authenticated):
-                self._authenticated(event)
             elif isinstance(event, LookupUser):
                 d = self.proxy.fetch_user(event.user, event.database)
                 d.addCallbacks(self._user_looked_up, self._user_lookup_failed)
+        if said:
+            write_now(self.transport, said)
 
     def _user_looked_up(self, credential) -> None:
         """auth_query answered: the login goes on (or fails as it would for an unknown user)."""
@@ -319,13 +334,35 @@ class ClientSession:
         # be checked. Never the node's own SQLSTATE: a 28P01 for auth_user would read as the client's.
         self.fatal(sqlstate.CONNECTION_FAILURE, "could not look up the user's password (auth_query failed)", "the proxy log says why")
 
-    def _authenticated(self, event: Authenticated) -> None:
+    def _authenticated(self, event: Authenticated, said: bytes = b"") -> None:
+        """The client proved who it is; *said* is what the login has yet to send (AuthenticationOk)."""
+        try:
+            known = self._set_up(event, said)
+        except BaseException:
+            if said and self.state is LOGIN:
+                write_now(self.transport, said)  # (then the error, as PostgreSQL orders them)
+            raise
+        if self.state is not LOGIN:
+            return  # the admin console
+        if known is not None:
+            self._logged_in(known, said)
+            self._enter(IDLE)
+            if self.backlog:
+                self.placement.place()
+        else:
+            if said:
+                write_now(self.transport, said)
+            # A server connection tells us what to report (and proves the node is there).
+            self.placement.place()
+
+    def _set_up(self, event: Authenticated, said: bytes) -> dict[str, str] | None:
+        """The session's database, settings, scanner and router; the ParameterStatus set if known."""
         self.startup = event.startup
         self.user = event.startup.user
         name = event.startup.database
         if name in ADMIN_DATABASES:
-            self._admin_console()
-            return
+            self._admin_console(said)
+            return None
         database = self.proxy.config.databases.get(name)
         if database is None:
             raise LoginError(sqlstate.INVALID_CATALOG_NAME, f'database "{name}" does not exist')
@@ -360,15 +397,7 @@ class ClientSession:
         leftover = self.login.leftover()
         if leftover:
             self.backlog.extend(self.scanner.feed(leftover))
-        known = self._known_login() if self.transaction_mode else None
-        if known is not None:
-            self._logged_in(known)
-            self._enter(IDLE)
-            if self.backlog:
-                self.placement.place()
-        else:
-            # A server connection tells us what to report (and proves the node is there).
-            self.placement.place()
+        return self._known_login() if self.transaction_mode else None
 
     def _admit(self, startup: m.StartupMessage) -> bool:
         """Whether there is room for this client (asked as soon as its startup packet is read).
@@ -377,7 +406,7 @@ class ClientSession:
         """
         return startup.database in ADMIN_DATABASES or self.proxy.admit(self)
 
-    def _admin_console(self) -> None:
+    def _admin_console(self, said: bytes = b"") -> None:
         """dbname "pgbalance": the admin console answers instead of a node ([admin] users only)."""
         self.console = self.proxy.admin_session(self)  # LoginError 42501 for anyone else
         self._cancel_login_timer()
@@ -386,7 +415,7 @@ class ClientSession:
         self.process_id, self.secret_key = self.proxy.register_cancel_key(self)
         leftover = self.login.leftover()
         self.login = None
-        self.transport.write(self.console.welcome(self.process_id, self.secret_key))
+        self.transport.write(said + self.console.welcome(self.process_id, self.secret_key))
         if leftover:
             self.console.got_data(leftover)
 
@@ -408,19 +437,22 @@ class ClientSession:
         pool = self.proxy.pools.get((self.database.name, self.user, str(node)))
         return pool.login_parameters.get(self._login_key()) if pool is not None else None
 
-    def _logged_in(self, parameters: dict[str, str]) -> None:
+    def _logged_in(self, parameters: dict[str, str], said: bytes = b"") -> None:
         self._cancel_login_timer()
         self.logged_in = True
         self.login = None  # its buffers and exchange state are done with
-        write_now(self.transport, _encoded_parameters(parameters) + m.backend_key_data(self.process_id, self.secret_key) + _READY_IDLE)
+        write_now(
+            self.transport, said + _encoded_parameters(parameters) + m.backend_key_data(self.process_id, self.secret_key) + _READY_IDLE
+        )
 
     def _cancel_login_timer(self) -> None:
-        if self._login_timer is not None and self._login_timer.active():
-            self._login_timer.cancel()
-        self._login_timer = None
+        if self._login_timed:
+            self._login_timed = False
+            self.proxy.logging_in.pop(self.id, None)
 
-    def _login_timed_out(self) -> None:
-        self._login_timer = None
+    def login_timed_out(self) -> None:
+        """client_login_timeout passed (Proxy.expire_logins, which has let go of this client)."""
+        self._login_timed = False
         if self.state is LOGIN:
             # PostgreSQL closes silently when the startup packet never comes; after it, say why.
             if self.login.startup is None:

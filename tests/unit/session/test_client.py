@@ -4,6 +4,7 @@ The proxy is the real Proxy with one change: connect_server() builds a real Serv
 StringTransport instead of dialling a node, and (by default) plays the node's side of the login.
 """
 
+import dataclasses
 import struct
 
 import pytest
@@ -31,6 +32,7 @@ from tests.harness.session import (
     node_welcome,
     parse_settings_query,
     queries,
+    tick,
     types,
 )
 
@@ -198,18 +200,18 @@ def test_max_client_conn_exceeded_is_53300():
 def test_login_timeout_before_startup_closes_silently():
     h = Harness()
     session, ct = h.client(login=False)
-    h.clock.advance(9.9)
+    tick(h, 9)  # client_login_timeout = 10: the janitor's sweep, once a second
     assert not ct.disconnecting
-    h.clock.advance(0.1)
+    tick(h, 1)
     assert ct.disconnecting and ct.value() == b""
-    assert session.state == "closed"
+    assert session.state == "closed" and session.id not in h.proxy.logging_in
 
 
 def test_login_timeout_during_authentication_says_why():
     h = Harness(auth_type="md5")
     session, ct = h.client()
     ct.clear()
-    h.clock.advance(10)
+    tick(h, 10)
     fields = m.decode_fields(messages(ct.value())[0][1])
     assert fields["C"] == sqlstate.QUERY_CANCELED and "timeout" in fields["M"]
     assert ct.disconnecting
@@ -218,9 +220,32 @@ def test_login_timeout_during_authentication_says_why():
 def test_login_timeout_is_cancelled_by_connection_loss():
     h = Harness()
     session, ct = h.client(login=False)
+    assert session.id in h.proxy.logging_in
     session.connection_lost(Failure(ConnectionDone()))
-    assert h.clock.getDelayedCalls() == []
+    assert h.clock.getDelayedCalls() == [] and h.proxy.logging_in == {}
     assert session.id not in h.proxy.clients
+
+
+def test_login_timeout_sweep_stops_at_the_first_client_with_time_left():
+    h = Harness()
+    early, early_t = h.client(login=False)
+    h.clock.advance(5)
+    late, late_t = h.client(login=False)
+    done, done_t = h.client()  # logged in: no longer timed
+    assert list(h.proxy.logging_in) == [early.id, late.id]
+    tick(h, 5)
+    assert early_t.disconnecting and not late_t.disconnecting
+    assert list(h.proxy.logging_in) == [late.id]
+    tick(h, 5)
+    assert late_t.disconnecting and not done_t.disconnecting and h.proxy.logging_in == {}
+
+
+def test_login_timeout_set_to_zero_by_a_reload_stops_the_sweep():
+    h = Harness()
+    session, ct = h.client(login=False)
+    h.proxy.config = dataclasses.replace(h.proxy.config, client_login_timeout=0)
+    tick(h, 20)
+    assert not ct.disconnecting
 
 
 def test_cancel_request_is_forwarded_to_the_node():

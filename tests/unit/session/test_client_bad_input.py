@@ -15,7 +15,7 @@ from pgtwist.wire import protocol as p
 from pgtwist.wire.framing import frame
 
 from tests.harness import admin_support
-from tests.harness.session import Harness, messages
+from tests.harness.session import Harness, messages, tick
 
 BAD = [
     (frame(p.DESCRIBE, b"Xs1\x00"), "unknown target type 88"),
@@ -264,7 +264,7 @@ def test_silent_connections_do_not_count_against_max_client_conn():
     assert a.state == "linked" and b.state == "linked"
     c, ct = h.client()
     assert m.decode_fields(messages(ct.value())[-1][1])["C"] == sqlstate.TOO_MANY_CONNECTIONS
-    h.clock.advance(10)  # client_login_timeout: the silent ones go, without a word
+    tick(h, 10)  # client_login_timeout: the silent ones go, without a word
     assert all(t.disconnecting and t.value() == b"" for _, t in silent)
 
 

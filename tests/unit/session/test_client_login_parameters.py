@@ -172,3 +172,31 @@ def test_a_promoted_nodes_idle_connections_are_asked_again_before_a_login_is_tol
     reader.got_data(m.close_complete() * 2 + m.parameter_status("in_hot_standby", "off") + m.ready_for_query())
     got = dict(m.decode_parameter_status(b) for t, b in messages(ct.value()) if t == p.PARAMETER_STATUS)
     assert got["in_hot_standby"] == "off" and not reader.parameters_stale
+
+
+def test_a_known_login_is_answered_in_one_write():
+    """AuthenticationOk leaves with the ParameterStatus set, BackendKeyData and ReadyForQuery: one
+    send per login (each send on loopback costs both ends' TCP work in the proxy's CPU)."""
+    from tests.harness.session import RecordingTransport
+
+    nodes = Nodes()
+    nodes.login("app")
+    ct = RecordingTransport()
+    session = nodes.proxy.new_client(ct)
+    session.got_data(m.startup_message({"user": "app", "database": "appdb"}))
+    assert session.logged_in and nodes.servers_opened() == 1
+    (write,) = ct.writes
+    kinds = [t for t, _ in messages(write)]
+    assert kinds[0] == p.AUTHENTICATION and kinds[-2:] == [p.BACKEND_KEY_DATA, p.READY_FOR_QUERY]
+    assert m.decode_authentication(messages(write)[0][1])[0] == p.AUTH_OK
+
+
+def test_an_unknown_database_still_gets_authentication_ok_before_its_error():
+    from tests.harness.session import RecordingTransport
+
+    nodes = Nodes()
+    ct = RecordingTransport()
+    session = nodes.proxy.new_client(ct)
+    session.got_data(m.startup_message({"user": "app", "database": "nosuch"}))
+    kinds = [t for t, _ in messages(b"".join(ct.writes))]
+    assert kinds == [p.AUTHENTICATION, p.ERROR_RESPONSE]  # as PostgreSQL orders them
