@@ -125,7 +125,7 @@ def saslprep(password: str | bytes) -> bytes:
 
 
 def _hmac(key: bytes, msg: bytes) -> bytes:
-    return hmac.new(key, msg, hashlib.sha256).digest()
+    return hmac.digest(key, msg, "sha256")  # (OpenSSL's one-shot HMAC: no hmac.HMAC object)
 
 
 def _h(data: bytes) -> bytes:
@@ -141,9 +141,12 @@ def _client_server_keys(salted: bytes) -> tuple[bytes, bytes]:
     return _hmac(salted, b"Client Key"), _hmac(salted, b"Server Key")
 
 
+_BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}", re.ASCII)
+
+
 def _b64decode_strict(text: str) -> bytes:
     """Strict base64 (alphabet, padding); raise ValueError without echoing input."""
-    if not re.fullmatch(r"[A-Za-z0-9+/]*={0,2}", text, re.ASCII) or len(text) % 4:
+    if len(text) % 4 or not _BASE64.fullmatch(text):
         raise ValueError("invalid base64")
     try:
         return base64.b64decode(text, validate=True)
