@@ -65,8 +65,10 @@ class Proxy:
         self._lookups: dict[str, list[defer.Deferred]] = {}
         self.auth_pools: dict[tuple, Pool] = {}
         self._busy_marks: dict[str, float] = {}  # client id -> the last janitor tick it was busy at (client_idle_timeout)
+        # (auth_user's pools count too: their connections are the database's and auth_user's on
+        # the node, as PgBouncer's auth_query connections are)
         self.limits = ConnectionLimits(
-            lambda: itertools.chain(self.pools.values(), self.retired_pools), lambda: self.config, reactor
+            lambda: itertools.chain(self.pools.values(), self.retired_pools, self.auth_pools.values()), lambda: self.config, reactor
         )
         self.pinned_sessions = 0
         self.counters = Counters(reactor)  # totals for SHOW STATS and /metrics
@@ -312,6 +314,7 @@ class Proxy:
                 connect=self.connect_server,
                 clock=self.clock,
             )
+            pool.limits = self.limits  # max_db_connections, max_user_connections (of auth_user)
         return pool
 
     def _credential_for(self, user: str):

@@ -175,3 +175,27 @@ def test_a_frozen_node_fails_the_lookup_within_its_timeout_and_nothing_is_cached
         assert "did not answer pgtwist's own statements within 2 s" in px.log_text()
         with connect(px, SCRAMMER, SCRAM_PW) as conn:  # thawed: asked again, on a new connection
             assert conn.execute("SELECT current_user").fetchone()[0] == SCRAMMER
+
+
+def test_auth_query_connections_count_against_max_db_connections(cluster, tmp_path):
+    """auth_user's connection is one of the database's on the node, as PgBouncer counts it: at the
+    limit, its idle connection is closed to make room for a client's, never added on top."""
+    with start(cluster, tmp_path, auth_type="md5", pool_mode="session", max_db_connections=2, query_wait_timeout=10) as px:
+        direct = cluster.nodes[0]
+        with psycopg.connect(
+            host=direct.host, port=direct.port, dbname="postgres", user=cluster.superuser, password=cluster.superuser_password, sslmode="disable", autocommit=True
+        ) as admin:
+
+            def on_the_node() -> int:
+                return admin.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE usename IN (%s, %s, %s)", (AUTH, SCRAMMER, MD5ER)
+                ).fetchone()[0]
+
+            with connect(px, SCRAMMER, SCRAM_PW) as first:  # looked up: auth_user's connection, then its own
+                with connect(px, MD5ER, MD5_PW) as second:  # looked up again (another user): the limit holds
+                    assert first.execute("SELECT current_user").fetchone()[0] == SCRAMMER
+                    assert second.execute("SELECT current_user").fetchone()[0] == MD5ER
+                    deadline = time.monotonic() + 10
+                    while on_the_node() > 2:  # (a closed backend leaves pg_stat_activity a moment later)
+                        assert time.monotonic() < deadline, "auth_user's connection came on top of max_db_connections"
+                        time.sleep(0.1)
