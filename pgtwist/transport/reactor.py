@@ -21,7 +21,7 @@ except ImportError:  # not Linux: twistd's default reactor serves
 
 # Exactly these transports read as tcp.Connection.doRead does (a Unix socket's, a subclass, goes
 # through Twisted's dispatch). A TLS connection is one too: its protocol is then the TLS layer.
-_TCP = (tcp.Server, tcp.Client, ClientConnection)
+_TCP = (ClientConnection, tcp.Client, tcp.Server)  # (the commonest first: each event tests them in turn)
 
 log = Logger()
 

@@ -11,7 +11,7 @@ from pgtwist.transport.accept import ClientConnection
 # socket does not take goes through write() as usual (buffering, producers, errors).
 # This reads FileDescriptor's buffer attributes: it is checked against the Twisted
 # versions setup.cfg admits by the unit tests, and TLS transports never take this path.
-_PLAIN = (tcp.Server, tcp.Client, ClientConnection)
+_PLAIN = (ClientConnection, tcp.Client, tcp.Server)  # (the commonest first)
 
 
 def write_now(transport, data: bytes) -> None:
