@@ -230,7 +230,10 @@ def authentication(code: int, data: bytes = b"") -> bytes:
 
 
 def authentication_ok() -> bytes:
-    return authentication(p.AUTH_OK)
+    return _AUTHENTICATION_OK  # (every login's: made once)
+
+
+_AUTHENTICATION_OK = authentication(p.AUTH_OK)
 
 
 def authentication_cleartext_password() -> bytes:
