@@ -442,7 +442,15 @@ class Pool:
         return now - self._waits[self.waiters[0]] if self.waiters else None
 
     def close_one_idle(self) -> bool:
-        """Close the least recently used idle connection (to make room in another pool); False if none."""
+        """Close the least recently used idle connection (to make room in another pool); False if none.
+
+        With none idle, one lent to a client between its transactions is taken back first: it is
+        idle on the node, and a client of another pool under the same max_db_connections or
+        max_user_connections (or an auth_query lookup) would otherwise wait until that client's
+        next transaction, however long it sits idle.
+        """
+        if not self.idle and self.lent:
+            self._reclaim_one()
         if not self.idle:
             return False
         self.idle.popleft().close()

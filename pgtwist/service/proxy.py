@@ -160,7 +160,10 @@ class Proxy:
             expired.append(session)
         for session in expired:
             del self.logging_in[session.id]
-            session.login_timed_out()
+            try:
+                session.login_timed_out()
+            except Exception:  # (one client's failure must not stop the janitor's LoopingCall)
+                log.failure("client {client}: closing at client_login_timeout", client=session.id)
 
     def note_pinned(self, session: ClientSession, reason: str) -> None:
         """Transaction pooling gave up sharing a client's server connection: say so once, count it."""
@@ -177,6 +180,8 @@ class Proxy:
                 pool.refresh()  # reserve_pool_timeout passed, or room freed under a shared limit
         for pool in self.auth_pools.values():
             pool.maintain()
+            if pool.waiters:
+                pool.refresh()  # a lookup held by max_db/user_connections: room may have freed since
         if self.logging_in:
             self.expire_logins(now)
         if self.config.query_timeout:
@@ -551,6 +556,7 @@ class Proxy:
         self.auth_cache = AuthCache(config.auth_cache_ttl)
         for pool in self.auth_pools.values():
             pool.retire()
+            self.retired_pools.add(pool)  # (still counted under the limits until its lookups finish)
         self.auth_pools.clear()
 
     def connect_server(self, pool: Pool):

@@ -55,9 +55,12 @@ if EPollReactor is not None:
         def _close_pending(self) -> None:
             closing, self._closing = self._closing, None
             for connection in closing:
-                # Bytes written since loseConnection() are queued, with startWriting() called: Twisted
-                # flushes them and then closes. A producer registered since: its unregistering does.
-                if connection.disconnected or not nothing_queued(connection):
+                if connection.disconnected or connection._aborting:
+                    continue  # (gone already, or abortConnection() has its own close on the way)
+                if not nothing_queued(connection):
+                    # Bytes written, or a producer registered, since loseConnection(): the rest is
+                    # Twisted's own close, after a flush (doWrite sees disconnecting set).
+                    connection.startWriting()
                     continue
                 try:
                     self._disconnectSelectable(connection, CONNECTION_DONE, False)
@@ -69,6 +72,7 @@ if EPollReactor is not None:
         def doPoll(self, timeout):
             if self._closing is not None:  # (asked for outside a poll turn: a timer's callback)
                 self._close_pending()
+                timeout = 0  # (what those closes set off may have scheduled a call for now)
             if timeout is None:
                 timeout = -1  # wait indefinitely
             try:

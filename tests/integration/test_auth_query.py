@@ -199,3 +199,27 @@ def test_auth_query_connections_count_against_max_db_connections(cluster, tmp_pa
                     while on_the_node() > 2:  # (a closed backend leaves pg_stat_activity a moment later)
                         assert time.monotonic() < deadline, "auth_user's connection came on top of max_db_connections"
                         time.sleep(0.1)
+
+
+def test_a_lookup_at_max_db_connections_takes_a_connection_an_idle_client_keeps(cluster, tmp_path):
+    """Transaction pooling lends a client its connection between transactions; at the limit, an
+    auth_query lookup (and the new client's own connection) take such a connection back instead of
+    waiting for that client's next transaction (here: never) until query_wait_timeout."""
+    with start(cluster, tmp_path, auth_type="md5", pool_mode="transaction", max_db_connections=2, query_wait_timeout=20) as px:
+        first, second = connect(px, SCRAMMER, SCRAM_PW), connect(px, SCRAMMER, SCRAM_PW)
+        try:
+            # Overlapping transactions: each client gets a connection of its own (auth_user's idle
+            # one made room for the second), and keeps it once done, sitting idle.
+            first.execute("BEGIN")
+            assert first.execute("SELECT current_user").fetchone()[0] == SCRAMMER
+            assert second.execute("SELECT current_user").fetchone()[0] == SCRAMMER
+            first.execute("COMMIT")
+            # Looked up: auth_user needs a connection. (Waiting for an idle client would outlast
+            # the client's connect_timeout, 10 s, before query_wait_timeout's 20.)
+            with connect(px, MD5ER, MD5_PW) as third:
+                assert third.execute("SELECT current_user").fetchone()[0] == MD5ER
+            for conn in (first, second):  # and the idle clients still work
+                assert conn.execute("SELECT 1").fetchone()[0] == 1
+        finally:
+            first.close()
+            second.close()

@@ -617,6 +617,16 @@ def test_pause_and_retire_take_lent_connections_back():
     assert borrower2.reclaimed == 1 and conn2.closed
 
 
+def test_making_room_for_another_pool_takes_a_lent_connection_back_when_none_is_idle():
+    """Under max_db_connections, a client of another pool (or an auth_query lookup) must not wait
+    for an idle client's next transaction: its lent connection is idle on the node."""
+    h = Harness(size=2)
+    conn, borrower = lent_connection(h)
+    assert h.pool.close_one_idle() is True
+    assert borrower.reclaimed == 1 and conn.closed and not h.pool.lent and h.pool.total == 0
+    assert h.pool.close_one_idle() is False  # nothing left to give
+
+
 def test_waiters_are_remembered_only_while_they_wait():
     h = Harness(size=1, wait_timeout=10.0)
     _, r1 = h.acquire()

@@ -87,6 +87,7 @@ def _turn_until(r, predicate, turns=50):
     for _ in range(turns):
         if predicate():
             return True
+        r.runUntilCurrent()
         r.doPoll(0.1)
     return predicate()
 
@@ -236,3 +237,67 @@ def test_memory_reactors_get_listen_tcp_as_asked():
     r = MemoryReactorClock()
     accept.listen_tcp(r, 6432, object(), backlog=10, interface="127.0.0.1")
     assert [(s[0], s[2], s[3]) for s in r.tcpServers] == [(6432, 10, "127.0.0.1")]
+
+
+class _RecordingPoller:
+    def __init__(self, poller):
+        self.poller = poller
+        self.timeouts = []
+
+    def poll(self, timeout, maxevents):
+        self.timeouts.append(timeout)
+        return self.poller.poll(timeout, maxevents)
+
+    def __getattr__(self, name):
+        return getattr(self.poller, name)
+
+
+def test_closes_asked_for_between_turns_make_the_next_poll_not_wait(served):
+    """What a close sets off (a protocol's callLater(0)) must not wait for the poll's timeout."""
+    r, port, factory, connect = served
+    connect()
+    transport = factory.log[0][1]
+    transport.loseConnection()
+    recording = r._poller = _RecordingPoller(r._poller)
+    try:
+        r.doPoll(5.0)
+    finally:
+        r._poller = recording.poller
+    assert transport.disconnected and recording.timeouts == [0]
+
+
+def test_an_abort_after_loseconnection_is_still_an_abort(served):
+    r, port, factory, connect = served
+    connect()
+    transport = factory.log[0][1]
+    transport.loseConnection()
+    transport.abortConnection()  # (Twisted's: a reset, reported as ConnectionAborted)
+    assert _turn_until(r, lambda: transport.disconnected)
+    from twisted.internet.error import ConnectionAborted
+
+    assert factory.log[-1] == ("lost", ConnectionAborted)
+
+
+def test_a_producer_registered_after_loseconnection_leaves_the_close_to_twisted(served):
+    r, port, factory, connect = served
+    c = connect()
+    transport = factory.log[0][1]
+
+    stopped = []
+
+    class Producer:
+        def pauseProducing(self):
+            pass
+
+        def resumeProducing(self):
+            pass
+
+        def stopProducing(self):
+            stopped.append(True)
+
+    transport.loseConnection()
+    transport.registerProducer(Producer(), True)
+    # As Twisted's own close does it: doWrite, with a streaming producer that is not paused,
+    # closes, and the producer is told to stop.
+    assert _turn_until(r, lambda: transport.disconnected)
+    assert stopped == [True] and c.recv(10) == b""
