@@ -9,16 +9,19 @@
 # of one more transaction, with start-up and logins cancelled out. Kernel time (send, recv,
 # epoll) is not counted: both poolers make the same system calls per transaction.
 #
-# usage: bench/instructions.sh [--tree DIR] [--clients N] [--pool N] [--targets pgtwist,pgbouncer] [--connect]
+# usage: bench/instructions.sh [--tree DIR] [--clients N] [--pool N] [--targets pgtwist,pgbouncer] [--connect] [--scram]
 #   --tree DIR   the pgtwist source tree to measure (default: this repository), e.g. a
 #                `git worktree` of another revision
 #   --connect    pgbench -C: a login (and logout) per transaction, the churn of short-lived
 #                clients; the figure is then per login with its one transaction
+#   --scram      clients log in to the pooler with SCRAM-SHA-256 (the pooler holds PostgreSQL's
+#                verifier of the user's password) instead of trust; with --connect, the cost of
+#                a SCRAM login. The poolers still reach PostgreSQL by trust.
 # Needs valgrind, the PostgreSQL server binaries, pgbench and (for its column) pgbouncer.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")/.." && pwd)
-TREE=$HERE CLIENTS=64 POOL=16 TARGETS=pgtwist,pgbouncer T1=20 T2=60 CONNECT=()
+TREE=$HERE CLIENTS=64 POOL=16 TARGETS=pgtwist,pgbouncer T1=20 T2=60 CONNECT=() AUTH=trust
 while [ $# -gt 0 ]; do
     case $1 in
         --tree) TREE=$(cd "$2" && pwd); shift 2 ;;
@@ -26,6 +29,7 @@ while [ $# -gt 0 ]; do
         --pool) POOL=$2; shift 2 ;;
         --targets) TARGETS=$2; shift 2 ;;
         --connect) CONNECT=(-C); shift ;;
+        --scram) AUTH=scram-sha-256; shift ;;
         *) echo "unknown option $1" >&2; exit 2 ;;
     esac
 done
@@ -58,6 +62,13 @@ EOF
 "${RUNAS[@]}" "$BIN/pg_ctl" -D "$WORK/data" -l "$WORK/pg.log" -w start >/dev/null
 "$BIN/createdb" -h 127.0.0.1 -p "$PGPORT" -U postgres pgbench
 "$BIN/pgbench" -i -q -s 1 -h 127.0.0.1 -p "$PGPORT" -U postgres pgbench >/dev/null 2>&1
+# What clients give the poolers: with --scram, a password whose SCRAM verifier PostgreSQL made.
+PASSWORD=unused-with-trust SECRET=unused-with-trust
+if [ "$AUTH" = scram-sha-256 ]; then
+    PASSWORD=instructions-$RANDOM$RANDOM
+    "$BIN/psql" -qAt -h 127.0.0.1 -p "$PGPORT" -U postgres -c "ALTER USER postgres PASSWORD '$PASSWORD'" pgbench
+    SECRET=$("$BIN/psql" -qAt -h 127.0.0.1 -p "$PGPORT" -U postgres -c "SELECT rolpassword FROM pg_authid WHERE rolname = 'postgres'" pgbench)
+fi
 
 wait_port() {
     for _ in $(seq 1 900); do
@@ -78,13 +89,13 @@ listen = "127.0.0.1:$port"
 pool_mode = "transaction"
 pool_size = $POOL
 max_client_conn = 10000
-auth_type = "trust"
+auth_type = "$AUTH"
 log_connections = false
 log_disconnections = false
 [databases.pgbench]
 nodes = ["127.0.0.1:$PGPORT"]
 [users.postgres]
-password = "unused-with-trust"
+password = "$SECRET"
 EOF
         # bench/run.py's twistd-with-this-tree's-plugin launcher.
         local launcher
@@ -100,7 +111,7 @@ pgbench = host=127.0.0.1 port=$PGPORT dbname=pgbench
 listen_addr = 127.0.0.1
 listen_port = $port
 unix_socket_dir =
-auth_type = trust
+auth_type = $AUTH
 auth_file = $WORK/userlist.txt
 pool_mode = transaction
 default_pool_size = $POOL
@@ -109,14 +120,14 @@ log_connections = 0
 log_disconnections = 0
 logfile = $WORK/pgbouncer.log
 EOF
-        echo '"postgres" ""' > "$WORK/userlist.txt"
+        echo "\"postgres\" \"$SECRET\"" > "$WORK/userlist.txt"
         chmod 644 "$WORK/pgbouncer.ini" "$WORK/userlist.txt"
         "${RUNAS[@]}" valgrind --tool=callgrind --callgrind-out-file="$out" \
             "$(command -v pgbouncer || echo /usr/sbin/pgbouncer)" "$WORK/pgbouncer.ini" 2>>"$WORK/valgrind.log" &
     fi
     local pid=$!
     wait_port "$port"
-    "$BIN/pgbench" -n -S "${CONNECT[@]}" -c "$CLIENTS" -j 2 -t "$per_client" -h 127.0.0.1 -p "$port" -U postgres pgbench \
+    PGPASSWORD=$PASSWORD "$BIN/pgbench" -n -S "${CONNECT[@]}" -c "$CLIENTS" -j 2 -t "$per_client" -h 127.0.0.1 -p "$port" -U postgres pgbench \
         >"$WORK/pgbench.log" 2>&1 || { cat "$WORK/pgbench.log" >&2; return 1; }
     pkill -TERM -f "callgrind-out-file=$out" || true
     wait "$pid" 2>/dev/null || true
@@ -126,7 +137,7 @@ EOF
 
 unit=transaction
 [ ${#CONNECT[@]} -gt 0 ] && unit="login (pgbench -C: a login, one transaction, a logout)"
-echo "bench/instructions.sh: pgbench -S, $CLIENTS clients over pool $POOL, transaction pooling, trust;" \
+echo "bench/instructions.sh: pgbench -S, $CLIENTS clients over pool $POOL, transaction pooling, $AUTH;" \
      "user-space instructions per $unit (callgrind; $T1 and $T2 transactions per client)"
 for target in ${TARGETS//,/ }; do
     if [ "$target" = pgbouncer ] && ! command -v pgbouncer >/dev/null && [ ! -x /usr/sbin/pgbouncer ]; then
