@@ -50,6 +50,8 @@ class ConnectionLimits:
         return True
 
     def _reserve_open(self, pool) -> bool:
+        if pool.lookups:
+            return False  # (the reserve is for clients that waited, not for auth_query's own pool)
         reserve = getattr(pool.database, "reserve_pool_size", 0)
         if not reserve or pool.total >= pool.size + reserve:
             return False

@@ -116,6 +116,7 @@ class Pool:
         self._login_seen: dict[str, str] | None = None  # what the last new connection's login reported
         self.lent: dict = {}  # busy connection -> the ClientSession keeping it between transactions
         self.limits = None  # ConnectionLimits shared with other pools (max_db_connections ...); None: pool_size only
+        self.lookups = False  # auth_user's pool for auth_query: under the limits, but never in the reserve
         # server_check_query / server_check_delay: idle connections the janitor found idle that long
         # (``stale``) run the query before they are handed out; ``testing`` ones run it now (busy).
         self.stale: set = set()

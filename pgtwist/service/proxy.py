@@ -320,6 +320,7 @@ class Proxy:
                 clock=self.clock,
             )
             pool.limits = self.limits  # max_db_connections, max_user_connections (of auth_user)
+            pool.lookups = True
         return pool
 
     def _credential_for(self, user: str):

@@ -1038,8 +1038,6 @@ class ClientSession:
         elif self.transaction_mode:
             self._maybe_release()
 
-    # -- losing it --------------------------------------------------------------------------
-
     # -- losing it ----------------------------------------------------------------------------
 
     def server_lost(self, server, reason) -> None:

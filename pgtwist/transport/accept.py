@@ -45,6 +45,7 @@ class ClientConnection(tcp.Server):
         self.hostname = client[0]
         self._peer = peer
         self._protocol_name = type(protocol).__name__
+        self._port_number = server._realPortNumber if server is not None else None  # (for __repr__)
         self.startReading()
         self.connected = 1
 
@@ -52,8 +53,7 @@ class ClientConnection(tcp.Server):
         return f"{self._protocol_name},{self.sessionno},{self.hostname}"
 
     def __repr__(self) -> str:
-        port = self.server._realPortNumber if self.server is not None else None
-        return f"<{self._protocol_name} #{self.sessionno} on {port}>"
+        return f"<{self._protocol_name} #{self.sessionno} on {self._port_number}>"
 
     def getPeer(self):
         """The client's address: made once (at accept), not once per call."""

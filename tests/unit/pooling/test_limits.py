@@ -120,6 +120,18 @@ def test_reserve_opens_after_reserve_pool_timeout_only():
     assert pool.connecting == 0  # pool_size + reserve_pool_size at most
 
 
+def test_auth_querys_pool_never_takes_the_reserve():
+    w = World(Conf(reserve_pool_timeout=5.0))
+    pool = w.pool(Db("db", reserve_pool_size=1), "auth", size=1)
+    pool.lookups = True
+    acquire(pool)
+    w.open_all()
+    acquire(pool)
+    w.clock.advance(60)
+    pool.refresh()
+    assert pool.connecting == 0 and pool.total == 1
+
+
 def test_warm_connections_stay_within_the_limit_and_evict_nobody():
     w = World()
     db = Db("db", max_db_connections=1)
