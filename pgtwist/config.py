@@ -165,6 +165,9 @@ class Config:
     # What is already in flight on a node that stops answering (a hung or unreachable host).
     query_timeout: float = 0.0
     tcp_keepalive: bool = True
+    # PgBouncer's tcp_defer_accept (on by default on Linux, as there): a client's connection is
+    # accepted once its first bytes arrive, and read in the same reactor turn.
+    tcp_defer_accept: bool = True
     tcp_keepidle: int = 0
     tcp_keepintvl: int = 0
     tcp_keepcnt: int = 0
@@ -244,6 +247,7 @@ _DEFAULTS: dict[str, Any] = {
     "routing_hook": "",
     "query_timeout": 0.0,
     "tcp_keepalive": True,
+    "tcp_defer_accept": True,
     "tcp_keepidle": 0,
     "tcp_keepintvl": 0,
     "tcp_keepcnt": 0,
@@ -430,7 +434,7 @@ def from_dict(raw: Mapping[str, Any], source: str = "<memory>") -> Config:
     max_replica_lag = c.number(raw, "max_replica_lag", "max_replica_lag", int, _DEFAULTS["max_replica_lag"], 0)
     keepalive = {key: c.number(raw, key, key, int, _DEFAULTS[key], 0, limit) for key, limit in _KEEPALIVE_MAX.items()}
     flags = {}
-    for key in ("read_your_writes", "auto_promote", "tcp_keepalive"):
+    for key in ("read_your_writes", "auto_promote", "tcp_keepalive", "tcp_defer_accept"):
         value = raw.get(key, _DEFAULTS[key])
         if not isinstance(value, bool):
             c.err(key, f"must be true or false, not {value!r}")
@@ -943,6 +947,7 @@ def _operations(raw: Mapping, c: _Checker, source: str, databases: Mapping, user
 # ("listen" is the key the file and flatten() use; "listen_addresses" is the Config field holding it.)
 RESTART_KEYS = ("listen", "listen_addresses", "unix_socket_dir", "unix_socket_mode", "pool_mode", "log_format", "manhole", "metrics", "workers")
 RESTART_KEYS += ("log_level",)  # (logs block: the observer is built once, at start)
+RESTART_KEYS += ("tcp_defer_accept",)  # (a listening socket's option, set when it opens)
 
 
 class _Secret:

@@ -127,11 +127,12 @@ class PgBalanceService(service.MultiService):
             from pgtwist.service import workers
 
             family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
-            self.port = workers.adopt_listener(self.worker, self.factory, self.reactor, family)
+            self.port = workers.adopt_listener(self.worker, self.factory, self.reactor, family, config.tcp_defer_accept)
             self.ports = [self.port]
         else:
             self.ports = connect.listen(
-                self.reactor, self.factory, config.listen_addresses, config.unix_socket_dir, config.unix_socket_mode
+                self.reactor, self.factory, config.listen_addresses, config.unix_socket_dir, config.unix_socket_mode,
+                config.tcp_defer_accept,
             )
             self.port = self.ports[0]
 

@@ -358,9 +358,9 @@ def fetch_rows(path: str, what: str, timeout: float = SHOW_TIMEOUT) -> list[dict
     return json.loads(body)
 
 
-def adopt_listener(spec: WorkerSpec, factory, reactor, family: int):
+def adopt_listener(spec: WorkerSpec, factory, reactor, family: int, defer_accept: bool = False):
     """Serve clients from the supervisor's listening socket (adoptStreamPort dups it; ours is closed)."""
-    port = adopt_tcp(reactor, spec.listen_fd, family, factory)
+    port = adopt_tcp(reactor, spec.listen_fd, family, factory, defer_accept)
     os.close(spec.listen_fd)
     return port
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import sys
 
 from twisted.internet import abstract, address, error, tcp
 from twisted.internet.posixbase import PosixReactorBase
@@ -22,6 +23,24 @@ log = Logger()
 # error, TLS, bytes still queued, a producer) goes through Twisted's own code.
 
 _IPV6_NAMEINFO = socket.NI_NUMERICHOST | socket.NI_NUMERICSERV
+
+# PgBouncer's tcp_defer_accept: the kernel hands over a connection once its first bytes have come
+# (or, for a client that sends nothing, once the period runs out: PgBouncer's 45 s). A login then
+# wakes the pooler once for accept and startup packet together, and ClientPort reads those bytes
+# in the same turn: one sleep, one wake-up and one poll fewer per login.
+DEFER_ACCEPT_SECONDS = 45
+
+
+def set_defer_accept(sock) -> bool:
+    """TCP_DEFER_ACCEPT on a listening socket (Linux); False where there is no such option."""
+    option = getattr(socket, "TCP_DEFER_ACCEPT", None)
+    if option is None:
+        return False
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, option, DEFER_ACCEPT_SECONDS)
+    except OSError:
+        return False
+    return True
 
 
 class ClientConnection(tcp.Server):
@@ -111,6 +130,7 @@ class ClientPort(tcp.Port):
     """A listening TCP port for clients: accepts as tcp.Port does, in one loop of its own."""
 
     transport = ClientConnection
+    defer_accept = False  # TCP_DEFER_ACCEPT is set: what is accepted has bytes to read already
 
     def doRead(self) -> None:
         accept = self.socket._accept  # type: ignore[union-attr]  # (socket.accept() minus its wrapper)
@@ -143,25 +163,40 @@ class ClientPort(tcp.Port):
                 self.sessionno = sessionno + 1
                 connection = ClientConnection(skt, protocol, addr, self, sessionno, self.reactor, peer)
                 protocol.makeConnection(connection)  # type: ignore[arg-type]
+                if self.defer_accept and connection.connected and not connection.disconnecting:
+                    self._read_at_once(connection)
         except Exception:
             log.failure("accepting a client on {port!r}", port=self)
         # (tcp.Port's scaling of consecutive accepts per turn)
         self.numberAccepts = limit + 20 if accepted == limit else max(1, accepted)
 
 
-def listen_tcp(reactor, port: int, factory, backlog: int, interface: str):
+    def _read_at_once(self, connection) -> None:
+        """The client's first bytes, read now rather than after a poll (as _doReadOrWrite reads)."""
+        try:
+            why = connection.doRead()
+        except Exception:
+            why = sys.exc_info()[1]
+            log.failure("reading a client's first bytes on {port!r}", port=self)
+        if why:
+            self.reactor._disconnectSelectable(connection, why, True)
+
+
+def listen_tcp(reactor, port: int, factory, backlog: int, interface: str, defer_accept: bool = False):
     """reactor.listenTCP, with ClientPort on a real reactor (a test's MemoryReactor records the call)."""
     if not isinstance(reactor, PosixReactorBase):
         return reactor.listenTCP(port, factory, backlog=backlog, interface=interface)
     p = ClientPort(port, factory, backlog, interface, reactor)
     p.startListening()
+    p.defer_accept = defer_accept and set_defer_accept(p.socket)
     return p
 
 
-def adopt_tcp(reactor, fd: int, family: int, factory):
+def adopt_tcp(reactor, fd: int, family: int, factory, defer_accept: bool = False):
     """reactor.adoptStreamPort (a worker's share of the supervisor's socket), with ClientPort on a real reactor."""
     if not isinstance(reactor, PosixReactorBase) or family not in (socket.AF_INET, socket.AF_INET6):
         return reactor.adoptStreamPort(fd, family, factory)
     p = ClientPort._fromListeningDescriptor(reactor, fd, family, factory)
     p.startListening()
+    p.defer_accept = defer_accept and set_defer_accept(p.socket)
     return p

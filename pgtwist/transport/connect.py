@@ -155,7 +155,7 @@ def all_interfaces() -> str:
     return "0.0.0.0"
 
 
-def listen(reactor, factory, addresses, unix_socket_dir: str = "", unix_socket_mode: int = 0o777) -> list:
+def listen(reactor, factory, addresses, unix_socket_dir: str = "", unix_socket_mode: int = 0o777, defer_accept: bool = False) -> list:
     """Open every listener; returned as each TCP address, then the Unix socket (named for the first address's port).
 
     The Unix socket opens first: whoever waits for the TCP port (a probe, a test, a script
@@ -171,7 +171,7 @@ def listen(reactor, factory, addresses, unix_socket_dir: str = "", unix_socket_m
             unix.append(reactor.listenUNIX(path, factory, backlog=4096, mode=unix_socket_mode, wantPID=True))
         for address in addresses:
             host = all_interfaces() if address.host == "*" else address.host
-            ports.append(listen_tcp(reactor, address.port, factory, backlog=4096, interface=host))
+            ports.append(listen_tcp(reactor, address.port, factory, backlog=4096, interface=host, defer_accept=defer_accept))
     except Exception:
         for port in ports + unix:
             port.stopListening()

@@ -9,7 +9,7 @@ import struct
 
 import pytest
 
-from tests.harness.proxy import DATABASE, psql, start_proxy
+from tests.harness.proxy import DATABASE, RawClient, psql, start_proxy
 
 SSL_REQUEST = struct.pack("!ii", 8, 80877103)
 
@@ -104,3 +104,31 @@ def test_listen_mistakes_are_config_errors(pg_cluster, tmp_path):
         configmod.from_dict({**base, "listen": ["127.0.0.1:6432", "127.0.0.1:6432"], "unix_socket_dir": "relative"})
     text = str(e.value)
     assert "listen[1]" in text and "listed twice" in text and "unix_socket_dir" in text
+
+
+def test_deferred_accept_serves_late_first_bytes_and_leaves_silent_sockets_to_the_kernel(pg_cluster, tmp_path):
+    """tcp_defer_accept (on by default, as PgBouncer's on Linux): a connection reaches pgtwist with
+    its first bytes, however late they come; one that sends nothing costs pgtwist nothing; one that
+    began a startup packet and stopped is dropped at client_login_timeout as before."""
+    import time
+
+    from pgtwist.wire import protocol as p
+
+    with start_proxy(pg_cluster, tmp_path, client_login_timeout=2) as px:
+        silent = [socket.create_connection((px.host, px.port), timeout=10) for _ in range(50)]
+        try:
+            with RawClient(px.host, px.port) as late:
+                time.sleep(1.5)  # connected, then quiet: the kernel holds it, pgtwist has not seen it
+                with px.connect() as conn:  # others are served meanwhile
+                    assert conn.execute("SELECT 1").fetchone()[0] == 1
+                late.startup(px.user, "appdb")
+                msg_type, _ = late.read_message()
+                assert msg_type == p.AUTHENTICATION
+            with RawClient(px.host, px.port) as begun:
+                begun.send(b"\x00\x00")  # half a length word: accepted, then never finished
+                assert begun.wait_closed(10) == b""  # silently, as PostgreSQL
+            # The 50 silent sockets never reached pgtwist (log_connections: one line per client).
+            assert px.log_text().count(" connected from ") < 10, px.log_text()
+        finally:
+            for s in silent:
+                s.close()

@@ -301,3 +301,40 @@ def test_a_producer_registered_after_loseconnection_leaves_the_close_to_twisted(
     # closes, and the producer is told to stop.
     assert _turn_until(r, lambda: transport.disconnected)
     assert stopped == [True] and c.recv(10) == b""
+
+
+def test_with_tcp_defer_accept_the_first_bytes_are_read_in_the_accepting_turn():
+    r = reactormod.ProxyReactor()
+    factory = ServerFactory()
+    port = accept.listen_tcp(r, 0, factory, backlog=50, interface="127.0.0.1", defer_accept=True)
+    try:
+        if not port.defer_accept:
+            pytest.skip("no TCP_DEFER_ACCEPT on this platform")
+        assert port.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT) > 0
+        c = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=5)
+        try:
+            c.sendall(b"hello")
+            assert _turn_until(r, lambda: factory.log)
+            assert [e[0] for e in factory.log] == ["made", "data"]  # one turn: accepted and read
+            assert factory.log[1] == ("data", b"hello")
+        finally:
+            c.close()
+    finally:
+        port.stopListening()
+        for _ in range(3):
+            r.doPoll(0)
+        r.waker.connectionLost(None)
+        r._poller.close()
+
+
+def test_a_client_gone_before_its_first_read_is_closed_on_that_read(served, monkeypatch):
+    """What _read_at_once meets at EOF (a client that sent and left): the close Twisted would make."""
+    r, port, factory, connect = served
+    c = connect()
+    transport = factory.log[0][1]
+    c.close()
+    for _ in range(50):
+        if transport.disconnected:
+            break
+        port._read_at_once(transport)
+    assert transport.disconnected and factory.log[-1] == ("lost", type(reactormod.CONNECTION_DONE))
