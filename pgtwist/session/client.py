@@ -150,7 +150,6 @@ class ClientSession:
         "connected_at",
         "placement",
         "_idle_tx_timer",
-        "_login_timed",
         "console",
         "audit",
         "router",
@@ -230,8 +229,7 @@ class ClientSession:
         self.audit = False  # statements are logged (the user is listed in `audit`)
         # client_login_timeout: the janitor's sweep of proxy.logging_in (Proxy.expire_logins), not a
         # reactor timer per connection, which would cost a heap insertion and a cancellation per login.
-        self._login_timed = bool(config.client_login_timeout)
-        if self._login_timed:
+        if config.client_login_timeout:
             proxy.logging_in[client_id] = self
 
     def _enter(self, state: str, _next=NEXT) -> None:
@@ -266,7 +264,7 @@ class ClientSession:
             log.info("client {client}: TLS failed: {why}", client=self.id, why=tls.failure_text(reason))
         previous = self.state
         self._enter(CLOSED)
-        self._cancel_login_timer()
+        self._stop_login_timeout()
         self._cancel_idle_tx_timer()
         self.placement.cancel()
         if previous is LINKED and self.server is not None:
@@ -336,14 +334,17 @@ class ClientSession:
 
     def _authenticated(self, event: Authenticated, said: bytes = b"") -> None:
         """The client proved who it is; *said* is what the login has yet to send (AuthenticationOk)."""
+        self.startup = event.startup
+        self.user = event.startup.user
         try:
-            known = self._set_up(event, said)
+            if event.startup.database in ADMIN_DATABASES:
+                self._admin_console(said)
+                return
+            known = self._set_up(event)
         except BaseException:
             if said and self.state is LOGIN:
                 write_now(self.transport, said)  # (then the error, as PostgreSQL orders them)
             raise
-        if self.state is not LOGIN:
-            return  # the admin console
         if known is not None:
             self._logged_in(known, said)
             self._enter(IDLE)
@@ -355,14 +356,9 @@ class ClientSession:
             # A server connection tells us what to report (and proves the node is there).
             self.placement.place()
 
-    def _set_up(self, event: Authenticated, said: bytes) -> dict[str, str] | None:
+    def _set_up(self, event: Authenticated) -> dict[str, str] | None:
         """The session's database, settings, scanner and router; the ParameterStatus set if known."""
-        self.startup = event.startup
-        self.user = event.startup.user
         name = event.startup.database
-        if name in ADMIN_DATABASES:
-            self._admin_console(said)
-            return None
         database = self.proxy.config.databases.get(name)
         if database is None:
             raise LoginError(sqlstate.INVALID_CATALOG_NAME, f'database "{name}" does not exist')
@@ -409,7 +405,7 @@ class ClientSession:
     def _admin_console(self, said: bytes = b"") -> None:
         """dbname "pgbalance": the admin console answers instead of a node ([admin] users only)."""
         self.console = self.proxy.admin_session(self)  # LoginError 42501 for anyone else
-        self._cancel_login_timer()
+        self._stop_login_timeout()
         self._enter(ADMIN)
         self.logged_in = True
         self.process_id, self.secret_key = self.proxy.register_cancel_key(self)
@@ -438,21 +434,18 @@ class ClientSession:
         return pool.login_parameters.get(self._login_key()) if pool is not None else None
 
     def _logged_in(self, parameters: dict[str, str], said: bytes = b"") -> None:
-        self._cancel_login_timer()
+        self._stop_login_timeout()
         self.logged_in = True
         self.login = None  # its buffers and exchange state are done with
         write_now(
             self.transport, said + _encoded_parameters(parameters) + m.backend_key_data(self.process_id, self.secret_key) + _READY_IDLE
         )
 
-    def _cancel_login_timer(self) -> None:
-        if self._login_timed:
-            self._login_timed = False
-            self.proxy.logging_in.pop(self.id, None)
+    def _stop_login_timeout(self) -> None:
+        self.proxy.logging_in.pop(self.id, None)
 
     def login_timed_out(self) -> None:
         """client_login_timeout passed (Proxy.expire_logins, which has let go of this client)."""
-        self._login_timed = False
         if self.state is LOGIN:
             # PostgreSQL closes silently when the startup packet never comes; after it, say why.
             if self.login.startup is None:
@@ -1634,7 +1627,7 @@ class ClientSession:
         log it and close without a word, for the sender would not read one."""
         log.info("client {client} closed without a reply: {why}", client=self.id, why=why)
         self._enter(CLOSED)
-        self._cancel_login_timer()
+        self._stop_login_timeout()
         self.transport.loseConnection()
 
     def fatal(self, code: str, message: str, detail: str | None = None) -> None:

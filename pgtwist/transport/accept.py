@@ -104,16 +104,7 @@ class ClientConnection(tcp.Server):
         poll round fewer per client that leaves.
         """
         close_soon = getattr(self.reactor, "close_soon", None)
-        if (
-            close_soon is None
-            or self.TLS
-            or not self.connected
-            or self.disconnecting
-            or self._writeDisconnected
-            or self.producer is not None
-            or self._tempDataBuffer
-            or self.offset != len(self.dataBuffer)
-        ):
+        if close_soon is None or self.TLS or not self.connected or self.disconnecting or self._writeDisconnected or not nothing_queued(self):
             super().loseConnection()
             return
         self.stopReading()

@@ -191,21 +191,15 @@ def test_a_write_after_loseconnection_is_still_delivered(served):
 
 
 def test_without_close_soon_loseconnection_is_twisteds():
-    r = MemoryReactorClock()
-    sock, other = socket.socketpair()
-    try:
-        conn = accept.ClientConnection.__new__(accept.ClientConnection)
-        conn.reactor = r
-        conn.connected = 1
-        asked = []
-        conn.stopReading = lambda: asked.append("stopReading")
-        conn.startWriting = lambda: asked.append("startWriting")
-        conn._tempDataBuffer = []
-        conn.loseConnection()
-        assert asked == ["stopReading", "startWriting"] and conn.disconnecting
-    finally:
-        sock.close()
-        other.close()
+    conn = accept.ClientConnection.__new__(accept.ClientConnection)
+    conn.reactor = MemoryReactorClock()  # (no close_soon: not a ProxyReactor)
+    conn.connected = 1
+    asked = []
+    conn.stopReading = lambda: asked.append("stopReading")
+    conn.startWriting = lambda: asked.append("startWriting")
+    conn._tempDataBuffer = []
+    conn.loseConnection()
+    assert asked == ["stopReading", "startWriting"] and conn.disconnecting
 
 
 def test_an_accept_error_goes_to_twisteds_loop(served, monkeypatch):
