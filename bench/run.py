@@ -66,6 +66,7 @@ if str(REPO) not in sys.path and sys.argv[1:2] != ["--_idle-worker"]:
 TARGETS = ("direct", "pgbouncer", "pgtwist")
 DBNAME = "pgbench"
 APP_USER = "app"
+MONITOR_USER, MONITOR_PASSWORD = "bench_monitor", "bench-monitor-secret"  # --replicas: the health probes' login
 POOL_SIZE = 20  # default pool_size / default_pool_size (--pool-size)
 DIRECT_MAX_CLIENTS = 380  # the bench primary's max_connections is 400: more clients skip `direct`
 MAX_CLIENT_CONN = 10000
@@ -331,7 +332,7 @@ class Bench:
         self.export_source(self.args.pgtwist_rev)
         t0 = time.monotonic()
         self.cluster = LocalCluster.create(
-            replicas=0,
+            replicas=self.args.replicas,
             app_user=APP_USER,
             app_database=DBNAME,
             settings={"max_connections": "400", "shared_buffers": "256MB"},
@@ -359,6 +360,13 @@ class Bench:
         if proc.returncode != 0:
             raise BenchError(f"pgbench -i failed (exit {proc.returncode}):\n{out[-3000:]}")
         say(f"pgbench -i -s {self.args.scale} done ({time.monotonic() - t0:.1f}s)")
+        if self.args.replicas:
+            # pgtwist alone gets the replicas (read/write split, read-your-writes); PgBouncer and
+            # `direct` keep the primary. The probes need a secret that can answer a node on its own.
+            self.cluster.psql(self.node, f"CREATE ROLE {MONITOR_USER} LOGIN PASSWORD '{MONITOR_PASSWORD}' IN ROLE pg_monitor")
+            self.cluster.wait_replicas_caught_up(300)
+            say(f"{self.args.replicas} streaming replica(s) caught up: "
+                + ", ".join(n.addr for n in self.cluster.nodes[1:]))
 
     def conn_args(self, host: str, port: int) -> list[str]:
         return ["-h", host, "-p", str(port), "-U", APP_USER, DBNAME]
@@ -427,11 +435,13 @@ class Bench:
             # the keys log no less: they are left out for them).
             + ("log_connections = false\nlog_disconnections = false\n" if self._knows("log_connections") else "")
             + (f"workers = {workers}\n" if self.args.workers != 1 else "")
+            + (f'health_user = "{MONITOR_USER}"\n' if self.args.replicas else "")
             + f"\n[databases.{DBNAME}]\n"
             f'dbname = "{DBNAME}"\n'
-            f'nodes = ["{self.node.addr}"]\n'
+            f"nodes = [{', '.join(repr(n.addr) for n in self.cluster.nodes)}]\n"
             f"\n[users.{APP_USER}]\n"
-            f"password = '{self.verifier if self.args.auth == 'scram' else self.password}'\n",
+            f"password = '{self.verifier if self.args.auth == 'scram' else self.password}'\n"
+            + (f"\n[users.{MONITOR_USER}]\npassword = '{MONITOR_PASSWORD}'\n" if self.args.replicas else ""),
         )
         log = self.tmp / f"{tag}.log"
         # `python -m twisted.scripts.twistd` does nothing (that module has no __main__ block).
@@ -779,7 +789,8 @@ def print_tps_table(scenario: Scenario, mode: str, results: list[dict], targets:
     summaries = {t: summarize(results, t) for t in targets}
     print()
     print(f"== {scenario.name} [{mode} mode]: {scenario.what}; -c {clients} -j {min(args.pgbench_jobs, clients)} "
-          f"-T {args.duration}, pool {args.pool_size}, {args.auth} auth, {args.rounds} round(s)")
+          f"-T {args.duration}, pool {args.pool_size}, {args.auth} auth, {args.rounds} round(s)"
+          + (f"; pgtwist also has {args.replicas} replica(s)" if args.replicas else ""))
     print(f"{'target':<10} {'median tps':>11} {'min':>9} {'max':>9}  {'pooler CPU':>10} {'CPU us/tx':>9} "
           f"{'runq wait':>9}  runs (tps per round)")
     for t in targets:
@@ -971,6 +982,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--pgbench-jobs", type=int, default=2, help="pgbench -j (default 2)")
     ap.add_argument("--workers", default="1", help='pgtwist `workers`: a number or "auto" (default 1); pooler CPU '
                                                     "then sums the supervisor and its workers")
+    ap.add_argument("--replicas", type=int, default=0,
+                    help="streaming replicas beside the primary (default 0); pgtwist routes reads to them "
+                         "(read-your-writes included), PgBouncer and direct use the primary alone")
     ap.add_argument("--scale", type=int, default=10, help="pgbench -i -s (default 10)")
     ap.add_argument("--clients", type=int, action="append",
                     help="idle-clients: number of idle connections; repeatable (default 4000)")
