@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from struct import Struct
+
 from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
@@ -44,6 +46,8 @@ _LINKED_CAPTURE = frozenset((_Z, _PARAMETER_STATUS))
 # What a node may send outside any answer: a notice, a setting, the FATAL of a shutdown. (An
 # immediate shutdown sends every backend's client a WARNING, then the connection drops.)
 _NOT_AN_ANSWER = frozenset((p.NOTICE_RESPONSE, _PARAMETER_STATUS))
+_INTERNAL_READS = frozenset((_PARAMETER_STATUS, p.ERROR_RESPONSE, p.DATA_ROW, _Z))  # (what _internal_message reads)
+_INT32 = Struct("!I")
 
 
 def _starts_answer(data: bytes) -> bool:
@@ -207,6 +211,12 @@ class ServerConnection:
             self._tls_answer(data)
             return
         try:
+            if self.state is INTERNAL and not self.buffer:
+                data = self._internal_read(data)
+                if self.state is LINKED:
+                    if data:
+                        self._forward(data)  # (behind the last internal ReadyForQuery: the client's)
+                    return
             self.buffer += data
             # One message at a time: once linked, what is still in the buffer is the client's.
             while (msg := pop_message(self.buffer, p.MAX_PROTOCOL_MESSAGE)) is not None:
@@ -367,7 +377,9 @@ class ServerConnection:
             # One timer per batch of our own statements (never per forwarded client message): a
             # node that stops answering must not keep this connection, and whoever waits on it.
             self._internal_timer = self.pool.clock.callLater(timeout, self._internal_timed_out, timeout)
-        self.transport.write(data)
+        # (At once, as a client's bytes go: after every writing transaction in a cluster this
+        # is the read-your-writes WAL position, and a queued write costs two epoll calls.)
+        write_now(self.transport, data)
         return self._internal
 
     def _internal_timed_out(self, timeout: float) -> None:
@@ -391,6 +403,26 @@ class ServerConnection:
         timer, self._internal_timer = self._internal_timer, None
         if timer is not None and timer.active():
             timer.cancel()
+
+    def _internal_read(self, data: bytes) -> bytes:
+        """The answer to our own statements, read where it lies: only the messages that
+        _internal_message looks at are sliced out (of the nine a read-your-writes position
+        brings back, two). Returns what it did not take: a message not all here, or whatever
+        follows the ReadyForQuery that ended the batch (the state has changed then)."""
+        pos, end_of_data = 0, len(data)
+        unpack = _INT32.unpack_from
+        while end_of_data - pos >= 5:
+            (length,) = unpack(data, pos + 1)
+            end = pos + 1 + length
+            if length < 4 or end > end_of_data:
+                break  # (not all here, or not valid: pop_message judges it with the rest)
+            msg_type = data[pos]
+            if msg_type in _INTERNAL_READS:
+                self._internal_message(msg_type, data[pos + 5 : end])
+                if self.state is not INTERNAL:
+                    return data[end:]
+            pos = end
+        return data[pos:]
 
     def _internal_message(self, msg_type: int, body: bytes) -> None:
         if msg_type == _PARAMETER_STATUS:

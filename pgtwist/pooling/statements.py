@@ -15,6 +15,13 @@ SERVER_NAME_PREFIX = "pgtwist_"
 INTERNAL_NAME = SERVER_NAME_PREFIX + "internal"
 
 
+# internal_batch's encodings by statements: the same few batches recur (the read-your-writes WAL
+# position after every writing transaction, the usual settings read back), and encoding one is
+# some forty calls. Bounded: read-back batches name the settings a client changed.
+_BATCHES: dict[tuple[str, ...], bytes] = {}
+_BATCHES_LIMIT = 256
+
+
 def internal_batch(statements: list[str]) -> bytes:
     """The proxy's own *statements*, in one implicit transaction ended by one Sync (one ReadyForQuery),
     leaving the client's unnamed prepared statement and unnamed portal alone.
@@ -27,6 +34,16 @@ def internal_batch(statements: list[str]) -> bytes:
     not exist is no error, and Close works in an aborted transaction too. Each statement must be
     one statement (Parse takes no lists); its rows come back as text DataRows.
     """
+    key = tuple(statements)
+    data = _BATCHES.get(key)
+    if data is None:
+        data = _encode_batch(statements)
+        if len(_BATCHES) < _BATCHES_LIMIT:
+            _BATCHES[key] = data
+    return data
+
+
+def _encode_batch(statements: list[str]) -> bytes:
     out = [m.close("P", INTERNAL_NAME), m.close("S", INTERNAL_NAME)]
     for sql in statements:
         out += [

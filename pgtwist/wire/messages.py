@@ -453,12 +453,27 @@ def command_complete(tag: str) -> bytes:
 
 
 def decode_data_row(body: bytes) -> list[bytes | None]:
-    r = Reader(body, "DataRow")
-    count = r.int16()
-    out = []
+    # (Reader's checks, spelt out: after every writing transaction in a cluster the
+    # read-your-writes position comes back as one of these, and the monitor reads pg_proc so.)
+    body = bytes(body)
+    end = len(body)
+    if end < 2:
+        raise ProtocolViolation("invalid DataRow message: truncated")
+    (count,) = _I16.unpack_from(body, 0)
+    pos = 2
+    out: list[bytes | None] = []
     for _ in range(count):
-        n = r.int32()
-        out.append(None if n == -1 else r.bytes(n))
+        if pos + 4 > end:
+            raise ProtocolViolation("invalid DataRow message: truncated")
+        (n,) = _i32.unpack_from(body, pos)
+        pos += 4
+        if n == -1:
+            out.append(None)
+            continue
+        if n < 0 or pos + n > end:
+            raise ProtocolViolation("invalid DataRow message: truncated")
+        out.append(body[pos : pos + n])
+        pos += n
     return out
 
 

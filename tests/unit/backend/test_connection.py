@@ -203,6 +203,57 @@ def test_run_for_client_never_sends_a_simple_query():
     assert outcome(d) == [] and conn.internal_rows == [[b"0/1"]]
 
 
+def lsn_answer(status=p.TX_IDLE) -> bytes:
+    """The node's answer to run_for_client([[one statement]]): a row, with a notice and a setting on the way."""
+    return (
+        m.close_complete() * 2
+        + m.parse_complete()
+        + m.bind_complete()
+        + m.notice_response("00000", "on the way")
+        + m.data_row([b"0/1", None])
+        + m.command_complete("SELECT 1")
+        + m.parameter_status("in_hot_standby", "off")
+        + m.close_complete() * 2
+        + m.ready_for_query(status)
+    )
+
+
+def test_internal_answer_split_anywhere_gives_what_it_gives_whole():
+    whole = lsn_answer(p.TX_IN_TRANSACTION)
+    for cuts in [(i,) for i in range(1, len(whole))] + [(3, 40), (5, 6), (20, len(whole) - 1)]:
+        conn, _, _ = logged_in()
+        d = conn.run_for_client([["SELECT 1"]])
+        edges = [0, *cuts, len(whole)]
+        for a, b in zip(edges, edges[1:]):
+            conn.got_data(whole[a:b])
+        assert outcome(d) == [], cuts
+        assert conn.internal_rows == [[b"0/1", None]], cuts
+        assert conn.parameters["in_hot_standby"] == "off" and conn.tx_status == p.TX_IN_TRANSACTION, cuts
+        assert conn.state == "idle" and not conn.buffer, cuts
+
+
+def test_bytes_behind_the_last_internal_ready_for_query_go_to_the_client_linked_by_it():
+    # The read that ends our own statements may carry what the node said next (it answers in
+    # order): once the answer has linked the connection to a client, those bytes are its.
+    conn, _, _ = logged_in()
+    forwarded = []
+    conn._forward = forwarded.append
+    d = conn.run_for_client([["SELECT 1"]])
+    d.addCallback(lambda _: conn.link(SessionStandIn(), StringTransport()))
+    behind = m.command_complete("SELECT 0") + m.ready_for_query()
+    conn.got_data(lsn_answer() + behind)
+    assert conn.state == "linked" and forwarded == [behind] and not conn.buffer
+
+
+def test_an_invalid_length_in_an_internal_answer_is_a_protocol_violation():
+    conn, transport, _ = logged_in()
+    d = conn.run_for_client([["SELECT 1"]])
+    conn.got_data(m.parse_complete() + b"2\x00\x00\x00\x02")
+    assert transport.disconnecting
+    conn.connection_lost(Failure(ConnectionLost()))
+    assert isinstance(outcome(d), ConnectionError)
+
+
 def test_node_lost_during_an_internal_query_fails_it():
     conn, _, pool = logged_in()
     d = conn.run_internal(["ROLLBACK"])

@@ -599,3 +599,19 @@ def test_bind_statement_span_finds_the_statement_name_without_decoding_the_rest(
     assert m.bind_statement_span(unnamed) == (1, 1)
     for cut in range(len(b"portal\x00stmt")):
         assert m.bind_statement_span(body[:cut]) == (-1, -1)  # a name without its NUL
+
+
+@given(st.lists(st.none() | st.binary(max_size=40), max_size=8))
+def test_data_row_round_trips_and_every_truncation_is_a_protocol_violation(values):
+    body = m.data_row(values)[5:]
+    assert m.decode_data_row(body) == values
+    assert m.decode_data_row(bytearray(body)) == values and all(type(v) is bytes for v in m.decode_data_row(bytearray(body)) if v is not None)
+    for cut in range(len(body)):
+        if values or cut < 2:
+            with pytest.raises(ProtocolViolation):
+                m.decode_data_row(body[:cut])
+
+
+def test_data_row_with_a_negative_length_other_than_null_is_a_protocol_violation():
+    with pytest.raises(ProtocolViolation):
+        m.decode_data_row(struct.pack("!Hi", 1, -2))
