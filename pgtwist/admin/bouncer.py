@@ -410,7 +410,8 @@ def servers(proxy) -> list[dict]:
                     "type": "S",
                     "user": pool.user,
                     "database": pool.database.name,
-                    "state": "active" if session is not None or conn.state != "idle" else "idle",
+                    # (Lent to a client between its transactions: idle, as SHOW POOLS counts it.)
+                    "state": "idle" if conn in pool.lent or (session is None and conn.state == "idle") else "active",
                     "addr": pool.node.host,
                     "port": pool.node.port,
                     "local_addr": local_addr,

@@ -484,12 +484,18 @@ class Pool:
         """SHOW POOLS' server columns, disjoint as PgBouncer's lists are: ``used`` idle connections
         that will be checked before their next use, ``tested`` busy ones running server_check_query
         or the reset, ``active`` the other busy ones, ``idle`` the other idle ones. Counted when asked
-        (one pass over the idle list), so that handing out and taking back cost nothing more."""
+        (one pass over the idle list), so that handing out and taking back cost nothing more.
+
+        A connection lent to a client between its transactions (transaction pooling) counts as
+        idle: it serves the next client who needs it at once, and is what PgBouncer would show
+        as sv_idle there. Counted active, an idle application would look like a full pool
+        (sv_idle 0) to a dashboard while clients are served without waiting."""
         used = sum(1 for conn in self.idle if self.due_for_check(conn, now))
         tested = len(self.testing) + len(self.resetting)
+        lent = len(self.lent)
         return {
-            "active": max(0, len(self.busy) - tested),
-            "idle": len(self.idle) - used,
+            "active": max(0, len(self.busy) - tested - lent),
+            "idle": len(self.idle) - used + lent,
             "used": used,
             "tested": tested,
         }

@@ -90,6 +90,14 @@ def test_pgbouncer_exporter_queries(pg_cluster, tmp_path):
                 assert totals["bytes_sent"] > 5000 and totals["bytes_received"] > 0
                 assert totals["query_count"] >= 3 and totals["xact_count"] >= 2 and totals["query_time"] > 0
                 assert "appdb" in pools
+                # The app, idle between transactions, keeps its server connection only until
+                # somebody needs it: idle, as PgBouncer counts it (not a full pool on a dashboard).
+                cur = simple(console, "SHOW POOLS")
+                row = dict(zip([c.name for c in cur.description], cur.fetchone()))
+                assert (row["sv_active"], row["sv_idle"] + row["sv_used"], row["cl_active"]) == (0, 1, 1), row
+                cur = simple(console, "SHOW SERVERS")
+                server = dict(zip([c.name for c in cur.description], cur.fetchone()))
+                assert server["state"] == "idle" and server["link"], server
                 # sv_used: the app's server connection, idle past server_check_delay once the app left.
                 app.close()
                 columns = [c.name for c in simple(console, "SHOW POOLS").description]

@@ -96,6 +96,24 @@ def test_server_counts_show_idle_used_tested_and_active_apart():
     assert h.pool.server_counts(h.clock.seconds()) == {"active": 1, "idle": 0, "used": 0, "tested": 0}
 
 
+def test_a_connection_lent_between_transactions_counts_as_idle_until_reclaimed():
+    # Transaction pooling: an idle client keeps its connection until someone needs it. A
+    # dashboard reading sv_idle 0 / sv_active = pool_size would see a full pool that is not.
+    class Borrower:
+        def reclaim(self, conn):
+            h.pool.release(conn, reusable=True, reset=False)
+
+    h = Harness(size=2, reset_query="", check_query="")
+    _, r = h.acquire()
+    conn = h.open_next()
+    assert got(r) is conn
+    assert h.pool.server_counts(h.clock.seconds())["active"] == 1
+    h.pool.lend(conn, Borrower())
+    assert h.pool.server_counts(h.clock.seconds()) == {"active": 0, "idle": 1, "used": 0, "tested": 0}
+    assert h.pool.take_idle() is conn  # reclaimed from its borrower for the newcomer
+    assert h.pool.server_counts(h.clock.seconds()) == {"active": 1, "idle": 0, "used": 0, "tested": 0}
+
+
 def test_a_reset_counts_as_tested_and_no_check_query_means_never_used():
     h = Harness(size=2, reset_query="DISCARD ALL", check_query="")
     _, r = h.acquire()
