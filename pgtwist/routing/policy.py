@@ -85,11 +85,13 @@ def _primary_key(n: NodeState):
 
 
 def _primary(nodes: list[NodeState]) -> NodeState | None:
-    claimants = [n for n in nodes if n.usable and n.role == PRIMARY]
-    if not claimants:
-        return None
-    # Normally one; with an unresolved split brain the newest history is the safest bet.
-    return max(claimants, key=_primary_key)
+    # Normally one claimant; with an unresolved split brain the newest history is the safest
+    # bet (the first of equals, as max() would keep). One pass: this runs for every placement.
+    best = None
+    for n in nodes:
+        if n.role == PRIMARY and n.up and not n.fenced and (best is None or _primary_key(n) > _primary_key(best)):
+            best = n
+    return best
 
 
 def _score(n: NodeState) -> float:
@@ -97,9 +99,16 @@ def _score(n: NodeState) -> float:
     return (n.outstanding + 1) / n.weight if n.weight > 0 else math.inf
 
 
+def _name(n: NodeState) -> str:
+    return n.name
+
+
 def _least_outstanding(candidates: list[NodeState], rr: int) -> NodeState:
-    best = min(_score(n) for n in candidates)
-    tied = sorted((n for n in candidates if _score(n) == best), key=lambda n: n.name)
+    if len(candidates) == 1:
+        return candidates[0]
+    scores = [_score(n) for n in candidates]
+    best = min(scores)
+    tied = sorted((n for n, score in zip(candidates, scores) if score == best), key=_name)
     return tied[rr % len(tied)]
 
 
@@ -170,9 +179,18 @@ def choose(
     primary = _primary(nodes)
     if want == PRIMARY:
         return (primary, "primary") if primary is not None else (None, "no primary")
-    replicas = [n for n in nodes if n.usable and n.role == REPLICA]
-    fresh = [n for n in replicas if read_exclusion(n, primary, max_lag_bytes, max_lag_seconds) is None]
-    caught_up = [n for n in fresh if n.lsn >= min_lsn]
+    # (One pass, as read for every placement: replicas up, those of them that may serve reads,
+    # those of these that have replayed the client's last write.)
+    replicas = fresh = 0
+    caught_up = []
+    for n in nodes:
+        if n.role != REPLICA or not n.up or n.fenced:
+            continue
+        replicas += 1
+        if read_exclusion(n, primary, max_lag_bytes, max_lag_seconds) is None:
+            fresh += 1
+            if n.lsn >= min_lsn:
+                caught_up.append(n)
     if want == ANY_READ:
         pool = caught_up + ([primary] if primary is not None else [])
         if not pool:

@@ -1,7 +1,10 @@
 """Routing policy: node choice, lag limits, read-your-writes, round robin, split brain fencing, route precedence."""
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from pgtwist.routing import policy
 from pgtwist.routing.analysis import Classification, classify
 from pgtwist.routing.policy import NodeState, choose, format_lsn, parse_lsn, resolve_primary, route, write_end_lsn, write_lsn
 
@@ -389,3 +392,59 @@ def test_read_exclusions_names_every_node():
     assert pol.read_exclusions(nodes) == {"p": None, "old": pol.FENCED, "down": pol.DOWN, "left": pol.OLD_TIMELINE, "ok": None}
     # The fenced old primary is never "the current primary", even with more WAL.
     assert pol.read_exclusions([primary("old", timeline=1, lsn=10**9, fenced=True), replica("r", timeline=1)])["r"] is None
+
+
+# -- choose() against its specification, written the plain way --------------------------------
+
+def choose_as_specified(nodes, *, want, min_lsn=0, max_lag_bytes=None, max_lag_seconds=None, rr=0):
+    """choose() as first written (list by list); the one-pass version must agree with it."""
+    claimants = [n for n in nodes if n.usable and n.role == "primary"]
+    primary_ = max(claimants, key=lambda n: (n.timeline, n.lsn)) if claimants else None
+    if want == "primary":
+        return (primary_, "primary") if primary_ is not None else (None, "no primary")
+    replicas = [n for n in nodes if n.usable and n.role == "replica"]
+    fresh = [n for n in replicas if policy.read_exclusion(n, primary_, max_lag_bytes, max_lag_seconds) is None]
+    caught_up = [n for n in fresh if n.lsn >= min_lsn]
+
+    def least(candidates):
+        best = min(policy._score(n) for n in candidates)
+        tied = sorted((n for n in candidates if policy._score(n) == best), key=lambda n: n.name)
+        return tied[rr % len(tied)]
+
+    if want == "any-read":
+        pool = caught_up + ([primary_] if primary_ is not None else [])
+        return (least(pool), "any-read") if pool else (None, "no node up")
+    if caught_up:
+        return least(caught_up), "replica"
+    why = "no replica up" if not replicas else "replicas lagging" if not fresh else "no replica caught up to the client's last write"
+    return (None, f"{why} and no primary") if primary_ is None else (primary_, why)
+
+
+node_states = st.builds(
+    NodeState,
+    name=st.sampled_from(["a:1", "b:1", "c:1", "d:1"]),
+    role=st.sampled_from(["primary", "replica", "unknown"]),
+    up=st.booleans(),
+    lsn=st.integers(0, 5),
+    timeline=st.integers(0, 3),
+    lag_bytes=st.none() | st.integers(0, 5),
+    lag_seconds=st.none() | st.floats(0, 5),
+    weight=st.sampled_from([1.0, 2.0, 0.0]),
+    outstanding=st.integers(0, 3),
+    fenced=st.booleans(),
+    upstream=st.none() | st.booleans(),
+)
+
+
+@settings(max_examples=500)
+@given(
+    st.lists(node_states, max_size=5),
+    st.sampled_from(["primary", "replica", "any-read"]),
+    st.integers(0, 6),
+    st.none() | st.integers(0, 5),
+    st.none() | st.floats(0, 5),
+    st.integers(0, 7),
+)
+def test_choose_agrees_with_its_plain_specification(nodes, want, min_lsn, lag_bytes, lag_seconds, rr):
+    kw = dict(want=want, min_lsn=min_lsn, max_lag_bytes=lag_bytes, max_lag_seconds=lag_seconds, rr=rr)
+    assert choose(nodes, **kw) == choose_as_specified(nodes, **kw)
