@@ -167,6 +167,22 @@ class Pool:
         while self.lent:
             self._reclaim_one()
 
+    def let_go(self) -> int:
+        """Close every connection not in use now (idle, or lent to a client between its
+        transactions; those in use are left alone); returns how many. For a database about to
+        be dropped, renamed or copied, which PostgreSQL refuses while another session is in it."""
+        self.reclaim_all()
+        # (A login remembered here would let the next client in without a node to ask: after a
+        # DROP it must hear PostgreSQL's 3D000, as a direct login would.)
+        self.login_parameters.clear()
+        closed = 0
+        while self.idle:
+            conn = self.idle.pop()  # (out of the list at once: closing completes a turn later)
+            self.stale.discard(conn)
+            conn.close()
+            closed += 1
+        return closed
+
     def acquire(self) -> defer.Deferred:
         """A Deferred firing with a logged-in, idle ServerConnection (now busy), or failing with PoolError."""
         d = defer.Deferred(self.cancel_wait)

@@ -101,6 +101,10 @@ class SessionEffects:
     local_commit_mode: bool = False
     ddl: bool = False  # may change what prepared statements mean (see _NOT_DDL); unparsable DDL-looking text too
     local_path: bool = False  # SET LOCAL search_path (or set_config(..., true) of it): a path for this transaction only
+    # Databases no other session may be in for this to run (DROP DATABASE, ALTER DATABASE ...
+    # RENAME TO or SET TABLESPACE, CREATE DATABASE ... TEMPLATE): pgtwist's idle connections
+    # to them would make PostgreSQL refuse it (55006), where a direct client would succeed.
+    frees: tuple[str, ...] = ()
 
     def to_restore(self, startup: dict[str, str]) -> set[str]:
         """Startup settings these statements return to the server's defaults, which the client's
@@ -124,6 +128,7 @@ class SessionEffects:
             or self.discard_all
             or self.ddl
             or self.local_path
+            or bool(self.frees)
         )
 
 
@@ -513,6 +518,7 @@ class _Collector:
         self.assigned: set[str] = set()
         self.local_commit_mode = False
         self.local_path = False
+        self.frees: list[str] = []
 
     def walk(self, tree) -> None:
         stack = [tree]
@@ -629,6 +635,23 @@ class _Collector:
             self.discard_all = True
             self.all_settings = self.reset_all = True
 
+    def drop_database(self, node: dict) -> None:
+        self.frees.append(node.get("dbname", ""))
+
+    def rename(self, node: dict) -> None:
+        if node.get("renameType") == "OBJECT_DATABASE":
+            self.frees.append(node.get("subname", ""))
+
+    def create_database(self, node: dict) -> None:
+        for option in node.get("options") or ():
+            definition = option.get("DefElem", {})
+            if definition.get("defname") == "template":
+                self.frees.append((definition.get("arg") or {}).get("String", {}).get("sval", ""))
+
+    def alter_database(self, node: dict) -> None:
+        if any(option.get("DefElem", {}).get("defname") == "tablespace" for option in node.get("options") or ()):
+            self.frees.append(node.get("dbname", ""))
+
     def effects(self, stmts: list) -> SessionEffects:
         return SessionEffects(
             settings=frozenset(self.settings),
@@ -644,6 +667,7 @@ class _Collector:
             local_commit_mode=self.local_commit_mode,
             ddl=any(_node(s["stmt"])[0] not in _NOT_DDL for s in stmts),
             local_path=self.local_path,
+            frees=tuple(name for name in self.frees if name),
         )
 
 
@@ -662,6 +686,10 @@ _VISITS = {
     "LoadStmt": _Collector.load,
     "DeallocateStmt": _Collector.deallocate_stmt,
     "DiscardStmt": _Collector.discard,
+    "DropdbStmt": _Collector.drop_database,
+    "RenameStmt": _Collector.rename,
+    "CreatedbStmt": _Collector.create_database,
+    "AlterDatabaseStmt": _Collector.alter_database,
 }
 
 
@@ -697,7 +725,7 @@ def _analyze(sql: str) -> Analysis:
         effects = _UNPARSABLE_DDL if may_change and _starts_like_ddl(sql.lower()) else NO_EFFECTS
         return Analysis(Classification(False, "too complex to classify", hint=hint), effects)
     effects = _effects(stmts) if may_change else NO_EFFECTS
-    return Analysis(_routing(sql, stmts, hint), effects, bool(effects.deallocate))
+    return Analysis(_routing(sql, stmts, hint), effects, bool(effects.deallocate or effects.frees))
 
 
 def _effects(stmts: list) -> SessionEffects:

@@ -165,6 +165,28 @@ class Proxy:
             except Exception:  # (one client's failure must not stop the janitor's LoopingCall)
                 log.failure("client {client}: closing at client_login_timeout", client=session.id)
 
+    def free_databases(self, names: tuple[str, ...], client_id: str) -> None:
+        """A client's statement needs no other session in databases *names* (DROP DATABASE,
+        ALTER DATABASE ... RENAME TO, CREATE DATABASE ... TEMPLATE): pgtwist's connections there
+        that nobody uses now go, on every node, as a direct client's would not be there.
+
+        Connections in use stay: PostgreSQL's 55006 then says what it would say directly. The
+        closes reach the nodes a moment after the statement; PostgreSQL waits up to 5 s for
+        sessions in the way to end before it refuses."""
+        closed = 0
+        for pool in itertools.chain(self.pools.values(), self.retired_pools):
+            if pool.database.dbname in names:
+                closed += pool.let_go()
+        for pool in self.auth_pools.values():
+            if (self.config.auth_dbname or pool.database.dbname) in names:
+                closed += pool.let_go()
+        for router in getattr(self, "routers", {}).values():
+            if router.monitor is not None and router.database.dbname in names:
+                router.monitor.let_go()
+        if closed:
+            log.info("client {client} needs databases {names} free: closed {n} idle server connections there",
+                     client=client_id, names=", ".join(names), n=closed)
+
     def note_pinned(self, session: ClientSession, reason: str) -> None:
         """Transaction pooling gave up sharing a client's server connection: say so once, count it."""
         self.pinned_sessions += 1

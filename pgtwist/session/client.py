@@ -8,6 +8,9 @@ collaborator Placement (placement.py), which changes the session only through it
 
 from __future__ import annotations
 
+import re
+from struct import Struct
+
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -45,6 +48,10 @@ log = Logger()
 _AUDITED = frozenset((p.QUERY, p.PARSE))
 
 _Z = p.READY_FOR_QUERY
+# PostgreSQL's refusal of DROP DATABASE and the like while other sessions are in the database
+# (dbcommands.c, errmsg untranslated: with another lc_messages it is not recognised).
+_LENGTH = Struct("!I")
+_IN_USE = re.compile(r'database "(.*)" is being accessed by other users')
 _TERMINATE = p.TERMINATE
 _SESSION_CAPTURE = frozenset((_TERMINATE,))
 # Each Query, Sync and FunctionCall earns exactly one ReadyForQuery: counting them tells
@@ -168,6 +175,8 @@ class ClientSession:
         "admitted",
         "last_request",
         "_read",
+        "_last_read",
+        "_refused",
     )
 
     def __init__(self, proxy, transport, client_id: str):
@@ -206,6 +215,8 @@ class ClientSession:
         self.secret_key = b""
         self.backlog: list = []  # client messages that arrived while no server was linked
         self._read: tuple | None = None  # (message, the read it came in whole): see _plain_backlog
+        self._last_read: bytes | None = None  # session pooling: the client's last read, for _retry_refused
+        self._refused: tuple | None = None  # (the refusal held back, the Query to send again, its databases)
         self.logged_in = False
         self.connected_at = proxy.clock.seconds()
         self._idle_tx_timer = None
@@ -782,6 +793,8 @@ class ClientSession:
         return False
 
     def _note_effects(self, effects) -> None:
+        if effects.frees:
+            self.proxy.free_databases(effects.frees, self.id)
         if effects.local_commit_mode:
             self.lease.async_commit = True
         if effects.ddl:
@@ -827,6 +840,7 @@ class ClientSession:
     # -- session mode, linked: the hot path ------------------------------------------------
 
     def _forward_session(self, data: bytes) -> None:
+        self._last_read = data  # (one reference kept: read again only if a DROP DATABASE is refused)
         try:
             items = self.scanner.feed(data)
         except WireError as e:
@@ -1294,6 +1308,8 @@ class ClientSession:
                     self._ready(server, status)
                 return
         else:
+            if (self._refused is not None or type(items[0]) is tuple and items[0][0] == p.ERROR_RESPONSE) and self._retry_refused(server, items):
+                return
             ready = 0
             for item in items:
                 if type(item) is bytes:
@@ -1308,12 +1324,62 @@ class ClientSession:
                     fields = m.decode_fields(body)
                     if fields.get("V", fields.get("S")) in ("FATAL", "PANIC"):
                         server.fatal = fields  # relayed as it came: when the node hangs up, nothing more is said
+                    elif fields.get("C") == sqlstate.OBJECT_IN_USE:
+                        self._database_in_use(fields.get("M", ""))
                 else:
                     self._parameter_status(server, body)
             self.ready_count += ready
         write_now(self.transport, b"".join(out))
         if status is not None:
             self._ready(server, status)
+
+    def _retry_refused(self, server, items: list) -> bool:
+        """Session pooling: PostgreSQL refused the client's DROP DATABASE (ALTER DATABASE ...
+        RENAME TO, CREATE DATABASE ... TEMPLATE) with 55006, sessions being in the database, and
+        that refusal (with its ReadyForQuery, in this read or the next) is all it said. pgtwist's
+        own idle connections may be those sessions: they go, and the client's statement is sent
+        once more (nothing of it ran; PostgreSQL refuses it outside a transaction block only).
+        True when the read was taken for that; otherwise the refusal goes to the client as it
+        came, and _database_in_use frees the database for its next attempt. Only a lone simple
+        Query is sent again: the earlier answers of a batch went to the client already."""
+        refused, self._refused = self._refused, None
+        if refused is not None:
+            error, query, names = refused
+            # (Nothing sent by the client since: its next answers would otherwise come first.)
+            if items[0] == (_Z, b"I") and len(items) == 1 and self._last_read is None:
+                self._send_again_freed(server, query, names)
+                return True
+            self._database_in_use(m.decode_fields(error[5:]).get("M", ""))
+            items.insert(0, error)  # (the refusal goes out first, as it came)
+            return False
+        last, self._last_read = self._last_read, None  # (once: refused again, the client hears it)
+        if len(items) > 2 or (len(items) == 2 and items[1] != (_Z, b"I")):
+            return False
+        fields = m.decode_fields(items[0][1])
+        found = _IN_USE.search(fields.get("M", "")) if fields.get("C") == sqlstate.OBJECT_IN_USE else None
+        if found is None or last is None or last[0] != p.QUERY or len(last) < 5 or _LENGTH.unpack_from(last, 1)[0] + 1 != len(last):
+            return False
+        effects = analysis.query_effects(last[5:])
+        if effects.statements != 1 or found.group(1) not in effects.frees:
+            return False
+        if len(items) == 1:
+            self._refused = (frame(p.ERROR_RESPONSE, items[0][1]), last, effects.frees)  # (its ReadyForQuery decides)
+        else:
+            self._send_again_freed(server, last, effects.frees)
+        return True
+
+    def _send_again_freed(self, server, query: bytes, names: tuple[str, ...]) -> None:
+        self.proxy.free_databases(names, self.id)
+        write_now(server.transport, query)
+
+    def _database_in_use(self, message: str) -> None:
+        """Session pooling passes statements on unread, so a DROP DATABASE (or the like) is known
+        only by PostgreSQL's refusal: pgtwist's idle connections may be the sessions in the way.
+        They go now, so that the client's next attempt finds the database free (transaction
+        pooling frees it before the statement: _note_effects)."""
+        found = _IN_USE.search(message)  # (CREATE DATABASE ... TEMPLATE: 'source database "x" ...')
+        if found is not None:
+            self.proxy.free_databases((found.group(1),), self.id)
 
     def _send_again(self, relay) -> None:
         items, relay.again = relay.again, None
@@ -1337,6 +1403,10 @@ class ClientSession:
             server.scanner.capture = relay.capture()
             write_now(self.transport, data + b"".join(after) if after else data)
         else:
+            if self._refused is not None:  # (a refusal held back: its ReadyForQuery decides, _retry_refused)
+                head = data[:-6]
+                self._server_messages(server, ([head] if head else []) + [(_Z, data[-1:])])
+                return
             self.ready_count += 1
             write_now(self.transport, data)
         self._ready(server, status)

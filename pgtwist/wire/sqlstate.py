@@ -28,5 +28,6 @@ INVALID_CURSOR_NAME = "34000"
 IDLE_SESSION_TIMEOUT = "57P05"
 # Admin console (PAUSE/DISABLE/SET ...)
 OBJECT_NOT_IN_PREREQUISITE_STATE = "55000"  # DISABLE'd database, as PostgreSQL says for datallowconn = false
+OBJECT_IN_USE = "55006"  # DROP DATABASE (and the like) while another session is in it
 CANT_CHANGE_RUNTIME_PARAM = "55P02"
 INVALID_PARAMETER_VALUE = "22023"

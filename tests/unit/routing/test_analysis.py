@@ -563,3 +563,26 @@ def test_what_the_prefilter_decides_alone_is_what_the_parser_says(sql):
         else:
             assert not quick.classification.read_only  # (only called by its keyword)
     assert analysis.session_effects(sql) == full.effects
+
+
+@pytest.mark.parametrize(
+    "sql, frees",
+    [
+        ("DROP DATABASE scratch", ("scratch",)),
+        ('drop database if exists "Mixed Case"', ("Mixed Case",)),
+        ('DROP DATABASE "7"', ("7",)),  # (digits: the cache's key would lose them)
+        ("DROP DATABASE a WITH (FORCE)", ("a",)),
+        ("ALTER DATABASE old RENAME TO new", ("old",)),
+        ("ALTER DATABASE db SET TABLESPACE fast", ("db",)),
+        ("CREATE DATABASE copy TEMPLATE source OWNER app", ("source",)),
+        ("CREATE DATABASE fresh", ()),
+        ("ALTER DATABASE db SET work_mem = '1MB'", ()),
+        ("ALTER TABLE t RENAME TO u", ()),
+        ("DROP TABLE scratch", ()),
+    ],
+)
+def test_statements_that_need_their_database_free_of_other_sessions(sql, frees):
+    effects = inspect(sql)
+    assert effects.frees == frees
+    assert effects.changes_state or not frees
+    assert inspect_query(sql.encode() + b"\x00").frees == frees

@@ -1,0 +1,125 @@
+"""A database dropped, renamed or copied through pgtwist: its pooled connections are not in the way.
+
+PostgreSQL refuses DROP DATABASE (ALTER DATABASE ... RENAME TO, CREATE DATABASE ... TEMPLATE)
+with 55006 while another session is in the database; a pooler's idle server connections are
+such sessions, which a direct client would not have met (Rails' db:drop and test runners hit
+this through PgBouncer). Connections in use stay, and PostgreSQL's 55006 then says so.
+"""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+
+from tests.harness.proxy import start_proxy
+
+pytestmark = pytest.mark.integration
+
+
+def backends_in(admin, name: str) -> int:
+    return admin.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s", (name,)).fetchone()[0]
+
+
+def exists(admin, name: str) -> bool:
+    return admin.execute("SELECT count(*) FROM pg_database WHERE datname = %s", (name,)).fetchone()[0] == 1
+
+
+@pytest.fixture
+def scratch(pg_cluster, admin, request):
+    """A database the app user owns (and may drop, rename or copy), gone again afterwards."""
+    name = f"scratch_{abs(hash(request.node.name)) % 10**8}"
+    made = [name]
+    admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    admin.execute(f"CREATE DATABASE {name} OWNER {pg_cluster.app_user}")
+    admin.execute(f"ALTER ROLE {pg_cluster.app_user} CREATEDB")
+    try:
+        yield name, made
+    finally:
+        admin.execute(f"ALTER ROLE {pg_cluster.app_user} NOCREATEDB")
+        for db in made:
+            admin.execute(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
+
+
+def pooled_proxy(pg_cluster, tmp_path, name: str, pool_mode: str):
+    primary = pg_cluster.nodes[0].addr
+    databases = {
+        "appdb": {"dbname": pg_cluster.app_database, "nodes": [primary]},
+        "scratch": {"dbname": name, "nodes": [primary]},
+    }
+    return start_proxy(pg_cluster, tmp_path, databases=databases, pool_mode=pool_mode)
+
+
+def leave_idle_connections(px, admin, name: str) -> None:
+    """Two clients used the database at once and left: two server connections stay, idle."""
+    a, b = px.connect(dbname="scratch"), px.connect(dbname="scratch")
+    with a, b, a.transaction(), b.transaction():
+        a.execute("SELECT 1")
+        b.execute("SELECT 1")
+    assert backends_in(admin, name) == 2
+
+
+@pytest.mark.parametrize("pool_mode", ["session", "transaction"])
+def test_drop_database_through_pgtwist_is_not_refused_for_pgtwists_idle_connections(pg_cluster, tmp_path, admin, scratch, pool_mode):
+    name, _ = scratch
+    with pooled_proxy(pg_cluster, tmp_path, name, pool_mode) as px:
+        leave_idle_connections(px, admin, name)
+        with px.connect() as app:
+            psycopg.ClientCursor(app).execute(f"DROP DATABASE {name}")  # (one simple Query, as psql and Rails send it)
+        assert not exists(admin, name)
+        assert "needs databases" in px.log_text()
+        with pytest.raises(psycopg.OperationalError, match="does not exist"):
+            px.connect(dbname="scratch").close()
+        with px.connect() as app:
+            assert app.execute("SELECT 1").fetchone() == (1,)  # nobody else noticed
+
+
+def test_a_client_using_the_database_still_stops_the_drop_as_postgresql_says(pg_cluster, tmp_path, admin, scratch):
+    name, _ = scratch
+    with pooled_proxy(pg_cluster, tmp_path, name, "transaction") as px:
+        leave_idle_connections(px, admin, name)
+        with px.connect(dbname="scratch", autocommit=False) as user, px.connect() as app:
+            user.execute("SELECT 1")  # inside its transaction: its server connection is in use
+            with pytest.raises(psycopg.errors.ObjectInUse, match="1 other session"):
+                psycopg.ClientCursor(app).execute(f"DROP DATABASE {name}")
+            user.rollback()
+            psycopg.ClientCursor(app).execute(f"DROP DATABASE {name}")  # between its transactions: free
+        assert not exists(admin, name)
+
+
+def test_transaction_pooling_frees_the_database_before_an_extended_protocol_drop(pg_cluster, tmp_path, admin, scratch):
+    name, _ = scratch
+    with pooled_proxy(pg_cluster, tmp_path, name, "transaction") as px:
+        leave_idle_connections(px, admin, name)
+        with px.connect(dbname="scratch") as idle_client:
+            idle_client.execute("SELECT 1")  # connected, between transactions: its lent connection is taken back
+            with px.connect() as app:
+                app.execute(f"DROP DATABASE {name}", prepare=True)  # Parse/Bind/Execute/Sync
+            assert not exists(admin, name)
+
+
+def test_session_pooling_frees_the_database_for_the_next_attempt_of_an_extended_protocol_drop(pg_cluster, tmp_path, admin, scratch):
+    # Session pooling reads no statement: PostgreSQL's 55006 tells, and only a lone simple
+    # Query is sent again. A batch's refusal goes to the client; its next attempt succeeds.
+    name, _ = scratch
+    with pooled_proxy(pg_cluster, tmp_path, name, "session") as px:
+        leave_idle_connections(px, admin, name)
+        with px.connect() as app:
+            with pytest.raises(psycopg.errors.ObjectInUse):
+                app.execute(f"DROP DATABASE {name}", prepare=True)
+            app.execute(f"DROP DATABASE {name}", prepare=True)
+        assert not exists(admin, name)
+
+
+@pytest.mark.parametrize("pool_mode", ["session", "transaction"])
+def test_rename_and_copy_of_a_pooled_database(pg_cluster, tmp_path, admin, scratch, pool_mode):
+    name, made = scratch
+    copy, renamed = f"{name}_copy", f"{name}_renamed"
+    made += [copy, renamed]
+    with pooled_proxy(pg_cluster, tmp_path, name, pool_mode) as px:
+        leave_idle_connections(px, admin, name)
+        with px.connect() as app:
+            psycopg.ClientCursor(app).execute(f"CREATE DATABASE {copy} TEMPLATE {name}")
+        leave_idle_connections(px, admin, name)
+        with px.connect() as app:
+            psycopg.ClientCursor(app).execute(f"ALTER DATABASE {name} RENAME TO {renamed}")
+        assert exists(admin, copy) and exists(admin, renamed) and not exists(admin, name)
