@@ -385,14 +385,6 @@ class ClusterMonitor:
             self._drop_conn(slot)
             self._probe(slot)
 
-    def let_go(self) -> None:
-        """The database is about to be dropped, renamed or copied, which PostgreSQL refuses while
-        another session is in it: the kept probe connections leave it (the next probe opens its
-        own; one under way finishes first)."""
-        for slot in self._slots.values():
-            if slot.probing is None:
-                self._drop_conn(slot)
-
     def verify(self, name: str, reason: str) -> None:
         """Live traffic saw something that may be about *name* or only about one of its
         connections (57P01: a fast shutdown or a pg_terminate_backend()): probe it now, and let

@@ -17,9 +17,11 @@ INTERNAL_NAME = SERVER_NAME_PREFIX + "internal"
 
 # internal_batch's encodings by statements: the same few batches recur (the read-your-writes WAL
 # position after every writing transaction, the usual settings read back), and encoding one is
-# some forty calls. Bounded: read-back batches name the settings a client changed.
+# some forty calls. Short batches only, and emptied when full (the texts name settings and
+# values clients chose, so no batch may stay for good).
 _BATCHES: dict[tuple[str, ...], bytes] = {}
 _BATCHES_LIMIT = 256
+_BATCH_CACHED_CHARS = 512
 
 
 def internal_batch(statements: list[str]) -> bytes:
@@ -38,7 +40,9 @@ def internal_batch(statements: list[str]) -> bytes:
     data = _BATCHES.get(key)
     if data is None:
         data = _encode_batch(statements)
-        if len(_BATCHES) < _BATCHES_LIMIT:
+        if sum(map(len, statements)) <= _BATCH_CACHED_CHARS:
+            if len(_BATCHES) >= _BATCHES_LIMIT:
+                _BATCHES.clear()
             _BATCHES[key] = data
     return data
 

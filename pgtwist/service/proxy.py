@@ -166,23 +166,20 @@ class Proxy:
                 log.failure("client {client}: closing at client_login_timeout", client=session.id)
 
     def free_databases(self, names: tuple[str, ...], client_id: str) -> None:
-        """A client's statement needs no other session in databases *names* (DROP DATABASE,
-        ALTER DATABASE ... RENAME TO, CREATE DATABASE ... TEMPLATE): pgtwist's connections there
-        that nobody uses now go, on every node, as a direct client's would not be there.
+        """PostgreSQL refused a client's DROP DATABASE (ALTER DATABASE ... RENAME TO, CREATE
+        DATABASE ... TEMPLATE) of databases *names* because sessions are in them
+        (session/dropdb.py): pgtwist's connections there that nobody uses go, on every node.
 
-        Connections in use stay: PostgreSQL's 55006 then says what it would say directly. The
-        closes reach the nodes a moment after the statement; PostgreSQL waits up to 5 s for
-        sessions in the way to end before it refuses."""
+        Connections in use stay, as does the health monitor's probe connection to a database
+        with several nodes: once it is gone, every node would look down for that database.
+        """
         closed = 0
-        for pool in itertools.chain(self.pools.values(), self.retired_pools):
+        for pool in list(self.pools.values()) + list(self.retired_pools):
             if pool.database.dbname in names:
                 closed += pool.let_go()
-        for pool in self.auth_pools.values():
+        for pool in list(self.auth_pools.values()):
             if (self.config.auth_dbname or pool.database.dbname) in names:
                 closed += pool.let_go()
-        for router in getattr(self, "routers", {}).values():
-            if router.monitor is not None and router.database.dbname in names:
-                router.monitor.let_go()
         if closed:
             log.info("client {client} needs databases {names} free: closed {n} idle server connections there",
                      client=client_id, names=", ".join(names), n=closed)

@@ -8,9 +8,6 @@ collaborator Placement (placement.py), which changes the session only through it
 
 from __future__ import annotations
 
-import re
-from struct import Struct
-
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -18,7 +15,7 @@ from pgtwist.transport.connect import is_local_peer
 from pgtwist.config import ADMIN_DATABASES
 from pgtwist.routing import analysis
 
-from pgtwist.session import standin
+from pgtwist.session import dropdb, standin
 
 from pgtwist.transport import tls
 from pgtwist.service import drain
@@ -48,10 +45,6 @@ log = Logger()
 _AUDITED = frozenset((p.QUERY, p.PARSE))
 
 _Z = p.READY_FOR_QUERY
-# PostgreSQL's refusal of DROP DATABASE and the like while other sessions are in the database
-# (dbcommands.c, errmsg untranslated: with another lc_messages it is not recognised).
-_LENGTH = Struct("!I")
-_IN_USE = re.compile(r'database "(.*)" is being accessed by other users')
 _TERMINATE = p.TERMINATE
 _SESSION_CAPTURE = frozenset((_TERMINATE,))
 # Each Query, Sync and FunctionCall earns exactly one ReadyForQuery: counting them tells
@@ -89,6 +82,14 @@ def _encoded_parameters(parameters: dict[str, str]) -> bytes:
             _ENCODED_PARAMETERS.clear()
         _ENCODED_PARAMETERS[key] = data
     return data
+
+
+def _has_refusal(items: list) -> bool:
+    """Whether a server read holds a 55006 ErrorResponse (errors are rare: a loop over a few items)."""
+    for item in items:
+        if type(item) is tuple and item[0] == p.ERROR_RESPONSE and dropdb.IN_USE in item[1]:
+            return True
+    return False
 
 
 def _binds_unnamed(body: bytes) -> bool:
@@ -215,7 +216,7 @@ class ClientSession:
         self.secret_key = b""
         self.backlog: list = []  # client messages that arrived while no server was linked
         self._read: tuple | None = None  # (message, the read it came in whole): see _plain_backlog
-        self._last_read: bytes | None = None  # session pooling: the client's last read, for _retry_refused
+        self._last_read: bytes | None = None  # the client's last read, should PostgreSQL refuse it 55006 (_on_refusal)
         self._refused: tuple | None = None  # (the refusal held back, the Query to send again, its databases)
         self.logged_in = False
         self.connected_at = proxy.clock.seconds()
@@ -469,6 +470,7 @@ class ClientSession:
     # -- client bytes (all but session mode's linked fast path) ---------------------------------
 
     def _client_data(self, data: bytes) -> None:
+        self._last_read = data  # (one reference kept: read again only if PostgreSQL answers 55006)
         if self._idle_tx_timer is not None:
             self._cancel_idle_tx_timer()
         if self._asked_at is None:
@@ -793,8 +795,6 @@ class ClientSession:
         return False
 
     def _note_effects(self, effects) -> None:
-        if effects.frees:
-            self.proxy.free_databases(effects.frees, self.id)
         if effects.local_commit_mode:
             self.lease.async_commit = True
         if effects.ddl:
@@ -840,7 +840,7 @@ class ClientSession:
     # -- session mode, linked: the hot path ------------------------------------------------
 
     def _forward_session(self, data: bytes) -> None:
-        self._last_read = data  # (one reference kept: read again only if a DROP DATABASE is refused)
+        self._last_read = data  # (one reference kept: read again only if PostgreSQL answers 55006)
         try:
             items = self.scanner.feed(data)
         except WireError as e:
@@ -1283,6 +1283,8 @@ class ClientSession:
         self._server_messages(server, items)
 
     def _server_messages(self, server, items: list) -> None:
+        if (self._refused is not None or _has_refusal(items)) and self._on_refusal(server, items):
+            return
         out: list = []
         status = None
         if self.transaction_mode:
@@ -1308,8 +1310,6 @@ class ClientSession:
                     self._ready(server, status)
                 return
         else:
-            if (self._refused is not None or type(items[0]) is tuple and items[0][0] == p.ERROR_RESPONSE) and self._retry_refused(server, items):
-                return
             ready = 0
             for item in items:
                 if type(item) is bytes:
@@ -1324,8 +1324,6 @@ class ClientSession:
                     fields = m.decode_fields(body)
                     if fields.get("V", fields.get("S")) in ("FATAL", "PANIC"):
                         server.fatal = fields  # relayed as it came: when the node hangs up, nothing more is said
-                    elif fields.get("C") == sqlstate.OBJECT_IN_USE:
-                        self._database_in_use(fields.get("M", ""))
                 else:
                     self._parameter_status(server, body)
             self.ready_count += ready
@@ -1333,53 +1331,52 @@ class ClientSession:
         if status is not None:
             self._ready(server, status)
 
-    def _retry_refused(self, server, items: list) -> bool:
-        """Session pooling: PostgreSQL refused the client's DROP DATABASE (ALTER DATABASE ...
-        RENAME TO, CREATE DATABASE ... TEMPLATE) with 55006, sessions being in the database, and
-        that refusal (with its ReadyForQuery, in this read or the next) is all it said. pgtwist's
-        own idle connections may be those sessions: they go, and the client's statement is sent
-        once more (nothing of it ran; PostgreSQL refuses it outside a transaction block only).
-        True when the read was taken for that; otherwise the refusal goes to the client as it
-        came, and _database_in_use frees the database for its next attempt. Only a lone simple
-        Query is sent again: the earlier answers of a batch went to the client already."""
+    def _on_refusal(self, server, items: list) -> bool:
+        """PostgreSQL answered 55006 (or a refusal of that kind is held back): when it refused the
+        client's one DROP DATABASE-like statement (session/dropdb.py), pgtwist's connections to
+        that database which nobody uses go. A lone simple Query refused with nothing else said
+        (its ReadyForQuery in this read or the next) is then sent once more, the client none the
+        wiser (nothing of it ran: PostgreSQL runs it only outside a transaction block); any
+        other refusal goes to the client as it came, and its next attempt finds the database
+        free. True when this read was taken for that."""
         refused, self._refused = self._refused, None
         if refused is not None:
             error, query, names = refused
-            # (Nothing sent by the client since: its next answers would otherwise come first.)
-            if items[0] == (_Z, b"I") and len(items) == 1 and self._last_read is None:
+            if not items:
+                self._refused = refused  # (nothing whole in this read)
+                return True
+            if len(items) == 1 and items[0] == (_Z, b"I") and self._one_request_owed():
                 self._send_again_freed(server, query, names)
                 return True
-            self._database_in_use(m.decode_fields(error[5:]).get("M", ""))
             items.insert(0, error)  # (the refusal goes out first, as it came)
             return False
         last, self._last_read = self._last_read, None  # (once: refused again, the client hears it)
-        if len(items) > 2 or (len(items) == 2 and items[1] != (_Z, b"I")):
+        query, names = dropdb.refused_statement(last)
+        if not names or not self._one_request_owed():
+            return False  # (pipelined requests: the refusal may answer another, and answers would cross)
+        index = next(i for i, item in enumerate(items) if type(item) is tuple and item[0] == p.ERROR_RESPONSE and dropdb.IN_USE in item[1])
+        if m.decode_fields(items[index][1]).get("C") != sqlstate.OBJECT_IN_USE:
             return False
-        fields = m.decode_fields(items[0][1])
-        found = _IN_USE.search(fields.get("M", "")) if fields.get("C") == sqlstate.OBJECT_IN_USE else None
-        if found is None or last is None or last[0] != p.QUERY or len(last) < 5 or _LENGTH.unpack_from(last, 1)[0] + 1 != len(last):
-            return False
-        effects = analysis.query_effects(last[5:])
-        if effects.statements != 1 or found.group(1) not in effects.frees:
-            return False
-        if len(items) == 1:
-            self._refused = (frame(p.ERROR_RESPONSE, items[0][1]), last, effects.frees)  # (its ReadyForQuery decides)
-        else:
-            self._send_again_freed(server, last, effects.frees)
-        return True
+        if query is not None and index == 0 and (len(items) == 1 or items[1:] == [(_Z, b"I")]):
+            if len(items) == 1:
+                self._refused = (frame(p.ERROR_RESPONSE, items[0][1]), query, names)  # (its ReadyForQuery decides)
+            else:
+                self._send_again_freed(server, query, names)
+            return True
+        self.proxy.free_databases(names, self.id)
+        return False
+
+    def _one_request_owed(self) -> bool:
+        """Only the client's last request is still unanswered (so a refusal is its answer)."""
+        if not self.transaction_mode:
+            return self.scanner.watched - self.ready_count == 1
+        relay = self.relay
+        queue = relay.queue
+        return not relay.swallowing and bool(queue) and queue[-1].kind is SYNC and sum(1 for e in queue if e.kind is SYNC) == 1
 
     def _send_again_freed(self, server, query: bytes, names: tuple[str, ...]) -> None:
         self.proxy.free_databases(names, self.id)
         write_now(server.transport, query)
-
-    def _database_in_use(self, message: str) -> None:
-        """Session pooling passes statements on unread, so a DROP DATABASE (or the like) is known
-        only by PostgreSQL's refusal: pgtwist's idle connections may be the sessions in the way.
-        They go now, so that the client's next attempt finds the database free (transaction
-        pooling frees it before the statement: _note_effects)."""
-        found = _IN_USE.search(message)  # (CREATE DATABASE ... TEMPLATE: 'source database "x" ...')
-        if found is not None:
-            self.proxy.free_databases((found.group(1),), self.id)
 
     def _send_again(self, relay) -> None:
         items, relay.again = relay.again, None
@@ -1394,7 +1391,7 @@ class ClientSession:
         holds nothing else to look at: it goes out as it came, uncopied."""
         if self.transaction_mode:
             relay = self.relay
-            if relay.swallowing:  # that ReadyForQuery may be the proxy's own: look at it
+            if relay.swallowing or self._refused is not None:  # (the proxy's own ReadyForQuery, or a refusal's)
                 head = data[:-6]
                 self._server_messages(server, ([head] if head else []) + [(_Z, data[-1:])])
                 return

@@ -807,16 +807,3 @@ def test_stop_while_reading_says_nothing(health_log):
     h.monitor.stop()
     assert not [e for e in health_log if "volatility" in e.get("log_format", "")]
 
-
-def test_let_go_drops_the_kept_connections_the_next_probe_opens_its_own():
-    # A client drops (renames, copies) the monitored database: the probes' sessions must not be
-    # in its way; one under way finishes first. Health is untouched.
-    h = Harness(count=2)
-    first, second = h.cluster()
-    h.reactor.advance(1.0)  # node 1's probe is under way, unanswered
-    first.reply(primary_row("0/5000000"))
-    h.monitor.let_go()
-    assert first.transport.disconnecting and not second.transport.disconnecting
-    assert h.state(0).up and h.state(1).up and h.events == [(h.name(0), "up"), (h.name(1), "up")]
-    h.reactor.advance(1.0)
-    assert len(h.attempts(0)) == 2  # a new connection for the next probe
