@@ -165,24 +165,27 @@ class Proxy:
             except Exception:  # (one client's failure must not stop the janitor's LoopingCall)
                 log.failure("client {client}: closing at client_login_timeout", client=session.id)
 
-    def free_databases(self, names: tuple[str, ...], client_id: str) -> None:
-        """PostgreSQL refused a client's DROP DATABASE (ALTER DATABASE ... RENAME TO, CREATE
-        DATABASE ... TEMPLATE) of databases *names* because sessions are in them
-        (session/dropdb.py): pgtwist's connections there that nobody uses go, on every node.
+    def free_databases(self, names: tuple[str, ...], client_id: str, node) -> None:
+        """PostgreSQL on *node* refused a client's DROP DATABASE (ALTER DATABASE ... RENAME TO,
+        CREATE DATABASE ... TEMPLATE) of databases *names* because sessions are in them
+        (session/dropdb.py): pgtwist's connections there that nobody uses go.
 
         Connections in use stay, as does the health monitor's probe connection to a database
         with several nodes: once it is gone, every node would look down for that database.
+        Replicas of *node* apply the statement themselves (PostgreSQL ends the sessions in the
+        way there).
         """
         closed = 0
+        where = str(node)
         for pool in list(self.pools.values()) + list(self.retired_pools):
-            if pool.database.dbname in names:
+            if pool.database.dbname in names and str(pool.node) == where:
                 closed += pool.let_go()
         for pool in list(self.auth_pools.values()):
-            if (self.config.auth_dbname or pool.database.dbname) in names:
+            if (self.config.auth_dbname or pool.database.dbname) in names and str(pool.node) == where:
                 closed += pool.let_go()
         if closed:
-            log.info("client {client} needs databases {names} free: closed {n} idle server connections there",
-                     client=client_id, names=", ".join(names), n=closed)
+            log.info("client {client} needs databases {names} free on node {node}: closed {n} idle server connections there",
+                     client=client_id, names=", ".join(names), node=where, n=closed)
 
     def note_pinned(self, session: ClientSession, reason: str) -> None:
         """Transaction pooling gave up sharing a client's server connection: say so once, count it."""

@@ -470,7 +470,9 @@ class ClientSession:
     # -- client bytes (all but session mode's linked fast path) ---------------------------------
 
     def _client_data(self, data: bytes) -> None:
-        self._last_read = data  # (one reference kept: read again only if PostgreSQL answers 55006)
+        # (One reference kept, read again only if PostgreSQL answers 55006: _on_refusal. A read
+        # that does not start a message is no statement of the client's, whatever it spells.)
+        self._last_read = data if self.scanner.at_boundary else dropdb.FRAGMENT
         if self._idle_tx_timer is not None:
             self._cancel_idle_tx_timer()
         if self._asked_at is None:
@@ -840,7 +842,7 @@ class ClientSession:
     # -- session mode, linked: the hot path ------------------------------------------------
 
     def _forward_session(self, data: bytes) -> None:
-        self._last_read = data  # (one reference kept: read again only if PostgreSQL answers 55006)
+        self._last_read = data if self.scanner.at_boundary else dropdb.FRAGMENT  # (see _client_data)
         try:
             items = self.scanner.feed(data)
         except WireError as e:
@@ -1334,48 +1336,61 @@ class ClientSession:
     def _on_refusal(self, server, items: list) -> bool:
         """PostgreSQL answered 55006 (or a refusal of that kind is held back): when it refused the
         client's one DROP DATABASE-like statement (session/dropdb.py), pgtwist's connections to
-        that database which nobody uses go. A lone simple Query refused with nothing else said
-        (its ReadyForQuery in this read or the next) is then sent once more, the client none the
-        wiser (nothing of it ran: PostgreSQL runs it only outside a transaction block); any
-        other refusal goes to the client as it came, and its next attempt finds the database
+        that database on that node which nobody uses go. A lone simple Query refused with nothing
+        else said (its ReadyForQuery in this read or the next) is then sent once more, the client
+        none the wiser (nothing of it ran: PostgreSQL runs it only outside a transaction block);
+        any other refusal goes to the client as it came, and its next attempt finds the database
         free. True when this read was taken for that."""
         refused, self._refused = self._refused, None
         if refused is not None:
-            error, query, names = refused
-            if not items:
-                self._refused = refused  # (nothing whole in this read)
-                return True
-            if len(items) == 1 and items[0] == (_Z, b"I") and self._one_request_owed():
+            held_on, body, query, names = refused
+            if held_on is not server:
+                return False  # (that connection was lost, and the client heard so: nothing of it is owed)
+            # (Nothing from the client since: its own next answers would otherwise come first.)
+            if len(items) == 1 and items[0] == (_Z, b"I") and self._last_read is None and self._one_request_owed():
                 self._send_again_freed(server, query, names)
                 return True
-            items.insert(0, error)  # (the refusal goes out first, as it came)
+            self.proxy.free_databases(names, self.id, server.node)
+            items.insert(0, (p.ERROR_RESPONSE, body))  # (the refusal goes out first, as it came)
             return False
         last, self._last_read = self._last_read, None  # (once: refused again, the client hears it)
         query, names = dropdb.refused_statement(last)
         if not names or not self._one_request_owed():
-            return False  # (pipelined requests: the refusal may answer another, and answers would cross)
+            return False  # (other requests unanswered: the refusal may answer one of them, and answers would cross)
         index = next(i for i, item in enumerate(items) if type(item) is tuple and item[0] == p.ERROR_RESPONSE and dropdb.IN_USE in item[1])
-        if m.decode_fields(items[index][1]).get("C") != sqlstate.OBJECT_IN_USE:
+        body = items[index][1]
+        if m.decode_fields(body).get("C") != sqlstate.OBJECT_IN_USE:
             return False
         if query is not None and index == 0 and (len(items) == 1 or items[1:] == [(_Z, b"I")]):
             if len(items) == 1:
-                self._refused = (frame(p.ERROR_RESPONSE, items[0][1]), query, names)  # (its ReadyForQuery decides)
+                self._refused = (server, body, query, names)  # (its ReadyForQuery decides)
             else:
                 self._send_again_freed(server, query, names)
             return True
-        self.proxy.free_databases(names, self.id)
+        self.proxy.free_databases(names, self.id, server.node)
         return False
 
     def _one_request_owed(self) -> bool:
-        """Only the client's last request is still unanswered (so a refusal is its answer)."""
+        """Only the client's last request is unanswered, and nothing of an unfinished batch went
+        before it (so a refusal is its answer)."""
         if not self.transaction_mode:
-            return self.scanner.watched - self.ready_count == 1
+            scanner = self.scanner
+            return scanner.watched - self.ready_count == 1 and not scanner.unsynced
         relay = self.relay
         queue = relay.queue
-        return not relay.swallowing and bool(queue) and queue[-1].kind is SYNC and sum(1 for e in queue if e.kind is SYNC) == 1
+        return (
+            not relay.swallowing
+            and not relay.unsynced
+            and not self.backlog
+            and self.lease is not None
+            and not self.lease.holding
+            and bool(queue)
+            and queue[-1].kind is SYNC
+            and sum(1 for e in queue if e.kind is SYNC) == 1
+        )
 
     def _send_again_freed(self, server, query: bytes, names: tuple[str, ...]) -> None:
-        self.proxy.free_databases(names, self.id)
+        self.proxy.free_databases(names, self.id, server.node)
         write_now(server.transport, query)
 
     def _send_again(self, relay) -> None:

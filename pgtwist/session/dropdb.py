@@ -18,6 +18,7 @@ from pgtwist.routing import analysis
 from pgtwist.wire import protocol as p
 
 IN_USE = b"C55006\x00"  # (an ErrorResponse's code field, looked for in its raw body: errors only)
+FRAGMENT = b"\x00"  # a client read that did not start a message: never a statement (refused_statement)
 _LENGTH = Struct("!I")
 # One extended-protocol statement: Parse, Bind, [Describe], Execute, Sync, nothing else.
 _ONE_STATEMENT = frozenset((p.PARSE, p.BIND, p.DESCRIBE, p.EXECUTE, p.SYNC))

@@ -31,9 +31,9 @@ def harness(**overrides):
     h.freed = []
     real = h.proxy.free_databases
 
-    def free(names, client):
+    def free(names, client, node):
         h.freed.append(names)
-        real(names, client)
+        real(names, client, node)
 
     h.proxy.free_databases = free
     return h
@@ -103,7 +103,8 @@ def test_a_held_refusal_goes_on_when_the_client_spoke_since():
     server.got_data(refusal())
     session.got_data(m.query("SELECT 1"))  # its answer would come before the DROP's second one
     server.got_data(m.ready_for_query())
-    assert ct.value() == refusal() + m.ready_for_query() and queries(st.value()) == ["SELECT 1"] and h.freed == []
+    assert ct.value() == refusal() + m.ready_for_query() and queries(st.value()) == ["SELECT 1"]
+    assert h.freed == [("scratch",)]  # (the refusal was the DROP's: its next attempt finds the database free)
 
 
 def test_refused_again_the_client_hears_it():
@@ -170,3 +171,72 @@ def test_the_server_lost_while_a_refusal_is_held_ends_the_session_as_any_loss_do
     server.got_data(refusal())
     server.connection_lost(Failure(ConnectionLost()))
     assert session.state == "closed" and ct.disconnecting
+
+
+def test_a_refusal_held_on_a_connection_since_lost_is_forgotten():
+    h = harness(pool_mode="transaction")
+    session, ct, server, st = sent_drop(h)
+    server.got_data(refusal())  # held: its ReadyForQuery may follow
+    server.connection_lost(Failure(ConnectionLost()))
+    ct.clear()
+    session.got_data(m.query("SELECT 1"))
+    other = session.server
+    assert other is not server
+    answer = m.row_description([("x", 23)])
+    reply = answer + m.command_complete("SELECT 1") + m.ready_for_query()
+    other.got_data(reply)
+    assert ct.value() == reply and h.freed == []  # no old refusal before its answer, nothing sent again
+    assert queries(other.transport.value())[-1:] == ["SELECT 1"]
+
+
+@pytest.mark.parametrize("pool_mode", ["session", "transaction"])
+def test_a_refusal_behind_an_unsynced_batch_frees_nothing(pool_mode):
+    # A 55006 raised by the client's own DO block, sent without a Sync, then a DROP it may not
+    # run: the server skips the DROP (waiting for a Sync); the refusal is not the DROP's.
+    h = harness(pool_mode=pool_mode)
+    pool, idle = idle_scratch_connection(h)
+    session, ct, server, st = h.linked() if pool_mode == "session" else (*h.client(), None, None)
+    do = "DO $$BEGIN RAISE EXCEPTION USING ERRCODE = '55006'; END$$"
+    session.got_data(m.parse("", do) + m.bind("", "") + m.execute("") + m.flush())
+    session.got_data(m.query(DROP))
+    server = session.server
+    server.got_data(m.notice_response("00000", "on the way") + refusal())
+    assert h.freed == [] and list(pool.idle) == [idle] and not idle.transport.disconnecting
+
+
+@pytest.mark.parametrize("pool_mode", ["session", "transaction"])
+def test_a_read_that_starts_inside_a_message_is_no_statement(pool_mode):
+    # CopyData outside COPY (ignored by PostgreSQL) whose payload spells a DROP Query: the read
+    # holding that payload is a fragment, not the client's statement.
+    h = harness(pool_mode=pool_mode)
+    pool, idle = idle_scratch_connection(h)
+    session, ct = h.client()
+    payload = m.query(DROP)
+    session.got_data(m.query("SELECT raise_55006()") + b"d" + (len(payload) + 4).to_bytes(4, "big"))
+    session.got_data(payload)
+    server = session.server
+    server.got_data(refusal() + m.ready_for_query())
+    assert h.freed == [] and list(pool.idle) == [idle]
+    assert queries(server.transport.value()).count(DROP) == 0
+
+
+@pytest.mark.parametrize("since", [m.parse("s1", "SELECT 1") + m.flush(), m.parse("s1", "SELECT 1")[:3]])
+def test_a_held_refusal_goes_on_when_the_client_began_a_batch_since(since):
+    h = harness()
+    session, ct, server, st = sent_drop(h)
+    server.got_data(refusal())
+    session.got_data(since)  # (no Query or Sync: nothing counted; or not even a whole header)
+    st.clear()
+    server.got_data(m.ready_for_query())
+    assert ct.value() == refusal() + m.ready_for_query() and queries(st.value()) == []
+
+
+def test_transaction_pooling_a_refusal_passed_on_leaves_the_relay_settled():
+    h = harness(pool_mode="transaction")
+    session, ct, server, st = sent_drop(h)
+    server.got_data(refusal())
+    session.got_data(m.query("SELECT 1"))  # (the client spoke: the refusal goes on)
+    server.got_data(m.ready_for_query())
+    assert ct.value() == refusal() + m.ready_for_query()
+    server.got_data(m.command_complete("SELECT 1") + m.ready_for_query())
+    assert not session.relay.queue and session.relay.idle
