@@ -15,6 +15,7 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
 from pgtwist.transport import connect
+from pgtwist.transport.accept import set_client_keepalive
 from pgtwist.service import drain, sdnotify
 from pgtwist.service.sighandlers import SignalHandlers
 from pgtwist.service import reload as reloadmod
@@ -135,6 +136,16 @@ class PgBalanceService(service.MultiService):
                 config.tcp_defer_accept,
             )
             self.port = self.ports[0]
+        self._keep_clients_alive()
+
+    def _keep_clients_alive(self) -> None:
+        """tcp_keepalive and tcp_keep* on the listening sockets, for the clients accepted from now on."""
+        config = self.config
+        for port in self.ports:
+            try:
+                set_client_keepalive(port, config.tcp_keepalive, config.tcp_keepidle, config.tcp_keepintvl, config.tcp_keepcnt)
+            except OSError as e:
+                log.warn("cannot set TCP keepalive on the listening socket: {why}", why=e)
 
     def _cannot_listen(self, e: CannotListenError):
         keys = {(self.config.listen.host, self.config.listen.port): "listen"}
@@ -210,6 +221,7 @@ class PgBalanceService(service.MultiService):
         """SIGHUP, RELOAD, reload(): read, validate, diff and apply the config file; a broken one changes nothing."""
         outcome = reloadmod.reload_file(self.proxy)
         self.config = self.proxy.config
+        self._keep_clients_alive()
         if self.worker is not None and not self._reload_signalled:
             # RELOAD on one worker's console (or reload() in its manhole): the supervisor has
             # every worker reload (this one again, harmlessly), as a SIGHUP to it would.

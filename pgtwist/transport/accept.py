@@ -173,6 +173,24 @@ class ClientPort(tcp.Port):
             self.reactor._disconnectSelectable(connection, why, True)
 
 
+def set_client_keepalive(port, on: bool, idle: int = 0, interval: int = 0, count: int = 0) -> bool:
+    """TCP keepalive for clients (PgBouncer's tcp_keepalive and tcp_keep*, which it applies to
+    both sides): a client whose host vanished (a pod killed without a FIN, a NAT that forgot the
+    flow) is noticed by the kernel and its connection closed, instead of holding a client slot
+    for good. Set on the listening socket, which accepted sockets inherit on Linux: no system
+    call per login. 0 leaves that knob as it is. False where *port* has no TCP socket."""
+    sock = getattr(port, "socket", None)
+    if not isinstance(sock, socket.socket) or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return False
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1 if on else 0)
+    if on:
+        for name, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", interval), ("TCP_KEEPCNT", count)):
+            option = getattr(socket, name, None)
+            if value and option is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, option, value)
+    return True
+
+
 def listen_tcp(reactor, port: int, factory, backlog: int, interface: str, defer_accept: bool = False):
     """reactor.listenTCP, with ClientPort on a real reactor (a test's MemoryReactor records the call)."""
     if not isinstance(reactor, PosixReactorBase):

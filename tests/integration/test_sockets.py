@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import os
 import random
+import re
+import shutil
 import socket
 import struct
+import subprocess
+import time
 
 import pytest
 
@@ -132,3 +136,25 @@ def test_deferred_accept_serves_late_first_bytes_and_leaves_silent_sockets_to_th
         finally:
             for s in silent:
                 s.close()
+
+
+@pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2) to read a live socket's timers")
+def test_clients_get_tcp_keepalive_as_pgbouncer_gives_them(pg_cluster, tmp_path):
+    """tcp_keepalive / tcp_keepidle apply to client connections too (as in PgBouncer): a client
+    whose host vanished is noticed by the kernel instead of holding its slot for good."""
+    with start_proxy(pg_cluster, tmp_path, tcp_keepidle=33) as px:
+        with px.connect() as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+            # pgtwist's end of the client's connection runs a keepalive timer of up to 33 s (ss
+            # shows it once no retransmission or delayed ACK timer is due: idle a moment first).
+            deadline = time.monotonic() + 10
+            while True:
+                out = subprocess.run(
+                    ["ss", "-tnoH", "state", "established", f"( sport = :{px.port} )"],
+                    capture_output=True, text=True, timeout=10, check=True,
+                ).stdout
+                timers = re.findall(r"timer:\(keepalive,(\d+)(?:\.\d+)?(ms|sec|min)", out)
+                if timers or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+            assert timers and all(unit != "min" and int(n) <= 33 for n, unit in timers), out

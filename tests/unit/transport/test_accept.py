@@ -332,3 +332,32 @@ def test_a_client_gone_before_its_first_read_is_closed_on_that_read(served, monk
             break
         port._read_at_once(transport)
     assert transport.disconnected and factory.log[-1] == ("lost", type(reactormod.CONNECTION_DONE))
+
+
+def test_client_keepalive_set_on_the_listener_is_what_accepted_sockets_get():
+    import socket as socketmod
+
+    from pgtwist.transport.accept import set_client_keepalive
+
+    class Port:
+        def __init__(self, sock):
+            self.socket = sock
+
+    listener = socketmod.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    with listener:
+        assert set_client_keepalive(Port(listener), True, 33, 7, 4)
+        with socketmod.create_connection(listener.getsockname()) as _client:
+            accepted, _ = listener.accept()
+            with accepted:
+                assert accepted.getsockopt(socketmod.SOL_SOCKET, socketmod.SO_KEEPALIVE) == 1
+                assert accepted.getsockopt(socketmod.IPPROTO_TCP, socketmod.TCP_KEEPIDLE) == 33
+                assert accepted.getsockopt(socketmod.IPPROTO_TCP, socketmod.TCP_KEEPINTVL) == 7
+                assert accepted.getsockopt(socketmod.IPPROTO_TCP, socketmod.TCP_KEEPCNT) == 4
+        assert set_client_keepalive(Port(listener), False)  # (a reload turned it off)
+        assert listener.getsockopt(socketmod.SOL_SOCKET, socketmod.SO_KEEPALIVE) == 0
+    unix = socketmod.socket(socketmod.AF_UNIX)
+    with unix:
+        assert not set_client_keepalive(Port(unix), True, 33)  # (the Unix socket: no TCP to keep alive)
+    assert not set_client_keepalive(object(), True)  # (a test's MemoryReactor port)
