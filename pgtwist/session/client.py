@@ -1484,7 +1484,8 @@ class ClientSession:
         server = self.server
         if not (self.dirty or self.dirty_all or self.router.clustered):
             pool = server.pool
-            if not pool.waiters and not pool.paused and not self.proxy.draining:
+            # (A tainted connection, RECONNECT's among them, is not lent: its release closes it.)
+            if not pool.waiters and not pool.paused and not self.proxy.draining and not server.tainted:
                 lease.lent = True  # (see lending below; nothing to read back first)
                 pool.lend(server, self)
                 return
@@ -1509,7 +1510,7 @@ class ClientSession:
             return
         pool = server.pool
         placed_at_once = not self.router.clustered or self.router.hook is None
-        if placed_at_once and not self.backlog and not pool.waiters and not pool.paused and not self.proxy.draining:
+        if placed_at_once and not self.backlog and not pool.waiters and not pool.paused and not self.proxy.draining and not server.tainted:
             # Lent, not returned: the connection stays linked while nobody else wants it, and
             # the pool takes it back the moment someone does (reclaim). The client's next
             # transaction then starts with no acquire, link or settings sync at all. (In a

@@ -109,6 +109,29 @@ def test_admin_console_show_commands_return_rows(pg_cluster, tmp_path):
                 assert {"database", "user", "cl_active", "cl_waiting", "sv_active", "sv_idle", "pool_size"} <= set(names)
                 assert any(r[names.index("database")] == "appdb" and r[names.index("pool_size")] == 20 for r in rows)
                 assert console.execute("SHOW STATS").fetchall()
+                # PgBouncer's column names first (pgtwist's own may follow), and rows on a live proxy.
+                # (SHOW FDS stops after link: PgBouncer's client_encoding ... password are for its online
+                # restart, which pgtwist does not do; it never shows a password or cancel key.)
+                for what, first in [
+                    ("USERS", ["name", "pool_mode"]),
+                    ("STATS_AVERAGES", ["database", "xact_count", "query_count", "bytes_received", "bytes_sent",
+                                        "xact_time", "query_time", "wait_time"]),
+                    ("MEM", ["name", "size", "used", "free", "memtotal"]),
+                    ("FDS", ["fd", "task", "user", "database", "addr", "port", "cancel", "link"]),
+                ]:
+                    cur = console.execute(f"SHOW {what}")
+                    got = [c.name for c in cur.description]
+                    assert got[: len(first)] == first, (what, got)
+                    table = [dict(zip(got, r)) for r in cur.fetchall()]
+                    assert table, what
+                    if what == "USERS":
+                        assert {r["name"] for r in table} >= {pg_cluster.app_user, ADMIN}, table
+                    elif what == "STATS_AVERAGES":
+                        assert [r["database"] for r in table] == ["appdb"], table
+                    elif what == "FDS":  # the app's socket and its server connection's, no cancel key
+                        tasks = {(r["task"], r["user"]) for r in table}
+                        assert {("client", pg_cluster.app_user), ("server", pg_cluster.app_user)} <= tasks, table
+                        assert all(r["cancel"] is None and isinstance(r["fd"], int) for r in table), table
                 console.execute("PAUSE appdb")
                 paused = dict(zip(names, console.execute("SHOW POOLS").fetchone()))
                 assert paused["paused"] is True

@@ -13,7 +13,7 @@ import pytest
 from pgtwist.tools.localcluster import free_port
 
 from tests.harness.ops import http_get, start_ops_proxy
-from tests.harness.proxy import HOST
+from tests.harness.proxy import HOST, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -134,7 +134,15 @@ def test_byte_and_login_counters_and_bounded_route_labels(pg_cluster, tmp_path):
 def test_json_logs_at_debug_carry_fields_and_never_a_secret(pg_cluster, tmp_path):
     secret = "topsecret-zq-4711"
     wrong = "wrong-secret-zq-0815"
-    overrides = dict(log_format="json", log_level="debug", audit=[pg_cluster.app_user], users=users(pg_cluster))
+    # deaddb: one node nobody listens on, so that some line is about a node (a failed server login):
+    # the app's traffic alone (one-node database, no monitor) writes no line with a `node` field.
+    dead = f"{HOST}:{free_port(HOST)}"
+    databases = {
+        "appdb": {"dbname": pg_cluster.app_database, "nodes": [pg_cluster.nodes[0].addr]},
+        "deaddb": {"dbname": pg_cluster.app_database, "nodes": [dead]},
+    }
+    overrides = dict(log_format="json", log_level="debug", audit=[pg_cluster.app_user], users=users(pg_cluster),
+                     databases=databases, query_wait_timeout=3)
     with start_ops_proxy(pg_cluster, tmp_path, {"admin": {"users": [ADMIN]}}, **overrides) as px:
         with px.connect() as app:
             with pytest.raises(psycopg.Error):
@@ -142,6 +150,8 @@ def test_json_logs_at_debug_carry_fields_and_never_a_secret(pg_cluster, tmp_path
             app.execute("SELECT 1")
         with pytest.raises(psycopg.OperationalError):
             psycopg.connect(px.dsn(password=wrong)).close()
+        with pytest.raises(psycopg.OperationalError):
+            psycopg.connect(px.dsn(dbname="deaddb")).close()
         with psycopg.connect(px.dsn(dbname="pgbouncer", user=ADMIN, password=ADMIN_PASSWORD), autocommit=True) as console:
             simple(console, "SHOW CONFIG").fetchall()
         text = px.log_text()
@@ -152,6 +162,8 @@ def test_json_logs_at_debug_carry_fields_and_never_a_secret(pg_cluster, tmp_path
     assert any("PASSWORD '********'" in e["msg"] for e in audited), audited
     connected = [e for e in events if "client" in e and e.get("user") == pg_cluster.app_user]
     assert connected and any(e.get("database") == "appdb" for e in connected)
+    # ... and the node a line is about is a field of its own, as text (logs.py), e.g. on log_pooler_errors' line.
+    assert any(e.get("node") == dead and e["level"] == "warn" for e in events), [e["msg"] for e in events]
     for needle in (secret, wrong, pg_cluster.app_password, ADMIN_PASSWORD):
         assert needle not in text, needle
 
@@ -184,3 +196,76 @@ def test_pause_waits_for_an_open_transaction_then_resume_serves(pg_cluster, tmp_
             simple(console, "RESUME appdb")
             assert app.execute("SELECT 2").fetchone() == (2,)
             app.commit()
+
+
+BAD_ROLE = "pgtw_badpw_zq"
+
+
+def _clients_of(px, user: str) -> list:
+    """SHOW CLIENTS rows of *user* (via the admin console, as PgBouncer's users read them)."""
+    dsn = px.dsn(dbname="pgbouncer", user=ADMIN, password=ADMIN_PASSWORD)
+    with psycopg.connect(dsn, autocommit=True) as console:
+        cur = simple(console, "SHOW CLIENTS")
+        names = [c.name for c in cur.description]
+        return [r for r in cur.fetchall() if r[names.index("user")] == user]
+
+
+def test_failed_server_logins_are_logged_per_log_pooler_errors_and_counted(pg_cluster, admin, tmp_path):
+    """PgBouncer's log_pooler_errors: a server login the node refuses (wrong password toward it) is a
+    warn line "server login to NODE failed: ..." and pgbalance_server_logins_total{result="login_failed"};
+    a node that refuses the TCP connection counts as result="connect_failed". With log_pooler_errors =
+    false the line is gone (the counter stays). log_level = "warn" drops info lines ("connected from",
+    log_connections = true) while this warn line is kept."""
+    admin.execute(f"DROP ROLE IF EXISTS {BAD_ROLE}")
+    admin.execute(f"CREATE ROLE {BAD_ROLE} LOGIN PASSWORD 'the-node-knows-this-zq'")
+    try:
+        user_table = dict(users(pg_cluster), **{BAD_ROLE: {"password": "pgtwist-thinks-this-zq"}})
+        dead = f"{HOST}:{free_port(HOST)}"  # nobody listens there: connection refused
+        databases = {
+            "appdb": {"dbname": pg_cluster.app_database, "nodes": [pg_cluster.nodes[0].addr]},
+            "deaddb": {"dbname": pg_cluster.app_database, "nodes": [dead]},
+        }
+        for pooler_errors in (True, False):
+            port = free_port(HOST)
+            tables = {"admin": {"users": [ADMIN]}, "metrics": {"listen": f"{HOST}:{port}"}}
+            with start_ops_proxy(pg_cluster, tmp_path / str(pooler_errors), tables, users=user_table, databases=databases,
+                                 log_pooler_errors=pooler_errors, log_level="warn", log_connections=True,
+                                 query_wait_timeout=3) as px:
+                with pytest.raises(psycopg.OperationalError):
+                    psycopg.connect(px.dsn(user=BAD_ROLE, password="pgtwist-thinks-this-zq")).close()
+                with pytest.raises(psycopg.OperationalError):
+                    psycopg.connect(px.dsn(dbname="deaddb")).close()
+                status, text = http_get(port, "/metrics")
+                assert status == 200
+                failed = re.search(r'pgbalance_server_logins_total\{node="[^"]+",result="login_failed"\} ([0-9.e+]+)', text)
+                assert failed and float(failed.group(1)) >= 1, text[:3000]
+                refused = re.search(rf'pgbalance_server_logins_total\{{node="{re.escape(dead)}",result="connect_failed"\}} ([0-9.e+]+)', text)
+                assert refused and float(refused.group(1)) >= 1, text[:3000]
+                log = px.log_text()
+                login_line = re.search(r"server login to \S+ failed: password authentication failed", log)
+                connect_line = re.search(rf"server login to {re.escape(dead)} failed", log)
+                if pooler_errors:
+                    assert login_line and connect_line, log[-3000:]
+                else:
+                    assert not login_line and not connect_line, log[-3000:]
+                assert "connected from" not in log, log[-3000:]  # an info line, under log_level = "warn"
+    finally:
+        admin.execute(f"DROP ROLE IF EXISTS {BAD_ROLE}")
+
+
+def test_log_disconnections_writes_or_omits_the_line_a_client_leaves_with(pg_cluster, tmp_path):
+    """log_disconnections = true: a client that leaves gets "client cN disconnected: USER@DB, ..."
+    (log_connections: "client cN connected from ADDR"); false: no disconnect line, though the client
+    is gone (SHOW CLIENTS) and the connect line of the same client is still written."""
+    for disconnections in (True, False):
+        with start_ops_proxy(pg_cluster, tmp_path / str(disconnections), {"admin": {"users": [ADMIN]}}, users=users(pg_cluster),
+                             log_connections=True, log_disconnections=disconnections) as px:
+            with px.connect() as app:
+                app.execute("SELECT 1")
+            line = f"disconnected: {pg_cluster.app_user}@appdb"
+            if disconnections:
+                wait_for(lambda: line in px.log_text(), 10, "the disconnect line")
+            else:
+                wait_for(lambda: not _clients_of(px, pg_cluster.app_user), 10, "the app client to be gone")
+                assert line not in px.log_text(), px.log_text()[-3000:]
+            assert re.search(r"client \S+ connected from 127\.0\.0\.1:\d+", px.log_text()), px.log_text()[-3000:]

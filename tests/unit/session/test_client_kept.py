@@ -412,3 +412,16 @@ def test_a_handed_over_connection_takes_the_fast_path_and_its_answer_goes_whole(
     reply = (frame(p.BIND_COMPLETE) if work == "prepared" else b"") + ANSWER
     server.got_data(reply)
     assert bt.value() == reply
+
+
+def test_a_connection_marked_for_closing_is_not_lent_again(kept):
+    # RECONNECT (PgBouncer: closed "after it is released") marks a connection in use; at the end
+    # of its transaction it goes back to be closed, not lent to the same client once more.
+    session, ct, server = kept
+    session.got_data(m.query("BEGIN"))
+    server.got_data(m.command_complete("BEGIN") + m.ready_for_query(p.TX_IN_TRANSACTION))
+    server.taint("RECONNECT")
+    session.got_data(m.query("COMMIT"))
+    server.got_data(m.command_complete("COMMIT") + m.ready_for_query())
+    assert session.server is None and not keeps_its_server(session)
+    assert server.transport.disconnecting and server not in server.pool.idle
