@@ -217,7 +217,7 @@ class ClientSession:
         self.backlog: list = []  # client messages that arrived while no server was linked
         self._read: tuple | None = None  # (message, the read it came in whole): see _plain_backlog
         self._last_read: bytes | None = None  # the client's last read, should PostgreSQL refuse it 55006 (_on_refusal)
-        self._refused: tuple | None = None  # (the refusal held back, the Query to send again, its databases)
+        self._refused: tuple | None = None  # (its server connection, the refusal's body, the Query to send again, its databases)
         self.logged_in = False
         self.connected_at = proxy.clock.seconds()
         self._idle_tx_timer = None
@@ -1404,21 +1404,18 @@ class ClientSession:
     def reply_done(self, server, status: int, data: bytes) -> None:
         """The linked server's read *data* ends with a ReadyForQuery (transaction *status*) and
         holds nothing else to look at: it goes out as it came, uncopied."""
+        if self._refused is not None or (self.transaction_mode and self.relay.swallowing):
+            # That ReadyForQuery may be the proxy's own, or end a refusal held back (_on_refusal).
+            head = data[:-6]
+            self._server_messages(server, ([head] if head else []) + [(_Z, data[-1:])])
+            return
         if self.transaction_mode:
             relay = self.relay
-            if relay.swallowing or self._refused is not None:  # (the proxy's own ReadyForQuery, or a refusal's)
-                head = data[:-6]
-                self._server_messages(server, ([head] if head else []) + [(_Z, data[-1:])])
-                return
             after: list = []
             relay.ready(status, after)
             server.scanner.capture = relay.capture()
             write_now(self.transport, data + b"".join(after) if after else data)
         else:
-            if self._refused is not None:  # (a refusal held back: its ReadyForQuery decides, _retry_refused)
-                head = data[:-6]
-                self._server_messages(server, ([head] if head else []) + [(_Z, data[-1:])])
-                return
             self.ready_count += 1
             write_now(self.transport, data)
         self._ready(server, status)
@@ -1484,8 +1481,7 @@ class ClientSession:
         server = self.server
         if not (self.dirty or self.dirty_all or self.router.clustered):
             pool = server.pool
-            # (A tainted connection, RECONNECT's among them, is not lent: its release closes it.)
-            if not pool.waiters and not pool.paused and not self.proxy.draining and not server.tainted:
+            if self._lendable(server):
                 lease.lent = True  # (see lending below; nothing to read back first)
                 pool.lend(server, self)
                 return
@@ -1510,7 +1506,7 @@ class ClientSession:
             return
         pool = server.pool
         placed_at_once = not self.router.clustered or self.router.hook is None
-        if placed_at_once and not self.backlog and not pool.waiters and not pool.paused and not self.proxy.draining and not server.tainted:
+        if placed_at_once and not self.backlog and self._lendable(server):
             # Lent, not returned: the connection stays linked while nobody else wants it, and
             # the pool takes it back the moment someone does (reclaim). The client's next
             # transaction then starts with no acquire, link or settings sync at all. (In a
@@ -1559,6 +1555,13 @@ class ClientSession:
             watch = 0
         self.lease.watch = watch
         return watch
+
+    def _lendable(self, server) -> bool:
+        """May *server* stay with this client between its transactions? Not while others wait for
+        the pool, it is paused or pgtwist drains, nor when it is to be closed at release (tainted:
+        RECONNECT, an unsure session state)."""
+        pool = server.pool
+        return not pool.waiters and not pool.paused and not self.proxy.draining and not server.tainted
 
     def reclaim(self, server) -> None:
         """The pool needs the connection this client holds between transactions: give it back now."""
