@@ -24,6 +24,10 @@ from pgtwist.service.proxy import Proxy
 
 log = Logger()
 
+# How often the janitor runs (Proxy.maintain): query_timeout, client_login_timeout and
+# client_idle_timeout are enforced at its ticks, so each may fire up to this late.
+JANITOR_INTERVAL = 1.0
+
 
 EX_CONFIG = 78  # sysexits.h; systemd units carry RestartPreventExitStatus=78
 
@@ -188,7 +192,7 @@ class PgBalanceService(service.MultiService):
             self.reactor.callWhenRunning(self._running)  # after the reactor's own signal handlers
         self._janitor = task.LoopingCall(self.proxy.maintain)
         self._janitor.clock = self.reactor
-        self._janitor.start(1.0, now=False)
+        self._janitor.start(JANITOR_INTERVAL, now=False)
         self.proxy.dialer.start()
         try:
             super().startService()

@@ -118,11 +118,13 @@ def test_deferred_accept_serves_late_first_bytes_and_leaves_silent_sockets_to_th
 
     from pgtwist.wire import protocol as p
 
-    with start_proxy(pg_cluster, tmp_path, client_login_timeout=2) as px:
+    with start_proxy(pg_cluster, tmp_path, client_login_timeout=1) as px:
         silent = [socket.create_connection((px.host, px.port), timeout=10) for _ in range(50)]
         try:
             with RawClient(px.host, px.port) as late:
-                time.sleep(1.5)  # connected, then quiet: the kernel holds it, pgtwist has not seen it
+                # Connected, then quiet past client_login_timeout and a janitor tick: the kernel
+                # holds it and pgtwist has not seen it (accepted at once, it would be closed now).
+                time.sleep(2.5)
                 with px.connect() as conn:  # others are served meanwhile
                     assert conn.execute("SELECT 1").fetchone()[0] == 1
                 late.startup(px.user, "appdb")
