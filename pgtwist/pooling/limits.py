@@ -50,9 +50,7 @@ class ConnectionLimits:
         return True
 
     def _reserve_open(self, pool) -> bool:
-        if pool.lookups:
-            return False  # (the reserve is for clients that waited, not for auth_query's own pool)
-        reserve = getattr(pool.database, "reserve_pool_size", 0)
+        reserve = pool.settings.reserve
         if not reserve or pool.total >= pool.size + reserve:
             return False
         waited = pool.oldest_wait(self.clock.seconds())
@@ -78,7 +76,7 @@ class ConnectionLimits:
         user_limit = user_entry.max_user_connections if user_entry is not None else config.max_user_connections
         if user_limit and sum(p.total for p in self.pools() if p.user == pool.user) >= user_limit:
             return f'user "{pool.user}" has its max_user_connections ({user_limit}) server connections, all in use'
-        reserve = getattr(database, "reserve_pool_size", 0)
+        reserve = pool.settings.reserve
         extra = f" + reserve_pool_size {reserve}" if reserve else ""
         return f'all {pool.total} connections to node {pool.node} for user "{pool.user}" are in use (pool_size {pool.size}{extra})'
 

@@ -42,6 +42,9 @@ class PoolSettings:
     # The proxy's own statements on a connection (reset, check, settings sync, auth_query) must be
     # answered within this, or the connection is given up (0: wait for ever).
     internal_timeout: float = 0.0
+    # reserve_pool_size: connections beyond size, for clients that waited reserve_pool_timeout
+    # (pooling/limits.py). auth_query's own pools have none: the reserve is for clients.
+    reserve: int = 0
 
     @classmethod
     def from_config(cls, config, database) -> "PoolSettings":
@@ -56,6 +59,7 @@ class PoolSettings:
             check_query=config.server_check_query,
             check_delay=config.server_check_delay,
             internal_timeout=internal_timeout(config),
+            reserve=getattr(database, "reserve_pool_size", 0) or 0,
         )
 
 
@@ -116,7 +120,6 @@ class Pool:
         self._login_seen: dict[str, str] | None = None  # what the last new connection's login reported
         self.lent: dict = {}  # busy connection -> the ClientSession keeping it between transactions
         self.limits = None  # ConnectionLimits shared with other pools (max_db_connections ...); None: pool_size only
-        self.lookups = False  # auth_user's pool for auth_query: under the limits, but never in the reserve
         # server_check_query / server_check_delay: idle connections the janitor found idle that long
         # (``stale``) run the query before they are handed out; ``testing`` ones run it now (busy).
         self.stale: set = set()
@@ -450,7 +453,7 @@ class Pool:
         """May one more connection be opened now? pool_size alone, or the shared limits."""
         if self.limits is None:
             return self.total < self.size
-        if self.total >= self.size and not getattr(self.database, "reserve_pool_size", 0):
+        if self.total >= self.size and not self.settings.reserve:
             return False  # (what may_open would say, asked on every handoff while clients wait)
         return self.limits.may_open(self)
 

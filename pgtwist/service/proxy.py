@@ -341,8 +341,7 @@ class Proxy:
                 connect=self.connect_server,
                 clock=self.clock,
             )
-            pool.limits = self.limits  # max_db_connections, max_user_connections (of auth_user)
-            pool.lookups = True
+            pool.limits = self.limits  # max_db_connections, max_user_connections (of auth_user); no reserve
         return pool
 
     def _credential_for(self, user: str):

@@ -7,6 +7,7 @@ as for every server connection; this harness plays the node's login itself.)"""
 from twisted.internet.error import ConnectionLost
 from twisted.python.failure import Failure
 
+from pgtwist.pooling.pool import PoolSettings
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 from pgtwist.wire import sqlstate
@@ -64,3 +65,15 @@ def test_query_timeout_bounds_the_lookup_when_set():
     h.clock.advance(0.1)
     assert server.transport.disconnecting
 
+
+
+def test_auth_querys_pool_has_no_reserve_and_its_53300_names_none():
+    # reserve_pool_size is for clients that waited; auth_user's own pool is under the shared
+    # limits but never takes the reserve, nor mentions it when a lookup waits in vain.
+    dbs = {"appdb": {"dbname": "postgres", "nodes": ["db1:5432"], "pool_size": 2, "reserve_pool_size": 3}}
+    h = lookup_harness(databases=dbs)
+    h.client(user="bob")
+    (auth_pool,) = h.proxy.auth_pools.values()
+    assert auth_pool.settings.reserve == 0
+    assert "reserve_pool_size" not in h.proxy.limits.describe(auth_pool)
+    assert PoolSettings.from_config(h.proxy.config, auth_pool.database).reserve == 3  # (the clients' pools)

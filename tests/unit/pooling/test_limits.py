@@ -38,8 +38,10 @@ class World:
         self.limits = ConnectionLimits(lambda: self.pools, lambda: self.conf, self.clock)
         self.attempts = []  # (pool, Deferred)
 
-    def pool(self, db, user, size=2):
-        pool = Pool((db.name, user, "n"), "n", db, user, PoolSettings(size), connect=self.connect, clock=self.clock)
+    def pool(self, db, user, size=2, reserve=None):
+        """A pool of *db* for *user*; its reserve is the database's reserve_pool_size unless given."""
+        settings = PoolSettings(size, reserve=db.reserve_pool_size if reserve is None else reserve)
+        pool = Pool((db.name, user, "n"), "n", db, user, settings, connect=self.connect, clock=self.clock)
         pool.limits = self.limits
         self.pools.append(pool)
         return pool
@@ -122,8 +124,7 @@ def test_reserve_opens_after_reserve_pool_timeout_only():
 
 def test_auth_querys_pool_never_takes_the_reserve():
     w = World(Conf(reserve_pool_timeout=5.0))
-    pool = w.pool(Db("db", reserve_pool_size=1), "auth", size=1)
-    pool.lookups = True
+    pool = w.pool(Db("db", reserve_pool_size=1), "auth", size=1, reserve=0)  # (as Proxy._auth_pool makes it)
     acquire(pool)
     w.open_all()
     acquire(pool)
