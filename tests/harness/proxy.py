@@ -224,9 +224,18 @@ def proxy_config(cluster: LocalCluster, port: int, overrides: dict[str, Any]) ->
 
 @contextmanager
 def start_proxy(
-    cluster: LocalCluster, tmp_path: Path, *, start_timeout: float = 20, check_log: bool = True, **overrides: Any
+    cluster: LocalCluster,
+    tmp_path: Path,
+    *,
+    start_timeout: float = 20,
+    check_log: bool = True,
+    command_prefix: tuple[str, ...] = (),
+    **overrides: Any,
 ) -> Iterator[RunningProxy]:
     """Run `twistd -n pgbalance --config FILE` in front of *cluster*'s primary; stop it on exit.
+
+    *command_prefix* runs twistd under another command that ends by exec'ing it (so the
+    process the harness signals is still twistd), e.g. in a mount namespace of its own.
 
     *overrides* are config keys (``pool_size=1``...); ``databases=`` / ``users=`` replace
     those tables, ``dbname=`` changes the node database behind "appdb". With *check_log*, a
@@ -247,7 +256,7 @@ def start_proxy(
         env["PYTHONPATH"] = os.pathsep.join([str(PROXY_SOURCE)] + [x for x in env.get("PYTHONPATH", "").split(os.pathsep) if x])
         with open(out_path, "wb") as out:
             process = subprocess.Popen(
-                TWISTD + ["-n", "--pidfile=", f"--logfile={log_path}", "pgbalance", "--config", str(config_path)],
+                [*command_prefix, *TWISTD, "-n", "--pidfile=", f"--logfile={log_path}", "pgbalance", "--config", str(config_path)],
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,

@@ -9,6 +9,7 @@ import shutil
 import socket
 import struct
 import subprocess
+import threading
 import time
 
 import pytest
@@ -98,6 +99,110 @@ def test_node_by_host_name(pg_cluster, tmp_path):
         for _ in range(3):
             with px.connect() as conn:
                 assert conn.execute("SELECT host(inet_server_addr())").fetchone() == ("127.0.0.1",)
+
+
+class CountingForwarder:
+    """A TCP forwarder from *listen* to the node, counting the connections that reach it (threads; test-only)."""
+
+    def __init__(self, family: int, listen: tuple, target: tuple):
+        self.target = target
+        self.accepted = 0
+        self.server = socket.socket(family, socket.SOCK_STREAM)
+        self.server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.server.bind(listen)
+        self.server.listen(16)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            upstream = socket.create_connection(self.target, timeout=10)
+            upstream.settimeout(None)
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def private_hosts_file() -> bool:
+    """Can a process get an /etc/hosts of its own (a mount namespace: root, and unshare allowed)?"""
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "-m", "--", "mount", "--bind", "/etc/hosts", "/etc/hosts"], capture_output=True)
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not private_hosts_file(), reason="no mount namespace here (needs root and unshare) for a private /etc/hosts")
+def test_node_moved_by_dns_is_found_again_after_dns_max_ttl(pg_cluster, tmp_path):
+    """A node's name is resolved again once dns_max_ttl has passed: new server connections follow the
+    name from 127.0.0.1 to 127.0.0.2 and then to ::1 (IPv6), while a connection already open stays.
+
+    The answers come from getaddrinfo reading an /etc/hosts that only pgtwist's process sees (its own
+    mount namespace, the file bind-mounted over /etc/hosts), rewritten in place by the test. The
+    node listens on 127.0.0.1; counting forwarders on 127.0.0.2 and [::1] lead to it.
+    """
+    node = pg_cluster.nodes[0]
+    name = "pgnode.pgtwist.test"
+    hosts = tmp_path / "hosts"
+
+    def point(address: str) -> None:
+        with open(hosts, "r+") as f:  # in place: the bind mount holds this inode
+            f.truncate(0)
+            f.write(f"127.0.0.1 localhost\n{address} {name}\n")
+
+    hosts.write_text("")
+    point("127.0.0.1")
+    v4 = CountingForwarder(socket.AF_INET, ("127.0.0.2", node.port), ("127.0.0.1", node.port))
+    v6 = CountingForwarder(socket.AF_INET6, ("::1", node.port), ("127.0.0.1", node.port)) if ipv6_loopback() else None
+    prefix = ("unshare", "-m", "--", "sh", "-c", 'mount --bind "$0" /etc/hosts && exec "$@"', str(hosts))
+    databases = {DATABASE: {"dbname": pg_cluster.app_database, "nodes": [f"{name}:{node.port}"]}}
+    held = []
+    try:
+        with start_proxy(pg_cluster, tmp_path, databases=databases, dns_max_ttl=0.5, command_prefix=prefix) as px:
+
+            def new_session():
+                # Session pooling, each earlier client still connected: this one needs a new server connection.
+                conn = px.connect()
+                held.append(conn)
+                return conn.execute("SELECT 1").fetchone()
+
+            assert new_session() == (1,)
+            assert v4.accepted == 0
+            point("127.0.0.2")
+            time.sleep(1.0)  # past dns_max_ttl
+            assert new_session() == (1,)
+            assert v4.accepted == 1
+            assert held[0].execute("SELECT 2").fetchone() == (2,)  # the first client's connection stays
+            if v6 is not None:
+                point("::1")
+                time.sleep(1.0)
+                assert new_session() == (1,)
+                assert (v4.accepted, v6.accepted) == (1, 1)
+    finally:
+        for conn in held:
+            conn.close()
+        v4.close()
+        if v6 is not None:
+            v6.close()
 
 
 def test_listen_mistakes_are_config_errors(pg_cluster, tmp_path):
