@@ -215,6 +215,9 @@ class Config:
     # Processes sharing the listen address, each with its own pools (pgtwist.service.workers);
     # "auto" in the file is resolved here to the cores this process may run on.
     workers: int = 1
+    # What --check reports without refusing, and start-up and reload log: parts that load but can
+    # never serve (an auth_file line no login can use). Not a setting: never compared or shown.
+    warnings: tuple[str, ...] = field(default=(), compare=False)
 
 
 _DEFAULTS: dict[str, Any] = {
@@ -370,9 +373,13 @@ def _sockets(c, raw) -> dict:
 class _Checker:
     def __init__(self):
         self.errors: list[str] = []
+        self.warnings: list[str] = []
 
     def err(self, path: str, message: str) -> None:
         self.errors.append(f"{path}: {message}")
+
+    def warn(self, path: str, message: str) -> None:
+        self.warnings.append(f"{path}: {message}")
 
     def number(self, raw: Mapping, key: str, path: str, kind: type, default, minimum, maximum=None):
         value = raw.get(key, default)
@@ -569,6 +576,8 @@ def from_dict(raw: Mapping[str, Any], source: str = "<memory>") -> Config:
     if auth_type != "trust" and not users and auth_file_ok:
         c.err("users", f"auth_type = {auth_type!r} needs at least one [users.NAME] with a password")
 
+    if auth_type == "scram-sha-256":
+        _check_md5_clients(c, users, origins, {strings["health_user"], auth_query.get("auth_user", "")})
     if strings["health_user"] and strings["health_user"] not in users:
         c.err("health_user", f"names no [users.{strings['health_user']}] table (nor a line of auth_file)")
     elif len(c.errors) == errors_before:  # (with a user in error, who the monitor would be is unclear)
@@ -611,6 +620,7 @@ def from_dict(raw: Mapping[str, Any], source: str = "<memory>") -> Config:
         **auth_query,
         **limits,
         workers=workers,
+        warnings=tuple(c.warnings),
     )
 
 
@@ -738,6 +748,23 @@ def _auth_query(c: _Checker, raw: Mapping, databases: Mapping, users: Mapping, o
         )
     out.update(auth_user=auth_user, auth_query=query if isinstance(query, str) else "", auth_dbname=dbname if isinstance(dbname, str) else "")
     return out
+
+
+def _check_md5_clients(c: _Checker, users: Mapping, origins: Mapping, server_only: set[str]) -> None:
+    """Under auth_type = "scram-sha-256" a client's SCRAM proof is checked against a verifier made
+    from the password; an md5 hash yields none (PostgreSQL and PgBouncer refuse such a login too).
+    Such a user could never log in: --check and start-up say so (a warning, not a refusal: the
+    other users are served, and a userlist.txt shared with PgBouncer, read as is, starts there too)
+    rather than leaving it to be found as 28P01 at every login. health_user and auth_user only log
+    in to nodes, where an md5 hash can answer md5."""
+    for name, user in users.items():
+        if user.credential is not None and user.credential.kind == "md5" and name not in server_only:
+            c.warn(
+                origins.get(name, f"users.{name}.password"),
+                f'is an md5 hash, which auth_type = "scram-sha-256" cannot check a client\'s password against: '
+                f"no client could log in as {name!r}; give a plaintext password or a SCRAM-SHA-256 verifier "
+                f'(`pgtwist passwd {name}`), or set auth_type = "md5"',
+            )
 
 
 def _check_health_user(c: _Checker, health_user: str, databases: Mapping, users: Mapping, origins: Mapping) -> None:
@@ -998,7 +1025,7 @@ def flatten(config: Config) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for f in fields(config):
         value = getattr(config, f.name)
-        if f.name == "source":
+        if f.name in ("source", "warnings"):
             continue
         if f.name == "listen_addresses":
             out["listen"] = ", ".join(str(a) for a in value)  # (the file's key, as SHOW CONFIG names it)

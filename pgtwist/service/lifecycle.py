@@ -187,6 +187,8 @@ class PgBalanceService(service.MultiService):
             n=len(self.config.databases),
             limit=limit,
         )
+        for warning in self.config.warnings:
+            log.warn("{source}: {warning}", source=self.config.source, warning=warning)
         self.proxy.start()
         if self.signals:
             self.reactor.callWhenRunning(self._running)  # after the reactor's own signal handlers

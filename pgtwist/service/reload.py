@@ -43,6 +43,8 @@ def reload_file(proxy) -> ReloadOutcome:
         return _failed(proxy, source, tuple(e.errors))
     except Exception as e:  # noqa: BLE001 - certificates that do not load: same rule, nothing changes
         return _failed(proxy, source, (f"tls: {e}",))
+    for warning in new.warnings:
+        log.warn("reload: {source}: {warning}", source=source, warning=warning)
     changes = configmod.diff(current, new)
     for key in changes.restart:
         log.warn("reload: {key} changed in {source}; it needs a restart and keeps its old value until then", key=key, source=source)

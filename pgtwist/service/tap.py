@@ -52,6 +52,8 @@ def makeService(options, reactor=None):
         # twistd shows a traceback for exceptions; a config mistake deserves a plain list.
         sys.stderr.write(str(e) + "\n")
         raise SystemExit(78)  # EX_CONFIG
+    for warning in config.warnings:
+        sys.stderr.write(f"{options['config']}: warning: {warning}\n")
     if options["check"]:
         sys.stdout.write(f"{options['config']}: OK\n")
         raise SystemExit(0)

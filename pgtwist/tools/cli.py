@@ -67,10 +67,12 @@ def check(config: str, stdout=None, stderr=None) -> int:
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
     try:
-        configmod.load(config)
+        loaded = configmod.load(config)
     except configmod.ConfigError as e:
         stderr.write(str(e) + "\n")
         return EX_CONFIG
+    for warning in loaded.warnings:
+        stderr.write(f"{config}: warning: {warning}\n")
     stdout.write(f"{config}: OK\n")
     return 0
 
