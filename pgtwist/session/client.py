@@ -114,6 +114,28 @@ def _is_prepared_run(items: list) -> bool:
     return True
 
 
+def _is_unnamed_run(items: list) -> bool:
+    """*items* are Parse, Bind, [Describe,] Execute, Sync of the unnamed statement and portal:
+    how psycopg, node-postgres and pgbench -M extended send a query with parameters."""
+    n = len(items)
+    if n != 4 and n != 5:
+        return False
+    for item in items:
+        if type(item) is not tuple:
+            return False
+    parse, bind, execute, sync = items[0], items[1], items[-2], items[-1]
+    if parse[0] != p.PARSE or bind[0] != p.BIND or execute[0] != p.EXECUTE or sync[0] != p.SYNC:
+        return False
+    # Unnamed all through: Parse "" (its body starts with the name's NUL), Bind portal "" of
+    # statement "", Execute portal "", and a Describe of that portal or statement.
+    if parse[1][:1] != b"\x00" or bind[1][:2] != b"\x00\x00" or execute[1][:1] != b"\x00":
+        return False
+    return n == 4 or (items[2][0] == p.DESCRIBE and items[2][1] in _DESCRIBE_UNNAMED)
+
+
+_DESCRIBE_UNNAMED = frozenset((b"P\x00", b"S\x00"))
+
+
 def _peer_host(transport) -> str | None:
     """The client's address, for the words of a refused login."""
     return getattr(transport.getPeer(), "host", None)
@@ -547,11 +569,14 @@ class ClientSession:
         return self._plain_batch(backlog, None, server)
 
     def _plain_batch(self, items: list, data: bytes | None, server) -> bool:
-        """The other common case: Bind (of a statement this connection holds), [Describe portal,]
-        Execute, Sync — a prepared statement run again. Only the statement name is rewritten;
-        the relay notes one ReadyForQuery owed, and the replies pass through untouched."""
-        if not _is_prepared_run(items) or self.audit or not self.relay.idle:
+        """The other common cases: Bind (of a statement this connection holds), [Describe portal,]
+        Execute, Sync — a prepared statement run again — or Parse, Bind, [Describe,] Execute,
+        Sync of the unnamed statement (_unnamed_run). Only the statement name is rewritten; the
+        relay notes one ReadyForQuery owed, and the replies pass through untouched."""
+        if self.audit or not self.relay.idle:
             return False
+        if not _is_prepared_run(items):
+            return _is_unnamed_run(items) and self._unnamed_run(items, data, server)
         body = items[0][1]
         start, end = m.bind_statement_span(body)
         if start < 0:
@@ -575,6 +600,33 @@ class ClientSession:
             write_now(server.transport, bind + data[5 + len(body) :])
         else:
             write_now(server.transport, bind + b"".join(frame(t, b) for t, b in items[1:]))
+        return True
+
+    def _unnamed_run(self, items: list, data: bytes | None, server) -> bool:
+        """A query with parameters in the extended protocol, unnamed: nothing to rename and
+        nothing the relay keeps (it keeps no unnamed statement; the general path only forwards
+        each message and counts their replies). Its statement's effects on the session are
+        judged as a plain Query's; one that has any takes the general path."""
+        body = items[0][1]
+        end = body.find(b"\x00", 1)
+        if end < 0:
+            return False
+        effects = analysis.query_effects(body[1 : end + 1])
+        if effects is not NO_EFFECTS and (effects.changes_state or effects.local_commit_mode):
+            return False
+        if self._effects_of:
+            self._effects_of.pop("", None)  # (this Parse replaces the unnamed statement: _client_parse)
+        self.relay.expect_ready(simple=False)
+        lease = self.lease
+        lease.used = True
+        watch = lease.watch
+        # (This is the statement the link was placed by; a later Bind of it alone needs no new verdict.)
+        lease.watch = watch & _WATCH_ALL | (_WATCH_UNNAMED if watch & _WATCH_ALL else 0)
+        lease.sent.extend(items)
+        if data is not None and self.scanner.at_boundary:
+            write_now(server.transport, data)  # the read held exactly these messages
+        else:
+            write_now(server.transport, b"".join([frame(t, b) for t, b in items]))
         return True
 
     def _renamed_bind(self, body: bytes, start: int, end: int, described: bool, items: list, server) -> bytes | None:

@@ -94,6 +94,59 @@ def test_an_unnamed_bind_is_forwarded_untouched(kept):
     assert server.transport.value() == batch
 
 
+def unnamed_run(sql=SQL, describe="P"):
+    """What psycopg, node-postgres and pgbench -M extended send for a query with parameters."""
+    return m.parse("", sql, [23]) + m.bind("", "", [b"7"]) + (m.describe(describe, "") if describe else b"") + m.execute() + m.sync()
+
+
+UNNAMED_ANSWER = frame(p.PARSE_COMPLETE) + frame(p.BIND_COMPLETE) + ANSWER
+
+
+@pytest.mark.parametrize("describe", ["P", "S", None])
+@pytest.mark.parametrize("split", [None, 1, 9, -3])
+def test_an_unnamed_run_goes_out_as_sent_and_its_answer_comes_back_whole(kept, describe, split):
+    session, ct, server = kept
+    batch = unnamed_run(describe=describe)
+    if split is None:
+        session.got_data(batch)
+    else:
+        session.got_data(batch[:split])
+        session.got_data(batch[split:])
+    assert server.transport.value() == batch
+    if split is None:
+        # One ReadyForQuery owed and nothing per message: the answer is forwarded whole (whole_reply).
+        # (A batch split across reads takes the general path from its first piece: same bytes.)
+        assert len(session.relay.queue) == 1 and not session.relay.extended
+    server.got_data(UNNAMED_ANSWER)
+    assert ct.value() == UNNAMED_ANSWER and keeps_its_server(session)
+
+
+def test_an_unnamed_run_that_fails_gets_postgresql_s_error_and_the_connection_is_lent_again(kept):
+    session, ct, server = kept
+    session.got_data(unnamed_run("SELECT nosuch FROM pgbench_accounts WHERE aid = $1"))
+    error = m.error_response("ERROR", "42703", 'column "nosuch" does not exist')
+    server.got_data(error + m.ready_for_query())
+    assert ct.value() == error + m.ready_for_query() and keeps_its_server(session)
+
+
+def test_an_unnamed_run_that_changes_session_state_takes_the_general_path(kept):
+    session, ct, server = kept
+    session.got_data(unnamed_run("SELECT set_config('search_path', $1, false)"))
+    session.got_data(b"")
+    assert len(session.relay.queue) > 1  # relayed message by message
+
+
+def test_an_unnamed_run_replaces_an_unnamed_statement_with_effects(kept):
+    """The general path forgets the effects of an earlier unnamed SET once Parse "" replaces it;
+    so does the fast path (a later Bind "" runs the new statement, which has none)."""
+    session, ct, server = kept
+    session.got_data(m.parse("", "SET search_path TO app", []) + m.sync())
+    server.got_data(frame(p.PARSE_COMPLETE) + m.ready_for_query())
+    assert "" in session._effects_of
+    session.got_data(unnamed_run())
+    assert "" not in session._effects_of
+
+
 def test_a_bind_of_a_statement_the_client_never_prepared_goes_to_the_server_as_named(kept):
     """PostgreSQL itself then answers 26000 about the client's own name."""
     session, ct, server = kept
@@ -378,7 +431,7 @@ def test_a_run_waiting_to_be_retried_is_answered_when_its_node_dies(kept):
 # -- a connection handed over between clients (more clients than server connections) --------------
 
 
-@pytest.mark.parametrize("work", ["query", "prepared"])
+@pytest.mark.parametrize("work", ["query", "prepared", "unnamed"])
 def test_a_handed_over_connection_takes_the_fast_path_and_its_answer_goes_whole(work):
     """With one server connection for two clients, B's work waits while A holds it; once A's
     transaction ends, B's work goes out as on a kept connection and its answer comes back whole
@@ -399,6 +452,9 @@ def test_a_handed_over_connection_takes_the_fast_path_and_its_answer_goes_whole(
         sent = m.query("SELECT abalance FROM pgbench_accounts WHERE aid = 7")
         b.got_data(sent)
         expected = sent
+    elif work == "unnamed":
+        expected = unnamed_run()
+        b.got_data(expected)
     else:
         tail = m.execute() + m.sync()
         b.got_data(m.bind("", "S_1", [b"7"]) + tail)
@@ -408,8 +464,9 @@ def test_a_handed_over_connection_takes_the_fast_path_and_its_answer_goes_whole(
     server.got_data(m.command_complete("COMMIT") + m.ready_for_query())
     assert b.server is server and b.state == "linked"
     assert server.transport.value().endswith(expected)
+    assert len(b.relay.queue) == 1 and not b.relay.extended  # (the fast path: nothing per message)
     bt.clear()
-    reply = (frame(p.BIND_COMPLETE) if work == "prepared" else b"") + ANSWER
+    reply = {"query": ANSWER, "prepared": frame(p.BIND_COMPLETE) + ANSWER, "unnamed": UNNAMED_ANSWER}[work]
     server.got_data(reply)
     assert bt.value() == reply
 
