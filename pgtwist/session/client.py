@@ -237,7 +237,7 @@ class ClientSession:
         self.process_id = 0
         self.secret_key = b""
         self.backlog: list = []  # client messages that arrived while no server was linked
-        self._read: tuple | None = None  # (message, the read it came in whole): see _plain_backlog
+        self._read: tuple | None = None  # (first message, the read that held it and the next ones whole, how many): see _plain_backlog
         self._last_read: bytes | None = None  # the client's last read, should PostgreSQL refuse it 55006 (_on_refusal)
         self._refused: tuple | None = None  # (its server connection, the refusal's body, the Query to send again, its databases)
         self.logged_in = False
@@ -523,8 +523,8 @@ class ClientSession:
             if self.orphaned:
                 self._answer_orphaned(items)
                 return
-            if not self.backlog and len(items) == 1:
-                self._read = (items[0], data)
+            if not self.backlog and items and self._last_read is data and self.scanner.at_boundary:
+                self._read = (items[0], data, len(items))  # (whole messages, from a boundary to a boundary)
             self.backlog.extend(items)
             self.placement.place()
         else:  # WAITING, PREPARING: keep it for the server connection on its way
@@ -557,16 +557,17 @@ class ClientSession:
         """A connection just handed over (clients outnumber server connections): its first work is
         most often what a kept connection's is, one plain Query or a prepared statement run again.
         It takes the same fast paths, so that its answer too is forwarded whole (whole_reply)
-        rather than message by message through the relay. *read*: (message, the read it came in
-        whole), when the backlog began with a read of one message (ClientSession._read)."""
+        rather than message by message through the relay. *read*: (first message, the read
+        that held it, how many messages that read held whole), when the backlog began with a
+        read of whole messages (ClientSession._read)."""
+        # The very read it came in, when the backlog is just what it held (as a waiting client's most often is).
+        data = read[1] if read is not None and read[0] is backlog[0] and read[2] == len(backlog) else None
         if len(backlog) == 1:
             item = backlog[0]
             if type(item) is not tuple or item[0] != p.QUERY:
                 return False
-            # The very read it came in, when that held only it (as a waiting client's most often does).
-            data = read[1] if read is not None and read[0] is item else frame(p.QUERY, item[1])
-            return self._plain_query(item, data, server)
-        return self._plain_batch(backlog, None, server)
+            return self._plain_query(item, data if data is not None else frame(p.QUERY, item[1]), server)
+        return self._plain_batch(backlog, data, server)
 
     def _plain_batch(self, items: list, data: bytes | None, server) -> bool:
         """The other common cases: Bind (of a statement this connection holds), [Describe portal,]

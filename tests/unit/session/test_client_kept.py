@@ -431,7 +431,7 @@ def test_a_run_waiting_to_be_retried_is_answered_when_its_node_dies(kept):
 # -- a connection handed over between clients (more clients than server connections) --------------
 
 
-@pytest.mark.parametrize("work", ["query", "prepared", "unnamed"])
+@pytest.mark.parametrize("work", ["query", "prepared", "unnamed", "unnamed-split", "query-split"])
 def test_a_handed_over_connection_takes_the_fast_path_and_its_answer_goes_whole(work):
     """With one server connection for two clients, B's work waits while A holds it; once A's
     transaction ends, B's work goes out as on a kept connection and its answer comes back whole
@@ -452,9 +452,17 @@ def test_a_handed_over_connection_takes_the_fast_path_and_its_answer_goes_whole(
         sent = m.query("SELECT abalance FROM pgbench_accounts WHERE aid = 7")
         b.got_data(sent)
         expected = sent
-    elif work == "unnamed":
+    elif work.startswith("unnamed"):
         expected = unnamed_run()
-        b.got_data(expected)
+        if work == "unnamed":
+            b.got_data(expected)
+        else:  # in two reads, the first ending inside the Bind: not one read to send as it came
+            b.got_data(expected[:40])
+            b.got_data(expected[40:])
+    elif work == "query-split":
+        expected = m.query("SELECT abalance FROM pgbench_accounts WHERE aid = 7")
+        b.got_data(expected[:9])
+        b.got_data(expected[9:])
     else:
         tail = m.execute() + m.sync()
         b.got_data(m.bind("", "S_1", [b"7"]) + tail)
@@ -466,7 +474,7 @@ def test_a_handed_over_connection_takes_the_fast_path_and_its_answer_goes_whole(
     assert server.transport.value().endswith(expected)
     assert len(b.relay.queue) == 1 and not b.relay.extended  # (the fast path: nothing per message)
     bt.clear()
-    reply = {"query": ANSWER, "prepared": frame(p.BIND_COMPLETE) + ANSWER, "unnamed": UNNAMED_ANSWER}[work]
+    reply = {"prepared": frame(p.BIND_COMPLETE) + ANSWER, "unnamed": UNNAMED_ANSWER, "unnamed-split": UNNAMED_ANSWER}.get(work, ANSWER)
     server.got_data(reply)
     assert bt.value() == reply
 
