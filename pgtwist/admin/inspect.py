@@ -45,6 +45,7 @@ POOL_COLUMNS = (
     ("size", int),
     ("idle", int),
     ("busy", int),
+    ("lent", int),
     ("connecting", int),
     ("waiting", int),
     ("oldest_wait_s", float),
@@ -168,6 +169,9 @@ def pools(proxy) -> list[dict]:
                 "size": pool.size,
                 "idle": len(pool.idle),
                 "busy": len(pool.busy),
+                # (Of the busy: kept by a client between its transactions, idle on the node and
+                # taken back at once for a waiter; SHOW POOLS counts these as sv_idle.)
+                "lent": len(pool.lent),
                 "connecting": pool.connecting,
                 "waiting": len(pool.waiters),
                 "oldest_wait_s": _round(now - min(started)) if started else 0.0,

@@ -60,6 +60,7 @@ def test_pools_count_waits(proxy):
     proxy.clock.advance(1.5)
     (pool,) = inspect.pools(proxy)
     assert (pool["size"], pool["busy"], pool["waiting"], pool["waits"]) == (2, 2, 1, 1)
+    assert pool["lent"] == 0  # (session pooling lends nothing)
     assert pool["oldest_wait_s"] == 1.5 and pool["role"] == "primary"
     first.connection_lost(None)  # a server comes back (reset first)
     server = proxy.servers[0]
@@ -179,3 +180,14 @@ def test_no_audit_for_unlisted_users():
         app.got_data(m.query("SELECT 42"))
 
     assert audit_events(None, "app", run, audit=["admin"]) == []
+
+
+def test_pools_say_how_many_busy_connections_are_lent_between_transactions():
+    from tests.harness.session import Harness
+
+    h = Harness(pool_mode="transaction")
+    session, _ = h.client()
+    session.got_data(m.query("SELECT 1"))
+    session.server.got_data(m.command_complete("SELECT 1") + m.ready_for_query())
+    (pool,) = inspect.pools(h.proxy)
+    assert (pool["busy"], pool["lent"], pool["idle"]) == (1, 1, 0)
