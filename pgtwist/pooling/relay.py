@@ -29,8 +29,9 @@ _COMPLETION = {
     CLOSE: frozenset((p.CLOSE_COMPLETE,)),
 }
 # Server messages looked into while extended-protocol requests are in flight; with only
-# simple queries in flight, ReadyForQuery (and ParameterStatus) is all that matters.
-SIMPLE_CAPTURE = frozenset((p.READY_FOR_QUERY, p.PARAMETER_STATUS, p.ERROR_RESPONSE))
+# simple queries in flight, ReadyForQuery (and ParameterStatus) is all that matters, and
+# CopyInResponse (an extended batch of COPY FROM STDIN sent whole: see Relay.copy_in).
+SIMPLE_CAPTURE = frozenset((p.READY_FOR_QUERY, p.PARAMETER_STATUS, p.ERROR_RESPONSE, p.COPY_IN_RESPONSE))
 FULL_CAPTURE = SIMPLE_CAPTURE | frozenset(
     (
         p.PARAMETER_DESCRIPTION,
@@ -50,8 +51,9 @@ FULL_CAPTURE = SIMPLE_CAPTURE | frozenset(
 SWALLOW_CAPTURE = FULL_CAPTURE | frozenset((p.DATA_ROW, p.NOTICE_RESPONSE))
 # Client messages a shared server connection needs to see.
 CLIENT_CAPTURE = frozenset(
-    (p.PARSE, p.BIND, p.DESCRIBE, p.CLOSE, p.EXECUTE, p.SYNC, p.QUERY, p.FLUSH, p.FUNCTION_CALL, p.TERMINATE)
+    (p.PARSE, p.BIND, p.DESCRIBE, p.CLOSE, p.EXECUTE, p.SYNC, p.QUERY, p.FLUSH, p.FUNCTION_CALL, p.TERMINATE, p.COPY_DONE, p.COPY_FAIL)
 )
+_COPY_ENDS = frozenset((p.COPY_DONE, p.COPY_FAIL))
 _PARSE_COMPLETE = frame(p.PARSE_COMPLETE)
 _CLOSE_COMPLETE = frame(p.CLOSE_COMPLETE)
 _FLUSH = frame(p.FLUSH)
@@ -184,6 +186,7 @@ class Relay:
         "holding",
         "doomed",
         "bound",
+        "copy_in",
     )
 
     def __init__(self, schema: Schema | None = None, scope: str = ""):
@@ -223,6 +226,10 @@ class Relay:
         self.holding: list | None = None
         self.doomed: set | None = None
         self.bound: tuple | None = None  # (portal with its NUL, name, Statement) of the last Bind of a named statement
+        # The server reads COPY data for an Execute (extended protocol): until the client's
+        # CopyDone or CopyFail it ignores Sync (PostgreSQL's CopyGetData, for libpq, which sends
+        # one behind every Execute and another after CopyDone): no ReadyForQuery is owed for it.
+        self.copy_in = False
 
     def drop(self, name: str | None = None) -> "Statement | None":
         """The client's statement *name* is gone (Close, DEALLOCATE); None: all of them. What was kept about it goes too."""
@@ -238,7 +245,7 @@ class Relay:
 
     @property
     def idle(self) -> bool:
-        return not self.queue and not self.skipping and not self.unsynced
+        return not self.queue and not self.skipping and not self.unsynced and not self.copy_in
 
     def expect_ready(self, simple: bool = True) -> None:
         """A plain Query (or, not *simple*, a batch ending in Sync) went to the server as the
@@ -322,7 +329,14 @@ class Relay:
         if self.holding is not None:
             self.holding.append((msg_type, body))
             return
+        if msg_type in _COPY_ENDS:  # (COPY data, as it came: no request of its own)
+            self.copy_in = False
+            to_server.append(frame(msg_type, body))
+            return
         if msg_type == p.SYNC:
+            if self.copy_in:
+                to_server.append(frame(msg_type, body))  # read and ignored by the server mid-COPY
+                return
             self.unsynced = False
         elif msg_type != p.QUERY and msg_type != p.FUNCTION_CALL:
             self.unsynced = True  # Parse, Bind, Describe, Close, Execute, Flush
@@ -627,6 +641,19 @@ class Relay:
             to_client.append(frame(msg_type, body))
             return None
         head = queue[0]
+        if msg_type == p.COPY_IN_RESPONSE:
+            if head.kind is EXECUTE or (head.kind is SYNC and not head.simple and not head.swallow):
+                # The Syncs the client sent behind this Execute reach the server while it reads
+                # COPY data, which ignores them: none of them earns a ReadyForQuery. (A SYNC
+                # entry at the head stands for a whole batch the session sent on its fast path,
+                # its Sync included.) Until CopyDone or CopyFail the relay is not idle.
+                self.copy_in = True
+                start = 1 if head.kind is EXECUTE else 0
+                if head is HOT_RUN:
+                    self.hot = None
+                queue[start:] = [e for e in queue[start:] if not (e.kind is SYNC and not e.swallow and not e.simple)]
+            to_client.append(frame(msg_type, body))
+            return None
         if msg_type == p.ERROR_RESPONSE:
             held, self.held_param = self.held_param, None
             if (head.retry is not None or head is HOT_RUN) and self._stale(body, head):
@@ -761,3 +788,5 @@ class Relay:
                 entry.undo()
         self.skipping = False
         self.unsynced = False
+        self.copy_in = False
+        self.bound = None

@@ -709,3 +709,51 @@ def test_idle_transaction_timeout_spares_a_busy_transaction(pg_cluster, tmp_path
                 assert c.scalar("SELECT txid_current_if_assigned() IS NULL") == "t"
                 assert c.scalar("SELECT now() <> statement_timestamp()") == "t"  # still the same transaction
             c.query("COMMIT")
+
+
+def test_copy_from_stdin_in_the_extended_protocol_frees_its_connection(pg_cluster, tmp_path):
+    """libpq's PQexecParams / PQexecPrepared of COPY ... FROM STDIN (tokio-postgres does the same):
+    Parse/Bind/Describe/Execute/Sync, the data, then CopyDone and another Sync. PostgreSQL
+    ignores a Sync while it reads COPY data, so the batch earns one ReadyForQuery, not two: the
+    pool's only connection must come back for the next client, and answers must not fall one
+    behind. Unnamed (the fast path), named and run again (prepared), and a CopyFail."""
+    from psycopg import pq
+
+    with start_proxy(pg_cluster, tmp_path, pool_mode="transaction", pool_size=1) as px:
+        with px.connect() as setup:
+            setup.execute("DROP TABLE IF EXISTS copy_ext; CREATE TABLE copy_ext (v int)")
+        conn = pq.PGconn.connect(px.dsn().encode())
+        assert conn.status == pq.ConnStatus.OK, conn.get_error_message()
+        try:
+
+            def copy(send, rows: bytes, fail: bytes | None = None) -> None:
+                send()
+                started = conn.get_result()
+                assert started.status == pq.ExecStatus.COPY_IN, conn.get_error_message()
+                assert conn.put_copy_data(rows) == 1
+                assert conn.put_copy_end(fail) == 1
+                done = conn.get_result()
+                expected = pq.ExecStatus.FATAL_ERROR if fail else pq.ExecStatus.COMMAND_OK
+                assert done.status == expected, conn.get_error_message()
+                assert conn.get_result() is None
+
+            def others_get_the_connection() -> None:
+                # pool_size 1: a connection left owing a ReadyForQuery would keep this one waiting.
+                with px.connect(connect_timeout=10, options="-c statement_timeout=10000") as other:
+                    other.execute("SET statement_timeout = 0")
+                    assert other.execute("SELECT 41 + 1").fetchone() == (42,)
+                result = conn.exec_(b"SELECT 7")
+                assert result.status == pq.ExecStatus.TUPLES_OK and result.get_value(0, 0) == b"7"
+
+            copy(lambda: conn.send_query_params(b"COPY copy_ext FROM STDIN", None), b"1\n2\n")
+            others_get_the_connection()
+            assert conn.prepare(b"cp", b"COPY copy_ext FROM STDIN").status == pq.ExecStatus.COMMAND_OK
+            for _ in range(2):  # prepared, then run again (the connection holds it: the fast path)
+                copy(lambda: conn.send_query_prepared(b"cp", None), b"3\n")
+                others_get_the_connection()
+            copy(lambda: conn.send_query_params(b"COPY copy_ext FROM STDIN", None), b"99\n", fail=b"changed my mind")
+            others_get_the_connection()
+            result = conn.exec_(b"SELECT count(*), sum(v) FROM copy_ext")
+            assert (result.get_value(0, 0), result.get_value(0, 1)) == (b"4", b"9")
+        finally:
+            conn.finish()

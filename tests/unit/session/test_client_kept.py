@@ -490,3 +490,35 @@ def test_a_connection_marked_for_closing_is_not_lent_again(kept):
     server.got_data(m.command_complete("COMMIT") + m.ready_for_query())
     assert session.server is None and not keeps_its_server(session)
     assert server.transport.disconnecting and server not in server.pool.idle
+
+
+COPY_IN = frame(p.COPY_IN_RESPONSE, b"\x00\x00\x00")
+
+
+@pytest.mark.parametrize("whole", [True, False])
+@pytest.mark.parametrize("ending", ["done", "fail"])
+def test_copy_from_stdin_sent_as_libpq_sends_it_owes_one_ready_for_query(kept, whole, ending):
+    """PQexecParams("COPY ... FROM STDIN"): Parse/Bind/Describe/Execute/Sync, data, CopyDone (or
+    CopyFail) and a second Sync. PostgreSQL ignores the first Sync while it reads COPY data: one
+    ReadyForQuery comes, and the connection is lent again after it (not left owing one)."""
+    session, ct, server = kept
+    batch = m.parse("", "COPY t FROM STDIN", []) + m.bind("", "", []) + m.describe("P", "") + m.execute() + m.sync()
+    if whole:
+        session.got_data(batch)  # (the fast path: one entry for the whole batch)
+    else:
+        session.got_data(batch[:20])
+        session.got_data(batch[20:])
+    server.got_data(frame(p.PARSE_COMPLETE) + frame(p.BIND_COMPLETE) + frame(p.NO_DATA) + COPY_IN)
+    assert not session.relay.idle and not keeps_its_server(session)  # (mid-COPY: never released)
+    session.got_data(frame(p.COPY_DATA, b"1\n"))
+    assert not keeps_its_server(session) and session.server is server
+    end = frame(p.COPY_DONE) if ending == "done" else frame(p.COPY_FAIL, b"no\x00")
+    session.got_data(end + m.sync())
+    assert server.transport.value().endswith(frame(p.COPY_DATA, b"1\n") + end + m.sync())
+    if ending == "done":
+        answer = m.command_complete("COPY 1") + m.ready_for_query()
+    else:
+        answer = m.error_response("ERROR", "57014", "COPY from stdin failed: no") + m.ready_for_query()
+    server.got_data(answer)
+    assert ct.value().endswith(answer) and ct.value().count(m.ready_for_query()) == 1
+    assert session.relay.idle and keeps_its_server(session)
