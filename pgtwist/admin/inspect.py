@@ -45,7 +45,6 @@ POOL_COLUMNS = (
     ("size", int),
     ("idle", int),
     ("busy", int),
-    ("lent", int),
     ("connecting", int),
     ("waiting", int),
     ("oldest_wait_s", float),
@@ -53,6 +52,7 @@ POOL_COLUMNS = (
     ("wait_s", float),
     ("paused", bool),
     ("retired", bool),
+    ("lent", int),  # (last: added after the others; readers by position keep their columns)
 )
 NODE_COLUMNS = (
     ("database", str),
@@ -169,9 +169,6 @@ def pools(proxy) -> list[dict]:
                 "size": pool.size,
                 "idle": len(pool.idle),
                 "busy": len(pool.busy),
-                # (Of the busy: kept by a client between its transactions, idle on the node and
-                # taken back at once for a waiter; SHOW POOLS counts these as sv_idle.)
-                "lent": len(pool.lent),
                 "connecting": pool.connecting,
                 "waiting": len(pool.waiters),
                 "oldest_wait_s": _round(now - min(started)) if started else 0.0,
@@ -179,6 +176,9 @@ def pools(proxy) -> list[dict]:
                 "wait_s": round(getattr(pool, "wait_seconds", 0.0), 6),
                 "paused": pool.paused,
                 "retired": getattr(pool, "retired", False),
+                # (Of the busy: kept by a client between its transactions, idle on the node and
+                # taken back at once for a waiter; SHOW POOLS counts these as sv_idle.)
+                "lent": len(pool.lent),
             }
         )
     return out

@@ -187,7 +187,7 @@ class PgBalanceService(service.MultiService):
             n=len(self.config.databases),
             limit=limit,
         )
-        for warning in self.config.warnings:
+        for warning in self.config.warnings if self.worker is None or self.worker.index == 0 else ():  # (once, not per worker)
             log.warn("{source}: {warning}", source=self.config.source, warning=warning)
         self.proxy.start()
         if self.signals:

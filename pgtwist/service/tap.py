@@ -52,9 +52,9 @@ def makeService(options, reactor=None):
         # twistd shows a traceback for exceptions; a config mistake deserves a plain list.
         sys.stderr.write(str(e) + "\n")
         raise SystemExit(78)  # EX_CONFIG
-    for warning in config.warnings:
-        sys.stderr.write(f"{options['config']}: warning: {warning}\n")
     if options["check"]:
+        for warning in config.warnings:  # (a service that starts logs them instead: lifecycle)
+            sys.stderr.write(f"{options['config']}: warning: {warning}\n")
         sys.stdout.write(f"{options['config']}: OK\n")
         raise SystemExit(0)
     from pgtwist.admin import ManholeError

@@ -111,17 +111,24 @@ class CountingForwarder:
         self.server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.server.bind(listen)
         self.server.listen(16)
-        threading.Thread(target=self._accept, daemon=True).start()
+        self.sockets: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
 
     def _accept(self) -> None:
         while True:
             try:
                 client, _ = self.server.accept()
             except OSError:
-                return
+                return  # closed (shutdown wakes the accept)
             self.accepted += 1
-            upstream = socket.create_connection(self.target, timeout=10)
+            try:
+                upstream = socket.create_connection(self.target, timeout=10)
+            except OSError:
+                client.close()  # (pgtwist then sees the node refuse, and the test fails saying so)
+                continue
             upstream.settimeout(None)
+            self.sockets += [client, upstream]
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
 
@@ -140,18 +147,35 @@ class CountingForwarder:
                     pass
 
     def close(self) -> None:
+        try:
+            self.server.shutdown(socket.SHUT_RDWR)  # (close alone leaves a thread blocked in accept)
+        except OSError:
+            pass
         self.server.close()
+        self.thread.join(5)
+        for s in self.sockets:
+            s.close()
 
 
-def private_hosts_file() -> bool:
-    """Can a process get an /etc/hosts of its own (a mount namespace: root, and unshare allowed)?"""
-    if shutil.which("unshare") is None:
+HOSTS_PREFIX = ("unshare", "-m", "--", "sh", "-c", 'mount --bind "$0" /etc/hosts && exec "$@"')
+
+
+def private_hosts_file(tmp_path) -> bool:
+    """Does getaddrinfo in a process of our own read an /etc/hosts of ours? (A mount namespace:
+    root and unshare; and names looked up in files, not by a daemon such as nscd or sssd.)"""
+    if shutil.which("unshare") is None or shutil.which("getent") is None:
         return False
-    probe = subprocess.run(["unshare", "-m", "--", "mount", "--bind", "/etc/hosts", "/etc/hosts"], capture_output=True)
-    return probe.returncode == 0
+    hosts = tmp_path / "probe-hosts"
+    hosts.write_text("127.0.0.9 probe.pgtwist.test\n")
+    try:
+        probe = subprocess.run(
+            [*HOSTS_PREFIX, str(hosts), "getent", "ahostsv4", "probe.pgtwist.test"], capture_output=True, text=True, timeout=20
+        )
+    except subprocess.TimeoutExpired:
+        return False
+    return probe.returncode == 0 and "127.0.0.9" in probe.stdout
 
 
-@pytest.mark.skipif(not private_hosts_file(), reason="no mount namespace here (needs root and unshare) for a private /etc/hosts")
 def test_node_moved_by_dns_is_found_again_after_dns_max_ttl(pg_cluster, tmp_path):
     """A node's name is resolved again once dns_max_ttl has passed: new server connections follow the
     name from 127.0.0.1 to 127.0.0.2 and then to ::1 (IPv6), while a connection already open stays.
@@ -160,6 +184,8 @@ def test_node_moved_by_dns_is_found_again_after_dns_max_ttl(pg_cluster, tmp_path
     mount namespace, the file bind-mounted over /etc/hosts), rewritten in place by the test. The
     node listens on 127.0.0.1; counting forwarders on 127.0.0.2 and [::1] lead to it.
     """
+    if not private_hosts_file(tmp_path):
+        pytest.skip("no private /etc/hosts here (needs root, unshare, and host names looked up in files)")
     node = pg_cluster.nodes[0]
     name = "pgnode.pgtwist.test"
     hosts = tmp_path / "hosts"
@@ -173,7 +199,7 @@ def test_node_moved_by_dns_is_found_again_after_dns_max_ttl(pg_cluster, tmp_path
     point("127.0.0.1")
     v4 = CountingForwarder(socket.AF_INET, ("127.0.0.2", node.port), ("127.0.0.1", node.port))
     v6 = CountingForwarder(socket.AF_INET6, ("::1", node.port), ("127.0.0.1", node.port)) if ipv6_loopback() else None
-    prefix = ("unshare", "-m", "--", "sh", "-c", 'mount --bind "$0" /etc/hosts && exec "$@"', str(hosts))
+    prefix = (*HOSTS_PREFIX, str(hosts))
     databases = {DATABASE: {"dbname": pg_cluster.app_database, "nodes": [f"{name}:{node.port}"]}}
     held = []
     try:
@@ -197,6 +223,8 @@ def test_node_moved_by_dns_is_found_again_after_dns_max_ttl(pg_cluster, tmp_path
                 time.sleep(1.0)
                 assert new_session() == (1,)
                 assert (v4.accepted, v6.accepted) == (1, 1)
+            for conn in held:
+                conn.close()
     finally:
         for conn in held:
             conn.close()
