@@ -1,39 +1,52 @@
 """PgBouncer-shaped views (SHOW POOLS, STATS, DATABASES, LISTS, ...): PgBouncer 1.18's columns first, ours after.
 
 Tools written for PgBouncer (pgbouncer_exporter, dashboards, scripts) find the columns they
-read under the names, order and units PgBouncer uses (bytes, microseconds); what only pgtwist
-knows follows them. Where pgtwist has no such thing (cancel-request lists, DNS cache), the column
-is there with 0 so that parsers keep working. sv_active, sv_idle, sv_used and sv_tested are
-disjoint, as PgBouncer's server lists are (Pool.server_counts).
+read under the names, order, types (int4, numeric: admin.columns) and units PgBouncer uses
+(bytes, microseconds), and rows sorted by name as PgBouncer keeps its lists; what only pgtwist
+knows follows them. Where pgtwist has no such thing (cancel-request lists, DNS cache, slab
+caches' free objects), the column is there with what PgBouncer shows when it has none: 0, '' or
+NULL. sv_active, sv_idle, sv_used and sv_tested are disjoint, as PgBouncer's server lists are
+(Pool.server_counts), and SHOW SERVERS' state says which of them each connection is in.
+
+The admin console is PgBouncer's pseudo-database `pgbouncer` here, whichever of its names
+(`pgbalance`, `pgbouncer`) a client used: a row in SHOW DATABASES, STATS and LISTS, a pool of
+the pseudo-user `pgbouncer` (its force_user) in SHOW POOLS, USERS and LISTS, as PgBouncer shows
+them, so that dashboards which leave `database="pgbouncer"` out leave out the same rows.
 """
 
 from __future__ import annotations
 
 import resource
-from dataclasses import MISSING, fields
 import time
+from dataclasses import MISSING, fields
 from itertools import chain
 
 from pgtwist import __version__
 from pgtwist import config as configmod
 from pgtwist.admin import inspect
+from pgtwist.admin.columns import Bytea, Int4, Numeric
+
+# PgBouncer's admin pseudo-database, its force_user, and what SHOW DATABASES / POOLS say of it.
+ADMIN_NAME = "pgbouncer"
+_ADMIN_POOL_SIZE = 2  # (PgBouncer's pool_size for it: it never opens a server connection)
+_ADMIN_POOL_MODE = "statement"
 
 VERSION_COLUMNS = (("version", str),)
-LISTS_COLUMNS = (("list", str), ("items", int))
+LISTS_COLUMNS = (("list", str), ("items", Int4))
 DATABASES_COLUMNS = (
     ("name", str),
     ("host", str),
-    ("port", int),
+    ("port", Int4),
     ("database", str),
     ("force_user", str),
-    ("pool_size", int),
-    ("min_pool_size", int),
-    ("reserve_pool", int),
-    ("pool_mode", str),
-    ("max_connections", int),
-    ("current_connections", int),
-    ("paused", int),
-    ("disabled", int),
+    ("pool_size", Int4),
+    ("min_pool_size", Int4),
+    ("reserve_pool", Int4),
+    ("pool_mode", str),  # the database's own pool_mode (NULL: none, the global one applies), as PgBouncer
+    ("max_connections", Int4),
+    ("current_connections", Int4),
+    ("paused", Int4),
+    ("disabled", Int4),
     # ours
     ("nodes", int),
     ("current_client_connections", int),
@@ -42,28 +55,28 @@ USERS_COLUMNS = (("name", str), ("pool_mode", str), ("route", str))
 _STAT_NAMES = ("xact_count", "query_count", "received", "sent", "xact_time", "query_time", "wait_time")
 STATS_COLUMNS = (
     (("database", str),)
-    + tuple((f"total_{n}", int) for n in _STAT_NAMES)
-    + tuple((f"avg_{n}", int) for n in ("xact_count", "query_count", "recv", "sent", "xact_time", "query_time", "wait_time"))
+    + tuple((f"total_{n}", Numeric) for n in _STAT_NAMES)
+    + tuple((f"avg_{n}", Numeric) for n in ("xact_count", "query_count", "recv", "sent", "xact_time", "query_time", "wait_time"))
 )
 _TOTAL_NAMES = ("xact_count", "query_count", "bytes_received", "bytes_sent", "xact_time", "query_time", "wait_time")
-STATS_TOTALS_COLUMNS = (("database", str),) + tuple((n, int) for n in _TOTAL_NAMES)
+STATS_TOTALS_COLUMNS = (("database", str),) + tuple((n, Numeric) for n in _TOTAL_NAMES)
 STATS_AVERAGES_COLUMNS = STATS_TOTALS_COLUMNS
 POOLS_COLUMNS = (
     ("database", str),
     ("user", str),
-    ("cl_active", int),
-    ("cl_waiting", int),
-    ("cl_active_cancel_req", int),
-    ("cl_waiting_cancel_req", int),
-    ("sv_active", int),
-    ("sv_active_cancel", int),
-    ("sv_being_canceled", int),
-    ("sv_idle", int),
-    ("sv_used", int),
-    ("sv_tested", int),
-    ("sv_login", int),
-    ("maxwait", int),
-    ("maxwait_us", int),
+    ("cl_active", Int4),
+    ("cl_waiting", Int4),
+    ("cl_active_cancel_req", Int4),
+    ("cl_waiting_cancel_req", Int4),
+    ("sv_active", Int4),
+    ("sv_active_cancel", Int4),
+    ("sv_being_canceled", Int4),
+    ("sv_idle", Int4),
+    ("sv_used", Int4),
+    ("sv_tested", Int4),
+    ("sv_login", Int4),
+    ("maxwait", Int4),
+    ("maxwait_us", Int4),
     ("pool_mode", str),
     # ours: a PgBouncer pool is (database, user); pgtwist has one per node too (SHOW NODE_POOLS)
     ("nodes", int),
@@ -76,17 +89,17 @@ _CONNECTION_COLUMNS = (
     ("database", str),
     ("state", str),
     ("addr", str),
-    ("port", int),
+    ("port", Int4),
     ("local_addr", str),
-    ("local_port", int),
+    ("local_port", Int4),
     ("connect_time", str),
     ("request_time", str),
-    ("wait", int),
-    ("wait_us", int),
-    ("close_needed", int),
+    ("wait", Int4),
+    ("wait_us", Int4),
+    ("close_needed", Int4),
     ("ptr", str),
     ("link", str),
-    ("remote_pid", int),
+    ("remote_pid", Int4),
     ("tls", str),
     ("application_name", str),
 )
@@ -100,26 +113,31 @@ SERVERS_COLUMNS = _CONNECTION_COLUMNS + (
     ("prepared", int),
 )
 CONFIG_COLUMNS = (("key", str), ("value", str), ("default", str), ("changeable", str))
-MEM_COLUMNS = (("name", str), ("size", int), ("used", int), ("free", int), ("memtotal", int))
+MEM_COLUMNS = (("name", str), ("size", Int4), ("used", Int4), ("free", Int4), ("memtotal", Int4))
 FDS_COLUMNS = (
-    ("fd", int),
+    ("fd", Int4),
     ("task", str),
     ("user", str),
     ("database", str),
     ("addr", str),
-    ("port", int),
+    ("port", Int4),
     ("cancel", int),  # never the cancel key: a secret (always NULL here)
-    ("link", int),
+    ("link", Int4),
+    ("client_encoding", str),
+    ("std_strings", str),
+    ("datestyle", str),
+    ("timezone", str),
+    # PgBouncer's online restart (-R) hands these to its successor; pgtwist has none: always NULL.
+    ("password", str),
+    ("scram_client_key", Bytea),
+    ("scram_server_key", Bytea),
 )
 
 
-def _pool_mode(proxy, database=None, user=None) -> str:
-    # A per-database / per-user pool_mode (another change adds them) wins over the global one.
-    for owner in (user, database):
-        mode = getattr(owner, "pool_mode", None) if owner is not None else None
-        if mode:
-            return mode
-    return proxy.config.pool_mode
+def _pool_mode(proxy, database: str, user: str) -> str:
+    """The pool_mode a (database, user) pool runs in: the user's, the database's or the global one."""
+    mode_for = getattr(proxy.config, "pool_mode_for", None)
+    return mode_for(database, user) if mode_for is not None else proxy.config.pool_mode
 
 
 def version(proxy) -> list[dict]:
@@ -130,19 +148,34 @@ def _sessions(proxy) -> list:
     return [s for s in list(proxy.clients.values()) if s.database is not None]
 
 
+def _admins(proxy) -> list:
+    """The admin console's clients: PgBouncer's pseudo-database `pgbouncer`'s."""
+    return [s for s in list(proxy.clients.values()) if s.state == "admin"]
+
+
+def _user_names(proxy) -> list[str]:
+    """Configured users and the admin pseudo-database's force_user, sorted as PgBouncer's user list."""
+    return sorted(set(proxy.config.users) | {ADMIN_NAME})
+
+
+def _pool_keys(proxy) -> set:
+    return {(p.database.name, p.user) for p in inspect._all_pools(proxy)}
+
+
 def lists(proxy) -> list[dict]:
     pools = inspect._all_pools(proxy)
     sessions = list(proxy.clients.values())
-    login = sum(1 for s in sessions if s.state == "login")
     items = {
-        "databases": len(proxy.config.databases),
-        "users": len(proxy.config.users),
-        "pools": len({(p.database.name, p.user) for p in pools}),
+        "databases": len(proxy.config.databases) + 1,  # (+ the admin pseudo-database)
+        "users": len(_user_names(proxy)),
+        "pools": len(_pool_keys(proxy) | {(ADMIN_NAME, ADMIN_NAME)}),
+        # PgBouncer's free_* are its slab caches' free objects (memory of closed connections kept
+        # for reuse, SHOW MEM's free); Python keeps none, so 0 is the truth, not a placeholder.
         "free_clients": 0,
-        "used_clients": len(sessions) - login,
-        "login_clients": login,
+        "used_clients": len(sessions),  # (PgBouncer's: every client object, logging in or not)
+        "login_clients": sum(1 for s in sessions if s.state == "login"),
         "free_servers": 0,
-        "used_servers": sum(p.total for p in pools),
+        "used_servers": sum(p.total for p in pools),  # (logging in included, as PgBouncer's)
         "dns_names": 0,
         "dns_zones": 0,
         "dns_queries": 0,
@@ -172,7 +205,7 @@ def databases(proxy) -> list[dict]:
                 "pool_size": db.pool_size,
                 "min_pool_size": proxy.config.min_pool_size,
                 "reserve_pool": getattr(db, "reserve_pool_size", 0) or 0,
-                "pool_mode": _pool_mode(proxy, db),
+                "pool_mode": getattr(db, "pool_mode", None),
                 "max_connections": getattr(db, "max_db_connections", 0) or 0,
                 "current_connections": servers.get(db.name, 0),
                 "paused": int(_paused(proxy, db.name)),
@@ -181,7 +214,27 @@ def databases(proxy) -> list[dict]:
                 "current_client_connections": clients.get(db.name, 0),
             }
         )
-    return out
+    # (A database may not be called pgbouncer: config.ADMIN_DATABASES are reserved.)
+    out.append(
+        {
+            "name": ADMIN_NAME,
+            "host": None,
+            "port": proxy.config.listen.port,
+            "database": ADMIN_NAME,
+            "force_user": ADMIN_NAME,
+            "pool_size": _ADMIN_POOL_SIZE,
+            "min_pool_size": 0,
+            "reserve_pool": 0,
+            "pool_mode": _ADMIN_POOL_MODE,
+            "max_connections": 0,
+            "current_connections": 0,
+            "paused": 0,
+            "disabled": 0,
+            "nodes": 0,
+            "current_client_connections": len(_admins(proxy)),
+        }
+    )
+    return sorted(out, key=lambda row: row["name"])
 
 
 def _paused(proxy, name: str) -> bool:
@@ -189,10 +242,12 @@ def _paused(proxy, name: str) -> bool:
 
 
 def users(proxy) -> list[dict]:
-    return [
-        {"name": name, "pool_mode": getattr(user, "pool_mode", None), "route": getattr(user, "route", None)}
-        for name, user in proxy.config.users.items()
-    ]
+    configured = proxy.config.users
+    out = []
+    for name in _user_names(proxy):
+        user = configured.get(name)
+        out.append({"name": name, "pool_mode": getattr(user, "pool_mode", None), "route": getattr(user, "route", None)})
+    return out
 
 
 def _stats_rows(proxy) -> list[tuple[str, dict]]:
@@ -275,13 +330,21 @@ class StatsPeriods:
         return _averages(totals, None, proxy.clock.seconds() - proxy.counters.started)
 
 
+def _with_admin_row(rows: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
+    """SHOW STATS' rows sorted by database, with the admin pseudo-database's (zeros: it reaches no node).
+    (PgBouncer counts each admin login there as a transaction and a query, and nothing else.)"""
+    rows = [(name, totals) for name, totals in rows if name != ADMIN_NAME]
+    rows.append((ADMIN_NAME, dict.fromkeys(_STAT_NAMES, 0)))
+    return sorted(rows, key=lambda row: row[0])
+
+
 def stats(proxy) -> list[dict]:
     out = []
     periods = proxy.counters.periods
-    for name, totals in _stats_rows(proxy):
+    for name, totals in _with_admin_row(_stats_rows(proxy)):
         row = {"database": name}
         row.update({f"total_{k}": v for k, v in totals.items()})
-        averages = periods.for_database(proxy, name, totals)
+        averages = periods.for_database(proxy, name, totals) if name != ADMIN_NAME else totals
         row.update({("avg_recv" if k == "received" else f"avg_{k}"): v for k, v in averages.items()})
         out.append(row)
     return out
@@ -292,12 +355,15 @@ def _renamed(values: dict) -> dict:
 
 
 def stats_totals(proxy) -> list[dict]:
-    return [dict(database=name, **_renamed(totals)) for name, totals in _stats_rows(proxy)]
+    return [dict(database=name, **_renamed(totals)) for name, totals in _with_admin_row(_stats_rows(proxy))]
 
 
 def stats_averages(proxy) -> list[dict]:
     periods = proxy.counters.periods
-    return [dict(database=name, **_renamed(periods.for_database(proxy, name, totals))) for name, totals in _stats_rows(proxy)]
+    return [
+        dict(database=name, **_renamed(periods.for_database(proxy, name, totals) if name != ADMIN_NAME else totals))
+        for name, totals in _with_admin_row(_stats_rows(proxy))
+    ]
 
 
 def pools(proxy) -> list[dict]:
@@ -309,12 +375,7 @@ def pools(proxy) -> list[dict]:
         row = rows.get(key)
         if row is None:
             row = rows[key] = {c: 0 for c, _ in POOLS_COLUMNS}
-            row.update(
-                database=key[0],
-                user=key[1],
-                pool_mode=_pool_mode(proxy, pool.database, proxy.config.users.get(pool.user)),
-                paused=False,
-            )
+            row.update(database=key[0], user=key[1], pool_mode=_pool_mode(proxy, *key), paused=False)
         row["cl_waiting"] += len(pool.waiters)
         counts = pool.server_counts(now)
         row["sv_active"] += counts["active"]
@@ -337,7 +398,9 @@ def pools(proxy) -> list[dict]:
         waited = max(0.0, now - oldest[key]) if key in oldest else 0.0
         row["maxwait"] = int(waited)
         row["maxwait_us"] = int((waited - int(waited)) * 1e6)
-    return list(rows.values())
+    admin = rows[(ADMIN_NAME, ADMIN_NAME)] = {c: 0 for c, _ in POOLS_COLUMNS}
+    admin.update(database=ADMIN_NAME, user=ADMIN_NAME, cl_active=len(_admins(proxy)), pool_mode=_ADMIN_POOL_MODE, paused=False)
+    return [rows[key] for key in sorted(rows)]
 
 
 def _timestamp(seconds: float | None) -> str | None:
@@ -354,39 +417,60 @@ def _local(transport) -> tuple[str | None, int | None]:
     return getattr(host, "host", None), getattr(host, "port", None)
 
 
-def _tls(transport) -> str | None:
-    return "TLS" if getattr(transport, "TLS", False) else None
+def _tls(transport) -> str:
+    """PgBouncer's tls column: '' in the clear; its protocol/cipher when the TLS connection says them."""
+    if transport is None or not getattr(transport, "TLS", False):
+        return ""
+    try:
+        handle = transport.getHandle()
+        return f"{handle.get_protocol_version_name()}/{handle.get_cipher_name()}"
+    except Exception:  # noqa: BLE001 - a TLS transport that cannot say: still TLS
+        return "TLS"
+
+
+def _wait(seconds: float) -> tuple[int, int]:
+    seconds = max(0.0, seconds)
+    return int(seconds), int((seconds - int(seconds)) * 1e6)
+
+
+# ClientSession.state -> PgBouncer's client state. PgBouncer's "active" is every client of a pool
+# that is not waiting for a server, idle ones included (SHOW POOLS' cl_active counts them so).
+_CLIENT_STATES = {"login": "login", "waiting": "waiting"}
 
 
 def clients(proxy) -> list[dict]:
     views = {c["id"]: c for c in inspect.clients(proxy)}
+    now = proxy.clock.seconds()
     out = []
     for session in list(proxy.clients.values()):
         view = views.get(session.id, {})
         local_addr, local_port = _local(session.transport)
-        state = {"linked": "active", "waiting": "waiting", "admin": "active"}.get(session.state, "idle")
+        state = _CLIENT_STATES.get(session.state, "active")
         server = session.server
         settings = getattr(session, "settings", None) or {}
+        # The request being answered (when it began), else the last one answered: PgBouncer's request_time.
+        asked = getattr(session, "_asked_at", None)
+        wait, wait_us = _wait(now - asked) if state == "waiting" and asked is not None else (0, 0)
         out.append(
             {
                 "type": "C",
                 "user": session.user,
-                "database": view.get("database"),
+                "database": ADMIN_NAME if session.state == "admin" else view.get("database"),
                 "state": state,
                 "addr": view.get("addr"),
                 "port": view.get("port"),
                 "local_addr": local_addr,
                 "local_port": local_port,
                 "connect_time": _timestamp(session.connected_at),
-                "request_time": None,
-                "wait": 0,
-                "wait_us": 0,
+                "request_time": _timestamp(asked if asked is not None else getattr(session, "last_request", session.connected_at)),
+                "wait": wait,
+                "wait_us": wait_us,
                 "close_needed": 0,
                 "ptr": session.id,
-                "link": server.id if server is not None else None,
+                "link": server.id if server is not None else "",
                 "remote_pid": 0,
                 "tls": _tls(session.transport),
-                "application_name": settings.get("application_name"),
+                "application_name": settings.get("application_name") or "",
                 "id": session.id,
                 "session_state": session.state,
                 "tx": view.get("tx"),
@@ -398,20 +482,29 @@ def clients(proxy) -> list[dict]:
     return out
 
 
+def _server_state(pool, conn, now: float) -> str:
+    """Which of PgBouncer's server lists *conn* is on, counted as Pool.server_counts counts them."""
+    if conn in pool.busy:
+        if conn in pool.testing or conn in pool.resetting:
+            return "tested"
+        # (Lent to a client between its transactions: idle, as SHOW POOLS counts it.)
+        return "idle" if conn in pool.lent else "active"
+    return "used" if pool.due_for_check(conn, now) else "idle"
+
+
 def servers(proxy) -> list[dict]:
     out = []
+    now = proxy.clock.seconds()
     for pool in inspect._all_pools(proxy):
         for conn in chain(list(pool.idle), list(pool.busy)):
             local_addr, local_port = _local(conn.transport) if conn.transport is not None else (None, None)
             session = conn.session
-            now = proxy.clock.seconds()
             out.append(
                 {
                     "type": "S",
                     "user": pool.user,
                     "database": pool.database.name,
-                    # (Lent to a client between its transactions: idle, as SHOW POOLS counts it.)
-                    "state": "idle" if conn in pool.lent or (session is None and conn.state == "idle") else "active",
+                    "state": _server_state(pool, conn, now),
                     "addr": pool.node.host,
                     "port": pool.node.port,
                     "local_addr": local_addr,
@@ -422,10 +515,10 @@ def servers(proxy) -> list[dict]:
                     "wait_us": 0,
                     "close_needed": int(bool(getattr(pool, "retired", False))),
                     "ptr": conn.id,
-                    "link": session.id if session is not None else None,
+                    "link": session.id if session is not None else "",
                     "remote_pid": conn.backend_key[0] if conn.backend_key else 0,
                     "tls": _tls(conn.transport),
-                    "application_name": (getattr(session, "settings", None) or {}).get("application_name") if session else None,
+                    "application_name": ((getattr(session, "settings", None) or {}).get("application_name") if session else None) or "",
                     "id": conn.id,
                     "node": str(conn.node),
                     "tx": inspect._tx(conn.tx_status),
@@ -459,15 +552,17 @@ def config(proxy) -> list[dict]:
 
 
 def mem(proxy) -> list[dict]:
-    """What PgBouncer's slab caches show, as counts of live objects (Python has no slabs); memtotal: peak RSS."""
+    """PgBouncer's slab caches, in its order, as counts of live objects (Python keeps no free ones and
+    its objects' sizes mean little); then ours: the process's peak RSS in memtotal."""
     pools = inspect._all_pools(proxy)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports kB
     rows = {
-        "client_cache": len(proxy.clients),
+        "user_cache": len(_user_names(proxy)),
+        "db_cache": len(proxy.config.databases) + 1,
+        "pool_cache": len(_pool_keys(proxy) | {(ADMIN_NAME, ADMIN_NAME)}),
         "server_cache": sum(len(p.idle) + len(p.busy) for p in pools),
-        "pool_cache": len(pools),
-        "db_cache": len(proxy.config.databases),
-        "user_cache": len(proxy.config.users),
+        "client_cache": len(proxy.clients),
+        "iobuf_cache": 0,  # (PgBouncer's shared I/O buffers: each of our connections has its own)
     }
     out = [{"name": k, "size": None, "used": v, "free": 0, "memtotal": None} for k, v in rows.items()]
     out.append({"name": "process_max_rss", "size": None, "used": None, "free": None, "memtotal": rss})
@@ -486,27 +581,55 @@ def _fileno(transport) -> int | None:
     return fd if isinstance(fd, int) and fd >= 0 else None
 
 
-def fds(proxy) -> list[dict]:
-    """Open sockets (no cancel keys, no passwords: PgBouncer shows them for its online restart, we never do)."""
+def _variables(*sources) -> dict:
+    """SHOW FDS' client_encoding, std_strings, datestyle, timezone: from the first source that has each
+    (settings and ParameterStatus, whatever their names' case)."""
+    names = {"client_encoding": "client_encoding", "std_strings": "standard_conforming_strings",
+             "datestyle": "datestyle", "timezone": "timezone"}
+    lowered = [{k.lower(): v for k, v in (source or {}).items()} for source in sources]
+    return {column: next((s[name] for s in lowered if s.get(name) is not None), None) for column, name in names.items()}
+
+
+def _listeners(proxy) -> list[dict]:
+    service = getattr(proxy, "service", None)
     out = []
-    server_fd: dict[str, int | None] = {}
-    for pool in inspect._all_pools(proxy):
-        for conn in chain(list(pool.idle), list(pool.busy)):
-            fd = _fileno(conn.transport) if conn.transport is not None else None
-            server_fd[conn.id] = fd
-            out.append({"fd": fd, "task": "server", "user": pool.user, "database": pool.database.name,
-                        "addr": pool.node.host, "port": pool.node.port, "cancel": None, "link": None, "_client": conn.session})
-    for session in list(proxy.clients.values()):
-        fd = _fileno(session.transport)
+    for port in list(getattr(service, "ports", None) or ()):
+        try:
+            host = port.getHost()
+        except Exception:  # noqa: BLE001 - a listener being closed
+            continue
+        addr = getattr(host, "host", None)
+        out.append({"fd": _fileno(port), "task": "pooler", "user": None, "database": None,
+                    "addr": addr if addr is not None else "unix",
+                    "port": getattr(host, "port", None) or proxy.config.listen.port, "cancel": 0, "link": 0})
+    return out
+
+
+def fds(proxy) -> list[dict]:
+    """Listening sockets, clients, servers, as PgBouncer lists them (not the admin console's clients).
+    Never a cancel key, password or SCRAM key: PgBouncer shows them for its online restart (-R),
+    which pgtwist does not do (workers share the listening socket instead)."""
+    out = _listeners(proxy)
+    pools = inspect._all_pools(proxy)
+    conns = [(pool, conn) for pool in pools for conn in chain(list(pool.idle), list(pool.busy))]
+    server_fd = {id(conn): _fileno(conn.transport) if conn.transport is not None else None for _, conn in conns}
+    client_fd: dict[int, int | None] = {}
+    # What a client without a server connection was told at login (ParameterStatus): its pools' record.
+    told: dict[tuple[str, str], list] = {}
+    for pool in pools:
+        told.setdefault((pool.database.name, pool.user), []).extend(getattr(pool, "login_parameters", {}).values())
+    for session in _sessions(proxy):
+        fd = client_fd[id(session)] = _fileno(session.transport)
         server = session.server
         addr, port = inspect._peer(session.transport)
-        out.append({"fd": fd, "task": "client", "user": session.user,
-                    "database": session.database.name if session.database is not None else None,
+        out.append({"fd": fd, "task": "client", "user": session.user, "database": session.database.name,
                     "addr": addr, "port": port, "cancel": None,
-                    "link": server_fd.get(server.id) if server is not None else None})
-    clients_fd = {id(s): _fileno(s.transport) for s in proxy.clients.values()}
-    for row in out:
-        linked = row.pop("_client", None)
-        if linked is not None:
-            row["link"] = clients_fd.get(id(linked))
+                    "link": (server_fd.get(id(server)) if server is not None else None) or 0,
+                    **_variables(session.settings, server.parameters if server is not None else None,
+                                 *told.get((session.database.name, session.user), ()))})
+    for pool, conn in conns:
+        out.append({"fd": server_fd[id(conn)], "task": "server", "user": pool.user, "database": pool.database.name,
+                    "addr": pool.node.host, "port": pool.node.port, "cancel": None,
+                    "link": (client_fd.get(id(conn.session)) if conn.session is not None else None) or 0,
+                    **_variables(conn.parameters)})
     return out

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from twisted.logger import Logger
 
 from pgtwist import config as configmod
-from pgtwist.admin import actions, bouncer, inspect
+from pgtwist.admin import actions, bouncer, columns, inspect
 from pgtwist.frontend.login import LoginError
 from pgtwist.wire import frontend
 from pgtwist.wire import messages as m
@@ -29,7 +29,7 @@ DATABASE = configmod.ADMIN_DATABASE
 DATABASES = configmod.ADMIN_DATABASES  # "pgbalance" and PgBouncer's "pgbouncer"
 _MAX_MESSAGE = 1 << 20
 _COPY = frozenset((p.COPY_DATA, p.COPY_DONE, p.COPY_FAIL))
-_OIDS = {str: m.OID_TEXT, int: m.OID_INT8, float: m.OID_FLOAT8, bool: m.OID_BOOL}
+_OIDS = {str: m.OID_TEXT, int: m.OID_INT8, float: m.OID_FLOAT8, bool: m.OID_BOOL} | {k: k.oid for k in columns.KINDS}
 _Q8, _D8 = struct.Struct("!q"), struct.Struct("!d")
 SYNTAX_ERROR = sqlstate.SYNTAX_ERROR
 CONFIG_FILE_ERROR = sqlstate.CONFIG_FILE_ERROR
@@ -275,9 +275,11 @@ def _service(proxy):
 # -- encoding ----------------------------------------------------------------------------------
 
 
-def _text(value) -> bytes | None:
+def _text(value, kind=None) -> bytes | None:
     if value is None:
         return None
+    if kind is columns.Bytea:
+        return columns.Bytea.text(value)
     if isinstance(value, bool):
         return b"t" if value else b"f"
     return str(value).encode()
@@ -292,6 +294,8 @@ def _binary(value, kind) -> bytes | None:
         return _Q8.pack(int(value))
     if kind is float:
         return _D8.pack(float(value))
+    if kind in columns.KINDS:
+        return kind.binary(value)
     return str(value).encode()
 
 
@@ -326,7 +330,7 @@ def encode_rows(result: Result, formats: list[int] = ()) -> bytes:
         values = []
         for i, (value, kind) in enumerate(zip(row, kinds)):
             value = _coerce(value, kind)
-            values.append(_binary(value, kind) if _format_of(list(formats), i) == 1 else _text(value))
+            values.append(_binary(value, kind) if _format_of(list(formats), i) == 1 else _text(value, kind))
         out.append(m.data_row(values))
     return b"".join(out)
 

@@ -110,14 +110,15 @@ def test_admin_console_show_commands_return_rows(pg_cluster, tmp_path):
                 assert any(r[names.index("database")] == "appdb" and r[names.index("pool_size")] == 20 for r in rows)
                 assert console.execute("SHOW STATS").fetchall()
                 # PgBouncer's column names first (pgtwist's own may follow), and rows on a live proxy.
-                # (SHOW FDS stops after link: PgBouncer's client_encoding ... password are for its online
-                # restart, which pgtwist does not do; it never shows a password or cancel key.)
+                # (SHOW FDS's cancel, password and scram keys are for PgBouncer's online restart, which
+                # pgtwist does not do: always NULL, never a secret.)
                 for what, first in [
                     ("USERS", ["name", "pool_mode"]),
                     ("STATS_AVERAGES", ["database", "xact_count", "query_count", "bytes_received", "bytes_sent",
                                         "xact_time", "query_time", "wait_time"]),
                     ("MEM", ["name", "size", "used", "free", "memtotal"]),
-                    ("FDS", ["fd", "task", "user", "database", "addr", "port", "cancel", "link"]),
+                    ("FDS", ["fd", "task", "user", "database", "addr", "port", "cancel", "link", "client_encoding",
+                             "std_strings", "datestyle", "timezone", "password", "scram_client_key", "scram_server_key"]),
                 ]:
                     cur = console.execute(f"SHOW {what}")
                     got = [c.name for c in cur.description]
@@ -127,11 +128,13 @@ def test_admin_console_show_commands_return_rows(pg_cluster, tmp_path):
                     if what == "USERS":
                         assert {r["name"] for r in table} >= {pg_cluster.app_user, ADMIN}, table
                     elif what == "STATS_AVERAGES":
-                        assert [r["database"] for r in table] == ["appdb"], table
+                        assert [r["database"] for r in table] == ["appdb", "pgbouncer"], table  # (the console's row)
                     elif what == "FDS":  # the app's socket and its server connection's, no cancel key
                         tasks = {(r["task"], r["user"]) for r in table}
                         assert {("client", pg_cluster.app_user), ("server", pg_cluster.app_user)} <= tasks, table
-                        assert all(r["cancel"] is None and isinstance(r["fd"], int) for r in table), table
+                        assert all(r["cancel"] is None and isinstance(r["fd"], int) for r in table if r["task"] != "pooler"), table
+                        assert all(r["password"] is None and r["scram_client_key"] is None for r in table), table
+                        assert ("pooler", None) in tasks, table  # the listening socket, as PgBouncer lists it
                 console.execute("PAUSE appdb")
                 paused = dict(zip(names, console.execute("SHOW POOLS").fetchone()))
                 assert paused["paused"] is True

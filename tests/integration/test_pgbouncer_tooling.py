@@ -18,25 +18,32 @@ from tests.harness.proxy import HOST, wait_for
 pytestmark = pytest.mark.integration
 
 ADMIN, ADMIN_PASSWORD = "admin", "admin-secret"
-TEXT, INT8 = 25, 20
+TEXT, INT4, NUMERIC = 25, 23, 1700
 
-# prometheus-community/pgbouncer_exporter (collector.go): every column it reads, and what lib/pq must
-# decode it as. Labels must arrive as text (a string) or int; metrics as numbers (int8 or parsable text).
+# prometheus-community/pgbouncer_exporter (collector.go): every column it reads, and the type PgBouncer
+# 1.18 sends it as (lib/pq hands int4 back as int64, numeric as text it parses). Labels must arrive as
+# text (a string), an int or NULL; metrics as numbers or parsable text.
 EXPORTER_COLUMNS = {
     "databases": {
-        "name": TEXT, "host": TEXT, "port": INT8, "database": TEXT, "force_user": TEXT, "pool_mode": TEXT,
-        "pool_size": INT8, "reserve_pool": INT8, "max_connections": INT8, "current_connections": INT8,
-        "paused": INT8, "disabled": INT8,
+        "name": TEXT, "host": TEXT, "port": INT4, "database": TEXT, "force_user": TEXT, "pool_mode": TEXT,
+        "pool_size": INT4, "min_pool_size": INT4, "reserve_pool": INT4, "max_connections": INT4,
+        "current_connections": INT4, "paused": INT4, "disabled": INT4,
+    },
+    "stats": {
+        "database": TEXT, "total_query_count": NUMERIC, "total_query_time": NUMERIC, "total_received": NUMERIC,
+        "total_sent": NUMERIC, "total_wait_time": NUMERIC, "total_xact_count": NUMERIC, "total_xact_time": NUMERIC,
     },
     "stats_totals": {
-        "database": TEXT, "query_count": INT8, "query_time": INT8, "bytes_received": INT8, "bytes_sent": INT8,
-        "wait_time": INT8, "xact_count": INT8, "xact_time": INT8,
+        "database": TEXT, "query_count": NUMERIC, "query_time": NUMERIC, "bytes_received": NUMERIC, "bytes_sent": NUMERIC,
+        "wait_time": NUMERIC, "xact_count": NUMERIC, "xact_time": NUMERIC,
     },
     "pools": {
-        "database": TEXT, "user": TEXT, "cl_active": INT8, "cl_active_cancel_req": INT8, "cl_waiting": INT8,
-        "cl_waiting_cancel_req": INT8, "sv_active": INT8, "sv_active_cancel": INT8, "sv_being_canceled": INT8,
-        "sv_idle": INT8, "sv_used": INT8, "sv_tested": INT8, "sv_login": INT8, "maxwait": INT8,
+        "database": TEXT, "user": TEXT, "cl_active": INT4, "cl_active_cancel_req": INT4, "cl_waiting": INT4,
+        "cl_waiting_cancel_req": INT4, "sv_active": INT4, "sv_active_cancel": INT4, "sv_being_canceled": INT4,
+        "sv_idle": INT4, "sv_used": INT4, "sv_tested": INT4, "sv_login": INT4, "maxwait": INT4, "maxwait_us": INT4,
     },
+    # (Counted by user, database, state, addr_port, close_needed; lib/pq cannot scan a NULL into a string.)
+    "servers": {"user": TEXT, "database": TEXT, "state": TEXT, "addr": TEXT, "port": INT4, "close_needed": INT4},
 }
 
 
@@ -69,7 +76,7 @@ def test_pgbouncer_exporter_queries(pg_cluster, tmp_path):
                 lists = {name: float(items) for name, items in cur.fetchall()}
                 assert {"databases", "users", "pools", "free_clients", "used_clients", "login_clients",
                         "free_servers", "used_servers", "dns_names", "dns_zones", "dns_queries"} <= set(lists)
-                assert lists["databases"] == 1 and lists["used_clients"] >= 2
+                assert lists["databases"] == 2 and lists["used_clients"] >= 2  # appdb and the console, "pgbouncer"
                 cur = simple(console, "SHOW CONFIG;")
                 assert len(cur.description) in (3, 4)
                 config = {row[0]: row[1] for row in cur.fetchall()}
@@ -81,9 +88,12 @@ def test_pgbouncer_exporter_queries(pg_cluster, tmp_path):
                     for column, oid in wanted.items():
                         assert types.get(column) == oid, (namespace, column, types.get(column))
                     labels = [(r.get("database") or r.get("name"), r.get("user")) for r in rows]
-                    assert len(labels) == len(set(labels)), (namespace, labels)  # duplicates break a scrape
+                    if namespace != "servers":
+                        assert len(labels) == len(set(labels)), (namespace, labels)  # duplicates break a scrape
                     assert rows, namespace
+                    assert all(r[c] is not None for r in rows for c, oid in wanted.items() if namespace == "servers"), rows
                 pools = {r[0]: r for r in simple(console, "SHOW POOLS").fetchall()}
+                assert pools["pgbouncer"][1] == "pgbouncer"  # the console's pool, as PgBouncer shows it
                 cur = simple(console, "SHOW STATS_TOTALS")
                 totals = dict(zip([c.name for c in cur.description], cur.fetchone()))
                 assert totals["database"] == "appdb"

@@ -1,5 +1,6 @@
 """PgBouncer-shaped views: the avg_* columns over stats_period (StatsPeriods)."""
 
+import struct
 from types import SimpleNamespace
 
 import pytest
@@ -78,3 +79,28 @@ def test_stats_period_is_checked_and_reloadable():
     assert configmod.from_dict({**BASE, "stats_period": 15}).stats_period == 15.0
     with pytest.raises(configmod.ConfigError, match="stats_period"):
         configmod.from_dict({**BASE, "stats_period": 0})
+
+
+@pytest.mark.parametrize(
+    "value, encoded",
+    [
+        (0, (0, 0, 0, 0, ())),
+        (7, (1, 0, 0, 0, (7,))),
+        (10_000, (1, 1, 0, 0, (1,))),  # (trailing zero digits dropped, as PostgreSQL does)
+        (123_456_789, (3, 2, 0, 0, (1, 2345, 6789))),
+        (-20_001, (2, 1, 0x4000, 0, (2, 1))),
+    ],
+)
+def test_numeric_in_binary_as_postgresql_sends_it(value, encoded):
+    from pgtwist.admin.columns import Numeric
+
+    ndigits, weight, sign, dscale, digits = encoded
+    assert Numeric.binary(value) == struct.pack(f"!hhHh{ndigits}h", ndigits, weight, sign, dscale, *digits)
+
+
+def test_server_state_is_the_list_server_counts_puts_it_on():
+    conns = [object() for _ in range(6)]
+    idle, used, active, lent, testing, resetting = conns
+    pool = SimpleNamespace(busy={active, lent, testing, resetting}, lent={lent: None}, testing={testing}, resetting={resetting},
+                           due_for_check=lambda conn, now: conn is used)
+    assert [bouncer._server_state(pool, c, 0.0) for c in conns] == ["idle", "used", "active", "idle", "tested", "tested"]

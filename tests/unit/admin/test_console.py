@@ -90,7 +90,8 @@ def test_show_clients_and_pools_show_live_state(proxy):
     by_id = {r[names.index("id")]: dict(zip(names, r)) for r in rows}
     assert by_id[app.id]["state"] == "active" and by_id[app.id]["link"] == "s1"  # PgBouncer's words
     assert by_id[app.id]["session_state"] == "linked"  # ours
-    assert by_id[session.id]["database"] == "pgbalance" and by_id[session.id]["session_state"] == "admin"
+    # The console is PgBouncer's pseudo-database, under whichever name it was reached.
+    assert by_id[session.id]["database"] == "pgbouncer" and by_id[session.id]["session_state"] == "admin"
     second = out[out.index(b"SHOW 2\x00") + len(b"SHOW 2\x00") :]
     pool_names, pool_rows = result_rows(second)
     pool = dict(zip(pool_names, pool_rows[0]))
@@ -337,33 +338,124 @@ def test_malformed_message_is_fatal_08p01(proxy):
     assert fields_of(transport.value())["C"] == "08P01" and transport.disconnecting
 
 
-def test_pgbouncer_views_have_pgbouncer_columns_first(proxy):
+# What a real PgBouncer 1.18.0 sends (psycopg ClientCursor against its admin console): every column's
+# name and type, in order. T text, I4 int4, I8 int8, N numeric, B bytea.
+PGBOUNCER_1_18 = {
+    "VERSION": "version:T",
+    "LISTS": "list:T items:I4",
+    "DATABASES": "name:T host:T port:I4 database:T force_user:T pool_size:I4 min_pool_size:I4 reserve_pool:I4 pool_mode:T max_connections:I4 current_connections:I4 paused:I4 disabled:I4",
+    "USERS": "name:T pool_mode:T",
+    "STATS": "database:T total_xact_count:N total_query_count:N total_received:N total_sent:N total_xact_time:N total_query_time:N total_wait_time:N avg_xact_count:N avg_query_count:N avg_recv:N avg_sent:N avg_xact_time:N avg_query_time:N avg_wait_time:N",
+    "STATS_TOTALS": "database:T xact_count:N query_count:N bytes_received:N bytes_sent:N xact_time:N query_time:N wait_time:N",
+    "STATS_AVERAGES": "database:T xact_count:N query_count:N bytes_received:N bytes_sent:N xact_time:N query_time:N wait_time:N",
+    "POOLS": "database:T user:T cl_active:I4 cl_waiting:I4 cl_active_cancel_req:I4 cl_waiting_cancel_req:I4 sv_active:I4 sv_active_cancel:I4 sv_being_canceled:I4 sv_idle:I4 sv_used:I4 sv_tested:I4 sv_login:I4 maxwait:I4 maxwait_us:I4 pool_mode:T",
+    "CLIENTS": "type:T user:T database:T state:T addr:T port:I4 local_addr:T local_port:I4 connect_time:T request_time:T wait:I4 wait_us:I4 close_needed:I4 ptr:T link:T remote_pid:I4 tls:T application_name:T",
+    "SERVERS": "type:T user:T database:T state:T addr:T port:I4 local_addr:T local_port:I4 connect_time:T request_time:T wait:I4 wait_us:I4 close_needed:I4 ptr:T link:T remote_pid:I4 tls:T application_name:T",
+    "CONFIG": "key:T value:T default:T changeable:T",
+    "MEM": "name:T size:I4 used:I4 free:I4 memtotal:I4",
+    "FDS": "fd:I4 task:T user:T database:T addr:T port:I4 cancel:I8 link:I4 client_encoding:T std_strings:T datestyle:T timezone:T password:T scram_client_key:B scram_server_key:B",
+}
+_TYPE_OIDS = {"T": 25, "I4": 23, "I8": 20, "N": 1700, "B": 17}
+
+
+@pytest.mark.parametrize("what", sorted(PGBOUNCER_1_18))
+def test_pgbouncer_views_have_pgbouncer_columns_and_types_first(proxy, what):
     client(proxy)
-    for what, columns in (
-        ("VERSION", ["version"]),
-        ("LISTS", ["list", "items"]),
-        ("STATS", ["database", "total_xact_count", "total_query_count", "total_received", "total_sent",
-                   "total_xact_time", "total_query_time", "total_wait_time", "avg_xact_count", "avg_query_count",
-                   "avg_recv", "avg_sent", "avg_xact_time", "avg_query_time", "avg_wait_time"]),
-        ("STATS_TOTALS", ["database", "xact_count", "query_count", "bytes_received", "bytes_sent", "xact_time",
-                          "query_time", "wait_time"]),
-        ("DATABASES", ["name", "host", "port", "database", "force_user", "pool_size", "min_pool_size",
-                       "reserve_pool", "pool_mode", "max_connections", "current_connections", "paused", "disabled"]),
-        ("USERS", ["name", "pool_mode"]),
-        ("MEM", ["name", "size", "used", "free", "memtotal"]),
-        ("FDS", ["fd", "task", "user", "database", "addr", "port", "cancel", "link"]),
-        ("SERVERS", ["type", "user", "database", "state", "addr", "port"]),
-    ):
-        session, transport = admin_session(proxy)
-        transport.clear()
-        session.got_data(m.query(f"show {what.lower()};"))
-        names, rows = result_rows(transport.value())
-        assert names[: len(columns)] == columns, what
+    wanted = [(name, _TYPE_OIDS[kind]) for name, kind in (c.split(":") for c in PGBOUNCER_1_18[what].split())]
     session, transport = admin_session(proxy)
     transport.clear()
-    session.got_data(m.query("SHOW STATS"))
+    session.got_data(m.query(f"show {what.lower()};"))
+    desc = next(body for t, body in messages(transport.value()) if t == p.ROW_DESCRIPTION)
+    got = [(name, oid) for name, oid, _ in row_description(desc)]
+    assert got[: len(wanted)] == wanted  # (pgtwist's own columns may follow, never come between)
+
+
+def test_the_console_is_pgbouncers_pseudo_database_in_its_views(proxy):
+    client(proxy)
+    session, transport = client(proxy, user="admin", database="pgbouncer")
+    other, _ = admin_session(proxy)  # (reached as pgbalance: the same console)
+
+    def show(what):
+        transport.clear()
+        session.got_data(m.query(f"SHOW {what}"))
+        names, rows = result_rows(transport.value())
+        return [dict(zip(names, r)) for r in rows]
+
+    (admin_db,) = [r for r in show("DATABASES") if r["name"] == "pgbouncer"]
+    assert admin_db == admin_db | {"host": None, "port": "6432", "database": "pgbouncer", "force_user": "pgbouncer",
+                                   "pool_size": "2", "pool_mode": "statement", "current_connections": "0",
+                                   "current_client_connections": "2"}
+    assert [r["name"] for r in show("DATABASES")] == ["appdb", "pgbouncer"]  # sorted, as PgBouncer's lists
+    pools = show("POOLS")
+    assert [(r["database"], r["user"]) for r in pools] == [("appdb", "app"), ("pgbouncer", "pgbouncer")]
+    assert (pools[1]["cl_active"], pools[1]["sv_active"], pools[1]["pool_mode"]) == ("2", "0", "statement")
+    assert [r["name"] for r in show("USERS")] == ["admin", "app", "pgbouncer"]
+    assert [r["database"] for r in show("STATS")] == ["appdb", "pgbouncer"]
+    assert [r["database"] for r in show("STATS_TOTALS")] == ["appdb", "pgbouncer"]
+    assert [r["database"] for r in show("STATS_AVERAGES")] == ["appdb", "pgbouncer"]
+    lists = {r["list"]: int(r["items"]) for r in show("LISTS")}
+    assert (lists["databases"], lists["users"], lists["pools"], lists["used_clients"]) == (2, 3, 2, 3)
+    assert (lists["free_clients"], lists["free_servers"], lists["used_servers"]) == (0, 0, 1)
+    clients = {r["id"]: r for r in show("CLIENTS")}
+    assert clients[session.id]["database"] == clients[other.id]["database"] == "pgbouncer"
+    assert [r["task"] for r in show("FDS")] == ["client", "server"]  # (not the console's own sockets)
+
+
+def test_databases_pool_mode_is_the_databases_own(proxy):
+    """PgBouncer's SHOW DATABASES pool_mode: the database's pool_mode=, NULL when it has none (the
+    global one applies then); SHOW POOLS says the mode each pool runs in."""
+    session, transport = admin_session(proxy)
+    transport.clear()
+    session.got_data(m.query("SHOW DATABASES"))
     names, rows = result_rows(transport.value())
-    assert [r[0] for r in rows] == ["appdb"]
+    assert dict(zip(names, rows[0]))["pool_mode"] is None
+    proxy = TestProxy(make_config(databases={"appdb": {"nodes": ["db1:5432"], "pool_mode": "transaction"}}))
+    client(proxy)
+    session, transport = admin_session(proxy)
+    transport.clear()
+    session.got_data(m.query("SHOW DATABASES; SHOW POOLS"))
+    names, rows = result_rows(transport.value())
+    assert dict(zip(names, rows[0]))["pool_mode"] == "transaction"
+
+
+def test_pgbouncer_values_where_pgtwist_has_none(proxy):
+    """'' (not NULL) for link, tls and application_name, as PgBouncer sends; an idle client is
+    'active', as PgBouncer's lists have it; FDS links are 0 when there is no link."""
+    app, _ = client(proxy)
+    session, transport = admin_session(proxy)
+    transport.clear()
+    session.got_data(m.query("SHOW CLIENTS"))
+    names, rows = result_rows(transport.value())
+    clients = {r[names.index("id")]: dict(zip(names, r)) for r in rows}
+    admin = clients[session.id]
+    assert (admin["state"], admin["link"], admin["tls"], admin["application_name"]) == ("active", "", "", "")
+    assert admin["request_time"] is not None and admin["wait"] == "0"
+    transport.clear()
+    session.got_data(m.query("SHOW SERVERS"))
+    names, rows = result_rows(transport.value())
+    server = dict(zip(names, rows[0]))
+    assert (server["state"], server["link"], server["tls"]) == ("active", app.id, "")
+    transport.clear()
+    session.got_data(m.query("SHOW FDS"))
+    names, rows = result_rows(transport.value())
+    fds = [dict(zip(names, r)) for r in rows]
+    assert all(r["cancel"] is None and r["password"] is None and r["scram_client_key"] is None for r in fds)
+
+
+def test_int4_and_numeric_columns_in_binary(proxy):
+    """asyncpg and other binary readers decode PgBouncer's int4 and numeric columns."""
+    client(proxy)
+    session, transport = admin_session(proxy)
+    for sql, column, decode in (("SHOW POOLS", "cl_active", lambda v: struct.unpack("!i", v)[0]),
+                                ("SHOW STATS_TOTALS", "xact_count", lambda v: v)):
+        transport.clear()
+        session.got_data(m.parse("", sql) + m.bind("", "", result_formats=[1]) + m.describe("P", "") + m.execute("") + m.sync())
+        (_, desc), (_, row), *_ = [x for x in messages(transport.value()) if x[0] in (p.ROW_DESCRIPTION, p.DATA_ROW)]
+        values = dict(zip([c[0] for c in row_description(desc)], m.decode_data_row(row)))
+        if column == "cl_active":
+            assert decode(values[column]) == 1
+        else:  # numeric 0: no digits, weight 0, positive, scale 0
+            assert values[column] == b"\x00\x00\x00\x00\x00\x00\x00\x00"
 
 
 def test_admin_console_answers_to_pgbouncer_too(proxy):
