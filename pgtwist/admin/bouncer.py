@@ -531,13 +531,23 @@ def servers(proxy) -> list[dict]:
 
 
 def _show(value) -> str | None:
+    """A setting as PgBouncer's SHOW CONFIG writes one: booleans 1/0, whole seconds without a fraction
+    (600, not 600.0), so that a script's int(value) or value == '1' reads ours as it reads PgBouncer's.
+    (SET takes 1/0 as it takes on/off.)"""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
     return inspect._show(value)
 
 
 def config(proxy) -> list[dict]:
-    """key, value, default, changeable (yes/no): PgBouncer's four columns; secrets as asterisks."""
+    """key, value, default, changeable (yes/no): PgBouncer's four columns, sorted by key as PgBouncer's;
+    secrets as asterisks. The keys are pgtwist's (README, "Coming from PgBouncer", maps them)."""
     defaults = {f.name: f.default for f in fields(configmod.Config) if f.default is not MISSING}
     defaults.update(getattr(configmod, "_DEFAULTS", {}))
+    # (The loader's default, not the dataclass's: a Config made in code caches nothing.)
+    defaults["auth_cache_ttl"] = getattr(configmod, "DEFAULT_AUTH_CACHE_TTL", defaults.get("auth_cache_ttl"))
     out = []
     for key, value in configmod.flatten(proxy.config).items():
         out.append(
@@ -548,7 +558,7 @@ def config(proxy) -> list[dict]:
                 "changeable": "no" if configmod.needs_restart(key) else "yes",
             }
         )
-    return out
+    return sorted(out, key=lambda row: row["key"])
 
 
 def mem(proxy) -> list[dict]:

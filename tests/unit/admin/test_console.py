@@ -116,6 +116,19 @@ def test_show_config_never_shows_passwords(proxy):
     assert config["databases.appdb.pool_size"] == ["2", None, "yes"]
 
 
+def test_show_config_writes_values_as_pgbouncer_does(proxy):
+    """Sorted by key; booleans 1/0 and whole seconds without a fraction, as PgBouncer's SHOW CONFIG."""
+    session, transport = admin_session(proxy)
+    transport.clear()
+    session.got_data(m.query("SHOW CONFIG"))
+    names, rows = result_rows(transport.value())
+    keys = [r[0] for r in rows]
+    assert keys == sorted(keys)
+    config = {r[0]: r[1:] for r in rows}
+    assert config["server_idle_timeout"][:2] == ["600", "600"] and config["log_connections"][:2] == ["1", "1"]
+    assert config["auto_promote"][0] == "0"
+
+
 def test_unknown_command_is_an_error_and_the_session_goes_on(proxy):
     session, transport = admin_session(proxy)
     transport.clear()
