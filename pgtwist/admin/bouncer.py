@@ -422,7 +422,9 @@ def _tls(transport) -> str:
     if transport is None or not getattr(transport, "TLS", False):
         return ""
     try:
-        handle = transport.getHandle()
+        # (After startTLS the TCP transport delivers to Twisted's TLS protocol, whose handle is the
+        # OpenSSL connection; the transport's own is the socket.)
+        handle = transport.protocol.getHandle()
         return f"{handle.get_protocol_version_name()}/{handle.get_cipher_name()}"
     except Exception:  # noqa: BLE001 - a TLS transport that cannot say: still TLS
         return "TLS"
@@ -438,9 +440,20 @@ def _wait(seconds: float) -> tuple[int, int]:
 _CLIENT_STATES = {"login": "login", "waiting": "waiting"}
 
 
+def _waiting_since(proxy) -> dict[int, float]:
+    """id(waiter) -> when it began waiting in its pool's queue (a waiting session is its own waiter)."""
+    out: dict[int, float] = {}
+    for pool in inspect._all_pools(proxy):
+        waiters, since = list(pool.waiters), pool.waiting_since()
+        if len(waiters) == len(since):  # (one entry each: Pool.waiting_since follows the queue)
+            out.update(zip(map(id, waiters), since))
+    return out
+
+
 def clients(proxy) -> list[dict]:
     views = {c["id"]: c for c in inspect.clients(proxy)}
     now = proxy.clock.seconds()
+    waiting = _waiting_since(proxy)
     out = []
     for session in list(proxy.clients.values()):
         view = views.get(session.id, {})
@@ -450,7 +463,8 @@ def clients(proxy) -> list[dict]:
         settings = getattr(session, "settings", None) or {}
         # The request being answered (when it began), else the last one answered: PgBouncer's request_time.
         asked = getattr(session, "_asked_at", None)
-        wait, wait_us = _wait(now - asked) if state == "waiting" and asked is not None else (0, 0)
+        since = waiting.get(id(session), asked) if state == "waiting" else None
+        wait, wait_us = _wait(now - since) if since is not None else (0, 0)
         out.append(
             {
                 "type": "C",
@@ -470,7 +484,7 @@ def clients(proxy) -> list[dict]:
                 "link": server.id if server is not None else "",
                 "remote_pid": 0,
                 "tls": _tls(session.transport),
-                "application_name": settings.get("application_name") or "",
+                "application_name": settings.get("application_name") or _startup(session).get("application_name") or "",
                 "id": session.id,
                 "session_state": session.state,
                 "tx": view.get("tx"),
@@ -480,6 +494,12 @@ def clients(proxy) -> list[dict]:
             }
         )
     return out
+
+
+def _startup(session) -> dict:
+    """The startup packet's parameters (the admin console's clients keep no settings)."""
+    startup = getattr(session, "startup", None)
+    return getattr(startup, "parameters", None) or {}
 
 
 def _server_state(pool, conn, now: float) -> str:

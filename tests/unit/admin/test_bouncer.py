@@ -104,3 +104,11 @@ def test_server_state_is_the_list_server_counts_puts_it_on():
     pool = SimpleNamespace(busy={active, lent, testing, resetting}, lent={lent: None}, testing={testing}, resetting={resetting},
                            due_for_check=lambda conn, now: conn is used)
     assert [bouncer._server_state(pool, c, 0.0) for c in conns] == ["idle", "used", "active", "idle", "tested", "tested"]
+
+
+def test_tls_column_says_protocol_and_cipher_as_pgbouncer():
+    handle = SimpleNamespace(get_protocol_version_name=lambda: "TLSv1.3", get_cipher_name=lambda: "TLS_AES_256_GCM_SHA384")
+    tls = SimpleNamespace(TLS=True, protocol=SimpleNamespace(getHandle=lambda: handle))
+    assert bouncer._tls(tls) == "TLSv1.3/TLS_AES_256_GCM_SHA384"
+    assert bouncer._tls(SimpleNamespace(TLS=False)) == ""  # (PgBouncer: '', not NULL)
+    assert bouncer._tls(SimpleNamespace(TLS=True)) == "TLS"  # a TLS transport that cannot say more

@@ -442,6 +442,11 @@ def test_pgbouncer_values_where_pgtwist_has_none(proxy):
     clients = {r[names.index("id")]: dict(zip(names, r)) for r in rows}
     admin = clients[session.id]
     assert (admin["state"], admin["link"], admin["tls"], admin["application_name"]) == ("active", "", "", "")
+    psql, psql_transport = client(proxy, user="admin", database="pgbouncer", application_name="psql")
+    psql_transport.clear()
+    psql.got_data(m.query("SHOW CLIENTS"))
+    names, rows = result_rows(psql_transport.value())
+    assert {r[names.index("id")]: r[names.index("application_name")] for r in rows}[psql.id] == "psql"
     assert admin["request_time"] is not None and admin["wait"] == "0"
     transport.clear()
     session.got_data(m.query("SHOW SERVERS"))
@@ -453,6 +458,22 @@ def test_pgbouncer_values_where_pgtwist_has_none(proxy):
     names, rows = result_rows(transport.value())
     fds = [dict(zip(names, r)) for r in rows]
     assert all(r["cancel"] is None and r["password"] is None and r["scram_client_key"] is None for r in fds)
+
+
+def test_a_waiting_client_says_how_long_it_has_waited():
+    """PgBouncer's wait / wait_us: how long a waiting client has been in its pool's queue."""
+    proxy = TestProxy(make_config(databases={"appdb": {"nodes": ["db1:5432"], "pool_size": 1}}))
+    first, _ = client(proxy)
+    second, _ = client(proxy)
+    assert (first.state, second.state) == ("linked", "waiting")
+    proxy.reactor.advance(2.25)
+    session, transport = admin_session(proxy)
+    transport.clear()
+    session.got_data(m.query("SHOW CLIENTS; SHOW POOLS"))
+    names, rows = result_rows(transport.value())
+    clients = {r[names.index("id")]: dict(zip(names, r)) for r in rows}
+    assert (clients[second.id]["state"], clients[second.id]["wait"], clients[second.id]["wait_us"]) == ("waiting", "2", "250000")
+    assert (clients[first.id]["wait"], clients[first.id]["link"]) == ("0", "s1")
 
 
 def test_int4_and_numeric_columns_in_binary(proxy):
