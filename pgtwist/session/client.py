@@ -277,7 +277,7 @@ class ClientSession(Admission):
         self._cancel_idle_tx_timer()
         self.placement.cancel()
         if previous is LINKED and self.server is not None:
-            self._release_server()
+            self._release_server("client gone")
         self.proxy.client_closed(self, reason)
 
     # -- client bytes (all but session mode's linked fast path) ---------------------------------
@@ -677,10 +677,18 @@ class ClientSession(Admission):
             self.relay.drop()
 
     def _terminate(self) -> None:
-        """Terminate: the client is leaving; its server connection is not."""
+        """Terminate: the client is leaving; its server connection is not.
+
+        Acted on at once, even while the node still runs the client's statement: that work is
+        cancelled and its server connection closed (_release_server), and the client hears
+        nothing more, only the end of the connection, as from PgBouncer. PostgreSQL reads no
+        message while it runs a statement, so there the Terminate waits until the statement
+        ends (its answer goes to a socket the client has closed). A driver that closes a
+        connection from one thread while another waits in it sees the hang-up sooner here.
+        """
         self._enter(CLOSED)
         if self.server is not None:
-            self._release_server()
+            self._release_server("Terminate")
         self.transport.loseConnection()
 
     # -- session mode, linked: the hot path ------------------------------------------------
@@ -1494,8 +1502,8 @@ class ClientSession(Admission):
             return bool(self.pinned or self.lease.lent) and self.relay.idle and self.relay.tx_status == p.TX_IDLE
         return self.tx_status == p.TX_IDLE and self._owes_nothing()
 
-    def _release_server(self) -> None:
-        """The client is gone (or failed): return its server connection, or close it if the node is still busy for it."""
+    def _release_server(self, why: str) -> None:
+        """The client is gone (or failed, *why*): return its server connection, or close it if the node is still busy for it."""
         server, self.server = self.server, None
         self.lease = None
         if server is None:
@@ -1505,6 +1513,12 @@ class ClientSession(Admission):
             server.unlink()
         if not reusable:
             # The node is still working for a client who left: stop that work, then drop the connection.
+            log.info(
+                "client {client} left ({why}) while server {server} still owed it an answer: cancelled, connection closed",
+                client=self.id,
+                server=server.id,
+                why=why,
+            )
             self.proxy.cancel_server(server)
         server.pool.release(server, reusable=reusable, reset=not self.transaction_mode or bool(self.pinned))
 
@@ -1571,7 +1585,7 @@ class ClientSession(Admission):
         )
         self.proxy.counters.error(fields.get("C"))
         if self.server is not None and self.state is LINKED:
-            self._release_server()
+            self._release_server(fields.get("C") or "fatal")
         # (While PREPARING, _prepared() returns the server once its internal query ends.)
         self._enter(CLOSED)
         self._cancel_idle_tx_timer()

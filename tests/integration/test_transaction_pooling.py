@@ -413,6 +413,30 @@ def test_cancel_hits_only_its_own_client(pg_cluster, tmp_path, admin):
             assert idle.execute("SELECT %s::int", (3,)).fetchone() == (3,)
 
 
+def running(admin, tag: str) -> int:
+    """How many backends on the primary run a statement carrying *tag* right now."""
+    sql = "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE %s AND pid <> pg_backend_pid()"
+    return admin.execute(sql, (f"%{tag}%",)).fetchone()[0]
+
+
+def test_terminate_during_a_statement_ends_the_client_at_once_and_cancels_the_statement(txproxy, admin):
+    """psycopg's close() from one thread while another waits in execute() sends a Query, then a
+    Terminate. pgtwist acts on the Terminate at once, as PgBouncer does: not one byte more, only
+    the end of the connection, and the statement cancelled on its node. (PostgreSQL reads the
+    Terminate only when the statement ends, and sends its answer first: ClientSession._terminate.)"""
+    tag = f"terminated_{time.monotonic_ns()}"
+    with raw_login(txproxy) as client:
+        client.send(m.query(f"SELECT pg_sleep(30) /* {tag} */"))
+        wait_for(lambda: running(admin, tag) == 1, 10, "the statement to run on the primary")
+        started = time.monotonic()
+        client.send(m.terminate())
+        assert client.wait_closed(5) == b""
+        assert time.monotonic() - started < 2
+    wait_for(lambda: running(admin, tag) == 0, 10, "the statement to be cancelled")
+    with txproxy.connect() as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
 # --------------------------------------------------------------------------- prepared statements across clients
 
 
