@@ -147,6 +147,7 @@ class ClientSession(Admission):
         "pinned",
         "_effects_of",
         "ready_count",
+        "_copy_syncs",
         "tx_status",
         "process_id",
         "secret_key",
@@ -208,6 +209,9 @@ class ClientSession(Admission):
         self.pinned: str | None = None
         self._effects_of: dict = {}  # statement name -> SessionEffects, for statements that change session state
         self.ready_count = 0
+        # Session pooling, COPY FROM STDIN under way: the client's Syncs the node ignores while it
+        # reads the data, counted as answered by the ReadyForQuery that ends it (_syncs_ignored_by_copy).
+        self._copy_syncs: int | None = None
         self.tx_status = p.TX_IDLE
         self.process_id = 0
         self.secret_key = b""
@@ -1178,12 +1182,34 @@ class ClientSession(Admission):
                     fields = m.decode_fields(body)
                     if fields.get("V", fields.get("S")) in ("FATAL", "PANIC"):
                         server.fatal = fields  # relayed as it came: when the node hangs up, nothing more is said
+                elif msg_type == p.COPY_IN_RESPONSE:
+                    self._copy_syncs = self._syncs_ignored_by_copy(ready)
                 else:
                     self._parameter_status(server, body)
+            if ready and self._copy_syncs is not None:
+                ready, self._copy_syncs = ready + self._copy_syncs, None
             self.ready_count += ready
         write_now(self.transport, b"".join(out))
         if status is not None:
             self._ready(server, status)
+
+    def _syncs_ignored_by_copy(self, ready: int) -> int:
+        """Session pooling: the node starts reading COPY FROM STDIN data (CopyInResponse), with
+        *ready* ReadyForQuery of this read counted already. How many of the client's Syncs still
+        unanswered will never be: PostgreSQL ignores a Sync while it reads COPY data, and libpq
+        (PQexecParams, PQexecPrepared) and tokio-postgres send one behind the Execute, then
+        another after CopyDone. They count as answered once the ReadyForQuery ending the COPY
+        comes (until then the node is mid-COPY: a client leaving then gets its connection
+        cancelled and closed); else the session would owe a ReadyForQuery for ever, and a client
+        leaving would have a sound connection closed rather than reused, a drain wait for it.
+        Every Sync unanswered now came after the COPY's Execute, since earlier requests were
+        answered in order before this; a simple Query running the COPY is owed its own
+        ReadyForQuery still. (As the transaction-pooling relay assumes: the client waits for
+        CopyInResponse before it sends the data, as libpq does.)"""
+        unanswered = self.scanner.watched - self.ready_count - ready
+        if self.scanner.last_type == p.QUERY:
+            unanswered -= 1
+        return max(0, unanswered)
 
     def _on_refusal(self, server, items: list) -> bool:
         """PostgreSQL answered 55006 (or a refusal of that kind is held back): when it refused the
@@ -1269,6 +1295,9 @@ class ClientSession(Admission):
             write_now(self.transport, data + b"".join(after) if after else data)
         else:
             self.ready_count += 1
+            if self._copy_syncs is not None:  # (the ReadyForQuery ending a COPY FROM STDIN)
+                self.ready_count += self._copy_syncs
+                self._copy_syncs = None
             write_now(self.transport, data)
         self._ready(server, status)
 
@@ -1479,7 +1508,7 @@ class ClientSession(Admission):
         if self.relay is not None:
             in_flight = not self.relay.idle
         else:
-            in_flight = scanner.watched != self.ready_count
+            in_flight = scanner.watched != self.ready_count or self._copy_syncs is not None
         # (Not the last message only: after Close, CopyDone a server skipping to Sync is deaf.)
         return not in_flight and scanner.at_boundary and not scanner.unsynced
 

@@ -28,9 +28,10 @@ log = Logger()
 UNSYNCED = frozenset((p.PARSE, p.BIND, p.EXECUTE, p.DESCRIBE, p.CLOSE, p.FLUSH))
 _RETRY_DELAY = 0.25  # between attempts to place work while nodes come and go
 _NOTHING_CLASSIFIED = Classification(read_only=False, reason="session")
-# What a session-mode link looks at in the node's answers: ReadyForQuery, ParameterStatus, and
-# ErrorResponse, so that a FATAL relayed as it came is known (the client gets no second one).
-SESSION_SERVER_CAPTURE = frozenset((p.READY_FOR_QUERY, p.PARAMETER_STATUS, p.ERROR_RESPONSE))
+# What a session-mode link looks at in the node's answers: ReadyForQuery, ParameterStatus,
+# ErrorResponse, so that a FATAL relayed as it came is known (the client gets no second one),
+# and CopyInResponse (the Syncs PostgreSQL will ignore: ClientSession._copy_in_started).
+SESSION_SERVER_CAPTURE = frozenset((p.READY_FOR_QUERY, p.PARAMETER_STATUS, p.ERROR_RESPONSE, p.COPY_IN_RESPONSE))
 # Of a node's FATAL, what a kept session's ERROR repeats: code, message, detail, hint, context.
 _KEPT_FIELDS = frozenset("CMDHW")
 # Login refusals that mean the node is away (unreachable, starting up, shutting down), not that

@@ -355,3 +355,51 @@ def test_next_client_on_the_same_server_connection_starts_clean(pg_cluster, admi
             assert b.execute("SHOW work_mem").fetchone()[0] == "4MB"
             assert b.execute("SELECT count(*) FROM pg_listening_channels()").fetchone() == (0,)
         assert admin.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'").fetchone() == (0,)
+
+
+def test_extended_copy_from_stdin_leaves_the_connection_reusable(pg_cluster, tmp_path):
+    """libpq's PQexecParams / PQexecPrepared of COPY ... FROM STDIN: Parse/Bind/Describe/Execute/
+    Sync, the data, then CopyDone and another Sync. PostgreSQL ignores the Sync sent while it
+    reads COPY data, so the batch earns one ReadyForQuery, not two. In session pooling a client
+    counted as still owed one would have its connection cancelled and closed when it leaves,
+    rather than reset and reused: the next client must get the same backend, and pgtwist must
+    log nothing about a client leaving mid-statement. Also a CopyFail, and a simple-Query COPY."""
+    from psycopg import pq
+
+    with start_proxy(pg_cluster, tmp_path, pool_mode="session", pool_size=1) as px:
+        with px.connect() as setup:
+            setup.execute("DROP TABLE IF EXISTS copy_ext_s; CREATE TABLE copy_ext_s (v int)")
+        pids = set()
+
+        def copy(conn, send, rows: bytes, fail: bytes | None = None) -> None:
+            send()
+            started = conn.get_result()
+            assert started.status == pq.ExecStatus.COPY_IN, conn.get_error_message()
+            assert conn.put_copy_data(rows) == 1
+            assert conn.put_copy_end(fail) == 1
+            done = conn.get_result()
+            assert done.status == (pq.ExecStatus.FATAL_ERROR if fail else pq.ExecStatus.COMMAND_OK), conn.get_error_message()
+            assert conn.get_result() is None
+
+        runs = [
+            lambda c: c.send_query_params(b"COPY copy_ext_s FROM STDIN", None),
+            lambda c: (c.prepare(b"cp", b"COPY copy_ext_s FROM STDIN"), c.send_query_prepared(b"cp", None)),
+            lambda c: c.send_query(b"COPY copy_ext_s FROM STDIN"),
+        ]
+        for i, send in enumerate(runs + [runs[0]]):
+            conn = pq.PGconn.connect(px.dsn().encode())
+            assert conn.status == pq.ConnStatus.OK, conn.get_error_message()
+            try:
+                fail = b"changed my mind" if i == len(runs) else None
+                copy(conn, lambda: send(conn), b"%d\n" % (i + 1), fail)
+                result = conn.exec_(b"SELECT pg_backend_pid()")
+                assert result.status == pq.ExecStatus.TUPLES_OK, conn.get_error_message()
+                pids.add(result.get_value(0, 0))
+            finally:
+                conn.finish()
+        with px.connect() as conn:
+            assert conn.execute("SELECT count(*), sum(v) FROM copy_ext_s").fetchone() == (3, 6)
+            pids.add(str(conn.execute("SELECT pg_backend_pid()").fetchone()[0]).encode())
+        assert len(pids) == 1, f"the pool's one connection was replaced: backends {pids}"
+        log = px.log_text()
+        assert "still owed it an answer" not in log, log

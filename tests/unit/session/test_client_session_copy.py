@@ -1,0 +1,68 @@
+"""Session pooling and COPY FROM STDIN: the Syncs PostgreSQL ignores while it reads COPY data are owed no ReadyForQuery."""
+
+from twisted.internet.error import ConnectionLost
+from twisted.python.failure import Failure
+
+from pgtwist.wire import messages as m
+from pgtwist.wire import protocol as p
+from pgtwist.wire.framing import frame
+
+from tests.harness.session import Harness, finish_internal, queries
+
+# CopyInResponse: text format, one column.
+COPY_IN = frame(p.COPY_IN_RESPONSE, b"\x00\x00\x01\x00\x00")
+EXTENDED_COPY = m.parse("", "COPY t FROM STDIN") + m.bind("", "") + m.describe("P", "") + m.execute() + m.sync()
+PARSED = frame(p.PARSE_COMPLETE) + frame(p.BIND_COMPLETE) + frame(p.NO_DATA)
+
+
+def _leave_and_expect_reuse(h, session, server, st_):
+    assert session.at_rest()
+    session.connection_lost(Failure(ConnectionLost()))
+    assert not st_.disconnecting, "a connection owing nothing is reset, not closed"
+    assert queries(st_.value())[-1] == "DISCARD ALL"
+    finish_internal(server)
+    assert list(h.pool.idle) == [server]
+
+
+def test_extended_copy_owes_one_ready_for_query_not_two():
+    """libpq's PQexecParams: Execute and Sync, CopyInResponse, the data, CopyDone and Sync; one ReadyForQuery in all."""
+    h = Harness()
+    session, ct, server, st_ = h.linked()
+    session.got_data(EXTENDED_COPY)
+    server.got_data(PARSED + COPY_IN)
+    assert not session.at_rest()  # (reading COPY data)
+    session.got_data(m.copy_data(b"1\n") + m.copy_done() + m.sync())
+    server.got_data(m.command_complete("COPY 1") + m.ready_for_query())
+    _leave_and_expect_reuse(h, session, server, st_)
+
+
+def test_extended_copy_failed_by_the_client_owes_one_ready_for_query():
+    h = Harness()
+    session, ct, server, st_ = h.linked()
+    session.got_data(EXTENDED_COPY)
+    server.got_data(PARSED + COPY_IN)
+    session.got_data(m.copy_fail("changed my mind") + m.sync())
+    server.got_data(m.error_response("ERROR", "57014", "COPY from stdin failed: changed my mind") + m.ready_for_query())
+    _leave_and_expect_reuse(h, session, server, st_)
+
+
+def test_simple_query_copy_is_still_owed_its_ready_for_query():
+    """COPY sent as a simple Query: its ReadyForQuery comes after CopyDone, and is owed until then."""
+    h = Harness()
+    session, ct, server, st_ = h.linked()
+    session.got_data(m.query("COPY t FROM STDIN"))
+    server.got_data(COPY_IN)
+    session.got_data(m.copy_data(b"1\n") + m.copy_done())
+    assert not session.at_rest()
+    server.got_data(m.command_complete("COPY 1") + m.ready_for_query())
+    _leave_and_expect_reuse(h, session, server, st_)
+
+
+def test_a_client_leaving_mid_copy_still_gets_its_connection_closed():
+    h = Harness()
+    session, ct, server, st_ = h.linked()
+    session.got_data(EXTENDED_COPY)
+    server.got_data(PARSED + COPY_IN)
+    session.got_data(m.copy_data(b"1\n"))
+    session.connection_lost(Failure(ConnectionLost()))
+    assert st_.disconnecting
