@@ -10,7 +10,7 @@
 # epoll) is not counted: both poolers make the same system calls per transaction.
 #
 # usage: bench/instructions.sh [--tree DIR] [--clients N] [--pool N] [--targets pgtwist,pgbouncer] [--connect] [--scram]
-#                              [--protocol simple|extended|prepared]
+#                              [--protocol simple|extended|prepared] [--keep DIR]
 #   --tree DIR   the pgtwist source tree to measure (default: this repository), e.g. a
 #                `git worktree` of another revision
 #   --connect    pgbench -C: a login (and logout) per transaction, the churn of short-lived
@@ -22,11 +22,13 @@
 #                the unnamed statement, as psycopg and node-postgres send a query with
 #                parameters) or prepared (named statements run again; PgBouncer 1.18 cannot
 #                serve it in transaction pooling, so its column then fails)
+#   --keep DIR   keep the callgrind files in DIR (TARGET.T1.callgrind, TARGET.T2.callgrind), to
+#                see where the instructions go: callgrind_annotate, or the difference of two runs
 # Needs valgrind, the PostgreSQL server binaries, pgbench and (for its column) pgbouncer.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")/.." && pwd)
-TREE=$HERE CLIENTS=64 POOL=16 TARGETS=pgtwist,pgbouncer T1=20 T2=60 CONNECT=() AUTH=trust PROTOCOL=simple
+TREE=$HERE CLIENTS=64 POOL=16 TARGETS=pgtwist,pgbouncer T1=20 T2=60 CONNECT=() AUTH=trust PROTOCOL=simple KEEP=
 while [ $# -gt 0 ]; do
     case $1 in
         --tree) TREE=$(cd "$2" && pwd); shift 2 ;;
@@ -36,6 +38,7 @@ while [ $# -gt 0 ]; do
         --connect) CONNECT=(-C); shift ;;
         --scram) AUTH=scram-sha-256; shift ;;
         --protocol) PROTOCOL=$2; shift 2 ;;
+        --keep) mkdir -p "$2"; KEEP=$(cd "$2" && pwd); shift 2 ;;
         *) echo "unknown option $1" >&2; exit 2 ;;
     esac
 done
@@ -138,6 +141,7 @@ EOF
     pkill -TERM -f "callgrind-out-file=$out" || true
     wait "$pid" 2>/dev/null || true
     for _ in $(seq 1 100); do grep -q '^totals:' "$out" 2>/dev/null && break; sleep 0.2; done
+    [ -n "$KEEP" ] && cp "$out" "$KEEP/"
     awk '/^totals:/ {print $2}' "$out"
 }
 

@@ -465,6 +465,32 @@ class ServerConnection:
         attach_producer(client_transport, self._server_throttle)
         attach_producer(self.transport, self._client_throttle)
 
+    def relink(self, session, client_transport, capture: frozenset[int] | None = None) -> None:
+        """Pass this linked connection from its client's session to *session* in place: what
+        unlink() then link() would do, without the steps that cancel out. The connection stays
+        linked (so no state moves), its scanner stays, and the node's side keeps its producer
+        registered, which now throttles the new client. Transaction pooling's handoff while
+        clients wait (Pool.hand_over): once per transaction there, so as few calls as it takes."""
+        if self.state is not LINKED:
+            raise IllegalTransition(f"server {self.id}: {self.state} -> relinked (only a linked connection passes on)")
+        old = self.client_transport
+        server_throttle, client_throttle = self._server_throttle, self._client_throttle
+        if old is not None:
+            if old.connected:
+                detach_producer(old)
+            if client_throttle.paused:  # (the old client must not stay paused after the link)
+                client_throttle.paused = False
+                old.resumeProducing()
+        if server_throttle.paused:
+            server_throttle.paused = False
+            self.transport.resumeProducing()
+        self.session = session
+        self.client_transport = client_transport
+        self.scanner.capture = capture or _LINKED_CAPTURE
+        self.replied = False
+        client_throttle.transport = client_transport
+        attach_producer(client_transport, server_throttle)
+
     def unlink(self) -> None:
         self._enter(IDLE)  # (first: only a linked connection unlinks)
         self._unlink_transports()

@@ -881,7 +881,19 @@ class ClientSession(Admission):
         self._enter(LINKED)
         self.ready_count = 0
         self.placement.settled()
+        self._start_lease()
+        server.link(self, self.transport, self.relay.capture() if self.relay else SESSION_SERVER_CAPTURE)
+        self.resume_reading()
+        self._work_on(server)
+
+    def _start_lease(self) -> None:
+        """A link starts: its Lease, with what the work it was placed by says about it."""
         decision = self.decision
+        if not self.router.clustered:
+            # One node: no replica read, nothing to watch for read-your-writes (_watch_link's
+            # first case, which a new Lease already is).
+            self.lease = Lease()
+            return
         self.lease = Lease(
             read_link=bool(
             self.transaction_mode
@@ -893,8 +905,9 @@ class ClientSession(Admission):
             )
         )
         self._watch_link(decision)
-        server.link(self, self.transport, self.relay.capture() if self.relay else SESSION_SERVER_CAPTURE)
-        self.resume_reading()
+
+    def _work_on(self, server) -> None:
+        """Just linked to *server*: the work that waited for it goes out."""
         backlog, self.backlog = self.backlog, []
         read, self._read = self._read, None  # (taken with the backlog it belongs to, whatever path that takes)
         if backlog:
@@ -902,6 +915,45 @@ class ClientSession(Admission):
                 self._client_items(backlog)
         elif self.transaction_mode:
             self._maybe_release()
+
+    # -- the handoff while clients wait (transaction pooling) -------------------------------------
+
+    def takes_as_is(self, server) -> bool:
+        """Pool.hand_over asks: can this waiting client take *server* just as the client before
+        it leaves it, linked in place? Yes when logged in, in transaction pooling, and the
+        session's settings are the connection's (nothing to sync: link_server's common case)."""
+        return self.state is WAITING and self.logged_in and self.transaction_mode and self.settings == server.settings
+
+    def take_over(self, server) -> None:
+        """The pool hands this waiting client *server* straight from the client before it, still
+        linked (Pool.hand_over): what link_server and _prepared do for a logged-in client whose
+        settings the connection holds, in one step, and the connection relinked in place."""
+        try:
+            self.placement.settled()
+            self.server = server
+            self._enter(LINKED)
+            self.ready_count = 0
+            self._start_lease()
+            server.relink(self, self.transport, self.relay.capture())
+            if self._paused:
+                self.resume_reading()
+            self._work_on(server)
+        except Exception:
+            self.crashed(Failure())
+
+    def _hand_over(self, server) -> None:
+        """The transaction ended with nothing to read back, and clients wait for the pool: the
+        connection goes to the oldest of them in place if it can take it as it is (Pool.hand_over),
+        else back through the pool as usual (_give_back)."""
+        self.lease = None
+        self.server = None
+        self._enter(IDLE)
+        if not server.pool.hand_over(server):
+            server.unlink()
+            server.pool.release(server, reusable=True, reset=False)
+        if self._paused:
+            self.resume_reading()
+        # (No backlog to place: _maybe_release hands over only when there is none.)
 
     # -- losing it ----------------------------------------------------------------------------
 
@@ -1365,6 +1417,9 @@ class ClientSession(Admission):
             if self._lendable(server):
                 lease.lent = True  # (see lending below; nothing to read back first)
                 pool.lend(server, self)
+                return
+            if pool.waiters and not self.backlog:
+                self._hand_over(server)  # clients outnumber connections: the next one takes it
                 return
         names: list[str] = []
         if self.dirty or self.dirty_all:

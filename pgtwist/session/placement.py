@@ -172,13 +172,15 @@ class Placement:
         if pool is None or pool.node is not decision.node or pool.retired:
             # (Most transactions go where the last one went: skip the lookup then.)
             pool = self._pool = self.proxy.pool_for(s.database, s.user, decision.node)
-        server = pool.take_idle()
-        if server is not None:
-            s.link_server(server)
-            return
-        # Waiting in the pool's queue: it calls server_ready / server_unavailable, no Deferred.
-        # The client is not paused here (two epoll calls per wait): whatever it sends meanwhile
-        # is kept in the backlog and pauses it then (ClientSession._client_data).
+        if not pool.waiters:  # (take_idle never jumps the queue: with clients waiting, join it)
+            server = pool.take_idle()
+            if server is not None:
+                s.link_server(server)
+                return
+        # Waiting in the pool's queue: it calls server_ready / server_unavailable, or hands a
+        # connection over in place (ClientSession.take_over), no Deferred. The client is not
+        # paused here (two epoll calls per wait): whatever it sends meanwhile is kept in the
+        # backlog and pauses it then (ClientSession._client_data).
         self._waiting = pool
         pool.wait_for(s)
 
@@ -210,8 +212,10 @@ class Placement:
         self._primary = None
 
     def settled(self) -> None:
-        """The work has its server connection: a later failure starts a new failover_wait."""
+        """The work has its server connection: a later failure starts a new failover_wait.
+        (Also when the pool handed it over in place, with no server_ready: ClientSession.take_over.)"""
         self._deadline = None
+        self._waiting = None
 
     def cancel(self) -> None:
         """The client left while waiting in a pool's queue."""

@@ -18,6 +18,7 @@ TRANSITIONS: tuple[tuple[str, str, str], ...] = (
     (IDLE, "terminate, fatal, client gone", CLOSED),
     (WAITING, "retry after a failed attempt", WAITING),
     (WAITING, "server connection got", PREPARING),
+    (WAITING, "server connection handed over in place, settings as they are", LINKED),
     (WAITING, "open batch on a replica, or the work failed", IDLE),
     (WAITING, "fatal, client gone", CLOSED),
     (PREPARING, "server connection ready", LINKED),

@@ -73,7 +73,7 @@ def test_an_illegal_move_raises_and_changes_nothing(frm, to):
 
 @pytest.mark.parametrize(
     "frm,to",
-    [(CLOSED, IDLE), (CLOSED, LINKED), (IDLE, LINKED), (IDLE, PREPARING), (LOGIN, LINKED), (ADMIN, IDLE), (WAITING, LINKED)],
+    [(CLOSED, IDLE), (CLOSED, LINKED), (IDLE, LINKED), (IDLE, PREPARING), (LOGIN, LINKED), (ADMIN, IDLE), (WAITING, ADMIN)],
 )
 def test_moves_that_would_be_bugs_are_refused(frm, to):
     with pytest.raises(IllegalTransition):
