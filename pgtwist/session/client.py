@@ -1451,6 +1451,9 @@ class ClientSession(Admission):
             lease.lent = True
             pool.lend(server, self)
             return
+        if pool.waiters and not self.backlog:
+            self._hand_over(server)  # (in a cluster too: the taker was placed on this node already)
+            return
         self._give_back(server)
 
     # -- read-your-writes: which transactions may have written ---------------------------------
