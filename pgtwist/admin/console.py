@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from twisted.logger import Logger
 
 from pgtwist import config as configmod
-from pgtwist.admin import actions, bouncer, columns, inspect
+from pgtwist.admin import actions, bouncer, columns, inspect, totals
 from pgtwist.frontend.login import LoginError
 from pgtwist.wire import frontend
 from pgtwist.wire import messages as m
@@ -128,7 +128,8 @@ _SHOW = {
     "HELP": (_HELP_COLUMNS, lambda proxy: [{"command": c, "does": d} for c, d in HELP]),
 }
 # SHOW views that list every worker's rows under workers = N: name -> the view a worker serves.
-PER_WORKER = {"CLIENTS": "bouncer.clients", "POOLS": "bouncer.pools", "NODE_POOLS": "inspect.pools", "NODES": "inspect.nodes"}
+# (PgBouncer's views of counts add the workers' rows up instead: admin.totals.MERGED.)
+PER_WORKER = {"CLIENTS": "bouncer.clients", "SERVERS": "bouncer.servers", "NODE_POOLS": "inspect.pools", "NODES": "inspect.nodes"}
 _WORDS = re.compile(r"\S+")
 
 
@@ -163,6 +164,13 @@ def run(proxy, sql: str, session=None) -> Result:
             raise CommandError(SYNTAX_ERROR, f"unknown SHOW command: {sql}", "SHOW HELP lists the commands.")
         columns, rows = view
         link = getattr(proxy, "worker", None)
+        if link is not None and what in totals.MERGED:
+            # workers = N: one row per key, every worker's counts added up (admin.totals).
+            served, merge = totals.MERGED[what]
+            every, missing = link.every_worker(served, rows(proxy))
+            result = _table(columns, merge(every))
+            result.notices += [f"worker {i} did not answer: its counts are missing" for i in missing]
+            return result
         if what not in PER_WORKER or link is None:
             return _table(columns, rows(proxy))
         # workers = N: every worker's rows, with a worker column (pgtwist.service.workers).

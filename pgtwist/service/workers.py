@@ -261,13 +261,25 @@ def worker_services(svc, spec: WorkerSpec, reactor) -> list:
 
 
 # SHOW views other workers are asked for, by the console of the worker an admin is connected to.
-SHOWN = ("bouncer.clients", "bouncer.pools", "inspect.pools", "inspect.nodes")  # (admin.console.PER_WORKER)
+# (admin.console.PER_WORKER's views, and admin.totals.MERGED's.)
+SHOWN = (
+    "bouncer.clients",
+    "bouncer.servers",
+    "bouncer.pools",
+    "bouncer.stats",
+    "bouncer.stats_totals",
+    "bouncer.stats_averages",
+    "bouncer.lists",
+    "bouncer.databases",
+    "inspect.pools",
+    "inspect.nodes",
+)
 WORKER_COLUMN = ("worker", int)
 SHOW_TIMEOUT = 1.0
 
 
 class ShowResource(resource.Resource):
-    """GET /show/{clients,pools,nodes} on a worker's unix socket: its rows of that SHOW, as JSON."""
+    """GET /show/{module.view} (SHOWN) on a worker's unix socket: its rows of that SHOW, as JSON."""
 
     isLeaf = True
 

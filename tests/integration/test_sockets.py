@@ -16,6 +16,8 @@ import pytest
 
 from tests.harness.proxy import DATABASE, RawClient, psql, start_proxy
 
+pytestmark = pytest.mark.integration
+
 SSL_REQUEST = struct.pack("!ii", 8, 80877103)
 
 

@@ -16,6 +16,8 @@ import pytest
 from tests.harness import proxy as proxymod
 from tests.harness.proxy import wait_for
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture
 def px(pg_cluster, tmp_path):
@@ -51,14 +53,33 @@ def test_many_clients_are_served_by_both_workers(px):
         for i, conn in enumerate(conns):
             assert conn.execute("SELECT %s::int + 1", (i,)).fetchone()[0] == i + 1
         served = {worker_of(px, conn) for conn in conns}
-        # The admin console, on whichever worker it lands, shows every worker's clients and pools.
+        # The admin console, on whichever worker it lands, shows every worker's clients, server
+        # connections and node pools, with a worker column.
         with px.connect(dbname="pgbalance") as console:
-            for what in ("CLIENTS", "POOLS", "NODE_POOLS", "NODES"):
+            for what in ("CLIENTS", "SERVERS", "NODE_POOLS", "NODES"):
                 cur = console.execute(f"SHOW {what}")
                 names = [d.name for d in cur.description]
                 assert names[-1] == "worker"
                 rows = cur.fetchall()
                 assert {row[-1] for row in rows} == {0, 1}, (what, rows)
+            # PgBouncer's views of counts add the workers up, one row per key as pgbouncer_exporter
+            # needs (a duplicate label set fails its whole scrape).
+            for what, key in (("POOLS", ("database", "user")), ("STATS", ("database",)), ("STATS_TOTALS", ("database",)),
+                              ("STATS_AVERAGES", ("database",)), ("DATABASES", ("name",)), ("LISTS", ("list",))):
+                cur = console.execute(f"SHOW {what}")
+                names = [d.name for d in cur.description]
+                assert "worker" not in names, what
+                rows = [dict(zip(names, row)) for row in cur.fetchall()]
+                keys = [tuple(r[k] for k in key) for r in rows]
+                assert len(keys) == len(set(keys)), (what, keys)
+                if what == "POOLS":
+                    app = next(r for r in rows if r["database"] == "appdb")
+                    assert app["cl_active"] + app["cl_waiting"] >= len(conns), app  # both workers' clients
+                if what == "STATS_TOTALS":
+                    appdb = next(r for r in rows if r["database"] == "appdb")
+                    assert appdb["query_count"] >= len(conns), appdb  # both workers' queries
+                if what == "LISTS":
+                    assert {r["list"]: r["items"] for r in rows}["used_clients"] >= len(conns) + 1
             cur = console.execute("SHOW CLIENTS")
             names = [d.name for d in cur.description]
             clients = [dict(zip(names, row)) for row in cur.fetchall()]
