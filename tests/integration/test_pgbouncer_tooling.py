@@ -58,6 +58,47 @@ def simple(conn, sql: str):
     return cur
 
 
+def test_waiting_clients_and_times_mean_what_pgbouncer_s_do(pg_cluster, tmp_path):
+    """SHOW POOLS' cl_waiting counts a client waiting for a server connection, maxwait/maxwait_us
+    say how long the oldest has waited (seconds, then the microseconds beyond them), and SHOW
+    STATS_TOTALS' times are microseconds and wait_time the time clients waited: a dashboard built
+    on PgBouncer's meanings reads pgtwist's the same way."""
+    with start_ops_proxy(pg_cluster, tmp_path, {"admin": {"users": [ADMIN]}}, users=users(pg_cluster), pool_mode="transaction",
+                         pool_size=1, query_wait_timeout=30) as px:
+        dsn = px.dsn(dbname="pgbouncer", user=ADMIN, password=ADMIN_PASSWORD)
+        with psycopg.connect(dsn, autocommit=True) as console, px.connect() as holder, px.connect() as waiter:
+
+            def table(what: str) -> list[dict]:
+                cur = simple(console, f"SHOW {what}")
+                return [dict(zip([c.name for c in cur.description], row)) for row in cur.fetchall()]
+
+            def totals() -> dict:
+                return next(r for r in table("STATS_TOTALS") if r["database"] == "appdb")
+
+            before = totals()
+            holder.execute("SELECT pg_sleep(0.3)")  # a query of 0.3 s: 300,000 µs more query_time
+            after = totals()
+            assert 300_000 <= after["query_time"] - before["query_time"] < 3_000_000, (before, after)
+            holder.execute("BEGIN")  # the pool's one connection is held now
+            holder.execute("SELECT 1")
+            done = threading.Event()
+            thread = threading.Thread(target=lambda: (waiter.execute("SELECT 2"), done.set()), daemon=True)
+            thread.start()
+            time.sleep(1.3)
+            pool = next(r for r in table("POOLS") if r["database"] == "appdb")
+            assert (pool["cl_waiting"], pool["cl_active"], pool["sv_active"]) == (1, 1, 1), pool
+            assert pool["maxwait"] == 1 and 0 <= pool["maxwait_us"] < 1_000_000, pool
+            waited = pool["maxwait"] + pool["maxwait_us"] / 1e6
+            assert 1.2 <= waited < 5, pool
+            holder.execute("COMMIT")
+            assert done.wait(10)
+            thread.join(10)
+            pool = next(r for r in table("POOLS") if r["database"] == "appdb")
+            assert (pool["cl_waiting"], pool["maxwait"], pool["maxwait_us"]) == (0, 0, 0), pool
+            wait_us = totals()["wait_time"] - after["wait_time"]
+            assert 1_200_000 <= wait_us < 10_000_000, wait_us  # the waiter's wait, in microseconds
+
+
 def test_pgbouncer_exporter_queries(pg_cluster, tmp_path):
     with start_ops_proxy(pg_cluster, tmp_path, {"admin": {"users": [ADMIN]}}, users=users(pg_cluster), pool_mode="transaction",
                          server_check_delay=0.5) as px:

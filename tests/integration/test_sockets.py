@@ -295,3 +295,26 @@ def test_clients_get_tcp_keepalive_as_pgbouncer_gives_them(pg_cluster, tmp_path)
                     break
                 time.sleep(0.2)
             assert timers and all(unit != "min" and int(n) <= 33 for n, unit in timers), out
+
+
+def test_server_connections_get_tcp_keepalive(pg_cluster, tmp_path):
+    """tcp_keepalive / tcp_keepidle on pgtwist's connections to the node: a node whose host
+    vanished (no FIN, no RST) is noticed by the kernel instead of holding a pooled connection."""
+    node_port = pg_cluster.nodes[0].port
+    with start_proxy(pg_cluster, tmp_path, tcp_keepidle=37) as px:
+        with px.connect() as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+            pid = str(px.process.pid)
+            deadline = time.monotonic() + 10
+            while True:
+                out = subprocess.run(
+                    ["ss", "-tnopH", "state", "established", f"( dport = :{node_port} )"],
+                    capture_output=True, text=True, timeout=10, check=True,
+                ).stdout
+                ours = [line for line in out.splitlines() if f"pid={pid}," in line]
+                timers = re.findall(r"timer:\(keepalive,(\d+)(?:\.\d+)?(ms|sec|min)", "\n".join(ours))
+                if timers or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+            assert ours, out
+            assert timers and all(unit != "min" and int(n) <= 37 for n, unit in timers), ours
