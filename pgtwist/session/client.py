@@ -1235,7 +1235,8 @@ class ClientSession(Admission):
                     if fields.get("V", fields.get("S")) in ("FATAL", "PANIC"):
                         server.fatal = fields  # relayed as it came: when the node hangs up, nothing more is said
                 elif msg_type == p.COPY_IN_RESPONSE:
-                    self._copy_syncs = self._syncs_ignored_by_copy(ready)
+                    if self._copy_syncs is None:  # (else a later COPY of the same Query: nothing more is ignored)
+                        self._copy_syncs = self._syncs_ignored_by_copy(ready)
                 else:
                     self._parameter_status(server, body)
             if ready and self._copy_syncs is not None:
@@ -1248,20 +1249,24 @@ class ClientSession(Admission):
     def _syncs_ignored_by_copy(self, ready: int) -> int:
         """Session pooling: the node starts reading COPY FROM STDIN data (CopyInResponse), with
         *ready* ReadyForQuery of this read counted already. How many of the client's Syncs still
-        unanswered will never be: PostgreSQL ignores a Sync while it reads COPY data, and libpq
-        (PQexecParams, PQexecPrepared) and tokio-postgres send one behind the Execute, then
-        another after CopyDone. They count as answered once the ReadyForQuery ending the COPY
-        comes (until then the node is mid-COPY: a client leaving then gets its connection
-        cancelled and closed); else the session would owe a ReadyForQuery for ever, and a client
-        leaving would have a sound connection closed rather than reused, a drain wait for it.
-        Every Sync unanswered now came after the COPY's Execute, since earlier requests were
-        answered in order before this; a simple Query running the COPY is owed its own
-        ReadyForQuery still. (As the transaction-pooling relay assumes: the client waits for
-        CopyInResponse before it sends the data, as libpq does.)"""
-        unanswered = self.scanner.watched - self.ready_count - ready
-        if self.scanner.last_type == p.QUERY:
-            unanswered -= 1
-        return max(0, unanswered)
+        unanswered will never be answered: PostgreSQL ignores a Sync while it reads COPY data,
+        and libpq (PQexecParams, PQexecPrepared) and tokio-postgres send one behind the COPY's
+        Execute, then another after CopyDone. They count as answered once the ReadyForQuery
+        ending the COPY comes (until then the node is mid-COPY: a client leaving then gets its
+        connection cancelled and closed); else the session would owe a ReadyForQuery for ever,
+        and a client leaving would have a sound connection closed rather than reused, a drain
+        wait for it.
+
+        Session pooling does not look at each message the client sends (only counts Query, Sync
+        and FunctionCall), so which request started the COPY is told by the last message: a
+        Sync, when the client sent Execute and Sync and waits for CopyInResponse (libpq,
+        tokio-postgres), or sent those and then its data, CopyDone and Sync: one Sync ignored,
+        the one behind the Execute (the first unanswered: earlier requests were answered in
+        order before this). Anything else (the Query itself, or its data already behind it, as
+        pgx sends CopyFrom; an Execute and Flush) means no Sync is ignored."""
+        if self.scanner.last_type == p.SYNC and self.scanner.watched - self.ready_count - ready > 0:
+            return 1
+        return 0
 
     def _on_refusal(self, server, items: list) -> bool:
         """PostgreSQL answered 55006 (or a refusal of that kind is held back): when it refused the

@@ -363,7 +363,8 @@ def test_extended_copy_from_stdin_leaves_the_connection_reusable(pg_cluster, tmp
     reads COPY data, so the batch earns one ReadyForQuery, not two. In session pooling a client
     counted as still owed one would have its connection cancelled and closed when it leaves,
     rather than reset and reused: the next client must get the same backend, and pgtwist must
-    log nothing about a client leaving mid-statement. Also a CopyFail, and a simple-Query COPY."""
+    log nothing about a client leaving mid-statement. Also a CopyFail, a simple-Query COPY, one
+    with its data sent before CopyInResponse (pgx), and two COPYs in one Query."""
     from psycopg import pq
 
     with start_proxy(pg_cluster, tmp_path, pool_mode="session", pool_size=1) as px:
@@ -397,8 +398,34 @@ def test_extended_copy_from_stdin_leaves_the_connection_reusable(pg_cluster, tmp
                 pids.add(result.get_value(0, 0))
             finally:
                 conn.finish()
+        # pgx's CopyFrom: the Query, its data and CopyDone in one write, before CopyInResponse;
+        # and two COPYs in one Query, each fed when its CopyInResponse comes (as psql does).
+        from pgtwist.wire import protocol as p
+
+        def until_ready(c: RawClient) -> list[int]:
+            seen = []
+            while True:
+                msg_type, _ = c.read_message()
+                seen.append(msg_type)
+                if msg_type == p.READY_FOR_QUERY:
+                    return seen
+
+        with RawClient(px.host, px.port) as c:
+            c.login(px.user, "appdb", px.password)
+            c.send(m.query("COPY copy_ext_s FROM STDIN") + m.copy_data(b"10\n") + m.copy_done())
+            assert p.ERROR_RESPONSE not in until_ready(c)
+            pids.add(c.scalar("SELECT pg_backend_pid()").encode())
+        with RawClient(px.host, px.port) as c:
+            c.login(px.user, "appdb", px.password)
+            c.send(m.query("COPY copy_ext_s FROM STDIN; COPY copy_ext_s FROM STDIN"))
+            for value in (b"20\n", b"30\n"):
+                assert c.read_message()[0] == p.COPY_IN_RESPONSE
+                c.send(m.copy_data(value) + m.copy_done())
+                assert c.read_message()[0] == p.COMMAND_COMPLETE
+            assert c.read_message()[0] == p.READY_FOR_QUERY
+            pids.add(c.scalar("SELECT pg_backend_pid()").encode())
         with px.connect() as conn:
-            assert conn.execute("SELECT count(*), sum(v) FROM copy_ext_s").fetchone() == (3, 6)
+            assert conn.execute("SELECT count(*), sum(v) FROM copy_ext_s").fetchone() == (6, 66)
             pids.add(str(conn.execute("SELECT pg_backend_pid()").fetchone()[0]).encode())
         assert len(pids) == 1, f"the pool's one connection was replaced: backends {pids}"
         log = px.log_text()

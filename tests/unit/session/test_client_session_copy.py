@@ -66,3 +66,41 @@ def test_a_client_leaving_mid_copy_still_gets_its_connection_closed():
     session.got_data(m.copy_data(b"1\n"))
     session.connection_lost(Failure(ConnectionLost()))
     assert st_.disconnecting
+
+
+def test_copy_simple_query_with_data_sent_before_copy_in_response():
+    """pgx v5 (pgconn.CopyFrom) sends Query then CopyData/CopyDone at once, without waiting for
+    CopyInResponse: when it comes, the scanner's last type is CopyDone, and no Sync is ignored."""
+    h = Harness()
+    session, ct, server, st_ = h.linked()
+    session.got_data(m.query("COPY t FROM STDIN") + m.copy_data(b"1\n") + m.copy_done())
+    server.got_data(COPY_IN)
+    server.got_data(m.command_complete("COPY 1") + m.ready_for_query())
+    _leave_and_expect_reuse(h, session, server, st_)
+
+
+def test_copy_two_copies_in_one_simple_query():
+    """libpq/psql: one Query "COPY a FROM STDIN; COPY b FROM STDIN", each CopyIn served in turn
+    (the client waits for each CopyInResponse): one ReadyForQuery for both."""
+    h = Harness()
+    session, ct, server, st_ = h.linked()
+    session.got_data(m.query("COPY a FROM STDIN; COPY b FROM STDIN"))
+    server.got_data(COPY_IN)
+    session.got_data(m.copy_data(b"1\n") + m.copy_done())
+    server.got_data(m.command_complete("COPY 1") + COPY_IN)
+    session.got_data(m.copy_data(b"2\n") + m.copy_done())
+    server.got_data(m.command_complete("COPY 1") + m.ready_for_query())
+    _leave_and_expect_reuse(h, session, server, st_)
+
+
+def test_copy_extended_with_data_pipelined_before_copy_in_response():
+    """Parse/Bind/Execute/Sync, CopyData, CopyDone, Sync all sent before CopyInResponse: only the
+    first Sync is ignored; the second is the one the COPY's ReadyForQuery answers."""
+    h = Harness()
+    session, ct, server, st_ = h.linked()
+    session.got_data(
+        m.parse("", "COPY t FROM STDIN") + m.bind("", "") + m.execute() + m.sync() + m.copy_data(b"1\n") + m.copy_done() + m.sync()
+    )
+    server.got_data(frame(p.PARSE_COMPLETE) + frame(p.BIND_COMPLETE) + COPY_IN)
+    server.got_data(m.command_complete("COPY 1") + m.ready_for_query())
+    _leave_and_expect_reuse(h, session, server, st_)
