@@ -317,8 +317,11 @@ class Pool:
         self.waiters.popleft()
         self.wait_seconds += now - self._waits.pop(waiter)
         conn.last_used = now
-        # (One waiter fewer and as many connections: nothing to open that was not opened before.)
         waiter.take_over(conn)
+        # As _back_to_idle after _give: a reserve connection may be due now (a waiter past
+        # reserve_pool_timeout), or room under the shared limits.
+        if len(self.waiters) > self.connecting + len(self.testing) and self._room():
+            self._serve()
         return True
 
     def _serve(self) -> None:

@@ -203,3 +203,17 @@ def test_a_connection_marked_for_closing_is_not_handed_over():
     (_, new) = s.proxy.servers
     assert b.server is new and b.state == "linked" and new.session is b
     assert sent(new) == m.query("SELECT 2")
+
+
+def test_handoff_still_opens_the_reserve_for_a_second_waiter_past_reserve_pool_timeout():
+    """As the release through the pool did (_back_to_idle after _give): a handoff in place also
+    opens the reserve connection for the next waiter once it has waited reserve_pool_timeout,
+    rather than leaving it to the next janitor tick or arrival."""
+    s = Setup(clustered=False, pool_size=1, reserve_pool_size=1, reserve_pool_timeout=3)
+    a, at, server = in_transaction(s)
+    b, bt = waits(s, "SELECT 2")
+    c, ct = waits(s, "SELECT 3")
+    s.clock.advance(4)  # both have waited past reserve_pool_timeout; no janitor tick yet
+    commit(a, server)
+    assert b.server is server and b.state == "linked"
+    assert c.state == "linked" and c.server is not server, "the reserve connection, opened for c at this release"
