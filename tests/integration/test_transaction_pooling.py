@@ -697,57 +697,63 @@ def test_clients_with_different_settings_share_two_connections_under_contention(
     (read back at release) mix in every way of writing: simple queries, queries with parameters
     (the extended protocol), prepared statements run again, and BEGIN..COMMIT with SET LOCAL.
     Each must always see its own settings and its own answers, and no connection may leak."""
-    config = dict(TX_CONFIG, pool_size=2, query_wait_timeout=60, max_client_conn=200)
-    clients, rounds = 48, 25
-    with start_proxy(pg_cluster, tmp_path, **config) as px:
+    database = "tx_handoff"  # (its own: the module's other proxies keep connections to appdb's)
+    admin.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+    admin.execute(f"CREATE DATABASE {database} OWNER {pg_cluster.app_user}")
+    try:
+        config = dict(TX_CONFIG, pool_size=2, query_wait_timeout=60, max_client_conn=200, dbname=database)
+        clients, rounds = 48, 25
+        with start_proxy(pg_cluster, tmp_path, **config) as px:
 
-        async def client(i: int, start: asyncio.Event) -> int:
-            kind = i % 4
-            settings = {}
-            if kind == 1:
-                settings = {"application_name": f"hand-{i}", "statement_timeout": f"{10000 + i}"}
-            conn = await asyncpg.connect(**px.asyncpg_kwargs(timeout=60, command_timeout=60), server_settings=settings)
-            try:
-                if kind == 2:
-                    await conn.execute(f"SET search_path TO hand_{i}, public")
-                want_app = settings.get("application_name", "")
-                want_timeout = f"{10000 + i}ms" if kind == 1 else "0"
-                want_path = f"hand_{i}, public" if kind == 2 else '"$user", public'
-                statement = await conn.prepare("SELECT $1::int * 2, current_setting('application_name'), current_setting('search_path')")
-                await start.wait()
-                done = 0
-                for r in range(rounds):
-                    way = (i + r) % 4
-                    if way == 0:
-                        app, timeout, path = await conn.fetchrow(
-                            "SELECT current_setting('application_name'), current_setting('statement_timeout'), current_setting('search_path')"
-                        )
-                        assert (app, timeout, path) == (want_app, want_timeout, want_path), (i, r)
-                    elif way == 1:
-                        assert await conn.fetchval("SELECT $1::int + $2::int", i, r) == i + r
-                    elif way == 2:
-                        assert tuple(await statement.fetchrow(i * 1000 + r)) == (2 * (i * 1000 + r), want_app, want_path), (i, r)
-                    else:
-                        async with conn.transaction():
-                            await conn.execute("SET LOCAL statement_timeout = '42s'")
-                            assert await conn.fetchval("SELECT current_setting('statement_timeout')") == "42s"
-                            assert await conn.fetchval("SELECT current_setting('application_name')") == want_app
-                        assert await conn.fetchval("SELECT current_setting('statement_timeout')") == want_timeout, (i, r)
-                    done += 1
-                return done
-            finally:
-                await conn.close()
+            async def client(i: int, start: asyncio.Event) -> int:
+                kind = i % 4
+                settings = {}
+                if kind == 1:
+                    settings = {"application_name": f"hand-{i}", "statement_timeout": f"{10000 + i}"}
+                conn = await asyncpg.connect(**px.asyncpg_kwargs(timeout=60, command_timeout=60), server_settings=settings)
+                try:
+                    if kind == 2:
+                        await conn.execute(f"SET search_path TO hand_{i}, public")
+                    want_app = settings.get("application_name", "")
+                    want_timeout = f"{10000 + i}ms" if kind == 1 else "0"
+                    want_path = f"hand_{i}, public" if kind == 2 else '"$user", public'
+                    statement = await conn.prepare("SELECT $1::int * 2, current_setting('application_name'), current_setting('search_path')")
+                    await start.wait()
+                    done = 0
+                    for r in range(rounds):
+                        way = (i + r) % 4
+                        if way == 0:
+                            app, timeout, path = await conn.fetchrow(
+                                "SELECT current_setting('application_name'), current_setting('statement_timeout'), current_setting('search_path')"
+                            )
+                            assert (app, timeout, path) == (want_app, want_timeout, want_path), (i, r)
+                        elif way == 1:
+                            assert await conn.fetchval("SELECT $1::int + $2::int", i, r) == i + r
+                        elif way == 2:
+                            assert tuple(await statement.fetchrow(i * 1000 + r)) == (2 * (i * 1000 + r), want_app, want_path), (i, r)
+                        else:
+                            async with conn.transaction():
+                                await conn.execute("SET LOCAL statement_timeout = '42s'")
+                                assert await conn.fetchval("SELECT current_setting('statement_timeout')") == "42s"
+                                assert await conn.fetchval("SELECT current_setting('application_name')") == want_app
+                            assert await conn.fetchval("SELECT current_setting('statement_timeout')") == want_timeout, (i, r)
+                        done += 1
+                    return done
+                finally:
+                    await conn.close()
 
-        async def main():
-            start = asyncio.Event()
-            tasks = [asyncio.create_task(client(i, start)) for i in range(clients)]
-            await asyncio.sleep(0.5)
-            start.set()
-            return await asyncio.gather(*tasks)
+            async def main():
+                start = asyncio.Event()
+                tasks = [asyncio.create_task(client(i, start)) for i in range(clients)]
+                await asyncio.sleep(0.5)
+                start.set()
+                return await asyncio.gather(*tasks)
 
-        assert run_async(main(), timeout=150) == [rounds] * clients
-        backends = proxy_backends(admin, pg_cluster.app_user, pg_cluster.app_database)
-        assert len(backends) <= 2, backends
+            assert run_async(main(), timeout=150) == [rounds] * clients
+            backends = proxy_backends(admin, pg_cluster.app_user, database)
+            assert 1 <= len(backends) <= 2, backends
+    finally:
+        admin.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
 
 
 # --------------------------------------------------------------------------- idle in transaction
