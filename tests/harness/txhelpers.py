@@ -95,6 +95,22 @@ def pgbench(proxy, *args: str, timeout: float = 60) -> str:
     return out
 
 
+def libpq_copy_in(conn, send: Callable[[], object], rows: bytes, fail: bytes | None = None) -> None:
+    """One COPY FROM STDIN through libpq (psycopg's pq.PGconn *conn*): *send* starts it (a simple
+    or extended query), *rows* go as one CopyData, then CopyDone (or CopyFail with *fail*)."""
+    from psycopg import pq
+
+    send()
+    started = conn.get_result()
+    assert started.status == pq.ExecStatus.COPY_IN, conn.get_error_message()
+    assert conn.put_copy_data(rows) == 1
+    assert conn.put_copy_end(fail) == 1
+    done = conn.get_result()
+    expected = pq.ExecStatus.FATAL_ERROR if fail else pq.ExecStatus.COMMAND_OK
+    assert done.status == expected, conn.get_error_message()
+    assert conn.get_result() is None
+
+
 def proxy_backends(admin, user: str, datname: str) -> list[tuple]:
     """(pid, application_name, state) of the node's backends for *user* in *datname*, excluding our own."""
     return admin.execute(

@@ -11,6 +11,7 @@ from pgtwist.tools.localcluster import LocalCluster
 from pgtwist.wire import messages as m
 
 from tests.harness.proxy import RawClient, psql, start_proxy, wait_for
+from tests.harness.txhelpers import libpq_copy_in
 
 pytestmark = pytest.mark.integration
 
@@ -372,16 +373,6 @@ def test_extended_copy_from_stdin_leaves_the_connection_reusable(pg_cluster, tmp
             setup.execute("DROP TABLE IF EXISTS copy_ext_s; CREATE TABLE copy_ext_s (v int)")
         pids = set()
 
-        def copy(conn, send, rows: bytes, fail: bytes | None = None) -> None:
-            send()
-            started = conn.get_result()
-            assert started.status == pq.ExecStatus.COPY_IN, conn.get_error_message()
-            assert conn.put_copy_data(rows) == 1
-            assert conn.put_copy_end(fail) == 1
-            done = conn.get_result()
-            assert done.status == (pq.ExecStatus.FATAL_ERROR if fail else pq.ExecStatus.COMMAND_OK), conn.get_error_message()
-            assert conn.get_result() is None
-
         runs = [
             lambda c: c.send_query_params(b"COPY copy_ext_s FROM STDIN", None),
             lambda c: (c.prepare(b"cp", b"COPY copy_ext_s FROM STDIN"), c.send_query_prepared(b"cp", None)),
@@ -392,7 +383,7 @@ def test_extended_copy_from_stdin_leaves_the_connection_reusable(pg_cluster, tmp
             assert conn.status == pq.ConnStatus.OK, conn.get_error_message()
             try:
                 fail = b"changed my mind" if i == len(runs) else None
-                copy(conn, lambda: send(conn), b"%d\n" % (i + 1), fail)
+                libpq_copy_in(conn, lambda: send(conn), b"%d\n" % (i + 1), fail)
                 result = conn.exec_(b"SELECT pg_backend_pid()")
                 assert result.status == pq.ExecStatus.TUPLES_OK, conn.get_error_message()
                 pids.add(result.get_value(0, 0))

@@ -284,17 +284,24 @@ def test_clients_get_tcp_keepalive_as_pgbouncer_gives_them(pg_cluster, tmp_path)
             assert conn.execute("SELECT 1").fetchone() == (1,)
             # pgtwist's end of the client's connection runs a keepalive timer of up to 33 s (ss
             # shows it once no retransmission or delayed ACK timer is due: idle a moment first).
-            deadline = time.monotonic() + 10
-            while True:
-                out = subprocess.run(
-                    ["ss", "-tnoH", "state", "established", f"( sport = :{px.port} )"],
-                    capture_output=True, text=True, timeout=10, check=True,
-                ).stdout
-                timers = re.findall(r"timer:\(keepalive,(\d+)(?:\.\d+)?(ms|sec|min)", out)
-                if timers or time.monotonic() > deadline:
-                    break
-                time.sleep(0.2)
+            out, timers = keepalive_timers(f"( sport = :{px.port} )")
             assert timers and all(unit != "min" and int(n) <= 33 for n, unit in timers), out
+
+
+def keepalive_timers(ss_filter: str, mine=lambda line: True) -> tuple[list[str], list[tuple[str, str]]]:
+    """The established sockets ss selects with *ss_filter* (and *mine*), and their keepalive
+    timers as (number, unit): ss shows one once no retransmission or delayed ACK timer is due,
+    so it is asked again for up to 10 s."""
+    deadline = time.monotonic() + 10
+    while True:
+        out = subprocess.run(
+            ["ss", "-tnopH", "state", "established", ss_filter], capture_output=True, text=True, timeout=10, check=True
+        ).stdout
+        lines = [line for line in out.splitlines() if mine(line)]
+        timers = re.findall(r"timer:\(keepalive,(\d+)(?:\.\d+)?(ms|sec|min)", "\n".join(lines))
+        if timers or time.monotonic() > deadline:
+            return lines, timers
+        time.sleep(0.2)
 
 
 def test_server_connections_get_tcp_keepalive(pg_cluster, tmp_path):
@@ -305,16 +312,6 @@ def test_server_connections_get_tcp_keepalive(pg_cluster, tmp_path):
         with px.connect() as conn:
             assert conn.execute("SELECT 1").fetchone() == (1,)
             pid = str(px.process.pid)
-            deadline = time.monotonic() + 10
-            while True:
-                out = subprocess.run(
-                    ["ss", "-tnopH", "state", "established", f"( dport = :{node_port} )"],
-                    capture_output=True, text=True, timeout=10, check=True,
-                ).stdout
-                ours = [line for line in out.splitlines() if f"pid={pid}," in line]
-                timers = re.findall(r"timer:\(keepalive,(\d+)(?:\.\d+)?(ms|sec|min)", "\n".join(ours))
-                if timers or time.monotonic() > deadline:
-                    break
-                time.sleep(0.2)
-            assert ours, out
+            ours, timers = keepalive_timers(f"( dport = :{node_port} )", lambda line: f"pid={pid}," in line)
+            assert ours, "no connection of pgtwist's to the node"
             assert timers and all(unit != "min" and int(n) <= 37 for n, unit in timers), ours

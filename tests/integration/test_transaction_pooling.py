@@ -29,6 +29,7 @@ from tests.harness.txhelpers import (
     close,
     describe,
     execute,
+    libpq_copy_in,
     parse,
     pgbench,
     proxy_backends,
@@ -818,15 +819,7 @@ def test_copy_from_stdin_in_the_extended_protocol_frees_its_connection(pg_cluste
         try:
 
             def copy(send, rows: bytes, fail: bytes | None = None) -> None:
-                send()
-                started = conn.get_result()
-                assert started.status == pq.ExecStatus.COPY_IN, conn.get_error_message()
-                assert conn.put_copy_data(rows) == 1
-                assert conn.put_copy_end(fail) == 1
-                done = conn.get_result()
-                expected = pq.ExecStatus.FATAL_ERROR if fail else pq.ExecStatus.COMMAND_OK
-                assert done.status == expected, conn.get_error_message()
-                assert conn.get_result() is None
+                libpq_copy_in(conn, send, rows, fail)
 
             def others_get_the_connection() -> None:
                 # pool_size 1: a connection left owing a ReadyForQuery would keep this one waiting.
