@@ -492,7 +492,7 @@ class Pool:
 
     def _room(self) -> bool:
         """May one more connection be opened now? pool_size alone, or the shared limits."""
-        # (total and size, spelt out: asked on every wait_for while clients wait.)
+        # (total and size, spelt out: asked at every handoff while clients wait.)
         total = len(self.idle) + len(self.busy) + self.connecting
         if self.limits is None:
             return total < self.settings.size
