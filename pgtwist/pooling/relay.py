@@ -187,6 +187,7 @@ class Relay:
         "doomed",
         "bound",
         "copy_in",
+        "copy_ended",
     )
 
     def __init__(self, schema: Schema | None = None, scope: str = ""):
@@ -230,6 +231,9 @@ class Relay:
         # CopyDone or CopyFail it ignores Sync (PostgreSQL's CopyGetData, for libpq, which sends
         # one behind every Execute and another after CopyDone): no ReadyForQuery is owed for it.
         self.copy_in = False
+        # The client sent CopyDone or CopyFail while no COPY was known to run: a COPY's end sent
+        # with its data before CopyInResponse came (or a stray one, which PostgreSQL ignores).
+        self.copy_ended = False
 
     def drop(self, name: str | None = None) -> "Statement | None":
         """The client's statement *name* is gone (Close, DEALLOCATE); None: all of them. What was kept about it goes too."""
@@ -330,6 +334,8 @@ class Relay:
             self.holding.append((msg_type, body))
             return
         if msg_type in _COPY_ENDS:  # (COPY data, as it came: no request of its own)
+            if not self.copy_in:
+                self.copy_ended = True
             self.copy_in = False
             to_server.append(frame(msg_type, body))
             return
@@ -643,15 +649,24 @@ class Relay:
         head = queue[0]
         if msg_type == p.COPY_IN_RESPONSE:
             if head.kind is EXECUTE or (head.kind is SYNC and not head.simple and not head.swallow):
-                # The Syncs the client sent behind this Execute reach the server while it reads
-                # COPY data, which ignores them: none of them earns a ReadyForQuery. (A SYNC
-                # entry at the head stands for a whole batch the session sent on its fast path,
-                # its Sync included.) Until CopyDone or CopyFail the relay is not idle.
-                self.copy_in = True
+                # The Sync the client sent behind this Execute reaches the server while it reads
+                # COPY data, which ignores it: it earns no ReadyForQuery. (A SYNC entry at the
+                # head stands for a whole batch the session sent on its fast path, its Sync
+                # included.)
                 start = 1 if head.kind is EXECUTE else 0
                 if head is HOT_RUN:
                     self.hot = None
-                queue[start:] = [e for e in queue[start:] if not (e.kind is SYNC and not e.swallow and not e.simple)]
+                for i in range(start, len(queue)):
+                    entry = queue[i]
+                    if entry.kind is SYNC and not entry.swallow and not entry.simple:
+                        del queue[i]  # the Sync behind the Execute (or the fast path's batch, Sync and all)
+                        break
+                # A client that sent its data, CopyDone and Sync before this came (rather than
+                # waiting for it, as libpq does) has its COPY over already: that later Sync is
+                # queued and answered. Else the relay is not idle until CopyDone or CopyFail
+                # (and a stray CopyDone seen earlier counts only if a Sync is queued behind).
+                ended, self.copy_ended = self.copy_ended, False
+                self.copy_in = not (ended and any(e.kind is SYNC and not e.swallow and not e.simple for e in queue[start:]))
             to_client.append(frame(msg_type, body))
             return None
         if msg_type == p.ERROR_RESPONSE:
@@ -789,4 +804,5 @@ class Relay:
         self.skipping = False
         self.unsynced = False
         self.copy_in = False
+        self.copy_ended = False
         self.bound = None

@@ -20,7 +20,7 @@ from psycopg import errors as pgerrors
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 
-from tests.harness.proxy import ServerError, error_fields_of, start_proxy, wait_for
+from tests.harness.proxy import RawClient, ServerError, error_fields_of, start_proxy, wait_for
 from tests.harness.txhelpers import (
     TX_CONFIG,
     Worker,
@@ -688,6 +688,27 @@ def test_500_clients_queue_for_4_connections(pg_cluster, tmp_path, admin):
             assert 1 <= seen_max <= 4, seen_max
     finally:
         admin.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+
+
+def test_copy_from_stdin_with_its_data_sent_before_copy_in_response(pg_cluster, tmp_path):
+    """A client that sends Parse/Bind/Execute/Sync, its data, CopyDone and Sync at once, without
+    waiting for CopyInResponse: PostgreSQL ignores the first Sync and answers the second. The
+    pool's only connection must serve the next client afterwards (before, it stayed with this
+    one: the next client timed out)."""
+    with start_proxy(pg_cluster, tmp_path, **dict(TX_CONFIG, pool_size=1, query_wait_timeout=10)) as px:
+        with px.connect() as setup:
+            setup.execute("DROP TABLE IF EXISTS copy_early; CREATE TABLE copy_early (v int)")
+        with RawClient(px.host, px.port) as c:
+            c.login(px.user, "appdb", px.password)
+            c.send(m.parse("", "COPY copy_early FROM STDIN") + m.bind("", "") + m.execute() + m.sync()
+                   + m.copy_data(b"7\n") + m.copy_done() + m.sync())  # fmt: skip
+            seen = []
+            while not seen or seen[-1] != p.READY_FOR_QUERY:
+                seen.append(c.read_message()[0])
+            assert seen == [p.PARSE_COMPLETE, p.BIND_COMPLETE, p.COPY_IN_RESPONSE, p.COMMAND_COMPLETE, p.READY_FOR_QUERY]
+            assert c.scalar("SELECT sum(v) FROM copy_early") == "7"
+            with px.connect(connect_timeout=10) as other:  # (pool_size 1: the connection came back)
+                assert other.execute("SELECT count(*) FROM copy_early").fetchone() == (1,)
 
 
 def test_clients_with_different_settings_share_two_connections_under_contention(pg_cluster, tmp_path, admin):

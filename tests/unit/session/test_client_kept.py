@@ -522,3 +522,37 @@ def test_copy_from_stdin_sent_as_libpq_sends_it_owes_one_ready_for_query(kept, w
     server.got_data(answer)
     assert ct.value().endswith(answer) and ct.value().count(m.ready_for_query()) == 1
     assert session.relay.idle and keeps_its_server(session)
+
+
+def test_copy_from_stdin_with_its_data_sent_before_copy_in_response(kept):
+    """Parse/Bind/Execute/Sync, the data, CopyDone and Sync in one write, before CopyInResponse
+    (a client that does not wait for it): the first Sync is ignored by PostgreSQL, the second
+    answered. The connection must be lent again after that ReadyForQuery: before, the relay
+    waited for a CopyDone that had gone by already, and kept the connection from every other
+    client for as long as this one stayed."""
+    session, ct, server = kept
+    session.got_data(
+        m.parse("", "COPY t FROM STDIN", []) + m.bind("", "", []) + m.execute() + m.sync()
+        + frame(p.COPY_DATA, b"1\n") + frame(p.COPY_DONE) + m.sync()
+    )  # fmt: skip
+    server.got_data(frame(p.PARSE_COMPLETE) + frame(p.BIND_COMPLETE) + COPY_IN)
+    assert not session.relay.idle and session.server is server
+    answer = m.command_complete("COPY 1") + m.ready_for_query()
+    server.got_data(answer)
+    assert ct.value().endswith(answer) and ct.value().count(m.ready_for_query()) == 1
+    assert session.relay.idle and keeps_its_server(session)
+
+
+def test_a_stray_copy_done_does_not_free_a_connection_mid_copy(kept):
+    """A CopyDone outside any COPY (PostgreSQL ignores it) before a COPY whose client waits for
+    CopyInResponse: the relay must still hold the connection until the real CopyDone."""
+    session, ct, server = kept
+    session.got_data(frame(p.COPY_DONE) + m.query("SELECT 1"))
+    server.got_data(m.command_complete("SELECT 1") + m.ready_for_query())
+    session.got_data(m.parse("", "COPY t FROM STDIN", []) + m.bind("", "", []) + m.describe("P", "") + m.execute() + m.sync())
+    server.got_data(frame(p.PARSE_COMPLETE) + frame(p.BIND_COMPLETE) + frame(p.NO_DATA) + COPY_IN)
+    assert not session.relay.idle and not keeps_its_server(session)  # (mid-COPY: never released)
+    session.got_data(frame(p.COPY_DATA, b"1\n") + frame(p.COPY_DONE) + m.sync())
+    server.got_data(m.command_complete("COPY 1") + m.ready_for_query())
+    assert session.relay.idle and keeps_its_server(session)
+
