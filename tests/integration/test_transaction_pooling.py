@@ -711,6 +711,34 @@ def test_copy_from_stdin_with_its_data_sent_before_copy_in_response(pg_cluster, 
                 assert other.execute("SELECT count(*) FROM copy_early").fetchone() == (1,)
 
 
+def test_pipelines_of_many_clients_over_two_connections(pg_cluster, tmp_path):
+    """psycopg's pipeline mode (many Syncs in flight, answers read later) from 12 clients over
+    pool 2 in transaction pooling: a connection changes hands only once every Sync of the
+    pipeline is answered, and no client ever reads another's rows; an error inside a pipeline
+    aborts only that client's batch."""
+    config = dict(TX_CONFIG, pool_size=2, query_wait_timeout=60)
+    with start_proxy(pg_cluster, tmp_path, **config) as px:
+
+        def client(i: int) -> int:
+            with px.connect() as conn:
+                done = 0
+                for r in range(15):
+                    with conn.pipeline() as pipeline:
+                        curs = [conn.execute("SELECT %s::int * 1000 + %s::int", (i, k)) for k in range(6)]
+                        pipeline.sync()
+                        assert [c.fetchone()[0] for c in curs] == [i * 1000 + k for k in range(6)], (i, r)
+                    if r % 5 == 4:
+                        with pytest.raises(pgerrors.DivisionByZero):
+                            with conn.pipeline():
+                                conn.execute("SELECT %s::int", (i,))
+                                conn.execute("SELECT 1 / %s", (0,))
+                    assert conn.execute("SELECT %s::int + 1", (i,)).fetchone() == (i + 1,)
+                    done += 1
+                return done
+
+        assert run_threads(client, 12, timeout=120) == [15] * 12
+
+
 def test_clients_with_different_settings_share_two_connections_under_contention(pg_cluster, tmp_path, admin):
     """48 clients over pool 2, all busy at once: most transactions end with others waiting, so
     the connection goes to the next client in place when its settings are the connection's, and
