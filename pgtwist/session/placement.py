@@ -30,7 +30,7 @@ _RETRY_DELAY = 0.25  # between attempts to place work while nodes come and go
 _NOTHING_CLASSIFIED = Classification(read_only=False, reason="session")
 # What a session-mode link looks at in the node's answers: ReadyForQuery, ParameterStatus,
 # ErrorResponse, so that a FATAL relayed as it came is known (the client gets no second one),
-# and CopyInResponse (the Syncs PostgreSQL will ignore: ClientSession._copy_in_started).
+# and CopyInResponse (the Syncs PostgreSQL will ignore: ClientSession._syncs_ignored_by_copy).
 SESSION_SERVER_CAPTURE = frozenset((p.READY_FOR_QUERY, p.PARAMETER_STATUS, p.ERROR_RESPONSE, p.COPY_IN_RESPONSE))
 # Of a node's FATAL, what a kept session's ERROR repeats: code, message, detail, hint, context.
 _KEPT_FIELDS = frozenset("CMDHW")
@@ -172,11 +172,10 @@ class Placement:
         if pool is None or pool.node is not decision.node or pool.retired:
             # (Most transactions go where the last one went: skip the lookup then.)
             pool = self._pool = self.proxy.pool_for(s.database, s.user, decision.node)
-        if not pool.waiters:  # (take_idle never jumps the queue: with clients waiting, join it)
-            server = pool.take_idle()
-            if server is not None:
-                s.link_server(server)
-                return
+        server = pool.take_idle()
+        if server is not None:
+            s.link_server(server)
+            return
         # Waiting in the pool's queue: it calls server_ready / server_unavailable, or hands a
         # connection over in place (ClientSession.take_over), no Deferred. The client is not
         # paused here (two epoll calls per wait): whatever it sends meanwhile is kept in the
