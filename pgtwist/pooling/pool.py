@@ -319,13 +319,9 @@ class Pool:
         conn.last_used = now
         waiter.take_over(conn)
         # As _back_to_idle after _give: a reserve connection may be due now (a waiter past
-        # reserve_pool_timeout), or room under the shared limits. (Without shared limits, a
-        # full pool has none: asked without a call, on every handoff.)
-        if len(self.waiters) > self.connecting + len(self.testing) and (
-            self.limits is not None or len(self.idle) + len(self.busy) + self.connecting < self.settings.size
-        ):
-            if self._room():
-                self._serve()
+        # reserve_pool_timeout), or room under the shared limits.
+        if len(self.waiters) > self.connecting + len(self.testing) and self._room():
+            self._serve()
         return True
 
     def _serve(self) -> None:
