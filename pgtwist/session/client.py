@@ -944,7 +944,8 @@ class ClientSession(Admission):
     def _hand_over(self, server) -> None:
         """The transaction ended with nothing to read back, and clients wait for the pool: the
         connection goes to the oldest of them in place if it can take it as it is (Pool.hand_over),
-        else back through the pool as usual (_give_back)."""
+        else it is unlinked and released to the pool, as _give_back does. (The session lets go
+        first: the taker's take_over may already release or lose the connection.)"""
         self.lease = None
         self.server = None
         self._enter(IDLE)
@@ -1418,14 +1419,8 @@ class ClientSession(Admission):
             return
         server = self.server
         if not (self.dirty or self.dirty_all or self.router.clustered):
-            pool = server.pool
-            if self._lendable(server):
-                lease.lent = True  # (see lending below; nothing to read back first)
-                pool.lend(server, self)
-                return
-            if pool.waiters and not self.backlog:
-                self._hand_over(server)  # clients outnumber connections: the next one takes it
-                return
+            self._pass_on(server, lease, True)  # (one node, settings as they were: nothing to read back)
+            return
         names: list[str] = []
         if self.dirty or self.dirty_all:
             names = sorted(set(self.settings) | set(server.settings) | self.dirty) if self.dirty_all else sorted(self.dirty)
@@ -1445,20 +1440,26 @@ class ClientSession(Admission):
                 lambda _: self._read_back(server, names, track_lsn), lambda _: self._read_back_failed(server)
             ).addErrback(self.crashed)
             return
-        pool = server.pool
-        placed_at_once = not self.router.clustered or self.router.hook is None
-        if placed_at_once and not self.backlog and self._lendable(server):
-            # Lent, not returned: the connection stays linked while nobody else wants it, and
-            # the pool takes it back the moment someone does (reclaim). The client's next
-            # transaction then starts with no acquire, link or settings sync at all. (In a
-            # cluster that transaction is placed anew first, and stays only if it belongs on
-            # this node: _placed_on. A routing hook may answer later, so then it goes back.)
-            lease.lent = True
-            pool.lend(server, self)
-            return
-        if pool.waiters and not self.backlog:
-            self._hand_over(server)  # (in a cluster too: the taker was placed on this node already)
-            return
+        # (In a cluster the next transaction is placed anew first, and stays on a kept connection
+        # only if it belongs on this node: _placed_on. A routing hook may answer later: no lending.)
+        self._pass_on(server, lease, not self.router.clustered or self.router.hook is None)
+
+    def _pass_on(self, server, lease, may_lend: bool) -> None:
+        """Between transactions, nothing to read back: where the connection goes now.
+
+        Lent, not returned, while nobody else wants it (*may_lend*): it stays linked, and the pool
+        takes it back the moment someone does (reclaim), so the client's next transaction starts
+        with no acquire, link or settings sync at all. With clients waiting, the oldest takes it,
+        in place if it can (_hand_over; in a cluster too: the taker was placed on this node).
+        Otherwise it goes back to its pool, and any work the client sent meanwhile is placed."""
+        if not self.backlog:
+            if may_lend and self._lendable(server):
+                lease.lent = True
+                server.pool.lend(server, self)
+                return
+            if server.pool.waiters:
+                self._hand_over(server)
+                return
         self._give_back(server)
 
     # -- read-your-writes: which transactions may have written ---------------------------------
