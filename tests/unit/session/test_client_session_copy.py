@@ -1,5 +1,6 @@
 """Session pooling and COPY FROM STDIN: the Syncs PostgreSQL ignores while it reads COPY data are owed no ReadyForQuery."""
 
+import pytest
 from twisted.internet.error import ConnectionLost
 from twisted.python.failure import Failure
 
@@ -24,25 +25,27 @@ def _leave_and_expect_reuse(h, session, server, st_):
     assert list(h.pool.idle) == [server]
 
 
-def test_extended_copy_owes_one_ready_for_query_not_two():
-    """libpq's PQexecParams: Execute and Sync, CopyInResponse, the data, CopyDone and Sync; one ReadyForQuery in all."""
+ENDINGS = {
+    "done": (m.copy_data(b"1\n") + m.copy_done() + m.sync(), m.command_complete("COPY 1") + m.ready_for_query()),
+    "fail": (
+        m.copy_fail("changed my mind") + m.sync(),
+        m.error_response("ERROR", "57014", "COPY from stdin failed: changed my mind") + m.ready_for_query(),
+    ),
+}
+
+
+@pytest.mark.parametrize("ending", sorted(ENDINGS))
+def test_extended_copy_owes_one_ready_for_query_not_two(ending):
+    """libpq's PQexecParams: Execute and Sync, CopyInResponse, the data, then CopyDone (or CopyFail)
+    and Sync; one ReadyForQuery in all."""
+    sent, answer = ENDINGS[ending]
     h = Harness()
     session, ct, server, st_ = h.linked()
     session.got_data(EXTENDED_COPY)
     server.got_data(PARSED + COPY_IN)
     assert not session.at_rest()  # (reading COPY data)
-    session.got_data(m.copy_data(b"1\n") + m.copy_done() + m.sync())
-    server.got_data(m.command_complete("COPY 1") + m.ready_for_query())
-    _leave_and_expect_reuse(h, session, server, st_)
-
-
-def test_extended_copy_failed_by_the_client_owes_one_ready_for_query():
-    h = Harness()
-    session, ct, server, st_ = h.linked()
-    session.got_data(EXTENDED_COPY)
-    server.got_data(PARSED + COPY_IN)
-    session.got_data(m.copy_fail("changed my mind") + m.sync())
-    server.got_data(m.error_response("ERROR", "57014", "COPY from stdin failed: changed my mind") + m.ready_for_query())
+    session.got_data(sent)
+    server.got_data(answer)
     _leave_and_expect_reuse(h, session, server, st_)
 
 
