@@ -3,6 +3,7 @@
 from struct import Struct
 
 from pgtwist.wire import frontend as _frontend
+from pgtwist.wire import protocol as _p
 from pgtwist.wire.errors import MessageTooLarge, ProtocolViolation
 from pgtwist.wire.protocol import READY_FOR_QUERY as _READY_FOR_QUERY
 
@@ -11,6 +12,13 @@ _INT32 = Struct("!I")
 _READY_LENGTH = _INT32.pack(5)  # a ReadyForQuery's length field
 _ANY_TYPE = frozenset(range(256))
 _SMALL_LIMIT = _frontend.SMALL_LIMIT
+# The fixed messages that end an unnamed run (MessageScanner._unnamed_run): a Describe of the
+# unnamed portal or statement, the head of an Execute of the unnamed portal, and Sync.
+_DESCRIBES = frozenset((bytes((_p.DESCRIBE,)) + _INT32.pack(6) + b"P\x00", bytes((_p.DESCRIBE,)) + _INT32.pack(6) + b"S\x00"))
+_EXECUTE_UNNAMED = bytes((_p.EXECUTE,)) + _INT32.pack(9) + b"\x00"
+_SYNC_MESSAGE = bytes((_p.SYNC,)) + _INT32.pack(4)
+_RUN_TYPES = frozenset((_p.PARSE, _p.BIND, _p.DESCRIBE, _p.EXECUTE, _p.SYNC))
+_PARSE, _BIND, _DESCRIBE, _EXECUTE, _SYNC = _p.PARSE, _p.BIND, _p.DESCRIBE, _p.EXECUTE, _p.SYNC
 
 
 def frame(msg_type: int, body: bytes = b"") -> bytes:
@@ -119,6 +127,7 @@ class MessageScanner:
         "opens",
         "closes",
         "unsynced",
+        "runs",
     )
 
     def __init__(
@@ -145,6 +154,9 @@ class MessageScanner:
             self.checks = {}
             self.opens = self.closes = frozenset()
         self.unsynced = False
+        # Whether a read may be an unnamed run, walked by _unnamed_run: a client's stream whose
+        # every message of a run is captured and none counted.
+        self.runs = frontend and not watch and _RUN_TYPES <= self.capture
         self._hold = frontend  # a split header waits until it can be checked whole
         # Types merely counted as their headers go by (e.g. Query and Sync, to know how many
         # ReadyForQuery a server still owes), and the type of the last header seen.
@@ -216,6 +228,44 @@ class MessageScanner:
                 self._broken = True
                 raise
 
+    def _unnamed_run(self, data: bytes, n: int, length: int) -> list | None:
+        """The items of *data* when it is, from a boundary, exactly Parse, Bind, [Describe,]
+        Execute, Sync of the unnamed statement and portal, each well formed; else None, and
+        nothing is consumed (feed's general walk then judges it).
+
+        How psycopg, node-postgres and pgbench -M extended send every query with parameters:
+        one pass with the fixed messages compared whole, in place of five rounds of the general
+        walk's tests and layout checks. *length*: the Parse's length field.
+        """
+        end = 1 + length
+        if length > self.max_length or end + 5 > n or data[5] != 0:
+            return None
+        parse = data[5:end]
+        if data[end] != _BIND or not _frontend.parse_ok(parse):
+            return None
+        (length,) = _INT32.unpack_from(data, end + 1)
+        pos = end + 1 + length
+        if length > self.max_length or pos + 15 > n:
+            return None
+        bind = data[end + 5 : pos]
+        if bind[:2] != b"\x00\x00" or not _frontend.bind_ok(bind):
+            return None
+        if data[pos] == _DESCRIBE:
+            describe = data[pos : pos + 7]
+            if describe not in _DESCRIBES:
+                return None
+            items = [(_PARSE, parse), (_BIND, bind), (_DESCRIBE, describe[5:])]
+            pos += 7
+        else:
+            items = [(_PARSE, parse), (_BIND, bind)]
+        if n != pos + 15 or data[pos : pos + 6] != _EXECUTE_UNNAMED or data[pos + 10 :] != _SYNC_MESSAGE:
+            return None
+        items.append((_EXECUTE, data[pos + 5 : pos + 10]))
+        items.append((_SYNC, b""))
+        self.last_type = _SYNC
+        self.unsynced = False
+        return items
+
     def feed(self, data: bytes) -> list:
         n = len(data)
         if not (self._skip or self._head or self._broken or self._cap_body is not None) and n >= 5:
@@ -246,6 +296,10 @@ class MessageScanner:
                             raise
                     return [(msg_type, body)]
                 return [data]
+            if msg_type == _PARSE and self.runs:
+                items = self._unnamed_run(data, n, length)
+                if items is not None:
+                    return items
         if self._broken:
             raise ProtocolViolation("invalid message stream: an earlier message was refused")
         out: list = []

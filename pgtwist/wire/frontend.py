@@ -115,7 +115,19 @@ def check_query(body: bytes) -> None:
         _fail("Query", f"{len(body) - end - 1} bytes after the query string's NUL")
 
 
+def parse_ok(body: bytes, _H=_I16.unpack_from) -> bool:
+    """Whether a Parse's body is well formed (check_parse says what is wrong when it is not)."""
+    pos = body.find(b"\x00", body.find(b"\x00") + 1) + 1
+    return pos > 1 and pos + 2 <= len(body) and pos + 2 + 4 * _H(body, pos)[0] == len(body)
+
+
 def check_parse(body: bytes) -> None:
+    if not parse_ok(body):
+        _explain_parse(body)
+
+
+def _explain_parse(body: bytes) -> None:
+    """A Parse parse_ok refused: raise, saying what is wrong with it."""
     name_end = body.find(b"\x00")
     if name_end < 0:
         _fail("Parse", "the statement name has no terminating NUL")
@@ -130,9 +142,9 @@ def check_parse(body: bytes) -> None:
         _fail("Parse", f"{count} parameter types announced, {len(body) - pos - 2} bytes follow")
 
 
-def check_bind(body: bytes, _H=_I16.unpack_from, _i=_i32.unpack_from) -> None:
-    # (On the hot path of prepared statements: one pass with few calls; the helpers run only
-    # once something is wrong, to say what.)
+def bind_ok(body: bytes, _H=_I16.unpack_from, _i=_i32.unpack_from) -> bool:
+    """Whether a Bind's body is well formed (check_bind says what is wrong when it is not)."""
+    # (On the hot path of every query with parameters: one pass with few calls.)
     n = len(body)
     pos = body.find(b"\x00", body.find(b"\x00") + 1) + 1
     if pos and pos + 4 <= n:
@@ -144,15 +156,18 @@ def check_bind(body: bytes, _H=_I16.unpack_from, _i=_i32.unpack_from) -> None:
             if formats <= 1 or formats == count:
                 for _ in range(count):
                     if pos + 4 > n:
-                        break
+                        return False
                     length = _i(body, pos)[0]
                     if length < -1:
-                        break
+                        return False
                     pos += 4 if length < 0 else 4 + length
-                else:
-                    if pos + 2 <= n and pos + 2 + 2 * _H(body, pos)[0] == n:
-                        return
-    _explain_bind(body)
+                return pos + 2 <= n and pos + 2 + 2 * _H(body, pos)[0] == n
+    return False
+
+
+def check_bind(body: bytes) -> None:
+    if not bind_ok(body):
+        _explain_bind(body)
 
 
 def _explain_bind(body: bytes) -> None:

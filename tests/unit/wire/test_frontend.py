@@ -221,3 +221,67 @@ def test_server_side_scanner_is_unchanged_by_the_frontend_rules():
     scanner = MessageScanner(frozenset((p.READY_FOR_QUERY,)), MAX)
     data = b"!" + struct.pack("!I", 4) + b"D" + struct.pack("!I", 20_000) + b"x" * 19_996
     assert b"".join(scanner.feed(data)) == data
+
+
+# -- the unnamed run (Parse, Bind, [Describe,] Execute, Sync of "" as drivers send a query with
+# parameters): walked in one pass (MessageScanner._unnamed_run), it must come out exactly as the
+# general walk makes it, refusals included.
+
+
+@st.composite
+def unnamed_runs(draw):
+    """An unnamed run, or something near one: a name, a byte or a length changed, a message
+    missing or added, its read cut short or run on."""
+    msgs = [
+        m.parse(draw(st.sampled_from(["", "", "s1"])), draw(names), draw(st.lists(st.integers(0, 2**32 - 1), max_size=3))),
+        draw(bind_messages()) if draw(st.booleans()) else m.bind("", "", draw(values)),
+    ]
+    describe = draw(st.sampled_from([None, ("P", ""), ("S", ""), ("P", "x"), ("X", "")]))
+    if describe is not None:
+        msgs.append(frame(p.DESCRIBE, describe[0].encode() + describe[1].encode() + b"\x00"))
+    msgs += [m.execute(draw(st.sampled_from(["", "", "p"])), draw(st.integers(0, 2**31 - 1))), m.sync()]
+    if draw(st.booleans()):
+        msgs.insert(draw(st.integers(0, len(msgs))), draw(valid_messages))
+    if draw(st.booleans()):
+        del msgs[draw(st.integers(1, len(msgs) - 1))]
+    data = bytearray(b"".join(msgs))
+    for _ in range(draw(st.integers(0, 2))):
+        data[draw(st.integers(0, len(data) - 1))] = draw(st.integers(0, 255))
+    cut = draw(st.integers(0, 3))
+    return bytes(data[: len(data) - cut] if cut < len(data) else data)
+
+
+def scanned(data: bytes, runs: bool):
+    """What a fresh transaction-pooling scanner makes of one read: (items or the refusal, state)."""
+    scanner = MessageScanner(CLIENT_CAPTURE, MAX, frontend=True)
+    scanner.runs = runs
+    try:
+        out = scanner.feed(data)
+    except ProtocolViolation as e:
+        out = ("refused", str(e))
+    return out, (scanner.at_boundary, scanner.last_type, scanner.unsynced)
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(unnamed_runs())
+def test_unnamed_run_walk_agrees_with_the_general_walk(data):
+    assert scanned(data, runs=True) == scanned(data, runs=False)
+
+
+def test_unnamed_runs_as_drivers_send_them_take_the_one_pass_walk():
+    run = m.parse("", "SELECT $1", [23]) + m.bind("", "", [b"7"], (), (1,))
+    for tail in (m.describe("P", "") + m.execute() + m.sync(), m.describe("S", "") + m.execute("", 5) + m.sync(), m.execute() + m.sync()):
+        data = run + tail
+        scanner = MessageScanner(CLIENT_CAPTURE, MAX, frontend=True)
+        assert scanner.runs
+        assert scanner._unnamed_run(data, len(data), struct.unpack_from("!I", data, 1)[0]) is not None
+        items = scanner.feed(data)
+        assert [t for t, _ in items][:2] == [p.PARSE, p.BIND] and items[-1] == (p.SYNC, b"")
+        assert b"".join(frame(*i) for i in items) == data
+        assert scanner.at_boundary and not scanner.unsynced and scanner.last_type == p.SYNC
+
+
+def test_session_pooling_scanner_never_takes_the_unnamed_run_walk():
+    # (It counts Syncs: the one-pass walk does not.)
+    assert not MessageScanner(SESSION_CAPTURE, MAX, frozenset((p.SYNC,)), frontend=True).runs
+    assert not MessageScanner(CLIENT_CAPTURE, MAX).runs
