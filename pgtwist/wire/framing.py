@@ -12,7 +12,7 @@ _INT32 = Struct("!I")
 _READY_LENGTH = _INT32.pack(5)  # a ReadyForQuery's length field
 _ANY_TYPE = frozenset(range(256))
 _SMALL_LIMIT = _frontend.SMALL_LIMIT
-# The fixed messages that end an unnamed run (MessageScanner._unnamed_run): a Describe of the
+# The fixed messages that end a run (MessageScanner._run): a Describe of the
 # unnamed portal or statement, the head of an Execute of the unnamed portal, and Sync.
 _DESCRIBES = frozenset((bytes((_p.DESCRIBE,)) + _INT32.pack(6) + b"P\x00", bytes((_p.DESCRIBE,)) + _INT32.pack(6) + b"S\x00"))
 _EXECUTE_UNNAMED = bytes((_p.EXECUTE,)) + _INT32.pack(9) + b"\x00"
@@ -154,7 +154,7 @@ class MessageScanner:
             self.checks = {}
             self.opens = self.closes = frozenset()
         self.unsynced = False
-        # Whether a read may be an unnamed run, walked by _unnamed_run: a client's stream whose
+        # Whether a read may be a run, walked by _run: a client's stream whose
         # every message of a run is captured and none counted.
         self.runs = frontend and not watch and _RUN_TYPES <= self.capture
         self._hold = frontend  # a split header waits until it can be checked whole
@@ -228,39 +228,46 @@ class MessageScanner:
                 self._broken = True
                 raise
 
-    def _unnamed_run(self, data: bytes, n: int, length: int) -> list | None:
-        """The items of *data* when it is, from a boundary, exactly Parse, Bind, [Describe,]
-        Execute, Sync of the unnamed statement and portal, each well formed; else None, and
-        nothing is consumed (feed's general walk then judges it).
+    def _run(self, data: bytes, n: int, msg_type: int, length: int) -> list | None:
+        """The items of *data* when it is, from a boundary, exactly [Parse,] Bind, [Describe,]
+        Execute, Sync, each well formed, the Describe and Execute of the unnamed portal (or the
+        Describe of the unnamed statement); else None, and nothing is consumed (feed's general
+        walk then judges it). *msg_type*, *length*: the first message's type and length field.
 
-        How psycopg, node-postgres and pgbench -M extended send every query with parameters:
-        one pass with the fixed messages compared whole, in place of five rounds of the general
-        walk's tests and layout checks. *length*: the Parse's length field.
+        How drivers send a query with parameters (psycopg, node-postgres and pgbench -M extended:
+        Parse of the unnamed statement first) and run a prepared statement again (libpq, asyncpg,
+        pgjdbc: Bind of its name): one pass with the fixed messages compared whole, in place of
+        four or five rounds of the general walk's tests and layout checks.
         """
-        end = 1 + length
-        if length > self.max_length or end + 5 > n or data[5] != 0:
+        max_length = self.max_length
+        if msg_type == _PARSE:
+            pos = 1 + length
+            if length > max_length or pos + 5 > n:
+                return None
+            parse = data[5:pos]
+            if data[pos] != _BIND or not _frontend.parse_ok(parse):
+                return None
+            (length,) = _INT32.unpack_from(data, pos + 1)
+            items = [(_PARSE, parse)]
+        else:
+            pos = 0
+            items = []
+        end = pos + 1 + length
+        if length > max_length or end + 15 > n:
             return None
-        parse = data[5:end]
-        if data[end] != _BIND or not _frontend.parse_ok(parse):
+        bind = data[pos + 5 : end]
+        if not _frontend.bind_ok(bind):
             return None
-        (length,) = _INT32.unpack_from(data, end + 1)
-        pos = end + 1 + length
-        if length > self.max_length or pos + 15 > n:
-            return None
-        bind = data[end + 5 : pos]
-        if bind[:2] != b"\x00\x00" or not _frontend.bind_ok(bind):
-            return None
-        if data[pos] == _DESCRIBE:
-            describe = data[pos : pos + 7]
+        items.append((_BIND, bind))
+        if data[end] == _DESCRIBE:
+            describe = data[end : end + 7]
             if describe not in _DESCRIBES:
                 return None
-            items = [(_PARSE, parse), (_BIND, bind), (_DESCRIBE, describe[5:])]
-            pos += 7
-        else:
-            items = [(_PARSE, parse), (_BIND, bind)]
-        if n != pos + 15 or data[pos : pos + 6] != _EXECUTE_UNNAMED or data[pos + 10 :] != _SYNC_MESSAGE:
+            items.append((_DESCRIBE, describe[5:]))
+            end += 7
+        if n != end + 15 or data[end : end + 6] != _EXECUTE_UNNAMED or data[end + 10 :] != _SYNC_MESSAGE:
             return None
-        items.append((_EXECUTE, data[pos + 5 : pos + 10]))
+        items.append((_EXECUTE, data[end + 5 : end + 10]))
         items.append((_SYNC, b""))
         self.last_type = _SYNC
         self.unsynced = False
@@ -296,8 +303,8 @@ class MessageScanner:
                             raise
                     return [(msg_type, body)]
                 return [data]
-            if msg_type == _PARSE and self.runs:
-                items = self._unnamed_run(data, n, length)
+            if (msg_type == _BIND or msg_type == _PARSE) and self.runs:
+                items = self._run(data, n, msg_type, length)
                 if items is not None:
                     return items
         if self._broken:

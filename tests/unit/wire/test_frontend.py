@@ -223,19 +223,19 @@ def test_server_side_scanner_is_unchanged_by_the_frontend_rules():
     assert b"".join(scanner.feed(data)) == data
 
 
-# -- the unnamed run (Parse, Bind, [Describe,] Execute, Sync of "" as drivers send a query with
-# parameters): walked in one pass (MessageScanner._unnamed_run), it must come out exactly as the
-# general walk makes it, refusals included.
+# -- runs ([Parse,] Bind, [Describe,] Execute, Sync, as drivers send a query with parameters or
+# run a prepared statement again): walked in one pass (MessageScanner._run), a run must come
+# out exactly as the general walk makes it, refusals included.
 
 
 @st.composite
-def unnamed_runs(draw):
-    """An unnamed run, or something near one: a name, a byte or a length changed, a message
-    missing or added, its read cut short or run on."""
-    msgs = [
-        m.parse(draw(st.sampled_from(["", "", "s1"])), draw(names), draw(st.lists(st.integers(0, 2**32 - 1), max_size=3))),
-        draw(bind_messages()) if draw(st.booleans()) else m.bind("", "", draw(values)),
-    ]
+def runs(draw):
+    """A run, or something near one: a name, a byte or a length changed, a message missing or
+    added, its read cut short or run on."""
+    msgs = [draw(bind_messages()) if draw(st.booleans()) else m.bind("", draw(st.sampled_from(["", "P0_1"])), draw(values))]
+    if draw(st.booleans()):
+        names_ = draw(st.lists(st.integers(0, 2**32 - 1), max_size=3))
+        msgs.insert(0, m.parse(draw(st.sampled_from(["", "", "s1"])), draw(names), names_))
     describe = draw(st.sampled_from([None, ("P", ""), ("S", ""), ("P", "x"), ("X", "")]))
     if describe is not None:
         msgs.append(frame(p.DESCRIBE, describe[0].encode() + describe[1].encode() + b"\x00"))
@@ -263,25 +263,32 @@ def scanned(data: bytes, runs: bool):
 
 
 @settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(unnamed_runs())
-def test_unnamed_run_walk_agrees_with_the_general_walk(data):
+@given(runs())
+def test_run_walk_agrees_with_the_general_walk(data):
     assert scanned(data, runs=True) == scanned(data, runs=False)
 
 
-def test_unnamed_runs_as_drivers_send_them_take_the_one_pass_walk():
-    run = m.parse("", "SELECT $1", [23]) + m.bind("", "", [b"7"], (), (1,))
-    for tail in (m.describe("P", "") + m.execute() + m.sync(), m.describe("S", "") + m.execute("", 5) + m.sync(), m.execute() + m.sync()):
-        data = run + tail
-        scanner = MessageScanner(CLIENT_CAPTURE, MAX, frontend=True)
-        assert scanner.runs
-        assert scanner._unnamed_run(data, len(data), struct.unpack_from("!I", data, 1)[0]) is not None
-        items = scanner.feed(data)
-        assert [t for t, _ in items][:2] == [p.PARSE, p.BIND] and items[-1] == (p.SYNC, b"")
-        assert b"".join(frame(*i) for i in items) == data
-        assert scanner.at_boundary and not scanner.unsynced and scanner.last_type == p.SYNC
+@pytest.mark.parametrize(
+    "head",
+    [m.parse("", "SELECT $1", [23]) + m.bind("", "", [b"7"], (), (1,)), m.bind("", "P0_1", [b"7", None], (1,))],
+    ids=["unnamed", "prepared"],
+)
+@pytest.mark.parametrize(
+    "tail",
+    [m.describe("P", "") + m.execute() + m.sync(), m.describe("S", "") + m.execute("", 5) + m.sync(), m.execute() + m.sync()],
+    ids=["describe-portal", "describe-statement", "no-describe"],
+)
+def test_runs_as_drivers_send_them_take_the_one_pass_walk(head, tail):
+    data = head + tail
+    scanner = MessageScanner(CLIENT_CAPTURE, MAX, frontend=True)
+    assert scanner.runs
+    assert scanner._run(data, len(data), data[0], struct.unpack_from("!I", data, 1)[0]) is not None
+    items = scanner.feed(data)
+    assert items[-1] == (p.SYNC, b"") and b"".join(frame(*i) for i in items) == data
+    assert scanner.at_boundary and not scanner.unsynced and scanner.last_type == p.SYNC
 
 
-def test_session_pooling_scanner_never_takes_the_unnamed_run_walk():
+def test_session_pooling_scanner_never_takes_the_run_walk():
     # (It counts Syncs: the one-pass walk does not.)
     assert not MessageScanner(SESSION_CAPTURE, MAX, frozenset((p.SYNC,)), frontend=True).runs
     assert not MessageScanner(CLIENT_CAPTURE, MAX).runs
