@@ -369,11 +369,20 @@ class ClientSession(Admission):
         Execute, Sync — a prepared statement run again — or Parse, Bind, [Describe,] Execute,
         Sync of the unnamed statement (_unnamed_run). Only the statement name is rewritten; the
         relay notes one ReadyForQuery owed, and the replies pass through untouched."""
-        if self.audit or not self.relay.idle:
+        if self.audit or not self.relay.idle or len(items) < 3:
             return False
-        if not _is_prepared_run(items):
+        first = items[0]
+        scanner = self.scanner
+        if first is scanner.run_head and len(items) == scanner.run_size:
+            # One read the scanner walked in one pass (MessageScanner._run): its layout is known,
+            # only the names are left to tell (_is_unnamed_run and _is_prepared_run, shortened).
+            if first[0] == p.PARSE:
+                return first[1][:1] == b"\x00" and items[1][1][:2] == b"\x00\x00" and self._unnamed_run(items, data, server)
+            if len(items) == 4 and items[1][1][:1] != b"P":
+                return False
+        elif not _is_prepared_run(items):
             return _is_unnamed_run(items) and self._unnamed_run(items, data, server)
-        body = items[0][1]
+        body = first[1]
         start, end = m.bind_statement_span(body)
         if start < 0:
             return False  # (the general path reports the malformed Bind)

@@ -128,6 +128,8 @@ class MessageScanner:
         "closes",
         "unsynced",
         "runs",
+        "run_head",
+        "run_size",
     )
 
     def __init__(
@@ -157,6 +159,10 @@ class MessageScanner:
         # Whether a read may be a run, walked by _run: a client's stream whose
         # every message of a run is captured and none counted.
         self.runs = frontend and not watch and _RUN_TYPES <= self.capture
+        # The first item and the number of items of the last run _run walked: a list of that
+        # many items that starts with that very tuple is that run, its layout known.
+        self.run_head = None
+        self.run_size = 0
         self._hold = frontend  # a split header waits until it can be checked whole
         # Types merely counted as their headers go by (e.g. Query and Sync, to know how many
         # ReadyForQuery a server still owes), and the type of the last header seen.
@@ -271,6 +277,8 @@ class MessageScanner:
         items.append((_SYNC, b""))
         self.last_type = _SYNC
         self.unsynced = False
+        self.run_head = items[0]
+        self.run_size = len(items)
         return items
 
     def feed(self, data: bytes) -> list:

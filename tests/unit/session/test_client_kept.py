@@ -147,6 +147,27 @@ def test_an_unnamed_run_replaces_an_unnamed_statement_with_effects(kept):
     assert "" not in session._effects_of
 
 
+def test_a_named_parse_in_a_run_takes_the_general_path_and_is_renamed(kept):
+    """A read of Parse "S_2", Bind, Execute, Sync is a run to the scanner (its layout is
+    checked in one pass) but not an unnamed one: the relay keeps the statement and renames it."""
+    session, ct, server = kept
+    session.got_data(m.parse("S_2", SQL, [23]) + m.bind("", "S_2", [b"7"]) + m.execute() + m.sync())
+    sent = messages(server.transport.value())
+    assert session.scanner.run_head is not None
+    assert [t for t, _ in sent] == [p.PARSE, p.BIND, p.EXECUTE, p.SYNC]
+    assert sent[0][1].startswith(SERVER_NAME_PREFIX.encode()) and "S_2" in session.relay.statements
+
+
+def test_a_run_describing_the_unnamed_statement_after_a_named_bind_takes_the_general_path(kept):
+    session, ct, server = kept
+    server_name = prepared(session, server, ct)
+    session.got_data(m.bind("", "S_1", [b"7"]) + m.describe("S", "") + m.execute() + m.sync())
+    sent = messages(server.transport.value())
+    assert [t for t, _ in sent] == [p.BIND, p.DESCRIBE, p.EXECUTE, p.SYNC]
+    assert sent[0][1] == m.bind("", server_name.decode(), [b"7"])[5:]
+    assert len(session.relay.queue) > 1  # relayed message by message
+
+
 def test_a_bind_of_a_statement_the_client_never_prepared_goes_to_the_server_as_named(kept):
     """PostgreSQL itself then answers 26000 about the client's own name."""
     session, ct, server = kept
