@@ -162,7 +162,9 @@ def decode_startup_packet(body: bytes):
         return CancelRequest(pid, key)
     major, minor = code >> 16, code & 0xFFFF
     if major != 3:
-        raise UnsupportedProtocol(f"unsupported frontend protocol {major}.{minor}: server supports 3.0 to 3.{p.PROTOCOL_LATEST_MINOR}")
+        raise UnsupportedProtocol(
+            f"unsupported frontend protocol {major}.{minor}: server supports 3.0 to 3.{p.PROTOCOL_LATEST_MINOR}"
+        )
     params: dict[str, str] = {}
     unrecognized = []
     # Every login's packet: its name/value pairs in one decode and one split when it is well

@@ -22,14 +22,7 @@ _SQLSTATE = re.compile(r"(?=.*[0-9])[0-9A-Z]{5}")
 def test_encodes_as_the_error_response_postgresql_sends():
     e = PgError(sqlstate.TOO_MANY_CONNECTIONS, "sorry, too many clients already", "why", "try later", severity="FATAL")
     assert e.encode() == m.error_response("FATAL", "53300", "sorry, too many clients already", "why", "try later")
-    assert m.decode_fields(e.encode()[5:]) == {
-        "S": "FATAL",
-        "V": "FATAL",
-        "C": "53300",
-        "M": "sorry, too many clients already",
-        "D": "why",
-        "H": "try later",
-    }
+    assert m.decode_fields(e.encode()[5:]) == {"S": "FATAL", "V": "FATAL", "C": "53300", "M": "sorry, too many clients already", "D": "why", "H": "try later"}
     assert str(e) == "sorry, too many clients already"
 
 

@@ -30,7 +30,11 @@ def message_streams(draw, max_msgs=8, max_body=300):
     alphabet = draw(st.lists(st.integers(0, 255), min_size=1, max_size=4, unique=True))
     msg_type = st.sampled_from(alphabet) | st.integers(0, 255)
     msgs = draw(st.lists(st.tuples(msg_type, st.binary(max_size=max_body)), max_size=max_msgs))
-    capture = draw(st.frozensets(st.sampled_from(alphabet)) | st.frozensets(st.integers(0, 255), max_size=8) | st.just(frozenset(alphabet)))
+    capture = draw(
+        st.frozensets(st.sampled_from(alphabet))
+        | st.frozensets(st.integers(0, 255), max_size=8)
+        | st.just(frozenset(alphabet))
+    )
     biggest = max((len(body) for _, body in msgs), default=0) + 4
     max_length = biggest + draw(st.sampled_from([0, 0, 1, 1000, p.MAX_PROTOCOL_MESSAGE]))
     return msgs, capture, max_length
@@ -224,7 +228,7 @@ def test_whole_reply_agrees_with_feed(case, status, ends_ready):
     if ends_ready and plain:
         assert got == status
         assert fast.at_boundary and fast.last_type == _Z
-        before = stream[:-6]
+        before = stream[: -6]
         assert slow.feed(stream) == ([before] if before else []) + [(_Z, bytes([status]))]
     else:
         assert got == -1

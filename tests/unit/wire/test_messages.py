@@ -435,18 +435,12 @@ def test_extended_query_messages():
 
 def test_error_response_layout():
     encoded = m.error_response("FATAL", "28P01", 'password authentication failed for user "u"')
-    body = b'SFATAL\x00VFATAL\x00C28P01\x00Mpassword authentication failed for user "u"\x00\x00'
+    body = b"SFATAL\x00VFATAL\x00C28P01\x00Mpassword authentication failed for user \"u\"\x00\x00"
     assert encoded == frame(ord("E"), body)
 
 
 @FAST
-@given(
-    names,
-    st.text(alphabet="0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ", min_size=5, max_size=5),
-    no_nul_text,
-    no_nul_text | st.none(),
-    no_nul_text | st.none(),
-)
+@given(names, st.text(alphabet="0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ", min_size=5, max_size=5), no_nul_text, no_nul_text | st.none(), no_nul_text | st.none())
 def test_error_response_roundtrip(severity, code, message, detail, hint):
     msg_type, body = one(m.error_response(severity, code, message, detail, hint))
     assert msg_type == p.ERROR_RESPONSE
@@ -600,7 +594,7 @@ def test_error_classes_and_sqlstates():
 def test_bind_statement_span_finds_the_statement_name_without_decoding_the_rest():
     body = m.bind("portal", "stmt", [b"1", None], [0], [1])[5:]
     start, end = m.bind_statement_span(body)
-    assert body[start:end] == b"stmt" and body[:start] == b"portal\x00" and body[end : end + 1] == b"\x00"
+    assert body[start:end] == b"stmt" and body[:start] == b"portal\x00" and body[end:end + 1] == b"\x00"
     unnamed = m.bind("", "")[5:]
     assert m.bind_statement_span(unnamed) == (1, 1)
     for cut in range(len(b"portal\x00stmt")):
@@ -611,9 +605,7 @@ def test_bind_statement_span_finds_the_statement_name_without_decoding_the_rest(
 def test_data_row_round_trips_and_every_truncation_is_a_protocol_violation(values):
     body = m.data_row(values)[5:]
     assert m.decode_data_row(body) == values
-    assert m.decode_data_row(bytearray(body)) == values and all(
-        type(v) is bytes for v in m.decode_data_row(bytearray(body)) if v is not None
-    )
+    assert m.decode_data_row(bytearray(body)) == values and all(type(v) is bytes for v in m.decode_data_row(bytearray(body)) if v is not None)
     for cut in range(len(body)):
         if values or cut < 2:
             with pytest.raises(ProtocolViolation):
