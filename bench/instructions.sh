@@ -10,7 +10,7 @@
 # epoll) is not counted: both poolers make the same system calls per transaction.
 #
 # usage: bench/instructions.sh [--tree DIR] [--clients N] [--pool N] [--targets pgtwist,pgbouncer] [--connect] [--scram]
-#                              [--protocol simple|extended|prepared] [--keep DIR]
+#                              [--protocol simple|extended|prepared] [--tpcb] [--keep DIR]
 #   --tree DIR   the pgtwist source tree to measure (default: this repository), e.g. a
 #                `git worktree` of another revision
 #   --connect    pgbench -C: a login (and logout) per transaction, the churn of short-lived
@@ -22,13 +22,15 @@
 #                the unnamed statement, as psycopg and node-postgres send a query with
 #                parameters) or prepared (named statements run again; PgBouncer 1.18 cannot
 #                serve it in transaction pooling, so its column then fails)
+#   --tpcb       pgbench's default TPC-B-like script instead of -S: BEGIN, three UPDATEs, a
+#                SELECT and an INSERT, END, seven statements on one connection per transaction
 #   --keep DIR   keep the callgrind files in DIR (TARGET.T1.callgrind, TARGET.T2.callgrind), to
 #                see where the instructions go: callgrind_annotate, or the difference of two runs
 # Needs valgrind, the PostgreSQL server binaries, pgbench and (for its column) pgbouncer.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")/.." && pwd)
-TREE=$HERE CLIENTS=64 POOL=16 TARGETS=pgtwist,pgbouncer T1=20 T2=60 CONNECT=() AUTH=trust PROTOCOL=simple KEEP=
+TREE=$HERE CLIENTS=64 POOL=16 TARGETS=pgtwist,pgbouncer T1=20 T2=60 CONNECT=() AUTH=trust PROTOCOL=simple KEEP= SCRIPT=(-S)
 while [ $# -gt 0 ]; do
     case $1 in
         --tree) TREE=$(cd "$2" && pwd); shift 2 ;;
@@ -38,6 +40,7 @@ while [ $# -gt 0 ]; do
         --connect) CONNECT=(-C); shift ;;
         --scram) AUTH=scram-sha-256; shift ;;
         --protocol) PROTOCOL=$2; shift 2 ;;
+        --tpcb) SCRIPT=(); shift ;;
         --keep) mkdir -p "$2"; KEEP=$(cd "$2" && pwd); shift 2 ;;
         *) echo "unknown option $1" >&2; exit 2 ;;
     esac
@@ -136,7 +139,7 @@ EOF
     fi
     local pid=$!
     wait_port "$port"
-    PGPASSWORD=$PASSWORD "$BIN/pgbench" -n -S -M "$PROTOCOL" "${CONNECT[@]}" -c "$CLIENTS" -j 2 -t "$per_client" -h 127.0.0.1 -p "$port" -U postgres pgbench \
+    PGPASSWORD=$PASSWORD "$BIN/pgbench" -n "${SCRIPT[@]}" -M "$PROTOCOL" "${CONNECT[@]}" -c "$CLIENTS" -j 2 -t "$per_client" -h 127.0.0.1 -p "$port" -U postgres pgbench \
         >"$WORK/pgbench.log" 2>&1 || { cat "$WORK/pgbench.log" >&2; return 1; }
     pkill -TERM -f "callgrind-out-file=$out" || true
     wait "$pid" 2>/dev/null || true
@@ -147,7 +150,7 @@ EOF
 
 unit=transaction
 [ ${#CONNECT[@]} -gt 0 ] && unit="login (pgbench -C: a login, one transaction, a logout)"
-echo "bench/instructions.sh: pgbench -S -M $PROTOCOL, $CLIENTS clients over pool $POOL, transaction pooling, $AUTH;" \
+echo "bench/instructions.sh: pgbench ${SCRIPT[*]:-(TPC-B)} -M $PROTOCOL, $CLIENTS clients over pool $POOL, transaction pooling, $AUTH;" \
      "user-space instructions per $unit (callgrind; $T1 and $T2 transactions per client)"
 for target in ${TARGETS//,/ }; do
     if [ "$target" = pgbouncer ] && ! command -v pgbouncer >/dev/null && [ ! -x /usr/sbin/pgbouncer ]; then

@@ -309,6 +309,15 @@ class ClientSession(Admission):
                         return
                 elif self._plain_batch(items, data, server):
                     return
+            elif not (kept.watch or kept.holding or kept.read_link) and self._to_restore is None:
+                # Inside a transaction (or a pinned session), where writes in BEGIN..COMMIT run
+                # statement after statement: the same fast paths, on the connection it holds. (Its
+                # read is passed on only when it began at a boundary: the rest of a split batch is not.)
+                if len(items) == 1:
+                    if self._plain_query(items[0], data, self.server):
+                        return
+                elif self._plain_batch(items, data if self._last_read is data else None, self.server):
+                    return
             self._client_items(items)
         elif self.state is IDLE:
             if len(items) == 1 and type(items[0]) is tuple and items[0][0] == _TERMINATE:
@@ -343,7 +352,11 @@ class ClientSession(Admission):
         lease = self.lease
         lease.used = True
         lease.watch &= _WATCH_ALL  # (this is the statement the link was placed by)
-        lease.sent.append(item)
+        if not lease.replied:  # (_note_sent)
+            if server.replied:
+                lease.replied = True
+            else:
+                lease.sent.append(item)
         self.relay.expect_ready()
         write_now(server.transport, data)
         return True
@@ -398,7 +411,7 @@ class ClientSession(Admission):
         lease = self.lease
         lease.used = True
         lease.watch &= _WATCH_ALL  # (this is the statement the link was placed by)
-        lease.sent.extend(items)
+        self._note_sent(lease, server, items)
         if data is not None and self.scanner.at_boundary:
             # The read held exactly these messages (the scanner began it at a boundary, as a
             # lent client's always does): what follows the Bind goes out as the client sent it.
@@ -427,7 +440,7 @@ class ClientSession(Admission):
         watch = lease.watch
         # (This is the statement the link was placed by; a later Bind of it alone needs no new verdict.)
         lease.watch = watch & _WATCH_ALL | (_WATCH_UNNAMED if watch & _WATCH_ALL else 0)
-        lease.sent.extend(items)
+        self._note_sent(lease, server, items)
         if data is not None and self.scanner.at_boundary:
             write_now(server.transport, data)  # the read held exactly these messages
         else:

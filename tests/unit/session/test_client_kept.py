@@ -296,6 +296,70 @@ def test_a_later_statement_of_the_same_batch_setting_a_name_keeps_it_out_of_the_
     assert "'application_name'" in restore and "search_path" not in restore
 
 
+# -- inside a transaction: the same fast paths on the connection the client holds -------------
+
+IN_TX = m.ready_for_query(p.TX_IN_TRANSACTION)
+
+
+@pytest.fixture
+def in_transaction(kept):
+    session, ct, server = kept
+    session.got_data(m.query("BEGIN"))
+    server.got_data(m.command_complete("BEGIN") + IN_TX)
+    assert session.state == "linked" and not session.lease.lent and session.relay.idle
+    ct.clear()
+    server.transport.clear()
+    return session, ct, server
+
+
+def test_a_plain_statement_inside_a_transaction_goes_out_as_sent_and_its_answer_whole(in_transaction):
+    session, ct, server = in_transaction
+    update = m.query("UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = 7")
+    session.got_data(update)
+    assert server.transport.value() == update
+    # (Its transaction was answered before: nothing of it is ever replayed elsewhere.)
+    assert len(session.relay.queue) == 1 and session.lease.sent == [(p.QUERY, b"BEGIN\x00")]
+    answer = m.command_complete("UPDATE 1") + IN_TX
+    server.got_data(answer)
+    assert ct.value() == answer and session.state == "linked" and session.relay.tx_status == p.TX_IN_TRANSACTION
+    ct.clear()
+    server.got_data(b"")
+    session.got_data(m.query("END"))
+    server.got_data(m.command_complete("COMMIT") + m.ready_for_query())
+    assert ct.value() == m.command_complete("COMMIT") + m.ready_for_query() and keeps_its_server(session)
+
+
+@pytest.mark.parametrize("split", [None, 4])
+def test_runs_inside_a_transaction_go_out_as_the_general_path_would_send_them(in_transaction, split):
+    session, ct, server = in_transaction
+    session.got_data(m.parse("S_1", SQL, [23]) + m.sync())
+    ((_, parse), _) = messages(server.transport.value())
+    server_name = parse[: parse.index(b"\x00")]
+    server.got_data(frame(p.PARSE_COMPLETE) + IN_TX)
+    server.transport.clear()
+    batch = m.bind("", "S_1", [b"7"]) + m.describe("P", "") + m.execute() + m.sync()
+    for chunk in [batch] if split is None else [batch[:split], batch[split:]]:
+        session.got_data(chunk)
+    assert server.transport.value() == m.bind("", server_name.decode(), [b"7"]) + batch[batch.index(b"D\x00\x00\x00\x06") :]
+    if split is None:  # (split, it takes the general path: the same bytes)
+        assert len(session.relay.queue) == 1
+    server.transport.clear()
+    server.got_data(frame(p.BIND_COMPLETE) + ANSWER[:-6] + IN_TX)
+    session.got_data(unnamed_run())
+    assert server.transport.value() == unnamed_run()
+
+
+def test_what_changes_session_state_inside_a_transaction_takes_the_general_path(in_transaction):
+    session, ct, server = in_transaction
+    session.got_data(m.query("SET LOCAL search_path TO app"))
+    assert session.relay.scope != ""  # (noted: what it prepares is its own until the transaction ends)
+    server.got_data(m.command_complete("SET") + IN_TX)
+    ct.clear()
+    schema = session.relay.schema.ddl_at
+    session.got_data(m.query("ALTER TABLE pgbench_accounts ADD COLUMN x int"))
+    assert session.relay.schema.ddl_at > schema
+
+
 # -- schema changes ------------------------------------------------------------------------------
 
 STALE = m.error_response("ERROR", "0A000", "cached plan must not change result type")
