@@ -311,12 +311,14 @@ class ClientSession(Admission):
                     return
             elif not (kept.watch or kept.holding or kept.read_link) and self._to_restore is None:
                 # Inside a transaction (or a pinned session), where writes in BEGIN..COMMIT run
-                # statement after statement: the same fast paths, on the connection it holds. (Its
-                # read is passed on only when it began at a boundary: the rest of a split batch is not.)
+                # statement after statement: the same fast paths, on the connection it holds. Its
+                # read goes out as it came only when it began at a boundary (a lent client's always
+                # does): the rest of a message split across reads is not the message.
+                whole = self._last_read is data
                 if len(items) == 1:
-                    if self._plain_query(items[0], data, self.server):
+                    if whole and self._plain_query(items[0], data, self.server):
                         return
-                elif self._plain_batch(items, data if self._last_read is data else None, self.server):
+                elif self._plain_batch(items, data if whole else None, self.server):
                     return
             self._client_items(items)
         elif self.state is IDLE:
@@ -387,6 +389,7 @@ class ClientSession(Admission):
         first = items[0]
         scanner = self.scanner
         if first is scanner.run_head and len(items) == scanner.run_size:
+            scanner.run_head = None  # (compared once: not kept alive with its body)
             # One read the scanner walked in one pass (MessageScanner._run): its layout is known,
             # only the names are left to tell (_is_unnamed_run and _is_prepared_run, shortened).
             if first[0] == p.PARSE:

@@ -251,21 +251,31 @@ def runs(draw):
     return bytes(data[: len(data) - cut] if cut < len(data) else data)
 
 
-def scanned(data: bytes, runs: bool):
-    """What a fresh transaction-pooling scanner makes of one read: (items or the refusal, state)."""
+_RUN_SLOTS = ("runs", "run_head", "run_size")  # (what only the one-pass walk sets)
+
+
+def scanned(reads: list, runs: bool):
+    """What a fresh transaction-pooling scanner makes of *reads*: per read the items or the
+    refusal and every slot of its state after it."""
     scanner = MessageScanner(CLIENT_CAPTURE, MAX, frontend=True)
     scanner.runs = runs
-    try:
-        out = scanner.feed(data)
-    except ProtocolViolation as e:
-        out = ("refused", str(e))
-    return out, (scanner.at_boundary, scanner.last_type, scanner.unsynced)
+    out = []
+    for data in reads:
+        try:
+            out.append(scanner.feed(data))
+        except ProtocolViolation as e:
+            out.append(("refused", type(e), str(e)))
+        out.append([getattr(scanner, slot) for slot in MessageScanner.__slots__ if slot not in _RUN_SLOTS])
+    return out
 
 
 @settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(runs())
-def test_run_walk_agrees_with_the_general_walk(data):
-    assert scanned(data, runs=True) == scanned(data, runs=False)
+@given(runs(), st.lists(st.integers(0, 200), max_size=3), runs())
+def test_run_walk_agrees_with_the_general_walk(data, points, then):
+    """Whole, in pieces, and followed by another read: the same items, refusals and state."""
+    points = sorted(min(x, len(data)) for x in points)
+    reads = [data[a:b] for a, b in zip([0] + points, points + [len(data)])] + [then]
+    assert scanned(reads, runs=True) == scanned(reads, runs=False)
 
 
 @pytest.mark.parametrize(
