@@ -52,6 +52,10 @@ _WATCH_UNNAMED = 4
 _WATCHED = frozenset((p.QUERY, p.PARSE, p.BIND, p.FUNCTION_CALL))
 # ClientSession._tx_end: DDL went through the open transaction; it set a search_path of its own.
 _DDL_SENT, _LOCAL_PATH = 1, 2
+# Read-your-writes: the client wrote, but where its write ends in the WAL could not be read back
+# (the primary froze or died right after the commit): no replica is known to hold it, so its
+# reads stay on the primary until a read-back there tells a position again (ClientSession.min_lsn).
+POSITION_UNKNOWN = 1 << 64
 # Read-your-writes: where the primary's WAL ends after this client's write committed.
 _WRITE_LSN_SQL = (
     "SELECT pg_catalog.pg_current_wal_insert_lsn()::text, pg_catalog.pg_current_wal_flush_lsn()::text,"
@@ -1455,14 +1459,16 @@ class ClientSession(Admission):
         batches = [[readback_sql(names)]] if names else []
         # (The link that only logged the client in wrote nothing.) The transaction has ended
         # (idle), so the query runs after its commit, outside it.
-        track_lsn = lease.wrote and lease.used
+        track_lsn = lease.used and (
+            lease.wrote or (self.min_lsn == POSITION_UNKNOWN and self.decision is not None and self.decision.on_primary)
+        )
         if track_lsn:
             batches.append([_WRITE_LSN_SQL])
         if batches:
             self._enter(PREPARING)
             server.unlink()
             server.run_for_client(batches).addCallbacks(
-                lambda _: self._read_back(server, names, track_lsn), lambda _: self._read_back_failed(server)
+                lambda _: self._read_back(server, names, track_lsn), lambda _: self._read_back_failed(server, track_lsn)
             ).addErrback(self.crashed)
             return
         # (In a cluster the next transaction is placed anew first, and stays on a kept connection
@@ -1538,9 +1544,11 @@ class ClientSession(Admission):
         if self.state is LINKED and self.server is server and self.lease.lent:
             self._give_back(server)
 
-    def _read_back_failed(self, server) -> None:
+    def _read_back_failed(self, server, track_lsn: bool = False) -> None:
         """The server connection ended while the proxy read back what the client's transaction left."""
         self.server = None
+        if track_lsn:
+            self.min_lsn = POSITION_UNKNOWN  # (its write committed; where it ends is not known)
         said = server.fatal
         self.router.server_ended(server.node, said, "connection lost after a transaction")
         if said is not None and said.get("C") == sqlstate.PROTOCOL_VIOLATION and self.state is not CLOSED:
@@ -1566,14 +1574,19 @@ class ClientSession(Admission):
                 self.relay.scope = self.settings.get("search_path", "")
             else:
                 server.taint("the settings read back did not come")
-        if track_lsn and rows and len(rows[-1]) == 3 and None not in rows[-1]:
-            insert, flush, synchronous_commit = (v.decode("ascii", "replace") for v in rows[-1])
-            if self.lease.async_commit:
-                synchronous_commit = "off"  # (the session's value is back; the commit had its own)
-            try:
-                self.min_lsn = max(self.min_lsn, write_lsn(parse_lsn(insert), parse_lsn(flush), synchronous_commit))
-            except ValueError:
-                pass
+        if track_lsn:
+            position = POSITION_UNKNOWN
+            if rows and len(rows[-1]) == 3 and None not in rows[-1]:
+                insert, flush, synchronous_commit = (v.decode("ascii", "replace") for v in rows[-1])
+                if self.lease.async_commit:
+                    synchronous_commit = "off"  # (the session's value is back; the commit had its own)
+                try:
+                    position = write_lsn(parse_lsn(insert), parse_lsn(flush), synchronous_commit)
+                except ValueError:
+                    pass
+            # A position read on the primary covers every earlier write of this client there,
+            # one whose position was never read back included.
+            self.min_lsn = position if self.min_lsn == POSITION_UNKNOWN else max(self.min_lsn, position)
         if self.state is CLOSED:
             self.server = self.lease = None
             server.pool.release(server, reusable=True, reset=False)

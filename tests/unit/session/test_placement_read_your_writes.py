@@ -9,13 +9,13 @@ import pytest
 
 from pgtwist.pooling.statements import Statement
 from pgtwist.routing import batch
-from pgtwist.session.client import _WRITE_LSN_SQL
+from pgtwist.session.client import _WRITE_LSN_SQL, POSITION_UNKNOWN
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 from pgtwist.wire.framing import frame
 
 from tests.harness.routing import R1, R2, P, clustered
-from tests.harness.session import Z_IDLE, Z_IN, Setup, keeps_its_server, messages, queries, sent, types
+from tests.harness.session import Z_IDLE, Z_IN, Setup, keeps_its_server, lose, messages, queries, sent, types
 
 ROW = m.row_description([("x", 23)]) + m.data_row([b"1"])
 EXTENDED_REPLY = m.parse_complete() + m.bind_complete() + m.command_complete("SELECT 1")
@@ -254,6 +254,36 @@ def test_a_read_sent_while_the_lsn_is_asked_for_waits_for_it():
     finish_lsn(server, flush="0/9000")
     assert session.min_lsn == 0x9000
     assert on(session.server) == P  # no replica has replayed 0/9000 (they are at 10)
+
+
+@pytest.mark.parametrize("how", ["connection lost", "no row"])
+def test_a_write_whose_position_was_never_read_back_keeps_the_client_s_reads_on_the_primary(how):
+    """The primary froze or died between the client's commit and pgtwist's read-back of its WAL
+    position (found by the freeze drill with 96 sessions: a session then read from a replica that
+    lacked its own acknowledged write). No replica is known to hold the write: the client's reads
+    stay on the primary, and the first read-back there tells a position again."""
+    s = Setup()
+    session, ct = s.client()
+    server = run(session, "INSERT INTO t VALUES (1)")
+    assert tracked(server)
+    session.got_data(m.query("SELECT 1"))  # the client's next read, sent at once
+    if how == "connection lost":
+        lose(server)
+    else:
+        server.got_data(m.row_description([("a", 25), ("b", 25), ("c", 25)]) + m.command_complete("SELECT 0") + Z_IDLE)
+    assert session.min_lsn == POSITION_UNKNOWN
+    if how == "connection lost":  # (the node is taken for down: the read waits for a primary, never a replica)
+        assert session.state == "waiting" and session.server is None
+        s.set_up(P, True)
+        s.clock.advance(1.0)  # (placement's retry)
+    server = session.server
+    assert on(server) == P  # (the replicas, at 10, are not known to hold the write)
+    sent(server)
+    answer(server, p.TX_IDLE)
+    assert tracked(server)  # a read on the primary now tells where the client's writes end
+    finish_lsn(server, insert="0/9", flush="0/9")
+    assert session.min_lsn == 9
+    assert on(run(session, "SELECT 2")) in (R1, R2)
 
 
 # -- batches placed whole ------------------------------------------------------------------------
