@@ -161,7 +161,7 @@ class MessageScanner:
         self.runs = frontend and not watch and _RUN_TYPES <= self.capture
         # The first item and the number of items of the last run _run walked: a list of that
         # many items that starts with that very tuple is that run, its layout known.
-        self.run_head = None
+        self.run_head: tuple | None = None
         self.run_size = 0
         self._hold = frontend  # a split header waits until it can be checked whole
         # Types merely counted as their headers go by (e.g. Query and Sync, to know how many
