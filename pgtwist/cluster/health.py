@@ -663,15 +663,25 @@ class ClusterMonitor:
         """Split brain rule, lags, then tell on_change what changed."""
         states = list(self.states.values())
         primary = resolve_primary(states)
+        # Without a primary, the reference is what the replicas of a timeline replayed the most
+        # of: nothing new is written then, so one behind another stays behind (a frozen primary
+        # streams nothing), and would serve what is older than what other clients already read
+        # or were told was committed (policy.read_exclusion).
+        freshest: dict[int, int] = {}
+        if primary is None:
+            for s in states:
+                if s.up and s.role == REPLICA and not s.fenced and s.lsn:
+                    freshest[s.timeline] = max(freshest.get(s.timeline, 0), s.lsn)
         for name, s in self.states.items():
             if not s.up:
                 s.lag_bytes = s.lag_seconds = None
             elif s.role == PRIMARY:
                 s.lag_bytes, s.lag_seconds = 0, 0.0
             else:
-                s.lag_bytes = max(0, primary.lsn - s.lsn) if primary is not None else None
+                reference = primary.lsn if primary is not None else freshest.get(s.timeline)
+                s.lag_bytes = max(0, reference - s.lsn) if reference is not None else None
                 s.lag_seconds = self._slots[name].delay
-                if s.lag_bytes == 0:
+                if primary is not None and s.lag_bytes == 0:
                     s.lag_seconds = 0.0  # replayed all the primary had: any delay is an idle primary
         for name, s in self.states.items():
             was_up, was_role, was_fenced = before[name]

@@ -135,8 +135,10 @@ def read_exclusion(
     following the current primary), gets none until it follows the primary again. Without
     a primary the replicas are all there is to read from, and all have lost their upstream:
     only the primary's absence is held against nothing. Lag is measured against the current
-    primary's position only (lag_bytes is None without one, and unknown lag is not held
-    against a replica).
+    primary's position (unknown lag is not held against a replica); without one, against
+    what the replicas of the same timeline replayed the most of (ClusterMonitor._settle), and
+    then any lag at all excludes: nothing new is written, so a replica behind another stays
+    behind, and the freshest ones serve the reads.
     """
     if not n.up:
         return DOWN
@@ -152,6 +154,8 @@ def read_exclusion(
         if n.upstream is False:
             return NO_UPSTREAM
     if max_lag_bytes is not None and n.lag_bytes is not None and n.lag_bytes > max_lag_bytes:
+        return LAG_BYTES
+    if primary is None and n.lag_bytes:
         return LAG_BYTES
     if max_lag_seconds is not None and n.lag_seconds is not None and n.lag_seconds > max_lag_seconds:
         return LAG_SECONDS

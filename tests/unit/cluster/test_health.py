@@ -11,7 +11,7 @@ from twisted.python.failure import Failure
 from pgtwist.backend.login import ServerLogin
 from pgtwist.cluster.catalog import FUNCTIONS_SQL, NOT_FETCHED
 from pgtwist.cluster.health import PROBE_SQL, ClusterMonitor, PromoteError
-from pgtwist.routing.policy import parse_lsn
+from pgtwist.routing.policy import LAG_BYTES, parse_lsn, read_exclusions
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 from pgtwist.wire.framing import frame, pop_messages, pop_startup_packet
@@ -163,13 +163,33 @@ def test_start_connects_to_every_node_and_reads_roles():
     assert h.monitor.running
 
 
-def test_replica_lag_unknown_without_a_primary():
+def test_replica_lag_without_a_primary_is_against_the_freshest_replica():
     h = Harness(count=2)
     h.monitor.start()
     h.up(1, replica_row("0/100", delay="3.0"))
-    assert h.state(1).lag_bytes is None and h.state(1).lag_seconds == 3.0
+    # (Its own replay delay is kept: only a primary's position says a delay is an idle primary's.)
+    assert h.state(1).lag_bytes == 0 and h.state(1).lag_seconds == 3.0
     h.up(0, primary_row("0/400"))
     assert h.state(1).lag_bytes == 0x300
+
+
+def test_without_a_primary_a_replica_behind_another_gets_no_reads():
+    """The primary froze or died: nothing new is written, and a replica that had not received
+    all of it stays behind. It would serve reads older than the other replica's, which clients
+    read (found by the freeze drill with 96 sessions: stale reads on the replica behind)."""
+    h = Harness(count=3)
+    h.monitor.start()
+    h.up(1, replica_row("0/100"))
+    h.up(2, replica_row("0/180"))
+    assert h.state(1).lag_bytes == 0x80 and h.state(2).lag_bytes == 0
+    exclusions = read_exclusions(list(h.monitor.states.values()), max_lag_bytes=1 << 20, max_lag_seconds=30.0)
+    assert exclusions[h.name(1)] == LAG_BYTES and exclusions[h.name(2)] is None
+    # Replicas of another timeline are not compared with these.
+    h2 = Harness(count=3)
+    h2.monitor.start()
+    h2.up(1, replica_row("0/100", timeline=1))
+    h2.up(2, replica_row("0/180", timeline=2))
+    assert h2.state(1).lag_bytes == 0 and h2.state(2).lag_bytes == 0
 
 
 def test_probes_repeat_every_interval_on_the_kept_connection():

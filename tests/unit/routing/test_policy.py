@@ -359,6 +359,17 @@ def test_without_a_primary_replicas_that_lost_their_upstream_still_serve_reads()
     assert pick([primary("p", up=False), a, b]) == ("a", "replica")
 
 
+def test_without_a_primary_only_the_freshest_replicas_serve_reads():
+    # lag_bytes, without a primary: behind the replica that replayed the most (the monitor's).
+    a = replica("a", timeline=1, upstream=False, lag_bytes=0x80)
+    b = replica("b", timeline=1, upstream=False, outstanding=2, lag_bytes=0)
+    assert pol.read_exclusion(a, None, max_lag_bytes=1 << 20) == pol.LAG_BYTES
+    assert pick([primary("p", up=False), a, b]) == ("b", "replica")
+    # With a primary, a small lag is within max_replica_lag as before.
+    a.upstream = True
+    assert pol.read_exclusion(a, primary("p"), max_lag_bytes=1 << 20) is None
+
+
 def test_replica_follows_the_new_primary_again_and_is_back():
     p = primary("p", timeline=2)
     r = replica("r", timeline=1, upstream=False)
