@@ -18,7 +18,7 @@ event, then --phase seconds of load. Reported per drill, as an operator would ju
 - stale reads: a read that missed a write acknowledged to any session more than --stale-after
   seconds before the read began (0 expected: a replica left behind, or lagging past the limits,
   must not serve reads);
-- lost acknowledged writes (kill-promote): commits acknowledged before the kill and missing on the
+- lost acknowledged writes (kill-promote): commits acknowledged before the promotion (by the old primary) and missing on the
   promoted node. With asynchronous replication (this cluster's synchronous_commit = off) a few are
   PostgreSQL's contract, not pgtwist's: the README says what is guaranteed.
 
@@ -164,6 +164,8 @@ def summarize(name: str, load: Load, event: float, end: float, lost: set[tuple[i
     writes_back = None if back >= end else back - event
     # Read-your-writes: a session's own last acknowledged write (not lost) must be visible to it.
     ryw_misses = 0
+    ryw_ports: collections.Counter = collections.Counter()
+    ryw_when: list[float] = []  # (seconds after the event)
     for s in sessions:
         lost_seqs = {seq for session, seq in lost if session == s.n}
         for r in s.reads:
@@ -171,6 +173,8 @@ def summarize(name: str, load: Load, event: float, end: float, lost: set[tuple[i
                 continue
             if (r.own_seq or 0) < r.own_acked_seq:
                 ryw_misses += 1
+                ryw_ports[ports.get(r.port, r.port)] += 1
+                ryw_when.append(round(r.started - event, 2))
     # Stale: a read missing a write acknowledged to anyone more than stale_after before it began.
     acked_ids = [(w.acked, w.id) for w in writes]
     stale = 0
@@ -195,6 +199,8 @@ def summarize(name: str, load: Load, event: float, end: float, lost: set[tuple[i
         "write_unavailable_s": round(longest_gap, 2),
         "writes_back_after_s": None if writes_back is None else round(writes_back, 2),
         "ryw_misses": ryw_misses,
+        "ryw_misses_by_node": dict(ryw_ports),
+        "ryw_misses_after_s": [min(ryw_when), max(ryw_when)] if ryw_when else None,
         "stale_reads": stale,
         "stale_reads_by_node": dict(stale_ports),
         "lost_acknowledged_writes": len(lost),
@@ -268,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
                             lambda: next((n for n in (r1, r2) if role_of(cluster, n) == "primary"), None),
                             30, "auto_promote to promote a replica",
                         )
+                        promoted_at = time.monotonic()
                         other = r2 if promoted is r1 else r1
                         print(f"  pgtwist promoted {promoted.name} after {time.monotonic() - event:.1f}s", flush=True)
                         time.sleep(args.phase / 2)
@@ -276,7 +283,10 @@ def main(argv: list[str] | None = None) -> int:
                     end = time.monotonic()
                 if name == "kill-promote":
                     # By (session, seq), not id: a sequence's WAL can be lost with the rows and ids reissued.
-                    acked_before = {(w.session, w.seq) for s in load.sessions for w in s.writes if w.acked < event}
+                    # Acknowledged by the old primary: up to its death, which comes some time after the
+                    # event (pg_ctl stop takes a while), so anything acknowledged before the promotion
+                    # was seen (what the new primary acknowledged is on it, never "lost").
+                    acked_before = {(w.session, w.seq) for s in load.sessions for w in s.writes if w.acked < promoted_at}
                     kept = cluster.psql(
                         promoted, "SELECT string_agg(session || ':' || seq, ',') FROM drill",
                         user=cluster.app_user, dbname=cluster.app_database,
