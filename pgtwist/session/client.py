@@ -105,11 +105,13 @@ def _is_unnamed_run(items: list) -> bool:
     parse, bind, execute, sync = items[0], items[1], items[-2], items[-1]
     if parse[0] != p.PARSE or bind[0] != p.BIND or execute[0] != p.EXECUTE or sync[0] != p.SYNC:
         return False
-    # Unnamed all through: Parse "" (its body starts with the name's NUL), Bind portal "" of
-    # statement "", Execute portal "", and a Describe of that portal or statement.
-    if parse[1][:1] != b"\x00" or bind[1][:2] != b"\x00\x00" or execute[1][:1] != b"\x00":
-        return False
-    return n == 4 or (items[2][0] == p.DESCRIBE and items[2][1] in _DESCRIBE_UNNAMED)
+    return _names_unnamed(items) and (n == 4 or (items[2][0] == p.DESCRIBE and items[2][1] in _DESCRIBE_UNNAMED))
+
+
+def _names_unnamed(items: list) -> bool:
+    """Unnamed all through: Parse "" (its body starts with the name's NUL), Bind portal "" of
+    statement "", Execute portal "" (of a run whose layout is known)."""
+    return items[0][1][:1] == b"\x00" and items[1][1][:2] == b"\x00\x00" and items[-2][1][:1] == b"\x00"
 
 
 _DESCRIBE_UNNAMED = frozenset((b"P\x00", b"S\x00"))
@@ -356,13 +358,8 @@ class ClientSession(Admission):
         if effects is not NO_EFFECTS and (effects.changes_state or effects.local_commit_mode):
             return False
         lease = self.lease
-        lease.used = True
         lease.watch &= _WATCH_ALL  # (this is the statement the link was placed by)
-        if not lease.replied:  # (_note_sent)
-            if server.replied:
-                lease.replied = True
-            else:
-                lease.sent.append(item)
+        self._note_sent(lease, server, (item,))
         self.relay.expect_ready()
         write_now(server.transport, data)
         return True
@@ -397,7 +394,7 @@ class ClientSession(Admission):
             # One read the scanner walked in one pass (MessageScanner._run): its layout is known,
             # only the names are left to tell (_is_unnamed_run and _is_prepared_run, shortened).
             if first[0] == p.PARSE:
-                return first[1][:1] == b"\x00" and items[1][1][:2] == b"\x00\x00" and self._unnamed_run(items, data, server)
+                return _names_unnamed(items) and self._unnamed_run(items, data, server)
             if len(items) == 4 and items[1][1][:1] != b"P":
                 return False
         elif not _is_prepared_run(items):
@@ -416,7 +413,6 @@ class ClientSession(Admission):
             bind = frame(p.BIND, body)
             self.relay.expect_ready(simple=False)
         lease = self.lease
-        lease.used = True
         lease.watch &= _WATCH_ALL  # (this is the statement the link was placed by)
         self._note_sent(lease, server, items)
         if data is not None and self.scanner.at_boundary:
@@ -443,7 +439,6 @@ class ClientSession(Admission):
             self._effects_of.pop("", None)  # (this Parse replaces the unnamed statement: _client_parse)
         self.relay.expect_ready(simple=False)
         lease = self.lease
-        lease.used = True
         watch = lease.watch
         # (This is the statement the link was placed by; a later Bind of it alone needs no new verdict.)
         lease.watch = watch & _WATCH_ALL | (_WATCH_UNNAMED if watch & _WATCH_ALL else 0)
@@ -505,7 +500,7 @@ class ClientSession(Admission):
         self._maybe_release()
 
     @staticmethod
-    def _note_sent(lease, server, items: list) -> None:
+    def _note_sent(lease, server, items: list | tuple) -> None:
         """Until the node's first reply, what this lending forwarded may be replayed elsewhere (_link_lost)."""
         lease.used = True
         if not lease.replied:
