@@ -14,7 +14,16 @@ from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 from pgtwist.wire.framing import frame
 
-from tests.harness.session import Harness, finish_internal, internal_answer, keeps_its_server, messages, split_internal
+from tests.harness.session import (
+    Harness,
+    error_fields,
+    finish_internal,
+    internal_answer,
+    keeps_its_server,
+    lose,
+    messages,
+    split_internal,
+)
 
 SQL = "SELECT abalance FROM pgbench_accounts WHERE aid = $1"
 ROW_DESCRIPTION = frame(ord("T"), b"\x00\x01abalance\x00" + b"\x00" * 18)
@@ -365,6 +374,18 @@ def test_a_query_whose_read_began_inside_a_header_goes_out_whole(kept, begin):
     session.got_data(q2[3:] + q3[:3])
     session.got_data(q3[3:])
     assert server.transport.value() == q1 + q2 + q3
+
+
+def test_a_node_lost_under_a_fast_path_statement_inside_a_transaction_is_not_replayed(in_transaction):
+    """Its transaction's work is gone with the connection: the statement is answered with an
+    error saying so (08006), never run again elsewhere, and the session goes on."""
+    session, ct, server = in_transaction
+    session.got_data(m.query("UPDATE pgbench_accounts SET abalance = 1 WHERE aid = 7"))
+    assert len(session.relay.queue) == 1  # (the fast path)
+    lose(server)
+    (fields,) = error_fields(ct.value())
+    assert fields["C"] == "08006" and "aborted" in fields["D"]
+    assert session.state == "idle" and session.server is None  # (nothing replayed: no link)
 
 
 def test_what_changes_session_state_inside_a_transaction_takes_the_general_path(in_transaction):
