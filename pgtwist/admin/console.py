@@ -129,7 +129,11 @@ _SHOW = {
 }
 # SHOW views that list every worker's rows under workers = N: name -> the view a worker serves.
 # (PgBouncer's views of counts add the workers' rows up instead: admin.totals.MERGED.)
-PER_WORKER = {"CLIENTS": "bouncer.clients", "SERVERS": "bouncer.servers", "NODE_POOLS": "inspect.pools", "NODES": "inspect.nodes"}
+# MEM, FDS and PREPARED are each process's own (its memory, its sockets, its connections' statements).
+PER_WORKER = {
+    "CLIENTS": "bouncer.clients", "SERVERS": "bouncer.servers", "NODE_POOLS": "inspect.pools", "NODES": "inspect.nodes",
+    "MEM": "bouncer.mem", "FDS": "bouncer.fds", "PREPARED": "inspect.prepared",
+}  # fmt: skip
 _WORDS = re.compile(r"\S+")
 
 

@@ -273,6 +273,9 @@ SHOWN = (
     "bouncer.databases",
     "inspect.pools",
     "inspect.nodes",
+    "bouncer.mem",
+    "bouncer.fds",
+    "inspect.prepared",
 )
 WORKER_COLUMN = ("worker", int)
 SHOW_TIMEOUT = 1.0

@@ -54,9 +54,9 @@ def test_many_clients_are_served_by_both_workers(px):
             assert conn.execute("SELECT %s::int + 1", (i,)).fetchone()[0] == i + 1
         served = {worker_of(px, conn) for conn in conns}
         # The admin console, on whichever worker it lands, shows every worker's clients, server
-        # connections and node pools, with a worker column.
+        # connections, node pools, memory and sockets, with a worker column.
         with px.connect(dbname="pgbalance") as console:
-            for what in ("CLIENTS", "SERVERS", "NODE_POOLS", "NODES"):
+            for what in ("CLIENTS", "SERVERS", "NODE_POOLS", "NODES", "MEM", "FDS"):
                 cur = console.execute(f"SHOW {what}")
                 names = [d.name for d in cur.description]
                 assert names[-1] == "worker"
