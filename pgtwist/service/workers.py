@@ -448,7 +448,8 @@ class _WorkerProcess(protocol.ProcessProtocol):
 
 def spawn_twistd(reactor, proto, spec: WorkerSpec, config_path: str, extra_fds: dict):
     """Start `twistd -n pgbalance --config PATH --worker SPEC` with the listening socket as fd spec.listen_fd."""
-    argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=", "--logfile=-"]
+    # (pgtwist.tools.cli.twistd: the plugin is found from an editable install too.)
+    argv = [sys.executable, "-c", "from pgtwist.tools.cli import twistd; twistd()", "-n", "--pidfile=", "--logfile=-"]
     argv += ["pgbalance", "--config", config_path, "--worker", spec.to_arg()]
     fds = {0: "w", 1: "r", 2: "r", **extra_fds}
     return reactor.spawnProcess(proto, sys.executable, argv, env=dict(os.environ), path=os.getcwd(), childFDs=fds)

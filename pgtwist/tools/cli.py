@@ -6,6 +6,7 @@ import argparse
 import platform
 import sys
 from importlib import resources
+from pathlib import Path
 
 from pgtwist import __version__
 
@@ -51,13 +52,34 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(config: str, extra: list[str]) -> int:
-    """In this process (so a service manager's signals and $NOTIFY_SOCKET reach pgtwist itself)."""
+def plugin_reachable() -> None:
+    """Let twistd find the `pgbalance` plugin wherever pgtwist was installed from.
+
+    `pip install .` copies twisted/plugins/pgbalance.py into site-packages' twisted/plugins,
+    where twistd looks. An editable install (`pip install -e .`) does not: its import hook
+    serves the pgtwist package only, so outside the source tree twistd said "Unknown command:
+    pgbalance". The source tree's plugin directory then joins twisted.plugins' search path.
+    """
+    import twisted.plugins
+
+    here = Path(__file__).resolve().parents[2] / "twisted" / "plugins"
+    if (here / "pgbalance.py").is_file() and str(here) not in twisted.plugins.__path__:
+        twisted.plugins.__path__.append(str(here))
+
+
+def twistd() -> None:
+    """twistd with sys.argv, the pgbalance plugin reachable (`pgtwist run`, and each worker of `workers = N`)."""
     from twisted.scripts.twistd import run as twistd_run
 
+    plugin_reachable()
+    twistd_run()
+
+
+def run(config: str, extra: list[str]) -> int:
+    """In this process (so a service manager's signals and $NOTIFY_SOCKET reach pgtwist itself)."""
     extra = extra[1:] if extra[:1] == ["--"] else extra
     sys.argv = ["twistd", "--nodaemon", "--pidfile=", "pgbalance", "--config", config, *extra]
-    twistd_run()  # exits through SystemExit (78 for a config mistake)
+    twistd()  # exits through SystemExit (78 for a config mistake)
     return 0
 
 

@@ -54,3 +54,20 @@ def test_passwd_is_pgtwist_passwd(monkeypatch, capsys):
 def test_no_command_prints_help(capsys):
     assert cli.main([]) == 2
     assert "run" in capsys.readouterr().out
+
+
+def test_the_plugin_is_reachable_from_an_editable_install(monkeypatch):
+    # `pip install -e .` serves the pgtwist package through an import hook, and twistd looks
+    # for plugins only in twisted.plugins' search path: the source tree's plugin directory
+    # joins it, once, so `pgtwist run` and each worker find `pgbalance` from anywhere.
+    from twisted.application.service import IServiceMaker
+    from twisted.plugin import getPlugins
+
+    import twisted.plugins
+
+    plugins = str(Path(cli.__file__).resolve().parents[2] / "twisted" / "plugins")
+    monkeypatch.setattr(twisted.plugins, "__path__", [p for p in twisted.plugins.__path__ if p != plugins])
+    cli.plugin_reachable()
+    cli.plugin_reachable()
+    assert twisted.plugins.__path__.count(plugins) == 1
+    assert "pgbalance" in {maker.tapname for maker in getPlugins(IServiceMaker)}
