@@ -196,9 +196,11 @@ class Pool:
         """Queue *waiter* (a Deferred, or an object with server_ready / server_unavailable)."""
         self._waits[waiter] = self.clock.seconds()
         self.waiters.append(waiter)
-        # (With none idle or lent, and the pool full, _serve has nothing to give or open; its
-        # shared limits are _serve's to ask, since asking may close another pool's idle connection.)
-        if self.idle or self.lent or self.limits is not None or len(self.busy) + self.connecting < self.settings.size:
+        # (With none idle or lent, and the pool full without a reserve, _serve has nothing to give
+        # or open, whatever the shared limits say (_room): the commonest case once clients
+        # outnumber connections, once per transaction. Any other case is _serve's to decide, since
+        # asking the shared limits may close another pool's idle connection.)
+        if self.idle or self.lent or self.settings.reserve or len(self.busy) + self.connecting < self.settings.size:
             self._serve()
         if waiter in self._waits:
             self.waits += 1
