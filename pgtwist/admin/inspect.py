@@ -52,7 +52,8 @@ POOL_COLUMNS = (
     ("wait_s", float),
     ("paused", bool),
     ("retired", bool),
-    ("lent", int),  # (last: added after the others; readers by position keep their columns)
+    ("lent", int),  # (added after the others; readers by position keep their columns)
+    ("yielded", int),  # connections closed to let another pool under a shared limit open one
 )
 NODE_COLUMNS = (
     ("database", str),
@@ -179,6 +180,7 @@ def pools(proxy) -> list[dict]:
                 # (Of the busy: kept by a client between its transactions, idle on the node and
                 # taken back at once for a waiter; SHOW POOLS counts these as sv_idle.)
                 "lent": len(pool.lent),
+                "yielded": getattr(pool, "yielded", 0),
             }
         )
     return out

@@ -67,15 +67,22 @@ class ProxyCollector:
         }
         waits = CounterMetricFamily("pgbalance_pool_waits", "Server connection requests that had to wait.", labels=labels)
         wait_s = CounterMetricFamily("pgbalance_pool_wait_seconds", "Total time clients spent waiting for server connections.", labels=labels)
+        yielded = CounterMetricFamily(
+            "pgbalance_pool_yielded_connections",
+            "Server connections closed to let another pool under the same max_db_connections or max_user_connections open one.",
+            labels=labels,
+        )
         for pool in inspect.pools(proxy):
             key = [pool["database"], pool["user"], pool["node"]]
             for name, family in families.items():
                 family.add_metric(key, float(pool[name]))
             waits.add_metric(key, pool["waits"])
             wait_s.add_metric(key, pool["wait_s"])
+            yielded.add_metric(key, pool["yielded"])
         yield from families.values()
         yield waits
         yield wait_s
+        yield yielded
 
     def _traffic(self, counters):
         labels = ["node", "role"]

@@ -22,6 +22,12 @@ class ConnectionLimits:
         self.pools = pools
         self.config = config
         self.clock = clock
+        # Pools whose clients wait on a shared limit rather than on their own pool_size
+        # (Pool._serve puts them here; yield_to takes out those no longer held). Empty unless
+        # max_db_connections or max_user_connections is reached: then a pool that keeps its
+        # connections busy hands them from client to client and never lets one go, and the
+        # other pools under that limit would wait in vain (users sharing a database's limit).
+        self.blocked: set = set()
 
     # -- asked by Pool._room ----------------------------------------------------------------
 
@@ -65,6 +71,46 @@ class ConnectionLimits:
                 return True
         return False
 
+    def yield_to(self, pool):
+        """*pool*'s client is done with a connection: the pool held by a shared limit that should
+        have it instead (this one then closes it, to make room for that one's), or None.
+
+        A fair share, as connections can pass between pools only by closing one and opening
+        another (each pool logs in as its own user, to its own node): a held pool gets one
+        when *pool* has two more than it does, so the shares even out and then stay; a held
+        pool with none at all gets one in turns, when its oldest client has waited longer than
+        *pool*'s oldest (a limit of 1 then serves the pools under it in turns).
+        """
+        held = None
+        blocked = self.blocked
+        now = self.clock.seconds()
+        for other in list(blocked):
+            if (
+                other.paused
+                or other.retired
+                or other.total >= other.size
+                or len(other.waiters) <= other.connecting + len(other.testing)
+            ):
+                blocked.discard(other)  # served, gone, or held by its own pool_size now
+                continue
+            if other is pool or not self._shares_limit(pool, other):
+                continue
+            mine, theirs = pool.total, other.total
+            if mine > theirs + 1 or (theirs == 0 and mine >= 1 and _waited_longer(other, pool, now)):
+                if held is None or _waited_longer(other, held, now):
+                    held = other
+        return held
+
+    def _shares_limit(self, pool, other) -> bool:
+        """Whether *pool* and *other* are under one max_db_connections or max_user_connections."""
+        if pool.database.name == other.database.name and getattr(pool.database, "max_db_connections", 0):
+            return True
+        if pool.user != other.user:
+            return False
+        config = self.config()
+        user_entry = config.users.get(pool.user)
+        return bool(user_entry.max_user_connections if user_entry is not None else config.max_user_connections)
+
     def describe(self, pool) -> str:
         """Which limit a client that waited in vain was held by (the DETAIL of its 53300)."""
         config = self.config()
@@ -87,3 +133,9 @@ class ConnectionLimits:
         for other in list(self.pools()):
             if other is not pool and other.waiters and (other.database.name == pool.database.name or other.user == pool.user):
                 other.refresh()
+
+
+def _waited_longer(pool, than, now: float) -> bool:
+    """Whether *pool*'s oldest waiting client has waited longer than *than*'s (True if *than* has none)."""
+    theirs = than.oldest_wait(now)
+    return theirs is None or (pool.oldest_wait(now) or 0.0) > theirs

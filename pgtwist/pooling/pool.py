@@ -111,6 +111,7 @@ class Pool:
         self.retired = False  # removed by a reload: connections close when their clients are done
         self.waits = 0  # acquisitions that had to wait, and for how long in total (for metrics)
         self.wait_seconds = 0.0
+        self.yielded = 0  # connections closed to make room for another pool's clients under a shared limit
         # ParameterStatus sets seen by clients logging in with given startup settings, so that
         # a transaction-mode login needs no server connection once the pool has seen its like.
         # Per pool, so per (database, user, node): session_authorization and is_superuser are
@@ -311,8 +312,9 @@ class Pool:
             or (settings.check_query and not settings.check_delay)
             or type(waiter) is defer.Deferred
             or not waiter.takes_as_is(conn)
+            or (self.limits is not None and self.limits.blocked and self.limits.yield_to(self) is not None)
         ):
-            return False
+            return False  # (the caller releases it: release() decides)
         now = self.clock.seconds()
         if settings.lifetime and now - conn.created >= settings.lifetime:
             return False
@@ -337,6 +339,10 @@ class Pool:
         # (A connection under server_check_query will serve a waiter too, unless it fails.)
         while not self.paused and len(self.waiters) > self.connecting + len(self.testing) and self._room():
             self._open()
+        if self.limits is not None and len(self.waiters) > self.connecting + len(self.testing) and self.total < self.settings.size and not self.paused:
+            # Held by max_db_connections or max_user_connections, not by pool_size: the pools
+            # under that limit let go of a connection for its clients (ConnectionLimits.yield_to).
+            self.limits.blocked.add(self)
 
     def _open(self) -> None:
         self.connecting += 1
@@ -401,6 +407,16 @@ class Pool:
         if not reusable or conn.state is not IDLE or conn.tainted or self.retired or self._expired(conn):
             self.busy.discard(conn)
             conn.close()
+            self._serve()
+            return
+        held = self.limits.yield_to(self) if self.limits is not None and self.limits.blocked else None
+        if held is not None:
+            # Another pool's clients wait on a limit this pool's connections fill: this one
+            # closes, and that pool opens one in its place, before this pool's waiters may.
+            self.busy.discard(conn)
+            conn.close()
+            self.yielded += 1
+            held.refresh()
             self._serve()
             return
         queries = []

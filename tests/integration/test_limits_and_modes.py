@@ -76,6 +76,39 @@ def test_max_db_connections_across_users_and_room_made_from_an_idle_pool(pg_clus
         conn.close(), second.close()
 
 
+def test_users_sharing_max_db_connections_are_all_served_under_load(pg_cluster, tmp_path):
+    # Many clients of two users over a database limit of 2, transaction pooling: the pool that got
+    # the connections first handed them from client to client and never let one go, and the other
+    # user's clients waited in vain for query_wait_timeout. Now its pool closes one for them
+    # (ConnectionLimits.yield_to) and the limit is shared.
+    c = pg_cluster
+    users = {c.app_user: {"password": c.app_password}, c.superuser: {"password": c.superuser_password}}
+    with start_proxy(c, tmp_path, pool_mode="transaction", pool_size=2, max_db_connections=2, query_wait_timeout=3, users=users,
+                     admin={"users": [c.superuser]}) as px:
+        deadline = time.monotonic() + 5
+
+        def client(user, password):
+            done = 0
+            with connect(px, user, password) as conn:
+                while time.monotonic() < deadline:
+                    assert conn.execute("SELECT current_user").fetchone()[0] == user
+                    done += 1
+            return user, done
+
+        jobs = [(c.app_user, c.app_password)] * 6 + [(c.superuser, c.superuser_password)] * 6
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            results = [f.result(timeout=30) for f in [pool.submit(client, *job) for job in jobs]]
+        by_user: dict[str, list[int]] = {}
+        for user, done in results:
+            by_user.setdefault(user, []).append(done)
+        assert all(n > 0 for counts in by_user.values() for n in counts), by_user  # every client, of each user
+        with px.connect(dbname="pgbalance", user=c.superuser, password=c.superuser_password) as console:
+            cur = console.execute("SHOW NODE_POOLS")
+            names = [d.name for d in cur.description]
+            pools = [dict(zip(names, row)) for row in cur.fetchall()]
+        assert sum(p["yielded"] for p in pools) >= 1, pools
+
+
 def test_max_user_connections_across_databases(pg_cluster, tmp_path):
     c = pg_cluster
     node = c.nodes[0].addr

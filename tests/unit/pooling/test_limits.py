@@ -75,12 +75,104 @@ def test_max_db_connections_counts_every_pool_of_the_database():
     acquire(a), acquire(a), acquire(b)
     assert (a.connecting, b.connecting) == (2, 0)  # b waits: the database has 2 already
     w.open_all()
-    # a's client gives back its connection: it goes idle, then b takes its place.
+    # a's client gives back a connection none of a's clients waits for: b's client, held by the
+    # database's limit, gets its place at once (a fair share: ConnectionLimits.yield_to).
     conn = next(iter(a.busy))
     a.release(conn, reusable=True, reset=False)
-    assert conn in a.idle
-    b.refresh()
+    assert conn.closed and b.connecting == 1 and a.yielded == 1
+
+
+def test_a_client_arriving_at_the_limit_closes_another_pools_idle_connection():
+    w = World()
+    db = Db("db", max_db_connections=2)
+    a, b = w.pool(db, "a"), w.pool(db, "b")
+    acquire(a), acquire(a)
+    w.open_all()
+    conn = next(iter(a.busy))
+    a.release(conn, reusable=True, reset=False)
+    assert conn in a.idle  # (nobody is held by the limit yet)
+    acquire(b)
     assert conn.closed and b.connecting == 1  # a's idle connection made room for b's client
+
+
+def busy_pool_and_held_pool(limit, size=4, a_clients=6, b_clients=2):
+    """Pool a fills the database's limit and has clients waiting; pool b's clients wait on the limit."""
+    w = World()
+    db = Db("db", max_db_connections=limit)
+    a, b = w.pool(db, "a", size=size), w.pool(db, "b", size=size)
+    for _ in range(a_clients):
+        acquire(a)
+    w.open_all()
+    w.clock.advance(1)
+    for _ in range(b_clients):
+        acquire(b)
+    assert b.connecting == 0 and b in w.limits.blocked
+    return w, a, b
+
+
+def test_a_pool_busy_with_its_own_clients_lets_a_held_pool_have_a_fair_share():
+    # Users sharing a database's max_db_connections: the pool that filled it hands each connection
+    # from client to client and never lets one go idle, so the other's clients waited until
+    # query_wait_timeout (PgBouncer 1.18 serves both). Shares now even out, then stay.
+    w, a, b = busy_pool_and_held_pool(limit=4)
+    first, second, third = list(a.busy)[:3]
+    a.release(first, reusable=True, reset=False)  # a 4, b 0: a lets this one go
+    assert first.closed and b.connecting == 1
+    a.release(second, reusable=True, reset=False)  # a 3, b 1: and this one
+    assert second.closed and b.connecting == 2
+    a.release(third, reusable=True, reset=False)  # a 2, b 2: even, a's own waiter takes it
+    assert not third.closed and third in a.busy and b.connecting == 2
+    assert a.yielded == 2
+    w.open_all()
+    assert (a.total, b.total) == (2, 2)
+
+
+def test_a_limit_of_one_serves_the_pools_in_turns_oldest_waiter_first():
+    w, a, b = busy_pool_and_held_pool(limit=1, a_clients=1, b_clients=1)
+    w.clock.advance(1)
+    acquire(a)  # b's client has waited since before this one
+    (conn,) = a.busy
+    a.release(conn, reusable=True, reset=False)  # b's client waited longer than a's: b's turn
+    assert conn.closed and b.connecting == 1
+    w.open_all()
+    (theirs,) = b.busy
+    w.clock.advance(1)
+    acquire(b)  # a's client has waited since before this one
+    b.release(theirs, reusable=True, reset=False)
+    assert theirs.closed and a.connecting == 1
+
+
+def test_pools_under_no_shared_limit_never_yield():
+    w = World()
+    a, b = w.pool(Db("one", max_db_connections=1), "u"), w.pool(Db("two", max_db_connections=1), "u")
+    acquire(a), acquire(a)
+    w.open_all()
+    acquire(b)
+    w.open_all()
+    (conn,) = a.busy
+    a.release(conn, reusable=True, reset=False)
+    assert not conn.closed and a.yielded == 0
+
+
+def test_a_held_pool_leaves_the_list_once_served_and_hand_over_defers_to_it():
+    class Waiter:
+        def takes_as_is(self, conn):
+            return True
+
+        def take_over(self, conn):
+            self.took = conn
+
+    w, a, b = busy_pool_and_held_pool(limit=2, size=2, a_clients=2, b_clients=1)
+    waiter = Waiter()
+    a.wait_for(waiter)
+    conn = next(iter(a.busy))
+    assert a.hand_over(conn) is False  # (its release() lets it go, for b)
+    a.release(conn, reusable=True, reset=False)
+    assert conn.closed and b.connecting == 1
+    w.open_all()
+    assert w.limits.yield_to(a) is None and b not in w.limits.blocked
+    other = next(iter(a.busy))
+    assert a.hand_over(other) is True and waiter.took is other
 
 
 def test_max_user_connections_counts_every_database_of_the_user():
