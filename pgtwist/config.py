@@ -59,6 +59,14 @@ class DatabaseConfig:
     pool_mode: str | None = None  # PgBouncer's database pool_mode=: over the global one (None: that)
     max_db_connections: int = 0  # server connections of all this database's pools (0: no limit)
     reserve_pool_size: int = 0  # extra connections per pool for clients waiting reserve_pool_timeout
+    # Of INHERITED, the settings this table did not give, so took from the top level: a SET of
+    # that top-level setting on the admin console changes them here too (PgBouncer's
+    # default_pool_size is so). Not a setting of its own: SHOW CONFIG and reload diffs skip it.
+    inherited: frozenset = field(default=frozenset(), compare=False)
+
+
+# Database settings that default to the top-level setting of the same name.
+INHERITED = ("pool_size", "max_db_connections", "reserve_pool_size")
 
 
 @dataclass(frozen=True)
@@ -514,6 +522,7 @@ def from_dict(raw: Mapping[str, Any], source: str = "<memory>") -> Config:
             _table_pool_mode(c, db, path),
             c.number(db, "max_db_connections", path + ".max_db_connections", int, limits["max_db_connections"], 0, 100_000),
             c.number(db, "reserve_pool_size", path + ".reserve_pool_size", int, limits["reserve_pool_size"], 0, 100_000),
+            frozenset(key for key in INHERITED if key not in db),
         )
 
     errors_before = len(c.errors)
@@ -1033,7 +1042,7 @@ def flatten(config: Config) -> dict[str, Any]:
         if f.name in ("databases", "users"):
             for name, table in value.items():
                 for sub in fields(table):
-                    if sub.name != "name":
+                    if sub.name not in ("name", "inherited"):
                         key = "password" if sub.name == "credential" else sub.name
                         out[f"{f.name}.{name}.{key}"] = _flatten_value(getattr(table, sub.name))
         elif is_dataclass(value) and not isinstance(value, Address):

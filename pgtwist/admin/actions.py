@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import fields, replace
+from types import MappingProxyType
 
 from twisted.internet import defer, task
 from twisted.logger import Logger
@@ -239,6 +240,10 @@ def set_setting(proxy, key: str, text: str, service=None):
     if choices is not None and value not in choices:
         raise ActionError(f"invalid value for {key}: one of {', '.join(choices)}")
     new = replace(current, **{key: value})
+    if key in configmod.INHERITED:
+        # The databases that took this setting from the top level take the new value too.
+        databases = {name: replace(db, **{key: value}) if key in db.inherited else db for name, db in current.databases.items()}
+        new = replace(new, databases=MappingProxyType(databases))
     changes = configmod.diff(current, new)
     proxy.apply_config(configmod.applicable(current, new), changes)
     if service is not None:

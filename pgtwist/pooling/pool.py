@@ -112,6 +112,7 @@ class Pool:
         self.waits = 0  # acquisitions that had to wait, and for how long in total (for metrics)
         self.wait_seconds = 0.0
         self.yielded = 0  # connections closed to make room for another pool's clients under a shared limit
+        self.shrinking = False  # pool_size lowered by a reload: connections over it close as they come back
         # ParameterStatus sets seen by clients logging in with given startup settings, so that
         # a transaction-mode login needs no server connection once the pool has seen its like.
         # Per pool, so per (database, user, node): session_authorization and is_superuser are
@@ -258,7 +259,23 @@ class Pool:
         self.database = database
         if settings.wait_timeout != before.wait_timeout:
             self._wait_timeout_changed()
+        if self.total > settings.size + settings.reserve:
+            self.shrinking = True
+            self.trim()
         self._serve()
+
+    def trim(self) -> None:
+        """pool_size (or reserve_pool_size) was lowered: close the connections over it that nobody
+        uses now, idle ones and those lent between transactions; those in use close when their
+        client is done with them (release, hand_over). PgBouncer's janitor does the same ("too
+        many servers in the pool"). Called by reconfigure and by the janitor (maintain)."""
+        cap = self.settings.size + self.settings.reserve
+        while self.total > cap and self.idle:
+            self.idle.popleft().close()
+        while self.total > cap and self.lent:
+            self._reclaim_one()  # (its release() closes it)
+        if self.total <= cap:
+            self.shrinking = False
 
     def _wait_timeout_changed(self) -> None:
         """Judge the waiters by the new ``wait_timeout`` from now on."""
@@ -313,6 +330,7 @@ class Pool:
             or type(waiter) is defer.Deferred
             or not waiter.takes_as_is(conn)
             or (self.limits is not None and self.limits.blocked and self.limits.yield_to(self) is not None)
+            or self.shrinking
         ):
             return False  # (the caller releases it: release() decides)
         now = self.clock.seconds()
@@ -404,7 +422,7 @@ class Pool:
         if conn not in self.busy:
             return
         # (IDLE: logged in, nothing owed, no client; asked by name, at the cost of one identity test.)
-        if not reusable or conn.state is not IDLE or conn.tainted or self.retired or self._expired(conn):
+        if not reusable or conn.state is not IDLE or conn.tainted or self.retired or self._expired(conn) or self._over_size():
             self.busy.discard(conn)
             conn.close()
             self._serve()
@@ -464,12 +482,24 @@ class Pool:
         self.idle.append(conn)
         self._serve()
 
+    def _over_size(self) -> bool:
+        """Shrinking after a reload, and still over pool_size + reserve_pool_size (the connection
+        coming back included): it closes. Not over any more: shrinking is done."""
+        if not self.shrinking:
+            return False
+        if self.total > self.settings.size + self.settings.reserve:
+            return True
+        self.shrinking = False
+        return False
+
     def _expired(self, conn) -> bool:
         return bool(self.settings.lifetime) and self.clock.seconds() - conn.created >= self.settings.lifetime
 
     def maintain(self) -> None:
         """Periodic care: close connections idle too long or past their lifetime, keep min_size warm."""
         now = self.clock.seconds()
+        if self.shrinking:
+            self.trim()
         for conn in list(self.idle):
             idle_too_long = self.settings.idle_timeout and now - conn.last_used >= self.settings.idle_timeout and self.total > self.settings.min_size
             if idle_too_long or self._expired(conn):

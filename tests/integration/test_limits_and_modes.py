@@ -109,6 +109,47 @@ def test_users_sharing_max_db_connections_are_all_served_under_load(pg_cluster, 
         assert sum(p["yielded"] for p in pools) >= 1, pools
 
 
+def test_a_lower_pool_size_takes_effect_under_load(pg_cluster, admin, tmp_path):
+    # SET pool_size (or a SIGHUP reload) lowered under load: the connections over it close as their
+    # clients finish, as PgBouncer's janitor closes "too many servers in the pool"; pgtwist kept
+    # handing them from client to client, all of them, for as long as the load went on.
+    c = pg_cluster
+    name = "shrink-under-load"
+    users = {c.app_user: {"password": c.app_password}, c.superuser: {"password": c.superuser_password}}
+    with start_proxy(c, tmp_path, pool_mode="transaction", pool_size=6, users=users, admin={"users": [c.superuser]}) as px:
+        stop = time.monotonic() + 30
+        failures: list = []
+
+        def client():
+            try:
+                with psycopg.connect(px.dsn(application_name=name), autocommit=True) as conn:
+                    while time.monotonic() < stop:
+                        conn.execute("SELECT pg_sleep(0.002)")
+            except Exception as e:  # noqa: BLE001 - reported below
+                failures.append(e)
+
+        def backends() -> int:
+            return admin.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", (name,)).fetchone()[0]
+
+        with ThreadPoolExecutor(12) as pool:
+            for _ in range(12):
+                pool.submit(client)
+            deadline = time.monotonic() + 10
+            while backends() < 6:
+                assert time.monotonic() < deadline, backends()
+                time.sleep(0.1)
+            with px.connect(dbname="pgbalance", user=c.superuser, password=c.superuser_password) as console:
+                console.execute("SET pool_size = 2")
+            deadline = time.monotonic() + 10
+            while backends() > 2:
+                assert time.monotonic() < deadline, f"{backends()} server connections stayed over pool_size 2"
+                time.sleep(0.1)
+            time.sleep(0.5)
+            assert backends() <= 2  # (and none opened again)
+            stop = time.monotonic()
+        assert not failures, failures[:3]
+
+
 def test_max_user_connections_across_databases(pg_cluster, tmp_path):
     c = pg_cluster
     node = c.nodes[0].addr

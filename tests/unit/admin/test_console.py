@@ -512,3 +512,27 @@ def test_a_resume_ends_a_waiting_pause_without_closing_more(proxy):
     assert types(transport.value()) == "CZ"
     (pool,) = proxy.pools.values()
     assert not pool.paused and len(pool.busy) == 1 and app.state == "linked"
+
+
+def test_set_pool_size_reaches_the_databases_that_inherit_it_only():
+    # SET pool_size changed the top-level value, which every database had copied at load:
+    # no pool changed size. Now the databases without a pool_size of their own take it
+    # (PgBouncer's default_pool_size), and their pools shrink or grow at once.
+    config = make_config(
+        databases={
+            "appdb": {"dbname": "postgres", "nodes": ["db1:5432"], "pool_size": 2},
+            "other": {"dbname": "postgres", "nodes": ["db1:5432"]},
+        },
+        pool_size=5,
+        max_db_connections=9,
+    )
+    proxy = TestProxy(config)
+    assert proxy.config.databases["other"].inherited == {"pool_size", "max_db_connections", "reserve_pool_size"}
+    assert proxy.config.databases["appdb"].inherited == {"max_db_connections", "reserve_pool_size"}
+    actions.set_setting(proxy, "pool_size", "3")
+    actions.set_setting(proxy, "max_db_connections", "4")
+    dbs = proxy.config.databases
+    assert (dbs["appdb"].pool_size, dbs["other"].pool_size) == (2, 3)
+    assert (dbs["appdb"].max_db_connections, dbs["other"].max_db_connections) == (4, 4)
+    shown = {row[0] for row in console.run(proxy, "SHOW CONFIG").rows}
+    assert not any("inherited" in key for key in shown)

@@ -642,3 +642,49 @@ def test_waiters_are_remembered_only_while_they_wait():
     h.clock.advance(10)  # the second times out
     assert isinstance(got(r2), Failure) and h.pool.waiting_since() == []
     assert h.pool._waits == {} and h.clock.getDelayedCalls() == []
+
+
+# -- a reload lowers pool_size ---------------------------------------------------------------
+
+
+def test_a_lower_pool_size_closes_idle_and_lent_connections_at_once_and_busy_ones_when_done():
+    # PgBouncer's janitor closes "too many servers in the pool"; pgtwist kept them (handing them
+    # from client to client under load) until server_idle_timeout, or for ever under load.
+    from dataclasses import replace
+
+    h = Harness(size=4, reset_query="")
+    pool = h.pool
+    conns = []
+    for _ in range(4):
+        h.acquire()
+        conns.append(h.open_next())
+    idle, lent, busy, kept = conns
+    pool.release(idle, reusable=True, reset=False)
+    borrower = Borrower(pool, lent)
+    pool.lend(lent, borrower)
+    pool.reconfigure("db", replace(pool.settings, size=2))
+    assert idle.closed and lent.closed and borrower.reclaimed == 1  # nobody used them: closed now
+    assert pool.total == 2 and not pool.shrinking
+    assert not busy.closed and not kept.closed
+
+
+def test_shrinking_closes_connections_in_use_as_their_clients_finish():
+    from dataclasses import replace
+
+    from tests.unit.pooling.test_pool_hand_over import Taker
+
+    h = Harness(size=3, reset_query="")
+    pool = h.pool
+    first, second, third = [h.acquire() and h.open_next() for _ in range(3)]
+    taker = Taker(pool)
+    pool.wait_for(taker)
+    pool.reconfigure("db", replace(pool.settings, size=1))
+    assert pool.shrinking and pool.total == 3
+    assert pool.hand_over(first) is False  # not handed on while over the size: release() decides
+    pool.release(first, reusable=True, reset=False)
+    assert first.closed and pool.total == 2 and pool.shrinking and taker.got == [] and taker.taken == []
+    pool.release(second, reusable=True, reset=False)
+    assert second.closed and pool.total == 1
+    pool.maintain()  # (the janitor finds nothing left to close, and shrinking is over)
+    assert not pool.shrinking
+    assert pool.hand_over(third) is True and taker.taken[0][0] is third
