@@ -409,6 +409,8 @@ class Proxy:
             return  # PostgreSQL ignores unknown keys silently, and so do we
         for session in held if type(held) is list else (held,):
             if hmac.compare_digest(session.secret_key, secret_key):
+                if session.cancel_waiting():
+                    break  # its work had reached no node: answered 57014 here
                 if session.server is not None:
                     self.cancel_server(session.server, done)
                     return

@@ -43,6 +43,7 @@ log = Logger()
 
 _Z = p.READY_FOR_QUERY
 _TERMINATE = p.TERMINATE
+_ENDS_WORK = frozenset((p.QUERY, p.FUNCTION_CALL, p.SYNC, p.TERMINATE))  # (what ends one statement, or batch)
 # Read-your-writes: what _watch_link/_watch_statement look at while a link on the primary has
 # not been seen to write. _WATCH_FIRST: the statement the link was placed by is still to come
 # (already classified); _WATCH_UNNAMED: the unnamed statement was parsed (and classified) on it.
@@ -789,6 +790,37 @@ class ClientSession(Admission):
         """Placement put the work off (an extended batch bound for a replica waits for its end): read on."""
         self._enter(IDLE)
         self.resume_reading()
+
+    def cancel_waiting(self) -> bool:
+        """A CancelRequest with this client's key came while its work is still in pgtwist: queued
+        for a server connection (WAITING), or behind pgtwist's own statements on the one it got
+        (PREPARING: settings sync, or the read-back after its last transaction). True: it was for
+        this work, which is answered here as PostgreSQL answers a cancelled statement (57014);
+        the caller sends nothing to any node. False: the caller sends it to the session's server.
+
+        Sent on, it would cancel pgtwist's own statement on the connection (the client then lost
+        its session to an error it had no part in) or be ignored while the statement still ran
+        later: PgBouncer ignores it (pgbouncer#1222, #1314). Only the first statement, or batch
+        up to its Sync, is cancelled, as a cancel stops only the statement running; what the
+        client sent behind it still runs."""
+        state = self.state
+        if state is not WAITING and state is not PREPARING:
+            return False
+        if not self.logged_in or (state is WAITING and self.router.hook is not None):
+            return True  # (a login, or a routing hook's answer on its way: nothing to cancel now)
+        backlog = self.backlog
+        end = next((i for i, item in enumerate(backlog) if type(item) is tuple and item[0] in _ENDS_WORK), None)
+        if end is None:
+            return True  # (no whole statement yet: as PostgreSQL, idle when the cancel comes)
+        work, self.backlog = backlog[: end + 1], backlog[end + 1 :]
+        self._read = None  # (the backlog no longer begins with that read)
+        if state is WAITING and not self.backlog:
+            self.placement.give_up()
+            self._enter(IDLE)
+            self.resume_reading()
+            self._asked_at = None
+        self._answer_locally(work, m.error_fields("ERROR", sqlstate.QUERY_CANCELED, "canceling statement due to user request"))
+        return True
 
     def fail_waiting_work(self, fields: dict) -> None:
         """No server could be had within failover_wait: the waiting work fails as a statement would, the session stays."""

@@ -222,6 +222,12 @@ class Placement:
         if pool is not None:
             pool.cancel_wait(self.session)
 
+    def give_up(self) -> None:
+        """The waiting work was cancelled (ClientSession.cancel_waiting): out of the pool's queue,
+        and no retry after failover_wait's pause (_retry finds the session no longer waiting)."""
+        self.cancel()
+        self._deadline = None
+
     # -- the pool's answers, and retrying ------------------------------------------------------
 
     def server_ready(self, server) -> None:

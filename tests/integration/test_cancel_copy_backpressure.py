@@ -280,3 +280,31 @@ def test_client_that_floods_a_busy_node_does_not_grow_the_proxy(proxy, admin):
     )
     with proxy.connect() as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_cancel_of_a_statement_waiting_for_the_pool_stops_it_before_it_runs(pg_cluster, admin, tmp_path):
+    # Clients outnumber connections: a statement waiting for one is cancelled (a driver's
+    # timeout, psql's ^C) with 57014, as PostgreSQL would, and never runs. PgBouncer 1.18 ignores
+    # such a cancel and runs the statement once a connection frees (pgbouncer#1222).
+    from tests.harness.proxy import start_proxy
+
+    admin.execute("CREATE TABLE IF NOT EXISTS itest_cancel_waiting (n int)")
+    admin.execute("TRUNCATE itest_cancel_waiting")
+    admin.execute(f"GRANT ALL ON itest_cancel_waiting TO {pg_cluster.app_user}")
+    with start_proxy(pg_cluster, tmp_path, pool_mode="transaction", pool_size=1) as px:
+        with px.connect() as holder, px.connect() as waiter:
+            busy = Worker(lambda: holder.execute("SELECT pg_sleep(2) /* itest-cancel-wait */"))
+            busy.start()
+            wait_for(lambda: active_query_pid(admin, "itest-cancel-wait"), 10, "the holder's query to run")
+            queued = Worker(lambda: waiter.execute("INSERT INTO itest_cancel_waiting VALUES (1)"))
+            queued.start()
+            time.sleep(0.3)  # (a real wait: the statement is queued in pgtwist)
+            started = time.monotonic()
+            waiter.cancel()
+            queued.finish(10)
+            assert isinstance(queued.error, pgerrors.QueryCanceled), queued.error
+            assert queued.finished_at - started < 1.5  # not after the holder's 2 s
+            busy.finish(10)
+            assert busy.error is None, busy.error
+            assert waiter.execute("SELECT count(*) FROM itest_cancel_waiting").fetchone() == (0,)
+    admin.execute("DROP TABLE itest_cancel_waiting")

@@ -1,0 +1,93 @@
+"""A CancelRequest for work still in pgtwist (queued for a server connection, or behind pgtwist's own
+statements on the one it got) cancels that work here, with PostgreSQL's 57014, and reaches no node."""
+
+from pgtwist.wire import messages as m
+from pgtwist.wire import protocol as p
+
+from tests.harness.session import RESULT, Z_IDLE, RecordingTransport, Setup, finish_internal, queries, sent
+from tests.unit.session.test_client_hand_over import client, commit, in_transaction, waits
+
+CANCELLED = m.error_response_from_fields(m.error_fields("ERROR", "57014", "canceling statement due to user request"))
+
+
+def cancel(s, session):
+    """A CancelRequest with *session*'s key, on a connection of its own; that connection's transport."""
+    transport = RecordingTransport()
+    s.proxy.new_client(transport).got_data(m.cancel_request(session.process_id, session.secret_key))
+    return transport
+
+
+def test_a_client_waiting_for_the_pool_is_cancelled_here_and_its_statement_never_runs():
+    # PgBouncer ignores such a cancel and the statement runs once a connection frees
+    # (pgbouncer#1222): a client's statement_timeout or ^C meant nothing while it waited.
+    s = Setup(clustered=False, pool_size=1)
+    a, at, server = in_transaction(s)
+    pool = server.pool
+    b, bt = waits(s, "SELECT pg_sleep(60)")
+    dialled = len(s.clock.tcpClients)
+    ct = cancel(s, b)
+    assert bt.value() == CANCELLED + Z_IDLE
+    assert b.state == "idle" and b.server is None and b not in pool.waiters
+    assert len(s.clock.tcpClients) == dialled and ct.disconnecting  # no node was asked
+    commit(a, server)
+    assert sent(server) == b""  # b's statement went nowhere
+    bt.clear()
+    b.got_data(m.query("SELECT 2"))  # the session goes on
+    assert queries(sent(server)) == ["SELECT 2"]
+    server.got_data(RESULT + Z_IDLE)
+    assert bt.value() == RESULT + Z_IDLE
+
+
+def test_only_the_first_statement_is_cancelled_what_follows_it_still_runs():
+    s = Setup(clustered=False, pool_size=1)
+    a, at, server = in_transaction(s)
+    b, bt = client(s)
+    b.got_data(m.query("SELECT 1") + m.parse("", "SELECT 2") + m.bind("", "") + m.execute("") + m.sync())
+    assert b.state == "waiting"
+    cancel(s, b)
+    assert bt.value() == CANCELLED + Z_IDLE
+    assert b.state == "waiting" and list(server.pool.waiters) == [b]
+    commit(a, server)
+    out = sent(server)
+    assert out[:1] == bytes([p.PARSE]) and b"SELECT 2" in out and b"SELECT 1" not in out  # the batch, not SELECT 1
+
+
+def test_a_waiting_batch_is_answered_as_postgresql_answers_a_cancelled_one():
+    s = Setup(clustered=False, pool_size=1)
+    a, at, server = in_transaction(s)
+    b, bt = client(s)
+    b.got_data(m.parse("S1", "SELECT 1") + m.bind("", "S1") + m.execute("") + m.sync())
+    cancel(s, b)
+    assert bt.value() == CANCELLED + Z_IDLE  # one error for the batch, then ReadyForQuery
+    assert b.state == "idle" and not b.relay.statements  # S1 was never prepared
+    commit(a, server)
+    assert sent(server) == b""
+
+
+def test_behind_pgtwist_s_own_settings_sync_the_cancel_is_for_the_client_s_work_not_the_sync():
+    # Sent on, the cancel stopped pgtwist's SET on the connection: the client was closed with
+    # "could not restore this session's settings" (XX000) and the connection discarded.
+    s = Setup(clustered=False, pool_size=1)
+    b, bt = client(s, application_name="bee")  # (its login set application_name on the one connection)
+    a, at, server = in_transaction(s)  # (and a's login set it back)
+    b.got_data(m.query("SELECT 1"))
+    commit(a, server)
+    assert b.state == "preparing" and b.server is server  # its application_name is set first
+    dialled = len(s.clock.tcpClients)
+    server.transport.clear()
+    cancel(s, b)
+    assert len(s.clock.tcpClients) == dialled  # the node's SET is left alone
+    assert bt.value() == CANCELLED + Z_IDLE
+    finish_internal(server)
+    assert not server.tainted and b.state in ("linked", "idle")
+    assert b"SELECT 1" not in sent(server)
+
+
+def test_a_cancel_for_a_statement_on_its_server_still_goes_to_the_node():
+    s = Setup(clustered=False, pool_size=1)
+    b, bt = client(s)
+    b.got_data(m.query("SELECT pg_sleep(60)"))
+    assert b.state == "linked"
+    dialled = len(s.clock.tcpClients)
+    cancel(s, b)
+    assert len(s.clock.tcpClients) == dialled + 1 and bt.value() == b""
