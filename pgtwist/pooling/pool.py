@@ -505,12 +505,33 @@ class Pool:
             if idle_too_long or self._expired(conn):
                 self.idle.remove(conn)
                 conn.close()
+        if self.lent:
+            self._maintain_lent(now)
         # Counted up front: a connect() that fails at once must not make this loop forever.
         for _ in range(0 if self.paused else min(self.settings.min_size, self.settings.size) - self.total):
             if self.limits is not None and not self.limits.may_open(self, evict=False):
                 break  # (warm connections stay within max_db/user_connections, and take no one's place)
             self.connecting += 1
             self.connect(self).addCallbacks(self._opened, self._warm_failed)
+
+    def _maintain_lent(self, now: float) -> None:
+        """Connections lent to clients between their transactions are idle on the node too: one
+        past server_lifetime, or whose client has asked nothing for server_idle_timeout, is
+        taken back and closed, as an idle one would be. Else a client that keeps its connection
+        busy kept one backend for ever (server_lifetime never came), and clients sitting idle
+        after a burst kept the pool at its peak until they left (PgBouncer, which lends nothing,
+        closes those after server_idle_timeout)."""
+        idle_timeout = self.settings.idle_timeout
+        for conn, holder in list(self.lent.items()):
+            asked = getattr(holder, "last_request", None)
+            quiet = bool(idle_timeout) and asked is not None and now - asked >= idle_timeout and self.total > self.settings.min_size
+            if not (quiet or self._expired(conn)) or self.lent.get(conn) is not holder:
+                continue
+            del self.lent[conn]
+            holder.reclaim(conn)  # -> release(): past its lifetime it closes there
+            if conn in self.idle:
+                self.idle.remove(conn)
+                conn.close()
 
     def _warm_failed(self, failure) -> None:
         self.connecting -= 1

@@ -242,3 +242,24 @@ def wait_gone(admin, pid: int) -> bool:
             return False
         time.sleep(0.1)
     return True
+
+
+def test_server_idle_timeout_closes_the_connection_a_quiet_client_keeps(pg_cluster, admin, tmp_path):
+    # Transaction pooling lends a client its connection between transactions while nobody else
+    # needs it: a client sitting idle after its work kept a backend open for as long as it stayed
+    # connected. It is closed after server_idle_timeout, as an idle connection in the pool is.
+    c = pg_cluster
+    name = "quiet-client"
+    with start_proxy(c, tmp_path, pool_mode="transaction", server_idle_timeout=2) as px:
+        with psycopg.connect(px.dsn(application_name=name), autocommit=True) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+
+            def backends() -> int:
+                return admin.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", (name,)).fetchone()[0]
+
+            assert backends() == 1
+            deadline = time.monotonic() + 10
+            while backends():
+                assert time.monotonic() < deadline, "the connection the quiet client kept stayed open"
+                time.sleep(0.2)
+            assert conn.execute("SELECT 2").fetchone() == (2,)  # the client goes on, on a new one

@@ -688,3 +688,41 @@ def test_shrinking_closes_connections_in_use_as_their_clients_finish():
     pool.maintain()  # (the janitor finds nothing left to close, and shrinking is over)
     assert not pool.shrinking
     assert pool.hand_over(third) is True and taker.taken[0][0] is third
+
+
+# -- lent connections age and idle as idle ones do --------------------------------------------
+
+
+def test_a_lent_connection_past_server_lifetime_is_taken_back_and_closed():
+    h = Harness(size=2, lifetime=100.0)
+    conn, borrower = lent_connection(h)
+    borrower.last_request = 0.0
+    h.clock.advance(50)
+    borrower.last_request = 50.0
+    h.pool.maintain()
+    assert not conn.closed and borrower.reclaimed == 0
+    h.clock.advance(60)
+    borrower.last_request = 110.0  # (busy: it asked just now, yet its connection is past its lifetime)
+    h.pool.maintain()
+    assert conn.closed and borrower.reclaimed == 1 and h.pool.total == 0
+
+
+def test_a_connection_lent_to_a_client_quiet_for_server_idle_timeout_is_closed():
+    h = Harness(size=2, idle_timeout=600.0, min_size=0)
+    conn, borrower = lent_connection(h)
+    borrower.last_request = 0.0
+    h.clock.advance(599)
+    h.pool.maintain()
+    assert not conn.closed and h.pool.lent
+    h.clock.advance(1)
+    h.pool.maintain()
+    assert conn.closed and not h.pool.lent and h.pool.total == 0
+
+
+def test_min_pool_size_keeps_a_lent_connection_whose_client_is_quiet():
+    h = Harness(size=2, idle_timeout=600.0, min_size=1)
+    conn, borrower = lent_connection(h)
+    borrower.last_request = 0.0
+    h.clock.advance(700)
+    h.pool.maintain()
+    assert not conn.closed and h.pool.lent == {conn: borrower}
