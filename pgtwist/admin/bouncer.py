@@ -382,6 +382,7 @@ def pools(proxy) -> list[dict]:
         row["sv_idle"] += counts["idle"]
         row["sv_used"] += counts["used"]
         row["sv_tested"] += counts["tested"]
+        row["sv_being_canceled"] += counts.get("being_canceled", 0)
         row["sv_login"] += pool.connecting
         row["nodes"] += 1
         row["pool_size"] += pool.size

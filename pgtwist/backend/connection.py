@@ -122,6 +122,7 @@ class ServerConnection:
         self.statements = ServerStatements(pool.max_prepared_statements)  # shared prepared statements held
         self.settings: dict[str, str] = {}  # settings applied beyond the session defaults (by us, for clients)
         self.tainted = False  # a client did something (e.g. DISCARD ALL) that leaves our records unsure
+        self.canceling = 0  # CancelRequests sent to the node for this connection and not yet delivered
         self.internal_rows: list[list[bytes | None]] = []
         self.replied = False
         # The FATAL the node sent before hanging up (None: none, or not seen by us): why it ended,

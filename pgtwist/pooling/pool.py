@@ -127,6 +127,10 @@ class Pool:
         self.stale: set = set()
         self.testing: set = set()
         self.resetting: set = set()  # busy running ROLLBACK / server_reset_query after their client left
+        # Given back while a CancelRequest for its last client is on its way to the node: held (busy)
+        # until the node has it, with release()'s arguments, so that the cancel cannot land on the
+        # next client's statement (PgBouncer's sv_being_canceled). conn -> (reusable, reset).
+        self.being_canceled: dict = {}
 
     def __repr__(self):
         return f"<Pool {self.key} idle={len(self.idle)} busy={len(self.busy)} connecting={self.connecting} waiting={len(self.waiters)}>"
@@ -331,6 +335,7 @@ class Pool:
             or not waiter.takes_as_is(conn)
             or (self.limits is not None and self.limits.blocked and self.limits.yield_to(self) is not None)
             or self.shrinking
+            or conn.canceling
         ):
             return False  # (the caller releases it: release() decides)
         now = self.clock.seconds()
@@ -427,6 +432,9 @@ class Pool:
             conn.close()
             self._serve()
             return
+        if conn.canceling:
+            self.being_canceled[conn] = (reusable, reset)  # (cancel_delivered releases it)
+            return
         held = self.limits.yield_to(self) if self.limits is not None and self.limits.blocked else None
         if held is not None:
             # Another pool's clients wait on a limit this pool's connections fill: this one
@@ -481,6 +489,12 @@ class Pool:
         self.busy.discard(conn)
         self.idle.append(conn)
         self._serve()
+
+    def cancel_delivered(self, conn) -> None:
+        """A CancelRequest for *conn* reached the node (or could not): given back meanwhile, it is released now."""
+        held = self.being_canceled.pop(conn, None) if not conn.canceling else None
+        if held is not None:
+            self.release(conn, *held)
 
     def _over_size(self) -> bool:
         """Shrinking after a reload, and still over pool_size + reserve_pool_size (the connection
@@ -542,6 +556,7 @@ class Pool:
         """The connection is gone (node closed it, or we did); free its slot."""
         self.lent.pop(conn, None)
         self.busy.discard(conn)
+        self.being_canceled.pop(conn, None)
         try:
             self.idle.remove(conn)
         except ValueError:
@@ -620,11 +635,13 @@ class Pool:
         used = sum(1 for conn in self.idle if self.due_for_check(conn, now))
         tested = len(self.testing) + len(self.resetting)
         lent = len(self.lent)
+        canceled = len(self.being_canceled)
         return {
-            "active": max(0, len(self.busy) - tested - lent),
+            "active": max(0, len(self.busy) - tested - lent - canceled),
             "idle": len(self.idle) - used + lent,
             "used": used,
             "tested": tested,
+            "being_canceled": canceled,
         }
 
     def _pop_checked_idle(self):

@@ -429,7 +429,18 @@ class Proxy:
         pid, key = server.backend_key
         node = server.node
         timeout = self.config.server_connect_timeout
-        factory = CancelFactory(pid, key, self.node_tls_for(node), node, self.clock, timeout, done)
+        # Until the node has it, the connection serves no other client (Pool.release holds it):
+        # a cancel that arrived after the statement ended would stop the next client's.
+        server.canceling += 1
+
+        def delivered():
+            server.canceling -= 1
+            if not server.canceling:
+                server.pool.cancel_delivered(server)
+            if done is not None:
+                done()
+
+        factory = CancelFactory(pid, key, self.node_tls_for(node), node, self.clock, timeout, delivered)
         self.dialer.connect(node.host, node.port, factory, timeout=timeout)
 
     # -- pools and server connections ----------------------------------------------------------

@@ -16,6 +16,7 @@ class FakeConn:
         self.tx_status = p.TX_IDLE
         self.closed = False
         self.tainted = False
+        self.canceling = 0
         self.created = 0.0
         self.settings: dict = {}
         self.parameters: dict = {}  # what its login reported

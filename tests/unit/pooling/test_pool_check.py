@@ -85,15 +85,15 @@ def test_delay_zero_checks_every_reuse_and_empty_query_never():
 def test_server_counts_show_idle_used_tested_and_active_apart():
     h = checked(size=3)
     conn = idle_one(h)
-    assert h.pool.server_counts(h.clock.seconds()) == {"active": 0, "idle": 1, "used": 0, "tested": 0}
+    assert h.pool.server_counts(h.clock.seconds()) == {"active": 0, "idle": 1, "used": 0, "tested": 0, "being_canceled": 0}
     h.clock.advance(30)  # idle past server_check_delay: used, even before the janitor flags it
-    assert h.pool.server_counts(h.clock.seconds()) == {"active": 0, "idle": 0, "used": 1, "tested": 0}
+    assert h.pool.server_counts(h.clock.seconds()) == {"active": 0, "idle": 0, "used": 1, "tested": 0, "being_canceled": 0}
     h.pool.flag_for_check(h.clock.seconds())  # (the janitor's tick)
     _, r = h.acquire()  # its check runs now
-    assert h.pool.server_counts(h.clock.seconds()) == {"active": 0, "idle": 0, "used": 0, "tested": 1}
+    assert h.pool.server_counts(h.clock.seconds()) == {"active": 0, "idle": 0, "used": 0, "tested": 1, "being_canceled": 0}
     conn.internal[0][1].callback([])
     assert got(r) is conn
-    assert h.pool.server_counts(h.clock.seconds()) == {"active": 1, "idle": 0, "used": 0, "tested": 0}
+    assert h.pool.server_counts(h.clock.seconds()) == {"active": 1, "idle": 0, "used": 0, "tested": 0, "being_canceled": 0}
 
 
 def test_a_connection_lent_between_transactions_counts_as_idle_until_reclaimed():
@@ -109,9 +109,9 @@ def test_a_connection_lent_between_transactions_counts_as_idle_until_reclaimed()
     assert got(r) is conn
     assert h.pool.server_counts(h.clock.seconds())["active"] == 1
     h.pool.lend(conn, Borrower())
-    assert h.pool.server_counts(h.clock.seconds()) == {"active": 0, "idle": 1, "used": 0, "tested": 0}
+    assert h.pool.server_counts(h.clock.seconds()) == {"active": 0, "idle": 1, "used": 0, "tested": 0, "being_canceled": 0}
     assert h.pool.take_idle() is conn  # reclaimed from its borrower for the newcomer
-    assert h.pool.server_counts(h.clock.seconds()) == {"active": 1, "idle": 0, "used": 0, "tested": 0}
+    assert h.pool.server_counts(h.clock.seconds()) == {"active": 1, "idle": 0, "used": 0, "tested": 0, "being_canceled": 0}
 
 
 def test_a_reset_counts_as_tested_and_no_check_query_means_never_used():
@@ -121,10 +121,10 @@ def test_a_reset_counts_as_tested_and_no_check_query_means_never_used():
     assert got(r) is conn
     h.pool.release(conn, reusable=True)
     assert conn.internal[0][0] == ["DISCARD ALL"]
-    assert h.pool.server_counts(h.clock.seconds()) == {"active": 0, "idle": 0, "used": 0, "tested": 1}
+    assert h.pool.server_counts(h.clock.seconds()) == {"active": 0, "idle": 0, "used": 0, "tested": 1, "being_canceled": 0}
     conn.internal[0][1].callback([])
     h.clock.advance(10_000)
-    assert h.pool.server_counts(h.clock.seconds()) == {"active": 0, "idle": 1, "used": 0, "tested": 0}
+    assert h.pool.server_counts(h.clock.seconds()) == {"active": 0, "idle": 1, "used": 0, "tested": 0, "being_canceled": 0}
 
 
 def test_a_reset_lost_with_its_connection_is_not_counted():
@@ -134,7 +134,7 @@ def test_a_reset_lost_with_its_connection_is_not_counted():
     h.pool.release(got(r), reusable=True)
     conn.internal[0][1].errback(Failure(ConnectionLost()))
     h.pool.server_closed(conn)
-    assert h.pool.server_counts(h.clock.seconds()) == {"active": 0, "idle": 0, "used": 0, "tested": 0}
+    assert h.pool.server_counts(h.clock.seconds()) == {"active": 0, "idle": 0, "used": 0, "tested": 0, "being_canceled": 0}
 
 
 def test_delay_zero_counts_every_reused_idle_connection_as_used():

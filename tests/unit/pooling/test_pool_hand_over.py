@@ -167,3 +167,36 @@ def test_a_deferred_waiter_first_in_line_is_refused_and_never_asked():
     assert snapshot(h, conn) == before
     assert r == [] and taker.asked == [] and taker.taken == []
     assert list(h.pool.waiters) == [d, taker]
+
+
+def test_a_connection_with_a_cancel_on_its_way_serves_no_other_client_until_the_node_has_it():
+    # PgBouncer's sv_being_canceled: a cancel for the client that just finished, still on its way
+    # to the node, would stop the next client's statement on this connection.
+    h, conn, first, second = in_use()
+    conn.canceling = 1
+    assert h.pool.hand_over(conn) is False
+    h.pool.release(conn, reusable=True, reset=False)
+    assert conn in h.pool.being_canceled and conn in h.pool.busy and not h.pool.idle
+    assert first.taken == [] and first.got == [] and list(h.pool.waiters) == [first, second]
+    assert h.pool.server_counts(h.clock.seconds())["being_canceled"] == 1
+    conn.canceling = 0
+    h.pool.cancel_delivered(conn)
+    assert first.got == [conn] and not h.pool.being_canceled  # the node has it: on to the next client
+
+
+def test_a_connection_held_for_a_cancel_that_closes_is_forgotten():
+    h, conn, first, second = in_use()
+    conn.canceling = 1
+    h.pool.release(conn, reusable=True, reset=False)
+    h.pool.server_closed(conn)
+    assert not h.pool.being_canceled and conn not in h.pool.busy
+    conn.canceling = 0
+    h.pool.cancel_delivered(conn)  # (late: nothing to release)
+    assert first.got == []
+
+
+def test_a_connection_to_be_closed_is_closed_at_once_whatever_cancel_is_on_its_way():
+    h, conn, first, second = in_use()
+    conn.canceling = 1
+    h.pool.release(conn, reusable=False)
+    assert conn.closed and not h.pool.being_canceled

@@ -91,3 +91,26 @@ def test_a_cancel_for_a_statement_on_its_server_still_goes_to_the_node():
     dialled = len(s.clock.tcpClients)
     cancel(s, b)
     assert len(s.clock.tcpClients) == dialled + 1 and bt.value() == b""
+
+
+def test_a_cancel_on_its_way_to_the_node_holds_the_connection_back_from_the_next_client():
+    # The statement ended before the cancel reached the node: handed on at once, the connection
+    # ran the next client's statement when the cancel arrived, and that one was cancelled.
+    from twisted.internet.testing import StringTransport
+
+    s = Setup(clustered=False, pool_size=1)
+    a, at = client(s)
+    a.got_data(m.query("SELECT pg_sleep(1)"))
+    server = a.server
+    b, bt = waits(s, "SELECT 2")
+    cancel(s, a)
+    factory = s.clock.tcpClients[-1][2]
+    server.transport.clear()
+    server.got_data(RESULT + Z_IDLE)  # a's statement ends before the node has the cancel
+    assert at.value() == RESULT + Z_IDLE
+    assert b.state == "waiting" and sent(server) == b""  # not handed on yet
+    protocol = factory.buildProtocol(None)
+    protocol.makeConnection(StringTransport())
+    protocol.connectionLost(None)  # the node has the cancel (it hangs up once it signalled)
+    assert b.state == "linked" and b.server is server and sent(server) == m.query("SELECT 2")
+    assert not server.pool.being_canceled
