@@ -17,6 +17,7 @@ log = Logger()
 
 _PRIMARY_ONLY = Classification(read_only=False, reason="no statement to classify")
 _LOGIN = Classification(read_only=True, reason="login")
+_NO_REPLICA = 1 << 64  # a WAL position no replica has replayed: reads go to the primary
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,11 @@ class DatabaseRouter:
         # Whether a health monitor places work node by node: an attribute, not a property, as
         # it is asked several times per transaction (the monitor is given once, here).
         self.clustered = monitor is not None
+        # The WAL position of the last DDL committed through pgtwist in this database: no session
+        # reads from a replica that has not replayed it (ddl_committed); none at all while the
+        # position of one is being read back (ddl_pending).
+        self.schema_lsn = 0
+        self.ddl_pending = 0
 
     def states(self) -> list[NodeState]:
         if self.monitor is None:
@@ -107,6 +113,27 @@ class DatabaseRouter:
         if self.monitor is not None:
             self.monitor.functions_changed()
 
+    def ddl_reading_back(self) -> None:
+        """DDL went through pgtwist and committed; where its commit ends on the primary is being
+        read back (ddl_committed follows). Until then no session reads from a replica: its
+        client has its answer, and the application's other connections may already act on it."""
+        self.ddl_pending += 1
+
+    def ddl_committed(self, position: int | None) -> None:
+        """The DDL's commit ends at WAL *position* (None: it could not be read back): from now on
+        no session reads from a replica that has not replayed that far. Read-your-writes covers
+        the client that ran it; its other clients (the application's other connections, which
+        go on once a migration has run) would meet the schema before it, "relation does not
+        exist" for a table just created, until the replica caught up."""
+        self.ddl_pending = max(0, self.ddl_pending - 1)
+        if position is not None and position > self.schema_lsn:
+            self.schema_lsn = position
+
+    def new_primary(self) -> None:
+        """A replica was promoted: a position of the old primary's may never come on the new one's
+        timeline (what it had not streamed is lost), and would keep every read on the primary."""
+        self.schema_lsn = 0
+
     def decide(
         self,
         sql: str | None,
@@ -132,7 +159,7 @@ class DatabaseRouter:
         node, why = choose(
             self.states(),
             want=want,
-            min_lsn=min_lsn if self.config.read_your_writes else 0,
+            min_lsn=(_NO_REPLICA if self.ddl_pending else max(min_lsn, self.schema_lsn)) if self.config.read_your_writes else 0,
             max_lag_bytes=self.config.max_replica_lag or None,
             max_lag_seconds=self.config.max_replica_delay or None,
             rr=self._rr,

@@ -501,6 +501,9 @@ class Proxy:
         log.info("database {db}: node {node} {what}", db=database.name, node=state.name, what=what)
         if what == "promoted":
             self.counters.failover()
+            router = self.routers.get(database.name)
+            if router is not None:
+                router.new_primary()
         for pool in self.pools.values():
             if pool.key[0] == database.name and str(pool.node) == state.name:
                 pool.node_changed()  # (what logins there report may differ now)

@@ -678,6 +678,7 @@ class ClientSession(Admission):
             # more when the transaction ends: a copy prepared meanwhile elsewhere saw the old schema.
             self.relay.schema.ddl()
             self._tx_end |= _DDL_SENT
+            self.lease.ddl = True
         if "search_path" in effects.settings or effects.all_settings or effects.local_path:
             # Its value is known again at the read-back (or when the transaction ends, for SET
             # LOCAL); until then what it prepares is its own.
@@ -1489,13 +1490,18 @@ class ClientSession(Admission):
         track_lsn = lease.used and (
             lease.wrote or (self.min_lsn == POSITION_UNKNOWN and self.decision is not None and self.decision.on_primary)
         )
+        ddl = None
         if track_lsn:
             batches.append([_WRITE_LSN_SQL])
+            if lease.ddl:
+                # Until its position is read back, no client reads from a replica (DatabaseRouter.ddl_committed).
+                ddl = self.router
+                ddl.ddl_reading_back()
         if batches:
             self._enter(PREPARING)
             server.unlink()
             server.run_for_client(batches).addCallbacks(
-                lambda _: self._read_back(server, names, track_lsn), lambda _: self._read_back_failed(server, track_lsn)
+                lambda _: self._read_back(server, names, track_lsn, ddl), lambda _: self._read_back_failed(server, track_lsn, ddl)
             ).addErrback(self.crashed)
             return
         # (In a cluster the next transaction is placed anew first, and stays on a kept connection
@@ -1571,8 +1577,10 @@ class ClientSession(Admission):
         if self.state is LINKED and self.server is server and self.lease.lent:
             self._give_back(server)
 
-    def _read_back_failed(self, server, track_lsn: bool = False) -> None:
+    def _read_back_failed(self, server, track_lsn: bool = False, ddl=None) -> None:
         """The server connection ended while the proxy read back what the client's transaction left."""
+        if ddl is not None:
+            ddl.ddl_committed(None)
         self.server = None
         if track_lsn:
             self.min_lsn = POSITION_UNKNOWN  # (its write committed; where it ends is not known)
@@ -1588,7 +1596,7 @@ class ClientSession(Admission):
             if self.backlog:
                 self.placement.place()
 
-    def _read_back(self, server, names: list[str], track_lsn: bool) -> None:
+    def _read_back(self, server, names: list[str], track_lsn: bool, ddl=None) -> None:
         rows = server.internal_rows
         if names:
             if rows and len(rows[0]) == len(names):
@@ -1614,6 +1622,8 @@ class ClientSession(Admission):
             # A position read on the primary covers every earlier write of this client there,
             # one whose position was never read back included.
             self.min_lsn = position if self.min_lsn == POSITION_UNKNOWN else max(self.min_lsn, position)
+            if ddl is not None:
+                ddl.ddl_committed(None if position == POSITION_UNKNOWN else position)  # (every session's replica reads wait for it)
         if self.state is CLOSED:
             self.server = self.lease = None
             server.pool.release(server, reusable=True, reset=False)

@@ -12,7 +12,7 @@ class Lease:
     lending, none per message: the fast paths only set its fields.
     """
 
-    __slots__ = ("sent", "replied", "used", "wrote", "watch", "async_commit", "read_link", "holding", "lent")
+    __slots__ = ("sent", "replied", "used", "wrote", "watch", "async_commit", "read_link", "holding", "lent", "ddl")
 
     def __init__(self, read_link: bool = False) -> None:
         self.sent: list = []  # what this lending forwarded before any reply (replayable reads)
@@ -24,6 +24,7 @@ class Lease:
         self.read_link = read_link  # on a replica for an autocommit read: writes behind it wait
         self.holding = False  # a write waits in the backlog for this read's replica to go
         self.lent = False  # kept between transactions: the pool may reclaim it (Pool.lend)
+        self.ddl = False  # its work changed the schema: where its commit ends bounds every session's replica reads
 
     def __repr__(self) -> str:
         flags = [name for name in ("replied", "used", "wrote", "read_link", "holding", "lent") if getattr(self, name)]

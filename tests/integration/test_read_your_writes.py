@@ -560,3 +560,18 @@ def test_pipeline_read_then_write_goes_to_the_primary(px, cluster):
             a = conn.execute("SELECT inet_server_port()")
             b = conn.execute("SELECT inet_server_port()")
         assert a.fetchone()[0] != primary and b.fetchone()[0] != primary
+
+
+def test_a_table_another_client_just_created_is_there_for_every_client(px, cluster):
+    """DDL bounds every session's replica reads, not only its own client's: a migration's table is
+    there for the application's other connections at once (it answered 42P01 from a replica that
+    had not replayed the CREATE yet)."""
+    replicas = {n.port for n in cluster.nodes[1:]}
+    with px.connect(autocommit=True) as migrator, px.connect(autocommit=True) as other:
+        for _ in range(5):
+            name = f"ryw_ddl_{next(_keys)}"
+            migrator.execute(f"CREATE TABLE {name} (k int)")
+            assert other.execute(f"SELECT count(*), inet_server_port() FROM {name}").fetchone()[0] == 0
+            migrator.execute(f"DROP TABLE {name}")
+        # Once the replicas have replayed it, reads go to them again.
+        wait_for(lambda: other.execute("SELECT inet_server_port()").fetchone()[0] in replicas, 10, "reads on a replica again")

@@ -481,3 +481,63 @@ def test_a_transaction_made_asynchronous_is_placed_by_the_insert_position(statem
     assert tracked(server)
     finish_lsn(server, insert="0/7000", flush="0/6000", synchronous_commit="on")
     assert session.min_lsn == 0x6000
+
+
+# -- DDL: where it committed bounds every session's replica reads ----------------------------
+
+
+def test_ddl_holds_every_session_s_replica_reads_until_the_replicas_replayed_it():
+    # A migration creates a table through one connection; the application's other connections go
+    # on at once. A replica that has not replayed the CREATE answered them "relation does not
+    # exist" (42P01), in a mixed workload over the demo cluster.
+    s = Setup()
+    for state in s.monitor.states.values():
+        state.lsn = 0x3000
+    migrator, _ = s.client()
+    other, _ = s.client()
+    server = run(migrator, "CREATE TABLE t (x int)")
+    assert on(server) == P and tracked(server)
+    # Its client has its answer; its position is being read back: meanwhile no replica reads at all.
+    other.got_data(m.query("SELECT * FROM t"))
+    assert on(other.server) == P
+    answer(other.server, p.TX_IDLE)
+    finish_lsn(server, insert="0/5000", flush="0/5000")
+    assert s.proxy.routers["appdb"].schema_lsn == 0x5000
+    other.got_data(m.query("SELECT * FROM t"))
+    assert on(other.server) == P  # no replica has the table yet
+    answer(other.server, p.TX_IDLE)
+    s.monitor.states[R1].lsn = 0x5000
+    other.got_data(m.query("SELECT * FROM t"))
+    assert on(other.server) == R1  # this one has
+
+
+def test_a_plain_write_bounds_only_its_own_client_s_reads():
+    s = Setup()
+    writer, _ = s.client()
+    other, _ = s.client()
+    server = run(writer, "INSERT INTO t VALUES (1)")
+    finish_lsn(server, insert="0/5000", flush="0/5000")
+    assert s.proxy.routers["appdb"].schema_lsn == 0
+    other.got_data(m.query("SELECT * FROM t"))
+    assert on(other.server) in (R1, R2)
+
+
+def test_a_ddl_position_that_could_not_be_read_back_lets_replicas_serve_again():
+    s = Setup()
+    migrator, _ = s.client()
+    other, _ = s.client()
+    server = run(migrator, "ALTER TABLE t ADD COLUMN y int")
+    router = s.proxy.routers["appdb"]
+    assert router.ddl_pending == 1
+    lose(server)
+    assert router.ddl_pending == 0 and router.schema_lsn == 0
+    other.got_data(m.query("SELECT * FROM t"))
+    assert on(other.server) in (R1, R2)
+
+
+def test_a_promotion_forgets_the_old_primary_s_ddl_position():
+    s = Setup()
+    router = s.proxy.routers["appdb"]
+    router.ddl_committed(0x9000)
+    s.proxy._node_changed(s.proxy.config.databases["appdb"], s.monitor.states[R1], "promoted")
+    assert router.schema_lsn == 0
