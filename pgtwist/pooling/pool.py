@@ -427,7 +427,7 @@ class Pool:
         if conn not in self.busy:
             return
         # (IDLE: logged in, nothing owed, no client; asked by name, at the cost of one identity test.)
-        if not reusable or conn.state is not IDLE or conn.tainted or self.retired or self._expired(conn) or self._over_size():
+        if not reusable or conn.state is not IDLE or conn.tainted or self.retired or self._expired(conn) or (self.shrinking and self._over_size()):
             self.busy.discard(conn)
             conn.close()
             self._serve()
@@ -499,8 +499,6 @@ class Pool:
     def _over_size(self) -> bool:
         """Shrinking after a reload, and still over pool_size + reserve_pool_size (the connection
         coming back included): it closes. Not over any more: shrinking is done."""
-        if not self.shrinking:
-            return False
         if self.total > self.settings.size + self.settings.reserve:
             return True
         self.shrinking = False
