@@ -707,8 +707,9 @@ def test_a_lent_connection_past_server_lifetime_is_taken_back_and_closed():
     assert conn.closed and borrower.reclaimed == 1 and h.pool.total == 0
 
 
-def test_a_connection_lent_to_a_client_quiet_for_server_idle_timeout_is_closed():
-    h = Harness(size=2, idle_timeout=600.0, min_size=0)
+@pytest.mark.parametrize("min_size, closed", [(0, True), (1, False)], ids=["closed", "kept-by-min_pool_size"])
+def test_a_connection_lent_to_a_client_quiet_for_server_idle_timeout(min_size, closed):
+    h = Harness(size=2, idle_timeout=600.0, min_size=min_size)
     conn, borrower = lent_connection(h)
     borrower.last_request = 0.0
     h.clock.advance(599)
@@ -716,13 +717,4 @@ def test_a_connection_lent_to_a_client_quiet_for_server_idle_timeout_is_closed()
     assert not conn.closed and h.pool.lent
     h.clock.advance(1)
     h.pool.maintain()
-    assert conn.closed and not h.pool.lent and h.pool.total == 0
-
-
-def test_min_pool_size_keeps_a_lent_connection_whose_client_is_quiet():
-    h = Harness(size=2, idle_timeout=600.0, min_size=1)
-    conn, borrower = lent_connection(h)
-    borrower.last_request = 0.0
-    h.clock.advance(700)
-    h.pool.maintain()
-    assert not conn.closed and h.pool.lent == {conn: borrower}
+    assert conn.closed is closed and (not h.pool.lent) is closed and (h.pool.total == 0) is closed
