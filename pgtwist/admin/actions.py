@@ -236,6 +236,8 @@ def set_setting(proxy, key: str, text: str, service=None):
         value = _coerce(kinds[key], text)
     except ValueError as e:
         raise ActionError(f"invalid value for {key}: {e}") from None
+    if key == "pool_size" and value < 1:
+        raise ActionError(f"invalid value for {key}: at least 1")  # (as the config file's check: a pool of 0 serves nobody)
     choices = {"log_level": configmod.LOG_LEVELS, "log_format": configmod.LOG_FORMATS}.get(key)
     if choices is not None and value not in choices:
         raise ActionError(f"invalid value for {key}: one of {', '.join(choices)}")

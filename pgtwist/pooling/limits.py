@@ -83,7 +83,7 @@ class ConnectionLimits:
         """
         held = None
         blocked = self.blocked
-        now = self.clock.seconds()
+        now = None
         for other in list(blocked):
             if (
                 other.paused
@@ -96,10 +96,35 @@ class ConnectionLimits:
             if other is pool or not self._shares_limit(pool, other):
                 continue
             mine, theirs = pool.total, other.total
-            if mine > theirs + 1 or (theirs == 0 and mine >= 1 and _waited_longer(other, pool, now)):
-                if held is None or _waited_longer(other, held, now):
-                    held = other
+            if now is None and (theirs == 0 or held is not None):
+                now = self.clock.seconds()
+            if not (mine > theirs + 1 or (theirs == 0 and mine >= 1 and _waited_longer(other, pool, now))):
+                continue
+            if held is not None and not _waited_longer(other, held, now):
+                continue
+            if self._room_after(other, pool):  # (else closing this one would open nothing there)
+                held = other
         return held
+
+    def _room_after(self, held, pool) -> bool:
+        """Whether *held* could open a connection once *pool* has closed one: within its
+        database's and its user's limits, counting one fewer of *pool*'s where it shares them.
+        (A pool held by another limit too, say its user's elsewhere, would get nothing from it:
+        *pool* would only close and open again, every transaction.)"""
+        config = self.config()
+        database = held.database
+        db_limit = getattr(database, "max_db_connections", 0)
+        if db_limit:
+            used = sum(p.total for p in self.pools() if p.database.name == database.name)
+            if used - (pool.database.name == database.name) >= db_limit:
+                return False
+        user_entry = config.users.get(held.user)
+        user_limit = user_entry.max_user_connections if user_entry is not None else config.max_user_connections
+        if user_limit:
+            used = sum(p.total for p in self.pools() if p.user == held.user)
+            if used - (pool.user == held.user) >= user_limit:
+                return False
+        return True
 
     def _shares_limit(self, pool, other) -> bool:
         """Whether *pool* and *other* are under one max_db_connections or max_user_connections."""

@@ -113,19 +113,29 @@ class DatabaseRouter:
         if self.monitor is not None:
             self.monitor.functions_changed()
 
-    def ddl_reading_back(self) -> None:
+    def ddl_reading_back(self):
         """DDL went through pgtwist and committed; where its commit ends on the primary is being
-        read back (ddl_committed follows). Until then no session reads from a replica: its
-        client has its answer, and the application's other connections may already act on it."""
+        read back. Until then no session reads from a replica: its client has its answer, and
+        the application's other connections may already act on it. Returns the one call that
+        ends the wait, settle(position), which only its first call does (None: not known)."""
         self.ddl_pending += 1
+        settled = False
+
+        def settle(position: int | None) -> None:
+            nonlocal settled
+            if not settled:
+                settled = True
+                self.ddl_pending -= 1
+                self.ddl_committed(position)
+
+        return settle
 
     def ddl_committed(self, position: int | None) -> None:
-        """The DDL's commit ends at WAL *position* (None: it could not be read back): from now on
-        no session reads from a replica that has not replayed that far. Read-your-writes covers
-        the client that ran it; its other clients (the application's other connections, which
-        go on once a migration has run) would meet the schema before it, "relation does not
-        exist" for a table just created, until the replica caught up."""
-        self.ddl_pending = max(0, self.ddl_pending - 1)
+        """DDL committed at WAL *position* (None: not known): from now on no session reads from a
+        replica that has not replayed that far. Read-your-writes covers the client that ran it;
+        its other clients (the application's other connections, which go on once a migration
+        has run) would meet the schema before it, "relation does not exist" for a table just
+        created, until the replica caught up."""
         if position is not None and position > self.schema_lsn:
             self.schema_lsn = position
 

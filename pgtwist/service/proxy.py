@@ -441,7 +441,11 @@ class Proxy:
                 done()
 
         factory = CancelFactory(pid, key, self.node_tls_for(node), node, self.clock, timeout, delivered)
-        self.dialer.connect(node.host, node.port, factory, timeout=timeout)
+        try:
+            self.dialer.connect(node.host, node.port, factory, timeout=timeout)
+        except Exception:  # noqa: BLE001 - not sent: the connection must not stay held for it
+            log.failure("cancel to node {node} not sent", node=node)
+            factory.clientConnectionFailed(None, None)
 
     # -- pools and server connections ----------------------------------------------------------
 

@@ -811,16 +811,25 @@ class ClientSession(Admission):
             return True  # (a login, or a routing hook's answer on its way: nothing to cancel now)
         backlog = self.backlog
         end = next((i for i, item in enumerate(backlog) if type(item) is tuple and item[0] in _ENDS_WORK), None)
-        if end is None:
-            return True  # (no whole statement yet: as PostgreSQL, idle when the cancel comes)
-        work, self.backlog = backlog[: end + 1], backlog[end + 1 :]
+        if end is None or backlog[end][0] == _TERMINATE:
+            return True  # (no whole statement yet, or it is leaving: as PostgreSQL, idle when the cancel comes)
+        rest = backlog[end + 1 :]
+        if rest and self.router.clustered and state is PREPARING:
+            # What follows was placed with it, on the node its first statement chose (a read's
+            # replica, for a write behind it): it runs as placed, as a cancel that came before
+            # a statement started would have found PostgreSQL idle.
+            return True
+        work, self.backlog = backlog[: end + 1], rest
         self._read = None  # (the backlog no longer begins with that read)
-        if state is WAITING and not self.backlog:
+        if not rest:
+            self._asked_at = None  # (nothing asked is pending: no query_timeout, client_idle_timeout as usual)
+        if state is WAITING:
             self.placement.give_up()
             self._enter(IDLE)
             self.resume_reading()
-            self._asked_at = None
         self._answer_locally(work, m.error_fields("ERROR", sqlstate.QUERY_CANCELED, "canceling statement due to user request"))
+        if rest and state is WAITING:
+            self.placement.place()  # (the rest is placed by its own first statement)
         return True
 
     def fail_waiting_work(self, fields: dict) -> None:
@@ -1494,15 +1503,17 @@ class ClientSession(Admission):
         if track_lsn:
             batches.append([_WRITE_LSN_SQL])
             if lease.ddl:
-                # Until its position is read back, no client reads from a replica (DatabaseRouter.ddl_committed).
-                ddl = self.router
-                ddl.ddl_reading_back()
+                # Until its position is read back, no client reads from a replica (DatabaseRouter.ddl_reading_back).
+                ddl = self.router.ddl_reading_back()
         if batches:
             self._enter(PREPARING)
             server.unlink()
-            server.run_for_client(batches).addCallbacks(
+            d = server.run_for_client(batches).addCallbacks(
                 lambda _: self._read_back(server, names, track_lsn, ddl), lambda _: self._read_back_failed(server, track_lsn, ddl)
-            ).addErrback(self.crashed)
+            )
+            if ddl is not None:
+                d.addBoth(_settled, ddl)  # (whatever went wrong on the way: the wait ends)
+            d.addErrback(self.crashed)
             return
         # (In a cluster the next transaction is placed anew first, and stays on a kept connection
         # only if it belongs on this node: _placed_on. A routing hook may answer later: no lending.)
@@ -1580,7 +1591,7 @@ class ClientSession(Admission):
     def _read_back_failed(self, server, track_lsn: bool = False, ddl=None) -> None:
         """The server connection ended while the proxy read back what the client's transaction left."""
         if ddl is not None:
-            ddl.ddl_committed(None)
+            ddl(None)
         self.server = None
         if track_lsn:
             self.min_lsn = POSITION_UNKNOWN  # (its write committed; where it ends is not known)
@@ -1619,11 +1630,11 @@ class ClientSession(Admission):
                     position = write_lsn(parse_lsn(insert), parse_lsn(flush), synchronous_commit)
                 except ValueError:
                     pass
+            if ddl is not None:
+                ddl(None if position == POSITION_UNKNOWN else position)  # (every session's replica reads wait for it)
             # A position read on the primary covers every earlier write of this client there,
             # one whose position was never read back included.
             self.min_lsn = position if self.min_lsn == POSITION_UNKNOWN else max(self.min_lsn, position)
-            if ddl is not None:
-                ddl.ddl_committed(None if position == POSITION_UNKNOWN else position)  # (every session's replica reads wait for it)
         if self.state is CLOSED:
             self.server = self.lease = None
             server.pool.release(server, reusable=True, reset=False)
@@ -1760,3 +1771,9 @@ class ClientSession(Admission):
         self.transport.write(m.error_response_from_fields(fields))
         self.transport.loseConnection()
 
+
+def _settled(result, ddl):
+    """End of a DDL's read-back, however it went: the wait it held every replica read in ends
+    (a no-op once _read_back or _read_back_failed has ended it with what it learnt)."""
+    ddl(None)
+    return result

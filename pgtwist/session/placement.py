@@ -81,7 +81,7 @@ class Placement:
     placed), read by the session and its counters on every ReadyForQuery.
     """
 
-    __slots__ = ("session", "proxy", "_deadline", "_waiting", "_pool", "_primary")
+    __slots__ = ("session", "proxy", "_deadline", "_waiting", "_pool", "_primary", "_retrying")
 
     def __init__(self, session) -> None:
         self.session = session
@@ -90,6 +90,7 @@ class Placement:
         self._waiting = None  # the pool the session waits in for a server connection
         self._pool = None  # the pool the last transaction used
         self._primary: Decision | None = None  # the Decision for the primary, kept while the primary stays
+        self._retrying = None  # the pending retry (failover_wait), so that give_up can call it off
 
     # -- placing ----------------------------------------------------------------------------
 
@@ -224,9 +225,13 @@ class Placement:
 
     def give_up(self) -> None:
         """The waiting work was cancelled (ClientSession.cancel_waiting): out of the pool's queue,
-        and no retry after failover_wait's pause (_retry finds the session no longer waiting)."""
+        and no retry after failover_wait's pause (the client's next statement may be placed
+        before it was due: two chains of retries would queue the session twice)."""
         self.cancel()
         self._deadline = None
+        retrying, self._retrying = self._retrying, None
+        if retrying is not None and retrying.active():
+            retrying.cancel()
 
     # -- the pool's answers, and retrying ------------------------------------------------------
 
@@ -270,7 +275,7 @@ class Placement:
         retriable = s.router.clustered or (s.logged_in and s.transaction_mode)
         if retriable and self._deadline is not None and now < self._deadline:
             s.pause_reading()  # (waiting for a node: what the client sends meanwhile stays in its socket)
-            self.proxy.clock.callLater(_RETRY_DELAY, self._retry)
+            self._retrying = self.proxy.clock.callLater(_RETRY_DELAY, self._retry)
             return
         self._deadline = None
         if not s.logged_in or not s.transaction_mode:
@@ -279,6 +284,7 @@ class Placement:
         s.fail_waiting_work(fields)  # a logged-in client keeps its session: its work fails like a statement would
 
     def _retry(self) -> None:
+        self._retrying = None
         if self.session.state is WAITING:
             self.place()
 

@@ -536,3 +536,10 @@ def test_set_pool_size_reaches_the_databases_that_inherit_it_only():
     assert (dbs["appdb"].max_db_connections, dbs["other"].max_db_connections) == (4, 4)
     shown = {row[0] for row in console.run(proxy, "SHOW CONFIG").rows}
     assert not any("inherited" in key for key in shown)
+
+
+def test_set_pool_size_below_one_is_refused():
+    proxy = TestProxy(make_config())
+    with pytest.raises(actions.ActionError):
+        actions.set_setting(proxy, "pool_size", "0")
+    assert proxy.config.databases["appdb"].pool_size == 2

@@ -235,3 +235,27 @@ def test_warm_connections_stay_within_the_limit_and_evict_nobody():
     b.min_size = 1
     b.maintain()
     assert b.connecting == 0 and not conn.closed
+
+
+def test_no_yield_to_a_pool_another_limit_still_holds():
+    # u/one waits on database one's limit (filled by user v); u/two shares only u's user limit
+    # with it. Closing u/two's connections would open nothing for u/one: u/two only closed and
+    # opened again, at every transaction (a review found it).
+    w = World(Conf(users={"u": User(10)}))
+    one, two = Db("one", max_db_connections=1), Db("two")
+    v1 = w.pool(one, "v", size=4)
+    acquire(v1)
+    w.open_all()
+    u2 = w.pool(two, "u", size=4)
+    for _ in range(8):
+        acquire(u2)
+    w.open_all()
+    u1 = w.pool(one, "u", size=4)
+    w.clock.advance(1)
+    acquire(u1)
+    assert u1 in w.limits.blocked and u1.connecting == 0
+    for _ in range(5):
+        conn = next(iter(u2.busy))
+        u2.release(conn, reusable=True, reset=False)
+        assert not conn.closed and w.open_all() == []
+    assert u2.yielded == 0 and u1.total == 0

@@ -114,3 +114,74 @@ def test_a_cancel_on_its_way_to_the_node_holds_the_connection_back_from_the_next
     protocol.connectionLost(None)  # the node has the cancel (it hangs up once it signalled)
     assert b.state == "linked" and b.server is server and sent(server) == m.query("SELECT 2")
     assert not server.pool.being_canceled
+
+
+def test_a_cancel_during_failover_wait_calls_off_the_pending_retry():
+    # The next statement, sent within the retry's pause, starts a retry chain of its own: with
+    # the first one left running, both queued the session in the pool, which then failed on it.
+    from tests.harness.session import R1, R2, Z_IN, P, internal_answer
+
+    s = Setup(failover_wait=5.0, pool_size=1)
+    a, at = s.client()
+    a.got_data(m.query("BEGIN; INSERT INTO t VALUES (0)"))
+    server = a.server
+    server.got_data(m.command_complete("BEGIN") + m.command_complete("INSERT 0 1") + Z_IN)
+    b, bt = s.client()
+    for name in (P, R1, R2):
+        s.set_up(name, False)
+    b.got_data(m.query("INSERT INTO t VALUES (1)"))
+    assert b.state == "waiting"
+    s.clock.advance(0.1)
+    cancel(s, b)
+    assert bt.value() == CANCELLED + Z_IDLE and b.state == "idle"
+    bt.clear()
+    s.clock.advance(0.05)
+    b.got_data(m.query("INSERT INTO t VALUES (2)"))
+    s.set_up(P, True)
+    for _ in range(3):
+        s.clock.advance(0.1)
+    pool = s.pool(P)
+    assert list(pool.waiters).count(b) == 1 and list(pool._waits).count(b) == 1
+    a.got_data(m.query("COMMIT"))
+    server.got_data(m.command_complete("COMMIT") + Z_IDLE)
+    server.got_data(internal_answer(rows=[(b"0/10", b"0/10", b"on")]))
+    assert b.server is server and b"INSERT INTO t VALUES (2)" in sent(server)
+
+
+def test_a_cancel_behind_the_settings_sync_leaves_nothing_asked():
+    # With the cancelled statement's start still noted, the janitor took the idle client for one
+    # running past query_timeout: it cancelled on the node and dropped the connection.
+    from tests.harness.session import tick
+
+    s = Setup(clustered=False, pool_size=1, query_timeout=5)
+    b, bt = client(s, application_name="bee")
+    a, at, server = in_transaction(s)
+    b.got_data(m.query("SELECT 1"))
+    commit(a, server)
+    assert b.state == "preparing"
+    cancel(s, b)
+    finish_internal(server)
+    assert b._asked_at is None
+    dialled = len(s.clock.tcpClients)
+    tick(s, 10)
+    assert len(s.clock.tcpClients) == dialled and server.state != "closed"
+
+
+def test_a_cancelled_read_does_not_leave_the_write_behind_it_on_the_replica():
+    # SELECT 1 placed the pipeline on r1; cancelled, the INSERT behind it was sent there (25006).
+    from tests.harness.session import R2, P
+
+    s = Setup(pool_size=1)
+    s.set_up(R2, False)
+    a, at = s.client()
+    a.got_data(m.query("SELECT pg_sleep(10)"))
+    replica = a.server
+    sent(replica)
+    b, bt = s.client()
+    b.got_data(m.query("SELECT 1") + m.query("INSERT INTO t VALUES (1)"))
+    assert b.state == "waiting"
+    cancel(s, b)
+    assert bt.value() == CANCELLED + Z_IDLE
+    replica.got_data(RESULT + Z_IDLE)  # a's read ends
+    assert b"INSERT" not in sent(replica)
+    assert str(b.server.node) == P and b"INSERT INTO t VALUES (1)" in sent(b.server)
