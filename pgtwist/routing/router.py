@@ -130,6 +130,22 @@ class DatabaseRouter:
 
         return settle
 
+    def ddl_by_probe(self) -> None:
+        """DDL committed on a connection no read-back runs on (a session pinned to it: a migration
+        tool holding a session advisory lock): the primary's position from a probe that began
+        after the commit bounds the replicas' reads instead. Until it comes, reads go to the
+        primary. (A probe already under way may have begun before the commit: the next one
+        did not.)"""
+        monitor = self.monitor
+        primary = self.primary()
+        if monitor is None or primary is None or not self.config.read_your_writes:
+            return
+        settle = self.ddl_reading_back()
+        name = str(primary)
+        d = monitor.probe_now(name)
+        d.addBoth(lambda _: monitor.probe_now(name))
+        d.addCallbacks(lambda state: settle(getattr(state, "lsn", 0) or None), lambda _: settle(None))
+
     def ddl_committed(self, position: int | None) -> None:
         """DDL committed at WAL *position* (None: not known): from now on no session reads from a
         replica that has not replayed that far. Read-your-writes covers the client that ran it;

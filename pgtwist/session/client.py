@@ -1470,6 +1470,8 @@ class ClientSession(Admission):
         if done & _DDL_SENT:
             self.relay.schema.ddl()  # (committed now: see _note_effects)
             self.router.schema_changed()  # (function volatility: the monitor reads pg_proc again)
+            if self.pinned:
+                self.router.ddl_by_probe()  # (no read-back on a pinned connection: _maybe_release)
         if done & _LOCAL_PATH and not ("search_path" in self.dirty or self.dirty_all):
             self.relay.scope = self.settings.get("search_path", "")
 

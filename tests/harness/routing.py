@@ -1,6 +1,6 @@
 """In-memory routing fixtures: a three-node cluster's states behind a fake ClusterMonitor, and its DatabaseRouter."""
 
-from twisted.internet import task
+from twisted.internet import defer, task
 
 from pgtwist import config as configmod
 from pgtwist.cluster.catalog import NOT_FETCHED
@@ -30,6 +30,7 @@ class FakeMonitor:
         self.verified: list[tuple[str, str]] = []  # probe-now requests (the node stays up)
         self.functions = NOT_FETCHED
         self.functions_changes = 0
+        self.probes: list = []  # (name, Deferred) of probe_now calls
 
     def mark_down(self, name, reason):
         self.marked.append((name, reason))
@@ -40,6 +41,12 @@ class FakeMonitor:
 
     def functions_changed(self):
         self.functions_changes += 1
+
+    def probe_now(self, name):
+        """A probe of *name*: a Deferred the test fires (with a NodeState) from self.probes."""
+        d = defer.Deferred()
+        self.probes.append((name, d))
+        return d
 
 
 def cluster_states(replicas=(R1, R2), primary_up=True, lsn=1000):

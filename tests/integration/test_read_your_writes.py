@@ -575,3 +575,15 @@ def test_a_table_another_client_just_created_is_there_for_every_client(px, clust
             migrator.execute(f"DROP TABLE {name}")
         # Once the replicas have replayed it, reads go to them again.
         wait_for(lambda: other.execute("SELECT inet_server_port()").fetchone()[0] in replicas, 10, "reads on a replica again")
+
+
+def test_a_table_a_pinned_migration_created_is_there_for_every_client(px, cluster):
+    """The same with a migration tool's session advisory lock, which pins its session (no WAL
+    read-back on a pinned connection): a probe of the primary after the commit bounds the reads."""
+    with px.connect(autocommit=True) as migrator, px.connect(autocommit=True) as other:
+        migrator.execute("SELECT pg_advisory_lock(4242)")
+        for _ in range(3):
+            name = f"ryw_ddl_{next(_keys)}"
+            migrator.execute(f"CREATE TABLE {name} (k int)")
+            assert other.execute(f"SELECT count(*) FROM {name}").fetchone()[0] == 0
+        migrator.execute("SELECT pg_advisory_unlock(4242)")

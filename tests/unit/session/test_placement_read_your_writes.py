@@ -541,3 +541,26 @@ def test_a_promotion_forgets_the_old_primary_s_ddl_position():
     router.ddl_committed(0x9000)
     s.proxy._node_changed(s.proxy.config.databases["appdb"], s.monitor.states[R1], "promoted")
     assert router.schema_lsn == 0
+
+
+def test_ddl_from_a_pinned_session_bounds_replica_reads_by_a_probe_begun_after_it():
+    # Migration tools hold a session advisory lock (Rails, golang-migrate): the session is pinned
+    # and no read-back runs on its connection. A probe of the primary that began after the commit
+    # tells a position at least as far.
+    from pgtwist.cluster.health import NodeState
+
+    s = Setup()
+    migrator, _ = s.client()
+    run(migrator, "SELECT pg_advisory_lock(1)")
+    assert migrator.pinned
+    run(migrator, "CREATE TABLE t (x int)")
+    router = s.proxy.routers["appdb"]
+    assert router.ddl_pending == 1 and [name for name, _ in s.monitor.probes] == [P]
+    other, _ = s.client()
+    other.got_data(m.query("SELECT * FROM t"))
+    assert on(other.server) == P  # meanwhile, no replica reads
+    answer(other.server, p.TX_IDLE)
+    s.monitor.probes[0][1].callback(NodeState(P, role="primary", up=True, lsn=0x10))  # (begun before the commit)
+    assert router.ddl_pending == 1 and len(s.monitor.probes) == 2
+    s.monitor.probes[1][1].callback(NodeState(P, role="primary", up=True, lsn=0x7000))
+    assert router.ddl_pending == 0 and router.schema_lsn == 0x7000
