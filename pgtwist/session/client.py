@@ -1470,8 +1470,11 @@ class ClientSession(Admission):
         if done & _DDL_SENT:
             self.relay.schema.ddl()  # (committed now: see _note_effects)
             self.router.schema_changed()  # (function volatility: the monitor reads pg_proc again)
-            if self.pinned:
-                self.router.ddl_by_probe()  # (no read-back on a pinned connection: _maybe_release)
+            if self.pinned and not self.pinned.startswith("temporary"):
+                # No read-back on a pinned connection (_maybe_release): two probes of the primary
+                # instead. Not for a session pinned by its temporary objects, whose DDL is mostly
+                # on them (an ORM's temporary table per request would probe the primary each time).
+                self.router.ddl_by_probe()
         if done & _LOCAL_PATH and not ("search_path" in self.dirty or self.dirty_all):
             self.relay.scope = self.settings.get("search_path", "")
 

@@ -564,3 +564,12 @@ def test_ddl_from_a_pinned_session_bounds_replica_reads_by_a_probe_begun_after_i
     assert router.ddl_pending == 1 and len(s.monitor.probes) == 2
     s.monitor.probes[1][1].callback(NodeState(P, role="primary", up=True, lsn=0x7000))
     assert router.ddl_pending == 0 and router.schema_lsn == 0x7000
+
+
+def test_ddl_from_a_session_pinned_by_its_temporary_table_probes_nothing():
+    s = Setup()
+    session, _ = s.client()
+    run(session, "CREATE TEMP TABLE scratch (x int)")
+    assert session.pinned.startswith("temporary")
+    run(session, "DROP TABLE scratch")
+    assert s.monitor.probes == [] and s.proxy.routers["appdb"].ddl_pending == 0
