@@ -8,6 +8,10 @@ from dataclasses import dataclass
 PRIMARY = "primary"
 REPLICA = "replica"
 ANY_READ = "any-read"
+# A min_lsn no replica has replayed: reads go to the primary. A client whose last write's
+# position could not be read back (ClientSession.min_lsn), and every client while a DDL's
+# position is being read back (DatabaseRouter.ddl_pending).
+UNREPLAYED = 1 << 64
 
 # in_transaction values (the tx of the statement that opened it) meaning "began read only".
 _READ_ONLY_TX = frozenset(("begin_read_only", "set_transaction_read_only", "read_only"))

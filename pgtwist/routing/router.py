@@ -11,13 +11,12 @@ from twisted.logger import Logger
 
 from pgtwist.cluster import evidence
 from pgtwist.routing.analysis import Classification, classify
-from pgtwist.routing.policy import PRIMARY, REPLICA, NodeState, choose, read_exclusions, route
+from pgtwist.routing.policy import PRIMARY, REPLICA, UNREPLAYED, NodeState, choose, read_exclusions, route
 
 log = Logger()
 
 _PRIMARY_ONLY = Classification(read_only=False, reason="no statement to classify")
 _LOGIN = Classification(read_only=True, reason="login")
-_NO_REPLICA = 1 << 64  # a WAL position no replica has replayed: reads go to the primary
 
 
 @dataclass(frozen=True)
@@ -185,7 +184,7 @@ class DatabaseRouter:
         node, why = choose(
             self.states(),
             want=want,
-            min_lsn=(_NO_REPLICA if self.ddl_pending else max(min_lsn, self.schema_lsn)) if self.config.read_your_writes else 0,
+            min_lsn=(UNREPLAYED if self.ddl_pending else max(min_lsn, self.schema_lsn)) if self.config.read_your_writes else 0,
             max_lag_bytes=self.config.max_replica_lag or None,
             max_lag_seconds=self.config.max_replica_delay or None,
             rr=self._rr,

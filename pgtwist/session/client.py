@@ -26,7 +26,7 @@ from pgtwist.session.lease import Lease
 from pgtwist.pooling.relay import HOT_RUN, SYNC, Relay
 from pgtwist.routing.analysis import NO_EFFECTS, classify
 from pgtwist.routing.router import Decision
-from pgtwist.routing.policy import parse_lsn, write_lsn
+from pgtwist.routing.policy import UNREPLAYED, parse_lsn, write_lsn
 from pgtwist.pooling.settings import SERVER_OWNED, client_settings, parse_options, quote_literal, readback_sql, sync_sql
 from pgtwist.session.states import ADMIN, CLOSED, IDLE, LINKED, LOGIN, NEXT, PREPARING, WAITING, IllegalTransition
 from pgtwist.pooling.statements import split_bind, split_parse
@@ -56,7 +56,7 @@ _DDL_SENT, _LOCAL_PATH = 1, 2
 # Read-your-writes: the client wrote, but where its write ends in the WAL could not be read back
 # (the primary froze or died right after the commit): no replica is known to hold it, so its
 # reads stay on the primary until a read-back there tells a position again (ClientSession.min_lsn).
-POSITION_UNKNOWN = 1 << 64
+POSITION_UNKNOWN = UNREPLAYED
 # Read-your-writes: where the primary's WAL ends after this client's write committed.
 _WRITE_LSN_SQL = (
     "SELECT pg_catalog.pg_current_wal_insert_lsn()::text, pg_catalog.pg_current_wal_flush_lsn()::text,"
