@@ -41,11 +41,8 @@ class ConnectionLimits:
         reserve = pool.total >= pool.size
         if reserve and not self._reserve_open(pool):
             return False
-        config = self.config()
         database = pool.database
-        db_limit = getattr(database, "max_db_connections", 0)
-        user_entry = config.users.get(pool.user)
-        user_limit = user_entry.max_user_connections if user_entry is not None else config.max_user_connections
+        db_limit, user_limit = self._limits_of(pool)
         if db_limit and not self._within(pool, db_limit, lambda p: p.database.name == database.name, evict):
             return False
         if user_limit and not self._within(pool, user_limit, lambda p: p.user == pool.user, evict):
@@ -54,6 +51,13 @@ class ConnectionLimits:
             # (Once per reserve connection: a sign pool_size is too small, as PgBouncer logs it.)
             log.info("pool {pool}: taking a connection from the reserve pool", pool=pool.key)
         return True
+
+    def _limits_of(self, pool) -> tuple[int, int]:
+        """*pool*'s max_db_connections and max_user_connections (0: none), as the config has them now."""
+        config = self.config()
+        user_entry = config.users.get(pool.user)
+        user_limit = user_entry.max_user_connections if user_entry is not None else config.max_user_connections
+        return getattr(pool.database, "max_db_connections", 0), user_limit
 
     def _reserve_open(self, pool) -> bool:
         reserve = pool.settings.reserve
@@ -111,15 +115,12 @@ class ConnectionLimits:
         database's and its user's limits, counting one fewer of *pool*'s where it shares them.
         (A pool held by another limit too, say its user's elsewhere, would get nothing from it:
         *pool* would only close and open again, every transaction.)"""
-        config = self.config()
         database = held.database
-        db_limit = getattr(database, "max_db_connections", 0)
+        db_limit, user_limit = self._limits_of(held)
         if db_limit:
             used = sum(p.total for p in self.pools() if p.database.name == database.name)
             if used - (pool.database.name == database.name) >= db_limit:
                 return False
-        user_entry = config.users.get(held.user)
-        user_limit = user_entry.max_user_connections if user_entry is not None else config.max_user_connections
         if user_limit:
             used = sum(p.total for p in self.pools() if p.user == held.user)
             if used - (pool.user == held.user) >= user_limit:
@@ -128,23 +129,15 @@ class ConnectionLimits:
 
     def _shares_limit(self, pool, other) -> bool:
         """Whether *pool* and *other* are under one max_db_connections or max_user_connections."""
-        if pool.database.name == other.database.name and getattr(pool.database, "max_db_connections", 0):
-            return True
-        if pool.user != other.user:
-            return False
-        config = self.config()
-        user_entry = config.users.get(pool.user)
-        return bool(user_entry.max_user_connections if user_entry is not None else config.max_user_connections)
+        db_limit, user_limit = self._limits_of(pool)
+        return bool((db_limit and pool.database.name == other.database.name) or (user_limit and pool.user == other.user))
 
     def describe(self, pool) -> str:
         """Which limit a client that waited in vain was held by (the DETAIL of its 53300)."""
-        config = self.config()
         database = pool.database
-        db_limit = getattr(database, "max_db_connections", 0)
+        db_limit, user_limit = self._limits_of(pool)
         if db_limit and sum(p.total for p in self.pools() if p.database.name == database.name) >= db_limit:
             return f'database "{database.name}" has its max_db_connections ({db_limit}) server connections, all in use'
-        user_entry = config.users.get(pool.user)
-        user_limit = user_entry.max_user_connections if user_entry is not None else config.max_user_connections
         if user_limit and sum(p.total for p in self.pools() if p.user == pool.user) >= user_limit:
             return f'user "{pool.user}" has its max_user_connections ({user_limit}) server connections, all in use'
         reserve = pool.settings.reserve
