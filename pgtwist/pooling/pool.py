@@ -168,7 +168,10 @@ class Pool:
         self.lent.pop(conn, None)
 
     def _reclaim_one(self) -> None:
-        conn = next(iter(self.lent))
+        self._reclaim(next(iter(self.lent)))
+
+    def _reclaim(self, conn) -> None:
+        """Take *conn* back from the client keeping it between transactions."""
         session = self.lent.pop(conn)
         session.reclaim(conn)  # -> release() -> idle, and _serve() for any waiter
 
@@ -539,8 +542,7 @@ class Pool:
             quiet = bool(idle_timeout) and asked is not None and now - asked >= idle_timeout and self.total > self.settings.min_size
             if not (quiet or self._expired(conn)) or self.lent.get(conn) is not holder:
                 continue
-            del self.lent[conn]
-            holder.reclaim(conn)  # -> release(): past its lifetime it closes there
+            self._reclaim(conn)  # -> release(): past its lifetime it closes there
             if conn in self.idle:
                 self.idle.remove(conn)
                 conn.close()
