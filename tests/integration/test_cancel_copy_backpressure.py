@@ -291,14 +291,22 @@ def test_cancel_of_a_statement_waiting_for_the_pool_stops_it_before_it_runs(pg_c
     admin.execute("CREATE TABLE IF NOT EXISTS itest_cancel_waiting (n int)")
     admin.execute("TRUNCATE itest_cancel_waiting")
     admin.execute(f"GRANT ALL ON itest_cancel_waiting TO {pg_cluster.app_user}")
-    with start_proxy(pg_cluster, tmp_path, pool_mode="transaction", pool_size=1) as px:
-        with px.connect() as holder, px.connect() as waiter:
+    c = pg_cluster
+    users = {c.app_user: {"password": c.app_password}, c.superuser: {"password": c.superuser_password}}
+    with start_proxy(c, tmp_path, pool_mode="transaction", pool_size=1, users=users, admin={"users": [c.superuser]}) as px:
+        console = px.connect(dbname="pgbalance", user=c.superuser, password=c.superuser_password)
+
+        def queued_in_pgtwist() -> bool:
+            rows = console.execute("SHOW POOLS").fetchall()
+            return any(row[0] == "appdb" and row[3] >= 1 for row in rows)  # (database, user, cl_active, cl_waiting)
+
+        with console, px.connect() as holder, px.connect() as waiter:
             busy = Worker(lambda: holder.execute("SELECT pg_sleep(2) /* itest-cancel-wait */"))
             busy.start()
             wait_for(lambda: active_query_pid(admin, "itest-cancel-wait"), 10, "the holder's query to run")
             queued = Worker(lambda: waiter.execute("INSERT INTO itest_cancel_waiting VALUES (1)"))
             queued.start()
-            time.sleep(0.3)  # (a real wait: the statement is queued in pgtwist)
+            wait_for(queued_in_pgtwist, 10, "the statement to be queued in pgtwist")
             started = time.monotonic()
             waiter.cancel()
             queued.finish(10)
