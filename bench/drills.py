@@ -3,6 +3,7 @@
 
     PYTHONPATH=. python bench/drills.py [--sessions 32] [--drill replica-kill --drill freeze --drill kill-promote]
                                         [--settle 3] [--phase 10] [--freeze 10] [--stale-after 3] [--json FILE]
+                                        [--set workers=2 --set pool_size=4 ...]
 
 One throwaway cluster (a primary and two streaming replicas, pgtwist.tools.localcluster), one pgtwist
 in front of it (transaction pooling, auto_promote on), and --sessions client sessions (psycopg,
@@ -34,6 +35,7 @@ import json
 import random
 import sys
 import time
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -207,11 +209,11 @@ def summarize(name: str, load: Load, event: float, end: float, lost: set[tuple[i
     }
 
 
-def set_auto_promote(px, cluster, nodes: list[str], on: bool) -> None:
-    """Rewrite the proxy's config with auto_promote on/off and reload it (SIGHUP), as an operator would."""
+def set_auto_promote(px, cluster, nodes: list[str], on: bool, base: dict) -> None:
+    """Rewrite the proxy's config (*base*) with auto_promote on/off and reload it (SIGHUP), as an operator would."""
     import signal
 
-    settings = {**PROXY_SETTINGS, "auto_promote": on}
+    settings = {**base, "auto_promote": on}
     databases = {DATABASE: {"dbname": cluster.app_database, "nodes": nodes}}
     write_config(px.config_path, *proxy_config(cluster, px.port, {**settings, "databases": databases}))
     mark = px.log_size()
@@ -236,7 +238,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stale-after", type=float, default=3.0)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--work", type=Path, default=Path("/tmp"))
+    ap.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="a pgtwist setting over the drills' own (repeatable; TOML value): workers=2, pool_size=4, pool_mode='\"session\"'",
+    )
     args = ap.parse_args(argv)
+    settings = dict(PROXY_SETTINGS)
+    for item in args.set:
+        key, _, value = item.partition("=")
+        settings[key.strip()] = tomllib.loads(f"v = {value}")["v"]
     drills = args.drill or list(DRILLS)
     results = []
     with LocalCluster.create(replicas=2) as cluster:
@@ -248,13 +258,13 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(args.work) / f"pgtwist-drills-{int(time.time())}"
         nodes = [n.addr for n in cluster.nodes]
         with start_proxy(
-            cluster, work, databases={DATABASE: {"dbname": cluster.app_database, "nodes": nodes}}, **PROXY_SETTINGS
+            cluster, work, databases={DATABASE: {"dbname": cluster.app_database, "nodes": nodes}}, **settings
         ) as px:
             for name in drills:
                 print(f"drill {name}: {args.sessions} sessions, {args.settle:g}s settle, {args.phase:g}s phase", flush=True)
                 lost: set[tuple[int, int]] = set()
                 if name == "kill-promote":
-                    set_auto_promote(px, cluster, nodes, True)
+                    set_auto_promote(px, cluster, nodes, True, settings)
                 with Load(px, args.sessions) as load:
                     time.sleep(args.settle)
                     event = time.monotonic()
