@@ -268,6 +268,10 @@ class PgBalanceService(service.MultiService):
             self.reactor.callFromThread(self.shutdown, True)
 
         self._signal_handlers.install({signal.SIGHUP: on_hup, signal.SIGTERM: on_term})
+        if self.worker is not None:
+            # A worker starts with SIGHUP blocked (workers.spawn_twistd): one its supervisor sent
+            # before now has waited for this handler, and is taken here.
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
 
     def _signalled_reload(self) -> None:
         log.info("SIGHUP: reloading {source}", source=self.config.source)

@@ -452,7 +452,16 @@ def spawn_twistd(reactor, proto, spec: WorkerSpec, config_path: str, extra_fds: 
     argv = [sys.executable, "-c", "from pgtwist.tools.cli import twistd; twistd()", "-n", "--pidfile=", "--logfile=-"]
     argv += ["pgbalance", "--config", config_path, "--worker", spec.to_arg()]
     fds = {0: "w", 1: "r", 2: "r", **extra_fds}
-    return reactor.spawnProcess(proto, sys.executable, argv, env=dict(os.environ), path=os.getcwd(), childFDs=fds)
+    # SIGHUP's default action ends a process, and a worker's handler is in only once its reactor
+    # runs (a second or so of Python start-up): a reload in that window (the supervisor passing on
+    # an operator's SIGHUP, or a worker's RELOAD, just after a start or a restart) killed the
+    # workers being started. They start with SIGHUP blocked (the mask survives fork and exec); one
+    # sent meanwhile waits, and is taken once the worker's handler is in (lifecycle unblocks it).
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+    try:
+        return reactor.spawnProcess(proto, sys.executable, argv, env=dict(os.environ), path=os.getcwd(), childFDs=fds)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 class Supervisor(service.MultiService):

@@ -169,6 +169,21 @@ def test_sighup_reloads_every_worker(px):
         assert conn.execute("SELECT 1").fetchone()[0] == 1
 
 
+def test_a_sighup_while_the_workers_start_waits_for_them(pg_cluster, tmp_path):
+    # start_proxy returns once the supervisor's socket accepts, about a second before the
+    # workers' Python has its handlers in: SIGHUP's default action used to kill both there.
+    with proxymod.start_proxy(pg_cluster, tmp_path, workers=2, pool_size=24) as px:
+        px.config_path.write_text(px.config_path.read_text().replace("pool_size = 24", "pool_size = 25"))
+        os.kill(px.pid, signal.SIGHUP)
+        for i in (0, 1):
+            # (a worker that read the file after the change has nothing left to apply)
+            wait_for(lambda: re.search(r"worker %d: .*reload: .* applied" % i, px.log_text()), 30, f"worker {i} reloaded")
+        with px.connect() as conn:
+            assert conn.execute("SELECT 1").fetchone()[0] == 1
+        assert "killed by signal" not in px.log_text()
+        assert len(worker_pids(px)) == 2 and px.log_text().count("started (pid") == 2
+
+
 def test_sigterm_drains_every_worker(px):
     # A transaction open on each worker: both may finish it after SIGTERM, then are closed (57P01).
     # One per worker: extra connections are closed at once, so a kernel that hands one worker
