@@ -517,12 +517,26 @@ class Proxy:
                 if str(pool.node) == state.name:
                     for conn in list(pool.idle):
                         conn.close()
-        if what in ("down", "demoted", "fenced") and self.config.auto_promote:
+        if what in ("down", "demoted", "fenced", "up") and self.config.auto_promote and self.promotes:
+            # ("up" as well: a pgtwist, or a worker 0, started while the primary is away never
+            # hears of it going down, only of replicas coming up with no primary beside them.)
             router = self.routers.get(database.name)
             if router is not None and router.primary() is None and database.name not in self._failover_timers:
                 self._failover_timers[database.name] = self.clock.callLater(
                     self.config.failover_timeout, self._auto_promote, database
                 )
+
+    @property
+    def promotes(self) -> bool:
+        """Whether this process acts on auto_promote: under workers = N, worker 0 alone.
+
+        Every worker probes the nodes with its own monitor. Were each to promote on its own view,
+        a probe that failed in one worker only (a timeout, a refused connection) would leave it
+        choosing another replica than the rest: two primaries. The others learn of the promotion
+        from their probes, as of one by an operator; while worker 0 is being restarted nobody
+        promotes.
+        """
+        return self.worker is None or self.worker.spec.index == 0
 
     def _auto_promote(self, database) -> None:
         """auto_promote: the primary stayed away for failover_timeout; promote the most advanced replica.

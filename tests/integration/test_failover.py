@@ -223,3 +223,22 @@ def test_auto_promote_after_failover_timeout(tmp_path):
             # Later writes keep going there.
             with px.connect() as conn:
                 assert {write(conn, 300 + v) for v in range(5)} == {port}
+
+
+def test_workers_started_while_the_primary_is_dead_promote_one_replica_once(tmp_path):
+    # Two regimes auto_promote missed: a pgtwist started with the primary already gone heard no
+    # "down" of it and never promoted; and under workers = N every worker promoted on its own
+    # view of the nodes, where one probe failing in one worker only makes two primaries.
+    with make_cluster() as cluster:
+        primary, r1, r2 = cluster.nodes
+        cluster.psql(primary, f"GRANT EXECUTE ON FUNCTION pg_promote(boolean, integer) TO {cluster.app_user};")
+        cluster.wait_replicas_caught_up(30)
+        cluster.stop(primary, mode="immediate")
+        with routing_proxy(cluster, tmp_path, auto_promote=True, failover_timeout=2.0, workers=2) as px:
+            port, took, errors = write_until_it_works(px, 500, 60)
+            assert port in (r1.port, r2.port)
+            promoted, other = (r1, r2) if port == r1.port else (r2, r1)
+            with psycopg.connect(cluster.dsn(other, connect_timeout=10), autocommit=True) as c:
+                assert c.execute("SELECT pg_is_in_recovery()").fetchone()[0] is True  # only one promoted
+            log = px.log_text()
+            assert log.count("promoting") == 1 and "worker 0: " in log.split("promoting")[0].rsplit("\n", 1)[-1], log[-3000:]

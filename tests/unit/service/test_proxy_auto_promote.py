@@ -88,3 +88,36 @@ def test_a_failing_probe_still_promotes_on_what_is_known():
     proxy.reactor.advance(5.0)
     monitor.probing.errback(RuntimeError("probe failed"))
     assert monitor.promoted == [NODES[1]]
+
+
+def test_under_workers_only_worker_0_promotes():
+    # Each worker probes with its own monitor; a probe that failed in one of them only would have
+    # it choose another replica than the rest, and two primaries would serve writes.
+    from pgtwist.service.workers import WorkerLink, WorkerSpec
+
+    for index, promotes in ((0, True), (1, False), (2, False)):
+        proxy, monitor, database = setup()
+        proxy.worker = WorkerLink(WorkerSpec(index, 3, 3, "/nonexistent"), proxy.reactor)
+        proxy._node_changed(database, monitor.states[NODES[0]], "down")
+        proxy.reactor.advance(5.0)
+        if monitor.probing is not None:
+            monitor.probing.callback(monitor.states)
+        assert monitor.promoted == ([NODES[1]] if promotes else [])
+
+
+def test_a_start_while_the_primary_is_away_promotes_too():
+    # A restarted pgtwist (or worker 0) never saw the primary up, so hears no "down" of it: a
+    # replica coming up with no primary known starts the wait as well.
+    proxy, monitor, database = setup()
+    proxy._node_changed(database, monitor.states[NODES[1]], "up")
+    proxy.reactor.advance(5.0)
+    monitor.probing.callback(monitor.states)
+    assert monitor.promoted == [NODES[1]]
+
+
+def test_a_replica_up_beside_a_primary_starts_no_wait():
+    proxy, monitor, database = setup()
+    monitor.states[NODES[0]].up = True
+    proxy._node_changed(database, monitor.states[NODES[1]], "up")
+    proxy.reactor.advance(60.0)
+    assert monitor.probing is None and monitor.promoted == []
