@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """Failure drills under load: a replica killed, the primary frozen, the primary killed and a replica promoted.
 
+By name also: a replica frozen (replica-freeze), a replica's replay paused (replica-lag), each for --freeze seconds.
+
     PYTHONPATH=. python bench/drills.py [--sessions 32] [--drill replica-kill --drill freeze --drill kill-promote]
                                         [--settle 3] [--phase 10] [--freeze 10] [--stale-after 3] [--json FILE]
                                         [--set workers=2 --set pool_size=4 ...]
@@ -51,6 +53,8 @@ from tests.harness.load import ClientThreads  # noqa: E402
 from tests.harness.proxy import DATABASE, proxy_config, start_proxy, wait_for, write_config  # noqa: E402
 
 DRILLS = ("replica-kill", "freeze", "kill-promote")
+# Not in the default run (drill them by name): a replica hung, and a replica falling behind.
+MORE_DRILLS = ("replica-freeze", "replica-lag")
 
 PROXY_SETTINGS = {
     "pool_mode": "transaction",
@@ -231,7 +235,10 @@ def role_of(cluster, node) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sessions", type=int, default=32)
-    ap.add_argument("--drill", action="append", choices=DRILLS, help="repeatable; default: all, in this order")
+    ap.add_argument(
+        "--drill", action="append", choices=DRILLS + MORE_DRILLS,
+        help=f"repeatable; default: {', '.join(DRILLS)}, in this order ({', '.join(MORE_DRILLS)} by name)",
+    )
     ap.add_argument("--settle", type=float, default=3.0, help="seconds of load before each event")
     ap.add_argument("--phase", type=float, default=10.0, help="seconds of load after each event")
     ap.add_argument("--freeze", type=float, default=10.0, help="how long the primary stays SIGSTOPped")
@@ -271,6 +278,21 @@ def main(argv: list[str] | None = None) -> int:
                     if name == "replica-kill":
                         cluster.stop(r2, mode="immediate")
                         time.sleep(args.phase)
+                    elif name == "replica-freeze":
+                        cluster.freeze(r2)
+                        try:
+                            time.sleep(args.freeze)
+                        finally:
+                            cluster.thaw(r2)
+                        time.sleep(max(0.0, args.phase - args.freeze))
+                    elif name == "replica-lag":
+                        # Replay stops (WAL still arrives): r2 falls further behind every second.
+                        cluster.psql(r2, "SELECT pg_wal_replay_pause()")
+                        try:
+                            time.sleep(args.freeze)
+                        finally:
+                            cluster.psql(r2, "SELECT pg_wal_replay_resume()")
+                        time.sleep(max(0.0, args.phase - args.freeze))
                     elif name == "freeze":
                         cluster.freeze(primary)
                         try:
