@@ -70,6 +70,9 @@ class DatabaseRouter:
         # position of one is being read back (ddl_pending).
         self.schema_lsn = 0
         self.ddl_pending = 0
+        # Under workers = N (a workers.WorkerLink): the other workers' routers of this database
+        # hold and bound their reads for this one's DDL too (Proxy.ddl_elsewhere).
+        self.elsewhere = None
 
     def states(self) -> list[NodeState]:
         if self.monitor is None:
@@ -112,13 +115,19 @@ class DatabaseRouter:
         if self.monitor is not None:
             self.monitor.functions_changed()
 
-    def ddl_reading_back(self):
+    def ddl_reading_back(self, shared: bool = True):
         """DDL went through pgtwist and committed; where its commit ends on the primary is being
         read back. Until then no session reads from a replica: its client has its answer, and
         the application's other connections may already act on it. Returns the one call that
-        ends the wait, settle(position), which only its first call does (None: not known)."""
+        ends the wait, settle(position), which only its first call does (None: not known).
+
+        *shared*: the other workers are told too, of the wait now and of the position with the
+        settle (False for the wait another worker told this one of)."""
         self.ddl_pending += 1
         settled = False
+        elsewhere = self.elsewhere if shared else None
+        name = self.database.name
+        token = elsewhere.ddl_hold(name) if elsewhere is not None else 0
 
         def settle(position: int | None) -> None:
             nonlocal settled
@@ -126,6 +135,8 @@ class DatabaseRouter:
                 settled = True
                 self.ddl_pending -= 1
                 self.ddl_committed(position)
+                if elsewhere is not None:
+                    elsewhere.ddl_settle(name, token, position)
 
         return settle
 

@@ -79,6 +79,9 @@ class Proxy:
         self.admin_session = AdminConsole
         self.audit_statement = audit.statement
         self.worker = None  # workers.WorkerLink under workers = N: its keys name it, others' cancels go on
+        # Other workers' DDL (ddl_elsewhere): waits by token, and tokens whose position came first.
+        self._ddl_held: dict[int, tuple] = {}
+        self._ddl_early: dict[int, None] = {}
         self.draining = False  # shutting down: clients leave as soon as they are between transactions
         self.paused: set[str] = set()  # databases PAUSEd ("*": all)
         self.disabled: set[str] = set()  # databases DISABLEd: new clients refused (55000)
@@ -480,7 +483,45 @@ class Proxy:
                     db=database.name, n=len(database.nodes), user=self._health_user_name(),
                 )
             router = self.routers[database.name] = DatabaseRouter(database, self.config, monitor, self.routing_hook)
+            router.elsewhere = self.worker
         return router
+
+    def ddl_elsewhere(self, hold: bool, token: int, position: int | None, name: str) -> None:
+        """Another worker's DDL in database *name* (workers = N; workers.CancelRelay): its wait
+        (*hold*) and then its WAL position bound this worker's replica reads as they bound its own.
+
+        The wait ends with the position or, should that never come (the worker died reading it
+        back), after the longest its read-back may take. A position that comes before its wait
+        (the two travel on connections of their own) is applied, and the wait is then skipped.
+        """
+        database = self.config.databases.get(name)
+        if database is None:
+            return
+        router = self.router_for(database)
+        if not hold:
+            held = self._ddl_held.pop(token, None)
+            if held is None:
+                router.ddl_committed(position)
+                self._ddl_early[token] = None
+                while len(self._ddl_early) > 64:
+                    del self._ddl_early[next(iter(self._ddl_early))]
+                return
+            settle, timer = held
+            if timer.active():
+                timer.cancel()
+            settle(position)
+            return
+        if self._ddl_early.pop(token, False) is None:
+            return
+        settle = router.ddl_reading_back(shared=False)
+        limit = (self.config.query_timeout or self.config.server_connect_timeout) + 1.0
+        timer = self.clock.callLater(limit, self._ddl_gave_up, token)
+        self._ddl_held[token] = (settle, timer)
+
+    def _ddl_gave_up(self, token: int) -> None:
+        held = self._ddl_held.pop(token, None)
+        if held is not None:
+            held[0](None)
 
     @staticmethod
     def _load_routing_hook(config):

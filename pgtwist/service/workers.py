@@ -44,6 +44,12 @@ log = Logger()
 # -- cancel keys ------------------------------------------------------------------------------------
 
 
+# Another worker's DDL, a datagram on each worker's own socket (in the supervisor's 0700 run
+# directory): kind, token, WAL position (0: not known), then the database's name.
+DDL_HOLD, DDL_SETTLE = 1, 2
+_DDL_NOTICE = struct.Struct("!BIQ")
+
+
 def key_bits(count: int) -> int:
     """Bits of a secret key that name the worker: 0 for one worker, 1 for two, 2 for three or four..."""
     return (count - 1).bit_length()
@@ -100,6 +106,9 @@ class WorkerSpec:
     def cancel_socket(self, index: int) -> str:
         return os.path.join(self.rundir, f"cancel-{index}.sock")
 
+    def ddl_socket(self, index: int) -> str:
+        return os.path.join(self.rundir, f"ddl-{index}.sock")
+
     def http_socket(self, index: int) -> str:
         return os.path.join(self.rundir, f"http-{index}.sock")
 
@@ -120,6 +129,8 @@ class WorkerLink:
         self.spec = spec
         self.reactor = reactor
         self.forwarded = 0  # CancelRequests sent on to their owner (SHOW/metrics material, and tests)
+        self._ddl_count = 0  # (DDL notices: ddl_hold)
+        self._notices: socket.socket | None = None
 
     def tag(self, secret: bytes) -> bytes:
         return self.spec.tag(secret)
@@ -166,6 +177,34 @@ class WorkerLink:
             return request(self.spec.http_socket(index), "POST", f"/kill/{client_id}")[0] == 200
         except OSError:
             return False
+
+    def ddl_hold(self, database: str) -> int:
+        """DDL committed here in *database*; its position is being read back: the other workers
+        hold their replica reads too (DatabaseRouter.ddl_reading_back). Returns the wait's token."""
+        self._ddl_count = (self._ddl_count + 1) & 0xFFFFFF
+        token = (self.spec.index << 24) | self._ddl_count  # (unique across the workers)
+        self._tell_others(DDL_HOLD, token, 0, database)
+        return token
+
+    def ddl_settle(self, database: str, token: int, position: int | None) -> None:
+        """The wait *token* is over: the DDL's WAL position (None: not known) bounds their reads."""
+        self._tell_others(DDL_SETTLE, token, position or 0, database)
+
+    def _tell_others(self, kind: int, token: int, position: int, database: str) -> None:
+        # A datagram sent now, in this reactor turn, before the DDL's client can have read its
+        # answer: in the other workers' queues before that client's next connection's query.
+        # One that cannot go (a worker being restarted, a full queue) is let go: its hold ends
+        # by its own timer there, and a restarted worker holds nothing.
+        message = _DDL_NOTICE.pack(kind, token, position) + database.encode("utf-8")
+        if self._notices is None:
+            self._notices = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            self._notices.setblocking(False)
+        for index in range(self.spec.count):
+            if index != self.spec.index:
+                try:
+                    self._notices.sendto(message, self.spec.ddl_socket(index))
+                except OSError:
+                    pass
 
     def forward_cancel(self, process_id: int, secret_key: bytes, done=None, timeout: float = 5.0) -> bool:
         """True when the key is another worker's (sent there, or unknown to all); False: ours to handle.
@@ -220,6 +259,23 @@ class CancelRelay(protocol.Protocol):
             self.transport.loseConnection()
 
 
+class DdlNotices(protocol.DatagramProtocol):
+    """Another worker's DDL (WorkerLink.ddl_hold, ddl_settle): one datagram each, on this worker's own socket."""
+
+    noisy = False
+
+    def __init__(self, proxy):
+        self.proxy = proxy
+
+    def datagramReceived(self, data, addr):
+        if len(data) < _DDL_NOTICE.size:
+            return
+        kind, token, position = _DDL_NOTICE.unpack_from(data)
+        name = data[_DDL_NOTICE.size :].decode("utf-8", "replace")
+        if kind in (DDL_HOLD, DDL_SETTLE):
+            self.proxy.ddl_elsewhere(kind == DDL_HOLD, token, position or None, name)
+
+
 class CancelRelayFactory(protocol.Factory):
     noisy = False
 
@@ -236,7 +292,7 @@ def worker_services(svc, spec: WorkerSpec, reactor) -> list:
     They stop after the drain (MultiService stops children then), so a cancel still reaches a
     query that the drain waits for.
     """
-    for index_path in (spec.cancel_socket(spec.index), spec.http_socket(spec.index)):
+    for index_path in (spec.cancel_socket(spec.index), spec.http_socket(spec.index), spec.ddl_socket(spec.index)):
         # A worker that was killed left its sockets behind; the supervisor runs one worker per number.
         try:
             os.unlink(index_path)
@@ -257,7 +313,9 @@ def worker_services(svc, spec: WorkerSpec, reactor) -> list:
     root.putChild(b"resume", PauseResource(svc.proxy, actions.resume))
     site = server.Site(root)
     site.noisy = False
-    return [relay, internet.UNIXServer(spec.http_socket(spec.index), site, mode=0o600, reactor=reactor)]
+    notices = internet.UNIXDatagramServer(spec.ddl_socket(spec.index), DdlNotices(svc.proxy), mode=0o600, reactor=reactor)
+    notices.setName("ddl-notices")
+    return [relay, internet.UNIXServer(spec.http_socket(spec.index), site, mode=0o600, reactor=reactor), notices]
 
 
 # SHOW views other workers are asked for, by the console of the worker an admin is connected to.

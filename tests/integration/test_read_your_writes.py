@@ -27,6 +27,7 @@ from pgtwist.wire import protocol as p
 
 from tests.harness.proxy import DATABASE, RawClient, start_proxy, wait_for
 from tests.harness.txhelpers import batch, bind, data_row_values, execute, parse, run_async, run_threads, sync
+from tests.harness.workers import on_each_worker
 
 pytestmark = pytest.mark.integration
 
@@ -587,3 +588,26 @@ def test_a_table_a_pinned_migration_created_is_there_for_every_client(px, cluste
             migrator.execute(f"CREATE TABLE {name} (k int)")
             assert other.execute(f"SELECT count(*) FROM {name}").fetchone()[0] == 0
         migrator.execute("SELECT pg_advisory_unlock(4242)")
+
+
+def test_a_table_created_through_one_worker_is_there_through_the_others(cluster, tmp_path):
+    """workers = 2: DDL through one worker bounds the other's replica reads too (each worker kept
+    its own bound, so a connection on the other worker read from a replica that had not
+    replayed the CREATE yet: 42P01)."""
+    with start_proxy(
+        cluster, tmp_path,
+        databases={DATABASE: {"dbname": cluster.app_database, "nodes": [n.addr for n in cluster.nodes]}},
+        users={cluster.app_user: {"password": cluster.app_password}},
+        **{**CONFIG, "workers": 2, "log_connections": True},
+    ) as px:
+        wait_for(lambda: px.log_text().count("listening on") >= 3, 30, "both workers up")
+        replicas = {n.port for n in cluster.nodes[1:]}
+        migrator, other = on_each_worker(px, autocommit=True)
+        with migrator, other:
+            wait_for(lambda: other.execute("SELECT inet_server_port()").fetchone()[0] in replicas, 20, "reads on a replica")
+            for _ in range(5):
+                name = f"ryw_ddl_{next(_keys)}"
+                migrator.execute(f"CREATE TABLE {name} (k int)")
+                assert other.execute(f"SELECT count(*) FROM {name}").fetchone()[0] == 0
+                migrator.execute(f"DROP TABLE {name}")
+            wait_for(lambda: other.execute("SELECT inet_server_port()").fetchone()[0] in replicas, 10, "reads on a replica again")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import threading
 import time
 import urllib.request
@@ -15,6 +14,7 @@ import pytest
 
 from tests.harness import proxy as proxymod
 from tests.harness.proxy import wait_for
+from tests.harness.workers import local_port, worker_of, worker_pids
 
 pytestmark = pytest.mark.integration
 
@@ -29,22 +29,6 @@ def px(pg_cluster, tmp_path):
         running.metrics_port = metrics_port
         wait_for(lambda: len(worker_pids(running)) == 2 and running.log_text().count("listening on") >= 3, 20, "both workers up")
         yield running
-
-
-def worker_pids(px) -> dict[int, int]:
-    """Worker index -> its latest pid, from the supervisor's log."""
-    return {int(i): int(pid) for i, pid in re.findall(r"worker (\d+) started \(pid (\d+)\)", px.log_text())}
-
-
-def local_port(conn: psycopg.Connection) -> int:
-    with socket.socket(fileno=os.dup(conn.pgconn.socket)) as s:
-        return s.getsockname()[1]
-
-
-def worker_of(px, conn: psycopg.Connection) -> int:
-    """Which worker serves *conn* (its log_connections line names the client's port)."""
-    pattern = re.compile(r"worker (\d+): .*connected from 127\.0\.0\.1:%d\b" % local_port(conn))
-    return int(wait_for(lambda: pattern.search(px.log_text()), 10, "the connection's log line").group(1))
 
 
 def test_many_clients_are_served_by_both_workers(px):

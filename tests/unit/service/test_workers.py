@@ -449,3 +449,117 @@ def test_kill_goes_to_the_worker_an_id_names_and_nowhere_else():
     # Ids of this worker, of no worker, or of a worker that does not answer: not killed elsewhere.
     for client_id in ("c3", "w0.c3", "w2.c1", "wx.c1", "w1.c3"):
         assert link.kill_elsewhere(client_id) is False
+
+
+# -- DDL through one worker bounds the others' replica reads -----------------------------------------
+
+CLUSTERED = {"appdb": {"dbname": "postgres", "nodes": ["db1:5432", "db2:5432"]}}
+
+
+def test_ddl_notices_reach_the_other_workers_sockets_at_once(tmp_path):
+    # Sent in the DDL's own reactor turn (no connection to set up first), so they are queued on
+    # the other workers before the DDL's client can have read its answer.
+    reactor = MemoryReactorClock()
+    link = workers.WorkerLink(workers.WorkerSpec(0, 3, 3, str(tmp_path)), reactor)
+    receivers = []
+    for index in (1, 2):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        s.bind(link.spec.ddl_socket(index))
+        receivers.append(s)
+    token = link.ddl_hold("appdb")
+    link.ddl_settle("appdb", token, 0x3001DA8)
+    link.ddl_settle("appdb", token, None)
+    for s in receivers:
+        calls = []
+
+        class P:
+            def ddl_elsewhere(self, hold, token, position, name):
+                calls.append((hold, token, position, name))
+
+        notices = workers.DdlNotices(P())
+        for _ in range(3):
+            notices.datagramReceived(s.recv(512), None)
+        assert calls == [(True, token, None, "appdb"), (False, token, 0x3001DA8, "appdb"), (False, token, None, "appdb")]
+        s.close()
+    assert token >> 24 == 0  # (the sender's number: tokens are unique across workers)
+    other = workers.WorkerLink(workers.WorkerSpec(2, 3, 3, str(tmp_path)), reactor)
+    assert other.ddl_hold("appdb") >> 24 == 2
+
+
+def test_a_ddl_notice_to_a_worker_not_listening_is_let_go(tmp_path):
+    link = workers.WorkerLink(workers.WorkerSpec(0, 2, 3, str(tmp_path)), MemoryReactorClock())
+    link.ddl_settle("appdb", link.ddl_hold("appdb"), 5)  # (no socket there: a worker being restarted)
+
+
+def test_short_ddl_datagrams_are_dropped():
+    class P:
+        def ddl_elsewhere(self, *args):
+            raise AssertionError("not a notice")
+
+    workers.DdlNotices(P()).datagramReceived(b"\x01\x00", None)
+    workers.DdlNotices(P()).datagramReceived(b"\x09" + b"\x00" * 12 + b"appdb", None)
+
+
+def clustered_worker(index: int = 1):
+    reactor = MemoryReactorClock()
+    proxy = Proxy(make_config(databases=CLUSTERED, query_timeout=4), reactor)
+    proxy.worker = workers.WorkerLink(workers.WorkerSpec(index, 2, 3, "/nonexistent"), reactor)
+    return proxy, reactor
+
+
+def test_another_workers_ddl_holds_replica_reads_here_until_its_position_comes():
+    proxy, reactor = clustered_worker()
+    proxy.ddl_elsewhere(True, 7, None, "appdb")
+    router = proxy.routers["appdb"]
+    assert router.ddl_pending == 1
+    proxy.ddl_elsewhere(False, 7, 0x5000, "appdb")
+    assert router.ddl_pending == 0 and router.schema_lsn == 0x5000
+    assert proxy._ddl_held == {} and all(not c.active() for c in reactor.getDelayedCalls() if c.func == proxy._ddl_gave_up)
+
+
+def test_a_position_that_comes_before_its_hold_is_applied_and_the_hold_skipped():
+    proxy, _ = clustered_worker()
+    proxy.ddl_elsewhere(False, 7, 0x5000, "appdb")
+    proxy.ddl_elsewhere(True, 7, None, "appdb")
+    router = proxy.routers["appdb"]
+    assert router.ddl_pending == 0 and router.schema_lsn == 0x5000
+
+
+def test_a_hold_whose_position_never_comes_ends_after_the_longest_read_back():
+    # (the worker that ran the DDL died reading its position back)
+    proxy, reactor = clustered_worker()
+    proxy.ddl_elsewhere(True, 7, None, "appdb")
+    router = proxy.routers["appdb"]
+    reactor.advance(4.9)
+    assert router.ddl_pending == 1
+    reactor.advance(0.2)
+    assert router.ddl_pending == 0 and router.schema_lsn == 0
+
+
+def test_a_notice_of_a_database_not_configured_here_is_ignored():
+    proxy, _ = clustered_worker()
+    proxy.ddl_elsewhere(True, 7, None, "gone")
+    assert "gone" not in proxy.routers
+
+
+def test_ddl_here_is_told_to_the_other_workers_and_a_wait_told_of_is_not_told_again():
+    proxy, _ = clustered_worker(0)
+    told = []
+
+    class Link:
+        def ddl_hold(self, name):
+            told.append(("hold", name))
+            return 99
+
+        def ddl_settle(self, name, token, position):
+            told.append(("settle", name, token, position))
+
+    router = proxy.router_for(proxy.config.databases["appdb"])
+    assert router.elsewhere is proxy.worker
+    router.elsewhere = Link()
+    settle = router.ddl_reading_back()
+    settle(0x6000)
+    settle(0x7000)  # (only the first settles)
+    assert told == [("hold", "appdb"), ("settle", "appdb", 99, 0x6000)]
+    router.ddl_reading_back(shared=False)(0x8000)
+    assert told == [("hold", "appdb"), ("settle", "appdb", 99, 0x6000)]
