@@ -241,3 +241,59 @@ def test_each_workers_manhole_has_its_port(pg_cluster, tmp_path):
         for index in (0, 1):
             screen = screen_text(ssh_repl(port + index, key, ['"WORKER=%d" % service.worker.index']).stdout)
             assert f"'WORKER={index}'" in screen, screen
+
+
+def test_a_cancel_for_a_statement_waiting_for_a_connection_reaches_its_worker(pg_cluster, tmp_path):
+    # The statement waits in its worker's pool (pool_size 1, taken by a transaction); the cancel
+    # is answered there with 57014 and the statement never runs, whichever worker accepts the
+    # cancel's connection (forwarded by its key). Repeated until the cancel crossed workers once.
+    with proxymod.start_proxy(
+        pg_cluster, tmp_path, workers=2, pool_size=1, pool_mode="transaction", log_connections=True,
+        admin={"users": [pg_cluster.app_user]},
+    ) as px:
+        wait_for(lambda: px.log_text().count("listening on") >= 3, 30, "both workers up")
+        crossed = same = 0
+        give_up = time.monotonic() + 60
+        while not crossed and time.monotonic() < give_up:
+            conns = [px.connect(autocommit=True) for _ in range(6)]
+            by_worker: dict[int, list] = {}
+            for conn in conns:
+                by_worker.setdefault(worker_of(px, conn), []).append(conn)
+            pair = next((v for v in by_worker.values() if len(v) >= 2), None)
+            assert pair is not None
+            holder, waiter = pair[:2]
+            try:
+                holder.execute("BEGIN")
+                holder.execute("SELECT 1")  # (the worker's one server connection is held)
+                errors = []
+
+                def wait():
+                    try:
+                        waiter.execute("SELECT 42")
+                    except psycopg.errors.QueryCanceled as e:
+                        errors.append(e)
+
+                t = threading.Thread(target=wait)
+                t.start()
+                with px.connect(dbname="pgbalance") as console:
+
+                    def waiting():
+                        cur = console.execute("SHOW POOLS")
+                        at = [d.name for d in cur.description].index("cl_waiting")
+                        return sum(r[at] for r in cur.fetchall() if r[0] == "appdb")
+
+                    wait_for(waiting, 10, "the statement waiting", interval=0.02)
+                before = px.log_text().count("forwarded there")
+                waiter.cancel()
+                t.join(10)
+                assert not t.is_alive() and errors and errors[0].sqlstate == "57014"
+                holder.execute("COMMIT")
+                assert waiter.execute("SELECT 7").fetchone()[0] == 7  # the session goes on
+                if px.log_text().count("forwarded there") > before:
+                    crossed += 1
+                else:
+                    same += 1
+            finally:
+                for conn in conns:
+                    conn.close()
+        assert crossed, (crossed, same)
