@@ -518,6 +518,15 @@ class Proxy:
         timer = self.clock.callLater(limit, self._ddl_gave_up, token)
         self._ddl_held[token] = (settle, timer)
 
+    def schema_changed_elsewhere(self, name: str) -> None:
+        """Another worker's DDL in database *name* committed (workers = N): this worker's shared
+        prepared statements of it are prepared again on their next use, as after DDL here."""
+        database = self.config.databases.get(name)
+        if database is None:
+            return
+        self.schema_for(database).ddl()
+        self.router_for(database).schema_changed()
+
     def _ddl_gave_up(self, token: int) -> None:
         held = self._ddl_held.pop(token, None)
         if held is not None:

@@ -45,8 +45,10 @@ log = Logger()
 
 
 # Another worker's DDL, a datagram on each worker's own socket (in the supervisor's 0700 run
-# directory): kind, token, WAL position (0: not known), then the database's name.
-DDL_HOLD, DDL_SETTLE = 1, 2
+# directory): kind, token, WAL position (0: not known), then the database's name. DDL_HOLD and
+# DDL_SETTLE bound replica reads (DatabaseRouter.ddl_reading_back); DDL_COMMITTED is its commit,
+# after which shared prepared statements are prepared again (statements.Schema).
+DDL_HOLD, DDL_SETTLE, DDL_COMMITTED = 1, 2, 3
 _DDL_NOTICE = struct.Struct("!BIQ")
 
 
@@ -190,6 +192,12 @@ class WorkerLink:
         """The wait *token* is over: the DDL's WAL position (None: not known) bounds their reads."""
         self._tell_others(DDL_SETTLE, token, position or 0, database)
 
+    def schema_changed(self, database: str) -> None:
+        """DDL committed here in *database*: the other workers prepare their shared statements of
+        it again too (a copy prepared before answers 0A000 "cached plan must not change result
+        type" to a statement whose result it changed)."""
+        self._tell_others(DDL_COMMITTED, 0, 0, database)
+
     def _tell_others(self, kind: int, token: int, position: int, database: str) -> None:
         # A datagram sent now, in this reactor turn, before the DDL's client can have read its
         # answer: in the other workers' queues before that client's next connection's query.
@@ -274,6 +282,8 @@ class DdlNotices(protocol.DatagramProtocol):
         name = data[_DDL_NOTICE.size :].decode("utf-8", "replace")
         if kind in (DDL_HOLD, DDL_SETTLE):
             self.proxy.ddl_elsewhere(kind == DDL_HOLD, token, position or None, name)
+        elif kind == DDL_COMMITTED:
+            self.proxy.schema_changed_elsewhere(name)
 
 
 class CancelRelayFactory(protocol.Factory):

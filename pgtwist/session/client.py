@@ -1470,6 +1470,8 @@ class ClientSession(Admission):
         if done & _DDL_SENT:
             self.relay.schema.ddl()  # (committed now: see _note_effects)
             self.router.schema_changed()  # (function volatility: the monitor reads pg_proc again)
+            if self.proxy.worker is not None:
+                self.proxy.worker.schema_changed(self.database.name)  # (the other workers' clocks too)
             if self.pinned and not self.pinned.startswith("temporary"):
                 # No read-back on a pinned connection (_maybe_release): two probes of the primary
                 # instead. Not for a session pinned by its temporary objects, whose DDL is mostly

@@ -14,7 +14,7 @@ import pytest
 
 from tests.harness import proxy as proxymod
 from tests.harness.proxy import wait_for
-from tests.harness.workers import local_port, worker_of, worker_pids
+from tests.harness.workers import local_port, on_each_worker, worker_of, worker_pids
 
 pytestmark = pytest.mark.integration
 
@@ -297,3 +297,25 @@ def test_a_cancel_for_a_statement_waiting_for_a_connection_reaches_its_worker(pg
                 for conn in conns:
                     conn.close()
         assert crossed, (crossed, same)
+
+
+def test_ddl_through_one_worker_makes_the_others_prepare_their_statements_again(pg_cluster, tmp_path):
+    # Each worker shares prepared statements over its own server connections with a schema clock
+    # of its own: without word of the other worker's DDL, the copy prepared before it answered
+    # 0A000 "cached plan must not change result type" inside a transaction (no retry there).
+    with proxymod.start_proxy(
+        pg_cluster, tmp_path, workers=2, pool_size=1, pool_mode="transaction", log_connections=True,
+    ) as px:
+        wait_for(lambda: px.log_text().count("listening on") >= 3, 30, "both workers up")
+        table = f"wddl_{os.getpid()}"
+        migrator, app = on_each_worker(px, autocommit=True)
+        with migrator, app:
+            migrator.execute(f"DROP TABLE IF EXISTS {table}; CREATE TABLE {table} (a int)")
+            migrator.execute(f"INSERT INTO {table} VALUES (1)")
+            for round in range(3):
+                assert app.execute(f"SELECT * FROM {table}", prepare=True).fetchall()[0][0] == 1
+                migrator.execute(f"ALTER TABLE {table} ADD COLUMN c{round} int")
+                with app.transaction():
+                    row = app.execute(f"SELECT * FROM {table}", prepare=True).fetchone()
+                assert len(row) == 2 + round
+            migrator.execute(f"DROP TABLE {table}")

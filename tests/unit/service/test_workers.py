@@ -563,3 +563,18 @@ def test_ddl_here_is_told_to_the_other_workers_and_a_wait_told_of_is_not_told_ag
     assert told == [("hold", "appdb"), ("settle", "appdb", 99, 0x6000)]
     router.ddl_reading_back(shared=False)(0x8000)
     assert told == [("hold", "appdb"), ("settle", "appdb", 99, 0x6000)]
+
+
+def test_another_workers_committed_ddl_makes_this_workers_shared_statements_stale(tmp_path):
+    reactor = MemoryReactorClock()
+    link = workers.WorkerLink(workers.WorkerSpec(0, 2, 3, str(tmp_path)), reactor)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.bind(link.spec.ddl_socket(1))
+    link.schema_changed("appdb")
+    proxy, _ = clustered_worker(1)
+    schema = proxy.schema_for(proxy.config.databases["appdb"])
+    before = schema.ddl_at
+    workers.DdlNotices(proxy).datagramReceived(s.recv(512), None)
+    s.close()
+    assert schema.ddl_at > before
+    proxy.schema_changed_elsewhere("gone")  # (a database not configured here: nothing)

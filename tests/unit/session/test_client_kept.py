@@ -417,6 +417,23 @@ def test_ddl_through_the_client_makes_every_connection_s_copies_stale(kept):
     assert session.proxy.schema_for(session.database) is schema
 
 
+def test_ddl_committed_through_one_worker_is_told_to_the_others(kept):
+    # Under workers = N each worker has its own clock: theirs must move too, or their copies
+    # answer 0A000 "cached plan must not change result type" inside a client's transaction.
+    session, ct, server = kept
+    told = []
+
+    class Link:
+        def schema_changed(self, name):
+            told.append(name)
+
+    session.proxy.worker = Link()
+    session.got_data(m.query("ALTER TABLE pgbench_accounts ADD COLUMN note text"))
+    assert told == []  # (not before it commits)
+    server.got_data(m.command_complete("ALTER TABLE") + m.ready_for_query())
+    assert told == [session.database.name]
+
+
 def test_a_described_run_of_a_stale_copy_is_prepared_again_first(kept):
     session, ct, server = kept
     server_name = prepared(session, server, ct)
