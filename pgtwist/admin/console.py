@@ -210,18 +210,18 @@ def run(proxy, sql: str, session=None) -> Result:
             return result
         if verb == "RECONNECT":
             actions.reconnect(proxy, database)
-            return Result(verb)
+            return _everywhere(Result(verb), link, "reconnect", database)
         if verb == "WAIT_CLOSE":
             return Result(verb, wait=actions.wait_close(proxy, database, watcher))
         if verb == "DISABLE":
             actions.disable(proxy, database)
-            return Result(verb)
+            return _everywhere(Result(verb), link, "disable", database)
         if verb == "ENABLE":
             actions.enable(proxy, database)
-            return Result(verb)
+            return _everywhere(Result(verb), link, "enable", database)
         if verb == "KILL" and len(args) == 1 and args[0] in proxy.config.databases:
             actions.kill_database(proxy, args[0])  # PgBouncer: KILL db; a client id is not a database name
-            return Result(verb)
+            return _everywhere(Result(verb), link, "kill_database", args[0])
     except actions.ActionError as e:
         raise CommandError(sqlstate.INVALID_CATALOG_NAME, str(e)) from None
     if verb in ("KILL", "KILL_CLIENT"):
@@ -257,6 +257,15 @@ def run(proxy, sql: str, session=None) -> Result:
 _SET = re.compile(r"SET\s+(?:SESSION\s+|LOCAL\s+)?([A-Za-z_][A-Za-z_0-9.]*)\s*(?:=|\s+TO\s+)\s*(.*)$", re.IGNORECASE | re.DOTALL)
 
 
+def _everywhere(result: Result, link, action: str, target: str | None) -> Result:
+    """workers = N: a command done on this worker is done on the others too (each pgtwist worker
+    has its own pools and clients; the operator asked the one pgtwist); a notice names any that
+    did not answer."""
+    if link is not None:
+        result.notices += [f"worker {i} did not answer: not done there" for i in link.everywhere(action, target or "")]
+    return result
+
+
 def _set(proxy, sql: str) -> Result:
     """SET key = value: a reloadable pgtwist setting (until the next RELOAD); anything else a driver
     sets at connect time (client_encoding, extra_float_digits...) is accepted and changes nothing."""
@@ -274,7 +283,9 @@ def _set(proxy, sql: str) -> Result:
         raise CommandError(sqlstate.CANT_CHANGE_RUNTIME_PARAM, f'parameter "{key}" cannot be changed now: {why}') from None
     except actions.ActionError as e:
         raise CommandError(sqlstate.INVALID_PARAMETER_VALUE, str(e)) from None
-    return Result("SET")
+    from urllib.parse import quote
+
+    return _everywhere(Result("SET"), getattr(proxy, "worker", None), "set", f"{key}/{quote(value, safe='')}")
 
 
 def _service(proxy):

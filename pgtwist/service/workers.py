@@ -154,7 +154,8 @@ class WorkerLink:
         return rows, missing
 
     def everywhere(self, action: str, database: str) -> list[int]:
-        """PAUSE or RESUME (*action*) done here: the other workers do it too; returns those that did not answer."""
+        """A console command (*action*: PauseResource's, or "set" with "KEY/VALUE") done here: the
+        other workers do it too; returns those that did not answer."""
         missing = []
         for index in range(self.spec.count):
             if index == self.spec.index:
@@ -319,8 +320,13 @@ def worker_services(svc, spec: WorkerSpec, reactor) -> list:
     root.putChild(b"kill", KillResource(svc.proxy))
     from pgtwist.admin import actions
 
-    root.putChild(b"pause", PauseResource(svc.proxy, actions.pause))
-    root.putChild(b"resume", PauseResource(svc.proxy, actions.resume))
+    # The console's commands that act on the whole pgtwist, asked on another worker's console.
+    for name, action in (
+        ("pause", actions.pause), ("resume", actions.resume), ("reconnect", actions.reconnect),
+        ("disable", actions.disable), ("enable", actions.enable), ("kill_database", actions.kill_database),
+    ):
+        root.putChild(name.encode(), PauseResource(svc.proxy, action))
+    root.putChild(b"set", SetResource(svc.proxy))
     site = server.Site(root)
     site.noisy = False
     notices = internet.UNIXDatagramServer(spec.ddl_socket(spec.index), DdlNotices(svc.proxy), mode=0o600, reactor=reactor)
@@ -390,7 +396,8 @@ class KillResource(resource.Resource):
 
 
 class PauseResource(resource.Resource):
-    """POST /pause/[DB], /resume/[DB] on a worker's unix socket: PAUSE or RESUME asked on another worker's console."""
+    """POST /pause/[DB] (/resume, /reconnect, /disable, /enable, /kill_database) on a worker's unix
+    socket: that command, asked on another worker's console."""
 
     isLeaf = True
 
@@ -404,6 +411,31 @@ class PauseResource(resource.Resource):
         try:
             self.action(self.proxy, database)
         except Exception as e:  # noqa: BLE001 - (ActionError: the asking worker checked the same config)
+            request.setResponseCode(404)
+            return f"{e}\n".encode()
+        return b"done\n"
+
+
+class SetResource(resource.Resource):
+    """POST /set/KEY/VALUE (VALUE URL-quoted) on a worker's unix socket: SET asked on another worker's console."""
+
+    isLeaf = True
+
+    def __init__(self, proxy):
+        super().__init__()
+        self.proxy = proxy
+
+    def render_POST(self, request):
+        from pgtwist.admin import actions
+
+        if len(request.postpath) != 2:
+            request.setResponseCode(404)
+            return b"SET wants /set/KEY/VALUE\n"
+        # (twisted.web has unquoted each segment already)
+        key, value = request.postpath[0].decode(), request.postpath[1].decode()
+        try:
+            actions.set_setting(self.proxy, key, value, getattr(self.proxy, "service", None))
+        except (KeyError, actions.ActionError) as e:  # (the asking worker checked the same config)
             request.setResponseCode(404)
             return f"{e}\n".encode()
         return b"done\n"

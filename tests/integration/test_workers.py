@@ -319,3 +319,53 @@ def test_ddl_through_one_worker_makes_the_others_prepare_their_statements_again(
                     row = app.execute(f"SELECT * FROM {table}", prepare=True).fetchone()
                 assert len(row) == 2 + round
             migrator.execute(f"DROP TABLE {table}")
+
+
+def test_console_commands_act_on_every_worker(px):
+    # The operator asked the one pgtwist, whichever worker the console landed on: DISABLE, SET,
+    # RECONNECT and KILL db acted on that worker alone (new clients of the others still came in,
+    # the others kept their old pool_size and their server connections).
+    def console_on(worker: int):
+        for _ in range(40):
+            conn = px.connect(dbname="pgbalance", autocommit=True)
+            if worker_of(px, conn) == worker:
+                return conn
+            conn.close()
+        raise AssertionError(f"no console on worker {worker}")
+
+    def config_value(conn, key):
+        return next(row[1] for row in conn.execute("SHOW CONFIG").fetchall() if row[0] == key)
+
+    with console_on(0) as console, console_on(1) as other:
+        console.execute("DISABLE appdb")
+        for _ in range(8):  # (spread over both workers by the kernel)
+            with pytest.raises(psycopg.OperationalError, match="not currently accepting connections"):
+                px.connect()
+        console.execute("ENABLE appdb")
+        with px.connect() as conn:
+            assert conn.execute("SELECT 1").fetchone()[0] == 1
+
+        console.execute("SET query_wait_timeout = 17")
+        assert str(config_value(other, "query_wait_timeout")) in ("17", "17.0")
+
+        app = on_each_worker(px)
+        for conn in app:
+            conn.execute("SELECT 1")
+            conn.close()
+
+        def servers():
+            return {row[-1] for row in console.execute("SHOW SERVERS").fetchall()}
+
+        wait_for(lambda: servers() == {0, 1}, 10, "server connections on both workers")
+        console.execute("RECONNECT appdb")
+        wait_for(lambda: servers() == set(), 10, "every worker's server connections closed")
+
+        app = on_each_worker(px)
+        console.execute("KILL appdb")
+        for conn in app:
+            with pytest.raises(psycopg.OperationalError):
+                conn.execute("SELECT 1")
+            conn.close()
+        console.execute("RESUME appdb")
+        with px.connect() as conn:
+            assert conn.execute("SELECT 1").fetchone()[0] == 1
