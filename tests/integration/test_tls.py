@@ -20,6 +20,7 @@ from pgtwist.wire import protocol as p
 
 from tests.harness.proxy import DATABASE, RawClient, ServerError, error_fields_of, psql, wait_for
 from tests.harness.tlshelpers import direct_tls_client, make_pki, s_client, start_tls_proxy, starttls_client, tls_cluster
+from tests.harness.workers import on_each_worker
 
 pytestmark = pytest.mark.integration
 
@@ -349,3 +350,17 @@ def test_health_checks_to_nodes_are_tls_too(pki, tmp_path):
                     f"WHERE a.usename = '{cluster.app_user}' AND NOT s.ssl",
                 )
                 assert plaintext == "0", f"plaintext connections from pgtwist to {node.name}"
+
+
+def test_both_legs_under_workers(tls_node, pki, tmp_path):
+    # Each worker terminates its clients' TLS and speaks verified TLS to the node on its own.
+    with start_tls_proxy(
+        tls_node, tmp_path, tls=client_tls(pki), server_tls=node_tls(pki), node_host="localhost",
+        workers=2, log_connections=True,
+    ) as px:
+        wait_for(lambda: px.log_text().count("listening on") >= 3, 30, "both workers up")
+        conns = on_each_worker(px, host="127.0.0.1", sslmode="verify-full", sslrootcert=str(pki.ca))
+        for conn in conns:
+            with conn:
+                assert conn.pgconn.ssl_in_use
+                assert conn.execute(SSL_OF_BACKEND).fetchone() == (True, "/CN=pgtwist")
