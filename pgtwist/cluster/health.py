@@ -266,6 +266,7 @@ class _Slot:
         self.probing: object | None = None  # token of the running probe; late answers to others are ignored
         self.waiters: list[defer.Deferred] = []
         self.delay: float | None = None  # the replica's replay delay as probed, before the caught-up rule
+        self.aside_until = 0.0  # (step_aside: no probe connection to the node before then)
 
 
 class ClusterMonitor:
@@ -394,6 +395,25 @@ class ClusterMonitor:
             return
         log.info("node {node}: {reason}; probing it now", node=name, reason=reason)
         self._probe(slot)
+
+    def step_aside(self, name: str, seconds: float) -> None:
+        """Close the probe connection to *name* and open none for *seconds*, the node's state
+        kept as last probed: a client's DROP DATABASE (or ALTER DATABASE ... RENAME) of this
+        database was refused because sessions are in it, and this connection is one of them
+        (session/dropdb.py). A probe under way ends first."""
+        slot = self._slots.get(name)
+        if slot is None or not self.running:
+            return
+        slot.aside_until = self.reactor.seconds() + seconds
+        if slot.probing is None:
+            self._step_aside_now(slot)
+
+    def _step_aside_now(self, slot: _Slot) -> None:
+        conn, slot.conn = slot.conn, None
+        if conn is not None:
+            conn.close()  # (a Terminate: the node's session ends at once)
+            conn.ready.addErrback(_consume)
+        self._schedule(slot, max(slot.aside_until - self.reactor.seconds(), 0.0))
 
     def probe_now(self, name: str | None = None) -> defer.Deferred:
         """Probe *name* (or every node) now; fires with its NodeState (or the whole ``states`` dict)."""
@@ -564,6 +584,9 @@ class ClusterMonitor:
         self._settle(before)
         self._schedule(slot, self.interval)
         self._release_waiters(slot)
+        if slot.aside_until > self.reactor.seconds():
+            self._step_aside_now(slot)  # (asked while this probe ran)
+            return
         self._maybe_fetch_functions(slot)
 
     # -- function volatility (pg_proc), for routing ----------------------------------------------

@@ -39,6 +39,10 @@ _OWN_PIDS_SPAN = 0x7FFFFFFF - _OWN_PIDS_FROM + 1
 # auth_query runs on its own few connections: lookups are short, and a burst of logins for
 # unknown names must not take a node's connection slots.
 AUTH_POOL_SIZE = 2
+# Seconds a health monitor keeps its probe connection away from a database a client's DROP
+# DATABASE found in use (free_databases): PostgreSQL waits up to 5 s for sessions to leave; the
+# statement is sent again at once, and a probe after this finds the database gone or still there.
+STEP_ASIDE = 5.0
 
 
 class Proxy:
@@ -168,18 +172,27 @@ class Proxy:
             except Exception:  # (one client's failure must not stop the janitor's LoopingCall)
                 log.failure("client {client}: closing at client_login_timeout", client=session.id)
 
-    def free_databases(self, names: tuple[str, ...], client_id: str, node) -> None:
+    def free_databases(self, names: tuple[str, ...], client_id: str, node, tell_others: bool = True) -> None:
         """PostgreSQL on *node* refused a client's DROP DATABASE (ALTER DATABASE ... RENAME TO,
         CREATE DATABASE ... TEMPLATE) of databases *names* because sessions are in them
-        (session/dropdb.py): pgtwist's connections there that nobody uses go.
+        (session/dropdb.py): pgtwist's connections there that nobody uses go, in every worker
+        (*tell_others*: asked here, not by another worker).
 
-        Connections in use stay, as does the health monitor's probe connection to a database
-        with several nodes: once it is gone, every node would look down for that database.
-        Replicas of *node* apply the statement themselves (PostgreSQL ends the sessions in the
-        way there).
+        Connections in use stay. The health monitor of a database with several nodes closes its
+        probe connection to *node* and opens none for STEP_ASIDE seconds, its state kept as last
+        probed (closed for good, every node would look down for that database). Replicas of
+        *node* apply the statement themselves (PostgreSQL ends the sessions in the way there).
         """
         closed = 0
         where = str(node)
+        for router in self.routers.values():
+            if router.monitor is not None and router.database.dbname in names:
+                router.monitor.step_aside(where, STEP_ASIDE)
+        if tell_others and self.worker is not None:
+            missing = self.worker.free_elsewhere(names, where)
+            if missing:
+                log.warn("client {client} needs databases {names} free on node {node}: worker(s) {missing} did not answer",
+                         client=client_id, names=", ".join(names), node=where, missing=", ".join(map(str, missing)))
         for pool in list(self.pools.values()) + list(self.retired_pools):
             if pool.database.dbname in names and str(pool.node) == where:
                 closed += pool.let_go()

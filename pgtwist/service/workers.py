@@ -168,6 +168,14 @@ class WorkerLink:
                 missing.append(index)
         return missing
 
+    def free_elsewhere(self, names, node: str) -> list[int]:
+        """A client's DROP DATABASE (or kin) of *names* was refused on *node* for sessions in them:
+        the other workers let their idle connections there go too (Proxy.free_databases), before
+        it is sent again. Returns the workers that did not answer."""
+        from urllib.parse import quote
+
+        return self.everywhere("free", "/".join(quote(x, safe="") for x in (node, *names)))
+
     def kill_elsewhere(self, client_id: str) -> bool:
         """KILL of a client another worker serves (its id says which: "w1.c3"); whether it was there."""
         head, dot, _ = client_id.partition(".")
@@ -327,6 +335,7 @@ def worker_services(svc, spec: WorkerSpec, reactor) -> list:
     ):
         root.putChild(name.encode(), PauseResource(svc.proxy, action))
     root.putChild(b"set", SetResource(svc.proxy))
+    root.putChild(b"free", FreeResource(svc.proxy))
     site = server.Site(root)
     site.noisy = False
     notices = internet.UNIXDatagramServer(spec.ddl_socket(spec.index), DdlNotices(svc.proxy), mode=0o600, reactor=reactor)
@@ -413,6 +422,26 @@ class PauseResource(resource.Resource):
         except Exception as e:  # noqa: BLE001 - (ActionError: the asking worker checked the same config)
             request.setResponseCode(404)
             return f"{e}\n".encode()
+        return b"done\n"
+
+
+class FreeResource(resource.Resource):
+    """POST /free/NODE/DB[/DB...] on a worker's unix socket: another worker's client needs those
+    databases free on that node (a DROP DATABASE refused for sessions in them)."""
+
+    isLeaf = True
+
+    def __init__(self, proxy):
+        super().__init__()
+        self.proxy = proxy
+
+    def render_POST(self, request):
+        # (twisted.web has unquoted each segment already)
+        parts = [x.decode("utf-8", "replace") for x in request.postpath]
+        if len(parts) < 2 or not all(parts):
+            request.setResponseCode(404)
+            return b"free wants /free/NODE/DB\n"
+        self.proxy.free_databases(tuple(parts[1:]), "of another worker", parts[0], tell_others=False)
         return b"done\n"
 
 

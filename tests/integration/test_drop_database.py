@@ -13,7 +13,10 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from tests.harness.proxy import start_proxy
+from pgtwist.tools.localcluster import LocalCluster
+
+from tests.harness.proxy import start_proxy, wait_for
+from tests.harness.workers import on_each_worker
 
 pytestmark = pytest.mark.integration
 
@@ -119,3 +122,47 @@ def test_rename_and_copy_of_a_pooled_database(pg_cluster, tmp_path, admin, scrat
         with px.connect() as app:
             psycopg.ClientCursor(app).execute(f"ALTER DATABASE {name} RENAME TO {renamed}")
         assert exists(admin, copy) and exists(admin, renamed) and not exists(admin, name)
+
+
+def test_drop_database_under_workers_frees_every_workers_idle_connections(pg_cluster, tmp_path, admin, scratch):
+    # Each worker has its own pools: the worker that met the refusal let its idle connections
+    # go, the other's stayed, and the statement sent again was refused once more.
+    name, _ = scratch
+    primary = pg_cluster.nodes[0].addr
+    databases = {
+        "appdb": {"dbname": pg_cluster.app_database, "nodes": [primary]},
+        "scratch": {"dbname": name, "nodes": [primary]},
+    }
+    with start_proxy(pg_cluster, tmp_path, databases=databases, pool_mode="transaction", workers=2, log_connections=True) as px:
+        wait_for(lambda: px.log_text().count("listening on") >= 3, 30, "both workers up")
+        for conn in on_each_worker(px, dbname="scratch"):
+            with conn:
+                conn.execute("SELECT 1")
+                conn.commit()
+        assert backends_in(admin, name) == 2
+        with px.connect() as app:
+            psycopg.ClientCursor(app).execute(f"DROP DATABASE {name}")
+        assert not exists(admin, name)
+
+
+def test_drop_database_of_a_monitored_database_is_not_refused_for_the_health_probe(tmp_path):
+    # A database with several nodes has a health monitor, whose probe connection to each node
+    # is a session in it: DROP DATABASE through pgtwist was refused (55006) however idle pgtwist was.
+    with LocalCluster.create(replicas=1) as cluster:
+        primary = cluster.nodes[0]
+        name = "monitored_scratch"
+        cluster.psql(primary, f"CREATE DATABASE {name} OWNER {cluster.app_user}")
+        cluster.psql(primary, f"ALTER ROLE {cluster.app_user} CREATEDB")
+        cluster.wait_replicas_caught_up(30)
+        nodes = [n.addr for n in cluster.nodes]
+        databases = {"appdb": {"dbname": cluster.app_database, "nodes": nodes}, "scratch": {"dbname": name, "nodes": nodes}}
+        with start_proxy(cluster, tmp_path, databases=databases, pool_mode="transaction", health_check_interval=0.2) as px:
+            with psycopg.connect(cluster.dsn(primary, connect_timeout=10), autocommit=True) as direct:
+                wait_for(lambda: backends_in(direct, name) >= 1, 10, "the health probe in the database")
+                with px.connect(dbname="scratch") as conn:
+                    conn.execute("SELECT 1")
+                with px.connect() as app:
+                    psycopg.ClientCursor(app).execute(f"DROP DATABASE {name}")
+                assert not exists(direct, name)
+                with px.connect() as app:
+                    assert app.execute("SELECT 1").fetchone() == (1,)  # appdb's own monitor untouched

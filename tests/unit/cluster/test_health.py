@@ -827,3 +827,44 @@ def test_stop_while_reading_says_nothing(health_log):
     h.monitor.stop()
     assert not [e for e in health_log if "volatility" in e.get("log_format", "")]
 
+
+
+# -- stepping aside for a client's DROP DATABASE ------------------------------------------------------
+
+
+def test_step_aside_closes_the_probe_connection_and_opens_none_until_the_time_is_up():
+    h = Harness(count=2)
+    conns = h.cluster()
+    before = len(h.attempts(0))
+    h.monitor.step_aside(h.name(0), 5.0)
+    assert conns[0].transport.disconnecting  # (a Terminate: the node's session ends now)
+    assert h.state(0).up and h.state(0).role == "primary"  # as last probed
+    h.reactor.advance(4.9)
+    assert len(h.attempts(0)) == before  # no probe connection meanwhile
+    assert conns[1].queries()[1:2] == [PROBE_SQL]  # (the other node goes on being probed on its kept connection)
+    h.reactor.advance(0.2)
+    assert len(h.attempts(0)) == before + 1  # a new one afterwards
+    h.up(0, primary_row("0/5000000"))
+    assert h.events[-1:] != [(h.name(0), "down")]
+
+
+def test_step_aside_asked_during_a_probe_waits_for_its_answer():
+    h = Harness(count=1)
+    h.monitor.start()
+    conn = h.accept(0)
+    conn.login()
+    h.monitor.step_aside(h.name(0), 3.0)
+    assert not conn.transport.disconnecting  # (the probe under way ends first)
+    conn.reply(primary_row("0/100"))
+    assert conn.transport.disconnecting and h.state(0).up
+    h.reactor.advance(2.9)
+    assert len(h.attempts(0)) == 1
+    h.reactor.advance(0.2)
+    assert len(h.attempts(0)) == 2
+
+
+def test_step_aside_of_an_unknown_node_or_a_stopped_monitor_does_nothing():
+    h = Harness(count=1)
+    h.monitor.step_aside("nowhere:1", 3.0)
+    h.monitor.step_aside(h.name(0), 3.0)  # (not started)
+    assert h.reactor.tcpClients == []
