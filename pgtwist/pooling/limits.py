@@ -28,6 +28,9 @@ class ConnectionLimits:
         # connections busy hands them from client to client and never lets one go, and the
         # other pools under that limit would wait in vain (users sharing a database's limit).
         self.blocked: set = set()
+        # Under workers = N, (this worker's number, N): each worker keeps its share of a limit
+        # (worker_share), so that the node sees the limit, not N times it.
+        self.part: tuple[int, int] | None = None
 
     # -- asked by Pool._room ----------------------------------------------------------------
 
@@ -57,7 +60,11 @@ class ConnectionLimits:
         config = self.config()
         user_entry = config.users.get(pool.user)
         user_limit = user_entry.max_user_connections if user_entry is not None else config.max_user_connections
-        return getattr(pool.database, "max_db_connections", 0), user_limit
+        db_limit = getattr(pool.database, "max_db_connections", 0)
+        part = self.part
+        if part is not None:
+            return worker_share(db_limit, *part), worker_share(user_limit, *part)
+        return db_limit, user_limit
 
     def _reserve_open(self, pool) -> bool:
         reserve = pool.settings.reserve
@@ -136,10 +143,11 @@ class ConnectionLimits:
         """Which limit a client that waited in vain was held by (the DETAIL of its 53300)."""
         database = pool.database
         db_limit, user_limit = self._limits_of(pool)
+        share = ", this worker's share" if self.part is not None else ""
         if db_limit and sum(p.total for p in self.pools() if p.database.name == database.name) >= db_limit:
-            return f'database "{database.name}" has its max_db_connections ({db_limit}) server connections, all in use'
+            return f'database "{database.name}" has its max_db_connections ({db_limit}{share}) server connections, all in use'
         if user_limit and sum(p.total for p in self.pools() if p.user == pool.user) >= user_limit:
-            return f'user "{pool.user}" has its max_user_connections ({user_limit}) server connections, all in use'
+            return f'user "{pool.user}" has its max_user_connections ({user_limit}{share}) server connections, all in use'
         reserve = pool.settings.reserve
         extra = f" + reserve_pool_size {reserve}" if reserve else ""
         return f'all {pool.total} connections to node {pool.node} for user "{pool.user}" are in use (pool_size {pool.size}{extra})'
@@ -151,6 +159,15 @@ class ConnectionLimits:
         for other in list(self.pools()):
             if other is not pool and other.waiters and (other.database.name == pool.database.name or other.user == pool.user):
                 other.refresh()
+
+
+def worker_share(limit: int, index: int, count: int) -> int:
+    """Worker *index*'s part of a limit of *limit* connections (0: none) among *count* workers:
+    the parts differ by at most one and add up to the limit, except that none is below one (a
+    worker with no connection at all could serve none of the clients the kernel hands it)."""
+    if not limit or count <= 1:
+        return limit
+    return max(1, limit // count + (1 if index < limit % count else 0))
 
 
 def _waited_longer(pool, than, now: float) -> bool:

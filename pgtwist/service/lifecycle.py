@@ -81,6 +81,7 @@ class PgBalanceService(service.MultiService):
             from pgtwist.service import workers
 
             self.proxy.worker = workers.WorkerLink(worker, reactor)
+            self.proxy.limits.part = (worker.index, worker.count)  # (max_db/user_connections: a share each)
             self.proxy.id_prefix = f"w{worker.index}."
         self.factory = FrontendFactory(self.proxy)
         self.port = None  # the first listening port, once started

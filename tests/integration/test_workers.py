@@ -369,3 +369,38 @@ def test_console_commands_act_on_every_worker(px):
         console.execute("RESUME appdb")
         with px.connect() as conn:
             assert conn.execute("SELECT 1").fetchone()[0] == 1
+
+
+def test_max_db_connections_caps_every_worker_together(pg_cluster, tmp_path, admin):
+    # Set to stay under PostgreSQL's max_connections: each worker took the whole limit, and the
+    # node saw twice as many.
+    with proxymod.start_proxy(
+        pg_cluster, tmp_path, workers=2, pool_size=10, pool_mode="transaction", max_db_connections=2, query_wait_timeout=30,
+    ) as px:
+        wait_for(lambda: px.log_text().count("listening on") >= 3, 30, "both workers up")
+        seen = []
+        stop = threading.Event()
+
+        def watch():
+            while not stop.is_set():
+                seen.append(admin.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND usename = %s AND backend_type = 'client backend'",
+                    (pg_cluster.app_database, pg_cluster.app_user),
+                ).fetchone()[0])
+                time.sleep(0.02)
+
+        def client():
+            with px.connect() as conn:
+                for _ in range(3):
+                    conn.execute("SELECT pg_sleep(0.1)")
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        clients = [threading.Thread(target=client) for _ in range(12)]
+        for t in clients:
+            t.start()
+        for t in clients:
+            t.join(60)
+        stop.set()
+        watcher.join()
+        assert max(seen) == 2, seen

@@ -259,3 +259,24 @@ def test_no_yield_to_a_pool_another_limit_still_holds():
         u2.release(conn, reusable=True, reset=False)
         assert not conn.closed and w.open_all() == []
     assert u2.yielded == 0 and u1.total == 0
+
+
+def test_under_workers_each_keeps_its_share_of_a_limit():
+    # Each worker has pools of its own: with the whole limit each, the node saw N times it.
+    from pgtwist.pooling.limits import worker_share
+
+    assert [worker_share(10, i, 4) for i in range(4)] == [3, 3, 2, 2]
+    assert [worker_share(8, i, 2) for i in range(2)] == [4, 4]
+    assert [worker_share(2, i, 3) for i in range(3)] == [1, 1, 1]  # (none without a connection)
+    assert worker_share(0, 1, 4) == 0 and worker_share(7, 0, 1) == 7
+    w = World(Conf(users={"a": User(max_user_connections=5)}))
+    w.limits.part = (1, 2)
+    db = Db("db", max_db_connections=4)
+    a = w.pool(db, "a", size=10)
+    for _ in range(6):
+        acquire(a)
+    assert a.connecting == 2  # this worker's half of the database's 4
+    assert "max_db_connections (2, this worker's share)" in w.limits.describe(a)
+    db.max_db_connections = 0
+    a.refresh()
+    assert a.connecting == 2  # the user's 5: worker 1 of 2 has 2
