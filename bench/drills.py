@@ -225,6 +225,16 @@ def set_auto_promote(px, cluster, nodes: list[str], on: bool, base: dict) -> Non
     wait_for(lambda: "reload:" in px.log_text(mark), 10, "the reload")
 
 
+def for_a_while(begin, end, args) -> None:
+    """*begin*(), --freeze seconds of load, *end*() whatever happens, then the rest of --phase."""
+    begin()
+    try:
+        time.sleep(args.freeze)
+    finally:
+        end()
+    time.sleep(max(0.0, args.phase - args.freeze))
+
+
 def role_of(cluster, node) -> str | None:
     try:
         return "replica" if cluster.psql(node, "SELECT pg_is_in_recovery()") == "t" else "primary"
@@ -279,27 +289,16 @@ def main(argv: list[str] | None = None) -> int:
                         cluster.stop(r2, mode="immediate")
                         time.sleep(args.phase)
                     elif name == "replica-freeze":
-                        cluster.freeze(r2)
-                        try:
-                            time.sleep(args.freeze)
-                        finally:
-                            cluster.thaw(r2)
-                        time.sleep(max(0.0, args.phase - args.freeze))
+                        for_a_while(lambda: cluster.freeze(r2), lambda: cluster.thaw(r2), args)
                     elif name == "replica-lag":
                         # Replay stops (WAL still arrives): r2 falls further behind every second.
-                        cluster.psql(r2, "SELECT pg_wal_replay_pause()")
-                        try:
-                            time.sleep(args.freeze)
-                        finally:
-                            cluster.psql(r2, "SELECT pg_wal_replay_resume()")
-                        time.sleep(max(0.0, args.phase - args.freeze))
+                        for_a_while(
+                            lambda: cluster.psql(r2, "SELECT pg_wal_replay_pause()"),
+                            lambda: cluster.psql(r2, "SELECT pg_wal_replay_resume()"),
+                            args,
+                        )
                     elif name == "freeze":
-                        cluster.freeze(primary)
-                        try:
-                            time.sleep(args.freeze)
-                        finally:
-                            cluster.thaw(primary)
-                        time.sleep(max(0.0, args.phase - args.freeze))
+                        for_a_while(lambda: cluster.freeze(primary), lambda: cluster.thaw(primary), args)
                     else:
                         cluster.stop(primary, mode="immediate")
                         promoted = wait_for(

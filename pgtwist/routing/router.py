@@ -71,8 +71,10 @@ class DatabaseRouter:
         self.schema_lsn = 0
         self.ddl_pending = 0
         # Under workers = N (a workers.WorkerLink): the other workers' routers of this database
-        # hold and bound their reads for this one's DDL too (Proxy.ddl_elsewhere).
+        # hold and bound their reads for this one's DDL too (Proxy.ddl_elsewhere); _told is the
+        # token of a wait they were told of when DDL was sent, which the read-back settles.
         self.elsewhere = None
+        self._told: int | None = None
 
     def states(self) -> list[NodeState]:
         if self.monitor is None:
@@ -115,6 +117,17 @@ class DatabaseRouter:
         if self.monitor is not None:
             self.monitor.functions_changed()
 
+    def ddl_sent(self) -> None:
+        """A client sent DDL (not yet committed): under workers = N the other workers hold their
+        replica reads from now. Told at the commit, they could hear of it after the DDL's client
+        had its answer and the application's next connection, on another worker, had read from a
+        replica. The read-back that follows the commit settles it (ddl_reading_back); one that
+        never comes (a rollback with nothing read back) ends there by its own timer."""
+        elsewhere = self.elsewhere
+        if elsewhere is None or self._told is not None or not self.clustered or not self.config.read_your_writes:
+            return
+        self._told = elsewhere.ddl_hold(self.database.name)
+
     def ddl_reading_back(self, shared: bool = True):
         """DDL went through pgtwist and committed; where its commit ends on the primary is being
         read back. Until then no session reads from a replica: its client has its answer, and
@@ -127,7 +140,11 @@ class DatabaseRouter:
         settled = False
         elsewhere = self.elsewhere if shared else None
         name = self.database.name
-        token = elsewhere.ddl_hold(name) if elsewhere is not None else 0
+        token = 0
+        if elsewhere is not None:
+            token, self._told = self._told, None
+            if token is None:
+                token = elsewhere.ddl_hold(name)
 
         def settle(position: int | None) -> None:
             nonlocal settled

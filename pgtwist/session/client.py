@@ -679,6 +679,8 @@ class ClientSession(Admission):
             self.relay.schema.ddl()
             self._tx_end |= _DDL_SENT
             self.lease.ddl = True
+            if not (effects.pin or self.pinned or "").startswith("temporary"):
+                self.router.ddl_sent()  # (workers = N; not for temporary objects: as _transaction_ended)
         if "search_path" in effects.settings or effects.all_settings or effects.local_path:
             # Its value is known again at the read-back (or when the transaction ends, for SET
             # LOCAL); until then what it prepares is its own.

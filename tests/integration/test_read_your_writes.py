@@ -567,15 +567,19 @@ def test_a_table_another_client_just_created_is_there_for_every_client(px, clust
     """DDL bounds every session's replica reads, not only its own client's: a migration's table is
     there for the application's other connections at once (it answered 42P01 from a replica that
     had not replayed the CREATE yet)."""
-    replicas = {n.port for n in cluster.nodes[1:]}
     with px.connect(autocommit=True) as migrator, px.connect(autocommit=True) as other:
-        for _ in range(5):
-            name = f"ryw_ddl_{next(_keys)}"
-            migrator.execute(f"CREATE TABLE {name} (k int)")
-            assert other.execute(f"SELECT count(*), inet_server_port() FROM {name}").fetchone()[0] == 0
-            migrator.execute(f"DROP TABLE {name}")
-        # Once the replicas have replayed it, reads go to them again.
-        wait_for(lambda: other.execute("SELECT inet_server_port()").fetchone()[0] in replicas, 10, "reads on a replica again")
+        new_tables_are_there_for(migrator, other, cluster)
+
+
+def new_tables_are_there_for(migrator, other, cluster) -> None:
+    """Tables *migrator* creates can be read at once by *other*; once replayed, reads go to replicas again."""
+    replicas = {n.port for n in cluster.nodes[1:]}
+    for _ in range(5):
+        name = f"ryw_ddl_{next(_keys)}"
+        migrator.execute(f"CREATE TABLE {name} (k int)")
+        assert other.execute(f"SELECT count(*), inet_server_port() FROM {name}").fetchone()[0] == 0
+        migrator.execute(f"DROP TABLE {name}")
+    wait_for(lambda: other.execute("SELECT inet_server_port()").fetchone()[0] in replicas, 10, "reads on a replica again")
 
 
 def test_a_table_a_pinned_migration_created_is_there_for_every_client(px, cluster):
@@ -605,9 +609,4 @@ def test_a_table_created_through_one_worker_is_there_through_the_others(cluster,
         migrator, other = on_each_worker(px, autocommit=True)
         with migrator, other:
             wait_for(lambda: other.execute("SELECT inet_server_port()").fetchone()[0] in replicas, 20, "reads on a replica")
-            for _ in range(5):
-                name = f"ryw_ddl_{next(_keys)}"
-                migrator.execute(f"CREATE TABLE {name} (k int)")
-                assert other.execute(f"SELECT count(*) FROM {name}").fetchone()[0] == 0
-                migrator.execute(f"DROP TABLE {name}")
-            wait_for(lambda: other.execute("SELECT inet_server_port()").fetchone()[0] in replicas, 10, "reads on a replica again")
+            new_tables_are_there_for(migrator, other, cluster)

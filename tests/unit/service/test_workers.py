@@ -578,3 +578,31 @@ def test_another_workers_committed_ddl_makes_this_workers_shared_statements_stal
     s.close()
     assert schema.ddl_at > before
     proxy.schema_changed_elsewhere("gone")  # (a database not configured here: nothing)
+
+
+def test_the_other_workers_hold_from_when_ddl_is_sent_and_its_read_back_settles_that_wait():
+    # Told at the commit, they could hear of it after the DDL's client had its answer and the
+    # application's next query, on another worker, had gone to a replica (the integration test
+    # lost that race about once in six).
+    proxy, _ = clustered_worker(0)
+    proxy.config = configmod.from_dict({**BASE, "databases": CLUSTERED, "read_your_writes": True})
+    told = []
+
+    class Link:
+        def ddl_hold(self, name):
+            told.append(("hold", name))
+            return 41 + len(told)
+
+        def ddl_settle(self, name, token, position):
+            told.append(("settle", name, token, position))
+
+    router = proxy.router_for(proxy.config.databases["appdb"])
+    router.config = proxy.config
+    router.elsewhere = Link()
+    router.ddl_sent()
+    router.ddl_sent()  # (a second DDL before the read-back: the one wait)
+    assert told == [("hold", "appdb")]
+    router.ddl_reading_back()(0x9000)
+    assert told == [("hold", "appdb"), ("settle", "appdb", 42, 0x9000)]
+    router.ddl_reading_back()(0xA000)  # (none told of: a wait of its own)
+    assert told[2:] == [("hold", "appdb"), ("settle", "appdb", 44, 0xA000)]
