@@ -2,6 +2,7 @@
 """Failure drills under load: a replica killed, the primary frozen, the primary killed and a replica promoted.
 
 By name also: a replica frozen (replica-freeze), a replica's replay paused (replica-lag), each for --freeze seconds.
+Each drill assumes the roles the cluster started with: kill-promote changes them, so it goes last.
 
     PYTHONPATH=. python bench/drills.py [--sessions 32] [--drill replica-kill --drill freeze --drill kill-promote]
                                         [--settle 3] [--phase 10] [--freeze 10] [--stale-after 3] [--json FILE]
@@ -262,9 +263,17 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     settings = dict(PROXY_SETTINGS)
     for item in args.set:
-        key, _, value = item.partition("=")
-        settings[key.strip()] = tomllib.loads(f"v = {value}")["v"]
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        if not eq or not key or key in ("databases", "users"):
+            ap.error(f"--set {item!r}: KEY=VALUE of a top-level setting (databases and users are the drills' own)")
+        try:
+            settings[key] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError as e:
+            ap.error(f"--set {item!r}: the value is not TOML ({e}); strings need quotes: pool_mode='\"session\"'")
     drills = args.drill or list(DRILLS)
+    if "kill-promote" in drills[:-1]:
+        ap.error("kill-promote changes the cluster's roles: it must be the last drill")
     results = []
     with LocalCluster.create(replicas=2) as cluster:
         primary, r1, r2 = cluster.nodes

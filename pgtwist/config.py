@@ -596,6 +596,12 @@ def from_dict(raw: Mapping[str, Any], source: str = "<memory>") -> Config:
     if workers > 1 and (len(listen_addresses) > 1 or sockets["unix_socket_dir"]):
         # (The supervisor hands its workers one listening socket: the first listen address.)
         c.err("workers", "more than one worker listens on one TCP address only: not yet with a list in listen or unix_socket_dir")
+    if workers > 1:
+        # Each worker keeps a share of these limits, at least one connection (pooling/limits.py).
+        for key, table in (("max_db_connections", databases), ("max_user_connections", users)):
+            below = sorted(name for name, entry in table.items() if 0 < getattr(entry, key) < workers)
+            if below:
+                c.warn(key, f"below workers ({workers}) for {', '.join(below)}: each worker keeps one connection, {workers} in all")
     tls_config, server_tls_config = _tls_tables(c, raw, source, auth_type)
     if c.errors:
         raise ConfigError(c.errors, source)

@@ -257,12 +257,12 @@ def run(proxy, sql: str, session=None) -> Result:
 _SET = re.compile(r"SET\s+(?:SESSION\s+|LOCAL\s+)?([A-Za-z_][A-Za-z_0-9.]*)\s*(?:=|\s+TO\s+)\s*(.*)$", re.IGNORECASE | re.DOTALL)
 
 
-def _everywhere(result: Result, link, action: str, target: str | None) -> Result:
+def _everywhere(result: Result, link, action: str, *parts: str | None) -> Result:
     """workers = N: a command done on this worker is done on the others too (each pgtwist worker
     has its own pools and clients; the operator asked the one pgtwist); a notice names any that
     did not answer."""
     if link is not None:
-        result.notices += [f"worker {i} did not answer: not done there" for i in link.everywhere(action, target or "")]
+        result.notices += [f"worker {i} did not answer: not done there" for i in link.everywhere(action, *(x or "" for x in parts))]
     return result
 
 
@@ -283,9 +283,7 @@ def _set(proxy, sql: str) -> Result:
         raise CommandError(sqlstate.CANT_CHANGE_RUNTIME_PARAM, f'parameter "{key}" cannot be changed now: {why}') from None
     except actions.ActionError as e:
         raise CommandError(sqlstate.INVALID_PARAMETER_VALUE, str(e)) from None
-    from urllib.parse import quote
-
-    return _everywhere(Result("SET"), getattr(proxy, "worker", None), "set", f"{key}/{quote(value, safe='')}")
+    return _everywhere(Result("SET"), getattr(proxy, "worker", None), "set", key, value)
 
 
 def _service(proxy):

@@ -19,6 +19,7 @@ from pgtwist.routing.policy import PRIMARY, REPLICA, NodeState, format_lsn, pars
 from pgtwist.transport.connect import NodeDialer, is_unix_host
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
+from pgtwist.wire import sqlstate
 from pgtwist.wire.errors import WireError
 from pgtwist.wire.framing import pop_messages
 
@@ -510,6 +511,10 @@ class ClusterMonitor:
     def _probe(self, slot: _Slot) -> None:
         if not self.running or slot.probing is not None:
             return
+        wait = slot.aside_until - self.reactor.seconds()
+        if wait > 0:  # (step_aside: whoever asks, the probe waits until then; its waiters with it)
+            self._schedule(slot, wait)
+            return
         self._cancel(slot)
         token = slot.probing = object()
         slot.deadline = self.reactor.callLater(
@@ -542,11 +547,13 @@ class ClusterMonitor:
             # that says nothing about the node yet; a fresh connection, same deadline, does.
             self._attempt(slot, token, fresh=True)
             return
+        missing = False
         if failure.check(ServerLoginError):
             why = failure.value.fields.get("M", "login failed")
+            missing = failure.value.fields.get("C") == sqlstate.INVALID_CATALOG_NAME
         else:
             why = failure.getErrorMessage()
-        self._probe_failed(slot, token, why)
+        self._probe_failed(slot, token, why, missing)
 
     def _probe_answered(self, rows, slot: _Slot, token) -> None:
         if slot.probing is not token:
@@ -578,6 +585,7 @@ class ClusterMonitor:
         state.upstream = upstream_value
         state.receive_lsn = max(receive_value, lsn_value) if role == REPLICA else lsn_value
         state.last_error = None
+        state.database_missing = False
         state.checked_at = self.reactor.seconds()
         slot.delay = delay_value
         slot.failures = 0
@@ -623,7 +631,7 @@ class ClusterMonitor:
         if self.running:  # (stop() fails what is under way: nothing to say then)
             log.warn("cannot read function volatility from node {node}: {why}", node=node, why=failure.getErrorMessage())
 
-    def _probe_failed(self, slot: _Slot, token, why: str) -> None:
+    def _probe_failed(self, slot: _Slot, token, why: str, database_missing: bool = False) -> None:
         if slot.probing is not token:
             return
         self._end_probe(slot)
@@ -635,6 +643,7 @@ class ClusterMonitor:
             log.warn("node {node} is down: {reason}", node=state.name, reason=why)
         state.up = False
         state.last_error = why
+        state.database_missing = database_missing
         slot.delay = None
         self._settle(before)
         self._schedule(slot, self._backoff(slot.failures))

@@ -33,6 +33,9 @@ class NodeState:
     last_error: str | None = None  # why the last probe failed (None after a success)
     checked_at: float | None = None  # reactor time of the last successful probe
     upstream: bool | None = None  # replica: a WAL receiver is streaming to it (None: not probed / not a replica)
+    # The last probe's login was refused for the database itself (3D000: dropped, not yet made):
+    # down for this database's clients, but no sign that the node is (auto_promote leaves it be).
+    database_missing: bool = False
 
     @property
     def usable(self) -> bool:

@@ -71,10 +71,11 @@ class DatabaseRouter:
         self.schema_lsn = 0
         self.ddl_pending = 0
         # Under workers = N (a workers.WorkerLink): the other workers' routers of this database
-        # hold and bound their reads for this one's DDL too (Proxy.ddl_elsewhere); _told is the
-        # token of a wait they were told of when DDL was sent, which the read-back settles.
+        # hold and bound their reads for this one's DDL too (notices.Receiver). told: the waits
+        # they hold for this worker's sessions (token -> session), renewed each janitor tick
+        # until settled.
         self.elsewhere = None
-        self._told: int | None = None
+        self.told: dict[int, object] = {}
 
     def states(self) -> list[NodeState]:
         if self.monitor is None:
@@ -117,34 +118,53 @@ class DatabaseRouter:
         if self.monitor is not None:
             self.monitor.functions_changed()
 
-    def ddl_sent(self) -> None:
-        """A client sent DDL (not yet committed): under workers = N the other workers hold their
+    def ddl_sent(self, session, lease) -> int | None:
+        """*session* sent DDL (not yet committed): under workers = N the other workers hold their
         replica reads from now. Told at the commit, they could hear of it after the DDL's client
         had its answer and the application's next connection, on another worker, had read from a
-        replica. The read-back that follows the commit settles it (ddl_reading_back); one that
-        never comes (a rollback with nothing read back) ends there by its own timer."""
+        replica. Returns the wait's token (None: nobody to tell), which the read-back after the
+        commit settles (ddl_reading_back), or ddl_untold when none comes."""
         elsewhere = self.elsewhere
-        if elsewhere is None or self._told is not None or not self.clustered or not self.config.read_your_writes:
-            return
-        self._told = elsewhere.ddl_hold(self.database.name)
+        if elsewhere is None or not self.clustered or not self.config.read_your_writes:
+            return None
+        token = elsewhere.ddl_hold(self.database.name)
+        self.told[token] = (session, lease)
+        return token
 
-    def ddl_reading_back(self, shared: bool = True):
+    def ddl_untold(self, token: int) -> None:
+        """The wait *token* ends with no position: its transaction ended with nothing read back."""
+        if token in self.told:
+            del self.told[token]
+            self.elsewhere.ddl_settle(self.database.name, token, None)
+
+    def renew_told(self) -> None:
+        """Janitor: the other workers' holds for this worker's DDL go on while it does (a long
+        migration transaction, its read-back). One whose transaction went without a read-back
+        (the client or its server connection gone) ends."""
+        name = self.database.name
+        for token, owner in list(self.told.items()):
+            if owner is not None and (owner[0].state == "closed" or owner[0].lease is not owner[1]):
+                self.ddl_untold(token)
+            else:
+                self.elsewhere.ddl_hold_again(name, token)
+
+    def ddl_reading_back(self, shared: bool = True, token: int | None = None):
         """DDL went through pgtwist and committed; where its commit ends on the primary is being
         read back. Until then no session reads from a replica: its client has its answer, and
         the application's other connections may already act on it. Returns the one call that
         ends the wait, settle(position), which only its first call does (None: not known).
 
-        *shared*: the other workers are told too, of the wait now and of the position with the
-        settle (False for the wait another worker told this one of)."""
+        *shared*: the other workers are told too, of the wait (*token*, the one ddl_sent told
+        them of; else one now) and of the position with the settle (False for the wait another
+        worker told this one of)."""
         self.ddl_pending += 1
         settled = False
         elsewhere = self.elsewhere if shared else None
         name = self.database.name
-        token = 0
         if elsewhere is not None:
-            token, self._told = self._told, None
-            if token is None:
+            if token not in self.told:
                 token = elsewhere.ddl_hold(name)
+            self.told[token] = None  # (its own now: renewed until settled, whatever its session does)
 
         def settle(position: int | None) -> None:
             nonlocal settled
@@ -152,12 +172,12 @@ class DatabaseRouter:
                 settled = True
                 self.ddl_pending -= 1
                 self.ddl_committed(position)
-                if elsewhere is not None:
+                if elsewhere is not None and self.told.pop(token, False) is not False:
                     elsewhere.ddl_settle(name, token, position)
 
         return settle
 
-    def ddl_by_probe(self) -> None:
+    def ddl_by_probe(self, token: int | None = None) -> None:
         """DDL committed on a connection no read-back runs on (a session pinned to it: a migration
         tool holding a session advisory lock): the primary's position from a probe that began
         after the commit bounds the replicas' reads instead. Until it comes, reads go to the
@@ -166,8 +186,10 @@ class DatabaseRouter:
         monitor = self.monitor
         primary = self.primary()
         if monitor is None or primary is None or not self.config.read_your_writes:
+            if token is not None:
+                self.ddl_untold(token)
             return
-        settle = self.ddl_reading_back()
+        settle = self.ddl_reading_back(token=token)
         name = str(primary)
         d = monitor.probe_now(name)
         d.addBoth(lambda _: monitor.probe_now(name))

@@ -83,9 +83,7 @@ class Proxy:
         self.admin_session = AdminConsole
         self.audit_statement = audit.statement
         self.worker = None  # workers.WorkerLink under workers = N: its keys name it, others' cancels go on
-        # Other workers' DDL (ddl_elsewhere): waits by token, and tokens whose position came first.
-        self._ddl_held: dict[int, tuple] = {}
-        self._ddl_early: dict[int, None] = {}
+        self.notices = None  # notices.Receiver under workers = N: what the other workers tell this one
         self.draining = False  # shutting down: clients leave as soon as they are between transactions
         self.paused: set[str] = set()  # databases PAUSEd ("*": all)
         self.disabled: set[str] = set()  # databases DISABLEd: new clients refused (55000)
@@ -189,10 +187,7 @@ class Proxy:
             if router.monitor is not None and router.database.dbname in names:
                 router.monitor.step_aside(where, STEP_ASIDE)
         if tell_others and self.worker is not None:
-            missing = self.worker.free_elsewhere(names, where)
-            if missing:
-                log.warn("client {client} needs databases {names} free on node {node}: worker(s) {missing} did not answer",
-                         client=client_id, names=", ".join(names), node=where, missing=", ".join(map(str, missing)))
+            self.worker.free(names, where)
         for pool in list(self.pools.values()) + list(self.retired_pools):
             if pool.database.dbname in names and str(pool.node) == where:
                 closed += pool.let_go()
@@ -220,6 +215,9 @@ class Proxy:
             pool.maintain()
             if pool.waiters:
                 pool.refresh()  # a lookup held by max_db/user_connections: room may have freed since
+        for router in self.routers.values():
+            if router.told:
+                router.renew_told()  # (workers = N: the other workers' holds for DDL here go on)
         if self.logging_in:
             self.expire_logins(now)
         if self.config.query_timeout:
@@ -499,38 +497,6 @@ class Proxy:
             router.elsewhere = self.worker
         return router
 
-    def ddl_elsewhere(self, hold: bool, token: int, position: int | None, name: str) -> None:
-        """Another worker's DDL in database *name* (workers = N; workers.CancelRelay): its wait
-        (*hold*) and then its WAL position bound this worker's replica reads as they bound its own.
-
-        The wait ends with the position or, should that never come (the worker died reading it
-        back), after the longest its read-back may take. A position that comes before its wait
-        (the two travel on connections of their own) is applied, and the wait is then skipped.
-        """
-        database = self.config.databases.get(name)
-        if database is None:
-            return
-        router = self.router_for(database)
-        if not hold:
-            held = self._ddl_held.pop(token, None)
-            if held is None:
-                router.ddl_committed(position)
-                self._ddl_early[token] = None
-                while len(self._ddl_early) > 64:
-                    del self._ddl_early[next(iter(self._ddl_early))]
-                return
-            settle, timer = held
-            if timer.active():
-                timer.cancel()
-            settle(position)
-            return
-        if self._ddl_early.pop(token, False) is None:
-            return
-        settle = router.ddl_reading_back(shared=False)
-        limit = (self.config.query_timeout or self.config.server_connect_timeout) + 1.0
-        timer = self.clock.callLater(limit, self._ddl_gave_up, token)
-        self._ddl_held[token] = (settle, timer)
-
     def schema_changed_elsewhere(self, name: str) -> None:
         """Another worker's DDL in database *name* committed (workers = N): this worker's shared
         prepared statements of it are prepared again on their next use, as after DDL here."""
@@ -539,11 +505,6 @@ class Proxy:
             return
         self.schema_for(database).ddl()
         self.router_for(database).schema_changed()
-
-    def _ddl_gave_up(self, token: int) -> None:
-        held = self._ddl_held.pop(token, None)
-        if held is not None:
-            held[0](None)
 
     @staticmethod
     def _load_routing_hook(config):
@@ -576,18 +537,29 @@ class Proxy:
                 pool.node_changed()  # (what logins there report may differ now)
         if not state.up:
             # Idle server connections to a dead node are useless; busy ones fail on their own.
+            # (Only this database's when the node is there but the database is not: dropped.)
             for pool in self.pools.values():
-                if str(pool.node) == state.name:
+                if str(pool.node) == state.name and (not state.database_missing or pool.key[0] == database.name):
                     for conn in list(pool.idle):
                         conn.close()
-        if what in ("down", "demoted", "fenced", "up") and self.config.auto_promote and self.promotes:
+        router = self.routers.get(database.name)
+        if router is None:
+            return
+        waiting = self._failover_timers.get(database.name)
+        if waiting is not None and router.primary() is not None:
+            # The primary answered (or another was promoted): a later outage waits its own
+            # failover_timeout, not what is left of this one's.
+            del self._failover_timers[database.name]
+            if waiting.active():
+                waiting.cancel()
+        elif (
+            what in ("down", "demoted", "fenced", "up") and self.config.auto_promote and self.promotes
+            and waiting is None and router.primary() is None and not state.database_missing
+        ):
             # ("up" as well: a pgtwist, or a worker 0, started while the primary is away never
-            # hears of it going down, only of replicas coming up with no primary beside them.)
-            router = self.routers.get(database.name)
-            if router is not None and router.primary() is None and database.name not in self._failover_timers:
-                self._failover_timers[database.name] = self.clock.callLater(
-                    self.config.failover_timeout, self._auto_promote, database
-                )
+            # hears of it going down, only of replicas coming up with no primary beside them.
+            # Not for a database dropped on the primary: the node is there, serving the others.)
+            self._failover_timers[database.name] = self.clock.callLater(self.config.failover_timeout, self._auto_promote, database)
 
     @property
     def promotes(self) -> bool:
@@ -610,8 +582,8 @@ class Proxy:
         """
         self._failover_timers.pop(database.name, None)
         router = self.routers.get(database.name)
-        if router is None or router.monitor is None or router.primary() is not None:
-            return  # an operator or an HA manager got there first
+        if router is None or router.monitor is None or router.primary() is not None or not self.config.auto_promote:
+            return  # an operator or an HA manager got there first (or a reload turned it off)
         monitor = router.monitor
         # Only a probe that fails now is evidence enough to promote: whatever marked the primary
         # down (live traffic, an earlier probe), the node must be asked once more first.
@@ -622,6 +594,11 @@ class Proxy:
     def _promote_most_advanced(self, database, router) -> None:
         if self.routers.get(database.name) is not router or router.primary() is not None:
             log.info("database {db}: the primary answered again, or a reload came first; no promotion", db=database.name)
+            return
+        gone = [s.name for s in router.monitor.states.values() if s.database_missing]
+        if gone:
+            log.warn("database {db}: no promotion: it does not exist on {nodes} (dropped?), which are otherwise there",
+                     db=database.name, nodes=", ".join(gone))
             return
         candidate = router.monitor.most_caught_up_replica()
         if candidate is None:

@@ -37,19 +37,12 @@ from twisted.web import resource
 
 from pgtwist.service.sighandlers import SignalHandlers
 from pgtwist.transport.accept import adopt_tcp
+from pgtwist.service import notices
 from pgtwist.wire import protocol as p
 
 log = Logger()
 
 # -- cancel keys ------------------------------------------------------------------------------------
-
-
-# Another worker's DDL, a datagram on each worker's own socket (in the supervisor's 0700 run
-# directory): kind, token, WAL position (0: not known), then the database's name. DDL_HOLD and
-# DDL_SETTLE bound replica reads (DatabaseRouter.ddl_reading_back); DDL_COMMITTED is its commit,
-# after which shared prepared statements are prepared again (statements.Schema).
-DDL_HOLD, DDL_SETTLE, DDL_COMMITTED = 1, 2, 3
-_DDL_NOTICE = struct.Struct("!BIQ")
 
 
 def key_bits(count: int) -> int:
@@ -108,8 +101,8 @@ class WorkerSpec:
     def cancel_socket(self, index: int) -> str:
         return os.path.join(self.rundir, f"cancel-{index}.sock")
 
-    def ddl_socket(self, index: int) -> str:
-        return os.path.join(self.rundir, f"ddl-{index}.sock")
+    def notice_socket(self, index: int) -> str:
+        return os.path.join(self.rundir, f"notice-{index}.sock")
 
     def http_socket(self, index: int) -> str:
         return os.path.join(self.rundir, f"http-{index}.sock")
@@ -131,8 +124,7 @@ class WorkerLink:
         self.spec = spec
         self.reactor = reactor
         self.forwarded = 0  # CancelRequests sent on to their owner (SHOW/metrics material, and tests)
-        self._ddl_count = 0  # (DDL notices: ddl_hold)
-        self._notices: socket.socket | None = None
+        self.notices = notices.Sender(spec, reactor)
 
     def tag(self, secret: bytes) -> bytes:
         return self.spec.tag(secret)
@@ -153,28 +145,29 @@ class WorkerLink:
         rows.sort(key=lambda r: r["worker"])  # (stable: each worker's own order within)
         return rows, missing
 
-    def everywhere(self, action: str, database: str) -> list[int]:
-        """A console command (*action*: PauseResource's, or "set" with "KEY/VALUE") done here: the
-        other workers do it too; returns those that did not answer."""
+    def everywhere(self, action: str, *parts: str) -> list[int]:
+        """A console command (*action*: PauseResource's with a database, or "set" with a key and
+        a value) done here: the other workers do it too; returns those that did not answer."""
+        from urllib.parse import quote
+
+        target = "/".join([action, *(quote(part, safe="") for part in parts)])
         missing = []
         for index in range(self.spec.count):
             if index == self.spec.index:
                 continue
             try:
-                status = request(self.spec.http_socket(index), "POST", f"/{action}/{database}")[0]
+                status = request(self.spec.http_socket(index), "POST", f"/{target}")[0]
             except OSError:
                 status = 0
             if status != 200:
                 missing.append(index)
         return missing
 
-    def free_elsewhere(self, names, node: str) -> list[int]:
+    def free(self, names, node: str) -> None:
         """A client's DROP DATABASE (or kin) of *names* was refused on *node* for sessions in them:
-        the other workers let their idle connections there go too (Proxy.free_databases), before
-        it is sent again. Returns the workers that did not answer."""
-        from urllib.parse import quote
-
-        return self.everywhere("free", "/".join(quote(x, safe="") for x in (node, *names)))
+        the other workers let their idle connections there go too (Proxy.free_databases). The
+        statement is sent again at once: PostgreSQL waits up to 5 s for sessions to leave."""
+        self.notices.tell(notices.FREE, 0, 0, "\x00".join((node, *names)))
 
     def kill_elsewhere(self, client_id: str) -> bool:
         """KILL of a client another worker serves (its id says which: "w1.c3"); whether it was there."""
@@ -190,38 +183,25 @@ class WorkerLink:
             return False
 
     def ddl_hold(self, database: str) -> int:
-        """DDL committed here in *database*; its position is being read back: the other workers
-        hold their replica reads too (DatabaseRouter.ddl_reading_back). Returns the wait's token."""
-        self._ddl_count = (self._ddl_count + 1) & 0xFFFFFF
-        token = (self.spec.index << 24) | self._ddl_count  # (unique across the workers)
-        self._tell_others(DDL_HOLD, token, 0, database)
+        """A client sent DDL in *database*: the other workers hold their replica reads until
+        ddl_settle (notices.Receiver.hold). Returns the wait's token."""
+        token = self.notices.token()
+        self.notices.tell(notices.HOLD, token, 0, database)
         return token
+
+    def ddl_hold_again(self, database: str, token: int) -> None:
+        """The wait *token* goes on (a hold not renewed ends by itself there)."""
+        self.notices.tell(notices.HOLD, token, 0, database)
 
     def ddl_settle(self, database: str, token: int, position: int | None) -> None:
         """The wait *token* is over: the DDL's WAL position (None: not known) bounds their reads."""
-        self._tell_others(DDL_SETTLE, token, position or 0, database)
+        self.notices.tell(notices.SETTLE, token, position or 0, database)
 
     def schema_changed(self, database: str) -> None:
         """DDL committed here in *database*: the other workers prepare their shared statements of
         it again too (a copy prepared before answers 0A000 "cached plan must not change result
         type" to a statement whose result it changed)."""
-        self._tell_others(DDL_COMMITTED, 0, 0, database)
-
-    def _tell_others(self, kind: int, token: int, position: int, database: str) -> None:
-        # A datagram sent now, in this reactor turn, before the DDL's client can have read its
-        # answer: in the other workers' queues before that client's next connection's query.
-        # One that cannot go (a worker being restarted, a full queue) is let go: its hold ends
-        # by its own timer there, and a restarted worker holds nothing.
-        message = _DDL_NOTICE.pack(kind, token, position) + database.encode("utf-8")
-        if self._notices is None:
-            self._notices = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-            self._notices.setblocking(False)
-        for index in range(self.spec.count):
-            if index != self.spec.index:
-                try:
-                    self._notices.sendto(message, self.spec.ddl_socket(index))
-                except OSError:
-                    pass
+        self.notices.tell(notices.COMMITTED, 0, 0, database)
 
     def forward_cancel(self, process_id: int, secret_key: bytes, done=None, timeout: float = 5.0) -> bool:
         """True when the key is another worker's (sent there, or unknown to all); False: ours to handle.
@@ -276,25 +256,6 @@ class CancelRelay(protocol.Protocol):
             self.transport.loseConnection()
 
 
-class DdlNotices(protocol.DatagramProtocol):
-    """Another worker's DDL (WorkerLink.ddl_hold, ddl_settle): one datagram each, on this worker's own socket."""
-
-    noisy = False
-
-    def __init__(self, proxy):
-        self.proxy = proxy
-
-    def datagramReceived(self, data, addr):
-        if len(data) < _DDL_NOTICE.size:
-            return
-        kind, token, position = _DDL_NOTICE.unpack_from(data)
-        name = data[_DDL_NOTICE.size :].decode("utf-8", "replace")
-        if kind in (DDL_HOLD, DDL_SETTLE):
-            self.proxy.ddl_elsewhere(kind == DDL_HOLD, token, position or None, name)
-        elif kind == DDL_COMMITTED:
-            self.proxy.schema_changed_elsewhere(name)
-
-
 class CancelRelayFactory(protocol.Factory):
     noisy = False
 
@@ -311,7 +272,7 @@ def worker_services(svc, spec: WorkerSpec, reactor) -> list:
     They stop after the drain (MultiService stops children then), so a cancel still reaches a
     query that the drain waits for.
     """
-    for index_path in (spec.cancel_socket(spec.index), spec.http_socket(spec.index), spec.ddl_socket(spec.index)):
+    for index_path in (spec.cancel_socket(spec.index), spec.http_socket(spec.index), spec.notice_socket(spec.index)):
         # A worker that was killed left its sockets behind; the supervisor runs one worker per number.
         try:
             os.unlink(index_path)
@@ -335,12 +296,12 @@ def worker_services(svc, spec: WorkerSpec, reactor) -> list:
     ):
         root.putChild(name.encode(), PauseResource(svc.proxy, action))
     root.putChild(b"set", SetResource(svc.proxy))
-    root.putChild(b"free", FreeResource(svc.proxy))
     site = server.Site(root)
     site.noisy = False
-    notices = internet.UNIXDatagramServer(spec.ddl_socket(spec.index), DdlNotices(svc.proxy), mode=0o600, reactor=reactor)
-    notices.setName("ddl-notices")
-    return [relay, internet.UNIXServer(spec.http_socket(spec.index), site, mode=0o600, reactor=reactor), notices]
+    svc.proxy.notices = notices.Receiver(svc.proxy)
+    told = internet.UNIXDatagramServer(spec.notice_socket(spec.index), svc.proxy.notices, mode=0o600, reactor=reactor)
+    told.setName("notices")
+    return [relay, internet.UNIXServer(spec.http_socket(spec.index), site, mode=0o600, reactor=reactor), told]
 
 
 # SHOW views other workers are asked for, by the console of the worker an admin is connected to.
@@ -422,26 +383,6 @@ class PauseResource(resource.Resource):
         except Exception as e:  # noqa: BLE001 - (ActionError: the asking worker checked the same config)
             request.setResponseCode(404)
             return f"{e}\n".encode()
-        return b"done\n"
-
-
-class FreeResource(resource.Resource):
-    """POST /free/NODE/DB[/DB...] on a worker's unix socket: another worker's client needs those
-    databases free on that node (a DROP DATABASE refused for sessions in them)."""
-
-    isLeaf = True
-
-    def __init__(self, proxy):
-        super().__init__()
-        self.proxy = proxy
-
-    def render_POST(self, request):
-        # (twisted.web has unquoted each segment already)
-        parts = [x.decode("utf-8", "replace") for x in request.postpath]
-        if len(parts) < 2 or not all(parts):
-            request.setResponseCode(404)
-            return b"free wants /free/NODE/DB\n"
-        self.proxy.free_databases(tuple(parts[1:]), "of another worker", parts[0], tell_others=False)
         return b"done\n"
 
 

@@ -678,9 +678,13 @@ class ClientSession(Admission):
             # more when the transaction ends: a copy prepared meanwhile elsewhere saw the old schema.
             self.relay.schema.ddl()
             self._tx_end |= _DDL_SENT
-            self.lease.ddl = True
-            if not (effects.pin or self.pinned or "").startswith("temporary"):
-                self.router.ddl_sent()  # (workers = N; not for temporary objects: as _transaction_ended)
+            lease = self.lease
+            if lease.ddl is False or lease.ddl is True:
+                # workers = N: the other workers hold their replica reads from now; the token of
+                # that wait is the lease's until its read-back settles it (DatabaseRouter.ddl_sent).
+                # Not for temporary objects, as _transaction_ended.
+                temporary = (effects.pin or self.pinned or "").startswith("temporary")
+                lease.ddl = (None if temporary else self.router.ddl_sent(self, lease)) or True
         if "search_path" in effects.settings or effects.all_settings or effects.local_path:
             # Its value is known again at the read-back (or when the transaction ends, for SET
             # LOCAL); until then what it prepares is its own.
@@ -1472,13 +1476,15 @@ class ClientSession(Admission):
         if done & _DDL_SENT:
             self.relay.schema.ddl()  # (committed now: see _note_effects)
             self.router.schema_changed()  # (function volatility: the monitor reads pg_proc again)
-            if self.proxy.worker is not None:
+            temporary = self.pinned.startswith("temporary") if self.pinned else False
+            if self.proxy.worker is not None and not temporary:
                 self.proxy.worker.schema_changed(self.database.name)  # (the other workers' clocks too)
-            if self.pinned and not self.pinned.startswith("temporary"):
+            if self.pinned and not temporary:
                 # No read-back on a pinned connection (_maybe_release): two probes of the primary
                 # instead. Not for a session pinned by its temporary objects, whose DDL is mostly
                 # on them (an ORM's temporary table per request would probe the primary each time).
-                self.router.ddl_by_probe()
+                told = self.lease.ddl
+                self.router.ddl_by_probe(None if told is True or told is False else told)
         if done & _LOCAL_PATH and not ("search_path" in self.dirty or self.dirty_all):
             self.relay.scope = self.settings.get("search_path", "")
 
@@ -1513,7 +1519,7 @@ class ClientSession(Admission):
             batches.append([_WRITE_LSN_SQL])
             if lease.ddl:
                 # Until its position is read back, no client reads from a replica (DatabaseRouter.ddl_reading_back).
-                ddl = self.router.ddl_reading_back()
+                ddl = self.router.ddl_reading_back(token=None if lease.ddl is True else lease.ddl)
         if batches:
             self._enter(PREPARING)
             server.unlink()

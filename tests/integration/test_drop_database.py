@@ -10,6 +10,8 @@ Connections in use stay, and PostgreSQL's 55006 then says so.
 
 from __future__ import annotations
 
+import time
+
 import psycopg
 import pytest
 
@@ -153,16 +155,31 @@ def test_drop_database_of_a_monitored_database_is_not_refused_for_the_health_pro
         name = "monitored_scratch"
         cluster.psql(primary, f"CREATE DATABASE {name} OWNER {cluster.app_user}")
         cluster.psql(primary, f"ALTER ROLE {cluster.app_user} CREATEDB")
+        cluster.psql(primary, f"GRANT EXECUTE ON FUNCTION pg_promote(boolean, integer) TO {cluster.app_user};")
         cluster.wait_replicas_caught_up(30)
         nodes = [n.addr for n in cluster.nodes]
         databases = {"appdb": {"dbname": cluster.app_database, "nodes": nodes}, "scratch": {"dbname": name, "nodes": nodes}}
-        with start_proxy(cluster, tmp_path, databases=databases, pool_mode="transaction", health_check_interval=0.2) as px:
+        with start_proxy(
+            cluster, tmp_path, databases=databases, pool_mode="transaction", health_check_interval=0.2,
+            auto_promote=True, failover_timeout=1.0,
+        ) as px:
             with psycopg.connect(cluster.dsn(primary, connect_timeout=10), autocommit=True) as direct:
                 wait_for(lambda: backends_in(direct, name) >= 1, 10, "the health probe in the database")
                 with px.connect(dbname="scratch") as conn:
                     conn.execute("SELECT 1")
+                # A replica that has not replayed the DROP (replay paused, or a delayed replica)
+                # still has the database: the one auto_promote would have chosen.
+                cluster.psql(cluster.nodes[1], "SELECT pg_wal_replay_pause()")
                 with px.connect() as app:
                     psycopg.ClientCursor(app).execute(f"DROP DATABASE {name}")
                 assert not exists(direct, name)
                 with px.connect() as app:
                     assert app.execute("SELECT 1").fetchone() == (1,)  # appdb's own monitor untouched
+                # Once the monitor is back (5 s), its login for the dropped database answers 3D000:
+                # the primary is not dead, and no replica is promoted for it.
+                wait_for(lambda: "does not exist" in px.log_text(), 15, "the probe finding the database gone")
+                time.sleep(2.0)  # (failover_timeout twice over)
+                assert "promoting" not in px.log_text()
+                with psycopg.connect(cluster.dsn(cluster.nodes[1], connect_timeout=10), autocommit=True) as replica:
+                    assert replica.execute("SELECT pg_is_in_recovery()").fetchone()[0] is True
+                cluster.psql(cluster.nodes[1], "SELECT pg_wal_replay_resume()")

@@ -868,3 +868,35 @@ def test_step_aside_of_an_unknown_node_or_a_stopped_monitor_does_nothing():
     h.monitor.step_aside("nowhere:1", 3.0)
     h.monitor.step_aside(h.name(0), 3.0)  # (not started)
     assert h.reactor.tcpClients == []
+
+
+def test_a_database_dropped_on_the_node_is_told_from_the_node_being_down():
+    # A client's DROP DATABASE through pgtwist: the node serves its other databases, and must not
+    # look like a dead primary to auto_promote.
+    h = Harness(count=1)
+    h.monitor.start()
+    conn = h.accept(0)
+    conn.proto.dataReceived(m.error_response("FATAL", "3D000", 'database "postgres" does not exist'))
+    assert not h.state(0).up and h.state(0).database_missing
+    h.reactor.advance(1.0)
+    h.up(0, primary_row("0/200"))  # (made again)
+    assert h.state(0).up and not h.state(0).database_missing
+    h.monitor._drop_conn(h.monitor._slots[h.name(0)])
+    h.reactor.advance(1.0)
+    h.refuse(0)  # (the node itself gone: not that)
+    assert not h.state(0).up and not h.state(0).database_missing
+
+
+def test_a_probe_asked_for_while_stepping_aside_waits_until_then():
+    h = Harness(count=1)
+    h.monitor.start()
+    h.up(0, primary_row("0/100"))
+    h.monitor.step_aside(h.name(0), 3.0)
+    states = []
+    h.monitor.probe_now(h.name(0)).addCallback(states.append)
+    h.monitor.verify(h.name(0), "57P01 seen")
+    assert len(h.attempts(0)) == 1 and states == []
+    h.reactor.advance(3.0)
+    assert len(h.attempts(0)) == 2
+    h.up(0, primary_row("0/100"))
+    assert states and states[0].up

@@ -121,3 +121,44 @@ def test_a_replica_up_beside_a_primary_starts_no_wait():
     proxy._node_changed(database, monitor.states[NODES[1]], "up")
     proxy.reactor.advance(60.0)
     assert monitor.probing is None and monitor.promoted == []
+
+
+def test_a_wait_started_before_the_primary_answered_is_called_off_when_it_does():
+    # At start a replica often answers before the primary: that "up" starts the wait, and an
+    # outage 4.5 s later must wait its own failover_timeout, not the 0.5 s left of that one.
+    proxy, monitor, database = setup()
+    proxy._node_changed(database, monitor.states[NODES[1]], "up")
+    proxy.reactor.advance(1.0)
+    monitor.states[NODES[0]].up = True
+    proxy._node_changed(database, monitor.states[NODES[0]], "up")
+    proxy.reactor.advance(3.5)
+    monitor.states[NODES[0]].up = False
+    proxy._node_changed(database, monitor.states[NODES[0]], "down")
+    proxy.reactor.advance(4.9)
+    assert monitor.probing is None  # (the old wait would have fired by now)
+    proxy.reactor.advance(0.1)
+    monitor.probing.callback(monitor.states)
+    assert monitor.promoted == [NODES[1]]
+
+
+def test_a_database_dropped_on_the_primary_promotes_nothing():
+    # The node serves its other databases; its probe's login for this one answers 3D000.
+    proxy, monitor, database = setup()
+    monitor.states[NODES[0]].database_missing = True
+    proxy._node_changed(database, monitor.states[NODES[0]], "down")
+    proxy.reactor.advance(60.0)
+    assert monitor.probing is None and monitor.promoted == []
+    # Nor when the wait had begun already (a replica's "up" at start).
+    proxy._node_changed(database, monitor.states[NODES[1]], "up")
+    proxy.reactor.advance(5.0)
+    monitor.probing.callback(monitor.states)
+    assert monitor.promoted == []
+
+
+def test_a_reload_that_turns_auto_promote_off_stops_a_wait_under_way():
+    proxy, monitor, database = setup()
+    proxy._node_changed(database, monitor.states[NODES[0]], "down")
+    proxy.reactor.advance(1.0)
+    proxy.config = make_config(databases={"appdb": {"dbname": "postgres", "nodes": NODES}}, auto_promote=False)
+    proxy.reactor.advance(4.0)
+    assert monitor.probing is None and monitor.promoted == []
