@@ -43,6 +43,9 @@ log = Logger()
 
 _Z = p.READY_FOR_QUERY
 _TERMINATE = p.TERMINATE
+_SYNC = p.SYNC
+_SYNC_FLUSH = (p.SYNC, p.FLUSH)
+_IDLE_READY = m.ready_for_query(p.TX_IDLE)
 _ENDS_WORK = frozenset((p.QUERY, p.FUNCTION_CALL, p.SYNC, p.TERMINATE))  # (what ends one statement, or batch)
 # Read-your-writes: what _watch_link/_watch_statement look at while a link on the primary has
 # not been seen to write. _WATCH_FIRST: the statement the link was placed by is still to come
@@ -335,6 +338,17 @@ class ClientSession(Admission):
                 return
             if self.orphaned:
                 self._answer_orphaned(items)
+                return
+            if not self.backlog and items and all(type(i) is tuple and i[0] in _SYNC_FLUSH for i in items):
+                # Syncs (and Flushes) with nothing before them: libpq's PQpipelineSync as psycopg
+                # leaves an empty pipeline block, or one whose statement was cancelled while it
+                # waited; a driver resynchronising. PostgreSQL answers each Sync with
+                # ReadyForQuery at once, and so does pgtwist between transactions, rather than
+                # wait for a server connection (query_wait_timeout on a full pool) to ask one.
+                self._asked_at = None
+                syncs = sum(1 for i in items if i[0] == _SYNC)
+                if syncs:
+                    write_now(self.transport, _IDLE_READY * syncs)
                 return
             if not self.backlog and items and self._last_read is data and self.scanner.at_boundary:
                 self._read = (items[0], data, len(items))  # (whole messages, from a boundary to a boundary)

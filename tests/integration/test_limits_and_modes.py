@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import psycopg
 import pytest
 
-from tests.harness.proxy import DATABASE, start_proxy
+from tests.harness.proxy import DATABASE, start_proxy, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -263,3 +263,44 @@ def test_server_idle_timeout_closes_the_connection_a_quiet_client_keeps(pg_clust
                 assert time.monotonic() < deadline, "the connection the quiet client kept stayed open"
                 time.sleep(0.2)
             assert conn.execute("SELECT 2").fetchone() == (2,)  # the client goes on, on a new one
+
+
+def test_an_empty_pipeline_does_not_wait_for_a_full_pool(pg_cluster, tmp_path):
+    # psycopg sends a lone Sync when a pipeline block ends with nothing left to sync (an empty
+    # block, or one whose statement was cancelled while it waited): PostgreSQL answers at once;
+    # pgtwist waited for a server connection, query_wait_timeout on a full pool.
+    with start_proxy(
+        pg_cluster, tmp_path, pool_mode="transaction", pool_size=1, query_wait_timeout=20, admin={"users": [pg_cluster.app_user]},
+    ) as px:
+        with px.connect(autocommit=False) as holder, px.connect(autocommit=True) as other:
+            holder.execute("SELECT 1")  # (in its transaction: the pool's one connection is taken)
+            started = time.monotonic()
+            with other.pipeline():
+                pass
+            assert time.monotonic() - started < 5
+            # A pipeline cancelled while its statement waits: 57014, and its block ends at once.
+            errors = []
+
+            def pipeline():
+                try:
+                    with other.pipeline():
+                        other.execute("SELECT 3")
+                except psycopg.errors.QueryCanceled as e:
+                    errors.append(e)
+
+            with ThreadPoolExecutor(1) as pool:
+                done = pool.submit(pipeline)
+                with px.connect(dbname="pgbalance", autocommit=True) as console:
+
+                    def waiting():
+                        cur = console.execute("SHOW POOLS")
+                        return next(r for r in cur.fetchall() if r[0] == DATABASE)[[d.name for d in cur.description].index("cl_waiting")]
+
+                    wait_for(waiting, 10, "the pipeline's statement waiting", interval=0.02)
+                other.cancel()
+                started = time.monotonic()
+                done.result(10)
+            assert errors and time.monotonic() - started < 5
+            holder.rollback()
+            with other.pipeline():
+                assert other.execute("SELECT 2").fetchone()[0] == 2

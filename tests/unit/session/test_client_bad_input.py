@@ -308,3 +308,27 @@ def test_session_mode_client_leaving_after_a_synced_batch_pools_its_server():
     server.got_data(frame(p.PARSE_COMPLETE) + frame(p.BIND_COMPLETE) + m.command_complete("SELECT 0") + m.ready_for_query())
     session.connection_lost(Failure(ConnectionDone()))
     assert not st_.disconnecting and b"DISCARD ALL" in st_.value()
+
+
+def test_a_lone_sync_between_transactions_is_answered_at_once():
+    # psycopg leaving an empty pipeline block (or after a cancelled one) sends a Sync alone:
+    # PostgreSQL answers ReadyForQuery at once; pgtwist waited for a server connection to ask
+    # one (query_wait_timeout on a full pool).
+    h = Harness(pool_mode="transaction")
+    session, ct = h.client()
+    session.reclaim(session.server)
+    assert session.state == "idle"
+    ct.clear()
+    sent_before = [s.transport.value() for s in h.proxy.servers]
+    session.got_data(m.sync())
+    assert ct.value() == m.ready_for_query(p.TX_IDLE)
+    assert session.state == "idle" and not session.backlog and session._asked_at is None
+    assert [s.transport.value() for s in h.proxy.servers] == sent_before  # (no server asked)
+    ct.clear()
+    session.got_data(m.sync() + m.flush() + m.sync())  # (libpq's PQpipelineSync: Sync, Flush)
+    assert ct.value() == m.ready_for_query(p.TX_IDLE) * 2
+    ct.clear()
+    session.got_data(m.flush())
+    assert ct.value() == b"" and session.state == "idle"
+    session.got_data(m.query("SELECT 1") + m.sync())  # (work before it: the usual way)
+    assert session.state != "idle" or session.backlog
