@@ -339,7 +339,11 @@ class ClientSession(Admission):
             if self.orphaned:
                 self._answer_orphaned(items)
                 return
-            if not self.backlog and items and all(type(i) is tuple and i[0] in _SYNC_FLUSH for i in items):
+            first = items[0] if items else None
+            if (
+                type(first) is tuple and first[0] in _SYNC_FLUSH and not self.backlog  # (cheap for the usual Query or Parse)
+                and all(type(i) is tuple and i[0] in _SYNC_FLUSH for i in items)
+            ):
                 # Syncs (and Flushes) with nothing before them: libpq's PQpipelineSync as psycopg
                 # leaves an empty pipeline block, or one whose statement was cancelled while it
                 # waited; a driver resynchronising. PostgreSQL answers each Sync with
