@@ -18,6 +18,7 @@ from pgtwist.wire.errors import PgError
 log = Logger()
 
 LOGIN_CACHE_LIMIT = 1000  # startup-settings combinations remembered per pool
+WARM_BACKOFF_MAX = 60.0  # seconds between attempts at a warm connection that keeps failing
 
 
 class PoolError(PgError):
@@ -113,6 +114,9 @@ class Pool:
         self.wait_seconds = 0.0
         self.yielded = 0  # connections closed to make room for another pool's clients under a shared limit
         self.shrinking = False  # pool_size lowered by a reload: connections over it close as they come back
+        # min_pool_size's warm connections: failed attempts in a row, and no new one before then.
+        self._warm_failures = 0
+        self._warm_after = 0.0
         # ParameterStatus sets seen by clients logging in with given startup settings, so that
         # a transaction-mode login needs no server connection once the pool has seen its like.
         # Per pool, so per (database, user, node): session_authorization and is_superuser are
@@ -523,11 +527,16 @@ class Pool:
         if self.lent:
             self._maintain_lent(now)
         # Counted up front: a connect() that fails at once must not make this loop forever.
-        for _ in range(0 if self.paused else min(self.settings.min_size, self.settings.size) - self.total):
+        warm = 0 if self.paused or now < self._warm_after else min(self.settings.min_size, self.settings.size) - self.total
+        for _ in range(warm):
             if self.limits is not None and not self.limits.may_open(self, evict=False):
                 break  # (warm connections stay within max_db/user_connections, and take no one's place)
             self.connecting += 1
-            self.connect(self).addCallbacks(self._opened, self._warm_failed)
+            self.connect(self).addCallbacks(self._warm_opened, self._warm_failed)
+
+    def _warm_opened(self, conn) -> None:
+        self._warm_failures = 0
+        self._opened(conn)
 
     def _maintain_lent(self, now: float) -> None:
         """Connections lent to clients between their transactions are idle on the node too: one
@@ -549,7 +558,13 @@ class Pool:
 
     def _warm_failed(self, failure) -> None:
         self.connecting -= 1
-        log.warn("could not open a warm server connection to {node}: {why}", node=self.node, why=failure.getErrorMessage())
+        # Tried again after 1, 2, 4 ... 60 s, not every janitor tick: a database dropped, a node
+        # away or a login refused would have meant an attempt and a log line a second.
+        self._warm_failures += 1
+        delay = min(WARM_BACKOFF_MAX, 2.0 ** (self._warm_failures - 1))
+        self._warm_after = self.clock.seconds() + delay
+        log.warn("could not open a warm server connection to {node}: {why}; trying again in {delay:g} s",
+                 node=self.node, why=failure.getErrorMessage(), delay=delay)
         self._serve()  # a client may have arrived counting on this connection: give it a fresh attempt
 
     def server_closed(self, conn) -> None:

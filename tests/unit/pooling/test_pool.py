@@ -531,6 +531,27 @@ def test_failed_warm_connection_does_not_strand_a_waiter():
     assert got(r) is c
 
 
+def test_a_warm_connection_that_keeps_failing_is_tried_again_less_and_less_often():
+    # A database dropped under min_pool_size (or a node away, a login refused): an attempt and a
+    # log line every janitor tick before.
+    h = Harness(size=2, min_size=1)
+    h.pool.maintain()
+    h.attempts[0].errback(RuntimeError("database gone"))
+    tried = []
+    for second in range(1, 16):
+        h.clock.advance(1)
+        before = len(h.attempts)
+        h.pool.maintain()
+        if len(h.attempts) > before:
+            tried.append(second)
+            h.attempts[-1].errback(RuntimeError("database gone"))
+    assert tried == [1, 3, 7, 15]  # (after 1, 2, 4, 8 s)
+    h.clock.advance(16)
+    h.pool.maintain()
+    h.open_next()
+    assert h.pool._warm_failures == 0  # (a success starts over)
+
+
 def test_maintain_with_a_connect_that_fails_at_once_does_not_loop_forever():
     clock = task.Clock()
     calls = []
