@@ -339,9 +339,8 @@ class ClientSession(Admission):
             if self.orphaned:
                 self._answer_orphaned(items)
                 return
-            first = items[0] if items else None
             if (
-                type(first) is tuple and first[0] in _SYNC_FLUSH and not self.backlog  # (cheap for the usual Query or Parse)
+                len(data) <= 10 and items and not self.backlog  # (Sync, Flush: 5 bytes each; the usual Query is more)
                 and all(type(i) is tuple and i[0] in _SYNC_FLUSH for i in items)
             ):
                 # Syncs (and Flushes) with nothing before them: libpq's PQpipelineSync as psycopg
