@@ -696,11 +696,15 @@ class ClientSession(Admission):
             self.relay.schema.ddl()
             self._tx_end |= _DDL_SENT
             lease = self.lease
+            temporary = (effects.pin or self.pinned or "").startswith("temporary")
+            if self.proxy.worker is not None and not temporary:
+                # workers = N: the other workers' clocks too, now and at the commit (a copy they
+                # prepare in between saw the old schema), as this one's (_transaction_ended).
+                # Not for temporary objects: no other session sees them.
+                self.proxy.worker.schema_changed(self.database.name)
             if lease.ddl is False or lease.ddl is True:
                 # workers = N: the other workers hold their replica reads from now; the token of
                 # that wait is the lease's until its read-back settles it (DatabaseRouter.ddl_sent).
-                # Not for temporary objects, as _transaction_ended.
-                temporary = (effects.pin or self.pinned or "").startswith("temporary")
                 lease.ddl = (None if temporary else self.router.ddl_sent(self, lease)) or True
         if "search_path" in effects.settings or effects.all_settings or effects.local_path:
             # Its value is known again at the read-back (or when the transaction ends, for SET
