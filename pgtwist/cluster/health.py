@@ -405,7 +405,10 @@ class ClusterMonitor:
         slot = self._slots.get(name)
         if slot is None or not self.running:
             return
-        slot.aside_until = self.reactor.seconds() + seconds
+        now = self.reactor.seconds()
+        if slot.aside_until > now:
+            return  # (already aside: a DROP retried in a loop must not keep the node unprobed for ever)
+        slot.aside_until = now + seconds
         if slot.probing is None:
             self._step_aside_now(slot)
 

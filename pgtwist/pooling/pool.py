@@ -381,6 +381,8 @@ class Pool:
 
     def _opened(self, conn) -> None:
         self.connecting -= 1
+        self._warm_failures = 0  # (the node answers again: min_pool_size's attempts start over)
+        self._warm_after = 0.0
         self._note_login(conn.parameters)
         self.idle.append(conn)
         self._serve()
@@ -410,6 +412,8 @@ class Pool:
         (in_hot_standby after a promotion, server_version after a restart on a new release)."""
         self.login_parameters.clear()
         self._login_seen = None
+        self._warm_failures = 0  # (back, or another node now: warm connections are tried at once)
+        self._warm_after = 0.0
         for conn in list(self.idle) + list(self.busy):
             conn.parameters_stale = True  # (the next login on it asks the node again: _got_server)
 
@@ -532,11 +536,7 @@ class Pool:
             if self.limits is not None and not self.limits.may_open(self, evict=False):
                 break  # (warm connections stay within max_db/user_connections, and take no one's place)
             self.connecting += 1
-            self.connect(self).addCallbacks(self._warm_opened, self._warm_failed)
-
-    def _warm_opened(self, conn) -> None:
-        self._warm_failures = 0
-        self._opened(conn)
+            self.connect(self).addCallbacks(self._opened, self._warm_failed)
 
     def _maintain_lent(self, now: float) -> None:
         """Connections lent to clients between their transactions are idle on the node too: one
@@ -560,11 +560,13 @@ class Pool:
         self.connecting -= 1
         # Tried again after 1, 2, 4 ... 60 s, not every janitor tick: a database dropped, a node
         # away or a login refused would have meant an attempt and a log line a second.
-        self._warm_failures += 1
-        delay = min(WARM_BACKOFF_MAX, 2.0 ** (self._warm_failures - 1))
-        self._warm_after = self.clock.seconds() + delay
-        log.warn("could not open a warm server connection to {node}: {why}; trying again in {delay:g} s",
-                 node=self.node, why=failure.getErrorMessage(), delay=delay)
+        now = self.clock.seconds()
+        if now >= self._warm_after:  # (once per round: min_pool_size = 4 makes four attempts at once)
+            self._warm_failures += 1
+            delay = min(WARM_BACKOFF_MAX, 2.0 ** (self._warm_failures - 1))
+            self._warm_after = now + delay
+            log.warn("could not open a warm server connection to {node}: {why}; trying again in {delay:g} s",
+                     node=self.node, why=failure.getErrorMessage(), delay=delay)
         self._serve()  # a client may have arrived counting on this connection: give it a fresh attempt
 
     def server_closed(self, conn) -> None:

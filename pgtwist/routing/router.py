@@ -138,15 +138,18 @@ class DatabaseRouter:
             self.elsewhere.ddl_settle(self.database.name, token, None)
 
     def renew_told(self) -> None:
-        """Janitor: the other workers' holds for this worker's DDL go on while it does (a long
-        migration transaction, its read-back). One whose transaction went without a read-back
-        (the client or its server connection gone) ends."""
+        """Janitor: the other workers' holds for this worker's DDL go on until its read-back
+        settles them. One its session never handed to a read-back ends: the client or its
+        server connection gone, or the session between transactions (which hands it over in the
+        turn its transaction ends: this is a backstop)."""
         name = self.database.name
         for token, owner in list(self.told.items()):
-            if owner is not None and (owner[0].state == "closed" or owner[0].lease is not owner[1]):
-                self.ddl_untold(token)
-            else:
-                self.elsewhere.ddl_hold_again(name, token)
+            if owner is not None:
+                session, lease = owner
+                if session.state in ("closed", "idle") or session.lease is not lease or lease.lent:
+                    self.ddl_untold(token)
+                    continue
+            self.elsewhere.ddl_hold_again(name, token)
 
     def ddl_reading_back(self, shared: bool = True, token: int | None = None):
         """DDL went through pgtwist and committed; where its commit ends on the primary is being
@@ -162,7 +165,7 @@ class DatabaseRouter:
         elsewhere = self.elsewhere if shared else None
         name = self.database.name
         if elsewhere is not None:
-            if token not in self.told:
+            if self.told.get(token) is None:  # (none told of, or one another read-back claimed)
                 token = elsewhere.ddl_hold(name)
             self.told[token] = None  # (its own now: renewed until settled, whatever its session does)
 

@@ -14,6 +14,7 @@ sender that died leaves nothing behind.
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import struct
@@ -26,7 +27,8 @@ log = Logger()
 
 HOLD, SETTLE, COMMITTED, FREE = 1, 2, 3, 4
 _HEAD = struct.Struct("!BQQ")  # kind, token, WAL position (0: not known)
-RETRY = 0.005  # seconds before a queued datagram is offered again
+RETRY = 0.005  # seconds before a queued datagram is offered again (doubling, up to RETRY_MAX, while none goes)
+RETRY_MAX = 1.0
 MAX_QUEUED = 10_000  # per receiving worker; beyond it the oldest is dropped (and counted)
 
 
@@ -40,6 +42,7 @@ class Sender:
         self._socket: socket.socket | None = None
         self._queued: dict[int, deque] = {}
         self._retry = None
+        self._delay = RETRY
         # Tokens unique across processes: a restarted worker must not reuse one another worker
         # still holds for its predecessor.
         self._token = int.from_bytes(os.urandom(8), "big") >> 1
@@ -59,6 +62,8 @@ class Sender:
                 if len(queue) > MAX_QUEUED:
                     queue.popleft()
                     self.dropped += 1
+                    if self.dropped % 1000 == 1:
+                        log.warn("worker {index} has taken no notice for a while: {n} dropped so far", index=index, n=self.dropped)
             elif not self._send(index, message):
                 self._queued[index] = deque((message,))
                 self._later()
@@ -70,22 +75,26 @@ class Sender:
             self._socket.setblocking(False)
         try:
             self._socket.sendto(message, self.spec.notice_socket(index))
-        except BlockingIOError:
-            return False
-        except OSError:
-            pass  # (nobody listening there: a worker being restarted)
+        except OSError as e:
+            if e.errno in (errno.EAGAIN, errno.ENOBUFS):
+                return False  # (its queue is full, or the kernel's buffers: later)
+            # (nobody listening there: a worker being restarted)
         return True
 
     def _later(self) -> None:
         if self._retry is None or not self._retry.active():
-            self._retry = self.reactor.callLater(RETRY, self._flush)
+            self._retry = self.reactor.callLater(self._delay, self._flush)
 
     def _flush(self) -> None:
+        went = False
         for index, queue in list(self._queued.items()):
             while queue and self._send(index, queue[0]):
                 queue.popleft()
+                went = True
             if not queue:
                 del self._queued[index]
+        # (A receiver that takes nothing for a while is asked less and less often.)
+        self._delay = RETRY if went else min(RETRY_MAX, self._delay * 2)
         if self._queued:
             self._later()
 
@@ -136,18 +145,20 @@ class Receiver(protocol.DatagramProtocol):
         if router is None:
             return
         settle = router.ddl_reading_back(shared=False)
-        self.held[token] = (settle, self.proxy.clock.callLater(self.HOLD_FOR, self._expired, token, settle))
+        self.held[token] = (settle, self.proxy.clock.callLater(self.HOLD_FOR, self._expired, token, settle), router)
 
     def settle(self, token: int, position: int | None, name: str) -> None:
         """The DDL's WAL position (None: not known): this worker's replica reads are bounded by it."""
         held = self.held.pop(token, None)
+        router = self._router(name)
         if held is not None:
-            settle, timer = held
+            settle, timer, held_by = held
             if timer.active():
                 timer.cancel()
             settle(position)
+            if router is not None and router is not held_by:
+                router.ddl_committed(position)  # (a reload rebuilt the router meanwhile)
             return
-        router = self._router(name)
         if router is not None:
             router.ddl_committed(position)
         self.early[token] = None

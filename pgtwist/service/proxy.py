@@ -595,9 +595,9 @@ class Proxy:
         if self.routers.get(database.name) is not router or router.primary() is not None:
             log.info("database {db}: the primary answered again, or a reload came first; no promotion", db=database.name)
             return
-        gone = [s.name for s in router.monitor.states.values() if s.database_missing]
+        gone = [s.name for s in router.monitor.states.values() if s.database_missing and s.role == "primary"]
         if gone:
-            log.warn("database {db}: no promotion: it does not exist on {nodes} (dropped?), which are otherwise there",
+            log.warn("database {db}: no promotion: it does not exist on the primary {nodes} (dropped?), which is otherwise there",
                      db=database.name, nodes=", ".join(gone))
             return
         candidate = router.monitor.most_caught_up_replica()

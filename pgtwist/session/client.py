@@ -351,6 +351,11 @@ class ClientSession(Admission):
                 self._asked_at = None
                 syncs = sum(1 for i in items if i[0] == _SYNC)
                 if syncs:
+                    # (A Sync ends a skip to Sync after an error, as it does on the node; a Flush
+                    # after it opens nothing.)
+                    if self.relay is not None:
+                        self.relay.skipping = False
+                    self.scanner.unsynced = False
                     write_now(self.transport, _IDLE_READY * syncs)
                 return
             if not self.backlog and items and self._last_read is data and self.scanner.at_boundary:
@@ -702,10 +707,8 @@ class ClientSession(Admission):
                 # prepare in between saw the old schema), as this one's (_transaction_ended).
                 # Not for temporary objects: no other session sees them.
                 self.proxy.worker.schema_changed(self.database.name)
-            if lease.ddl is False or lease.ddl is True:
-                # workers = N: the other workers hold their replica reads from now; the token of
-                # that wait is the lease's until its read-back settles it (DatabaseRouter.ddl_sent).
-                lease.ddl = (None if temporary else self.router.ddl_sent(self, lease)) or True
+            if lease.ddl is False:
+                lease.ddl = True  # (under workers = N the others hold their reads from its commit: _answering)
         if "search_path" in effects.settings or effects.all_settings or effects.local_path:
             # Its value is known again at the read-back (or when the transaction ends, for SET
             # LOCAL); until then what it prepares is its own.
@@ -1305,6 +1308,8 @@ class ClientSession(Admission):
                 if got is not None:
                     status = got
             server.scanner.capture = relay.capture()
+            if self._tx_end and status == p.TX_IDLE:
+                self._answering()
             if relay.again is not None:
                 # A batch failed on a stale shared statement, and nothing of it reached the client:
                 # it goes again, the statement prepared afresh first.
@@ -1443,6 +1448,8 @@ class ClientSession(Admission):
             after: list = []
             relay.ready(status, after)
             server.scanner.capture = relay.capture()
+            if self._tx_end and status == p.TX_IDLE:
+                self._answering()
             write_now(self.transport, data + b"".join(after) if after else data)
         else:
             self.ready_count += 1
@@ -1492,20 +1499,43 @@ class ClientSession(Admission):
         if self.proxy.draining:
             drain.settle(self)  # shutting down: a client between transactions leaves now
 
+    def _answering(self) -> None:
+        """The answer that ends a transaction is about to go to the client (ReadyForQuery, idle).
+        Under workers = N, when that transaction sent DDL, the other workers hold their replica
+        reads from now: told later (at the read-back), they could hear of it after the DDL's
+        client had its answer and the application's next connection, on another worker, had read
+        from a replica; told when the DDL was sent, they would send every read to the primary for
+        as long as it ran (a migration, CREATE INDEX CONCURRENTLY). The wait's token is the
+        lease's until its read-back settles it (DatabaseRouter.ddl_sent)."""
+        if not self._tx_end & _DDL_SENT or (self.pinned or "").startswith("temporary"):
+            return
+        worker = self.proxy.worker
+        if worker is None:
+            return
+        # Their schema clocks too (the second time: _note_effects), before the client can act.
+        worker.schema_changed(self.database.name)
+        lease = self.lease
+        if lease is not None and lease.ddl is True and self.router.elsewhere is not None:
+            lease.ddl = self.router.ddl_sent(self, lease) or True
+
     def _transaction_ended(self) -> None:
         done, self._tx_end = self._tx_end, 0
         if done & _DDL_SENT:
             self.relay.schema.ddl()  # (committed now: see _note_effects)
             self.router.schema_changed()  # (function volatility: the monitor reads pg_proc again)
             temporary = self.pinned.startswith("temporary") if self.pinned else False
-            if self.proxy.worker is not None and not temporary:
-                self.proxy.worker.schema_changed(self.database.name)  # (the other workers' clocks too)
-            if self.pinned and not temporary:
-                # No read-back on a pinned connection (_maybe_release): two probes of the primary
-                # instead. Not for a session pinned by its temporary objects, whose DDL is mostly
-                # on them (an ORM's temporary table per request would probe the primary each time).
-                told = self.lease.ddl
-                self.router.ddl_by_probe(None if told is True or told is False else told)
+            if self.pinned:
+                lease = self.lease
+                told = None if lease.ddl is True or lease.ddl is False else lease.ddl
+                lease.ddl = False  # (a pinned session's lease lasts: its next DDL is told anew)
+                if not temporary:
+                    # No read-back on a pinned connection (_maybe_release): two probes of the
+                    # primary instead. Not for a session pinned by its temporary objects, whose
+                    # DDL is mostly on them (an ORM's temporary table per request would probe the
+                    # primary each time).
+                    self.router.ddl_by_probe(told)
+                elif told is not None:
+                    self.router.ddl_untold(told)
         if done & _LOCAL_PATH and not ("search_path" in self.dirty or self.dirty_all):
             self.relay.scope = self.settings.get("search_path", "")
 
@@ -1536,11 +1566,15 @@ class ClientSession(Admission):
             lease.wrote or (self.min_lsn == POSITION_UNKNOWN and self.decision is not None and self.decision.on_primary)
         )
         ddl = None
+        told = None if lease.ddl is True or lease.ddl is False else lease.ddl
         if track_lsn:
             batches.append([_WRITE_LSN_SQL])
             if lease.ddl:
                 # Until its position is read back, no client reads from a replica (DatabaseRouter.ddl_reading_back).
-                ddl = self.router.ddl_reading_back(token=None if lease.ddl is True else lease.ddl)
+                ddl = self.router.ddl_reading_back(token=told)
+        elif told is not None:
+            self.router.ddl_untold(told)  # (nothing written there, a read-only link: no position to tell)
+        lease.ddl = False
         if batches:
             self._enter(PREPARING)
             server.unlink()

@@ -10,6 +10,7 @@ from twisted.internet.testing import MemoryReactorClock
 from pgtwist import config as configmod
 from pgtwist.service import notices, workers
 from pgtwist.service.proxy import Proxy
+from pgtwist.session.lease import Lease
 
 from tests.harness.admin_support import BASE
 
@@ -177,6 +178,7 @@ def test_another_workers_committed_ddl_makes_this_workers_shared_statements_stal
 class Link:
     def __init__(self):
         self.told = []
+        self.schema = []
         self.next = 41
 
     def ddl_hold(self, name):
@@ -190,12 +192,15 @@ class Link:
     def ddl_settle(self, name, token, position):
         self.told.append(("settle", name, token, position))
 
+    def schema_changed(self, name):
+        self.schema.append(name)
+
 
 class Session:
     state = "linked"
 
     def __init__(self):
-        self.lease = object()
+        self.lease = Lease()
 
 
 def sending_router():
@@ -214,7 +219,7 @@ def test_ddl_sent_is_told_at_once_renewed_while_it_lasts_and_settled_by_its_read
     proxy.maintain()  # (the janitor: its transaction goes on)
     assert router.elsewhere.told[-1] == ("again", "appdb", 42)
     settle = router.ddl_reading_back(token=token)
-    session.lease = object()  # (the connection went back: the read-back's wait is its own now)
+    session.lease = Lease()  # (the connection went back: the read-back's wait is its own now)
     proxy.maintain()
     assert router.elsewhere.told[-1] == ("again", "appdb", 42)
     settle(0x9000)
@@ -231,7 +236,7 @@ def test_a_told_wait_whose_transaction_went_without_a_read_back_ends():
     router.ddl_sent(gone, gone.lease)
     router.ddl_sent(lost, lost.lease)
     gone.state = "closed"
-    lost.lease = object()
+    lost.lease = Lease()
     proxy.maintain()
     assert sorted(router.elsewhere.told[-2:]) == [("settle", "appdb", 42, None), ("settle", "appdb", 43, None)]
     assert router.told == {}
@@ -243,3 +248,35 @@ def test_ddl_by_probe_without_a_primary_ends_its_told_wait():
     token = router.ddl_sent(session, session.lease)
     router.ddl_by_probe(token)  # (no primary known: nothing to probe)
     assert router.elsewhere.told[-1] == ("settle", "appdb", 42, None)
+
+
+def test_a_told_wait_of_a_session_between_transactions_ends():
+    # (a backstop: a session hands its wait over in the turn its transaction ends)
+    proxy, router = sending_router()
+    idle, lent = Session(), Session()
+    router.ddl_sent(idle, idle.lease)
+    router.ddl_sent(lent, lent.lease)
+    idle.state = "idle"
+    lent.lease.lent = True
+    proxy.maintain()
+    assert router.told == {} and [t[0] for t in router.elsewhere.told[-2:]] == ["settle", "settle"]
+
+
+def test_a_read_back_after_another_claimed_the_wait_tells_its_own():
+    # A pinned session's second migration while the first one's probes still run.
+    proxy, router = sending_router()
+    session = Session()
+    token = router.ddl_sent(session, session.lease)
+    first = router.ddl_reading_back(token=token)
+    second = router.ddl_reading_back(token=token)
+    first(0x3000)
+    second(0x4000)
+    assert router.elsewhere.told[-3:] == [("hold", "appdb", 43), ("settle", "appdb", 42, 0x3000), ("settle", "appdb", 43, 0x4000)]
+
+
+def test_a_settle_after_a_reload_rebuilt_the_router_bounds_the_new_one():
+    proxy, _, r = clustered_worker()
+    r.hold(7, "appdb")
+    old = proxy.routers.pop("appdb")
+    r.settle(7, 0x5000, "appdb")
+    assert old.ddl_pending == 0 and proxy.routers["appdb"].schema_lsn == 0x5000

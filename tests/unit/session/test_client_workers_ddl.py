@@ -1,0 +1,124 @@
+"""A session's DDL under workers = N: the other workers' hold on replica reads is told before the
+transaction's answer reaches the client, handed to its read-back (or probes), and never left
+renewed after its transaction (review cases: a temporary table after DDL, a read-only link, a
+pinned session's second migration). And a lone Sync after an error ends the skip to Sync."""
+
+from __future__ import annotations
+
+from pgtwist.routing.policy import NodeState
+from pgtwist.wire import messages as m
+from pgtwist.wire import protocol as p
+
+from tests.harness.routing import P
+from tests.harness.session import Z_IDLE, Z_IN, Setup, lose, messages, sent, types
+from tests.unit.service.test_notices import Link
+from tests.unit.session.test_placement_failover import TERMINATED
+from tests.unit.session.test_placement_read_your_writes import on, run
+
+
+class WorkerLink(Link):
+    """What the Proxy asks of its workers.WorkerLink besides the DDL notices."""
+
+    def tag(self, secret):
+        return secret
+
+    def forward_cancel(self, *args, **kwargs):
+        return False
+
+
+def setup():
+    s = Setup()
+    router = s.proxy.routers["appdb"]
+    router.elsewhere = s.proxy.worker = WorkerLink()
+    return s, router
+
+
+def janitor(s, ticks=5):
+    for _ in range(ticks):
+        s.clock.advance(1.0)
+        s.proxy.maintain()
+
+
+def test_the_hold_is_told_before_the_answer_and_settled_by_the_read_back():
+    s, router = setup()
+    c, ct = s.client()
+    c.got_data(m.query("CREATE TABLE a (x int)"))
+    server = c.server
+    sent(server)
+    assert router.elsewhere.told == []  # (not while it runs: a long DDL would hold every read elsewhere)
+    server.got_data(m.command_complete("CREATE TABLE") + Z_IDLE)
+    assert router.elsewhere.told[0][0] == "hold" and list(router.told.values()) == [None]  # (claimed by the read-back)
+    janitor(s, 1)
+    assert router.elsewhere.told[-1][0] == "again"  # (renewed while the read-back lasts)
+
+
+def test_ddl_then_a_temporary_table_in_one_transaction_leaves_no_wait_behind():
+    s, router = setup()
+    c, _ = s.client()
+    c.got_data(m.query("BEGIN"))
+    server = c.server
+    sent(server)
+    server.got_data(m.command_complete("BEGIN") + Z_IN)
+    c.got_data(m.query("CREATE TABLE a (x int)"))
+    sent(server)
+    server.got_data(m.command_complete("CREATE TABLE") + Z_IN)
+    c.got_data(m.query("CREATE TEMP TABLE t (x int)"))
+    sent(server)
+    server.got_data(m.command_complete("CREATE TABLE") + Z_IN)
+    c.got_data(m.query("COMMIT"))
+    sent(server)
+    server.got_data(m.command_complete("COMMIT") + Z_IDLE)
+    janitor(s)
+    assert not router.told
+
+
+def test_ddl_refused_on_a_read_only_link_leaves_no_wait_behind():
+    s, router = setup()
+    c, _ = s.client()
+    c.got_data(m.query("BEGIN READ ONLY"))
+    server = c.server
+    assert on(server) != P
+    sent(server)
+    server.got_data(m.command_complete("BEGIN") + Z_IN)
+    c.got_data(m.query("CREATE TABLE a (x int)"))
+    sent(server)
+    server.got_data(m.error_response("ERROR", "25006", "cannot execute CREATE TABLE in a read-only transaction") + m.ready_for_query(p.TX_FAILED))
+    c.got_data(m.query("ROLLBACK"))
+    sent(server)
+    server.got_data(m.command_complete("ROLLBACK") + Z_IDLE)
+    janitor(s)
+    assert not router.told
+
+
+def test_a_pinned_sessions_every_migration_is_told_with_its_own_position():
+    s, router = setup()
+    mig, _ = s.client()
+    run(mig, "SELECT pg_advisory_lock(1)")
+    run(mig, "CREATE TABLE a (x int)")
+    run(mig, "CREATE TABLE b (x int)")  # (before the first one's probes are in)
+    for i, (_, d) in enumerate(list(s.monitor.probes)):
+        d.callback(NodeState(P, role="primary", up=True, lsn=0x1000 * (i + 1)))
+    for i, (_, d) in enumerate(list(s.monitor.probes)):
+        if not d.called:
+            d.callback(NodeState(P, role="primary", up=True, lsn=0x8000 + i))
+    settles = [t for t in router.elsewhere.told if t[0] == "settle"]
+    holds = [t for t in router.elsewhere.told if t[0] == "hold"]
+    assert len(holds) == 2 and len(settles) == 2 and {t[2] for t in settles} == {t[2] for t in holds}
+    assert not router.told
+
+
+def test_a_lone_sync_after_an_error_ends_the_skip_to_sync():
+    # asyncpg: Parse, Describe, Flush; the connection is lost and pgtwist answers the error; the
+    # client then Syncs alone, between transactions, and sends its next query, which must run.
+    s = Setup()
+    session, ct = s.client()
+    session.got_data(m.parse("stmt1", "SELECT 2") + m.describe("S", "stmt1") + m.flush())
+    server = session.server
+    server.got_data(TERMINATED)
+    lose(server)
+    assert types(ct.value()) == "E"
+    ct.clear()
+    session.got_data(m.sync())
+    assert ct.value() == m.ready_for_query(p.TX_IDLE)
+    session.got_data(m.query("SELECT 1"))
+    assert [t for t, _ in messages(session.server.transport.value())] == [p.QUERY]
