@@ -66,6 +66,8 @@ class Sender:
                         log.warn("worker {index} has taken no notice for a while: {n} dropped so far", index=index, n=self.dropped)
             elif not self._send(index, message):
                 self._queued[index] = deque((message,))
+                if len(self._queued) == 1:
+                    self._delay = RETRY  # (a fresh wait: not the back-off of an earlier stall)
                 self._later()
 
     def _send(self, index: int, message: bytes) -> bool:
@@ -109,7 +111,7 @@ class Receiver(protocol.DatagramProtocol):
 
     def __init__(self, proxy):
         self.proxy = proxy
-        self.held: dict[int, tuple] = {}  # token -> (settle, timer)
+        self.held: dict[int, tuple] = {}  # token -> (settle, timer, the router held)
         self.early: dict[int, None] = {}  # tokens whose SETTLE came before their HOLD
 
     def datagramReceived(self, data, addr):

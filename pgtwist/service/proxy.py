@@ -595,7 +595,8 @@ class Proxy:
         if self.routers.get(database.name) is not router or router.primary() is not None:
             log.info("database {db}: the primary answered again, or a reload came first; no promotion", db=database.name)
             return
-        gone = [s.name for s in router.monitor.states.values() if s.database_missing and s.role == "primary"]
+        # (Its role is "unknown" when pgtwist started after the DROP: anything but a replica.)
+        gone = [s.name for s in router.monitor.states.values() if s.database_missing and s.role != "replica"]
         if gone:
             log.warn("database {db}: no promotion: it does not exist on the primary {nodes} (dropped?), which is otherwise there",
                      db=database.name, nodes=", ".join(gone))

@@ -1307,9 +1307,9 @@ class ClientSession(Admission):
                 got = relay.server_message(msg_type, body, out)
                 if got is not None:
                     status = got
+                    if got == p.TX_IDLE and self._tx_end:
+                        self._answering()  # (each idle one: the last in this read may be a BEGIN's)
             server.scanner.capture = relay.capture()
-            if self._tx_end and status == p.TX_IDLE:
-                self._answering()
             if relay.again is not None:
                 # A batch failed on a stale shared statement, and nothing of it reached the client:
                 # it goes again, the statement prepared afresh first.
@@ -1476,7 +1476,11 @@ class ClientSession(Admission):
     def _ready(self, server, status: int) -> None:
         self.tx_status = status
         server.tx_status = status
-        if self._tx_end and status == p.TX_IDLE:
+        ended = None
+        if self._tx_end and status == p.TX_IDLE and (self.relay is None or self.relay.idle):
+            # (Pipelined work behind it: its transaction ends with the last answer owed, not the
+            # first ReadyForQuery, which may be an earlier statement's, before the DDL commits.)
+            ended = self.lease
             self._transaction_ended()
         decision = self.decision
         started, self._asked_at = self._asked_at, None
@@ -1496,6 +1500,11 @@ class ClientSession(Admission):
             self._idle_tx_timer = self.proxy.clock.callLater(self.config.idle_transaction_timeout, self._idle_tx_timed_out)
         if self.transaction_mode:
             self._maybe_release()
+        if ended is not None and type(ended.ddl) is int:
+            # Its DDL's wait was told (_answering) and nothing claimed it: the connection stays
+            # (the session was pinned since): probes of the primary bound the reads instead.
+            token, ended.ddl = ended.ddl, False
+            self.router.ddl_by_probe(token)
         if self.proxy.draining:
             drain.settle(self)  # shutting down: a client between transactions leaves now
 
@@ -1515,8 +1524,8 @@ class ClientSession(Admission):
         # Their schema clocks too (the second time: _note_effects), before the client can act.
         worker.schema_changed(self.database.name)
         lease = self.lease
-        if lease is not None and lease.ddl is True and self.router.elsewhere is not None:
-            lease.ddl = self.router.ddl_sent(self, lease) or True
+        if lease is not None and lease.ddl is True and lease.wrote and self.router.elsewhere is not None:
+            lease.ddl = self.router.ddl_sent(self, lease) or True  # (not for DDL refused on a replica)
 
     def _transaction_ended(self) -> None:
         done, self._tx_end = self._tx_end, 0
@@ -1528,14 +1537,13 @@ class ClientSession(Admission):
                 lease = self.lease
                 told = None if lease.ddl is True or lease.ddl is False else lease.ddl
                 lease.ddl = False  # (a pinned session's lease lasts: its next DDL is told anew)
-                if not temporary:
+                if not temporary or told is not None:
                     # No read-back on a pinned connection (_maybe_release): two probes of the
                     # primary instead. Not for a session pinned by its temporary objects, whose
                     # DDL is mostly on them (an ORM's temporary table per request would probe the
-                    # primary each time).
+                    # primary each time), unless the other workers were told of its DDL before
+                    # the pin (_answering tells nothing once pinned so).
                     self.router.ddl_by_probe(told)
-                elif told is not None:
-                    self.router.ddl_untold(told)
         if done & _LOCAL_PATH and not ("search_path" in self.dirty or self.dirty_all):
             self.relay.scope = self.settings.get("search_path", "")
 

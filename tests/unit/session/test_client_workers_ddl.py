@@ -46,10 +46,78 @@ def test_the_hold_is_told_before_the_answer_and_settled_by_the_read_back():
     server = c.server
     sent(server)
     assert router.elsewhere.told == []  # (not while it runs: a long DDL would hold every read elsewhere)
+    seen = []
+    hold = router.elsewhere.ddl_hold
+    router.elsewhere.ddl_hold = lambda name: seen.append(ct.value()) or hold(name)
+    ct.clear()
     server.got_data(m.command_complete("CREATE TABLE") + Z_IDLE)
+    assert seen == [b""]  # (told before the client had a byte of its answer)
     assert router.elsewhere.told[0][0] == "hold" and list(router.told.values()) == [None]  # (claimed by the read-back)
     janitor(s, 1)
     assert router.elsewhere.told[-1][0] == "again"  # (renewed while the read-back lasts)
+
+
+def test_ready_for_query_of_ddl_and_of_a_begin_in_one_read_tells_the_others():
+    s, router = setup()
+    c, ct = s.client()
+    c.got_data(m.query("CREATE TABLE a (x int)") + m.query("BEGIN"))
+    server = c.server
+    sent(server)
+    server.got_data(m.command_complete("CREATE TABLE") + Z_IDLE + m.command_complete("BEGIN") + Z_IN)
+    assert router.elsewhere.told and router.elsewhere.told[0][0] == "hold"
+
+
+def test_a_pin_after_the_ddl_was_answered_hands_its_wait_to_probes():
+    # Pipelined: the DDL's answer, then the session pins itself before its next answer; no
+    # read-back runs on a pinned connection, so the wait was renewed for the session's life.
+    s, router = setup()
+    c, ct = s.client()
+    c.got_data(m.query("CREATE TABLE a (x int)") + m.query("SELECT 1"))
+    server = c.server
+    sent(server)
+    server.got_data(m.command_complete("CREATE TABLE") + Z_IDLE)
+    c.got_data(m.query("SELECT pg_advisory_lock(1)"))
+    sent(server)
+    server.got_data(m.command_complete("SELECT 1") + Z_IDLE)
+    server.got_data(m.command_complete("SELECT 1") + Z_IDLE)
+    assert c.pinned and s.monitor.probes  # (the primary's position from probes begun after the commit)
+    for _ in range(3):
+        for _, d in list(s.monitor.probes):
+            if not d.called:
+                d.callback(NodeState(P, role="primary", up=True, lsn=0x7000))
+    assert not router.told and router.elsewhere.told[-1] == ("settle", "appdb", 42, 0x7000)
+
+
+def test_a_temporary_table_after_an_answered_ddl_still_bounds_it():
+    s, router = setup()
+    c, ct = s.client()
+    c.got_data(m.query("CREATE TABLE a (x int)") + m.query("SELECT 1"))
+    server = c.server
+    sent(server)
+    server.got_data(m.command_complete("CREATE TABLE") + Z_IDLE)
+    c.got_data(m.query("CREATE TEMP TABLE t (x int)"))
+    sent(server)
+    server.got_data(m.command_complete("SELECT 1") + Z_IDLE)
+    server.got_data(m.command_complete("CREATE TABLE") + Z_IDLE)
+    for _ in range(3):
+        for _, d in list(s.monitor.probes):
+            if not d.called:
+                d.callback(NodeState(P, role="primary", up=True, lsn=0x7000))
+    settles = [t for t in router.elsewhere.told if t[0] == "settle"]
+    assert settles and all(t[3] is not None for t in settles), settles
+
+
+def test_a_pinned_sessions_pipelined_ddl_is_probed_after_its_own_answer():
+    s, router = setup()
+    c, ct = s.client()
+    run(c, "SELECT pg_advisory_lock(1)")
+    server = c.server
+    c.got_data(m.query("SELECT 1") + m.query("CREATE TABLE a (x int)"))
+    sent(server)
+    server.got_data(m.command_complete("SELECT 1") + Z_IDLE)
+    assert not s.monitor.probes  # (the CREATE TABLE has not committed yet)
+    server.got_data(m.command_complete("CREATE TABLE") + Z_IDLE)
+    assert s.monitor.probes
 
 
 def test_ddl_then_a_temporary_table_in_one_transaction_leaves_no_wait_behind():
@@ -86,8 +154,7 @@ def test_ddl_refused_on_a_read_only_link_leaves_no_wait_behind():
     c.got_data(m.query("ROLLBACK"))
     sent(server)
     server.got_data(m.command_complete("ROLLBACK") + Z_IDLE)
-    janitor(s)
-    assert not router.told
+    assert not router.told and router.elsewhere.told == []  # (nothing written: nothing told)
 
 
 def test_a_pinned_sessions_every_migration_is_told_with_its_own_position():
