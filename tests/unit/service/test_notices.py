@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 
+import pytest
 from twisted.internet.testing import MemoryReactorClock
 
 from pgtwist import config as configmod
@@ -229,17 +230,21 @@ def test_ddl_sent_is_told_at_once_renewed_while_it_lasts_and_settled_by_its_read
     assert router.elsewhere.told[-2:] == [("hold", "appdb", 43), ("settle", "appdb", 43, 0xB000)]
 
 
-def test_a_told_wait_whose_transaction_went_without_a_read_back_ends():
-    # The client or its server connection went mid-transaction: nothing will settle it.
+@pytest.mark.parametrize("how", ["closed", "lost", "idle", "lent"])
+def test_a_told_wait_no_read_back_will_settle_ends(how):
+    # The client gone, its server connection lost mid-transaction (a new lease), or (a backstop:
+    # a session hands its wait over in the turn its transaction ends) between transactions.
     proxy, router = sending_router()
-    gone, lost = Session(), Session()
-    router.ddl_sent(gone, gone.lease)
-    router.ddl_sent(lost, lost.lease)
-    gone.state = "closed"
-    lost.lease = Lease()
+    session = Session()
+    router.ddl_sent(session, session.lease)
+    if how in ("closed", "idle"):
+        session.state = how
+    elif how == "lost":
+        session.lease = Lease()
+    else:
+        session.lease.lent = True
     proxy.maintain()
-    assert sorted(router.elsewhere.told[-2:]) == [("settle", "appdb", 42, None), ("settle", "appdb", 43, None)]
-    assert router.told == {}
+    assert router.elsewhere.told[-1] == ("settle", "appdb", 42, None) and router.told == {}
 
 
 def test_ddl_by_probe_without_a_primary_ends_its_told_wait():
@@ -248,18 +253,6 @@ def test_ddl_by_probe_without_a_primary_ends_its_told_wait():
     token = router.ddl_sent(session, session.lease)
     router.ddl_by_probe(token)  # (no primary known: nothing to probe)
     assert router.elsewhere.told[-1] == ("settle", "appdb", 42, None)
-
-
-def test_a_told_wait_of_a_session_between_transactions_ends():
-    # (a backstop: a session hands its wait over in the turn its transaction ends)
-    proxy, router = sending_router()
-    idle, lent = Session(), Session()
-    router.ddl_sent(idle, idle.lease)
-    router.ddl_sent(lent, lent.lease)
-    idle.state = "idle"
-    lent.lease.lent = True
-    proxy.maintain()
-    assert router.told == {} and [t[0] for t in router.elsewhere.told[-2:]] == ["settle", "settle"]
 
 
 def test_a_read_back_after_another_claimed_the_wait_tells_its_own():

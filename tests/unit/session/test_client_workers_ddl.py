@@ -33,6 +33,29 @@ def setup():
     return s, router
 
 
+def answer_probes(s, lsn=0x7000):
+    """Every probe of the primary asked for (ddl_by_probe asks twice, one after the other)."""
+    for _ in range(3):
+        for _, d in list(s.monitor.probes):
+            if not d.called:
+                d.callback(NodeState(P, role="primary", up=True, lsn=lsn))
+
+
+def ddl_answered_with_more_owed(s, then: str):
+    """A pipelined CREATE TABLE and SELECT 1: the DDL is answered; the client sends *then* before
+    the SELECT's answer, and both are answered."""
+    c, ct = s.client()
+    c.got_data(m.query("CREATE TABLE a (x int)") + m.query("SELECT 1"))
+    server = c.server
+    sent(server)
+    server.got_data(m.command_complete("CREATE TABLE") + Z_IDLE)
+    c.got_data(m.query(then))
+    sent(server)
+    server.got_data(m.command_complete("SELECT 1") + Z_IDLE)
+    server.got_data(m.command_complete("SELECT 1") + Z_IDLE)
+    return c
+
+
 def janitor(s, ticks=5):
     for _ in range(ticks):
         s.clock.advance(1.0)
@@ -71,38 +94,16 @@ def test_a_pin_after_the_ddl_was_answered_hands_its_wait_to_probes():
     # Pipelined: the DDL's answer, then the session pins itself before its next answer; no
     # read-back runs on a pinned connection, so the wait was renewed for the session's life.
     s, router = setup()
-    c, ct = s.client()
-    c.got_data(m.query("CREATE TABLE a (x int)") + m.query("SELECT 1"))
-    server = c.server
-    sent(server)
-    server.got_data(m.command_complete("CREATE TABLE") + Z_IDLE)
-    c.got_data(m.query("SELECT pg_advisory_lock(1)"))
-    sent(server)
-    server.got_data(m.command_complete("SELECT 1") + Z_IDLE)
-    server.got_data(m.command_complete("SELECT 1") + Z_IDLE)
+    c = ddl_answered_with_more_owed(s, "SELECT pg_advisory_lock(1)")
     assert c.pinned and s.monitor.probes  # (the primary's position from probes begun after the commit)
-    for _ in range(3):
-        for _, d in list(s.monitor.probes):
-            if not d.called:
-                d.callback(NodeState(P, role="primary", up=True, lsn=0x7000))
+    answer_probes(s)
     assert not router.told and router.elsewhere.told[-1] == ("settle", "appdb", 42, 0x7000)
 
 
 def test_a_temporary_table_after_an_answered_ddl_still_bounds_it():
     s, router = setup()
-    c, ct = s.client()
-    c.got_data(m.query("CREATE TABLE a (x int)") + m.query("SELECT 1"))
-    server = c.server
-    sent(server)
-    server.got_data(m.command_complete("CREATE TABLE") + Z_IDLE)
-    c.got_data(m.query("CREATE TEMP TABLE t (x int)"))
-    sent(server)
-    server.got_data(m.command_complete("SELECT 1") + Z_IDLE)
-    server.got_data(m.command_complete("CREATE TABLE") + Z_IDLE)
-    for _ in range(3):
-        for _, d in list(s.monitor.probes):
-            if not d.called:
-                d.callback(NodeState(P, role="primary", up=True, lsn=0x7000))
+    ddl_answered_with_more_owed(s, "CREATE TEMP TABLE t (x int)")
+    answer_probes(s)
     settles = [t for t in router.elsewhere.told if t[0] == "settle"]
     assert settles and all(t[3] is not None for t in settles), settles
 
