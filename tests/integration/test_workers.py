@@ -373,9 +373,20 @@ def test_console_commands_act_on_every_worker(px):
 
 def test_max_db_connections_caps_every_worker_together(pg_cluster, tmp_path, admin):
     # Set to stay under PostgreSQL's max_connections: each worker took the whole limit, and the
-    # node saw twice as many.
+    # node saw twice as many. (A database of its own: the cluster's other tests leave backends.)
+    name = f"wlimit_{os.getpid()}"
+    admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    admin.execute(f"CREATE DATABASE {name} OWNER {pg_cluster.app_user}")
+    try:
+        limit_of_every_worker(pg_cluster, tmp_path, admin, name)
+    finally:
+        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def limit_of_every_worker(pg_cluster, tmp_path, admin, name):
     with proxymod.start_proxy(
         pg_cluster, tmp_path, workers=2, pool_size=10, pool_mode="transaction", max_db_connections=2, query_wait_timeout=30,
+        dbname=name,
     ) as px:
         wait_for(lambda: px.log_text().count("listening on") >= 3, 30, "both workers up")
         seen = []
@@ -384,8 +395,7 @@ def test_max_db_connections_caps_every_worker_together(pg_cluster, tmp_path, adm
         def watch():
             while not stop.is_set():
                 seen.append(admin.execute(
-                    "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND usename = %s AND backend_type = 'client backend'",
-                    (pg_cluster.app_database, pg_cluster.app_user),
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND backend_type = 'client backend'", (name,)
                 ).fetchone()[0])
                 time.sleep(0.02)
 
