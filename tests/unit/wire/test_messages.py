@@ -221,7 +221,7 @@ def test_cancel_request_roundtrip(pid, key):
     assert pkt == struct.pack("!III", 12 + len(key), p.CANCEL_REQUEST_CODE, pid) + key
     req = m.decode_startup_packet(startup_body(pkt))
     assert req == m.CancelRequest(pid, key)
-    assert key.hex() not in repr(req)  # the secret stays out of logs
+    assert key.hex() not in repr(req).replace(str(pid), "")  # the secret stays out of logs (a pid may spell it)
 
 
 @pytest.mark.parametrize("key_length", [0, 1, 3, 257, 1000])
