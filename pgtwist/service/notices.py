@@ -102,17 +102,13 @@ class Sender:
 
 
 class Receiver(protocol.DatagramProtocol):
-    """The other workers' datagrams, acted on in this worker's Proxy and routers."""
+    """The other workers' datagrams, decoded and handed on: DDL waits to DdlWaits, the rest to the Proxy."""
 
     noisy = False
-    # A hold not renewed for this long ends (its sender renews it every janitor tick, a second,
-    # while its DDL's transaction and read-back last: DatabaseRouter.renew_told).
-    HOLD_FOR = 5.0
 
     def __init__(self, proxy):
         self.proxy = proxy
-        self.held: dict[int, tuple] = {}  # token -> (settle, timer, the router held)
-        self.early: dict[int, None] = {}  # tokens whose SETTLE came before their HOLD
+        self.waits = DdlWaits(proxy)
 
     def datagramReceived(self, data, addr):
         if len(data) < _HEAD.size:
@@ -120,15 +116,29 @@ class Receiver(protocol.DatagramProtocol):
         kind, token, position = _HEAD.unpack_from(data)
         text = data[_HEAD.size :].decode("utf-8", "replace")
         if kind == HOLD:
-            self.hold(token, text)
+            self.waits.hold(token, text)
         elif kind == SETTLE:
-            self.settle(token, position or None, text)
+            self.waits.settle(token, position or None, text)
         elif kind == COMMITTED:
             self.proxy.schema_changed_elsewhere(text)
         elif kind == FREE:
             node, *names = text.split("\x00")
             if node and names:
                 self.proxy.free_databases(tuple(names), "of another worker", node, tell_others=False)
+
+
+class DdlWaits:
+    """Other workers' DDL as this worker's routers see it: a hold on replica reads per token,
+    renewed by its sender, ended by the DDL's WAL position or when it is not renewed."""
+
+    # A hold not renewed for this long ends (its sender renews it every janitor tick, a second,
+    # until its read-back settles it: DatabaseRouter.renew_told).
+    HOLD_FOR = 5.0
+
+    def __init__(self, proxy):
+        self.proxy = proxy
+        self.held: dict[int, tuple] = {}  # token -> (settle, timer, the router held)
+        self.early: dict[int, None] = {}  # tokens whose SETTLE came before their HOLD
 
     def _router(self, name: str):
         database = self.proxy.config.databases.get(name)

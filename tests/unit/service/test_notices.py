@@ -64,7 +64,7 @@ def test_every_notice_reaches_every_other_worker_at_once_in_order(tmp_path):
     for s in receivers:
         seen = []
 
-        class R(notices.Receiver):
+        class Waits:
             def hold(self, token, name):
                 seen.append(("hold", token, name))
 
@@ -72,7 +72,8 @@ def test_every_notice_reaches_every_other_worker_at_once_in_order(tmp_path):
                 seen.append(("settle", token, position, name))
 
         told = Told()
-        r = R(told)
+        r = notices.Receiver(told)
+        r.waits = Waits()
         for data in drain(s):
             r.datagramReceived(data, None)
         assert seen == [("hold", token, "appdb"), ("hold", token, "appdb"), ("settle", token, 0x3001DA8, "appdb")]
@@ -117,7 +118,7 @@ def test_short_or_unknown_datagrams_are_dropped():
     r.datagramReceived(b"\x01\x00", None)
     r.datagramReceived(b"\x09" + b"\x00" * 16 + b"appdb", None)
     r.datagramReceived(notices._HEAD.pack(notices.FREE, 0, 0) + b"nodeonly", None)
-    assert r.proxy.calls == [] and r.held == {}
+    assert r.proxy.calls == [] and r.waits.held == {}
 
 
 def clustered_worker(index: int = 1):
@@ -129,40 +130,40 @@ def clustered_worker(index: int = 1):
 
 def test_another_workers_ddl_holds_replica_reads_here_until_its_position_comes():
     proxy, reactor, r = clustered_worker()
-    r.hold(7, "appdb")
+    r.waits.hold(7, "appdb")
     router = proxy.routers["appdb"]
     assert router.ddl_pending == 1
-    r.settle(7, 0x5000, "appdb")
-    assert router.ddl_pending == 0 and router.schema_lsn == 0x5000 and r.held == {}
+    r.waits.settle(7, 0x5000, "appdb")
+    assert router.ddl_pending == 0 and router.schema_lsn == 0x5000 and r.waits.held == {}
 
 
 def test_a_hold_renewed_lasts_as_long_as_its_ddl_and_one_not_renewed_ends():
     # A migration's transaction may run for minutes; a worker that died renews nothing.
     proxy, reactor, r = clustered_worker()
-    r.hold(7, "appdb")
+    r.waits.hold(7, "appdb")
     router = proxy.routers["appdb"]
     for _ in range(10):
-        reactor.advance(r.HOLD_FOR - 1)
-        r.hold(7, "appdb")  # (renewed each janitor tick by its sender)
+        reactor.advance(r.waits.HOLD_FOR - 1)
+        r.waits.hold(7, "appdb")  # (renewed each janitor tick by its sender)
     assert router.ddl_pending == 1
-    reactor.advance(r.HOLD_FOR + 0.1)
-    assert router.ddl_pending == 0 and router.schema_lsn == 0 and r.held == {}
+    reactor.advance(r.waits.HOLD_FOR + 0.1)
+    assert router.ddl_pending == 0 and router.schema_lsn == 0 and r.waits.held == {}
 
 
 def test_a_position_that_comes_before_its_hold_is_applied_and_the_hold_skipped():
     proxy, _, r = clustered_worker()
-    r.settle(7, 0x5000, "appdb")
-    r.hold(7, "appdb")
+    r.waits.settle(7, 0x5000, "appdb")
+    r.waits.hold(7, "appdb")
     router = proxy.routers["appdb"]
     assert router.ddl_pending == 0 and router.schema_lsn == 0x5000
 
 
 def test_a_notice_of_a_database_not_configured_here_is_ignored():
     proxy, _, r = clustered_worker()
-    r.hold(7, "gone")
-    r.settle(8, 5, "gone")
+    r.waits.hold(7, "gone")
+    r.waits.settle(8, 5, "gone")
     proxy.schema_changed_elsewhere("gone")
-    assert "gone" not in proxy.routers and r.held == {}
+    assert "gone" not in proxy.routers and r.waits.held == {}
 
 
 def test_another_workers_committed_ddl_makes_this_workers_shared_statements_stale():
@@ -269,7 +270,7 @@ def test_a_read_back_after_another_claimed_the_wait_tells_its_own():
 
 def test_a_settle_after_a_reload_rebuilt_the_router_bounds_the_new_one():
     proxy, _, r = clustered_worker()
-    r.hold(7, "appdb")
+    r.waits.hold(7, "appdb")
     old = proxy.routers.pop("appdb")
-    r.settle(7, 0x5000, "appdb")
+    r.waits.settle(7, 0x5000, "appdb")
     assert old.ddl_pending == 0 and proxy.routers["appdb"].schema_lsn == 0x5000
