@@ -1500,10 +1500,10 @@ class ClientSession(Admission):
             self._idle_tx_timer = self.proxy.clock.callLater(self.config.idle_transaction_timeout, self._idle_tx_timed_out)
         if self.transaction_mode:
             self._maybe_release()
-        if ended is not None and type(ended.ddl) is int:
+        if ended is not None and ended.told is not None:
             # Its DDL's wait was told (_answering) and nothing claimed it: the connection stays
             # (the session was pinned since): probes of the primary bound the reads instead.
-            token, ended.ddl = ended.ddl, False
+            token, ended.ddl = ended.told, False
             self.router.ddl_by_probe(token)
         if self.proxy.draining:
             drain.settle(self)  # shutting down: a client between transactions leaves now
@@ -1535,7 +1535,7 @@ class ClientSession(Admission):
             temporary = self.pinned.startswith("temporary") if self.pinned else False
             if self.pinned:
                 lease = self.lease
-                told = None if lease.ddl is True or lease.ddl is False else lease.ddl
+                told = lease.told
                 lease.ddl = False  # (a pinned session's lease lasts: its next DDL is told anew)
                 if not temporary or told is not None:
                     # No read-back on a pinned connection (_maybe_release): two probes of the
@@ -1574,7 +1574,7 @@ class ClientSession(Admission):
             lease.wrote or (self.min_lsn == POSITION_UNKNOWN and self.decision is not None and self.decision.on_primary)
         )
         ddl = None
-        told = None if lease.ddl is True or lease.ddl is False else lease.ddl
+        told = lease.told
         if track_lsn:
             batches.append([_WRITE_LSN_SQL])
             if lease.ddl:

@@ -28,6 +28,12 @@ class Lease:
         # True, or under workers = N the token of the other workers' wait (DatabaseRouter.ddl_sent).
         self.ddl: bool | int = False
 
+    @property
+    def told(self) -> int | None:
+        """The token of the other workers' wait for this lending's DDL (workers = N), else None."""
+        ddl = self.ddl
+        return ddl if type(ddl) is int else None
+
     def __repr__(self) -> str:
         flags = [name for name in ("replied", "used", "wrote", "read_link", "holding", "lent") if getattr(self, name)]
         return f"<Lease {' '.join(flags) or '-'} sent={len(self.sent)}>"
