@@ -63,6 +63,15 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
         time.sleep(interval)
 
 
+def clients_waiting(console, database: str = DATABASE) -> int:
+    """SHOW POOLS' cl_waiting of *database* (every user added up), on a psycopg connection to the
+    admin console: clients whose work waits in pgtwist for a server connection."""
+    cur = console.execute("SHOW POOLS")
+    names = [d.name for d in cur.description]
+    at, db = names.index("cl_waiting"), names.index("database")
+    return sum(row[at] for row in cur.fetchall() if row[db] == database)
+
+
 def port_accepts(host: str, port: int, timeout: float = 0.5) -> bool:
     try:
         with socket.create_connection((host, port), timeout=timeout):

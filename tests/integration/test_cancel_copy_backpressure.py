@@ -15,7 +15,7 @@ from psycopg import errors as pgerrors
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 
-from tests.harness.proxy import RawClient, wait_for
+from tests.harness.proxy import RawClient, clients_waiting, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -297,8 +297,7 @@ def test_cancel_of_a_statement_waiting_for_the_pool_stops_it_before_it_runs(pg_c
         console = px.connect(dbname="pgbalance", user=c.superuser, password=c.superuser_password)
 
         def queued_in_pgtwist() -> bool:
-            rows = console.execute("SHOW POOLS").fetchall()
-            return any(row[0] == "appdb" and row[3] >= 1 for row in rows)  # (database, user, cl_active, cl_waiting)
+            return clients_waiting(console) >= 1
 
         with console, px.connect() as holder, px.connect() as waiter:
             busy = Worker(lambda: holder.execute("SELECT pg_sleep(2) /* itest-cancel-wait */"))

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import psycopg
 import pytest
 
-from tests.harness.proxy import DATABASE, start_proxy, wait_for
+from tests.harness.proxy import DATABASE, clients_waiting, start_proxy, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -291,12 +291,7 @@ def test_an_empty_pipeline_does_not_wait_for_a_full_pool(pg_cluster, tmp_path):
             with ThreadPoolExecutor(1) as pool:
                 done = pool.submit(pipeline)
                 with px.connect(dbname="pgbalance", autocommit=True) as console:
-
-                    def waiting():
-                        cur = console.execute("SHOW POOLS")
-                        return next(r for r in cur.fetchall() if r[0] == DATABASE)[[d.name for d in cur.description].index("cl_waiting")]
-
-                    wait_for(waiting, 10, "the pipeline's statement waiting", interval=0.02)
+                    wait_for(lambda: clients_waiting(console), 10, "the pipeline's statement waiting", interval=0.02)
                 other.cancel()
                 started = time.monotonic()
                 done.result(10)

@@ -276,13 +276,7 @@ def test_a_cancel_for_a_statement_waiting_for_a_connection_reaches_its_worker(pg
                 t = threading.Thread(target=wait)
                 t.start()
                 with px.connect(dbname="pgbalance") as console:
-
-                    def waiting():
-                        cur = console.execute("SHOW POOLS")
-                        at = [d.name for d in cur.description].index("cl_waiting")
-                        return sum(r[at] for r in cur.fetchall() if r[0] == "appdb")
-
-                    wait_for(waiting, 10, "the statement waiting", interval=0.02)
+                    wait_for(lambda: proxymod.clients_waiting(console), 10, "the statement waiting", interval=0.02)
                 before = px.log_text().count("forwarded there")
                 waiter.cancel()
                 t.join(10)
