@@ -701,7 +701,7 @@ class ClientSession(Admission):
             self.relay.schema.ddl()
             self._tx_end |= _DDL_SENT
             lease = self.lease
-            temporary = (effects.pin or self.pinned or "").startswith("temporary")
+            temporary = _temporary(effects.pin or self.pinned)
             if self.proxy.worker is not None and not temporary:
                 # workers = N: the other workers' clocks too, now and at the commit (a copy they
                 # prepare in between saw the old schema), as this one's (_transaction_ended).
@@ -1516,7 +1516,7 @@ class ClientSession(Admission):
         from a replica; told when the DDL was sent, they would send every read to the primary for
         as long as it ran (a migration, CREATE INDEX CONCURRENTLY). The wait's token is the
         lease's until its read-back settles it (DatabaseRouter.ddl_sent)."""
-        if not self._tx_end & _DDL_SENT or (self.pinned or "").startswith("temporary"):
+        if not self._tx_end & _DDL_SENT or _temporary(self.pinned):
             return
         worker = self.proxy.worker
         if worker is None:
@@ -1532,7 +1532,7 @@ class ClientSession(Admission):
         if done & _DDL_SENT:
             self.relay.schema.ddl()  # (committed now: see _note_effects)
             self.router.schema_changed()  # (function volatility: the monitor reads pg_proc again)
-            temporary = self.pinned.startswith("temporary") if self.pinned else False
+            temporary = _temporary(self.pinned)
             if self.pinned:
                 lease = self.lease
                 told = lease.told
@@ -1587,7 +1587,7 @@ class ClientSession(Admission):
             self._enter(PREPARING)
             server.unlink()
             d = server.run_for_client(batches).addCallbacks(
-                lambda _: self._read_back(server, names, track_lsn, ddl), lambda _: self._read_back_failed(server, track_lsn, ddl)
+                lambda _: self._read_back(server, names, track_lsn, ddl), lambda _: self._read_back_failed(server, track_lsn)
             )
             if ddl is not None:
                 d.addBoth(_settled, ddl)  # (whatever went wrong on the way: the wait ends)
@@ -1666,10 +1666,9 @@ class ClientSession(Admission):
         if self.state is LINKED and self.server is server and self.lease.lent:
             self._give_back(server)
 
-    def _read_back_failed(self, server, track_lsn: bool = False, ddl=None) -> None:
-        """The server connection ended while the proxy read back what the client's transaction left."""
-        if ddl is not None:
-            ddl(None)
+    def _read_back_failed(self, server, track_lsn: bool = False) -> None:
+        """The server connection ended while the proxy read back what the client's transaction left.
+        (A DDL's wait ends with no position: _settled, chained after this.)"""
         self.server = None
         if track_lsn:
             self.min_lsn = POSITION_UNKNOWN  # (its write committed; where it ends is not known)
@@ -1850,8 +1849,14 @@ class ClientSession(Admission):
         self.transport.loseConnection()
 
 
+def _temporary(pin: str | None) -> bool:
+    """Whether a session is pinned by its temporary objects (analysis's "temporary table", ...):
+    their DDL is seen by no other session, so it bounds nobody's replica reads."""
+    return bool(pin) and pin.startswith("temporary")
+
+
 def _settled(result, ddl):
     """End of a DDL's read-back, however it went: the wait it held every replica read in ends
-    (a no-op once _read_back or _read_back_failed has ended it with what it learnt)."""
+    (a no-op once _read_back has ended it with the position it read)."""
     ddl(None)
     return result
