@@ -71,9 +71,9 @@ class DatabaseRouter:
         self.schema_lsn = 0
         self.ddl_pending = 0
         # Under workers = N (a workers.WorkerLink): the other workers' routers of this database
-        # hold and bound their reads for this one's DDL too (notices.Receiver). told: the waits
-        # they hold for this worker's sessions (token -> session), renewed each janitor tick
-        # until settled.
+        # hold and bound their reads for this one's DDL too (notices.DdlWaits). told: the waits
+        # they hold for this worker's DDL, token -> (session, lease) until a read-back or probes
+        # claim it (then None), renewed each janitor tick until settled.
         self.elsewhere = None
         self.told: dict[int, object] = {}
 
@@ -119,11 +119,11 @@ class DatabaseRouter:
             self.monitor.functions_changed()
 
     def ddl_sent(self, session, lease) -> int | None:
-        """*session* sent DDL (not yet committed): under workers = N the other workers hold their
-        replica reads from now. Told at the commit, they could hear of it after the DDL's client
-        had its answer and the application's next connection, on another worker, had read from a
-        replica. Returns the wait's token (None: nobody to tell), which the read-back after the
-        commit settles (ddl_reading_back), or ddl_untold when none comes."""
+        """*session*'s DDL has committed and the answer is about to go to its client
+        (ClientSession._answering): under workers = N the other workers hold their replica reads
+        from now, before the application's next connection, on another worker, can read. Returns
+        the wait's token (None: nobody to tell), which the read-back settles (ddl_reading_back),
+        or probes (ddl_by_probe), or ddl_untold when neither comes."""
         elsewhere = self.elsewhere
         if elsewhere is None or not self.clustered or not self.config.read_your_writes:
             return None
