@@ -250,5 +250,49 @@ def set_setting(proxy, key: str, text: str, service=None):
     proxy.apply_config(configmod.applicable(current, new), changes)
     if service is not None:
         service.config = proxy.config
+    proxy.overrides.pop(key, None)  # (the latest last: a restarted worker takes them in this order)
+    proxy.overrides[key] = text
     log.info("SET {key} = {value} (until the next reload)", key=key, value=value)
     return value
+
+
+# -- what a restarted worker takes on ------------------------------------------------------------
+
+
+def console_state(proxy) -> dict:
+    """What the console changed here that the file does not say: the databases PAUSEd ("*": all;
+    KILL db pauses too) and DISABLEd, and each SET since the file was last read, as typed. JSON.
+
+    workers = N: a worker restarted by its supervisor asks a live one for this (workers.StateResource)
+    and takes it on (take_state) before it serves, so that it does not serve what the operator
+    paused or disabled on every worker, with settings the others no longer have.
+    """
+    return {"paused": sorted(proxy.paused), "disabled": sorted(proxy.disabled), "set": dict(proxy.overrides)}
+
+
+def take_state(proxy, state: dict, service=None) -> tuple[list[str], list[str]]:
+    """Do here what console_state() of another worker says was done there, by the console's own
+    actions (each logs its line, as it does for the console). Returns (what was done, what could
+    not be and why), one command each: what could not be names a database or takes a value this
+    worker's file does not allow (the file changed, and the others have not reloaded it)."""
+    taken, skipped = [], []
+    steps = [(pause, name) for name in state.get("paused", ())] + [(disable, name) for name in state.get("disabled", ())]
+    for action, name in steps:
+        command = f"{action.__name__.upper()} {name}"
+        try:
+            action(proxy, name)
+        except ActionError as e:
+            skipped.append(f"{command}: {e}")
+        else:
+            taken.append(command)
+    for key, text in state.get("set", {}).items():
+        command = f"SET {key} = {text}"
+        try:
+            set_setting(proxy, key, text, service)
+        except KeyError:
+            skipped.append(f"{command}: not a setting SET changes")
+        except ActionError as e:
+            skipped.append(f"{command}: {e}")
+        else:
+            taken.append(command)
+    return taken, skipped

@@ -87,6 +87,9 @@ class Proxy:
         self.draining = False  # shutting down: clients leave as soon as they are between transactions
         self.paused: set[str] = set()  # databases PAUSEd ("*": all)
         self.disabled: set[str] = set()  # databases DISABLEd: new clients refused (55000)
+        # SET key = value since the file was last read (key -> the value as typed; a reload drops
+        # them): with paused and disabled, what a restarted worker takes on (actions.console_state).
+        self.overrides: dict[str, str] = {}
         self.retired_pools: set[Pool] = set()  # removed by a reload, closing as their clients finish
         self.routers: dict[str, DatabaseRouter] = {}
         # The [routing_hook] callable, loaded once per configuration (start, each reload), shared by every router.

@@ -52,6 +52,7 @@ def reload_file(proxy) -> ReloadOutcome:
     if new_tls is not None:
         proxy.use_tls(*new_tls)  # (first: routers the config change rebuilds probe with it too)
     proxy.apply_config(effective, changes)
+    proxy.overrides.clear()  # (SET lasts until the file is read again: its values are the file's now)
     counters.reloads += 1
     if changes:
         log.info(

@@ -543,3 +543,49 @@ def test_set_pool_size_below_one_is_refused():
     with pytest.raises(actions.ActionError):
         actions.set_setting(proxy, "pool_size", "0")
     assert proxy.config.databases["appdb"].pool_size == 2
+
+
+# -- what a restarted worker takes on (workers = N) ----------------------------------------------------
+
+
+def test_the_consoles_state_is_what_it_paused_disabled_and_set_and_another_proxy_takes_it_on():
+    # A worker restarted after a death started from the file: it served what the operator had
+    # paused or disabled on every worker, with settings SET on the others only.
+    import json
+
+    live = TestProxy(make_config())
+    session, transport = admin_session(live)
+    transport.clear()
+    session.got_data(m.query(
+        "PAUSE appdb; DISABLE appdb; SET query_wait_timeout = 7; SET client_encoding = 'UTF8'; SET pool_size = 3; SET query_wait_timeout = '9'"
+    ))
+    assert types(transport.value()) == "CCCCCCZ"
+    state = json.loads(json.dumps(actions.console_state(live)))  # (what it is on the wire)
+    # (SET as typed, the latest last; client_encoding and the like a driver sets are not pgtwist's)
+    assert state == {"paused": ["appdb"], "disabled": ["appdb"], "set": {"pool_size": "3", "query_wait_timeout": "'9'"}}
+
+    restarted = TestProxy(make_config())
+    taken, skipped = actions.take_state(restarted, state)
+    assert taken == ["PAUSE appdb", "DISABLE appdb", "SET pool_size = 3", "SET query_wait_timeout = '9'"] and skipped == []
+    assert actions.console_state(restarted) == state  # (and it passes them on, should another restart)
+    assert restarted.config.query_wait_timeout == 9 and restarted.config.databases["appdb"].pool_size == 2  # (its own)
+    waiting, _ = client(restarted)
+    assert waiting.state == "closed"  # disabled
+    restarted.disabled.clear()
+    waiting, _ = client(restarted)
+    assert waiting.state == "waiting" and next(iter(restarted.pools.values())).paused
+
+
+def test_a_state_the_file_no_longer_allows_is_skipped_and_said():
+    # The others have not reloaded a file that dropped a database (or that SET may no longer change).
+    proxy = TestProxy(make_config())
+    state = {"paused": ["*", "gone"], "disabled": ["gone"], "set": {"pool_size": "0", "listen": "'x'", "query_wait_timeout": "4"}}
+    taken, skipped = actions.take_state(proxy, state)
+    assert taken == ["PAUSE *", "SET query_wait_timeout = 4"]
+    assert skipped == [
+        'PAUSE gone: no database "gone"',
+        'DISABLE gone: no database "gone"',
+        "SET pool_size = 0: invalid value for pool_size: at least 1",
+        "SET listen = 'x': not a setting SET changes",
+    ]
+    assert proxy.paused == {"*"} and proxy.overrides == {"query_wait_timeout": "4"}

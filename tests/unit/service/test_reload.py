@@ -96,6 +96,21 @@ def test_broken_file_changes_nothing(setup):
     assert not reload.reload_file(proxy).ok and proxy.config is before
 
 
+def test_a_reload_drops_what_set_changed_and_a_broken_file_keeps_it(setup):
+    # SET lasts until the file is read again, in each worker: a worker restarted later must not
+    # take a SET the others dropped at their reload (actions.console_state).
+    from pgtwist.admin import actions
+
+    path, proxy = setup
+    actions.set_setting(proxy, "query_wait_timeout", "7")
+    path.write_text("not toml [")
+    assert not reload.reload_file(proxy).ok
+    assert proxy.overrides == {"query_wait_timeout": "7"} and proxy.config.query_wait_timeout == 7
+    write(path)
+    assert reload.reload_file(proxy).ok
+    assert proxy.overrides == {} and proxy.config.query_wait_timeout == 30
+
+
 def test_removed_database_retires_its_pool(setup):
     path, proxy = setup
     write(path, databases='[databases.other]\nnodes = ["db2:5432"]\n')
