@@ -201,6 +201,12 @@ class PgBalanceService(service.MultiService):
             super().startService()
         except CannotListenError as e:
             self._cannot_listen(e)
+        if self.worker is not None and self.worker.restarted:
+            # Before it serves (the reactor runs after this; every socket of its own is bound): a
+            # worker restarted after a death is paused, disabled and SET as the live ones are.
+            from pgtwist.service import workers
+
+            workers.take_console_state(self)
 
     def stopService(self):
         # Stop accepting first; let open transactions finish (graceful) and close the clients; then the rest.

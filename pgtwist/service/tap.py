@@ -21,7 +21,7 @@ class Options(usage.Options):
         ["config", "c", None, "Path of the TOML configuration file."],
         ["demo-replicas", None, 1, "Number of streaming replicas the demo starts.", int],
         ["demo-listen", None, "127.0.0.1:6432", "Where the demo's pgtwist listens."],
-        ["worker", None, None, "(internal) Run as worker I of N under a supervisor: I/N:FD:DIR."],
+        ["worker", None, None, "(internal) Run as worker I of N under a supervisor: I/N:FD:DIR (I/Nr: a restart)."],
     ]
     optFlags = [
         ["demo", None, "Start a throwaway local PostgreSQL primary + replica and front them (needs PostgreSQL binaries)."],

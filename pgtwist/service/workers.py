@@ -28,7 +28,7 @@ import struct
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from twisted.application import internet, service
 from twisted.internet import defer, error, protocol
@@ -76,24 +76,27 @@ def worker_of(secret: bytes, count: int) -> int | None:
 
 @dataclass(frozen=True)
 class WorkerSpec:
-    """Who a worker is: its number of *count*, the inherited listening socket, the supervisor's run directory."""
+    """Who a worker is: its number of *count*, the inherited listening socket, the supervisor's run
+    directory, and whether it is a restart (of one that died: it takes on the console's state)."""
 
     index: int
     count: int
     listen_fd: int
     rundir: str
+    restarted: bool = False
 
     def to_arg(self) -> str:
-        return f"{self.index}/{self.count}:{self.listen_fd}:{self.rundir}"
+        return f"{self.index}/{self.count}{'r' if self.restarted else ''}:{self.listen_fd}:{self.rundir}"
 
     @classmethod
     def parse(cls, text: str) -> "WorkerSpec":
         try:
             numbers, fd, rundir = text.split(":", 2)
-            index, count = (int(x) for x in numbers.split("/"))
-            spec = cls(index, count, int(fd), rundir)
+            restarted = numbers.endswith("r")
+            index, count = (int(x) for x in numbers.removesuffix("r").split("/"))
+            spec = cls(index, count, int(fd), rundir, restarted)
         except ValueError:
-            raise ValueError(f"--worker wants I/N:FD:DIR, not {text!r}") from None
+            raise ValueError(f"--worker wants I/N[r]:FD:DIR, not {text!r}") from None
         if not 0 <= spec.index < spec.count:
             raise ValueError(f"--worker: no worker {spec.index} of {spec.count}")
         return spec
@@ -162,6 +165,41 @@ class WorkerLink:
             if status != 200:
                 missing.append(index)
         return missing
+
+    def console_state(self, wait: float | None = None, ask=None, now=time.monotonic) -> tuple[int, dict] | None:
+        """(the worker that answered, its actions.console_state), asked of the others in turn for up
+        to *wait* s in all; None when none answered (each alone, or each starting too).
+
+        Blocking, as request() is, and called before the reactor runs (PgBalanceService.startService):
+        this worker's own sockets are bound by then but not served, so a console command another
+        worker sends meanwhile (RESUME) waits in its queue and is done after the state is taken, not
+        undone by it. A worker that is busy (blocked on us, say, in its own request() of up to
+        SHOW_TIMEOUT) is asked again until *wait* is over; one that refuses (dead, or with its
+        socket not bound yet) is not.
+        """
+        ask = ask or request
+        deadline = now() + (STATE_WAIT if wait is None else wait)
+        others = [i for i in range(self.spec.count) if i != self.spec.index]
+        while others:
+            for index in list(others):
+                left = deadline - now()
+                if left <= 0:
+                    return None
+                try:
+                    status, body = ask(self.spec.http_socket(index), "GET", "/state", min(left, STATE_TRY))
+                except TimeoutError:
+                    continue
+                except OSError:
+                    others.remove(index)
+                    continue
+                try:
+                    state = json.loads(body) if status == 200 else None
+                except ValueError:
+                    state = None
+                if isinstance(state, dict):
+                    return index, state
+                others.remove(index)  # (a worker of an older pgtwist, say: no /state there)
+        return None
 
     def free(self, names, node: str) -> None:
         """A client's DROP DATABASE (or kin) of *names* was refused on *node* for sessions in them:
@@ -296,6 +334,7 @@ def worker_services(svc, spec: WorkerSpec, reactor) -> list:
     ):
         root.putChild(name.encode(), PauseResource(svc.proxy, action))
     root.putChild(b"set", SetResource(svc.proxy))
+    root.putChild(b"state", StateResource(svc.proxy))
     site = server.Site(root)
     site.noisy = False
     svc.proxy.notices = notices.Receiver(svc.proxy)
@@ -323,6 +362,11 @@ SHOWN = (
 )
 WORKER_COLUMN = ("worker", int)
 SHOW_TIMEOUT = 1.0
+# A restarted worker asks the others for the console's state for up to STATE_WAIT s in all, each
+# for up to STATE_TRY s at a time: past SHOW_TIMEOUT, so a worker blocked on this one (its console
+# asking this one, which does not answer until it runs) is free again and answers in time.
+STATE_WAIT = 1.5
+STATE_TRY = 0.5
 
 
 class ShowResource(resource.Resource):
@@ -409,6 +453,47 @@ class SetResource(resource.Resource):
             request.setResponseCode(404)
             return f"{e}\n".encode()
         return b"done\n"
+
+
+class StateResource(resource.Resource):
+    """GET /state on a worker's unix socket: actions.console_state, as JSON, asked by a restarted worker."""
+
+    isLeaf = True
+
+    def __init__(self, proxy):
+        super().__init__()
+        self.proxy = proxy
+
+    def render_GET(self, request):
+        from pgtwist.admin import actions
+
+        request.setHeader(b"Content-Type", b"application/json")
+        return json.dumps(actions.console_state(self.proxy)).encode()
+
+
+def take_console_state(svc) -> None:
+    """A restarted worker (*svc*, before it serves) does what the console did on the live workers:
+    PAUSE, DISABLE and SET as they have them (actions.take_state). With no worker answering it
+    starts from the file, as a first start does, and says so."""
+    spec = svc.worker
+    found = svc.proxy.worker.console_state()
+    if found is None:
+        log.warn(
+            "worker {index} restarted: no other worker answered within {wait:g} s; it starts from {source} "
+            "(not paused, disabled or SET as the console may have left the others)",
+            index=spec.index, wait=STATE_WAIT, source=svc.config.source,
+        )
+        return
+    index, state = found
+    from pgtwist.admin import actions
+
+    taken, skipped = actions.take_state(svc.proxy, state, svc)
+    log.info(
+        "worker {index} restarted: took the console's state from worker {other}: {taken}",
+        index=spec.index, other=index, taken="; ".join(taken) or "nothing paused, disabled or SET",
+    )
+    for line in skipped:
+        log.warn("worker {index} restarted: not taken from worker {other}: {line}", index=spec.index, other=index, line=line)
 
 
 def request(path: str, method: str, target: str, timeout: float = SHOW_TIMEOUT) -> tuple[int, bytes]:
@@ -619,7 +704,8 @@ class Supervisor(service.MultiService):
 
     def _start(self, worker: _Worker) -> None:
         worker.restart = None
-        spec = self.spec_for(worker)
+        # (a restart takes on what the console did to the live workers: workers.take_console_state)
+        spec = replace(self.spec_for(worker), restarted=worker.pid is not None)
         worker.exited = defer.Deferred()
         worker.started_at = self.reactor.seconds()
         worker.process = self.spawn(

@@ -315,22 +315,25 @@ def test_ddl_through_one_worker_makes_the_others_prepare_their_statements_again(
             migrator.execute(f"DROP TABLE {table}")
 
 
+def console_on(px, worker: int) -> psycopg.Connection:
+    """An admin console connection that *worker* serves."""
+    for _ in range(40):
+        conn = px.connect(dbname="pgbalance", autocommit=True)
+        if worker_of(px, conn) == worker:
+            return conn
+        conn.close()
+    raise AssertionError(f"no console on worker {worker}")
+
+
+def config_value(console: psycopg.Connection, key: str):
+    return next(row[1] for row in console.execute("SHOW CONFIG").fetchall() if row[0] == key)
+
+
 def test_console_commands_act_on_every_worker(px):
     # The operator asked the one pgtwist, whichever worker the console landed on: DISABLE, SET,
     # RECONNECT and KILL db acted on that worker alone (new clients of the others still came in,
     # the others kept their old pool_size and their server connections).
-    def console_on(worker: int):
-        for _ in range(40):
-            conn = px.connect(dbname="pgbalance", autocommit=True)
-            if worker_of(px, conn) == worker:
-                return conn
-            conn.close()
-        raise AssertionError(f"no console on worker {worker}")
-
-    def config_value(conn, key):
-        return next(row[1] for row in conn.execute("SHOW CONFIG").fetchall() if row[0] == key)
-
-    with console_on(0) as console, console_on(1) as other:
+    with console_on(px, 0) as console, console_on(px, 1) as other:
         console.execute("DISABLE appdb")
         for _ in range(8):  # (spread over both workers by the kernel)
             with pytest.raises(psycopg.OperationalError, match="not currently accepting connections"):
@@ -363,6 +366,50 @@ def test_console_commands_act_on_every_worker(px):
         console.execute("RESUME appdb")
         with px.connect() as conn:
             assert conn.execute("SELECT 1").fetchone()[0] == 1
+
+
+def test_a_restarted_worker_takes_on_what_the_console_did(px):
+    # PAUSE, DISABLE and SET reach every live worker; one restarted after a death started from the
+    # file: it served the database the operator had paused for maintenance, or disabled.
+    with console_on(px, 1) as console:
+        console.execute("PAUSE appdb")
+        console.execute("DISABLE appdb")
+        console.execute("SET query_wait_timeout = 17")
+        pids = worker_pids(px)
+        os.kill(pids[0], signal.SIGKILL)
+        wait_for(lambda: worker_pids(px).get(0) not in (None, pids[0]), 20, "worker 0 restarted")
+        wait_for(lambda: px.log_text().count("listening on") >= 4, 20, "the new worker 0 listening")
+        for _ in range(12):  # (spread over both workers by the kernel)
+            with pytest.raises(psycopg.OperationalError, match="not currently accepting connections"):
+                px.connect()
+        assert re.search(r"worker 0 restarted: took the console's state from worker 1: PAUSE appdb; DISABLE appdb; SET query_wait_timeout = 17", px.log_text())
+
+        console.execute("ENABLE appdb")
+        with console_on(px, 0) as restarted:
+            assert str(config_value(restarted, "query_wait_timeout")) in ("17", "17.0")
+        # Paused: a new client waits (its login needs a server connection), on either worker.
+        answers = []
+
+        def client():
+            with px.connect() as conn:
+                answers.append(conn.execute("SELECT 1").fetchone()[0])
+
+        clients = [threading.Thread(target=client) for _ in range(10)]
+        for t in clients:
+            t.start()
+
+        def workers_with_clients():
+            cur = console.execute("SHOW CLIENTS")
+            names = [d.name for d in cur.description]
+            database, worker = names.index("database"), names.index("worker")
+            return {row[worker] for row in cur.fetchall() if row[database] == "appdb"}
+
+        wait_for(lambda: workers_with_clients() == {0, 1}, 10, "clients waiting on both workers")
+        assert answers == []
+        console.execute("RESUME appdb")
+        for t in clients:
+            t.join(10)
+        assert answers == [1] * 10
 
 
 def test_max_db_connections_caps_every_worker_together(pg_cluster, tmp_path, admin):

@@ -54,7 +54,9 @@ def test_a_key_naming_no_worker_is_nobodys():
 def test_worker_spec_round_trips_and_refuses_nonsense():
     spec = workers.WorkerSpec(1, 4, 3, "/tmp/x:y")
     assert workers.WorkerSpec.parse(spec.to_arg()) == spec
-    for bad in ("", "1:3:/tmp", "4/4:3:/tmp", "a/b:3:/tmp"):
+    restart = workers.WorkerSpec(1, 4, 3, "/tmp/x:y", restarted=True)
+    assert restart.to_arg() == "1/4r:3:/tmp/x:y" and workers.WorkerSpec.parse(restart.to_arg()) == restart
+    for bad in ("", "1:3:/tmp", "4/4:3:/tmp", "a/b:3:/tmp", "1r/4:3:/tmp", "1/4rr:3:/tmp"):
         with pytest.raises(ValueError):
             workers.WorkerSpec.parse(bad)
     from pgtwist.config import Address
@@ -240,6 +242,14 @@ def test_a_dead_worker_is_restarted_with_growing_back_off_that_resets_once_it_li
     assert sup.alive() == [0, 1]
     assert sup.restarts == 5
     assert workers.restart_delay(50) == workers.BACKOFF_MAX
+
+
+def test_only_a_restart_is_told_it_is_one():
+    # (a restart takes on the console's state from a live worker; at the first start none has any)
+    sup, clock, spawned = make_supervisor(2)
+    spawned[1][1].end(killed())
+    clock.advance(workers.BACKOFF_FIRST)
+    assert [spec.to_arg() for spec, _ in spawned] == ["0/2:3:/run/pgtwist-test", "1/2:3:/run/pgtwist-test", "1/2r:3:/run/pgtwist-test"]
 
 
 def test_sighup_reaches_every_worker():
@@ -456,3 +466,110 @@ def test_a_limit_below_the_number_of_workers_is_warned_of():
     config = make_config(workers=4, max_db_connections=2, users={"app": {"password": "pw", "max_user_connections": 8}, "admin": {"password": "adminpw"}})
     assert config.warnings == ("max_db_connections: below workers (4) for appdb: each worker keeps one connection, 4 in all",)
     assert make_config(workers=2, max_db_connections=2).warnings == ()
+
+
+# -- a restarted worker takes on the console's state ---------------------------------------------------
+
+
+class Asked:
+    """request() for console_state: each worker's answers in turn (an exception is raised), and a
+    clock that each answer moves on by what it took."""
+
+    def __init__(self, answers: dict[int, list], took: float = 0.0):
+        self.answers = answers
+        self.took = took
+        self.now = 100.0
+        self.asked: list[tuple[int, float]] = []
+
+    def __call__(self, path, method, target, timeout):
+        assert (method, target) == ("GET", "/state")
+        index = int(path.rsplit("-", 1)[1].split(".")[0])
+        self.asked.append((index, timeout))
+        answer = self.answers[index].pop(0)
+        if isinstance(answer, Exception):
+            self.now += timeout if isinstance(answer, TimeoutError) else 0.0
+            raise answer
+        self.now += self.took
+        return answer
+
+    def clock(self):
+        return self.now
+
+
+STATE = {"paused": ["appdb"], "disabled": [], "set": {"query_wait_timeout": "7"}}
+
+
+def test_a_restart_asks_the_others_in_turn_and_takes_the_first_answer():
+    import json
+
+    link = workers.WorkerLink(workers.WorkerSpec(1, 4, 3, "/run/pgtwist", restarted=True), MemoryReactorClock())
+    # Worker 0 is dead (its socket refuses), 2 is starting too (an old pgtwist's 404, say), 3 answers.
+    ask = Asked({0: [ConnectionRefusedError()], 2: [(404, b"no such resource")], 3: [(200, json.dumps(STATE).encode())]})
+    assert link.console_state(ask=ask, now=ask.clock) == (3, STATE)
+    assert [i for i, _ in ask.asked] == [0, 2, 3]
+
+
+def test_a_busy_worker_is_asked_again_until_the_wait_is_over():
+    # Worker 0 is blocked on this one (its console asking it, which does not answer until it
+    # runs): free once its own request() times out, it answers the second time.
+    import json
+
+    link = workers.WorkerLink(workers.WorkerSpec(1, 2, 3, "/run/pgtwist", restarted=True), MemoryReactorClock())
+    ask = Asked({0: [TimeoutError(), TimeoutError(), (200, json.dumps(STATE).encode())]})
+    assert link.console_state(ask=ask, now=ask.clock) == (0, STATE)
+    assert ask.asked == [(0, workers.STATE_TRY)] * 3
+    assert 2 * workers.STATE_TRY < workers.STATE_WAIT and workers.STATE_WAIT > workers.SHOW_TIMEOUT
+
+
+def test_with_no_worker_answering_a_restart_waits_no_more_than_state_wait():
+    link = workers.WorkerLink(workers.WorkerSpec(0, 3, 3, "/run/pgtwist", restarted=True), MemoryReactorClock())
+    ask = Asked({1: [TimeoutError()] * 10, 2: [TimeoutError()] * 10})
+    assert link.console_state(ask=ask, now=ask.clock) is None
+    assert ask.now - 100.0 == pytest.approx(workers.STATE_WAIT)
+    ask = Asked({1: [FileNotFoundError()], 2: [ConnectionRefusedError()]})  # (every other one dead: at once)
+    assert link.console_state(ask=ask, now=ask.clock) is None and ask.now == 100.0
+
+
+def test_a_worker_serves_its_console_state():
+    import json
+
+    from twisted.web.test.requesthelper import DummyRequest
+
+    from tests.harness.admin_support import TestProxy
+
+    proxy = TestProxy(make_config())
+    proxy.paused.add("*")
+    proxy.overrides["pool_size"] = "3"
+    request = DummyRequest([])
+    body = workers.StateResource(proxy).render_GET(request)
+    assert json.loads(body) == {"paused": ["*"], "disabled": [], "set": {"pool_size": "3"}}
+    assert request.responseHeaders.getRawHeaders(b"content-type") == [b"application/json"]
+
+
+def test_a_restarted_worker_takes_the_state_and_says_so_or_says_it_starts_from_the_file(monkeypatch):
+    from twisted.logger import Logger, formatEvent
+
+    from tests.harness.admin_support import TestProxy
+
+    class Svc:
+        def __init__(self, found):
+            self.worker = workers.WorkerSpec(1, 2, 3, "/run/pgtwist", restarted=True)
+            self.proxy = TestProxy(make_config())
+            self.proxy.worker = workers.WorkerLink(self.worker, self.proxy.reactor)
+            self.proxy.worker.console_state = lambda: found
+            self.config = self.proxy.config
+
+    events: list[dict] = []
+    monkeypatch.setattr(workers, "log", Logger(namespace="test", observer=events.append))
+    svc = Svc((0, dict(STATE, disabled=["gone"])))
+    workers.take_console_state(svc)
+    assert svc.proxy.paused == {"appdb"} and svc.config.query_wait_timeout == 7  # (the service's config too)
+    svc = Svc(None)
+    workers.take_console_state(svc)
+    assert svc.proxy.paused == set() and svc.proxy.overrides == {}
+    assert [formatEvent(e) for e in events] == [
+        "worker 1 restarted: took the console's state from worker 0: PAUSE appdb; SET query_wait_timeout = 7",
+        'worker 1 restarted: not taken from worker 0: DISABLE gone: no database "gone"',
+        "worker 1 restarted: no other worker answered within 1.5 s; it starts from <memory> "
+        "(not paused, disabled or SET as the console may have left the others)",
+    ]
