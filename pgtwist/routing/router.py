@@ -70,6 +70,9 @@ class DatabaseRouter:
         # position of one is being read back (ddl_pending).
         self.schema_lsn = 0
         self.ddl_pending = 0
+        # Promotions seen (new_primary): a read-back begun before one settles with no position,
+        # as what it reads may be of the old primary's timeline.
+        self.promotions = 0
         # Under workers = N (a workers.WorkerLink): the other workers' routers of this database
         # hold and bound their reads for this one's DDL too (notices.DdlWaits). told: the waits
         # they hold for this worker's DDL, token -> (session, lease) until a read-back or probes
@@ -162,6 +165,7 @@ class DatabaseRouter:
         worker told this one of)."""
         self.ddl_pending += 1
         settled = False
+        promotions = self.promotions
         elsewhere = self.elsewhere if shared else None
         name = self.database.name
         if elsewhere is not None:
@@ -174,6 +178,11 @@ class DatabaseRouter:
             if not settled:
                 settled = True
                 self.ddl_pending -= 1
+                if self.promotions != promotions:
+                    # Read (or told) from the primary before a promotion: a position on the old
+                    # timeline, which the new primary's replicas may never reach, would hold
+                    # every read on the primary; nor would it tell the others anything true.
+                    position = None
                 self.ddl_committed(position)
                 if elsewhere is not None and self.told.pop(token, False) is not False:
                     elsewhere.ddl_settle(name, token, position)
@@ -209,8 +218,10 @@ class DatabaseRouter:
 
     def new_primary(self) -> None:
         """A replica was promoted: a position of the old primary's may never come on the new one's
-        timeline (what it had not streamed is lost), and would keep every read on the primary."""
+        timeline (what it had not streamed is lost), and would keep every read on the primary.
+        The same holds for a read-back under way now: it settles with no position (ddl_reading_back)."""
         self.schema_lsn = 0
+        self.promotions += 1
 
     def decide(
         self,

@@ -543,6 +543,20 @@ def test_a_promotion_forgets_the_old_primary_s_ddl_position():
     assert router.schema_lsn == 0
 
 
+def test_a_ddl_read_back_that_spans_a_promotion_bounds_nothing_by_the_old_timeline():
+    # The DDL committed on the old primary; its position is read back there as a replica is
+    # promoted. That position may never come on the new timeline: reads would stay on the
+    # primary until the new one wrote that far.
+    s = Setup()
+    migrator, _ = s.client()
+    server = run(migrator, "CREATE TABLE t (x int)")
+    router = s.proxy.routers["appdb"]
+    assert router.ddl_pending == 1
+    s.proxy._node_changed(s.proxy.config.databases["appdb"], s.monitor.states[R1], "promoted")
+    finish_lsn(server, insert="0/9000", flush="0/9000")
+    assert router.ddl_pending == 0 and router.schema_lsn == 0
+
+
 def test_ddl_from_a_pinned_session_bounds_replica_reads_by_a_probe_begun_after_it():
     # Migration tools hold a session advisory lock (Rails, golang-migrate): the session is pinned
     # and no read-back runs on its connection. A probe of the primary that began after the commit
