@@ -725,7 +725,14 @@ def _analyze(sql: str) -> Analysis:
         effects = _UNPARSABLE_DDL if may_change and _starts_like_ddl(sql.lower()) else NO_EFFECTS
         return Analysis(Classification(False, "too complex to classify", hint=hint), effects)
     effects = _effects(stmts) if may_change else NO_EFFECTS
-    return Analysis(_routing(sql, stmts, hint), effects, bool(effects.deallocate or effects.frees))
+    routing = _routing(sql, stmts, hint)
+    if effects.pin and routing.read_only:
+        # A read that pins the session (SQL PREPARE of a SELECT, DECLARE ... WITH HOLD, LISTEN,
+        # LOAD) keeps it on that server connection for good: on a replica every later write of
+        # the session would fail (25006), and LISTEN is refused there. It goes to the primary, as
+        # a direct connection's would. (A /* pgtwist:replica */ hint still wins: route().)
+        routing = replace(routing, read_only=False, reason=f"pins the session ({effects.pin})")
+    return Analysis(routing, effects, bool(effects.deallocate or effects.frees))
 
 
 def _effects(stmts: list) -> SessionEffects:

@@ -186,6 +186,23 @@ def test_writes_in_disguise_reach_the_primary(rproxy, cluster, sql):
             assert one(conn, sql)[0] == primary
 
 
+@pytest.mark.parametrize(
+    "pin",
+    [
+        pytest.param("DECLARE c CURSOR WITH HOLD FOR SELECT inet_server_port()", id="cursor-with-hold"),
+        pytest.param("SET ROLE {user}", id="set-role"),
+    ],
+)
+def test_a_read_that_pins_the_session_goes_to_the_primary_and_its_writes_work(rproxy, cluster, pin):
+    # Placed on a replica as the read it is, it pinned the session there for good: every later
+    # write of that client failed, 25006 "cannot execute INSERT in a read-only transaction".
+    primary, _, _ = ports(cluster)
+    with rproxy.connect() as conn:
+        conn.execute(pin.format(user=cluster.app_user))
+        assert one(conn, "SELECT inet_server_port()")[0] == primary
+        assert one(conn, "INSERT INTO rt (v, port) VALUES (20, inet_server_port()) RETURNING port")[0] == primary
+
+
 def test_functions_that_only_read_go_to_replicas(rproxy, cluster):
     primary, r1, r2 = ports(cluster)
     with rproxy.connect() as conn:

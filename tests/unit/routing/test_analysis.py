@@ -104,6 +104,10 @@ WRITES = [
     ("SELEC 1", "unparsable"),
     ("SELECT * FROM", "unparsable"),
     ("PREPARE TRANSACTION 'x'", "two-phase commit"),
+    # Reads that pin the session (on a replica, its later writes would fail there: 25006).
+    ("DECLARE c CURSOR WITH HOLD FOR SELECT 1", "pins the session (cursor WITH HOLD)"),
+    ("SET ROLE bob", "pins the session (SET ROLE)"),
+    ("SET SESSION AUTHORIZATION bob", "pins the session (SET SESSION_AUTHORIZATION)"),
     ("COMMIT PREPARED 'x'", "two-phase commit"),
 ]
 
