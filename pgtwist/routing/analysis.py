@@ -84,6 +84,28 @@ def _starts_like_ddl(low: str) -> bool:
     return False
 
 
+class DdlStep(NamedTuple):
+    """One DDL statement's part (or one object's, of a DROP) as far as temporary relations go.
+
+    *op* is one of: CREATES a temporary relation *name* (CREATES_DROP: ON COMMIT DROP); ALTERS
+    the relation *schema*.*name* ("" when unqualified; with *new*, an index it creates by that
+    name); DROPS it; RENAMES it to *new*; SHARED, a change other sessions may see (anything
+    else: a permanent relation, a function, a type, a DO block...); DISCARDS every temporary one.
+    """
+
+    op: str
+    schema: str = ""
+    name: str = ""
+    new: str = ""
+
+
+CREATES, CREATES_DROP, ALTERS, DROPS, RENAMES, SHARED, DISCARDS = (
+    "creates", "creates_drop", "alters", "drops", "renames", "shared", "discards"
+)
+_SHARED_STEP = DdlStep(SHARED)
+_DISCARD_STEP = DdlStep(DISCARDS)
+
+
 @dataclass(frozen=True)
 class SessionEffects:
     settings: frozenset[str] = frozenset()  # names a SET/RESET (not LOCAL) or set_config(..., false) changes
@@ -105,6 +127,10 @@ class SessionEffects:
     # RENAME TO or SET TABLESPACE, CREATE DATABASE ... TEMPLATE): pgtwist's idle connections
     # to them would make PostgreSQL refuse it (55006), where a direct client would succeed.
     frees: tuple[str, ...] = ()
+    # What its DDL (and DISCARD TEMP/ALL) does as far as temporary relations go, statement by
+    # statement in text order: whether other sessions can see it is the session's to judge, by
+    # the temporary relations it made before (temporaries.Temporaries.after).
+    ddl_steps: tuple[DdlStep, ...] = ()
 
     def to_restore(self, startup: dict[str, str]) -> set[str]:
         """Startup settings these statements return to the server's defaults, which the client's
@@ -129,11 +155,12 @@ class SessionEffects:
             or self.ddl
             or self.local_path
             or bool(self.frees)
+            or bool(self.ddl_steps)
         )
 
 
 NO_EFFECTS = SessionEffects()
-_UNPARSABLE_DDL = SessionEffects(ddl=True)
+_UNPARSABLE_DDL = SessionEffects(ddl=True, ddl_steps=(_SHARED_STEP,))
 
 
 @dataclass(frozen=True)
@@ -493,7 +520,67 @@ def _combined_tx(txs: list[str]) -> str | None:
 
 
 def _temp(rel) -> bool:
-    return isinstance(rel, dict) and rel.get("relpersistence") == "t"
+    """A relation being made temporary: CREATE TEMP ..., or CREATE ... pg_temp.name (which is one as much)."""
+    return isinstance(rel, dict) and (rel.get("relpersistence") == "t" or rel.get("schemaname") == TEMP_SCHEMA)
+
+
+TEMP_SCHEMA = "pg_temp"
+# Object kinds that are relations (which a session's temporary schema may hold), by DROP's and
+# ALTER ... RENAME's names for them; and the renames of a relation's parts, which change it alone.
+_RELATION_KINDS = frozenset(("OBJECT_TABLE", "OBJECT_VIEW", "OBJECT_SEQUENCE", "OBJECT_INDEX"))
+_RELATION_PARTS = frozenset(("OBJECT_COLUMN", "OBJECT_TABCONSTRAINT"))
+
+
+def _ddl_steps(kind: str, body: dict) -> tuple[DdlStep, ...]:
+    """What one top-level DDL statement does to temporary relations (DdlStep): SHARED for all it
+    cannot tell is on them alone. Only relations count: a temporary function (pg_temp.f) or a
+    view made temporary by the temporary table it reads (PostgreSQL's NOTICE) is SHARED."""
+    if kind == "CreateStmt":
+        return (_creates(body.get("relation"), body.get("oncommit")),)
+    if kind == "CreateTableAsStmt":
+        into = body.get("into") or {}
+        return (_creates(into.get("rel"), into.get("onCommit")),)
+    if kind == "ViewStmt":
+        return (_creates(body.get("view"), None),)
+    if kind == "CreateSeqStmt":
+        return (_creates(body.get("sequence"), None),)
+    if kind == "AlterTableStmt":
+        return (_on(ALTERS, body.get("relation")),)
+    if kind == "AlterSeqStmt":
+        return (_on(ALTERS, body.get("sequence")),)
+    if kind == "IndexStmt":
+        # (An index lives in its table's schema: one on a temporary table is temporary, by its name too.)
+        return (_on(ALTERS, body.get("relation"), body.get("idxname") or ""),)
+    if kind == "RenameStmt":
+        what = body.get("renameType")
+        if what in _RELATION_KINDS:
+            return (_on(RENAMES, body.get("relation"), body.get("newname") or ""),)
+        if what in _RELATION_PARTS:
+            return (_on(ALTERS, body.get("relation")),)
+        return (_SHARED_STEP,)
+    if kind == "DropStmt" and body.get("removeType") in _RELATION_KINDS:
+        steps = []
+        for obj in body.get("objects") or ():
+            parts = [item.get("String", {}).get("sval", "") for item in obj.get("List", {}).get("items", ())]
+            if not parts:
+                return (_SHARED_STEP,)
+            # (catalog.schema.name, schema.name or name.)
+            steps.append(DdlStep(DROPS, parts[-2] if len(parts) > 1 else "", parts[-1]))
+        return tuple(steps) or (_SHARED_STEP,)
+    return (_SHARED_STEP,)
+
+
+def _creates(rel, on_commit) -> DdlStep:
+    """CREATE of *rel*: temporary (TEMP, or in pg_temp; PostgreSQL refuses TEMP in any other schema), or SHARED."""
+    if not _temp(rel) or rel.get("schemaname", TEMP_SCHEMA) != TEMP_SCHEMA:
+        return _SHARED_STEP
+    return DdlStep(CREATES_DROP if on_commit == "ONCOMMIT_DROP" else CREATES, name=rel.get("relname", ""))
+
+
+def _on(op: str, rel, new: str = "") -> DdlStep:
+    if not isinstance(rel, dict) or not rel.get("relname"):
+        return _SHARED_STEP
+    return DdlStep(op, rel.get("schemaname", ""), rel["relname"], new)
 
 
 def _const(arg) -> dict | None:
@@ -668,7 +755,20 @@ class _Collector:
             ddl=any(_node(s["stmt"])[0] not in _NOT_DDL for s in stmts),
             local_path=self.local_path,
             frees=tuple(name for name in self.frees if name),
+            ddl_steps=_steps(stmts),
         )
+
+
+def _steps(stmts: list) -> tuple[DdlStep, ...]:
+    """Every top-level statement's DdlSteps, in text order (SessionEffects.ddl_steps)."""
+    steps: list[DdlStep] = []
+    for s in stmts:
+        kind, body = _node(s["stmt"])
+        if kind not in _NOT_DDL:
+            steps.extend(_ddl_steps(kind, body))
+        elif kind == "DiscardStmt" and body.get("target") in ("DISCARD_TEMP", "DISCARD_ALL"):
+            steps.append(_DISCARD_STEP)
+    return tuple(steps)
 
 
 # Node kinds (and the two IntoClause fields, which the tree holds unwrapped) -> what they do.
@@ -732,7 +832,15 @@ def _analyze(sql: str) -> Analysis:
         # the session would fail (25006), and LISTEN is refused there. It goes to the primary, as
         # a direct connection's would. (A /* pgtwist:replica */ hint still wins: route().)
         routing = replace(routing, read_only=False, reason=f"pins the session ({effects.pin})")
-    return Analysis(routing, effects, bool(effects.deallocate or effects.frees))
+    return Analysis(routing, effects, _spelt_by_digits(effects))
+
+
+def _spelt_by_digits(effects: SessionEffects) -> bool:
+    """Whether a name among *effects* may be one the cache's key changes (DEALLOCATE "7", CREATE TEMP TABLE "t 1")."""
+    if effects.deallocate or effects.frees:
+        return True
+    # (A quoted name's quotes bound it as _INTEGER's look-arounds ask: searched alone, it matches where it did in the text.)
+    return any(_INTEGER.search(step.name) or _INTEGER.search(step.new) for step in effects.ddl_steps)
 
 
 def _effects(stmts: list) -> SessionEffects:

@@ -364,6 +364,8 @@ def body(sql: str) -> bytes:
         ("SELECT pg_advisory_lock(42)", lambda e: e.pin and "advisory" in e.pin),
         ("SELECT pg_advisory_xact_lock(42)", lambda e: not e.pin),
         ("CREATE TEMP TABLE t (a int)", lambda e: e.pin == "temporary table"),
+        ("CREATE TABLE pg_temp.t (a int)", lambda e: e.pin == "temporary table"),  # (temporary by its schema)
+        ("CREATE VIEW pg_temp.v AS SELECT 1", lambda e: e.pin == "temporary view"),
         ("LISTEN chan", lambda e: e.pin == "LISTEN"),
         ("DECLARE c CURSOR WITH HOLD FOR SELECT 1", lambda e: e.pin == "cursor WITH HOLD"),
         ("PREPARE p1 AS SELECT 1", lambda e: e.pin == "SQL PREPARE"),
