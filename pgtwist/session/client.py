@@ -12,7 +12,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from pgtwist.transport.connect import is_local_peer
-from pgtwist.routing import analysis
+from pgtwist.routing import analysis, temporaries
 
 from pgtwist.session import dropdb, standin
 from pgtwist.session.admission import Admission
@@ -54,8 +54,9 @@ _WATCH_ALL = 1
 _WATCH_FIRST = 2
 _WATCH_UNNAMED = 4
 _WATCHED = frozenset((p.QUERY, p.PARSE, p.BIND, p.FUNCTION_CALL))
-# ClientSession._tx_end: DDL went through the open transaction; it set a search_path of its own.
-_DDL_SENT, _LOCAL_PATH = 1, 2
+# ClientSession._tx_end: DDL went through the open transaction; it set a search_path of its own;
+# some of that DDL other sessions can see (not only on its temporary relations: temporaries.py).
+_DDL_SENT, _LOCAL_PATH, _SHARED_DDL = 1, 2, 4
 # Read-your-writes: the client wrote, but where its write ends in the WAL could not be read back
 # (the primary froze or died right after the commit): no replica is known to hold it, so its
 # reads stay on the primary until a read-back there tells a position again (ClientSession.min_lsn).
@@ -155,6 +156,7 @@ class ClientSession(Admission):
         "dirty",
         "dirty_all",
         "pinned",
+        "temporaries",
         "_effects_of",
         "ready_count",
         "_copy_syncs",
@@ -217,6 +219,7 @@ class ClientSession(Admission):
         self.dirty: set[str] = set()  # settings the client changed; read back before the server goes
         self.dirty_all = False
         self.pinned: str | None = None
+        self.temporaries = temporaries.NONE  # the relations it made temporary, which DDL on shows nobody
         self._effects_of: dict = {}  # statement name -> SessionEffects, for statements that change session state
         self.ready_count = 0
         # Session pooling, COPY FROM STDIN under way: the client's Syncs the node ignores while it
@@ -241,7 +244,7 @@ class ClientSession(Admission):
         self._paused = False
         self._orphan_error = None  # the error an orphaned transaction's next statement gets (08006, 57P01...)
         self._orphan_told = False  # an orphaned batch's error went out at its Flush: its Sync gets ReadyForQuery alone
-        self._tx_end = 0  # what to do when the open transaction ends: _DDL_SENT | _LOCAL_PATH
+        self._tx_end = 0  # what to do when the open transaction ends: _DDL_SENT | _LOCAL_PATH | _SHARED_DDL
         self._asked_at: float | None = None  # when the client's pending request began (query latency)
         self.last_request = self.connected_at  # when its last answered request began (client_idle_timeout)
         self._startup_settings: dict[str, str] = {}  # what RESET returns to, for this client
@@ -694,21 +697,26 @@ class ClientSession(Admission):
     def _note_effects(self, effects) -> None:
         if effects.local_commit_mode:
             self.lease.async_commit = True
+        temporary = False
+        if effects.ddl_steps:
+            # Statement by statement: DDL on the relations this session made temporary shows no
+            # other session anything, whatever pins the session; any other DDL shows them all.
+            temporary, self.temporaries = self.temporaries.after(effects.ddl_steps)
         if effects.ddl:
             # Every server connection's shared statements of this database may mean something
             # else now: each is prepared again on its next use there (statements.Schema). Once
             # more when the transaction ends: a copy prepared meanwhile elsewhere saw the old schema.
             self.relay.schema.ddl()
             self._tx_end |= _DDL_SENT
-            lease = self.lease
-            temporary = _temporary(effects.pin or self.pinned)
-            if self.proxy.worker is not None and not temporary:
-                # workers = N: the other workers' clocks too, now and at the commit (a copy they
-                # prepare in between saw the old schema), as this one's (_transaction_ended).
-                # Not for temporary objects: no other session sees them.
-                self.proxy.worker.schema_changed(self.database.name)
-            if lease.ddl is False:
-                lease.ddl = True  # (under workers = N the others hold their reads from its commit: _answering)
+            if not temporary:
+                self._tx_end |= _SHARED_DDL
+                if self.proxy.worker is not None:
+                    # workers = N: the other workers' clocks too, now and at the commit (a copy
+                    # they prepare in between saw the old schema), as this one's (_transaction_ended).
+                    self.proxy.worker.schema_changed(self.database.name)
+                lease = self.lease
+                if lease.ddl is False:
+                    lease.ddl = True  # (under workers = N the others hold their reads from its commit: _answering)
         if "search_path" in effects.settings or effects.all_settings or effects.local_path:
             # Its value is known again at the read-back (or when the transaction ends, for SET
             # LOCAL); until then what it prepares is its own.
@@ -1516,7 +1524,7 @@ class ClientSession(Admission):
         from a replica; told when the DDL was sent, they would send every read to the primary for
         as long as it ran (a migration, CREATE INDEX CONCURRENTLY). The wait's token is the
         lease's until its read-back settles it (DatabaseRouter.ddl_sent)."""
-        if not self._tx_end & _DDL_SENT or _temporary(self.pinned):
+        if not self._tx_end & _SHARED_DDL:
             return
         worker = self.proxy.worker
         if worker is None:
@@ -1531,18 +1539,17 @@ class ClientSession(Admission):
         done, self._tx_end = self._tx_end, 0
         if done & _DDL_SENT:
             self.relay.schema.ddl()  # (committed now: see _note_effects)
-            self.router.schema_changed()  # (function volatility: the monitor reads pg_proc again)
-            temporary = _temporary(self.pinned)
+            self.temporaries = self.temporaries.ended()  # (ON COMMIT DROP)
+            if done & _SHARED_DDL:
+                self.router.schema_changed()  # (function volatility: the monitor reads pg_proc again)
             if self.pinned:
                 lease = self.lease
                 told = lease.told
                 lease.ddl = False  # (a pinned session's lease lasts: its next DDL is told anew)
-                if not temporary or told is not None:
+                if done & _SHARED_DDL or told is not None:
                     # No read-back on a pinned connection (_maybe_release): two probes of the
-                    # primary instead. Not for a session pinned by its temporary objects, whose
-                    # DDL is mostly on them (an ORM's temporary table per request would probe the
-                    # primary each time), unless the other workers were told of its DDL before
-                    # the pin (_answering tells nothing once pinned so).
+                    # primary instead. Not for DDL on its temporary relations alone (an ORM's
+                    # temporary table per request would probe the primary each time).
                     self.router.ddl_by_probe(told)
         if done & _LOCAL_PATH and not ("search_path" in self.dirty or self.dirty_all):
             self.relay.scope = self.settings.get("search_path", "")
@@ -1847,12 +1854,6 @@ class ClientSession(Admission):
         self._cancel_idle_tx_timer()
         self.transport.write(m.error_response_from_fields(fields))
         self.transport.loseConnection()
-
-
-def _temporary(pin: str | None) -> bool:
-    """Whether a session is pinned by its temporary objects (analysis's "temporary table", ...):
-    their DDL is seen by no other session, so it bounds nobody's replica reads."""
-    return bool(pin) and pin.startswith("temporary")
 
 
 def _settled(result, ddl):

@@ -24,7 +24,8 @@ class Lease:
         self.read_link = read_link  # on a replica for an autocommit read: writes behind it wait
         self.holding = False  # a write waits in the backlog for this read's replica to go
         self.lent = False  # kept between transactions: the pool may reclaim it (Pool.lend)
-        # Its work changed the schema: where its commit ends bounds every session's replica reads.
+        # Its work changed the schema other sessions see (not only its temporary relations): where
+        # its commit ends bounds every session's replica reads.
         # True, or under workers = N the token of the other workers' wait (DatabaseRouter.ddl_sent).
         self.ddl: bool | int = False
 

@@ -121,7 +121,9 @@ def test_a_pinned_sessions_pipelined_ddl_is_probed_after_its_own_answer():
     assert s.monitor.probes
 
 
-def test_ddl_then_a_temporary_table_in_one_transaction_leaves_no_wait_behind():
+def test_ddl_then_a_temporary_table_in_one_transaction_is_told_and_settled_by_probes():
+    # The temporary table pins the session before the commit: the CREATE TABLE is still told
+    # (other sessions see it), bounded by probes rather than a read-back, and leaves no wait behind.
     s, router = setup()
     c, _ = s.client()
     c.got_data(m.query("BEGIN"))
@@ -137,8 +139,10 @@ def test_ddl_then_a_temporary_table_in_one_transaction_leaves_no_wait_behind():
     c.got_data(m.query("COMMIT"))
     sent(server)
     server.got_data(m.command_complete("COMMIT") + Z_IDLE)
+    assert c.pinned and [t[0] for t in router.elsewhere.told] == ["hold"]
+    answer_probes(s)
     janitor(s)
-    assert not router.told
+    assert not router.told and router.elsewhere.told[-1] == ("settle", "appdb", 42, 0x7000)
 
 
 def test_ddl_refused_on_a_read_only_link_leaves_no_wait_behind():
