@@ -594,6 +594,45 @@ def test_a_table_a_pinned_migration_created_is_there_for_every_client(px, cluste
         migrator.execute("SELECT pg_advisory_unlock(4242)")
 
 
+def test_a_table_made_in_a_session_pinned_by_its_temporary_table_is_there_for_every_client(px, cluster):
+    """A session pinned by its temporary table (an ORM's scratch table) that then makes or alters
+    a permanent table: that DDL bounds every client's replica reads as any pinned session's does.
+    (The pin, not the statement, said "temporary": it bounded none, and the other client read
+    from a replica that had not replayed the CREATE: 42P01.)"""
+    replicas = {n.port for n in cluster.nodes[1:]}
+    with px.connect(autocommit=True) as session, px.connect(autocommit=True) as other:
+        wait_for(lambda: other.execute("SELECT inet_server_port()").fetchone()[0] in replicas, 10, "reads on a replica")
+        session.execute("CREATE TEMP TABLE ryw_scratch (k int)")
+        for _ in range(3):
+            name = f"ryw_ddl_{next(_keys)}"
+            session.execute(f"CREATE TABLE {name} (k int)")
+            assert other.execute(f"SELECT count(*) FROM {name}").fetchone()[0] == 0
+            session.execute(f"INSERT INTO ryw_scratch VALUES (1); ALTER TABLE {name} ADD COLUMN v int")
+            assert other.execute(f"SELECT count(v) FROM {name}").fetchone()[0] == 0
+        # The temporary table's own DDL still bounds nobody: once the replicas have replayed the
+        # rest, the other client reads from them right after it.
+        wait_for(lambda: other.execute("SELECT inet_server_port()").fetchone()[0] in replicas, 10, "reads on a replica again")
+        session.execute("ALTER TABLE ryw_scratch ADD COLUMN v int; CREATE INDEX ON ryw_scratch (k)")
+        assert other.execute("SELECT inet_server_port()").fetchone()[0] in replicas
+
+
+def test_ddl_on_temporary_tables_sends_no_other_clients_read_to_the_primary(px, cluster):
+    """An ORM's temporary table per request (made, altered, indexed, filled, dropped) in a session
+    it pins: no other client's read leaves the replicas for it."""
+    replicas = {n.port for n in cluster.nodes[1:]}
+    with px.connect(autocommit=True) as session, px.connect(autocommit=True) as other:
+        wait_for(lambda: other.execute("SELECT inet_server_port()").fetchone()[0] in replicas, 10, "reads on a replica")
+        for i in range(10):
+            with session.transaction():
+                session.execute("CREATE TEMP TABLE IF NOT EXISTS ryw_request (k int) ON COMMIT DROP")
+                session.execute("ALTER TABLE ryw_request ADD COLUMN v int")
+                session.execute("CREATE INDEX ON ryw_request (k)")
+                session.execute("INSERT INTO ryw_request SELECT k, k FROM ryw LIMIT 5")
+            session.execute(f"CREATE TEMP TABLE ryw_kept_{i} (k int); ALTER TABLE pg_temp.ryw_kept_{i} ADD v int")
+            session.execute(f"DROP TABLE ryw_kept_{i}")
+            assert other.execute("SELECT inet_server_port()").fetchone()[0] in replicas, i
+
+
 def test_a_table_created_through_one_worker_is_there_through_the_others(cluster, tmp_path):
     """workers = 2: DDL through one worker bounds the other's replica reads too (each worker kept
     its own bound, so a connection on the other worker read from a replica that had not
