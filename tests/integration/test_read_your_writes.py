@@ -649,3 +649,6 @@ def test_a_table_created_through_one_worker_is_there_through_the_others(cluster,
         with migrator, other:
             wait_for(lambda: other.execute("SELECT inet_server_port()").fetchone()[0] in replicas, 20, "reads on a replica")
             new_tables_are_there_for(migrator, other, cluster)
+            # And from a session pinned by its temporary table (its pin told the others nothing).
+            migrator.execute("CREATE TEMP TABLE ryw_scratch (k int)")
+            new_tables_are_there_for(migrator, other, cluster)
