@@ -206,6 +206,8 @@ def _prefilter(low: str) -> tuple[bool, Analysis | None]:
         if semi < 0 or semi == len(text) - 1 or not text[semi:].strip("; \t\r\n"):
             if "set_config" in text or "advisory" in text or "temp" in text or "u&" in text:
                 return True, None
+            if word == "select" and "into" in text:
+                return True, None  # (SELECT ... INTO t makes a table: DDL, as CREATE TABLE AS is)
             # (A SELECT's classification needs the parse: its functions, FOR UPDATE, INTO, or a
             # syntax error, which sends it to the primary. INSERT, UPDATE and DELETE go there
             # whatever they hold; an unparsable one is only called "insert", not "unparsable".)
@@ -213,6 +215,9 @@ def _prefilter(low: str) -> tuple[bool, Analysis | None]:
     for kw in _MAYBE:
         if kw in text:
             return True, None
+    select = text.find("select")
+    if select >= 0 and text.find("into", select) > 0:
+        return True, None  # (maybe SELECT ... INTO after a WITH or a comment; INSERT INTO t SELECT has its INTO first)
     return _starts_like_ddl(text), None
 
 
@@ -752,11 +757,17 @@ class _Collector:
             reset_all=self.reset_all,
             assigned=frozenset(self.assigned),
             local_commit_mode=self.local_commit_mode,
-            ddl=any(_node(s["stmt"])[0] not in _NOT_DDL for s in stmts),
+            ddl=any(_is_ddl(*_node(s["stmt"])) for s in stmts),
             local_path=self.local_path,
             frees=tuple(name for name in self.frees if name),
             ddl_steps=_steps(stmts),
         )
+
+
+def _is_ddl(kind: str, body: dict) -> bool:
+    """Whether one top-level statement is DDL: not in _NOT_DDL, or a SELECT ... INTO, which
+    makes a table as CREATE TABLE AS does (other sessions read it at once, from replicas too)."""
+    return kind not in _NOT_DDL or (kind == "SelectStmt" and bool(body.get("intoClause")))
 
 
 def _steps(stmts: list) -> tuple[DdlStep, ...]:
@@ -764,7 +775,10 @@ def _steps(stmts: list) -> tuple[DdlStep, ...]:
     steps: list[DdlStep] = []
     for s in stmts:
         kind, body = _node(s["stmt"])
-        if kind not in _NOT_DDL:
+        if kind == "SelectStmt" and body.get("intoClause"):
+            into = body["intoClause"]
+            steps.append(_creates(into.get("rel"), into.get("onCommit")))
+        elif kind not in _NOT_DDL:
             steps.extend(_ddl_steps(kind, body))
         elif kind == "DiscardStmt" and body.get("target") in ("DISCARD_TEMP", "DISCARD_ALL"):
             steps.append(_DISCARD_STEP)

@@ -582,6 +582,18 @@ def new_tables_are_there_for(migrator, other, cluster) -> None:
     wait_for(lambda: other.execute("SELECT inet_server_port()").fetchone()[0] in replicas, 10, "reads on a replica again")
 
 
+def test_a_table_made_by_select_into_is_there_for_every_client(px, cluster):
+    """SELECT ... INTO makes a table as CREATE TABLE AS does. It was taken for a plain read's
+    kin (no DDL): it bounded nobody's replica reads, and another client got 42P01 from a replica."""
+    replicas = {n.port for n in cluster.nodes[1:]}
+    with px.connect(autocommit=True) as maker, px.connect(autocommit=True) as other:
+        wait_for(lambda: other.execute("SELECT inet_server_port()").fetchone()[0] in replicas, 10, "reads on a replica")
+        for _ in range(3):
+            name = f"ryw_ddl_{next(_keys)}"
+            maker.execute(f"SELECT k INTO {name} FROM ryw LIMIT 0")
+            assert other.execute(f"SELECT count(*) FROM {name}").fetchone()[0] == 0
+
+
 def test_a_table_a_pinned_migration_created_is_there_for_every_client(px, cluster):
     """The same with a migration tool's session advisory lock, which pins its session (no WAL
     read-back on a pinned connection): a probe of the primary after the commit bounds the reads."""

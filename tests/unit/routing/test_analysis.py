@@ -466,6 +466,9 @@ def test_what_a_statement_sends_back_to_the_server_defaults(sql, restored):
         "/* migration */ -- step 1\n ALTER TABLE t RENAME TO u",
         "ALTER TABLE t FROBNICATE ALL THE THINGS",  # unparsable, but looks like DDL: counted
         "IMPORT FOREIGN SCHEMA s FROM SERVER x INTO public",
+        "SELECT * INTO t4 FROM t",  # makes a table, as CREATE TABLE AS does
+        "select a into unlogged t5 from t where a > 3",
+        "WITH x AS (SELECT 1 AS a) SELECT a INTO t6 FROM x",
     ],
 )
 def test_ddl_is_seen(sql):
@@ -479,6 +482,8 @@ def test_ddl_is_seen(sql):
         "SELECT created_at, dropped, altered FROM t WHERE doc = 'create table x'",
         "UPDATE t SET created_at = now()",
         "INSERT INTO t SELECT 1",
+        "SELECT into_date, \"into\" FROM t",  # (a word, not SELECT ... INTO)
+        "WITH x AS (SELECT 1 AS a) INSERT INTO t SELECT a FROM x",
         "GRANT SELECT ON t TO app",
         "TRUNCATE t",
         "CALL p()",
