@@ -70,9 +70,10 @@ class DatabaseRouter:
         # position of one is being read back (ddl_pending).
         self.schema_lsn = 0
         self.ddl_pending = 0
-        # Promotions seen (new_primary): a read-back begun before one settles with no position,
-        # as what it reads may be of the old primary's timeline.
+        # Promotions seen (new_primary), and where the last one's timeline began (the promoted
+        # node's WAL position as primary): a read-back begun before it is bounded by that.
         self.promotions = 0
+        self.switched_at = 0
         # Under workers = N (a workers.WorkerLink): the other workers' routers of this database
         # hold and bound their reads for this one's DDL too (notices.DdlWaits). told: the waits
         # they hold for this worker's DDL, token -> (session, lease) until a read-back or probes
@@ -178,11 +179,10 @@ class DatabaseRouter:
             if not settled:
                 settled = True
                 self.ddl_pending -= 1
-                if self.promotions != promotions:
-                    # Read (or told) from the primary before a promotion: a position on the old
-                    # timeline, which the new primary's replicas may never reach, would hold
-                    # every read on the primary; nor would it tell the others anything true.
-                    position = None
+                if self.promotions != promotions and position is not None:
+                    # Read (or told) from the old primary: at most where the new timeline began
+                    # (new_primary), which the new primary's replicas reach.
+                    position = min(position, self.switched_at)
                 self.ddl_committed(position)
                 if elsewhere is not None and self.told.pop(token, False) is not False:
                     elsewhere.ddl_settle(name, token, position)
@@ -216,11 +216,15 @@ class DatabaseRouter:
         if position is not None and position > self.schema_lsn:
             self.schema_lsn = position
 
-    def new_primary(self) -> None:
-        """A replica was promoted: a position of the old primary's may never come on the new one's
-        timeline (what it had not streamed is lost), and would keep every read on the primary.
-        The same holds for a read-back under way now: it settles with no position (ddl_reading_back)."""
-        self.schema_lsn = 0
+    def new_primary(self, position: int = 0) -> None:
+        """A replica was promoted; its timeline begins at or before *position* (its WAL position
+        as the new primary, 0 when not known). WAL positions go on counting across timelines, so
+        a DDL position up to there is one the new primary's replicas replay to (a bound kept, or
+        they would read from before the DDL); one beyond it was lost with the old primary (kept,
+        it would hold every read on the primary until the new one wrote that far): at most
+        *position*, now and for a read-back under way (ddl_reading_back)."""
+        self.schema_lsn = min(self.schema_lsn, position)
+        self.switched_at = position
         self.promotions += 1
 
     def decide(

@@ -534,7 +534,7 @@ class Proxy:
             self.counters.failover()
             router = self.routers.get(database.name)
             if router is not None:
-                router.new_primary()
+                router.new_primary(state.lsn or 0)  # (its position as primary: where its timeline is)
         for pool in self.pools.values():
             if pool.key[0] == database.name and str(pool.node) == state.name:
                 pool.node_changed()  # (what logins there report may differ now)

@@ -150,13 +150,13 @@ def test_a_hold_renewed_lasts_as_long_as_its_ddl_and_one_not_renewed_ends():
     assert router.ddl_pending == 0 and router.schema_lsn == 0 and r.waits.held == {}
 
 
-def test_another_workers_ddl_position_read_before_a_promotion_here_bounds_nothing():
+def test_another_workers_ddl_position_read_before_a_promotion_here_is_cut_to_the_new_timeline():
     proxy, _, r = clustered_worker()
     r.waits.hold(7, "appdb")
     router = proxy.routers["appdb"]
-    router.new_primary()  # (this worker's monitor saw the promotion first)
+    router.new_primary(0x7000)  # (this worker's monitor saw the promotion first)
     r.waits.settle(7, 0x9000, "appdb")
-    assert router.ddl_pending == 0 and router.schema_lsn == 0
+    assert router.ddl_pending == 0 and router.schema_lsn == 0x7000
 
 
 def test_a_position_that_comes_before_its_hold_is_applied_and_the_hold_skipped():

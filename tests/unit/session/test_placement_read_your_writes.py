@@ -535,26 +535,53 @@ def test_a_ddl_position_that_could_not_be_read_back_lets_replicas_serve_again():
     assert on(other.server) in (R1, R2)
 
 
-def test_a_promotion_forgets_the_old_primary_s_ddl_position():
+def test_a_promotion_keeps_a_ddl_bound_up_to_where_the_new_timeline_began():
+    # WAL positions go on counting across timelines: a DDL position the promoted node had
+    # reached still bounds its replicas' reads; one beyond it (lost with the old primary) would
+    # hold every read on the primary until the new one wrote that far, so it is cut to there.
     s = Setup()
     router = s.proxy.routers["appdb"]
+    database = s.proxy.config.databases["appdb"]
     router.ddl_committed(0x9000)
-    s.proxy._node_changed(s.proxy.config.databases["appdb"], s.monitor.states[R1], "promoted")
-    assert router.schema_lsn == 0
+    s.monitor.states[R1].lsn = 0xA000
+    s.proxy._node_changed(database, s.monitor.states[R1], "promoted")
+    assert router.schema_lsn == 0x9000
+    s.monitor.states[R2].lsn = 0x8000
+    s.proxy._node_changed(database, s.monitor.states[R2], "promoted")
+    assert router.schema_lsn == 0x8000
 
 
-def test_a_ddl_read_back_that_spans_a_promotion_bounds_nothing_by_the_old_timeline():
-    # The DDL committed on the old primary; its position is read back there as a replica is
-    # promoted. That position may never come on the new timeline: reads would stay on the
-    # primary until the new one wrote that far.
+def test_a_ddl_read_back_that_spans_a_promotion_bounds_reads_up_to_the_new_timeline():
+    # The DDL committed on the old primary; its position is read back there as a replica that
+    # had replayed it is promoted. A replica of the new primary that has not replayed it must
+    # not serve the table's reads (42P01); a position beyond the new timeline's start is cut.
+    s = Setup()
+    states = s.monitor.states
+    states[P].lsn = states[R1].lsn = 0x9000
+    states[R2].lsn = 0x5000
+    migrator, _ = s.client()
+    other, _ = s.client()
+    server = run(migrator, "CREATE TABLE t (x int)")
+    router = s.proxy.routers["appdb"]
+    assert router.ddl_pending == 1
+    states[P].up = False
+    states[R1].role = "primary"
+    s.proxy._node_changed(s.proxy.config.databases["appdb"], states[R1], "promoted")
+    finish_lsn(server, insert="0/9000", flush="0/9000")
+    assert router.ddl_pending == 0 and router.schema_lsn == 0x9000
+    other.got_data(m.query("SELECT * FROM t"))
+    assert on(other.server) == R1  # not R2, which has not replayed the CREATE
+
+
+def test_a_ddl_read_back_beyond_the_new_timeline_is_cut_to_its_start():
     s = Setup()
     migrator, _ = s.client()
     server = run(migrator, "CREATE TABLE t (x int)")
     router = s.proxy.routers["appdb"]
-    assert router.ddl_pending == 1
+    s.monitor.states[R1].lsn = 0x7000
     s.proxy._node_changed(s.proxy.config.databases["appdb"], s.monitor.states[R1], "promoted")
-    finish_lsn(server, insert="0/9000", flush="0/9000")
-    assert router.ddl_pending == 0 and router.schema_lsn == 0
+    finish_lsn(server, insert="0/9000", flush="0/9000")  # (lost with the old primary)
+    assert router.ddl_pending == 0 and router.schema_lsn == 0x7000
 
 
 def test_ddl_from_a_pinned_session_bounds_replica_reads_by_a_probe_begun_after_it():
