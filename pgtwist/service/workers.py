@@ -37,7 +37,7 @@ from twisted.web import resource
 
 from pgtwist.service.sighandlers import SignalHandlers
 from pgtwist.transport.accept import adopt_tcp
-from pgtwist.service import notices
+from pgtwist.service import notices, sdnotify
 from pgtwist.wire import protocol as p
 
 log = Logger()
@@ -109,6 +109,11 @@ class WorkerSpec:
 
     def http_socket(self, index: int) -> str:
         return os.path.join(self.rundir, f"http-{index}.sock")
+
+    @property
+    def notify_socket(self) -> str:
+        """The supervisor's stand-in for $NOTIFY_SOCKET: the workers' sd_notify messages come here."""
+        return os.path.join(self.rundir, "notify.sock")
 
     def tag(self, secret: bytes) -> bytes:
         return tag_secret(secret, self.index, self.count)
@@ -577,6 +582,7 @@ class _Worker:
         self.failures = 0
         self.restart = None  # IDelayedCall
         self.exited: defer.Deferred | None = None
+        self.ready = False  # it said READY=1 (sd_notify) since it last started
 
 
 class _WorkerProcess(protocol.ProcessProtocol):
@@ -614,9 +620,37 @@ def spawn_twistd(reactor, proto, spec: WorkerSpec, config_path: str, extra_fds: 
     # sent meanwhile waits, and is taken once the worker's handler is in (lifecycle unblocks it).
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
     try:
-        return reactor.spawnProcess(proto, sys.executable, argv, env=dict(os.environ), path=os.getcwd(), childFDs=fds)
+        return reactor.spawnProcess(proto, sys.executable, argv, env=worker_environ(os.environ, spec), path=os.getcwd(), childFDs=fds)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+def worker_environ(environ, spec: WorkerSpec) -> dict:
+    """A worker's environment: the supervisor's, but for $NOTIFY_SOCKET, which is the supervisor's
+    own socket (spec.notify_socket) when a service manager gave it one. systemd takes READY=1
+    only from the process it started (NotifyAccess=main): a worker's was ignored, and the unit
+    never became ready; with NotifyAccess=all, a worker's MAINPID= made itself the unit's main
+    process, so `systemctl reload` signalled that one worker alone. The supervisor says READY=1
+    itself once every worker has (Supervisor.worker_ready)."""
+    env = dict(environ)
+    if env.pop("NOTIFY_SOCKET", None):
+        env["NOTIFY_SOCKET"] = spec.notify_socket
+    return env
+
+
+class _WorkerNotify(protocol.DatagramProtocol):
+    """The workers' sd_notify messages (worker_environ): READY=1 with the sender's MAINPID."""
+
+    noisy = False
+
+    def __init__(self, supervisor):
+        self.supervisor = supervisor
+
+    def datagramReceived(self, data, addr):
+        fields = dict(line.partition("=")[::2] for line in data.decode("utf-8", "replace").splitlines())
+        pid = fields.get("MAINPID", "")
+        if fields.get("READY") == "1" and pid.isdigit():
+            self.supervisor.worker_ready(int(pid))
 
 
 class Supervisor(service.MultiService):
@@ -628,8 +662,12 @@ class Supervisor(service.MultiService):
 
     name = "pgbalance-supervisor"
 
-    def __init__(self, config, reactor=None, signals: bool = False, spawn=spawn_twistd, listen_socket=None):
+    def __init__(self, config, reactor=None, signals: bool = False, spawn=spawn_twistd, listen_socket=None, environ=None, notify=None):
         super().__init__()
+        # A service manager's $NOTIFY_SOCKET (worker_environ), and how to tell it (sdnotify.notify).
+        self.environ = os.environ if environ is None else environ
+        self.notify = sdnotify.notify if notify is None else notify
+        self._ready_told = False
         if reactor is None:
             from twisted.internet import reactor
         self.reactor = reactor
@@ -690,6 +728,8 @@ class Supervisor(service.MultiService):
             )
         if self.signals:
             self.reactor.callWhenRunning(self._install_signal_handlers)
+        if self.environ.get("NOTIFY_SOCKET"):
+            self.reactor.listenUNIXDatagram(WorkerSpec(0, self.count, 3, self.rundir).notify_socket, _WorkerNotify(self))
         super().startService()
         # (after the reactor starts: its child-process reaping is set up by then)
         self.reactor.callWhenRunning(self._start_all)
@@ -704,6 +744,7 @@ class Supervisor(service.MultiService):
 
     def _start(self, worker: _Worker) -> None:
         worker.restart = None
+        worker.ready = False
         # (a restart takes on what the console did to the live workers: workers.take_console_state)
         spec = replace(self.spec_for(worker), restarted=worker.pid is not None)
         worker.exited = defer.Deferred()
@@ -713,6 +754,22 @@ class Supervisor(service.MultiService):
         )
         worker.pid = getattr(worker.process, "pid", None)
         log.info("worker {index} started (pid {pid})", index=worker.index, pid=worker.pid)
+
+    def worker_ready(self, pid: int) -> None:
+        """A worker said READY=1 (its listener is open, its signal handlers in). Once every worker
+        has, the first time, the supervisor tells the service manager it is ready, as itself."""
+        worker = next((w for w in self.workers if w.pid == pid and w.process is not None), None)
+        if worker is None:
+            return
+        worker.ready = True
+        if self._ready_told or self._stopping or not all(w.ready for w in self.workers):
+            return
+        self._ready_told = True
+        host, port = self.socket.getsockname()[:2]
+        self._tell(f"READY=1\nSTATUS=accepting clients on {host}:{port} ({self.count} workers)\nMAINPID={os.getpid()}")
+
+    def _tell(self, state: str) -> None:
+        self.notify(state, self.environ)
 
     def worker_output(self, worker: _Worker, line: bytes) -> None:
         text = line.decode("utf-8", "replace").rstrip("\r")
@@ -828,6 +885,8 @@ class Supervisor(service.MultiService):
             log.info("shutdown already under way")
             return
         self._graceful = graceful
+        if self.environ.get("NOTIFY_SOCKET"):
+            self._tell("STOPPING=1\nSTATUS=draining" if graceful else "STOPPING=1")
         log.info("shutting down {n} workers: {how}", n=self.count, how="each drains" if graceful else "fast")
         self.reactor.stop()
 

@@ -239,12 +239,15 @@ def start_proxy(
     start_timeout: float = 20,
     check_log: bool = True,
     command_prefix: tuple[str, ...] = (),
+    environ: dict[str, str] | None = None,
     **overrides: Any,
 ) -> Iterator[RunningProxy]:
     """Run `twistd -n pgbalance --config FILE` in front of *cluster*'s primary; stop it on exit.
 
     *command_prefix* runs twistd under another command that ends by exec'ing it (so the
     process the harness signals is still twistd), e.g. in a mount namespace of its own.
+
+    *environ*: more environment variables for it (NOTIFY_SOCKET, say).
 
     *overrides* are config keys (``pool_size=1``...); ``databases=`` / ``users=`` replace
     those tables, ``dbname=`` changes the node database behind "appdb". With *check_log*, a
@@ -263,6 +266,7 @@ def start_proxy(
         env = dict(os.environ)
         # The plugin (twisted/plugins/pgbalance.py) and the package resolve from the work tree.
         env["PYTHONPATH"] = os.pathsep.join([str(PROXY_SOURCE)] + [x for x in env.get("PYTHONPATH", "").split(os.pathsep) if x])
+        env.update(environ or {})
         with open(out_path, "wb") as out:
             process = subprocess.Popen(
                 [*command_prefix, *TWISTD, "-n", "--pidfile=", f"--logfile={log_path}", "pgbalance", "--config", str(config_path)],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import threading
 import time
 import urllib.request
@@ -455,3 +456,25 @@ def limit_of_every_worker(pg_cluster, tmp_path, admin, name):
         stop.set()
         watcher.join()
         assert max(seen) == 2, seen
+
+
+def test_systemd_hears_ready_from_the_supervisor_once_every_worker_is(pg_cluster, tmp_path):
+    """Type=notify, NotifyAccess=main (etc/pgbalance.service): systemd heeds the process it
+    started alone. The workers sent READY=1 each, as themselves, and the supervisor nothing: the
+    unit never became ready and its start timed out."""
+    path = str(tmp_path / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as manager:
+        manager.bind(path)
+        manager.settimeout(30)
+        with proxymod.start_proxy(pg_cluster, tmp_path, workers=2, pool_size=24, environ={"NOTIFY_SOCKET": path}) as px:
+            first = manager.recv(4096).decode()
+            assert first.startswith("READY=1") and f"MAINPID={px.pid}\n" in first + "\n", first
+            assert "2 workers" in first
+            wait_for(lambda: len(worker_pids(px)) == 2, 20, "both workers up")
+            with px.connect() as conn:
+                assert conn.execute("SELECT 1").fetchone()[0] == 1
+            os.kill(px.pid, signal.SIGTERM)
+            assert manager.recv(4096).decode().startswith("STOPPING=1")
+            manager.settimeout(0.5)
+            with pytest.raises(TimeoutError):
+                print(manager.recv(4096))  # (nothing from a worker)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 import signal
 import socket
@@ -573,3 +574,77 @@ def test_a_restarted_worker_takes_the_state_and_says_so_or_says_it_starts_from_t
         "worker 1 restarted: no other worker answered within 1.5 s; it starts from <memory> "
         "(not paused, disabled or SET as the console may have left the others)",
     ]
+
+
+# -- systemd (Type=notify) under workers = N ---------------------------------------------------
+
+
+def test_a_workers_notify_socket_is_the_supervisors():
+    spec = workers.WorkerSpec(1, 2, 3, "/run/pgtwist-test")
+    env = workers.worker_environ({"NOTIFY_SOCKET": "/run/systemd/notify", "HOME": "/h"}, spec)
+    assert env == {"NOTIFY_SOCKET": "/run/pgtwist-test/notify.sock", "HOME": "/h"}
+    assert workers.worker_environ({"HOME": "/h"}, spec) == {"HOME": "/h"}  # (no service manager: none)
+
+
+def notifying_supervisor(count=2, environ=None):
+    reactor = MemoryReactorClock()
+    reactor.hasRun = True
+    reactor.callFromThread = lambda f, *a, **kw: f(*a, **kw)
+    listened, told, spawned = [], [], []
+    reactor.listenUNIXDatagram = lambda path, proto: listened.append((path, proto))
+
+    def spawn(reactor_, proto, spec, config_path, fds):
+        process = FakeProcess(proto)
+        spawned.append((spec, process))
+        return process
+
+    sup = workers.Supervisor(
+        make_config(workers=count), reactor, spawn=spawn, listen_socket=FakeSocket(),
+        environ={"NOTIFY_SOCKET": "/run/systemd/notify"} if environ is None else environ,
+        notify=lambda state, env: told.append(state),
+    )
+    sup.rundir = "/run/pgtwist-test"
+    sup.startService()
+    return sup, reactor, spawned, listened, told
+
+
+def ready(listened, process):
+    listened[0][1].datagramReceived(f"READY=1\nSTATUS=accepting clients\nMAINPID={process.pid}".encode(), None)
+
+
+def test_the_supervisor_is_ready_for_systemd_once_every_worker_is_and_says_so_as_itself():
+    # With NotifyAccess=main systemd heeds the process it started alone: the workers' READY=1
+    # was ignored and the unit's start timed out.
+    sup, clock, spawned, listened, told = notifying_supervisor(2)
+    assert [path for path, _ in listened] == ["/run/pgtwist-test/notify.sock"]
+    ready(listened, spawned[0][1])
+    assert told == []
+    ready(listened, spawned[0][1])
+    assert told == []  # (the same worker twice is not both)
+    ready(listened, spawned[1][1])
+    assert len(told) == 1 and told[0].startswith("READY=1\n") and f"MAINPID={os.getpid()}" in told[0]
+    # A worker restarted later is ready again on its own: the unit was ready long since.
+    spawned[0][1].proto.processEnded(Failure(killed()))
+    clock.advance(60)
+    ready(listened, spawned[-1][1])
+    assert len(told) == 1
+    sup.shutdown(graceful=True)
+    assert told[-1].startswith("STOPPING=1")
+
+
+def test_a_ready_from_a_process_that_is_no_worker_now_counts_for_nothing():
+    sup, clock, spawned, listened, told = notifying_supervisor(2)
+    ready(listened, spawned[0][1])
+    spawned[1][1].proto.processEnded(Failure(killed()))  # (died before its READY=1 came)
+    ready(listened, spawned[1][1])
+    assert told == []
+    clock.advance(60)
+    ready(listened, spawned[-1][1])
+    assert len(told) == 1
+
+
+def test_without_a_service_manager_the_supervisor_listens_for_no_notices():
+    sup, _, spawned, listened, told = notifying_supervisor(2, environ={})
+    assert listened == [] and told == []
+    sup.shutdown(graceful=True)
+    assert told == []
