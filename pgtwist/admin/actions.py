@@ -276,7 +276,10 @@ def take_state(proxy, state: dict, service=None) -> tuple[list[str], list[str]]:
     not be and why), one command each: what could not be names a database or takes a value this
     worker's file does not allow (the file changed, and the others have not reloaded it)."""
     taken, skipped = [], []
-    steps = [(pause, name) for name in state.get("paused", ())] + [(disable, name) for name in state.get("disabled", ())]
+    paused, disabled, settings = state.get("paused", []), state.get("disabled", []), state.get("set", {})
+    if not (_strings(paused) and _strings(disabled) and isinstance(settings, dict) and _strings(settings) and _strings(settings.values())):
+        return [], [f"not a console state: {state!r:.200}"]
+    steps = [(pause, name) for name in paused] + [(disable, name) for name in disabled]
     for action, name in steps:
         command = f"{action.__name__.upper()} {name}"
         try:
@@ -285,7 +288,7 @@ def take_state(proxy, state: dict, service=None) -> tuple[list[str], list[str]]:
             skipped.append(f"{command}: {e}")
         else:
             taken.append(command)
-    for key, text in state.get("set", {}).items():
+    for key, text in settings.items():
         command = f"SET {key} = {text}"
         try:
             set_setting(proxy, key, text, service)
@@ -296,3 +299,7 @@ def take_state(proxy, state: dict, service=None) -> tuple[list[str], list[str]]:
         else:
             taken.append(command)
     return taken, skipped
+
+
+def _strings(values) -> bool:
+    return isinstance(values, (list, dict, type({}.values()))) and all(isinstance(v, str) for v in values)

@@ -90,6 +90,9 @@ class Proxy:
         # SET key = value since the file was last read (key -> the value as typed; a reload drops
         # them): with paused and disabled, what a restarted worker takes on (actions.console_state).
         self.overrides: dict[str, str] = {}
+        # workers = N: False once this worker, restarted, could not take the console's state from
+        # another (it knows only the file): a worker restarted later asks another first.
+        self.console_sure = True
         self.retired_pools: set[Pool] = set()  # removed by a reload, closing as their clients finish
         self.routers: dict[str, DatabaseRouter] = {}
         # The [routing_hook] callable, loaded once per configuration (start, each reload), shared by every router.

@@ -77,26 +77,29 @@ def worker_of(secret: bytes, count: int) -> int | None:
 @dataclass(frozen=True)
 class WorkerSpec:
     """Who a worker is: its number of *count*, the inherited listening socket, the supervisor's run
-    directory, and whether it is a restart (of one that died: it takes on the console's state)."""
+    directory, and whether it is a restart (of one that died: it takes on the console's state from
+    *peers*, the workers that were up and serving when it was started)."""
 
     index: int
     count: int
     listen_fd: int
     rundir: str
     restarted: bool = False
+    peers: tuple[int, ...] = ()
 
     def to_arg(self) -> str:
-        return f"{self.index}/{self.count}{'r' if self.restarted else ''}:{self.listen_fd}:{self.rundir}"
+        restart = "r" + ",".join(map(str, self.peers)) if self.restarted else ""
+        return f"{self.index}/{self.count}{restart}:{self.listen_fd}:{self.rundir}"
 
     @classmethod
     def parse(cls, text: str) -> "WorkerSpec":
         try:
             numbers, fd, rundir = text.split(":", 2)
-            restarted = numbers.endswith("r")
-            index, count = (int(x) for x in numbers.removesuffix("r").split("/"))
-            spec = cls(index, count, int(fd), rundir, restarted)
+            numbers, restart, peers = numbers.partition("r")
+            index, count = (int(x) for x in numbers.split("/"))
+            spec = cls(index, count, int(fd), rundir, bool(restart), tuple(int(x) for x in peers.split(",") if x))
         except ValueError:
-            raise ValueError(f"--worker wants I/N[r]:FD:DIR, not {text!r}") from None
+            raise ValueError(f"--worker wants I/N[r[P,...]]:FD:DIR, not {text!r}") from None
         if not 0 <= spec.index < spec.count:
             raise ValueError(f"--worker: no worker {spec.index} of {spec.count}")
         return spec
@@ -184,12 +187,15 @@ class WorkerLink:
         """
         ask = ask or request
         deadline = now() + (STATE_WAIT if wait is None else wait)
-        others = [i for i in range(self.spec.count) if i != self.spec.index]
+        # Only the workers that were serving when this one was started (WorkerSpec.peers): those
+        # restarted with it are not, and would each be waited for.
+        others = [i for i in self.spec.peers if i != self.spec.index]
+        unsure = None
         while others:
             for index in list(others):
                 left = deadline - now()
                 if left <= 0:
-                    return None
+                    return unsure
                 try:
                     status, body = ask(self.spec.http_socket(index), "GET", "/state", min(left, STATE_TRY))
                 except TimeoutError:
@@ -201,10 +207,13 @@ class WorkerLink:
                     state = json.loads(body) if status == 200 else None
                 except ValueError:
                     state = None
+                others.remove(index)  # (no /state there, a worker of an older pgtwist, say: not asked again)
                 if isinstance(state, dict):
-                    return index, state
-                others.remove(index)  # (a worker of an older pgtwist, say: no /state there)
-        return None
+                    if state.get("sure", True):
+                        return index, state
+                    # (Restarted itself with nobody to ask, it knows only the file: another may know more.)
+                    unsure = unsure or (index, state)
+        return unsure
 
     def free(self, names, node: str) -> None:
         """A client's DROP DATABASE (or kin) of *names* was refused on *node* for sessions in them:
@@ -473,7 +482,7 @@ class StateResource(resource.Resource):
         from pgtwist.admin import actions
 
         request.setHeader(b"Content-Type", b"application/json")
-        return json.dumps(actions.console_state(self.proxy)).encode()
+        return json.dumps(dict(actions.console_state(self.proxy), sure=self.proxy.console_sure)).encode()
 
 
 def take_console_state(svc) -> None:
@@ -483,6 +492,7 @@ def take_console_state(svc) -> None:
     spec = svc.worker
     found = svc.proxy.worker.console_state()
     if found is None:
+        svc.proxy.console_sure = False  # (asked in turn, it tells so: WorkerLink.console_state)
         log.warn(
             "worker {index} restarted: no other worker answered within {wait:g} s; it starts from {source} "
             "(not paused, disabled or SET as the console may have left the others)",
@@ -490,9 +500,16 @@ def take_console_state(svc) -> None:
         )
         return
     index, state = found
+    svc.proxy.console_sure = bool(state.get("sure", True))
     from pgtwist.admin import actions
 
-    taken, skipped = actions.take_state(svc.proxy, state, svc)
+    try:
+        taken, skipped = actions.take_state(svc.proxy, state, svc)
+    except Exception:
+        # (Whatever another worker answered, a worker that cannot take it must still start.)
+        svc.proxy.console_sure = False
+        log.failure("worker {index} restarted: could not take worker {other}'s console state; it starts from the file", index=spec.index, other=index)
+        return
     log.info(
         "worker {index} restarted: took the console's state from worker {other}: {taken}",
         index=spec.index, other=index, taken="; ".join(taken) or "nothing paused, disabled or SET",
@@ -627,14 +644,14 @@ def spawn_twistd(reactor, proto, spec: WorkerSpec, config_path: str, extra_fds: 
 
 def worker_environ(environ, spec: WorkerSpec) -> dict:
     """A worker's environment: the supervisor's, but for $NOTIFY_SOCKET, which is the supervisor's
-    own socket (spec.notify_socket) when a service manager gave it one. systemd takes READY=1
+    own socket (spec.notify_socket), whether a service manager gave it one or not. systemd takes READY=1
     only from the process it started (NotifyAccess=main): a worker's was ignored, and the unit
     never became ready; with NotifyAccess=all, a worker's MAINPID= made itself the unit's main
     process, so `systemctl reload` signalled that one worker alone. The supervisor says READY=1
     itself once every worker has (Supervisor.worker_ready)."""
     env = dict(environ)
-    if env.pop("NOTIFY_SOCKET", None):
-        env["NOTIFY_SOCKET"] = spec.notify_socket
+    # (Always: a worker's READY=1 is also how the supervisor knows it serves, WorkerSpec.peers.)
+    env["NOTIFY_SOCKET"] = spec.notify_socket
     return env
 
 
@@ -728,8 +745,7 @@ class Supervisor(service.MultiService):
             )
         if self.signals:
             self.reactor.callWhenRunning(self._install_signal_handlers)
-        if self.environ.get("NOTIFY_SOCKET"):
-            self.reactor.listenUNIXDatagram(WorkerSpec(0, self.count, 3, self.rundir).notify_socket, _WorkerNotify(self))
+        self.reactor.listenUNIXDatagram(WorkerSpec(0, self.count, 3, self.rundir).notify_socket, _WorkerNotify(self))
         super().startService()
         # (after the reactor starts: its child-process reaping is set up by then)
         self.reactor.callWhenRunning(self._start_all)
@@ -745,8 +761,9 @@ class Supervisor(service.MultiService):
     def _start(self, worker: _Worker) -> None:
         worker.restart = None
         worker.ready = False
-        # (a restart takes on what the console did to the live workers: workers.take_console_state)
-        spec = replace(self.spec_for(worker), restarted=worker.pid is not None)
+        # (a restart takes on what the console did to the workers serving now: take_console_state)
+        peers = tuple(w.index for w in self.workers if w is not worker and w.process is not None and w.ready)
+        spec = replace(self.spec_for(worker), restarted=worker.pid is not None, peers=peers)
         worker.exited = defer.Deferred()
         worker.started_at = self.reactor.seconds()
         worker.process = self.spawn(
@@ -762,7 +779,7 @@ class Supervisor(service.MultiService):
         if worker is None:
             return
         worker.ready = True
-        if self._ready_told or self._stopping or not all(w.ready for w in self.workers):
+        if self._ready_told or self._stopping or not all(w.ready for w in self.workers) or not self.environ.get("NOTIFY_SOCKET"):
             return
         self._ready_told = True
         host, port = self.socket.getsockname()[:2]

@@ -202,7 +202,9 @@ def make_supervisor(count=2, signals=False, **overrides):
     reactor = MemoryReactorClock()
     reactor.hasRun = True  # (callWhenRunning runs at once)
     reactor.callFromThread = lambda f, *a, **kw: f(*a, **kw)  # (what a signal handler uses)
-    spawned = []
+    reactor.listenUNIXDatagram = lambda path, proto: notified.append(proto)
+    spawned: list = []
+    notified: list = []  # (the workers' READY=1 come to the supervisor: make_supervisor(...)[0] .ready)
 
     def spawn(reactor_, proto, spec, config_path, fds):
         assert fds == {3: 99}
@@ -245,12 +247,21 @@ def test_a_dead_worker_is_restarted_with_growing_back_off_that_resets_once_it_li
     assert workers.restart_delay(50) == workers.BACKOFF_MAX
 
 
-def test_only_a_restart_is_told_it_is_one():
-    # (a restart takes on the console's state from a live worker; at the first start none has any)
-    sup, clock, spawned = make_supervisor(2)
-    spawned[1][1].end(killed())
+def test_only_a_restart_is_told_it_is_one_and_which_workers_serve():
+    # (a restart takes on the console's state from a worker serving now; at the first start none
+    # has any, and one that was not ready yet, or is being restarted too, would only be waited for)
+    sup, clock, spawned = make_supervisor(3)
+    sup.worker_ready(spawned[0][1].pid)
+    spawned[2][1].end(killed())
     clock.advance(workers.BACKOFF_FIRST)
-    assert [spec.to_arg() for spec, _ in spawned] == ["0/2:3:/run/pgtwist-test", "1/2:3:/run/pgtwist-test", "1/2r:3:/run/pgtwist-test"]
+    args = [spec.to_arg() for spec, _ in spawned]
+    assert args == ["0/3:3:/run/pgtwist-test", "1/3:3:/run/pgtwist-test", "2/3:3:/run/pgtwist-test", "2/3r0:3:/run/pgtwist-test"]
+    assert workers.WorkerSpec.parse(args[-1]).peers == (0,)
+    sup.worker_ready(spawned[1][1].pid)
+    spawned[3][1].end(killed())
+    clock.advance(60)
+    assert spawned[-1][0].to_arg() == "2/3r0,1:3:/run/pgtwist-test"
+    assert workers.WorkerSpec.parse("2/3r:3:/d") == workers.WorkerSpec(2, 3, 3, "/d", True, ())
 
 
 def test_sighup_reaches_every_worker():
@@ -294,6 +305,7 @@ def real_supervisor(count):
     """A supervisor that makes its own sockets (on a free loopback port) and records each worker's fd."""
     reactor = MemoryReactorClock()
     reactor.hasRun = True
+    reactor.listenUNIXDatagram = lambda path, proto: None
     spawned = []
 
     def spawn(reactor_, proto, spec, config_path, fds):
@@ -503,7 +515,7 @@ STATE = {"paused": ["appdb"], "disabled": [], "set": {"query_wait_timeout": "7"}
 def test_a_restart_asks_the_others_in_turn_and_takes_the_first_answer():
     import json
 
-    link = workers.WorkerLink(workers.WorkerSpec(1, 4, 3, "/run/pgtwist", restarted=True), MemoryReactorClock())
+    link = workers.WorkerLink(workers.WorkerSpec(1, 4, 3, "/run/pgtwist", restarted=True, peers=(0, 2, 3)), MemoryReactorClock())
     # Worker 0 is dead (its socket refuses), 2 is starting too (an old pgtwist's 404, say), 3 answers.
     ask = Asked({0: [ConnectionRefusedError()], 2: [(404, b"no such resource")], 3: [(200, json.dumps(STATE).encode())]})
     assert link.console_state(ask=ask, now=ask.clock) == (3, STATE)
@@ -515,7 +527,7 @@ def test_a_busy_worker_is_asked_again_until_the_wait_is_over():
     # runs): free once its own request() times out, it answers the second time.
     import json
 
-    link = workers.WorkerLink(workers.WorkerSpec(1, 2, 3, "/run/pgtwist", restarted=True), MemoryReactorClock())
+    link = workers.WorkerLink(workers.WorkerSpec(1, 2, 3, "/run/pgtwist", restarted=True, peers=(0,)), MemoryReactorClock())
     ask = Asked({0: [TimeoutError(), TimeoutError(), (200, json.dumps(STATE).encode())]})
     assert link.console_state(ask=ask, now=ask.clock) == (0, STATE)
     assert ask.asked == [(0, workers.STATE_TRY)] * 3
@@ -523,7 +535,7 @@ def test_a_busy_worker_is_asked_again_until_the_wait_is_over():
 
 
 def test_with_no_worker_answering_a_restart_waits_no_more_than_state_wait():
-    link = workers.WorkerLink(workers.WorkerSpec(0, 3, 3, "/run/pgtwist", restarted=True), MemoryReactorClock())
+    link = workers.WorkerLink(workers.WorkerSpec(0, 3, 3, "/run/pgtwist", restarted=True, peers=(1, 2)), MemoryReactorClock())
     ask = Asked({1: [TimeoutError()] * 10, 2: [TimeoutError()] * 10})
     assert link.console_state(ask=ask, now=ask.clock) is None
     assert ask.now - 100.0 == pytest.approx(workers.STATE_WAIT)
@@ -543,7 +555,7 @@ def test_a_worker_serves_its_console_state():
     proxy.overrides["pool_size"] = "3"
     request = DummyRequest([])
     body = workers.StateResource(proxy).render_GET(request)
-    assert json.loads(body) == {"paused": ["*"], "disabled": [], "set": {"pool_size": "3"}}
+    assert json.loads(body) == {"paused": ["*"], "disabled": [], "set": {"pool_size": "3"}, "sure": True}
     assert request.responseHeaders.getRawHeaders(b"content-type") == [b"application/json"]
 
 
@@ -583,7 +595,8 @@ def test_a_workers_notify_socket_is_the_supervisors():
     spec = workers.WorkerSpec(1, 2, 3, "/run/pgtwist-test")
     env = workers.worker_environ({"NOTIFY_SOCKET": "/run/systemd/notify", "HOME": "/h"}, spec)
     assert env == {"NOTIFY_SOCKET": "/run/pgtwist-test/notify.sock", "HOME": "/h"}
-    assert workers.worker_environ({"HOME": "/h"}, spec) == {"HOME": "/h"}  # (no service manager: none)
+    # (without a service manager too: a worker's READY=1 tells the supervisor it serves)
+    assert workers.worker_environ({"HOME": "/h"}, spec) == env
 
 
 def notifying_supervisor(count=2, environ=None):
@@ -643,8 +656,35 @@ def test_a_ready_from_a_process_that_is_no_worker_now_counts_for_nothing():
     assert len(told) == 1
 
 
-def test_without_a_service_manager_the_supervisor_listens_for_no_notices():
+def test_without_a_service_manager_the_supervisor_tells_none():
     sup, _, spawned, listened, told = notifying_supervisor(2, environ={})
-    assert listened == [] and told == []
+    for _, process in spawned:
+        ready(listened, process)
+    assert all(w.ready for w in sup.workers)
     sup.shutdown(graceful=True)
     assert told == []
+
+
+def test_a_restart_prefers_a_worker_that_knows_the_consoles_state_to_one_that_started_from_the_file():
+    # Worker 2, restarted while the others were busy, started from the file: it says so, and a
+    # later restart takes worker 3's state instead (review: the first answer won, even that one's).
+    import json
+
+    link = workers.WorkerLink(workers.WorkerSpec(1, 4, 3, "/run/pgtwist", restarted=True, peers=(2, 3)), MemoryReactorClock())
+    from_file = {"paused": [], "disabled": [], "set": {}, "sure": False}
+    ask = Asked({2: [(200, json.dumps(from_file).encode())], 3: [(200, json.dumps(dict(STATE, sure=True)).encode())]})
+    assert link.console_state(ask=ask, now=ask.clock) == (3, dict(STATE, sure=True))
+    ask = Asked({2: [(200, json.dumps(from_file).encode())], 3: [ConnectionRefusedError()]})
+    assert link.console_state(ask=ask, now=ask.clock) == (2, from_file)  # (none better: the file's)
+
+
+def test_a_console_state_that_is_not_one_is_skipped_not_a_crash_at_start():
+    from pgtwist.admin import actions
+
+    from tests.harness.admin_support import TestProxy
+
+    proxy = TestProxy(make_config())
+    for state in ({"paused": "appdb"}, {"set": ["x"]}, {"disabled": [1]}, {"set": {"pool_size": 3}}):
+        taken, skipped = actions.take_state(proxy, state)
+        assert taken == [] and len(skipped) == 1 and skipped[0].startswith("not a console state")
+    assert proxy.paused == set() and proxy.disabled == set()
