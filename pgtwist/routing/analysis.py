@@ -524,6 +524,20 @@ def _combined_tx(txs: list[str]) -> str | None:
 # -- session effects -----------------------------------------------------------------------------
 
 
+def _back_to_login_role(kind: str, node: dict) -> bool:
+    """RESET ROLE, SET ROLE NONE, SET role TO DEFAULT and the same of SESSION AUTHORIZATION: back to
+    the role the connection logged in as, which every pooled connection of the user has (a
+    connection a pinned session changed is reset or closed when it goes back to the pool): no
+    state to keep, so no pin (an application's cleanup would otherwise pin every session)."""
+    if kind in ("VAR_RESET", "VAR_SET_DEFAULT"):
+        return True
+    args = node.get("args") or ()
+    if kind == "VAR_SET_VALUE" and node.get("name") == "role" and len(args) == 1:
+        value = (args[0].get("A_Const") or {}).get("sval") or {}
+        return value.get("sval") == "none"
+    return False
+
+
 def _temp(rel) -> bool:
     """A relation being made temporary: CREATE TEMP ..., or CREATE ... pg_temp.name (which is one as much)."""
     return isinstance(rel, dict) and (rel.get("relpersistence") == "t" or rel.get("schemaname") == TEMP_SCHEMA)
@@ -642,7 +656,7 @@ class _Collector:
         name = (node.get("name") or "").lower()
         is_local = bool(node.get("is_local"))
         if name in ("role", "session_authorization"):
-            if not is_local:
+            if not is_local and not _back_to_login_role(kind, node):
                 self._pin(f"SET {name.upper()}")
             return
         # (SET SESSION CHARACTERISTICS, named "session characteristics" by the parser, does not

@@ -372,6 +372,13 @@ def body(sql: str) -> bytes:
         ("DEALLOCATE p1", lambda e: e.deallocate == ("p1",)),
         ("DEALLOCATE ALL", lambda e: e.deallocate_all),
         ("SET ROLE other", lambda e: e.pin == "SET ROLE"),
+        # Back to the login role, which every pooled connection has: nothing to keep (review:
+        # an application's cleanup pinned every session, and now sends it to the primary).
+        ("RESET ROLE", lambda e: e.pin is None),
+        ("SET ROLE NONE", lambda e: e.pin is None),
+        ("SET role TO DEFAULT", lambda e: e.pin is None),
+        ("RESET SESSION AUTHORIZATION", lambda e: e.pin is None),
+        ("SET SESSION AUTHORIZATION DEFAULT", lambda e: e.pin is None),
         ("SELECT abalance FROM pgbench_accounts WHERE aid = 1", lambda e: e is NO_EFFECTS),
         ("this is not SQL; set", lambda e: e is NO_EFFECTS),
         # A transaction's own commit mode (read-your-writes), not a session setting.
