@@ -1783,6 +1783,12 @@ class ClientSession(Admission):
                 why=why,
             )
             self.proxy.cancel_server(server)
+        elif self.pinned and self.transaction_mode and not server.pool.settings.reset_query:
+            # What pinned it (SET ROLE, a temporary table, LISTEN, a session lock, a cursor WITH
+            # HOLD) is still on the connection, and no server_reset_query undoes it (often left
+            # empty for transaction pooling, as PgBouncer uses none there): the next client of the
+            # pool would run as that role, with those tables. It is closed instead.
+            server.taint(f"pinned ({self.pinned}) with no server_reset_query to undo it")
         server.pool.release(server, reusable=reusable, reset=not self.transaction_mode or bool(self.pinned))
 
     # -- timers -------------------------------------------------------------------------------

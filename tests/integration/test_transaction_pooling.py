@@ -348,6 +348,29 @@ def test_temp_table_survives_across_transactions(txproxy):
             assert conn.execute("SELECT to_regclass('pg_temp.tx_tmp')").fetchone() == (None,)
 
 
+def test_without_a_reset_query_a_pinned_clients_connection_is_closed_not_handed_on(pg_cluster, tmp_path):
+    """server_reset_query = "" (PgBouncer uses none in transaction pooling): the next client of
+    the pool ran as the role a pinned client had SET, and saw its temporary table."""
+    with start_proxy(pg_cluster, tmp_path, **dict(TX_CONFIG, pool_size=1, server_reset_query="")) as px:
+        with px.connect() as conn:
+            login = conn.execute("SELECT current_user").fetchone()[0]
+        pg_cluster.psql(pg_cluster.nodes[0], f"CREATE ROLE tx_lowpriv_role; GRANT tx_lowpriv_role TO {login}")
+        try:
+            for pin in ("SET ROLE tx_lowpriv_role", "CREATE TEMP TABLE tx_left_behind (x int)"):
+                with px.connect() as conn:
+                    conn.execute(pin)
+                for _ in range(3):
+                    with px.connect() as conn:
+                        assert conn.execute("SELECT current_user, to_regclass('pg_temp.tx_left_behind')").fetchone() == (login, None)
+            # (Clients that pin nothing keep sharing the connection as before.)
+            with px.connect() as a:
+                pid = a.execute("SELECT pg_backend_pid()").fetchone()[0]
+            with px.connect() as b:
+                assert b.execute("SELECT pg_backend_pid()").fetchone()[0] == pid
+        finally:
+            pg_cluster.psql(pg_cluster.nodes[0], "DROP ROLE tx_lowpriv_role")
+
+
 def test_unpoolable_error_refuses_and_the_session_goes_on(pg_cluster, tmp_path):
     with start_proxy(pg_cluster, tmp_path, **dict(TX_CONFIG, unpoolable="error")) as px:
         with px.connect() as conn:
