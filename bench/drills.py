@@ -318,7 +318,11 @@ def main(argv: list[str] | None = None) -> int:
                             cluster.stop(primary, mode=m)
                             stopped.append(time.monotonic())  # (dead by now: writes acknowledged until here)
 
-                        for_a_while(stop, lambda: cluster.start(primary), args)
+                        def start(stopped=stopped, event=event):
+                            cluster.start(primary)
+                            print(f"  {primary.name} stopped after {stopped[0] - event:.2f}s, back (pg_ctl start returned) after {time.monotonic() - event:.2f}s", flush=True)
+
+                        for_a_while(stop, start, args)
                     elif name == "freeze":
                         for_a_while(lambda: cluster.freeze(primary), lambda: cluster.thaw(primary), args)
                     else:

@@ -270,6 +270,13 @@ class _Slot:
         self.aside_until = 0.0  # (step_aside: no probe connection to the node before then)
 
 
+# A down node is probed again after interval, 2 x interval ... at most this: a primary restarted
+# (pg_ctl restart, a minor upgrade: seconds) is seen back, and takes writes, within this of its
+# start; at 10 s a 5 s restart kept writes away for 7.5 s (the primary-restart drill). Probing a
+# dead node this often costs it one refused connection per probe.
+BACKOFF_MAX = 2.0
+
+
 class ClusterMonitor:
     """Probes every node of one database every *interval* seconds; keeps ``states`` current.
 
@@ -297,7 +304,7 @@ class ClusterMonitor:
         dialer: NodeDialer | None = None,
         interval: float = 1.0,
         timeout: float = 2.0,
-        backoff_max: float = 10.0,
+        backoff_max: float = BACKOFF_MAX,
         on_change: Callable[[NodeState, str], None] | None = None,
         functions_refresh: float | None = None,
     ):
