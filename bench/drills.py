@@ -4,6 +4,8 @@
 By name also: a replica frozen (replica-freeze), a replica's replay paused (replica-lag), the primary
 stopped and started again (primary-restart: pg_ctl stop -m fast; primary-crash: -m immediate, so it
 starts with crash recovery), each for --freeze seconds.
+And switchover: the primary stopped cleanly and a replica promoted by the operator (pg_ctl promote),
+the other replica following it; like kill-promote it changes the roles, so it goes last.
 Each drill assumes the roles the cluster started with: kill-promote changes them, so it goes last.
 
     PYTHONPATH=. python bench/drills.py [--sessions 32] [--drill replica-kill --drill freeze --drill kill-promote]
@@ -59,7 +61,9 @@ DRILLS = ("replica-kill", "freeze", "kill-promote")
 # Not in the default run (drill them by name): a replica hung, a replica falling behind, and the
 # primary restarted (pg_ctl restart: fast, as for a configuration change or a minor upgrade; or
 # after a crash, immediate, with crash recovery) and back as the primary, with no promotion.
-MORE_DRILLS = ("replica-freeze", "replica-lag", "primary-restart", "primary-crash")
+MORE_DRILLS = ("replica-freeze", "replica-lag", "primary-restart", "primary-crash", "switchover")
+# Drills after which the cluster's roles are not what it started with: the last of a run.
+LAST_DRILLS = ("kill-promote", "switchover")
 
 PROXY_SETTINGS = {
     "pool_mode": "transaction",
@@ -240,6 +244,14 @@ def for_a_while(begin, end, args) -> None:
     time.sleep(max(0.0, args.phase - args.freeze))
 
 
+def lost_on(cluster, node, load: Load, before: float) -> set[tuple[int, int]]:
+    """The writes acknowledged before *before* that *node* does not hold, by (session, seq), not
+    id: a sequence's WAL can be lost with the rows and its ids issued again."""
+    acked = {(w.session, w.seq) for s in load.sessions for w in s.writes if w.acked < before}
+    kept = cluster.psql(node, "SELECT string_agg(session || ':' || seq, ',') FROM drill", user=cluster.app_user, dbname=cluster.app_database)
+    return acked - {tuple(int(v) for v in x.split(":")) for x in kept.split(",") if x}
+
+
 def role_of(cluster, node) -> str | None:
     try:
         return "replica" if cluster.psql(node, "SELECT pg_is_in_recovery()") == "t" else "primary"
@@ -276,8 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         except tomllib.TOMLDecodeError as e:
             ap.error(f"--set {item!r}: the value is not TOML ({e}); strings need quotes: pool_mode='\"session\"'")
     drills = args.drill or list(DRILLS)
-    if "kill-promote" in drills[:-1]:
-        ap.error("kill-promote changes the cluster's roles: it must be the last drill")
+    if any(name in LAST_DRILLS for name in drills[:-1]):
+        ap.error(f"{' and '.join(LAST_DRILLS)} change the cluster's roles: either must be the last drill")
     results = []
     with LocalCluster.create(replicas=2) as cluster:
         primary, r1, r2 = cluster.nodes
@@ -323,6 +335,16 @@ def main(argv: list[str] | None = None) -> int:
                             print(f"  {primary.name} stopped after {stopped[0] - event:.2f}s, back (pg_ctl start returned) after {time.monotonic() - event:.2f}s", flush=True)
 
                         for_a_while(stop, start, args)
+                    elif name == "switchover":
+                        # Planned, by an operator and not by pgtwist (auto_promote stays off): the
+                        # primary stopped cleanly (every acknowledged write reaches the replicas
+                        # first), a replica promoted with pg_ctl, the other pointed at it.
+                        cluster.stop(primary, mode="fast")
+                        stopped_at = time.monotonic()
+                        cluster.promote(r1)
+                        print(f"  {r1.name} promoted after {time.monotonic() - event:.2f}s", flush=True)
+                        cluster.follow(r2, r1)
+                        time.sleep(args.phase)
                     elif name == "freeze":
                         for_a_while(lambda: cluster.freeze(primary), lambda: cluster.thaw(primary), args)
                     else:
@@ -343,25 +365,16 @@ def main(argv: list[str] | None = None) -> int:
                     # the last moments before an immediate stop may not have reached the WAL on disk,
                     # and crash recovery ends without it (PostgreSQL's own bargain, not pgtwist's).
                     # Counted as lost, as for kill-promote, so that no read is called stale for it.
-                    acked_before = {(w.session, w.seq) for s in load.sessions for w in s.writes if w.acked < stopped[0]}
-                    kept = cluster.psql(
-                        primary, "SELECT string_agg(session || ':' || seq, ',') FROM drill",
-                        user=cluster.app_user, dbname=cluster.app_database,
-                    )
-                    present = {tuple(int(v) for v in x.split(":")) for x in kept.split(",") if x}
-                    lost = acked_before - present
+                    lost = lost_on(cluster, primary, load, stopped[0])
+                if name == "switchover":
+                    # A fast shutdown sends the replicas every WAL record before it ends: nothing
+                    # acknowledged by the old primary may be missing on the new one.
+                    lost = lost_on(cluster, r1, load, stopped_at)
                 if name == "kill-promote":
-                    # By (session, seq), not id: a sequence's WAL can be lost with the rows and ids reissued.
                     # Acknowledged by the old primary: up to its death, which comes some time after the
                     # event (pg_ctl stop takes a while), so anything acknowledged before the promotion
                     # was seen (what the new primary acknowledged is on it, never "lost").
-                    acked_before = {(w.session, w.seq) for s in load.sessions for w in s.writes if w.acked < promoted_at}
-                    kept = cluster.psql(
-                        promoted, "SELECT string_agg(session || ':' || seq, ',') FROM drill",
-                        user=cluster.app_user, dbname=cluster.app_database,
-                    )
-                    present = {tuple(int(v) for v in x.split(":")) for x in kept.split(",") if x}
-                    lost = acked_before - present
+                    lost = lost_on(cluster, promoted, load, promoted_at)
                 result = summarize(name, load, event, end, lost, args.stale_after, ports)
                 results.append(result)
                 print("  " + json.dumps(result), flush=True)
