@@ -295,6 +295,13 @@ def main(argv: list[str] | None = None) -> int:
         primary, r1, r2 = cluster.nodes
         ports = {n.port: n.name for n in cluster.nodes}
         cluster.psql(primary, SETUP_SQL, user=cluster.app_user, dbname=cluster.app_database)
+        for node in cluster.nodes:
+            # PostgreSQL's default, which the throwaway cluster turns off for speed: a commit is
+            # acknowledged once its WAL is on the primary's disk, so the replicas can have it.
+            # Off, a commit acknowledged just before a freeze or a crash never left the primary
+            # (a "stale read" on every replica for as long as it is frozen, a "lost" write).
+            cluster.psql(node, "ALTER SYSTEM SET synchronous_commit = on")
+            cluster.psql(node, "SELECT pg_reload_conf()")
         cluster.psql(primary, f"GRANT EXECUTE ON FUNCTION pg_promote(boolean, integer) TO {cluster.app_user};")
         cluster.wait_replicas_caught_up(30)
         work = Path(args.work) / f"pgtwist-drills-{int(time.time())}"
@@ -361,10 +368,8 @@ def main(argv: list[str] | None = None) -> int:
                         time.sleep(args.phase / 2)
                     end = time.monotonic()
                 if name == "primary-crash":
-                    # The throwaway cluster runs synchronous_commit = off: a commit acknowledged in
-                    # the last moments before an immediate stop may not have reached the WAL on disk,
-                    # and crash recovery ends without it (PostgreSQL's own bargain, not pgtwist's).
-                    # Counted as lost, as for kill-promote, so that no read is called stale for it.
+                    # With synchronous_commit = on (set above) nothing acknowledged may be missing
+                    # after crash recovery; counted as lost if it is, as for kill-promote.
                     lost = lost_on(cluster, primary, load, stopped[0])
                 if name == "switchover":
                     # A fast shutdown sends the replicas every WAL record before it ends: nothing
