@@ -782,8 +782,10 @@ class Supervisor(service.MultiService):
         if self._ready_told or self._stopping or not all(w.ready for w in self.workers) or not self.environ.get("NOTIFY_SOCKET"):
             return
         self._ready_told = True
-        host, port = self.socket.getsockname()[:2]
-        self._tell(f"READY=1\nSTATUS=accepting clients on {host}:{port} ({self.count} workers)\nMAINPID={os.getpid()}")
+        # (From the config and the port kept at start: worker 0's socket, self.socket, is closed
+        # while worker 0 is dead, and it may have died before every worker was ready.)
+        host = self.config.listen.host
+        self._tell(f"READY=1\nSTATUS=accepting clients on {host}:{self.port} ({self.count} workers)\nMAINPID={os.getpid()}")
 
     def _tell(self, state: str) -> None:
         self.notify(state, self.environ)

@@ -688,3 +688,38 @@ def test_a_console_state_that_is_not_one_is_skipped_not_a_crash_at_start():
         taken, skipped = actions.take_state(proxy, state)
         assert taken == [] and len(skipped) == 1 and skipped[0].startswith("not a console state")
     assert proxy.paused == set() and proxy.disabled == set()
+
+
+@pytest.mark.skipif(not workers.REUSEPORT, reason="one shared socket without SO_REUSEPORT")
+def test_ready_comes_even_when_worker_0_died_before_every_worker_was_ready():
+    # (Review.) Worker 0's socket is the supervisor's self.socket, closed while worker 0 is dead
+    # (_close_socket_of): READY=1's status line read its address there and raised, after
+    # marking itself told, so systemd never heard it and stopped the unit.
+    reactor = MemoryReactorClock()
+    reactor.hasRun = True
+    listened, told, spawned = [], [], []
+    reactor.listenUNIXDatagram = lambda path, proto: listened.append((path, proto))
+
+    def spawn(reactor_, proto, spec, config_path, fds):
+        process = FakeProcess(proto)
+        spawned.append((spec, process))
+        return process
+
+    with socket.socket() as probe:  # (a free port: the config refuses port 0)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    sup = workers.Supervisor(
+        make_config(workers=2, listen=f"127.0.0.1:{port}"), reactor, spawn=spawn,
+        environ={"NOTIFY_SOCKET": "/run/systemd/notify"}, notify=lambda state, env: told.append(state),
+    )
+    sup.rundir = "/run/pgtwist-test"
+    sup.startService()
+    try:
+        ready(listened, spawned[1][1])
+        spawned[0][1].proto.processEnded(Failure(killed()))  # worker 0 dies before its READY=1
+        reactor.advance(60)
+        ready(listened, spawned[-1][1])  # its restart is ready: every worker is
+        assert len(told) == 1 and told[0].startswith("READY=1") and f":{port} (2 workers)" in told[0]
+    finally:
+        for sock in {id(x): x for x in [sup.socket, *sup.sockets] if x is not None}.values():
+            sock.close()
