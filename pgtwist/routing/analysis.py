@@ -216,8 +216,11 @@ def _prefilter(low: str) -> tuple[bool, Analysis | None]:
         if kw in text:
             return True, None
     select = text.find("select")
-    if select >= 0 and text.find("into", select) > 0:
-        return True, None  # (maybe SELECT ... INTO after a WITH or a comment; INSERT INTO t SELECT has its INTO first)
+    if select >= 0 and text.count("into", select) > text.count("insert into", select) + text.count("merge into", select):
+        # Maybe SELECT ... INTO after a WITH or a comment. An INTO of INSERT or MERGE makes no
+        # table: a WITH ... INSERT INTO ... SELECT, or a batch of INSERTs, is judged without a
+        # parse, as before (a long one would be parsed on every Query, a varied one never cached).
+        return True, None
     return _starts_like_ddl(text), None
 
 

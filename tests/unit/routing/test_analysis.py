@@ -604,3 +604,22 @@ def test_statements_that_need_their_database_free_of_other_sessions(sql, frees):
     assert effects.frees == frees
     assert effects.changes_state or not frees
     assert inspect_query(sql.encode() + b"\x00").frees == frees
+
+
+def test_insert_select_texts_that_make_no_table_skip_the_parser(monkeypatch):
+    # (Review.) SELECT ... INTO is looked for after a SELECT; an INSERT INTO ... SELECT is not
+    # one: a long one would be parsed on every Query, a short one with a varying literal would
+    # miss the cache each time.
+    from pgtwist.routing import analysis
+
+    parses = []
+    real = analysis._analyze
+    monkeypatch.setattr(analysis, "_analyze", lambda sql: parses.append(sql) or real(sql))
+    cols = ", ".join(f"c{i}" for i in range(400))
+    long = f"WITH src AS (SELECT {cols} FROM staging WHERE batch = $1) INSERT INTO target ({cols}) SELECT {cols} FROM src"
+    assert len(long) > analysis.MAX_CACHED_LENGTH
+    for _ in range(3):
+        analysis.query_effects(long.encode() + b"\x00")
+    for i in range(3):
+        analysis.query_effects(f"INSERT INTO a VALUES (1); INSERT INTO b SELECT * FROM c WHERE k = 'k{i}'".encode() + b"\x00")
+    assert parses == []
