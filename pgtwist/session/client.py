@@ -1783,12 +1783,13 @@ class ClientSession(Admission):
                 why=why,
             )
             self.proxy.cancel_server(server)
-        elif self.pinned and self.transaction_mode and not server.pool.settings.reset_query:
+        elif self.pinned and self.transaction_mode and not analysis.session_effects(server.pool.settings.reset_query).discard_all:
             # What pinned it (SET ROLE, a temporary table, LISTEN, a session lock, a cursor WITH
-            # HOLD) is still on the connection, and no server_reset_query undoes it (often left
-            # empty for transaction pooling, as PgBouncer uses none there): the next client of the
-            # pool would run as that role, with those tables. It is closed instead.
-            server.taint(f"pinned ({self.pinned}) with no server_reset_query to undo it")
+            # HOLD) is still on the connection, and server_reset_query does not undo it all: often
+            # empty for transaction pooling (PgBouncer uses none there), or RESET ALL or DEALLOCATE
+            # ALL, which leave the role and the tables. The next client of the pool would run as
+            # that role, with those tables: it is closed instead. (DISCARD ALL undoes it all.)
+            server.taint(f"pinned ({self.pinned}) and server_reset_query does not DISCARD ALL")
         server.pool.release(server, reusable=reusable, reset=not self.transaction_mode or bool(self.pinned))
 
     # -- timers -------------------------------------------------------------------------------

@@ -348,10 +348,12 @@ def test_temp_table_survives_across_transactions(txproxy):
             assert conn.execute("SELECT to_regclass('pg_temp.tx_tmp')").fetchone() == (None,)
 
 
-def test_without_a_reset_query_a_pinned_clients_connection_is_closed_not_handed_on(pg_cluster, tmp_path):
-    """server_reset_query = "" (PgBouncer uses none in transaction pooling): the next client of
-    the pool ran as the role a pinned client had SET, and saw its temporary table."""
-    with start_proxy(pg_cluster, tmp_path, **dict(TX_CONFIG, pool_size=1, server_reset_query="")) as px:
+@pytest.mark.parametrize("reset", ["", "RESET ALL", "DEALLOCATE ALL"])
+def test_without_discard_all_a_pinned_clients_connection_is_closed_not_handed_on(pg_cluster, tmp_path, reset):
+    """server_reset_query = "" (PgBouncer uses none in transaction pooling), or one that leaves the
+    role and the tables: the next client of the pool ran as the role a pinned client had SET,
+    and saw its temporary table."""
+    with start_proxy(pg_cluster, tmp_path, **dict(TX_CONFIG, pool_size=1, server_reset_query=reset)) as px:
         with px.connect() as conn:
             login = conn.execute("SELECT current_user").fetchone()[0]
         pg_cluster.psql(pg_cluster.nodes[0], f"CREATE ROLE tx_lowpriv_role; GRANT tx_lowpriv_role TO {login}")
