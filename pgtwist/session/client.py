@@ -703,12 +703,16 @@ class ClientSession(Admission):
             # other session anything, whatever pins the session; any other DDL shows them all.
             temporary, self.temporaries = self.temporaries.after(effects.ddl_steps)
         if effects.ddl:
-            # Every server connection's shared statements of this database may mean something
-            # else now: each is prepared again on its next use there (statements.Schema). Once
-            # more when the transaction ends: a copy prepared meanwhile elsewhere saw the old schema.
-            self.relay.schema.ddl()
             self._tx_end |= _DDL_SENT
             if not temporary:
+                # Every server connection's shared statements of this database may mean something
+                # else now: each is prepared again on its next use there (statements.Schema). Once
+                # more when the transaction ends: a copy prepared meanwhile elsewhere saw the old
+                # schema. Not for DDL on this session's temporary relations, which no other
+                # session's statements can name (an ORM's temporary table per request would have
+                # every connection prepare its statements again each time); its own statements
+                # meet PostgreSQL's own check, as on a direct connection.
+                self.relay.schema.ddl()
                 self._tx_end |= _SHARED_DDL
                 if self.proxy.worker is not None:
                     # workers = N: the other workers' clocks too, now and at the commit (a copy
@@ -1538,9 +1542,9 @@ class ClientSession(Admission):
     def _transaction_ended(self) -> None:
         done, self._tx_end = self._tx_end, 0
         if done & _DDL_SENT:
-            self.relay.schema.ddl()  # (committed now: see _note_effects)
             self.temporaries = self.temporaries.ended()  # (ON COMMIT DROP)
             if done & _SHARED_DDL:
+                self.relay.schema.ddl()  # (committed now: see _note_effects)
                 self.router.schema_changed()  # (function volatility: the monitor reads pg_proc again)
             if self.pinned:
                 lease = self.lease

@@ -164,3 +164,18 @@ def test_ddl_on_its_temporary_relations_is_told_to_nobody():
     janitor(s)
     assert router.elsewhere.told == [] and router.elsewhere.schema == [] and s.monitor.probes == []
 
+
+
+def test_ddl_on_temporary_relations_leaves_the_prepared_statements_clock_alone():
+    # (Review.) The clock is the whole database's: each tick has every connection prepare its
+    # described statements again. An ORM's temporary table per request ticked it each time,
+    # though no other session's statements can name that table.
+    s = Setup()
+    session = pinned_by_a_temporary_table(s)
+    schema = session.relay.schema
+    before = schema.ddl_at
+    run(session, "ALTER TABLE scratch ADD COLUMN y int; CREATE INDEX ON scratch (x)")
+    run(session, "SELECT 1 INTO TEMP other_scratch")
+    assert schema.ddl_at == before
+    run(session, "ALTER TABLE t ADD COLUMN y int")
+    assert schema.ddl_at > before
