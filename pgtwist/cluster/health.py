@@ -275,6 +275,12 @@ class _Slot:
 # start; at 10 s a 5 s restart kept writes away for 7.5 s (the primary-restart drill). Probing a
 # dead node this often costs it one refused connection per probe.
 BACKOFF_MAX = 2.0
+# ... unless the node answered and refused the probe's login (a wrong health_user password, a
+# pg_hba rule, a database dropped): nothing a restart fixes soon, and each attempt is a FATAL in
+# the node's log (and may count towards an account lockout): as far apart as before, 10 s.
+REFUSED_BACKOFF_MAX = 10.0
+# (The SQLSTATE classes of a node that is there and says no, not of one on its way up or down.)
+_REFUSALS = ("28", "3D", "42")
 
 
 class ClusterMonitor:
@@ -557,13 +563,15 @@ class ClusterMonitor:
             # that says nothing about the node yet; a fresh connection, same deadline, does.
             self._attempt(slot, token, fresh=True)
             return
-        missing = False
+        missing = refused = False
         if failure.check(ServerLoginError):
             why = failure.value.fields.get("M", "login failed")
-            missing = failure.value.fields.get("C") == sqlstate.INVALID_CATALOG_NAME
+            code = failure.value.fields.get("C") or ""
+            missing = code == sqlstate.INVALID_CATALOG_NAME
+            refused = code[:2] in _REFUSALS
         else:
             why = failure.getErrorMessage()
-        self._probe_failed(slot, token, why, missing)
+        self._probe_failed(slot, token, why, missing, refused)
 
     def _probe_answered(self, rows, slot: _Slot, token) -> None:
         if slot.probing is not token:
@@ -641,7 +649,7 @@ class ClusterMonitor:
         if self.running:  # (stop() fails what is under way: nothing to say then)
             log.warn("cannot read function volatility from node {node}: {why}", node=node, why=failure.getErrorMessage())
 
-    def _probe_failed(self, slot: _Slot, token, why: str, database_missing: bool = False) -> None:
+    def _probe_failed(self, slot: _Slot, token, why: str, database_missing: bool = False, refused: bool = False) -> None:
         if slot.probing is not token:
             return
         self._end_probe(slot)
@@ -656,11 +664,12 @@ class ClusterMonitor:
         state.database_missing = database_missing
         slot.delay = None
         self._settle(before)
-        self._schedule(slot, self._backoff(slot.failures))
+        self._schedule(slot, self._backoff(slot.failures, refused))
         self._release_waiters(slot)
 
-    def _backoff(self, failures: int) -> float:
-        return min(self.interval * 2 ** max(failures - 1, 0), self.backoff_max)
+    def _backoff(self, failures: int, refused: bool = False) -> float:
+        cap = max(self.backoff_max, REFUSED_BACKOFF_MAX) if refused else self.backoff_max
+        return min(self.interval * 2 ** max(failures - 1, 0), cap)
 
     def _end_probe(self, slot: _Slot) -> None:
         slot.probing = None

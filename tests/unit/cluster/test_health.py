@@ -900,3 +900,22 @@ def test_a_probe_asked_for_while_stepping_aside_waits_until_then():
     assert len(h.attempts(0)) == 2
     h.up(0, primary_row("0/100"))
     assert states and states[0].up
+
+
+def test_a_node_that_is_away_is_probed_at_most_2_s_apart_one_that_refuses_the_login_10_s():
+    # A restarted primary is seen back within 2 s of its start; a wrong health_user password (or
+    # a pg_hba rule, a dropped database) is not fixed by waiting, and each attempt is a FATAL in
+    # the node's log: those stay as far apart as before.
+    from pgtwist.cluster import health
+
+    h = Harness(count=1, interval=0.5, backoff_max=health.BACKOFF_MAX)
+    assert [h.monitor._backoff(n) for n in range(1, 7)] == [0.5, 1, 2, 2, 2, 2]
+    assert [h.monitor._backoff(n, refused=True) for n in range(1, 7)] == [0.5, 1, 2, 4, 8, 10]
+    h.monitor.start()
+    for _ in range(6):
+        conn = h.accept(0)
+        conn.proto.dataReceived(m.error_response("FATAL", "28P01", 'password authentication failed for user "monitor"'))
+        (timer,) = h.reactor.getDelayedCalls()
+        delay = timer.getTime() - h.reactor.seconds()
+        h.reactor.advance(delay)
+    assert delay == 10.0
