@@ -508,7 +508,10 @@ def take_console_state(svc) -> None:
     except Exception:
         # (Whatever another worker answered, a worker that cannot take it must still start.)
         svc.proxy.console_sure = False
-        log.failure("worker {index} restarted: could not take worker {other}'s console state; it starts from the file", index=spec.index, other=index)
+        log.failure(
+            "worker {index} restarted: could not take all of worker {other}'s console state; what it took stays, the rest is the file's",
+            index=spec.index, other=index,
+        )
         return
     log.info(
         "worker {index} restarted: took the console's state from worker {other}: {taken}",
