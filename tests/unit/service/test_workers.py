@@ -599,7 +599,9 @@ def test_a_workers_notify_socket_is_the_supervisors():
     assert workers.worker_environ({"HOME": "/h"}, spec) == env
 
 
-def notifying_supervisor(count=2, environ=None):
+def notifying_supervisor(count=2, environ=None, listen=None):
+    """A supervisor told of its workers' READY=1 (ready()), telling a fake service manager (told);
+    *listen*: a real address, whose sockets it makes itself (else one fake socket)."""
     reactor = MemoryReactorClock()
     reactor.hasRun = True
     reactor.callFromThread = lambda f, *a, **kw: f(*a, **kw)
@@ -612,7 +614,8 @@ def notifying_supervisor(count=2, environ=None):
         return process
 
     sup = workers.Supervisor(
-        make_config(workers=count), reactor, spawn=spawn, listen_socket=FakeSocket(),
+        make_config(workers=count, **({"listen": listen} if listen else {})), reactor, spawn=spawn,
+        listen_socket=None if listen else FakeSocket(),
         environ={"NOTIFY_SOCKET": "/run/systemd/notify"} if environ is None else environ,
         notify=lambda state, env: told.append(state),
     )
@@ -695,25 +698,10 @@ def test_ready_comes_even_when_worker_0_died_before_every_worker_was_ready():
     # (Review.) Worker 0's socket is the supervisor's self.socket, closed while worker 0 is dead
     # (_close_socket_of): READY=1's status line read its address there and raised, after
     # marking itself told, so systemd never heard it and stopped the unit.
-    reactor = MemoryReactorClock()
-    reactor.hasRun = True
-    listened, told, spawned = [], [], []
-    reactor.listenUNIXDatagram = lambda path, proto: listened.append((path, proto))
-
-    def spawn(reactor_, proto, spec, config_path, fds):
-        process = FakeProcess(proto)
-        spawned.append((spec, process))
-        return process
-
     with socket.socket() as probe:  # (a free port: the config refuses port 0)
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    sup = workers.Supervisor(
-        make_config(workers=2, listen=f"127.0.0.1:{port}"), reactor, spawn=spawn,
-        environ={"NOTIFY_SOCKET": "/run/systemd/notify"}, notify=lambda state, env: told.append(state),
-    )
-    sup.rundir = "/run/pgtwist-test"
-    sup.startService()
+    sup, reactor, spawned, listened, told = notifying_supervisor(2, listen=f"127.0.0.1:{port}")
     try:
         ready(listened, spawned[1][1])
         spawned[0][1].proto.processEnded(Failure(killed()))  # worker 0 dies before its READY=1
