@@ -11,6 +11,8 @@ import re
 import struct
 from dataclasses import dataclass, field
 
+from twisted.internet import defer
+from twisted.python import failure
 from twisted.logger import Logger
 
 from pgtwist import config as configmod
@@ -88,7 +90,9 @@ class Result:
     columns: tuple = ()
     rows: list = field(default_factory=list)
     notices: list = field(default_factory=list)
-    # PAUSE, WAIT_CLOSE: the answer is sent when this fires (the session reads nothing more till then).
+    # PAUSE, WAIT_CLOSE, and under workers = N what the other workers are asked: the answer is sent
+    # when this fires (the session reads nothing more till then); a CommandError it fails with is
+    # the answer instead.
     wait: object = None
 
     @property
@@ -148,7 +152,7 @@ def describe(sql: str, proxy=None) -> tuple | None:
     if len(words) == 2 and words[0] == "SHOW" and words[1] in _SHOW:
         columns = _SHOW[words[1]][0]
         if words[1] in PER_WORKER and getattr(proxy, "worker", None) is not None:
-            from pgtwist.service.workers import WORKER_COLUMN
+            from pgtwist.service.peers import WORKER_COLUMN
 
             columns = tuple(columns) + (WORKER_COLUMN,)
         return columns
@@ -171,19 +175,13 @@ def run(proxy, sql: str, session=None) -> Result:
         if link is not None and what in totals.MERGED:
             # workers = N: one row per key, every worker's counts added up (admin.totals).
             served, merge = totals.MERGED[what]
-            every, missing = link.every_worker(served, rows(proxy))
-            result = _table(columns, merge(every))
-            result.notices += [f"worker {i} did not answer: its counts are missing" for i in missing]
-            return result
+            return _gathered(columns, link.every_worker(served, rows(proxy)), merge, "its counts are missing")
         if what not in PER_WORKER or link is None:
             return _table(columns, rows(proxy))
-        # workers = N: every worker's rows, with a worker column (pgtwist.service.workers).
-        from pgtwist.service.workers import WORKER_COLUMN
+        # workers = N: every worker's rows, with a worker column (pgtwist.service.peers).
+        from pgtwist.service.peers import WORKER_COLUMN
 
-        every, missing = link.every_worker(PER_WORKER[what], rows(proxy))
-        result = _table(tuple(columns) + (WORKER_COLUMN,), every)
-        result.notices += [f"worker {i} did not answer: its rows are missing" for i in missing]
-        return result
+        return _gathered(tuple(columns) + (WORKER_COLUMN,), link.every_worker(PER_WORKER[what], rows(proxy)), list, "its rows are missing")
     if verb == "SET":
         return _set(proxy, sql)
     if verb == "RESET":
@@ -198,16 +196,16 @@ def run(proxy, sql: str, session=None) -> Result:
             raise CommandError(SYNTAX_ERROR, f"usage: {verb} database")
         link = getattr(proxy, "worker", None)  # (workers = N: every worker pauses, or resumes)
         if verb == "PAUSE":
-            result = Result(verb, wait=actions.pause_and_wait(proxy, database, watcher))
-            if link is not None:
-                result.notices += [f"worker {i} did not answer: not paused there" for i in link.everywhere("pause", database or "")]
+            paused = actions.pause_and_wait(proxy, database, watcher)
+            result = _everywhere(Result(verb), link, "pause", database, notice="not paused there")
+            if result.wait is not None:
+                # (PgBouncer's PAUSE answers once the pause is complete: here and on every worker)
+                paused = defer.gatherResults([paused, result.wait], consumeErrors=True)
+            result.wait = paused
             return result
         if verb == "RESUME":
             actions.resume(proxy, database)
-            result = Result(verb)
-            if link is not None:
-                result.notices += [f"worker {i} did not answer: not resumed there" for i in link.everywhere("resume", database or "")]
-            return result
+            return _everywhere(Result(verb), link, "resume", database, notice="not resumed there")
         if verb == "RECONNECT":
             actions.reconnect(proxy, database)
             return _everywhere(Result(verb), link, "reconnect", database)
@@ -229,10 +227,18 @@ def run(proxy, sql: str, session=None) -> Result:
             raise CommandError(SYNTAX_ERROR, "usage: KILL database | KILL client_id (SHOW CLIENTS lists them)")
         if session is not None and args[0] == session.id:
             raise CommandError(sqlstate.FEATURE_NOT_SUPPORTED, "this is your own connection; disconnect instead")
+        unknown = CommandError(sqlstate.UNDEFINED_OBJECT, f'no database or client "{args[0]}"')
+        if actions.kill(proxy, args[0]):
+            return Result("KILL")
         link = getattr(proxy, "worker", None)  # (workers = N: a client of another worker is killed there)
-        if not actions.kill(proxy, args[0]) and (link is None or not link.kill_elsewhere(args[0])):
-            raise CommandError(sqlstate.UNDEFINED_OBJECT, f'no database or client "{args[0]}"')
-        return Result("KILL")
+        if link is None:
+            raise unknown
+
+        def killed(there: bool) -> None:
+            if not there:
+                raise unknown
+
+        return Result("KILL", wait=link.kill_elsewhere(args[0]).addCallback(killed))
     if verb == "RELOAD" and not args:
         service = _service(proxy)
         outcome = service.reload()
@@ -257,12 +263,30 @@ def run(proxy, sql: str, session=None) -> Result:
 _SET = re.compile(r"SET\s+(?:SESSION\s+|LOCAL\s+)?([A-Za-z_][A-Za-z_0-9.]*)\s*(?:=|\s+TO\s+)\s*(.*)$", re.IGNORECASE | re.DOTALL)
 
 
-def _everywhere(result: Result, link, action: str, *parts: str | None) -> Result:
+def _everywhere(result: Result, link, action: str, *parts: str | None, notice: str = "not done there") -> Result:
     """workers = N: a command done on this worker is done on the others too (each pgtwist worker
-    has its own pools and clients; the operator asked the one pgtwist); a notice names any that
-    did not answer."""
+    has its own pools and clients; the operator asked the one pgtwist); the answer waits for them
+    (Result.wait), and a notice names any that did not answer."""
     if link is not None:
-        result.notices += [f"worker {i} did not answer: not done there" for i in link.everywhere(action, *(x or "" for x in parts))]
+
+        def told(missing: list[int]) -> None:
+            result.notices += [f"worker {i} did not answer: {notice}" for i in missing]
+
+        result.wait = link.everywhere(action, *(x or "" for x in parts)).addCallback(told)
+    return result
+
+
+def _gathered(columns, asked, merge, notice: str) -> Result:
+    """workers = N: a SHOW answered once the other workers' rows are in (*asked*: WorkerLink.every_worker);
+    *merge* makes the rows shown of every worker's (admin.totals adds counts up)."""
+    result = Result("SHOW", tuple(columns))
+
+    def fill(answer) -> None:
+        every, missing = answer
+        result.rows = _table(columns, merge(every)).rows
+        result.notices += [f"worker {i} did not answer: {notice}" for i in missing]
+
+    result.wait = asked.addCallback(fill)
     return result
 
 
@@ -448,19 +472,31 @@ class AdminConsole:
             out.append(encode_error(e))
             self.failed = True
 
-    def _hold(self, wait, then) -> None:
-        """Answer later: *then(out)* runs when *wait* fires; what the client sent meanwhile waits."""
+    def _hold(self, wait, then, out: list[bytes]) -> None:
+        """Answer later: *then(out, error)* runs when *wait* fires (error: the CommandError it failed
+        with, or None); what the client sent meanwhile waits. What was answered before is written
+        first: *wait* may have fired already, and its answer must not overtake theirs."""
+        self._write(out)
         self.pending = wait
 
-        def done(_):
+        def done(outcome):
             self.pending = None
             if self.closed or self.session.state == "closed":
-                return
+                return None
+            error = None
+            if isinstance(outcome, failure.Failure):
+                if not outcome.check(CommandError):
+                    log.failure("admin console: a command's wait failed", outcome)
+                    error = CommandError(sqlstate.INTERNAL_ERROR, "the command failed; the log says why")
+                else:
+                    error = outcome.value
+                self.proxy.counters.error(error.sqlstate)
             out: list[bytes] = []
-            then(out)
+            then(out, error)
             self._write(out)
             if self.buffer:
                 self.got_data(b"")
+            return None
 
         wait.addBoth(done)
 
@@ -480,17 +516,25 @@ class AdminConsole:
                 out.append(encode_error(e))
                 break
             if result.wait is not None:
-                def then(out, result=result):
-                    out.append(encode_complete(result))
+                def then(out, error, result=result):
+                    if error is not None:
+                        out.append(encode_error(error))
+                        out.append(m.ready_for_query())  # (the statements after an error are not run)
+                        return
+                    self._answer(result, out)
                     self._statements(statements, out)
 
-                self._hold(result.wait, then)
+                self._hold(result.wait, then, out)
                 return
-            if result.has_rows:
-                out.append(encode_description(result.columns))
-                out.append(encode_rows(result))
-            out.append(encode_complete(result))
+            self._answer(result, out)
         out.append(m.ready_for_query())
+
+    @staticmethod
+    def _answer(result: Result, out: list[bytes]) -> None:
+        if result.has_rows:
+            out.append(encode_description(result.columns))
+            out.append(encode_rows(result))
+        out.append(encode_complete(result))
 
     def _extended(self, msg_type: int, body: bytes, out: list[bytes]) -> None:
         if msg_type == p.PARSE:
@@ -530,17 +574,28 @@ class AdminConsole:
             result = portal.result or run(self.proxy, portal.sql.strip().rstrip(";"), self.session)
             portal.result = None
             if result.wait is not None:
-                self._hold(result.wait, lambda out: out.append(encode_complete(result)))
+                def then(out, error):
+                    if error is not None:
+                        out.append(encode_error(error))
+                        self.failed = True
+                        return
+                    self._executed(result, portal.formats, out)
+
+                self._hold(result.wait, then, out)
                 return
-            if result.has_rows:
-                out.append(encode_rows(result, portal.formats))
-            out.append(encode_complete(result))
+            self._executed(result, portal.formats, out)
         elif msg_type == p.CLOSE:
             kind, name = m.decode_target(body, "Close")
             (self.statements if kind == "S" else self.portals).pop(name, None)
             out.append(m.close_complete())
         else:
             raise CommandError(sqlstate.FEATURE_NOT_SUPPORTED, f"message type {chr(msg_type)!r} is not supported by the admin console")
+
+    @staticmethod
+    def _executed(result: Result, formats, out: list[bytes]) -> None:
+        if result.has_rows:
+            out.append(encode_rows(result, formats))
+        out.append(encode_complete(result))
 
     def _portal(self, name: str) -> _Portal:
         portal = self.portals.get(name)

@@ -33,11 +33,10 @@ from dataclasses import dataclass, replace
 from twisted.application import internet, service
 from twisted.internet import defer, error, protocol
 from twisted.logger import Logger
-from twisted.web import resource
 
 from pgtwist.service.sighandlers import SignalHandlers
 from pgtwist.transport.accept import adopt_tcp
-from pgtwist.service import notices, sdnotify
+from pgtwist.service import notices, peers, sdnotify
 from pgtwist.wire import protocol as p
 
 log = Logger()
@@ -95,9 +94,9 @@ class WorkerSpec:
     def parse(cls, text: str) -> "WorkerSpec":
         try:
             numbers, fd, rundir = text.split(":", 2)
-            numbers, restart, peers = numbers.partition("r")
+            numbers, restart, serving = numbers.partition("r")
             index, count = (int(x) for x in numbers.split("/"))
-            spec = cls(index, count, int(fd), rundir, bool(restart), tuple(int(x) for x in peers.split(",") if x))
+            spec = cls(index, count, int(fd), rundir, bool(restart), tuple(int(x) for x in serving.split(",") if x))
         except ValueError:
             raise ValueError(f"--worker wants I/N[r[P,...]]:FD:DIR, not {text!r}") from None
         if not 0 <= spec.index < spec.count:
@@ -140,52 +139,54 @@ class WorkerLink:
     def tag(self, secret: bytes) -> bytes:
         return self.spec.tag(secret)
 
-    def every_worker(self, what: str, own_rows: list[dict]) -> tuple[list[dict], list[int]]:
-        """SHOW *what* over every worker: (rows with a worker key, numbers of workers that did not answer)."""
-        rows = [dict(r, worker=self.spec.index) for r in own_rows]
-        missing = []
-        for index in range(self.spec.count):
-            if index == self.spec.index:
-                continue
-            try:
-                theirs = fetch_rows(self.spec.http_socket(index), what)
-            except (OSError, ValueError):
-                missing.append(index)
-                continue
-            rows += [dict(r, worker=index) for r in theirs]
-        rows.sort(key=lambda r: r["worker"])  # (stable: each worker's own order within)
-        return rows, missing
+    def _others(self) -> list[int]:
+        return [index for index in range(self.spec.count) if index != self.spec.index]
 
-    def everywhere(self, action: str, *parts: str) -> list[int]:
+    def every_worker(self, what: str, own_rows: list[dict]) -> defer.Deferred:
+        """SHOW *what* over every worker, asked of all at once: fires with (rows with a worker key,
+        numbers of the workers that did not answer in peers.SHOW_TIMEOUT)."""
+        others = self._others()
+        asked = [peers.show_rows(self.reactor, self.spec.http_socket(index), what) for index in others]
+
+        def gathered(answers):
+            rows = [dict(r, worker=self.spec.index) for r in own_rows]
+            missing = []
+            for index, (ok, theirs) in zip(others, answers):
+                if ok:
+                    rows += [dict(r, worker=index) for r in theirs]
+                else:
+                    missing.append(index)
+            rows.sort(key=lambda r: r["worker"])  # (stable: each worker's own order within)
+            return rows, missing
+
+        return defer.DeferredList(asked, consumeErrors=True).addCallback(gathered)
+
+    def everywhere(self, action: str, *parts: str) -> defer.Deferred:
         """A console command (*action*: PauseResource's with a database, or "set" with a key and
-        a value) done here: the other workers do it too; returns those that did not answer."""
+        a value) done here: the other workers do it too, asked all at once; fires with those that
+        did not answer (or refused)."""
         from urllib.parse import quote
 
-        target = "/".join([action, *(quote(part, safe="") for part in parts)])
-        missing = []
-        for index in range(self.spec.count):
-            if index == self.spec.index:
-                continue
-            try:
-                status = request(self.spec.http_socket(index), "POST", f"/{target}")[0]
-            except OSError:
-                status = 0
-            if status != 200:
-                missing.append(index)
-        return missing
+        target = "/" + "/".join([action, *(quote(part, safe="") for part in parts)])
+        others = self._others()
+        asked = [peers.ask(self.reactor, self.spec.http_socket(index), "POST", target) for index in others]
+
+        def gathered(answers):
+            return [index for index, (ok, answer) in zip(others, answers) if not ok or answer[0] != 200]
+
+        return defer.DeferredList(asked, consumeErrors=True).addCallback(gathered)
 
     def console_state(self, wait: float | None = None, ask=None, now=time.monotonic) -> tuple[int, dict] | None:
         """(the worker that answered, its actions.console_state), asked of the others in turn for up
         to *wait* s in all; None when none answered (each alone, or each starting too).
 
-        Blocking, as request() is, and called before the reactor runs (PgBalanceService.startService):
+        Blocking, as peers.request() is, and called before the reactor runs (PgBalanceService.startService):
         this worker's own sockets are bound by then but not served, so a console command another
         worker sends meanwhile (RESUME) waits in its queue and is done after the state is taken, not
-        undone by it. A worker that is busy (blocked on us, say, in its own request() of up to
-        SHOW_TIMEOUT) is asked again until *wait* is over; one that refuses (dead, or with its
-        socket not bound yet) is not.
+        undone by it. A worker that is busy (in a long stretch of work, or starting) is asked
+        again until *wait* is over; one that refuses (dead, or with its socket not bound yet) is not.
         """
-        ask = ask or request
+        ask = ask or peers.request
         deadline = now() + (STATE_WAIT if wait is None else wait)
         # Only the workers that were serving when this one was started (WorkerSpec.peers): those
         # restarted with it are not, and would each be waited for.
@@ -221,18 +222,17 @@ class WorkerLink:
         statement is sent again at once: PostgreSQL waits up to 5 s for sessions to leave."""
         self.notices.tell(notices.FREE, 0, 0, "\x00".join((node, *names)))
 
-    def kill_elsewhere(self, client_id: str) -> bool:
-        """KILL of a client another worker serves (its id says which: "w1.c3"); whether it was there."""
+    def kill_elsewhere(self, client_id: str) -> defer.Deferred:
+        """KILL of a client another worker serves (its id says which: "w1.c3"); fires with whether
+        it was there."""
         head, dot, _ = client_id.partition(".")
         if not dot or not head.startswith("w") or not head[1:].isdigit():
-            return False
+            return defer.succeed(False)
         index = int(head[1:])
         if index == self.spec.index or index >= self.spec.count:
-            return False
-        try:
-            return request(self.spec.http_socket(index), "POST", f"/kill/{client_id}")[0] == 200
-        except OSError:
-            return False
+            return defer.succeed(False)
+        asked = peers.ask(self.reactor, self.spec.http_socket(index), "POST", f"/kill/{client_id}")
+        return asked.addCallbacks(lambda answer: answer[0] == 200, lambda _: False)
 
     def ddl_hold(self, database: str) -> int:
         """A client sent DDL in *database*: the other workers hold their replica reads until
@@ -337,8 +337,8 @@ def worker_services(svc, spec: WorkerSpec, reactor) -> list:
     from pgtwist.admin import metrics
 
     root = metrics.make_root(svc, reactor)
-    root.putChild(b"show", ShowResource(svc.proxy))
-    root.putChild(b"kill", KillResource(svc.proxy))
+    root.putChild(b"show", peers.ShowResource(svc.proxy))
+    root.putChild(b"kill", peers.KillResource(svc.proxy))
     from pgtwist.admin import actions
 
     # The console's commands that act on the whole pgtwist, asked on another worker's console.
@@ -346,9 +346,9 @@ def worker_services(svc, spec: WorkerSpec, reactor) -> list:
         ("pause", actions.pause), ("resume", actions.resume), ("reconnect", actions.reconnect),
         ("disable", actions.disable), ("enable", actions.enable), ("kill_database", actions.kill_database),
     ):
-        root.putChild(name.encode(), PauseResource(svc.proxy, action))
-    root.putChild(b"set", SetResource(svc.proxy))
-    root.putChild(b"state", StateResource(svc.proxy))
+        root.putChild(name.encode(), peers.PauseResource(svc.proxy, action))
+    root.putChild(b"set", peers.SetResource(svc.proxy))
+    root.putChild(b"state", peers.StateResource(svc.proxy))
     site = server.Site(root)
     site.noisy = False
     svc.proxy.notices = notices.Receiver(svc.proxy)
@@ -357,132 +357,11 @@ def worker_services(svc, spec: WorkerSpec, reactor) -> list:
     return [relay, internet.UNIXServer(spec.http_socket(spec.index), site, mode=0o600, reactor=reactor), told]
 
 
-# SHOW views other workers are asked for, by the console of the worker an admin is connected to.
-# (admin.console.PER_WORKER's views, and admin.totals.MERGED's.)
-SHOWN = (
-    "bouncer.clients",
-    "bouncer.servers",
-    "bouncer.pools",
-    "bouncer.stats",
-    "bouncer.stats_totals",
-    "bouncer.stats_averages",
-    "bouncer.lists",
-    "bouncer.databases",
-    "inspect.pools",
-    "inspect.nodes",
-    "bouncer.mem",
-    "bouncer.fds",
-    "inspect.prepared",
-)
-WORKER_COLUMN = ("worker", int)
-SHOW_TIMEOUT = 1.0
 # A restarted worker asks the others for the console's state for up to STATE_WAIT s in all, each
-# for up to STATE_TRY s at a time: past SHOW_TIMEOUT, so a worker blocked on this one (its console
-# asking this one, which does not answer until it runs) is free again and answers in time.
+# for up to STATE_TRY s at a time (a worker answers in a millisecond or two; one that does not in
+# STATE_TRY is busy with something long, and is asked again while the others are asked too).
 STATE_WAIT = 1.5
 STATE_TRY = 0.5
-
-
-class ShowResource(resource.Resource):
-    """GET /show/{module.view} (SHOWN) on a worker's unix socket: its rows of that SHOW, as JSON."""
-
-    isLeaf = True
-
-    def __init__(self, proxy):
-        super().__init__()
-        self.proxy = proxy
-
-    def render_GET(self, request):
-        from pgtwist.admin import bouncer, inspect
-
-        what = request.postpath[0].decode() if request.postpath else ""
-        if what not in SHOWN:
-            request.setResponseCode(404)
-            return b"no such view\n"
-        module, _, name = what.partition(".")
-        view = getattr(bouncer if module == "bouncer" else inspect, name)
-        request.setHeader(b"Content-Type", b"application/json")
-        return json.dumps(view(self.proxy), default=str).encode()
-
-
-class KillResource(resource.Resource):
-    """POST /kill/ID on a worker's unix socket: KILL ID, asked by the console of another worker."""
-
-    isLeaf = True
-
-    def __init__(self, proxy):
-        super().__init__()
-        self.proxy = proxy
-
-    def render_POST(self, request):
-        from pgtwist.admin import actions
-
-        client_id = request.postpath[0].decode() if request.postpath else ""
-        killed = actions.kill(self.proxy, client_id)
-        request.setResponseCode(200 if killed else 404)
-        return b"killed\n" if killed else b"no such client\n"
-
-
-class PauseResource(resource.Resource):
-    """POST /pause/[DB] (/resume, /reconnect, /disable, /enable, /kill_database) on a worker's unix
-    socket: that command, asked on another worker's console."""
-
-    isLeaf = True
-
-    def __init__(self, proxy, action):
-        super().__init__()
-        self.proxy = proxy
-        self.action = action
-
-    def render_POST(self, request):
-        database = request.postpath[0].decode() if request.postpath and request.postpath[0] else None
-        try:
-            self.action(self.proxy, database)
-        except Exception as e:  # noqa: BLE001 - (ActionError: the asking worker checked the same config)
-            request.setResponseCode(404)
-            return f"{e}\n".encode()
-        return b"done\n"
-
-
-class SetResource(resource.Resource):
-    """POST /set/KEY/VALUE (VALUE URL-quoted) on a worker's unix socket: SET asked on another worker's console."""
-
-    isLeaf = True
-
-    def __init__(self, proxy):
-        super().__init__()
-        self.proxy = proxy
-
-    def render_POST(self, request):
-        from pgtwist.admin import actions
-
-        if len(request.postpath) != 2:
-            request.setResponseCode(404)
-            return b"SET wants /set/KEY/VALUE\n"
-        # (twisted.web has unquoted each segment already)
-        key, value = request.postpath[0].decode(), request.postpath[1].decode()
-        try:
-            actions.set_setting(self.proxy, key, value, getattr(self.proxy, "service", None))
-        except (KeyError, actions.ActionError) as e:  # (the asking worker checked the same config)
-            request.setResponseCode(404)
-            return f"{e}\n".encode()
-        return b"done\n"
-
-
-class StateResource(resource.Resource):
-    """GET /state on a worker's unix socket: actions.console_state, as JSON, asked by a restarted worker."""
-
-    isLeaf = True
-
-    def __init__(self, proxy):
-        super().__init__()
-        self.proxy = proxy
-
-    def render_GET(self, request):
-        from pgtwist.admin import actions
-
-        request.setHeader(b"Content-Type", b"application/json")
-        return json.dumps(dict(actions.console_state(self.proxy), sure=self.proxy.console_sure)).encode()
 
 
 def take_console_state(svc) -> None:
@@ -519,38 +398,6 @@ def take_console_state(svc) -> None:
     )
     for line in skipped:
         log.warn("worker {index} restarted: not taken from worker {other}: {line}", index=spec.index, other=index, line=line)
-
-
-def request(path: str, method: str, target: str, timeout: float = SHOW_TIMEOUT) -> tuple[int, bytes]:
-    """(status, body) of one HTTP/1.0 request to a worker's unix socket; OSError if it does not answer.
-
-    Blocking, and on purpose: the admin console answers synchronously (as PgBouncer's does),
-    a worker answers in a millisecond or two, and the wait is bounded by *timeout* (two admins
-    asking two workers at the same instant each wait out the other once, and get a notice).
-    """
-    deadline = time.monotonic() + timeout
-    chunks = []
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        s.connect(path)
-        s.sendall(f"{method} {target} HTTP/1.0\r\nHost: worker\r\nContent-Length: 0\r\n\r\n".encode())
-        while True:
-            s.settimeout(max(0.001, deadline - time.monotonic()))
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            chunks.append(chunk)
-    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
-    status = head.split(b"\r\n", 1)[0].split(b" ")
-    return (int(status[1]) if len(status) > 1 and status[1].isdigit() else 0), body
-
-
-def fetch_rows(path: str, what: str, timeout: float = SHOW_TIMEOUT) -> list[dict]:
-    """Another worker's rows of SHOW *what*; OSError/ValueError if it does not answer."""
-    status, body = request(path, "GET", f"/show/{what}", timeout)
-    if status != 200:
-        raise ValueError(f"worker answered {status}")
-    return json.loads(body)
 
 
 def adopt_listener(spec: WorkerSpec, factory, reactor, family: int, defer_accept: bool = False):

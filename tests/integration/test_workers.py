@@ -369,6 +369,44 @@ def test_console_commands_act_on_every_worker(px):
             assert conn.execute("SELECT 1").fetchone()[0] == 1
 
 
+def test_a_frozen_worker_costs_the_console_its_rows_and_the_other_workers_clients_nothing(px):
+    # A console command asked the other workers one after another, blocking its own worker's
+    # reactor for each: with one worker frozen (SIGSTOP), a SHOW (an exporter's scrape, say) held
+    # every client of the console's worker for a second. The SHOW now waits alone.
+    app = on_each_worker(px)
+    with console_on(px, 0) as console:
+        notices = []
+        console.add_notice_handler(lambda diag: notices.append(diag.message_primary))
+        frozen = worker_pids(px)[1]
+        os.kill(frozen, signal.SIGSTOP)
+        try:
+            order, shown = [], []
+
+            def show():
+                shown.extend(console.execute("SHOW CLIENTS").fetchall())
+                order.append("SHOW")
+
+            t = threading.Thread(target=show)
+            t.start()
+            time.sleep(0.3)  # (the SHOW is asked and waits SHOW_TIMEOUT, 1 s, for worker 1)
+            assert app[0].execute("SELECT 1").fetchone()[0] == 1
+            order.append("SELECT")
+            t.join(10)
+            assert order == ["SELECT", "SHOW"]
+            assert {row[-1] for row in shown} == {0}
+            assert notices == ["worker 1 did not answer: its rows are missing"]
+            # A command the frozen worker cannot take is done on the others, and says so.
+            console.execute("SET query_wait_timeout = 19")
+            assert notices[-1] == "worker 1 did not answer: not done there"
+            assert str(config_value(console, "query_wait_timeout")) in ("19", "19.0")
+        finally:
+            os.kill(frozen, signal.SIGCONT)
+        notices.clear()
+        assert {row[-1] for row in console.execute("SHOW CLIENTS").fetchall()} == {0, 1} and notices == []
+    for conn in app:
+        conn.close()
+
+
 def test_a_restarted_worker_takes_on_what_the_console_did(px):
     # PAUSE, DISABLE and SET reach every live worker; one restarted after a death started from the
     # file: it served the database the operator had paused for maintenance, or disabled.

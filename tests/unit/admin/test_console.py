@@ -3,6 +3,7 @@
 import struct
 
 import pytest
+from twisted.internet import defer
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 
@@ -589,3 +590,75 @@ def test_a_state_the_file_no_longer_allows_is_skipped_and_said():
         "SET listen = 'x': not a setting SET changes",
     ]
     assert proxy.paused == {"*"} and proxy.overrides == {"query_wait_timeout": "4"}
+
+
+def test_an_answer_at_once_after_a_wait_does_not_overtake_the_answers_before_it(proxy):
+    # PAUSE of an unused pool is done at once (its wait has fired): its CommandComplete still comes
+    # after SHOW VERSION's rows in the same Query, and after the extended protocol's ParseComplete.
+    session, transport = admin_session(proxy)
+    transport.clear()
+    session.got_data(m.query("SHOW VERSION; PAUSE"))
+    assert types(transport.value()) == "TDCCZ"
+    session.got_data(m.query("RESUME"))
+    transport.clear()
+    session.got_data(m.parse("", "PAUSE") + m.bind("", "") + m.describe("P", "") + m.execute("") + m.sync())
+    assert types(transport.value()) == "12nCZ"
+
+
+class PendingLink:
+    """workers = N as the console sees it: the other workers answer when the test says so."""
+
+    def __init__(self):
+        self.asked: list = []
+
+    def tag(self, secret):
+        return secret
+
+    def every_worker(self, what, rows):
+        self.asked.append(defer.Deferred())
+        return self.asked[-1].addCallback(lambda missing: ([dict(r, worker=0) for r in rows], missing))
+
+    def everywhere(self, action, *parts):
+        self.asked.append(defer.Deferred())
+        return self.asked[-1]
+
+    def kill_elsewhere(self, client_id):
+        self.asked.append(defer.Deferred())
+        return self.asked[-1]
+
+
+def test_under_workers_the_console_answers_once_the_others_have_and_serves_meanwhile(proxy):
+    link = proxy.worker = PendingLink()
+    session, transport = admin_session(proxy)
+    transport.clear()
+    # Simple and extended protocol: nothing is answered (and nothing after it run) until the
+    # other workers' rows are in; the reactor is not held meanwhile, so clients are served.
+    session.got_data(m.query("SHOW SERVERS; SHOW VERSION") + m.query("SET query_wait_timeout = 9"))
+    assert transport.value() == b"" and len(link.asked) == 1
+    app, app_transport = client(proxy)
+    assert app.state == "linked"
+    link.asked[0].callback([1])
+    assert types(transport.value()) == "TNCTDCZ" and len(link.asked) == 2  # (N: the notice) then SET, asked too
+    assert "worker 1 did not answer: its rows are missing" in transport.value().decode("latin-1")
+    assert proxy.config.query_wait_timeout == 9  # (done here at once; the answer waits for the others)
+    link.asked[1].callback([])
+    assert types(transport.value()).endswith("CZ")
+    transport.clear()
+    session.got_data(m.parse("", "SHOW SERVERS") + m.bind("", "") + m.describe("P", "") + m.execute("") + m.sync())
+    assert types(transport.value()) == "12T"
+    link.asked[2].callback([])
+    assert types(transport.value()) == "12TDCZ"  # (the app client's server connection, a row now)
+
+
+def test_under_workers_a_client_no_worker_knows_is_an_error_once_they_have_said_so(proxy):
+    link = proxy.worker = PendingLink()
+    session, transport = admin_session(proxy)
+    transport.clear()
+    session.got_data(m.query("KILL w1.c9; SHOW VERSION"))
+    assert transport.value() == b""
+    link.asked[0].callback(False)
+    assert types(transport.value()) == "EZ" and fields_of(transport.value())["C"] == "42704"
+    transport.clear()
+    session.got_data(m.parse("", "KILL w1.c9") + m.bind("", "") + m.execute("") + m.sync() + m.query("SHOW VERSION"))
+    link.asked[1].callback(True)
+    assert types(transport.value()) == "12CZTDCZ"

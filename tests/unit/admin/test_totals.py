@@ -1,5 +1,7 @@
 """PgBouncer's views under workers = N: each worker's rows merged into one row per key (admin.totals)."""
 
+from twisted.internet import defer
+
 from pgtwist.admin import bouncer, console, totals
 
 from tests.harness.admin_support import TestProxy, make_config
@@ -92,7 +94,7 @@ def test_the_console_merges_pgbouncer_s_views_and_lists_connections_per_worker()
     class Link:
         def every_worker(self, what, rows):
             asked.append(what)
-            return [dict(r, worker=0) for r in rows] + [dict(r, worker=1) for r in rows], [2]
+            return defer.succeed(([dict(r, worker=0) for r in rows] + [dict(r, worker=1) for r in rows], [2]))
 
     proxy.worker = Link()
     result = console.run(proxy, "SHOW POOLS")
@@ -109,7 +111,7 @@ def test_the_console_merges_pgbouncer_s_views_and_lists_connections_per_worker()
 
 
 def test_every_merged_and_listed_view_is_served_by_a_worker():
-    from pgtwist.service import workers
+    from pgtwist.service import peers
 
-    assert {served for served, _ in totals.MERGED.values()} <= set(workers.SHOWN)
-    assert set(console.PER_WORKER.values()) <= set(workers.SHOWN)
+    assert {served for served, _ in totals.MERGED.values()} <= set(peers.SHOWN)
+    assert set(console.PER_WORKER.values()) <= set(peers.SHOWN)

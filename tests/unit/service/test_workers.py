@@ -8,12 +8,12 @@ import signal
 import socket
 
 import pytest
-from twisted.internet import error
+from twisted.internet import defer, error
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
 from pgtwist import config as configmod
-from pgtwist.service import workers
+from pgtwist.service import peers, workers
 from pgtwist.service.proxy import Proxy
 from pgtwist.wire import messages as m
 
@@ -415,14 +415,14 @@ def test_show_lists_every_workers_rows_with_a_worker_column():
         def every_worker(self, what, rows):
             assert what == "inspect.pools"
             other = dict(rows[0], node="db2:5432")
-            return [dict(r, worker=0) for r in rows] + [dict(other, worker=1)], [2]
+            return defer.succeed(([dict(r, worker=0) for r in rows] + [dict(other, worker=1)], [2]))
 
     assert console.describe("SHOW NODE_POOLS", proxy) == inspect.POOL_COLUMNS  # (one process: as ever)
     plain = console.run(proxy, "SHOW NODE_POOLS")
     assert plain.columns == inspect.POOL_COLUMNS
     proxy.worker = Link()
     result = console.run(proxy, "SHOW NODE_POOLS")
-    assert result.columns == inspect.POOL_COLUMNS + (workers.WORKER_COLUMN,)
+    assert result.columns == inspect.POOL_COLUMNS + (peers.WORKER_COLUMN,)
     assert console.describe("SHOW NODE_POOLS", proxy) == result.columns
     assert [row[-1] for row in result.rows] == [0, 1]
     assert result.notices == ["worker 2 did not answer: its rows are missing"]
@@ -468,10 +468,17 @@ def test_the_supervisor_checks_the_manhole_once_before_any_worker_starts(tmp_pat
 
 
 def test_kill_goes_to_the_worker_an_id_names_and_nowhere_else():
-    link = workers.WorkerLink(workers.WorkerSpec(0, 2, 3, "/nonexistent-pgtwist-rundir"), MemoryReactorClock())
-    # Ids of this worker, of no worker, or of a worker that does not answer: not killed elsewhere.
-    for client_id in ("c3", "w0.c3", "w2.c1", "wx.c1", "w1.c3"):
-        assert link.kill_elsewhere(client_id) is False
+    clock = MemoryReactorClock()
+    link = workers.WorkerLink(workers.WorkerSpec(0, 2, 3, "/nonexistent-pgtwist-rundir"), clock)
+    # Ids of this worker or of no worker: not killed elsewhere, and nobody is asked.
+    for client_id in ("c3", "w0.c3", "w2.c1", "wx.c1"):
+        assert link.kill_elsewhere(client_id).result is False
+    assert clock.unixClients == []
+    # One of a worker that does not answer: asked, and not killed once the wait is over.
+    asked = link.kill_elsewhere("w1.c3")
+    assert [c[0] for c in clock.unixClients] == ["/nonexistent-pgtwist-rundir/http-1.sock"] and not asked.called
+    clock.advance(peers.SHOW_TIMEOUT)
+    assert asked.result is False
 
 
 def test_a_limit_below_the_number_of_workers_is_warned_of():
@@ -531,7 +538,7 @@ def test_a_busy_worker_is_asked_again_until_the_wait_is_over():
     ask = Asked({0: [TimeoutError(), TimeoutError(), (200, json.dumps(STATE).encode())]})
     assert link.console_state(ask=ask, now=ask.clock) == (0, STATE)
     assert ask.asked == [(0, workers.STATE_TRY)] * 3
-    assert 2 * workers.STATE_TRY < workers.STATE_WAIT and workers.STATE_WAIT > workers.SHOW_TIMEOUT
+    assert 2 * workers.STATE_TRY < workers.STATE_WAIT and workers.STATE_WAIT > peers.SHOW_TIMEOUT
 
 
 def test_with_no_worker_answering_a_restart_waits_no_more_than_state_wait():
@@ -554,7 +561,7 @@ def test_a_worker_serves_its_console_state():
     proxy.paused.add("*")
     proxy.overrides["pool_size"] = "3"
     request = DummyRequest([])
-    body = workers.StateResource(proxy).render_GET(request)
+    body = peers.StateResource(proxy).render_GET(request)
     assert json.loads(body) == {"paused": ["*"], "disabled": [], "set": {"pool_size": "3"}, "sure": True}
     assert request.responseHeaders.getRawHeaders(b"content-type") == [b"application/json"]
 
