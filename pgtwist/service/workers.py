@@ -580,7 +580,7 @@ class Supervisor(service.MultiService):
             self.sockets = [self.socket] * self.count
         self.port = self.socket.getsockname()[1]  # (the group's: a restarted worker's new socket joins it)
         if self.rundir is None:
-            self.rundir = tempfile.mkdtemp(prefix="pgtwist-workers-")  # (mode 0700)
+            self.rundir = make_rundir(self.count)
         host, port = self.socket.getsockname()[:2]
         log.info(
             "pgtwist supervisor (pid {pid}) listening on {host}:{port}: {n} workers, each with its own pools "
@@ -775,6 +775,22 @@ class Supervisor(service.MultiService):
     def _signalled_reload(self) -> None:
         log.info("SIGHUP: every worker reloads {source}", source=self.config.source)
         self.reload()
+
+
+# A unix socket's path fits in sun_path: 108 bytes on Linux, with its terminating NUL.
+SUN_PATH_MAX = 107
+
+
+def make_rundir(count: int, parent: str | None = None) -> str:
+    """The workers' run directory (mode 0700) for their unix sockets: under $TMPDIR, or under /tmp
+    when $TMPDIR is too deep for a socket's path there (a container's or a CI runner's, say)."""
+    rundir = tempfile.mkdtemp(prefix="pgtwist-workers-", dir=parent)
+    longest = WorkerSpec(count - 1, count, 3, rundir).notice_socket(count - 1)
+    if len(os.fsencode(longest)) > SUN_PATH_MAX and parent is None:
+        os.rmdir(rundir)
+        rundir = tempfile.mkdtemp(prefix="pgtwist-w-", dir="/tmp")
+        log.info("workers' sockets are in {rundir}: $TMPDIR is too deep for a unix socket's path", rundir=rundir)
+    return rundir
 
 
 def describe_exit(status) -> str:

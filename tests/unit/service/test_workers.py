@@ -718,3 +718,21 @@ def test_ready_comes_even_when_worker_0_died_before_every_worker_was_ready():
     finally:
         for sock in {id(x): x for x in [sup.socket, *sup.sockets] if x is not None}.values():
             sock.close()
+
+
+def test_the_workers_sockets_go_under_tmp_when_tmpdir_is_too_deep_for_a_socket_path(tmp_path):
+    shallow = workers.make_rundir(4, parent=str(tmp_path))
+    assert os.path.dirname(shallow) == str(tmp_path) and os.stat(shallow).st_mode & 0o777 == 0o700
+    deep = tmp_path / ("d" * 100)
+    deep.mkdir()
+    import tempfile
+    from unittest import mock
+
+    with mock.patch.object(tempfile, "tempdir", str(deep)):
+        rundir = workers.make_rundir(4)
+    try:
+        assert os.path.dirname(rundir) == "/tmp" and os.stat(rundir).st_mode & 0o777 == 0o700
+        assert len(workers.WorkerSpec(3, 4, 3, rundir).notice_socket(3)) <= workers.SUN_PATH_MAX
+        assert list(deep.iterdir()) == []  # (the first one, too deep, is gone)
+    finally:
+        os.rmdir(rundir)
