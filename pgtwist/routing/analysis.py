@@ -215,6 +215,8 @@ def _prefilter(low: str) -> tuple[bool, Analysis | None]:
     for kw in _MAYBE:
         if kw in text:
             return True, None
+    if text.startswith("explain") and ("create" in text or "into" in text):
+        return True, None  # (EXPLAIN ANALYZE CREATE TABLE ... AS, or of SELECT ... INTO: DDL, _executed)
     select = text.find("select")
     if select >= 0 and text.count("into", select) > text.count("insert into", select) + text.count("merge into", select):
         # Maybe SELECT ... INTO after a WITH or a comment. An INTO of INSERT or MERGE makes no
@@ -450,12 +452,7 @@ def _statement(kind: str, body: dict) -> _Verdict:
     if kind in _DML:
         return _Verdict(False, _DML[kind])
     if kind == "ExplainStmt":
-        analyze = False
-        for opt in body.get("options") or ():
-            okind, obody = _node(opt)
-            if okind == "DefElem" and obody.get("defname") == "analyze":
-                analyze = _truthy(obody.get("arg"))
-        if not analyze:
+        if not _explain_analyze(body):
             return _Verdict(True, "explain")  # plans only: runs nothing, a replica can plan a write
         inner = _statement(*_node(body["query"]))
         if inner.read_only:
@@ -774,11 +771,30 @@ class _Collector:
             reset_all=self.reset_all,
             assigned=frozenset(self.assigned),
             local_commit_mode=self.local_commit_mode,
-            ddl=any(_is_ddl(*_node(s["stmt"])) for s in stmts),
+            ddl=any(_is_ddl(*_executed(s["stmt"])) for s in stmts),
             local_path=self.local_path,
             frees=tuple(name for name in self.frees if name),
             ddl_steps=_steps(stmts),
         )
+
+
+def _explain_analyze(body: dict) -> bool:
+    """Whether an EXPLAIN's options say ANALYZE: the statement is run, not only planned."""
+    analyze = False
+    for opt in body.get("options") or ():
+        okind, obody = _node(opt)
+        if okind == "DefElem" and obody.get("defname") == "analyze":
+            analyze = _truthy(obody.get("arg"))
+    return analyze
+
+
+def _executed(stmt: dict) -> tuple[str, dict]:
+    """A top-level statement as it runs: EXPLAIN ANALYZE runs the statement it explains (an
+    EXPLAIN ANALYZE CREATE TABLE ... AS makes the table), a plain EXPLAIN nothing."""
+    kind, body = _node(stmt)
+    if kind == "ExplainStmt" and "query" in body and _explain_analyze(body):
+        return _node(body["query"])
+    return kind, body
 
 
 def _is_ddl(kind: str, body: dict) -> bool:
@@ -791,7 +807,7 @@ def _steps(stmts: list) -> tuple[DdlStep, ...]:
     """Every top-level statement's DdlSteps, in text order (SessionEffects.ddl_steps)."""
     steps: list[DdlStep] = []
     for s in stmts:
-        kind, body = _node(s["stmt"])
+        kind, body = _executed(s["stmt"])
         if kind == "SelectStmt" and body.get("intoClause"):
             into = body["intoClause"]
             steps.append(_creates(into.get("rel"), into.get("onCommit")))

@@ -476,6 +476,9 @@ def test_what_a_statement_sends_back_to_the_server_defaults(sql, restored):
         "SELECT * INTO t4 FROM t",  # makes a table, as CREATE TABLE AS does
         "select a into unlogged t5 from t where a > 3",
         "WITH x AS (SELECT 1 AS a) SELECT a INTO t6 FROM x",
+        "EXPLAIN ANALYZE CREATE TABLE t7 AS SELECT 1 AS a",  # (EXPLAIN ANALYZE runs what it explains)
+        "explain (analyze, buffers) select 1 as a into t8",
+        "/* x */ EXPLAIN ANALYZE CREATE MATERIALIZED VIEW m AS SELECT 1 AS a",
     ],
 )
 def test_ddl_is_seen(sql):
@@ -490,6 +493,8 @@ def test_ddl_is_seen(sql):
         "UPDATE t SET created_at = now()",
         "INSERT INTO t SELECT 1",
         "SELECT into_date, \"into\" FROM t",  # (a word, not SELECT ... INTO)
+        "EXPLAIN CREATE TABLE t9 AS SELECT 1 AS a",  # (planned, not run)
+        "EXPLAIN (ANALYZE false) SELECT 1 AS a INTO t9",
         "WITH x AS (SELECT 1 AS a) INSERT INTO t SELECT a FROM x",
         "GRANT SELECT ON t TO app",
         "TRUNCATE t",
