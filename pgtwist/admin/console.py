@@ -197,12 +197,9 @@ def run(proxy, sql: str, session=None) -> Result:
         link = getattr(proxy, "worker", None)  # (workers = N: every worker pauses, or resumes)
         if verb == "PAUSE":
             paused = actions.pause_and_wait(proxy, database, watcher)
-            result = _everywhere(Result(verb), link, "pause", database, notice="not paused there")
-            if result.wait is not None:
-                # (PgBouncer's PAUSE answers once the pause is complete: here and on every worker)
-                paused = defer.gatherResults([paused, result.wait], consumeErrors=True)
-            result.wait = paused
-            return result
+            if link is None:
+                return Result(verb, wait=paused)
+            return _paused_everywhere(Result(verb), link, database, paused)
         if verb == "RESUME":
             actions.resume(proxy, database)
             return _everywhere(Result(verb), link, "resume", database, notice="not resumed there")
@@ -234,7 +231,10 @@ def run(proxy, sql: str, session=None) -> Result:
         if link is None:
             raise unknown
 
-        def killed(there: bool) -> None:
+        def killed(there: bool | None) -> None:
+            if there is None:
+                worker = args[0].partition(".")[0][1:]
+                raise CommandError(sqlstate.SYSTEM_ERROR, f"worker {worker} did not answer: client {args[0]} not killed", "Try again.")
             if not there:
                 raise unknown
 
@@ -273,6 +273,24 @@ def _everywhere(result: Result, link, action: str, *parts: str | None, notice: s
             result.notices += [f"worker {i} did not answer: {notice}" for i in missing]
 
         result.wait = link.everywhere(action, *(x or "" for x in parts)).addCallback(told)
+    return result
+
+
+def _paused_everywhere(result: Result, link, database: str | None, paused) -> Result:
+    """workers = N: PAUSE is told to every worker, then answered once it is complete on each that
+    took it (no server connection of the database left there) and here (*paused*), as
+    PgBouncer's PAUSE answers once it is complete."""
+
+    def told(missing: list[int]):
+        result.notices += [f"worker {i} did not answer: not paused there" for i in missing]
+        answered = [i for i in link.others() if i not in missing]
+        return link.paused_everywhere(database or "", answered).addCallback(complete)
+
+    def complete(gone: list[int]) -> None:
+        result.notices += [f"worker {i} went away before its pause was complete" for i in gone]
+
+    everywhere = link.everywhere("pause", database or "").addCallback(told)
+    result.wait = defer.gatherResults([paused, everywhere], consumeErrors=True)
     return result
 
 
@@ -419,6 +437,7 @@ class AdminConsole:
         self.failed = False  # extended protocol: skip to Sync after an error
         self.closed = False
         self.pending = None  # a PAUSE / WAIT_CLOSE being waited for: later messages wait in the buffer
+        self.settled = None  # (then, outcome) of a held command whose wait fired: answered by got_data
         log.info("client {client}: admin console for user {user}", client=session.id, user=session.user)
 
     def welcome(self, process_id: int, secret_key: bytes) -> bytes:
@@ -435,19 +454,26 @@ class AdminConsole:
             return
         self.buffer += data
         out: list[bytes] = []
-        while self.pending is None and (msg := pop_message(self.buffer, _MAX_MESSAGE)) is not None:
-            msg_type, body = msg
-            # What a node would refuse is refused here too, before any of it is looked at.
-            frontend.check(msg_type, body)
-            if msg_type in _COPY:
-                continue  # outside COPY, PostgreSQL ignores these too
-            if msg_type == p.TERMINATE:
-                self._write(out)
-                self.closed = True
-                self.session.transport.loseConnection()
-                return
-            self._message(msg_type, body, out)
-        self._write(out)
+        try:
+            if self.settled is not None:
+                then, outcome = self.settled
+                self.settled = None
+                then(out, self._error_of(outcome))
+            while self.pending is None and not self.closed and (msg := pop_message(self.buffer, _MAX_MESSAGE)) is not None:
+                msg_type, body = msg
+                # What a node would refuse is refused here too, before any of it is looked at.
+                frontend.check(msg_type, body)
+                if msg_type in _COPY:
+                    continue  # outside COPY, PostgreSQL ignores these too
+                if msg_type == p.TERMINATE:
+                    self._write(out)
+                    self.closed = True
+                    self.session.transport.loseConnection()
+                    return
+                self._message(msg_type, body, out)
+        finally:
+            # (Before the FATAL of a message that fails: the answers to those before it, as PostgreSQL gives them.)
+            self._write(out)
 
     def _write(self, out: list[bytes]) -> None:
         if out:
@@ -468,37 +494,50 @@ class AdminConsole:
         try:
             self._extended(msg_type, body, out)
         except CommandError as e:
-            self.proxy.counters.error(e.sqlstate)
-            out.append(encode_error(e))
+            self._error(e, out)
             self.failed = True
 
-    def _hold(self, wait, then, out: list[bytes]) -> None:
-        """Answer later: *then(out, error)* runs when *wait* fires (error: the CommandError it failed
-        with, or None); what the client sent meanwhile waits. What was answered before is written
-        first: *wait* may have fired already, and its answer must not overtake theirs."""
+    def _error(self, e: CommandError, out: list[bytes]) -> None:
+        self.proxy.counters.error(e.sqlstate)
+        out.append(encode_error(e))
+
+    def _hold(self, wait, then, out: list[bytes]) -> tuple[bool, CommandError | None]:
+        """A command's answer that waits for *wait* (Result.wait). Returns (True, error) when it
+        has fired already (error: the CommandError it failed with, or None): the caller answers
+        at once, in line, as for any command. Else (False, None): what the client sends
+        meanwhile waits, and *then(out, error)* answers once it fires, from got_data (through the
+        session, so that what the client sent meanwhile is refused as any bytes of it would be).
+        What was answered before is written first, so that no answer overtakes another."""
         self._write(out)
-        self.pending = wait
+        inline: list = []
+        waiting = False
 
         def done(outcome):
+            if not waiting:
+                inline.append(outcome)  # (fired inside addBoth: fired already)
+                return None
             self.pending = None
             if self.closed or self.session.state == "closed":
                 return None
-            error = None
-            if isinstance(outcome, failure.Failure):
-                if not outcome.check(CommandError):
-                    log.failure("admin console: a command's wait failed", outcome)
-                    error = CommandError(sqlstate.INTERNAL_ERROR, "the command failed; the log says why")
-                else:
-                    error = outcome.value
-                self.proxy.counters.error(error.sqlstate)
-            out: list[bytes] = []
-            then(out, error)
-            self._write(out)
-            if self.buffer:
-                self.got_data(b"")
+            self.settled = (then, outcome)
+            self.session.got_data(b"")
             return None
 
         wait.addBoth(done)
+        if inline:
+            return True, self._error_of(inline[0])
+        waiting = True
+        self.pending = wait
+        return False, None
+
+    def _error_of(self, outcome) -> CommandError | None:
+        """The CommandError a held command's wait failed with (a bug's failure becomes one, logged), or None."""
+        if not isinstance(outcome, failure.Failure):
+            return None
+        if outcome.check(CommandError):
+            return outcome.value
+        log.failure("admin console: a command's wait failed", outcome)
+        return CommandError(sqlstate.INTERNAL_ERROR, "the command failed; the proxy log has the details")
 
     def _simple(self, sql: str, out: list[bytes]) -> None:
         statements = [s for s in split_statements(sql) if s]
@@ -512,20 +551,23 @@ class AdminConsole:
             try:
                 result = run(self.proxy, statement, self.session)
             except CommandError as e:
-                self.proxy.counters.error(e.sqlstate)
-                out.append(encode_error(e))
+                self._error(e, out)
                 break
             if result.wait is not None:
                 def then(out, error, result=result):
                     if error is not None:
-                        out.append(encode_error(error))
+                        self._error(error, out)
                         out.append(m.ready_for_query())  # (the statements after an error are not run)
                         return
                     self._answer(result, out)
                     self._statements(statements, out)
 
-                self._hold(result.wait, then, out)
-                return
+                fired, error = self._hold(result.wait, then, out)
+                if not fired:
+                    return
+                if error is not None:
+                    self._error(error, out)
+                    break
             self._answer(result, out)
         out.append(m.ready_for_query())
 
@@ -576,13 +618,16 @@ class AdminConsole:
             if result.wait is not None:
                 def then(out, error):
                     if error is not None:
-                        out.append(encode_error(error))
+                        self._error(error, out)
                         self.failed = True
                         return
                     self._executed(result, portal.formats, out)
 
-                self._hold(result.wait, then, out)
-                return
+                fired, error = self._hold(result.wait, then, out)
+                if not fired:
+                    return
+                if error is not None:
+                    raise error  # (_message answers it and skips to Sync)
             self._executed(result, portal.formats, out)
         elif msg_type == p.CLOSE:
             kind, name = m.decode_target(body, "Close")

@@ -14,9 +14,9 @@ import socket
 import time
 
 from twisted.internet import defer, protocol
-from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
+from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.logger import Logger
-from twisted.web import resource
+from twisted.web import resource, server
 
 log = Logger()
 
@@ -102,6 +102,41 @@ class PauseResource(resource.Resource):
         return b"done\n"
 
 
+class PausedResource(resource.Resource):
+    """POST /paused/[DB] on a worker's unix socket: answered once its PAUSE of DB is complete
+    (actions.pause_and_wait: no server connection of DB left), for the console of the worker
+    where PAUSE was given, which answers the operator only then, as PgBouncer's PAUSE does. It
+    stops looking if the asking worker hangs up (the pause itself stays)."""
+
+    isLeaf = True
+
+    def __init__(self, proxy):
+        super().__init__()
+        self.proxy = proxy
+
+    def render_POST(self, request):
+        from twisted.web.server import NOT_DONE_YET
+
+        from pgtwist.admin import actions
+
+        database = request.postpath[0].decode() if request.postpath and request.postpath[0] else None
+        gone: list = []
+        request.notifyFinish().addErrback(gone.append)
+        try:
+            paused = actions.pause_and_wait(self.proxy, database, watcher=lambda: not gone)
+        except actions.ActionError as e:
+            request.setResponseCode(404)
+            return f"{e}\n".encode()
+
+        def complete(_):
+            if not gone:
+                request.write(b"paused\n")
+                request.finish()
+
+        paused.addCallback(complete)
+        return NOT_DONE_YET
+
+
 class SetResource(resource.Resource):
     """POST /set/KEY/VALUE (VALUE URL-quoted) on a worker's unix socket: SET asked on another worker's console."""
 
@@ -163,13 +198,37 @@ class _Answer(protocol.Protocol):
             self.answered.callback(parse(b"".join(self.chunks)))
 
 
-def ask(reactor, path: str, method: str, target: str, timeout: float = SHOW_TIMEOUT) -> defer.Deferred:
+class _Once(protocol.Factory):
+    """Builds the one protocol of one request, quietly (connectProtocol's factory logs its start
+    and stop: two lines per request, per worker, per SHOW)."""
+
+    noisy = False
+
+    def __init__(self, answer: _Answer):
+        self.answer = answer
+
+    def buildProtocol(self, addr):
+        return self.answer
+
+
+class QuietSite(server.Site):
+    """A worker's unix-socket site: no access line per request (an exporter's SHOW every few
+    seconds would write one per worker each time)."""
+
+    noisy = False
+
+    def log(self, request):
+        pass
+
+
+def ask(reactor, path: str, method: str, target: str, timeout: float | None = SHOW_TIMEOUT) -> defer.Deferred:
     """(status, body) of one HTTP/1.0 request to a worker's unix socket, later; fails (OSError,
-    TimeoutError after *timeout*) when the worker does not answer. The reactor runs meanwhile."""
+    TimeoutError after *timeout*) when the worker does not answer. The reactor runs meanwhile.
+    With *timeout* None the answer is waited for as long as it takes (PAUSE's, PausedResource)."""
     answer = _Answer(_line(method, target))
-    asked = connectProtocol(UNIXClientEndpoint(reactor, path, timeout=timeout), answer)
+    asked = UNIXClientEndpoint(reactor, path, timeout=timeout or SHOW_TIMEOUT).connect(_Once(answer))
     asked.addCallback(lambda _: answer.answered)
-    return asked.addTimeout(timeout, reactor)
+    return asked if timeout is None else asked.addTimeout(timeout, reactor)
 
 
 def show_rows(reactor, path: str, what: str, timeout: float = SHOW_TIMEOUT) -> defer.Deferred:

@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, replace
+from urllib.parse import quote
 
 from twisted.application import internet, service
 from twisted.internet import defer, error, protocol
@@ -139,13 +140,10 @@ class WorkerLink:
     def tag(self, secret: bytes) -> bytes:
         return self.spec.tag(secret)
 
-    def _others(self) -> list[int]:
-        return [index for index in range(self.spec.count) if index != self.spec.index]
-
     def every_worker(self, what: str, own_rows: list[dict]) -> defer.Deferred:
         """SHOW *what* over every worker, asked of all at once: fires with (rows with a worker key,
         numbers of the workers that did not answer in peers.SHOW_TIMEOUT)."""
-        others = self._others()
+        others = self.others()
         asked = [peers.show_rows(self.reactor, self.spec.http_socket(index), what) for index in others]
 
         def gathered(answers):
@@ -165,16 +163,29 @@ class WorkerLink:
         """A console command (*action*: PauseResource's with a database, or "set" with a key and
         a value) done here: the other workers do it too, asked all at once; fires with those that
         did not answer (or refused)."""
-        from urllib.parse import quote
-
         target = "/" + "/".join([action, *(quote(part, safe="") for part in parts)])
-        others = self._others()
+        others = self.others()
         asked = [peers.ask(self.reactor, self.spec.http_socket(index), "POST", target) for index in others]
 
         def gathered(answers):
             return [index for index, (ok, answer) in zip(others, answers) if not ok or answer[0] != 200]
 
         return defer.DeferredList(asked, consumeErrors=True).addCallback(gathered)
+
+    def paused_everywhere(self, database: str, others: list[int]) -> defer.Deferred:
+        """PAUSE (told already) is complete on each of *others* (peers.PausedResource): fires, with
+        those that hung up first, once each has no server connection of *database* left."""
+        target = "/paused/" + quote(database, safe="")
+        asked = [peers.ask(self.reactor, self.spec.http_socket(index), "POST", target, timeout=None) for index in others]
+
+        def gathered(answers):
+            return [index for index, (ok, answer) in zip(others, answers) if not ok or answer[0] != 200]
+
+        return defer.DeferredList(asked, consumeErrors=True).addCallback(gathered)
+
+    def others(self) -> list[int]:
+        """The other workers' numbers."""
+        return [index for index in range(self.spec.count) if index != self.spec.index]
 
     def console_state(self, wait: float | None = None, ask=None, now=time.monotonic) -> tuple[int, dict] | None:
         """(the worker that answered, its actions.console_state), asked of the others in turn for up
@@ -224,7 +235,7 @@ class WorkerLink:
 
     def kill_elsewhere(self, client_id: str) -> defer.Deferred:
         """KILL of a client another worker serves (its id says which: "w1.c3"); fires with whether
-        it was there."""
+        it was there, or None when that worker did not answer."""
         head, dot, _ = client_id.partition(".")
         if not dot or not head.startswith("w") or not head[1:].isdigit():
             return defer.succeed(False)
@@ -232,7 +243,7 @@ class WorkerLink:
         if index == self.spec.index or index >= self.spec.count:
             return defer.succeed(False)
         asked = peers.ask(self.reactor, self.spec.http_socket(index), "POST", f"/kill/{client_id}")
-        return asked.addCallbacks(lambda answer: answer[0] == 200, lambda _: False)
+        return asked.addCallbacks(lambda answer: answer[0] == 200, lambda _: None)
 
     def ddl_hold(self, database: str) -> int:
         """A client sent DDL in *database*: the other workers hold their replica reads until
@@ -332,7 +343,6 @@ def worker_services(svc, spec: WorkerSpec, reactor) -> list:
             pass
     relay = internet.UNIXServer(spec.cancel_socket(spec.index), CancelRelayFactory(svc.proxy), mode=0o600, reactor=reactor)
     relay.setName("cancel-relay")
-    from twisted.web import server
 
     from pgtwist.admin import metrics
 
@@ -347,10 +357,10 @@ def worker_services(svc, spec: WorkerSpec, reactor) -> list:
         ("disable", actions.disable), ("enable", actions.enable), ("kill_database", actions.kill_database),
     ):
         root.putChild(name.encode(), peers.PauseResource(svc.proxy, action))
+    root.putChild(b"paused", peers.PausedResource(svc.proxy))
     root.putChild(b"set", peers.SetResource(svc.proxy))
     root.putChild(b"state", peers.StateResource(svc.proxy))
-    site = server.Site(root)
-    site.noisy = False
+    site = peers.QuietSite(root)
     svc.proxy.notices = notices.Receiver(svc.proxy)
     told = internet.UNIXDatagramServer(spec.notice_socket(spec.index), svc.proxy.notices, mode=0o600, reactor=reactor)
     told.setName("notices")

@@ -31,3 +31,4 @@ OBJECT_NOT_IN_PREREQUISITE_STATE = "55000"  # DISABLE'd database, as PostgreSQL 
 OBJECT_IN_USE = "55006"  # DROP DATABASE (and the like) while another session is in it
 CANT_CHANGE_RUNTIME_PARAM = "55P02"
 INVALID_PARAMETER_VALUE = "22023"
+SYSTEM_ERROR = "58000"  # another worker did not answer (workers = N): an error outside the statement

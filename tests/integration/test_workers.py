@@ -407,6 +407,27 @@ def test_a_frozen_worker_costs_the_console_its_rows_and_the_other_workers_client
         conn.close()
 
 
+def test_pause_answers_once_no_worker_has_a_server_connection_left(px):
+    # PgBouncer's PAUSE answers once the pause is complete (this pgtwist pools sessions: once
+    # their clients have left). Under workers = N it answered once the worker it was given on
+    # had no server connection left, the others only told: a session still open on another
+    # worker held its server connection when the operator went ahead.
+    app = on_each_worker(px)
+    app[0].close()
+    with console_on(px, 0) as console:
+        answered = threading.Event()
+        t = threading.Thread(target=lambda: (console.execute("PAUSE appdb"), answered.set()))
+        t.start()
+        try:
+            assert not answered.wait(2)  # (worker 1's client is still there)
+        finally:
+            app[1].close()
+        assert answered.wait(10)
+        t.join(10)
+        assert [row for row in console.execute("SHOW SERVERS").fetchall() if "appdb" in row] == []
+        console.execute("RESUME appdb")
+
+
 def test_a_restarted_worker_takes_on_what_the_console_did(px):
     # PAUSE, DISABLE and SET reach every live worker; one restarted after a death started from the
     # file: it served the database the operator had paused for maintenance, or disabled.

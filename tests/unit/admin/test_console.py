@@ -662,3 +662,47 @@ def test_under_workers_a_client_no_worker_knows_is_an_error_once_they_have_said_
     session.got_data(m.parse("", "KILL w1.c9") + m.bind("", "") + m.execute("") + m.sync() + m.query("SHOW VERSION"))
     link.asked[1].callback(True)
     assert types(transport.value()) == "12CZTDCZ"
+    transport.clear()
+    session.got_data(m.query("KILL w1.c9"))
+    link.asked[2].callback(None)  # (worker 1 did not answer)
+    fields = fields_of(transport.value())
+    assert fields["C"] == "58000" and fields["M"] == "worker 1 did not answer: client w1.c9 not killed"
+
+
+class AnsweredLink(PendingLink):
+    """The other workers' answers are in at once (a client id of no live worker, say)."""
+
+    def kill_elsewhere(self, client_id):
+        return defer.succeed(False)
+
+
+def test_bad_bytes_sent_while_the_others_are_asked_close_the_console_as_ever(proxy):
+    # (Review.) Bytes the console reads once a held answer is in are the session's to refuse.
+    link = proxy.worker = PendingLink()
+    session, transport = admin_session(proxy)
+    transport.clear()
+    session.got_data(m.query("SHOW SERVERS") + m.query("SHOW VERSION") + b"Q" + struct.pack("!I", 5) + b"x")  # (no NUL)
+    assert transport.value() == b""
+    link.asked[0].callback([])
+    out = transport.value()
+    assert types(out) == "TCZTDCZE" and fields_of(out)["C"] == "08P01" and transport.disconnecting
+
+
+def test_many_commands_answered_at_once_in_one_read_do_not_recurse(proxy):
+    # (Review.) A wait that has fired already is answered in line, not through a call per command.
+    proxy.worker = AnsweredLink()
+    session, transport = admin_session(proxy)
+    transport.clear()
+    session.got_data((m.parse("", "KILL w1.c9") + m.bind("", "") + m.execute("") + m.sync()) * 2000)
+    assert types(transport.value()) == "12EZ" * 2000 and not transport.disconnecting
+    transport.clear()
+    session.got_data(m.query(";".join(["KILL w1.c9"] * 3)) + m.query("SHOW VERSION"))
+    assert types(transport.value()) == "EZTDCZ"  # (the statements after an error are not run)
+
+
+def test_nothing_after_terminate_is_run(proxy):
+    proxy.worker = AnsweredLink()
+    session, transport = admin_session(proxy)
+    transport.clear()
+    session.got_data(m.parse("", "KILL w1.c9") + m.bind("", "") + m.execute("") + m.sync() + m.terminate() + m.query("PAUSE"))
+    assert types(transport.value()) == "12EZ" and not proxy.paused

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
+from twisted.internet import reactor, task
+from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
 from twisted.web import server
 
 from pgtwist.admin import actions
 from pgtwist.service import peers, workers
 
-from tests.harness.admin_support import TestProxy, make_config
+from tests.harness.admin_support import TestProxy, client, make_config
 
 
 def serve(proxy, path: str):
@@ -22,6 +24,7 @@ def serve(proxy, path: str):
     root.putChild(b"show", peers.ShowResource(proxy))
     root.putChild(b"kill", peers.KillResource(proxy))
     root.putChild(b"pause", peers.PauseResource(proxy, actions.pause))
+    root.putChild(b"paused", peers.PausedResource(proxy))
     root.putChild(b"set", peers.SetResource(proxy))
     site = server.Site(root)
     site.noisy = False
@@ -46,7 +49,7 @@ def test_the_other_workers_are_asked_at_once_and_a_gone_one_is_named(tmp_path):
         missing = yield link.everywhere("set", "listen", "0.0.0.0:1").addTimeout(10, reactor)
         assert missing == [1, 2]  # (refused there: a setting a reload cannot change)
         assert (yield link.kill_elsewhere("w1.c99")) is False  # (no such client there)
-        assert (yield link.kill_elsewhere("w2.c1")) is False  # (no such worker now)
+        assert (yield link.kill_elsewhere("w2.c1")) is None  # (worker 2 is gone: no answer)
         assert (yield peers.show_rows(reactor, spec.http_socket(1), "bouncer.pools"))[0]["database"] == "appdb"
         with pytest.raises(ValueError):
             yield peers.show_rows(reactor, spec.http_socket(1), "bouncer.nosuchview")
@@ -85,3 +88,30 @@ def test_an_answer_is_the_whole_reply_however_it_arrives():
     proto.connectionLost(None)
     assert asked == [(200, b"done\n")]
     assert peers.parse(b"garbage") == (0, b"")
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_pause_is_complete_on_another_worker_once_its_server_connections_are_gone(tmp_path):
+    # PgBouncer's PAUSE answers once no server connection is left: the console of the worker it
+    # was given on waits for the others' too (PausedResource), not only until they were told.
+    theirs = TestProxy(make_config())
+    app, _ = client(theirs)  # (a client in a transaction: its server connection in use)
+    spec = workers.WorkerSpec(0, 2, 3, str(tmp_path))
+    port = serve(theirs, spec.http_socket(1))
+    try:
+        link = workers.WorkerLink(spec, reactor)
+        assert (yield link.everywhere("pause", "appdb").addTimeout(10, reactor)) == []
+        complete = link.paused_everywhere("appdb", [1])
+        for _ in range(500):  # (until the request is in and waits: its look is on their clock)
+            if theirs.reactor.getDelayedCalls():
+                break
+            yield task.deferLater(reactor, 0.01)
+        theirs.reactor.advance(actions.POLL * 3)
+        assert not complete.called
+        theirs.servers[0].connection_lost(Failure(ConnectionDone()))
+        theirs.reactor.advance(actions.POLL)
+        assert (yield complete.addTimeout(10, reactor)) == []
+        (pool,) = theirs.pools.values()
+        assert pool.paused and not pool.busy and not pool.idle
+    finally:
+        yield port.stopListening()
