@@ -9,6 +9,7 @@ pgtwist never dies, never sends XX000 nor logs a traceback, no node changes heal
 
     PYTHONPATH=. python bench/fuzz.py                         # 1,000,000 frames, transaction mode
     PYTHONPATH=. python bench/fuzz.py --frames 50000 --pool-mode session --clients 2
+    PYTHONPATH=. python bench/fuzz.py --frames 200000 --workers 2    # RSS is the process tree's
 """
 
 from __future__ import annotations
@@ -47,8 +48,25 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=None, help="random seed (default: chosen and printed)")
     ap.add_argument("--warmup", type=float, default=0.1, help="share of frames before the RSS baseline (default 0.1)")
     ap.add_argument("--rss-growth-mib", type=float, default=64, help="allowed RSS growth after warm-up (default 64 MiB)")
+    ap.add_argument("--workers", type=int, default=1, help="pgtwist's workers = N (default 1); a worker that dies fails the drill")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (pgtwist's config and log)")
     return ap.parse_args(argv)
+
+
+def tree_rss_kib(pid: int) -> int:
+    """VmRSS of *pid* and its descendants (workers = N: the supervisor and its workers), in KiB."""
+    from tests.harness.proxy import rss_kib
+
+    total, todo = 0, [pid]
+    while todo:
+        pid = todo.pop()
+        try:
+            total += rss_kib(pid)
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                todo += [int(child) for child in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError, AssertionError):
+            continue  # (gone meanwhile)
+    return total
 
 
 def fuzz_worker(host, port, user, password, rng, budget, counter, lock, out: list, stop: threading.Event) -> None:
@@ -98,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
             query_wait_timeout=20,
             max_message_size=MAX_MESSAGE,
             health_check_interval=0.5,
+            workers=args.workers,
             databases={"appdb": {"dbname": cluster.app_database, "nodes": [n.addr for n in cluster.nodes]}},
             users={cluster.app_user: {"password": cluster.app_password}, ADMIN: {"password": ADMIN_PASSWORD}},
         ) as px:
@@ -118,14 +137,14 @@ def run(args: argparse.Namespace) -> int:
                 w.start()
             baseline = None
             peak = 0
-            rss_start = px.rss_kib()
+            rss_start = tree_rss_kib(px.pid)
             while any(w.is_alive() for w in workers):
                 time.sleep(5)
                 if not px.alive():
                     problems.append("pgtwist died")
                     stop.set()
                     break
-                rss = px.rss_kib()
+                rss = tree_rss_kib(px.pid)
                 peak = max(peak, rss)
                 done = counter[0]
                 if baseline is None and done >= args.warmup * args.frames:
@@ -136,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
                 w.join(30)
             healthy.finish()
             elapsed = time.monotonic() - started
-            final_rss = px.rss_kib() if px.alive() else 0
+            final_rss = tree_rss_kib(px.pid) if px.alive() else 0
             total = fuzzing.Verdicts()
             for v in verdicts:
                 for name in ("batches", "frames", "answered", "closed", "vanished", "logins"):
@@ -164,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
                         f"\nclients: {admin_show(px, 'CLIENTS')}\nservers: {admin_show(px, 'SERVERS')}"
                     )
             text = px.log_text()
-            for bad in ("marked down", "is down", "XX000", "internal error", "Traceback", "Unhandled Error"):
+            for bad in ("marked down", "is down", "XX000", "internal error", "Traceback", "Unhandled Error", "; restarting it in"):
                 if bad in text:
                     at = text.find(bad)
                     problems.append(f"{bad!r} in pgtwist's log: ...{text[max(0, at - 300) : at + 300]}...")

@@ -10,7 +10,7 @@
 # epoll) is not counted: both poolers make the same system calls per transaction.
 #
 # usage: bench/instructions.sh [--tree DIR] [--clients N] [--pool N] [--targets pgtwist,pgbouncer] [--connect] [--scram]
-#                              [--protocol simple|extended|prepared] [--tpcb] [--keep DIR]
+#                              [--protocol simple|extended|prepared] [--tpcb] [--keep DIR] [--python PATH]
 #   --tree DIR   the pgtwist source tree to measure (default: this repository), e.g. a
 #                `git worktree` of another revision
 #   --connect    pgbench -C: a login (and logout) per transaction, the churn of short-lived
@@ -24,6 +24,8 @@
 #                serve it in transaction pooling, so its column then fails)
 #   --tpcb       pgbench's default TPC-B-like script instead of -S: BEGIN, three UPDATEs, a
 #                SELECT and an INSERT, END, seven statements on one connection per transaction
+#   --python PATH  the Python that runs pgtwist (default: this repository's .venv), e.g. a venv
+#                of another CPython with pgtwist's dependencies, to compare interpreters
 #   --keep DIR   keep the callgrind files in DIR (TARGET.T1.callgrind, TARGET.T2.callgrind), to
 #                see where the instructions go: callgrind_annotate, or the difference of two runs
 # Needs valgrind, the PostgreSQL server binaries, pgbench and (for its column) pgbouncer.
@@ -31,6 +33,7 @@ set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 TREE=$HERE CLIENTS=64 POOL=16 TARGETS=pgtwist,pgbouncer T1=20 T2=60 CONNECT=() AUTH=trust PROTOCOL=simple KEEP= SCRIPT=(-S)
+PY=$HERE/.venv/bin/python
 while [ $# -gt 0 ]; do
     case $1 in
         --tree) TREE=$(cd "$2" && pwd); shift 2 ;;
@@ -42,10 +45,10 @@ while [ $# -gt 0 ]; do
         --protocol) PROTOCOL=$2; shift 2 ;;
         --tpcb) SCRIPT=(); shift ;;
         --keep) mkdir -p "$2"; KEEP=$(cd "$2" && pwd); shift 2 ;;
+        --python) PY=$2; shift 2 ;;
         *) echo "unknown option $1" >&2; exit 2 ;;
     esac
 done
-PY=$HERE/.venv/bin/python
 BIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
 for tool in valgrind callgrind_control "$BIN/pgbench"; do
     command -v "$tool" >/dev/null || { echo "instructions.sh: $tool is missing" >&2; exit 1; }
