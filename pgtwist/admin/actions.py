@@ -83,24 +83,26 @@ def _pools_of(proxy, name: str) -> list:
 
 
 def _wait_until(proxy, done, watcher=None) -> defer.Deferred:
-    """Fires (with None) once done() is true; looked at every POLL s with the proxy's clock.
+    """Fires once done() is true (with True); looked at every POLL s with the proxy's clock.
 
     *watcher*: a callable that says whether anyone still waits (the admin client is connected);
-    when it says no, the looking stops.
+    when it says no, the looking stops (and it fires with False).
     """
     if done():
-        return defer.succeed(None)
+        return defer.succeed(True)
     finished = defer.Deferred()
+    seen = []
 
     def look():
         if done():
+            seen.append(True)
             loop.stop()
         elif watcher is not None and not watcher():
             loop.stop()
 
     loop = task.LoopingCall(look)
     loop.clock = proxy.clock
-    loop.start(POLL, now=False).addBoth(lambda _: finished.callback(None) if not finished.called else None)
+    loop.start(POLL, now=False).addBoth(lambda _: finished.callback(bool(seen)) if not finished.called else None)
     return finished
 
 
@@ -110,6 +112,14 @@ def pause_and_wait(proxy, database: str | None = None, watcher=None) -> defer.De
     them; fires once nothing of *database* is connected to a node."""
     name = _check_database(proxy, database)
     pause(proxy, name)
+    return wait_paused(proxy, name, watcher)
+
+
+def wait_paused(proxy, database: str | None = None, watcher=None) -> defer.Deferred:
+    """The wait of PAUSE (pause_and_wait) without pausing: fires once *database* paused has no
+    server connection left, or at once when it is not paused (RESUMEd meanwhile): under
+    workers = N, what the worker PAUSE was given on asks the others (peers.PausedResource)."""
+    name = _check_database(proxy, database)
     pools = _pools_of(proxy, name)
 
     def released() -> bool:
@@ -120,7 +130,12 @@ def pause_and_wait(proxy, database: str | None = None, watcher=None) -> defer.De
                 pool.idle.popleft().close()
         return all(not pool.busy and not pool.connecting for pool in pools)
 
-    return _wait_until(proxy, released, watcher).addCallback(lambda _: log.info("pause of {database} complete", database=name))
+    def said(complete: bool) -> bool:
+        if complete and (name == ALL and ALL in proxy.paused or name != ALL and is_paused(proxy, name)):
+            log.info("pause of {database} complete", database=name)
+        return complete
+
+    return _wait_until(proxy, released, watcher).addCallback(said)
 
 
 def reconnect(proxy, database: str | None = None) -> int:

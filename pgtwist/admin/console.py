@@ -286,8 +286,8 @@ def _paused_everywhere(result: Result, link, database: str | None, paused) -> Re
         answered = [i for i in link.others() if i not in missing]
         return link.paused_everywhere(database or "", answered).addCallback(complete)
 
-    def complete(gone: list[int]) -> None:
-        result.notices += [f"worker {i} went away before its pause was complete" for i in gone]
+    def complete(unsaid: list[int]) -> None:
+        result.notices += [f"worker {i} did not say its pause was complete" for i in unsaid]
 
     everywhere = link.everywhere("pause", database or "").addCallback(told)
     result.wait = defer.gatherResults([paused, everywhere], consumeErrors=True)
@@ -474,6 +474,14 @@ class AdminConsole:
         finally:
             # (Before the FATAL of a message that fails: the answers to those before it, as PostgreSQL gives them.)
             self._write(out)
+
+    def connection_lost(self) -> None:
+        """The admin left: what a held command waits for is called off (the other workers'
+        requests are hung up on, so they stop waiting too); what it did stays done."""
+        self.closed = True
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.cancel()
 
     def _write(self, out: list[bytes]) -> None:
         if out:

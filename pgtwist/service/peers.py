@@ -4,7 +4,9 @@ Under workers = N an admin's console lands on one worker, and the operator asked
 pgtwist: SHOW lists (or adds up) every worker's rows, PAUSE/RESUME/SET/KILL... are done on every
 worker. The worker the admin is connected to asks the others here, without blocking its reactor:
 its own clients go on being served while it waits, and a worker that is frozen or gone costs the
-admin's answer at most SHOW_TIMEOUT (with a notice naming it), nobody else anything.
+admin's answer at most SHOW_TIMEOUT (with a notice naming it), nobody else anything. (PAUSE's
+second round, PausedResource, waits as long as the pause takes, as PgBouncer's PAUSE does; an
+admin who leaves meanwhile ends it, here and there.)
 """
 
 from __future__ import annotations
@@ -104,9 +106,10 @@ class PauseResource(resource.Resource):
 
 class PausedResource(resource.Resource):
     """POST /paused/[DB] on a worker's unix socket: answered once its PAUSE of DB is complete
-    (actions.pause_and_wait: no server connection of DB left), for the console of the worker
-    where PAUSE was given, which answers the operator only then, as PgBouncer's PAUSE does. It
-    stops looking if the asking worker hangs up (the pause itself stays)."""
+    (actions.wait_paused: no server connection of DB left; at once if DB is not paused, a RESUME
+    having come first), for the console of the worker where PAUSE was given, which answers the
+    operator only then, as PgBouncer's PAUSE does. It pauses nothing itself (/pause did), and
+    stops looking if the asking worker hangs up (its admin left: AdminConsole.connection_lost)."""
 
     isLeaf = True
 
@@ -123,7 +126,7 @@ class PausedResource(resource.Resource):
         gone: list = []
         request.notifyFinish().addErrback(gone.append)
         try:
-            paused = actions.pause_and_wait(self.proxy, database, watcher=lambda: not gone)
+            paused = actions.wait_paused(self.proxy, database, watcher=lambda: not gone)
         except actions.ActionError as e:
             request.setResponseCode(404)
             return f"{e}\n".encode()

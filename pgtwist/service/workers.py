@@ -243,7 +243,8 @@ class WorkerLink:
         if index == self.spec.index or index >= self.spec.count:
             return defer.succeed(False)
         asked = peers.ask(self.reactor, self.spec.http_socket(index), "POST", f"/kill/{client_id}")
-        return asked.addCallbacks(lambda answer: answer[0] == 200, lambda _: None)
+        # (200: killed; 404: no such client there; anything else, or no answer: it did not say)
+        return asked.addCallbacks(lambda answer: {200: True, 404: False}.get(answer[0]), lambda _: None)
 
     def ddl_hold(self, database: str) -> int:
         """A client sent DDL in *database*: the other workers hold their replica reads until

@@ -290,6 +290,8 @@ class ClientSession(Admission):
             log.info("client {client}: TLS failed: {why}", client=self.id, why=tls.failure_text(reason))
         previous = self.state
         self._enter(CLOSED)
+        if self.console is not None:
+            self.console.connection_lost()
         self._stop_login_timeout()
         self._cancel_idle_tx_timer()
         self.placement.cancel()

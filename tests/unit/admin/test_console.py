@@ -706,3 +706,13 @@ def test_nothing_after_terminate_is_run(proxy):
     transport.clear()
     session.got_data(m.parse("", "KILL w1.c9") + m.bind("", "") + m.execute("") + m.sync() + m.terminate() + m.query("PAUSE"))
     assert types(transport.value()) == "12EZ" and not proxy.paused
+
+
+def test_an_admin_who_leaves_calls_off_what_the_console_waits_for(proxy):
+    # (Review.) The other workers' requests are hung up on (their waits end with them).
+    link = proxy.worker = PendingLink()
+    session, transport = admin_session(proxy)
+    transport.clear()
+    session.got_data(m.query("SHOW SERVERS"))
+    session.connection_lost(Failure(ConnectionDone()))
+    assert link.asked[0].called and transport.value() == b""  # (cancelled; nothing answered)

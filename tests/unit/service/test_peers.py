@@ -115,3 +115,32 @@ def test_a_pause_is_complete_on_another_worker_once_its_server_connections_are_g
         assert pool.paused and not pool.busy and not pool.idle
     finally:
         yield port.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_wait_for_a_pause_pauses_nothing_and_ends_when_the_asker_hangs_up(tmp_path):
+    # (Review.) A RESUME that came in before the wait is asked for is not undone by it; and an
+    # admin who leaves ends the other workers' waits (the asking side hangs up).
+    theirs = TestProxy(make_config())
+    app, _ = client(theirs)
+    spec = workers.WorkerSpec(0, 2, 3, str(tmp_path))
+    port = serve(theirs, spec.http_socket(1))
+    try:
+        link = workers.WorkerLink(spec, reactor)
+        assert (yield link.paused_everywhere("appdb", [1]).addTimeout(10, reactor)) == []
+        assert not actions.is_paused(theirs, "appdb")  # (not paused: answered at once, nothing paused)
+        actions.pause(theirs, "appdb")
+        waiting = link.paused_everywhere("appdb", [1])
+        for _ in range(500):
+            if theirs.reactor.getDelayedCalls():
+                break
+            yield task.deferLater(reactor, 0.01)
+        waiting.cancel()
+        for _ in range(500):  # (until worker 1 has seen the hang-up: its next look stops)
+            theirs.reactor.advance(actions.POLL)
+            if not theirs.reactor.getDelayedCalls():
+                break
+            yield task.deferLater(reactor, 0.01)
+        assert not theirs.reactor.getDelayedCalls() and actions.is_paused(theirs, "appdb")
+    finally:
+        yield port.stopListening()
