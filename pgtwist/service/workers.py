@@ -164,8 +164,11 @@ class WorkerLink:
         a value) done here: the other workers do it too, asked all at once; fires with those that
         did not answer (or refused)."""
         target = "/" + "/".join([action, *(quote(part, safe="") for part in parts)])
-        others = self.others()
-        asked = [peers.ask(self.reactor, self.spec.http_socket(index), "POST", target) for index in others]
+        return self._post(target, self.others())
+
+    def _post(self, target: str, others: list[int], timeout: float | None = peers.SHOW_TIMEOUT) -> defer.Deferred:
+        """POST *target* to each of *others* at once: fires with those that did not answer 200."""
+        asked = [peers.ask(self.reactor, self.spec.http_socket(index), "POST", target, timeout) for index in others]
 
         def gathered(answers):
             return [index for index, (ok, answer) in zip(others, answers) if not ok or answer[0] != 200]
@@ -175,13 +178,7 @@ class WorkerLink:
     def paused_everywhere(self, database: str, others: list[int]) -> defer.Deferred:
         """PAUSE (told already) is complete on each of *others* (peers.PausedResource): fires, with
         those that hung up first, once each has no server connection of *database* left."""
-        target = "/paused/" + quote(database, safe="")
-        asked = [peers.ask(self.reactor, self.spec.http_socket(index), "POST", target, timeout=None) for index in others]
-
-        def gathered(answers):
-            return [index for index, (ok, answer) in zip(others, answers) if not ok or answer[0] != 200]
-
-        return defer.DeferredList(asked, consumeErrors=True).addCallback(gathered)
+        return self._post("/paused/" + quote(database, safe=""), others, timeout=None)
 
     def others(self) -> list[int]:
         """The other workers' numbers."""
