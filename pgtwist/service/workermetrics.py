@@ -13,57 +13,22 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 from twisted.application import internet
-from twisted.internet import defer, protocol
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web import resource, server
+
+from pgtwist.service import peers
 
 log = Logger()
 
 FETCH_TIMEOUT = 5.0
 
 
-class _Fetch(protocol.Protocol):
-    """GET /path over a worker's unix socket (HTTP/1.0: the answer ends when the connection does)."""
-
-    def __init__(self, path: str, done: defer.Deferred):
-        self.path = path
-        self.done = done
-        self.data = []
-
-    def connectionMade(self):
-        self.transport.write(f"GET {self.path} HTTP/1.0\r\nHost: worker\r\n\r\n".encode())
-
-    def dataReceived(self, data):
-        self.data.append(data)
-
-    def connectionLost(self, reason):
-        raw = b"".join(self.data)
-        head, _, body = raw.partition(b"\r\n\r\n")
-        status = head.split(b" ", 2)[1:2]
-        if not self.done.called:
-            self.done.callback((int(status[0]) if status and status[0].isdigit() else 0, body))
-
-
-class _FetchFactory(protocol.ClientFactory):
-    noisy = False
-
-    def __init__(self, path: str):
-        self.path = path
-        self.done = defer.Deferred()
-
-    def buildProtocol(self, addr):
-        return _Fetch(self.path, self.done)
-
-    def clientConnectionFailed(self, connector, reason):
-        if not self.done.called:
-            self.done.callback((0, b""))
-
-
 def fetch(reactor, socket_path: str, path: str) -> defer.Deferred:
-    """(status, body) of GET *path* from a worker; (0, b"") when it does not answer."""
-    factory = _FetchFactory(path)
-    reactor.connectUNIX(socket_path, factory, timeout=FETCH_TIMEOUT)
-    return factory.done
+    """(status, body) of GET *path* from a worker; (0, b"") when it does not answer within
+    FETCH_TIMEOUT (a frozen worker: its socket takes the connection and nobody reads it, so a
+    scrape, or a /readyz probe, would wait for ever)."""
+    return peers.ask(reactor, socket_path, "GET", path, FETCH_TIMEOUT).addErrback(lambda _: (0, b""))
 
 
 def merge(texts: dict[int, str]) -> list[Metric]:

@@ -8,6 +8,7 @@ import signal
 import socket
 import threading
 import time
+import urllib.error
 import urllib.request
 
 import psycopg
@@ -405,6 +406,31 @@ def test_a_frozen_worker_costs_the_console_its_rows_and_the_other_workers_client
         assert {row[-1] for row in console.execute("SHOW CLIENTS").fetchall()} == {0, 1} and notices == []
     for conn in app:
         conn.close()
+
+
+def test_a_frozen_worker_leaves_scrapes_and_probes_answered(px):
+    # /metrics and /readyz ask every worker; one frozen (SIGSTOP) held them until the scraper
+    # gave up: a scrape failed whole, and a readiness probe took a ready pgtwist out of service.
+    base = f"http://{proxymod.HOST}:{px.metrics_port}"
+
+    def get(path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(base + path, timeout=15) as reply:
+                return reply.status, reply.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    assert get("/readyz") == (200, "ready: 2 of 2 workers ready\n")
+    frozen = worker_pids(px)[1]
+    os.kill(frozen, signal.SIGSTOP)
+    try:
+        assert get("/readyz") == (200, "ready: 1 of 2 workers ready\n")
+        status, text = get("/metrics")
+        assert status == 200 and 'pgbalance_clients_accepted_total{worker="0"}' in text
+        assert 'worker="1"' not in text
+    finally:
+        os.kill(frozen, signal.SIGCONT)
+    assert get("/readyz") == (200, "ready: 2 of 2 workers ready\n")
 
 
 def test_pause_answers_once_no_worker_has_a_server_connection_left(px):

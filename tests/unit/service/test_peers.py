@@ -144,3 +144,19 @@ def test_the_wait_for_a_pause_pauses_nothing_and_ends_when_the_asker_hangs_up(tm
         assert not theirs.reactor.getDelayedCalls() and actions.is_paused(theirs, "appdb")
     finally:
         yield port.stopListening()
+
+
+def test_a_scrape_of_a_worker_that_never_answers_ends_after_fetch_timeout():
+    # The supervisor's /metrics and /readyz ask every worker: one frozen (its socket takes the
+    # connection, nobody reads it) held the scrape for ever; it now counts as not answering.
+    from pgtwist.service import workermetrics
+
+    clock = MemoryReactorClock()
+    fetched = []
+    workermetrics.fetch(clock, "/run/pgtwist-x/http-1.sock", "/metrics").addCallback(fetched.append)
+    frozen = clock.unixClients[0][1].buildProtocol(None)
+    frozen.makeConnection(StringTransport())
+    clock.advance(workermetrics.FETCH_TIMEOUT - 0.01)
+    assert fetched == []
+    clock.advance(0.01)
+    assert fetched == [(0, b"")] and frozen.transport.disconnecting
