@@ -122,8 +122,11 @@ def wait_paused(proxy, database: str | None = None, watcher=None) -> defer.Defer
     name = _check_database(proxy, database)
     pools = _pools_of(proxy, name)
 
+    def paused() -> bool:
+        return ALL in proxy.paused if name == ALL else is_paused(proxy, name)
+
     def released() -> bool:
-        if name != ALL and not is_paused(proxy, name) or name == ALL and ALL not in proxy.paused:
+        if not paused():
             return True  # RESUMEd meanwhile (another admin session): nothing more to wait for or close
         for pool in pools:
             while pool.idle:
@@ -131,7 +134,7 @@ def wait_paused(proxy, database: str | None = None, watcher=None) -> defer.Defer
         return all(not pool.busy and not pool.connecting for pool in pools)
 
     def said(complete: bool) -> bool:
-        if complete and (name == ALL and ALL in proxy.paused or name != ALL and is_paused(proxy, name)):
+        if complete and paused():
             log.info("pause of {database} complete", database=name)
         return complete
 

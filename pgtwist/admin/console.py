@@ -515,8 +515,8 @@ class AdminConsole:
         at once, in line, as for any command. Else (False, None): what the client sends
         meanwhile waits, and *then(out, error)* answers once it fires, from got_data (through the
         session, so that what the client sent meanwhile is refused as any bytes of it would be).
-        What was answered before is written first, so that no answer overtakes another."""
-        self._write(out)
+        Either way no answer overtakes another: the in-line one joins *out*, and *out* is written
+        (got_data) before a later one can be."""
         inline: list = []
         waiting = False
 
@@ -579,12 +579,11 @@ class AdminConsole:
             self._answer(result, out)
         out.append(m.ready_for_query())
 
-    @staticmethod
-    def _answer(result: Result, out: list[bytes]) -> None:
+    def _answer(self, result: Result, out: list[bytes]) -> None:
+        """A simple Query's answer to one statement: its RowDescription, then as Execute's."""
         if result.has_rows:
             out.append(encode_description(result.columns))
-            out.append(encode_rows(result))
-        out.append(encode_complete(result))
+        self._executed(result, (), out)
 
     def _extended(self, msg_type: int, body: bytes, out: list[bytes]) -> None:
         if msg_type == p.PARSE:
@@ -646,6 +645,7 @@ class AdminConsole:
 
     @staticmethod
     def _executed(result: Result, formats, out: list[bytes]) -> None:
+        """Execute's answer: the rows (described at Describe), then CommandComplete."""
         if result.has_rows:
             out.append(encode_rows(result, formats))
         out.append(encode_complete(result))

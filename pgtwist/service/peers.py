@@ -43,14 +43,18 @@ WORKER_COLUMN = ("worker", int)
 SHOW_TIMEOUT = 1.0
 
 
-class ShowResource(resource.Resource):
-    """GET /show/{module.view} (SHOWN) on a worker's unix socket: its rows of that SHOW, as JSON."""
+class _Asked(resource.Resource):
+    """What a worker's unix socket serves the others: a leaf acting on (or reading) its Proxy."""
 
     isLeaf = True
 
     def __init__(self, proxy):
         super().__init__()
         self.proxy = proxy
+
+
+class ShowResource(_Asked):
+    """GET /show/{module.view} (SHOWN) on a worker's unix socket: its rows of that SHOW, as JSON."""
 
     def render_GET(self, request):
         from pgtwist.admin import bouncer, inspect
@@ -65,14 +69,8 @@ class ShowResource(resource.Resource):
         return json.dumps(view(self.proxy), default=str).encode()
 
 
-class KillResource(resource.Resource):
+class KillResource(_Asked):
     """POST /kill/ID on a worker's unix socket: KILL ID, asked by the console of another worker."""
-
-    isLeaf = True
-
-    def __init__(self, proxy):
-        super().__init__()
-        self.proxy = proxy
 
     def render_POST(self, request):
         from pgtwist.admin import actions
@@ -83,15 +81,12 @@ class KillResource(resource.Resource):
         return b"killed\n" if killed else b"no such client\n"
 
 
-class PauseResource(resource.Resource):
+class PauseResource(_Asked):
     """POST /pause/[DB] (/resume, /reconnect, /disable, /enable, /kill_database) on a worker's unix
     socket: that command, asked on another worker's console."""
 
-    isLeaf = True
-
     def __init__(self, proxy, action):
-        super().__init__()
-        self.proxy = proxy
+        super().__init__(proxy)
         self.action = action
 
     def render_POST(self, request):
@@ -104,18 +99,12 @@ class PauseResource(resource.Resource):
         return b"done\n"
 
 
-class PausedResource(resource.Resource):
+class PausedResource(_Asked):
     """POST /paused/[DB] on a worker's unix socket: answered once its PAUSE of DB is complete
     (actions.wait_paused: no server connection of DB left; at once if DB is not paused, a RESUME
     having come first), for the console of the worker where PAUSE was given, which answers the
     operator only then, as PgBouncer's PAUSE does. It pauses nothing itself (/pause did), and
     stops looking if the asking worker hangs up (its admin left: AdminConsole.connection_lost)."""
-
-    isLeaf = True
-
-    def __init__(self, proxy):
-        super().__init__()
-        self.proxy = proxy
 
     def render_POST(self, request):
         from twisted.web.server import NOT_DONE_YET
@@ -140,14 +129,8 @@ class PausedResource(resource.Resource):
         return NOT_DONE_YET
 
 
-class SetResource(resource.Resource):
+class SetResource(_Asked):
     """POST /set/KEY/VALUE (VALUE URL-quoted) on a worker's unix socket: SET asked on another worker's console."""
-
-    isLeaf = True
-
-    def __init__(self, proxy):
-        super().__init__()
-        self.proxy = proxy
 
     def render_POST(self, request):
         from pgtwist.admin import actions
@@ -165,14 +148,8 @@ class SetResource(resource.Resource):
         return b"done\n"
 
 
-class StateResource(resource.Resource):
+class StateResource(_Asked):
     """GET /state on a worker's unix socket: actions.console_state, as JSON, asked by a restarted worker."""
-
-    isLeaf = True
-
-    def __init__(self, proxy):
-        super().__init__()
-        self.proxy = proxy
 
     def render_GET(self, request):
         from pgtwist.admin import actions
