@@ -582,7 +582,16 @@ def new_tables_are_there_for(migrator, other, cluster) -> None:
     wait_for(lambda: other.execute("SELECT inet_server_port()").fetchone()[0] in replicas, 10, "reads on a replica again")
 
 
-def test_a_table_made_by_select_into_is_there_for_every_client(px, cluster):
+@pytest.mark.parametrize(
+    "make",
+    [
+        "SELECT k INTO {name} FROM ryw LIMIT 0",
+        # (EXPLAIN ANALYZE runs what it explains: the table is made, and was not counted as DDL)
+        "EXPLAIN ANALYZE CREATE TABLE {name} AS SELECT k FROM ryw LIMIT 0",
+    ],
+    ids=["select-into", "explain-analyze-ctas"],
+)
+def test_a_table_made_by_select_into_is_there_for_every_client(px, cluster, make):
     """SELECT ... INTO makes a table as CREATE TABLE AS does. It was taken for a plain read's
     kin (no DDL): it bounded nobody's replica reads, and another client got 42P01 from a replica."""
     replicas = {n.port for n in cluster.nodes[1:]}
@@ -590,7 +599,7 @@ def test_a_table_made_by_select_into_is_there_for_every_client(px, cluster):
         wait_for(lambda: other.execute("SELECT inet_server_port()").fetchone()[0] in replicas, 10, "reads on a replica")
         for _ in range(3):
             name = f"ryw_ddl_{next(_keys)}"
-            maker.execute(f"SELECT k INTO {name} FROM ryw LIMIT 0")
+            maker.execute(make.format(name=name))
             assert other.execute(f"SELECT count(*) FROM {name}").fetchone()[0] == 0
 
 
