@@ -1,4 +1,4 @@
-"""workers = N: the supervisor (the twistd process); a worker's identity, cancel keys, cancel relay and SHOW rows.
+"""workers = N: the supervisor (the twistd process); a worker's identity, cancel keys, cancel relay and its link to the others (what they ask of each other: peers).
 
 With workers = 1 (the default) none of this runs: PgBalanceService serves in the twistd process.
 With N > 1 the twistd process becomes a Supervisor. It creates the listening sockets and hands
