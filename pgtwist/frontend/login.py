@@ -73,6 +73,15 @@ LOOKUP = "lookup"  # waiting for auth_query's answer: the client's bytes wait in
 _MAX_NEGOTIATIONS = 2  # one SSLRequest and one GSSENCRequest at most, as PostgreSQL allows
 TLS_REQUIRED_MODES = ("require", "verify-ca", "verify-full")  # [tls] modes that refuse plaintext logins
 _TLS_RECORD_HANDSHAKE = 0x16  # first byte of a ClientHello; no startup packet length starts with it
+_SSL_REQUEST = m.ssl_request()
+_NO_TLS = Reply(b"N")
+_AUTHENTICATION_OK = Reply(m.authentication_ok())
+# A pool's short-lived clients send the same startup packet login after login (the same user,
+# database and application_name): decoded once, not per login. Bounded: a flood of distinct
+# packets only re-decodes. Nothing in it belongs to a login but the packet's own bytes (its key),
+# and its parameters are read-only, so one login's can never become another's.
+_STARTUP_MESSAGES: dict[bytes, m.StartupMessage] = {}
+_STARTUP_MESSAGES_LIMIT = 256
 
 
 class ClientLogin:
@@ -155,6 +164,12 @@ class ClientLogin:
         if self.tls_pending is not None:
             # Cannot happen through Twisted (bytes go to the TLS layer); never process them anyway.
             raise WireError("received data before the TLS handshake finished")
+        if data == _SSL_REQUEST and self.tls_mode == "disable" and self.state == STARTUP and not self.negotiations and not self.buffer:
+            # libpq's first packet under its default sslmode=prefer (psycopg, pgbench, psql, and
+            # asyncpg's and pgjdbc's defaults do the same), when pgtwist offers no TLS: the answer
+            # the general walk below gives it (N), without the walk, the decoding and its objects.
+            self.negotiations = 1
+            return [_NO_TLS]
         self.buffer += data
         if self.state == LOOKUP and len(self.buffer) > p.MAX_AUTH_MESSAGE + 5:
             # Nothing was asked of the client yet: whatever it sends waits, but not without bound.
@@ -193,7 +208,13 @@ class ClientLogin:
     # -- startup ----------------------------------------------------------------------------
 
     def _startup_packet(self, body: bytes) -> list:
-        packet = m.decode_startup_packet(body)
+        packet = _STARTUP_MESSAGES.get(body)
+        if packet is None:
+            packet = m.decode_startup_packet(body)
+            if type(packet) is m.StartupMessage:
+                if len(_STARTUP_MESSAGES) >= _STARTUP_MESSAGES_LIMIT:
+                    _STARTUP_MESSAGES.clear()
+                _STARTUP_MESSAGES[body] = packet
         if isinstance(packet, m.CancelRequest):
             # Accepted after a refused SSLRequest/GSSENCRequest too, as PostgreSQL does: libpq >= 17
             # (PQcancelCreate) negotiates encryption first under the default sslmode=prefer.
@@ -345,4 +366,4 @@ class ClientLogin:
 
     def _done(self, client_key: bytes | None = None) -> list:
         self.state = DONE
-        return [Reply(m.authentication_ok()), Authenticated(self.startup, self.credential, client_key)]
+        return [_AUTHENTICATION_OK, Authenticated(self.startup, self.credential, client_key)]

@@ -13,8 +13,9 @@ class FrontendProtocol(Protocol):
     byte_stats = None  # counters.DatabaseStats of the client's database, once it is known
 
     def connectionMade(self):
-        if hasattr(self.transport, "setTcpNoDelay"):  # (not on a Unix socket)
-            self.transport.setTcpNoDelay(True)
+        transport = self.transport
+        if hasattr(transport, "setTcpNoDelay") and not getattr(transport, "nodelay", False):  # (not on a Unix socket; not inherited)
+            transport.setTcpNoDelay(True)
         self.session = self.factory.proxy.new_client(self.transport)
 
     def dataReceived(self, data):

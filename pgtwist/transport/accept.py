@@ -43,8 +43,30 @@ def set_defer_accept(sock) -> bool:
     return True
 
 
+def set_nodelay(sock) -> bool:
+    """TCP_NODELAY on a listening socket, for the connections it accepts: True where they inherit
+    it (Linux copies the listener's setting into each accepted socket), so that no setsockopt is
+    made per login; False elsewhere, where each connection sets its own (FrontendProtocol)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        return False
+    return True
+
+
 class ClientConnection(tcp.Server):
     """A client's TCP connection: tcp.Server with its descriptions made when asked, and a quick close."""
+
+    # Whether TCP_NODELAY came from the listening socket (set_nodelay): FrontendProtocol then
+    # sets nothing.
+    nodelay = False
+    # close() alone, as PgBouncer closes a client: the FIN goes out the same (nothing else holds
+    # the socket: it is close-on-exec, and only a supervisor, which accepts nobody, spawns
+    # processes), and the shutdown() Twisted makes first "just to be safe" is a system call per
+    # client for nothing.
+    _shouldShutdown = False
 
     def __init__(self, skt, protocol, client, server, sessionno, reactor, peer=None):
         # What tcp.Server.__init__ (with Connection's and FileDescriptor's) sets, but logstr and
@@ -65,6 +87,8 @@ class ClientConnection(tcp.Server):
         self._peer = peer
         self._protocol_name = type(protocol).__name__
         self._port_number = server._realPortNumber if server is not None else None  # (for __repr__)
+        if server is not None and server.nodelay:
+            self.nodelay = True
         self.startReading()
         self.connected = 1
 
@@ -122,6 +146,7 @@ class ClientPort(tcp.Port):
 
     transport = ClientConnection
     defer_accept = False  # TCP_DEFER_ACCEPT is set: what is accepted has bytes to read already
+    nodelay = False  # TCP_NODELAY is set, and what is accepted inherits it (set_nodelay)
 
     def doRead(self) -> None:
         accept = self.socket._accept  # type: ignore[union-attr]  # (socket.accept() minus its wrapper)
@@ -198,6 +223,7 @@ def listen_tcp(reactor, port: int, factory, backlog: int, interface: str, defer_
     p = ClientPort(port, factory, backlog, interface, reactor)
     p.startListening()
     p.defer_accept = defer_accept and set_defer_accept(p.socket)
+    p.nodelay = set_nodelay(p.socket)
     return p
 
 
@@ -208,4 +234,5 @@ def adopt_tcp(reactor, fd: int, family: int, factory, defer_accept: bool = False
     p = ClientPort._fromListeningDescriptor(reactor, fd, family, factory)
     p.startListening()
     p.defer_accept = defer_accept and set_defer_accept(p.socket)
+    p.nodelay = set_nodelay(p.socket)
     return p

@@ -1,9 +1,10 @@
 """Encoders and decoders for the messages the proxy generates or has to look inside."""
 
 import builtins
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from struct import Struct
+from types import MappingProxyType
 from typing import NoReturn
 
 from pgtwist.wire import protocol as p
@@ -113,7 +114,7 @@ class Reader:
 class StartupMessage:
     major: int
     minor: int
-    parameters: dict[str, str]
+    parameters: Mapping[str, str]  # read-only (decode_startup_packet): one decoding may serve many logins
     unrecognized_options: tuple[str, ...] = ()  # _pq_.* protocol options we do not support
 
     @property
@@ -198,7 +199,7 @@ def decode_startup_packet(body: bytes):
     r.end()
     if "user" not in params or not params["user"]:
         raise ProtocolViolation("no PostgreSQL user name specified in startup packet", sqlstate.INVALID_AUTHORIZATION_SPECIFICATION)
-    return StartupMessage(major, minor, params, tuple(unrecognized))
+    return StartupMessage(major, minor, MappingProxyType(params), tuple(unrecognized))
 
 
 def startup_message(parameters: dict[str, str], version: int = p.PROTOCOL_3_0) -> bytes:

@@ -6,7 +6,7 @@ import struct
 import pytest
 
 from pgtwist.auth import Credential, ScramClientExchange, ScramVerifier, md5_hash, md5_salted_response
-from pgtwist.frontend.login import Authenticated, CancelReceived, ClientLogin, LoginError, Reply
+from pgtwist.frontend.login import Authenticated, CancelReceived, ClientLogin, LoginError, Reply, StartTLS
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 from pgtwist.wire import sqlstate
@@ -115,6 +115,41 @@ def test_encryption_request_answered_n_then_startup(first):
     events = login.feed(startup())
     assert replies(events) == m.authentication_ok()
     assert authenticated(events)
+
+
+def test_ssl_request_answered_the_same_whole_split_or_with_bytes_before_it():
+    # A lone SSLRequest (libpq's first packet) is answered without the general walk: the same N,
+    # counted the same, as one split across reads or behind another negotiation.
+    whole, split, after = make("trust"), make("trust"), make("trust")
+    assert whole.feed(m.ssl_request()) == [Reply(b"N")] and whole.negotiations == 1
+    assert split.feed(m.ssl_request()[:3]) == [] and split.feed(m.ssl_request()[3:]) == [Reply(b"N")]
+    assert split.negotiations == 1
+    assert after.feed(m.gssenc_request()) == [Reply(b"N")] and after.feed(m.ssl_request()) == [Reply(b"N")]
+    assert after.negotiations == 2
+    for login in (whole, split, after):
+        assert authenticated(login.feed(startup()))
+
+
+def test_ssl_request_with_tls_on_is_not_answered_n():
+    login = ClientLogin("trust", {"alice": PLAIN}.get, MOCK_SECRET, tls_mode="prefer")
+    assert login.feed(m.ssl_request()) == [Reply(b"S"), StartTLS()]
+
+
+def test_the_same_startup_packet_is_decoded_once_and_read_only():
+    from pgtwist.frontend import login as login_module
+
+    users = {"alice": PLAIN, "bob": PLAIN}
+    first = authenticated(make(users=users).feed(startup(application_name="app"))).startup
+    second = authenticated(make(users=users).feed(startup(application_name="app"))).startup
+    other = authenticated(make(users=users).feed(startup(user="bob", application_name="app"))).startup
+    assert second is first  # (decoded once)
+    assert other.user == "bob" and first.user == "alice"
+    with pytest.raises(TypeError):
+        first.parameters["user"] = "bob"  # type: ignore[index]
+    # Bounded: past the limit it starts again, and still answers right.
+    for i in range(login_module._STARTUP_MESSAGES_LIMIT + 1):
+        assert authenticated(make().feed(startup(application_name=f"a{i}"))).startup.parameters["application_name"] == f"a{i}"
+    assert len(login_module._STARTUP_MESSAGES) <= login_module._STARTUP_MESSAGES_LIMIT
 
 
 def test_ssl_then_gssenc_then_startup_in_one_read():

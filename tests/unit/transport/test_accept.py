@@ -119,7 +119,7 @@ def test_a_client_connection_holds_what_tcp_server_would(served):
     try:
         theirs = tcp.Server(theirs_sock, Server([]), ours.client, port, ours.sessionno, r)
         made_lazily = {"logstr", "repstr"}
-        ours_only = {"_peer", "_protocol_name", "_port_number"}
+        ours_only = {"_peer", "_protocol_name", "_port_number", "nodelay"}
         assert set(vars(theirs)) - made_lazily == set(vars(ours)) - ours_only
         for name in set(vars(theirs)) - made_lazily - {"socket", "fileno", "protocol"}:
             assert getattr(ours, name) == getattr(theirs, name), name
@@ -129,6 +129,40 @@ def test_a_client_connection_holds_what_tcp_server_would(served):
         theirs.stopReading()
         theirs_sock.close()
         peer_end.close()
+
+
+def test_accepted_clients_inherit_tcp_nodelay_from_the_listening_socket(served):
+    # Set once on the listener (Linux copies it into each accepted socket): no setsockopt per login.
+    r, port, factory, connect = served
+    connect()
+    transport = factory.log[0][1]
+    assert port.nodelay and transport.nodelay
+    assert transport.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+
+def test_frontend_protocol_sets_tcp_nodelay_only_where_it_was_not_inherited():
+    from pgtwist.frontend.protocol import FrontendProtocol
+
+    class Transport:
+        def __init__(self, nodelay):
+            self.nodelay = nodelay
+            self.set = []
+
+        def setTcpNoDelay(self, enabled):
+            self.set.append(enabled)
+
+    class Factory:
+        class proxy:
+            @staticmethod
+            def new_client(transport):
+                return None
+
+    for nodelay, expected in ((True, []), (False, [True])):
+        protocol = FrontendProtocol()
+        protocol.factory = Factory
+        transport = Transport(nodelay)
+        protocol.makeConnection(transport)
+        assert transport.set == expected
 
 
 def test_loseconnection_with_nothing_queued_closes_in_the_same_turn(served):
