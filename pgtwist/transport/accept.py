@@ -118,6 +118,23 @@ class ClientConnection(tcp.Server):
         del self.fileno
         protocol.connectionLost(reason)  # type: ignore[call-arg]  # (IProtocol's stub lacks self)
 
+    def close_now(self, reason) -> None:
+        """The close at the end of loseConnection()'s turn (ProxyReactor.close_soon), when the
+        connection is polled for nothing (loseConnection() stopped its reading), has nothing
+        queued and no producer: what _disconnectSelectable() and connectionLost() would do then,
+        without their calls to take it out of poll sets it is not in (five per client)."""
+        self.disconnected = 1
+        self.connected = 0
+        try:
+            self.socket.close()
+        except OSError:
+            pass
+        protocol = self.protocol
+        del self.protocol
+        del self.socket
+        del self.fileno
+        protocol.connectionLost(reason)  # type: ignore[call-arg]
+
     def loseConnection(self) -> None:
         """Close once the bytes written are sent: with none queued, in this very reactor turn.
 

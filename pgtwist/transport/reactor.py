@@ -5,10 +5,11 @@ from __future__ import annotations
 import errno
 import sys
 
-from twisted.internet import tcp
+from twisted.internet import error, tcp
 from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
 from twisted.logger import Logger
 from twisted.python import log as twisted_log
+from twisted.python.failure import Failure
 
 from pgtwist.transport.accept import ClientConnection, nothing_queued
 
@@ -24,6 +25,7 @@ except ImportError:  # not Linux: twistd's default reactor serves
 _TCP = (ClientConnection, tcp.Client, tcp.Server)  # (the commonest first: each event tests them in turn)
 
 log = Logger()
+_CLOSED = Failure(error.ConnectionDone())  # (the Failure Twisted's _disconnectSelectable gives every clean close)
 
 
 if EPollReactor is not None:
@@ -63,7 +65,11 @@ if EPollReactor is not None:
                     connection.startWriting()
                     continue
                 try:
-                    self._disconnectSelectable(connection, CONNECTION_DONE, False)
+                    fd = connection.fileno()
+                    if type(connection) is ClientConnection and fd not in self._reads and fd not in self._writes:
+                        connection.close_now(_CLOSED)
+                    else:
+                        self._disconnectSelectable(connection, CONNECTION_DONE, False)
                 except KeyboardInterrupt:
                     raise
                 except BaseException:

@@ -10,7 +10,7 @@ import errno
 import socket
 
 import pytest
-from twisted.internet import address, protocol, tcp
+from twisted.internet import address, error, protocol, tcp
 from twisted.internet.testing import MemoryReactorClock
 
 from pgtwist.transport import accept
@@ -222,6 +222,26 @@ def test_a_write_after_loseconnection_is_still_delivered(served):
     transport.write(b"late")  # queued: the pending close leaves it to Twisted's flush-then-close
     assert _turn_until(r, lambda: transport.disconnected)
     assert c.recv(10) == b"late"
+
+
+def test_the_close_at_the_end_of_the_turn_is_the_short_one_unless_still_polled(served, monkeypatch):
+    # Polled for nothing (loseConnection stopped its reading): closed by close_now, which tells
+    # the protocol what Twisted's path would (a clean close). Read again meanwhile: Twisted's path,
+    # which takes it out of the poll set too.
+    r, port, factory, connect = served
+    short = []
+    monkeypatch.setattr(accept.ClientConnection, "close_now", lambda self, reason, real=accept.ClientConnection.close_now: (short.append(self), real(self, reason)))
+    a, b = connect(), connect()
+    first, second = (e[1] for e in factory.log if e[0] == "made")
+    for transport in (first, second):
+        transport.loseConnection()
+    second.startReading()
+    fd = second.fileno()
+    r.doPoll(0)
+    assert short == [first]
+    assert first.disconnected and second.disconnected and fd not in r._reads and fd not in r._selectables
+    assert [e[1] for e in factory.log if e[0] == "lost"] == [error.ConnectionDone, error.ConnectionDone]
+    assert a.recv(10) == b"" and b.recv(10) == b""
 
 
 def test_without_close_soon_loseconnection_is_twisteds():
