@@ -161,11 +161,13 @@ class Counters:
             histogram.sum += latency
             histogram.count += 1
         stats = None
+        latency_us = 0
         if database is not None:
             stats = self.databases.get(database) or self.database(database)
             stats.queries += 1
             if latency is not None:
-                stats.query_us += round(latency * 1e6)
+                latency_us = round(latency * 1e6)
+                stats.query_us += latency_us
         if status == _TX_IDLE:
             traffic.transactions += 1
             opened = self._open_tx.pop(client_id, None) if self._open_tx else None
@@ -175,13 +177,13 @@ class Counters:
                 if histogram is None:
                     histogram = self.transaction_seconds[opened[1]] = Histogram()
                 histogram.observe(seconds)
-            elif latency is not None:
-                seconds = latency  # an autocommit statement is a transaction of its own (as PgBouncer counts it)
-            else:
-                seconds = 0.0
+                if stats is not None:
+                    stats.xact_us += round(seconds * 1e6)
+            elif stats is not None:
+                # An autocommit statement is a transaction of its own (as PgBouncer counts it).
+                stats.xact_us += latency_us
             if stats is not None:
                 stats.xacts += 1
-                stats.xact_us += round(seconds * 1e6)
         elif client_id not in self._open_tx:
             self._open_tx[client_id] = (self.clock.seconds(), key)
 

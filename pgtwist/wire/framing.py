@@ -9,6 +9,7 @@ from pgtwist.wire.protocol import READY_FOR_QUERY as _READY_FOR_QUERY
 
 _HEADER = Struct("!cI")
 _INT32 = Struct("!I")
+_HEADER = Struct("!BI")  # a typed message's header: its type and its length field
 _READY_LENGTH = _INT32.pack(5)  # a ReadyForQuery's length field
 _ANY_TYPE = frozenset(range(256))
 _SMALL_LIMIT = _frontend.SMALL_LIMIT
@@ -194,23 +195,24 @@ class MessageScanner:
             return -1
         if n < 6 or data[n - 6] != _READY_FOR_QUERY or data[n - 5 : n - 1] != _READY_LENGTH:
             return -1  # (a read in the middle of a long answer: declined without a walk)
-        pos = 0
         capture = self.capture
         max_length = self.max_length
-        unpack_from = _INT32.unpack_from
-        while n - pos >= 5:
-            msg_type = data[pos]
-            (length,) = unpack_from(data, pos + 1)
-            end = pos + 1 + length
-            if msg_type in capture:
-                if msg_type == _READY_FOR_QUERY and length == 5 and end == n and max_length >= 5:
-                    self.last_type = msg_type
-                    return data[pos + 5]
-                return -1
-            if end >= n or length < 4 or length > max_length:
+        if _READY_FOR_QUERY not in capture or max_length < 5:
+            return -1
+        # The headers before that ReadyForQuery, each read whole (type and length at once), must
+        # chain to exactly where it begins, none of them captured or of a bad length.
+        last = n - 6
+        header = _HEADER.unpack_from
+        pos = 0
+        while pos < last:
+            msg_type, length = header(data, pos)
+            if msg_type in capture or length < 4 or length > max_length:
                 return -1  # (feed() then judges a bad length)
-            pos = end
-        return -1
+            pos += 1 + length
+        if pos != last:
+            return -1
+        self.last_type = _READY_FOR_QUERY
+        return data[n - 1]
 
     def _bad_length(self, msg_type: int, length: int):
         self._broken = True
