@@ -43,6 +43,7 @@ log = Logger()
 
 _Z = p.READY_FOR_QUERY
 _TERMINATE = p.TERMINATE
+_TERMINATE_MESSAGE = frame(p.TERMINATE)
 _SYNC = p.SYNC
 _SYNC_FLUSH = (p.SYNC, p.FLUSH)
 _IDLE_READY = m.ready_for_query(p.TX_IDLE)
@@ -313,9 +314,14 @@ class ClientSession(Admission):
         if self.state is LINKED:
             kept = self.lease
             if kept.lent:  # its next transaction, on the connection it kept: a lending of its own
-                self.lease = Lease()
                 server = self.server
                 server.pool.unlend(server)
+                if data == _TERMINATE_MESSAGE:
+                    # It leaves between transactions (a short-lived client's every logout): the
+                    # connection it kept owes it nothing and goes back as it is (_release_server).
+                    self._terminate()
+                    return
+                self.lease = Lease()
                 if self.router.clustered and not self._placed_on(server, items, kept):
                     return  # placed on another node: the kept connection went back
                 server.replied = False

@@ -67,6 +67,24 @@ def test_a_plain_query_goes_out_as_sent_and_its_answer_comes_back_as_sent(kept):
     assert ct.value() == ANSWER and keeps_its_server(session)
 
 
+@pytest.mark.parametrize("split", [None, 2])
+def test_a_terminate_gives_the_kept_connection_back_as_it_is(kept, split):
+    # A short-lived client's logout: its kept connection goes back to the pool reusable, with
+    # no reset and nothing sent; whole (the shortcut) or split, the same.
+    session, ct, server = kept
+    pool = server.pool
+    terminate = m.terminate()
+    if split is None:
+        session.got_data(terminate)
+    else:
+        session.got_data(terminate[:split])
+        session.got_data(terminate[split:])
+    assert session.state == "closed" and session.server is None and session.lease is None
+    assert server in pool.idle and server not in pool.lent and server not in pool.busy
+    assert server.transport.value() == b"" and not server.tainted
+    assert ct.disconnecting
+
+
 def test_a_query_that_changes_session_state_takes_the_general_path(kept):
     session, ct, server = kept
     session.got_data(m.query("SET search_path TO app"))
