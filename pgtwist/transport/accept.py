@@ -59,9 +59,12 @@ def set_nodelay(sock) -> bool:
 class ClientConnection(tcp.Server):
     """A client's TCP connection: tcp.Server with its descriptions made when asked, and a quick close."""
 
-    # Whether TCP_NODELAY came from the listening socket (set_nodelay): FrontendProtocol then
-    # sets nothing.
-    nodelay = False
+    @property
+    def nodelay(self) -> bool:
+        """Whether TCP_NODELAY came from the listening socket (set_nodelay): FrontendProtocol
+        then sets nothing. (Asked of the port: no attribute per connection.)"""
+        server = self.server
+        return server is not None and server.nodelay
     # close() alone, as PgBouncer closes a client: the FIN goes out the same (nothing else holds
     # the socket: it is close-on-exec, and only a supervisor, which accepts nobody, spawns
     # processes), and the shutdown() Twisted makes first "just to be safe" is a system call per
@@ -87,8 +90,6 @@ class ClientConnection(tcp.Server):
         self._peer = peer
         self._protocol_name = type(protocol).__name__
         self._port_number = server._realPortNumber if server is not None else None  # (for __repr__)
-        if server is not None and server.nodelay:
-            self.nodelay = True
         self.startReading()
         self.connected = 1
 
