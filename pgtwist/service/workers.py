@@ -36,7 +36,7 @@ from twisted.internet import defer, error, protocol
 from twisted.logger import Logger
 
 from pgtwist.service.sighandlers import SignalHandlers
-from pgtwist.transport.accept import adopt_tcp
+from pgtwist.transport.accept import adopt_tcp, set_nodelay
 from pgtwist.service import notices, peers, sdnotify
 from pgtwist.wire import protocol as p
 
@@ -830,6 +830,7 @@ def listening_socket(address, reuseport: bool = False, port: int | None = None) 
     if reuseport:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((address.host, address.port if port is None else port))
+    set_nodelay(sock)  # (before listen(): every connection it queues inherits it)
     sock.listen(4096)
     sock.setblocking(False)
     sock.set_inheritable(False)  # (handed to each worker as fd 3 by spawnProcess, to nothing else)

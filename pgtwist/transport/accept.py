@@ -44,9 +44,11 @@ def set_defer_accept(sock) -> bool:
 
 
 def set_nodelay(sock) -> bool:
-    """TCP_NODELAY on a listening socket, for the connections it accepts: True where they inherit
-    it (Linux copies the listener's setting into each accepted socket), so that no setsockopt is
-    made per login; False elsewhere, where each connection sets its own (FrontendProtocol)."""
+    """TCP_NODELAY on a socket about to listen, for the connections it will accept: True where
+    they inherit it (Linux copies the listener's setting into each connection as the handshake
+    makes it), so that no setsockopt is made per login; False elsewhere, where each connection
+    sets its own (FrontendProtocol). Before listen(): a connection already in the queue when it
+    is set would not have it."""
     if not sys.platform.startswith("linux"):
         return False
     try:
@@ -56,6 +58,17 @@ def set_nodelay(sock) -> bool:
     return True
 
 
+def has_nodelay(sock) -> bool:
+    """Whether an adopted listening socket was given TCP_NODELAY before it listened (the
+    supervisor's, workers.listening_socket), so that all it accepts inherit it (Linux)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+    except OSError:
+        return False
+
+
 class ClientConnection(tcp.Server):
     """A client's TCP connection: tcp.Server with its descriptions made when asked, and a quick close."""
 
@@ -63,13 +76,7 @@ class ClientConnection(tcp.Server):
     def nodelay(self) -> bool:
         """Whether TCP_NODELAY came from the listening socket (set_nodelay): FrontendProtocol
         then sets nothing. (Asked of the port: no attribute per connection.)"""
-        server = self.server
-        return server is not None and server.nodelay
-    # close() alone, as PgBouncer closes a client: the FIN goes out the same (nothing else holds
-    # the socket: it is close-on-exec, and only a supervisor, which accepts nobody, spawns
-    # processes), and the shutdown() Twisted makes first "just to be safe" is a system call per
-    # client for nothing.
-    _shouldShutdown = False
+        return bool(getattr(self.server, "nodelay", False))
 
     def __init__(self, skt, protocol, client, server, sessionno, reactor, peer=None):
         # What tcp.Server.__init__ (with Connection's and FileDescriptor's) sets, but logstr and
@@ -126,8 +133,16 @@ class ClientConnection(tcp.Server):
         without their calls to take it out of poll sets it is not in (five per client)."""
         self.disconnected = 1
         self.connected = 0
+        skt = self.socket
         try:
-            self.socket.close()
+            # (As Twisted's orderly close: with bytes of the client's still unread, a close()
+            # alone would answer them with a reset, and the client could lose what it was told
+            # last, a FATAL; shutdown() sends the FIN first.)
+            skt.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        try:
+            skt.close()
         except OSError:
             pass
         protocol = self.protocol
@@ -164,7 +179,12 @@ class ClientPort(tcp.Port):
 
     transport = ClientConnection
     defer_accept = False  # TCP_DEFER_ACCEPT is set: what is accepted has bytes to read already
-    nodelay = False  # TCP_NODELAY is set, and what is accepted inherits it (set_nodelay)
+    nodelay = False  # TCP_NODELAY was set before listen(), and all it accepts inherit it (set_nodelay)
+
+    def createInternetSocket(self):
+        sock = super().createInternetSocket()
+        self.nodelay = set_nodelay(sock)  # (startListening binds and listens after this)
+        return sock
 
     def doRead(self) -> None:
         accept = self.socket._accept  # type: ignore[union-attr]  # (socket.accept() minus its wrapper)
@@ -241,7 +261,6 @@ def listen_tcp(reactor, port: int, factory, backlog: int, interface: str, defer_
     p = ClientPort(port, factory, backlog, interface, reactor)
     p.startListening()
     p.defer_accept = defer_accept and set_defer_accept(p.socket)
-    p.nodelay = set_nodelay(p.socket)
     return p
 
 
@@ -252,5 +271,5 @@ def adopt_tcp(reactor, fd: int, family: int, factory, defer_accept: bool = False
     p = ClientPort._fromListeningDescriptor(reactor, fd, family, factory)
     p.startListening()
     p.defer_accept = defer_accept and set_defer_accept(p.socket)
-    p.nodelay = set_nodelay(p.socket)
+    p.nodelay = has_nodelay(p.socket)
     return p

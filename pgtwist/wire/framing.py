@@ -7,7 +7,6 @@ from pgtwist.wire import protocol as _p
 from pgtwist.wire.errors import MessageTooLarge, ProtocolViolation
 from pgtwist.wire.protocol import READY_FOR_QUERY as _READY_FOR_QUERY
 
-_HEADER = Struct("!cI")
 _INT32 = Struct("!I")
 _HEADER = Struct("!BI")  # a typed message's header: its type and its length field
 _READY_LENGTH = _INT32.pack(5)  # a ReadyForQuery's length field

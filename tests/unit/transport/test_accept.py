@@ -140,6 +140,69 @@ def test_accepted_clients_inherit_tcp_nodelay_from_the_listening_socket(served):
     assert transport.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
 
 
+@pytest.mark.parametrize("given", [True, False])
+def test_a_client_queued_before_a_worker_adopts_the_socket_has_tcp_nodelay(given):
+    # The supervisor's socket gets TCP_NODELAY before it listens (workers.listening_socket), so a
+    # client that connects before a worker adopts it inherits it too; a socket listened without
+    # it is not taken for one that has it, and FrontendProtocol sets it per connection then.
+    from types import SimpleNamespace
+
+    from pgtwist.frontend.protocol import FrontendProtocol
+    from pgtwist.service.workers import listening_socket
+
+    class Factory(protocol.Factory):
+        protocol = FrontendProtocol
+
+        def __init__(self):
+            self.made = []
+            self.proxy = SimpleNamespace(new_client=self.made.append)
+
+    r = reactormod.ProxyReactor()
+    if given:
+        sock = listening_socket(SimpleNamespace(host="127.0.0.1", port=0))
+    else:
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)
+        sock.setblocking(False)  # (as the supervisor hands its socket over)
+    c = socket.create_connection(sock.getsockname(), timeout=5)  # (queued: nobody accepts yet)
+    factory = Factory()
+    port = accept.adopt_tcp(r, sock.fileno(), socket.AF_INET, factory)
+    try:
+        for _ in range(50):
+            r.doPoll(0.1)
+            if factory.made:
+                break
+        (transport,) = factory.made
+        assert port.nodelay is given and transport.nodelay is given
+        assert transport.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    finally:
+        c.close()
+        port.stopListening()
+        sock.close()
+        r.doPoll(0)
+        r.waker.connectionLost(None)
+        r._poller.close()
+
+
+def test_a_client_closed_with_bytes_still_unread_gets_the_end_of_the_stream_not_a_reset(served):
+    # What was written before the close (a FATAL) and then the FIN, as from Twisted's own close:
+    # close() alone answers unread bytes with a reset.
+    r, port, factory, connect = served
+    c = connect()
+    transport = factory.log[0][1]
+    transport.protocol.reply = b"E-FATAL"
+    c.sendall(b"X" + b"y" * 200_000)  # (more than one read takes: the rest stays unread)
+    assert _turn_until(r, lambda: transport.disconnected)
+    got = b""
+    while True:
+        chunk = c.recv(100)  # (a reset would raise ConnectionResetError here)
+        if not chunk:
+            break
+        got += chunk
+    assert got == b"E-FATAL"
+
+
 def test_frontend_protocol_sets_tcp_nodelay_only_where_it_was_not_inherited():
     from pgtwist.frontend.protocol import FrontendProtocol
 
