@@ -11,6 +11,7 @@
 #
 # usage: bench/instructions.sh [--tree DIR] [--clients N] [--pool N] [--targets pgtwist,pgbouncer] [--connect] [--scram]
 #                              [--protocol simple|extended|prepared] [--tpcb] [--keep DIR] [--python PATH]
+#                              [--bytecodes N]
 #   --tree DIR   the pgtwist source tree to measure (default: this repository), e.g. a
 #                `git worktree` of another revision
 #   --connect    pgbench -C: a login (and logout) per transaction, the churn of short-lived
@@ -26,13 +27,16 @@
 #                SELECT and an INSERT, END, seven statements on one connection per transaction
 #   --python PATH  the Python that runs pgtwist (default: this repository's .venv), e.g. a venv
 #                of another CPython with pgtwist's dependencies, to compare interpreters
+#   --bytecodes N  pgtwist only, not under callgrind: the bytecodes and Python calls per unit of
+#                each Python function (bench/bytecodes.py), the top N by bytecodes; callgrind
+#                sees only CPython's C functions, which this splits by the Python they run
 #   --keep DIR   keep the callgrind files in DIR (TARGET.T1.callgrind, TARGET.T2.callgrind), to
 #                see where the instructions go: callgrind_annotate, or the difference of two runs
 # Needs valgrind, the PostgreSQL server binaries, pgbench and (for its column) pgbouncer.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")/.." && pwd)
-TREE=$HERE CLIENTS=64 POOL=16 TARGETS=pgtwist,pgbouncer T1=20 T2=60 CONNECT=() AUTH=trust PROTOCOL=simple KEEP= SCRIPT=(-S)
+TREE=$HERE CLIENTS=64 POOL=16 TARGETS=pgtwist,pgbouncer T1=20 T2=60 CONNECT=() AUTH=trust PROTOCOL=simple KEEP= SCRIPT=(-S) BYTECODES=
 PY=$HERE/.venv/bin/python
 while [ $# -gt 0 ]; do
     case $1 in
@@ -46,6 +50,7 @@ while [ $# -gt 0 ]; do
         --tpcb) SCRIPT=(); shift ;;
         --keep) mkdir -p "$2"; KEEP=$(cd "$2" && pwd); shift 2 ;;
         --python) PY=$2; shift 2 ;;
+        --bytecodes) BYTECODES=$2; TARGETS=pgtwist; shift 2 ;;
         *) echo "unknown option $1" >&2; exit 2 ;;
     esac
 done
@@ -98,6 +103,7 @@ measure() {
     local target=$1 per_client=$2 port out
     port=$(cd "$HERE" && free_port)
     out="$WORK/$target.$per_client.callgrind"
+    [ -n "$BYTECODES" ] && out="$WORK/$target.$per_client.bytecodes"
     if [ "$target" = pgtwist ]; then
         cat > "$WORK/pgtwist.toml" <<EOF
 listen = "127.0.0.1:$port"
@@ -115,9 +121,16 @@ EOF
         # bench/run.py's twistd-with-this-tree's-plugin launcher.
         local launcher
         launcher=$(sed -n '/^TWISTD_FROM_SOURCE = """/,/^"""/p' "$HERE/bench/run.py" | sed '1d;$d')
-        (cd "$WORK" && PYTHONPATH=$TREE exec valgrind --tool=callgrind --callgrind-out-file="$out" \
-            "$PY" -c "$launcher" "$TREE" -n --pidfile= --logfile="$WORK/pgtwist.log" \
-            pgbalance --config "$WORK/pgtwist.toml" 2>>"$WORK/valgrind.log") &
+        if [ -n "$BYTECODES" ]; then
+            # (The tracer writes its counts to $out at exit; the launcher comes through the environment.)
+            (cd "$WORK" && PYTHONPATH=$TREE PGTWIST_LAUNCHER=$launcher exec \
+                "$PY" -c "import os, sys; sys.path.insert(0, '$HERE/bench'); import bytecodes; bytecodes.install('$out'); exec(os.environ['PGTWIST_LAUNCHER'])" \
+                "$TREE" -n --pidfile= --logfile="$WORK/pgtwist.log" pgbalance --config "$WORK/pgtwist.toml" 2>>"$WORK/valgrind.log") &
+        else
+            (cd "$WORK" && PYTHONPATH=$TREE exec valgrind --tool=callgrind --callgrind-out-file="$out" \
+                "$PY" -c "$launcher" "$TREE" -n --pidfile= --logfile="$WORK/pgtwist.log" \
+                pgbalance --config "$WORK/pgtwist.toml" 2>>"$WORK/valgrind.log") &
+        fi
     else
         cat > "$WORK/pgbouncer.ini" <<EOF
 [databases]
@@ -144,6 +157,14 @@ EOF
     wait_port "$port"
     PGPASSWORD=$PASSWORD "$BIN/pgbench" -n "${SCRIPT[@]}" -M "$PROTOCOL" "${CONNECT[@]}" -c "$CLIENTS" -j 2 -t "$per_client" -h 127.0.0.1 -p "$port" -U postgres pgbench \
         >"$WORK/pgbench.log" 2>&1 || { cat "$WORK/pgbench.log" >&2; return 1; }
+    if [ -n "$BYTECODES" ]; then
+        pkill -TERM -f "$out" || true
+        wait "$pid" 2>/dev/null || true
+        for _ in $(seq 1 300); do [ -s "$out" ] && break; sleep 0.2; done
+        [ -n "$KEEP" ] && cp "$out" "$KEEP/"
+        echo "$out"
+        return
+    fi
     pkill -TERM -f "callgrind-out-file=$out" || true
     wait "$pid" 2>/dev/null || true
     for _ in $(seq 1 100); do grep -q '^totals:' "$out" 2>/dev/null && break; sleep 0.2; done
@@ -153,13 +174,20 @@ EOF
 
 unit=transaction
 [ ${#CONNECT[@]} -gt 0 ] && unit="login (pgbench -C: a login, one transaction, a logout)"
+what="user-space instructions per $unit (callgrind"
+[ -n "$BYTECODES" ] && what="Python bytecodes and calls per $unit (bench/bytecodes.py"
 echo "bench/instructions.sh: pgbench ${SCRIPT[*]:-(TPC-B)} -M $PROTOCOL, $CLIENTS clients over pool $POOL, transaction pooling, $AUTH;" \
-     "user-space instructions per $unit (callgrind; $T1 and $T2 transactions per client)"
+     "$what; $T1 and $T2 transactions per client)"
 for target in ${TARGETS//,/ }; do
     if [ "$target" = pgbouncer ] && ! command -v pgbouncer >/dev/null && [ ! -x /usr/sbin/pgbouncer ]; then
         echo "pgbouncer: not installed (apt-get install pgbouncer), skipped"; continue
     fi
     first=$(measure "$target" "$T1")
     second=$(measure "$target" "$T2")
+    if [ -n "$BYTECODES" ]; then
+        echo "$target, per ${unit%% *}:"
+        "$PY" "$HERE/bench/bytecodes.py" report "$first" "$second" "$(( CLIENTS * (T2 - T1) ))" "$BYTECODES"
+        continue
+    fi
     echo "$target: $(( (second - first) / (CLIENTS * (T2 - T1)) )) instructions/${unit%% *}"
 done
