@@ -113,12 +113,17 @@ class ClientConnection(tcp.Server):
             peer = self._peer = self._addressType("TCP", *self.client)  # type: ignore[arg-type]
         return peer
 
-    def connectionLost(self, reason) -> None:
+    def connectionLost(self, reason, polled: bool = True) -> None:
         # tcp.Connection.connectionLost, with an isinstance() for Failure.check(), which
         # computes the qualified name of every class in the error's hierarchy.
         if not hasattr(self, "socket"):
             return  # (called twice: see tcp.Connection.connectionLost)
-        abstract.FileDescriptor.connectionLost(self, reason)
+        if polled:
+            abstract.FileDescriptor.connectionLost(self, reason)
+        else:
+            # (What it does for a connection polled for nothing, with no producer: close_now.)
+            self.disconnected = 1
+            self.connected = 0
         self._closeSocket(not isinstance(reason.value, error.ConnectionAborted))
         protocol = self.protocol
         del self.protocol
@@ -131,25 +136,7 @@ class ClientConnection(tcp.Server):
         connection is polled for nothing (loseConnection() stopped its reading), has nothing
         queued and no producer: what _disconnectSelectable() and connectionLost() would do then,
         without their calls to take it out of poll sets it is not in (five per client)."""
-        self.disconnected = 1
-        self.connected = 0
-        skt = self.socket
-        try:
-            # (As Twisted's orderly close: with bytes of the client's still unread, a close()
-            # alone would answer them with a reset, and the client could lose what it was told
-            # last, a FATAL; shutdown() sends the FIN first.)
-            skt.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        try:
-            skt.close()
-        except OSError:
-            pass
-        protocol = self.protocol
-        del self.protocol
-        del self.socket
-        del self.fileno
-        protocol.connectionLost(reason)  # type: ignore[call-arg]
+        self.connectionLost(reason, polled=False)
 
     def loseConnection(self) -> None:
         """Close once the bytes written are sent: with none queued, in this very reactor turn.
