@@ -11,7 +11,7 @@
 #
 # usage: bench/instructions.sh [--tree DIR] [--clients N] [--pool N] [--targets pgtwist,pgbouncer] [--connect] [--scram]
 #                              [--protocol simple|extended|prepared] [--tpcb] [--keep DIR] [--python PATH]
-#                              [--bytecodes N]
+#                              [--bytecodes N] [--syscalls]
 #   --tree DIR   the pgtwist source tree to measure (default: this repository), e.g. a
 #                `git worktree` of another revision
 #   --connect    pgbench -C: a login (and logout) per transaction, the churn of short-lived
@@ -30,13 +30,17 @@
 #   --bytecodes N  pgtwist only, not under callgrind: the bytecodes and Python calls per unit of
 #                each Python function (bench/bytecodes.py), the top N by bytecodes; callgrind
 #                sees only CPython's C functions, which this splits by the Python they run
+#   --syscalls   not under callgrind: the system calls per unit, by name (strace -c attached to
+#                the running pooler for each load, the two tables subtracted). strace slows the
+#                pooler, so epoll_wait's share (how many ready sockets one wake-up serves) reads
+#                high; the sends, receives and epoll_ctl calls are the pooler's own choice
 #   --keep DIR   keep the callgrind files in DIR (TARGET.T1.callgrind, TARGET.T2.callgrind), to
 #                see where the instructions go: callgrind_annotate, or the difference of two runs
 # Needs valgrind, the PostgreSQL server binaries, pgbench and (for its column) pgbouncer.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")/.." && pwd)
-TREE=$HERE CLIENTS=64 POOL=16 TARGETS=pgtwist,pgbouncer T1=20 T2=60 CONNECT=() AUTH=trust PROTOCOL=simple KEEP= SCRIPT=(-S) BYTECODES=
+TREE=$HERE CLIENTS=64 POOL=16 TARGETS=pgtwist,pgbouncer T1=20 T2=60 CONNECT=() AUTH=trust PROTOCOL=simple KEEP= SCRIPT=(-S) BYTECODES= SYSCALLS=
 PY=$HERE/.venv/bin/python
 while [ $# -gt 0 ]; do
     case $1 in
@@ -51,6 +55,7 @@ while [ $# -gt 0 ]; do
         --keep) mkdir -p "$2"; KEEP=$(cd "$2" && pwd); shift 2 ;;
         --python) PY=$2; shift 2 ;;
         --bytecodes) BYTECODES=$2; TARGETS=pgtwist; shift 2 ;;
+        --syscalls) SYSCALLS=1; shift ;;
         *) echo "unknown option $1" >&2; exit 2 ;;
     esac
 done
@@ -104,6 +109,9 @@ measure() {
     port=$(cd "$HERE" && free_port)
     out="$WORK/$target.$per_client.callgrind"
     [ -n "$BYTECODES" ] && out="$WORK/$target.$per_client.bytecodes"
+    [ -n "$SYSCALLS" ] && out="$WORK/$target.$per_client.strace"
+    local under=(valgrind --tool=callgrind --callgrind-out-file="$out")
+    [ -n "$SYSCALLS" ] && under=(env "PGTWIST_RUN=$out")  # (a mark on the command line, for pkill)
     if [ "$target" = pgtwist ]; then
         cat > "$WORK/pgtwist.toml" <<EOF
 listen = "127.0.0.1:$port"
@@ -127,7 +135,7 @@ EOF
                 "$PY" -c "import os, sys; sys.path.insert(0, '$HERE/bench'); import bytecodes; bytecodes.install('$out'); exec(os.environ['PGTWIST_LAUNCHER'])" \
                 "$TREE" -n --pidfile= --logfile="$WORK/pgtwist.log" pgbalance --config "$WORK/pgtwist.toml" 2>>"$WORK/valgrind.log") &
         else
-            (cd "$WORK" && PYTHONPATH=$TREE exec valgrind --tool=callgrind --callgrind-out-file="$out" \
+            (cd "$WORK" && PYTHONPATH=$TREE exec "${under[@]}" \
                 "$PY" -c "$launcher" "$TREE" -n --pidfile= --logfile="$WORK/pgtwist.log" \
                 pgbalance --config "$WORK/pgtwist.toml" 2>>"$WORK/valgrind.log") &
         fi
@@ -150,13 +158,31 @@ logfile = $WORK/pgbouncer.log
 EOF
         echo "\"postgres\" \"$SECRET\"" > "$WORK/userlist.txt"
         chmod 644 "$WORK/pgbouncer.ini" "$WORK/userlist.txt"
-        "${RUNAS[@]}" valgrind --tool=callgrind --callgrind-out-file="$out" \
+        "${RUNAS[@]}" "${under[@]}" \
             "$(command -v pgbouncer || echo /usr/sbin/pgbouncer)" "$WORK/pgbouncer.ini" 2>>"$WORK/valgrind.log" &
     fi
-    local pid=$!
+    local pid=$! tracer=
     wait_port "$port"
+    if [ -n "$SYSCALLS" ]; then
+        # (The pooler itself: under runuser, pgbouncer is runuser's child.)
+        local pooler
+        pooler=$(pgrep -n -f "PGTWIST_RUN=$out|$WORK/pgbouncer.ini" | head -1)
+        [ "$target" = pgtwist ] && pooler=$(pgrep -n -f "pgtwist.toml")
+        strace -c -f -p "$pooler" -o "$out" 2>>"$WORK/strace.log" &
+        tracer=$!
+        sleep 1  # (strace attaches to every thread before it counts)
+    fi
     PGPASSWORD=$PASSWORD "$BIN/pgbench" -n "${SCRIPT[@]}" -M "$PROTOCOL" "${CONNECT[@]}" -c "$CLIENTS" -j 2 -t "$per_client" -h 127.0.0.1 -p "$port" -U postgres pgbench \
         >"$WORK/pgbench.log" 2>&1 || { cat "$WORK/pgbench.log" >&2; return 1; }
+    if [ -n "$SYSCALLS" ]; then
+        kill -INT "$tracer"; wait "$tracer" 2>/dev/null || true
+        kill -TERM "$pid" 2>/dev/null || true
+        pkill -TERM -f "PGTWIST_RUN=$out|$WORK/pgbouncer.ini|pgtwist.toml" || true
+        wait "$pid" 2>/dev/null || true
+        [ -n "$KEEP" ] && cp "$out" "$KEEP/"
+        echo "$out"
+        return
+    fi
     if [ -n "$BYTECODES" ]; then
         pkill -TERM -f "$out" || true
         wait "$pid" 2>/dev/null || true
@@ -176,6 +202,7 @@ unit=transaction
 [ ${#CONNECT[@]} -gt 0 ] && unit="login (pgbench -C: a login, one transaction, a logout)"
 what="user-space instructions per $unit (callgrind"
 [ -n "$BYTECODES" ] && what="Python bytecodes and calls per $unit (bench/bytecodes.py"
+[ -n "$SYSCALLS" ] && what="system calls per $unit (strace -c"
 echo "bench/instructions.sh: pgbench ${SCRIPT[*]:-(TPC-B)} -M $PROTOCOL, $CLIENTS clients over pool $POOL, transaction pooling, $AUTH;" \
      "$what; $T1 and $T2 transactions per client)"
 for target in ${TARGETS//,/ }; do
@@ -184,6 +211,26 @@ for target in ${TARGETS//,/ }; do
     fi
     first=$(measure "$target" "$T1")
     second=$(measure "$target" "$T2")
+    if [ -n "$SYSCALLS" ]; then
+        echo "$target, per ${unit%% *}:"
+        "$PY" - "$first" "$second" "$(( CLIENTS * (T2 - T1) ))" <<'PY'
+import sys
+def calls(path):
+    counts = {}
+    for line in open(path):
+        cols = line.split()
+        if len(cols) >= 5 and cols[0][0].isdigit() and cols[-1] != "total":
+            counts[cols[-1]] = int(cols[3])  # % time, seconds, usecs/call, calls, [errors,] syscall
+    return counts
+first, second, units = calls(sys.argv[1]), calls(sys.argv[2]), int(sys.argv[3])
+rows = sorted(((second.get(k, 0) - first.get(k, 0)) / units, k) for k in set(first) | set(second))
+print("  all: %.2f" % sum(r for r, _ in rows))
+for per, name in reversed(rows):
+    if abs(per) >= 0.005:
+        print("  %-16s %6.2f" % (name, per))
+PY
+        continue
+    fi
     if [ -n "$BYTECODES" ]; then
         echo "$target, per ${unit%% *}:"
         "$PY" "$HERE/bench/bytecodes.py" report "$first" "$second" "$(( CLIENTS * (T2 - T1) ))" "$BYTECODES"
