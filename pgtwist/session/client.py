@@ -303,6 +303,8 @@ class ClientSession(Admission):
     # -- client bytes (all but session mode's linked fast path) ---------------------------------
 
     def _client_data(self, data: bytes) -> None:
+        if data == _TERMINATE_MESSAGE and self._leaves_between_transactions():
+            return
         # (One reference kept, read again only if PostgreSQL answers 55006: _on_refusal. A read
         # that does not start a message is no statement of the client's, whatever it spells.)
         self._last_read = data if self.scanner.at_boundary else dropdb.FRAGMENT
@@ -316,11 +318,6 @@ class ClientSession(Admission):
             if kept.lent:  # its next transaction, on the connection it kept: a lending of its own
                 server = self.server
                 server.pool.unlend(server)
-                if data == _TERMINATE_MESSAGE:
-                    # It leaves between transactions (a short-lived client's every logout): the
-                    # connection it kept owes it nothing and goes back as it is (_release_server).
-                    self._terminate()
-                    return
                 self.lease = Lease()
                 if self.router.clustered and not self._placed_on(server, items, kept):
                     return  # placed on another node: the kept connection went back
@@ -344,7 +341,7 @@ class ClientSession(Admission):
             self._client_items(items)
         elif self.state is IDLE:
             if len(items) == 1 and type(items[0]) is tuple and items[0][0] == _TERMINATE:
-                self._enter(CLOSED)
+                self._enter(CLOSED)  # (behind a message split across reads: see _leaves_between_transactions)
                 self.transport.loseConnection()
                 return
             if self.orphaned:
@@ -376,6 +373,27 @@ class ClientSession(Admission):
         else:  # WAITING, PREPARING: keep it for the server connection on its way
             self.backlog.extend(items)
             self.pause_reading()
+
+    def _leaves_between_transactions(self) -> bool:
+        """A read that is exactly a Terminate came between two transactions (a short-lived
+        client's every logout): the client goes now, without the scanner's walk, the latency
+        clock or the idle-transaction timer of a statement: when no connection is held (IDLE) and
+        the read begins a message (the scanner's to say), or when the one held is kept between
+        transactions (lent, which it is only at a boundary), which the client owes nothing and
+        which goes back as it is (_release_server). Otherwise it takes the general path (False)."""
+        state = self.state
+        if state is LINKED:
+            if not self.lease.lent:
+                return False
+            server = self.server
+            server.pool.unlend(server)
+            self._terminate()
+            return True
+        if state is IDLE and self.scanner.at_boundary:
+            self._enter(CLOSED)
+            self.transport.loseConnection()
+            return True
+        return False
 
     def _plain_query(self, item, data: bytes, server) -> bool:
         """The common case on a kept connection: one simple Query that leaves session state alone.

@@ -115,3 +115,68 @@ def test_terminate_between_statements_closes_nothing_but_the_client():
     assert not any(isinstance(f, CancelFactory) for _, _, f, _, _ in h.clock.tcpClients)
     (pool,) = h.proxy.pools.values()
     assert server in pool.idle
+
+
+# -- a Terminate between transactions: the logout of every short-lived client ------------------
+
+
+class _NoWalk:
+    """A scanner stand-in that fails the test if the Terminate is walked: the shortcut skips it."""
+
+    def __init__(self, scanner):
+        self._scanner = scanner
+
+    def __getattr__(self, name):
+        return getattr(self._scanner, name)
+
+    def feed(self, data):
+        raise AssertionError(f"the scanner walked {data!r}")
+
+
+@pytest.mark.parametrize("where", ["idle", "lent"])
+def test_a_terminate_between_transactions_closes_the_client_without_the_scanners_walk(where):
+    h = Harness(pool_mode="transaction")
+    session, ct = h.client()
+    server = session.server
+    if where == "lent":
+        session.got_data(m.query("SELECT 1"))
+        server.got_data(RESULT + Z_IDLE)
+        assert keeps_its_server(session)
+    else:
+        session.reclaim(server)
+        assert session.state == "idle" and session.server is None
+    ct.clear()
+    server.transport.clear()
+    session.scanner = _NoWalk(session.scanner)
+    session.got_data(m.terminate())
+    assert session.state == "closed" and ct.disconnecting and ct.value() == b""
+    (pool,) = h.proxy.pools.values()
+    assert server in pool.idle and server.transport.value() == b"" and not server.tainted
+
+
+def test_a_terminates_bytes_inside_a_split_message_are_not_a_terminate():
+    # The five bytes of a Terminate, arriving while a message split across reads is unfinished
+    # (here a binary parameter of a Bind), are that message's: no shortcut.
+    h = Harness(pool_mode="transaction")
+    session, ct = h.client()
+    session.reclaim(session.server)
+    ct.clear()
+    terminate = m.terminate()
+    run = m.parse("", "SELECT $1::bytea") + m.bind("", "", [terminate], param_formats=[1]) + m.execute() + m.sync()
+    at = run.index(terminate)
+    session.got_data(run[:at])
+    session.got_data(run[at : at + 5])
+    assert session.state != "closed" and not ct.disconnecting
+    session.got_data(run[at + 5 :])
+    assert session.state != "closed"
+    assert any(terminate in s.transport.value() for s in h.proxy.servers)  # (the Bind went out whole)
+
+
+def test_a_terminate_after_a_split_terminate_still_closes():
+    h = Harness(pool_mode="transaction")
+    session, ct = h.client()
+    session.reclaim(session.server)
+    terminate = m.terminate()
+    session.got_data(terminate[:2])
+    session.got_data(terminate[2:])
+    assert session.state == "closed" and ct.disconnecting
