@@ -299,6 +299,10 @@ class ClientSession(Admission):
         if previous is LINKED and self.server is not None:
             self._release_server("client gone")
         self.proxy.client_closed(self, reason)
+        # Last: what holds the session and is held by it lets go (a login cut short holds its
+        # admit callback), so that it is freed at once: see Placement.closed.
+        self.placement.closed()
+        self.login = None
 
     # -- client bytes (all but session mode's linked fast path) ---------------------------------
 

@@ -69,7 +69,8 @@ class Placement:
       ``session.fatal_fields(...)``; meanwhile it may ``pause_reading()`` the client.
     - ``server_ready(server)`` / ``server_unavailable(failure)``: the pool's answers to a
       waiting session (the pool calls the session, which passes them on).
-    - ``cancel()``: the client left while waiting. ``settled()``: its server connection is
+    - ``cancel()``: the client left while waiting. ``closed()``: the client's connection is
+      gone: the placement lets go of the session. ``settled()``: its server connection is
       linked, the failover_wait deadline is over. ``retry_or_fail(fields)``: that connection
       was lost while being prepared. ``forget()``: a reload changed the session's router.
     - ``decide_kept(items)``: the session kept its connection between transactions and sent
@@ -158,7 +159,7 @@ class Placement:
 
     def routed(self, decision: Decision, open_batch: bool = False) -> None:
         s = self.session
-        if s.state is CLOSED:
+        if s is None or s.state is CLOSED:
             return
         if open_batch and not decision.on_primary:
             # An extended-protocol batch whose Sync has not come, placed on a replica: the rest
@@ -223,6 +224,16 @@ class Placement:
         if pool is not None:
             pool.cancel_wait(self.session)
 
+    def closed(self) -> None:
+        """The client's connection is gone (ClientSession.connection_lost, its last step): out of
+        any pool queue, no retry due, and the session let go. The two hold each other; with that
+        link cut, a closed session's objects are freed the moment the last reference goes, not
+        left for the cyclic collector (which would keep them, and walk them, until its next
+        pass: a short-lived client's every logout, and under churn most of the garbage made).
+        What may still call in later (a routing hook's answer) finds no session and does nothing."""
+        self.give_up()
+        self.session = None
+
     def give_up(self) -> None:
         """The waiting work was cancelled (ClientSession.cancel_waiting): out of the pool's queue,
         and no retry after failover_wait's pause (the client's next statement may be placed
@@ -244,7 +255,7 @@ class Placement:
         """The pool could not serve the waiting session (wait timeout, the node refused, ...)."""
         self._waiting = None
         s = self.session
-        if s.state is CLOSED:
+        if s is None or s.state is CLOSED:
             return
         e = failure.value
         if isinstance(e, PoolError):
@@ -262,6 +273,8 @@ class Placement:
 
     def _unroutable(self, failure) -> None:
         failure.trap(NoNode)
+        if self.session is None:
+            return  # (a routing hook's answer after the client left)
         self.retry_or_fail(
             m.error_fields("ERROR", sqlstate.CONNECTION_FAILURE, f'no node can serve database "{self.session.database.name}" now: {failure.value}')
         )
@@ -269,7 +282,7 @@ class Placement:
     def retry_or_fail(self, fields: dict) -> None:
         """No server this time: try again (another node, or the same once it is back) until failover_wait runs out."""
         s = self.session
-        if s.state is CLOSED:
+        if s is None or s.state is CLOSED:
             return
         now = self.proxy.clock.seconds()
         retriable = s.router.clustered or (s.logged_in and s.transaction_mode)
@@ -285,7 +298,7 @@ class Placement:
 
     def _retry(self) -> None:
         self._retrying = None
-        if self.session.state is WAITING:
+        if self.session is not None and self.session.state is WAITING:
             self.place()
 
     # -- losing a server connection -------------------------------------------------------------

@@ -1,0 +1,68 @@
+"""A closed client session is freed when its last reference goes, not left to the cyclic collector.
+
+Under churn (a login and a logout per transaction) every session that ends in a reference cycle
+is garbage the collector must find: it walks every young object to find it, and a session that
+lived long enough to be promoted waits, with its scanner, relay and buffers, for a full pass.
+"""
+
+import gc
+
+import pytest
+from twisted.internet.error import ConnectionDone
+from twisted.python.failure import Failure
+
+from pgtwist.session.client import ClientSession
+from pgtwist.wire import messages as m
+
+from tests.harness.session import RESULT, Z_IDLE, Harness, keeps_its_server
+
+
+def _sessions() -> list:
+    return [o for o in gc.get_objects() if type(o) is ClientSession]
+
+
+@pytest.fixture
+def no_collector():
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+@pytest.mark.parametrize("how", ["terminate, lent", "terminate, idle", "lost, lent", "lost during login", "refused at login"])
+def test_a_closed_session_is_freed_without_the_collector(no_collector, how):
+    h = Harness(pool_mode="transaction")
+    logs_in = how not in ("lost during login", "refused at login")
+    session, ct = h.client(login=logs_in)
+    if logs_in:
+        server = session.server
+        session.got_data(m.query("SELECT 1"))
+        server.got_data(RESULT + Z_IDLE)
+        assert keeps_its_server(session)
+        if how == "terminate, idle":
+            session.reclaim(server)
+        if how.startswith("terminate"):
+            session.got_data(m.terminate())
+    elif how == "refused at login":
+        session.got_data(m.startup_message({"user": "app", "database": "nosuchdb"}))
+    else:
+        session.got_data(m.startup_message({"user": "app", "database": "appdb"})[:7])
+    assert session in _sessions()
+    session.connection_lost(Failure(ConnectionDone()))
+    assert session.state == "closed"
+    del session
+    assert _sessions() == []
+
+
+def test_a_session_mode_client_and_a_waiting_client_are_freed_too(no_collector):
+    # (Session pooling: the first client holds the pool's only connection.)
+    h = Harness(databases={"appdb": {"dbname": "postgres", "nodes": ["db1:5432"], "pool_size": 1}})
+    first, _ = h.client()
+    second, _ = h.client()
+    assert first.state == "linked" and second.state == "waiting"
+    second.connection_lost(Failure(ConnectionDone()))
+    first.connection_lost(Failure(ConnectionDone()))
+    del first, second
+    assert _sessions() == []
