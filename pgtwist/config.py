@@ -38,15 +38,17 @@ class Address:
     host: str
     port: int
 
-    # Addresses key pools and per-node counters on every transaction: hash once.
+    # Addresses key pools and per-node counters on every transaction, and name a pool at every
+    # login: hash and spell once.
     def __post_init__(self):
         object.__setattr__(self, "_hash", hash((self.host, self.port)))
+        object.__setattr__(self, "_str", f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}")
 
     def __hash__(self) -> int:
         return self._hash
 
     def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return self._str
 
 
 @dataclass(frozen=True)

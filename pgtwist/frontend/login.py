@@ -50,13 +50,22 @@ class CancelReceived:
     secret_key: bytes = field(repr=False)
 
 
-@dataclass(frozen=True)
 class Authenticated:
-    """Startup finished and the client proved who it is; AuthenticationOk has been queued."""
+    """Startup finished and the client proved who it is; AuthenticationOk has been queued.
 
-    startup: m.StartupMessage
-    credential: Credential | None = field(repr=False)
-    client_key: bytes | None = field(default=None, repr=False)  # SCRAM pass-through to nodes
+    (A plain class, unlike the other events: one is made per login, and a frozen dataclass sets
+    each field through object.__setattr__.)
+    """
+
+    __slots__ = ("startup", "credential", "client_key")
+
+    def __init__(self, startup: m.StartupMessage, credential: Credential | None, client_key: bytes | None = None):
+        self.startup = startup
+        self.credential = credential
+        self.client_key = client_key  # SCRAM pass-through to nodes
+
+    def __repr__(self) -> str:
+        return f"Authenticated(startup={self.startup!r})"  # (never the credential or the key)
 
 
 @dataclass(frozen=True)

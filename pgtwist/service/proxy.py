@@ -394,7 +394,7 @@ class Proxy:
             secret = random_bytes(4)
             if self.worker is not None:
                 secret = self.worker.tag(secret)
-            if all(s.secret_key != secret for s in holders):
+            if not holders or all(s.secret_key != secret for s in holders):
                 break
         if held is None:
             keys[process_id] = session

@@ -28,6 +28,11 @@ log = Logger()
 UNSYNCED = frozenset((p.PARSE, p.BIND, p.EXECUTE, p.DESCRIBE, p.CLOSE, p.FLUSH))
 _RETRY_DELAY = 0.25  # between attempts to place work while nodes come and go
 _NOTHING_CLASSIFIED = Classification(read_only=False, reason="session")
+# The Decision "everything to the primary" for each node: immutable, so one serves every session
+# on that node (one was made per login). Nodes come from the configuration; a reload makes new
+# ones, so the table is emptied should it ever outgrow any configuration.
+_PRIMARY_DECISIONS: dict = {}
+_PRIMARY_DECISIONS_LIMIT = 256
 # What a session-mode link looks at in the node's answers: ReadyForQuery, ParameterStatus,
 # ErrorResponse, so that a FATAL relayed as it came is known (the client gets no second one),
 # and CopyInResponse (the Syncs PostgreSQL will ignore: ClientSession._syncs_ignored_by_copy).
@@ -154,7 +159,12 @@ class Placement:
             raise NoNode("no primary")
         decision = self._primary
         if decision is None or decision.node is not node:
-            decision = self._primary = Decision(node, "primary", "session needs the primary", _NOTHING_CLASSIFIED)
+            decision = _PRIMARY_DECISIONS.get(node)
+            if decision is None or decision.node is not node:
+                if len(_PRIMARY_DECISIONS) >= _PRIMARY_DECISIONS_LIMIT:
+                    _PRIMARY_DECISIONS.clear()
+                decision = _PRIMARY_DECISIONS[node] = Decision(node, "primary", "session needs the primary", _NOTHING_CLASSIFIED)
+            self._primary = decision
         return decision
 
     def routed(self, decision: Decision, open_batch: bool = False) -> None:
