@@ -942,6 +942,11 @@ class ClientSession(Admission):
     def server_ready(self, server) -> None:
         """The pool hands this waiting client a server connection."""
         try:
+            if self.state is CLOSED:
+                # (Not after cancel_wait; but should an answer come late, the placement has let
+                # go of this session: link_server gives the connection back.)
+                self.link_server(server)
+                return
             self.placement.server_ready(server)
         except Exception:
             self.crashed(Failure())

@@ -29,8 +29,10 @@ UNSYNCED = frozenset((p.PARSE, p.BIND, p.EXECUTE, p.DESCRIBE, p.CLOSE, p.FLUSH))
 _RETRY_DELAY = 0.25  # between attempts to place work while nodes come and go
 _NOTHING_CLASSIFIED = Classification(read_only=False, reason="session")
 # The Decision "everything to the primary" for each node: immutable, so one serves every session
-# on that node (one was made per login). Nodes come from the configuration; a reload makes new
-# ones, so the table is emptied should it ever outgrow any configuration.
+# on that node (one was made per login). Keyed by the node object, whose identity a Decision
+# carries (each database has Addresses of its own, equal to another's for the same host:port);
+# a reload makes new ones, so the table is emptied should it ever outgrow any configuration,
+# and an id reused by a later node is caught by the identity check.
 _PRIMARY_DECISIONS: dict = {}
 _PRIMARY_DECISIONS_LIMIT = 256
 # What a session-mode link looks at in the node's answers: ReadyForQuery, ParameterStatus,
@@ -159,11 +161,11 @@ class Placement:
             raise NoNode("no primary")
         decision = self._primary
         if decision is None or decision.node is not node:
-            decision = _PRIMARY_DECISIONS.get(node)
+            decision = _PRIMARY_DECISIONS.get(id(node))
             if decision is None or decision.node is not node:
                 if len(_PRIMARY_DECISIONS) >= _PRIMARY_DECISIONS_LIMIT:
                     _PRIMARY_DECISIONS.clear()
-                decision = _PRIMARY_DECISIONS[node] = Decision(node, "primary", "session needs the primary", _NOTHING_CLASSIFIED)
+                decision = _PRIMARY_DECISIONS[id(node)] = Decision(node, "primary", "session needs the primary", _NOTHING_CLASSIFIED)
             self._primary = decision
         return decision
 

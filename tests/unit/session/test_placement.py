@@ -10,7 +10,7 @@ import pytest
 from pgtwist.wire import messages as m
 
 from tests.harness.routing import R1, R2, P
-from tests.harness.session import RESULT, Z_IDLE, Z_IN, Setup, queries, sent
+from tests.harness.session import RESULT, Z_IDLE, Z_IN, Harness, Setup, queries, sent
 
 
 def run(session, sql: str, status=Z_IDLE) -> str:
@@ -61,3 +61,20 @@ def test_single_node_everything_runs_there():
     s = Setup(clustered=False)
     session, _ = s.client()
     assert {run(session, sql) for sql in ("SELECT 1", "INSERT INTO t VALUES (1)")} == {"db1:5432"}
+
+
+def test_two_databases_on_one_node_share_the_primarys_decision():
+    h = Harness(
+        pool_mode="transaction",
+        databases={
+            "appdb": {"dbname": "postgres", "nodes": ["db1:5432"], "pool_size": 2},
+            "otherdb": {"dbname": "other", "nodes": ["db1:5432"], "pool_size": 2},
+        },
+    )
+    decisions = []
+    for database in ("appdb", "otherdb", "appdb", "otherdb"):
+        session, _ = h.client(database=database)
+        decisions.append(session.placement._primary_decision())
+    assert decisions[0] is decisions[2] and decisions[1] is decisions[3]
+    assert decisions[0].node is h.proxy.config.databases["appdb"].nodes[0]
+    assert decisions[1].node is h.proxy.config.databases["otherdb"].nodes[0]
