@@ -111,7 +111,7 @@ measure() {
     [ -n "$BYTECODES" ] && out="$WORK/$target.$per_client.bytecodes"
     [ -n "$SYSCALLS" ] && out="$WORK/$target.$per_client.strace"
     local under=(valgrind --tool=callgrind --callgrind-out-file="$out")
-    [ -n "$SYSCALLS" ] && under=(env "PGTWIST_RUN=$out")  # (a mark on the command line, for pkill)
+    [ -n "$SYSCALLS" ] && under=()  # (strace attaches to the running pooler below)
     if [ "$target" = pgtwist ]; then
         cat > "$WORK/pgtwist.toml" <<EOF
 listen = "127.0.0.1:$port"
@@ -164,10 +164,10 @@ EOF
     local pid=$! tracer=
     wait_port "$port"
     if [ -n "$SYSCALLS" ]; then
-        # (The pooler itself: under runuser, pgbouncer is runuser's child.)
+        # (The pooler itself, found by its config file, which only this run's pooler names:
+        # under runuser, pgbouncer is runuser's child.)
         local pooler
-        pooler=$(pgrep -n -f "PGTWIST_RUN=$out|$WORK/pgbouncer.ini" | head -1)
-        [ "$target" = pgtwist ] && pooler=$(pgrep -n -f "pgtwist.toml")
+        pooler=$(pgrep -n -f "$WORK/pgbouncer.ini|$WORK/pgtwist.toml" | head -1)
         strace -c -f -p "$pooler" -o "$out" 2>>"$WORK/strace.log" &
         tracer=$!
         sleep 1  # (strace attaches to every thread before it counts)
@@ -177,7 +177,7 @@ EOF
     if [ -n "$SYSCALLS" ]; then
         kill -INT "$tracer"; wait "$tracer" 2>/dev/null || true
         kill -TERM "$pid" 2>/dev/null || true
-        pkill -TERM -f "PGTWIST_RUN=$out|$WORK/pgbouncer.ini|pgtwist.toml" || true
+        pkill -TERM -f "$WORK/pgbouncer.ini|$WORK/pgtwist.toml" || true
         wait "$pid" 2>/dev/null || true
         [ -n "$KEEP" ] && cp "$out" "$KEEP/"
         echo "$out"
