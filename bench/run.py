@@ -19,6 +19,7 @@ import datetime
 import errno
 import hashlib
 import json
+import math
 import os
 import platform
 import pwd
@@ -208,14 +209,21 @@ def tree_cpu_seconds(pid: int) -> float:
     return sum(cpu_seconds(p) for p in process_tree(pid))
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of one process (not its children)."""
+def tree_sys_seconds(pid: int) -> float:
+    """stime alone (the kernel's share: system calls, and the TCP work a loopback send does for
+    its receiver) of *pid* and its children."""
+    return sum(cpu_seconds(p, kernel_only=True) for p in process_tree(pid))
+
+
+def cpu_seconds(pid: int, kernel_only: bool = False) -> float:
+    """utime + stime of one process (not its children); stime alone with *kernel_only*."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
     except OSError:
         return float("nan")
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    ticks = int(fields[12]) if kernel_only else int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def run_delay_seconds(pid: int) -> float:
@@ -489,6 +497,7 @@ class Bench:
         argv = ["pgbench", "-n", *args, "-c", str(clients), "-j", str(min(self.args.pgbench_jobs, clients)),
                 "-T", str(self.args.duration), *self.conn_args(target.host, target.port)]
         cpu0 = tree_cpu_seconds(target.proc.pid) if target.proc else float("nan")
+        sys0 = tree_sys_seconds(target.proc.pid) if target.proc else float("nan")
         wait0 = sum(map(run_delay_seconds, process_tree(target.proc.pid))) if target.proc else float("nan")
         t0 = time.monotonic()
         proc = self.procs.start("pgbench", argv, env=client_env(self.password), stdin=subprocess.DEVNULL,
@@ -503,10 +512,11 @@ class Bench:
             self.procs.stop(proc)
         wall = time.monotonic() - t0
         cpu = (tree_cpu_seconds(target.proc.pid) - cpu0) if target.proc else float("nan")
+        kernel = (tree_sys_seconds(target.proc.pid) - sys0) if target.proc else float("nan")
         runq = (sum(map(run_delay_seconds, process_tree(target.proc.pid))) - wait0) if target.proc else float("nan")
         result = parse_pgbench(out)
         result.update(target=target.name, scenario=scenario.name, clients=clients, returncode=proc.returncode, note=note,
-                      argv=" ".join(argv), pooler_cpu_s=cpu, pooler_runq_wait_s=runq, wall_s=wall,
+                      argv=" ".join(argv), pooler_cpu_s=cpu, pooler_sys_s=kernel, pooler_runq_wait_s=runq, wall_s=wall,
                       loadavg_after=loadavg())
         return judge_pgbench(result, proc, timed_out, self.args.duration, target.name, target.proc, out, err)
 
@@ -770,6 +780,8 @@ def summarize(results: list[dict], target: str) -> dict:
             if r["pooler_runq_wait_s"] == r["pooler_runq_wait_s"] and r["wall_s"]]
     us = [1e6 * r["pooler_cpu_s"] / r["transactions"] for r in runs
           if r["pooler_cpu_s"] == r["pooler_cpu_s"] and r["transactions"] and not r["problem"]]
+    sys_us = [1e6 * r["pooler_sys_s"] / r["transactions"] for r in runs
+              if not math.isnan(r.get("pooler_sys_s", math.nan)) and r["transactions"] and not r["problem"]]
     return {
         "runs": len(runs),
         "failed_runs": sum(1 for r in runs if r["problem"]),
@@ -779,6 +791,7 @@ def summarize(results: list[dict], target: str) -> dict:
         "all": [r["tps"] for r in runs],
         "cpu": statistics.median(cpu) if cpu else None,
         "cpu_us_per_tx": statistics.median(us) if us else None,
+        "sys_us_per_tx": statistics.median(sys_us) if sys_us else None,
         "runq": statistics.median(runq) if runq else None,
         "notes": sorted({r["note"] for r in runs if r["note"]}),
         "problems": [r["problem"] for r in runs if r["problem"]],
@@ -792,16 +805,17 @@ def print_tps_table(scenario: Scenario, mode: str, results: list[dict], targets:
           f"-T {args.duration}, pool {args.pool_size}, {args.auth} auth, {args.rounds} round(s)"
           + (f"; pgtwist also has {args.replicas} replica(s)" if args.replicas else ""))
     print(f"{'target':<10} {'median tps':>11} {'min':>9} {'max':>9}  {'pooler CPU':>10} {'CPU us/tx':>9} "
-          f"{'runq wait':>9}  runs (tps per round)")
+          f"{'of it sys':>9} {'runq wait':>9}  runs (tps per round)")
     for t in targets:
         s = summaries[t]
         per_run = ", ".join(fmt_tps(x) for x in s["all"])
         cpu = "-" if s["cpu"] is None else f"{100 * s['cpu']:.0f}%"
         us = "-" if s["cpu_us_per_tx"] is None else f"{s['cpu_us_per_tx']:.1f}"
+        kernel = "-" if s["sys_us_per_tx"] is None else f"{s['sys_us_per_tx']:.1f}"
         runq = "-" if s["runq"] is None else f"{100 * s['runq']:.0f}%"
         flag = f"  FAILED {s['failed_runs']}/{s['runs']}" if s["failed_runs"] else ""
         print(f"{t:<10} {fmt_tps(s['median']):>11} {fmt_tps(s['min']):>9} {fmt_tps(s['max']):>9}  {cpu:>10} {us:>9} "
-              f"{runq:>9}  [{per_run}]{flag}")
+              f"{kernel:>9} {runq:>9}  [{per_run}]{flag}")
         for note in s["notes"]:
             print(f"{'':<10} note: {note}")
         for problem in s["problems"][:3]:
