@@ -158,6 +158,16 @@ class Harness:
         server.transport.clear()
         return session, ct, server, server.transport
 
+    def lent(self, **params):
+        """Transaction pooling: a client that ran SELECT 1 and keeps (is lent) its server
+        connection between transactions; nothing cleared."""
+        session, ct = self.client(**params)
+        server = session.server
+        session.got_data(m.query("SELECT 1"))
+        server.got_data(RESULT + Z_IDLE)
+        assert keeps_its_server(session)
+        return session, ct, server
+
     @property
     def pool(self):
         (pool,) = self.proxy.pools.values()

@@ -15,7 +15,7 @@ from twisted.python.failure import Failure
 from pgtwist.session.client import ClientSession
 from pgtwist.wire import messages as m
 
-from tests.harness.session import RESULT, Z_IDLE, Harness, keeps_its_server
+from tests.harness.session import Harness
 
 
 def _sessions() -> list:
@@ -36,19 +36,17 @@ def no_collector():
 def test_a_closed_session_is_freed_without_the_collector(no_collector, how):
     h = Harness(pool_mode="transaction")
     logs_in = how not in ("lost during login", "refused at login")
-    session, ct = h.client(login=logs_in)
     if logs_in:
-        server = session.server
-        session.got_data(m.query("SELECT 1"))
-        server.got_data(RESULT + Z_IDLE)
-        assert keeps_its_server(session)
+        session, ct, server = h.lent()
         if how == "terminate, idle":
             session.reclaim(server)
         if how.startswith("terminate"):
             session.got_data(m.terminate())
-    elif how == "refused at login":
-        session.got_data(m.startup_message({"user": "app", "database": "nosuchdb"}))
     else:
+        session, ct = h.client(login=False)
+    if how == "refused at login":
+        session.got_data(m.startup_message({"user": "app", "database": "nosuchdb"}))
+    elif how == "lost during login":
         session.got_data(m.startup_message({"user": "app", "database": "appdb"})[:7])
     assert session in _sessions()
     session.connection_lost(Failure(ConnectionDone()))
@@ -73,10 +71,7 @@ def test_a_pool_answer_after_the_client_left_gives_the_connection_back():
     # (Not reachable today: the close takes the session out of the pool's queue. Should an
     # answer come late all the same, the placement has let go of the session.)
     h = Harness(pool_mode="transaction")
-    session, _ = h.client()
-    server = session.server
-    session.got_data(m.query("SELECT 1"))
-    server.got_data(RESULT + Z_IDLE)
+    session, _, server = h.lent()
     session.reclaim(server)
     session.connection_lost(Failure(ConnectionDone()))
     pool = h.pool
