@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import MappingProxyType
+
 from twisted.logger import Logger
 
 from pgtwist.config import ADMIN_DATABASES
@@ -31,6 +33,24 @@ _READY_IDLE = m.ready_for_query()
 # encoded once, not per login. Bounded: a set that varies (application_name...) is re-encoded.
 _ENCODED_PARAMETERS: dict[tuple, bytes] = {}
 _ENCODED_PARAMETERS_LIMIT = 256
+# What a login derives from its startup parameters: its settings (read-only: what RESET returns
+# to) and the key under which its pool remembers the ParameterStatus set a login like it was
+# told (_known_login). A pool's startup packet is decoded once (frontend/login.py), so logins
+# share StartupMessage objects: derived once per message, kept with it (so its id is not
+# reused while the entry lives), bounded as that cache is. A packet whose options are refused
+# (LoginError) is refused anew each time.
+_DERIVED: dict[int, tuple[m.StartupMessage, MappingProxyType, tuple]] = {}
+_DERIVED_LIMIT = 256
+
+
+def _derived(startup: m.StartupMessage) -> tuple[m.StartupMessage, MappingProxyType, tuple]:
+    entry = _DERIVED.get(id(startup))
+    if entry is None or entry[0] is not startup:
+        settings = client_settings(startup.parameters)
+        if len(_DERIVED) >= _DERIVED_LIMIT:
+            _DERIVED.clear()
+        entry = _DERIVED[id(startup)] = (startup, MappingProxyType(settings), tuple(sorted(settings.items())))
+    return entry
 
 
 def _encoded_parameters(parameters: dict[str, str]) -> bytes:
@@ -151,8 +171,9 @@ class Admission:
         self.database = database
         # pool_mode per database and per user: known only now (until now, the global one).
         self.transaction_mode = self.config.pool_mode_for(name, self.user) == "transaction"
-        self.settings = client_settings(event.startup.parameters)
-        self._startup_settings = dict(self.settings)
+        _, startup_settings, login_key = _derived(event.startup)
+        self.settings = dict(startup_settings)
+        self._startup_settings = startup_settings
         if event.client_key is not None:
             self.proxy.remember_client_key(self.user, event.client_key)
         if self.transaction_mode:
@@ -173,7 +194,7 @@ class Admission:
         leftover = self.login.leftover()
         if leftover:
             self.backlog.extend(self.scanner.feed(leftover))
-        return self._known_login() if self.transaction_mode else None
+        return self._known_login(login_key) if self.transaction_mode else None
 
     def _admit(self, startup: m.StartupMessage) -> bool:
         """Whether there is room for this client (asked as soon as its startup packet is read).
@@ -199,19 +220,20 @@ class Admission:
         """What, besides the pool (database, user, node), shapes the ParameterStatus a login reports."""
         return tuple(sorted(self.settings.items()))
 
-    def _known_login(self) -> dict[str, str] | None:
+    def _known_login(self, login_key: tuple) -> dict[str, str] | None:
         """Transaction pooling: the ParameterStatus set an earlier login like this one was told.
 
         Only from the pool this login would use (same database, user and node: the primary
         now), so that no user is ever told another's session_authorization or is_superuser,
         and a failover (another primary) means a real login; the pool forgets what it knew
-        when its node changes (see Pool.node_changed).
+        when its node changes (see Pool.node_changed). *login_key*: _login_key() of the settings
+        the client logs in with (derived once per startup message: _derived).
         """
         node = self.router.primary()
         if node is None:
             return None
         pool = self.proxy.pools.get((self.database.name, self.user, str(node)))
-        return pool.login_parameters.get(self._login_key()) if pool is not None else None
+        return pool.login_parameters.get(login_key) if pool is not None else None
 
     def _logged_in(self, parameters: dict[str, str], said: bytes = b"") -> None:
         self._stop_login_timeout()

@@ -8,6 +8,8 @@ collaborator Placement (placement.py), which changes the session only through it
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -248,7 +250,7 @@ class ClientSession(Admission):
         self._tx_end = 0  # what to do when the open transaction ends: _DDL_SENT | _LOCAL_PATH | _SHARED_DDL
         self._asked_at: float | None = None  # when the client's pending request began (query latency)
         self.last_request = self.connected_at  # when its last answered request began (client_idle_timeout)
-        self._startup_settings: dict[str, str] = {}  # what RESET returns to, for this client
+        self._startup_settings: Mapping[str, str] = {}  # what RESET returns to, for this client (read-only)
         self._to_restore: set[str] | None = None  # startup settings a RESET sent to the server's defaults
         self.console = None
         self.placement = Placement(self)  # getting a server connection for the work, and surviving its loss

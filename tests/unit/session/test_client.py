@@ -745,3 +745,25 @@ def test_connection_log_lines_follow_log_connections_and_log_disconnections(on):
     formats = [e.get("log_format", "") for e in events]
     assert any("connected from" in f for f in formats) is on
     assert any("disconnected:" in f for f in formats) is on
+
+
+def test_logins_with_one_startup_packet_each_get_settings_of_their_own():
+    # The settings derived from a startup packet are derived once (admission._derived) and
+    # shared read-only; each session changes a copy of its own (as a SET it runs does).
+    h = Harness(pool_mode="transaction")
+    first, _ = h.client(options="-c search_path=a")
+    second, _ = h.client(options="-c search_path=a")
+    assert first.settings == second.settings and first.settings is not second.settings
+    first.settings["search_path"] = "b"
+    assert second.settings["search_path"] == "a"
+    assert first._startup_settings["search_path"] == second._startup_settings["search_path"] == "a"
+    with pytest.raises(TypeError):
+        first._startup_settings["search_path"] = "c"  # type: ignore[index]
+
+
+def test_a_refused_startup_option_is_refused_at_every_login():
+    h = Harness(pool_mode="transaction")
+    for _ in range(2):
+        session, ct = h.client(options="-X")
+        fields = m.decode_fields(messages(ct.value())[-1][1])
+        assert fields["S"] == "FATAL" and fields["C"] == "0A000" and session.state == "closed"
