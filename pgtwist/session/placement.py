@@ -30,9 +30,9 @@ _RETRY_DELAY = 0.25  # between attempts to place work while nodes come and go
 _NOTHING_CLASSIFIED = Classification(read_only=False, reason="session")
 # The Decision "everything to the primary" for each node: immutable, so one serves every session
 # on that node (one was made per login). Keyed by the node object, whose identity a Decision
-# carries (each database has Addresses of its own, equal to another's for the same host:port);
-# a reload makes new ones, so the table is emptied should it ever outgrow any configuration,
-# and an id reused by a later node is caught by the identity check.
+# carries (each database has Addresses of its own, equal to another's for the same host:port).
+# An entry keeps its node alive, so the id is not reused while it lives; a reload makes new
+# nodes, so the table is emptied should it ever outgrow any configuration.
 _PRIMARY_DECISIONS: dict = {}
 _PRIMARY_DECISIONS_LIMIT = 256
 # What a session-mode link looks at in the node's answers: ReadyForQuery, ParameterStatus,
