@@ -297,12 +297,12 @@ class ClientSession(Admission):
             self.console.connection_lost()
         self._stop_login_timeout()
         self._cancel_idle_tx_timer()
-        self.placement.cancel()
+        self.placement.give_up()  # (out of any pool queue before its connection goes back; no retry)
         if previous is LINKED and self.server is not None:
             self._release_server("client gone")
         self.proxy.client_closed(self, reason)
-        # Last: what holds the session and is held by it lets go (a login cut short holds its
-        # admit callback), so that it is freed at once: see Placement.closed.
+        # Last: what holds the session and is held by it lets go of it (a login cut short holds
+        # its admit callback), so that it is freed at once: see Placement.closed.
         self.placement.closed()
         self.login = None
 
@@ -347,8 +347,7 @@ class ClientSession(Admission):
             self._client_items(items)
         elif self.state is IDLE:
             if len(items) == 1 and type(items[0]) is tuple and items[0][0] == _TERMINATE:
-                self._enter(CLOSED)  # (behind a message split across reads: see _leaves_between_transactions)
-                self.transport.loseConnection()
+                self._terminate()  # (a Terminate split across reads: see _leaves_between_transactions)
                 return
             if self.orphaned:
                 self._answer_orphaned(items)
@@ -393,13 +392,10 @@ class ClientSession(Admission):
                 return False
             server = self.server
             server.pool.unlend(server)
-            self._terminate()
-            return True
-        if state is IDLE and self.scanner.at_boundary:
-            self._enter(CLOSED)
-            self.transport.loseConnection()
-            return True
-        return False
+        elif state is not IDLE or not self.scanner.at_boundary:
+            return False
+        self._terminate()
+        return True
 
     def _plain_query(self, item, data: bytes, server) -> bool:
         """The common case on a kept connection: one simple Query that leaves session state alone.

@@ -237,13 +237,12 @@ class Placement:
             pool.cancel_wait(self.session)
 
     def closed(self) -> None:
-        """The client's connection is gone (ClientSession.connection_lost, its last step): out of
-        any pool queue, no retry due, and the session let go. The two hold each other; with that
-        link cut, a closed session's objects are freed the moment the last reference goes, not
-        left for the cyclic collector (which would keep them, and walk them, until its next
-        pass: a short-lived client's every logout, and under churn most of the garbage made).
-        What may still call in later (a routing hook's answer) finds no session and does nothing."""
-        self.give_up()
+        """The client's connection is gone (ClientSession.connection_lost, its last step, after
+        give_up): the session is let go. The two hold each other; with that link cut, a closed
+        session's objects are freed the moment the last reference goes, not left for the cyclic
+        collector (which would keep them, and walk them, until its next pass: a short-lived
+        client's every logout, and under churn most of the garbage made). What may still call
+        in later (a routing hook's answer) finds no session and does nothing."""
         self.session = None
 
     def give_up(self) -> None:

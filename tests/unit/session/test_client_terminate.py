@@ -151,7 +151,8 @@ def test_a_terminate_between_transactions_closes_the_client_without_the_scanners
 
 def test_a_terminates_bytes_inside_a_split_message_are_not_a_terminate():
     # The five bytes of a Terminate, arriving while a message split across reads is unfinished
-    # (here a binary parameter of a Bind), are that message's: no shortcut.
+    # (here a binary parameter of a Bind), are that message's: no shortcut. (The read before
+    # them had the session placed: it holds its connection, not lent, until the Bind is whole.)
     h = Harness(pool_mode="transaction")
     session, ct = h.client()
     session.reclaim(session.server)
@@ -160,11 +161,24 @@ def test_a_terminates_bytes_inside_a_split_message_are_not_a_terminate():
     run = m.parse("", "SELECT $1::bytea") + m.bind("", "", [terminate], param_formats=[1]) + m.execute() + m.sync()
     at = run.index(terminate)
     session.got_data(run[:at])
+    assert session.state == "linked" and not session.lease.lent
     session.got_data(run[at : at + 5])
     assert session.state != "closed" and not ct.disconnecting
     session.got_data(run[at + 5 :])
     assert session.state != "closed"
     assert any(terminate in s.transport.value() for s in h.proxy.servers)  # (the Bind went out whole)
+
+
+def test_an_idle_session_mid_message_takes_no_shortcut():
+    # A read that does not begin a message is never taken for a Terminate. (An idle session is
+    # placed by any read, even part of a message, so the scanner is fed here directly.)
+    h = Harness(pool_mode="transaction")
+    session, ct = h.client()
+    session.reclaim(session.server)
+    session.scanner.feed(m.query("SELECT 1")[:7])
+    assert session.state == "idle" and not session.scanner.at_boundary
+    session.got_data(m.terminate())
+    assert session.state != "closed" and not ct.disconnecting
 
 
 def test_a_terminate_after_a_split_terminate_still_closes():
