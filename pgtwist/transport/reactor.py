@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import sys
 
-from twisted.internet import error, tcp
+from twisted.internet import tcp
 from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
 from twisted.logger import Logger
 from twisted.python import log as twisted_log
@@ -25,7 +25,9 @@ except ImportError:  # not Linux: twistd's default reactor serves
 _TCP = (ClientConnection, tcp.Client, tcp.Server)  # (the commonest first: each event tests them in turn)
 
 log = Logger()
-_CLOSED = Failure(error.ConnectionDone())  # (the Failure Twisted's _disconnectSelectable gives every clean close)
+# What a clean close tells the protocol, as _disconnectSelectable tells it (Failure(CONNECTION_DONE),
+# the same words in a log line), made once: no protocol of pgtwist's keeps or changes it.
+_CLOSED = Failure(CONNECTION_DONE)
 
 
 if EPollReactor is not None:
