@@ -206,24 +206,25 @@ def process_tree(pid: int) -> list[int]:
 
 def tree_cpu_seconds(pid: int) -> float:
     """utime + stime of *pid* and its children: the whole pooler, however many processes it runs."""
-    return sum(cpu_seconds(p) for p in process_tree(pid))
+    return tree_cpu_times(pid)[0]
 
 
-def tree_sys_seconds(pid: int) -> float:
-    """stime alone (the kernel's share: system calls, and the TCP work a loopback send does for
-    its receiver) of *pid* and its children."""
-    return sum(cpu_seconds(p, kernel_only=True) for p in process_tree(pid))
+def tree_cpu_times(pid: int) -> tuple[float, float]:
+    """(utime + stime, stime) of *pid* and its children: all its CPU, and the kernel's share of
+    it (system calls, and the TCP work a loopback send does for its receiver)."""
+    times = [cpu_times(p) for p in process_tree(pid)]
+    return sum(t[0] for t in times), sum(t[1] for t in times)
 
 
-def cpu_seconds(pid: int, kernel_only: bool = False) -> float:
-    """utime + stime of one process (not its children); stime alone with *kernel_only*."""
+def cpu_times(pid: int) -> tuple[float, float]:
+    """(utime + stime, stime) of one process (not its children)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
     except OSError:
-        return float("nan")
-    ticks = int(fields[12]) if kernel_only else int(fields[11]) + int(fields[12])
-    return ticks / os.sysconf("SC_CLK_TCK")
+        return float("nan"), float("nan")
+    tick = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / tick, int(fields[12]) / tick
 
 
 def run_delay_seconds(pid: int) -> float:
@@ -496,8 +497,7 @@ class Bench:
             note = "-M extended (PgBouncer 1.18 cannot run -M prepared in transaction mode)"
         argv = ["pgbench", "-n", *args, "-c", str(clients), "-j", str(min(self.args.pgbench_jobs, clients)),
                 "-T", str(self.args.duration), *self.conn_args(target.host, target.port)]
-        cpu0 = tree_cpu_seconds(target.proc.pid) if target.proc else float("nan")
-        sys0 = tree_sys_seconds(target.proc.pid) if target.proc else float("nan")
+        cpu0, sys0 = tree_cpu_times(target.proc.pid) if target.proc else (float("nan"), float("nan"))
         wait0 = sum(map(run_delay_seconds, process_tree(target.proc.pid))) if target.proc else float("nan")
         t0 = time.monotonic()
         proc = self.procs.start("pgbench", argv, env=client_env(self.password), stdin=subprocess.DEVNULL,
@@ -511,8 +511,8 @@ class Bench:
         finally:
             self.procs.stop(proc)
         wall = time.monotonic() - t0
-        cpu = (tree_cpu_seconds(target.proc.pid) - cpu0) if target.proc else float("nan")
-        kernel = (tree_sys_seconds(target.proc.pid) - sys0) if target.proc else float("nan")
+        cpu1, sys1 = tree_cpu_times(target.proc.pid) if target.proc else (float("nan"), float("nan"))
+        cpu, kernel = cpu1 - cpu0, sys1 - sys0
         runq = (sum(map(run_delay_seconds, process_tree(target.proc.pid))) - wait0) if target.proc else float("nan")
         result = parse_pgbench(out)
         result.update(target=target.name, scenario=scenario.name, clients=clients, returncode=proc.returncode, note=note,
