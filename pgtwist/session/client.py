@@ -346,6 +346,13 @@ class ClientSession(Admission):
                     return
             self._client_items(items)
         elif self.state is IDLE:
+            if not items:
+                # Part of a message, held by the scanner until it is whole: nothing to place yet,
+                # nor asked (client_idle_timeout still applies). Placed now, a client sending a
+                # byte at a time would hold a server connection between its bytes, and a few such
+                # clients the whole pool.
+                self._asked_at = None
+                return
             if len(items) == 1 and type(items[0]) is tuple and items[0][0] == _TERMINATE:
                 self._terminate()  # (a Terminate split across reads: see _leaves_between_transactions)
                 return

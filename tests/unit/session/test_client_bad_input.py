@@ -15,7 +15,7 @@ from pgtwist.wire import protocol as p
 from pgtwist.wire.framing import frame
 
 from tests.harness import admin_support
-from tests.harness.session import Harness, messages, tick
+from tests.harness.session import RESULT, Z_IDLE, Harness, messages, queries, tick
 
 BAD = [
     (frame(p.DESCRIBE, b"Xs1\x00"), "unknown target type 88"),
@@ -333,3 +333,23 @@ def test_a_lone_sync_between_transactions_is_answered_at_once():
     assert ct.value() == b"" and session.state == "idle"
     session.got_data(m.query("SELECT 1") + m.sync())  # (work before it: the usual way)
     assert session.state != "idle" or session.backlog
+
+
+def test_part_of_a_message_holds_no_server_connection():
+    # Transaction pooling, between transactions: a client that sends its next message a byte
+    # at a time holds no server connection until the message is whole, so a few such clients
+    # cannot take the pool from the others.
+    h = Harness(pool_mode="transaction", databases={"appdb": {"dbname": "postgres", "nodes": ["db1:5432"], "pool_size": 1}})
+    slow, _, server = h.lent()
+    slow.reclaim(server)
+    query = m.query("SELECT 1")
+    slow.got_data(query[:1])
+    slow.got_data(query[1:7])
+    assert slow.state == "idle" and slow.server is None and server in h.pool.idle
+    assert slow.idle_at_rest()  # (client_idle_timeout ends a client that never finishes it)
+    other, _ = h.client()
+    other.got_data(m.query("SELECT 2"))
+    assert other.server is server
+    server.got_data(RESULT + Z_IDLE)
+    slow.got_data(query[7:])
+    assert slow.server is server and queries(server.transport.value())[-1] == "SELECT 1"

@@ -170,14 +170,19 @@ def test_a_terminates_bytes_inside_a_split_message_are_not_a_terminate():
 
 
 def test_an_idle_session_mid_message_takes_no_shortcut():
-    # A read that does not begin a message is never taken for a Terminate. (An idle session is
-    # placed by any read, even part of a message, so the scanner is fed here directly.)
+    # A read that does not begin a message is never taken for a Terminate: an idle session
+    # waits, holding nothing, for the rest of a Bind whose binary parameter holds those bytes.
     h = Harness(pool_mode="transaction")
     session, ct = h.client()
     session.reclaim(session.server)
-    session.scanner.feed(m.query("SELECT 1")[:7])
+    terminate = m.terminate()
+    run = m.bind("", "", [terminate], param_formats=[1]) + m.execute() + m.sync()
+    at = run.index(terminate)
+    session.got_data(run[:at])
     assert session.state == "idle" and not session.scanner.at_boundary
-    session.got_data(m.terminate())
+    session.got_data(run[at : at + 5])
+    assert session.state == "idle" and not ct.disconnecting
+    session.got_data(run[at + 5 :])
     assert session.state != "closed" and not ct.disconnecting
 
 
