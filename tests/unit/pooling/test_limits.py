@@ -1,7 +1,7 @@
 """ConnectionLimits: max_db_connections and max_user_connections across pools, the reserve after
 reserve_pool_timeout, and room made by closing another pool's idle connection (task.Clock, no I/O)."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from twisted.internet import defer, task
 
@@ -232,7 +232,7 @@ def test_warm_connections_stay_within_the_limit_and_evict_nobody():
     acquire(a)
     conn = w.open_all()[0]
     a.release(conn, reusable=True, reset=False)
-    b.min_size = 1
+    b.settings = replace(b.settings, min_size=1)  # (min_pool_size: the pool's settings)
     b.maintain()
     assert b.connecting == 0 and not conn.closed
 
