@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from struct import Struct
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer
@@ -12,6 +13,7 @@ from twisted.logger import Logger
 from pgtwist.transport.producers import attach_producer, detach_producer
 from pgtwist.transport.sendnow import write_now
 from pgtwist.backend.login import ServerLogin, ServerLoginError
+from pgtwist.backend.states import CLOSED, CONNECTING, IDLE, INTERNAL, LINKED, LOGIN, TRANSITIONS, IllegalTransition
 from pgtwist.pooling.statements import ServerStatements, internal_batch
 from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
@@ -19,24 +21,10 @@ from pgtwist.wire import sqlstate
 from pgtwist.wire.errors import WireError, error_fields
 from pgtwist.wire.framing import MessageScanner, pop_message
 
-log = Logger()
+if TYPE_CHECKING:
+    from pgtwist.session.client import ClientSession
 
-CONNECTING, LOGIN, IDLE, INTERNAL, LINKED, CLOSED = "connecting", "login", "idle", "internal", "linked", "closed"
-# Every move a server connection's state may make, in one place (ServerConnection._enter). IDLE
-# here is the connection's own state (nothing owed, no client); where it sits in its pool (idle
-# list, busy, lent) is the pool's business. Closing is allowed from anywhere, twice included.
-TRANSITIONS = {
-    CONNECTING: frozenset((LOGIN, CLOSED)),
-    LOGIN: frozenset((IDLE, CLOSED)),
-    IDLE: frozenset((INTERNAL, LINKED, CLOSED)),
-    INTERNAL: frozenset((IDLE, CLOSED)),
-    LINKED: frozenset((IDLE, CLOSED)),
-    CLOSED: frozenset((CLOSED,)),
-}
-
-
-class IllegalTransition(RuntimeError):
-    """A server connection was asked to move where its state cannot go (a bug, never the node's doing)."""
+log = Logger(namespace=__name__)  # (named: compiled, the module has no frame Logger could read it from)
 
 _Z = p.READY_FOR_QUERY
 _PARAMETER_STATUS = p.PARAMETER_STATUS
@@ -108,15 +96,15 @@ class ServerConnection:
         self.node = pool.node
         self.login = login
         self.state = CONNECTING  # (changed only by _enter)
-        self.transport = None
+        self.transport: Any = None
         self.parameters: dict[str, str] = {}
         # The node's role changed since this connection last spoke: PostgreSQL reports a changed
         # in_hot_standby only at a ReadyForQuery, so an idle connection's parameters may be old.
         self.parameters_stale = False
         self.backend_key: tuple[int, bytes] | None = None
         self.tx_status = p.TX_IDLE
-        self.session = None  # the ClientSession while linked
-        self.client_transport = None
+        self.session: ClientSession | None = None  # the ClientSession while linked
+        self.client_transport: Any = None
         self.scanner: MessageScanner | None = None
         self.buffer = bytearray()
         self.statements = ServerStatements(pool.max_prepared_statements)  # shared prepared statements held
@@ -136,16 +124,16 @@ class ServerConnection:
         self.ready: defer.Deferred = defer.Deferred()  # fires self after login
         self._internal: defer.Deferred | None = None
         self._internal_owed = 0
-        self._internal_timer = None  # bounds the proxy's own statements (Pool.internal_timeout)
+        self._internal_timer: Any = None  # bounds the proxy's own statements (Pool.internal_timeout)
         self._timed_out: str | None = None  # why we aborted the connection, when it was that timer
         self._internal_errors: list[dict] = []
         self.created = pool.clock.seconds()
         self.last_used = self.created
-        self.tls = None  # tls.NodeTls when [server_tls] is on (set by the proxy)
-        self.keepalive = None  # backend.Keepalive when tcp_keepalive is on (set by the proxy)
-        self.tls_step = None  # "answer" (SSLRequest sent), then the tls.NodeHandshake, until TLS is up
+        self.tls: Any = None  # tls.NodeTls when [server_tls] is on (set by the proxy)
+        self.keepalive: Any = None  # backend.Keepalive when tcp_keepalive is on (set by the proxy)
+        self.tls_step: Any = None  # "answer" (SSLRequest sent), then the tls.NodeHandshake, until TLS is up
         # counters.DatabaseStats of the pool's database (set by the proxy): bytes relayed to clients, one add per read.
-        self.byte_stats = None
+        self.byte_stats: Any = None
 
     def __repr__(self):
         return f"<ServerConnection {self.id} {self.node} {self.state}>"

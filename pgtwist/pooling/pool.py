@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, replace
+from typing import Any, TYPE_CHECKING
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -13,18 +14,15 @@ from pgtwist.backend.connection import IDLE
 from pgtwist.backend.login import ServerLoginError
 from pgtwist.wire import protocol as p
 from pgtwist.wire import sqlstate
-from pgtwist.wire.errors import PgError
+from pgtwist.pooling.errors import PoolError
 
-log = Logger()
+if TYPE_CHECKING:
+    from pgtwist.pooling.limits import ConnectionLimits
+
+log = Logger(namespace=__name__)  # (named: compiled, the module has no frame Logger could read it from)
 
 LOGIN_CACHE_LIMIT = 1000  # startup-settings combinations remembered per pool
 WARM_BACKOFF_MAX = 60.0  # seconds between attempts at a warm connection that keeps failing
-
-
-class PoolError(PgError):
-    """A client could not get a server connection: FATAL, unless another node can serve it."""
-
-    severity = "FATAL"
 
 
 @dataclass(frozen=True)
@@ -107,7 +105,7 @@ class Pool:
         self.connecting = 0
         self.waiters: deque = deque()  # Deferreds and waiter objects, oldest first
         self._waits: dict = {}  # waiter -> since when it waits
-        self._timer = None  # the one query_wait_timeout timer, due when the oldest waiter is
+        self._timer: Any = None  # the one query_wait_timeout timer, due when the oldest waiter is
         self.paused = False
         self.retired = False  # removed by a reload: connections close when their clients are done
         self.waits = 0  # acquisitions that had to wait, and for how long in total (for metrics)
@@ -125,7 +123,7 @@ class Pool:
         self.login_parameters: dict[tuple, dict[str, str]] = {}
         self._login_seen: dict[str, str] | None = None  # what the last new connection's login reported
         self.lent: dict = {}  # busy connection -> the ClientSession keeping it between transactions
-        self.limits = None  # ConnectionLimits shared with other pools (max_db_connections ...); None: pool_size only
+        self.limits: ConnectionLimits | None = None  # ConnectionLimits shared with other pools (max_db_connections ...); None: pool_size only
         # server_check_query / server_check_delay: idle connections the janitor found idle that long
         # (``stale``) run the query before they are handed out; ``testing`` ones run it now (busy).
         self.stale: set = set()

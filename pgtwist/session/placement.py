@@ -7,12 +7,14 @@ reads the session's public attributes, and changes the session only through its 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from pgtwist.backend.login import ServerLoginError
 from pgtwist.cluster import evidence
-from pgtwist.pooling.pool import PoolError
+from pgtwist.pooling.errors import PoolError
 from pgtwist.routing import batch
 from pgtwist.routing.analysis import Classification
 from pgtwist.routing.router import Decision, NoNode
@@ -22,7 +24,10 @@ from pgtwist.wire import messages as m
 from pgtwist.wire import protocol as p
 from pgtwist.wire import sqlstate
 
-log = Logger()
+if TYPE_CHECKING:
+    from pgtwist.pooling.pool import Pool
+
+log = Logger(namespace=__name__)  # (named: compiled, the module has no frame Logger could read it from)
 
 # An extended-protocol batch not yet closed by Sync leaves the server mid-conversation.
 UNSYNCED = frozenset((p.PARSE, p.BIND, p.EXECUTE, p.DESCRIBE, p.CLOSE, p.FLUSH))
@@ -95,10 +100,10 @@ class Placement:
         self.session = session
         self.proxy = session.proxy
         self._deadline: float | None = None  # until when waiting work may still be retried
-        self._waiting = None  # the pool the session waits in for a server connection
-        self._pool = None  # the pool the last transaction used
+        self._waiting: Pool | None = None  # the pool the session waits in for a server connection
+        self._pool: Pool | None = None  # the pool the last transaction used
         self._primary: Decision | None = None  # the Decision for the primary, kept while the primary stays
-        self._retrying = None  # the pending retry (failover_wait), so that give_up can call it off
+        self._retrying: Any = None  # the pending retry (failover_wait), so that give_up can call it off
 
     # -- placing ----------------------------------------------------------------------------
 
@@ -243,7 +248,7 @@ class Placement:
         collector (which would keep them, and walk them, until its next pass: a short-lived
         client's every logout, and under churn most of the garbage made). What may still call
         in later (a routing hook's answer) finds no session and does nothing."""
-        self.session = None
+        self.session: Any = None
 
     def give_up(self) -> None:
         """The waiting work was cancelled (ClientSession.cancel_waiting): out of the pool's queue,
