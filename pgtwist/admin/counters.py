@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from bisect import bisect_left
 from functools import lru_cache
 
@@ -10,7 +12,7 @@ from twisted.logger import Logger
 from pgtwist.wire import protocol as p
 from pgtwist.wire import sqlstate
 
-log = Logger()
+log = Logger(namespace=__name__)  # (named: compiled, the module has no frame Logger could read it from)
 
 # Upper bounds (seconds) of the duration histograms' buckets; +Inf is implied.
 DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -96,7 +98,7 @@ class Counters:
     def __init__(self, clock):
         self.clock = clock
         self.started = clock.seconds()
-        self.periods = None  # admin.bouncer.StatsPeriods, ticked by the janitor (stats_period)
+        self.periods: Any = None  # admin.bouncer.StatsPeriods, ticked by the janitor (stats_period)
         self.clients_accepted = 0
         self.clients_closed = 0
         self.errors: dict[str, int] = {}  # SQLSTATE -> errors pgtwist sent itself

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
 from types import MappingProxyType
 
 from twisted.logger import Logger
 
 from pgtwist.config import ADMIN_DATABASES
-from pgtwist.frontend.login import Authenticated, CancelReceived, LoginError, LookupUser, Reply, StartTLS
+from pgtwist.frontend.login import Authenticated, ClientLogin, CancelReceived, LoginError, LookupUser, Reply, StartTLS
 from pgtwist.pooling.relay import CLIENT_CAPTURE, Relay
 from pgtwist.pooling.settings import client_settings
 from pgtwist.session.states import ADMIN, CLOSED, IDLE, LOGIN
@@ -19,7 +21,7 @@ from pgtwist.wire import sqlstate
 from pgtwist.wire.errors import WireError
 from pgtwist.wire.framing import MessageScanner
 
-log = Logger()
+log = Logger(namespace=__name__)  # (named: compiled, the module has no frame Logger could read it from)
 
 # What an audited user's scanner captures besides: the texts proxy.audit_statement logs.
 _AUDITED = frozenset((p.QUERY, p.PARSE))
@@ -71,6 +73,18 @@ class Admission:
     FATAL; relaying begins in client.py."""
 
     __slots__ = ()
+    # The session's fields this mixin sets, declared here for mypyc, which compiles both classes
+    # (pgtwist/compiled.py) and types an attribute where it is first set.
+    login: ClientLogin | None
+    startup: m.StartupMessage | None
+    user: str | None
+    scanner: MessageScanner | None
+    relay: Relay | None
+    _startup_settings: Mapping[str, str]
+    database: Any  # config.Database once known
+    settings: dict[str, str]
+    router: Any  # routing.router.DatabaseRouter
+    console: Any  # admin.console.AdminConsole on the admin database
 
 
     def tls_established(self) -> None:

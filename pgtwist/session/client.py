@@ -8,7 +8,7 @@ collaborator Placement (placement.py), which changes the session only through it
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -25,7 +25,7 @@ from pgtwist.frontend.login import ClientLogin, LoginError
 from pgtwist.session.placement import AWAIT_END, SESSION_SERVER_CAPTURE, UNPLACED, Placement
 from pgtwist.session.placement import UNSYNCED as _UNSYNCED
 from pgtwist.session.lease import Lease
-from pgtwist.pooling.relay import HOT_RUN, SYNC, Relay
+from pgtwist.pooling.relay import HOT_RUN, SYNC
 from pgtwist.routing.analysis import NO_EFFECTS, classify
 from pgtwist.routing.router import Decision
 from pgtwist.routing.policy import UNREPLAYED, parse_lsn, write_lsn
@@ -37,11 +37,14 @@ from pgtwist.wire import protocol as p
 from pgtwist.wire import sqlstate
 from pgtwist.wire.errors import WireError
 from pgtwist.transport.sendnow import write_now
-from pgtwist.wire.framing import MessageScanner, frame
+from pgtwist.wire.framing import frame
 
 __all__ = ["ClientSession", "client_settings", "parse_options", "quote_literal"]
 
-log = Logger()
+if TYPE_CHECKING:
+    from pgtwist.backend.connection import ServerConnection
+
+log = Logger(namespace=__name__)  # (named: compiled, the module has no frame Logger could read it from)
 
 _Z = p.READY_FOR_QUERY
 _TERMINATE = p.TERMINATE
@@ -194,6 +197,8 @@ class ClientSession(Admission):
     )
 
     def __init__(self, proxy, transport, client_id: str):
+        # (What Admission also sets is declared there, not again here: mypyc would give each
+        # such field a second slot, and the cyclic collector would count it twice.)
         self.proxy = proxy
         self.transport = transport
         self.id = client_id
@@ -211,14 +216,14 @@ class ClientSession(Admission):
             admit=self._admit,
             look_up=bool(config.auth_user),
         )
-        self.startup: m.StartupMessage | None = None
+        self.startup = None
         self.database = None
         self.user = None
-        self.pool = None
-        self.server = None
-        self.scanner: MessageScanner | None = None
-        self.relay: Relay | None = None
-        self.settings: dict[str, str] = {}
+        self.pool: Any = None
+        self.server: ServerConnection | None = None
+        self.scanner = None
+        self.relay = None
+        self.settings = {}
         self.dirty: set[str] = set()  # settings the client changed; read back before the server goes
         self.dirty_all = False
         self.pinned: str | None = None
@@ -237,7 +242,7 @@ class ClientSession(Admission):
         self._refused: tuple | None = None  # (its server connection, the refusal's body, the Query to send again, its databases)
         self.logged_in = False
         self.connected_at = proxy.clock.seconds()
-        self._idle_tx_timer = None
+        self._idle_tx_timer: Any = None
         self.router = None
         self.user_route = "auto"
         self.decision: Decision | None = None
@@ -245,12 +250,12 @@ class ClientSession(Admission):
         self.orphaned = False  # its transaction died with a node: only ROLLBACK gets it out
         self.lease: Lease | None = None  # what belongs to the current lending of self.server (lease.py)
         self._paused = False
-        self._orphan_error = None  # the error an orphaned transaction's next statement gets (08006, 57P01...)
+        self._orphan_error: Any = None  # the error an orphaned transaction's next statement gets (08006, 57P01...)
         self._orphan_told = False  # an orphaned batch's error went out at its Flush: its Sync gets ReadyForQuery alone
         self._tx_end = 0  # what to do when the open transaction ends: _DDL_SENT | _LOCAL_PATH | _SHARED_DDL
         self._asked_at: float | None = None  # when the client's pending request began (query latency)
         self.last_request = self.connected_at  # when its last answered request began (client_idle_timeout)
-        self._startup_settings: Mapping[str, str] = {}  # what RESET returns to, for this client (read-only)
+        self._startup_settings = {}  # what RESET returns to, for this client (read-only)
         self._to_restore: set[str] | None = None  # startup settings a RESET sent to the server's defaults
         self.console = None
         self.placement = Placement(self)  # getting a server connection for the work, and surviving its loss

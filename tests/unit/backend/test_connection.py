@@ -18,6 +18,7 @@ from pgtwist.wire import protocol as p
 from pgtwist.wire import sqlstate
 from pgtwist.wire.framing import pop_startup_packet
 
+from tests.harness.compiled import pure_only
 from tests.harness.session import NODE_KEY, NODE_PID, messages, node_welcome, queries, types
 
 NODE = "db1:5432"
@@ -232,6 +233,7 @@ def test_internal_answer_split_anywhere_gives_what_it_gives_whole():
         assert conn.state == "idle" and not conn.buffer, cuts
 
 
+@pure_only
 def test_bytes_behind_the_last_internal_ready_for_query_go_to_the_client_linked_by_it():
     # The read that ends our own statements may carry what the node said next (it answers in
     # order): once the answer has linked the connection to a client, those bytes are its.
@@ -326,6 +328,7 @@ class SessionStandIn:
     """What link() needs of a session: nothing until the node speaks."""
 
 
+@pure_only
 def test_a_link_paused_by_its_client_leaves_nothing_paused_for_the_next_client():
     # Clients outnumber connections: one server connection goes from client to client with the
     # same two Throttles, pointed at each new client; a pause of one link never reaches the next.

@@ -6,7 +6,11 @@ from twisted.internet.testing import StringTransport
 from pgtwist.backend.connection import _LINKED_CAPTURE, IllegalTransition
 from pgtwist.wire import protocol as p
 
+from tests.harness.compiled import pure_only
 from tests.unit.backend.test_connection import SessionStandIn, connecting, logged_in
+
+# (Each links a stand-in session: tests.harness.compiled.)
+pytestmark = pure_only
 
 
 def linked(pause_node=False, pause_client=False, old_client_gone=False):

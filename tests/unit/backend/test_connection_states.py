@@ -8,6 +8,8 @@ from pgtwist.backend.connection import CLOSED, CONNECTING, IDLE, INTERNAL, LINKE
 from pgtwist.backend.login import ServerLogin
 from pgtwist.wire import messages as m
 
+from tests.harness.compiled import pure_only
+
 
 class FakePool:
     node = "node1:5432"
@@ -34,6 +36,7 @@ def test_every_state_can_close_and_closed_is_final():
     assert TRANSITIONS[CLOSED] == {CLOSED}
 
 
+@pure_only
 def test_link_and_unlink_move_through_the_table():
     conn = logged_in()
     conn.link(object(), StringTransport(lenient=True))

@@ -7,6 +7,7 @@ import pytest
 from pgtwist.session.client import ClientSession
 from pgtwist.wire import messages as m
 
+from tests.harness.compiled import pure_only
 from tests.harness.session import RESULT, Z_IDLE, Z_IN, RecordingTransport, Setup, finish_internal, parse_settings_query, queries, sent
 
 
@@ -93,6 +94,7 @@ def commit(a, server):
     server.got_data(m.command_complete("COMMIT") + Z_IDLE)
 
 
+@pure_only
 def test_a_transaction_s_end_hands_the_connection_to_the_waiting_client_in_place(usual_way):
     s = Setup(clustered=False, pool_size=1)
     a, at, server = in_transaction(s)
@@ -119,6 +121,7 @@ def test_a_transaction_s_end_hands_the_connection_to_the_waiting_client_in_place
     assert pool.lent == {server: b}  # nobody waits any more: b keeps it, as usual
 
 
+@pure_only
 def test_the_connection_goes_down_the_queue_client_after_client(usual_way):
     s = Setup(clustered=False, pool_size=1)
     a, at, server = in_transaction(s)
@@ -152,6 +155,7 @@ def test_a_waiter_paused_by_what_it_sent_meanwhile_is_read_again():
     assert sent(server) == m.query("SELECT 2") + m.query("SELECT 3")
 
 
+@pure_only
 def test_the_giver_s_next_query_queues_behind(usual_way):
     s = Setup(clustered=False, pool_size=1)
     a, at, server = in_transaction(s)
@@ -171,6 +175,7 @@ def test_the_giver_s_next_query_queues_behind(usual_way):
     assert calls == [] and pool.busy == {server} and not pool.idle
 
 
+@pure_only
 def test_a_waiter_with_other_settings_gets_the_connection_the_usual_way(usual_way):
     """Its settings are not the connection's: through the pool, and synced before its query goes."""
     s = Setup(clustered=False, pool_size=1)

@@ -18,6 +18,7 @@ from twisted.python.failure import Failure
 from pgtwist.backend.protocol import CancelFactory
 from pgtwist.wire import messages as m
 
+from tests.harness.compiled import pure_only
 from tests.harness.session import NODE_KEY, NODE_PID, RESULT, Z_IDLE, Harness, keeps_its_server, queries
 
 SLEEP = "SELECT pg_sleep(2)"
@@ -133,6 +134,7 @@ class _NoWalk:
         raise AssertionError(f"the scanner walked {data!r}")
 
 
+@pure_only
 @pytest.mark.parametrize("where", ["idle", "lent"])
 def test_a_terminate_between_transactions_closes_the_client_without_the_scanners_walk(where):
     h = Harness(pool_mode="transaction")

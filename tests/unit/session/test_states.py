@@ -1,6 +1,6 @@
 """The client session's transition table: illegal moves raise, and docs/ARCHITECTURE.md shows the table in code."""
 
-import inspect
+import ast
 import pathlib
 import re
 
@@ -11,21 +11,32 @@ from pgtwist.session.client import ClientSession
 from pgtwist.session.placement import Placement
 from pgtwist.session.states import ADMIN, CLOSED, IDLE, LINKED, LOGIN, NEXT, PREPARING, TRANSITIONS, WAITING, IllegalTransition
 
+from tests.harness.session import Harness
+
 ALL = (LOGIN, IDLE, WAITING, PREPARING, LINKED, ADMIN, CLOSED)
-DOC = pathlib.Path(__file__).resolve().parents[3] / "docs" / "ARCHITECTURE.md"
 
 
-class _Bare:
-    """Just enough of a ClientSession for _enter: its state."""
-
-    __slots__ = ("state",)
-    _enter = ClientSession._enter
+ROOT = pathlib.Path(__file__).resolve().parents[3]
 
 
 def _session_in(state):
-    s = _Bare()
+    """A ClientSession put in *state* by hand (the compiled core takes no stand-in for one)."""
+    s, _ = Harness().client(login=False)
     s.state = state
     return s
+
+
+def _method_source(name: str) -> str:
+    """The source of ClientSession's method *name*, read from its .py file (compiled, it has no other)."""
+    for path in ("pgtwist/session/client.py", "pgtwist/session/admission.py"):
+        source = (ROOT / path).read_text()
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.FunctionDef) and node.name == name:
+                return ast.get_source_segment(source, node)
+    raise AssertionError(f"no method {name}")
+
+
+DOC = ROOT / "docs" / "ARCHITECTURE.md"
 
 
 def _doc_rows():
@@ -49,7 +60,8 @@ def test_the_doc_names_the_methods_that_make_each_move():
         enterers = re.findall(r"`([\w.]+)`", re.sub(r"\([^)]*\)", "", where))
         assert enterers, (frm, event, to)
         for name in enterers:
-            source = inspect.getsource(getattr(ClientSession, name))
+            assert hasattr(ClientSession, name), name
+            source = _method_source(name)
             assert f"self._enter({to.upper()})" in source, (name, frm, to)
         for name in re.findall(r"`([\w.]+)`", "".join(re.findall(r"\([^)]*\)", where))):
             owner, _, attr = name.rpartition(".")

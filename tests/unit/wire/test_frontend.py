@@ -252,6 +252,8 @@ def runs(draw):
 
 
 _RUN_SLOTS = ("runs", "run_head", "run_size")  # (what only the one-pass walk sets)
+# Its fields: __slots__ in the pure form, what mypyc lists in the compiled one (pgtwist/compiled.py).
+_SCANNER_FIELDS = getattr(MessageScanner, "__slots__", None) or MessageScanner.__mypyc_attrs__
 
 
 def scanned(reads: list, runs: bool):
@@ -265,7 +267,7 @@ def scanned(reads: list, runs: bool):
             out.append(scanner.feed(data))
         except ProtocolViolation as e:
             out.append(("refused", type(e), str(e)))
-        out.append([getattr(scanner, slot) for slot in MessageScanner.__slots__ if slot not in _RUN_SLOTS])
+        out.append([getattr(scanner, slot) for slot in _SCANNER_FIELDS if slot not in _RUN_SLOTS])
     return out
 
 
