@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 from bisect import bisect_left
 from functools import lru_cache
@@ -16,7 +16,7 @@ log = Logger(namespace=__name__)  # (named: compiled, the module has no frame Lo
 
 # Upper bounds (seconds) of the duration histograms' buckets; +Inf is implied.
 DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-_TX_IDLE = p.TX_IDLE
+_TX_IDLE: Final = p.TX_IDLE
 
 
 class Histogram:

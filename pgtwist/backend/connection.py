@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from struct import Struct
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer
@@ -26,16 +26,16 @@ if TYPE_CHECKING:
 
 log = Logger(namespace=__name__)  # (named: compiled, the module has no frame Logger could read it from)
 
-_Z = p.READY_FOR_QUERY
-_PARAMETER_STATUS = p.PARAMETER_STATUS
+_Z: Final = p.READY_FOR_QUERY
+_PARAMETER_STATUS: Final = p.PARAMETER_STATUS
 # What a linked server connection looks inside: ReadyForQuery (transaction status) and
 # ParameterStatus (the session's reported settings). Everything else is forwarded untouched.
-_LINKED_CAPTURE = frozenset((_Z, _PARAMETER_STATUS))
+_LINKED_CAPTURE: Final = frozenset((_Z, _PARAMETER_STATUS))
 # What a node may send outside any answer: a notice, a setting, the FATAL of a shutdown. (An
 # immediate shutdown sends every backend's client a WARNING, then the connection drops.)
-_NOT_AN_ANSWER = frozenset((p.NOTICE_RESPONSE, _PARAMETER_STATUS))
-_INTERNAL_READS = frozenset((_PARAMETER_STATUS, p.ERROR_RESPONSE, p.DATA_ROW, _Z))  # (what _internal_message reads)
-_INT32 = Struct("!I")
+_NOT_AN_ANSWER: Final = frozenset((p.NOTICE_RESPONSE, _PARAMETER_STATUS))
+_INTERNAL_READS: Final = frozenset((_PARAMETER_STATUS, p.ERROR_RESPONSE, p.DATA_ROW, _Z))  # (what _internal_message reads)
+_INT32: Final = Struct("!I")
 
 
 def _starts_answer(data: bytes) -> bool:

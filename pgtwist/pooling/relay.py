@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Final
+
 from pgtwist.pooling.statements import (
     SERVER_NAME_PREFIX,
     Schema,
@@ -31,8 +33,8 @@ _COMPLETION = {
 # Server messages looked into while extended-protocol requests are in flight; with only
 # simple queries in flight, ReadyForQuery (and ParameterStatus) is all that matters, and
 # CopyInResponse (an extended batch of COPY FROM STDIN sent whole: see Relay.copy_in).
-SIMPLE_CAPTURE = frozenset((p.READY_FOR_QUERY, p.PARAMETER_STATUS, p.ERROR_RESPONSE, p.COPY_IN_RESPONSE))
-FULL_CAPTURE = SIMPLE_CAPTURE | frozenset(
+SIMPLE_CAPTURE: Final = frozenset((p.READY_FOR_QUERY, p.PARAMETER_STATUS, p.ERROR_RESPONSE, p.COPY_IN_RESPONSE))
+FULL_CAPTURE: Final = SIMPLE_CAPTURE | frozenset(
     (
         p.PARAMETER_DESCRIPTION,
         p.PARSE_COMPLETE,
@@ -48,15 +50,15 @@ FULL_CAPTURE = SIMPLE_CAPTURE | frozenset(
 )
 # While a batch the proxy injected is being answered, everything of its answer is looked at
 # (and dropped): RowDescription, DataRow, CommandComplete, notices, errors.
-SWALLOW_CAPTURE = FULL_CAPTURE | frozenset((p.DATA_ROW, p.NOTICE_RESPONSE))
+SWALLOW_CAPTURE: Final = FULL_CAPTURE | frozenset((p.DATA_ROW, p.NOTICE_RESPONSE))
 # Client messages a shared server connection needs to see.
-CLIENT_CAPTURE = frozenset(
+CLIENT_CAPTURE: Final = frozenset(
     (p.PARSE, p.BIND, p.DESCRIBE, p.CLOSE, p.EXECUTE, p.SYNC, p.QUERY, p.FLUSH, p.FUNCTION_CALL, p.TERMINATE, p.COPY_DONE, p.COPY_FAIL)
 )
-_COPY_ENDS = frozenset((p.COPY_DONE, p.COPY_FAIL))
-_PARSE_COMPLETE = frame(p.PARSE_COMPLETE)
-_CLOSE_COMPLETE = frame(p.CLOSE_COMPLETE)
-_FLUSH = frame(p.FLUSH)
+_COPY_ENDS: Final = frozenset((p.COPY_DONE, p.COPY_FAIL))
+_PARSE_COMPLETE: Final = frame(p.PARSE_COMPLETE)
+_CLOSE_COMPLETE: Final = frame(p.CLOSE_COMPLETE)
+_FLUSH: Final = frame(p.FLUSH)
 # PostgreSQL's own error for a statement whose result type changed (asyncpg knows it by its routine).
 _RESULT_TYPE_CHANGED = m.error_response_from_fields(
     dict(
@@ -66,7 +68,7 @@ _RESULT_TYPE_CHANGED = m.error_response_from_fields(
 )
 # A statement name no server connection holds: a Bind of it fails on the server as PostgreSQL's
 # 0A000 would (aborting an open transaction), and the proxy words the error as that 0A000.
-_NO_STATEMENT = SERVER_NAME_PREFIX + "stale"
+_NO_STATEMENT: Final = SERVER_NAME_PREFIX + "stale"
 
 
 def result_shape(body: bytes) -> tuple:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Final
 from types import MappingProxyType
 
 from twisted.logger import Logger
@@ -24,13 +24,13 @@ from pgtwist.wire.framing import MessageScanner
 log = Logger(namespace=__name__)  # (named: compiled, the module has no frame Logger could read it from)
 
 # What an audited user's scanner captures besides: the texts proxy.audit_statement logs.
-_AUDITED = frozenset((p.QUERY, p.PARSE))
-SESSION_CAPTURE = frozenset((p.TERMINATE,))
+_AUDITED: Final = frozenset((p.QUERY, p.PARSE))
+SESSION_CAPTURE: Final = frozenset((p.TERMINATE,))
 # Each Query, Sync and FunctionCall earns exactly one ReadyForQuery: counting them tells
 # whether the server still owes the client an answer when the client goes away.
-SESSION_WATCH = frozenset((p.QUERY, p.SYNC, p.FUNCTION_CALL))
+SESSION_WATCH: Final = frozenset((p.QUERY, p.SYNC, p.FUNCTION_CALL))
 
-_READY_IDLE = m.ready_for_query()
+_READY_IDLE: Final = m.ready_for_query()
 # Logins with the same ParameterStatus set (nearly all of them, in a pool) send the same bytes:
 # encoded once, not per login. Bounded: a set that varies (application_name...) is re-encoded.
 _ENCODED_PARAMETERS: dict[tuple, bytes] = {}

@@ -8,7 +8,7 @@ collaborator Placement (placement.py), which changes the session only through it
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -46,20 +46,20 @@ if TYPE_CHECKING:
 
 log = Logger(namespace=__name__)  # (named: compiled, the module has no frame Logger could read it from)
 
-_Z = p.READY_FOR_QUERY
-_TERMINATE = p.TERMINATE
-_TERMINATE_MESSAGE = frame(p.TERMINATE)
-_SYNC = p.SYNC
-_SYNC_FLUSH = (p.SYNC, p.FLUSH)
-_IDLE_READY = m.ready_for_query(p.TX_IDLE)
-_ENDS_WORK = frozenset((p.QUERY, p.FUNCTION_CALL, p.SYNC, p.TERMINATE))  # (what ends one statement, or batch)
+_Z: Final = p.READY_FOR_QUERY
+_TERMINATE: Final = p.TERMINATE
+_TERMINATE_MESSAGE: Final = frame(p.TERMINATE)
+_SYNC: Final = p.SYNC
+_SYNC_FLUSH: Final = (p.SYNC, p.FLUSH)
+_IDLE_READY: Final = m.ready_for_query(p.TX_IDLE)
+_ENDS_WORK: Final = frozenset((p.QUERY, p.FUNCTION_CALL, p.SYNC, p.TERMINATE))  # (what ends one statement, or batch)
 # Read-your-writes: what _watch_link/_watch_statement look at while a link on the primary has
 # not been seen to write. _WATCH_FIRST: the statement the link was placed by is still to come
 # (already classified); _WATCH_UNNAMED: the unnamed statement was parsed (and classified) on it.
-_WATCH_ALL = 1
-_WATCH_FIRST = 2
-_WATCH_UNNAMED = 4
-_WATCHED = frozenset((p.QUERY, p.PARSE, p.BIND, p.FUNCTION_CALL))
+_WATCH_ALL: Final = 1
+_WATCH_FIRST: Final = 2
+_WATCH_UNNAMED: Final = 4
+_WATCHED: Final = frozenset((p.QUERY, p.PARSE, p.BIND, p.FUNCTION_CALL))
 # ClientSession._tx_end: DDL went through the open transaction; it set a search_path of its own;
 # some of that DDL other sessions can see (not only on its temporary relations: temporaries.py).
 _DDL_SENT, _LOCAL_PATH, _SHARED_DDL = 1, 2, 4
@@ -125,7 +125,7 @@ def _names_unnamed(items: list) -> bool:
     return items[0][1][:1] == b"\x00" and items[1][1][:2] == b"\x00\x00" and items[-2][1][:1] == b"\x00"
 
 
-_DESCRIBE_UNNAMED = frozenset((b"P\x00", b"S\x00"))
+_DESCRIBE_UNNAMED: Final = frozenset((b"P\x00", b"S\x00"))
 
 
 def _peer_host(transport) -> str | None:

@@ -7,7 +7,7 @@ reads the session's public attributes, and changes the session only through its 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -30,25 +30,25 @@ if TYPE_CHECKING:
 log = Logger(namespace=__name__)  # (named: compiled, the module has no frame Logger could read it from)
 
 # An extended-protocol batch not yet closed by Sync leaves the server mid-conversation.
-UNSYNCED = frozenset((p.PARSE, p.BIND, p.EXECUTE, p.DESCRIBE, p.CLOSE, p.FLUSH))
-_RETRY_DELAY = 0.25  # between attempts to place work while nodes come and go
-_NOTHING_CLASSIFIED = Classification(read_only=False, reason="session")
+UNSYNCED: Final = frozenset((p.PARSE, p.BIND, p.EXECUTE, p.DESCRIBE, p.CLOSE, p.FLUSH))
+_RETRY_DELAY: Final = 0.25  # between attempts to place work while nodes come and go
+_NOTHING_CLASSIFIED: Final = Classification(read_only=False, reason="session")
 # The Decision "everything to the primary" for each node: immutable, so one serves every session
 # on that node (one was made per login). Keyed by the node object, whose identity a Decision
 # carries (each database has Addresses of its own, equal to another's for the same host:port).
 # An entry keeps its node alive, so the id is not reused while it lives; a reload makes new
 # nodes, so the table is emptied should it ever outgrow any configuration.
 _PRIMARY_DECISIONS: dict = {}
-_PRIMARY_DECISIONS_LIMIT = 256
+_PRIMARY_DECISIONS_LIMIT: Final = 256
 # What a session-mode link looks at in the node's answers: ReadyForQuery, ParameterStatus,
 # ErrorResponse, so that a FATAL relayed as it came is known (the client gets no second one),
 # and CopyInResponse (the Syncs PostgreSQL will ignore: ClientSession._syncs_ignored_by_copy).
-SESSION_SERVER_CAPTURE = frozenset((p.READY_FOR_QUERY, p.PARAMETER_STATUS, p.ERROR_RESPONSE, p.COPY_IN_RESPONSE))
+SESSION_SERVER_CAPTURE: Final = frozenset((p.READY_FOR_QUERY, p.PARAMETER_STATUS, p.ERROR_RESPONSE, p.COPY_IN_RESPONSE))
 # Of a node's FATAL, what a kept session's ERROR repeats: code, message, detail, hint, context.
-_KEPT_FIELDS = frozenset("CMDHW")
+_KEPT_FIELDS: Final = frozenset("CMDHW")
 # Login refusals that mean the node is away (unreachable, starting up, shutting down), not that
 # this client may not log in: the work waits for that node or goes to another.
-_NODE_AWAY = frozenset((sqlstate.CONNECTION_FAILURE, sqlstate.CANNOT_CONNECT_NOW, sqlstate.ADMIN_SHUTDOWN, sqlstate.CRASH_SHUTDOWN))
+_NODE_AWAY: Final = frozenset((sqlstate.CONNECTION_FAILURE, sqlstate.CANNOT_CONNECT_NOW, sqlstate.ADMIN_SHUTDOWN, sqlstate.CRASH_SHUTDOWN))
 
 
 class _Verdict:

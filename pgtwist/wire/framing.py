@@ -1,23 +1,24 @@
 """Message framing for both directions: startup packets, buffered typed messages, and the pass-through scanner."""
 
 from struct import Struct
+from typing import Final
 
 from pgtwist.wire import frontend as _frontend
 from pgtwist.wire import protocol as _p
 from pgtwist.wire.errors import MessageTooLarge, ProtocolViolation
 from pgtwist.wire.protocol import READY_FOR_QUERY as _READY_FOR_QUERY
 
-_INT32 = Struct("!I")
-_HEADER = Struct("!BI")  # a typed message's header: its type and its length field
-_READY_LENGTH = _INT32.pack(5)  # a ReadyForQuery's length field
-_ANY_TYPE = frozenset(range(256))
-_SMALL_LIMIT = _frontend.SMALL_LIMIT
+_INT32: Final = Struct("!I")
+_HEADER: Final = Struct("!BI")  # a typed message's header: its type and its length field
+_READY_LENGTH: Final = _INT32.pack(5)  # a ReadyForQuery's length field
+_ANY_TYPE: Final = frozenset(range(256))
+_SMALL_LIMIT: Final = _frontend.SMALL_LIMIT
 # The fixed messages that end a run (MessageScanner._run): a Describe of the
 # unnamed portal or statement, the head of an Execute of the unnamed portal, and Sync.
-_DESCRIBES = frozenset((bytes((_p.DESCRIBE,)) + _INT32.pack(6) + b"P\x00", bytes((_p.DESCRIBE,)) + _INT32.pack(6) + b"S\x00"))
-_EXECUTE_UNNAMED = bytes((_p.EXECUTE,)) + _INT32.pack(9) + b"\x00"
-_SYNC_MESSAGE = bytes((_p.SYNC,)) + _INT32.pack(4)
-_RUN_TYPES = frozenset((_p.PARSE, _p.BIND, _p.DESCRIBE, _p.EXECUTE, _p.SYNC))
+_DESCRIBES: Final = frozenset((bytes((_p.DESCRIBE,)) + _INT32.pack(6) + b"P\x00", bytes((_p.DESCRIBE,)) + _INT32.pack(6) + b"S\x00"))
+_EXECUTE_UNNAMED: Final = bytes((_p.EXECUTE,)) + _INT32.pack(9) + b"\x00"
+_SYNC_MESSAGE: Final = bytes((_p.SYNC,)) + _INT32.pack(4)
+_RUN_TYPES: Final = frozenset((_p.PARSE, _p.BIND, _p.DESCRIBE, _p.EXECUTE, _p.SYNC))
 _PARSE, _BIND, _DESCRIBE, _EXECUTE, _SYNC = _p.PARSE, _p.BIND, _p.DESCRIBE, _p.EXECUTE, _p.SYNC
 
 
