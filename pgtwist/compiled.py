@@ -41,7 +41,9 @@ MODULES = (
     "pgtwist.admin.counters",
     "pgtwist.transport.sendnow",
 )
-GROUP = "pgtwist_core"  # mypyc's shared library: pgtwist_core__mypyc
+# mypyc's shared library of the group, pgtwist/_core__mypyc: inside the package, so that a copy of
+# the package (bench/run.py freezes one) carries it, and no other build's can stand in for it.
+GROUP = "pgtwist._core"
 SOURCE_HASH_FILE = "compiled.sha256"  # beside this file, written by setup.py
 PURE_ENV = "PGTWIST_PURE"
 
@@ -93,7 +95,7 @@ def _choose() -> str:
     """'compiled', 'pure' (PGTWIST_PURE=1, or nothing built), or 'stale' (built from other sources): the last two load the .py files."""
     if os.environ.get(PURE_ENV, "") not in ("", "0"):
         form = "pure"
-    elif not _has_extension(MODULES[0]):
+    elif not (_has_extension(MODULES[0]) and _has_extension(GROUP + "__mypyc")):
         form = "pure"
     elif _built_hash() != source_hash(os.path.dirname(_PACKAGE_DIR)):
         form = "stale"

@@ -15,7 +15,7 @@ from pgtwist.wire import sqlstate
 log = Logger(namespace=__name__)  # (named: compiled, the module has no frame Logger could read it from)
 
 # Upper bounds (seconds) of the duration histograms' buckets; +Inf is implied.
-DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+DURATION_BUCKETS: Final = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _TX_IDLE: Final = p.TX_IDLE
 
 

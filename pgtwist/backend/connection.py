@@ -121,7 +121,7 @@ class ServerConnection:
         self._server_throttle = Throttle(None)  # (its transport: this connection's, once made)
         self._client_throttle = Throttle(None)
         self._scanner: MessageScanner | None = None
-        self.ready: defer.Deferred = defer.Deferred()  # fires self after login
+        self.ready: defer.Deferred | None = defer.Deferred()  # fires self after login
         self._internal: defer.Deferred | None = None
         self._internal_owed = 0
         self._internal_timer: Any = None  # bounds the proxy's own statements (Pool.internal_timeout)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, replace
-from typing import Any, TYPE_CHECKING
+from typing import Any
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -15,9 +15,6 @@ from pgtwist.backend.login import ServerLoginError
 from pgtwist.wire import protocol as p
 from pgtwist.wire import sqlstate
 from pgtwist.pooling.errors import PoolError
-
-if TYPE_CHECKING:
-    from pgtwist.pooling.limits import ConnectionLimits
 
 log = Logger(namespace=__name__)  # (named: compiled, the module has no frame Logger could read it from)
 
@@ -123,7 +120,9 @@ class Pool:
         self.login_parameters: dict[tuple, dict[str, str]] = {}
         self._login_seen: dict[str, str] | None = None  # what the last new connection's login reported
         self.lent: dict = {}  # busy connection -> the ClientSession keeping it between transactions
-        self.limits: ConnectionLimits | None = None  # ConnectionLimits shared with other pools (max_db_connections ...); None: pool_size only
+        # ConnectionLimits shared with other pools (max_db_connections ...); None: pool_size only.
+        # (Any: what limits.py returns is its own business, not checked again by the compiled pool.)
+        self.limits: Any = None
         # server_check_query / server_check_delay: idle connections the janitor found idle that long
         # (``stale``) run the query before they are handed out; ``testing`` ones run it now (busy).
         self.stale: set = set()
