@@ -18,6 +18,8 @@ _SMALL_LIMIT: Final = _frontend.SMALL_LIMIT
 _DESCRIBES: Final = frozenset((bytes((_p.DESCRIBE,)) + _INT32.pack(6) + b"P\x00", bytes((_p.DESCRIBE,)) + _INT32.pack(6) + b"S\x00"))
 _EXECUTE_UNNAMED: Final = bytes((_p.EXECUTE,)) + _INT32.pack(9) + b"\x00"
 _SYNC_MESSAGE: Final = bytes((_p.SYNC,)) + _INT32.pack(4)
+_NO_TYPES: Final[frozenset[int]] = frozenset()
+_SYNC_ONLY: Final = frozenset((_p.SYNC,))
 _RUN_TYPES: Final = frozenset((_p.PARSE, _p.BIND, _p.DESCRIBE, _p.EXECUTE, _p.SYNC))
 _PARSE, _BIND, _DESCRIBE, _EXECUTE, _SYNC = _p.PARSE, _p.BIND, _p.DESCRIBE, _p.EXECUTE, _p.SYNC
 
@@ -137,11 +139,13 @@ class MessageScanner:
         self,
         capture: frozenset[int] | set[int],
         max_length: int,
-        watch: frozenset[int] | set[int] = frozenset(),
+        watch: frozenset[int] | set[int] = _NO_TYPES,
         *,
         frontend: bool = False,
     ):
-        self.capture = frozenset(capture)
+        # (Shared, not copied, when already frozen: one scanner per client and per server
+        # connection, and a frozenset is 216 bytes; mypyc's frozenset() copies even a frozenset.)
+        self.capture = capture if type(capture) is frozenset else frozenset(capture)
         self.max_length = max_length
         if frontend:
             self.allowed = _frontend.TYPES
@@ -150,12 +154,12 @@ class MessageScanner:
             # Whether an extended-protocol message went by since the last Sync: the server may
             # then be skipping to that Sync (after an error), deaf to anything else.
             self.opens = _frontend.EXTENDED_TYPES
-            self.closes = frozenset((_frontend.p.SYNC,))
+            self.closes = _SYNC_ONLY
         else:
             self.allowed = _ANY_TYPE
-            self.small = frozenset()
+            self.small = _NO_TYPES
             self.checks = {}
-            self.opens = self.closes = frozenset()
+            self.opens = self.closes = _NO_TYPES
         self.unsynced = False
         # Whether a read may be a run, walked by _run: a client's stream whose
         # every message of a run is captured and none counted.
@@ -167,7 +171,7 @@ class MessageScanner:
         self._hold = frontend  # a split header waits until it can be checked whole
         # Types merely counted as their headers go by (e.g. Query and Sync, to know how many
         # ReadyForQuery a server still owes), and the type of the last header seen.
-        self.watch = frozenset(watch)
+        self.watch = watch if type(watch) is frozenset else frozenset(watch)
         self.watched = 0
         self.last_type = 0
         self._skip = 0  # bytes of a passed-through message still to come

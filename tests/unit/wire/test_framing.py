@@ -560,3 +560,16 @@ def test_pop_startup_packet_arbitrary_bytes_only_raise_wire_errors(data):
         assert buf == data
     else:
         assert _packet(got) + bytes(buf) == data
+
+
+def test_scanners_share_their_frozen_type_sets_rather_than_copy_them():
+    # One scanner per client and per server connection: a copied frozenset is 216 bytes each
+    # (mypyc's frozenset() copies even a frozenset), a third of an idle client's memory.
+    from pgtwist.pooling.relay import CLIENT_CAPTURE
+
+    a, b = (MessageScanner(CLIENT_CAPTURE, 100, frontend=True) for _ in range(2))
+    assert a.capture is CLIENT_CAPTURE and a.closes is b.closes and a.watch is b.watch
+    server = MessageScanner(frozenset({ord("Z")}), 100)
+    assert server.opens is a.watch and server.small is a.watch  # (the one empty set)
+    watched = MessageScanner({ord("Q")}, 100, watch={ord("S")})
+    assert watched.capture == {ord("Q")} and type(watched.capture) is frozenset and watched.watch == {ord("S")}
