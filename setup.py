@@ -53,11 +53,12 @@ def _extensions():
     paths = [os.path.relpath(compiled.source_path(name, HERE), HERE) for name in compiled.MODULES]
     try:
         modules = mypycify(["--config-file", config.name, *paths], opt_level="3", group_name=compiled.GROUP)
+    except SystemExit as e:  # (mypyc reports what it cannot compile and exits)
+        print(f"pgtwist: mypyc cannot compile the core ({e}): building the pure-Python form", file=sys.stderr)
+        return []
     finally:
         os.unlink(config.name)
     _mend_runtime(modules)
-    with open(os.path.join(HERE, "pgtwist", compiled.SOURCE_HASH_FILE), "w") as f:
-        f.write(compiled.source_hash(HERE) + "\n")
     return modules
 
 
@@ -85,17 +86,30 @@ def _mend_runtime(modules):
 
 
 class OptionalBuildExt(build_ext):
-    """The compiled core when it can be built; otherwise the pure-Python form, said once."""
+    """The compiled core when it can be built; otherwise the pure-Python form, said once.
+
+    The hash of the sources compiled (pgtwist/compiled.py) is taken before the build and written
+    beside the extensions only once all of them are built: into the tree for an in-place build,
+    into the build directory for a wheel. The one an earlier in-place build left is removed
+    first, so that a build that fails or is cut short leaves a tree that runs its .py files."""
 
     def run(self):
+        if not self.extensions:
+            return
+        compiled = _compiled_spec()
+        digest = compiled.source_hash(HERE)
+        inplace = self.inplace  # (setuptools clears it while it builds, then copies the results)
+        stamp = os.path.join(HERE if inplace else self.build_lib, "pgtwist", compiled.SOURCE_HASH_FILE)
+        if os.path.exists(stamp):
+            os.unlink(stamp)
         try:
             super().run()
         except Exception as e:  # (no C compiler or Python headers: distutils' errors, OSError)
-            for ext in self.extensions:  # (a shim without its group's library would not import)
-                path = self.get_ext_fullpath(ext.name)
-                if os.path.exists(path):
-                    os.unlink(path)
             print(f"pgtwist: the compiled core did not build ({e}): the pure-Python form is installed", file=sys.stderr)
+            return
+        os.makedirs(os.path.dirname(stamp), exist_ok=True)
+        with open(stamp, "w") as f:
+            f.write(digest + "\n")
 
 
 os.chdir(HERE)  # (mypyc takes paths relative to the tree)

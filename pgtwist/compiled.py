@@ -1,18 +1,20 @@
 """The compiled core: which modules mypyc compiles, and whether the compiled form is the source's.
 
 The per-transaction path (framing, the client session, its placement, the pool, the relay, the
-server connection, the counters) runs about a fifth fewer instructions compiled by mypyc than
+server connection, the counters) runs about 30 % fewer instructions compiled by mypyc than
 interpreted (bench/instructions.sh; docs/BENCHMARKS.md). The same source is the pure-Python
 form, and it is what runs whenever the compiled one is not this source's:
 
 - setup.py builds the extension modules beside their .py files (`./dev` builds them in place,
-  `pip install .` into the wheel) and writes SOURCE_HASH_FILE, the hash of the sources it built;
+  `pip install .` into the wheel) and, once the build has succeeded, writes SOURCE_HASH_FILE
+  beside them: the hash of the sources it compiled (HASHED). It removes that file first, so a
+  build that fails or is cut short leaves none;
 - importing pgtwist compares that hash with the sources there now. A tree edited since its build,
-  or PGTWIST_PURE=1, makes every one of these modules load from its .py file (all of them or none:
-  compiled modules call each other's classes directly, and a compiled caller would not accept an
-  interpreted module's object).
+  a missing extension, no hash, or PGTWIST_PURE=1 makes every pgtwist module load from its .py
+  file (all or none: compiled modules call each other's classes directly, and a compiled caller
+  would not accept an interpreted module's object).
 
-So an edited tree never runs stale compiled code, and a machine without a C compiler runs the
+So an edited tree does not run stale compiled code, and a machine without a C compiler runs the
 pure form (setup.py falls back to it). `python -c "import pgtwist.compiled as c; print(c.FORM)"`
 tells which form runs.
 """
@@ -44,6 +46,9 @@ MODULES = (
 # mypyc's shared library of the group, pgtwist/_core__mypyc: inside the package, so that a copy of
 # the package (bench/run.py freezes one) carries it, and no other build's can stand in for it.
 GROUP = "pgtwist._core"
+# What the compiled code was made from: the modules, and the modules whose Final constants mypyc
+# wrote into it as numbers (a test checks that no other pgtwist module declares a Final).
+HASHED = MODULES + ("pgtwist.wire.protocol",)
 SOURCE_HASH_FILE = "compiled.sha256"  # beside this file, written by setup.py
 PURE_ENV = "PGTWIST_PURE"
 
@@ -56,9 +61,9 @@ def source_path(name: str, root: str) -> str:
 
 
 def source_hash(root: str) -> str:
-    """The hash of the compiled modules' sources under *root*, in MODULES order."""
+    """The hash of the sources the compiled core is made from (HASHED) under *root*."""
     digest = hashlib.sha256()
-    for name in MODULES:
+    for name in HASHED:
         with open(source_path(name, root), "rb") as f:
             digest.update(name.encode() + b"\0" + f.read() + b"\0")
     return digest.hexdigest()
@@ -78,10 +83,11 @@ def _has_extension(name: str) -> bool:
 
 
 class _SourceFirst(importlib.abc.MetaPathFinder):
-    """Loads the compiled modules from their .py files, ahead of the extension modules beside them."""
+    """Loads pgtwist's modules from their .py files, ahead of any extension module beside them
+    (one an older build left included)."""
 
     def find_spec(self, fullname, path, target=None):
-        if fullname not in MODULES:
+        if not fullname.startswith("pgtwist."):
             return None
         leaf = fullname.rpartition(".")[2]
         for entry in path or ():
@@ -92,10 +98,11 @@ class _SourceFirst(importlib.abc.MetaPathFinder):
 
 
 def _choose() -> str:
-    """'compiled', 'pure' (PGTWIST_PURE=1, or nothing built), or 'stale' (built from other sources): the last two load the .py files."""
+    """'compiled', 'pure' (PGTWIST_PURE=1, or not all built), or 'stale' (built from other sources, or
+    a build that did not finish): the last two load the .py files."""
     if os.environ.get(PURE_ENV, "") not in ("", "0"):
         form = "pure"
-    elif not (_has_extension(MODULES[0]) and _has_extension(GROUP + "__mypyc")):
+    elif not all(_has_extension(name) for name in (GROUP + "__mypyc", *MODULES)):
         form = "pure"
     elif _built_hash() != source_hash(os.path.dirname(_PACKAGE_DIR)):
         form = "stale"

@@ -14,6 +14,7 @@ from twisted.internet import defer, task
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
+from pgtwist import compiled
 from pgtwist.transport import connect
 from pgtwist.transport.accept import set_client_keepalive
 from pgtwist.service import drain, sdnotify
@@ -181,12 +182,13 @@ class PgBalanceService(service.MultiService):
         if self.config.unix_socket_dir:
             where.append(connect.socket_path(self.config.unix_socket_dir, self.config.listen.port))
         log.info(
-            "pgtwist {who}listening on {listen} ({mode} pooling, {n} database(s), file limit {limit})",
+            "pgtwist {who}listening on {listen} ({mode} pooling, {n} database(s), file limit {limit}, {core} core)",
             who=f"worker {self.worker.index} of {self.worker.count} " if self.worker is not None else "",
             listen=", ".join(where),
             mode=self.config.pool_mode,
             n=len(self.config.databases),
             limit=limit,
+            core=compiled.FORM,  # compiled, pure or stale (pgtwist/compiled.py): what an operator asks first about CPU
         )
         for warning in self.config.warnings if self.worker is None or self.worker.index == 0 else ():  # (once, not per worker)
             log.warn("{source}: {warning}", source=self.config.source, warning=warning)

@@ -69,3 +69,15 @@ def test_the_dockerfiles_plugin_cache_step_writes_dropin_cache(installed, tmp_pa
     assert result.returncode == 0, result
     (cache,) = installed.parent.glob("lib/python*/site-packages/twisted/plugins/dropin.cache")
     assert cache.stat().st_size > 0 and b"pgbalance" in cache.read_bytes()
+
+
+def test_the_wheel_carries_the_compiled_core_where_it_could_be_built(installed, tmp_path):
+    """pip builds the compiled core into the wheel when a C compiler is there (setup.py), with the
+    hash of its sources beside it: the installed copy runs it; without a compiler, the pure form."""
+    import shutil
+
+    python = installed / "python"
+    form = run([str(python), "-c", "import pgtwist.compiled as c; print(c.FORM)"], cwd=tmp_path, timeout=60)
+    assert form.returncode == 0, form.stderr
+    expected = "compiled" if shutil.which("cc") or shutil.which("gcc") else "pure"
+    assert form.stdout.strip() == expected, (form.stdout, form.stderr)

@@ -63,6 +63,34 @@ def test_an_edited_tree_runs_its_sources_not_the_stale_build(tmp_path):
     assert form == "stale" and all(f.endswith(".py") and f.startswith(str(tmp_path)) for f in files), files
 
 
+@pytest.mark.parametrize("how", ["a protocol constant changed", "no hash (a build cut short)", "an extension missing"])
+def test_a_build_that_is_not_this_sources_is_not_loaded(tmp_path, how):
+    """The compiled code holds wire/protocol.py's Final numbers too; setup.py writes the hash
+    only once every extension is built; a module without its extension would exist twice."""
+    if compiled.FORM != "compiled":
+        pytest.skip(f"the core is not compiled here ({compiled.FORM}): ./dev builds it")
+    shutil.copytree(ROOT / "pgtwist", tmp_path / "pgtwist", ignore=shutil.ignore_patterns("__pycache__"))
+    package = tmp_path / "pgtwist"
+    if how == "a protocol constant changed":
+        protocol = package / "wire" / "protocol.py"
+        protocol.write_text(protocol.read_text().replace("MAX_STARTUP_PACKET: Final = 10_000", "MAX_STARTUP_PACKET: Final = 20_000"))
+    elif how == "no hash (a build cut short)":
+        (package / compiled.SOURCE_HASH_FILE).unlink()
+    else:
+        (extension,) = (package / "pooling").glob("relay.*.so")
+        extension.unlink()
+    form, *files = _form_in(tmp_path)
+    assert form in ("stale", "pure") and all(f.endswith(".py") for f in files), (form, files)
+
+
+def test_only_the_hashed_modules_declare_final_constants():
+    """mypyc writes a Final's value into the compiled code: a module that declares one must be
+    in HASHED, or an edit of it would leave a build that disagrees with its source loaded."""
+    hashed = {Path(compiled.source_path(name, str(ROOT))) for name in compiled.HASHED}
+    declaring = {path for path in (ROOT / "pgtwist").rglob("*.py") if ": Final" in path.read_text()}
+    assert declaring <= hashed, sorted(str(p.relative_to(ROOT)) for p in declaring - hashed)
+
+
 def test_no_compiled_class_has_a_field_twice():
     """A field declared in a class and again in a subclass is two slots to mypyc; the cyclic
     collector then counts the one reference twice and can never free what holds it (it kept
