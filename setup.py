@@ -39,7 +39,7 @@ ignore_errors = True
 
 def _extensions():
     compiled = _compiled_spec()
-    if os.environ.get(compiled.PURE_ENV, "") not in ("", "0"):
+    if compiled.pure_requested():
         print("pgtwist: PGTWIST_PURE is set: building the pure-Python form", file=sys.stderr)
         return []
     try:

@@ -69,6 +69,11 @@ def source_hash(root: str) -> str:
     return digest.hexdigest()
 
 
+def pure_requested() -> bool:
+    """PGTWIST_PURE set (to anything but 0): neither build nor load the extensions."""
+    return os.environ.get(PURE_ENV, "") not in ("", "0")
+
+
 def _built_hash() -> str | None:
     try:
         with open(os.path.join(_PACKAGE_DIR, SOURCE_HASH_FILE)) as f:
@@ -100,7 +105,7 @@ class _SourceFirst(importlib.abc.MetaPathFinder):
 def _choose() -> str:
     """'compiled', 'pure' (PGTWIST_PURE=1, or not all built), or 'stale' (built from other sources, or
     a build that did not finish): the last two load the .py files."""
-    if os.environ.get(PURE_ENV, "") not in ("", "0"):
+    if pure_requested():
         form = "pure"
     elif not all(_has_extension(name) for name in (GROUP + "__mypyc", *MODULES)):
         form = "pure"

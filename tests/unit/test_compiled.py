@@ -126,3 +126,13 @@ def test_a_slice_that_ends_before_it_starts_is_empty_as_in_python(end):
     run = b"B" + end.to_bytes(4, "big") + b"E\x00\x00\x00\x09\x00\x00\x00\x00\x00S\x00\x00\x00\x04"
     with pytest.raises(ProtocolViolation):
         MessageScanner(CLIENT_CAPTURE, 1 << 20, frontend=True).feed(run)
+
+
+@pytest.mark.parametrize("value,pure", [(None, False), ("", False), ("0", False), ("1", True), ("yes", True)])
+def test_pgtwist_pure_is_asked_for_by_any_value_but_0(monkeypatch, value, pure):
+    # (One rule for setup.py, which builds nothing, and the import, which loads nothing.)
+    if value is None:
+        monkeypatch.delenv(compiled.PURE_ENV, raising=False)
+    else:
+        monkeypatch.setenv(compiled.PURE_ENV, value)
+    assert compiled.pure_requested() is pure
