@@ -97,7 +97,7 @@ class Placement:
     __slots__ = ("session", "proxy", "_deadline", "_waiting", "_pool", "_primary", "_retrying")
 
     def __init__(self, session) -> None:
-        self.session = session
+        self.session: Any = session  # its ClientSession; None once it closed (closed())
         self.proxy = session.proxy
         self._deadline: float | None = None  # until when waiting work may still be retried
         self._waiting: Pool | None = None  # the pool the session waits in for a server connection
@@ -248,7 +248,7 @@ class Placement:
         collector (which would keep them, and walk them, until its next pass: a short-lived
         client's every logout, and under churn most of the garbage made). What may still call
         in later (a routing hook's answer) finds no session and does nothing."""
-        self.session: Any = None
+        self.session = None
 
     def give_up(self) -> None:
         """The waiting work was cancelled (ClientSession.cancel_waiting): out of the pool's queue,
