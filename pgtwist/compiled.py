@@ -42,6 +42,7 @@ MODULES = (
     "pgtwist.backend.connection",
     "pgtwist.admin.counters",
     "pgtwist.transport.sendnow",
+    "pgtwist.transport.producers",
 )
 # mypyc's shared library of the group, pgtwist/_core__mypyc: inside the package, so that a copy of
 # the package (bench/run.py freezes one) carries it, and no other build's can stand in for it.

@@ -158,17 +158,17 @@ class Counters:
             traffic = self.traffic[key] = Traffic()
         traffic.queries += 1
         if latency is not None:
-            histogram = traffic.query_seconds
-            histogram.counts[bisect_left(DURATION_BUCKETS, latency)] += 1
-            histogram.sum += latency
-            histogram.count += 1
+            latencies = traffic.query_seconds
+            latencies.counts[bisect_left(DURATION_BUCKETS, latency)] += 1
+            latencies.sum += latency
+            latencies.count += 1
         stats = None
         latency_us = 0
         if database is not None:
             stats = self.databases.get(database) or self.database(database)
             stats.queries += 1
             if latency is not None:
-                latency_us = round(latency * 1e6)
+                latency_us = int(latency * 1e6 + 0.5)  # (never negative; a builtin call fewer than round())
                 stats.query_us += latency_us
         if status == _TX_IDLE:
             traffic.transactions += 1
@@ -180,7 +180,7 @@ class Counters:
                     histogram = self.transaction_seconds[opened[1]] = Histogram()
                 histogram.observe(seconds)
                 if stats is not None:
-                    stats.xact_us += round(seconds * 1e6)
+                    stats.xact_us += int(seconds * 1e6 + 0.5)
             elif stats is not None:
                 # An autocommit statement is a transaction of its own (as PgBouncer counts it).
                 stats.xact_us += latency_us

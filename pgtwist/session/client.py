@@ -43,6 +43,7 @@ __all__ = ["ClientSession", "client_settings", "parse_options", "quote_literal"]
 
 if TYPE_CHECKING:
     from pgtwist.backend.connection import ServerConnection
+    from pgtwist.pooling.pool import Pool
 
 log = Logger(namespace=__name__)  # (named: compiled, the module has no frame Logger could read it from)
 
@@ -194,6 +195,7 @@ class ClientSession(Admission):
         "_read",
         "_last_read",
         "_refused",
+        "counters",
     )
 
     def __init__(self, proxy, transport, client_id: str):
@@ -205,6 +207,7 @@ class ClientSession(Admission):
         self.state = LOGIN
         config = proxy.config
         self.config = config
+        self.counters = proxy.counters  # (admin's Counters, bumped at each ReadyForQuery: kept at hand)
         self.transaction_mode = config.pool_mode == "transaction"
         self.login = ClientLogin(
             config.auth_type,
@@ -219,7 +222,7 @@ class ClientSession(Admission):
         self.startup = None
         self.database = None
         self.user = None
-        self.pool: Any = None
+        self.pool: Pool | None = None
         self.server: ServerConnection | None = None
         self.scanner = None
         self.relay = None
@@ -409,7 +412,7 @@ class ClientSession(Admission):
         self._terminate()
         return True
 
-    def _plain_query(self, item, data: bytes, server) -> bool:
+    def _plain_query(self, item, data: bytes, server: ServerConnection) -> bool:
         """The common case on a kept connection: one simple Query that leaves session state alone.
 
         It goes out as the very bytes the client sent; the relay only notes one more
@@ -430,7 +433,7 @@ class ClientSession(Admission):
         write_now(server.transport, data)
         return True
 
-    def _plain_backlog(self, backlog: list, server, read: tuple | None) -> bool:
+    def _plain_backlog(self, backlog: list, server: ServerConnection, read: tuple | None) -> bool:
         """A connection just handed over (clients outnumber server connections): its first work is
         most often what a kept connection's is, one plain Query or a prepared statement run again.
         It takes the same fast paths, so that its answer too is forwarded whole (whole_reply)
@@ -446,7 +449,7 @@ class ClientSession(Admission):
             return self._plain_query(item, data if data is not None else frame(p.QUERY, item[1]), server)
         return self._plain_batch(backlog, data, server)
 
-    def _plain_batch(self, items: list, data: bytes | None, server) -> bool:
+    def _plain_batch(self, items: list, data: bytes | None, server: ServerConnection) -> bool:
         """The other common cases: Bind (of a statement this connection holds), [Describe portal,]
         Execute, Sync — a prepared statement run again — or Parse, Bind, [Describe,] Execute,
         Sync of the unnamed statement (_unnamed_run). Only the statement name is rewritten; the
@@ -566,7 +569,7 @@ class ClientSession(Admission):
         self._maybe_release()
 
     @staticmethod
-    def _note_sent(lease, server, items: list | tuple) -> None:
+    def _note_sent(lease: Lease, server: ServerConnection, items: list | tuple) -> None:
         """Until the node's first reply, what this lending forwarded may be replayed elsewhere (_link_lost)."""
         lease.used = True
         if not lease.replied:
@@ -970,7 +973,7 @@ class ClientSession(Admission):
 
     # -- linking a server connection ------------------------------------------------------------
 
-    def link_server(self, server) -> None:
+    def link_server(self, server: ServerConnection) -> None:
         """Placement got *server* for the waiting work: make it ready (its settings synced), then link it."""
         if self.state is CLOSED:
             server.pool.release(server, reusable=True, reset=not self.transaction_mode)
@@ -1059,7 +1062,7 @@ class ClientSession(Admission):
         )
         self._watch_link(decision)
 
-    def _work_on(self, server) -> None:
+    def _work_on(self, server: ServerConnection) -> None:
         """Just linked to *server*: the work that waited for it goes out."""
         backlog, self.backlog = self.backlog, []
         read, self._read = self._read, None  # (taken with the backlog it belongs to, whatever path that takes)
@@ -1071,13 +1074,13 @@ class ClientSession(Admission):
 
     # -- the handoff while clients wait (transaction pooling) -------------------------------------
 
-    def takes_as_is(self, server) -> bool:
+    def takes_as_is(self, server: ServerConnection) -> bool:
         """Pool.hand_over asks: can this waiting client take *server* just as the client before
         it leaves it, linked in place? Yes when logged in, in transaction pooling, and the
         session's settings are the connection's (nothing to sync: link_server's common case)."""
         return self.state is WAITING and self.logged_in and self.transaction_mode and self.settings == server.settings
 
-    def take_over(self, server) -> None:
+    def take_over(self, server: ServerConnection) -> None:
         """The pool hands this waiting client *server* straight from the client before it, still
         linked (Pool.hand_over): what link_server and _prepared do for a logged-in client whose
         settings the connection holds, in one step, and the connection relinked in place."""
@@ -1094,7 +1097,7 @@ class ClientSession(Admission):
         except Exception:
             self.crashed(Failure())
 
-    def _hand_over(self, server) -> None:
+    def _hand_over(self, server: ServerConnection) -> None:
         """The transaction ended with nothing to read back, and clients wait for the pool: the
         connection goes to the oldest of them in place if it can take it as it is (Pool.hand_over),
         else it is unlinked and released to the pool, as _give_back does. (The session lets go
@@ -1102,9 +1105,10 @@ class ClientSession(Admission):
         self.lease = None
         self.server = None
         self._enter(IDLE)
-        if not server.pool.hand_over(server):
+        pool: Pool = server.pool
+        if not pool.hand_over(server):
             server.unlink()
-            server.pool.release(server, reusable=True, reset=False)
+            pool.release(server, reusable=True, reset=False)
         if self._paused:
             self.resume_reading()
         # (No backlog to place: _maybe_release hands over only when there is none.)
@@ -1492,7 +1496,7 @@ class ClientSession(Admission):
         finally:
             relay.replaying = False
 
-    def reply_done(self, server, status: int, data: bytes) -> None:
+    def reply_done(self, server: ServerConnection, status: int, data: bytes) -> None:
         """The linked server's read *data* ends with a ReadyForQuery (transaction *status*) and
         holds nothing else to look at: it goes out as it came, uncopied."""
         if self._refused is not None or (self.transaction_mode and self.relay.swallowing):
@@ -1530,7 +1534,7 @@ class ClientSession(Admission):
             if key == "search_path" and self.relay is not None:
                 self.relay.scope = value
 
-    def _ready(self, server, status: int) -> None:
+    def _ready(self, server: ServerConnection, status: int) -> None:
         self.tx_status = status
         server.tx_status = status
         ended = None
@@ -1543,7 +1547,7 @@ class ClientSession(Admission):
         started, self._asked_at = self._asked_at, None
         if started is not None:
             self.last_request = started  # (the janitor tells a busy client from an idle one: Proxy.expire_idle_clients)
-        self.proxy.counters.ready(
+        self.counters.ready(
             self.id,
             server.node,
             decision.want if decision is not None else "primary",
@@ -1653,7 +1657,7 @@ class ClientSession(Admission):
         # only if it belongs on this node: _placed_on. A routing hook may answer later: no lending.)
         self._pass_on(server, lease, not self.router.clustered or self.router.hook is None)
 
-    def _pass_on(self, server, lease, may_lend: bool) -> None:
+    def _pass_on(self, server: ServerConnection, lease: Lease, may_lend: bool) -> None:
         """Between transactions, nothing to read back: where the connection goes now.
 
         Lent, not returned, while nobody else wants it (*may_lend*): it stays linked, and the pool
@@ -1662,11 +1666,12 @@ class ClientSession(Admission):
         in place if it can (_hand_over; in a cluster too: the taker was placed on this node).
         Otherwise it goes back to its pool, and any work the client sent meanwhile is placed."""
         if not self.backlog:
+            pool: Pool = server.pool
             if may_lend and self._lendable(server):
                 lease.lent = True
-                server.pool.lend(server, self)
+                pool.lend(server, self)
                 return
-            if server.pool.waiters:
+            if pool.waiters:
                 self._hand_over(server)
                 return
         self._give_back(server)
@@ -1710,11 +1715,11 @@ class ClientSession(Admission):
         self.lease.watch = watch
         return watch
 
-    def _lendable(self, server) -> bool:
+    def _lendable(self, server: ServerConnection) -> bool:
         """May *server* stay with this client between its transactions? Not while others wait for
         the pool, it is paused or pgtwist drains, nor when it is to be closed at release (tainted:
         RECONNECT, an unsure session state)."""
-        pool = server.pool
+        pool: Pool = server.pool
         return not pool.waiters and not pool.paused and not self.proxy.draining and not server.tainted
 
     def reclaim(self, server) -> None:

@@ -26,6 +26,7 @@ from pgtwist.wire import sqlstate
 
 if TYPE_CHECKING:
     from pgtwist.pooling.pool import Pool
+    from pgtwist.session.client import ClientSession
 
 log = Logger(namespace=__name__)  # (named: compiled, the module has no frame Logger could read it from)
 
@@ -96,8 +97,8 @@ class Placement:
 
     __slots__ = ("session", "proxy", "_deadline", "_waiting", "_pool", "_primary", "_retrying")
 
-    def __init__(self, session) -> None:
-        self.session: Any = session  # its ClientSession; None once it closed (closed())
+    def __init__(self, session: ClientSession) -> None:
+        self.session: ClientSession | None = session  # its ClientSession; None once it closed (closed())
         self.proxy = session.proxy
         self._deadline: float | None = None  # until when waiting work may still be retried
         self._waiting: Pool | None = None  # the pool the session waits in for a server connection
