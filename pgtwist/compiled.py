@@ -48,8 +48,8 @@ MODULES = (
 # the package (bench/run.py freezes one) carries it, and no other build's can stand in for it.
 GROUP = "pgtwist._core"
 # What the compiled code was made from: the modules, and the modules whose Final constants mypyc
-# wrote into it as numbers (a test checks that no other pgtwist module declares a Final).
-HASHED = MODULES + ("pgtwist.wire.protocol",)
+# wrote into it (a test checks that no other pgtwist module declares a Final).
+HASHED = MODULES + ("pgtwist.wire.protocol", "pgtwist.session.states", "pgtwist.backend.states")
 SOURCE_HASH_FILE = "compiled.sha256"  # beside this file, written by setup.py
 PURE_ENV = "PGTWIST_PURE"
 

@@ -104,6 +104,10 @@ class Counters:
         self.errors: dict[str, int] = {}  # SQLSTATE -> errors pgtwist sent itself
         # (node, role) -> its Traffic: one probe per ReadyForQuery, on the hot path.
         self.traffic: dict[tuple, Traffic] = {}
+        # The same, found by (id(node), role): a node's Address hashes in Python (config.py), a call
+        # per ReadyForQuery. The node is kept beside its Traffic, so that an id that a reload's new
+        # objects reuse finds nothing.
+        self._traffic_at: dict[tuple[int, str], tuple[Any, Traffic]] = {}
         self.transaction_seconds: dict[tuple, Histogram] = {}  # (node, role) -> explicit transactions' durations
         self.routes: dict[str, int] = {}  # routing decisions by reason (route_label: a bounded set)
         self.databases: dict[str, DatabaseStats] = {}  # database name -> SHOW STATS figures
@@ -151,11 +155,13 @@ class Counters:
         open (BEGIN done) to the one that reports it closed (COMMIT/ROLLBACK done); query
         latency (*latency*) from the client's request to that ReadyForQuery.
         """
-        key = (node, role)
-        try:
-            traffic = self.traffic[key]
-        except KeyError:
-            traffic = self.traffic[key] = Traffic()
+        found = self._traffic_at.get((id(node), role))
+        if found is not None and found[0] is node:
+            traffic = found[1]
+        else:
+            known = self.traffic.get((node, role))
+            traffic = self.traffic[(node, role)] = Traffic() if known is None else known
+            self._traffic_at[(id(node), role)] = (node, traffic)
         traffic.queries += 1
         if latency is not None:
             latencies = traffic.query_seconds
@@ -187,7 +193,7 @@ class Counters:
             if stats is not None:
                 stats.xacts += 1
         elif client_id not in self._open_tx:
-            self._open_tx[client_id] = (self.clock.seconds(), key)
+            self._open_tx[client_id] = (self.clock.seconds(), (node, role))
 
     @property
     def queries(self) -> dict[tuple, int]:

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-CONNECTING, LOGIN, IDLE, INTERNAL, LINKED, CLOSED = "connecting", "login", "idle", "internal", "linked", "closed"
+from typing import Final
+
+# Final: inlined by the compiled core, as the session's states are (session/states.py).
+CONNECTING: Final = "connecting"
+LOGIN: Final = "login"
+IDLE: Final = "idle"
+INTERNAL: Final = "internal"
+LINKED: Final = "linked"
+CLOSED: Final = "closed"
 # Every move a server connection's state may make, in one place (ServerConnection._enter). IDLE
 # here is the connection's own state (nothing owed, no client); where it sits in its pool (idle
 # list, busy, lent) is the pool's business. Closing is allowed from anywhere, twice included.

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
-# IDLE exists in transaction mode only: logged in, holding no server connection.
-LOGIN, IDLE, WAITING, PREPARING, LINKED, CLOSED = "login", "idle", "waiting", "preparing", "linked", "closed"
-ADMIN = "admin"  # logged in to the admin console (dbname "pgbalance"): no pool, no server
+from typing import Final
+
+# Final: compiled, a test of the state is a comparison with a constant, not a lookup of a global
+# (pgtwist/compiled.py hashes this file with the core that inlines them).
+LOGIN: Final = "login"
+IDLE: Final = "idle"  # transaction mode only: logged in, holding no server connection
+WAITING: Final = "waiting"
+PREPARING: Final = "preparing"
+LINKED: Final = "linked"
+CLOSED: Final = "closed"
+ADMIN: Final = "admin"  # logged in to the admin console (dbname "pgbalance"): no pool, no server
 
 # (state, event, next state): every move ClientSession._enter() allows, and nothing else.
 # PREPARING is a server connection being made ready for the client's work (settings synced),
