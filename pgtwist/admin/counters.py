@@ -24,7 +24,7 @@ class Histogram:
 
     __slots__ = ("counts", "sum", "count")
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.counts = [0] * (len(DURATION_BUCKETS) + 1)
         self.sum = 0.0
         self.count = 0
@@ -48,7 +48,7 @@ class Traffic:
 
     __slots__ = ("queries", "transactions", "query_seconds")
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.queries = 0
         self.transactions = 0
         self.query_seconds = Histogram()
@@ -82,7 +82,7 @@ class DatabaseStats:
 
     __slots__ = ("received", "sent", "queries", "xacts", "query_us", "xact_us")
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.received = 0
         self.sent = 0
         self.queries = 0
@@ -95,7 +95,7 @@ class Counters:
     """Monotonic totals since start. Calls come once per client, per error or per ReadyForQuery batch,
     never per forwarded message; gauges (clients, servers, pools) are computed when read instead."""
 
-    def __init__(self, clock):
+    def __init__(self, clock) -> None:
         self.clock = clock
         self.started = clock.seconds()
         self.periods: Any = None  # admin.bouncer.StatsPeriods, ticked by the janitor (stats_period)
