@@ -482,10 +482,16 @@ class _WorkerProcess(protocol.ProcessProtocol):
         self.supervisor.worker_exited(self.worker, reason.value)
 
 
+# The directory that holds the supervisor's pgtwist package: its workers import that one (worker_environ).
+_PGTWIST_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
 def spawn_twistd(reactor, proto, spec: WorkerSpec, config_path: str, extra_fds: dict):
     """Start `twistd -n pgbalance --config PATH --worker SPEC` with the listening socket as fd spec.listen_fd."""
-    # (pgtwist.tools.cli.twistd: the plugin is found from an editable install too.)
-    argv = [sys.executable, "-c", "from pgtwist.tools.cli import twistd; twistd()", "-n", "--pidfile=", "--logfile=-"]
+    # (pgtwist.tools.cli.twistd: the plugin is found from an editable install too.) -P: `python -c`
+    # would put the working directory first on the import path, and a pgtwist tree there (another
+    # checkout, a copy) would serve as the workers' code; they take the supervisor's (worker_environ).
+    argv = [sys.executable, "-P", "-c", "from pgtwist.tools.cli import twistd; twistd()", "-n", "--pidfile=", "--logfile=-"]
     argv += ["pgbalance", "--config", config_path, "--worker", spec.to_arg()]
     fds = {0: "w", 1: "r", 2: "r", **extra_fds}
     # SIGHUP's default action ends a process, and a worker's handler is in only once its reactor
@@ -508,6 +514,11 @@ def worker_environ(environ, spec: WorkerSpec) -> dict:
     process, so `systemctl reload` signalled that one worker alone. The supervisor says READY=1
     itself once every worker has (Supervisor.worker_ready)."""
     env = dict(environ)
+    # The supervisor's pgtwist, wherever it came from (installed, a tree on PYTHONPATH), first:
+    # the same code, compiled core included, in every process (spawn_twistd's -P).
+    path = environ.get("PYTHONPATH", "")
+    if path.split(os.pathsep)[0] != _PGTWIST_ROOT:
+        env["PYTHONPATH"] = _PGTWIST_ROOT + (os.pathsep + path if path else "")
     # (Always: a worker's READY=1 is also how the supervisor knows it serves, WorkerSpec.peers.)
     env["NOTIFY_SOCKET"] = spec.notify_socket
     return env

@@ -6,6 +6,7 @@ import os
 import secrets
 import signal
 import socket
+from pathlib import Path
 
 import pytest
 from twisted.internet import defer, error
@@ -601,9 +602,29 @@ def test_a_restarted_worker_takes_the_state_and_says_so_or_says_it_starts_from_t
 def test_a_workers_notify_socket_is_the_supervisors():
     spec = workers.WorkerSpec(1, 2, 3, "/run/pgtwist-test")
     env = workers.worker_environ({"NOTIFY_SOCKET": "/run/systemd/notify", "HOME": "/h"}, spec)
-    assert env == {"NOTIFY_SOCKET": "/run/pgtwist-test/notify.sock", "HOME": "/h"}
+    assert env == {"NOTIFY_SOCKET": "/run/pgtwist-test/notify.sock", "HOME": "/h", "PYTHONPATH": ROOT}
     # (without a service manager too: a worker's READY=1 tells the supervisor it serves)
     assert workers.worker_environ({"HOME": "/h"}, spec) == env
+
+
+ROOT = str(Path(workers.__file__).resolve().parents[2])  # the directory that holds this pgtwist
+
+
+def test_workers_import_the_supervisors_pgtwist_not_their_working_directorys():
+    spec = workers.WorkerSpec(1, 2, 3, "/run/pgtwist-test")
+    # Its location goes first on their import path, before what the supervisor was given, once.
+    assert workers.worker_environ({"PYTHONPATH": "/opt/x"}, spec)["PYTHONPATH"] == ROOT + os.pathsep + "/opt/x"
+    assert workers.worker_environ({"PYTHONPATH": ROOT}, spec)["PYTHONPATH"] == ROOT
+    # and `python -c` leaves the working directory off it (-P): a pgtwist tree there is not theirs.
+    spawned = []
+
+    class Reactor:
+        def spawnProcess(self, proto, executable, argv, env, path, childFDs):
+            spawned.append(argv)
+
+    workers.spawn_twistd(Reactor(), None, spec, "/etc/pgtwist.toml", {})
+    (argv,) = spawned
+    assert argv[1:3] == ["-P", "-c"]
 
 
 def notifying_supervisor(count=2, environ=None, listen=None):
