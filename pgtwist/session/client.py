@@ -196,6 +196,7 @@ class ClientSession(Admission):
         "_last_read",
         "_refused",
         "counters",
+        "byte_stats",
     )
 
     def __init__(self, proxy, transport, client_id: str):
@@ -208,6 +209,7 @@ class ClientSession(Admission):
         config = proxy.config
         self.config = config
         self.counters = proxy.counters  # (admin's Counters, bumped at each ReadyForQuery: kept at hand)
+        self.byte_stats: Any = None  # counters.DatabaseStats of the client's database, once it is known (got_data)
         self.transaction_mode = config.pool_mode == "transaction"
         self.login = ClientLogin(
             config.auth_type,
@@ -283,6 +285,13 @@ class ClientSession(Admission):
     # -- events from FrontendProtocol ---------------------------------------------------------
 
     def got_data(self, data: bytes) -> None:
+        # SHOW STATS total_received: one integer add per read (what PgBouncer pays too).
+        stats = self.byte_stats
+        if stats is not None:
+            stats.received += len(data)
+        elif self.database is not None:
+            stats = self.byte_stats = self.counters.database(self.database.name)
+            stats.received += len(data)
         if self.state is LINKED and not self.transaction_mode:
             self._forward_session(data)
             return

@@ -767,3 +767,16 @@ def test_a_refused_startup_option_is_refused_at_every_login():
         session, ct = h.client(options="-X")
         fields = m.decode_fields(messages(ct.value())[-1][1])
         assert fields["S"] == "FATAL" and fields["C"] == "0A000" and session.state == "closed"
+
+
+def test_a_clients_bytes_count_for_its_database_from_its_first_read_after_the_login():
+    # SHOW STATS total_received, counted by the session on every read (FrontendProtocol hands
+    # reads straight to it): the startup packet, read before the database is known, is not.
+    h = Harness(pool_mode="transaction")
+    session, _ = h.client()
+    stats = h.proxy.counters.database("appdb")
+    assert stats.received == 0
+    q = m.query("SELECT 1")
+    session.got_data(q[:3])
+    session.got_data(q[3:])
+    assert stats.received == len(q)

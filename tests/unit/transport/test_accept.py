@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import socket
+from types import SimpleNamespace
 
 import pytest
 from twisted.internet import address, error, protocol, tcp
@@ -218,7 +219,7 @@ def test_frontend_protocol_sets_tcp_nodelay_only_where_it_was_not_inherited():
         class proxy:
             @staticmethod
             def new_client(transport):
-                return None
+                return SimpleNamespace(got_data=lambda data: None)  # (a session: reads go to it)
 
     for nodelay, expected in ((True, []), (False, [True])):
         protocol = FrontendProtocol()
@@ -226,6 +227,32 @@ def test_frontend_protocol_sets_tcp_nodelay_only_where_it_was_not_inherited():
         transport = Transport(nodelay)
         protocol.makeConnection(transport)
         assert transport.set == expected
+
+
+def test_frontend_protocol_hands_every_read_straight_to_its_session():
+    # (No Python frame of the protocol's per read: the session, compiled, counts the bytes too.)
+    from pgtwist.frontend.protocol import FrontendProtocol
+
+    reads: list = []
+
+    class Session:
+        def got_data(self, data):
+            reads.append(data)
+
+    session = Session()
+
+    class Factory:
+        class proxy:
+            @staticmethod
+            def new_client(transport):
+                return session
+
+    protocol = FrontendProtocol()
+    protocol.factory = Factory
+    protocol.makeConnection(SimpleNamespace(nodelay=True))
+    assert protocol.dataReceived == session.got_data
+    protocol.dataReceived(b"Q")
+    assert reads == [b"Q"]
 
 
 def test_loseconnection_with_nothing_queued_closes_in_the_same_turn(served):
