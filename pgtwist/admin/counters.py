@@ -174,7 +174,7 @@ class Counters:
             stats = self.databases.get(database) or self.database(database)
             stats.queries += 1
             if latency is not None:
-                latency_us = int(latency * 1e6 + 0.5)  # (never negative; a builtin call fewer than round())
+                latency_us = int(latency * 1e6 + 0.5)  # (a builtin call fewer than round(); ties and a clock step back aside, the same)
                 stats.query_us += latency_us
         if status == _TX_IDLE:
             traffic.transactions += 1

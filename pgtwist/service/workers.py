@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import signal
+import site
 import socket
 import struct
 import sys
@@ -506,6 +507,10 @@ def spawn_twistd(reactor, proto, spec: WorkerSpec, config_path: str, extra_fds: 
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
+def _site_directories() -> set[str]:
+    return {os.path.abspath(d) for d in [*site.getsitepackages(), site.getusersitepackages()]}
+
+
 def worker_environ(environ, spec: WorkerSpec) -> dict:
     """A worker's environment: the supervisor's, but for $NOTIFY_SOCKET, which is the supervisor's
     own socket (spec.notify_socket), whether a service manager gave it one or not. systemd takes READY=1
@@ -514,10 +519,12 @@ def worker_environ(environ, spec: WorkerSpec) -> dict:
     process, so `systemctl reload` signalled that one worker alone. The supervisor says READY=1
     itself once every worker has (Supervisor.worker_ready)."""
     env = dict(environ)
-    # The supervisor's pgtwist, wherever it came from (installed, a tree on PYTHONPATH), first:
-    # the same code, compiled core included, in every process (spawn_twistd's -P).
+    # The supervisor's pgtwist, the same code (compiled core included) in every process: from a
+    # tree (./dev, PYTHONPATH), that tree first. Installed, the interpreter finds it where the
+    # supervisor did (spawn_twistd's -P leaves only the working directory out): a site directory
+    # put first on PYTHONPATH would come before the standard library and the other site directories.
     path = environ.get("PYTHONPATH", "")
-    if path.split(os.pathsep)[0] != _PGTWIST_ROOT:
+    if _PGTWIST_ROOT not in _site_directories() and path.split(os.pathsep)[0] != _PGTWIST_ROOT:
         env["PYTHONPATH"] = _PGTWIST_ROOT + (os.pathsep + path if path else "")
     # (Always: a worker's READY=1 is also how the supervisor knows it serves, WorkerSpec.peers.)
     env["NOTIFY_SOCKET"] = spec.notify_socket

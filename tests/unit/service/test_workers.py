@@ -6,6 +6,7 @@ import os
 import secrets
 import signal
 import socket
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -610,11 +611,17 @@ def test_a_workers_notify_socket_is_the_supervisors():
 ROOT = str(Path(workers.__file__).resolve().parents[2])  # the directory that holds this pgtwist
 
 
-def test_workers_import_the_supervisors_pgtwist_not_their_working_directorys():
+def test_workers_import_the_supervisors_pgtwist_not_their_working_directorys(monkeypatch):
     spec = workers.WorkerSpec(1, 2, 3, "/run/pgtwist-test")
     # Its location goes first on their import path, before what the supervisor was given, once.
     assert workers.worker_environ({"PYTHONPATH": "/opt/x"}, spec)["PYTHONPATH"] == ROOT + os.pathsep + "/opt/x"
     assert workers.worker_environ({"PYTHONPATH": ROOT}, spec)["PYTHONPATH"] == ROOT
+    # Installed (in a site directory), it is found there as the supervisor found it: a site
+    # directory first on PYTHONPATH would come before the standard library.
+    site_packages = sysconfig.get_paths()["purelib"]
+    monkeypatch.setattr(workers, "_PGTWIST_ROOT", site_packages)
+    assert "PYTHONPATH" not in workers.worker_environ({}, spec)
+    assert workers.worker_environ({"PYTHONPATH": "/opt/x"}, spec)["PYTHONPATH"] == "/opt/x"
     # and `python -c` leaves the working directory off it (-P): a pgtwist tree there is not theirs.
     spawned = []
 
