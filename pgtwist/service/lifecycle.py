@@ -18,7 +18,7 @@ from pgtwist import compiled
 from pgtwist.transport import connect
 from pgtwist.transport.accept import set_client_keepalive
 from pgtwist.service import drain, sdnotify
-from pgtwist.service.sighandlers import SignalHandlers
+from pgtwist.service.sighandlers import SignalHandlers, hold_sighup
 from pgtwist.service import reload as reloadmod
 from pgtwist.frontend.protocol import FrontendFactory
 from pgtwist.service.proxy import Proxy
@@ -173,6 +173,8 @@ class PgBalanceService(service.MultiService):
         raise ListenError(message) from None
 
     def startService(self):
+        if self.signals:
+            hold_sighup()  # (taken once the handler is in: _install_signal_handlers)
         try:
             self._listen()
         except CannotListenError as e:
@@ -277,10 +279,9 @@ class PgBalanceService(service.MultiService):
             self.reactor.callFromThread(self.shutdown, True)
 
         self._signal_handlers.install({signal.SIGHUP: on_hup, signal.SIGTERM: on_term})
-        if self.worker is not None:
-            # A worker starts with SIGHUP blocked (workers.spawn_twistd): one its supervisor sent
-            # before now has waited for this handler, and is taken here.
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+        # SIGHUP was held since startService (a worker's since its spawn, workers.spawn_twistd):
+        # one sent before now has waited for this handler, and is taken here.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
 
     def _signalled_reload(self) -> None:
         log.info("SIGHUP: reloading {source}", source=self.config.source)

@@ -6,6 +6,15 @@ import signal
 from collections.abc import Callable, Mapping
 
 
+def hold_sighup() -> None:
+    """Hold SIGHUP until the handler is in (SignalHandlers.install, then SIG_UNBLOCK).
+
+    A twistd process listens from startService, but its handlers go in once the reactor runs:
+    a reload asked in between (`systemctl reload` just after a start, a client that saw the port
+    open) found SIGHUP's default action, which ends the process. Held (blocked), it waits instead."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+
+
 class SignalHandlers:
     """Handlers that replace the previous ones until restore(); PgBalanceService and the Supervisor each hold one."""
 

@@ -36,7 +36,7 @@ from twisted.application import internet, service
 from twisted.internet import defer, error, protocol
 from twisted.logger import Logger
 
-from pgtwist.service.sighandlers import SignalHandlers
+from pgtwist.service.sighandlers import SignalHandlers, hold_sighup
 from pgtwist.transport.accept import adopt_tcp, set_nodelay
 from pgtwist.service import notices, peers, sdnotify
 from pgtwist.wire import protocol as p
@@ -595,6 +595,8 @@ class Supervisor(service.MultiService):
     # -- lifecycle ----------------------------------------------------------------------------------
 
     def startService(self):
+        if self.signals:
+            hold_sighup()  # (taken once the handler is in: _install_signal_handlers)
         if self.socket is None:
             self.socket = listening_socket(self.config.listen, reuseport=REUSEPORT)
             if REUSEPORT:
@@ -797,6 +799,7 @@ class Supervisor(service.MultiService):
             self.reactor.callFromThread(self.shutdown, True)
 
         self._signal_handlers.install({signal.SIGHUP: on_hup, signal.SIGTERM: on_term})
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # (held since startService)
 
     def _signalled_reload(self) -> None:
         log.info("SIGHUP: every worker reloads {source}", source=self.config.source)

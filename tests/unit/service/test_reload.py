@@ -186,8 +186,11 @@ def test_signals_are_installed_when_running_and_restored_at_stop(svc, tmp_path):
     svc.startService()
     assert svc.reactor.whenRunningHooks  # installed after the reactor's own handlers
     try:
+        # Listening already, no handler yet: a SIGHUP now waits (its default action ends the process).
+        assert signal.SIGHUP in signal.pthread_sigmask(signal.SIG_BLOCK, [])
         for hook, args, kwargs in svc.reactor.whenRunningHooks:
             hook(*args, **kwargs)
+        assert signal.SIGHUP not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
         on_hup = signal.getsignal(signal.SIGHUP)
         assert on_hup not in (previous[signal.SIGHUP], signal.SIG_DFL)
         write(tmp_path / "pg.toml", pool_size=7)
@@ -196,6 +199,7 @@ def test_signals_are_installed_when_running_and_restored_at_stop(svc, tmp_path):
         signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
         assert svc._graceful and svc.reactor.hasStopped
     finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
         results = []
         svc.stopService().addBoth(results.append)
     assert results == [None]

@@ -276,6 +276,7 @@ def test_the_supervisors_signal_handlers_pass_sighup_on_drain_on_sigterm_and_are
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGHUP, signal.SIGTERM)}
     sup, reactor, spawned = make_supervisor(2, signals=True)
     try:
+        assert signal.SIGHUP not in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # (held only until now)
         signal.getsignal(signal.SIGHUP)(signal.SIGHUP, None)
         assert [p.signals for _, p in spawned] == [[signal.SIGHUP], [signal.SIGHUP]]
         signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
@@ -287,6 +288,25 @@ def test_the_supervisors_signal_handlers_pass_sighup_on_drain_on_sigterm_and_are
     assert d.called
     assert [p.signals for _, p in spawned] == [[signal.SIGHUP, signal.SIGTERM]] * 2
     assert {sig: signal.getsignal(sig) for sig in previous} == previous
+
+
+def test_the_supervisor_holds_sighup_from_listening_until_its_handler_is_in():
+    # Its socket accepts from startService, its handlers go in once the reactor runs: a SIGHUP
+    # in between found the default action, which ends the process (seen in CI: exit -1).
+    reactor = MemoryReactorClock()
+    reactor.listenUNIXDatagram = lambda path, proto: None
+    sup = workers.Supervisor(make_config(workers=2), reactor, signals=True, spawn=lambda *a: None, listen_socket=FakeSocket())
+    sup.rundir = "/run/pgtwist-test"
+    previous = signal.getsignal(signal.SIGHUP)
+    try:
+        sup.startService()
+        assert signal.SIGHUP in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        sup._install_signal_handlers()
+        assert signal.SIGHUP not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+        sup._signal_handlers.restore()
+    assert signal.getsignal(signal.SIGHUP) == previous
 
 
 def test_a_graceful_stop_drains_every_worker_and_restarts_none():
