@@ -278,10 +278,7 @@ class PgBalanceService(service.MultiService):
             self._term_signalled = True
             self.reactor.callFromThread(self.shutdown, True)
 
-        self._signal_handlers.install({signal.SIGHUP: on_hup, signal.SIGTERM: on_term})
-        # SIGHUP was held since startService (a worker's since its spawn, workers.spawn_twistd):
-        # one sent before now has waited for this handler, and is taken here.
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+        self._signal_handlers.install({signal.SIGHUP: on_hup, signal.SIGTERM: on_term})  # (and takes a held SIGHUP)
 
     def _signalled_reload(self) -> None:
         log.info("SIGHUP: reloading {source}", source=self.config.source)

@@ -22,9 +22,14 @@ class SignalHandlers:
         self._previous: dict[int, object] = {}
 
     def install(self, handlers: Mapping[int, Callable]) -> None:
-        """Call from reactor.callWhenRunning: after the reactor's own handlers, which would replace ours."""
+        """Call from reactor.callWhenRunning: after the reactor's own handlers, which would replace ours.
+
+        Each signal handled is unblocked once its handler is in: one held since startService
+        (hold_sighup; a worker's since its spawn, workers.spawn_twistd) has waited for it, and is
+        taken now."""
         for sig, handler in handlers.items():
             self._previous[sig] = signal.signal(sig, handler)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, set(handlers))
 
     def restore(self, result=None):
         """Put the previous handlers back (once; later calls do nothing); passes *result* on, for Deferred.addBoth."""

@@ -798,8 +798,7 @@ class Supervisor(service.MultiService):
         def on_term(signum, frame):
             self.reactor.callFromThread(self.shutdown, True)
 
-        self._signal_handlers.install({signal.SIGHUP: on_hup, signal.SIGTERM: on_term})
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # (held since startService)
+        self._signal_handlers.install({signal.SIGHUP: on_hup, signal.SIGTERM: on_term})  # (and takes a held SIGHUP)
 
     def _signalled_reload(self) -> None:
         log.info("SIGHUP: every worker reloads {source}", source=self.config.source)

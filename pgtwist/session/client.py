@@ -864,7 +864,7 @@ class ClientSession(Admission):
             return True
         if decision is not None and decision is not AWAIT_END and decision.node == server.node:
             self.decision = decision
-            self.proxy.counters.routed(decision.reason)
+            self.counters.routed(decision.reason)
             # What a new link starts with (as in _prepared): the replica read and what may be held behind it.
             lease.read_link = decision.want == "replica" and decision.classification.tx is None and not decision.on_primary
             self._watch_link(decision)
@@ -1193,7 +1193,7 @@ class ClientSession(Admission):
         self.proxy.cancel_server(server)
         server.abandon()
         if self.transaction_mode and not self.pinned:
-            self.proxy.counters.error(sqlstate.QUERY_CANCELED)  # (fatal() counts its own)
+            self.counters.error(sqlstate.QUERY_CANCELED)  # (fatal() counts its own)
             self._link_lost(server, lease, None, timed_out=message)
             return
         if self.relay is not None:
@@ -1214,7 +1214,7 @@ class ClientSession(Admission):
             self.fatal_fields(dict(said, S="FATAL", V="FATAL"))
             return
         log.info("client {client} closed: {code} {message}", client=self.id, code=said.get("C"), message=said.get("M"))
-        self.proxy.counters.error(said.get("C"))
+        self.counters.error(said.get("C"))
         self._enter(CLOSED)
         self._cancel_idle_tx_timer()
         self.transport.loseConnection()
@@ -1916,7 +1916,7 @@ class ClientSession(Admission):
         log.info(
             "client {client} closed: {code} {message}", client=self.id, code=fields.get("C"), message=fields.get("M")
         )
-        self.proxy.counters.error(fields.get("C"))
+        self.counters.error(fields.get("C"))
         if self.server is not None and self.state is LINKED:
             self._release_server(fields.get("C") or "fatal")
         # (While PREPARING, _prepared() returns the server once its internal query ends.)

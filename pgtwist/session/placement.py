@@ -187,7 +187,7 @@ class Placement:
             s.defer_work()
             return
         s.decision = decision
-        self.proxy.counters.routed(decision.reason)
+        s.counters.routed(decision.reason)
         pool = self._pool
         if pool is None or pool.node is not decision.node or pool.retired:
             # (Most transactions go where the last one went: skip the lookup then.)
