@@ -998,11 +998,13 @@ def query_effects(body: bytes) -> SessionEffects:
     """session_effects() of a Query (or Parse) text with its NUL, decoding only when it may matter.
 
     This runs for every simple Query and Parse on the hot path, so the prefilter works on the
-    text with its digits taken out, and remembers the texts in which it found nothing: no test
-    of the prefilter looks at digits, so texts that differ only in their numbers (the commonest
-    kind) are judged once.
+    text with every digit made a 0, and remembers the texts in which it found nothing: no test
+    of the prefilter looks at digits, so texts that differ only in their numbers' values (the
+    commonest kind) are judged once. (Made 0s rather than taken out: a translation with no
+    deletions is CPython's fast path, a fifth of the instructions; a deletion first builds a
+    256-entry table for every call.)
     """
-    key = body.translate(None, _DIGITS)
+    key = body.translate(_ZERO_DIGITS)
     if key in _NO_KEYWORD:
         return NO_EFFECTS
     # A latin-1 decoding maps each byte to one character, and the ASCII keywords occur in it
@@ -1017,8 +1019,8 @@ def query_effects(body: bytes) -> SessionEffects:
     return NO_EFFECTS
 
 
-_DIGITS = b"0123456789"
-_NO_KEYWORD: set[bytes] = set()  # digit-free texts in which the prefilter found no session change
+_ZERO_DIGITS = bytes.maketrans(b"123456789", b"000000000")
+_NO_KEYWORD: set[bytes] = set()  # texts (digits made 0s) in which the prefilter found no session change
 _NO_KEYWORD_LIMIT = 4096
 
 

@@ -119,6 +119,15 @@ def test_histogram_buckets_are_cumulative():
     assert buckets["+Inf"] == 4 == h.count
 
 
+@pytest.mark.parametrize("value", [0.0, 1e-9, 0.001, 0.0010001, 0.004, 0.005, 2.5, 59.9, 60.0, 60.1, 1e9, -1.0])
+def test_a_value_falls_in_the_bucket_bisect_finds(value):
+    from bisect import bisect_left
+
+    from pgtwist.admin.counters import bucket_of
+
+    assert bucket_of(value) == bisect_left(DURATION_BUCKETS, value)
+
+
 def test_counters_from_sessions(proxy):
     app, transport = client(proxy)
     server = app.server
