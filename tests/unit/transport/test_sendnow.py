@@ -158,3 +158,46 @@ def test_other_transports_always_take_write():
     write_now(transport, b"abc")
     write_now(transport, b"def")
     assert transport.value() == b"abcdef"
+
+
+# What sendnow and producers take a name missing from a transport's __dict__ to mean.
+_CLASS_DEFAULTS = {"TLS": False, "connected": 0, "disconnecting": 0, "disconnected": 0, "offset": 0, "dataBuffer": b"", "producer": None}
+
+
+@pytest.mark.parametrize("kind", ["ClientConnection", "Client", "Server"])
+def test_the_attributes_read_from_the_instance_dictionary_are_plain_with_their_defaults(kind):
+    """write_now and the producers read a transport's state from its __dict__, a missing name
+    standing for the class default: that holds only while Twisted keeps them plain attributes
+    (no property, no slot) with these defaults."""
+    import inspect
+
+    from twisted.internet import tcp
+
+    from pgtwist.transport.accept import ClientConnection
+    from pgtwist.transport.sendnow import _PLAIN
+
+    cls = ClientConnection if kind == "ClientConnection" else getattr(tcp, kind)
+    assert cls in _PLAIN
+    for name, default in _CLASS_DEFAULTS.items():
+        found = inspect.getattr_static(cls, name)
+        assert not hasattr(type(found), "__get__"), f"{cls.__name__}.{name} is a descriptor"
+        assert found == default and type(found) is type(default), (name, found)
+    assert not hasattr(cls, "__slots__") or "__dict__" in dir(cls)
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_write_after_the_state_moved_into_the_instance_still_keeps_the_order():
+    """Once a write is queued, dataBuffer/offset/_tempDataBuffer live in the instance: read there."""
+    sender, receiver = yield _connect()
+    try:
+        sender.transport.write(b"a")
+        yield receiver.until(1)  # (the reactor sent it: the buffer fields are the instance's now)
+        assert "offset" in sender.transport.__dict__ or "dataBuffer" in sender.transport.__dict__
+        write_now(sender.transport, b"b")
+        assert sender.fallbacks == [b"a"]  # sent at once: the queue was empty
+        sender.transport.write(b"c")
+        write_now(sender.transport, b"d")
+        assert sender.fallbacks == [b"a", b"c", b"d"]
+        assert (yield receiver.until(4)) == b"abcd"
+    finally:
+        yield _close(sender, receiver)
