@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer
-from zope.interface import implementer
+from zope.interface import classImplements
 from twisted.logger import Logger
 
 from pgtwist.transport.producers import attach_producer, detach_producer
@@ -58,7 +58,6 @@ def _starts_answer(data: bytes) -> bool:
     return False
 
 
-@implementer(IPushProducer)
 class Throttle:
     """One side's transport as the other side's producer: pause and resume, but never stop.
 
@@ -69,9 +68,9 @@ class Throttle:
 
     __slots__ = ("transport", "paused")
 
-    def __init__(self, transport):
+    def __init__(self, transport: Any) -> None:
         self.transport = transport
-        self.paused = False
+        self.paused: bool = False
 
     def pauseProducing(self):
         self.paused = True
@@ -85,6 +84,11 @@ class Throttle:
 
     def stopProducing(self):
         pass
+
+
+# (Declared after the class, not by @implementer: mypyc compiles a decorated class as a plain
+# Python class, whose `paused` the handoff then reads and writes through generic lookups.)
+classImplements(Throttle, IPushProducer)
 
 
 class ServerConnection:
@@ -118,8 +122,8 @@ class ServerConnection:
         self.fatal: dict | None = None
         # Each side's transport as the other side's producer while linked (Throttle): made
         # once per connection and pointed at each new client, not allocated per link.
-        self._server_throttle = Throttle(None)  # (its transport: this connection's, once made)
-        self._client_throttle = Throttle(None)
+        self._server_throttle: Throttle = Throttle(None)  # (its transport: this connection's, once made)
+        self._client_throttle: Throttle = Throttle(None)
         self._scanner: MessageScanner | None = None
         self.ready: defer.Deferred | None = defer.Deferred()  # fires self after login
         self._internal: defer.Deferred | None = None
