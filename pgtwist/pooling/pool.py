@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from twisted.internet import defer
+from twisted.internet.defer import Deferred  # (compiled: a global read, not a module's attribute, per handoff)
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -303,7 +304,7 @@ class Pool:
 
     @staticmethod
     def _fail(waiter, failure: Failure) -> None:
-        if type(waiter) is defer.Deferred:
+        if type(waiter) is Deferred:
             waiter.errback(failure)
         else:
             waiter.server_unavailable(failure)
@@ -313,7 +314,7 @@ class Pool:
         waiter, started = self._take_waiter()
         self.wait_seconds += self.clock.seconds() - started
         self.busy.add(conn)
-        if type(waiter) is defer.Deferred:
+        if type(waiter) is Deferred:
             waiter.callback(conn)
         else:
             waiter.server_ready(conn)
@@ -335,7 +336,7 @@ class Pool:
             or self.retired
             or conn.tainted
             or (settings.check_query and not settings.check_delay)
-            or type(waiter) is defer.Deferred
+            or type(waiter) is Deferred
             or not waiter.takes_as_is(conn)
             or (self.limits is not None and self.limits.blocked and self.limits.yield_to(self) is not None)
             or self.shrinking
