@@ -1251,7 +1251,7 @@ class ClientSession(Admission):
         in_transaction = relay.tx_status != p.TX_IDLE or (self.decision is not None and self.decision.classification.tx)
         status = p.TX_FAILED if in_transaction else p.TX_IDLE
         self.orphaned = bool(in_transaction)
-        relay.tx_status = status
+        relay.tx_status = self.tx_status = status  # (what the client is told now, SHOW CLIENTS and client_idle_timeout too)
         if timed_out is not None:
             error = m.error_response(
                 "ERROR",
@@ -1278,6 +1278,8 @@ class ClientSession(Admission):
             self._orphan_error = error
         if out:
             self.transport.write(out)
+        if not self.backlog:
+            self._asked_at = None  # (every request owed was answered here)
         self._enter(IDLE)
         self.resume_reading()
         if self.backlog and not self.orphaned:
@@ -1290,6 +1292,8 @@ class ClientSession(Admission):
         """Answer client messages no server will see, as PostgreSQL answers a failed statement."""
         reply, terminated = standin.failed_work(items, fields, p.TX_FAILED if self.orphaned else p.TX_IDLE)
         self.transport.write(reply)
+        if not self.backlog:
+            self._asked_at = None  # (answered here: nothing asked is pending any more)
         if terminated:
             self._terminate()
 
@@ -1331,6 +1335,8 @@ class ClientSession(Admission):
         else:
             self.backlog = batch
         self.transport.write(b"".join(out))
+        if not self.backlog:
+            self._asked_at = None  # (answered here)
         if self.backlog and not self.orphaned:
             self.placement.place()
 
@@ -1341,7 +1347,7 @@ class ClientSession(Admission):
         if standin.ends_dead_transaction(classify(sql) for sql in self._statement_texts(items)):
             self.orphaned = False
             self._orphan_error = None
-            self.relay.tx_status = p.TX_IDLE
+            self.relay.tx_status = self.tx_status = p.TX_IDLE
             return standin.rolled_back(items)
         error, self._orphan_error = self._orphan_error, None
         return standin.still_aborted(error)

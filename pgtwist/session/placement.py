@@ -112,10 +112,10 @@ class Placement:
         s = self.session
         s.start_waiting()
         if self._deadline is None:
-            # (From when the client asked, if it did: the clock was read then, in this turn
-            # mostly; a clock reading fewer per transaction.)
-            asked = s._asked_at
-            self._deadline = (self.proxy.clock.seconds() if asked is None else asked) + s.config.failover_wait
+            # (Read now, not taken from when the client asked: that may be long before this
+            # placement, a read replayed after it ran, or a request after one answered by
+            # pgtwist itself, which leaves _asked_at set.)
+            self._deadline = self.proxy.clock.seconds() + s.config.failover_wait
         if decision is not None:
             self.routed(decision)
             return

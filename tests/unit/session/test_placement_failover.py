@@ -275,6 +275,7 @@ def test_transaction_orphaned_by_the_node_fails_until_rollback(clustered):
     assert ct.value() == m.command_complete("ROLLBACK") + Z_IDLE
     assert not session.orphaned and session.server is None
     assert len(s.proxy.servers) == servers_before  # answered by the proxy
+    assert session.idle_at_rest()  # (nothing asked is pending: answered here)
     ct.clear()
     session.got_data(m.query("SELECT 2"))
     again = session.server
@@ -895,3 +896,61 @@ def test_a_write_behind_an_unsynced_extended_read_is_not_split_off():
     server = session.server
     assert str(server.node) in (R1, R2)
     assert not session.backlog and b"INSERT" in sent(server)
+
+
+def test_each_request_waits_its_own_failover_wait_for_a_node():
+    """failover_wait runs from each placement: a request that comes a minute after another
+    failed (or a read replayed after it ran for 30 s) still waits for a node to come back."""
+    s = Setup(failover_wait=2.0)
+    session, ct = s.client()
+    for name in (P, R1, R2):
+        s.set_up(name, False)
+    session.got_data(m.query("SELECT 1"))
+    s.clock.pump([0.25] * 9)
+    assert types(ct.value()) == "EZ"  # failover_wait ran out: an error, and the session goes on
+    ct.clear()
+    s.clock.advance(60)
+    session.got_data(m.query("SELECT 2"))  # every node still down
+    assert types(ct.value()) == "" and session.state == "waiting"
+
+
+def test_a_long_read_lost_with_its_node_is_replayed_within_a_whole_failover_wait():
+    s = Setup(failover_wait=2.0)
+    session, ct = s.client()
+    session.got_data(m.query("SELECT pg_sleep(60)"))
+    first = session.server
+    s.clock.advance(30)  # no byte back for 30 s
+    for name in (P, R1, R2):
+        if name != str(first.node):
+            s.set_up(name, False)
+    lose(first)
+    assert types(ct.value()) == "" and session.state == "waiting"
+
+
+def test_a_request_answered_by_pgtwist_is_no_longer_pending():
+    """After failover_wait ran out and pgtwist answered the request itself, nothing is asked:
+    client_idle_timeout applies again, and the next request's query_timeout and latency run from
+    that request, not from the failed one."""
+    s = Setup(failover_wait=2.0)
+    session, ct = s.client()
+    for name in (P, R1, R2):
+        s.set_up(name, False)
+    session.got_data(m.query("SELECT 1"))
+    s.clock.pump([0.25] * 9)
+    assert types(ct.value()) == "EZ"
+    assert session.idle_at_rest()
+    s.clock.advance(60)
+    for name in (P, R1, R2):
+        s.set_up(name, True)
+    session.got_data(m.query("SELECT 2"))
+    assert session.state == "linked"
+    assert not session.asked_before(s.clock.seconds() - 30)  # (query_timeout = 30 s would not cancel it)
+
+
+def test_requests_answered_after_their_node_was_lost_are_no_longer_pending():
+    s = Setup(failover_wait=2.0)
+    session, ct = s.client()
+    session.got_data(m.query("UPDATE t SET x = 1"))  # a write: never replayed
+    lose(session.server)
+    assert types(ct.value()) == "EZ"
+    assert session.idle_at_rest()
