@@ -65,6 +65,10 @@ class DatabaseRouter:
         # Whether a health monitor places work node by node: an attribute, not a property, as
         # it is asked several times per transaction (the monitor is given once, here).
         self.clustered = monitor is not None
+        # Set by a reload that put another router (or none) in this one's place: its sessions
+        # then follow_reload at their next placement. (A flag read per placement, where looking
+        # this router up in proxy.routers again was four attribute reads and a call.)
+        self.replaced = False
         # The WAL position of the last DDL committed through pgtwist in this database: no session
         # reads from a replica that has not replayed it (ddl_committed); none at all while the
         # position of one is being read back (ddl_pending).

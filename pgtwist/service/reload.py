@@ -131,6 +131,7 @@ def _apply_routers(proxy, old, new, changes) -> None:
         before = old.databases.get(name)
         if database is None or rebuild_all or before is None or database.nodes != before.nodes or database.dbname != before.dbname:
             del routers[name]
+            router.replaced = True  # (its sessions follow_reload at their next placement)
             monitor = getattr(router, "monitor", None)
             if monitor is not None and monitor.running:
                 monitor.stop()

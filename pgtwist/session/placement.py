@@ -119,7 +119,7 @@ class Placement:
         if decision is not None:
             self.routed(decision)
             return
-        if s.router is not None and self.proxy.routers.get(s.database.name) is not s.router:
+        if s.router is not None and s.router.replaced:
             s.follow_reload()
         router = s.router
         if not (s.transaction_mode and s.logged_in and router.clustered and not s.pinned):
