@@ -409,12 +409,17 @@ def test_no_node_for_failover_wait_fails_the_work_with_an_error_and_the_session_
     assert str(session.server.node) == R1 and queries(sent(session.server)) == ["SELECT 2"]
 
 
-def test_work_waiting_for_a_node_runs_when_one_comes_back_in_time():
-    s = Setup(failover_wait=5.0)
+def _asked_with_every_node_down(failover_wait: float, sql: str):
+    s = Setup(failover_wait=failover_wait)
     session, ct = s.client()
     for name in (P, R1, R2):
         s.set_up(name, False)
-    session.got_data(m.query("INSERT INTO t VALUES (1)"))
+    session.got_data(m.query(sql))
+    return s, session, ct
+
+
+def test_work_waiting_for_a_node_runs_when_one_comes_back_in_time():
+    s, session, ct = _asked_with_every_node_down(5.0, "INSERT INTO t VALUES (1)")
     s.clock.pump([0.25] * 4)
     assert session.state == "waiting"
     s.set_up(P, True)
@@ -898,16 +903,18 @@ def test_a_write_behind_an_unsynced_extended_read_is_not_split_off():
     assert not session.backlog and b"INSERT" in sent(server)
 
 
+def _failed_for_want_of_nodes():
+    """A session whose SELECT 1 failed: every node down for longer than failover_wait (2 s)."""
+    s, session, ct = _asked_with_every_node_down(2.0, "SELECT 1")
+    s.clock.pump([0.25] * 9)
+    assert types(ct.value()) == "EZ"  # failover_wait ran out: an error, and the session goes on
+    return s, session, ct
+
+
 def test_each_request_waits_its_own_failover_wait_for_a_node():
     """failover_wait runs from each placement: a request that comes a minute after another
     failed (or a read replayed after it ran for 30 s) still waits for a node to come back."""
-    s = Setup(failover_wait=2.0)
-    session, ct = s.client()
-    for name in (P, R1, R2):
-        s.set_up(name, False)
-    session.got_data(m.query("SELECT 1"))
-    s.clock.pump([0.25] * 9)
-    assert types(ct.value()) == "EZ"  # failover_wait ran out: an error, and the session goes on
+    s, session, ct = _failed_for_want_of_nodes()
     ct.clear()
     s.clock.advance(60)
     session.got_data(m.query("SELECT 2"))  # every node still down
@@ -931,13 +938,7 @@ def test_a_request_answered_by_pgtwist_is_no_longer_pending():
     """After failover_wait ran out and pgtwist answered the request itself, nothing is asked:
     client_idle_timeout applies again, and the next request's query_timeout and latency run from
     that request, not from the failed one."""
-    s = Setup(failover_wait=2.0)
-    session, ct = s.client()
-    for name in (P, R1, R2):
-        s.set_up(name, False)
-    session.got_data(m.query("SELECT 1"))
-    s.clock.pump([0.25] * 9)
-    assert types(ct.value()) == "EZ"
+    s, session, ct = _failed_for_want_of_nodes()
     assert session.idle_at_rest()
     s.clock.advance(60)
     for name in (P, R1, R2):
