@@ -714,6 +714,8 @@ class ClientSession(Admission):
         if to_client:
             self.lease.replied = True
             write_now(self.transport, b"".join(to_client))
+            if not to_server and self.relay.idle:
+                self._answered_here()  # (a Query pgtwist answered itself: DEALLOCATE, an unpoolable one refused)
         if self.server is not None and self.server.scanner is not None:
             self.server.scanner.capture = self.relay.capture()
 
@@ -915,8 +917,6 @@ class ClientSession(Admission):
             return True
         work, self.backlog = backlog[: end + 1], rest
         self._read = None  # (the backlog no longer begins with that read)
-        if not rest:
-            self._asked_at = None  # (nothing asked is pending: no query_timeout, client_idle_timeout as usual)
         if state is WAITING:
             self.placement.give_up()
             self._enter(IDLE)
@@ -1248,7 +1248,13 @@ class ClientSession(Admission):
             self._enter(CLOSED)
             self.transport.loseConnection()
             return
-        in_transaction = relay.tx_status != p.TX_IDLE or (self.decision is not None and self.decision.classification.tx)
+        # (Or a transaction-control statement placed this work and the node answered nothing of
+        # it yet: a BEGIN on its way. Once anything came back, the decision may be an earlier
+        # transaction's, ended since on the connection the client kept.)
+        in_transaction = relay.tx_status != p.TX_IDLE or (
+            self.decision is not None and bool(self.decision.classification.tx) and not server.replied
+        )
+        self._refused = None  # (a 55006 held for its ReadyForQuery: that will not come now)
         status = p.TX_FAILED if in_transaction else p.TX_IDLE
         self.orphaned = bool(in_transaction)
         relay.tx_status = self.tx_status = status  # (what the client is told now, SHOW CLIENTS and client_idle_timeout too)
@@ -1279,7 +1285,7 @@ class ClientSession(Admission):
         if out:
             self.transport.write(out)
         if not self.backlog:
-            self._asked_at = None  # (every request owed was answered here)
+            self._answered_here()
         self._enter(IDLE)
         self.resume_reading()
         if self.backlog and not self.orphaned:
@@ -1293,7 +1299,7 @@ class ClientSession(Admission):
         reply, terminated = standin.failed_work(items, fields, p.TX_FAILED if self.orphaned else p.TX_IDLE)
         self.transport.write(reply)
         if not self.backlog:
-            self._asked_at = None  # (answered here: nothing asked is pending any more)
+            self._answered_here()
         if terminated:
             self._terminate()
 
@@ -1336,7 +1342,7 @@ class ClientSession(Admission):
             self.backlog = batch
         self.transport.write(b"".join(out))
         if not self.backlog:
-            self._asked_at = None  # (answered here)
+            self._answered_here()
         if self.backlog and not self.orphaned:
             self.placement.place()
 
@@ -1571,9 +1577,7 @@ class ClientSession(Admission):
             self.database.name,
         )
         if status != p.TX_IDLE and self.config.idle_transaction_timeout:
-            # Several ReadyForQuery may come before the client speaks again: keep only the last timer.
-            self._cancel_idle_tx_timer()
-            self._idle_tx_timer = self.proxy.clock.callLater(self.config.idle_transaction_timeout, self._idle_tx_timed_out)
+            self._arm_idle_tx_timer()
         if self.transaction_mode:
             self._maybe_release()
         if ended is not None and ended.told is not None:
@@ -1583,6 +1587,23 @@ class ClientSession(Admission):
             self.router.ddl_by_probe(token)
         if self.proxy.draining:
             drain.settle(self)  # shutting down: a client between transactions leaves now
+
+    def _arm_idle_tx_timer(self) -> None:
+        # Several ReadyForQuery may come before the client speaks again: keep only the last timer.
+        self._cancel_idle_tx_timer()
+        self._idle_tx_timer = self.proxy.clock.callLater(self.config.idle_transaction_timeout, self._idle_tx_timed_out)
+
+    def _answered_here(self) -> None:
+        """pgtwist answered the client's pending requests itself and owes nothing more: what _ready
+        does for a node's answer. No request is pending any more (client_idle_timeout applies
+        again; the next request's query_timeout and latency run from that request), and inside a
+        transaction (an orphaned one too) the idle-in-transaction timer runs again."""
+        started, self._asked_at = self._asked_at, None
+        if started is not None:
+            self.last_request = started
+        status = self.relay.tx_status if self.relay is not None else self.tx_status
+        if status != p.TX_IDLE and self.config.idle_transaction_timeout:
+            self._arm_idle_tx_timer()
 
     def _answering(self) -> None:
         """The answer that ends a transaction is about to go to the client (ReadyForQuery, idle).
@@ -1882,7 +1903,8 @@ class ClientSession(Admission):
 
     def _idle_tx_timed_out(self) -> None:
         self._idle_tx_timer = None
-        if self.state is LINKED and self.tx_status != p.TX_IDLE:
+        if (self.state is LINKED and self.tx_status != p.TX_IDLE) or (self.orphaned and self.state is IDLE):
+            # (An orphaned transaction is idle in a failed transaction, as PostgreSQL would call it.)
             self.fatal(sqlstate.IDLE_IN_TRANSACTION_SESSION_TIMEOUT, "terminating connection due to idle-in-transaction timeout")
 
     # -- ending --------------------------------------------------------------------------
