@@ -1354,6 +1354,12 @@ class ClientSession(Admission):
             self.orphaned = False
             self._orphan_error = None
             self.relay.tx_status = self.tx_status = p.TX_IDLE
+            # The transaction rolled back with its node: what it sent is undone, and its DDL must
+            # not be taken for committed at the end of the client's next transaction. (A SET
+            # LOCAL search_path ended with it too.)
+            done, self._tx_end = self._tx_end, 0
+            if done & _LOCAL_PATH and not ("search_path" in self.dirty or self.dirty_all):
+                self.relay.scope = self.settings.get("search_path", "")
             return standin.rolled_back(items)
         error, self._orphan_error = self._orphan_error, None
         return standin.still_aborted(error)

@@ -123,3 +123,27 @@ def test_a_refusal_held_for_a_ready_for_query_that_never_came_is_forgotten():
     server = session.server
     server.got_data(refusal() + m.ready_for_query())
     assert h.freed == [("scratch",)]  # (the refusal was acted on: the idle scratch connection freed)
+
+
+def test_ddl_of_an_orphaned_transaction_is_not_committed_by_the_next_one():
+    """BEGIN, DDL, the node lost, ROLLBACK (answered by pgtwist): the DDL rolled back with the node,
+    so the client's next transaction changes no schema clock and re-reads no function."""
+    s = Setup(clustered=False)
+    session, ct = s.client()
+    session.got_data(m.query("BEGIN"))
+    server = session.server
+    server.got_data(m.command_complete("BEGIN") + Z_IN)
+    session.got_data(m.query("CREATE TABLE t (x int)"))
+    lose(server)
+    session.got_data(m.query("ROLLBACK"))
+    assert not session.orphaned
+    schema = session.relay.schema
+    before = schema.ddl_at
+    s.clock.advance(5)
+    changed = []
+    router = session.router
+    original = router.schema_changed
+    router.schema_changed = lambda *a: (changed.append(a), original(*a))
+    session.got_data(m.query("SELECT 1"))
+    session.server.got_data(RESULT + Z_IDLE)
+    assert schema.ddl_at == before and changed == []
