@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pgtwist.wire import messages as m
 
-from tests.harness.session import RESULT, Z_IDLE, Z_IN, Setup, error_fields, keeps_its_server, lose, sent, tick, types
+from tests.harness.session import RESULT, Z_IDLE, Z_IN, Setup, begin, error_fields, keeps_its_server, lose, sent, tick, types
 from tests.unit.session.test_client_frees_database import DROP, harness, idle_scratch_connection, refusal
 
 
@@ -83,9 +83,7 @@ def test_a_request_cancelled_while_it_waited_counts_as_the_last_request():
 def test_a_transaction_ended_on_a_kept_connection_is_not_orphaned_when_the_node_drops_it():
     s = Setup()
     session, ct = s.client()
-    session.got_data(m.query("BEGIN"))
-    server = session.server
-    server.got_data(m.command_complete("BEGIN") + Z_IN)
+    server = begin(s, session)
     session.got_data(m.query("COMMIT"))
     server.got_data(m.command_complete("COMMIT") + Z_IDLE)
     assert keeps_its_server(session)
@@ -99,10 +97,7 @@ def test_a_transaction_ended_on_a_kept_connection_is_not_orphaned_when_the_node_
 def test_an_orphaned_transaction_left_idle_meets_idle_transaction_timeout():
     s = Setup(clustered=False, idle_transaction_timeout=5, client_idle_timeout=10)
     session, ct = s.client()
-    session.got_data(m.query("BEGIN"))
-    server = session.server
-    server.got_data(m.command_complete("BEGIN") + Z_IN)
-    ct.clear()
+    server = begin(s, session)
     tick(s, 1)
     lose(server)
     assert session.orphaned
@@ -130,9 +125,7 @@ def test_ddl_of_an_orphaned_transaction_is_not_committed_by_the_next_one():
     so the client's next transaction changes no schema clock and re-reads no function."""
     s = Setup(clustered=False)
     session, ct = s.client()
-    session.got_data(m.query("BEGIN"))
-    server = session.server
-    server.got_data(m.command_complete("BEGIN") + Z_IN)
+    server = begin(s, session)
     session.got_data(m.query("CREATE TABLE t (x int)"))
     lose(server)
     session.got_data(m.query("ROLLBACK"))
