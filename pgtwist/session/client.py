@@ -1354,12 +1354,9 @@ class ClientSession(Admission):
             self.orphaned = False
             self._orphan_error = None
             self.relay.tx_status = self.tx_status = p.TX_IDLE
-            # The transaction rolled back with its node: what it sent is undone, and its DDL must
-            # not be taken for committed at the end of the client's next transaction. (A SET
-            # LOCAL search_path ended with it too.)
-            done, self._tx_end = self._tx_end, 0
-            if done & _LOCAL_PATH and not ("search_path" in self.dirty or self.dirty_all):
-                self.relay.scope = self.settings.get("search_path", "")
+            # It rolled back with its node: its DDL must not be taken for committed at the end of
+            # the client's next transaction.
+            self._transaction_ended(committed=False)
             return standin.rolled_back(items)
         error, self._orphan_error = self._orphan_error, None
         return standin.still_aborted(error)
@@ -1630,9 +1627,11 @@ class ClientSession(Admission):
         if lease is not None and lease.ddl is True and lease.wrote and self.router.elsewhere is not None:
             lease.ddl = self.router.ddl_sent(self, lease) or True  # (not for DDL refused on a replica)
 
-    def _transaction_ended(self) -> None:
+    def _transaction_ended(self, committed: bool = True) -> None:
+        """What the open transaction left to do at its end; *committed* False: it rolled back
+        without a node's word (an orphaned transaction's ROLLBACK), and its DDL is undone."""
         done, self._tx_end = self._tx_end, 0
-        if done & _DDL_SENT:
+        if committed and done & _DDL_SENT:
             self.temporaries = self.temporaries.ended()  # (ON COMMIT DROP)
             if done & _SHARED_DDL:
                 self.relay.schema.ddl()  # (committed now: see _note_effects)
